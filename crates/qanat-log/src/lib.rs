@@ -1,0 +1,148 @@
+//! Partition storage for the Qanat bus (SYSTEM.md A2–A5): an append-only log of Kafka
+//! RecordBatch v2 batches per partition, split into segments, with sparse offset and time
+//! indexes, crash recovery, group-commit fsync and retention.
+//!
+//! # What it owns
+//! One [`Partition`] owns one directory. The broker hands it produce buffers (`append`),
+//! asks for durability (`sync_through` / `sync`), and serves fetches from the returned
+//! [`FileSlice`]s (zero-copy via [`LogFile::raw_fd`]). All file access goes through
+//! [`Storage`], so tests run the same code on [`SimStorage`], which models crashes.
+//!
+//! # On-disk format
+//! - `<base>.log` (base = first offset, 20 digits): batches stored verbatim as the producer
+//!   sent them, except the base offset (assigned densely) and, with LogAppendTime, the
+//!   attributes/maxTimestamp/CRC. Segments are written strictly sequentially.
+//! - `<base>.index`: 8-byte entries (offset − base u32 BE, file position u32 BE) of a batch
+//!   start, one after every `index_interval_bytes` of log.
+//! - `<base>.timeindex`: 12-byte entries (largest maxTimestamp so far i64 BE, offset − base
+//!   u32 BE of the batch that reached it), added with offset entries when the max grew, plus
+//!   a final one when the segment rolls.
+//! - `recovery-point`: i64 BE offset + CRC-32C; every segment that ends at or below it was
+//!   fsynced, so recovery only walks its headers instead of checking every CRC.
+//!
+//! Indexes are derived data: written lazily (on roll/close), checked on open, rebuilt from the
+//! log if missing or inconsistent.
+//!
+//! # Invariants
+//! - Offsets are dense: each batch's base offset is the previous batch's last offset + 1,
+//!   within and across segments; a segment's name is its first offset.
+//! - A segment holds at most `u32::MAX` bytes and offsets, so index entries fit in u32.
+//! - Readers only see data below the published end (size and next offset, one atomic per
+//!   segment), which moves only after the write returned: never a half-written batch.
+//! - Appends are serialized by one mutex; reads take no append lock.
+//! - Everything appended below `durable_offset()` has been fdatasynced, including the
+//!   directory entries of new segments.
+//! - Recovery truncates at the first torn/corrupt batch and drops any later segments, so the
+//!   log is always a prefix of what was appended.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+pub mod batch;
+pub mod clock;
+pub mod error;
+mod partition;
+mod segment;
+pub mod storage;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::LogError;
+pub use partition::Partition;
+pub use storage::{LogFile, OsStorage, SimStorage, Storage};
+
+/// Which timestamp the log keeps in a batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TimestampType {
+    /// Keep the producer's timestamps.
+    #[default]
+    CreateTime,
+    /// Overwrite with the broker's append time (attributes bit 3 set, CRC recomputed).
+    LogAppendTime,
+}
+
+/// Per-partition storage settings.
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// Roll the active segment once it holds at least this many bytes.
+    pub segment_bytes: u64,
+    /// Roll the active segment once its first batch is older than this.
+    pub segment_ms: u64,
+    /// Delete closed segments whose newest timestamp is older than this (None: keep forever).
+    pub retention_ms: Option<u64>,
+    /// Delete the oldest closed segments while the partition is larger than this (None: no limit).
+    pub retention_bytes: Option<u64>,
+    /// Add a sparse index entry every this many bytes of log.
+    pub index_interval_bytes: u32,
+    /// Timestamp policy.
+    pub timestamp_type: TimestampType,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        Self {
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: Some(7 * 24 * 3600 * 1000),
+            retention_bytes: None,
+            index_interval_bytes: 4096,
+            timestamp_type: TimestampType::CreateTime,
+        }
+    }
+}
+
+/// What `Partition::open` found and repaired.
+#[derive(Debug, Clone, Default)]
+pub struct RecoveryReport {
+    pub segments: usize,
+    pub truncated_bytes: u64,
+    pub truncated_at: Option<(PathBuf, u64)>,
+    pub rebuilt_indexes: Vec<PathBuf>,
+    pub next_offset: i64,
+}
+
+/// Result of one successful append.
+#[derive(Debug, Clone, Copy)]
+pub struct AppendOutcome {
+    pub base_offset: i64,
+    pub last_offset: i64,
+    /// Set when the partition uses LogAppendTime.
+    pub log_append_time: Option<i64>,
+    pub bytes: u64,
+    pub records: u64,
+}
+
+/// A byte range of a segment file holding whole batches.
+#[derive(Clone)]
+pub struct FileSlice {
+    pub file: Arc<dyn LogFile>,
+    pub position: u64,
+    pub len: u64,
+}
+
+/// Result of a read.
+#[derive(Clone, Default)]
+pub struct ReadOutcome {
+    pub slices: Vec<FileSlice>,
+    pub high_watermark: i64,
+    pub log_start_offset: i64,
+}
+
+/// What retention removed.
+#[derive(Debug, Clone, Default)]
+pub struct RetentionOutcome {
+    pub deleted_segments: usize,
+    pub deleted_bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn partition_is_send_sync() {
+        fn check<T: Send + Sync + 'static>() {}
+        check::<Partition>();
+        check::<Arc<Partition>>();
+        check::<FileSlice>();
+    }
+}

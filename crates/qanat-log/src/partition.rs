@@ -1,0 +1,661 @@
+//! [`Partition`]: the segment list, append/sync/read paths, recovery and retention.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, RwLock};
+
+use crate::batch;
+use crate::segment::{self, file_name, io_err, Segment};
+use crate::{
+    AppendOutcome, Clock, FileSlice, LogConfig, LogError, ReadOutcome, RecoveryReport,
+    RetentionOutcome, Storage, TimestampType,
+};
+
+const CHECKPOINT: &str = "recovery-point";
+const CHECKPOINT_TMP: &str = "recovery-point.tmp";
+/// Segment positions and relative offsets are u32 in the indexes.
+const MAX_SEGMENT: u64 = u32::MAX as u64;
+/// Don't keep a huge copy buffer around after one big append.
+const KEEP_BUF: usize = 16 << 20;
+
+/// State owned by the (single) appender.
+struct Writer {
+    active: Arc<Segment>,
+    next: i64,
+    buf: Vec<u8>,
+}
+
+/// One partition: a directory of segments. Shareable across threads.
+pub struct Partition {
+    storage: Arc<dyn Storage>,
+    clock: Arc<dyn Clock>,
+    dir: PathBuf,
+    config: LogConfig,
+    /// Oldest first; the last one is the active segment.
+    segments: RwLock<Vec<Arc<Segment>>>,
+    writer: Mutex<Writer>,
+    /// Serializes fsyncs (group commit); holds the recovery point last written.
+    sync_lock: Mutex<i64>,
+    retention_lock: Mutex<()>,
+    next_offset: AtomicI64,
+    log_start: AtomicI64,
+    durable: AtomicI64,
+    size: AtomicU64,
+    /// A segment file was created since the last directory fsync.
+    dir_dirty: AtomicBool,
+    closed: AtomicBool,
+}
+
+impl std::fmt::Debug for Partition {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Partition")
+            .field("dir", &self.dir)
+            .field("log_start", &self.log_start_offset())
+            .field("next_offset", &self.next_offset())
+            .finish_non_exhaustive()
+    }
+}
+
+fn parse_base(name: &str, ext: &str) -> Option<i64> {
+    let stem = name.strip_suffix(ext)?;
+    (stem.len() == 20 && stem.bytes().all(|b| b.is_ascii_digit()))
+        .then(|| stem.parse().ok())
+        .flatten()
+}
+
+fn read_checkpoint(storage: &dyn Storage, dir: &Path) -> Option<i64> {
+    let path = dir.join(CHECKPOINT);
+    if !storage.exists(&path) {
+        return None;
+    }
+    let f = storage.open(&path).ok()?;
+    let mut b = [0u8; 12];
+    if f.len().ok()? != 12 || f.read_exact_at(&mut b, 0).is_err() {
+        return None;
+    }
+    let crc = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
+    if crc32c::crc32c(&b[..8]) != crc {
+        return None;
+    }
+    let mut v = [0u8; 8];
+    v.copy_from_slice(&b[..8]);
+    Some(i64::from_be_bytes(v))
+}
+
+fn write_checkpoint(storage: &dyn Storage, dir: &Path, offset: i64) -> Result<(), LogError> {
+    let tmp = dir.join(CHECKPOINT_TMP);
+    let dst = dir.join(CHECKPOINT);
+    let mut b = offset.to_be_bytes().to_vec();
+    b.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
+    let f = storage.open(&tmp).map_err(io_err(&tmp))?;
+    f.set_len(0)
+        .and_then(|()| f.append(&b))
+        .and_then(|()| f.sync_data())
+        .map_err(io_err(&tmp))?;
+    storage.rename(&tmp, &dst).map_err(io_err(&dst))?;
+    storage.sync_dir(dir).map_err(io_err(dir))
+}
+
+fn remove_segment_files(storage: &dyn Storage, dir: &Path, base: i64) -> Result<(), LogError> {
+    for ext in ["log", "index", "timeindex"] {
+        let p = dir.join(file_name(base, ext));
+        match storage.remove_file(&p) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err(&p)(e)),
+        }
+    }
+    Ok(())
+}
+
+impl Partition {
+    /// Open (or create) the partition in `dir`, recovering its tail. See the crate docs.
+    pub fn open(
+        storage: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        dir: PathBuf,
+        config: LogConfig,
+    ) -> Result<(Partition, RecoveryReport), LogError> {
+        let st = &*storage;
+        st.create_dir_all(&dir).map_err(io_err(&dir))?;
+        let names = st.list_dir(&dir).map_err(io_err(&dir))?;
+        let mut bases = BTreeSet::new();
+        let mut indexes = Vec::new();
+        let mut dir_changed = false;
+        for name in &names {
+            if let Some(b) = parse_base(name, ".log") {
+                bases.insert(b);
+            } else if let Some(b) =
+                parse_base(name, ".index").or_else(|| parse_base(name, ".timeindex"))
+            {
+                indexes.push((b, name));
+            } else if name == CHECKPOINT_TMP {
+                let p = dir.join(name);
+                st.remove_file(&p).map_err(io_err(&p))?;
+            }
+        }
+        for (b, name) in indexes {
+            if !bases.contains(&b) {
+                let p = dir.join(name);
+                tracing::info!(file = %p.display(), "removing index without a log");
+                st.remove_file(&p).map_err(io_err(&p))?;
+                dir_changed = true;
+            }
+        }
+        let bases: Vec<i64> = bases.into_iter().collect();
+        let recovery_point = read_checkpoint(st, &dir);
+        let interval = config.index_interval_bytes;
+        let mut report = RecoveryReport::default();
+        let mut segs: Vec<Arc<Segment>> = Vec::new();
+        let mut scanned: Vec<Arc<Segment>> = Vec::new();
+        let mut last_first_ts = None;
+        let mut drop_from = None;
+        for (i, &base) in bases.iter().enumerate() {
+            if let Some(prev) = segs.last() {
+                let (size, next) = prev.published();
+                if base != next {
+                    tracing::warn!(
+                        dir = %dir.display(),
+                        segment = base,
+                        expected = next,
+                        "segment does not continue the log; dropping it and later segments"
+                    );
+                    report
+                        .truncated_at
+                        .get_or_insert((prev.log_path.clone(), size));
+                    drop_from = Some(i);
+                    break;
+                }
+            }
+            let is_last = i + 1 == bases.len();
+            let trusted = bases
+                .get(i + 1)
+                .is_some_and(|&nb| recovery_point.is_some_and(|rp| nb <= rp));
+            let l = segment::load(st, &dir, base, trusted, !is_last, interval)?;
+            report.rebuilt_indexes.extend(l.rebuilt);
+            let seg = Arc::new(l.seg);
+            if l.full_scan {
+                scanned.push(seg.clone());
+            }
+            last_first_ts = l.first_ts;
+            segs.push(seg.clone());
+            if let Some(cut) = l.truncated {
+                report.truncated_bytes += cut;
+                report
+                    .truncated_at
+                    .get_or_insert((seg.log_path.clone(), seg.size()));
+                if !is_last {
+                    drop_from = Some(i + 1);
+                    break;
+                }
+            }
+        }
+        if let Some(from) = drop_from {
+            for &b in &bases[from..] {
+                let p = dir.join(file_name(b, "log"));
+                let len = st.open(&p).and_then(|f| f.len()).unwrap_or(0);
+                tracing::warn!(file = %p.display(), bytes = len, "removing segment after truncation point");
+                report.truncated_bytes += len;
+                remove_segment_files(st, &dir, b)?;
+            }
+            dir_changed = true;
+        }
+        if segs.is_empty() {
+            let seg = Arc::new(Segment::create(st, &dir, 0)?);
+            segs.push(seg);
+            dir_changed = true;
+        }
+        // Make what recovery accepted durable, so the recovery point and durable_offset hold.
+        for s in &scanned {
+            s.log.sync_data().map_err(io_err(&s.log_path))?;
+        }
+        if dir_changed {
+            st.sync_dir(&dir).map_err(io_err(&dir))?;
+        }
+        let Some(active) = segs.last().cloned() else {
+            return Err(LogError::Closed);
+        };
+        if recovery_point != Some(active.base) {
+            write_checkpoint(st, &dir, active.base)?;
+        }
+        if active.size() > 0 {
+            let t = last_first_ts.unwrap_or_else(|| clock.now_ms());
+            active.roll_base_ms.store(t, Ordering::Relaxed);
+        }
+        let next = active.published().1;
+        let active_base = active.base;
+        let log_start = segs.first().map_or(next, |s| s.base);
+        let size = segs.iter().map(|s| s.size()).sum();
+        report.segments = segs.len();
+        report.next_offset = next;
+        if report.truncated_at.is_some() || !report.rebuilt_indexes.is_empty() {
+            tracing::warn!(dir = %dir.display(), ?report, "partition recovered");
+        } else {
+            tracing::debug!(dir = %dir.display(), segments = segs.len(), next, "partition opened");
+        }
+        let p = Partition {
+            storage,
+            clock,
+            dir,
+            config,
+            writer: Mutex::new(Writer {
+                active,
+                next,
+                buf: Vec::new(),
+            }),
+            segments: RwLock::new(segs),
+            sync_lock: Mutex::new(active_base),
+            retention_lock: Mutex::new(()),
+            next_offset: AtomicI64::new(next),
+            log_start: AtomicI64::new(log_start),
+            durable: AtomicI64::new(next),
+            size: AtomicU64::new(size),
+            dir_dirty: AtomicBool::new(false),
+            closed: AtomicBool::new(false),
+        };
+        Ok((p, report))
+    }
+
+    fn check_open(&self) -> Result<(), LogError> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(LogError::Closed);
+        }
+        Ok(())
+    }
+
+    /// Append one produce buffer (one or more whole batches). All-or-nothing: every batch is
+    /// validated before anything is written. Offsets are assigned densely from `next_offset`.
+    pub fn append(&self, batches: &[u8]) -> Result<AppendOutcome, LogError> {
+        let summary = batch::validate_batches(batches)?;
+        let bytes = batches.len() as u64;
+        if summary.max_batch_len as u64 > self.config.segment_bytes
+            || bytes > MAX_SEGMENT
+            || summary.offset_count > MAX_SEGMENT as i64
+        {
+            return Err(LogError::BatchTooLarge {
+                size: summary.max_batch_len.max(batches.len()),
+            });
+        }
+        let mut w = self.writer.lock();
+        self.check_open()?;
+        let now = self.clock.now_ms();
+        if self.should_roll(&w.active, bytes, summary.offset_count, now) {
+            self.roll_locked(&mut w)?;
+        }
+        let base = w.next;
+        let active = w.active.clone();
+        let (pos0, _) = active.published();
+        let log_append = self.config.timestamp_type == TimestampType::LogAppendTime;
+
+        // One copy, patched in place: base offsets (and LogAppendTime + CRC).
+        let mut buf = std::mem::take(&mut w.buf);
+        buf.clear();
+        buf.extend_from_slice(batches);
+        let mut off = base;
+        let mut max_ts = i64::MIN;
+        for b in &summary.batches {
+            let Some(slice) = buf.get_mut(b.position..b.position + b.len) else {
+                continue;
+            };
+            batch::set_base_offset(slice, off)?;
+            if log_append {
+                batch::set_log_append_time(slice, now)?;
+            }
+            max_ts = max_ts.max(if log_append { now } else { b.max_timestamp });
+            off += i64::from(b.last_offset_delta) + 1;
+        }
+        let res = active.log.append(&buf);
+        if buf.capacity() <= KEEP_BUF {
+            w.buf = buf;
+        }
+        if let Err(source) = res {
+            // Cut a partial write so the file still ends at a batch boundary.
+            if let Err(e) = active.log.set_len(pos0) {
+                tracing::error!(file = %active.log_path.display(), error = %e,
+                    "cannot undo partial append; closing partition");
+                self.closed.store(true, Ordering::Release);
+            }
+            return Err(LogError::Io {
+                path: active.log_path.clone(),
+                source,
+            });
+        }
+        {
+            let mut ix = active.index.write();
+            let mut o = base;
+            for b in &summary.batches {
+                let ts = if log_append { now } else { b.max_timestamp };
+                ix.on_batch(
+                    (o - active.base) as u32,
+                    (pos0 + b.position as u64) as u32,
+                    b.len as u64,
+                    ts,
+                    self.config.index_interval_bytes,
+                );
+                o += i64::from(b.last_offset_delta) + 1;
+            }
+        }
+        active.max_ts.fetch_max(max_ts, Ordering::AcqRel);
+        if active.roll_base_ms.load(Ordering::Relaxed) == i64::MIN {
+            active.roll_base_ms.store(now, Ordering::Relaxed);
+        }
+        active.dirty.store(true, Ordering::Release);
+        active.publish(pos0 + bytes, off);
+        self.size.fetch_add(bytes, Ordering::Relaxed);
+        w.next = off;
+        self.next_offset.store(off, Ordering::Release);
+        Ok(AppendOutcome {
+            base_offset: base,
+            last_offset: off - 1,
+            log_append_time: log_append.then_some(now),
+            bytes,
+            records: summary.records,
+        })
+    }
+
+    fn should_roll(&self, active: &Segment, bytes: u64, offsets: i64, now: i64) -> bool {
+        let (size, next) = active.published();
+        if size == 0 {
+            return false;
+        }
+        let roll_base = active.roll_base_ms.load(Ordering::Relaxed);
+        let age_due = roll_base != i64::MIN
+            && now.saturating_sub(roll_base)
+                >= i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
+        size + bytes > self.config.segment_bytes
+            || size + bytes > MAX_SEGMENT
+            || next - active.base + offsets > MAX_SEGMENT as i64
+            || age_due
+    }
+
+    /// Close the active segment and start a new one at `next`. No fsync: the next sync
+    /// covers the old segment and the directory entry.
+    fn roll_locked(&self, w: &mut Writer) -> Result<bool, LogError> {
+        let old = w.active.clone();
+        let (size, next) = old.published();
+        if size == 0 {
+            return Ok(false);
+        }
+        old.index.write().finish();
+        old.flush_indexes(&*self.storage)?;
+        let seg = Arc::new(Segment::create(&*self.storage, &self.dir, next)?);
+        self.segments.write().push(seg.clone());
+        self.dir_dirty.store(true, Ordering::Release);
+        w.active = seg;
+        tracing::debug!(dir = %self.dir.display(), old = old.base, new = next, bytes = size, "rolled segment");
+        Ok(true)
+    }
+
+    /// Make every batch with offset < `offset` durable. Concurrent callers share one fdatasync.
+    pub fn sync_through(&self, offset: i64) -> Result<(), LogError> {
+        self.check_open()?;
+        self.sync_inner(Some(offset))
+    }
+
+    /// Make everything appended so far durable.
+    pub fn sync(&self) -> Result<(), LogError> {
+        self.check_open()?;
+        self.sync_inner(None)
+    }
+
+    fn sync_inner(&self, offset: Option<i64>) -> Result<(), LogError> {
+        let covered = |d: i64| offset.is_some_and(|o| d >= o);
+        if covered(self.durable.load(Ordering::Acquire)) {
+            return Ok(());
+        }
+        let mut checkpoint = self.sync_lock.lock();
+        if covered(self.durable.load(Ordering::Acquire)) {
+            return Ok(());
+        }
+        let target = self.next_offset.load(Ordering::Acquire);
+        let (dirty, active_base) = {
+            let segs = self.segments.read();
+            let last = segs.len().saturating_sub(1);
+            let mut dirty = Vec::new();
+            for (i, s) in segs.iter().enumerate().rev() {
+                if s.dirty.load(Ordering::Acquire) {
+                    dirty.push(s.clone());
+                } else if i != last {
+                    break; // older closed segments were synced before this one
+                }
+            }
+            (dirty, segs.last().map_or(0, |s| s.base))
+        };
+        for s in dirty.iter().rev() {
+            if s.dirty.swap(false, Ordering::AcqRel) {
+                if let Err(e) = s.log.sync_data() {
+                    s.dirty.store(true, Ordering::Release);
+                    return Err(io_err(&s.log_path)(e));
+                }
+            }
+        }
+        if self.dir_dirty.swap(false, Ordering::AcqRel) {
+            if let Err(e) = self.storage.sync_dir(&self.dir) {
+                self.dir_dirty.store(true, Ordering::Release);
+                return Err(io_err(&self.dir)(e));
+            }
+        }
+        if active_base > *checkpoint {
+            write_checkpoint(&*self.storage, &self.dir, active_base)?;
+            *checkpoint = active_base;
+        }
+        self.durable.fetch_max(target, Ordering::AcqRel);
+        Ok(())
+    }
+
+    fn segment_for(&self, offset: i64) -> Option<Arc<Segment>> {
+        let segs = self.segments.read();
+        let i = segs.partition_point(|s| s.base <= offset);
+        i.checked_sub(1).map(|i| segs[i].clone())
+    }
+
+    /// Whole batches from the one containing `from_offset`, about `max_bytes` in total but at
+    /// least one batch (KIP-74). `from_offset == next_offset()` gives no slices.
+    pub fn read(&self, from_offset: i64, max_bytes: u64) -> Result<ReadOutcome, LogError> {
+        self.check_open()?;
+        let next = self.next_offset.load(Ordering::Acquire);
+        let start = self.log_start.load(Ordering::Acquire);
+        let out_of_range = || LogError::OffsetOutOfRange {
+            requested: from_offset,
+            log_start: start,
+            next,
+        };
+        if from_offset < start || from_offset > next {
+            return Err(out_of_range());
+        }
+        let mut out = ReadOutcome {
+            slices: Vec::new(),
+            high_watermark: next,
+            log_start_offset: start,
+        };
+        let mut cur = from_offset;
+        let mut budget = max_bytes;
+        loop {
+            let Some(seg) = self.segment_for(cur) else {
+                if out.slices.is_empty() {
+                    return Err(out_of_range()); // retention removed it meanwhile
+                }
+                break;
+            };
+            let (size, seg_next) = seg.published();
+            out.high_watermark = out.high_watermark.max(seg_next);
+            if cur >= seg_next {
+                break;
+            }
+            let (pos, first) = seg.find_position(cur, size)?;
+            let mut end = seg.find_end(pos, size, budget)?;
+            if out.slices.is_empty() {
+                end = end.max(pos + first.total_len() as u64);
+            }
+            if end > pos {
+                out.slices.push(FileSlice {
+                    file: seg.log.clone(),
+                    position: pos,
+                    len: end - pos,
+                });
+                budget = budget.saturating_sub(end - pos);
+            }
+            if end < size || budget == 0 {
+                break;
+            }
+            cur = seg_next;
+        }
+        Ok(out)
+    }
+
+    /// Offset after the last appended batch (the high watermark on a single node).
+    pub fn next_offset(&self) -> i64 {
+        self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// First offset still in the log.
+    pub fn log_start_offset(&self) -> i64 {
+        self.log_start.load(Ordering::Acquire)
+    }
+
+    /// Every offset below this has been fdatasynced.
+    pub fn durable_offset(&self) -> i64 {
+        self.durable.load(Ordering::Acquire)
+    }
+
+    /// Bytes of all segments.
+    pub fn size_bytes(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
+    /// Number of segments, the active one included.
+    pub fn segment_count(&self) -> usize {
+        self.segments.read().len()
+    }
+
+    /// The partition directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn config(&self) -> &LogConfig {
+        &self.config
+    }
+
+    /// The first batch whose maxTimestamp is `>= ts`, as (its base offset, its maxTimestamp).
+    pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(i64, i64)>, LogError> {
+        self.check_open()?;
+        let segs: Vec<Arc<Segment>> = self.segments.read().clone();
+        for seg in segs {
+            if seg.max_ts.load(Ordering::Acquire) < ts {
+                continue;
+            }
+            let (size, _) = seg.published();
+            let mut pos = {
+                let ix = seg.index.read();
+                u64::from(ix.lookup_offset(ix.lookup_time(ts)))
+            };
+            while pos < size {
+                let h = seg.read_header(pos)?;
+                if h.max_timestamp >= ts {
+                    return Ok(Some((h.base_offset, h.max_timestamp)));
+                }
+                pos += h.total_len() as u64;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Roll the active segment if it is older than `segment_ms`. Returns whether it rolled.
+    pub fn roll_if_due(&self) -> Result<bool, LogError> {
+        let mut w = self.writer.lock();
+        self.check_open()?;
+        let now = self.clock.now_ms();
+        let rb = w.active.roll_base_ms.load(Ordering::Relaxed);
+        let due = rb != i64::MIN
+            && now.saturating_sub(rb) >= i64::try_from(self.config.segment_ms).unwrap_or(i64::MAX);
+        if !due {
+            return Ok(false);
+        }
+        self.roll_locked(&mut w)
+    }
+
+    /// Delete closed segments, oldest first: those whose newest timestamp is older than
+    /// `retention_ms`, then while the rest without the oldest is still `>= retention_bytes`
+    /// (Kafka's rule, so the log never drops below the limit). Never the active segment.
+    pub fn enforce_retention(&self) -> Result<RetentionOutcome, LogError> {
+        self.check_open()?;
+        let _g = self.retention_lock.lock();
+        let now = self.clock.now_ms();
+        let removed: Vec<Arc<Segment>> = {
+            let mut segs = self.segments.write();
+            let closed = segs.len().saturating_sub(1);
+            let mut k = 0;
+            if let Some(ms) = self.config.retention_ms {
+                let cutoff = now.saturating_sub(i64::try_from(ms).unwrap_or(i64::MAX));
+                while k < closed && segs[k].max_ts.load(Ordering::Acquire) < cutoff {
+                    k += 1;
+                }
+            }
+            if let Some(limit) = self.config.retention_bytes {
+                let mut total: u64 = segs[k..].iter().map(|s| s.size()).sum();
+                while k < closed && total - segs[k].size() >= limit {
+                    total -= segs[k].size();
+                    k += 1;
+                }
+            }
+            let removed: Vec<_> = segs.drain(..k).collect();
+            if let Some(first) = segs.first() {
+                self.log_start.store(first.base, Ordering::Release);
+            }
+            removed
+        };
+        let mut out = RetentionOutcome::default();
+        if removed.is_empty() {
+            return Ok(out);
+        }
+        for s in &removed {
+            let size = s.size();
+            self.size.fetch_sub(size, Ordering::Relaxed);
+            remove_segment_files(&*self.storage, &self.dir, s.base)?;
+            out.deleted_segments += 1;
+            out.deleted_bytes += size;
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_err(&self.dir))?;
+        tracing::info!(
+            dir = %self.dir.display(),
+            segments = out.deleted_segments,
+            bytes = out.deleted_bytes,
+            log_start = self.log_start_offset(),
+            "retention deleted segments"
+        );
+        Ok(out)
+    }
+
+    /// Flush indexes, sync everything and refuse further calls with [`LogError::Closed`].
+    pub fn close(&self) -> Result<(), LogError> {
+        {
+            let w = self.writer.lock();
+            if self.closed.swap(true, Ordering::AcqRel) {
+                return Err(LogError::Closed);
+            }
+            w.active.flush_indexes(&*self.storage)?;
+        }
+        self.sync_inner(None)
+    }
+
+    /// Remove the partition directory and everything in it.
+    pub fn delete(self) -> Result<(), LogError> {
+        let _w = self.writer.lock();
+        self.closed.store(true, Ordering::Release);
+        self.storage
+            .remove_dir_all(&self.dir)
+            .map_err(io_err(&self.dir))?;
+        if let Some(parent) = self.dir.parent() {
+            if let Err(e) = self.storage.sync_dir(parent) {
+                tracing::warn!(dir = %parent.display(), error = %e, "sync after partition delete failed");
+            }
+        }
+        Ok(())
+    }
+}

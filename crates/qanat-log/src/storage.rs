@@ -1,0 +1,112 @@
+//! Filesystem behind a trait, so model tests can inject crashes and torn writes.
+use std::fs::{File, OpenOptions};
+use std::io::{self, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+mod sim;
+pub use sim::SimStorage;
+
+/// An open file of the log.
+#[allow(clippy::len_without_is_empty)] // `len` is a fallible syscall, not a container size
+pub trait LogFile: Send + Sync + 'static {
+    /// Read exactly `buf.len()` bytes at `pos` (error on short read).
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()>;
+    /// Append at the end of the file.
+    fn append(&self, buf: &[u8]) -> io::Result<()>;
+    /// fdatasync.
+    fn sync_data(&self) -> io::Result<()>;
+    /// Current length in bytes.
+    fn len(&self) -> io::Result<u64>;
+    /// Truncate or extend.
+    fn set_len(&self, len: u64) -> io::Result<()>;
+    /// The OS descriptor, for zero-copy `sendfile`; `None` for simulated files.
+    fn raw_fd(&self) -> Option<RawFd>;
+}
+
+/// A filesystem.
+pub trait Storage: Send + Sync + 'static {
+    /// Open for read and append, creating it if absent.
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn LogFile>>;
+    fn exists(&self, path: &Path) -> bool;
+    fn remove_file(&self, path: &Path) -> io::Result<()>;
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()>;
+    fn create_dir_all(&self, path: &Path) -> io::Result<()>;
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()>;
+    /// File names (not paths) in a directory.
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>>;
+    /// fsync a directory so renames, creations and deletions are durable.
+    fn sync_dir(&self, path: &Path) -> io::Result<()>;
+}
+
+/// The real filesystem.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct OsStorage;
+
+/// A file opened with `O_APPEND`: appends always land at the end, reads use `pread`.
+#[derive(Debug)]
+struct OsFile {
+    file: File,
+}
+
+impl LogFile for OsFile {
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, pos)
+    }
+    fn append(&self, buf: &[u8]) -> io::Result<()> {
+        // `&File` implements Write; O_APPEND makes each write go to the end.
+        (&self.file).write_all(buf)
+    }
+    fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+    fn len(&self) -> io::Result<u64> {
+        Ok(self.file.metadata()?.len())
+    }
+    fn set_len(&self, len: u64) -> io::Result<()> {
+        self.file.set_len(len)
+    }
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.file.as_raw_fd())
+    }
+}
+
+impl Storage for OsStorage {
+    fn open(&self, path: &Path) -> io::Result<Arc<dyn LogFile>> {
+        let file = OpenOptions::new()
+            .read(true)
+            .append(true)
+            .create(true)
+            .open(path)?;
+        Ok(Arc::new(OsFile { file }))
+    }
+    fn exists(&self, path: &Path) -> bool {
+        path.exists()
+    }
+    fn remove_file(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        std::fs::rename(from, to)
+    }
+    fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::create_dir_all(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        std::fs::remove_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        let mut out = Vec::new();
+        for entry in std::fs::read_dir(path)? {
+            if let Ok(name) = entry?.file_name().into_string() {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+    fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        File::open(path)?.sync_all()
+    }
+}
