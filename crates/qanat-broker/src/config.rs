@@ -1,0 +1,238 @@
+//! Broker configuration: the `[broker]` and `[storage]` tables of the TOML file.
+
+use std::time::Duration;
+
+use qanat_log::{LogConfig, TimestampType};
+use serde::{Deserialize, Deserializer};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    pub broker: BrokerSettings,
+    pub storage: StorageSettings,
+}
+
+/// `[broker]`: protocol-level behaviour.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BrokerSettings {
+    /// Create a topic when a client asks for metadata of, or produces to, an unknown one.
+    pub auto_create_topics: bool,
+    /// Partition count of automatically created topics and of CreateTopics with -1.
+    pub default_partitions: u32,
+    /// Largest request frame accepted; a larger length prefix closes the connection.
+    pub max_frame_bytes: u32,
+    /// Host name put in Metadata responses; defaults to the listen address.
+    pub advertised_host: Option<String>,
+    /// Port put in Metadata responses; defaults to the bound port.
+    pub advertised_port: Option<u16>,
+    /// Node id of this broker in Metadata.
+    pub node_id: i32,
+}
+
+impl Default for BrokerSettings {
+    fn default() -> Self {
+        Self {
+            auto_create_topics: true,
+            default_partitions: 1,
+            max_frame_bytes: 100 * 1024 * 1024,
+            advertised_host: None,
+            advertised_port: None,
+            node_id: 1,
+        }
+    }
+}
+
+/// When acknowledged data reaches the disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FsyncPolicy {
+    /// Acknowledge a produce only after fdatasync of the batch; concurrent producers share one
+    /// fdatasync (group commit).
+    Always,
+    /// fdatasync every partition this often; an OS crash loses at most this window.
+    Every(Duration),
+}
+
+impl<'de> Deserialize<'de> for FsyncPolicy {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Word(String),
+            Millis(i64),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Word(w) if w == "always" => Ok(FsyncPolicy::Always),
+            Raw::Word(w) => match w.parse::<u64>() {
+                Ok(ms) if ms > 0 => Ok(FsyncPolicy::Every(Duration::from_millis(ms))),
+                _ => Err(serde::de::Error::custom(format!(
+                    "fsync must be \"always\" or a positive number of milliseconds, got {w:?}"
+                ))),
+            },
+            Raw::Millis(ms) if ms > 0 => Ok(FsyncPolicy::Every(Duration::from_millis(ms as u64))),
+            Raw::Millis(ms) => Err(serde::de::Error::custom(format!(
+                "fsync must be \"always\" or a positive number of milliseconds, got {ms}"
+            ))),
+        }
+    }
+}
+
+/// `[storage]`: how partitions are kept on disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct StorageSettings {
+    pub fsync: FsyncPolicy,
+    pub segment_bytes: u64,
+    pub segment_ms: u64,
+    /// -1 keeps data forever.
+    pub retention_ms: i64,
+    /// -1 sets no size limit.
+    pub retention_bytes: i64,
+    pub index_interval_bytes: u32,
+    pub timestamp_type: TimestampSetting,
+    /// How often segments are rolled by age and retention is applied.
+    pub retention_check_interval_ms: u64,
+}
+
+/// Which timestamp is stored with each batch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimestampSetting {
+    #[default]
+    CreateTime,
+    LogAppendTime,
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        Self {
+            fsync: FsyncPolicy::Every(Duration::from_millis(1000)),
+            segment_bytes: 1 << 30,
+            segment_ms: 7 * 24 * 3600 * 1000,
+            retention_ms: 7 * 24 * 3600 * 1000,
+            retention_bytes: -1,
+            index_interval_bytes: 4096,
+            timestamp_type: TimestampSetting::CreateTime,
+            retention_check_interval_ms: 30_000,
+        }
+    }
+}
+
+impl StorageSettings {
+    /// The per-partition settings of `qanat-log`.
+    pub fn log_config(&self) -> LogConfig {
+        LogConfig {
+            segment_bytes: self.segment_bytes.max(1024),
+            segment_ms: self.segment_ms.max(1),
+            retention_ms: u64::try_from(self.retention_ms).ok(),
+            retention_bytes: u64::try_from(self.retention_bytes).ok(),
+            index_interval_bytes: self.index_interval_bytes.max(1),
+            timestamp_type: match self.timestamp_type {
+                TimestampSetting::CreateTime => TimestampType::CreateTime,
+                TimestampSetting::LogAppendTime => TimestampType::LogAppendTime,
+            },
+        }
+    }
+}
+
+/// Errors in a configuration file or override.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot parse configuration: {0}")]
+    Parse(#[from] toml::de::Error),
+    #[error("environment variable {var}: {reason}")]
+    Env { var: String, reason: String },
+}
+
+impl Config {
+    /// Parse TOML text, then apply `QANAT_<SECTION>_<KEY>` overrides from `env`.
+    pub fn from_toml_with_env<I>(text: &str, env: I) -> Result<Self, ConfigError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut table: toml::Table = toml::from_str(text)?;
+        for (var, value) in env {
+            let Some(rest) = var.strip_prefix("QANAT_") else {
+                continue;
+            };
+            let rest = rest.to_ascii_lowercase();
+            let Some((section, key)) = ["broker", "storage"]
+                .iter()
+                .find_map(|s| rest.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
+            else {
+                continue;
+            };
+            let section_table = table
+                .entry(section)
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+            let toml::Value::Table(section_table) = section_table else {
+                return Err(ConfigError::Env {
+                    var,
+                    reason: format!("[{section}] in the file is not a table"),
+                });
+            };
+            section_table.insert(key.to_string(), env_value(&value));
+        }
+        Ok(toml::Value::Table(table).try_into()?)
+    }
+}
+
+/// An environment string as the TOML value it most plausibly means.
+fn env_value(raw: &str) -> toml::Value {
+    if let Ok(i) = raw.parse::<i64>() {
+        toml::Value::Integer(i)
+    } else if let Ok(b) = raw.parse::<bool>() {
+        toml::Value::Boolean(b)
+    } else {
+        toml::Value::String(raw.to_string())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn defaults_when_empty() {
+        let c = Config::from_toml_with_env("", Vec::new()).unwrap();
+        assert!(c.broker.auto_create_topics);
+        assert_eq!(
+            c.storage.fsync,
+            FsyncPolicy::Every(Duration::from_millis(1000))
+        );
+    }
+
+    #[test]
+    fn fsync_forms_and_env_override() {
+        let c = Config::from_toml_with_env("[storage]\nfsync = \"always\"\n", Vec::new()).unwrap();
+        assert_eq!(c.storage.fsync, FsyncPolicy::Always);
+        let c = Config::from_toml_with_env(
+            "[storage]\nfsync = \"always\"\n",
+            vec![
+                ("QANAT_STORAGE_FSYNC".into(), "250".into()),
+                ("QANAT_BROKER_DEFAULT_PARTITIONS".into(), "4".into()),
+                ("QANAT_DATA_DIR".into(), "/x".into()),
+            ],
+        )
+        .unwrap();
+        assert_eq!(
+            c.storage.fsync,
+            FsyncPolicy::Every(Duration::from_millis(250))
+        );
+        assert_eq!(c.broker.default_partitions, 4);
+    }
+
+    #[test]
+    fn bad_values_are_precise_errors() {
+        let e = Config::from_toml_with_env("[storage]\nfsync = \"sometimes\"\n", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("fsync must be"), "{e}");
+        let e = Config::from_toml_with_env("[storage]\nsegment_byte = 1\n", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("segment_byte"), "{e}");
+    }
+}

@@ -1,0 +1,188 @@
+//! The Qanat broker: a single-node server that speaks the Kafka wire protocol over
+//! [`qanat_log`] partitions (spec A1–A5, A8).
+//!
+//! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
+//! ([`wire`], [`fetch_response`]), per-API handlers ([`handlers`]), the topic registry
+//! ([`topics`]), configuration ([`config`]) and the background maintenance (periodic fsync,
+//! segment rolling, retention).
+//!
+//! Wire format: Kafka request/response frames (`int32` length prefix, request header v1/v2,
+//! response header v0/v1) decoded and encoded with `kafka-protocol`, except FetchResponse,
+//! whose record batches are sent from the segment files with `sendfile`. Record batches
+//! (RecordBatch v2) are never re-encoded: what a producer sent is what a consumer receives.
+//!
+//! Invariants:
+//! - A produce is acknowledged only after every batch of it is appended, and with
+//!   `fsync = "always"` only after an fdatasync covers it (group commit across producers).
+//! - Responses on one connection leave in request order; requests on one connection are
+//!   appended in the order they arrived.
+//! - A malformed frame closes its own connection and nothing else; sizes read from the wire
+//!   are capped before anything is allocated for them.
+
+pub mod config;
+pub mod fetch_response;
+pub mod groups;
+pub mod handlers;
+pub mod server;
+pub mod topics;
+pub mod wire;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use qanat_log::{Clock, Partition, Storage};
+use tokio::sync::Notify;
+
+pub use config::{Config, ConfigError, FsyncPolicy};
+pub use server::serve;
+pub use topics::{TopicError, TopicRegistry};
+
+/// Errors that stop the broker from starting or serving.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error(transparent)]
+    Topics(#[from] TopicError),
+    #[error("cannot listen: {0}")]
+    Listen(#[source] std::io::Error),
+}
+
+/// Shared state of a running broker.
+pub struct Broker {
+    pub config: Config,
+    pub topics: TopicRegistry,
+    /// (host, port) put in Metadata responses.
+    pub advertised: (String, i32),
+    /// Woken after every append, so long-polling fetches can answer early.
+    data_arrived: Notify,
+    /// Woken once on shutdown, so long polls answer at once.
+    shutdown: Arc<Notify>,
+}
+
+impl Broker {
+    /// Open (and recover) every partition under `data_dir`.
+    pub fn open(
+        config: Config,
+        data_dir: &Path,
+        storage: Arc<dyn Storage>,
+        clock: Arc<dyn Clock>,
+        advertised: (String, i32),
+    ) -> Result<Self, BrokerError> {
+        let started = Instant::now();
+        let topics = TopicRegistry::open(data_dir, storage, clock, config.storage.log_config())?;
+        tracing::info!(
+            topics = topics.all().len(),
+            partitions = topics.partitions().len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "storage opened"
+        );
+        Ok(Self {
+            config,
+            topics,
+            advertised,
+            data_arrived: Notify::new(),
+            shutdown: Arc::new(Notify::new()),
+        })
+    }
+
+    /// Whether acknowledgements wait for fdatasync.
+    pub fn sync_on_ack(&self) -> bool {
+        self.config.storage.fsync == FsyncPolicy::Always
+    }
+
+    /// Make every partition's appended data durable.
+    pub fn sync_all(&self) {
+        for (topic, index, partition) in self.topics.partitions() {
+            if let Err(e) = timed_sync(&partition, None) {
+                tracing::error!(topic, partition = index, error = %e, "fdatasync failed");
+            }
+        }
+    }
+
+    /// One round of segment rolling by age and retention, plus size gauges.
+    pub fn maintain(&self) {
+        for (topic, index, partition) in self.topics.partitions() {
+            if let Err(e) = partition.roll_if_due() {
+                tracing::error!(topic, partition = index, error = %e, "segment roll failed");
+            }
+            match partition.enforce_retention() {
+                Ok(r) if r.deleted_segments > 0 => tracing::info!(
+                    topic,
+                    partition = index,
+                    segments = r.deleted_segments,
+                    bytes = r.deleted_bytes,
+                    log_start_offset = partition.log_start_offset(),
+                    "retention deleted segments"
+                ),
+                Ok(_) => {}
+                Err(e) => tracing::error!(topic, partition = index, error = %e, "retention failed"),
+            }
+            metrics::gauge!("qanat_partition_size_bytes", "topic" => topic.clone(), "partition" => index.to_string())
+                .set(partition.size_bytes() as f64);
+            metrics::gauge!("qanat_partition_log_end_offset", "topic" => topic, "partition" => index.to_string())
+                .set(partition.next_offset() as f64);
+        }
+    }
+
+    /// Run the periodic fsync (when configured) and the maintenance loop until shutdown.
+    pub fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut tasks = Vec::new();
+        if let FsyncPolicy::Every(period) = self.config.storage.fsync {
+            let broker = self.clone();
+            tasks.push(tokio::spawn(async move {
+                broker.every(period, |b| b.sync_all()).await;
+            }));
+        }
+        let period = Duration::from_millis(self.config.storage.retention_check_interval_ms.max(10));
+        let broker = self.clone();
+        tasks.push(tokio::spawn(async move {
+            broker.every(period, |b| b.maintain()).await;
+        }));
+        tasks
+    }
+
+    async fn every(self: Arc<Self>, period: Duration, work: fn(&Broker)) {
+        let mut ticker = tokio::time::interval(period);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let shutdown = self.shutdown.clone();
+        let stop = shutdown.notified();
+        tokio::pin!(stop);
+        stop.as_mut().enable();
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {
+                    let broker = self.clone();
+                    if tokio::task::spawn_blocking(move || work(&broker)).await.is_err() {
+                        tracing::error!("background task panicked");
+                    }
+                }
+                _ = &mut stop => return,
+            }
+        }
+    }
+
+    /// Ask long polls and background loops to finish.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.notify_waiters();
+    }
+
+    /// Flush and close every partition.
+    pub fn close(&self) {
+        for (topic, index, partition) in self.topics.partitions() {
+            if let Err(e) = partition.close() {
+                tracing::error!(topic, partition = index, error = %e, "closing partition failed");
+            }
+        }
+    }
+}
+
+/// fdatasync through `through` (or everything), recording its latency.
+fn timed_sync(partition: &Partition, through: Option<i64>) -> Result<(), qanat_log::LogError> {
+    let started = Instant::now();
+    let result = match through {
+        Some(offset) => partition.sync_through(offset),
+        None => partition.sync(),
+    };
+    metrics::histogram!("qanat_fsync_seconds").record(started.elapsed().as_secs_f64());
+    result
+}

@@ -1,0 +1,422 @@
+//! Accepting connections and dispatching their requests.
+//!
+//! Per connection, a reader decodes frames in order and starts each request as its own task;
+//! produce appends happen in the reader (so they keep arrival order) and only the wait for
+//! durability runs concurrently. A writer awaits the tasks in request order and writes their
+//! responses, so pipelined requests overlap without reordering replies.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::messages::{
+    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest, FetchRequest,
+    ListOffsetsRequest, MetadataRequest, ProduceRequest, RequestHeader, ResponseHeader,
+};
+use kafka_protocol::protocol::{Decodable, Encodable};
+use kafka_protocol::ResponseError;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use crate::handlers::{self, supported_range};
+use crate::wire::{read_frame, Response, ResponseWriter, WireError};
+use crate::{timed_sync, Broker};
+
+/// Requests of one connection that may be in progress at once.
+const MAX_IN_FLIGHT: usize = 128;
+
+/// Accept connections until `shutdown` completes, then stop accepting and return.
+pub async fn serve(
+    listener: TcpListener,
+    broker: Arc<Broker>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let broker = broker.clone();
+                    tokio::spawn(async move { connection(stream, peer, broker).await });
+                }
+                // Running out of descriptors must not stop the broker; the client retries.
+                Err(e) => tracing::warn!(error = %e, "accept failed"),
+            },
+            _ = &mut shutdown => return Ok(()),
+        }
+    }
+}
+
+type Pending = JoinHandle<Option<Response>>;
+
+async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
+    metrics::gauge!("qanat_connections").increment(1.0);
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!(%peer, error = %e, "set_nodelay failed");
+    }
+    let (mut rd, wr) = stream.into_split();
+    let (tx, mut rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
+    let writer = tokio::spawn(async move {
+        let mut out = ResponseWriter::new(wr);
+        while let Some(pending) = rx.recv().await {
+            let response = match pending.await {
+                Ok(Some(r)) => r,
+                Ok(None) => {
+                    tracing::error!(%peer, "response could not be encoded; closing connection");
+                    return;
+                }
+                Err(e) => {
+                    tracing::error!(%peer, error = %e, "request task failed; closing connection");
+                    return;
+                }
+            };
+            if let Err(e) = out.write(response).await {
+                tracing::debug!(%peer, error = %e, "write failed; closing connection");
+                return;
+            }
+            // Flush only when nothing else is ready, so bursts share syscalls.
+            if rx.is_empty() {
+                if let Err(e) = out.flush().await {
+                    tracing::debug!(%peer, error = %e, "write failed; closing connection");
+                    return;
+                }
+            }
+        }
+    });
+    let limit = broker.config.broker.max_frame_bytes;
+    loop {
+        let frame = match read_frame(&mut rd, limit).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(WireError::Io(e)) => {
+                tracing::debug!(%peer, error = %e, "connection closed");
+                break;
+            }
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing connection");
+                break;
+            }
+        };
+        match dispatch(&broker, frame).await {
+            Ok(Some(pending)) => {
+                if tx.send(pending).await.is_err() {
+                    break;
+                }
+            }
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%peer, error = %e, "closing connection");
+                break;
+            }
+        }
+    }
+    drop(tx);
+    if writer.await.is_err() {
+        tracing::error!(%peer, "connection writer panicked");
+    }
+    metrics::gauge!("qanat_connections").decrement(1.0);
+}
+
+fn malformed(what: impl std::fmt::Display) -> WireError {
+    WireError::Malformed(what.to_string())
+}
+
+/// Encode header + body of a `kafka-protocol` response.
+fn encode<R: Encodable>(
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    body: &R,
+) -> Result<Response, WireError> {
+    let mut buf = BytesMut::with_capacity(128);
+    ResponseHeader::default()
+        .with_correlation_id(correlation_id)
+        .encode(&mut buf, api.response_header_version(version))
+        .map_err(malformed)?;
+    body.encode(&mut buf, version).map_err(malformed)?;
+    Ok(Response::from_bytes(buf.freeze()))
+}
+
+fn ready(response: Response) -> Pending {
+    tokio::spawn(async move { Some(response) })
+}
+
+fn record_latency(api: ApiKey, started: Instant) {
+    metrics::histogram!("qanat_request_seconds", "api" => format!("{api:?}"))
+        .record(started.elapsed().as_secs_f64());
+}
+
+/// A decoded request, ready to execute.
+pub enum Request {
+    /// ApiVersions within the supported range, or (`unsupported`) above it.
+    ApiVersions { unsupported: bool },
+    /// Produce v0–v2: the refusal is already encoded (None for acks=0).
+    OldProduce(Option<Bytes>),
+    Metadata(MetadataRequest),
+    Produce(ProduceRequest),
+    Fetch(FetchRequest),
+    ListOffsets(ListOffsetsRequest),
+    CreateTopics(CreateTopicsRequest),
+    DeleteTopics(DeleteTopicsRequest),
+    CreatePartitions(CreatePartitionsRequest),
+}
+
+/// A request with the header fields needed to answer it.
+pub struct Decoded {
+    pub api: ApiKey,
+    pub version: i16,
+    pub correlation_id: i32,
+    pub request: Request,
+}
+
+/// Decode one request frame (without its length prefix). Never panics; any malformed or
+/// unsupported input is an error that closes the connection.
+pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
+    if frame.len() < 8 {
+        return Err(malformed("frame shorter than a request header"));
+    }
+    let key_raw = i16::from_be_bytes([frame[0], frame[1]]);
+    let version = i16::from_be_bytes([frame[2], frame[3]]);
+    let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
+    let api = ApiKey::try_from(key_raw)
+        .map_err(|_| malformed(format!("unknown API key {key_raw}")))?;
+    let Some((lo, hi)) = supported_range(api) else {
+        return Err(malformed(format!("{api:?} is not served by this broker")));
+    };
+    let decoded = |request| Decoded {
+        api,
+        version,
+        correlation_id,
+        request,
+    };
+    if api == ApiKey::ApiVersions && !(lo..=hi).contains(&version) {
+        // KIP-511: answer a too-new ApiVersions with v0 and UNSUPPORTED_VERSION so the client
+        // can retry with a version it finds in the list.
+        return Ok(decoded(Request::ApiVersions { unsupported: true }));
+    }
+    if !(lo..=hi).contains(&version) {
+        return Err(malformed(format!(
+            "{api:?} v{version} is outside the supported range {lo}..={hi}"
+        )));
+    }
+    let mut body = frame;
+    if api == ApiKey::Produce && version < 3 {
+        // Header v1: key, version, correlation id, int16-length client id.
+        if body.len() < 10 {
+            return Err(malformed("truncated request header"));
+        }
+        let client_id_len = i16::from_be_bytes([body[8], body[9]]).max(0) as usize;
+        if body.len() < 10 + client_id_len {
+            return Err(malformed("truncated request header"));
+        }
+        let mut rest = body.split_off(10 + client_id_len);
+        return Ok(decoded(Request::OldProduce(handlers::refuse_old_produce(
+            &mut rest, version,
+        ))));
+    }
+    RequestHeader::decode(&mut body, api.request_header_version(version))
+        .map_err(|e| malformed(format!("request header: {e}")))?;
+    macro_rules! decode {
+        ($variant:ident, $t:ty) => {
+            Request::$variant(
+                <$t>::decode(&mut body, version)
+                    .map_err(|e| malformed(format!("{api:?} v{version}: {e}")))?,
+            )
+        };
+    }
+    let request = match api {
+        ApiKey::ApiVersions => Request::ApiVersions { unsupported: false },
+        ApiKey::Metadata => decode!(Metadata, MetadataRequest),
+        ApiKey::Produce => decode!(Produce, ProduceRequest),
+        ApiKey::Fetch => decode!(Fetch, FetchRequest),
+        ApiKey::ListOffsets => decode!(ListOffsets, ListOffsetsRequest),
+        ApiKey::CreateTopics => decode!(CreateTopics, CreateTopicsRequest),
+        ApiKey::DeleteTopics => decode!(DeleteTopics, DeleteTopicsRequest),
+        ApiKey::CreatePartitions => decode!(CreatePartitions, CreatePartitionsRequest),
+        other => return Err(malformed(format!("{other:?} is not served by this broker"))),
+    };
+    Ok(decoded(request))
+}
+
+/// Run a blocking handler off the reactor and encode its response.
+fn blocking<R, F>(api: ApiKey, version: i16, correlation_id: i32, started: Instant, f: F) -> Pending
+where
+    R: Encodable + Send + 'static,
+    F: FnOnce() -> R + Send + 'static,
+{
+    tokio::task::spawn_blocking(move || {
+        let body = f();
+        record_latency(api, started);
+        match encode(api, version, correlation_id, &body) {
+            Ok(r) => Some(r),
+            Err(e) => {
+                tracing::error!(?api, version, error = %e, "cannot encode response");
+                None
+            }
+        }
+    })
+}
+
+/// Decode one request and start it. `Ok(None)`: no response is due (acks=0).
+async fn dispatch(broker: &Arc<Broker>, frame: Bytes) -> Result<Option<Pending>, WireError> {
+    let started = Instant::now();
+    let Decoded {
+        api,
+        version,
+        correlation_id,
+        request,
+    } = decode_request(frame)?;
+    let broker = broker.clone();
+    let pending = match request {
+        Request::ApiVersions { unsupported: true } => {
+            let body = handlers::api_versions(ResponseError::UnsupportedVersion.code());
+            ready(encode(api, 0, correlation_id, &body)?)
+        }
+        Request::ApiVersions { unsupported: false } => {
+            ready(encode(api, version, correlation_id, &handlers::api_versions(0))?)
+        }
+        Request::OldProduce(None) => return Ok(None),
+        Request::OldProduce(Some(body)) => {
+            let mut buf = BytesMut::with_capacity(body.len() + 4);
+            buf.extend_from_slice(&correlation_id.to_be_bytes());
+            buf.extend_from_slice(&body);
+            ready(Response::from_bytes(buf.freeze()))
+        }
+        Request::Metadata(req) => blocking(api, version, correlation_id, started, move || {
+            broker.metadata(req, version)
+        }),
+        Request::ListOffsets(req) => blocking(api, version, correlation_id, started, move || {
+            broker.list_offsets(req)
+        }),
+        Request::CreateTopics(req) => blocking(api, version, correlation_id, started, move || {
+            broker.create_topics(req)
+        }),
+        Request::DeleteTopics(req) => blocking(api, version, correlation_id, started, move || {
+            broker.delete_topics(req, version)
+        }),
+        Request::CreatePartitions(req) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.create_partitions(req)
+            })
+        }
+        Request::Fetch(req) => tokio::spawn(async move {
+            let response = broker.fetch(req, version, correlation_id).await;
+            metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
+            record_latency(api, started);
+            Some(response)
+        }),
+        Request::Produce(req) => {
+            let acks = req.acks;
+            if !matches!(acks, -1..=1) {
+                let results = req
+                    .topic_data
+                    .iter()
+                    .flat_map(|t| {
+                        t.partition_data
+                            .iter()
+                            .map(|p| handlers::ProducePartitionResult {
+                                topic: t.name.0.to_string(),
+                                index: p.index,
+                                outcome: Err(ResponseError::InvalidRequiredAcks.code()),
+                            })
+                    })
+                    .collect();
+                let body = broker.produce_response(results, false);
+                return Ok(Some(ready(encode(api, version, correlation_id, &body)?)));
+            }
+            // Appends run here, before the next frame is read, so they keep arrival order.
+            let appender = broker.clone();
+            let results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
+                .await
+                .map_err(|e| malformed(format!("produce task failed: {e}")))?;
+            if acks == 0 {
+                record_latency(api, started);
+                return Ok(None);
+            }
+            tokio::spawn(async move {
+                let mut sync_failed = false;
+                if broker.sync_on_ack() {
+                    let targets: Vec<_> = results
+                        .iter()
+                        .filter_map(|r| r.outcome.as_ref().ok())
+                        .map(|(p, o)| (p.clone(), o.last_offset + 1))
+                        .collect();
+                    sync_failed = tokio::task::spawn_blocking(move || {
+                        targets
+                            .iter()
+                            .any(|(p, through)| match timed_sync(p, Some(*through)) {
+                                Ok(()) => false,
+                                Err(e) => {
+                                    tracing::error!(error = %e, "fdatasync failed; produce not acknowledged");
+                                    true
+                                }
+                            })
+                    })
+                    .await
+                    .unwrap_or(true);
+                }
+                let body = broker.produce_response(results, sync_failed);
+                record_latency(api, started);
+                match encode(api, version, correlation_id, &body) {
+                    Ok(r) => Some(r),
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot encode produce response");
+                        None
+                    }
+                }
+            })
+        }
+    };
+    Ok(Some(pending))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = decode_request(Bytes::from(bytes));
+        }
+
+        #[test]
+        fn garbage_after_a_valid_header_never_panics(
+            key in prop::sample::select(vec![0i16, 1, 2, 3, 18, 19, 20, 37]),
+            version in 0i16..14,
+            tail in proptest::collection::vec(any::<u8>(), 0..512),
+        ) {
+            let mut frame = Vec::new();
+            frame.extend_from_slice(&key.to_be_bytes());
+            frame.extend_from_slice(&version.to_be_bytes());
+            frame.extend_from_slice(&7i32.to_be_bytes());
+            frame.extend_from_slice(&tail);
+            let _ = decode_request(Bytes::from(frame));
+        }
+    }
+
+    #[test]
+    fn forged_array_length_is_an_error_not_an_allocation() {
+        // Metadata v1: header (client id null) then a topics array claiming 2^31-1 entries.
+        let mut frame = vec![0, 3, 0, 1, 0, 0, 0, 1, 0xff, 0xff];
+        frame.extend_from_slice(&i32::MAX.to_be_bytes());
+        assert!(decode_request(Bytes::from(frame)).is_err());
+    }
+
+    #[test]
+    fn unknown_and_unsupported_are_errors() {
+        assert!(decode_request(Bytes::from_static(&[0x7f, 0, 0, 0, 0, 0, 0, 1])).is_err());
+        // Fetch v3 is below the supported range.
+        assert!(decode_request(Bytes::from_static(&[0, 1, 0, 3, 0, 0, 0, 1, 0xff, 0xff])).is_err());
+        // ApiVersions v9 is answered (with UNSUPPORTED_VERSION), not refused.
+        let d = decode_request(Bytes::from_static(&[0, 18, 0, 9, 0, 0, 0, 1])).ok();
+        assert!(matches!(
+            d.map(|d| d.request),
+            Some(Request::ApiVersions { unsupported: true })
+        ));
+    }
+}

@@ -1,0 +1,35 @@
+//! `qanat`: the broker and its operator tools.
+
+mod broker_cmd;
+mod telemetry;
+mod topics_cmd;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "qanat", version, about = "Qanat data ingestion: a Kafka-compatible bus and its tools")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker.
+    Broker(broker_cmd::BrokerArgs),
+    /// Create, list, describe, grow and delete topics on any Kafka-protocol broker.
+    Topics(topics_cmd::TopicsArgs),
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    telemetry::init_logging();
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("qanat")
+        .build()?;
+    match cli.command {
+        Command::Broker(args) => runtime.block_on(broker_cmd::run(args)),
+        Command::Topics(args) => runtime.block_on(topics_cmd::run(args)),
+    }
+}
