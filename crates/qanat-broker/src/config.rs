@@ -11,6 +11,28 @@ use serde::{Deserialize, Deserializer};
 pub struct Config {
     pub broker: BrokerSettings,
     pub storage: StorageSettings,
+    pub groups: GroupsSettings,
+}
+
+/// `[groups]`: the consumer-group coordinator.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GroupsSettings {
+    /// How long a new group's first rebalance waits for more members (Kafka's
+    /// group.initial.rebalance.delay.ms).
+    pub initial_rebalance_delay_ms: u64,
+    pub min_session_timeout_ms: u64,
+    pub max_session_timeout_ms: u64,
+}
+
+impl Default for GroupsSettings {
+    fn default() -> Self {
+        Self {
+            initial_rebalance_delay_ms: 3000,
+            min_session_timeout_ms: 6000,
+            max_session_timeout_ms: 1_800_000,
+        }
+    }
 }
 
 /// `[broker]`: protocol-level behaviour.
@@ -157,7 +179,7 @@ impl Config {
                 continue;
             };
             let rest = rest.to_ascii_lowercase();
-            let Some((section, key)) = ["broker", "storage"]
+            let Some((section, key)) = ["broker", "storage", "groups"]
                 .iter()
                 .find_map(|s| rest.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
             else {

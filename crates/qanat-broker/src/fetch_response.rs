@@ -256,14 +256,13 @@ mod tests {
                 .with_aborted_transactions(Some(vec![]))
                 .with_preferred_read_replica((-1).into())
                 .with_records(Some(Bytes::new()));
-            let theirs = FetchResponse::default()
-                .with_responses(vec![
-                    FetchableTopicResponse::default()
-                        .with_topic(TopicName(StrBytes::from_static_str("orders")))
-                        .with_partitions(vec![p0, p1]),
-                    FetchableTopicResponse::default()
-                        .with_topic(TopicName(StrBytes::from_static_str("x"))),
-                ]);
+            let theirs = FetchResponse::default().with_responses(vec![
+                FetchableTopicResponse::default()
+                    .with_topic(TopicName(StrBytes::from_static_str("orders")))
+                    .with_partitions(vec![p0, p1]),
+                FetchableTopicResponse::default()
+                    .with_topic(TopicName(StrBytes::from_static_str("x"))),
+            ]);
             let mut expected = BytesMut::new();
             let header_version = if version >= 12 { 1 } else { 0 };
             ResponseHeader::default()

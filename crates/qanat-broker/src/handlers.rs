@@ -43,6 +43,17 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::CreateTopics, 2, 7),
     (ApiKey::DeleteTopics, 1, 6),
     (ApiKey::CreatePartitions, 0, 3),
+    (ApiKey::FindCoordinator, 0, 4),
+    (ApiKey::JoinGroup, 0, 9),
+    (ApiKey::SyncGroup, 0, 5),
+    (ApiKey::Heartbeat, 0, 4),
+    (ApiKey::LeaveGroup, 0, 5),
+    // OffsetCommit/OffsetFetch 9+ belong to the KIP-848 protocol, 10+ use topic ids.
+    (ApiKey::OffsetCommit, 2, 8),
+    (ApiKey::OffsetFetch, 1, 8),
+    (ApiKey::ListGroups, 0, 4),
+    (ApiKey::DescribeGroups, 0, 5),
+    (ApiKey::DeleteGroups, 0, 2),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -209,11 +220,14 @@ impl Broker {
         let mut topics: Vec<TopicProduceResponse> = Vec::new();
         for r in results {
             let partition = match r.outcome {
-                Ok((p, AppendOutcome {
-                    base_offset,
-                    log_append_time,
-                    ..
-                })) => PartitionProduceResponse::default()
+                Ok((
+                    p,
+                    AppendOutcome {
+                        base_offset,
+                        log_append_time,
+                        ..
+                    },
+                )) => PartitionProduceResponse::default()
                     .with_index(r.index)
                     .with_error_code(if sync_failed {
                         code(ResponseError::KafkaStorageError)
@@ -243,8 +257,14 @@ impl Broker {
     }
 
     /// Serve a fetch, waiting up to `max_wait_ms` for `min_bytes` to arrive.
-    pub(crate) async fn fetch(&self, req: FetchRequest, version: i16, correlation_id: i32) -> Response {
-        let deadline = Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
+    pub(crate) async fn fetch(
+        &self,
+        req: FetchRequest,
+        version: i16,
+        correlation_id: i32,
+    ) -> Response {
+        let deadline =
+            Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
         let min_bytes = req.min_bytes.max(0) as u64;
         loop {
             let notified = self.data_arrived.notified();
@@ -338,9 +358,12 @@ impl Broker {
                         let resp = ListOffsetsPartitionResponse::default()
                             .with_partition_index(p.partition_index)
                             .with_leader_epoch(-1);
-                        let partition = match self.partition(&topic_name, p.partition_index, false) {
+                        let partition = match self.partition(&topic_name, p.partition_index, false)
+                        {
                             Ok(partition) => partition,
-                            Err(c) => return resp.with_error_code(c).with_offset(-1).with_timestamp(-1),
+                            Err(c) => {
+                                return resp.with_error_code(c).with_offset(-1).with_timestamp(-1)
+                            }
                         };
                         match p.timestamp {
                             LATEST => resp.with_offset(partition.next_offset()).with_timestamp(-1),
@@ -384,7 +407,14 @@ impl Broker {
                     i64::from(t.num_partitions)
                 };
                 let result = CreatableTopicResult::default().with_name(name(&topic_name));
-                if !(t.replication_factor == -1 || t.replication_factor == 1) || !t.assignments.is_empty() && t.assignments.iter().any(|a| a.broker_ids.iter().any(|b| b.0 != self.config.broker.node_id)) {
+                if !(t.replication_factor == -1 || t.replication_factor == 1)
+                    || !t.assignments.is_empty()
+                        && t.assignments.iter().any(|a| {
+                            a.broker_ids
+                                .iter()
+                                .any(|b| b.0 != self.config.broker.node_id)
+                        })
+                {
                     return result
                         .with_error_code(code(ResponseError::InvalidReplicationFactor))
                         .with_error_message(Some(StrBytes::from_string(format!(
@@ -394,7 +424,10 @@ impl Broker {
                         .with_num_partitions(-1)
                         .with_replication_factor(-1);
                 }
-                match self.topics.create(&topic_name, partitions, req.validate_only) {
+                match self
+                    .topics
+                    .create(&topic_name, partitions, req.validate_only)
+                {
                     Ok(topic) => result
                         .with_topic_id(uuid::Uuid::from_bytes(topic.id))
                         .with_num_partitions(partitions as i32)
@@ -411,14 +444,21 @@ impl Broker {
         CreateTopicsResponse::default().with_topics(topics)
     }
 
-    pub(crate) fn delete_topics(&self, req: DeleteTopicsRequest, version: i16) -> DeleteTopicsResponse {
+    pub(crate) fn delete_topics(
+        &self,
+        req: DeleteTopicsRequest,
+        version: i16,
+    ) -> DeleteTopicsResponse {
         let names: Vec<String> = if version >= 6 {
             req.topics
                 .into_iter()
                 .filter_map(|t| t.name.map(|n| n.0.to_string()))
                 .collect()
         } else {
-            req.topic_names.into_iter().map(|n| n.0.to_string()).collect()
+            req.topic_names
+                .into_iter()
+                .map(|n| n.0.to_string())
+                .collect()
         };
         let responses = names
             .into_iter()
@@ -439,7 +479,10 @@ impl Broker {
         DeleteTopicsResponse::default().with_responses(responses)
     }
 
-    pub(crate) fn create_partitions(&self, req: CreatePartitionsRequest) -> CreatePartitionsResponse {
+    pub(crate) fn create_partitions(
+        &self,
+        req: CreatePartitionsRequest,
+    ) -> CreatePartitionsResponse {
         let results = req
             .topics
             .into_iter()

@@ -34,6 +34,11 @@ use std::time::{Duration, Instant};
 use qanat_log::{Clock, Partition, Storage};
 use tokio::sync::Notify;
 
+use groups::{GroupCoordinator, GroupSettings};
+
+/// How often member sessions are checked for expiry.
+const SESSION_CHECK_PERIOD: Duration = Duration::from_millis(250);
+
 pub use config::{Config, ConfigError, FsyncPolicy};
 pub use server::serve;
 pub use topics::{TopicError, TopicRegistry};
@@ -43,6 +48,8 @@ pub use topics::{TopicError, TopicRegistry};
 pub enum BrokerError {
     #[error(transparent)]
     Topics(#[from] TopicError),
+    #[error("group coordinator: {0}")]
+    Groups(#[from] groups::JournalError),
     #[error("cannot listen: {0}")]
     Listen(#[source] std::io::Error),
 }
@@ -51,6 +58,7 @@ pub enum BrokerError {
 pub struct Broker {
     pub config: Config,
     pub topics: TopicRegistry,
+    pub groups: Arc<GroupCoordinator>,
     /// (host, port) put in Metadata responses.
     pub advertised: (String, i32),
     /// Woken after every append, so long-polling fetches can answer early.
@@ -69,7 +77,24 @@ impl Broker {
         advertised: (String, i32),
     ) -> Result<Self, BrokerError> {
         let started = Instant::now();
-        let topics = TopicRegistry::open(data_dir, storage, clock, config.storage.log_config())?;
+        let topics = TopicRegistry::open(
+            data_dir,
+            storage.clone(),
+            clock.clone(),
+            config.storage.log_config(),
+        )?;
+        let g = &config.groups;
+        let groups = Arc::new(GroupCoordinator::open(
+            data_dir,
+            storage,
+            clock,
+            GroupSettings {
+                initial_rebalance_delay: Duration::from_millis(g.initial_rebalance_delay_ms),
+                min_session_timeout: Duration::from_millis(g.min_session_timeout_ms),
+                max_session_timeout: Duration::from_millis(g.max_session_timeout_ms),
+                sync_commits: config.storage.fsync == FsyncPolicy::Always,
+            },
+        )?);
         tracing::info!(
             topics = topics.all().len(),
             partitions = topics.partitions().len(),
@@ -79,6 +104,7 @@ impl Broker {
         Ok(Self {
             config,
             topics,
+            groups,
             advertised,
             data_arrived: Notify::new(),
             shutdown: Arc::new(Notify::new()),
@@ -92,6 +118,7 @@ impl Broker {
 
     /// Make every partition's appended data durable.
     pub fn sync_all(&self) {
+        self.groups.flush();
         for (topic, index, partition) in self.topics.partitions() {
             if let Err(e) = timed_sync(&partition, None) {
                 tracing::error!(topic, partition = index, error = %e, "fdatasync failed");
@@ -138,6 +165,12 @@ impl Broker {
         tasks.push(tokio::spawn(async move {
             broker.every(period, |b| b.maintain()).await;
         }));
+        let broker = self.clone();
+        tasks.push(tokio::spawn(async move {
+            broker
+                .every(SESSION_CHECK_PERIOD, |b| b.groups.expire_sessions())
+                .await;
+        }));
         tasks
     }
 
@@ -168,6 +201,7 @@ impl Broker {
 
     /// Flush and close every partition.
     pub fn close(&self) {
+        self.groups.close();
         for (topic, index, partition) in self.topics.partitions() {
             if let Err(e) = partition.close() {
                 tracing::error!(topic, partition = index, error = %e, "closing partition failed");

@@ -12,8 +12,11 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest, FetchRequest,
-    ListOffsetsRequest, MetadataRequest, ProduceRequest, RequestHeader, ResponseHeader,
+    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteGroupsRequest, DeleteTopicsRequest,
+    DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest, HeartbeatRequest,
+    JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest, ListOffsetsRequest, MetadataRequest,
+    OffsetCommitRequest, OffsetFetchRequest, ProduceRequest, RequestHeader, ResponseHeader,
+    SyncGroupRequest,
 };
 use kafka_protocol::protocol::{Decodable, Encodable};
 use kafka_protocol::ResponseError;
@@ -100,7 +103,7 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
                 break;
             }
         };
-        match dispatch(&broker, frame).await {
+        match dispatch(&broker, frame, peer).await {
             Ok(Some(pending)) => {
                 if tx.send(pending).await.is_err() {
                     break;
@@ -152,7 +155,9 @@ fn record_latency(api: ApiKey, started: Instant) {
 /// A decoded request, ready to execute.
 pub enum Request {
     /// ApiVersions within the supported range, or (`unsupported`) above it.
-    ApiVersions { unsupported: bool },
+    ApiVersions {
+        unsupported: bool,
+    },
     /// Produce v0–v2: the refusal is already encoded (None for acks=0).
     OldProduce(Option<Bytes>),
     Metadata(MetadataRequest),
@@ -162,6 +167,16 @@ pub enum Request {
     CreateTopics(CreateTopicsRequest),
     DeleteTopics(DeleteTopicsRequest),
     CreatePartitions(CreatePartitionsRequest),
+    FindCoordinator(FindCoordinatorRequest),
+    JoinGroup(JoinGroupRequest),
+    SyncGroup(SyncGroupRequest),
+    Heartbeat(HeartbeatRequest),
+    LeaveGroup(LeaveGroupRequest),
+    OffsetCommit(OffsetCommitRequest),
+    OffsetFetch(OffsetFetchRequest),
+    ListGroups(ListGroupsRequest),
+    DescribeGroups(DescribeGroupsRequest),
+    DeleteGroups(DeleteGroupsRequest),
 }
 
 /// A request with the header fields needed to answer it.
@@ -169,6 +184,8 @@ pub struct Decoded {
     pub api: ApiKey,
     pub version: i16,
     pub correlation_id: i32,
+    /// The client id from the request header (empty when absent).
+    pub client_id: String,
     pub request: Request,
 }
 
@@ -181,21 +198,25 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
     let key_raw = i16::from_be_bytes([frame[0], frame[1]]);
     let version = i16::from_be_bytes([frame[2], frame[3]]);
     let correlation_id = i32::from_be_bytes([frame[4], frame[5], frame[6], frame[7]]);
-    let api = ApiKey::try_from(key_raw)
-        .map_err(|_| malformed(format!("unknown API key {key_raw}")))?;
+    let api =
+        ApiKey::try_from(key_raw).map_err(|_| malformed(format!("unknown API key {key_raw}")))?;
     let Some((lo, hi)) = supported_range(api) else {
         return Err(malformed(format!("{api:?} is not served by this broker")));
     };
-    let decoded = |request| Decoded {
+    let decoded = |request, client_id| Decoded {
         api,
         version,
         correlation_id,
+        client_id,
         request,
     };
     if api == ApiKey::ApiVersions && !(lo..=hi).contains(&version) {
         // KIP-511: answer a too-new ApiVersions with v0 and UNSUPPORTED_VERSION so the client
         // can retry with a version it finds in the list.
-        return Ok(decoded(Request::ApiVersions { unsupported: true }));
+        return Ok(decoded(
+            Request::ApiVersions { unsupported: true },
+            String::new(),
+        ));
     }
     if !(lo..=hi).contains(&version) {
         return Err(malformed(format!(
@@ -213,12 +234,14 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
             return Err(malformed("truncated request header"));
         }
         let mut rest = body.split_off(10 + client_id_len);
-        return Ok(decoded(Request::OldProduce(handlers::refuse_old_produce(
-            &mut rest, version,
-        ))));
+        return Ok(decoded(
+            Request::OldProduce(handlers::refuse_old_produce(&mut rest, version)),
+            String::new(),
+        ));
     }
-    RequestHeader::decode(&mut body, api.request_header_version(version))
+    let header = RequestHeader::decode(&mut body, api.request_header_version(version))
         .map_err(|e| malformed(format!("request header: {e}")))?;
+    let client_id = header.client_id.map(|c| c.to_string()).unwrap_or_default();
     macro_rules! decode {
         ($variant:ident, $t:ty) => {
             Request::$variant(
@@ -236,9 +259,19 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
         ApiKey::CreateTopics => decode!(CreateTopics, CreateTopicsRequest),
         ApiKey::DeleteTopics => decode!(DeleteTopics, DeleteTopicsRequest),
         ApiKey::CreatePartitions => decode!(CreatePartitions, CreatePartitionsRequest),
+        ApiKey::FindCoordinator => decode!(FindCoordinator, FindCoordinatorRequest),
+        ApiKey::JoinGroup => decode!(JoinGroup, JoinGroupRequest),
+        ApiKey::SyncGroup => decode!(SyncGroup, SyncGroupRequest),
+        ApiKey::Heartbeat => decode!(Heartbeat, HeartbeatRequest),
+        ApiKey::LeaveGroup => decode!(LeaveGroup, LeaveGroupRequest),
+        ApiKey::OffsetCommit => decode!(OffsetCommit, OffsetCommitRequest),
+        ApiKey::OffsetFetch => decode!(OffsetFetch, OffsetFetchRequest),
+        ApiKey::ListGroups => decode!(ListGroups, ListGroupsRequest),
+        ApiKey::DescribeGroups => decode!(DescribeGroups, DescribeGroupsRequest),
+        ApiKey::DeleteGroups => decode!(DeleteGroups, DeleteGroupsRequest),
         other => return Err(malformed(format!("{other:?} is not served by this broker"))),
     };
-    Ok(decoded(request))
+    Ok(decoded(request, client_id))
 }
 
 /// Run a blocking handler off the reactor and encode its response.
@@ -261,12 +294,17 @@ where
 }
 
 /// Decode one request and start it. `Ok(None)`: no response is due (acks=0).
-async fn dispatch(broker: &Arc<Broker>, frame: Bytes) -> Result<Option<Pending>, WireError> {
+async fn dispatch(
+    broker: &Arc<Broker>,
+    frame: Bytes,
+    peer: SocketAddr,
+) -> Result<Option<Pending>, WireError> {
     let started = Instant::now();
     let Decoded {
         api,
         version,
         correlation_id,
+        client_id,
         request,
     } = decode_request(frame)?;
     let broker = broker.clone();
@@ -275,9 +313,12 @@ async fn dispatch(broker: &Arc<Broker>, frame: Bytes) -> Result<Option<Pending>,
             let body = handlers::api_versions(ResponseError::UnsupportedVersion.code());
             ready(encode(api, 0, correlation_id, &body)?)
         }
-        Request::ApiVersions { unsupported: false } => {
-            ready(encode(api, version, correlation_id, &handlers::api_versions(0))?)
-        }
+        Request::ApiVersions { unsupported: false } => ready(encode(
+            api,
+            version,
+            correlation_id,
+            &handlers::api_versions(0),
+        )?),
         Request::OldProduce(None) => return Ok(None),
         Request::OldProduce(Some(body)) => {
             let mut buf = BytesMut::with_capacity(body.len() + 4);
@@ -302,6 +343,46 @@ async fn dispatch(broker: &Arc<Broker>, frame: Bytes) -> Result<Option<Pending>,
                 broker.create_partitions(req)
             })
         }
+        Request::FindCoordinator(req) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.find_coordinator(req, version)
+            })
+        }
+        Request::JoinGroup(req) => tokio::spawn(async move {
+            // Kafka shows the host as "/ip".
+            let host = format!("/{}", peer.ip());
+            let body = broker.join_group(req, version, client_id, host).await;
+            record_latency(api, started);
+            encode(api, version, correlation_id, &body).ok()
+        }),
+        Request::SyncGroup(req) => tokio::spawn(async move {
+            let body = broker.sync_group(req).await;
+            record_latency(api, started);
+            encode(api, version, correlation_id, &body).ok()
+        }),
+        Request::Heartbeat(req) => blocking(api, version, correlation_id, started, move || {
+            broker.heartbeat(req)
+        }),
+        Request::LeaveGroup(req) => blocking(api, version, correlation_id, started, move || {
+            broker.leave_group(req, version)
+        }),
+        Request::OffsetCommit(req) => blocking(api, version, correlation_id, started, move || {
+            broker.offset_commit(req)
+        }),
+        Request::OffsetFetch(req) => blocking(api, version, correlation_id, started, move || {
+            broker.offset_fetch(req, version)
+        }),
+        Request::ListGroups(req) => blocking(api, version, correlation_id, started, move || {
+            broker.list_groups(req)
+        }),
+        Request::DescribeGroups(req) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_groups(req)
+            })
+        }
+        Request::DeleteGroups(req) => blocking(api, version, correlation_id, started, move || {
+            broker.delete_groups(req)
+        }),
         Request::Fetch(req) => tokio::spawn(async move {
             let response = broker.fetch(req, version, correlation_id).await;
             metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
@@ -386,7 +467,7 @@ mod tests {
 
         #[test]
         fn garbage_after_a_valid_header_never_panics(
-            key in prop::sample::select(vec![0i16, 1, 2, 3, 18, 19, 20, 37]),
+            key in prop::sample::select(vec![0i16, 1, 2, 3, 8, 9, 10, 11, 12, 13, 14, 15, 16, 18, 19, 20, 37, 42]),
             version in 0i16..14,
             tail in proptest::collection::vec(any::<u8>(), 0..512),
         ) {

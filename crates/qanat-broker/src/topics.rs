@@ -60,14 +60,18 @@ impl TopicRegistry {
         clock: Arc<dyn Clock>,
         log_config: LogConfig,
     ) -> Result<Self, TopicError> {
-        storage.create_dir_all(data_dir).map_err(|source| TopicError::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
-        let names = storage.list_dir(data_dir).map_err(|source| TopicError::Io {
-            path: data_dir.to_path_buf(),
-            source,
-        })?;
+        storage
+            .create_dir_all(data_dir)
+            .map_err(|source| TopicError::Io {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
+        let names = storage
+            .list_dir(data_dir)
+            .map_err(|source| TopicError::Io {
+                path: data_dir.to_path_buf(),
+                source,
+            })?;
         let mut found: BTreeMap<String, u32> = BTreeMap::new();
         for entry in names {
             if let Some((topic, partition)) = parse_partition_dir(&entry) {
@@ -171,9 +175,9 @@ impl TopicRegistry {
             return Ok(t);
         }
         match self.create(name, i64::from(partitions), false) {
-            Err(TopicError::AlreadyExists(_)) => {
-                self.get(name).ok_or_else(|| TopicError::Unknown(name.into()))
-            }
+            Err(TopicError::AlreadyExists(_)) => self
+                .get(name)
+                .ok_or_else(|| TopicError::Unknown(name.into())),
             other => other,
         }
     }

@@ -10,8 +10,7 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use indexmap::IndexMap;
 use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions,
-    TimestampType,
+    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 use qanat_log::{Clock, LogConfig, LogError, Partition, Storage};
 use serde::{Deserialize, Serialize};
@@ -77,7 +76,10 @@ impl Journal {
             config,
         )?;
         if report.truncated_bytes > 0 {
-            tracing::warn!(bytes = report.truncated_bytes, "coordinator journal: torn tail truncated");
+            tracing::warn!(
+                bytes = report.truncated_bytes,
+                "coordinator journal: torn tail truncated"
+            );
         }
         let mut entries = Vec::new();
         let mut offset = partition.log_start_offset();
@@ -98,10 +100,11 @@ impl Journal {
                     })?;
             }
             let mut bytes = buf.freeze();
-            let sets = RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| JournalError::Corrupt {
-                offset,
-                reason: e.to_string(),
-            })?;
+            let sets =
+                RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| JournalError::Corrupt {
+                    offset,
+                    reason: e.to_string(),
+                })?;
             let before = offset;
             for record in sets.into_iter().flat_map(|s| s.records) {
                 if record.offset < offset {

@@ -11,6 +11,7 @@
 //! rejoin, as they would after a coordinator move in Kafka.
 
 pub mod journal;
+mod protocol;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
@@ -24,8 +25,8 @@ use qanat_log::{Clock, Storage};
 use tokio::sync::oneshot;
 use tokio::time::Instant;
 
-pub use journal::{Entry, JournalError};
 use journal::Journal;
+pub use journal::{Entry, JournalError};
 
 /// Group states, named as Kafka names them in ListGroups/DescribeGroups.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -280,7 +281,8 @@ impl GroupCoordinator {
             return fail(ResponseError::InvalidGroupId, &req.member_id);
         }
         let s = &self.settings;
-        if req.session_timeout < s.min_session_timeout || req.session_timeout > s.max_session_timeout
+        if req.session_timeout < s.min_session_timeout
+            || req.session_timeout > s.max_session_timeout
         {
             return fail(ResponseError::InvalidSessionTimeout, &req.member_id);
         }
@@ -312,7 +314,11 @@ impl GroupCoordinator {
                 state.next_member_seq += 1;
                 format!(
                     "{}-{}-{}",
-                    if req.client_id.is_empty() { "member" } else { &req.client_id },
+                    if req.client_id.is_empty() {
+                        "member"
+                    } else {
+                        &req.client_id
+                    },
                     self.clock.now_ms(),
                     state.next_member_seq
                 )
@@ -322,18 +328,21 @@ impl GroupCoordinator {
             let (tx, rx) = oneshot::channel();
             let seq = state.next_member_seq;
             let now = Instant::now();
-            let member = group.members.entry(member_id.clone()).or_insert_with(|| Member {
-                instance_id: req.instance_id.clone(),
-                client_id: req.client_id.clone(),
-                client_host: req.client_host.clone(),
-                session_timeout: req.session_timeout,
-                rebalance_timeout: req.rebalance_timeout,
-                protocols: Vec::new(),
-                assignment: Bytes::new(),
-                last_heartbeat: now,
-                pending_join: None,
-                joined_seq: seq,
-            });
+            let member = group
+                .members
+                .entry(member_id.clone())
+                .or_insert_with(|| Member {
+                    instance_id: req.instance_id.clone(),
+                    client_id: req.client_id.clone(),
+                    client_host: req.client_host.clone(),
+                    session_timeout: req.session_timeout,
+                    rebalance_timeout: req.rebalance_timeout,
+                    protocols: Vec::new(),
+                    assignment: Bytes::new(),
+                    last_heartbeat: now,
+                    pending_join: None,
+                    joined_seq: seq,
+                });
             member.protocols = req.protocols.clone();
             member.session_timeout = req.session_timeout;
             member.rebalance_timeout = req.rebalance_timeout;
@@ -420,7 +429,11 @@ impl GroupCoordinator {
             .map(|(id, _)| id.clone())
             .collect();
         for id in &dropped {
-            tracing::info!(group = name, member = id, "member did not rejoin in time; removed");
+            tracing::info!(
+                group = name,
+                member = id,
+                "member did not rejoin in time; removed"
+            );
             group.members.remove(id);
         }
         group.generation += 1;
@@ -449,15 +462,12 @@ impl GroupCoordinator {
         };
         // Protocol: the leader's most preferred one that every member supports.
         let protocol = group.members.get(&leader).and_then(|l| {
-            l.protocols
-                .iter()
-                .map(|(n, _)| n.clone())
-                .find(|n| {
-                    group
-                        .members
-                        .values()
-                        .all(|m| m.protocols.iter().any(|(p, _)| p == n))
-                })
+            l.protocols.iter().map(|(n, _)| n.clone()).find(|n| {
+                group
+                    .members
+                    .values()
+                    .all(|m| m.protocols.iter().any(|(p, _)| p == n))
+            })
         });
         group.leader = Some(leader.clone());
         group.protocol = protocol.clone();
@@ -489,7 +499,11 @@ impl GroupCoordinator {
                     protocol_name: protocol.clone(),
                     leader: leader.clone(),
                     member_id: id.clone(),
-                    members: if *id == leader { all.clone() } else { Vec::new() },
+                    members: if *id == leader {
+                        all.clone()
+                    } else {
+                        Vec::new()
+                    },
                 });
             }
         }
@@ -666,7 +680,8 @@ impl GroupCoordinator {
                 .members
                 .iter()
                 .filter(|(_, m)| {
-                    m.pending_join.is_none() && now.duration_since(m.last_heartbeat) > m.session_timeout
+                    m.pending_join.is_none()
+                        && now.duration_since(m.last_heartbeat) > m.session_timeout
                 })
                 .map(|(id, _)| id.clone())
                 .collect();
@@ -832,7 +847,11 @@ impl GroupCoordinator {
         if !known {
             return code(ResponseError::GroupIdNotFound);
         }
-        if state.groups.get(name).is_some_and(|g| !g.members.is_empty()) {
+        if state
+            .groups
+            .get(name)
+            .is_some_and(|g| !g.members.is_empty())
+        {
             return code(ResponseError::NonEmptyGroup);
         }
         if let Err(c) = self.persist(&[Entry::DeleteGroup {
@@ -851,10 +870,12 @@ impl GroupCoordinator {
         let mut state = self.state.lock();
         if state.next_producer_id >= state.reserved_producer_ids {
             let next = state.next_producer_id + PRODUCER_ID_BLOCK;
-            self.journal.append(&[Entry::ProducerIds { next }], true).map_err(|e| {
-                tracing::error!(error = %e, "reserving producer ids failed");
-                code(ResponseError::KafkaStorageError)
-            })?;
+            self.journal
+                .append(&[Entry::ProducerIds { next }], true)
+                .map_err(|e| {
+                    tracing::error!(error = %e, "reserving producer ids failed");
+                    code(ResponseError::KafkaStorageError)
+                })?;
             state.reserved_producer_ids = next;
         }
         let id = state.next_producer_id;

@@ -46,7 +46,11 @@ async fn two_members_share_one_generation_and_get_their_assignments() {
     assert_eq!((a.error, b.error), (0, 0));
     assert_eq!(a.generation, b.generation);
     assert_eq!(a.leader, b.leader);
-    let (leader, follower) = if a.member_id == a.leader { (a, b) } else { (b, a) };
+    let (leader, follower) = if a.member_id == a.leader {
+        (a, b)
+    } else {
+        (b, a)
+    };
     assert_eq!(leader.members.len(), 2);
     assert!(follower.members.is_empty());
     assert_eq!(leader.protocol_name.as_deref(), Some("range"));
@@ -71,7 +75,14 @@ async fn stale_generation_and_unknown_member_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
     let a = c.join(join_req("", "a")).await;
-    let s = c.sync("g", a.generation, &a.member_id, vec![(a.member_id.clone(), Bytes::new())]).await;
+    let s = c
+        .sync(
+            "g",
+            a.generation,
+            &a.member_id,
+            vec![(a.member_id.clone(), Bytes::new())],
+        )
+        .await;
     assert_eq!(s.error, 0);
     let offsets = vec![("t".to_string(), 0, 5, None)];
     assert_eq!(
@@ -94,7 +105,11 @@ async fn expired_member_triggers_rebalance_and_is_dropped() {
     let dir = tempfile::tempdir().unwrap();
     let c = open(dir.path());
     let (a, b) = tokio::join!(c.join(join_req("", "a")), c.join(join_req("", "b")));
-    let (leader, follower) = if a.member_id == a.leader { (a, b) } else { (b, a) };
+    let (leader, follower) = if a.member_id == a.leader {
+        (a, b)
+    } else {
+        (b, a)
+    };
     let _ = tokio::join!(
         c.sync("g", follower.generation, &follower.member_id, Vec::new()),
         c.sync("g", leader.generation, &leader.member_id, Vec::new()),
@@ -129,7 +144,10 @@ async fn member_that_does_not_rejoin_is_removed_at_the_rebalance_deadline() {
         c.sync("g", b.generation, &b.member_id, Vec::new()),
     );
     // A new member joins; only it and `a` rejoin, `b` stays silent past the deadline.
-    let (n, a2) = tokio::join!(c.join(join_req("", "n")), c.join(join_req(&a.member_id, "a")));
+    let (n, a2) = tokio::join!(
+        c.join(join_req("", "n")),
+        c.join(join_req(&a.member_id, "a"))
+    );
     assert_eq!((n.error, a2.error), (0, 0));
     assert_eq!(n.generation, a.generation + 1);
     let d = c.describe("g").unwrap();
@@ -146,16 +164,25 @@ async fn offsets_and_generation_survive_restart_and_delete_rules_hold() {
         let a = c.join(join_req("", "a")).await;
         generation = a.generation;
         c.sync("g", a.generation, &a.member_id, Vec::new()).await;
-        c.commit("g", a.generation, &a.member_id, vec![("t".into(), 3, 77, Some("meta".into()))])
+        c.commit(
+            "g",
+            a.generation,
+            &a.member_id,
+            vec![("t".into(), 3, 77, Some("meta".into()))],
+        )
+        .unwrap();
+        c.commit("solo", -1, "", vec![("t".into(), 0, 9, None)])
             .unwrap();
-        c.commit("solo", -1, "", vec![("t".into(), 0, 9, None)]).unwrap();
         assert_eq!(c.delete("g"), ResponseError::NonEmptyGroup.code());
         assert!(c.next_producer_id().unwrap() >= 0);
         c.close();
     }
     let c = open(dir.path());
     let got = c.committed("g", Some(vec![("t".into(), 3), ("t".into(), 4)]));
-    assert_eq!(got[0].2.as_ref().map(|x| (x.offset, x.metadata.clone())), Some((77, Some("meta".into()))));
+    assert_eq!(
+        got[0].2.as_ref().map(|x| (x.offset, x.metadata.clone())),
+        Some((77, Some("meta".into())))
+    );
     assert!(got[1].2.is_none());
     assert_eq!(c.committed("solo", None).len(), 1);
     // The next generation continues from the persisted one.
