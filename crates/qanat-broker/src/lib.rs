@@ -21,8 +21,10 @@
 
 pub mod config;
 pub mod fetch_response;
+pub mod filter;
 pub mod groups;
 pub mod handlers;
+pub mod push;
 pub mod server;
 pub mod topics;
 pub mod wire;

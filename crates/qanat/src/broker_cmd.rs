@@ -25,6 +25,9 @@ pub struct BrokerArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "QANAT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Serve the HTTP API (push subscriptions) on this address.
+    #[arg(long, env = "QANAT_HTTP_LISTEN")]
+    http_listen: Option<SocketAddr>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -33,12 +36,11 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
             .with_context(|| format!("reading configuration {}", p.display()))?,
         None => String::new(),
     };
-    let config = Config::from_toml_with_env(&text, std::env::vars()).with_context(|| {
-        match path {
+    let config =
+        Config::from_toml_with_env(&text, std::env::vars()).with_context(|| match path {
             Some(p) => format!("in configuration {}", p.display()),
             None => "in QANAT_* environment overrides".to_string(),
-        }
-    })?;
+        })?;
     Ok(config)
 }
 
@@ -77,6 +79,18 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
     let broker = Arc::new(broker);
     let background = broker.spawn_background();
+    if let Some(addr) = args.http_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding the HTTP API on {addr}"))?;
+        writeln!(stdout, "qanat http listening on {}", listener.local_addr()?)?;
+        let app = qanat_broker::push::router(broker.clone());
+        tokio::spawn(async move {
+            if let Err(e) = axum::serve(listener, app).await {
+                tracing::error!(error = %e, "HTTP API stopped");
+            }
+        });
+    }
 
     writeln!(stdout, "qanat broker listening on {bound}")?;
     stdout.flush()?;

@@ -7,7 +7,11 @@ mod topics_cmd;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "qanat", version, about = "Qanat data ingestion: a Kafka-compatible bus and its tools")]
+#[command(
+    name = "qanat",
+    version,
+    about = "Qanat data ingestion: a Kafka-compatible bus and its tools"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

@@ -13,7 +13,12 @@ use rdkafka::ClientConfig;
 #[derive(Args)]
 pub struct TopicsArgs {
     /// Broker address, HOST:PORT (a comma-separated list for a cluster).
-    #[arg(long, global = true, env = "QANAT_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    #[arg(
+        long,
+        global = true,
+        env = "QANAT_BOOTSTRAP",
+        default_value = "127.0.0.1:9092"
+    )]
     bootstrap: String,
     #[command(subcommand)]
     command: TopicsCommand,
@@ -89,7 +94,11 @@ pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
             partitions,
             replication_factor,
         } => {
-            let topic = NewTopic::new(&name, partitions, TopicReplication::Fixed(replication_factor));
+            let topic = NewTopic::new(
+                &name,
+                partitions,
+                TopicReplication::Fixed(replication_factor),
+            );
             let results = admin(&args.bootstrap)?
                 .create_topics([&topic], &opts)
                 .await

@@ -1,0 +1,332 @@
+//! Push subscriptions over HTTP (A6): `GET /v1/topics/{topic}/events` streams a topic's
+//! records as Server-Sent Events, from the earliest record, the end, an offset or a time,
+//! optionally filtered by record headers. The filter runs here, inside the broker, so records
+//! that do not match never leave it.
+//!
+//! Query parameters:
+//! - `from`: `earliest`, `end` (default), `offset:N` or `time:EPOCH_MS`;
+//! - `filter`: a header predicate, see [`crate::filter`];
+//! - `partitions`: comma-separated partition numbers (default: all).
+//!
+//! Each event is `event: record`, `id: PARTITION:OFFSET`, and a JSON `data` line:
+//! `{"partition":0,"offset":7,"timestamp":1700000000000,"key":"k","value":"v","headers":{"app":"shop"}}`.
+//! Keys, values and header values that are not UTF-8 appear as `{"base64":"..."}`.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::{Path, Query, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use base64::Engine;
+use bytes::{Bytes, BytesMut};
+use kafka_protocol::records::RecordBatchDecoder;
+use qanat_log::{LogError, Partition};
+use serde::Deserialize;
+use serde_json::{json, Value};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::filter::Filter;
+use crate::Broker;
+
+/// Most bytes read from one partition per step.
+const READ_CHUNK: u64 = 1 << 20;
+/// Events buffered per subscriber before the reader waits for the client.
+const SUBSCRIBER_BUFFER: usize = 1024;
+
+/// The broker's HTTP API.
+pub fn router(broker: Arc<Broker>) -> Router {
+    Router::new()
+        .route("/v1/topics/{topic}/events", get(subscribe))
+        .with_state(broker)
+}
+
+#[derive(Debug, Deserialize)]
+struct SubscribeQuery {
+    from: Option<String>,
+    filter: Option<String>,
+    partitions: Option<String>,
+}
+
+fn bad_request(message: String, position: Option<usize>) -> Response {
+    let mut body = json!({ "error": message });
+    if let Some(p) = position {
+        body["position"] = json!(p);
+    }
+    (StatusCode::BAD_REQUEST, Json(body)).into_response()
+}
+
+/// Where a subscription starts.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Start {
+    Earliest,
+    End,
+    Offset(i64),
+    Time(i64),
+}
+
+fn parse_start(from: Option<&str>) -> Result<Start, String> {
+    let bad = |v: &str| format!("from={v:?}: use earliest, end, offset:N or time:EPOCH_MS");
+    match from {
+        None | Some("end") | Some("latest") => Ok(Start::End),
+        Some("earliest") | Some("beginning") => Ok(Start::Earliest),
+        Some(v) => {
+            if let Some(n) = v.strip_prefix("offset:") {
+                n.parse().map(Start::Offset).map_err(|_| bad(v))
+            } else if let Some(t) = v.strip_prefix("time:") {
+                t.parse().map(Start::Time).map_err(|_| bad(v))
+            } else {
+                Err(bad(v))
+            }
+        }
+    }
+}
+
+fn start_offset(partition: &Partition, start: Start) -> i64 {
+    match start {
+        Start::Earliest => partition.log_start_offset(),
+        Start::End => partition.next_offset(),
+        Start::Offset(o) => o.clamp(partition.log_start_offset(), partition.next_offset()),
+        Start::Time(t) => match partition.offset_for_timestamp(t) {
+            Ok(Some((o, _))) => o,
+            _ => partition.next_offset(),
+        },
+    }
+}
+
+async fn subscribe(
+    State(broker): State<Arc<Broker>>,
+    Path(topic): Path<String>,
+    Query(q): Query<SubscribeQuery>,
+) -> Response {
+    let start = match parse_start(q.from.as_deref()) {
+        Ok(s) => s,
+        Err(e) => return bad_request(e, None),
+    };
+    let filter = match q.filter.as_deref().map(str::trim) {
+        None | Some("") => None,
+        Some(text) => match Filter::parse(text) {
+            Ok(f) => Some(f),
+            Err(e) => return bad_request(e.to_string(), Some(e.position)),
+        },
+    };
+    let Some(t) = broker.topics.get(&topic) else {
+        return (
+            StatusCode::NOT_FOUND,
+            Json(json!({ "error": format!("unknown topic {topic}") })),
+        )
+            .into_response();
+    };
+    let wanted: Vec<usize> = match q.partitions.as_deref() {
+        None | Some("") => (0..t.partitions.len()).collect(),
+        Some(list) => {
+            let mut out = Vec::new();
+            for p in list.split(',') {
+                match p.trim().parse::<usize>() {
+                    Ok(i) if i < t.partitions.len() => out.push(i),
+                    _ => {
+                        return bad_request(
+                            format!("partitions: {p:?} is not a partition of {topic}"),
+                            None,
+                        )
+                    }
+                }
+            }
+            out
+        }
+    };
+    let cursors: Vec<Cursor> = wanted
+        .into_iter()
+        .map(|i| {
+            let partition = t.partitions[i].clone();
+            let position = start_offset(&partition, start);
+            Cursor {
+                index: i as i32,
+                partition,
+                position,
+            }
+        })
+        .collect();
+    let (tx, rx) = mpsc::channel(SUBSCRIBER_BUFFER);
+    metrics::gauge!("qanat_push_subscribers").increment(1.0);
+    tokio::spawn(async move {
+        pump(broker, cursors, filter, tx).await;
+        metrics::gauge!("qanat_push_subscribers").decrement(1.0);
+    });
+    Sse::new(ReceiverStream::new(rx))
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+        .into_response()
+}
+
+struct Cursor {
+    index: i32,
+    partition: Arc<Partition>,
+    position: i64,
+}
+
+type Sender = mpsc::Sender<Result<Event, Infallible>>;
+
+/// Feed one subscriber until it disconnects or the broker shuts down.
+async fn pump(broker: Arc<Broker>, mut cursors: Vec<Cursor>, filter: Option<Filter>, tx: Sender) {
+    loop {
+        let notified = broker.data_arrived.notified();
+        tokio::pin!(notified);
+        notified.as_mut().enable();
+        let mut progressed = false;
+        for cursor in cursors.iter_mut() {
+            match step(cursor, filter.as_ref(), &tx).await {
+                Ok(moved) => progressed |= moved,
+                Err(StepError::Closed) => return,
+                Err(StepError::Log(e)) => {
+                    tracing::warn!(partition = cursor.index, error = %e, "push subscription ended");
+                    return;
+                }
+            }
+        }
+        if progressed {
+            continue;
+        }
+        let shutdown = broker.shutdown.clone();
+        tokio::select! {
+            _ = &mut notified => {}
+            _ = tx.closed() => return,
+            _ = shutdown.notified() => return,
+        }
+    }
+}
+
+enum StepError {
+    Closed,
+    Log(LogError),
+}
+
+/// Read what is new in one partition and send the matching records.
+async fn step(
+    cursor: &mut Cursor,
+    filter: Option<&Filter>,
+    tx: &Sender,
+) -> Result<bool, StepError> {
+    let partition = cursor.partition.clone();
+    let from = cursor.position;
+    let read = tokio::task::spawn_blocking(move || read_records(&partition, from))
+        .await
+        .map_err(|_| StepError::Closed)?;
+    let batches = match read {
+        Ok(b) => b,
+        Err(LogError::OffsetOutOfRange { log_start, .. }) if from < log_start => {
+            // Retention removed what we were about to read: continue from the new start.
+            cursor.position = log_start;
+            return Ok(true);
+        }
+        Err(e) => return Err(StepError::Log(e)),
+    };
+    let mut moved = false;
+    for record in batches {
+        if record.offset < cursor.position {
+            continue;
+        }
+        cursor.position = record.offset + 1;
+        moved = true;
+        let headers: Vec<(&str, Option<&[u8]>)> = record
+            .headers
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_deref()))
+            .collect();
+        if filter.is_some_and(|f| !f.matches(&headers)) {
+            metrics::counter!("qanat_push_filtered_total").increment(1);
+            continue;
+        }
+        let event = Event::default()
+            .event("record")
+            .id(format!("{}:{}", cursor.index, record.offset))
+            .data(record_json(cursor.index, &record).to_string());
+        tx.send(Ok(event)).await.map_err(|_| StepError::Closed)?;
+        metrics::counter!("qanat_push_records_total").increment(1);
+    }
+    Ok(moved)
+}
+
+fn read_records(
+    partition: &Partition,
+    from: i64,
+) -> Result<Vec<kafka_protocol::records::Record>, LogError> {
+    if from >= partition.next_offset() {
+        return Ok(Vec::new());
+    }
+    let read = partition.read(from, READ_CHUNK)?;
+    let mut buf = BytesMut::new();
+    for s in &read.slices {
+        let start = buf.len();
+        buf.resize(start + s.len as usize, 0);
+        s.file
+            .read_exact_at(&mut buf[start..], s.position)
+            .map_err(|source| LogError::Io {
+                path: partition.dir().to_path_buf(),
+                source,
+            })?;
+    }
+    let mut bytes: Bytes = buf.freeze();
+    let sets = RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| LogError::CorruptBatch {
+        position: 0,
+        reason: format!("stored batch does not decode: {e}"),
+    })?;
+    Ok(sets.into_iter().flat_map(|s| s.records).collect())
+}
+
+fn text_or_base64(bytes: &[u8]) -> Value {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => Value::String(s.to_string()),
+        Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(bytes) }),
+    }
+}
+
+fn record_json(partition: i32, r: &kafka_protocol::records::Record) -> Value {
+    let headers: BTreeMap<String, Value> = r
+        .headers
+        .iter()
+        .map(|(k, v)| {
+            (
+                k.to_string(),
+                v.as_deref().map_or(Value::Null, text_or_base64),
+            )
+        })
+        .collect();
+    json!({
+        "partition": partition,
+        "offset": r.offset,
+        "timestamp": r.timestamp,
+        "key": r.key.as_deref().map_or(Value::Null, text_or_base64),
+        "value": r.value.as_deref().map_or(Value::Null, text_or_base64),
+        "headers": headers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn start_positions_parse() {
+        assert_eq!(parse_start(None), Ok(Start::End));
+        assert_eq!(parse_start(Some("earliest")), Ok(Start::Earliest));
+        assert_eq!(parse_start(Some("offset:12")), Ok(Start::Offset(12)));
+        assert_eq!(
+            parse_start(Some("time:1700000000000")),
+            Ok(Start::Time(1_700_000_000_000))
+        );
+        assert!(parse_start(Some("yesterday")).is_err());
+        assert!(parse_start(Some("offset:x")).is_err());
+    }
+
+    #[test]
+    fn non_utf8_is_base64() {
+        assert_eq!(text_or_base64(b"hi"), json!("hi"));
+        assert_eq!(text_or_base64(&[0xff, 0x00]), json!({"base64": "/wA="}));
+    }
+}
