@@ -1,0 +1,741 @@
+//! `qanat-bench`: load generator for the Qanat broker and for NATS JetStream as the peer.
+//!
+//! What it measures (one JSON line per run on stdout, diagnostics on stderr):
+//!
+//! - `kafka-produce`: produce throughput (records/s, MB/s of record *values*, MB = 10^6 bytes)
+//!   of librdkafka against a Kafka-wire broker (Qanat, spec A1–A5), and per-record latency
+//!   from `send` to the delivery report (hdrhistogram, p50/p99/p99.9). Without `--rate` it
+//!   runs open-loop as fast as the client queue allows (max throughput, latency then includes
+//!   queueing); with `--rate` sends are paced by a token bucket so latency reflects a
+//!   sustainable load.
+//! - `kafka-consume`: read throughput of a partition-assigned consumer (no consumer group)
+//!   from offset 0 until N records arrived.
+//! - `nats-produce` / `nats-consume`: the same workloads against NATS JetStream with a
+//!   file-storage stream (partitions = subjects `S.0 … S.{P-1}`); latency is publish → ack,
+//!   with a bounded window of pending acks (async) or one at a time (sync).
+//!
+//! Throughput windows run from the first send (or the consumer's assignment) to the last
+//! delivery report (or the N-th record received). All traffic goes to addresses given on the
+//! command line; `bench/broker.sh` only ever passes 127.0.0.1.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use futures::stream::FuturesUnordered;
+use futures::StreamExt;
+use hdrhistogram::Histogram;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{DeliveryResult, Message};
+use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use serde_json::json;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "qanat-bench",
+    about = "Benchmark Qanat (Kafka wire) and NATS JetStream"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Produce records to a Kafka-wire broker and report throughput and latency.
+    KafkaProduce(KafkaProduceArgs),
+    /// Read records back from offset 0 of every partition and report throughput.
+    KafkaConsume(KafkaConsumeArgs),
+    /// Publish to a JetStream file stream (created or replaced) and report throughput/latency.
+    NatsProduce(NatsProduceArgs),
+    /// Read a JetStream stream from the start and report throughput.
+    NatsConsume(NatsConsumeArgs),
+    /// Delete a JetStream stream (no error if it does not exist).
+    NatsDeleteStream(NatsDeleteArgs),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Acks {
+    #[value(name = "1")]
+    One,
+    #[value(name = "all")]
+    All,
+}
+
+#[derive(Debug, clap::Args)]
+struct KafkaProduceArgs {
+    #[arg(long)]
+    bootstrap: String,
+    #[arg(long)]
+    topic: String,
+    /// Number of partitions of the topic; records go round-robin over 0..P.
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Value size of each record in bytes (records have no key).
+    #[arg(long)]
+    record_size: usize,
+    /// Records to send (upper bound when --max-secs stops earlier).
+    #[arg(long)]
+    count: u64,
+    #[arg(long, value_enum, default_value = "1")]
+    acks: Acks,
+    /// Target send rate in records/s (token bucket); unlimited when absent.
+    #[arg(long)]
+    rate: Option<f64>,
+    /// Stop sending after this many seconds even if --count is not reached.
+    #[arg(long)]
+    max_secs: Option<f64>,
+    #[arg(long, default_value_t = 5)]
+    linger_ms: u32,
+    #[arg(long, default_value_t = 1 << 20)]
+    batch_bytes: u32,
+    /// librdkafka compression.type (none, gzip, snappy, lz4, zstd).
+    #[arg(long, default_value = "none")]
+    compression: String,
+    /// librdkafka queue.buffering.max.kbytes: client-side buffer. Bounds queueing latency
+    /// and the flush time after --max-secs in saturation runs.
+    #[arg(long, default_value_t = 32_768)]
+    queue_kbytes: u32,
+    /// librdkafka message.timeout.ms: a record not acknowledged by then fails.
+    #[arg(long, default_value_t = 60_000)]
+    message_timeout_ms: u32,
+}
+
+#[derive(Debug, clap::Args)]
+struct KafkaConsumeArgs {
+    #[arg(long)]
+    bootstrap: String,
+    #[arg(long)]
+    topic: String,
+    #[arg(long, default_value_t = 1)]
+    partitions: u32,
+    /// Stop after this many records.
+    #[arg(long)]
+    count: u64,
+    /// Give up when no record arrived for this many seconds.
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_secs: u64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AckMode {
+    Sync,
+    Async,
+}
+
+#[derive(Debug, clap::Args)]
+struct NatsProduceArgs {
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    server: String,
+    /// Stream name; it captures subjects `S.>` and is deleted and recreated first.
+    #[arg(long)]
+    stream: String,
+    /// Number of subjects (the JetStream analogue of partitions), round-robin.
+    #[arg(long, default_value_t = 1)]
+    subjects: u32,
+    #[arg(long)]
+    record_size: usize,
+    #[arg(long)]
+    count: u64,
+    #[arg(long, value_enum, default_value = "async")]
+    ack_mode: AckMode,
+    /// Maximum pending (unacknowledged) publishes in async mode.
+    #[arg(long, default_value_t = 4096)]
+    window: usize,
+    #[arg(long)]
+    rate: Option<f64>,
+    #[arg(long)]
+    max_secs: Option<f64>,
+}
+
+#[derive(Debug, clap::Args)]
+struct NatsConsumeArgs {
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    server: String,
+    #[arg(long)]
+    stream: String,
+    #[arg(long)]
+    count: u64,
+    #[arg(long, default_value_t = 30)]
+    idle_timeout_secs: u64,
+    /// Delete the stream after reading it.
+    #[arg(long)]
+    delete: bool,
+}
+
+#[derive(Debug, clap::Args)]
+struct NatsDeleteArgs {
+    #[arg(long, default_value = "127.0.0.1:4222")]
+    server: String,
+    #[arg(long)]
+    stream: String,
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::KafkaProduce(a) => kafka_produce(&a),
+        Cmd::KafkaConsume(a) => kafka_consume(&a),
+        Cmd::NatsProduce(a) => runtime()?.block_on(nats_produce(&a)),
+        Cmd::NatsConsume(a) => runtime()?.block_on(nats_consume(&a)),
+        Cmd::NatsDeleteStream(a) => runtime()?.block_on(nats_delete(&a)),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("building tokio runtime")
+}
+
+// ------------------------------------------------------------------------------------------
+// Shared helpers
+
+/// Latency histogram in microseconds, 1 µs .. 10 min, 3 significant digits.
+fn new_histogram() -> Result<Histogram<u64>> {
+    Histogram::new_with_bounds(1, 600_000_000, 3).context("creating histogram")
+}
+
+/// A record value of `size` bytes with a non-trivial pattern (compression is off by default).
+fn payload(size: usize) -> Vec<u8> {
+    (0..size)
+        .map(|i| (i.wrapping_mul(31) ^ (i >> 8)) as u8)
+        .collect()
+}
+
+/// Token-bucket pacing: record `i` is due at `start + i / rate`. The caller sends everything
+/// that is due and sleeps (coarsely, ≥1 ms at a time) only when it is ahead of schedule.
+#[derive(Debug)]
+struct Pacer {
+    start: Instant,
+    rate: Option<f64>,
+}
+
+impl Pacer {
+    fn new(start: Instant, rate: Option<f64>) -> Result<Self> {
+        if let Some(r) = rate {
+            if !(r.is_finite() && r > 0.0) {
+                bail!("--rate must be a positive number, got {r}");
+            }
+        }
+        Ok(Self { start, rate })
+    }
+
+    /// How long to wait before record `i` may be sent (None: send now).
+    fn wait_for(&self, i: u64) -> Option<Duration> {
+        let rate = self.rate?;
+        let due = self.start + Duration::from_secs_f64(i as f64 / rate);
+        let now = Instant::now();
+        if due > now + Duration::from_millis(1) {
+            Some(due - now)
+        } else {
+            None
+        }
+    }
+}
+
+fn out_of_time(start: Instant, max_secs: Option<f64>) -> bool {
+    max_secs.is_some_and(|m| start.elapsed().as_secs_f64() >= m)
+}
+
+fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
+    if h.is_empty() {
+        return 0.0;
+    }
+    h.value_at_quantile(q) as f64 / 1000.0
+}
+
+fn round(x: f64, digits: i32) -> f64 {
+    let f = 10f64.powi(digits);
+    (x * f).round() / f
+}
+
+fn print_result(
+    records: u64,
+    bytes: u64,
+    secs: f64,
+    hist: Option<&Histogram<u64>>,
+    errors: u64,
+    first_error: Option<String>,
+) {
+    let secs = secs.max(1e-9);
+    let mut v = json!({
+        "records": records,
+        "bytes": bytes,
+        "secs": round(secs, 3),
+        "mb_per_s": round(bytes as f64 / secs / 1e6, 2),
+        "records_per_s": round(records as f64 / secs, 0),
+    });
+    if let Some(h) = hist {
+        v["lat_p50_ms"] = json!(round(quantile_ms(h, 0.50), 3));
+        v["lat_p99_ms"] = json!(round(quantile_ms(h, 0.99), 3));
+        v["lat_p999_ms"] = json!(round(quantile_ms(h, 0.999), 3));
+        v["lat_max_ms"] = json!(round(h.max() as f64 / 1000.0, 3));
+    }
+    v["errors"] = json!(errors);
+    if let Some(e) = first_error {
+        v["first_error"] = json!(e);
+    }
+    println!("{v}");
+}
+
+// ------------------------------------------------------------------------------------------
+// Kafka
+
+/// Client context that surfaces librdkafka warnings/errors on stderr (no logger is installed)
+/// and collects delivery reports.
+struct BenchContext {
+    start: Instant,
+    hist: Mutex<Histogram<u64>>,
+    delivered: AtomicU64,
+    delivered_bytes: AtomicU64,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+    last_delivery_nanos: AtomicU64,
+    /// librdkafka log/error lines seen; only the first few are printed.
+    client_messages: AtomicU64,
+}
+
+/// How many librdkafka log/error lines are printed before the rest are only counted.
+const MAX_CLIENT_MESSAGES: u64 = 20;
+
+impl BenchContext {
+    fn new(start: Instant) -> Result<Self> {
+        Ok(Self {
+            start,
+            hist: Mutex::new(new_histogram()?),
+            delivered: AtomicU64::new(0),
+            delivered_bytes: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            first_error: Mutex::new(None),
+            last_delivery_nanos: AtomicU64::new(0),
+            client_messages: AtomicU64::new(0),
+        })
+    }
+
+    fn client_message(&self, line: &str) {
+        let n = self.client_messages.fetch_add(1, Ordering::Relaxed);
+        if n < MAX_CLIENT_MESSAGES {
+            eprintln!("{line}");
+        } else if n == MAX_CLIENT_MESSAGES {
+            eprintln!("librdkafka: further client messages suppressed");
+        }
+    }
+
+    fn note_error(&self, msg: String) {
+        self.errors.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut g) = self.first_error.lock() {
+            if g.is_none() {
+                eprintln!("qanat-bench: first error: {msg}");
+                *g = Some(msg);
+            }
+        }
+    }
+}
+
+impl ClientContext for BenchContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        if (level as i32) <= (RDKafkaLogLevel::Warning as i32) {
+            self.client_message(&format!("librdkafka {level:?} {fac}: {log_message}"));
+        }
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        self.client_message(&format!("librdkafka error: {error}: {reason}"));
+    }
+}
+
+impl ConsumerContext for BenchContext {}
+
+impl ProducerContext for BenchContext {
+    /// Send time in nanoseconds since `start`.
+    type DeliveryOpaque = usize;
+
+    fn delivery(&self, result: &DeliveryResult<'_>, sent_nanos: usize) {
+        let now = self.start.elapsed().as_nanos() as u64;
+        match result {
+            Ok(m) => {
+                let lat_us = now.saturating_sub(sent_nanos as u64) / 1000;
+                if let Ok(mut h) = self.hist.lock() {
+                    h.saturating_record(lat_us.max(1));
+                }
+                self.delivered.fetch_add(1, Ordering::Relaxed);
+                self.delivered_bytes
+                    .fetch_add(m.payload_len() as u64, Ordering::Relaxed);
+                self.last_delivery_nanos.fetch_max(now, Ordering::Relaxed);
+            }
+            Err((e, m)) => self.note_error(format!(
+                "delivery failed (partition {}): {e}",
+                m.partition()
+            )),
+        }
+    }
+}
+
+fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
+    if a.partitions == 0 {
+        bail!("--partitions must be at least 1");
+    }
+    let partitions = i32::try_from(a.partitions).context("--partitions too large")?;
+    let acks = match a.acks {
+        Acks::One => "1",
+        Acks::All => "all",
+    };
+    let batch_msgs = (a.batch_bytes as usize / a.record_size.max(1)).clamp(10_000, 1_000_000);
+    let start = Instant::now();
+    let ctx = BenchContext::new(start)?;
+    let producer: ThreadedProducer<BenchContext> = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("client.id", "qanat-bench")
+        .set("acks", acks)
+        .set("linger.ms", a.linger_ms.to_string())
+        .set("batch.size", a.batch_bytes.to_string())
+        .set("batch.num.messages", batch_msgs.to_string())
+        .set("compression.type", &a.compression)
+        .set("queue.buffering.max.messages", "2000000")
+        .set("queue.buffering.max.kbytes", a.queue_kbytes.to_string())
+        .set("message.max.bytes", (16u32 << 20).to_string())
+        .set("message.timeout.ms", a.message_timeout_ms.to_string())
+        .set("socket.nagle.disable", "true")
+        .set("enable.idempotence", "false")
+        .create_with_context(ctx)
+        .context("creating Kafka producer")?;
+
+    // Warm up the connection and metadata so the measured window starts with a ready client.
+    producer
+        .client()
+        .fetch_metadata(Some(&a.topic), Duration::from_secs(10))
+        .with_context(|| format!("fetching metadata for topic {}", a.topic))?;
+
+    let value = payload(a.record_size);
+    let start_send = Instant::now();
+    let pacer = Pacer::new(start_send, a.rate)?;
+    let mut sent: u64 = 0;
+    let mut queue_full_waits: u64 = 0;
+    while sent < a.count {
+        if out_of_time(start_send, a.max_secs) {
+            break;
+        }
+        if let Some(w) = pacer.wait_for(sent) {
+            std::thread::sleep(w);
+            continue;
+        }
+        let partition = (sent % u64::from(a.partitions)) as i32 % partitions;
+        let sent_nanos = start.elapsed().as_nanos() as usize;
+        let mut record = BaseRecord::<(), [u8], usize>::with_opaque_to(&a.topic, sent_nanos)
+            .payload(&value[..])
+            .partition(partition);
+        loop {
+            match producer.send(record) {
+                Ok(()) => break,
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                    queue_full_waits += 1;
+                    std::thread::sleep(Duration::from_millis(1));
+                    // Re-stamp: latency is measured from the moment librdkafka took the record.
+                    let mut r = r;
+                    r.delivery_opaque = start.elapsed().as_nanos() as usize;
+                    record = r;
+                }
+                Err((e, _)) => bail!("send failed after {sent} records: {e}"),
+            }
+        }
+        sent += 1;
+    }
+    let send_secs = start_send.elapsed().as_secs_f64();
+    eprintln!(
+        "qanat-bench: enqueued {sent} records in {send_secs:.2}s ({queue_full_waits} queue-full waits), flushing"
+    );
+    let flushed = producer.flush(Duration::from_secs(
+        u64::from(a.message_timeout_ms) / 1000 + 30,
+    ));
+    let ctx = producer.context();
+    if let Err(e) = flushed {
+        ctx.note_error(format!(
+            "flush: {e} ({} records still in flight)",
+            producer.in_flight_count()
+        ));
+    }
+    let delivered = ctx.delivered.load(Ordering::Relaxed);
+    let bytes = ctx.delivered_bytes.load(Ordering::Relaxed);
+    let errors = ctx.errors.load(Ordering::Relaxed);
+    let end_nanos = ctx.last_delivery_nanos.load(Ordering::Relaxed);
+    let secs = Duration::from_nanos(end_nanos)
+        .saturating_sub(start_send.duration_since(start))
+        .as_secs_f64();
+    let first_error = ctx.first_error.lock().ok().and_then(|g| g.clone());
+    let hist = ctx
+        .hist
+        .lock()
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
+        .clone();
+    print_result(delivered, bytes, secs, Some(&hist), errors, first_error);
+    if delivered < sent {
+        bail!("only {delivered} of {sent} records were acknowledged ({errors} delivery errors)");
+    }
+    Ok(())
+}
+
+fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
+    let start = Instant::now();
+    let ctx = BenchContext::new(start)?;
+    let consumer: BaseConsumer<BenchContext> = ClientConfig::new()
+        .set("bootstrap.servers", &a.bootstrap)
+        .set("client.id", "qanat-bench")
+        // librdkafka refuses assign() without a group.id; nothing is joined or committed.
+        .set("group.id", format!("qanat-bench-{}", std::process::id()))
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("enable.partition.eof", "false")
+        .set("fetch.max.bytes", (50u32 << 20).to_string())
+        .set("max.partition.fetch.bytes", (10u32 << 20).to_string())
+        .set("receive.message.max.bytes", (51u32 << 20).to_string())
+        .set("queued.max.messages.kbytes", "262144")
+        .set("queued.min.messages", "1000000")
+        // Default is 1000 ms: a full local queue would otherwise idle the fetcher for a second.
+        .set("fetch.queue.backoff.ms", "1")
+        .set("fetch.wait.max.ms", "100")
+        .create_with_context(ctx)
+        .context("creating Kafka consumer")?;
+    let mut tpl = TopicPartitionList::new();
+    for p in 0..a.partitions {
+        let p = i32::try_from(p).context("--partitions too large")?;
+        tpl.add_partition_offset(&a.topic, p, Offset::Offset(0))
+            .with_context(|| format!("adding partition {p}"))?;
+    }
+    let t0 = Instant::now();
+    consumer.assign(&tpl).context("assigning partitions")?;
+    let mut records: u64 = 0;
+    let mut bytes: u64 = 0;
+    let mut errors: u64 = 0;
+    let mut first_error: Option<String> = None;
+    let mut last_progress = Instant::now();
+    let idle = Duration::from_secs(a.idle_timeout_secs);
+    while records < a.count {
+        match consumer.poll(Duration::from_millis(200)) {
+            Some(Ok(m)) => {
+                records += 1;
+                bytes += m.payload_len() as u64;
+                last_progress = Instant::now();
+            }
+            Some(Err(e)) => {
+                errors += 1;
+                if first_error.is_none() {
+                    eprintln!("qanat-bench: consume error: {e}");
+                    first_error = Some(e.to_string());
+                }
+            }
+            None => {
+                if last_progress.elapsed() >= idle {
+                    let secs = t0.elapsed().as_secs_f64();
+                    print_result(records, bytes, secs, None, errors, first_error);
+                    bail!(
+                        "stalled: no record for {}s after {records} of {} records",
+                        a.idle_timeout_secs,
+                        a.count
+                    );
+                }
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    print_result(records, bytes, secs, None, errors, first_error);
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+// NATS JetStream
+
+async fn nats_connect(server: &str) -> Result<async_nats::jetstream::Context> {
+    let client = async_nats::ConnectOptions::new()
+        .name("qanat-bench")
+        .connect(server)
+        .await
+        .with_context(|| format!("connecting to NATS at {server}"))?;
+    Ok(async_nats::jetstream::context::ContextBuilder::new()
+        .timeout(Duration::from_secs(30))
+        .max_ack_inflight(1 << 16)
+        .backpressure_on_inflight(true)
+        .build(client))
+}
+
+async fn delete_stream_if_exists(js: &async_nats::jetstream::Context, name: &str) -> Result<()> {
+    match js.delete_stream(name).await {
+        Ok(_) => Ok(()),
+        Err(e) => {
+            let msg = e.to_string();
+            if msg.contains("not found") || msg.contains("10059") {
+                Ok(())
+            } else {
+                Err(anyhow::Error::new(e).context(format!("deleting stream {name}")))
+            }
+        }
+    }
+}
+
+async fn nats_delete(a: &NatsDeleteArgs) -> Result<()> {
+    let js = nats_connect(&a.server).await?;
+    delete_stream_if_exists(&js, &a.stream).await
+}
+
+type AckFuture = Pin<Box<dyn Future<Output = (Instant, Result<(), String>)> + Send>>;
+
+async fn nats_produce(a: &NatsProduceArgs) -> Result<()> {
+    use async_nats::jetstream::stream;
+    if a.subjects == 0 {
+        bail!("--subjects must be at least 1");
+    }
+    let js = nats_connect(&a.server).await?;
+    delete_stream_if_exists(&js, &a.stream).await?;
+    js.create_stream(stream::Config {
+        name: a.stream.clone(),
+        subjects: vec![format!("{}.>", a.stream)],
+        storage: stream::StorageType::File,
+        ..Default::default()
+    })
+    .await
+    .with_context(|| format!("creating stream {}", a.stream))?;
+
+    let subjects: Vec<async_nats::Subject> = (0..a.subjects)
+        .map(|i| async_nats::Subject::from(format!("{}.{i}", a.stream)))
+        .collect();
+    let value = bytes::Bytes::from(payload(a.record_size));
+    let window = match a.ack_mode {
+        AckMode::Sync => 1,
+        AckMode::Async => a.window.max(1),
+    };
+    let mut hist = new_histogram()?;
+    let mut pending: FuturesUnordered<AckFuture> = FuturesUnordered::new();
+    let mut acked: u64 = 0;
+    let mut errors: u64 = 0;
+    let mut first_error: Option<String> = None;
+    let mut on_ack = |t0: Instant, r: Result<(), String>| match r {
+        Ok(()) => {
+            hist.saturating_record((t0.elapsed().as_micros() as u64).max(1));
+            acked += 1;
+        }
+        Err(e) => {
+            errors += 1;
+            if first_error.is_none() {
+                eprintln!("qanat-bench: publish failed: {e}");
+                first_error = Some(e);
+            }
+        }
+    };
+
+    let start = Instant::now();
+    let pacer = Pacer::new(start, a.rate)?;
+    let mut sent: u64 = 0;
+    while sent < a.count {
+        if out_of_time(start, a.max_secs) {
+            break;
+        }
+        if let Some(w) = pacer.wait_for(sent) {
+            // Collect acks while waiting so their latency is not inflated by the sleep.
+            let sleep = tokio::time::sleep(w);
+            tokio::pin!(sleep);
+            loop {
+                tokio::select! {
+                    _ = &mut sleep => break,
+                    Some((t0, r)) = pending.next(), if !pending.is_empty() => on_ack(t0, r),
+                }
+            }
+            continue;
+        }
+        while pending.len() >= window {
+            if let Some((t0, r)) = pending.next().await {
+                on_ack(t0, r);
+            }
+        }
+        let subject = subjects[(sent % u64::from(a.subjects)) as usize].clone();
+        let t0 = Instant::now();
+        match js.publish(subject, value.clone()).await {
+            Ok(ack) => pending.push(Box::pin(async move {
+                (t0, ack.await.map(|_| ()).map_err(|e| e.to_string()))
+            })),
+            Err(e) => on_ack(t0, Err(e.to_string())),
+        }
+        sent += 1;
+    }
+    while let Some((t0, r)) = pending.next().await {
+        on_ack(t0, r);
+    }
+    let secs = start.elapsed().as_secs_f64();
+    let bytes = acked * a.record_size as u64;
+    print_result(acked, bytes, secs, Some(&hist), errors, first_error);
+    if acked < sent {
+        bail!("only {acked} of {sent} publishes were acknowledged");
+    }
+    Ok(())
+}
+
+async fn nats_consume(a: &NatsConsumeArgs) -> Result<()> {
+    use async_nats::jetstream::consumer::{pull, AckPolicy, DeliverPolicy};
+    let js = nats_connect(&a.server).await?;
+    let stream = js
+        .get_stream(&a.stream)
+        .await
+        .with_context(|| format!("looking up stream {}", a.stream))?;
+    let t0 = Instant::now();
+    let consumer = stream
+        .create_consumer(pull::Config {
+            deliver_policy: DeliverPolicy::All,
+            ack_policy: AckPolicy::None,
+            ..Default::default()
+        })
+        .await
+        .context("creating pull consumer")?;
+    let mut messages = consumer
+        .stream()
+        .max_messages_per_batch(10_000)
+        .max_bytes_per_batch(16 << 20)
+        .messages()
+        .await
+        .context("starting pull stream")?;
+    let idle = Duration::from_secs(a.idle_timeout_secs);
+    let mut records: u64 = 0;
+    let mut bytes: u64 = 0;
+    let mut errors: u64 = 0;
+    let mut first_error: Option<String> = None;
+    let mut stalled = false;
+    while records < a.count {
+        match tokio::time::timeout(idle, messages.next()).await {
+            Ok(Some(Ok(m))) => {
+                records += 1;
+                bytes += m.payload.len() as u64;
+            }
+            Ok(Some(Err(e))) => {
+                errors += 1;
+                if first_error.is_none() {
+                    eprintln!("qanat-bench: fetch error: {e}");
+                    first_error = Some(e.to_string());
+                }
+            }
+            Ok(None) => {
+                stalled = true;
+                break;
+            }
+            Err(_) => {
+                stalled = true;
+                break;
+            }
+        }
+    }
+    let secs = t0.elapsed().as_secs_f64();
+    drop(messages);
+    print_result(records, bytes, secs, None, errors, first_error);
+    if a.delete {
+        delete_stream_if_exists(&js, &a.stream).await?;
+    }
+    if stalled {
+        bail!("stalled after {records} of {} messages", a.count);
+    }
+    Ok(())
+}
