@@ -40,6 +40,8 @@ use groups::{GroupCoordinator, GroupSettings};
 
 /// How often member sessions are checked for expiry.
 const SESSION_CHECK_PERIOD: Duration = Duration::from_millis(250);
+/// How often consumer lag gauges are refreshed.
+const LAG_EXPORT_PERIOD: Duration = Duration::from_secs(5);
 
 pub use config::{Config, ConfigError, FsyncPolicy};
 pub use server::serve;
@@ -153,6 +155,26 @@ impl Broker {
         }
     }
 
+    /// Export committed offset and lag per group and partition.
+    pub fn export_lag(&self) {
+        for (group, topic, partition, committed) in self.groups.all_committed() {
+            let end = self.topics.get(&topic).and_then(|t| {
+                t.partitions
+                    .get(partition as usize)
+                    .map(|p| p.next_offset())
+            });
+            let labels = [
+                ("group", group),
+                ("topic", topic),
+                ("partition", partition.to_string()),
+            ];
+            metrics::gauge!("qanat_group_committed_offset", &labels).set(committed as f64);
+            if let Some(end) = end {
+                metrics::gauge!("qanat_group_lag", &labels).set((end - committed).max(0) as f64);
+            }
+        }
+    }
+
     /// Run the periodic fsync (when configured) and the maintenance loop until shutdown.
     pub fn spawn_background(self: &Arc<Self>) -> Vec<tokio::task::JoinHandle<()>> {
         let mut tasks = Vec::new();
@@ -172,6 +194,10 @@ impl Broker {
             broker
                 .every(SESSION_CHECK_PERIOD, |b| b.groups.expire_sessions())
                 .await;
+        }));
+        let broker = self.clone();
+        tasks.push(tokio::spawn(async move {
+            broker.every(LAG_EXPORT_PERIOD, |b| b.export_lag()).await;
         }));
         tasks
     }

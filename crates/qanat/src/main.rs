@@ -1,6 +1,7 @@
 //! `qanat`: the broker and its operator tools.
 
 mod broker_cmd;
+mod groups_cmd;
 mod telemetry;
 mod topics_cmd;
 
@@ -23,6 +24,8 @@ enum Command {
     Broker(broker_cmd::BrokerArgs),
     /// Create, list, describe, grow and delete topics on any Kafka-protocol broker.
     Topics(topics_cmd::TopicsArgs),
+    /// List, describe (members, offsets, lag) and delete consumer groups.
+    Groups(groups_cmd::GroupsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -35,5 +38,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Broker(args) => runtime.block_on(broker_cmd::run(args)),
         Command::Topics(args) => runtime.block_on(topics_cmd::run(args)),
+        Command::Groups(args) => runtime.block_on(groups_cmd::run(args)),
     }
 }

@@ -51,22 +51,22 @@ enum TopicsCommand {
     Delete { name: String },
 }
 
-const TIMEOUT: Duration = Duration::from_secs(30);
+pub(crate) const TIMEOUT: Duration = Duration::from_secs(30);
 
-fn client_config(bootstrap: &str) -> ClientConfig {
+pub(crate) fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set("socket.timeout.ms", "30000");
     c
 }
 
-fn admin(bootstrap: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
+pub(crate) fn admin(bootstrap: &str) -> anyhow::Result<AdminClient<DefaultClientContext>> {
     client_config(bootstrap)
         .create()
         .context("creating the admin client")
 }
 
-fn check(
+pub(crate) fn check(
     results: Vec<Result<String, (String, rdkafka::types::RDKafkaErrorCode)>>,
     verb: &str,
 ) -> anyhow::Result<()> {
@@ -123,7 +123,7 @@ pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
         TopicsCommand::List => {
             let bootstrap = args.bootstrap.clone();
             let names = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
-                let consumer = consumer(&bootstrap)?;
+                let consumer = consumer(&bootstrap, "qanat-topics")?;
                 let md = consumer
                     .fetch_metadata(None, TIMEOUT)
                     .context("fetching metadata")?;
@@ -145,16 +145,16 @@ pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
     }
 }
 
-fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
+pub(crate) fn consumer(bootstrap: &str, group: &str) -> anyhow::Result<BaseConsumer> {
     client_config(bootstrap)
-        .set("group.id", "qanat-topics")
+        .set("group.id", group)
         .set("enable.auto.commit", "false")
         .create()
         .context("creating the metadata client")
 }
 
 fn describe(bootstrap: &str, name: Option<&str>) -> anyhow::Result<String> {
-    let consumer = consumer(bootstrap)?;
+    let consumer = consumer(bootstrap, "qanat-topics")?;
     let md = consumer
         .fetch_metadata(name, TIMEOUT)
         .context("fetching metadata")?;

@@ -783,6 +783,19 @@ impl GroupCoordinator {
         }
     }
 
+    /// Every committed offset: (group, topic, partition, offset).
+    pub fn all_committed(&self) -> Vec<(String, String, i32, i64)> {
+        let state = self.state.lock();
+        state
+            .offsets
+            .iter()
+            .flat_map(|(g, o)| {
+                o.iter()
+                    .map(move |((t, p), c)| (g.clone(), t.clone(), *p, c.offset))
+            })
+            .collect()
+    }
+
     /// Every known group: (name, protocol type, state).
     pub fn list(&self) -> Vec<(String, String, GroupState)> {
         let state = self.state.lock();
