@@ -11,6 +11,7 @@ use kafka_protocol::messages::{
     create_partitions_response::{CreatePartitionsResponse, CreatePartitionsTopicResult},
     create_topics_response::{CreatableTopicResult, CreateTopicsResponse},
     delete_topics_response::{DeletableTopicResult, DeleteTopicsResponse},
+    init_producer_id_response::InitProducerIdResponse,
     list_offsets_response::{
         ListOffsetsPartitionResponse, ListOffsetsResponse, ListOffsetsTopicResponse,
     },
@@ -19,7 +20,8 @@ use kafka_protocol::messages::{
     },
     produce_response::{PartitionProduceResponse, ProduceResponse, TopicProduceResponse},
     ApiKey, BrokerId, CreatePartitionsRequest, CreateTopicsRequest, DeleteTopicsRequest,
-    FetchRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest, TopicName,
+    FetchRequest, InitProducerIdRequest, ListOffsetsRequest, MetadataRequest, ProduceRequest,
+    ProducerId, TopicName,
 };
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
@@ -54,6 +56,7 @@ pub const SUPPORTED: &[(ApiKey, i16, i16)] = &[
     (ApiKey::ListGroups, 0, 4),
     (ApiKey::DescribeGroups, 0, 5),
     (ApiKey::DeleteGroups, 0, 2),
+    (ApiKey::InitProducerId, 0, 4),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -186,6 +189,10 @@ impl Broker {
                         let records = data.records.as_deref().unwrap_or_default();
                         match partition.append(records) {
                             Ok(outcome) => {
+                                if outcome.duplicate {
+                                    metrics::counter!("qanat_produce_duplicates_total", "topic" => topic_name.to_string())
+                                        .increment(1);
+                                }
                                 metrics::counter!("qanat_bytes_in_total", "topic" => topic_name.to_string())
                                     .increment(outcome.bytes);
                                 metrics::counter!("qanat_records_in_total", "topic" => topic_name.to_string())
@@ -479,6 +486,33 @@ impl Broker {
         DeleteTopicsResponse::default().with_responses(responses)
     }
 
+    pub(crate) fn init_producer_id(&self, req: InitProducerIdRequest) -> InitProducerIdResponse {
+        let refuse = |e: ResponseError| {
+            InitProducerIdResponse::default()
+                .with_error_code(code(e))
+                .with_producer_id(ProducerId(-1))
+                .with_producer_epoch(-1)
+        };
+        if req.transactional_id.is_some() {
+            tracing::warn!(
+                "InitProducerId with a transactional id refused: transactions are not supported"
+            );
+            return refuse(ResponseError::InvalidRequest);
+        }
+        // KIP-360: a known producer may ask to bump its epoch instead of getting a new id.
+        if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {
+            return InitProducerIdResponse::default()
+                .with_producer_id(req.producer_id)
+                .with_producer_epoch(req.producer_epoch + 1);
+        }
+        match self.groups.next_producer_id() {
+            Ok(id) => InitProducerIdResponse::default()
+                .with_producer_id(ProducerId(id))
+                .with_producer_epoch(0),
+            Err(_) => refuse(ResponseError::KafkaStorageError),
+        }
+    }
+
     pub(crate) fn create_partitions(
         &self,
         req: CreatePartitionsRequest,
@@ -520,6 +554,9 @@ fn log_error_code(e: &LogError) -> i16 {
         LogError::OffsetOutOfRange { .. } => ResponseError::OffsetOutOfRange,
         LogError::BatchTooLarge { .. } => ResponseError::MessageTooLarge,
         LogError::Closed => ResponseError::UnknownTopicOrPartition,
+        LogError::OutOfOrderSequence { .. } => ResponseError::OutOfOrderSequenceNumber,
+        LogError::InvalidProducerEpoch { .. } => ResponseError::InvalidProducerEpoch,
+        LogError::Unsupported { .. } => ResponseError::UnsupportedForMessageFormat,
         _ => ResponseError::KafkaStorageError,
     })
 }

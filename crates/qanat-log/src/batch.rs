@@ -244,6 +244,11 @@ pub struct BatchInfo {
     pub last_offset_delta: i32,
     pub record_count: i32,
     pub max_timestamp: i64,
+    pub attributes: i16,
+    /// -1 for a non-idempotent batch.
+    pub producer_id: i64,
+    pub producer_epoch: i16,
+    pub base_sequence: i32,
 }
 
 /// Summary of a validated produce buffer.
@@ -285,6 +290,10 @@ pub fn validate_batches(buf: &[u8]) -> Result<BatchesSummary, LogError> {
             last_offset_delta: h.last_offset_delta,
             record_count: h.record_count,
             max_timestamp: h.max_timestamp,
+            attributes: h.attributes,
+            producer_id: h.producer_id,
+            producer_epoch: h.producer_epoch,
+            base_sequence: h.base_sequence,
         });
     }
     Ok(s)
@@ -349,6 +358,16 @@ fn put_bytes(out: &mut Vec<u8>, b: Option<&[u8]>) {
 /// Encode an uncompressed RecordBatch v2 with base offset 0 and no producer id — for tests and
 /// tools. Base timestamp is the first record's, max timestamp the largest.
 pub fn encode_batch(records: &[SimpleRecord<'_>]) -> Vec<u8> {
+    encode_batch_with(None, records)
+}
+
+/// Like [`encode_batch`], with `producer = Some((producerId, producerEpoch, baseSequence))`
+/// for an idempotent batch (`None`: -1/-1/-1). The CRC covers the producer fields.
+pub fn encode_batch_with(
+    producer: Option<(i64, i16, i32)>,
+    records: &[SimpleRecord<'_>],
+) -> Vec<u8> {
+    let (pid, epoch, seq) = producer.unwrap_or((-1, -1, -1));
     let base_ts = records.first().map_or(-1, |r| r.timestamp);
     let max_ts = records.iter().map(|r| r.timestamp).max().unwrap_or(-1);
     let mut out = vec![0u8; HEADER_LEN];
@@ -372,9 +391,9 @@ pub fn encode_batch(records: &[SimpleRecord<'_>]) -> Vec<u8> {
     out[OFF_LAST_DELTA..OFF_LAST_DELTA + 4].copy_from_slice(&last_delta.to_be_bytes());
     out[OFF_BASE_TS..OFF_BASE_TS + 8].copy_from_slice(&base_ts.to_be_bytes());
     out[OFF_MAX_TS..OFF_MAX_TS + 8].copy_from_slice(&max_ts.to_be_bytes());
-    out[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&(-1i64).to_be_bytes());
-    out[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2].copy_from_slice(&(-1i16).to_be_bytes());
-    out[OFF_BASE_SEQ..OFF_BASE_SEQ + 4].copy_from_slice(&(-1i32).to_be_bytes());
+    out[OFF_PRODUCER_ID..OFF_PRODUCER_ID + 8].copy_from_slice(&pid.to_be_bytes());
+    out[OFF_PRODUCER_EPOCH..OFF_PRODUCER_EPOCH + 2].copy_from_slice(&epoch.to_be_bytes());
+    out[OFF_BASE_SEQ..OFF_BASE_SEQ + 4].copy_from_slice(&seq.to_be_bytes());
     out[OFF_COUNT..OFF_COUNT + 4].copy_from_slice(&(records.len() as i32).to_be_bytes());
     let crc = crc32c::crc32c(&out[OFF_ATTRIBUTES..]);
     out[OFF_CRC..OFF_CRC + 4].copy_from_slice(&crc.to_be_bytes());
@@ -419,6 +438,23 @@ mod tests {
         assert_eq!(h.producer_id, -1);
         assert_eq!(h.compression(), 0);
         assert!(!h.is_log_append_time());
+        let p = encode_batch_with(
+            Some((42, 3, i32::MAX)),
+            &[SimpleRecord {
+                timestamp: 1,
+                key: None,
+                value: Some(b"v"),
+            }],
+        );
+        let h = check_batch(&p, 0).unwrap();
+        assert_eq!(
+            (h.producer_id, h.producer_epoch, h.base_sequence),
+            (42, 3, i32::MAX)
+        );
+        let s = validate_batches(&p).unwrap();
+        assert_eq!(s.batches[0].producer_id, 42);
+        assert_eq!(s.batches[0].producer_epoch, 3);
+        assert_eq!(s.batches[0].base_sequence, i32::MAX);
     }
 
     #[test]

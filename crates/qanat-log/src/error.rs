@@ -23,6 +23,26 @@ pub enum LogError {
         #[source]
         source: std::io::Error,
     },
+    /// An idempotent producer sent a batch with an epoch older than the one the partition has
+    /// seen for it (a fenced zombie producer). Nothing was appended.
+    #[error("producer {producer_id} is fenced: epoch {got} is older than current epoch {current}")]
+    InvalidProducerEpoch {
+        producer_id: i64,
+        current: i16,
+        got: i16,
+    },
+    /// An idempotent producer's batch does not continue its sequence (a gap, a reorder, a
+    /// non-zero start after an epoch bump, or a retry mixed with new batches). Nothing was
+    /// appended.
+    #[error("out-of-order sequence for producer {producer_id}: expected {expected}, got {got}")]
+    OutOfOrderSequence {
+        producer_id: i64,
+        expected: i32,
+        got: i32,
+    },
+    /// A feature the log does not implement (transactional and control batches).
+    #[error("unsupported: {reason}")]
+    Unsupported { reason: String },
     /// The partition was closed or deleted.
     #[error("partition is closed")]
     Closed,

@@ -17,11 +17,31 @@
 //! - `<base>.timeindex`: 12-byte entries (largest maxTimestamp so far i64 BE, offset − base
 //!   u32 BE of the batch that reached it), added with offset entries when the max grew, plus
 //!   a final one when the segment rolls.
+//! - `<base>.producers`: idempotent-producer state as of offset `base` (every batch below it),
+//!   written when the segment is rolled in and on open: version u16, count u32, per producer
+//!   (id i64, epoch i16, n u8, n × (baseSeq i32, lastSeq i32, baseOffset i64, lastOffset i64,
+//!   maxTimestamp i64)), CRC-32C u32. Fsynced on open, before retention deletes segments and
+//!   on close; a torn or missing one only makes open replay more headers.
 //! - `recovery-point`: i64 BE offset + CRC-32C; every segment that ends at or below it was
 //!   fsynced, so recovery only walks its headers instead of checking every CRC.
 //!
 //! Indexes are derived data: written lazily (on roll/close), checked on open, rebuilt from the
 //! log if missing or inconsistent.
+//!
+//! # Idempotent producers
+//! Batches with producerId ≥ 0 are checked under the append lock against per-producer state
+//! (epoch + metadata of the last [`MAX_CACHED_BATCHES`] batches), O(1) per batch, no I/O:
+//! an older epoch is [`LogError::InvalidProducerEpoch`]; a new epoch must start at sequence 0
+//! and the same epoch must continue at lastSeq + 1 (wrapping past `i32::MAX` to 0), else
+//! [`LogError::OutOfOrderSequence`]; an unknown producer may start anywhere. A buffer made
+//! only of batches equal (epoch, baseSeq, lastSeq) to cached ones is a retry: nothing is
+//! written and [`AppendOutcome::duplicate`] is set with the original offsets; retries mixed
+//! with new batches are out of order. Transactional and control batches are refused
+//! ([`LogError::Unsupported`]). On open the state is the newest readable snapshot at a segment
+//! start plus the headers of the segments from there, replayed by the recovery walk itself
+//! (normally only the active segment, which recovery walks anyway). Retention keeps the state
+//! of deleted segments; producers idle for more than [`PRODUCER_EXPIRATION_MS`] (by batch
+//! maxTimestamp) are forgotten by `enforce_retention`.
 //!
 //! # Invariants
 //! - Offsets are dense: each batch's base offset is the previous batch's last offset + 1,
@@ -34,6 +54,12 @@
 //!   directory entries of new segments.
 //! - Recovery truncates at the first torn/corrupt batch and drops any later segments, so the
 //!   log is always a prefix of what was appended.
+//! - A producer's sequence numbers are gapless per partition (within an epoch); a retried
+//!   batch is acknowledged with its original offsets and stored once. The check and the write
+//!   happen under the append lock, so concurrent retries cannot both be written.
+//! - Producer state after open equals the state after appending the recovered log (plus the
+//!   state of segments removed by retention): every closed segment is covered by a durable
+//!   snapshot at or after it before retention deletes it.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -42,12 +68,14 @@ pub mod batch;
 pub mod clock;
 pub mod error;
 mod partition;
+mod producer;
 mod segment;
 pub mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LogError;
 pub use partition::Partition;
+pub use producer::{last_sequence, next_sequence, MAX_CACHED_BATCHES, PRODUCER_EXPIRATION_MS};
 pub use storage::{LogFile, OsStorage, SimStorage, Storage};
 
 /// Which timestamp the log keeps in a batch.
@@ -98,6 +126,8 @@ pub struct RecoveryReport {
     pub truncated_at: Option<(PathBuf, u64)>,
     pub rebuilt_indexes: Vec<PathBuf>,
     pub next_offset: i64,
+    /// Idempotent producers whose state was restored.
+    pub producers: usize,
 }
 
 /// Result of one successful append.
@@ -109,6 +139,10 @@ pub struct AppendOutcome {
     pub log_append_time: Option<i64>,
     pub bytes: u64,
     pub records: u64,
+    /// The request was a retry of batches already in the log (same producer id, epoch and
+    /// sequence range): nothing was written, and the offsets (and LogAppendTime) are the
+    /// original ones. `bytes` and `records` are 0.
+    pub duplicate: bool,
 }
 
 /// A byte range of a segment file holding whole batches.

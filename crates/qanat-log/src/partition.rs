@@ -1,14 +1,18 @@
 //! [`Partition`]: the segment list, append/sync/read paths, recovery and retention.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::{Mutex, RwLock};
 
-use crate::batch;
+use crate::batch::{self, BatchInfo};
+use crate::producer::{
+    self, last_sequence, next_sequence, BatchMeta, ProducerStates, PRODUCER_EXPIRATION_MS,
+};
 use crate::segment::{self, file_name, io_err, Segment};
+use crate::storage::LogFile;
 use crate::{
     AppendOutcome, Clock, FileSlice, LogConfig, LogError, ReadOutcome, RecoveryReport,
     RetentionOutcome, Storage, TimestampType,
@@ -26,6 +30,8 @@ struct Writer {
     active: Arc<Segment>,
     next: i64,
     buf: Vec<u8>,
+    /// Idempotent-producer state, checked and updated with every append.
+    producers: ProducerStates,
 }
 
 /// One partition: a directory of segments. Shareable across threads.
@@ -40,6 +46,8 @@ pub struct Partition {
     /// Serializes fsyncs (group commit); holds the recovery point last written.
     sync_lock: Mutex<i64>,
     retention_lock: Mutex<()>,
+    /// Producer-state snapshots written at rolls and not yet fsynced.
+    pending_snapshots: Mutex<Vec<(PathBuf, Arc<dyn LogFile>)>>,
     next_offset: AtomicI64,
     log_start: AtomicI64,
     durable: AtomicI64,
@@ -100,7 +108,7 @@ fn write_checkpoint(storage: &dyn Storage, dir: &Path, offset: i64) -> Result<()
 }
 
 fn remove_segment_files(storage: &dyn Storage, dir: &Path, base: i64) -> Result<(), LogError> {
-    for ext in ["log", "index", "timeindex"] {
+    for ext in ["log", "index", "timeindex", "producers"] {
         let p = dir.join(file_name(base, ext));
         match storage.remove_file(&p) {
             Ok(()) => {}
@@ -124,6 +132,7 @@ impl Partition {
         let names = st.list_dir(&dir).map_err(io_err(&dir))?;
         let mut bases = BTreeSet::new();
         let mut indexes = Vec::new();
+        let mut snapshots = BTreeSet::new();
         let mut dir_changed = false;
         for name in &names {
             if let Some(b) = parse_base(name, ".log") {
@@ -132,6 +141,8 @@ impl Partition {
                 parse_base(name, ".index").or_else(|| parse_base(name, ".timeindex"))
             {
                 indexes.push((b, name));
+            } else if let Some(b) = parse_base(name, ".producers") {
+                snapshots.insert(b);
             } else if name == CHECKPOINT_TMP {
                 let p = dir.join(name);
                 st.remove_file(&p).map_err(io_err(&p))?;
@@ -153,6 +164,14 @@ impl Partition {
         let mut scanned: Vec<Arc<Segment>> = Vec::new();
         let mut last_first_ts = None;
         let mut drop_from = None;
+        // Producer state: start from the newest readable snapshot taken at a segment start and
+        // replay the headers of that segment and later ones during their load walk (normally
+        // just the active segment, which recovery walks anyway).
+        let (mut producers, replay_from) =
+            latest_snapshot(st, &dir, &snapshots, |b| bases.binary_search(&b).is_ok())
+                .map_or((ProducerStates::default(), i64::MIN), |(b, s)| (s, b));
+        // The state before the last segment replayed: what the active segment's snapshot holds.
+        let mut before_last: Option<(i64, ProducerStates)> = None;
         for (i, &base) in bases.iter().enumerate() {
             if let Some(prev) = segs.last() {
                 let (size, next) = prev.published();
@@ -174,7 +193,19 @@ impl Partition {
             let trusted = bases
                 .get(i + 1)
                 .is_some_and(|&nb| recovery_point.is_some_and(|rp| nb <= rp));
-            let l = segment::load(st, &dir, base, trusted, !is_last, interval)?;
+            let track = base >= replay_from;
+            if track {
+                before_last = Some((base, producers.clone()));
+            }
+            let l = segment::load(
+                st,
+                &dir,
+                base,
+                trusted,
+                !is_last,
+                interval,
+                track.then_some(&mut producers),
+            )?;
             report.rebuilt_indexes.extend(l.rebuilt);
             let seg = Arc::new(l.seg);
             if l.full_scan {
@@ -203,10 +234,54 @@ impl Partition {
             }
             dir_changed = true;
         }
+        if replay_from != i64::MIN && !segs.iter().any(|s| s.base == replay_from) {
+            // Recovery cut the log below the snapshot: take an older one (or none) and replay
+            // the segments from there with a header walk.
+            let keep = |b: i64| b < replay_from && segs.iter().any(|s| s.base == b);
+            let (state, from) = latest_snapshot(st, &dir, &snapshots, keep)
+                .map_or((ProducerStates::default(), i64::MIN), |(b, s)| (s, b));
+            tracing::warn!(dir = %dir.display(), snapshot = replay_from, from,
+                "producer-state snapshot is past the recovered end; replaying from an older one");
+            producers = state;
+            for s in segs.iter().filter(|s| s.base >= from) {
+                before_last = Some((s.base, producers.clone()));
+                replay_headers(s, &mut producers)?;
+            }
+        }
+        for &b in &snapshots {
+            if !segs.iter().any(|s| s.base == b) {
+                let p = dir.join(file_name(b, "producers"));
+                match st.remove_file(&p) {
+                    Ok(()) => {
+                        tracing::info!(file = %p.display(), "removed producer snapshot without a segment");
+                        dir_changed = true;
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {} // went with its segment
+                    Err(e) => return Err(io_err(&p)(e)),
+                }
+            }
+        }
         if segs.is_empty() {
             let seg = Arc::new(Segment::create(st, &dir, 0)?);
             segs.push(seg);
             dir_changed = true;
+        }
+        // A durable snapshot at the active segment's start: every closed segment is then
+        // covered by one, so retention may delete them without losing producer state even if
+        // snapshots of earlier runs were never synced.
+        if let Some(active) = segs.last() {
+            if replay_from == active.base {
+                let p = &active.snapshot_path;
+                st.open(p).and_then(|f| f.sync_data()).map_err(io_err(p))?;
+            } else {
+                let state = match before_last {
+                    Some((b, state)) if b == active.base => state,
+                    _ => producers.clone(), // a new, empty active segment
+                };
+                let f = producer::write_snapshot(st, &active.snapshot_path, &state)?;
+                f.sync_data().map_err(io_err(&active.snapshot_path))?;
+                dir_changed = true;
+            }
         }
         // Make what recovery accepted durable, so the recovery point and durable_offset hold.
         for s in &scanned {
@@ -231,6 +306,7 @@ impl Partition {
         let size = segs.iter().map(|s| s.size()).sum();
         report.segments = segs.len();
         report.next_offset = next;
+        report.producers = producers.len();
         if report.truncated_at.is_some() || !report.rebuilt_indexes.is_empty() {
             tracing::warn!(dir = %dir.display(), ?report, "partition recovered");
         } else {
@@ -245,10 +321,12 @@ impl Partition {
                 active,
                 next,
                 buf: Vec::new(),
+                producers,
             }),
             segments: RwLock::new(segs),
             sync_lock: Mutex::new(active_base),
             retention_lock: Mutex::new(()),
+            pending_snapshots: Mutex::new(Vec::new()),
             next_offset: AtomicI64::new(next),
             log_start: AtomicI64::new(log_start),
             durable: AtomicI64::new(next),
@@ -268,8 +346,16 @@ impl Partition {
 
     /// Append one produce buffer (one or more whole batches). All-or-nothing: every batch is
     /// validated before anything is written. Offsets are assigned densely from `next_offset`.
+    ///
+    /// Batches with a producer id are checked against the producer state under the append
+    /// lock: a fenced epoch or a sequence gap is refused, and a buffer made only of retries of
+    /// batches already appended returns their original offsets with `duplicate = true` and
+    /// writes nothing.
     pub fn append(&self, batches: &[u8]) -> Result<AppendOutcome, LogError> {
         let summary = batch::validate_batches(batches)?;
+        for b in &summary.batches {
+            precheck_producer_fields(b)?;
+        }
         let bytes = batches.len() as u64;
         if summary.max_batch_len as u64 > self.config.segment_bytes
             || bytes > MAX_SEGMENT
@@ -279,8 +365,12 @@ impl Partition {
                 size: summary.max_batch_len.max(batches.len()),
             });
         }
+        let log_append = self.config.timestamp_type == TimestampType::LogAppendTime;
         let mut w = self.writer.lock();
         self.check_open()?;
+        if let Some(dup) = check_sequences(&w.producers, &summary.batches, log_append)? {
+            return Ok(dup);
+        }
         let now = self.clock.now_ms();
         if self.should_roll(&w.active, bytes, summary.offset_count, now) {
             self.roll_locked(&mut w)?;
@@ -288,7 +378,6 @@ impl Partition {
         let base = w.next;
         let active = w.active.clone();
         let (pos0, _) = active.published();
-        let log_append = self.config.timestamp_type == TimestampType::LogAppendTime;
 
         // One copy, patched in place: base offsets (and LogAppendTime + CRC).
         let mut buf = std::mem::take(&mut w.buf);
@@ -345,6 +434,24 @@ impl Partition {
         active.dirty.store(true, Ordering::Release);
         active.publish(pos0 + bytes, off);
         self.size.fetch_add(bytes, Ordering::Relaxed);
+        let mut o = base;
+        for b in &summary.batches {
+            let last = o + i64::from(b.last_offset_delta);
+            if b.producer_id >= 0 {
+                w.producers.record(
+                    b.producer_id,
+                    b.producer_epoch,
+                    BatchMeta {
+                        base_seq: b.base_sequence,
+                        last_seq: last_sequence(b.base_sequence, b.last_offset_delta),
+                        base_offset: o,
+                        last_offset: last,
+                        max_ts: if log_append { now } else { b.max_timestamp },
+                    },
+                );
+            }
+            o = last + 1;
+        }
         w.next = off;
         self.next_offset.store(off, Ordering::Release);
         Ok(AppendOutcome {
@@ -353,6 +460,7 @@ impl Partition {
             log_append_time: log_append.then_some(now),
             bytes,
             records: summary.records,
+            duplicate: false,
         })
     }
 
@@ -382,6 +490,19 @@ impl Partition {
         old.index.write().finish();
         old.flush_indexes(&*self.storage)?;
         let seg = Arc::new(Segment::create(&*self.storage, &self.dir, next)?);
+        // Producer state as of `next`, so open need not replay older segments. Derived data:
+        // a failure only makes the next open replay more.
+        match producer::write_snapshot(&*self.storage, &seg.snapshot_path, &w.producers) {
+            Ok(f) => self
+                .pending_snapshots
+                .lock()
+                .push((seg.snapshot_path.clone(), f)),
+            Err(e) => {
+                tracing::warn!(file = %seg.snapshot_path.display(), error = %e,
+                    "cannot write producer-state snapshot");
+                let _ = self.storage.remove_file(&seg.snapshot_path);
+            }
+        }
         self.segments.write().push(seg.clone());
         self.dir_dirty.store(true, Ordering::Release);
         w.active = seg;
@@ -608,10 +729,21 @@ impl Partition {
             }
             removed
         };
+        let expired = self
+            .writer
+            .lock()
+            .producers
+            .expire(now.saturating_sub(PRODUCER_EXPIRATION_MS));
+        if expired > 0 {
+            tracing::info!(dir = %self.dir.display(), producers = expired, "expired idle producers");
+        }
         let mut out = RetentionOutcome::default();
         if removed.is_empty() {
             return Ok(out);
         }
+        // The snapshot at the new log start (and any later one) must be durable before the
+        // segments whose producer state only it now holds are deleted.
+        self.sync_snapshots()?;
         for s in &removed {
             let size = s.size();
             self.size.fetch_sub(size, Ordering::Relaxed);
@@ -641,7 +773,31 @@ impl Partition {
             }
             w.active.flush_indexes(&*self.storage)?;
         }
-        self.sync_inner(None)
+        self.sync_inner(None)?;
+        self.sync_snapshots()
+    }
+
+    /// fsync producer-state snapshots written since the last call.
+    fn sync_snapshots(&self) -> Result<(), LogError> {
+        let mut pending = self.pending_snapshots.lock();
+        while let Some((path, f)) = pending.first() {
+            f.sync_data().map_err(io_err(path))?;
+            pending.remove(0);
+        }
+        Ok(())
+    }
+
+    /// The current epoch and last sequence number of an idempotent producer, if the partition
+    /// tracks it.
+    pub fn producer_state(&self, producer_id: i64) -> Option<(i16, i32)> {
+        let w = self.writer.lock();
+        let e = w.producers.get(producer_id)?;
+        Some((e.epoch, e.last_seq()?))
+    }
+
+    /// Number of idempotent producers tracked.
+    pub fn producer_count(&self) -> usize {
+        self.writer.lock().producers.len()
     }
 
     /// Remove the partition directory and everything in it.
@@ -657,5 +813,142 @@ impl Partition {
             }
         }
         Ok(())
+    }
+}
+
+/// The newest readable snapshot among `snapshots` whose base passes `usable`.
+fn latest_snapshot(
+    storage: &dyn Storage,
+    dir: &Path,
+    snapshots: &BTreeSet<i64>,
+    usable: impl Fn(i64) -> bool,
+) -> Option<(i64, ProducerStates)> {
+    snapshots
+        .iter()
+        .rev()
+        .filter(|&&b| usable(b))
+        .find_map(|&b| {
+            producer::read_snapshot(storage, &dir.join(file_name(b, "producers"))).map(|s| (b, s))
+        })
+}
+
+/// Replay every batch header of a loaded segment into `producers`.
+fn replay_headers(seg: &Segment, producers: &mut ProducerStates) -> Result<(), LogError> {
+    let (size, _) = seg.published();
+    let mut pos = 0;
+    while pos < size {
+        let h = seg.read_header(pos)?;
+        producers.replay(&h);
+        pos += h.total_len() as u64;
+    }
+    Ok(())
+}
+
+/// Checks of one batch's producer fields that need no state: transactions are not supported,
+/// and an idempotent batch needs a non-negative epoch and sequence.
+fn precheck_producer_fields(b: &BatchInfo) -> Result<(), LogError> {
+    if b.attributes & (batch::ATTR_TRANSACTIONAL | batch::ATTR_CONTROL) != 0 {
+        return Err(LogError::Unsupported {
+            reason: format!(
+                "transactional/control batch at byte {} (transactions are not supported)",
+                b.position
+            ),
+        });
+    }
+    if b.producer_id >= 0 && (b.producer_epoch < 0 || b.base_sequence < 0) {
+        return Err(LogError::CorruptBatch {
+            position: b.position,
+            reason: format!(
+                "producer {} with epoch {} and base sequence {}",
+                b.producer_id, b.producer_epoch, b.base_sequence
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Check the idempotent batches of one append against the producer state (O(1) per batch).
+/// `Ok(Some(_))`: every batch is a retry of a cached one — the outcome to return, nothing to
+/// write. `Ok(None)`: all batches are new and in order (or not idempotent).
+fn check_sequences(
+    states: &ProducerStates,
+    batches: &[BatchInfo],
+    log_append: bool,
+) -> Result<Option<AppendOutcome>, LogError> {
+    // (epoch, last sequence) of producers after the earlier batches of this buffer.
+    let mut pending: HashMap<i64, (i16, i32)> = HashMap::new();
+    let mut dup: Option<(AppendOutcome, LogError)> = None;
+    let mut new_batches = 0usize;
+    for b in batches {
+        let pid = b.producer_id;
+        if pid < 0 {
+            new_batches += 1;
+            continue;
+        }
+        let epoch = b.producer_epoch;
+        let last = last_sequence(b.base_sequence, b.last_offset_delta);
+        let committed = states.get(pid);
+        let current = pending
+            .get(&pid)
+            .copied()
+            .or_else(|| committed.and_then(|e| e.last_seq().map(|l| (e.epoch, l))));
+        if let Some((cur_epoch, _)) = current {
+            if epoch < cur_epoch {
+                return Err(LogError::InvalidProducerEpoch {
+                    producer_id: pid,
+                    current: cur_epoch,
+                    got: epoch,
+                });
+            }
+        }
+        if let Some(m) = committed.and_then(|e| e.find_duplicate(epoch, b.base_sequence, last)) {
+            match &mut dup {
+                Some((o, _)) => {
+                    o.base_offset = o.base_offset.min(m.base_offset);
+                    o.last_offset = o.last_offset.max(m.last_offset);
+                }
+                None => {
+                    let expected = committed
+                        .and_then(|e| e.last_seq())
+                        .map_or(0, next_sequence);
+                    let outcome = AppendOutcome {
+                        base_offset: m.base_offset,
+                        last_offset: m.last_offset,
+                        log_append_time: log_append.then_some(m.max_ts),
+                        bytes: 0,
+                        records: 0,
+                        duplicate: true,
+                    };
+                    let mixed = LogError::OutOfOrderSequence {
+                        producer_id: pid,
+                        expected,
+                        got: b.base_sequence,
+                    };
+                    dup = Some((outcome, mixed));
+                }
+            }
+            continue;
+        }
+        let expected = match current {
+            None => None, // unknown producer (new, or its state aged out): any sequence
+            Some((cur_epoch, _)) if epoch > cur_epoch => Some(0),
+            Some((_, l)) => Some(next_sequence(l)),
+        };
+        if let Some(expected) = expected {
+            if b.base_sequence != expected {
+                return Err(LogError::OutOfOrderSequence {
+                    producer_id: pid,
+                    expected,
+                    got: b.base_sequence,
+                });
+            }
+        }
+        pending.insert(pid, (epoch, last));
+        new_batches += 1;
+    }
+    match dup {
+        None => Ok(None),
+        Some((_, mixed)) if new_batches > 0 => Err(mixed),
+        Some((outcome, _)) => Ok(Some(outcome)),
     }
 }

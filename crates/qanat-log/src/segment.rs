@@ -8,6 +8,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::batch::{self, BatchHeader, HEADER_LEN};
 use crate::error::LogError;
+use crate::producer::ProducerStates;
 use crate::storage::{LogFile, Storage};
 
 const INDEX_ENTRY: usize = 8;
@@ -109,6 +110,8 @@ pub(crate) struct Segment {
     pub log_path: PathBuf,
     pub index_path: PathBuf,
     pub time_path: PathBuf,
+    /// Producer-state snapshot as of `base` (written when the segment is rolled in).
+    pub snapshot_path: PathBuf,
     /// `size << 32 | (next_offset - base)`: one atomic so readers see a consistent end.
     published: AtomicU64,
     /// Largest batch maxTimestamp (i64::MIN when empty).
@@ -129,6 +132,7 @@ impl Segment {
             log_path: dir.join(file_name(base, "log")),
             index_path: dir.join(file_name(base, "index")),
             time_path: dir.join(file_name(base, "timeindex")),
+            snapshot_path: dir.join(file_name(base, "producers")),
             published: AtomicU64::new(0),
             max_ts: AtomicI64::new(i64::MIN),
             roll_base_ms: AtomicI64::new(i64::MIN),
@@ -144,7 +148,7 @@ impl Segment {
         let log = storage.open(&path).map_err(io_err(&path))?;
         let seg = Segment::new(dir, base, log, IndexState::new());
         seg.log.set_len(0).map_err(io_err(&path))?;
-        for p in [&seg.index_path, &seg.time_path] {
+        for p in [&seg.index_path, &seg.time_path, &seg.snapshot_path] {
             if storage.exists(p) {
                 storage.remove_file(p).map_err(io_err(p))?;
             }
@@ -280,7 +284,8 @@ struct Walk {
 }
 
 /// Walk batches from `pos` (a boundary whose batch should have base offset `expect`) to `len`,
-/// checking structure, offset continuity and, if `verify_crc`, CRCs. Feeds `ix`.
+/// checking structure, offset continuity and, if `verify_crc`, CRCs. Feeds `ix` and, if given,
+/// the producer state with every accepted batch.
 #[allow(clippy::too_many_arguments)]
 fn walk(
     log: &dyn LogFile,
@@ -292,6 +297,7 @@ fn walk(
     verify_crc: bool,
     interval: u32,
     ix: &mut IndexState,
+    mut producers: Option<&mut ProducerStates>,
 ) -> Result<Walk, LogError> {
     let mut w = Walk {
         end: pos,
@@ -348,6 +354,9 @@ fn walk(
             h.max_timestamp,
             interval,
         );
+        if let Some(p) = producers.as_deref_mut() {
+            p.replay(&h);
+        }
         w.max_ts = w.max_ts.max(h.max_timestamp);
         w.first_ts.get_or_insert(h.max_timestamp);
         pos += total;
@@ -421,6 +430,8 @@ pub(crate) struct Loaded {
 /// Open an existing segment. `trusted`: below the recovery point, so a header walk from the
 /// last index entry suffices; otherwise every batch's CRC is checked and a bad tail truncated.
 /// `closed`: not the active segment (its final time-index entry is expected).
+/// `producers`: replay every batch header into it (a trusted segment then gets a full header
+/// walk instead of the quick check from its last index entry).
 pub(crate) fn load(
     storage: &dyn Storage,
     dir: &Path,
@@ -428,6 +439,7 @@ pub(crate) fn load(
     trusted: bool,
     closed: bool,
     interval: u32,
+    producers: Option<&mut ProducerStates>,
 ) -> Result<Loaded, LogError> {
     let path = dir.join(file_name(base, "log"));
     let log = storage.open(&path).map_err(io_err(&path))?;
@@ -438,7 +450,7 @@ pub(crate) fn load(
     let dec_offsets = disk_offsets.as_deref().and_then(decode_offsets);
     let dec_times = disk_times.as_deref().and_then(decode_times);
 
-    if trusted {
+    if trusted && producers.is_none() {
         if let (Some(offs), Some(times)) = (dec_offsets.clone(), dec_times.clone()) {
             if let Some((next, max_ts)) = quick_check(&seg, len, &offs, &times, interval)? {
                 {
@@ -466,7 +478,7 @@ pub(crate) fn load(
 
     let mut ix = IndexState::new();
     let w = walk(
-        &*seg.log, &path, base, 0, base, len, !trusted, interval, &mut ix,
+        &*seg.log, &path, base, 0, base, len, !trusted, interval, &mut ix, producers,
     )?;
     let mut truncated = None;
     if w.end < len {
@@ -575,6 +587,7 @@ fn quick_check(
         false,
         interval,
         &mut scratch,
+        None,
     )?;
     if w.end != len
         || times

@@ -16,6 +16,11 @@ use qanat_log::{LogConfig, LogError, ManualClock, Partition, SimStorage, Timesta
 enum Op {
     /// One buffer of batches: (records, value length, timestamp jitter).
     Append(Vec<(u8, u16, i16)>),
+    /// One idempotent batch of the model's producer, continuing its sequence:
+    /// (records, value length).
+    Produce(u8, u16),
+    /// Resend the producer's last batch: must be acknowledged as a duplicate.
+    Retry,
     /// A multi-batch buffer with one corrupted byte: must be rejected as a whole.
     AppendBad(u8, u16),
     SyncThrough(u16),
@@ -33,6 +38,8 @@ fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
         8 => prop::collection::vec((1u8..6, 0u16..500, -500i16..500), 1..4).prop_map(Op::Append),
         1 => (0u8..3, any::<u16>()).prop_map(|(a, b)| Op::AppendBad(a, b)),
+        4 => (1u8..6, 0u16..400).prop_map(|(a, b)| Op::Produce(a, b)),
+        2 => Just(Op::Retry),
         3 => any::<u16>().prop_map(Op::SyncThrough),
         1 => Just(Op::Sync),
         4 => (any::<u16>(), 1u16..6000).prop_map(|(a, b)| Op::Read(a, b)),
@@ -78,9 +85,24 @@ struct MBatch {
     bytes: Vec<u8>,
 }
 
+const PID: i64 = 77;
+
+/// A batch of the idempotent producer, as sent.
+struct PBatch {
+    raw: Vec<u8>,
+    last_seq: i32,
+    base: i64,
+    last: i64,
+    max_ts: i64,
+}
+
 #[derive(Default)]
 struct Model {
     batches: Vec<MBatch>,
+    /// Every batch of the producer still covered by its state: retention does not remove them,
+    /// crashes remove the lost ones.
+    produced: Vec<PBatch>,
+    next_seq: i32,
     log_start: i64,
     next: i64,
     durable: i64,
@@ -137,8 +159,78 @@ impl Harness {
         }
     }
 
+    /// Push an appended buffer into the model (its bytes as the log must now hold them).
+    fn push_appended(&mut self, buf: &[u8], now: i64) -> i64 {
+        let mut off = self.m.next;
+        let lat = self.config.timestamp_type == TimestampType::LogAppendTime;
+        let positions: Vec<_> = BatchIter::new(buf).map(|r| r.unwrap()).collect();
+        for (pos, h) in positions {
+            let mut b = buf[pos..pos + h.total_len()].to_vec();
+            batch::set_base_offset(&mut b, off).unwrap();
+            let mut max_ts = h.max_timestamp;
+            if lat {
+                batch::set_log_append_time(&mut b, now).unwrap();
+                max_ts = now;
+            }
+            let last = off + h.last_offset_delta as i64;
+            self.m.batches.push(MBatch {
+                base: off,
+                last,
+                max_ts,
+                bytes: b,
+            });
+            off = last + 1;
+        }
+        self.m.next = off;
+        off
+    }
+
+    fn check_producer_state(&self) {
+        let want = self.m.produced.last().map(|b| (0i16, b.last_seq));
+        assert_eq!(self.p().producer_state(PID), want);
+    }
+
     fn apply(&mut self, op: &Op) {
         match op {
+            Op::Produce(n, vlen) => {
+                let now = self.clock.now();
+                let value = vec![*n; *vlen as usize];
+                let recs: Vec<_> = (0..*n as i64)
+                    .map(|i| batch::SimpleRecord {
+                        timestamp: now + i,
+                        key: None,
+                        value: Some(&value),
+                    })
+                    .collect();
+                let raw = batch::encode_batch_with(Some((PID, 0, self.m.next_seq)), &recs);
+                let res = self.p().append(&raw).unwrap();
+                assert!(!res.duplicate);
+                assert_eq!(res.base_offset, self.m.next);
+                let lat = self.config.timestamp_type == TimestampType::LogAppendTime;
+                let end = self.push_appended(&raw, now);
+                assert_eq!(res.last_offset, end - 1);
+                let last_seq = qanat_log::last_sequence(self.m.next_seq, *n as i32 - 1);
+                self.m.produced.push(PBatch {
+                    raw,
+                    last_seq,
+                    base: res.base_offset,
+                    last: res.last_offset,
+                    max_ts: if lat { now } else { now + *n as i64 - 1 },
+                });
+                self.m.next_seq = qanat_log::next_sequence(last_seq);
+                self.check_producer_state();
+            }
+            Op::Retry => {
+                let Some(b) = self.m.produced.last() else {
+                    return;
+                };
+                let res = self.p().append(&b.raw).unwrap();
+                assert!(res.duplicate, "{res:?}");
+                assert_eq!((res.base_offset, res.last_offset), (b.base, b.last));
+                let lat = self.config.timestamp_type == TimestampType::LogAppendTime;
+                assert_eq!(res.log_append_time, lat.then_some(b.max_ts));
+                assert_eq!(res.bytes, 0);
+            }
             Op::Append(specs) => {
                 let now = self.clock.now();
                 let mut buf = Vec::new();
@@ -153,29 +245,11 @@ impl Harness {
                 }
                 let res = self.p().append(&buf).unwrap();
                 assert_eq!(res.base_offset, self.m.next, "appends continue densely");
-                let mut off = self.m.next;
                 let lat = self.config.timestamp_type == TimestampType::LogAppendTime;
                 assert_eq!(res.log_append_time, lat.then_some(now));
-                let positions: Vec<_> = BatchIter::new(&buf).map(|r| r.unwrap()).collect();
-                for (pos, h) in positions {
-                    let mut b = buf[pos..pos + h.total_len()].to_vec();
-                    batch::set_base_offset(&mut b, off).unwrap();
-                    let mut max_ts = h.max_timestamp;
-                    if lat {
-                        batch::set_log_append_time(&mut b, now).unwrap();
-                        max_ts = now;
-                    }
-                    let last = off + h.last_offset_delta as i64;
-                    self.m.batches.push(MBatch {
-                        base: off,
-                        last,
-                        max_ts,
-                        bytes: b,
-                    });
-                    off = last + 1;
-                }
+                assert!(!res.duplicate);
+                let off = self.push_appended(&buf, now);
                 assert_eq!(res.last_offset, off - 1);
-                self.m.next = off;
             }
             Op::AppendBad(which, at) => {
                 let now = self.clock.now();
@@ -293,9 +367,14 @@ impl Harness {
                 );
                 assert_eq!(self.p().log_start_offset(), self.m.log_start);
                 self.m.batches.retain(|b| b.base < n);
+                self.m.produced.retain(|b| b.base < n);
+                if let Some(b) = self.m.produced.last() {
+                    self.m.next_seq = qanat_log::next_sequence(b.last_seq);
+                }
                 self.m.next = n;
                 self.m.durable = n;
                 self.verify_all();
+                self.check_producer_state();
             }
             Op::Reopen => {
                 self.p().close().unwrap();
@@ -310,6 +389,7 @@ impl Harness {
                 assert!(r.rebuilt_indexes.is_empty(), "{r:?}");
                 self.m.durable = self.m.next;
                 self.verify_all();
+                self.check_producer_state();
             }
         }
     }
