@@ -20,8 +20,8 @@ const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 /// Errors of one connection; each closes that connection only.
 #[derive(Debug, thiserror::Error)]
 pub enum WireError {
-    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
-    FrameTooLarge { size: i64, limit: u32 },
+    #[error("frame size {size} is outside 8..={limit} bytes")]
+    FrameSize { size: i64, limit: u32 },
     #[error("malformed request: {0}")]
     Malformed(String),
     #[error("segment file ended {missing} bytes before the expected end")]
@@ -78,7 +78,7 @@ pub async fn read_frame(rd: &mut OwnedReadHalf, limit: u32) -> Result<Option<Byt
     let size = i32::from_be_bytes(len);
     // The cap is checked before anything is allocated for the frame.
     if size < 8 || size as u32 > limit {
-        return Err(WireError::FrameTooLarge {
+        return Err(WireError::FrameSize {
             size: i64::from(size),
             limit,
         });
