@@ -377,16 +377,18 @@ impl Broker {
                             EARLIEST => resp
                                 .with_offset(partition.log_start_offset())
                                 .with_timestamp(-1),
-                            ts if ts >= 0 => match partition.offset_for_timestamp(ts) {
-                                Ok(Some((offset, found))) => {
-                                    resp.with_offset(offset).with_timestamp(found)
+                            ts if ts >= 0 => {
+                                match crate::records::offset_for_timestamp(&partition, ts) {
+                                    Ok(Some((offset, found))) => {
+                                        resp.with_offset(offset).with_timestamp(found)
+                                    }
+                                    Ok(None) => resp.with_offset(-1).with_timestamp(-1),
+                                    Err(e) => resp
+                                        .with_error_code(log_error_code(&e))
+                                        .with_offset(-1)
+                                        .with_timestamp(-1),
                                 }
-                                Ok(None) => resp.with_offset(-1).with_timestamp(-1),
-                                Err(e) => resp
-                                    .with_error_code(log_error_code(&e))
-                                    .with_offset(-1)
-                                    .with_timestamp(-1),
-                            },
+                            }
                             _ => resp
                                 .with_error_code(code(ResponseError::InvalidRequest))
                                 .with_offset(-1)

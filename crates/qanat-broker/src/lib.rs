@@ -25,6 +25,7 @@ pub mod filter;
 pub mod groups;
 pub mod handlers;
 pub mod push;
+pub mod records;
 pub mod server;
 pub mod topics;
 pub mod wire;

@@ -24,8 +24,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use base64::Engine;
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::records::RecordBatchDecoder;
 use qanat_log::{LogError, Partition};
 use serde::Deserialize;
 use serde_json::{json, Value};
@@ -33,6 +31,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::filter::Filter;
+use crate::records::{self, read_records};
 use crate::Broker;
 
 /// Most bytes read from one partition per step.
@@ -93,7 +92,7 @@ fn start_offset(partition: &Partition, start: Start) -> i64 {
         Start::Earliest => partition.log_start_offset(),
         Start::End => partition.next_offset(),
         Start::Offset(o) => o.clamp(partition.log_start_offset(), partition.next_offset()),
-        Start::Time(t) => match partition.offset_for_timestamp(t) {
+        Start::Time(t) => match records::offset_for_timestamp(partition, t) {
             Ok(Some((o, _))) => o,
             _ => partition.next_offset(),
         },
@@ -214,7 +213,7 @@ async fn step(
 ) -> Result<bool, StepError> {
     let partition = cursor.partition.clone();
     let from = cursor.position;
-    let read = tokio::task::spawn_blocking(move || read_records(&partition, from))
+    let read = tokio::task::spawn_blocking(move || read_records(&partition, from, READ_CHUNK))
         .await
         .map_err(|_| StepError::Closed)?;
     let batches = match read {
@@ -250,33 +249,6 @@ async fn step(
         metrics::counter!("qanat_push_records_total").increment(1);
     }
     Ok(moved)
-}
-
-fn read_records(
-    partition: &Partition,
-    from: i64,
-) -> Result<Vec<kafka_protocol::records::Record>, LogError> {
-    if from >= partition.next_offset() {
-        return Ok(Vec::new());
-    }
-    let read = partition.read(from, READ_CHUNK)?;
-    let mut buf = BytesMut::new();
-    for s in &read.slices {
-        let start = buf.len();
-        buf.resize(start + s.len as usize, 0);
-        s.file
-            .read_exact_at(&mut buf[start..], s.position)
-            .map_err(|source| LogError::Io {
-                path: partition.dir().to_path_buf(),
-                source,
-            })?;
-    }
-    let mut bytes: Bytes = buf.freeze();
-    let sets = RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| LogError::CorruptBatch {
-        position: 0,
-        reason: format!("stored batch does not decode: {e}"),
-    })?;
-    Ok(sets.into_iter().flat_map(|s| s.records).collect())
 }
 
 fn text_or_base64(bytes: &[u8]) -> Value {

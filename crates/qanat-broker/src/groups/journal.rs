@@ -10,10 +10,12 @@ use std::sync::Arc;
 use bytes::{Bytes, BytesMut};
 use indexmap::IndexMap;
 use kafka_protocol::records::{
-    Compression, Record, RecordBatchDecoder, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
+    Compression, Record, RecordBatchEncoder, RecordEncodeOptions, TimestampType,
 };
 use qanat_log::{Clock, LogConfig, LogError, Partition, Storage};
 use serde::{Deserialize, Serialize};
+
+use crate::records::read_records;
 
 /// One change to coordinator state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -84,33 +86,10 @@ impl Journal {
         let mut entries = Vec::new();
         let mut offset = partition.log_start_offset();
         while offset < partition.next_offset() {
-            let read = partition.read(offset, 4 << 20)?;
-            if read.slices.is_empty() {
-                break;
-            }
-            let mut buf = BytesMut::new();
-            for s in &read.slices {
-                let start = buf.len();
-                buf.resize(start + s.len as usize, 0);
-                s.file
-                    .read_exact_at(&mut buf[start..], s.position)
-                    .map_err(|e| JournalError::Corrupt {
-                        offset,
-                        reason: e.to_string(),
-                    })?;
-            }
-            let mut bytes = buf.freeze();
-            let sets =
-                RecordBatchDecoder::decode_all(&mut bytes).map_err(|e| JournalError::Corrupt {
-                    offset,
-                    reason: e.to_string(),
-                })?;
-            let before = offset;
-            for record in sets.into_iter().flat_map(|s| s.records) {
-                if record.offset < offset {
-                    continue;
-                }
-                offset = record.offset + 1;
+            let records = read_records(&partition, offset, 4 << 20)?;
+            let Some(last) = records.last() else { break };
+            offset = last.offset + 1;
+            for record in records {
                 let value = record.value.unwrap_or_default();
                 let entry: Entry =
                     serde_json::from_slice(&value).map_err(|e| JournalError::Corrupt {
@@ -118,9 +97,6 @@ impl Journal {
                         reason: e.to_string(),
                     })?;
                 entries.push(entry);
-            }
-            if offset == before {
-                break;
             }
         }
         Ok((Self { partition, clock }, entries))
