@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Qanat's test command (README, CI): installs what the integration tests need when it is
+# missing, then runs every test of the workspace. Safe to run again and again: nothing is
+# installed twice, and apt-get update runs only when something has to be installed.
+#
+#   kcat                      (Debian package)  used by crates/qanat/tests/clients.rs
+#   chromium                  (Debian package)  headless browser for crates/qanat/tests/collect.rs
+#   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
+#                             PATH, which is the one the tests run)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then
+    "$@"
+  elif command -v sudo >/dev/null 2>&1; then
+    sudo -n "$@"
+  else
+    echo "scripts/test.sh: need root to run: $*" >&2
+    return 1
+  fi
+}
+
+if ! command -v kcat >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing kcat" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends kcat </dev/null
+fi
+
+if ! command -v chromium >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing chromium" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium </dev/null
+fi
+
+missing=()
+# pip package : module it provides
+for spec in confluent-kafka:confluent_kafka kafka-python:kafka lz4:lz4 zstandard:zstandard \
+            python-snappy:snappy; do
+  if ! python3 -c "import ${spec##*:}" >/dev/null 2>&1; then
+    missing+=("${spec%%:*}")
+  fi
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "scripts/test.sh: installing Python packages: ${missing[*]}" >&2
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "${missing[@]}" </dev/null
+fi
+
+cargo test --workspace --all-targets --no-fail-fast
