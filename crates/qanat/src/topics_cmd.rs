@@ -70,18 +70,19 @@ pub(crate) fn check(
     results: Vec<Result<String, (String, rdkafka::types::RDKafkaErrorCode)>>,
     verb: &str,
 ) -> anyhow::Result<()> {
-    let mut failed = false;
+    let total = results.len();
+    let mut failed = 0;
     for r in results {
         match r {
             Ok(name) => println!("{verb} {name}"),
             Err((name, code)) => {
                 eprintln!("error: {name}: {code}");
-                failed = true;
+                failed += 1;
             }
         }
     }
-    if failed {
-        bail!("{verb} failed");
+    if failed > 0 {
+        bail!("{failed} of {total} failed");
     }
     Ok(())
 }
