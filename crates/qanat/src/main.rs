@@ -1,5 +1,6 @@
 //! `qanat`: the broker and its operator tools.
 
+mod audit_cmd;
 mod broker_cmd;
 mod groups_cmd;
 mod telemetry;
@@ -26,6 +27,8 @@ enum Command {
     Topics(topics_cmd::TopicsArgs),
     /// List, describe (members, offsets, lag) and delete consumer groups.
     Groups(groups_cmd::GroupsArgs),
+    /// Prove every byte of every source file arrived exactly once (exit 1 on loss).
+    Audit(audit_cmd::AuditArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -39,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Command::Broker(args) => runtime.block_on(broker_cmd::run(args)),
         Command::Topics(args) => runtime.block_on(topics_cmd::run(args)),
         Command::Groups(args) => runtime.block_on(groups_cmd::run(args)),
+        Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
     }
 }
