@@ -9,7 +9,9 @@
 //!   queueing); with `--rate` sends are paced by a token bucket so latency reflects a
 //!   sustainable load.
 //! - `kafka-consume`: read throughput of a partition-assigned consumer (no consumer group)
-//!   from offset 0 until N records arrived.
+//!   from offset 0 until N records arrived (or `--max-secs` passed); with `--group G` a real
+//!   group member instead (subscribe, earliest, auto-commit), timed from its first record —
+//!   `bench/fanout.sh` runs many groups at once.
 //! - `nats-produce` / `nats-consume`: the same workloads against NATS JetStream with a
 //!   file-storage stream (partitions = subjects `S.0 … S.{P-1}`); latency is publish → ack,
 //!   with a bounded window of pending acks (async) or one at a time (sync).
@@ -122,6 +124,18 @@ struct KafkaConsumeArgs {
     /// Give up when no record arrived for this many seconds.
     #[arg(long, default_value_t = 30)]
     idle_timeout_secs: u64,
+    /// Join this consumer group and subscribe (broker-side group coordination, committed
+    /// offsets, auto.offset.reset=earliest) instead of assigning partitions from offset 0.
+    /// Rebalances are reported on stderr as `qanat-bench: assigned [..] at_ms=EPOCH_MS`.
+    #[arg(long)]
+    group: Option<String>,
+    /// Stop reading after this many seconds (measured from the first record) even if --count
+    /// is not reached; the result then covers that window.
+    #[arg(long)]
+    max_secs: Option<f64>,
+    /// session.timeout.ms with --group.
+    #[arg(long, default_value_t = 6000)]
+    session_timeout_ms: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -353,7 +367,29 @@ impl ClientContext for BenchContext {
     }
 }
 
-impl ConsumerContext for BenchContext {}
+impl ConsumerContext for BenchContext {
+    fn post_rebalance(
+        &self,
+        _consumer: &BaseConsumer<Self>,
+        rebalance: &rdkafka::consumer::Rebalance<'_>,
+    ) {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis());
+        match rebalance {
+            rdkafka::consumer::Rebalance::Assign(tpl) => {
+                let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
+                eprintln!("qanat-bench: assigned {parts:?} at_ms={now_ms}");
+            }
+            rdkafka::consumer::Rebalance::Revoke(_) => {
+                eprintln!("qanat-bench: revoked at_ms={now_ms}");
+            }
+            rdkafka::consumer::Rebalance::Error(e) => {
+                eprintln!("qanat-bench: rebalance error {e} at_ms={now_ms}");
+            }
+        }
+    }
+}
 
 impl ProducerContext for BenchContext {
     /// Send time in nanoseconds since `start`.
@@ -486,14 +522,28 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
 fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let start = Instant::now();
     let ctx = BenchContext::new(start)?;
-    let consumer: BaseConsumer<BenchContext> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &a.bootstrap)
         .set("client.id", "qanat-bench")
+        .set("enable.partition.eof", "false");
+    match &a.group {
+        Some(g) => config
+            .set("group.id", g)
+            .set("auto.offset.reset", "earliest")
+            .set("enable.auto.commit", "true")
+            .set("session.timeout.ms", a.session_timeout_ms.to_string())
+            .set(
+                "heartbeat.interval.ms",
+                (a.session_timeout_ms / 10).max(100).to_string(),
+            ),
         // librdkafka refuses assign() without a group.id; nothing is joined or committed.
-        .set("group.id", format!("qanat-bench-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("enable.partition.eof", "false")
+        None => config
+            .set("group.id", format!("qanat-bench-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false"),
+    };
+    let consumer: BaseConsumer<BenchContext> = config
         .set("fetch.max.bytes", (50u32 << 20).to_string())
         .set("max.partition.fetch.bytes", (10u32 << 20).to_string())
         .set("receive.message.max.bytes", (51u32 << 20).to_string())
@@ -504,14 +554,21 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
         .set("fetch.wait.max.ms", "100")
         .create_with_context(ctx)
         .context("creating Kafka consumer")?;
-    let mut tpl = TopicPartitionList::new();
-    for p in 0..a.partitions {
-        let p = i32::try_from(p).context("--partitions too large")?;
-        tpl.add_partition_offset(&a.topic, p, Offset::Offset(0))
-            .with_context(|| format!("adding partition {p}"))?;
+    let mut t0 = Instant::now();
+    if a.group.is_some() {
+        consumer
+            .subscribe(&[&a.topic])
+            .context("subscribing to the topic")?;
+    } else {
+        let mut tpl = TopicPartitionList::new();
+        for p in 0..a.partitions {
+            let p = i32::try_from(p).context("--partitions too large")?;
+            tpl.add_partition_offset(&a.topic, p, Offset::Offset(0))
+                .with_context(|| format!("adding partition {p}"))?;
+        }
+        consumer.assign(&tpl).context("assigning partitions")?;
     }
-    let t0 = Instant::now();
-    consumer.assign(&tpl).context("assigning partitions")?;
+    let mut first_record = true;
     let mut records: u64 = 0;
     let mut bytes: u64 = 0;
     let mut errors: u64 = 0;
@@ -519,8 +576,16 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let mut last_progress = Instant::now();
     let idle = Duration::from_secs(a.idle_timeout_secs);
     while records < a.count {
+        if !first_record && out_of_time(t0, a.max_secs) {
+            break;
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
+                if first_record && a.group.is_some() {
+                    // With a group the window starts at the first record, after the join.
+                    t0 = Instant::now();
+                }
+                first_record = false;
                 records += 1;
                 bytes += m.payload_len() as u64;
                 last_progress = Instant::now();

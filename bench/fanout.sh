@@ -1,0 +1,218 @@
+#!/usr/bin/env bash
+# bench/fanout.sh — fan-out benchmark of the Qanat broker (issue 3): one producer and N consumer
+# groups (N = 1, 4, 16) reading the same topic at once, plus a rebalance after a member dies.
+#
+# What it does:
+#   1. builds `qanat` and `qanat-bench` (release);
+#   2. starts a broker (`[storage] fsync = 1000`, `[groups]` initial rebalance delay 100 ms);
+#   3. solo: one producer (1 KiB records, acks=1, 4 partitions, open loop) for FANOUT_SECS —
+#      the producer's rate without readers; what it wrote is the readers' backlog;
+#   4. for each N: N consumers, each in its own group (`qanat-bench kafka-consume --group`,
+#      subscribe from earliest, auto-commit), read the topic while the same producer writes to
+#      it for FANOUT_SECS; each reader's rate is measured over its own FANOUT_SECS window from
+#      its first record; aggregate read = the sum. Readers that catch up with the backlog read
+#      at the write rate from then on (that is the fan-out case: every group tails the topic);
+#   5. rebalance: three members of one group (session.timeout.ms = RB_SESSION_MS) on a
+#      six-partition topic; one is SIGKILLed; time from the kill to the moment both survivors
+#      report their new assignment (librdkafka's rebalance callback, epoch ms).
+# Output: one markdown table on stdout plus summary lines; progress on stderr.
+#
+# Env:  BENCH_SCALE   (default 1) multiplies durations; 0.25 = quick run.
+#       BENCH_TMPDIR  (default /tmp) parent of the temp dir (data dir lives there).
+#       FANOUT_GROUPS (default "1 4 16") the N values.
+# All traffic goes to 127.0.0.1. Every client run is under `timeout`.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+SCALE=${BENCH_SCALE:-1}
+GROUP_COUNTS=${FANOUT_GROUPS:-"1 4 16"}
+CLIENT_TIMEOUT=300
+PARTS=4
+RB_SESSION_MS=3000
+
+log() { echo "[fanout $(date +%H:%M:%S)] $*" >&2; }
+die() {
+  log "ERROR: $*"
+  exit 1
+}
+command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m) v = m; printf "%.2f", v }'; }
+SECS=$(sf 8 2)
+MAX_COUNT=100000000
+
+TMP=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/qanat-fanout.XXXXXX")
+PIDS=()
+cleanup() {
+  local rc=$?
+  set +e
+  for pid in "${PIDS[@]}"; do
+    kill -TERM "$pid" 2>/dev/null
+  done
+  for pid in "${PIDS[@]}"; do
+    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+    kill -KILL "$pid" 2>/dev/null
+  done
+  rm -rf "$TMP"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+mkdir -p "$TMP/logs" "$TMP/data"
+log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+
+log "building (cargo build --release -p qanat -p qanat-bench)"
+(cd "$ROOT" && cargo build --release -p qanat -p qanat-bench >&2)
+TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+QANAT_BIN="$TARGET_DIR/release/qanat"
+BENCH_BIN="$TARGET_DIR/release/qanat-bench"
+[[ -x "$QANAT_BIN" && -x "$BENCH_BIN" ]] || die "binaries not found in $TARGET_DIR/release"
+
+# ---------------------------------------------------------------------------------------------
+# broker
+
+printf '[storage]\nfsync = 1000\n[groups]\ninitial_rebalance_delay_ms = 100\nmin_session_timeout_ms = 1000\n' \
+  >"$TMP/qanat.toml"
+"$QANAT_BIN" broker --listen 127.0.0.1:0 --data-dir "$TMP/data" --config "$TMP/qanat.toml" \
+  >"$TMP/broker.stdout" 2>"$TMP/broker.stderr" &
+BROKER_PID=$!
+PIDS+=("$BROKER_PID")
+ADDR=""
+for _ in $(seq 300); do
+  ADDR=$(sed -n 's/.*qanat broker listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$TMP/broker.stdout" | head -n1)
+  [[ -n "$ADDR" ]] && break
+  kill -0 "$BROKER_PID" 2>/dev/null || break
+  sleep 0.1
+done
+[[ -n "$ADDR" ]] || { cat "$TMP/broker.stderr" >&2; die "broker did not start"; }
+log "broker pid $BROKER_PID on $ADDR"
+"$QANAT_BIN" topics create fan --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
+"$QANAT_BIN" topics create rb --partitions 6 --bootstrap "$ADDR" >/dev/null
+
+j() { jq -r "$1 // empty" <<<"$2" 2>/dev/null || true; }
+
+produce() { # produce <log name> -> JSON line in OUT
+  timeout --kill-after=10 "$CLIENT_TIMEOUT" "$BENCH_BIN" kafka-produce --bootstrap "$ADDR" \
+    --topic fan --partitions "$PARTS" --record-size 1024 --count "$MAX_COUNT" --acks 1 \
+    --max-secs "$SECS" >"$TMP/logs/$1.out" 2>"$TMP/logs/$1.err" ||
+    die "producer $1 failed: $(tail -n5 "$TMP/logs/$1.err")"
+  OUT=$(tail -n1 "$TMP/logs/$1.out")
+}
+
+# wait_assigned <timeout s> <files...>: until every file has an "assigned [..]" line
+wait_assigned() {
+  local limit=$1
+  shift
+  local t0=$SECONDS f
+  while :; do
+    local all=1
+    for f in "$@"; do grep -q 'qanat-bench: assigned \[[0-9]' "$f" 2>/dev/null || all=0; done
+    [[ $all -eq 1 ]] && return 0
+    ((SECONDS - t0 < limit)) || return 1
+    sleep 0.05
+  done
+}
+
+# ---------------------------------------------------------------------------------------------
+# runs
+
+log "solo producer, ${SECS}s"
+produce solo
+SOLO=$OUT
+SOLO_MB=$(j .mb_per_s "$SOLO")
+log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records of backlog)"
+
+ROWS=()
+for n in $GROUP_COUNTS; do
+  log "N=$n groups reading while the producer writes"
+  CPIDS=()
+  ERRS=()
+  for i in $(seq "$n"); do
+    timeout --kill-after=10 "$CLIENT_TIMEOUT" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
+      --topic fan --group "fan-$n-$i" --count "$MAX_COUNT" --max-secs "$SECS" \
+      >"$TMP/logs/c-$n-$i.out" 2>"$TMP/logs/c-$n-$i.err" &
+    CPIDS+=("$!")
+    PIDS+=("$!")
+    ERRS+=("$TMP/logs/c-$n-$i.err")
+  done
+  wait_assigned 60 "${ERRS[@]}" || die "N=$n: not every reader got an assignment within 60 s"
+  produce "with-$n"
+  WITH=$OUT
+  for pid in "${CPIDS[@]}"; do wait "$pid" || die "a reader of N=$n failed: see $TMP/logs"; done
+  READ_MB=0
+  READ_RECS=0
+  for i in $(seq "$n"); do
+    c=$(tail -n1 "$TMP/logs/c-$n-$i.out")
+    READ_MB=$(awk -v a="$READ_MB" -v b="$(j .mb_per_s "$c")" 'BEGIN { printf "%.1f", a + b }')
+    READ_RECS=$((READ_RECS + $(j .records "$c")))
+  done
+  W_MB=$(j .mb_per_s "$WITH")
+  KEEP=$(awk -v a="$W_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f", 100 * a / b }')
+  RATIO=$(awk -v a="$READ_MB" -v b="$W_MB" 'BEGIN { printf "%.1f", a / b }')
+  ROWS+=("| $n | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | $READ_RECS | ${RATIO}x |")
+  log "N=$n: producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x)"
+done
+
+# ---------------------------------------------------------------------------------------------
+# rebalance after a member dies
+
+log "rebalance: 3 members, session.timeout.ms=$RB_SESSION_MS, SIGKILL one"
+RB=()
+for i in 1 2 3; do
+  # Not under `timeout`: $! must be the member itself, for the SIGKILL.
+  "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
+    --topic rb --group fan-rb --count "$MAX_COUNT" --idle-timeout-secs 120 \
+    --session-timeout-ms "$RB_SESSION_MS" >"$TMP/logs/rb-$i.out" 2>"$TMP/logs/rb-$i.err" &
+  RB+=("$!")
+  PIDS+=("$!")
+done
+last_assigned() { grep 'qanat-bench: assigned' "$1" 2>/dev/null | tail -n1; }
+REBALANCE_MS="-"
+T0=$SECONDS
+while :; do # until each member holds two partitions
+  ok=1
+  for i in 1 2 3; do last_assigned "$TMP/logs/rb-$i.err" | grep -q 'assigned \[[0-9]*, [0-9]*\]' || ok=0; done
+  [[ $ok -eq 1 ]] && break
+  ((SECONDS - T0 < 60)) || die "rebalance group never became stable: $(cat "$TMP"/logs/rb-*.err)"
+  sleep 0.05
+done
+KILL_MS=$(date +%s%3N)
+kill -KILL "${RB[2]}"
+T0=$SECONDS
+while :; do # until both survivors hold three partitions, assigned after the kill
+  ok=1
+  for i in 1 2; do
+    line=$(last_assigned "$TMP/logs/rb-$i.err")
+    at=${line##*at_ms=}
+    if ! grep -q 'assigned \[[0-9]*, [0-9]*, [0-9]*\]' <<<"$line" || ((at < KILL_MS)); then ok=0; fi
+  done
+  if [[ $ok -eq 1 ]]; then
+    a1=$(last_assigned "$TMP/logs/rb-1.err") a2=$(last_assigned "$TMP/logs/rb-2.err")
+    a1=${a1##*at_ms=} a2=${a2##*at_ms=}
+    REBALANCE_MS=$(((a1 > a2 ? a1 : a2) - KILL_MS))
+    break
+  fi
+  ((SECONDS - T0 < 60)) || { log "survivors did not get the partitions within 60 s"; break; }
+  sleep 0.02
+done
+kill -TERM "${RB[0]}" "${RB[1]}" 2>/dev/null || true
+log "rebalance after SIGKILL: $REBALANCE_MS ms"
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+BROKER_CPU=$(awk -v t="$(getconf CLK_TCK)" '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); printf "%.1f", (f[12] + f[13]) / t }' "/proc/$BROKER_PID/stat")
+BROKER_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$BROKER_PID/status")
+echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs"
+echo
+echo "| groups N | producer solo MB/s | producer with readers MB/s | kept | aggregate read MB/s | records read | read / write |"
+echo "| --- | --- | --- | --- | --- | --- | --- |"
+printf '%s\n' "${ROWS[@]}"
+echo
+echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
+echo "- broker: CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(nproc) cores, load before ${LOAD_START}, after $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU"
+if grep -qiE 'error|panic' "$TMP/broker.stderr"; then
+  echo "- broker stderr has errors:"
+  grep -iE 'error|panic' "$TMP/broker.stderr" | head -n 10 | sed 's/^/    /'
+fi
