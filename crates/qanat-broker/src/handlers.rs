@@ -503,6 +503,9 @@ impl Broker {
         }
         // KIP-360: a known producer may ask to bump its epoch instead of getting a new id.
         if req.producer_id.0 >= 0 && req.producer_epoch >= 0 && req.producer_epoch < i16::MAX - 1 {
+            if !self.groups.producer_id_issued(req.producer_id.0) {
+                return refuse(ResponseError::InvalidProducerIdMapping);
+            }
             return InitProducerIdResponse::default()
                 .with_producer_id(req.producer_id)
                 .with_producer_epoch(req.producer_epoch + 1);

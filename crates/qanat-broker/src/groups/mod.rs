@@ -896,6 +896,11 @@ impl GroupCoordinator {
         Ok(id)
     }
 
+    /// Whether `id` may have been handed out by [`next_producer_id`](Self::next_producer_id).
+    pub fn producer_id_issued(&self, id: i64) -> bool {
+        id < self.state.lock().next_producer_id
+    }
+
     /// fdatasync the journal (periodic flush).
     pub fn flush(&self) {
         if let Err(e) = self.journal.sync() {
