@@ -20,12 +20,16 @@
 # Env:  BENCH_SCALE   (default 1) multiplies durations; 0.25 = quick run.
 #       BENCH_TMPDIR  (default /tmp) parent of the temp dir (data dir lives there).
 #       FANOUT_GROUPS (default "1 4 16") the N values.
+#       FANOUT_READER_NICE (default 0) runs the reader processes under `nice -n` this value: on
+#                     a small machine the N client processes compete with the producer and the
+#                     broker for CPU; 19 approximates readers on other hosts.
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCALE=${BENCH_SCALE:-1}
 GROUP_COUNTS=${FANOUT_GROUPS:-"1 4 16"}
+READER_NICE=${FANOUT_READER_NICE:-0}
 CLIENT_TIMEOUT=300
 PARTS=4
 RB_SESSION_MS=3000
@@ -128,7 +132,7 @@ for n in $GROUP_COUNTS; do
   CPIDS=()
   ERRS=()
   for i in $(seq "$n"); do
-    timeout --kill-after=10 "$CLIENT_TIMEOUT" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
+    timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
       --topic fan --group "fan-$n-$i" --count "$MAX_COUNT" --max-secs "$SECS" \
       >"$TMP/logs/c-$n-$i.out" 2>"$TMP/logs/c-$n-$i.err" &
     CPIDS+=("$!")
