@@ -24,7 +24,7 @@ use kafka_protocol::messages::{
 };
 use kafka_protocol::protocol::StrBytes;
 
-use super::JoinRequest;
+use super::{Committed, JoinRequest};
 use crate::Broker;
 
 fn s(v: &str) -> StrBytes {
@@ -33,6 +33,35 @@ fn s(v: &str) -> StrBytes {
 
 fn opt(v: Option<String>) -> Option<StrBytes> {
     v.map(StrBytes::from_string)
+}
+
+/// (topic, [partition]) lists as (topic, partition) pairs; `None` (all) stays `None`.
+fn flatten(wanted: Option<Vec<(String, Vec<i32>)>>) -> Option<Vec<(String, i32)>> {
+    wanted.map(|ts| {
+        ts.into_iter()
+            .flat_map(|(t, ps)| ps.into_iter().map(move |p| (t.clone(), p)))
+            .collect()
+    })
+}
+
+/// Group committed-offset rows by topic (rows arrive topic by topic), with -1 and empty
+/// metadata for partitions that have no commit, as Kafka answers.
+fn by_topic<T>(
+    rows: Vec<(String, i32, Option<Committed>)>,
+    make: impl Fn(String, Vec<(i32, i64, StrBytes)>) -> T,
+) -> Vec<T> {
+    let mut grouped: Vec<(String, Vec<(i32, i64, StrBytes)>)> = Vec::new();
+    for (topic, partition, c) in rows {
+        let (offset, metadata) = match c {
+            Some(c) => (c.offset, s(c.metadata.as_deref().unwrap_or(""))),
+            None => (-1, s("")),
+        };
+        match grouped.last_mut() {
+            Some((t, ps)) if *t == topic => ps.push((partition, offset, metadata)),
+            _ => grouped.push((topic, vec![(partition, offset, metadata)])),
+        }
+    }
+    grouped.into_iter().map(|(t, ps)| make(t, ps)).collect()
 }
 
 impl Broker {
@@ -225,42 +254,35 @@ impl Broker {
         req: OffsetFetchRequest,
         version: i16,
     ) -> OffsetFetchResponse {
-        type Wanted = Option<Vec<(String, i32)>>;
-        let lookup = |group: &str, wanted: Wanted| self.groups.committed(group, wanted);
         if version >= 8 {
             let groups = req
                 .groups
                 .into_iter()
                 .map(|g| {
-                    let wanted: Wanted = g.topics.map(|ts| {
+                    let wanted = g.topics.map(|ts| {
                         ts.into_iter()
-                            .flat_map(|t| {
-                                let name = t.name.0.to_string();
-                                t.partition_indexes
-                                    .into_iter()
-                                    .map(move |p| (name.clone(), p))
-                            })
+                            .map(|t| (t.name.0.to_string(), t.partition_indexes))
                             .collect()
                     });
-                    let mut topics: Vec<OffsetFetchResponseTopics> = Vec::new();
-                    for (topic, partition, c) in lookup(g.group_id.0.as_str(), wanted) {
-                        let part = OffsetFetchResponsePartitions::default()
-                            .with_partition_index(partition)
-                            .with_committed_offset(c.as_ref().map_or(-1, |c| c.offset))
-                            .with_committed_leader_epoch(-1)
-                            .with_metadata(Some(s(c
-                                .as_ref()
-                                .and_then(|c| c.metadata.as_deref())
-                                .unwrap_or(""))));
-                        match topics.last_mut() {
-                            Some(t) if t.name.0.as_str() == topic => t.partitions.push(part),
-                            _ => topics.push(
-                                OffsetFetchResponseTopics::default()
-                                    .with_name(TopicName(s(&topic)))
-                                    .with_partitions(vec![part]),
-                            ),
-                        }
-                    }
+                    let rows = self
+                        .groups
+                        .committed(g.group_id.0.as_str(), flatten(wanted));
+                    let topics = by_topic(rows, |topic, partitions| {
+                        OffsetFetchResponseTopics::default()
+                            .with_name(TopicName(s(&topic)))
+                            .with_partitions(
+                                partitions
+                                    .into_iter()
+                                    .map(|(p, offset, metadata)| {
+                                        OffsetFetchResponsePartitions::default()
+                                            .with_partition_index(p)
+                                            .with_committed_offset(offset)
+                                            .with_committed_leader_epoch(-1)
+                                            .with_metadata(Some(metadata))
+                                    })
+                                    .collect(),
+                            )
+                    });
                     OffsetFetchResponseGroup::default()
                         .with_group_id(g.group_id)
                         .with_topics(topics)
@@ -268,35 +290,30 @@ impl Broker {
                 .collect();
             return OffsetFetchResponse::default().with_groups(groups);
         }
-        let wanted: Wanted = req.topics.map(|ts| {
+        let wanted = req.topics.map(|ts| {
             ts.into_iter()
-                .flat_map(|t| {
-                    let name = t.name.0.to_string();
-                    t.partition_indexes
-                        .into_iter()
-                        .map(move |p| (name.clone(), p))
-                })
+                .map(|t| (t.name.0.to_string(), t.partition_indexes))
                 .collect()
         });
-        let mut topics: Vec<OffsetFetchResponseTopic> = Vec::new();
-        for (topic, partition, c) in lookup(req.group_id.0.as_str(), wanted) {
-            let part = OffsetFetchResponsePartition::default()
-                .with_partition_index(partition)
-                .with_committed_offset(c.as_ref().map_or(-1, |c| c.offset))
-                .with_committed_leader_epoch(-1)
-                .with_metadata(Some(s(c
-                    .as_ref()
-                    .and_then(|c| c.metadata.as_deref())
-                    .unwrap_or(""))));
-            match topics.last_mut() {
-                Some(t) if t.name.0.as_str() == topic => t.partitions.push(part),
-                _ => topics.push(
-                    OffsetFetchResponseTopic::default()
-                        .with_name(TopicName(s(&topic)))
-                        .with_partitions(vec![part]),
-                ),
-            }
-        }
+        let rows = self
+            .groups
+            .committed(req.group_id.0.as_str(), flatten(wanted));
+        let topics = by_topic(rows, |topic, partitions| {
+            OffsetFetchResponseTopic::default()
+                .with_name(TopicName(s(&topic)))
+                .with_partitions(
+                    partitions
+                        .into_iter()
+                        .map(|(p, offset, metadata)| {
+                            OffsetFetchResponsePartition::default()
+                                .with_partition_index(p)
+                                .with_committed_offset(offset)
+                                .with_committed_leader_epoch(-1)
+                                .with_metadata(Some(metadata))
+                        })
+                        .collect(),
+                )
+        });
         OffsetFetchResponse::default().with_topics(topics)
     }
 
