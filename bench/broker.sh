@@ -286,7 +286,7 @@ if [[ -n "$MAXRATE" ]] && awk -v r="$MAXRATE" 'BEGIN { exit !(r >= 2) }'; then
   log "qanat: latency run: $LCOUNT x 1 KiB at $RATE rec/s (half of $MAXRATE)"
   if "$QANAT_BIN" topics create "$topic" --partitions 1 --bootstrap "$BROKER_ADDR" >"$TMP/logs/$topic.create" 2>&1; then
     run_client "produce-$topic" kafka-produce --bootstrap "$BROKER_ADDR" --topic "$topic" \
-      --partitions 1 --record-size 1024 --count "$LCOUNT" --acks 1 --rate "$RATE" \
+      --partitions 1 --record-size 1024 --count "$LCOUNT" --acks 1 --rate "$RATE" --linger-ms 1 \
       --max-secs "$(awk -v t="$LAT_SECS" 'BEGIN { print t + 5 }')" || true
     lj=$OUT
     log "  latency: $lj"
@@ -428,7 +428,8 @@ echo
 echo "Notes: MB = 10^6 bytes of record values (keys/headers/framing not counted). Throughput rows"
 echo "produce open-loop for up to ${PRODUCE_SECS} s (librdkafka linger.ms=5, batch.size=1 MiB, 32 MiB client buffer, no compression;"
 echo "JetStream: 4096 publishes awaiting acks), so their latency columns include client-side queueing"
-echo "at saturation; the 'latency @' rows are paced at half the max rate of the 1 KiB / 1 partition run."
+echo "at saturation; the 'latency @' rows are paced at half the max rate of the 1 KiB / 1 partition run,
+with linger.ms=1 for Qanat (a latency-oriented producer setting)."
 echo "Consume reads the produced records back from offset 0 (Kafka: assigned partitions, no group;"
 echo "JetStream: pull consumer, AckPolicy::None). NATS JetStream runs with the server's own defaults"
 echo "(file storage, no fsync per message). BENCH_SCALE=${SCALE}."
