@@ -2,6 +2,7 @@
 
 mod audit_cmd;
 mod broker_cmd;
+mod collect_cmd;
 mod groups_cmd;
 mod telemetry;
 mod topics_cmd;
@@ -27,6 +28,8 @@ enum Command {
     Topics(topics_cmd::TopicsArgs),
     /// List, describe (members, offsets, lag) and delete consumer groups.
     Groups(groups_cmd::GroupsArgs),
+    /// Run the HTTP collection server for web and mobile logs.
+    Collect(collect_cmd::CollectArgs),
     /// Prove every byte of every source file arrived exactly once (exit 1 on loss).
     Audit(audit_cmd::AuditArgs),
 }
@@ -42,6 +45,7 @@ fn main() -> anyhow::Result<()> {
         Command::Broker(args) => runtime.block_on(broker_cmd::run(args)),
         Command::Topics(args) => runtime.block_on(topics_cmd::run(args)),
         Command::Groups(args) => runtime.block_on(groups_cmd::run(args)),
+        Command::Collect(args) => runtime.block_on(collect_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
     }
 }

@@ -1,0 +1,847 @@
+//! The HTTP side: handlers, limits, the admin endpoint, metrics per route, graceful shutdown.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::io::Read;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use serde::Serialize;
+use serde_json::{Map, Value};
+use tokio::sync::mpsc::error::TrySendError;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::{AppSettings, CollectConfig, ServerConfig};
+use crate::enrich::{truncate, Enricher};
+use crate::error::CollectError;
+use crate::event::{self, BatchRecord, BeaconRecord, Client, Envelope, Page};
+use crate::routing::{DrainReport, Record, Routes};
+use crate::throttle::{Shed, Throttle};
+use crate::tracker;
+
+/// A transparent 1×1 GIF.
+const PIXEL: &[u8] = &[
+    0x47, 0x49, 0x46, 0x38, 0x39, 0x61, 0x01, 0x00, 0x01, 0x00, 0x80, 0x00, 0x00, 0x00, 0x00, 0x00,
+    0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
+    0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
+];
+const NO_CACHE: &str = "no-cache, no-store, must-revalidate, max-age=0";
+/// Longest URL, referrer or title kept from a beacon.
+const TEXT_MAX: usize = 4096;
+
+struct Counters {
+    rejected: metrics::Counter,
+    unrouted: metrics::Counter,
+    shed_priority: metrics::Counter,
+    shed_sample: metrics::Counter,
+}
+
+impl Counters {
+    fn new() -> Counters {
+        let c = |outcome: &'static str| metrics::counter!("qanat_collect_events_total", "outcome" => outcome);
+        Counters {
+            rejected: c("rejected"),
+            unrouted: c("unrouted"),
+            shed_priority: metrics::counter!("qanat_collect_shed_total", "reason" => "priority"),
+            shed_sample: metrics::counter!("qanat_collect_shed_total", "reason" => "sample"),
+        }
+    }
+
+    fn shed(&self, why: Shed) {
+        match why {
+            Shed::Priority => self.shed_priority.increment(1),
+            Shed::Sample => self.shed_sample.increment(1),
+        }
+    }
+}
+
+struct AppState {
+    cfg: ServerConfig,
+    throttle: Arc<Throttle>,
+    routes: Routes,
+    enricher: Enricher,
+    counters: Counters,
+    cookie_suffix: String,
+}
+
+/// A running collector: routes with their producers and pumps, ready to serve HTTP.
+pub struct Collector {
+    state: Arc<AppState>,
+    pumps: Vec<JoinHandle<DrainReport>>,
+    shutdown: watch::Sender<bool>,
+}
+
+impl Collector {
+    /// Create the producers and start the pumps. Must run inside a tokio runtime.
+    pub fn start(cfg: CollectConfig) -> Result<Collector, CollectError> {
+        cfg.validate()?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let (routes, pumps) = Routes::start(&cfg, &shutdown_rx)?;
+        let enricher = Enricher::new(&cfg.server)?;
+        let cookie_suffix = format!(
+            "; Max-Age={}; Path=/; SameSite=Lax",
+            u64::from(cfg.server.cookie_max_age_days) * 86_400
+        );
+        let state = AppState {
+            throttle: Arc::new(Throttle::new(cfg.apps)),
+            cfg: cfg.server,
+            routes,
+            enricher,
+            counters: Counters::new(),
+            cookie_suffix,
+        };
+        Ok(Collector {
+            state: Arc::new(state),
+            pumps,
+            shutdown,
+        })
+    }
+
+    /// The throttle table, for reloads from outside (SIGHUP).
+    pub fn throttle(&self) -> Arc<Throttle> {
+        self.state.throttle.clone()
+    }
+
+    pub fn router(&self) -> Router {
+        let st = self.state.clone();
+        Router::new()
+            .route("/t.gif", get(beacon).post(beacon))
+            .route("/v1/events", axum::routing::post(events).options(preflight))
+            .route("/v1/config", get(app_config))
+            .route(
+                "/admin/v1/config",
+                get(admin_get).put(admin_put).delete(admin_delete),
+            )
+            .route("/healthz", get(healthz))
+            .route("/qanat.js", get(tracker::script))
+            .route("/demo.html", get(tracker::demo))
+            .route_layer(middleware::from_fn(track))
+            .layer(DefaultBodyLimit::max(st.cfg.max_body_bytes))
+            .with_state(st)
+    }
+
+    /// Serve until `shutdown` resolves; then finish in-flight requests, drain every route's
+    /// buffer to the broker (bounded by `shutdown_timeout_ms`) and report per route.
+    pub async fn serve<F>(
+        self,
+        listener: tokio::net::TcpListener,
+        shutdown: F,
+    ) -> Result<Vec<DrainReport>, CollectError>
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let app = self
+            .router()
+            .into_make_service_with_connect_info::<SocketAddr>();
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown)
+            .await?;
+        tracing::info!("HTTP stopped; draining routes");
+        let _ = self.shutdown.send(true);
+        let mut reports = Vec::with_capacity(self.pumps.len());
+        for pump in self.pumps {
+            match pump.await {
+                Ok(r) => reports.push(r),
+                Err(e) => tracing::error!(error = %e, "route pump failed"),
+            }
+        }
+        Ok(reports)
+    }
+}
+
+/// Request count and latency per HTTP route.
+async fn track(path: Option<MatchedPath>, req: Request, next: Next) -> Response {
+    let start = Instant::now();
+    let path = path.map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let resp = next.run(req).await;
+    metrics::histogram!("qanat_collect_http_request_seconds", "path" => path.clone())
+        .record(start.elapsed().as_secs_f64());
+    metrics::counter!("qanat_collect_http_requests_total", "path" => path, "status" => resp.status().as_str().to_string())
+        .increment(1);
+    resp
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
+    h.get(name).and_then(|v| v.to_str().ok())
+}
+
+fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
+    h.get_all(header::COOKIE)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(';'))
+        .find_map(|kv| {
+            let (k, v) = kv.trim().split_once('=')?;
+            (k == name).then_some(v)
+        })
+}
+
+fn bad_request(reason: impl Into<String>) -> Response {
+    (
+        StatusCode::BAD_REQUEST,
+        Json(ErrorBody {
+            error: reason.into(),
+        }),
+    )
+        .into_response()
+}
+
+#[derive(Serialize)]
+struct ErrorBody {
+    error: String,
+}
+
+fn route_full(st: &AppState, route: &str) -> Response {
+    let mut r = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        Json(ErrorBody {
+            error: format!("route {route} is full; retry later"),
+        }),
+    )
+        .into_response();
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(st.cfg.retry_after_secs),
+    );
+    r
+}
+
+fn client_ip(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> String {
+    let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    st.enricher.client_ip(peer.ip(), xff).to_string()
+}
+
+// ------------------------------------------------------------------------------------------
+// GET/POST /t.gif
+
+/// Query parameters: `t` event type (required), `app`, `url` (default: the Referer header),
+/// `ref` referrer, `spm` a.b.c.d, `vid` visitor id (default: the cookie, else a new one),
+/// `uid` user id, `sr` screen, `lang`, `title`, `ts` client time (ms), `e` custom event name,
+/// `p_*` business parameters, `resp=204` for an empty answer.
+async fn beacon(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<HashMap<String, String>>,
+) -> Response {
+    let received_ms = now_ms();
+    let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let ty = match get("t") {
+        Some(t) if event::valid_id(t) => t,
+        _ => {
+            return reject(
+                &st,
+                "t (event type) is missing or not [A-Za-z0-9_.:-]{1,128}",
+            )
+        }
+    };
+    let app = get("app").unwrap_or(&st.cfg.default_app);
+    if !event::valid_id(app) {
+        return reject(&st, "app is not [A-Za-z0-9_.:-]{1,128}");
+    }
+    let cookie_vid = cookie(&headers, &st.cfg.cookie_name).filter(|v| event::valid_id(v));
+    let new_vid;
+    let visitor_id = match get("vid") {
+        Some(v) if event::valid_id(v) => v,
+        Some(_) => return reject(&st, "vid is not a valid id"),
+        None => match cookie_vid {
+            Some(v) => v,
+            None => {
+                new_vid = format!("{:032x}", rand::random::<u128>());
+                &new_vid
+            }
+        },
+    };
+    let user_id = match get("uid") {
+        Some(u) if event::valid_id(u) => Some(u),
+        Some(_) => return reject(&st, "uid is not a valid id"),
+        None => None,
+    };
+    let spm = match get("spm").map(event::parse_spm) {
+        Some(Ok(s)) => Some(s),
+        Some(Err(e)) => return reject(&st, e),
+        None => None,
+    };
+    let client_ts = match get("ts").map(str::parse::<i64>) {
+        Some(Ok(t)) => Some(t),
+        Some(Err(_)) => return reject(&st, "ts is not an integer (ms since the epoch)"),
+        None => None,
+    };
+    let referer_header = header_str(&headers, header::REFERER);
+    let ua_raw = truncate(header_str(&headers, header::USER_AGENT).unwrap_or(""), 512);
+    let ua = st.enricher.user_agent(ua_raw);
+    let client = Client::new(client_ip(&st, peer, &headers), ua_raw, &ua);
+
+    let (priority, shed) = st.throttle.snapshot().decide(app, ty, visitor_id);
+    let mut resp = pixel_response(&q);
+    if cookie_vid != Some(visitor_id) {
+        let value = format!("{}={visitor_id}{}", st.cfg.cookie_name, st.cookie_suffix);
+        if let Ok(v) = HeaderValue::from_str(&value) {
+            resp.headers_mut().insert(header::SET_COOKIE, v);
+        }
+    }
+    if let Some(why) = shed {
+        st.counters.shed(why);
+        resp.headers_mut()
+            .insert("x-qanat-shed", HeaderValue::from_static(why.as_str()));
+        return resp;
+    }
+    let Some(route_idx) = st.routes.find(app, ty, priority) else {
+        st.counters.unrouted.increment(1);
+        return bad_request(format!("no route for app {app} event type {ty}"));
+    };
+    let record = BeaconRecord {
+        app,
+        ty,
+        priority,
+        source: "beacon",
+        visitor_id,
+        user_id,
+        received_ms,
+        client_ts,
+        client: &client,
+        page: Page {
+            url: truncate(get("url").or(referer_header).unwrap_or(""), TEXT_MAX),
+            referrer: truncate(get("ref").unwrap_or(""), TEXT_MAX),
+            title: truncate(get("title").unwrap_or(""), TEXT_MAX),
+        },
+        spm,
+        screen: get("sr").map(|s| truncate(s, 32)),
+        language: get("lang").map(|s| truncate(s, 32)),
+        name: get("e").map(|s| truncate(s, 128)),
+        params: q
+            .iter()
+            .filter_map(|(k, v)| Some((k.strip_prefix("p_")?, truncate(v, TEXT_MAX))))
+            .filter(|(k, _)| !k.is_empty())
+            .take(64)
+            .map(|(k, v)| (truncate(k, 64), v))
+            .collect(),
+    };
+    let value = match serde_json::to_vec(&record) {
+        Ok(v) => v,
+        Err(e) => return bad_request(format!("encoding the event: {e}")),
+    };
+    let Some(route) = st.routes.get(route_idx) else {
+        return bad_request("route vanished");
+    };
+    let rec = Record {
+        key: visitor_id.to_string(),
+        value,
+        timestamp_ms: received_ms,
+    };
+    match route.tx.try_send(rec) {
+        Ok(()) => {
+            route.accepted.increment(1);
+            resp
+        }
+        Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
+            route.full.increment(1);
+            route_full(&st, &route.name)
+        }
+    }
+}
+
+fn reject(st: &AppState, reason: impl Into<String>) -> Response {
+    st.counters.rejected.increment(1);
+    bad_request(reason)
+}
+
+fn pixel_response(q: &HashMap<String, String>) -> Response {
+    let mut r = if q.get("resp").map(String::as_str) == Some("204") {
+        StatusCode::NO_CONTENT.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "image/gif")], PIXEL).into_response()
+    };
+    let h = r.headers_mut();
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
+    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
+    h.insert(header::EXPIRES, HeaderValue::from_static("0"));
+    r
+}
+
+// ------------------------------------------------------------------------------------------
+// POST /v1/events
+
+#[derive(Debug, PartialEq, Eq)]
+enum DecodeError {
+    Unsupported(String),
+    TooLarge,
+    Corrupt(String),
+}
+
+/// Undo `Content-Encoding` (identity, gzip, zstd), never producing more than `limit` bytes.
+fn decode<'b>(
+    encoding: Option<&str>,
+    body: &'b [u8],
+    limit: usize,
+) -> Result<Cow<'b, [u8]>, DecodeError> {
+    let enc = encoding.map(|e| e.trim().to_ascii_lowercase());
+    let mut out = Vec::new();
+    // One byte over the limit tells "too large" from "exactly the limit".
+    let cap = u64::try_from(limit).unwrap_or(u64::MAX).saturating_add(1);
+    let read = match enc.as_deref() {
+        None | Some("" | "identity") => {
+            return if body.len() > limit {
+                Err(DecodeError::TooLarge)
+            } else {
+                Ok(Cow::Borrowed(body))
+            }
+        }
+        Some("gzip" | "x-gzip") => flate2::read::GzDecoder::new(body)
+            .take(cap)
+            .read_to_end(&mut out),
+        Some("zstd") => match zstd::stream::read::Decoder::new(body) {
+            Ok(d) => d.take(cap).read_to_end(&mut out),
+            Err(e) => Err(e),
+        },
+        Some(other) => {
+            return Err(DecodeError::Unsupported(format!(
+                "Content-Encoding {other:?} is not supported (identity, gzip, zstd)"
+            )))
+        }
+    };
+    match read {
+        Err(e) => Err(DecodeError::Corrupt(format!(
+            "{} body: {e}",
+            enc.unwrap_or_default()
+        ))),
+        Ok(_) if out.len() > limit => Err(DecodeError::TooLarge),
+        Ok(_) => Ok(Cow::Owned(out)),
+    }
+}
+
+#[derive(Serialize)]
+struct BatchReply {
+    accepted: usize,
+    /// Dropped on purpose by the throttle table (`/v1/config`).
+    shed: usize,
+    rejected: Vec<Rejected>,
+}
+
+#[derive(Serialize)]
+struct Rejected {
+    index: usize,
+    reason: String,
+}
+
+/// A batch is all-or-nothing per route capacity (503: nothing of it was taken, retry it
+/// whole) but not per event: valid events are kept and invalid ones are listed in
+/// `rejected`. Only when no event is kept and some were invalid is the answer 4xx.
+async fn events(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    let received_ms = now_ms();
+    let enc = headers
+        .get(header::CONTENT_ENCODING)
+        .map(|v| v.to_str().unwrap_or("(not text)"));
+    let decoded = match decode(enc, &body, st.cfg.max_decoded_bytes) {
+        Ok(d) => d,
+        Err(DecodeError::Unsupported(m)) => {
+            st.counters.rejected.increment(1);
+            return (
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                Json(ErrorBody { error: m }),
+            )
+                .into_response();
+        }
+        Err(DecodeError::TooLarge) => {
+            st.counters.rejected.increment(1);
+            return too_large(format!(
+                "decoded body is larger than {} bytes",
+                st.cfg.max_decoded_bytes
+            ));
+        }
+        Err(DecodeError::Corrupt(m)) => return reject(&st, m),
+    };
+    let env: Envelope<'_> = match serde_json::from_slice(&decoded) {
+        Ok(e) => e,
+        Err(e) => return reject(&st, format!("body is not a valid batch: {e}")),
+    };
+    if !event::valid_id(&env.app) {
+        return reject(&st, "app is not [A-Za-z0-9_.:-]{1,128}");
+    }
+    if env.events.is_empty() {
+        return reject(&st, "events is empty");
+    }
+    if env.events.len() > st.cfg.max_batch_events {
+        st.counters.rejected.increment(1);
+        return too_large(format!(
+            "{} events in one batch; at most {}",
+            env.events.len(),
+            st.cfg.max_batch_events
+        ));
+    }
+    let id_of = |m: &Option<Map<String, Value>>| {
+        m.as_ref()
+            .and_then(|m| m.get("id"))
+            .and_then(Value::as_str)
+            .map(str::to_string)
+    };
+    let (env_visitor, env_user) = (id_of(&env.device), id_of(&env.user));
+    let ua_raw = truncate(header_str(&headers, header::USER_AGENT).unwrap_or(""), 512);
+    let ua = st.enricher.user_agent(ua_raw);
+    let client = Client::new(client_ip(&st, peer, &headers), ua_raw, &ua);
+    let throttle = st.throttle.snapshot();
+
+    let mut rejected = Vec::new();
+    let mut too_large_only = true;
+    let mut shed = 0;
+    let mut out: Vec<(usize, Record)> = Vec::with_capacity(env.events.len());
+    let mut per_route = vec![0usize; st.routes.len()];
+    for (index, raw) in env.events.iter().enumerate() {
+        let text = raw.get();
+        if text.len() > st.cfg.max_event_bytes {
+            rejected.push(Rejected {
+                index,
+                reason: format!(
+                    "event is {} bytes; at most {}",
+                    text.len(),
+                    st.cfg.max_event_bytes
+                ),
+            });
+            continue;
+        }
+        too_large_only = false;
+        let ev: Map<String, Value> = match serde_json::from_str(text) {
+            Ok(m) => m,
+            Err(e) => {
+                rejected.push(Rejected {
+                    index,
+                    reason: format!("event is not an object: {e}"),
+                });
+                continue;
+            }
+        };
+        let checked = match event::check_event(&ev, env_visitor.as_deref(), env_user.as_deref()) {
+            Ok(c) => c,
+            Err(reason) => {
+                rejected.push(Rejected { index, reason });
+                continue;
+            }
+        };
+        let (priority, why) = throttle.decide(&env.app, checked.ty, checked.visitor_id);
+        if let Some(why) = why {
+            st.counters.shed(why);
+            shed += 1;
+            continue;
+        }
+        let Some(route_idx) = st.routes.find(&env.app, checked.ty, priority) else {
+            st.counters.unrouted.increment(1);
+            rejected.push(Rejected {
+                index,
+                reason: format!("no route for app {} event type {}", env.app, checked.ty),
+            });
+            continue;
+        };
+        let record = BatchRecord {
+            app: &env.app,
+            ty: checked.ty,
+            priority,
+            source: "batch",
+            visitor_id: checked.visitor_id,
+            user_id: checked.user_id,
+            received_ms,
+            client_ts: checked.client_ts,
+            client: &client,
+            spm: checked.spm,
+            device: env.device.as_ref(),
+            event: raw,
+        };
+        match serde_json::to_vec(&record) {
+            Ok(value) => {
+                per_route[route_idx] += 1;
+                out.push((
+                    route_idx,
+                    Record {
+                        key: checked.visitor_id.to_string(),
+                        value,
+                        timestamp_ms: received_ms,
+                    },
+                ));
+            }
+            Err(e) => rejected.push(Rejected {
+                index,
+                reason: format!("encoding: {e}"),
+            }),
+        }
+    }
+    st.counters.rejected.increment(rejected.len() as u64);
+
+    // Reserve room on every route first, so a full route refuses the whole batch rather
+    // than keeping part of it (the client retries all of it, with no duplicates).
+    let mut permits = Vec::with_capacity(per_route.len());
+    for (idx, &n) in per_route.iter().enumerate() {
+        let Some(route) = st.routes.get(idx) else {
+            break;
+        };
+        if n == 0 {
+            permits.push(None);
+            continue;
+        }
+        match route.tx.try_reserve_many(n) {
+            Ok(p) => permits.push(Some(p)),
+            Err(_) => {
+                route.full.increment(n as u64);
+                return route_full(&st, &route.name);
+            }
+        }
+    }
+    let accepted = out.len();
+    for (idx, rec) in out {
+        if let Some(Some(p)) = permits.get_mut(idx) {
+            if let Some(permit) = p.next() {
+                permit.send(rec);
+            }
+        }
+    }
+    for (idx, &n) in per_route.iter().enumerate() {
+        if let (Some(route), true) = (st.routes.get(idx), n > 0) {
+            route.accepted.increment(n as u64);
+        }
+    }
+    let status = if accepted == 0 && shed == 0 && !rejected.is_empty() {
+        if too_large_only {
+            StatusCode::PAYLOAD_TOO_LARGE
+        } else {
+            StatusCode::BAD_REQUEST
+        }
+    } else {
+        StatusCode::OK
+    };
+    let mut r = (
+        status,
+        Json(BatchReply {
+            accepted,
+            shed,
+            rejected,
+        }),
+    )
+        .into_response();
+    cors(&mut r);
+    r
+}
+
+fn too_large(reason: String) -> Response {
+    (
+        StatusCode::PAYLOAD_TOO_LARGE,
+        Json(ErrorBody { error: reason }),
+    )
+        .into_response()
+}
+
+fn cors(r: &mut Response) {
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+}
+
+async fn preflight() -> Response {
+    let mut r = StatusCode::NO_CONTENT.into_response();
+    cors(&mut r);
+    let h = r.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("content-type, content-encoding"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
+    r
+}
+
+// ------------------------------------------------------------------------------------------
+// Config, admin, health
+
+#[derive(serde::Deserialize)]
+struct AppQuery {
+    app: Option<String>,
+}
+
+async fn app_config(State(st): State<Arc<AppState>>, Query(q): Query<AppQuery>) -> Response {
+    let Some(app) = q.app.filter(|a| event::valid_id(a)) else {
+        return bad_request("app is missing or not a valid id");
+    };
+    let mut r = Json(st.throttle.app_view(&app)).into_response();
+    cors(&mut r);
+    r.headers_mut()
+        .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    r
+}
+
+/// With `admin_token` set, a matching bearer token; without, a loopback peer.
+fn admin_denied(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> Option<Response> {
+    let ok = if st.cfg.admin_token.is_empty() {
+        peer.ip().is_loopback()
+    } else {
+        header_str(h, header::AUTHORIZATION)
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .is_some_and(|t| t == st.cfg.admin_token)
+    };
+    (!ok).then(|| {
+        (
+            StatusCode::FORBIDDEN,
+            Json(ErrorBody {
+                error: "admin access denied".into(),
+            }),
+        )
+            .into_response()
+    })
+}
+
+async fn admin_get(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+) -> Response {
+    if let Some(r) = admin_denied(&st, peer, &headers) {
+        return r;
+    }
+    Json(st.throttle.table_view()).into_response()
+}
+
+/// `PUT /admin/v1/config?app=APP` with an app's settings (JSON, same keys as `[apps.APP]`).
+async fn admin_put(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<AppQuery>,
+    body: Bytes,
+) -> Response {
+    if let Some(r) = admin_denied(&st, peer, &headers) {
+        return r;
+    }
+    let Some(app) = q.app.filter(|a| a == "*" || event::valid_id(a)) else {
+        return bad_request("app is missing or not a valid id");
+    };
+    let settings: AppSettings = match serde_json::from_slice(&body) {
+        Ok(s) => s,
+        Err(e) => return bad_request(format!("body is not app settings: {e}")),
+    };
+    if let Err(e) = settings.validate(&app) {
+        return bad_request(e.to_string());
+    }
+    let version = st.throttle.set_app(&app, Some(settings));
+    tracing::info!(%app, version, "throttle settings changed through the admin endpoint");
+    Json(st.throttle.app_view(&app)).into_response()
+}
+
+async fn admin_delete(
+    State(st): State<Arc<AppState>>,
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
+    Query(q): Query<AppQuery>,
+) -> Response {
+    if let Some(r) = admin_denied(&st, peer, &headers) {
+        return r;
+    }
+    let Some(app) = q.app else {
+        return bad_request("app is missing");
+    };
+    let version = st.throttle.set_app(&app, None);
+    tracing::info!(%app, version, "throttle settings removed through the admin endpoint");
+    Json(st.throttle.app_view(&app)).into_response()
+}
+
+#[derive(Serialize)]
+struct Health<'a> {
+    status: &'static str,
+    routes: Vec<RouteHealth<'a>>,
+}
+
+#[derive(Serialize)]
+struct RouteHealth<'a> {
+    name: &'a str,
+    topic: &'a str,
+    buffered: usize,
+    capacity: usize,
+}
+
+async fn healthz(State(st): State<Arc<AppState>>) -> Response {
+    let routes = st
+        .routes
+        .iter()
+        .map(|r| RouteHealth {
+            name: &r.name,
+            topic: &r.topic,
+            buffered: r.buffered(),
+            capacity: r.capacity,
+        })
+        .collect();
+    Json(Health {
+        status: "ok",
+        routes,
+    })
+    .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use std::io::Write;
+
+    use super::*;
+
+    #[test]
+    fn decoding_with_limits() {
+        let json = br#"{"a":1}"#;
+        assert_eq!(decode(None, json, 100).unwrap().as_ref(), json);
+        assert_eq!(decode(None, json, 3), Err(DecodeError::TooLarge));
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(json).unwrap();
+        let gz = gz.finish().unwrap();
+        assert_eq!(decode(Some("gzip"), &gz, 100).unwrap().as_ref(), json);
+        assert_eq!(decode(Some("gzip"), &gz, 3), Err(DecodeError::TooLarge));
+        let zs = zstd::encode_all(&json[..], 1).unwrap();
+        assert_eq!(decode(Some("zstd"), &zs, 100).unwrap().as_ref(), json);
+        // A bomb stops at the limit instead of inflating.
+        let bomb = zstd::encode_all(&vec![b' '; 10 << 20][..], 3).unwrap();
+        assert_eq!(
+            decode(Some("zstd"), &bomb, 1 << 20),
+            Err(DecodeError::TooLarge)
+        );
+        assert!(matches!(
+            decode(Some("gzip"), json, 100),
+            Err(DecodeError::Corrupt(_))
+        ));
+        assert!(matches!(
+            decode(Some("br"), json, 100),
+            Err(DecodeError::Unsupported(_))
+        ));
+    }
+
+    #[test]
+    fn cookies() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::COOKIE,
+            HeaderValue::from_static("a=1; qvid=abc; b=2"),
+        );
+        assert_eq!(cookie(&h, "qvid"), Some("abc"));
+        assert_eq!(cookie(&h, "c"), None);
+    }
+}
