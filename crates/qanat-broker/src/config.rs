@@ -163,51 +163,26 @@ impl StorageSettings {
 pub enum ConfigError {
     #[error("cannot parse configuration: {0}")]
     Parse(#[from] toml::de::Error),
-    #[error("environment variable {var}: {reason}")]
-    Env { var: String, reason: String },
+    #[error(transparent)]
+    Env(#[from] qanat_config::EnvError),
 }
 
 impl Config {
-    /// Parse TOML text, then apply `QANAT_<SECTION>_<KEY>` overrides from `env`.
+    /// Parse TOML text, then apply `QANAT_<TABLE>_<KEY>` overrides from `env`.
     pub fn from_toml_with_env<I>(text: &str, env: I) -> Result<Self, ConfigError>
     where
         I: IntoIterator<Item = (String, String)>,
     {
-        let mut table: toml::Table = toml::from_str(text)?;
-        for (var, value) in env {
-            let Some(rest) = var.strip_prefix("QANAT_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let Some((section, key)) = ["broker", "storage", "groups"]
-                .iter()
-                .find_map(|s| rest.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
-            else {
-                continue;
-            };
-            let section_table = table
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(section_table) = section_table else {
-                return Err(ConfigError::Env {
-                    var,
-                    reason: format!("[{section}] in the file is not a table"),
-                });
-            };
-            section_table.insert(key.to_string(), env_value(&value));
-        }
-        Ok(toml::Value::Table(table).try_into()?)
-    }
-}
-
-/// An environment string as the TOML value it most plausibly means.
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        toml::Value::Integer(i)
-    } else if let Ok(b) = raw.parse::<bool>() {
-        toml::Value::Boolean(b)
-    } else {
-        toml::Value::String(raw.to_string())
+        let mut doc: toml::Table = toml::from_str(text)?;
+        qanat_config::overlay_env(
+            &mut doc,
+            "QANAT_",
+            &["broker", "storage", "groups"],
+            false,
+            env,
+            |_, _, raw| Ok(qanat_config::plain_value(raw)),
+        )?;
+        Ok(toml::Value::Table(doc).try_into()?)
     }
 }
 
