@@ -44,13 +44,16 @@ fn flatten(wanted: Option<Vec<(String, Vec<i32>)>>) -> Option<Vec<(String, i32)>
     })
 }
 
+/// (partition, committed offset, metadata) as the responses carry them.
+type PartitionOffset = (i32, i64, StrBytes);
+
 /// Group committed-offset rows by topic (rows arrive topic by topic), with -1 and empty
 /// metadata for partitions that have no commit, as Kafka answers.
 fn by_topic<T>(
     rows: Vec<(String, i32, Option<Committed>)>,
-    make: impl Fn(String, Vec<(i32, i64, StrBytes)>) -> T,
+    make: impl Fn(String, Vec<PartitionOffset>) -> T,
 ) -> Vec<T> {
-    let mut grouped: Vec<(String, Vec<(i32, i64, StrBytes)>)> = Vec::new();
+    let mut grouped: Vec<(String, Vec<PartitionOffset>)> = Vec::new();
     for (topic, partition, c) in rows {
         let (offset, metadata) = match c {
             Some(c) => (c.offset, s(c.metadata.as_deref().unwrap_or(""))),
