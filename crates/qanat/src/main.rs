@@ -1,5 +1,6 @@
 //! `qanat`: the broker and its operator tools.
 
+mod agent_cmd;
 mod audit_cmd;
 mod broker_cmd;
 mod collect_cmd;
@@ -30,6 +31,8 @@ enum Command {
     Groups(groups_cmd::GroupsArgs),
     /// Run the HTTP collection server for web and mobile logs.
     Collect(collect_cmd::CollectArgs),
+    /// Tail log files and ship them to the bus with trajectory metadata.
+    Agent(agent_cmd::AgentArgs),
     /// Prove every byte of every source file arrived exactly once (exit 1 on loss).
     Audit(audit_cmd::AuditArgs),
 }
@@ -46,6 +49,7 @@ fn main() -> anyhow::Result<()> {
         Command::Topics(args) => runtime.block_on(topics_cmd::run(args)),
         Command::Groups(args) => runtime.block_on(groups_cmd::run(args)),
         Command::Collect(args) => runtime.block_on(collect_cmd::run(args)),
+        Command::Agent(args) => runtime.block_on(agent_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
     }
 }

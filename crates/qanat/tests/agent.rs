@@ -1,0 +1,278 @@
+//! End-to-end tests of `qanat agent` against the real broker: discovery without inotify,
+//! corrupt checkpoints under both policies, rotation to a non-matching name and deletion
+//! while the agent still holds the file open.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod agent_support;
+
+use std::fs::{self, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::MetadataExt;
+use std::path::Path;
+use std::time::Duration;
+
+use agent_support::{check, poll_until, read_topic, Agent, Broker, Content};
+
+fn config(dir: &Path, bootstrap: &str, extra: &str) -> String {
+    format!(
+        r#"
+host = "it"
+checkpoint_dir = "{dir}/state"
+rescan_interval_ms = 200
+poll_interval_ms = 50
+checkpoint_interval_ms = 100
+orphan_grace_ms = 1000
+manifest_topic = "manifest"
+manifest_interval_ms = 500
+{extra}
+[output]
+bootstrap = "{bootstrap}"
+batch_age_ms = 20
+
+[[source]]
+paths = ["{dir}/logs/**/*.log"]
+topic = "logs"
+attributes = {{ service = "checkout", env = "test" }}
+"#,
+        dir = dir.display()
+    )
+}
+
+fn content(path: &Path) -> Content {
+    let m = fs::metadata(path).unwrap();
+    Content {
+        name: path.display().to_string(),
+        dev: m.dev(),
+        ino: m.ino(),
+        bytes: fs::read(path).unwrap(),
+        required: m.len(),
+    }
+}
+
+fn lines(prefix: &str, n: usize) -> String {
+    (0..n)
+        .map(|i| format!("{prefix} line {i} {}\n", "x".repeat(i % 50)))
+        .collect()
+}
+
+fn wait_delivered(broker: &Broker, contents: &[Content]) -> Vec<agent_support::Record> {
+    poll_until("every byte delivered", Duration::from_secs(60), || {
+        let recs = read_topic(&broker.addr, "logs");
+        match check(contents, &recs) {
+            Ok(()) => Ok(recs),
+            Err((true, why)) => Err(why),
+            Err((false, why)) => panic!("trajectory violation: {why}"),
+        }
+    })
+}
+
+#[test]
+fn collects_every_file_with_inotify_disabled() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    fs::write(d.join("logs/before.log"), lines("before", 100)).unwrap();
+    let mut agent = Agent::new(d, &config(d, &broker.addr, "inotify = false"));
+    agent.start();
+    // Files in sub-directories created after the start, a file shorter than the signature,
+    // an empty file that gets bytes later, a file that does not match.
+    fs::create_dir_all(d.join("logs/a/b/c")).unwrap();
+    fs::write(d.join("logs/a/b/c/deep.log"), lines("deep", 500)).unwrap();
+    fs::write(d.join("logs/a/short.log"), "tiny\n").unwrap();
+    fs::write(d.join("logs/a/empty.log"), "").unwrap();
+    fs::write(d.join("logs/a/skip.txt"), "not collected\n").unwrap();
+    let mut f = OpenOptions::new()
+        .append(true)
+        .open(d.join("logs/before.log"))
+        .unwrap();
+    f.write_all(lines("after", 50).as_bytes()).unwrap();
+    poll_until(
+        "the agent to open empty.log",
+        Duration::from_secs(30),
+        || {
+            if agent.has_open(&d.join("logs/a/empty.log")) {
+                Ok(())
+            } else {
+                Err("not open".to_string())
+            }
+        },
+    );
+    fs::write(d.join("logs/a/empty.log"), "now it has bytes\n").unwrap();
+
+    let contents: Vec<Content> = ["before.log", "a/b/c/deep.log", "a/short.log", "a/empty.log"]
+        .iter()
+        .map(|p| content(&d.join("logs").join(p)))
+        .collect();
+    let recs = wait_delivered(&broker, &contents);
+    let r = &recs[0];
+    assert_eq!(r.h("qanat.host"), "it");
+    assert_eq!(r.h("service"), "checkout");
+    assert_eq!(r.h("env"), "test");
+    assert!(r.h("qanat.path").ends_with(".log"));
+    assert!(!recs.iter().any(|r| r.value.starts_with(b"not collected")));
+    let short = recs.iter().find(|r| r.value == b"tiny").unwrap();
+    assert!(
+        short.h("qanat.file").ends_with("-5"),
+        "short file signs its 5 bytes: {}",
+        short.h("qanat.file")
+    );
+    // Manifests list the files with their ids.
+    let manifest = poll_until("a manifest with 4 files", Duration::from_secs(30), || {
+        read_topic(&broker.addr, "manifest")
+            .into_iter()
+            .rev()
+            .find(|m| {
+                serde_json::from_slice::<serde_json::Value>(&m.value).unwrap()["files"]
+                    .as_array()
+                    .unwrap()
+                    .len()
+                    == 4
+            })
+            .ok_or_else(|| "no manifest with 4 files yet".to_string())
+    });
+    let v: serde_json::Value = serde_json::from_slice(&manifest.value).unwrap();
+    assert_eq!(v["host"], "it");
+    assert_eq!(manifest.key, b"it");
+    assert!(agent.is_running());
+    agent.stop();
+    let stderr = fs::read_to_string(&agent.stderr).unwrap();
+    assert!(stderr.contains("inotify disabled"), "{stderr}");
+}
+
+#[test]
+fn corrupt_checkpoint_is_detected_and_handled_by_policy() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    let path = d.join("logs/app.log");
+    fs::write(&path, lines("app", 200)).unwrap();
+    let mut agent = Agent::new(d, &config(d, &broker.addr, ""));
+    agent.start();
+    let contents = vec![content(&path)];
+    let first = wait_delivered(&broker, &contents);
+    agent.stop();
+    let ckpt = d.join("state/checkpoint");
+    let mut bytes = fs::read(&ckpt).unwrap();
+    assert!(bytes.starts_with(b"qanat-agent-checkpoint v1 "));
+    // Flip one digit of the offset in the body: a plausible-looking but wrong position.
+    let at = bytes.windows(9).position(|w| w == b"\"offset\":").unwrap() + 9;
+    bytes[at] = if bytes[at] == b'1' { b'2' } else { b'1' };
+    fs::write(&ckpt, &bytes).unwrap();
+
+    // stop: refuses to start, says why, non-zero exit.
+    let (status, stderr) = agent.run_to_exit();
+    assert_eq!(status.code(), Some(3), "stderr:\n{stderr}");
+    assert!(
+        stderr.contains("is corrupt") && stderr.contains("checksum mismatch"),
+        "{stderr}"
+    );
+    assert!(stderr.contains(&ckpt.display().to_string()), "{stderr}");
+    assert_eq!(
+        read_topic(&broker.addr, "logs").len(),
+        first.len(),
+        "nothing produced"
+    );
+
+    // reread: reports it, keeps the damaged file, reads the file again from 0.
+    let mut agent = Agent::new(
+        d,
+        &config(d, &broker.addr, "on_corrupt_checkpoint = \"reread\""),
+    );
+    agent.start();
+    let all = poll_until("the file re-read from 0", Duration::from_secs(60), || {
+        let recs = read_topic(&broker.addr, "logs");
+        if recs.len() >= 2 * first.len() {
+            Ok(recs)
+        } else {
+            Err(format!("{} records", recs.len()))
+        }
+    });
+    check(&contents, &all).map_err(|e| e.1).unwrap();
+    assert_eq!(all.iter().filter(|r| r.h("qanat.offset") == "0").count(), 2);
+    agent.stop();
+    let stderr = fs::read_to_string(&agent.stderr).unwrap();
+    assert!(stderr.contains("CHECKPOINT IS CORRUPT"), "{stderr}");
+    let aside = fs::read_dir(d.join("state")).unwrap().flatten().any(|e| {
+        e.file_name()
+            .to_string_lossy()
+            .starts_with("checkpoint.corrupt-")
+    });
+    assert!(aside, "the damaged checkpoint is kept for inspection");
+}
+
+#[test]
+fn renamed_away_and_deleted_files_are_read_to_their_end() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    let app = d.join("logs/app.log");
+    let del = d.join("logs/gone.log");
+    let mut w_app = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&app)
+        .unwrap();
+    let mut w_del = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(&del)
+        .unwrap();
+    w_app.write_all(lines("app", 100).as_bytes()).unwrap();
+    w_del.write_all(lines("del", 100).as_bytes()).unwrap();
+    let mut agent = Agent::new(d, &config(d, &broker.addr, ""));
+    agent.start();
+    poll_until(
+        "the agent to open both files",
+        Duration::from_secs(30),
+        || {
+            if agent.has_open(&app) && agent.has_open(&del) {
+                Ok(())
+            } else {
+                Err("not yet".to_string())
+            }
+        },
+    );
+    let app_meta = fs::metadata(&app).unwrap();
+    let del_meta = fs::metadata(&del).unwrap();
+    // Rotate to a name the glob does not match; the writer keeps writing a little to the old
+    // file (as loggers do until they reopen), then a new app.log appears.
+    fs::rename(&app, d.join("logs/app.log.1")).unwrap();
+    fs::remove_file(&del).unwrap();
+    w_app.write_all(lines("late-app", 300).as_bytes()).unwrap();
+    w_del.write_all(lines("late-del", 300).as_bytes()).unwrap();
+    fs::write(&app, lines("new", 10)).unwrap();
+
+    let old_app = Content {
+        name: "app.log (rotated)".into(),
+        dev: app_meta.dev(),
+        ino: app_meta.ino(),
+        bytes: fs::read(d.join("logs/app.log.1")).unwrap(),
+        required: 0,
+    };
+    let mut old_app = old_app;
+    old_app.required = old_app.bytes.len() as u64;
+    let mut gone = Content {
+        name: "gone.log (deleted)".into(),
+        dev: del_meta.dev(),
+        ino: del_meta.ino(),
+        bytes: lines("del", 100).into_bytes(),
+        required: 0,
+    };
+    gone.bytes
+        .extend_from_slice(lines("late-del", 300).as_bytes());
+    gone.required = gone.bytes.len() as u64;
+    wait_delivered(&broker, &[old_app, gone, content(&app)]);
+    // Once read to the end and acknowledged, they are closed.
+    poll_until("the orphans to be closed", Duration::from_secs(30), || {
+        if agent.has_open(&del) || agent.has_open(&d.join("logs/app.log.1")) {
+            Err("still open".to_string())
+        } else {
+            Ok(())
+        }
+    });
+    agent.stop();
+}
