@@ -12,8 +12,8 @@ use serde::{Deserialize, Serialize};
 pub enum ConfigError {
     #[error("invalid TOML: {0}")]
     Toml(#[from] toml::de::Error),
-    #[error("environment variable {var}: {reason}")]
-    Env { var: String, reason: String },
+    #[error(transparent)]
+    Env(#[from] qanat_config::EnvError),
     #[error("{0}")]
     Invalid(String),
 }
@@ -170,31 +170,22 @@ impl AgentConfig {
             Some(toml::Value::Table(t)) => known_keys(t, &["librdkafka"]),
             _ => Vec::new(),
         };
-        for (var, value) in env {
-            let Some(rest) = var.strip_prefix("QANAT_AGENT_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            if let Some(key) = rest.strip_prefix("output_") {
-                if output_keys.iter().any(|k| k == key) {
-                    let out = table
-                        .entry("output")
-                        .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-                    let toml::Value::Table(out) = out else {
-                        return Err(ConfigError::Env {
-                            var,
-                            reason: "[output] in the file is not a table".into(),
-                        });
-                    };
-                    out.insert(key.to_string(), env_value(&value));
-                    continue;
-                }
-            }
-            // `host` is optional (absent from the defaults' serialization).
-            if top_keys.contains(&rest) || rest == "host" {
-                table.insert(rest, env_value(&value));
-            }
-        }
+        // Only keys the agent has are taken; other QANAT_AGENT_* variables are ignored.
+        qanat_config::overlay_env(
+            &mut table,
+            "QANAT_AGENT_",
+            &["output"],
+            true,
+            env,
+            |section, key, raw| {
+                let known = match section {
+                    "output" => output_keys.iter().any(|k| k == key),
+                    // `host` is optional (absent from the defaults' serialization).
+                    _ => top_keys.iter().any(|k| k == key) || key == "host",
+                };
+                Ok(known.then(|| qanat_config::plain_value(raw)))
+            },
+        )?;
         let config: AgentConfig = toml::Value::Table(table).try_into()?;
         config.validate()?;
         Ok(config)
@@ -245,17 +236,6 @@ fn known_keys(t: &toml::Table, skip: &[&str]) -> Vec<String> {
         .filter(|k| !skip.contains(&k.as_str()))
         .cloned()
         .collect()
-}
-
-/// An environment string as the TOML value it most plausibly means.
-fn env_value(raw: &str) -> toml::Value {
-    if let Ok(i) = raw.parse::<i64>() {
-        toml::Value::Integer(i)
-    } else if let Ok(b) = raw.parse::<bool>() {
-        toml::Value::Boolean(b)
-    } else {
-        toml::Value::String(raw.to_string())
-    }
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ impl Config {
             &["broker", "storage", "groups"],
             false,
             env,
-            |_, _, raw| Ok(qanat_config::plain_value(raw)),
+            |_, _, raw| Ok(Some(qanat_config::plain_value(raw))),
         )?;
         Ok(toml::Value::Table(doc).try_into()?)
     }

@@ -27,7 +27,8 @@ pub fn plain_value(raw: &str) -> toml::Value {
 
 /// Overlay `PREFIX<TABLE>_<KEY>` variables from `env` onto `doc`, for the named `tables`
 /// (lower case). With `top_level`, a `PREFIX<KEY>` that names no table sets a top-level key.
-/// `value(table, key, raw)` types each value; `table` is "" for top-level keys.
+/// `value(table, key, raw)` types each value (`table` is "" for top-level keys); `Ok(None)`
+/// skips a variable that names no key of this component.
 pub fn overlay_env<I, V>(
     doc: &mut toml::Table,
     prefix: &str,
@@ -38,7 +39,7 @@ pub fn overlay_env<I, V>(
 ) -> Result<(), EnvError>
 where
     I: IntoIterator<Item = (String, String)>,
-    V: Fn(&str, &str, &str) -> Result<toml::Value, String>,
+    V: Fn(&str, &str, &str) -> Result<Option<toml::Value>, String>,
 {
     for (var, raw) in env {
         let Some(rest) = var.strip_prefix(prefix) else {
@@ -53,10 +54,11 @@ where
             None if top_level && !rest.is_empty() => ("", rest.as_str()),
             None => continue,
         };
-        let parsed = value(table, key, &raw).map_err(|reason| EnvError {
-            var: var.clone(),
-            reason,
-        })?;
+        let parsed = match value(table, key, &raw) {
+            Ok(Some(v)) => v,
+            Ok(None) => continue,
+            Err(reason) => return Err(EnvError { var, reason }),
+        };
         let target = if table.is_empty() {
             &mut *doc
         } else {
@@ -104,13 +106,28 @@ mod tests {
                 ("QANAT_HOST", "web7"),
                 ("OTHER_X", "1"),
             ]),
-            |_, _, raw| Ok(plain_value(raw)),
+            |_, _, raw| Ok(Some(plain_value(raw))),
         )
         .unwrap();
         assert_eq!(doc["storage"]["fsync"].as_str(), Some("always"));
         assert_eq!(doc["broker"]["auto_create_topics"].as_bool(), Some(false));
         assert_eq!(doc["host"].as_str(), Some("web7"));
         assert!(!doc.contains_key("x"));
+    }
+
+    #[test]
+    fn unknown_keys_can_be_skipped() {
+        let mut doc = toml::Table::new();
+        overlay_env(
+            &mut doc,
+            "QANAT_AGENT_",
+            &["output"],
+            true,
+            env(&[("QANAT_AGENT_HOST", "h"), ("QANAT_AGENT_NOPE", "1")]),
+            |_, key, raw| Ok((key == "host").then(|| plain_value(raw))),
+        )
+        .unwrap();
+        assert_eq!(doc.len(), 1);
     }
 
     #[test]
@@ -122,7 +139,7 @@ mod tests {
             &["storage"],
             false,
             env(&[("QANAT_STORAGE_FSYNC", "always")]),
-            |_, _, raw| Ok(plain_value(raw)),
+            |_, _, raw| Ok(Some(plain_value(raw))),
         )
         .unwrap_err();
         assert_eq!(e.var, "QANAT_STORAGE_FSYNC");
