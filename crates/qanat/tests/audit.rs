@@ -4,9 +4,11 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod audit_support;
+mod support;
 
-use audit_support::*;
+use audit_support::{manifest, SimFile, IN_ORDER};
 use serde_json::Value;
+use support::{metric, poll_until, produce, qanat, qanat_spawn, scrape, Broker, Rec, DEADLINE};
 
 fn json_audit(args: &[&str]) -> (i32, Value) {
     let out = qanat(args);
@@ -32,7 +34,8 @@ fn file<'a>(report: &'a Value, id: &str) -> &'a Value {
 
 #[test]
 fn loss_is_found_and_named() {
-    let (_broker, bs) = start_broker();
+    let broker = Broker::start();
+    let bs = broker.bootstrap();
     let out = qanat(&[
         "topics",
         "create",
@@ -60,15 +63,10 @@ fn loss_is_found_and_named() {
     recs.extend(rotated.records(0..6));
     // Garbage: no trajectory headers at all, and a garbled offset.
     let mut garbled = complete.record(complete.lines()[3]);
-    garbled.headers[3].1 = b"12x".to_vec();
+    garbled.headers[3].1 = Some(b"12x".to_vec());
     recs.push(garbled);
-    recs.push(Rec {
-        key: None,
-        value: b"no headers".to_vec(),
-        headers: Vec::new(),
-        timestamp: None,
-    });
-    produce(&bs, "logs", &recs);
+    recs.push(Rec::value("no headers"));
+    produce(&bs, "logs", &recs, IN_ORDER);
 
     let all = [&complete, &gap, &dup, &partial, &never];
     let mut older: Vec<String> = all
@@ -85,6 +83,7 @@ fn loss_is_found_and_named() {
             manifest("web7", 1_000, &older),
             manifest("web7", 2_000, &newer),
         ],
+        IN_ORDER,
     );
 
     let args = [
@@ -187,18 +186,20 @@ fn loss_is_found_and_named() {
 
 #[test]
 fn duplicates_and_reordering_alone_exit_zero() {
-    let (_broker, bs) = start_broker();
+    let broker = Broker::start();
+    let bs = broker.bootstrap();
     let f = SimFile::new("app3", "orders", 10);
     let mut recs = f.records(0..3);
     recs.extend(f.records(4..5));
     recs.extend(f.records(3..4)); // line 3 arrives after line 4
     recs.extend(f.records(5..10));
     recs.extend(f.records(8..10)); // redelivered tail
-    produce(&bs, "clean", &recs);
+    produce(&bs, "clean", &recs, IN_ORDER);
     produce(
         &bs,
         "clean-manifests",
         &[manifest("app3", 5, &[f.manifest_entry(f.size(), 5)])],
+        IN_ORDER,
     );
     let (code, r) = json_audit(&[
         "audit",
@@ -227,7 +228,8 @@ fn duplicates_and_reordering_alone_exit_zero() {
 
 #[test]
 fn since_window_starts_mid_file() {
-    let (_broker, bs) = start_broker();
+    let broker = Broker::start();
+    let bs = broker.bootstrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -243,12 +245,12 @@ fn since_window_starts_mid_file() {
     for r in &mut old {
         r.timestamp = Some(old_ts);
     }
-    produce(&bs, "win", &old);
+    produce(&bs, "win", &old, IN_ORDER);
     let mut new = f.records(5..12);
     for r in &mut new {
         r.timestamp = Some(now);
     }
-    produce(&bs, "win", &new);
+    produce(&bs, "win", &new, IN_ORDER);
     produce(
         &bs,
         "win-manifests",
@@ -260,6 +262,7 @@ fn since_window_starts_mid_file() {
                 idle.manifest_entry(idle.size(), old_ts),
             ],
         )],
+        IN_ORDER,
     );
     let since_arg = since.to_string();
     let (code, r) = json_audit(&[
@@ -322,7 +325,8 @@ fn usage_and_connection_errors_exit_two() {
         "3",
     ]);
     assert_eq!(out.status.code(), Some(2), "{out:?}");
-    let (_broker, bs) = start_broker();
+    let broker = Broker::start();
+    let bs = broker.bootstrap();
     let out = qanat(&[
         "audit",
         "--bootstrap",
@@ -341,17 +345,19 @@ fn usage_and_connection_errors_exit_two() {
 
 #[test]
 fn follow_exports_metrics_and_sees_a_gap_close() {
-    let (_broker, bs) = start_broker();
+    let broker = Broker::start();
+    let bs = broker.bootstrap();
     let f = SimFile::new("web9", "live", 10);
     let mut recs = f.records(0..4);
     recs.extend(f.records(5..10));
-    produce(&bs, "live", &recs);
+    produce(&bs, "live", &recs, IN_ORDER);
     produce(
         &bs,
         "live-manifests",
         &[manifest("web9", 1, &[f.manifest_entry(f.size(), 1)])],
+        IN_ORDER,
     );
-    let audit = qanat_spawn(&[
+    let mut audit = qanat_spawn(&[
         "audit",
         "--bootstrap",
         &bs,
@@ -365,25 +371,25 @@ fn follow_exports_metrics_and_sees_a_gap_close() {
     ]);
     let metrics = audit.wait_line("qanat metrics listening on ");
     let missing = f.lines()[4].1 as f64;
-    poll_until("the gap in the metrics", || {
+    poll_until("the gap in the metrics", DEADLINE, || {
         let body = scrape(&metrics)?;
         match (
-            gauge(&body, "qanat_audit_missing_bytes"),
-            gauge(&body, "qanat_audit_records"),
+            metric(&body, "qanat_audit_missing_bytes", &[]),
+            metric(&body, "qanat_audit_records", &[]),
         ) {
             (Some(m), Some(n)) if m == missing && n == 9.0 => Ok(()),
             other => Err(format!("{other:?}")),
         }
     });
     // The late line arrives: the gap closes, and it counts as reordered, not missing.
-    produce(&bs, "live", &f.records(4..5));
-    poll_until("the gap to close", || {
+    produce(&bs, "live", &f.records(4..5), IN_ORDER);
+    poll_until("the gap to close", DEADLINE, || {
         let body = scrape(&metrics)?;
         match (
-            gauge(&body, "qanat_audit_missing_bytes"),
-            gauge(&body, "qanat_audit_gaps"),
-            gauge(&body, "qanat_audit_reordered_records"),
-            gauge(&body, "qanat_audit_records"),
+            metric(&body, "qanat_audit_missing_bytes", &[]),
+            metric(&body, "qanat_audit_gaps", &[]),
+            metric(&body, "qanat_audit_reordered_records", &[]),
+            metric(&body, "qanat_audit_records", &[]),
         ) {
             (Some(m), Some(g), Some(o), Some(n))
                 if m == 0.0 && g == 0.0 && o == 1.0 && n == 10.0 =>

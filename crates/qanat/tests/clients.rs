@@ -8,40 +8,9 @@
 mod support;
 
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 
 use support::*;
-
-const INSTALL_HINT: &str = "run scripts/test.sh, which installs the test dependencies \
-                            (kcat via apt-get; confluent-kafka, kafka-python, lz4, zstandard, \
-                            python-snappy via pip)";
-
-fn require_kcat() {
-    let ok = Command::new("kcat")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(ok, "kcat is not installed: {INSTALL_HINT}");
-}
-
-fn require_python_modules(modules: &[&str]) {
-    for m in modules {
-        let out = Command::new("python3")
-            .args(["-c", &format!("import {m}")])
-            .output();
-        match out {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => panic!(
-                "python3 cannot import {m}: {INSTALL_HINT}\n{}",
-                String::from_utf8_lossy(&o.stderr)
-            ),
-            Err(e) => panic!("python3 is not runnable ({e}): {INSTALL_HINT}"),
-        }
-    }
-}
 
 fn describe(out: &Output) -> String {
     format!(
@@ -159,13 +128,6 @@ fn kcat_produce_consume_and_metadata() {
             "kcat -L lacks {line:?}:\n{listing}"
         );
     }
-}
-
-fn py_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("py")
-        .join(name)
 }
 
 fn run_python(script: &str, broker: &Broker) {

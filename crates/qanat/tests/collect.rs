@@ -7,9 +7,9 @@ mod support;
 
 use std::io::Write;
 
-use collect_support::{chromium, wait_for, Collector};
+use collect_support::{chromium, Collector};
 use serde_json::{json, Value};
-use support::{consume_all, watermarks, Broker, Msg};
+use support::{consume_all, http, poll_until, watermarks, Broker, Msg, DEADLINE};
 
 fn values(msgs: &[Msg]) -> Vec<Value> {
     msgs.iter()
@@ -106,7 +106,7 @@ fn beacon_answers_pixel_or_204_uncached_and_sets_the_cookie_once() {
         .to_string();
 
     // With the cookie: no new cookie, same visitor; resp=204 gives an empty answer.
-    let r = collect_support::http(
+    let r = http(
         &c.addr,
         "GET",
         "/t.gif?t=click&spm=shop.item.list.8&resp=204",
@@ -312,7 +312,7 @@ fn malformed_inputs_get_4xx_and_the_server_stays_up() {
         let r = c.get(path);
         assert_eq!(r.status, 400, "{what}: {}", r.text());
     }
-    let r = collect_support::http(
+    let r = http(
         &c.addr,
         "PUT",
         "/admin/v1/config?app=a",
@@ -345,7 +345,7 @@ fn malformed_inputs_get_4xx_and_the_server_stays_up() {
         2,
         "nothing invalid was produced"
     );
-    assert!(c.metric("qanat_collect_events_total{outcome=\"rejected\"}") >= 16.0);
+    assert!(c.metric("qanat_collect_events_total", &[("outcome", "rejected")]) >= 16.0);
 }
 
 #[test]
@@ -382,8 +382,13 @@ fn a_flooded_route_does_not_stop_another() {
     // then one more batch fills the buffer and the next is refused.
     let r = c.post("/v1/events", &[JSON], &batch("bulk"));
     assert_eq!(r.status, 200, "{}", r.text());
-    wait_for("the bulk pump to take the first batch", || {
-        c.get("/healthz").json()["routes"][0]["buffered"] == 0
+    poll_until("the bulk pump to take the first batch", DEADLINE, || {
+        let buffered = c.get("/healthz").json()["routes"][0]["buffered"].clone();
+        if buffered == 0 {
+            Ok(())
+        } else {
+            Err(format!("buffered: {buffered}"))
+        }
     });
     let r = c.post("/v1/events", &[JSON], &batch("bulk"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -408,7 +413,12 @@ fn a_flooded_route_does_not_stop_another() {
     }
     let got = consume_all(&broker.bootstrap(), "vip.events", 0, 50);
     assert_eq!(got.len(), 50);
-    assert!(c.metric("qanat_collect_route_events_total{route=\"bulk\",outcome=\"full\"}") >= 10.0);
+    assert!(
+        c.metric(
+            "qanat_collect_route_events_total",
+            &[("route", "bulk"), ("outcome", "full")]
+        ) >= 10.0
+    );
 }
 
 #[test]
@@ -430,7 +440,7 @@ fn a_throttle_change_is_served_and_applied() {
     let v1 = config(&c)["version"].as_u64().unwrap();
 
     // Peak: shed clicks entirely.
-    let r = collect_support::http(
+    let r = http(
         &c.addr,
         "PUT",
         "/admin/v1/config?app=web",
@@ -456,10 +466,13 @@ fn a_throttle_change_is_served_and_applied() {
     let r = c.get("/t.gif?t=click&app=web&spm=a.b.c.d");
     assert_eq!(r.status, 200);
     assert_eq!(r.header("x-qanat-shed"), Some("sample"));
-    assert_eq!(c.metric("qanat_collect_shed_total{reason=\"sample\"}"), 6.0);
+    assert_eq!(
+        c.metric("qanat_collect_shed_total", &[("reason", "sample")]),
+        6.0
+    );
 
     // Priority shedding: everything below normal goes.
-    let r = collect_support::http(
+    let r = http(
         &c.addr,
         "PUT",
         "/admin/v1/config?app=web",
@@ -469,7 +482,7 @@ fn a_throttle_change_is_served_and_applied() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(c.post("/v1/events", &[JSON], &mixed(1)).json()["shed"], 1);
     assert_eq!(
-        c.metric("qanat_collect_shed_total{reason=\"priority\"}"),
+        c.metric("qanat_collect_shed_total", &[("reason", "priority")]),
         1.0
     );
 
@@ -477,8 +490,13 @@ fn a_throttle_change_is_served_and_applied() {
     let before = config(&c)["version"].as_u64().unwrap();
     std::fs::write(c.config_path(), base).unwrap();
     c.signal("-HUP");
-    wait_for("the reload to show in /v1/config", || {
-        config(&c)["version"].as_u64().unwrap() > before
+    poll_until("the reload to show in /v1/config", DEADLINE, || {
+        let version = config(&c)["version"].as_u64().unwrap();
+        if version > before {
+            Ok(())
+        } else {
+            Err(format!("version {version}"))
+        }
     });
     assert_eq!(config(&c)["events"]["click"]["sample"], 1.0);
     assert_eq!(config(&c)["min_priority"], "low");

@@ -19,10 +19,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use group_support::{
-    metric_values, require_kcat, require_python_module, PyConsumer, PyConsumerOpts,
+use group_support::{PyConsumer, PyConsumerOpts};
+use support::{
+    http_get, keyed_records, metric_values, poll_until, produce, qanat_ok, require_kcat,
+    require_python_modules, Broker, DEADLINE,
 };
-use support::{keyed_records, poll_until, produce, qanat_ok, Broker, DEADLINE};
 
 /// Small coordinator delays so rebalances are quick; consumers ask for 4 s sessions.
 const GROUPS_CONFIG: &str =
@@ -170,7 +171,7 @@ fn expected(recs: &[support::Rec], delivered: &[(i32, i64)]) -> BTreeMap<(i32, i
 
 #[test]
 fn three_consumers_share_partitions_survive_a_kill_and_broker_restarts() {
-    require_python_module("confluent_kafka");
+    require_python_modules(&["confluent_kafka"]);
     let mut broker = Broker::builder().config(GROUPS_CONFIG).metrics().start();
     let b = broker.bootstrap();
     let (topic, group) = ("grp-orders", "grp-shop");
@@ -416,7 +417,7 @@ fn three_consumers_share_partitions_survive_a_kill_and_broker_restarts() {
         "qanat_group_lag to show the phase-3 lag",
         Duration::from_secs(30),
         || {
-            let (status, text) = group_support::http_get(&metrics_addr, "/metrics");
+            let (status, text) = http_get(&metrics_addr, "/metrics");
             if status != 200 {
                 return Err(format!("HTTP {status}"));
             }

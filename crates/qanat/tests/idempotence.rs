@@ -9,7 +9,6 @@
 //!   or stale sequence gets OUT_OF_ORDER_SEQUENCE_NUMBER.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod group_support;
 mod support;
 
 use std::collections::BTreeMap;
@@ -38,8 +37,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream as TokioStream};
 use tokio::sync::watch;
 
-use group_support::metric_values;
-use support::{consume_all, qanat_ok, watermarks, Broker, DEADLINE};
+use support::{consume_all, http_get, metric_values, qanat_ok, watermarks, Broker, DEADLINE};
 
 // ------------------------------------------------------------------------------------------
 // A TCP proxy that can cut every connection
@@ -326,7 +324,7 @@ fn idempotent_producer_writes_no_duplicate_across_dropped_connections() {
         );
     }
 
-    let metrics = group_support::http_get(&broker.metrics_addr().unwrap(), "/metrics").1;
+    let metrics = http_get(&broker.metrics_addr().unwrap(), "/metrics").1;
     let dups: f64 = metric_values(&metrics, "qanat_produce_duplicates_total", &[])
         .iter()
         .map(|(_, v)| v)

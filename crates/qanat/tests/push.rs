@@ -14,9 +14,9 @@ mod support;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Instant;
 
-use group_support::{http_get, percent_encode, HttpBroker, SseStream};
+use group_support::{SseEvent, SseStream};
 use serde_json::Value;
-use support::{produce, qanat_ok, Rec, DEADLINE};
+use support::{http_get, percent_encode, produce, qanat_ok, Broker, Rec, DEADLINE};
 
 const BASE_TS: i64 = 1_700_000_000_000;
 /// Subscriptions start at this time: records before it are "old".
@@ -87,8 +87,9 @@ struct Sub {
     want: BTreeMap<(i32, i64), Rec>,
 }
 
-fn open(b: &HttpBroker, name: &'static str, query: &str) -> SseStream {
-    let s = SseStream::open(&b.http_addr, &format!("/v1/topics/{TOPIC}/events?{query}"));
+fn open(b: &Broker, name: &'static str, query: &str) -> SseStream {
+    let http = b.http_addr().expect("HTTP listener");
+    let s = SseStream::open(&http, &format!("/v1/topics/{TOPIC}/events?{query}"));
     assert_eq!(s.status, 200, "{name}: subscribe status");
     assert!(
         s.headers
@@ -100,7 +101,7 @@ fn open(b: &HttpBroker, name: &'static str, query: &str) -> SseStream {
     s
 }
 
-fn check_event(name: &str, ev: &group_support::SseEvent, want: &Rec) -> (i32, i64) {
+fn check_event(name: &str, ev: &SseEvent, want: &Rec) -> (i32, i64) {
     assert_eq!(ev.event, "record", "{name}: event type");
     let d: Value =
         serde_json::from_str(&ev.data).unwrap_or_else(|e| panic!("{name}: data {e}: {}", ev.data));
@@ -142,7 +143,9 @@ fn check_event(name: &str, ev: &group_support::SseEvent, want: &Rec) -> (i32, i6
 
 #[test]
 fn push_subscription_delivers_exactly_the_matching_records() {
-    let b = HttpBroker::start("");
+    let b = Broker::builder().http().start();
+    let bs = b.bootstrap();
+    let http = b.http_addr().expect("HTTP listener");
     qanat_ok(&[
         "topics",
         "create",
@@ -150,14 +153,14 @@ fn push_subscription_delivers_exactly_the_matching_records() {
         "--partitions",
         "2",
         "--bootstrap",
-        &b.addr,
+        &bs,
     ]);
 
     // Before T (never delivered from time:T), then from T on.
     let old: Vec<Rec> = (0..40).map(|i| rec("old", i, BASE_TS + i as i64)).collect();
     let new: Vec<Rec> = (0..200).map(|i| rec("new", i, T + i as i64)).collect();
-    let d_old = produce(&b.addr, TOPIC, &old, &[]);
-    let d_new = produce(&b.addr, TOPIC, &new, &[]);
+    let d_old = produce(&bs, TOPIC, &old, &[]);
+    let d_new = produce(&bs, TOPIC, &new, &[]);
     assert!(
         d_old.iter().all(|d| d.1 < 20),
         "old records first in each partition"
@@ -204,7 +207,7 @@ fn push_subscription_delivers_exactly_the_matching_records() {
     let live: Vec<Rec> = (0..40)
         .map(|i| rec("live", i, T + 1000 + i as i64))
         .collect();
-    let d_live = produce(&b.addr, TOPIC, &live, &[]);
+    let d_live = produce(&bs, TOPIC, &live, &[]);
     let sentinels: Vec<Rec> = (0..2)
         .map(|p| {
             Rec::value(format!("sentinel-{p}"))
@@ -215,7 +218,7 @@ fn push_subscription_delivers_exactly_the_matching_records() {
                 .header("event", Some(b"pv"))
         })
         .collect();
-    let d_sent = produce(&b.addr, TOPIC, &sentinels, &[]);
+    let d_sent = produce(&bs, TOPIC, &sentinels, &[]);
     let sentinel_at: BTreeSet<(i32, i64)> = d_sent.iter().copied().collect();
 
     for sub in subs.iter_mut() {
@@ -294,7 +297,7 @@ fn push_subscription_delivers_exactly_the_matching_records() {
         ("app == 'x'", 6),
     ] {
         let (status, body) = http_get(
-            &b.http_addr,
+            &http,
             &format!(
                 "/v1/topics/{TOPIC}/events?filter={}",
                 percent_encode(filter)
@@ -308,14 +311,8 @@ fn push_subscription_delivers_exactly_the_matching_records() {
             "error message for {filter:?}: {body}"
         );
     }
-    let (status, body) = http_get(
-        &b.http_addr,
-        "/v1/topics/no-such-topic/events?from=earliest",
-    );
+    let (status, body) = http_get(&http, "/v1/topics/no-such-topic/events?from=earliest");
     assert_eq!(status, 404, "unknown topic: {body}");
-    let (status, body) = http_get(
-        &b.http_addr,
-        &format!("/v1/topics/{TOPIC}/events?from=yesterday"),
-    );
+    let (status, body) = http_get(&http, &format!("/v1/topics/{TOPIC}/events?from=yesterday"));
     assert_eq!(status, 400, "bad from: {body}");
 }

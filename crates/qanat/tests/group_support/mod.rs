@@ -1,13 +1,9 @@
-//! Helpers for the consumer-group, idempotence and push-subscription tests (beside
-//! `support`, which they use read-only):
+//! Helpers for the consumer-group and push-subscription tests, on top of `support` (the
+//! broker, the HTTP client, Prometheus parsing):
 //!
-//! * [`HttpBroker`]: the real `qanat` binary with `--http-listen` (the push endpoint), whose
-//!   address it learns from the `qanat http listening on ...` line.
-//! * [`http_get`] and [`SseStream`]: a minimal HTTP/1.1 client over a `TcpStream`
-//!   (Content-Length and chunked bodies), enough for the Prometheus text and Server-Sent Events.
+//! * [`SseStream`]: Server-Sent Events over [`http_stream`].
 //! * [`PyConsumer`]: a `tests/py/group_consumers.py` process whose JSON-lines stdout is
 //!   collected on a thread.
-//! * [`metric_values`]: samples of one Prometheus metric, by labels.
 //!
 //! Every wait is a poll on an observable condition with a deadline, as in `support`.
 
@@ -15,277 +11,20 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, File};
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use tempfile::TempDir;
 
-pub const QANAT_BIN: &str = env!("CARGO_BIN_EXE_qanat");
-pub const DEADLINE: Duration = Duration::from_secs(60);
+use crate::support::{http_stream, py_script, tail, wait_with_deadline, Body, DEADLINE};
 
 // ------------------------------------------------------------------------------------------
-// A broker with the HTTP API
-
-/// `qanat broker --http-listen 127.0.0.1:0` with its own temporary data dir; killed on drop
-/// (its stderr tail is printed when the test is panicking).
-pub struct HttpBroker {
-    child: Option<Child>,
-    pub addr: String,
-    pub http_addr: String,
-    dir: TempDir,
-}
-
-impl HttpBroker {
-    pub fn start(config: &str) -> HttpBroker {
-        let dir = tempfile::Builder::new()
-            .prefix("qanat-http-it-")
-            .tempdir()
-            .expect("temp dir");
-        let data = dir.path().join("data");
-        fs::create_dir_all(&data).expect("data dir");
-        let config_path = dir.path().join("qanat.toml");
-        fs::write(&config_path, config).expect("config");
-        let stderr = File::create(dir.path().join("broker.stderr.log")).expect("stderr log");
-        let mut cmd = Command::new(QANAT_BIN);
-        for (k, _) in std::env::vars_os() {
-            if k.to_string_lossy().starts_with("QANAT_") {
-                cmd.env_remove(k);
-            }
-        }
-        let mut child = cmd
-            .args([
-                "broker",
-                "--listen",
-                "127.0.0.1:0",
-                "--http-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--data-dir")
-            .arg(&data)
-            .arg("--config")
-            .arg(&config_path)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr))
-            .spawn()
-            .expect("spawn qanat broker");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let (tx, rx) = mpsc::channel::<String>();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                let _ = tx.send(line);
-            }
-        });
-        let mut broker = HttpBroker {
-            child: Some(child),
-            addr: String::new(),
-            http_addr: String::new(),
-            dir,
-        };
-        let deadline = Instant::now() + DEADLINE;
-        while broker.addr.is_empty() {
-            match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
-                Ok(line) => {
-                    if let Some(a) = line.strip_prefix("qanat http listening on ") {
-                        broker.http_addr = a.trim().to_string();
-                    } else if let Some(a) = line.strip_prefix("qanat broker listening on ") {
-                        broker.addr = a.trim().to_string();
-                    }
-                }
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => panic!(
-                    "broker did not print its listening line; stderr:\n{}",
-                    broker.stderr()
-                ),
-            }
-        }
-        assert!(
-            !broker.http_addr.is_empty(),
-            "broker printed no 'qanat http listening on' line before the broker line"
-        );
-        broker
-    }
-
-    pub fn stderr(&self) -> String {
-        fs::read_to_string(self.dir.path().join("broker.stderr.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for HttpBroker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if thread::panicking() {
-            let all = self.stderr();
-            let lines: Vec<&str> = all.lines().collect();
-            eprintln!(
-                "----- broker stderr (last 100 lines) -----\n{}\n-----",
-                lines[lines.len().saturating_sub(100)..].join("\n")
-            );
-        }
-    }
-}
-
-// ------------------------------------------------------------------------------------------
-// Minimal HTTP/1.1 client
-
-/// Percent-encode everything but RFC 3986 unreserved characters (for query values).
-pub fn percent_encode(s: &str) -> String {
-    let mut out = String::new();
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
-}
-
-/// A response body reader that undoes chunked transfer encoding when the response uses it.
-pub struct Body {
-    reader: BufReader<TcpStream>,
-    chunked: bool,
-    /// Bytes left in the current chunk (chunked) or the body (Content-Length).
-    left: Option<usize>,
-    done: bool,
-}
-
-impl Body {
-    /// Up to `buf.len()` body bytes; `Ok(0)` at the end of the body. Honors the socket's read
-    /// timeout (an `Err` of kind WouldBlock/TimedOut then).
-    pub fn read_some(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        if self.done {
-            return Ok(0);
-        }
-        if !self.chunked {
-            let want = match self.left {
-                Some(0) => {
-                    self.done = true;
-                    return Ok(0);
-                }
-                Some(n) => n.min(buf.len()),
-                None => buf.len(),
-            };
-            let n = self.reader.read(&mut buf[..want])?;
-            if n == 0 {
-                self.done = true;
-            }
-            if let Some(l) = self.left.as_mut() {
-                *l -= n;
-            }
-            return Ok(n);
-        }
-        if self.left.unwrap_or(0) == 0 {
-            if self.left == Some(0) {
-                // CRLF after the previous chunk's data.
-                let mut crlf = String::new();
-                self.reader.read_line(&mut crlf)?;
-                self.left = None;
-            }
-            let mut size_line = String::new();
-            if self.reader.read_line(&mut size_line)? == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-            let hex = size_line.trim().split(';').next().unwrap_or("");
-            let size = usize::from_str_radix(hex, 16).map_err(|e| {
-                std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    format!("bad chunk size line {size_line:?}: {e}"),
-                )
-            })?;
-            if size == 0 {
-                self.done = true;
-                return Ok(0);
-            }
-            self.left = Some(size);
-        }
-        let want = self.left.unwrap_or(0).min(buf.len());
-        let n = self.reader.read(&mut buf[..want])?;
-        if n == 0 {
-            self.done = true;
-            return Ok(0);
-        }
-        self.left = Some(self.left.unwrap_or(0) - n);
-        Ok(n)
-    }
-}
-
-/// Send `GET path` and read the status line and headers. Returns (status, lower-cased
-/// headers, body reader).
-pub fn http_request(addr: &str, path: &str) -> (u16, BTreeMap<String, String>, Body) {
-    let mut stream =
-        TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to HTTP {addr}: {e}"));
-    stream.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n\r\n"
-    )
-    .expect("send request");
-    let mut reader = BufReader::new(stream);
-    let mut status_line = String::new();
-    reader.read_line(&mut status_line).expect("status line");
-    let status: u16 = status_line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad HTTP status line {status_line:?}"));
-    let mut headers = BTreeMap::new();
-    loop {
-        let mut line = String::new();
-        reader.read_line(&mut line).expect("header line");
-        let line = line.trim_end();
-        if line.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = line.split_once(':') {
-            headers.insert(k.trim().to_ascii_lowercase(), v.trim().to_string());
-        }
-    }
-    let chunked = headers
-        .get("transfer-encoding")
-        .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
-    let left = if chunked {
-        None
-    } else {
-        headers.get("content-length").and_then(|v| v.parse().ok())
-    };
-    (
-        status,
-        headers,
-        Body {
-            reader,
-            chunked,
-            left,
-            done: false,
-        },
-    )
-}
-
-/// `GET path` and the whole body as text.
-pub fn http_get(addr: &str, path: &str) -> (u16, String) {
-    let (status, _, mut body) = http_request(addr, path);
-    let mut out = Vec::new();
-    let mut buf = [0u8; 8192];
-    loop {
-        let n = body.read_some(&mut buf).expect("read body");
-        if n == 0 {
-            break;
-        }
-        out.extend_from_slice(&buf[..n]);
-    }
-    (status, String::from_utf8_lossy(&out).into_owned())
-}
+// Server-Sent Events
 
 /// One Server-Sent Event.
 #[derive(Debug, Clone, Default)]
@@ -295,17 +34,17 @@ pub struct SseEvent {
     pub data: String,
 }
 
-/// A Server-Sent Events stream over [`http_request`].
+/// A Server-Sent Events stream over [`http_stream`].
 pub struct SseStream {
     pub status: u16,
     pub headers: BTreeMap<String, String>,
-    body: Body,
+    body: Body<BufReader<TcpStream>>,
     pending: Vec<u8>,
 }
 
 impl SseStream {
     pub fn open(addr: &str, path: &str) -> SseStream {
-        let (status, headers, body) = http_request(addr, path);
+        let (status, headers, body) = http_stream(addr, path);
         SseStream {
             status,
             headers,
@@ -344,9 +83,7 @@ impl SseStream {
                 return None;
             }
             self.body
-                .reader
-                .get_ref()
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .set_read_timeout(left.max(Duration::from_millis(1)))
                 .expect("set timeout");
             let mut buf = [0u8; 16384];
             match self.body.read_some(&mut buf) {
@@ -381,58 +118,7 @@ fn find_blank_line(b: &[u8]) -> Option<(usize, usize)> {
 }
 
 // ------------------------------------------------------------------------------------------
-// Prometheus text
-
-/// Samples of `name` whose labels include every `(label, value)` in `want`: (all labels,
-/// value).
-pub fn metric_values(
-    text: &str,
-    name: &str,
-    want: &[(&str, &str)],
-) -> Vec<(BTreeMap<String, String>, f64)> {
-    let mut out = Vec::new();
-    for line in text.lines() {
-        let Some(rest) = line.strip_prefix(name) else {
-            continue;
-        };
-        let (labels_text, value) = if let Some(r) = rest.strip_prefix('{') {
-            let Some((l, v)) = r.split_once('}') else {
-                continue;
-            };
-            (l, v)
-        } else if rest.starts_with(' ') {
-            ("", rest)
-        } else {
-            continue; // another metric with this name as a prefix
-        };
-        let mut labels = BTreeMap::new();
-        for part in labels_text.split("\",") {
-            if let Some((k, v)) = part.split_once("=\"") {
-                labels.insert(k.trim().to_string(), v.trim_end_matches('"').to_string());
-            }
-        }
-        if !want
-            .iter()
-            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
-        {
-            continue;
-        }
-        if let Ok(v) = value.trim().parse::<f64>() {
-            out.push((labels, v));
-        }
-    }
-    out
-}
-
-// ------------------------------------------------------------------------------------------
 // Python group consumers
-
-pub fn py_script(name: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-        .join("tests")
-        .join("py")
-        .join(name)
-}
 
 /// A running `group_consumers.py`; its stdout JSON lines are collected as they arrive.
 pub struct PyConsumer {
@@ -573,21 +259,14 @@ impl PyConsumer {
     pub fn stop(&mut self) {
         fs::write(&self.stop_file, b"stop").expect("write stop file");
         let mut c = self.child.take().expect("consumer running");
-        let deadline = Instant::now() + DEADLINE;
-        let status = loop {
-            if let Some(s) = c.try_wait().expect("wait consumer") {
-                break s;
-            }
-            if Instant::now() > deadline {
-                let _ = c.kill();
-                panic!(
-                    "consumer {} did not stop within {DEADLINE:?}; stderr:\n{}",
-                    self.id,
-                    self.stderr()
-                );
-            }
-            thread::sleep(Duration::from_millis(25));
-        };
+        let status = wait_with_deadline(&mut c, DEADLINE).unwrap_or_else(|| {
+            let _ = c.kill();
+            panic!(
+                "consumer {} did not stop within {DEADLINE:?}; stderr:\n{}",
+                self.id,
+                self.stderr()
+            )
+        });
         assert!(
             status.success(),
             "consumer {} exited with {status}; stderr:\n{}",
@@ -614,38 +293,11 @@ impl Drop for PyConsumer {
             let _ = c.wait();
         }
         if thread::panicking() {
-            let s = self.stderr();
-            let lines: Vec<&str> = s.lines().collect();
             eprintln!(
                 "----- consumer {} stderr (last 40 lines) -----\n{}",
                 self.id,
-                lines[lines.len().saturating_sub(40)..].join("\n")
+                tail(&self.stderr(), 40)
             );
         }
     }
-}
-
-/// Run `python3 -c 'import MODULE'` and panic with an install hint if it fails.
-pub fn require_python_module(m: &str) {
-    let ok = Command::new("python3")
-        .args(["-c", &format!("import {m}")])
-        .output()
-        .is_ok_and(|o| o.status.success());
-    assert!(
-        ok,
-        "python3 cannot import {m}: run scripts/test.sh, which installs the test dependencies"
-    );
-}
-
-pub fn require_kcat() {
-    let ok = Command::new("kcat")
-        .arg("-V")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    assert!(
-        ok,
-        "kcat is not installed: run scripts/test.sh, which installs it"
-    );
 }

@@ -3,7 +3,14 @@
 //! * [`Broker`] starts the real `qanat` binary on an ephemeral port with its own temporary data
 //!   directory, learns its address from the `qanat broker listening on ...` line it prints on
 //!   stdout (the readiness signal: no sleeps), and kills it when dropped.
+//!   [`BrokerBuilder::metrics`] and [`BrokerBuilder::http`] add the metrics and HTTP listeners,
+//!   whose addresses it learns from the lines printed before that one.
+//! * [`Proc`]: any child process whose stdout lines are read on a thread, to wait for a
+//!   readiness line such as `qanat metrics listening on ADDR`; killed when dropped.
 //! * [`produce`] / [`consume`] talk to it with librdkafka (the `rdkafka` crate).
+//! * [`http`], [`http_stream`]: a minimal HTTP/1.1 client (one request per connection,
+//!   Content-Length and chunked bodies); [`scrape`] and [`metric_values`] for Prometheus text.
+//! * [`require_kcat`], [`require_python_modules`], [`py_script`] for the third-party clients.
 //!
 //! Every wait in here is a poll loop on an observable condition with a deadline; a deadline
 //! that passes is a test failure with a message saying what was being waited for.
@@ -13,10 +20,11 @@
 
 use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader};
+use std::io::{self, BufRead, BufReader, Cursor, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError};
 use std::sync::Mutex;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -42,17 +50,20 @@ pub const POLL_PAUSE: Duration = Duration::from_millis(25);
 
 const LISTENING_PREFIX: &str = "qanat broker listening on ";
 const METRICS_PREFIX: &str = "qanat metrics listening on ";
+const HTTP_PREFIX: &str = "qanat http listening on ";
 
 /// A `qanat broker` child process with its own temporary directory:
 /// `<tmp>/data` (data dir), `<tmp>/qanat.toml` (optional config), `<tmp>/broker.stderr.log`.
 pub struct Broker {
-    child: Option<Child>,
+    proc: Option<Proc>,
     addr: String,
     metrics_addr: Option<String>,
+    http_addr: Option<String>,
     dir: TempDir,
     config_path: Option<PathBuf>,
     env: Vec<(String, String)>,
     metrics: bool,
+    http: bool,
     starts: usize,
 }
 
@@ -62,6 +73,7 @@ pub struct BrokerBuilder {
     config: Option<String>,
     env: Vec<(String, String)>,
     metrics: bool,
+    http: bool,
 }
 
 impl BrokerBuilder {
@@ -83,6 +95,12 @@ impl BrokerBuilder {
         self
     }
 
+    /// Also pass `--http-listen 127.0.0.1:0` (the HTTP API: push subscriptions).
+    pub fn http(mut self) -> Self {
+        self.http = true;
+        self
+    }
+
     pub fn start(self) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("qanat-it-")
@@ -95,13 +113,15 @@ impl BrokerBuilder {
             path
         });
         let mut broker = Broker {
-            child: None,
+            proc: None,
             addr: String::new(),
             metrics_addr: None,
+            http_addr: None,
             dir,
             config_path,
             env: self.env,
             metrics: self.metrics,
+            http: self.http,
             starts: 0,
         };
         broker
@@ -140,6 +160,11 @@ impl Broker {
         self.metrics_addr.clone()
     }
 
+    /// `HOST:PORT` of the HTTP API, when started with [`BrokerBuilder::http`].
+    pub fn http_addr(&self) -> Option<String> {
+        self.http_addr.clone()
+    }
+
     pub fn data_dir(&self) -> PathBuf {
         self.dir.path().join("data")
     }
@@ -160,48 +185,35 @@ impl Broker {
 
     /// The last `n` lines of [`Broker::stderr`].
     pub fn stderr_tail(&self, n: usize) -> String {
-        let all = self.stderr();
-        let lines: Vec<&str> = all.lines().collect();
-        lines[lines.len().saturating_sub(n)..].join("\n")
+        tail(&self.stderr(), n)
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().map(Proc::pid)
     }
 
     /// Whether the process is still running (reaps it if it exited).
     pub fn is_alive(&mut self) -> bool {
-        match self.child.as_mut() {
-            None => false,
-            Some(child) => matches!(child.try_wait(), Ok(None)),
-        }
+        self.proc.as_mut().is_some_and(Proc::is_alive)
     }
 
     /// Exit status if the process has exited.
     pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
-        self.child
-            .as_mut()
-            .and_then(|c| c.try_wait().ok().flatten())
+        self.proc.as_mut().and_then(Proc::try_exit_status)
     }
 
     /// SIGTERM and wait for a graceful exit; panics if it does not exit within the deadline
     /// or exits unsuccessfully (the contract is: SIGTERM -> flush -> exit 0).
     pub fn stop(&mut self) -> ExitStatus {
-        let mut child = self.child.take().expect("broker is not running");
-        if let Ok(Some(status)) = child.try_wait() {
+        let mut proc = self.proc.take().expect("broker is not running");
+        if let Some(status) = proc.try_exit_status() {
             panic!(
                 "broker had already exited ({status}) before SIGTERM; stderr:\n{}",
                 self.stderr_tail(50)
             );
         }
-        let status = Command::new("kill")
-            .args(["-TERM", &child.id().to_string()])
-            .status()
-            .expect("run kill -TERM");
-        assert!(status.success(), "kill -TERM {} failed", child.id());
-        let status = wait_with_deadline(&mut child, DEADLINE).unwrap_or_else(|| {
-            let _ = child.kill();
-            let _ = child.wait();
+        // On a timeout, dropping `proc` kills it.
+        let status = proc.terminate(DEADLINE).unwrap_or_else(|| {
             panic!(
                 "broker did not exit within {DEADLINE:?} after SIGTERM; stderr:\n{}",
                 self.stderr_tail(50)
@@ -217,16 +229,14 @@ impl Broker {
 
     /// SIGKILL the broker and reap it. No flush, no graceful anything.
     pub fn kill9(&mut self) {
-        let mut child = self.child.take().expect("broker is not running");
-        // std's Child::kill sends SIGKILL on Unix.
-        child.kill().expect("SIGKILL broker");
-        child.wait().expect("reap killed broker");
+        let mut proc = self.proc.take().expect("broker is not running");
+        proc.kill9();
     }
 
     /// Gracefully stop (SIGTERM) the broker if it is running, then start it again on the SAME
     /// port and data dir.
     pub fn restart(&mut self) {
-        if self.child.is_some() {
+        if self.proc.is_some() {
             self.stop();
         }
         self.start_again();
@@ -236,7 +246,7 @@ impl Broker {
     /// [`Broker::stop`]. Retries while the port is briefly unavailable (the old listener or
     /// another test's connection can hold it for a moment), up to the deadline.
     pub fn start_again(&mut self) {
-        assert!(self.child.is_none(), "broker is still running");
+        assert!(self.proc.is_none(), "broker is still running");
         let listen = format!("127.0.0.1:{}", self.port());
         let deadline = Instant::now() + DEADLINE;
         loop {
@@ -259,7 +269,6 @@ impl Broker {
             .open(self.stderr_path())
             .map_err(|e| format!("open stderr log: {e}"))?;
         {
-            use std::io::Write;
             let mut marker = &stderr;
             let _ = writeln!(
                 marker,
@@ -267,7 +276,7 @@ impl Broker {
                 self.starts
             );
         }
-        let mut cmd = Command::new(QANAT_BIN);
+        let mut cmd = qanat_command();
         cmd.arg("broker")
             .arg("--data-dir")
             .arg(self.data_dir())
@@ -279,77 +288,38 @@ impl Broker {
         if self.metrics {
             cmd.arg("--metrics-listen").arg("127.0.0.1:0");
         }
-        scrub_qanat_env(&mut cmd);
+        if self.http {
+            cmd.arg("--http-listen").arg("127.0.0.1:0");
+        }
         for (k, v) in &self.env {
             cmd.env(k, v);
         }
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(stderr));
-        let mut child = cmd.spawn().map_err(|e| format!("spawn {QANAT_BIN}: {e}"))?;
-        let stdout = child.stdout.take().expect("piped stdout");
-
-        // Read stdout on a thread until EOF (so the broker never blocks on a full pipe) and
-        // report the listening line(s) back.
-        let (tx, rx) = mpsc::channel::<(bool, String)>();
-        thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if let Some(addr) = line.strip_prefix(METRICS_PREFIX) {
-                    let _ = tx.send((false, addr.trim().to_string()));
-                } else if let Some(addr) = line.strip_prefix(LISTENING_PREFIX) {
-                    let _ = tx.send((true, addr.trim().to_string()));
-                } else {
-                    eprintln!("[qanat stdout] {line}");
-                }
-            }
-        });
-
-        let deadline = Instant::now() + DEADLINE;
-        let mut metrics_addr = None;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match rx.recv_timeout(left) {
-                Ok((false, addr)) => metrics_addr = Some(addr),
-                Ok((true, addr)) => {
-                    if port_of(&addr) == 0 {
-                        let _ = child.kill();
-                        let _ = child.wait();
-                        return Err(format!("broker printed a bad listening address {addr:?}"));
-                    }
-                    self.addr = addr;
-                    self.metrics_addr = metrics_addr;
-                    self.child = Some(child);
-                    return Ok(());
-                }
-                Err(RecvTimeoutError::Disconnected) => {
-                    let status = wait_with_deadline(&mut child, DEADLINE);
-                    return Err(format!(
-                        "broker closed stdout without printing '{LISTENING_PREFIX}HOST:PORT' \
-                         (exit status {status:?}); stderr:\n{}",
-                        self.stderr_tail(40)
-                    ));
-                }
-                Err(RecvTimeoutError::Timeout) => {
-                    let _ = child.kill();
-                    let _ = child.wait();
-                    return Err(format!(
-                        "broker did not print '{LISTENING_PREFIX}HOST:PORT' within {DEADLINE:?}; \
-                         stderr:\n{}",
-                        self.stderr_tail(40)
-                    ));
-                }
-            }
+        cmd.stderr(Stdio::from(stderr));
+        let mut proc = Proc::spawn(cmd, "qanat")?;
+        // The metrics and HTTP lines come before the broker's listening line.
+        let addr = proc
+            .try_wait_line(LISTENING_PREFIX, DEADLINE)
+            .map_err(|e| format!("broker {e}; stderr:\n{}", self.stderr_tail(40)))?;
+        if port_of(&addr) == 0 {
+            return Err(format!("broker printed a bad listening address {addr:?}"));
         }
+        let http_addr = proc.seen_line(HTTP_PREFIX);
+        if self.http && http_addr.is_none() {
+            return Err(format!(
+                "broker printed no '{HTTP_PREFIX}HOST:PORT' line before its listening line"
+            ));
+        }
+        self.addr = addr;
+        self.metrics_addr = proc.seen_line(METRICS_PREFIX);
+        self.http_addr = http_addr;
+        self.proc = Some(proc);
+        Ok(())
     }
 }
 
 impl Drop for Broker {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        drop(self.proc.take());
         if thread::panicking() {
             eprintln!(
                 "----- qanat broker stderr ({}), last 200 lines -----\n{}\n----- end of broker stderr -----",
@@ -367,7 +337,14 @@ fn port_of(addr: &str) -> u16 {
         .unwrap_or_else(|| panic!("not a HOST:PORT address: {addr:?}"))
 }
 
-fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// Wait for `child` to exit, at most `limit`; `None` if it is still running then.
+pub fn wait_with_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
     let deadline = Instant::now() + limit;
     loop {
         match child.try_wait() {
@@ -399,6 +376,135 @@ pub fn poll_until<T>(
 }
 
 // ------------------------------------------------------------------------------------------
+// Child processes
+
+/// A child process whose stdout is read line by line on a thread (so the child never blocks on
+/// a full pipe); every line is kept, so a test can wait for a readiness line and then look up
+/// the lines printed before it. Killed and reaped when dropped.
+pub struct Proc {
+    child: Child,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+}
+
+impl Proc {
+    /// Spawn `cmd` with stdin closed and stdout piped (stderr as `cmd` says). `label` prefixes
+    /// the stdout lines echoed to the test's stderr.
+    pub fn spawn(mut cmd: Command, label: &str) -> Result<Proc, String> {
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped());
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| format!("spawn {:?}: {e}", cmd.get_program()))?;
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        let label = label.to_string();
+        thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                eprintln!("[{label} stdout] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(Proc {
+            child,
+            lines: rx,
+            seen: Vec::new(),
+        })
+    }
+
+    /// The rest (trimmed) of the first stdout line starting with `prefix`, waiting up to
+    /// `limit` for it. An error says why it did not come (stdout closed, with the exit status,
+    /// or time out).
+    pub fn try_wait_line(&mut self, prefix: &str, limit: Duration) -> Result<String, String> {
+        if let Some(rest) = self.seen_line(prefix) {
+            return Ok(rest);
+        }
+        let deadline = Instant::now() + limit;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    let rest = line.strip_prefix(prefix).map(|r| r.trim().to_string());
+                    self.seen.push(line);
+                    if let Some(rest) = rest {
+                        return Ok(rest);
+                    }
+                }
+                Err(RecvTimeoutError::Disconnected) => {
+                    let status = wait_with_deadline(&mut self.child, DEADLINE);
+                    return Err(format!(
+                        "closed stdout without printing '{prefix}...' (exit status {status:?})"
+                    ));
+                }
+                Err(RecvTimeoutError::Timeout) => {
+                    return Err(format!("did not print '{prefix}...' within {limit:?}"));
+                }
+            }
+        }
+    }
+
+    /// [`Proc::try_wait_line`] with the [`DEADLINE`]; panics if the line does not come.
+    pub fn wait_line(&mut self, prefix: &str) -> String {
+        self.try_wait_line(prefix, DEADLINE)
+            .unwrap_or_else(|e| panic!("child process {e}"))
+    }
+
+    /// The rest (trimmed) of a line starting with `prefix` among those already waited past.
+    pub fn seen_line(&self, prefix: &str) -> Option<String> {
+        self.seen
+            .iter()
+            .find_map(|l| l.strip_prefix(prefix))
+            .map(|r| r.trim().to_string())
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Whether the process is still running (reaps it if it exited).
+    pub fn is_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// Exit status if the process has exited.
+    pub fn try_exit_status(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
+    /// Send a signal with `kill SIG PID` (`sig` like `-HUP`); panics if that fails.
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.pid().to_string()])
+            .status()
+            .unwrap_or_else(|e| panic!("run kill {sig}: {e}"))
+            .success();
+        assert!(ok, "kill {sig} {} failed", self.pid());
+    }
+
+    /// SIGTERM, then wait up to `limit` for the exit; `None` if it is still running then.
+    pub fn terminate(&mut self, limit: Duration) -> Option<ExitStatus> {
+        self.signal("-TERM");
+        wait_with_deadline(&mut self.child, limit)
+    }
+
+    /// SIGKILL and reap. No flush, no graceful anything.
+    pub fn kill9(&mut self) {
+        // std's Child::kill sends SIGKILL on Unix.
+        self.child.kill().expect("SIGKILL child process");
+        self.child.wait().expect("reap killed child process");
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ------------------------------------------------------------------------------------------
 // The qanat CLI
 
 /// Keep the developer's own `QANAT_*` settings (env overrides of the config) out of the
@@ -411,11 +517,24 @@ fn scrub_qanat_env(cmd: &mut Command) {
     }
 }
 
-/// Run `qanat ARGS...` to completion.
-pub fn qanat(args: &[&str]) -> Output {
+/// `qanat` without the developer's `QANAT_*` environment (set the test's own after this).
+pub fn qanat_command() -> Command {
     let mut cmd = Command::new(QANAT_BIN);
     scrub_qanat_env(&mut cmd);
-    cmd.args(args)
+    cmd
+}
+
+/// Start `qanat ARGS...` in the background (stderr inherited).
+pub fn qanat_spawn(args: &[&str]) -> Proc {
+    let mut cmd = qanat_command();
+    cmd.args(args);
+    Proc::spawn(cmd, "qanat").unwrap_or_else(|e| panic!("qanat {args:?}: {e}"))
+}
+
+/// Run `qanat ARGS...` to completion.
+pub fn qanat(args: &[&str]) -> Output {
+    qanat_command()
+        .args(args)
         .stdin(Stdio::null())
         .output()
         .unwrap_or_else(|e| panic!("run qanat {args:?}: {e}"))
@@ -796,4 +915,364 @@ pub fn segment_files(dir: &Path) -> Vec<(String, u64)> {
     };
     files.sort();
     files
+}
+
+// ------------------------------------------------------------------------------------------
+// A minimal HTTP/1.1 client: one request per connection (`Connection: close`)
+
+/// Response headers, names lower-cased (the first of repeated headers wins).
+pub type HttpHeaders = BTreeMap<String, String>;
+
+/// Percent-encode everything but RFC 3986 unreserved characters (for query values).
+pub fn percent_encode(s: &str) -> String {
+    let mut out = String::new();
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A response body reader that undoes chunked transfer encoding when the response uses it.
+pub struct Body<R> {
+    reader: R,
+    chunked: bool,
+    /// Bytes left in the current chunk (chunked) or the body (Content-Length).
+    left: Option<usize>,
+    done: bool,
+}
+
+impl<R: BufRead> Body<R> {
+    fn new(reader: R, headers: &HttpHeaders) -> Body<R> {
+        let chunked = headers
+            .get("transfer-encoding")
+            .is_some_and(|v| v.eq_ignore_ascii_case("chunked"));
+        let left = if chunked {
+            None
+        } else {
+            headers.get("content-length").and_then(|v| v.parse().ok())
+        };
+        Body {
+            reader,
+            chunked,
+            left,
+            done: false,
+        }
+    }
+
+    /// Up to `buf.len()` body bytes; `Ok(0)` at the end of the body. Honors the socket's read
+    /// timeout (an `Err` of kind WouldBlock/TimedOut then).
+    pub fn read_some(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.done {
+            return Ok(0);
+        }
+        if !self.chunked {
+            let want = match self.left {
+                Some(0) => {
+                    self.done = true;
+                    return Ok(0);
+                }
+                Some(n) => n.min(buf.len()),
+                None => buf.len(),
+            };
+            let n = self.reader.read(&mut buf[..want])?;
+            if n == 0 {
+                self.done = true;
+            }
+            if let Some(l) = self.left.as_mut() {
+                *l -= n;
+            }
+            return Ok(n);
+        }
+        if self.left.unwrap_or(0) == 0 {
+            if self.left == Some(0) {
+                // CRLF after the previous chunk's data.
+                let mut crlf = String::new();
+                self.reader.read_line(&mut crlf)?;
+                self.left = None;
+            }
+            let mut size_line = String::new();
+            if self.reader.read_line(&mut size_line)? == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            let hex = size_line.trim().split(';').next().unwrap_or("");
+            let size = usize::from_str_radix(hex, 16).map_err(|e| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("bad chunk size line {size_line:?}: {e}"),
+                )
+            })?;
+            if size == 0 {
+                self.done = true;
+                return Ok(0);
+            }
+            self.left = Some(size);
+        }
+        let want = self.left.unwrap_or(0).min(buf.len());
+        let n = self.reader.read(&mut buf[..want])?;
+        if n == 0 {
+            self.done = true;
+            return Ok(0);
+        }
+        self.left = Some(self.left.unwrap_or(0) - n);
+        Ok(n)
+    }
+
+    /// The rest of the body.
+    pub fn read_all(&mut self) -> io::Result<Vec<u8>> {
+        let mut out = Vec::new();
+        let mut buf = [0u8; 8192];
+        loop {
+            let n = self.read_some(&mut buf)?;
+            if n == 0 {
+                return Ok(out);
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+impl Body<BufReader<TcpStream>> {
+    pub fn set_read_timeout(&self, limit: Duration) -> io::Result<()> {
+        self.reader.get_ref().set_read_timeout(Some(limit))
+    }
+}
+
+/// Connect to `addr` and send one request (`Content-Length` unless a GET without a body).
+/// The server may answer (413) and stop reading before the whole body is sent: write errors
+/// are left for the read of the response to show.
+fn send_request(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<TcpStream, String> {
+    let mut s = TcpStream::connect(addr).map_err(|e| format!("connect to HTTP {addr}: {e}"))?;
+    s.set_read_timeout(Some(DEADLINE))
+        .map_err(|e| format!("read timeout: {e}"))?;
+    let mut req =
+        format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: */*\r\nConnection: close\r\n");
+    if method != "GET" || !body.is_empty() {
+        req.push_str(&format!("Content-Length: {}\r\n", body.len()));
+    }
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    let mut wire = req.into_bytes();
+    wire.extend_from_slice(body);
+    let _ = s.write_all(&wire);
+    Ok(s)
+}
+
+/// The status line and headers of a response.
+fn read_head(reader: &mut impl BufRead) -> Result<(u16, HttpHeaders), String> {
+    let mut status_line = String::new();
+    reader
+        .read_line(&mut status_line)
+        .map_err(|e| format!("status line: {e}"))?;
+    let status: u16 = status_line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| format!("bad HTTP status line {status_line:?}"))?;
+    let mut headers = HttpHeaders::new();
+    loop {
+        let mut line = String::new();
+        reader
+            .read_line(&mut line)
+            .map_err(|e| format!("header line: {e}"))?;
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':') {
+            headers
+                .entry(k.trim().to_ascii_lowercase())
+                .or_insert_with(|| v.trim().to_string());
+        }
+    }
+    Ok((status, headers))
+}
+
+/// A whole response.
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HttpHeaders,
+    pub body: Vec<u8>,
+}
+
+impl Resp {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .get(&name.to_ascii_lowercase())
+            .map(String::as_str)
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("response is not JSON ({e}): {self:?} {}", self.text()))
+    }
+}
+
+/// One request on a fresh connection, the response read to EOF; an error when nothing
+/// answers.
+pub fn try_http(
+    addr: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Result<Resp, String> {
+    let mut s = send_request(addr, method, path, headers, body)?;
+    // Read to EOF first: a server that closes early may reset the connection after its answer.
+    let mut raw = Vec::new();
+    let read = s.read_to_end(&mut raw);
+    if raw.is_empty() {
+        return Err(format!(
+            "no response from {addr} to {method} {path}: {read:?}"
+        ));
+    }
+    let mut reader = Cursor::new(raw);
+    let (status, headers) = read_head(&mut reader)?;
+    let body = Body::new(reader, &headers)
+        .read_all()
+        .map_err(|e| format!("body of {method} {path}: {e}"))?;
+    Ok(Resp {
+        status,
+        headers,
+        body,
+    })
+}
+
+/// [`try_http`], panicking when nothing answers.
+pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
+    try_http(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// `GET path`: the status and the body as text.
+pub fn http_get(addr: &str, path: &str) -> (u16, String) {
+    let r = http(addr, "GET", path, &[], b"");
+    (r.status, r.text())
+}
+
+/// `GET path` with the body left to stream (e.g. Server-Sent Events): status, headers, body.
+pub fn http_stream(addr: &str, path: &str) -> (u16, HttpHeaders, Body<BufReader<TcpStream>>) {
+    let s = send_request(addr, "GET", path, &[], b"").unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = BufReader::new(s);
+    let (status, headers) = read_head(&mut reader).unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let body = Body::new(reader, &headers);
+    (status, headers, body)
+}
+
+// ------------------------------------------------------------------------------------------
+// Prometheus text
+
+/// The Prometheus text of `http://ADDR/metrics`; an error unless it answers 200.
+pub fn scrape(addr: &str) -> Result<String, String> {
+    let r = try_http(addr, "GET", "/metrics", &[], b"")?;
+    if r.status != 200 {
+        return Err(format!("GET http://{addr}/metrics: HTTP {}", r.status));
+    }
+    Ok(r.text())
+}
+
+/// Samples of `name` whose labels include every `(label, value)` in `want`: (all labels,
+/// value).
+pub fn metric_values(
+    text: &str,
+    name: &str,
+    want: &[(&str, &str)],
+) -> Vec<(BTreeMap<String, String>, f64)> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some(rest) = line.strip_prefix(name) else {
+            continue;
+        };
+        let (labels_text, value) = if let Some(r) = rest.strip_prefix('{') {
+            let Some((l, v)) = r.split_once('}') else {
+                continue;
+            };
+            (l, v)
+        } else if rest.starts_with(' ') {
+            ("", rest)
+        } else {
+            continue; // another metric with this name as a prefix
+        };
+        let mut labels = BTreeMap::new();
+        for part in labels_text.split("\",") {
+            if let Some((k, v)) = part.split_once("=\"") {
+                labels.insert(k.trim().to_string(), v.trim_end_matches('"').to_string());
+            }
+        }
+        if !want
+            .iter()
+            .all(|(k, v)| labels.get(*k).map(String::as_str) == Some(*v))
+        {
+            continue;
+        }
+        if let Ok(v) = value.trim().parse::<f64>() {
+            out.push((labels, v));
+        }
+    }
+    out
+}
+
+/// The sample of `name` whose labels are exactly `labels` (none: the unlabelled sample).
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    metric_values(text, name, labels)
+        .into_iter()
+        .find(|(l, _)| l.len() == labels.len())
+        .map(|(_, v)| v)
+}
+
+// ------------------------------------------------------------------------------------------
+// Third-party clients (these tests FAIL, never skip, when one is missing)
+
+pub const INSTALL_HINT: &str = "run scripts/test.sh, which installs the test dependencies \
+                                (kcat via apt-get; confluent-kafka, kafka-python, lz4, \
+                                zstandard, python-snappy via pip)";
+
+pub fn require_kcat() {
+    let ok = Command::new("kcat")
+        .arg("-V")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "kcat is not installed: {INSTALL_HINT}");
+}
+
+pub fn require_python_modules(modules: &[&str]) {
+    for m in modules {
+        let out = Command::new("python3")
+            .args(["-c", &format!("import {m}")])
+            .output();
+        match out {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => panic!(
+                "python3 cannot import {m}: {INSTALL_HINT}\n{}",
+                String::from_utf8_lossy(&o.stderr)
+            ),
+            Err(e) => panic!("python3 is not runnable ({e}): {INSTALL_HINT}"),
+        }
+    }
+}
+
+/// `tests/py/NAME`.
+pub fn py_script(name: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests")
+        .join("py")
+        .join(name)
 }
