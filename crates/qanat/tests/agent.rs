@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agent_support;
+mod support;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -12,7 +13,8 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use agent_support::{check, poll_until, read_topic, Agent, Broker, Content};
+use agent_support::{check, read_topic, wait_checked, Agent, Content, Record};
+use support::{poll_until, Broker};
 
 fn config(dir: &Path, bootstrap: &str, extra: &str) -> String {
     format!(
@@ -56,15 +58,14 @@ fn lines(prefix: &str, n: usize) -> String {
         .collect()
 }
 
-fn wait_delivered(broker: &Broker, contents: &[Content]) -> Vec<agent_support::Record> {
-    poll_until("every byte delivered", Duration::from_secs(60), || {
-        let recs = read_topic(&broker.addr, "logs");
-        match check(contents, &recs) {
-            Ok(()) => Ok(recs),
-            Err((true, why)) => Err(why),
-            Err((false, why)) => panic!("trajectory violation: {why}"),
-        }
-    })
+fn wait_delivered(broker: &Broker, contents: &[Content]) -> Vec<Record> {
+    wait_checked(
+        &broker.bootstrap(),
+        "logs",
+        contents,
+        "every byte delivered",
+        Duration::from_secs(60),
+    )
 }
 
 #[test]
@@ -74,7 +75,7 @@ fn collects_every_file_with_inotify_disabled() {
     let d = tmp.path();
     fs::create_dir_all(d.join("logs")).unwrap();
     fs::write(d.join("logs/before.log"), lines("before", 100)).unwrap();
-    let mut agent = Agent::new(d, &config(d, &broker.addr, "inotify = false"));
+    let mut agent = Agent::new(d, &config(d, &broker.bootstrap(), "inotify = false"));
     agent.start();
     // Files in sub-directories created after the start, a file shorter than the signature,
     // an empty file that gets bytes later, a file that does not match.
@@ -120,7 +121,7 @@ fn collects_every_file_with_inotify_disabled() {
     );
     // Manifests list the files with their ids.
     let manifest = poll_until("a manifest with 4 files", Duration::from_secs(30), || {
-        read_topic(&broker.addr, "manifest")
+        read_topic(&broker.bootstrap(), "manifest")
             .into_iter()
             .rev()
             .find(|m| {
@@ -149,7 +150,7 @@ fn corrupt_checkpoint_is_detected_and_handled_by_policy() {
     fs::create_dir_all(d.join("logs")).unwrap();
     let path = d.join("logs/app.log");
     fs::write(&path, lines("app", 200)).unwrap();
-    let mut agent = Agent::new(d, &config(d, &broker.addr, ""));
+    let mut agent = Agent::new(d, &config(d, &broker.bootstrap(), ""));
     agent.start();
     let contents = vec![content(&path)];
     let first = wait_delivered(&broker, &contents);
@@ -171,7 +172,7 @@ fn corrupt_checkpoint_is_detected_and_handled_by_policy() {
     );
     assert!(stderr.contains(&ckpt.display().to_string()), "{stderr}");
     assert_eq!(
-        read_topic(&broker.addr, "logs").len(),
+        read_topic(&broker.bootstrap(), "logs").len(),
         first.len(),
         "nothing produced"
     );
@@ -179,11 +180,11 @@ fn corrupt_checkpoint_is_detected_and_handled_by_policy() {
     // reread: reports it, keeps the damaged file, reads the file again from 0.
     let mut agent = Agent::new(
         d,
-        &config(d, &broker.addr, "on_corrupt_checkpoint = \"reread\""),
+        &config(d, &broker.bootstrap(), "on_corrupt_checkpoint = \"reread\""),
     );
     agent.start();
     let all = poll_until("the file re-read from 0", Duration::from_secs(60), || {
-        let recs = read_topic(&broker.addr, "logs");
+        let recs = read_topic(&broker.bootstrap(), "logs");
         if recs.len() >= 2 * first.len() {
             Ok(recs)
         } else {
@@ -223,7 +224,7 @@ fn renamed_away_and_deleted_files_are_read_to_their_end() {
         .unwrap();
     w_app.write_all(lines("app", 100).as_bytes()).unwrap();
     w_del.write_all(lines("del", 100).as_bytes()).unwrap();
-    let mut agent = Agent::new(d, &config(d, &broker.addr, ""));
+    let mut agent = Agent::new(d, &config(d, &broker.bootstrap(), ""));
     agent.start();
     poll_until(
         "the agent to open both files",

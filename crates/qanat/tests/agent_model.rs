@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod agent_support;
+mod support;
 
 use std::fs::{self, OpenOptions};
 use std::io::Write;
@@ -17,9 +18,10 @@ use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use agent_support::{check, poll_until, read_topic, Agent, Broker, Content};
+use agent_support::{read_topic, wait_checked, Agent, Content};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use support::{poll_until, Broker};
 
 const WRITERS: usize = 2;
 
@@ -153,13 +155,13 @@ topic = "logs"
 }
 
 fn wait_covered(broker: &Broker, contents: &[Content], what: &str) {
-    poll_until(what, Duration::from_secs(90), || {
-        match check(contents, &read_topic(&broker.addr, "logs")) {
-            Ok(()) => Ok(()),
-            Err((true, why)) => Err(why),
-            Err((false, why)) => panic!("trajectory violation: {why}"),
-        }
-    });
+    wait_checked(
+        &broker.bootstrap(),
+        "logs",
+        contents,
+        what,
+        Duration::from_secs(90),
+    );
 }
 
 fn run_case(seed: u64, steps: usize) {
@@ -169,7 +171,10 @@ fn run_case(seed: u64, steps: usize) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path().to_path_buf();
     fs::create_dir_all(dir.join("logs")).unwrap();
-    let mut agent = Agent::new(&dir, &config(&dir, &broker.addr, rng.random_bool(0.5)));
+    let mut agent = Agent::new(
+        &dir,
+        &config(&dir, &broker.bootstrap(), rng.random_bool(0.5)),
+    );
     let mut model = Model {
         dir: dir.clone(),
         contents: Vec::new(),
@@ -188,7 +193,7 @@ fn run_case(seed: u64, steps: usize) {
             63..=70 => {
                 // Delete a file the agent holds open: it must still read it to the end. The
                 // next step waits until it did, so no crash can make the loss inevitable.
-                if !agent.is_running() || !broker.is_running() || model.others.is_empty() {
+                if !agent.is_running() || broker.pid().is_none() || model.others.is_empty() {
                     continue;
                 }
                 let i = rng.random_range(0..model.others.len());
@@ -222,7 +227,8 @@ fn run_case(seed: u64, steps: usize) {
                 }
             }
             81..=88 => {
-                if broker.is_running() {
+                // `Broker::pid` is `Some` exactly while the broker is started (not killed).
+                if broker.pid().is_some() {
                     eprintln!("step {step}: kill -9 broker");
                     broker.kill9();
                 } else {
@@ -233,7 +239,7 @@ fn run_case(seed: u64, steps: usize) {
             _ => std::thread::sleep(Duration::from_millis(rng.random_range(0..200))),
         }
     }
-    if !broker.is_running() {
+    if broker.pid().is_none() {
         broker.start_again();
     }
     if !agent.is_running() {
@@ -244,7 +250,7 @@ fn run_case(seed: u64, steps: usize) {
         &model.contents,
         "every written byte to be delivered",
     );
-    let recs = read_topic(&broker.addr, "logs");
+    let recs = read_topic(&broker.bootstrap(), "logs");
     let bytes: usize = model.contents.iter().map(|c| c.bytes.len()).sum();
     eprintln!(
         "seed {seed}: {} contents, {bytes} bytes written, {} records read back",

@@ -1,197 +1,31 @@
-//! Helpers for the log agent's end-to-end tests: the real `qanat broker` and `qanat agent`
-//! binaries as child processes, reading a topic back, and a trajectory checker that is
-//! independent of both the agent's code and `qanat audit`.
+//! Helpers for the log agent's end-to-end tests, on top of `support` (its `Broker`, [`Proc`]
+//! and consumer): the real `qanat agent` binary as a child process, reading a topic back with
+//! string headers, and a trajectory checker that is independent of both the agent's code and
+//! `qanat audit`.
 //!
-//! The broker start logic is a minimal copy of `support/mod.rs` (owned elsewhere): readiness
-//! is the line the process prints on stdout, never a sleep.
+//! Readiness is the line the agent prints on stdout, never a sleep.
 
 #![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{self, OpenOptions};
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc::{self, RecvTimeoutError};
+use std::process::{Command, ExitStatus, Stdio};
 use std::thread;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::error::KafkaError;
-use rdkafka::message::{Headers, Message};
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use tempfile::TempDir;
+use rdkafka::consumer::Consumer;
+use rdkafka::Offset;
 
-pub const QANAT_BIN: &str = env!("CARGO_BIN_EXE_qanat");
-pub const DEADLINE: Duration = Duration::from_secs(60);
-pub const POLL_PAUSE: Duration = Duration::from_millis(25);
+use crate::support::{consume, consumer, poll_until, qanat_command, tail, Msg, Proc, DEADLINE};
 
-fn scrub(cmd: &mut Command) {
-    for (k, _) in std::env::vars_os() {
-        if k.to_string_lossy().starts_with("QANAT_") {
-            cmd.env_remove(k);
-        }
-    }
-}
-
-/// Spawn `cmd` with stdout piped and stderr appended to `stderr_log`; wait until it prints a
-/// line starting with `prefix` and return the rest of that line.
-fn spawn_ready(
-    mut cmd: Command,
-    stderr_log: &Path,
-    prefix: &'static str,
-) -> Result<(Child, String), String> {
-    let stderr = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(stderr_log)
-        .map_err(|e| e.to_string())?;
-    scrub(&mut cmd);
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(stderr));
-    let mut child = cmd.spawn().map_err(|e| format!("spawn: {e}"))?;
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = mpsc::channel();
-    thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            if let Some(rest) = line.strip_prefix(prefix) {
-                let _ = tx.send(rest.trim().to_string());
-            }
-        }
-    });
-    match rx.recv_timeout(DEADLINE) {
-        Ok(rest) => Ok((child, rest)),
-        Err(RecvTimeoutError::Disconnected) => {
-            let status = child.wait().ok();
-            Err(format!(
-                "exited ({status:?}) before printing {prefix:?}; stderr:\n{}",
-                tail(stderr_log, 30)
-            ))
-        }
-        Err(RecvTimeoutError::Timeout) => {
-            let _ = child.kill();
-            let _ = child.wait();
-            Err(format!("no {prefix:?} line within {DEADLINE:?}"))
-        }
-    }
-}
-
-pub fn tail(path: &Path, n: usize) -> String {
-    let all = fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = all.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
-}
-
-fn wait_deadline(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
-    let deadline = Instant::now() + limit;
-    loop {
-        match child.try_wait() {
-            Ok(Some(s)) => return Some(s),
-            Ok(None) if Instant::now() < deadline => thread::sleep(POLL_PAUSE),
-            _ => return None,
-        }
-    }
-}
-
-fn sigterm(child: &Child) {
-    let ok = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .expect("run kill")
-        .success();
-    assert!(ok, "kill -TERM {}", child.id());
-}
-
-// ------------------------------------------------------------------------------------------
-// Broker
-
-pub struct Broker {
-    child: Option<Child>,
-    pub addr: String,
-    pub dir: TempDir,
-}
-
-impl Broker {
-    pub fn start() -> Broker {
-        let dir = tempfile::Builder::new()
-            .prefix("qanat-agent-it-")
-            .tempdir()
-            .unwrap();
-        let mut b = Broker {
-            child: None,
-            addr: String::new(),
-            dir,
-        };
-        b.spawn("127.0.0.1:0").unwrap();
-        b
-    }
-
-    fn spawn(&mut self, listen: &str) -> Result<(), String> {
-        let mut cmd = Command::new(QANAT_BIN);
-        cmd.arg("broker")
-            .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
-            .arg("--listen")
-            .arg(listen);
-        let (child, addr) = spawn_ready(
-            cmd,
-            &self.dir.path().join("broker.stderr.log"),
-            "qanat broker listening on ",
-        )?;
-        self.child = Some(child);
-        self.addr = addr;
-        Ok(())
-    }
-
-    pub fn is_running(&self) -> bool {
-        self.child.is_some()
-    }
-
-    pub fn kill9(&mut self) {
-        let mut c = self.child.take().expect("broker running");
-        c.kill().unwrap();
-        c.wait().unwrap();
-    }
-
-    /// Start again on the same port and data dir (retrying while the port is busy).
-    pub fn start_again(&mut self) {
-        let listen = self.addr.clone();
-        let deadline = Instant::now() + DEADLINE;
-        loop {
-            match self.spawn(&listen) {
-                Ok(()) => return,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("broker restart failed, retrying: {e}");
-                    thread::sleep(Duration::from_millis(200));
-                }
-                Err(e) => panic!("broker did not restart: {e}"),
-            }
-        }
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-        if thread::panicking() {
-            eprintln!(
-                "----- broker stderr -----\n{}",
-                tail(&self.dir.path().join("broker.stderr.log"), 60)
-            );
-        }
-    }
-}
+const RUNNING: &str = "qanat agent running";
 
 // ------------------------------------------------------------------------------------------
 // Agent
 
 pub struct Agent {
-    child: Option<Child>,
+    proc: Option<Proc>,
     pub config: PathBuf,
     pub stderr: PathBuf,
 }
@@ -202,30 +36,49 @@ impl Agent {
         let config = dir.join("agent.toml");
         fs::write(&config, toml).unwrap();
         Agent {
-            child: None,
+            proc: None,
             config,
             stderr: dir.join("agent.stderr.log"),
         }
     }
 
+    /// `qanat agent --config <config>` without the developer's `QANAT_*` environment.
     pub fn command(&self) -> Command {
-        let mut cmd = Command::new(QANAT_BIN);
+        let mut cmd = qanat_command();
         cmd.arg("agent").arg("--config").arg(&self.config);
         cmd
     }
 
+    /// The last `n` lines the agent (all its runs) wrote to its stderr log.
+    pub fn stderr_tail(&self, n: usize) -> String {
+        tail(&fs::read_to_string(&self.stderr).unwrap_or_default(), n)
+    }
+
+    /// Start the agent (stderr appended to [`Agent::stderr`]) and wait for its
+    /// `qanat agent running` line.
     pub fn start(&mut self) {
-        assert!(self.child.is_none(), "agent already running");
-        let (child, _) = spawn_ready(self.command(), &self.stderr, "qanat agent running")
-            .unwrap_or_else(|e| panic!("agent did not start: {e}"));
-        self.child = Some(child);
+        assert!(self.proc.is_none(), "agent already running");
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.stderr)
+            .unwrap();
+        let mut cmd = self.command();
+        cmd.stderr(Stdio::from(log));
+        let mut proc =
+            Proc::spawn(cmd, "qanat agent").unwrap_or_else(|e| panic!("agent did not start: {e}"));
+        if let Err(e) = proc.try_wait_line(RUNNING, DEADLINE) {
+            panic!(
+                "agent did not start: {e}; stderr:\n{}",
+                self.stderr_tail(30)
+            );
+        }
+        self.proc = Some(proc);
     }
 
     /// Run the agent expecting it to exit by itself; returns (status, stderr of this run).
     pub fn run_to_exit(&self) -> (ExitStatus, String) {
-        let mut cmd = self.command();
-        scrub(&mut cmd);
-        let out = cmd.stdin(Stdio::null()).output().unwrap();
+        let out = self.command().stdin(Stdio::null()).output().unwrap();
         (
             out.status,
             String::from_utf8_lossy(&out.stderr).into_owned(),
@@ -233,34 +86,31 @@ impl Agent {
     }
 
     pub fn pid(&self) -> Option<u32> {
-        self.child.as_ref().map(Child::id)
+        self.proc.as_ref().map(Proc::pid)
     }
 
     pub fn is_running(&self) -> bool {
-        self.child.is_some()
+        self.proc.is_some()
     }
 
     pub fn kill9(&mut self) {
-        let mut c = self.child.take().expect("agent running");
-        c.kill().unwrap();
-        c.wait().unwrap();
+        self.proc.take().expect("agent running").kill9();
     }
 
     /// SIGTERM: the agent flushes, writes its final checkpoint and exits 0.
     pub fn stop(&mut self) {
-        let mut c = self.child.take().expect("agent running");
-        sigterm(&c);
-        let status = wait_deadline(&mut c, DEADLINE).unwrap_or_else(|| {
-            let _ = c.kill();
+        let mut proc = self.proc.take().expect("agent running");
+        // On a timeout, dropping `proc` kills it.
+        let status = proc.terminate(DEADLINE).unwrap_or_else(|| {
             panic!(
                 "agent did not exit after SIGTERM; stderr:\n{}",
-                tail(&self.stderr, 40)
+                self.stderr_tail(40)
             )
         });
         assert!(
             status.success(),
             "agent exited {status}; stderr:\n{}",
-            tail(&self.stderr, 40)
+            self.stderr_tail(40)
         );
     }
 
@@ -280,12 +130,9 @@ impl Agent {
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        drop(self.proc.take());
         if thread::panicking() {
-            eprintln!("----- agent stderr -----\n{}", tail(&self.stderr, 80));
+            eprintln!("----- agent stderr -----\n{}", self.stderr_tail(80));
         }
     }
 }
@@ -311,76 +158,57 @@ impl Record {
     }
 }
 
+impl From<Msg> for Record {
+    fn from(m: Msg) -> Record {
+        Record {
+            key: m.key.unwrap_or_default(),
+            value: m.value.unwrap_or_default(),
+            headers: m
+                .headers
+                .into_iter()
+                .map(|(k, v)| {
+                    let v = String::from_utf8_lossy(&v.unwrap_or_default()).into_owned();
+                    (k, v)
+                })
+                .collect(),
+        }
+    }
+}
+
 /// Every record of partition 0 of `topic` from the start to the high watermark (empty if the
-/// topic does not exist yet).
+/// topic does not exist yet, or the broker does not answer).
 pub fn read_topic(bootstrap: &str, topic: &str) -> Vec<Record> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "qanat-agent-it")
-        .set("enable.auto.commit", "false")
-        .set("auto.offset.reset", "error")
-        .set("fetch.wait.max.ms", "100")
-        .create()
-        .unwrap();
-    let Ok((low, high)) = consumer.fetch_watermarks(topic, 0, Duration::from_secs(10)) else {
+    let Ok((low, high)) = consumer(bootstrap).fetch_watermarks(topic, 0, Duration::from_secs(10))
+    else {
         return Vec::new();
     };
     if high <= low {
         return Vec::new();
     }
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Offset(low))
-        .unwrap();
-    consumer.assign(&tpl).unwrap();
-    let mut out = Vec::new();
-    let deadline = Instant::now() + DEADLINE;
-    let mut next = low;
-    while next < high {
-        assert!(
-            Instant::now() < deadline,
-            "reading {topic}: stuck at {next} of {high}"
-        );
-        match consumer.poll(Duration::from_millis(200)) {
-            Some(Ok(m)) => {
-                next = m.offset() + 1;
-                let headers = m
-                    .headers()
-                    .map(|h| {
-                        h.iter()
-                            .map(|hd| {
-                                (
-                                    hd.key.to_string(),
-                                    String::from_utf8_lossy(hd.value.unwrap_or_default())
-                                        .into_owned(),
-                                )
-                            })
-                            .collect()
-                    })
-                    .unwrap_or_default();
-                out.push(Record {
-                    key: m.key().unwrap_or_default().to_vec(),
-                    value: m.payload().unwrap_or_default().to_vec(),
-                    headers,
-                });
-            }
-            Some(Err(KafkaError::PartitionEOF(_))) | None => {}
-            Some(Err(e)) => eprintln!("consumer: {e}"),
-        }
-    }
-    out
+    let expected = usize::try_from(high - low).unwrap();
+    consume(bootstrap, topic, 0, Offset::Offset(low), expected)
+        .into_iter()
+        .map(Record::from)
+        .collect()
 }
 
-pub fn poll_until<T>(what: &str, limit: Duration, mut f: impl FnMut() -> Result<T, String>) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        match f() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {limit:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => thread::sleep(Duration::from_millis(100)),
+/// Poll `topic` until [`check`] passes (returning the records), for at most `limit`; a
+/// violation that waiting cannot mend fails at once.
+pub fn wait_checked(
+    bootstrap: &str,
+    topic: &str,
+    contents: &[Content],
+    what: &str,
+    limit: Duration,
+) -> Vec<Record> {
+    poll_until(what, limit, || {
+        let recs = read_topic(bootstrap, topic);
+        match check(contents, &recs) {
+            Ok(()) => Ok(recs),
+            Err((true, why)) => Err(why),
+            Err((false, why)) => panic!("trajectory violation: {why}"),
         }
-    }
+    })
 }
 
 // ------------------------------------------------------------------------------------------
