@@ -1,8 +1,13 @@
 //! Input validation and the record written to the bus, for beacons (D1, D2, D6) and app
 //! batches (D3).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
+use std::net::IpAddr;
 
+use serde::de::{MapAccess, SeqAccess, Visitor};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value};
@@ -63,7 +68,7 @@ pub fn parse_spm(code: &str) -> Result<Spm<'_>, String> {
 /// Where and from what the request came, added to every record.
 #[derive(Debug, Serialize)]
 pub struct Client<'a> {
-    pub ip: String,
+    pub ip: IpAddr,
     pub user_agent: &'a str,
     pub browser: &'a str,
     pub browser_version: &'a str,
@@ -74,7 +79,7 @@ pub struct Client<'a> {
 }
 
 impl<'a> Client<'a> {
-    pub fn new(ip: String, user_agent: &'a str, ua: &'a UaInfo) -> Client<'a> {
+    pub fn new(ip: IpAddr, user_agent: &'a str, ua: &'a UaInfo) -> Client<'a> {
         Client {
             ip,
             user_agent,
@@ -156,12 +161,293 @@ pub struct BatchRecord<'a> {
     pub event: &'a RawValue,
 }
 
-fn str_field<'m>(m: &'m Map<String, Value>, k: &str) -> Option<&'m str> {
-    m.get(k).and_then(Value::as_str)
+/// A JSON value as far as event validation needs it. Parsing into it checks the whole value
+/// exactly as parsing a `serde_json::Value` would (syntax, escapes, number range, nesting),
+/// without building the tree.
+#[derive(Debug)]
+pub enum Probe<'a> {
+    Null,
+    Bool,
+    /// `f`: the number as `f64` (`Value::as_f64`); `i`: as `i64` when it is an integer that fits
+    /// (`Value::as_i64`).
+    Num {
+        f: f64,
+        i: Option<i64>,
+    },
+    Str(Cow<'a, str>),
+    Array {
+        empty: bool,
+    },
+    /// An object; whether its `name` and `url` fields (last occurrence) are non-blank strings
+    /// (what a `page` needs).
+    Object {
+        name_ok: bool,
+        url_ok: bool,
+    },
 }
 
-fn non_empty_str(m: &Map<String, Value>, k: &str) -> bool {
-    str_field(m, k).is_some_and(|s| !s.trim().is_empty())
+impl Probe<'_> {
+    fn as_str(&self) -> Option<&str> {
+        match self {
+            Probe::Str(s) => Some(s),
+            _ => None,
+        }
+    }
+
+    fn non_blank(&self) -> bool {
+        self.as_str().is_some_and(|s| !s.trim().is_empty())
+    }
+}
+
+/// Any JSON value, validated as `serde_json::Value` would be, then dropped.
+struct Skip;
+
+impl<'de> Deserialize<'de> for Skip {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Skip, D::Error> {
+        d.deserialize_any(SkipVisitor)
+    }
+}
+
+struct SkipVisitor;
+
+impl<'de> Visitor<'de> for SkipVisitor {
+    type Value = Skip;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_unit<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_none<E>(self) -> Result<Skip, E> {
+        Ok(Skip)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Skip, D::Error> {
+        Skip::deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Skip, A::Error> {
+        while seq.next_element::<Skip>()?.is_some() {}
+        Ok(Skip)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Skip, A::Error> {
+        while map.next_key::<Skip>()?.is_some() {
+            map.next_value::<Skip>()?;
+        }
+        Ok(Skip)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for Probe<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Probe<'a>, D::Error> {
+        d.deserialize_any(ProbeVisitor(PhantomData))
+    }
+}
+
+struct ProbeVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for ProbeVisitor<'a> {
+    type Value = Probe<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("any valid JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Probe<'a>, E> {
+        Ok(Probe::Bool)
+    }
+    fn visit_i64<E>(self, i: i64) -> Result<Probe<'a>, E> {
+        #[allow(clippy::cast_precision_loss)]
+        Ok(Probe::Num {
+            f: i as f64,
+            i: Some(i),
+        })
+    }
+    fn visit_u64<E>(self, u: u64) -> Result<Probe<'a>, E> {
+        #[allow(clippy::cast_precision_loss)]
+        Ok(Probe::Num {
+            f: u as f64,
+            i: i64::try_from(u).ok(),
+        })
+    }
+    fn visit_f64<E>(self, f: f64) -> Result<Probe<'a>, E> {
+        Ok(Probe::Num { f, i: None })
+    }
+    fn visit_borrowed_str<E>(self, s: &'de str) -> Result<Probe<'a>, E> {
+        Ok(Probe::Str(Cow::Borrowed(s)))
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Probe<'a>, E> {
+        Ok(Probe::Str(Cow::Owned(s.to_string())))
+    }
+    fn visit_string<E>(self, s: String) -> Result<Probe<'a>, E> {
+        Ok(Probe::Str(Cow::Owned(s)))
+    }
+    fn visit_unit<E>(self) -> Result<Probe<'a>, E> {
+        Ok(Probe::Null)
+    }
+    fn visit_none<E>(self) -> Result<Probe<'a>, E> {
+        Ok(Probe::Null)
+    }
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Probe<'a>, D::Error> {
+        Probe::deserialize(d)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Probe<'a>, A::Error> {
+        let mut empty = true;
+        while seq.next_element::<Skip>()?.is_some() {
+            empty = false;
+        }
+        Ok(Probe::Array { empty })
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Probe<'a>, A::Error> {
+        let (mut name_ok, mut url_ok) = (false, false);
+        while let Some(key) = map.next_key::<Key>()? {
+            match key {
+                Key::Name => name_ok = map.next_value::<Probe<'_>>()?.non_blank(),
+                Key::Url => url_ok = map.next_value::<Probe<'_>>()?.non_blank(),
+                _ => {
+                    map.next_value::<Skip>()?;
+                }
+            }
+        }
+        Ok(Probe::Object { name_ok, url_ok })
+    }
+}
+
+/// The object keys event validation looks at.
+#[derive(Clone, Copy)]
+enum Key {
+    Type,
+    Page,
+    Control,
+    Name,
+    Url,
+    DurationMs,
+    Properties,
+    Items,
+    Ts,
+    VisitorId,
+    UserId,
+    Spm,
+    Other,
+}
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Key, D::Error> {
+        d.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl Visitor<'_> for KeyVisitor {
+    type Value = Key;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a string key")
+    }
+    fn visit_str<E>(self, s: &str) -> Result<Key, E> {
+        Ok(match s {
+            "type" => Key::Type,
+            "page" => Key::Page,
+            "control" => Key::Control,
+            "name" => Key::Name,
+            "url" => Key::Url,
+            "duration_ms" => Key::DurationMs,
+            "properties" => Key::Properties,
+            "items" => Key::Items,
+            "ts" => Key::Ts,
+            "visitor_id" => Key::VisitorId,
+            "user_id" => Key::UserId,
+            "spm" => Key::Spm,
+            _ => Key::Other,
+        })
+    }
+}
+
+/// The fields of one batch event that validation and routing read (the last occurrence of
+/// each, as in a `serde_json::Map`); the rest of the event is checked to be valid JSON and
+/// forwarded as sent.
+#[derive(Debug, Default)]
+pub struct EventFields<'a> {
+    pub ty: Option<Probe<'a>>,
+    pub page: Option<Probe<'a>>,
+    pub control: Option<Probe<'a>>,
+    pub name: Option<Probe<'a>>,
+    pub duration_ms: Option<Probe<'a>>,
+    pub properties: Option<Probe<'a>>,
+    pub items: Option<Probe<'a>>,
+    pub ts: Option<Probe<'a>>,
+    pub visitor_id: Option<Probe<'a>>,
+    pub user_id: Option<Probe<'a>>,
+    pub spm: Option<Probe<'a>>,
+}
+
+impl<'a> EventFields<'a> {
+    /// Parse one event; errors read as `serde_json::from_str::<Map<String, Value>>` would.
+    pub fn parse(text: &'a str) -> Result<EventFields<'a>, serde_json::Error> {
+        serde_json::from_str(text)
+    }
+}
+
+impl<'de: 'a, 'a> Deserialize<'de> for EventFields<'a> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<EventFields<'a>, D::Error> {
+        d.deserialize_map(FieldsVisitor(PhantomData))
+    }
+}
+
+struct FieldsVisitor<'a>(PhantomData<&'a ()>);
+
+impl<'de: 'a, 'a> Visitor<'de> for FieldsVisitor<'a> {
+    type Value = EventFields<'a>;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a map")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<EventFields<'a>, A::Error> {
+        let mut ev = EventFields::default();
+        while let Some(key) = map.next_key::<Key>()? {
+            let slot = match key {
+                Key::Type => &mut ev.ty,
+                Key::Page => &mut ev.page,
+                Key::Control => &mut ev.control,
+                Key::Name => &mut ev.name,
+                Key::DurationMs => &mut ev.duration_ms,
+                Key::Properties => &mut ev.properties,
+                Key::Items => &mut ev.items,
+                Key::Ts => &mut ev.ts,
+                Key::VisitorId => &mut ev.visitor_id,
+                Key::UserId => &mut ev.user_id,
+                Key::Spm => &mut ev.spm,
+                Key::Url | Key::Other => {
+                    map.next_value::<Skip>()?;
+                    continue;
+                }
+            };
+            *slot = Some(map.next_value()?);
+        }
+        Ok(ev)
+    }
+}
+
+fn str_field<'m>(f: &'m Option<Probe<'_>>) -> Option<&'m str> {
+    f.as_ref().and_then(Probe::as_str)
+}
+
+fn non_empty_str(f: &Option<Probe<'_>>) -> bool {
+    f.as_ref().is_some_and(Probe::non_blank)
 }
 
 /// The checked parts of one batch event.
@@ -179,18 +465,18 @@ pub struct Checked<'m> {
 /// `custom`: `name` (and `duration_ms` ≥ 0, `properties` an object, when present);
 /// `exposure`: non-empty `items` array. Other types need only `type`.
 pub fn check_event<'m>(
-    ev: &'m Map<String, Value>,
+    ev: &'m EventFields<'_>,
     env_visitor: Option<&'m str>,
     env_user: Option<&'m str>,
 ) -> Result<Checked<'m>, String> {
-    let ty = match ev.get("type") {
-        Some(Value::String(t)) if valid_id(t) => t.as_str(),
+    let ty = match &ev.ty {
+        Some(Probe::Str(t)) if valid_id(t) => t.as_ref(),
         Some(_) => return Err("type must be a short name of [A-Za-z0-9_.:-]".into()),
         None => return Err("missing field `type`".into()),
     };
-    let page_ok = |required: bool| match ev.get("page") {
-        Some(Value::Object(p)) => {
-            if non_empty_str(p, "name") || non_empty_str(p, "url") {
+    let page_ok = |required: bool| match &ev.page {
+        Some(Probe::Object { name_ok, url_ok }) => {
+            if *name_ok || *url_ok {
                 Ok(())
             } else {
                 Err(format!("{ty}: page needs `name` or `url`"))
@@ -203,53 +489,51 @@ pub fn check_event<'m>(
     match ty {
         "page_view" => page_ok(true)?,
         "click" => {
-            if !non_empty_str(ev, "control") {
+            if !non_empty_str(&ev.control) {
                 return Err("click: missing field `control`".into());
             }
             page_ok(true)?;
         }
         "custom" => {
-            if !non_empty_str(ev, "name") {
+            if !non_empty_str(&ev.name) {
                 return Err("custom: missing field `name`".into());
             }
-            if let Some(d) = ev.get("duration_ms") {
-                if !d.as_f64().is_some_and(|d| d >= 0.0) {
+            if let Some(d) = &ev.duration_ms {
+                if !matches!(d, Probe::Num { f, .. } if *f >= 0.0) {
                     return Err("custom: duration_ms must be a number ≥ 0".into());
                 }
             }
-            if ev.get("properties").is_some_and(|p| !p.is_object()) {
+            if ev
+                .properties
+                .as_ref()
+                .is_some_and(|p| !matches!(p, Probe::Object { .. }))
+            {
                 return Err("custom: properties must be an object".into());
             }
             page_ok(false)?;
         }
         "exposure" => {
-            if ev
-                .get("items")
-                .and_then(Value::as_array)
-                .is_none_or(Vec::is_empty)
-            {
+            if !matches!(ev.items, Some(Probe::Array { empty: false })) {
                 return Err("exposure: items must be a non-empty array".into());
             }
             page_ok(false)?;
         }
         _ => {}
     }
-    let client_ts = match ev.get("ts") {
-        None | Some(Value::Null) => None,
-        Some(v) => Some(
-            v.as_i64()
-                .ok_or("ts must be an integer (ms since the epoch)")?,
-        ),
+    let client_ts = match &ev.ts {
+        None | Some(Probe::Null) => None,
+        Some(Probe::Num { i: Some(i), .. }) => Some(*i),
+        Some(_) => return Err("ts must be an integer (ms since the epoch)".into()),
     };
-    let visitor_id = match str_field(ev, "visitor_id").or(env_visitor) {
+    let visitor_id = match str_field(&ev.visitor_id).or(env_visitor) {
         Some(v) if valid_id(v) => v,
         Some(_) => return Err("visitor id (device.id or visitor_id) is not a valid id".into()),
         None => return Err("missing visitor id: set device.id (or visitor_id)".into()),
     };
-    let user_id = str_field(ev, "user_id")
+    let user_id = str_field(&ev.user_id)
         .or(env_user)
         .filter(|u| !u.is_empty());
-    let spm = match str_field(ev, "spm") {
+    let spm = match str_field(&ev.spm) {
         Some(s) => Some(parse_spm(s)?),
         None => None,
     };
@@ -262,17 +546,82 @@ pub fn check_event<'m>(
     })
 }
 
+/// Writes the records of one batch: the parts shared by every event of the batch (app,
+/// client, device, receive time) are encoded once. The output is byte for byte what
+/// `serde_json` makes of a [`BatchRecord`].
+pub struct BatchEncoder {
+    /// `{"app":APP,"type":`
+    head: Vec<u8>,
+    /// `,"received_ms":N,"client_ts":`
+    received: Vec<u8>,
+    /// `,"client":{…}`
+    client: Vec<u8>,
+    /// `,"device":{…}|null,"event":`
+    device: Vec<u8>,
+}
+
+impl BatchEncoder {
+    pub fn new(
+        app: &str,
+        received_ms: i64,
+        client: &Client<'_>,
+        device: Option<&Map<String, Value>>,
+    ) -> Result<BatchEncoder, serde_json::Error> {
+        let mut head = b"{\"app\":".to_vec();
+        serde_json::to_writer(&mut head, app)?;
+        head.extend_from_slice(b",\"type\":");
+        let received = format!(",\"received_ms\":{received_ms},\"client_ts\":").into_bytes();
+        let mut cl = b",\"client\":".to_vec();
+        serde_json::to_writer(&mut cl, client)?;
+        let mut dev = b",\"device\":".to_vec();
+        serde_json::to_writer(&mut dev, &device)?;
+        dev.extend_from_slice(b",\"event\":");
+        Ok(BatchEncoder {
+            head,
+            received,
+            client: cl,
+            device: dev,
+        })
+    }
+
+    /// About how many bytes a record takes besides the event itself.
+    pub fn overhead(&self) -> usize {
+        self.head.len() + self.received.len() + self.client.len() + self.device.len() + 256
+    }
+
+    /// Append one record to `out`.
+    pub fn encode(
+        &self,
+        out: &mut Vec<u8>,
+        c: &Checked<'_>,
+        priority: Priority,
+        event: &RawValue,
+    ) -> Result<(), serde_json::Error> {
+        out.reserve(self.overhead() + event.get().len());
+        out.extend_from_slice(&self.head);
+        serde_json::to_writer(&mut *out, c.ty)?;
+        out.extend_from_slice(b",\"priority\":\"");
+        out.extend_from_slice(priority.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"source\":\"batch\",\"visitor_id\":");
+        serde_json::to_writer(&mut *out, c.visitor_id)?;
+        out.extend_from_slice(b",\"user_id\":");
+        serde_json::to_writer(&mut *out, &c.user_id)?;
+        out.extend_from_slice(&self.received);
+        serde_json::to_writer(&mut *out, &c.client_ts)?;
+        out.extend_from_slice(&self.client);
+        out.extend_from_slice(b",\"spm\":");
+        serde_json::to_writer(&mut *out, &c.spm)?;
+        out.extend_from_slice(&self.device);
+        out.extend_from_slice(event.get().as_bytes());
+        out.push(b'}');
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    fn obj(v: Value) -> Map<String, Value> {
-        match v {
-            Value::Object(m) => m,
-            _ => panic!("not an object"),
-        }
-    }
 
     #[test]
     fn spm_codes() {
@@ -287,9 +636,15 @@ mod tests {
         }
     }
 
+    fn check(v: &Value, visitor: Option<&str>) -> Result<String, String> {
+        let text = v.to_string();
+        let f = EventFields::parse(&text).map_err(|e| e.to_string())?;
+        check_event(&f, visitor, None).map(|c| c.ty.to_string())
+    }
+
     #[test]
     fn event_checks() {
-        let ok = |v: Value| check_event(&obj(v), Some("dev-1"), None).map(|c| c.ty.to_string());
+        let ok = |v: Value| check(&v, Some("dev-1"));
         assert_eq!(
             ok(serde_json::json!({"type":"page_view","page":{"name":"home"}})).unwrap(),
             "page_view"
@@ -298,22 +653,115 @@ mod tests {
             .unwrap_err()
             .contains("page"));
         assert!(
+            ok(serde_json::json!({"type":"page_view","page":{"name":" "}}))
+                .unwrap_err()
+                .contains("needs")
+        );
+        assert!(ok(serde_json::json!({"type":"page_view","page":"home"}))
+            .unwrap_err()
+            .contains("object"));
+        assert!(
             ok(serde_json::json!({"type":"click","page":{"name":"home"}}))
                 .unwrap_err()
                 .contains("control")
         );
         assert!(ok(serde_json::json!({"type":"custom","name":"x","duration_ms":-1})).is_err());
+        assert!(ok(serde_json::json!({"type":"custom","name":"x","duration_ms":1.5})).is_ok());
+        assert!(ok(serde_json::json!({"type":"custom","name":"x","properties":[]})).is_err());
         assert!(ok(serde_json::json!({"type":"exposure","items":[]})).is_err());
         assert!(ok(serde_json::json!({"type":"exposure","items":[{"id":"a","count":3}]})).is_ok());
         assert!(ok(serde_json::json!({"page":{"name":"home"}}))
             .unwrap_err()
             .contains("type"));
         assert!(ok(serde_json::json!({"type":"x y"})).is_err());
+        assert!(ok(serde_json::json!({"type":null})).is_err());
         assert!(ok(serde_json::json!({"type":"x","ts":"yesterday"})).is_err());
-        assert!(
-            check_event(&obj(serde_json::json!({"type":"x"})), None, None)
-                .unwrap_err()
-                .contains("visitor")
-        );
+        assert!(ok(serde_json::json!({"type":"x","ts":1.5})).is_err());
+        assert!(ok(serde_json::json!({"type":"x","ts":null})).is_ok());
+        assert!(ok(serde_json::json!({"type":"x","ts":-5})).is_ok());
+        assert!(check(&serde_json::json!({"type":"x"}), None)
+            .unwrap_err()
+            .contains("visitor"));
+        assert!(check(&serde_json::json!({"type":"x","visitor_id":"v"}), None).is_ok());
+    }
+
+    #[test]
+    fn event_parse_errors_match_a_json_map() {
+        let cases = [
+            r#"[1]"#,
+            r#""x""#,
+            r#"{"type":"x","n":1e400}"#,
+            r#"{"type":"x","s":"\ud800"}"#,
+            r#"{"type":"x","a":[1,{"b":1e999}]}"#,
+            r#"{"type":"x","k":tru}"#,
+            r#"{"type":"x","t\u00e9":{"deep":[[[]]]}}"#,
+        ];
+        for text in cases {
+            let want = serde_json::from_str::<Map<String, Value>>(text).map(|_| ());
+            let got = EventFields::parse(text).map(|_| ());
+            assert_eq!(
+                got.map_err(|e| e.to_string()),
+                want.map_err(|e| e.to_string()),
+                "{text}"
+            );
+        }
+        // Last occurrence wins, as in a map.
+        let f = EventFields::parse(r#"{"type":"a b","type":"ok","page":{"name":"","name":"p"}}"#)
+            .unwrap();
+        let c = check_event(&f, Some("v"), None).unwrap();
+        assert_eq!(c.ty, "ok");
+        assert!(matches!(f.page, Some(Probe::Object { name_ok: true, .. })));
+        let f = EventFields::parse(r#"{"type":"t\u0065st"}"#).unwrap();
+        assert_eq!(check_event(&f, Some("v"), None).unwrap().ty, "test");
+    }
+
+    #[test]
+    fn batch_encoder_writes_what_serde_writes() {
+        let ua = UaInfo {
+            browser: "Chrome".into(),
+            browser_version: "120.0".into(),
+            os: "Windows \"10\"".into(),
+            os_version: "NT".into(),
+            device: "pc".into(),
+            crawler: false,
+        };
+        let client = Client::new("10.1.2.3".parse().unwrap(), "Mozilla/5.0 \u{1} é", &ua);
+        let device: Map<String, Value> =
+            serde_json::from_str(r#"{"os":"Android","id":"d-1","model":"Pixel \"8\""}"#).unwrap();
+        let events = [
+            r#"{"type":"click","page":{"name":"home"},"control":"c","spm":"a.b.c.d","ts":17}"#,
+            r#"{"type":"custom","name":"n","user_id":"u\u00e9","visitor_id":"v-2"}"#,
+            r#"{ "type" : "page_view", "page" : {"url":"x"} }"#,
+        ];
+        for device in [Some(&device), None] {
+            let enc = BatchEncoder::new("shop\"app", 1_700_000_000_123, &client, device).unwrap();
+            for (i, text) in events.iter().enumerate() {
+                let raw: &RawValue = serde_json::from_str(text).unwrap();
+                let f = EventFields::parse(raw.get()).unwrap();
+                let c = check_event(&f, Some("d-1"), Some("u-1")).unwrap();
+                let priority = [Priority::Low, Priority::Normal, Priority::High][i];
+                let mut got = Vec::new();
+                enc.encode(&mut got, &c, priority, raw).unwrap();
+                let want = serde_json::to_vec(&BatchRecord {
+                    app: "shop\"app",
+                    ty: c.ty,
+                    priority,
+                    source: "batch",
+                    visitor_id: c.visitor_id,
+                    user_id: c.user_id,
+                    received_ms: 1_700_000_000_123,
+                    client_ts: c.client_ts,
+                    client: &client,
+                    spm: c.spm,
+                    device,
+                    event: raw,
+                })
+                .unwrap();
+                assert_eq!(
+                    String::from_utf8(got).unwrap(),
+                    String::from_utf8(want).unwrap()
+                );
+            }
+        }
     }
 }

@@ -3,7 +3,8 @@
 //! slow fills only its own buffer and librdkafka queue — requests for it get 503 while the
 //! other routes keep flowing.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use rdkafka::config::ClientConfig;
@@ -18,14 +19,81 @@ use tokio::task::JoinHandle;
 use crate::config::{CollectConfig, Priority, RouteConfig};
 use crate::error::CollectError;
 
-/// One event ready for the bus.
-#[derive(Debug)]
-pub struct Record {
-    /// Visitor id: one visitor's events land in one partition, in order.
-    pub key: String,
-    /// The enriched event as JSON.
-    pub value: Vec<u8>,
-    pub timestamp_ms: i64,
+/// Where one record lies in its chunk's buffer: the value, then the key.
+#[derive(Clone, Copy, Debug)]
+struct Entry {
+    start: usize,
+    key_start: usize,
+    end: usize,
+    timestamp_ms: i64,
+}
+
+/// Records for one route from one request, in one buffer (one allocation per request, not
+/// per event).
+#[derive(Debug, Default)]
+pub struct Chunk {
+    buf: Vec<u8>,
+    entries: Vec<Entry>,
+}
+
+impl Chunk {
+    pub fn with_capacity(bytes: usize) -> Chunk {
+        Chunk {
+            buf: Vec::with_capacity(bytes),
+            entries: Vec::new(),
+        }
+    }
+
+    /// Add one record: `write` appends the value (the enriched event as JSON) to the buffer
+    /// it is given; `key` is the visitor id (one visitor's events land in one partition, in
+    /// order). When `write` fails, the chunk is left as it was.
+    pub fn push<E>(
+        &mut self,
+        key: &str,
+        timestamp_ms: i64,
+        write: impl FnOnce(&mut Vec<u8>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let start = self.buf.len();
+        if let Err(e) = write(&mut self.buf) {
+            self.buf.truncate(start);
+            return Err(e);
+        }
+        let key_start = self.buf.len();
+        self.buf.extend_from_slice(key.as_bytes());
+        self.entries.push(Entry {
+            start,
+            key_start,
+            end: self.buf.len(),
+            timestamp_ms,
+        });
+        Ok(())
+    }
+
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+
+    /// (key, value, timestamp) of each record, in order.
+    pub fn records(&self) -> impl Iterator<Item = (&[u8], &[u8], i64)> {
+        self.entries.iter().map(|e| {
+            let key = self.buf.get(e.key_start..e.end).unwrap_or_default();
+            let value = self.buf.get(e.start..e.key_start).unwrap_or_default();
+            (key, value, e.timestamp_ms)
+        })
+    }
+}
+
+/// Why a route did not take a chunk.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Refused {
+    /// The buffer has no room for that many events.
+    Full,
+    /// The route is shutting down.
+    Closed,
 }
 
 pub struct Route {
@@ -35,7 +103,9 @@ pub struct Route {
     events: Vec<String>,
     priorities: Vec<Priority>,
     pub capacity: usize,
-    pub tx: mpsc::Sender<Record>,
+    tx: mpsc::UnboundedSender<Msg>,
+    /// Events in `tx` or reserved for it; at most `capacity`.
+    queued: Arc<AtomicUsize>,
     pub accepted: metrics::Counter,
     pub full: metrics::Counter,
 }
@@ -49,7 +119,40 @@ impl Route {
 
     /// Events waiting in this route's buffer.
     pub fn buffered(&self) -> usize {
-        self.capacity - self.tx.capacity()
+        self.queued.load(Ordering::Relaxed)
+    }
+
+    /// Take room for `n` events in the buffer, all or nothing.
+    pub fn try_reserve(&self, n: usize) -> Result<(), Refused> {
+        if self.tx.is_closed() {
+            return Err(Refused::Closed);
+        }
+        self.queued
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |q| {
+                q.checked_add(n).filter(|&t| t <= self.capacity)
+            })
+            .map(|_| ())
+            .map_err(|_| Refused::Full)
+    }
+
+    /// Give back room taken with [`Route::try_reserve`] and not used.
+    pub fn release(&self, n: usize) {
+        self.queued.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Hand over a chunk whose room was reserved with [`Route::try_reserve`].
+    pub fn send_reserved(&self, chunk: Chunk) -> Result<(), Refused> {
+        let n = chunk.len();
+        self.tx.send(Msg::Chunk(chunk)).map_err(|_| {
+            self.release(n);
+            Refused::Closed
+        })
+    }
+
+    /// Reserve room for the chunk and hand it over.
+    pub fn try_send(&self, chunk: Chunk) -> Result<(), Refused> {
+        self.try_reserve(chunk.len())?;
+        self.send_reserved(chunk)
     }
 }
 
@@ -79,7 +182,8 @@ impl Routes {
         let timeout = Duration::from_millis(cfg.server.shutdown_timeout_ms);
         for rc in &cfg.routes {
             let producer = producer_for(cfg, rc)?;
-            let (tx, rx) = mpsc::channel(rc.buffer);
+            let (tx, rx) = mpsc::unbounded_channel();
+            let queued = Arc::new(AtomicUsize::new(0));
             let label = rc.name.clone();
             routes.push(Route {
                 name: rc.name.clone(),
@@ -89,6 +193,7 @@ impl Routes {
                 priorities: rc.priorities.clone(),
                 capacity: rc.buffer,
                 tx,
+                queued: queued.clone(),
                 accepted: metrics::counter!("qanat_collect_route_events_total", "route" => label.clone(), "outcome" => "accepted"),
                 full: metrics::counter!("qanat_collect_route_events_total", "route" => label, "outcome" => "full"),
             });
@@ -96,12 +201,21 @@ impl Routes {
                 route: rc.name.clone(),
                 topic: rc.topic.clone(),
                 rx,
+                queued,
                 producer,
-                shutdown: shutdown.clone(),
                 timeout,
                 buffered: metrics::gauge!("qanat_collect_route_buffered", "route" => rc.name.clone()),
             };
-            pumps.push(tokio::spawn(pump.run()));
+            let close = routes.last().map(|r: &Route| r.tx.clone());
+            let mut stop = shutdown.clone();
+            tokio::spawn(async move {
+                // Also when the collector is dropped without a shutdown.
+                let _ = stop.wait_for(|s| *s).await;
+                if let Some(tx) = close {
+                    let _ = tx.send(Msg::Close);
+                }
+            });
+            pumps.push(tokio::task::spawn_blocking(move || pump.run()));
         }
         Ok((Routes { routes }, pumps))
     }
@@ -194,93 +308,84 @@ impl ProducerContext for Delivery {
     }
 }
 
+/// What a route's buffer carries to its pump.
+#[derive(Debug)]
+enum Msg {
+    Chunk(Chunk),
+    /// Shutdown: take nothing new, drain what is buffered.
+    Close,
+}
+
+/// Hands a route's records to librdkafka, on a thread of its own: handing over is the
+/// collector's busiest step, and on its own thread it never holds up HTTP tasks.
 struct Pump {
     route: String,
     topic: String,
-    rx: mpsc::Receiver<Record>,
+    rx: mpsc::UnboundedReceiver<Msg>,
+    queued: Arc<AtomicUsize>,
     producer: ThreadedProducer<Delivery>,
-    shutdown: watch::Receiver<bool>,
     timeout: Duration,
     buffered: metrics::Gauge,
 }
 
 impl Pump {
-    async fn run(mut self) -> DrainReport {
-        let mut batch = Vec::with_capacity(1024);
+    fn run(mut self) -> DrainReport {
         let mut drain_deadline: Option<Instant> = None;
         let mut dropped = 0u64;
-        loop {
-            let n = if drain_deadline.is_some() {
-                self.rx.recv_many(&mut batch, 1024).await
-            } else {
-                tokio::select! {
-                    n = self.rx.recv_many(&mut batch, 1024) => n,
-                    _ = self.shutdown.wait_for(|s| *s) => {
+        // `None` once closed and empty (or every sender is gone).
+        while let Some(msg) = self.rx.blocking_recv() {
+            match msg {
+                Msg::Close => {
+                    if drain_deadline.is_none() {
                         // No new events; what is buffered still goes out.
                         self.rx.close();
                         drain_deadline = Some(Instant::now() + self.timeout);
-                        continue;
                     }
                 }
-            };
-            if n == 0 {
-                break;
-            }
-            for rec in batch.drain(..) {
-                if !self.send(rec, drain_deadline).await {
-                    dropped += 1;
+                Msg::Chunk(chunk) => {
+                    // Out of the buffer (as a record received from a channel would be).
+                    self.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
+                    for (key, value, timestamp_ms) in chunk.records() {
+                        if !self.send(key, value, timestamp_ms, drain_deadline) {
+                            dropped += 1;
+                        }
+                    }
+                    self.buffered
+                        .set(self.queued.load(Ordering::Relaxed) as f64);
                 }
             }
-            self.buffered.set(self.rx.len() as f64);
         }
         self.buffered.set(0.0);
-        let producer = self.producer;
         let timeout = drain_deadline.map_or(self.timeout, |d| {
             d.saturating_duration_since(Instant::now())
         });
-        let route = self.route;
-        let report = tokio::task::spawn_blocking(move || {
-            if let Err(e) = producer.flush(timeout) {
-                tracing::error!(%route, error = %e, "flush on shutdown did not finish");
-            }
-            let ctx = producer.context();
-            DrainReport {
-                route,
-                delivered: ctx.delivered.load(Ordering::Relaxed),
-                failed: ctx.failed.load(Ordering::Relaxed),
-                undelivered: u64::try_from(producer.in_flight_count()).unwrap_or(0) + dropped,
-            }
-        })
-        .await;
-        match report {
-            Ok(r) => r,
-            Err(e) => {
-                tracing::error!(error = %e, "drain task failed");
-                DrainReport {
-                    route: String::new(),
-                    delivered: 0,
-                    failed: 0,
-                    undelivered: dropped,
-                }
-            }
+        if let Err(e) = self.producer.flush(timeout) {
+            tracing::error!(route = %self.route, error = %e, "flush on shutdown did not finish");
+        }
+        let ctx = self.producer.context();
+        DrainReport {
+            delivered: ctx.delivered.load(Ordering::Relaxed),
+            failed: ctx.failed.load(Ordering::Relaxed),
+            undelivered: u64::try_from(self.producer.in_flight_count()).unwrap_or(0) + dropped,
+            route: self.route,
         }
     }
 
     /// Hand one record to librdkafka, waiting while its queue is full (that wait is what
     /// fills this route's buffer). False if the record was dropped.
-    async fn send(&self, rec: Record, deadline: Option<Instant>) -> bool {
+    fn send(&self, key: &[u8], value: &[u8], timestamp_ms: i64, deadline: Option<Instant>) -> bool {
         loop {
             let record = BaseRecord::to(&self.topic)
-                .key(rec.key.as_bytes())
-                .payload(&rec.value)
-                .timestamp(rec.timestamp_ms);
+                .key(key)
+                .payload(value)
+                .timestamp(timestamp_ms);
             match self.producer.send(record) {
                 Ok(()) => return true,
                 Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         return false;
                     }
-                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    std::thread::sleep(Duration::from_millis(5));
                 }
                 Err((e, _)) => {
                     tracing::error!(route = %self.route, error = %e, "producer refused an event");

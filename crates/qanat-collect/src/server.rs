@@ -1,31 +1,30 @@
 //! The HTTP side: handlers, limits, the admin endpoint, metrics per route, graceful shutdown.
 
 use std::borrow::Cow;
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Read;
-use std::net::SocketAddr;
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, OnceLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::{Json, Router};
 use serde::Serialize;
-use serde_json::{Map, Value};
-use tokio::sync::mpsc::error::TrySendError;
+use serde_json::Value;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{AppSettings, CollectConfig, ServerConfig};
 use crate::enrich::{truncate, Enricher};
 use crate::error::CollectError;
-use crate::event::{self, BatchRecord, BeaconRecord, Client, Envelope, Page};
-use crate::routing::{DrainReport, Record, Routes};
+use crate::event::{self, BatchEncoder, BeaconRecord, Client, Envelope, EventFields, Page};
+use crate::routing::{Chunk, DrainReport, Routes};
 use crate::throttle::{Shed, Throttle};
 use crate::tracker;
 
@@ -65,8 +64,62 @@ impl Counters {
     }
 }
 
+/// The routes `track` keeps metric handles for; any other path registers per request.
+const TRACKED_PATHS: [&str; 7] = [
+    "/t.gif",
+    "/v1/events",
+    "/v1/config",
+    "/admin/v1/config",
+    "/healthz",
+    "/qanat.js",
+    "/demo.html",
+];
+/// Statuses whose request counters are kept per path.
+const TRACKED_STATUSES: [u16; 12] = [200, 204, 400, 403, 404, 405, 413, 415, 422, 429, 500, 503];
+
+/// Metric handles of one HTTP route, registered on first use (as `metrics::counter!` per
+/// request did) and reused after, so a request allocates nothing for its metrics.
+struct PathMetrics {
+    path: &'static str,
+    seconds: OnceLock<metrics::Histogram>,
+    requests: [OnceLock<metrics::Counter>; TRACKED_STATUSES.len()],
+}
+
+impl PathMetrics {
+    fn new(path: &'static str) -> PathMetrics {
+        PathMetrics {
+            path,
+            seconds: OnceLock::new(),
+            requests: std::array::from_fn(|_| OnceLock::new()),
+        }
+    }
+
+    fn record(&self, seconds: f64, status: StatusCode) {
+        self.seconds
+            .get_or_init(
+                || metrics::histogram!("qanat_collect_http_request_seconds", "path" => self.path),
+            )
+            .record(seconds);
+        match TRACKED_STATUSES
+            .iter()
+            .position(|&s| s == status.as_u16())
+            .and_then(|i| self.requests.get(i))
+        {
+            Some(slot) => slot
+                .get_or_init(|| request_counter(self.path.to_string(), status))
+                .increment(1),
+            None => request_counter(self.path.to_string(), status).increment(1),
+        }
+    }
+}
+
+fn request_counter(path: String, status: StatusCode) -> metrics::Counter {
+    metrics::counter!("qanat_collect_http_requests_total", "path" => path, "status" => status.as_str().to_string())
+}
+
 struct AppState {
     cfg: ServerConfig,
+    http_metrics: Vec<PathMetrics>,
     throttle: Arc<Throttle>,
     routes: Routes,
     enricher: Enricher,
@@ -98,6 +151,7 @@ impl Collector {
             routes,
             enricher,
             counters: Counters::new(),
+            http_metrics: TRACKED_PATHS.into_iter().map(PathMetrics::new).collect(),
             cookie_suffix,
         };
         Ok(Collector {
@@ -125,7 +179,7 @@ impl Collector {
             .route("/healthz", get(healthz))
             .route("/qanat.js", get(tracker::script))
             .route("/demo.html", get(tracker::demo))
-            .route_layer(middleware::from_fn(track))
+            .route_layer(middleware::from_fn_with_state(st.clone(), track))
             .layer(DefaultBodyLimit::max(st.cfg.max_body_bytes))
             .with_state(st)
     }
@@ -160,14 +214,27 @@ impl Collector {
 }
 
 /// Request count and latency per HTTP route.
-async fn track(path: Option<MatchedPath>, req: Request, next: Next) -> Response {
+async fn track(
+    State(st): State<Arc<AppState>>,
+    path: Option<MatchedPath>,
+    req: Request,
+    next: Next,
+) -> Response {
     let start = Instant::now();
-    let path = path.map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
     let resp = next.run(req).await;
-    metrics::histogram!("qanat_collect_http_request_seconds", "path" => path.clone())
-        .record(start.elapsed().as_secs_f64());
-    metrics::counter!("qanat_collect_http_requests_total", "path" => path, "status" => resp.status().as_str().to_string())
-        .increment(1);
+    let seconds = start.elapsed().as_secs_f64();
+    let cached = path
+        .as_ref()
+        .and_then(|p| st.http_metrics.iter().find(|m| m.path == p.as_str()));
+    match cached {
+        Some(m) => m.record(seconds, resp.status()),
+        None => {
+            let path = path.map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+            metrics::histogram!("qanat_collect_http_request_seconds", "path" => path.clone())
+                .record(seconds);
+            request_counter(path, resp.status()).increment(1);
+        }
+    }
     resp
 }
 
@@ -222,9 +289,75 @@ fn route_full(st: &AppState, route: &str) -> Response {
     r
 }
 
-fn client_ip(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> String {
+fn client_ip(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> IpAddr {
     let xff = h.get("x-forwarded-for").and_then(|v| v.to_str().ok());
-    st.enricher.client_ip(peer.ip(), xff).to_string()
+    st.enricher.client_ip(peer.ip(), xff)
+}
+
+/// A query string as `application/x-www-form-urlencoded` pairs, decoded exactly as
+/// `serde_urlencoded` (axum's `Query`) does, borrowing whatever needs no decoding. A name
+/// given twice keeps its last value, as in a map.
+struct QueryPairs<'q> {
+    pairs: Vec<(Cow<'q, str>, Cow<'q, str>)>,
+}
+
+impl<'q> QueryPairs<'q> {
+    fn parse(query: &'q str) -> QueryPairs<'q> {
+        let pairs = query
+            .split('&')
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                let (k, v) = p.split_once('=').unwrap_or((p, ""));
+                (form_decode(k), form_decode(v))
+            })
+            .collect();
+        QueryPairs { pairs }
+    }
+
+    fn get(&self, name: &str) -> Option<&str> {
+        self.pairs
+            .iter()
+            .rev()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_ref())
+    }
+}
+
+/// `+` is a space, `%XX` a byte (a `%` not followed by two hex digits stays as it is), and
+/// bytes that are not UTF-8 become U+FFFD.
+fn form_decode(s: &str) -> Cow<'_, str> {
+    if !s.bytes().any(|b| b == b'+' || b == b'%') {
+        return Cow::Borrowed(s);
+    }
+    let hex = |b: u8| {
+        char::from(b)
+            .to_digit(16)
+            .and_then(|d| u8::try_from(d).ok())
+    };
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while let Some(&b) = bytes.get(i) {
+        i += 1;
+        match b {
+            b'+' => out.push(b' '),
+            b'%' => match (
+                bytes.get(i).copied().and_then(hex),
+                bytes.get(i + 1).copied().and_then(hex),
+            ) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 2;
+                }
+                _ => out.push(b'%'),
+            },
+            _ => out.push(b),
+        }
+    }
+    match String::from_utf8(out) {
+        Ok(s) => Cow::Owned(s),
+        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
+    }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -238,10 +371,11 @@ async fn beacon(
     State(st): State<Arc<AppState>>,
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
-    Query(q): Query<HashMap<String, String>>,
+    uri: Uri,
 ) -> Response {
     let received_ms = now_ms();
-    let get = |k: &str| q.get(k).map(String::as_str).filter(|v| !v.is_empty());
+    let q = QueryPairs::parse(uri.query().unwrap_or(""));
+    let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
     let ty = match get("t") {
         Some(t) if event::valid_id(t) => t,
         _ => {
@@ -325,36 +459,43 @@ async fn beacon(
         screen: get("sr").map(|s| truncate(s, 32)),
         language: get("lang").map(|s| truncate(s, 32)),
         name: get("e").map(|s| truncate(s, 128)),
-        params: q
-            .iter()
-            .filter_map(|(k, v)| Some((k.strip_prefix("p_")?, truncate(v, TEXT_MAX))))
-            .filter(|(k, _)| !k.is_empty())
-            .take(64)
-            .map(|(k, v)| (truncate(k, 64), v))
-            .collect(),
+        params: beacon_params(&q),
     };
-    let value = match serde_json::to_vec(&record) {
-        Ok(v) => v,
-        Err(e) => return bad_request(format!("encoding the event: {e}")),
-    };
+    let mut chunk = Chunk::with_capacity(1024);
+    if let Err(e) = chunk.push(visitor_id, received_ms, |out| {
+        serde_json::to_writer(out, &record)
+    }) {
+        return bad_request(format!("encoding the event: {e}"));
+    }
     let Some(route) = st.routes.get(route_idx) else {
         return bad_request("route vanished");
     };
-    let rec = Record {
-        key: visitor_id.to_string(),
-        value,
-        timestamp_ms: received_ms,
-    };
-    match route.tx.try_send(rec) {
+    match route.try_send(chunk) {
         Ok(()) => {
             route.accepted.increment(1);
             resp
         }
-        Err(TrySendError::Full(_) | TrySendError::Closed(_)) => {
+        Err(_) => {
             route.full.increment(1);
             route_full(&st, &route.name)
         }
     }
+}
+
+/// `p_*` query parameters, prefix removed (at most 64).
+fn beacon_params<'q>(q: &'q QueryPairs<'_>) -> BTreeMap<&'q str, &'q str> {
+    let mut out = BTreeMap::new();
+    for (k, v) in &q.pairs {
+        let Some(name) = k.strip_prefix("p_").filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let name = truncate(name, 64);
+        // A name given twice keeps its last value.
+        if out.len() < 64 || out.contains_key(name) {
+            out.insert(name, truncate(v, TEXT_MAX));
+        }
+    }
+    out
 }
 
 fn reject(st: &AppState, reason: impl Into<String>) -> Response {
@@ -362,8 +503,8 @@ fn reject(st: &AppState, reason: impl Into<String>) -> Response {
     bad_request(reason)
 }
 
-fn pixel_response(q: &HashMap<String, String>) -> Response {
-    let mut r = if q.get("resp").map(String::as_str) == Some("204") {
+fn pixel_response(q: &QueryPairs<'_>) -> Response {
+    let mut r = if q.get("resp") == Some("204") {
         StatusCode::NO_CONTENT.into_response()
     } else {
         ([(header::CONTENT_TYPE, "image/gif")], PIXEL).into_response()
@@ -490,23 +631,24 @@ async fn events(
             st.cfg.max_batch_events
         ));
     }
-    let id_of = |m: &Option<Map<String, Value>>| {
-        m.as_ref()
-            .and_then(|m| m.get("id"))
-            .and_then(Value::as_str)
-            .map(str::to_string)
-    };
+    fn id_of(m: &Option<serde_json::Map<String, Value>>) -> Option<&str> {
+        m.as_ref().and_then(|m| m.get("id")).and_then(Value::as_str)
+    }
     let (env_visitor, env_user) = (id_of(&env.device), id_of(&env.user));
     let ua_raw = truncate(header_str(&headers, header::USER_AGENT).unwrap_or(""), 512);
     let ua = st.enricher.user_agent(ua_raw);
     let client = Client::new(client_ip(&st, peer, &headers), ua_raw, &ua);
     let throttle = st.throttle.snapshot();
+    let encoder = match BatchEncoder::new(&env.app, received_ms, &client, env.device.as_ref()) {
+        Ok(e) => e,
+        Err(e) => return bad_request(format!("encoding the batch: {e}")),
+    };
 
     let mut rejected = Vec::new();
     let mut too_large_only = true;
     let mut shed = 0;
-    let mut out: Vec<(usize, Record)> = Vec::with_capacity(env.events.len());
-    let mut per_route = vec![0usize; st.routes.len()];
+    // One chunk per route, sized for the events of this batch.
+    let mut chunks: Vec<Chunk> = st.routes.iter().map(|_| Chunk::default()).collect();
     for (index, raw) in env.events.iter().enumerate() {
         let text = raw.get();
         if text.len() > st.cfg.max_event_bytes {
@@ -521,7 +663,7 @@ async fn events(
             continue;
         }
         too_large_only = false;
-        let ev: Map<String, Value> = match serde_json::from_str(text) {
+        let ev = match EventFields::parse(text) {
             Ok(m) => m,
             Err(e) => {
                 rejected.push(Rejected {
@@ -531,7 +673,7 @@ async fn events(
                 continue;
             }
         };
-        let checked = match event::check_event(&ev, env_visitor.as_deref(), env_user.as_deref()) {
+        let checked = match event::check_event(&ev, env_visitor, env_user) {
             Ok(c) => c,
             Err(reason) => {
                 rejected.push(Rejected { index, reason });
@@ -552,32 +694,21 @@ async fn events(
             });
             continue;
         };
-        let record = BatchRecord {
-            app: &env.app,
-            ty: checked.ty,
-            priority,
-            source: "batch",
-            visitor_id: checked.visitor_id,
-            user_id: checked.user_id,
-            received_ms,
-            client_ts: checked.client_ts,
-            client: &client,
-            spm: checked.spm,
-            device: env.device.as_ref(),
-            event: raw,
+        let Some(chunk) = chunks.get_mut(route_idx) else {
+            rejected.push(Rejected {
+                index,
+                reason: "route vanished".into(),
+            });
+            continue;
         };
-        match serde_json::to_vec(&record) {
-            Ok(value) => {
-                per_route[route_idx] += 1;
-                out.push((
-                    route_idx,
-                    Record {
-                        key: checked.visitor_id.to_string(),
-                        value,
-                        timestamp_ms: received_ms,
-                    },
-                ));
-            }
+        if chunk.is_empty() {
+            let left = env.events.len() - index;
+            *chunk = Chunk::with_capacity(decoded.len() + left * encoder.overhead());
+        }
+        match chunk.push(checked.visitor_id, received_ms, |out| {
+            encoder.encode(out, &checked, priority, raw)
+        }) {
+            Ok(()) => {}
             Err(e) => rejected.push(Rejected {
                 index,
                 reason: format!("encoding: {e}"),
@@ -588,34 +719,38 @@ async fn events(
 
     // Reserve room on every route first, so a full route refuses the whole batch rather
     // than keeping part of it (the client retries all of it, with no duplicates).
-    let mut permits = Vec::with_capacity(per_route.len());
-    for (idx, &n) in per_route.iter().enumerate() {
+    for (idx, chunk) in chunks.iter().enumerate() {
         let Some(route) = st.routes.get(idx) else {
             break;
         };
-        if n == 0 {
-            permits.push(None);
+        if chunk.is_empty() {
             continue;
         }
-        match route.tx.try_reserve_many(n) {
-            Ok(p) => permits.push(Some(p)),
-            Err(_) => {
-                route.full.increment(n as u64);
-                return route_full(&st, &route.name);
+        if route.try_reserve(chunk.len()).is_err() {
+            route.full.increment(chunk.len() as u64);
+            for (prev, c) in chunks.iter().enumerate().take(idx) {
+                if let (Some(r), false) = (st.routes.get(prev), c.is_empty()) {
+                    r.release(c.len());
+                }
             }
+            return route_full(&st, &route.name);
         }
     }
-    let accepted = out.len();
-    for (idx, rec) in out {
-        if let Some(Some(p)) = permits.get_mut(idx) {
-            if let Some(permit) = p.next() {
-                permit.send(rec);
-            }
+    let mut accepted = 0;
+    for (idx, chunk) in chunks.into_iter().enumerate() {
+        let Some(route) = st.routes.get(idx) else {
+            break;
+        };
+        let n = chunk.len();
+        if n == 0 {
+            continue;
         }
-    }
-    for (idx, &n) in per_route.iter().enumerate() {
-        if let (Some(route), true) = (st.routes.get(idx), n > 0) {
+        // Refused only once the route has closed, i.e. after the HTTP side has stopped.
+        if route.send_reserved(chunk).is_ok() {
+            accepted += n;
             route.accepted.increment(n as u64);
+        } else {
+            route.full.increment(n as u64);
         }
     }
     let status = if accepted == 0 && shed == 0 && !rejected.is_empty() {
@@ -832,6 +967,33 @@ mod tests {
             decode(Some("br"), json, 100),
             Err(DecodeError::Unsupported(_))
         ));
+    }
+
+    #[test]
+    fn query_decoding_matches_axum_query() {
+        use std::collections::HashMap;
+        for query in [
+            "t=page_view&app=web&url=https%3A%2F%2Fshop.example%2Fitem%3Fid%3D42&resp=204",
+            "a=1&a=2&&b&=c&d=x+y%20z&e=%zz%4&f=%C3%A9%FF&g=%e2%82%ac&h==",
+            "p_x=1&p_=2&p_y=%41&p_x=3&q",
+            "",
+        ] {
+            let uri: Uri = format!("/t.gif?{query}").parse().unwrap();
+            let Query(want) = Query::<HashMap<String, String>>::try_from_uri(&uri).unwrap();
+            let got = QueryPairs::parse(uri.query().unwrap_or(""));
+            for (k, v) in &want {
+                assert_eq!(got.get(k), Some(v.as_str()), "{query}: {k}");
+            }
+            for (k, _) in &got.pairs {
+                assert!(want.contains_key(k.as_ref()), "{query}: {k}");
+            }
+        }
+        let q = QueryPairs::parse("p_x=1&p_=2&p_y=%41&p_x=3&p_z=");
+        let params = beacon_params(&q);
+        assert_eq!(
+            params.into_iter().collect::<Vec<_>>(),
+            [("x", "3"), ("y", "A"), ("z", "")]
+        );
     }
 
     #[test]
