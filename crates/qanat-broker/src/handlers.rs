@@ -329,6 +329,7 @@ impl Broker {
                             Ok(read) => {
                                 out.high_watermark = read.high_watermark;
                                 out.log_start_offset = read.log_start_offset;
+                                let served_end = read.next_offset;
                                 out.records = read.slices;
                                 let n = out.records_len();
                                 total += n;
@@ -336,6 +337,10 @@ impl Broker {
                                 if n > 0 {
                                     metrics::counter!("qanat_bytes_out_total", "topic" => topic_name.to_string())
                                         .increment(n);
+                                    // Records the consumer takes: from its offset to the end served.
+                                    let records = (served_end - p.fetch_offset).max(0) as u64;
+                                    metrics::counter!("qanat_records_out_total", "topic" => topic_name.to_string())
+                                        .increment(records);
                                 }
                             }
                             Err(e) => out.error_code = log_error_code(&e),

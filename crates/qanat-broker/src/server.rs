@@ -63,30 +63,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
-        let mut out = ResponseWriter::new(wr);
-        while let Some(pending) = rx.recv().await {
-            let response = match pending.await {
-                Ok(Some(r)) => r,
-                Ok(None) => {
-                    tracing::error!(%peer, "response could not be encoded; closing connection");
-                    return;
-                }
-                Err(e) => {
-                    tracing::error!(%peer, error = %e, "request task failed; closing connection");
-                    return;
-                }
-            };
-            if let Err(e) = out.write(response).await {
-                tracing::debug!(%peer, error = %e, "write failed; closing connection");
-                return;
-            }
-            // Flush only when nothing else is ready, so bursts share syscalls.
-            if rx.is_empty() {
-                if let Err(e) = out.flush().await {
-                    tracing::debug!(%peer, error = %e, "write failed; closing connection");
-                    return;
-                }
-            }
+        match write_responses(ResponseWriter::new(wr), &mut rx).await {
+            Ok(()) => {}
+            Err(WireError::Io(e)) => tracing::debug!(%peer, error = %e, "connection closed"),
+            Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
         }
     });
     let limit = broker.config.broker.max_frame_bytes;
@@ -121,6 +101,37 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
         tracing::error!(%peer, "connection writer panicked");
     }
     metrics::gauge!("qanat_connections").decrement(1.0);
+}
+
+/// Write responses in request order. Ready responses are coalesced into one write; the buffer
+/// is flushed before every wait (for a response still being computed, or for the next
+/// request), so no finished response sits in the buffer behind an unfinished one.
+async fn write_responses(
+    mut out: ResponseWriter,
+    rx: &mut mpsc::Receiver<Pending>,
+) -> Result<(), WireError> {
+    loop {
+        let pending = match rx.try_recv() {
+            Ok(p) => p,
+            Err(_) => {
+                out.flush().await?;
+                match rx.recv().await {
+                    Some(p) => p,
+                    None => return Ok(()),
+                }
+            }
+        };
+        if !pending.is_finished() {
+            out.flush().await?;
+        }
+        match pending.await {
+            Ok(Some(response)) => {
+                out.write(response).await?;
+            }
+            Ok(None) => return Err(malformed("response could not be encoded")),
+            Err(e) => return Err(malformed(format!("request task failed: {e}"))),
+        }
+    }
 }
 
 fn malformed(what: impl std::fmt::Display) -> WireError {

@@ -159,6 +159,8 @@ pub struct ReadOutcome {
     pub slices: Vec<FileSlice>,
     pub high_watermark: i64,
     pub log_start_offset: i64,
+    /// Offset after the last record of the returned batches (`from_offset` when none).
+    pub next_offset: i64,
 }
 
 /// What retention removed.

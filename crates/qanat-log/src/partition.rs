@@ -591,6 +591,7 @@ impl Partition {
             slices: Vec::new(),
             high_watermark: next,
             log_start_offset: start,
+            next_offset: from_offset,
         };
         let mut cur = from_offset;
         let mut budget = max_bytes;
@@ -607,11 +608,13 @@ impl Partition {
                 break;
             }
             let (pos, first) = seg.find_position(cur, size)?;
-            let mut end = seg.find_end(pos, size, budget)?;
-            if out.slices.is_empty() {
-                end = end.max(pos + first.total_len() as u64);
+            let (mut end, mut end_offset) = seg.find_end(pos, size, budget, seg_next)?;
+            if out.slices.is_empty() && end < pos + first.total_len() as u64 {
+                end = pos + first.total_len() as u64;
+                end_offset = first.last_offset() + 1;
             }
             if end > pos {
+                out.next_offset = end_offset;
                 out.slices.push(FileSlice {
                     file: seg.log.clone(),
                     position: pos,

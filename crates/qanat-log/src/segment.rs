@@ -239,9 +239,17 @@ impl Segment {
 
     /// End of the longest run of whole batches from `start` (a batch boundary) that fits in
     /// `budget` bytes, limited to `size`; `start` if not even one batch fits.
-    pub fn find_end(&self, start: u64, size: u64, budget: u64) -> Result<u64, LogError> {
+    /// End of the whole batches from `start` that fit in `budget`, and the offset after the
+    /// last of them (`seg_next` when the read reaches the published end).
+    pub fn find_end(
+        &self,
+        start: u64,
+        size: u64,
+        budget: u64,
+        seg_next: i64,
+    ) -> Result<(u64, i64), LogError> {
         if size - start <= budget {
-            return Ok(size);
+            return Ok((size, seg_next));
         }
         let limit = start + budget;
         let hint = u64::from(
@@ -254,11 +262,11 @@ impl Segment {
             let h = self.read_header(pos)?;
             let end = pos + h.total_len() as u64;
             if end > limit {
-                break;
+                return Ok((pos, h.base_offset));
             }
             pos = end;
         }
-        Ok(pos)
+        Ok((pos, seg_next))
     }
 }
 

@@ -146,6 +146,10 @@ impl Harness {
             let out = p.read(cur, 3000).unwrap();
             let got = split_batches(&read_bytes(&out));
             assert!(!got.is_empty(), "read at {cur} returned nothing");
+            assert_eq!(
+                out.next_offset,
+                got.last().map_or(cur, |(_, last, _)| last + 1)
+            );
             for (base, last, bytes) in got {
                 assert_eq!(base, cur, "offsets must be dense");
                 seen.push(bytes);
@@ -289,6 +293,8 @@ impl Harness {
                 assert_eq!(out.log_start_offset, self.m.log_start);
                 let bytes = read_bytes(&out);
                 let got = split_batches(&bytes);
+                let served_end = got.last().map_or(o, |(_, last, _)| last + 1);
+                assert_eq!(out.next_offset, served_end, "next_offset of a read at {o}");
                 if o == self.m.next {
                     assert!(got.is_empty());
                 } else {

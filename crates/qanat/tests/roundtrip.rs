@@ -1416,6 +1416,31 @@ fn metrics_endpoint_serves_prometheus_text() {
             .any(|l| !l.starts_with('#') && !l.trim().is_empty()),
         "no samples in /metrics after producing:\n{resp}"
     );
+    let topic = [("topic", "metered")];
+    assert_eq!(
+        support::metric(body, "qanat_records_in_total", &topic),
+        Some(10.0),
+        "{body}"
+    );
+    // Reading the 10 records back counts them out, once each.
+    consume_all(&broker.bootstrap(), "metered", 0, 10);
+    let text = poll_until("records out counted", DEADLINE, || {
+        let text = support::scrape(&metrics)?;
+        match support::metric(&text, "qanat_records_out_total", &topic) {
+            Some(n) if n >= 10.0 => Ok(text),
+            other => Err(format!("qanat_records_out_total = {other:?}")),
+        }
+    });
+    assert_eq!(
+        support::metric(&text, "qanat_records_out_total", &topic),
+        Some(10.0),
+        "{text}"
+    );
+    assert!(
+        support::metric(&text, "qanat_request_seconds_count", &[("api", "Produce")])
+            .is_some_and(|n| n >= 1.0),
+        "{text}"
+    );
 }
 
 // ------------------------------------------------------------------------------------------
