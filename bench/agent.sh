@@ -24,11 +24,8 @@ SCALE=${BENCH_SCALE:-1}
 LINE_BYTES=200
 TIMEOUT=900 # seconds, cap for any single run
 
-log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 1
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v curl >/dev/null || die "curl is required"
 command -v python3 >/dev/null || die "python3 is required"
 
@@ -41,13 +38,7 @@ PIDS=()
 cleanup() {
   local rc=$?
   set +e
-  for pid in "${PIDS[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null
-    fi
-  done
+  stop_pids "${PIDS[@]}"
   rm -rf "$TMP"
   exit "$rc"
 }
@@ -55,9 +46,8 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 log "temp dir $TMP, BENCH_SCALE=$SCALE"
 
-log "building (cargo build --release -p qanat)"
-(cd "$ROOT" && cargo build --release -p qanat >&2)
-QANAT="$ROOT/target/release/qanat"
+build_release qanat
+QANAT="$QANAT_BIN"
 
 if [ -z "${BENCH_SKIP_RSYSLOG:-}" ]; then
   if ! command -v rsyslogd >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/rsyslog/omkafka.so ] &&

@@ -26,11 +26,8 @@ SCALE=${BENCH_SCALE:-1}
 NATS_SERVER=${NATS_SERVER:-127.0.0.1:4222}
 CLIENT_TIMEOUT=300 # seconds, hard cap for any single client run
 
-log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 1
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 command -v jq >/dev/null || die "jq is required (apt-get install jq)"
 case "$NATS_SERVER" in 127.0.0.1:* | localhost:*) ;; *) die "NATS_SERVER must be on 127.0.0.1" ;; esac
@@ -53,13 +50,7 @@ NATS_STREAMS=()
 cleanup() {
   local rc=$?
   set +e
-  for pid in "${BROKER_PIDS[@]}"; do
-    if kill -0 "$pid" 2>/dev/null; then
-      kill -TERM "$pid" 2>/dev/null
-      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-      kill -KILL "$pid" 2>/dev/null
-    fi
-  done
+  stop_pids "${BROKER_PIDS[@]}"
   if [[ -n "${BENCH_BIN:-}" ]]; then
     for st in "${NATS_STREAMS[@]}"; do
       timeout 30 "$BENCH_BIN" nats-delete-stream --server "$NATS_SERVER" --stream "$st" >/dev/null 2>&1
@@ -76,12 +67,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # ---------------------------------------------------------------------------------------------
 # build
 
-log "building (cargo build --release -p qanat -p qanat-bench)"
-(cd "$ROOT" && cargo build --release -p qanat -p qanat-bench >&2)
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-QANAT_BIN="$TARGET_DIR/release/qanat"
-BENCH_BIN="$TARGET_DIR/release/qanat-bench"
-[[ -x "$QANAT_BIN" && -x "$BENCH_BIN" ]] || die "binaries not found in $TARGET_DIR/release"
+build_release qanat qanat-bench
 
 # ---------------------------------------------------------------------------------------------
 # disk bandwidth

@@ -23,11 +23,8 @@ CONNS=${BENCH_CONNECTIONS:-64}
 THREADS=${BENCH_THREADS:-1}
 DUR=$(awk -v k="$SCALE" 'BEGIN { v = int(15 * k); if (v < 2) v = 2; print v }')
 
-log() { echo "[bench $(date +%H:%M:%S)] $*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 1
-}
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 if ! command -v wrk >/dev/null 2>&1; then
   log "installing wrk"
@@ -40,18 +37,13 @@ TMP=$(mktemp -d /tmp/qanat-collect-bench.XXXXXX)
 PIDS=()
 cleanup() {
   set +e
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null
-    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-  done
+  stop_pids "${PIDS[@]}"
   rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-log "building qanat (release)"
-(cd "$ROOT" && cargo build --release -q -p qanat) >&2
-QANAT="$ROOT/target/release/qanat"
+build_release qanat
+QANAT="$QANAT_BIN"
 
 # wait_line FILE PREFIX: print what follows PREFIX on the first line of FILE starting with it.
 wait_line() {

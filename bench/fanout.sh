@@ -34,11 +34,9 @@ CLIENT_TIMEOUT=300
 PARTS=4
 RB_SESSION_MS=3000
 
-log() { echo "[fanout $(date +%H:%M:%S)] $*" >&2; }
-die() {
-  log "ERROR: $*"
-  exit 1
-}
+BENCH_TAG=fanout
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v jq >/dev/null || die "jq is required (apt-get install jq)"
 sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m) v = m; printf "%.2f", v }'; }
 SECS=$(sf 8 2)
@@ -49,13 +47,7 @@ PIDS=()
 cleanup() {
   local rc=$?
   set +e
-  for pid in "${PIDS[@]}"; do
-    kill -TERM "$pid" 2>/dev/null
-  done
-  for pid in "${PIDS[@]}"; do
-    for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL "$pid" 2>/dev/null
-  done
+  stop_pids "${PIDS[@]}"
   rm -rf "$TMP"
   exit "$rc"
 }
@@ -65,12 +57,7 @@ mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
-log "building (cargo build --release -p qanat -p qanat-bench)"
-(cd "$ROOT" && cargo build --release -p qanat -p qanat-bench >&2)
-TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
-QANAT_BIN="$TARGET_DIR/release/qanat"
-BENCH_BIN="$TARGET_DIR/release/qanat-bench"
-[[ -x "$QANAT_BIN" && -x "$BENCH_BIN" ]] || die "binaries not found in $TARGET_DIR/release"
+build_release qanat qanat-bench
 
 # ---------------------------------------------------------------------------------------------
 # broker
