@@ -9,18 +9,12 @@ use rdkafka::admin::AdminOptions;
 use rdkafka::consumer::Consumer;
 use rdkafka::{Offset, TopicPartitionList};
 
-use crate::topics_cmd::{admin, check, consumer, TIMEOUT};
+use crate::topics_cmd::{admin, check, consumer, Bootstrap, TIMEOUT};
 
 #[derive(Args)]
 pub struct GroupsArgs {
-    /// Broker address, HOST:PORT (a comma-separated list for a cluster).
-    #[arg(
-        long,
-        global = true,
-        env = "QANAT_BOOTSTRAP",
-        default_value = "127.0.0.1:9092"
-    )]
-    bootstrap: String,
+    #[command(flatten)]
+    bootstrap: Bootstrap,
     #[command(subcommand)]
     command: GroupsCommand,
 }
@@ -39,20 +33,20 @@ pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
     match args.command {
         GroupsCommand::Delete { group } => {
             let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
-            let results = admin(&args.bootstrap)?
+            let results = admin(&args.bootstrap.addr)?
                 .delete_groups(&[&group], &opts)
                 .await
                 .context("DeleteGroups")?;
             check(results, "deleted group")
         }
         GroupsCommand::List => {
-            let bootstrap = args.bootstrap.clone();
+            let bootstrap = args.bootstrap.addr.clone();
             let text = tokio::task::spawn_blocking(move || list(&bootstrap)).await??;
             print!("{text}");
             Ok(())
         }
         GroupsCommand::Describe { group } => {
-            let bootstrap = args.bootstrap.clone();
+            let bootstrap = args.bootstrap.addr.clone();
             let text = tokio::task::spawn_blocking(move || describe(&bootstrap, &group)).await??;
             print!("{text}");
             Ok(())

@@ -10,16 +10,24 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::ClientConfig;
 
+/// `--bootstrap`, shared by the administration commands.
 #[derive(Args)]
-pub struct TopicsArgs {
+pub struct Bootstrap {
     /// Broker address, HOST:PORT (a comma-separated list for a cluster).
     #[arg(
-        long,
+        long = "bootstrap",
+        value_name = "HOST:PORT",
         global = true,
         env = "QANAT_BOOTSTRAP",
         default_value = "127.0.0.1:9092"
     )]
-    bootstrap: String,
+    pub addr: String,
+}
+
+#[derive(Args)]
+pub struct TopicsArgs {
+    #[command(flatten)]
+    bootstrap: Bootstrap,
     #[command(subcommand)]
     command: TopicsCommand,
 }
@@ -100,14 +108,14 @@ pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
                 partitions,
                 TopicReplication::Fixed(replication_factor),
             );
-            let results = admin(&args.bootstrap)?
+            let results = admin(&args.bootstrap.addr)?
                 .create_topics([&topic], &opts)
                 .await
                 .context("CreateTopics")?;
             check(results, "created topic")
         }
         TopicsCommand::Delete { name } => {
-            let results = admin(&args.bootstrap)?
+            let results = admin(&args.bootstrap.addr)?
                 .delete_topics(&[&name], &opts)
                 .await
                 .context("DeleteTopics")?;
@@ -115,14 +123,14 @@ pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
         }
         TopicsCommand::Alter { name, partitions } => {
             let grow = NewPartitions::new(&name, partitions);
-            let results = admin(&args.bootstrap)?
+            let results = admin(&args.bootstrap.addr)?
                 .create_partitions([&grow], &opts)
                 .await
                 .context("CreatePartitions")?;
             check(results, "altered topic")
         }
         TopicsCommand::List => {
-            let bootstrap = args.bootstrap.clone();
+            let bootstrap = args.bootstrap.addr.clone();
             let names = tokio::task::spawn_blocking(move || -> anyhow::Result<Vec<String>> {
                 let consumer = consumer(&bootstrap, "qanat-topics")?;
                 let md = consumer
@@ -137,7 +145,7 @@ pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
             Ok(())
         }
         TopicsCommand::Describe { name } => {
-            let bootstrap = args.bootstrap.clone();
+            let bootstrap = args.bootstrap.addr.clone();
             let text = tokio::task::spawn_blocking(move || describe(&bootstrap, name.as_deref()))
                 .await??;
             print!("{text}");

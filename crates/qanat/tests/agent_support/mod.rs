@@ -17,7 +17,9 @@ use std::time::Duration;
 use rdkafka::consumer::Consumer;
 use rdkafka::Offset;
 
-use crate::support::{consume, consumer, poll_until, qanat_command, tail, Msg, Proc, DEADLINE};
+use crate::support::{
+    consume, consumer, crc32c, poll_until, qanat_command, tail, Msg, Proc, DEADLINE,
+};
 
 const RUNNING: &str = "qanat agent running";
 
@@ -213,22 +215,6 @@ pub fn wait_checked(
 
 // ------------------------------------------------------------------------------------------
 // The checker (independent of the agent and of `qanat audit`)
-
-/// CRC-32C (Castagnoli), bitwise: slow and obviously right.
-pub fn crc32c(data: &[u8]) -> u32 {
-    let mut crc = !0u32;
-    for &b in data {
-        crc ^= u32::from(b);
-        for _ in 0..8 {
-            crc = if crc & 1 != 0 {
-                (crc >> 1) ^ 0x82F6_3B78
-            } else {
-                crc >> 1
-            };
-        }
-    }
-    !crc
-}
 
 /// One file content as the test wrote it: the bytes ever written to one inode between its
 /// creation (or truncation) and its deletion (or truncation).

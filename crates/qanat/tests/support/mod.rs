@@ -1276,3 +1276,20 @@ pub fn py_script(name: &str) -> PathBuf {
         .join("py")
         .join(name)
 }
+
+/// CRC-32C (Castagnoli), bitwise and independent of the code under test: slow and obviously
+/// right.
+pub fn crc32c(data: &[u8]) -> u32 {
+    let mut crc = !0u32;
+    for &b in data {
+        crc ^= u32::from(b);
+        for _ in 0..8 {
+            crc = if crc & 1 != 0 {
+                (crc >> 1) ^ 0x82F6_3B78
+            } else {
+                crc >> 1
+            };
+        }
+    }
+    !crc
+}
