@@ -1572,9 +1572,12 @@ fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
         Some(ReadOutcome::Frame(f)) => {
             let (corr, error, _) = parse_produce_v3_response(&f);
             assert_eq!(corr, 13);
-            assert_ne!(error, 0, "a batch with a wrong CRC was accepted");
+            assert_eq!(
+                error, 2,
+                "a batch with a wrong CRC must get CORRUPT_MESSAGE"
+            );
         }
-        Some(ReadOutcome::Closed) => {} // refusing by closing the connection is acceptable
+        Some(ReadOutcome::Closed) => panic!("the broker closed the connection on a corrupt batch"),
         None => panic!("no answer to a produce with a corrupt batch"),
     }
     assert_eq!(
@@ -1585,6 +1588,70 @@ fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
     let got = consume_all(&b, topic, 0, 3);
     let values: Vec<String> = got.iter().map(Msg::value_str).collect();
     assert_eq!(values, ["first", "raw-acks0", "raw-acks1"]);
+}
+
+/// Produce v3 body for one topic with several (partition, batch) entries.
+fn produce_v3_body_multi(topic: &str, acks: i16, parts: &[(i32, Vec<u8>)]) -> Vec<u8> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(-1i16).to_be_bytes()); // null transactional id
+    b.extend_from_slice(&acks.to_be_bytes());
+    b.extend_from_slice(&30_000i32.to_be_bytes()); // timeout
+    b.extend_from_slice(&1i32.to_be_bytes()); // one topic
+    b.extend_from_slice(&(topic.len() as i16).to_be_bytes());
+    b.extend_from_slice(topic.as_bytes());
+    b.extend_from_slice(&(parts.len() as i32).to_be_bytes());
+    for (partition, batch) in parts {
+        b.extend_from_slice(&partition.to_be_bytes());
+        b.extend_from_slice(&(batch.len() as i32).to_be_bytes());
+        b.extend_from_slice(batch);
+    }
+    b
+}
+
+#[test]
+fn corrupt_batch_fails_its_partition_only() {
+    let broker = Broker::start();
+    let b = broker.bootstrap();
+    qanat_ok(&[
+        "topics",
+        "create",
+        "mixed",
+        "--partitions",
+        "2",
+        "--bootstrap",
+        &b,
+    ]);
+    let now = now_ms();
+    let mut bad = record_batch(b"corrupt", now);
+    let last = bad.len() - 2;
+    bad[last] ^= 0xff;
+    let body = produce_v3_body_multi("mixed", 1, &[(0, bad), (1, record_batch(b"good", now))]);
+    let mut s = raw_connect(&b);
+    s.write_all(&frame(0, 3, 21, &body)).unwrap();
+    let f = next_frame(&mut s, "a produce response");
+    let i32_at = |at: usize| i32::from_be_bytes(f[at..at + 4].try_into().unwrap());
+    assert_eq!(i32_at(0), 21, "correlation id");
+    assert_eq!(i32_at(4), 1, "topics in the response");
+    let name_len = i16::from_be_bytes(f[8..10].try_into().unwrap()) as usize;
+    let mut at = 10 + name_len;
+    assert_eq!(i32_at(at), 2, "partitions in the response");
+    at += 4;
+    let mut errors = Vec::new();
+    for _ in 0..2 {
+        let partition = i32_at(at);
+        let error = i16::from_be_bytes(f[at + 4..at + 6].try_into().unwrap());
+        errors.push((partition, error));
+        at += 4 + 2 + 8 + 8; // index, error, base offset, log append time (v3)
+    }
+    errors.sort();
+    assert_eq!(errors, [(0, 2), (1, 0)], "(partition, error) per partition");
+    assert_eq!(
+        watermarks(&b, "mixed", 0),
+        (0, 0),
+        "nothing stored for the corrupt batch"
+    );
+    let got = consume_all(&b, "mixed", 1, 1);
+    assert_eq!(got[0].value_str(), "good");
 }
 
 #[test]
