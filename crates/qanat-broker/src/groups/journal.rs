@@ -3,8 +3,15 @@
 //!
 //! It lives in `DATA_DIR/__consumer_offsets/`, a name the topic registry never parses as a
 //! topic, and reuses the partition log for checksums and torn-tail recovery.
+//!
+//! Compaction keeps replay short: the coordinator's current state is written as a fresh
+//! journal in `__consumer_offsets.compacting/`, fsynced, and swapped in by two renames
+//! (live → `.old`, compacting → live). At every crash point one complete journal exists:
+//! open discards an unfinished `.compacting` while the live one exists, promotes a finished
+//! one when the live one was already moved away, and removes `.old`.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
@@ -54,29 +61,67 @@ pub enum JournalError {
 }
 
 pub struct Journal {
-    partition: Partition,
+    partition: parking_lot::Mutex<Partition>,
+    storage: Arc<dyn Storage>,
     clock: Arc<dyn Clock>,
+    data_dir: PathBuf,
+    /// Entries appended since the journal was last written whole (open or compaction).
+    appended: AtomicU64,
+    /// Entries the journal held right after that.
+    base: AtomicU64,
+}
+
+const LIVE: &str = "__consumer_offsets";
+const COMPACTING: &str = "__consumer_offsets.compacting";
+const OLD: &str = "__consumer_offsets.old";
+/// Compact once this many entries were appended and they outnumber the live state 4 to 1.
+const COMPACT_MIN_APPENDED: u64 = 100_000;
+
+fn journal_config() -> LogConfig {
+    LogConfig {
+        segment_bytes: 64 << 20,
+        retention_ms: None,
+        retention_bytes: None,
+        ..LogConfig::default()
+    }
+}
+
+fn io(path: PathBuf) -> impl FnOnce(std::io::Error) -> JournalError {
+    move |source| JournalError::Log(LogError::Io { path, source })
 }
 
 impl Journal {
-    /// Open the journal and return every entry in order.
+    /// Open the journal (finishing or discarding an interrupted compaction) and return every
+    /// entry in order.
     pub fn open(
         data_dir: &Path,
         storage: Arc<dyn Storage>,
         clock: Arc<dyn Clock>,
     ) -> Result<(Self, Vec<Entry>), JournalError> {
-        let config = LogConfig {
-            segment_bytes: 64 << 20,
-            retention_ms: None,
-            retention_bytes: None,
-            ..LogConfig::default()
-        };
-        let (partition, report) = Partition::open(
-            storage,
-            clock.clone(),
-            data_dir.join("__consumer_offsets"),
-            config,
-        )?;
+        let live = data_dir.join(LIVE);
+        let compacting = data_dir.join(COMPACTING);
+        let old = data_dir.join(OLD);
+        if storage.exists(&compacting) {
+            if storage.exists(&live) {
+                tracing::warn!("coordinator journal: discarding an unfinished compaction");
+                storage
+                    .remove_dir_all(&compacting)
+                    .map_err(io(compacting.clone()))?;
+            } else {
+                tracing::warn!("coordinator journal: finishing an interrupted compaction");
+                storage
+                    .rename(&compacting, &live)
+                    .map_err(io(compacting.clone()))?;
+            }
+            storage
+                .sync_dir(data_dir)
+                .map_err(io(data_dir.to_path_buf()))?;
+        }
+        if storage.exists(&old) {
+            storage.remove_dir_all(&old).map_err(io(old.clone()))?;
+        }
+        let (partition, report) =
+            Partition::open(storage.clone(), clock.clone(), live, journal_config())?;
         if report.truncated_bytes > 0 {
             tracing::warn!(
                 bytes = report.truncated_bytes,
@@ -99,7 +144,66 @@ impl Journal {
                 entries.push(entry);
             }
         }
-        Ok((Self { partition, clock }, entries))
+        let journal = Self {
+            partition: parking_lot::Mutex::new(partition),
+            storage,
+            clock,
+            data_dir: data_dir.to_path_buf(),
+            appended: AtomicU64::new(0),
+            base: AtomicU64::new(entries.len() as u64),
+        };
+        Ok((journal, entries))
+    }
+
+    /// Whether enough was appended since the last whole write that compaction pays off.
+    pub fn wants_compaction(&self) -> bool {
+        let appended = self.appended.load(Ordering::Relaxed);
+        appended >= COMPACT_MIN_APPENDED && appended >= 4 * self.base.load(Ordering::Relaxed)
+    }
+
+    /// Replace the journal by `state` (the coordinator's current state as entries). The caller
+    /// holds its state lock, so nothing is appended meanwhile.
+    pub fn compact(&self, state: &[Entry]) -> Result<(), JournalError> {
+        let live = self.data_dir.join(LIVE);
+        let compacting = self.data_dir.join(COMPACTING);
+        let old = self.data_dir.join(OLD);
+        if self.storage.exists(&compacting) {
+            self.storage
+                .remove_dir_all(&compacting)
+                .map_err(io(compacting.clone()))?;
+        }
+        let (fresh, _) = Partition::open(
+            self.storage.clone(),
+            self.clock.clone(),
+            compacting.clone(),
+            journal_config(),
+        )?;
+        for chunk in state.chunks(1000) {
+            fresh.append(&self.encode(chunk)?)?;
+        }
+        fresh.sync()?;
+        fresh.close()?;
+        let mut partition = self.partition.lock();
+        partition.close()?;
+        self.storage.rename(&live, &old).map_err(io(live.clone()))?;
+        self.storage
+            .rename(&compacting, &live)
+            .map_err(io(compacting.clone()))?;
+        self.storage
+            .sync_dir(&self.data_dir)
+            .map_err(io(self.data_dir.clone()))?;
+        self.storage.remove_dir_all(&old).map_err(io(old.clone()))?;
+        let (reopened, _) = Partition::open(
+            self.storage.clone(),
+            self.clock.clone(),
+            live,
+            journal_config(),
+        )?;
+        *partition = reopened;
+        self.appended.store(0, Ordering::Relaxed);
+        self.base.store(state.len() as u64, Ordering::Relaxed);
+        tracing::info!(entries = state.len(), "coordinator journal compacted");
+        Ok(())
     }
 
     /// Append entries; with `sync`, return only once they are on disk.
@@ -107,6 +211,19 @@ impl Journal {
         if entries.is_empty() {
             return Ok(());
         }
+        let buf = self.encode(entries)?;
+        let partition = self.partition.lock();
+        let outcome = partition.append(&buf)?;
+        if sync {
+            partition.sync_through(outcome.last_offset + 1)?;
+        }
+        self.appended
+            .fetch_add(entries.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// One record batch holding `entries`.
+    fn encode(&self, entries: &[Entry]) -> Result<BytesMut, JournalError> {
         let now = self.clock.now_ms();
         let records = entries
             .iter()
@@ -141,19 +258,15 @@ impl Journal {
             },
         )
         .map_err(|e| JournalError::Encode(e.to_string()))?;
-        let outcome = self.partition.append(&buf)?;
-        if sync {
-            self.partition.sync_through(outcome.last_offset + 1)?;
-        }
-        Ok(())
+        Ok(buf)
     }
 
     pub fn sync(&self) -> Result<(), JournalError> {
-        Ok(self.partition.sync()?)
+        Ok(self.partition.lock().sync()?)
     }
 
     pub fn close(&self) -> Result<(), JournalError> {
-        Ok(self.partition.close()?)
+        Ok(self.partition.lock().close()?)
     }
 }
 
@@ -162,6 +275,86 @@ mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
     use qanat_log::{ManualClock, OsStorage};
+
+    fn offset(group: &str, partition: i32, offset: i64) -> Entry {
+        Entry::Offset {
+            group: group.into(),
+            topic: "t".into(),
+            partition,
+            offset,
+            metadata: None,
+            timestamp: 0,
+        }
+    }
+
+    fn open(dir: &Path) -> (Journal, Vec<Entry>) {
+        Journal::open(dir, Arc::new(OsStorage), Arc::new(ManualClock::new(1))).unwrap()
+    }
+
+    #[test]
+    fn compaction_replaces_history_with_state() {
+        let dir = tempfile::tempdir().unwrap();
+        let (journal, _) = open(dir.path());
+        let history: Vec<Entry> = (0..(COMPACT_MIN_APPENDED as i64))
+            .map(|i| offset("g", (i % 3) as i32, i))
+            .collect();
+        for chunk in history.chunks(1000) {
+            journal.append(chunk, false).unwrap();
+        }
+        assert!(journal.wants_compaction());
+        let state = vec![
+            offset("g", 0, 99),
+            offset("g", 1, 100),
+            Entry::ProducerIds { next: 7 },
+        ];
+        journal.compact(&state).unwrap();
+        assert!(!journal.wants_compaction());
+        journal.append(&[offset("g", 2, 101)], true).unwrap();
+        journal.close().unwrap();
+        drop(journal);
+        let (_, replayed) = open(dir.path());
+        let mut want = state;
+        want.push(offset("g", 2, 101));
+        assert_eq!(replayed, want);
+        assert!(!dir.path().join(COMPACTING).exists());
+        assert!(!dir.path().join(OLD).exists());
+    }
+
+    #[test]
+    fn interrupted_compaction_leaves_one_complete_journal() {
+        // Crash before the swap: the live journal wins, the unfinished copy is discarded.
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let (journal, _) = open(dir.path());
+            journal.append(&[offset("g", 0, 1)], true).unwrap();
+            journal.close().unwrap();
+        }
+        std::fs::create_dir_all(dir.path().join(COMPACTING)).unwrap();
+        std::fs::write(
+            dir.path().join(COMPACTING).join("00000000000000000000.log"),
+            b"torn",
+        )
+        .unwrap();
+        let (journal, replayed) = open(dir.path());
+        assert_eq!(replayed, vec![offset("g", 0, 1)]);
+        assert!(!dir.path().join(COMPACTING).exists());
+        journal.close().unwrap();
+        drop(journal);
+
+        // Crash between the two renames: the finished copy is promoted, the old one removed.
+        let copy = tempfile::tempdir().unwrap();
+        {
+            let (journal, _) = open(copy.path());
+            journal.append(&[offset("g", 0, 2)], true).unwrap();
+            journal.close().unwrap();
+        }
+        std::fs::rename(dir.path().join(LIVE), dir.path().join(OLD)).unwrap();
+        std::fs::rename(copy.path().join(LIVE), dir.path().join(COMPACTING)).unwrap();
+        let (_, replayed) = open(dir.path());
+        assert_eq!(replayed, vec![offset("g", 0, 2)]);
+        assert!(!dir.path().join(OLD).exists());
+        assert!(!dir.path().join(COMPACTING).exists());
+    }
 
     #[test]
     fn entries_survive_reopen_in_order() {

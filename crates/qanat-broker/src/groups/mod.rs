@@ -186,6 +186,34 @@ pub struct GroupCoordinator {
     clock: Arc<dyn Clock>,
 }
 
+/// The coordinator's durable state as journal entries (what a compacted journal holds).
+fn snapshot(state: &State) -> Vec<Entry> {
+    let mut entries: Vec<Entry> = state
+        .groups
+        .iter()
+        .map(|(group, g)| Entry::Generation {
+            group: group.clone(),
+            generation: g.generation,
+        })
+        .collect();
+    for (group, offsets) in &state.offsets {
+        for ((topic, partition), c) in offsets {
+            entries.push(Entry::Offset {
+                group: group.clone(),
+                topic: topic.clone(),
+                partition: *partition,
+                offset: c.offset,
+                metadata: c.metadata.clone(),
+                timestamp: c.timestamp,
+            });
+        }
+    }
+    entries.push(Entry::ProducerIds {
+        next: state.reserved_producer_ids,
+    });
+    entries
+}
+
 fn code(e: ResponseError) -> i16 {
     e.code()
 }
@@ -753,6 +781,12 @@ impl GroupCoordinator {
                     timestamp: now,
                 },
             );
+        }
+        if self.journal.wants_compaction() {
+            // The commit is already durable; a failed compaction only leaves a longer journal.
+            if let Err(e) = self.journal.compact(&snapshot(&state)) {
+                tracing::error!(error = %e, "coordinator journal compaction failed");
+            }
         }
         Ok(())
     }

@@ -206,3 +206,47 @@ async fn producer_ids_are_never_reused_across_restarts() {
     let next = c.next_producer_id().unwrap();
     assert!(first.iter().all(|id| *id < next), "{first:?} then {next}");
 }
+
+#[tokio::test(start_paused = true)]
+async fn compacted_state_replays_to_the_same_offsets_generations_and_producer_ids() {
+    let dir = tempfile::tempdir().unwrap();
+    let (generation, issued) = {
+        let c = open(dir.path());
+        let a = c.join(join_req("", "a")).await;
+        c.sync("g", a.generation, &a.member_id, Vec::new()).await;
+        for i in 0..50 {
+            c.commit(
+                "g",
+                a.generation,
+                &a.member_id,
+                vec![("t".into(), i % 4, i64::from(i), Some(format!("m{i}")))],
+            )
+            .unwrap();
+        }
+        c.commit("solo", -1, "", vec![("u".into(), 0, 5, None)])
+            .unwrap();
+        let issued = c.next_producer_id().unwrap();
+        {
+            let state = c.state.lock();
+            c.journal.compact(&snapshot(&state)).unwrap();
+        }
+        c.close();
+        (a.generation, issued)
+    };
+    let c = open(dir.path());
+    let got = c.committed("g", None);
+    assert_eq!(got.len(), 4);
+    for (topic, partition, committed) in got {
+        let committed = committed.unwrap();
+        assert_eq!(topic, "t");
+        // The last commit of each partition.
+        let last = (0..50).filter(|i| i % 4 == partition).max().unwrap();
+        assert_eq!(committed.offset, i64::from(last));
+        assert_eq!(committed.metadata, Some(format!("m{last}")));
+    }
+    assert_eq!(c.committed("solo", None).len(), 1);
+    assert!(c.producer_id_issued(issued));
+    assert!(c.next_producer_id().unwrap() > issued);
+    let a = c.join(join_req("", "a")).await;
+    assert!(a.generation > generation);
+}
