@@ -37,7 +37,11 @@ use crate::identity::{file_id, initial_signature, signature_of, Signature};
 /// librdkafka's own memory per queued record beyond its bytes (message struct, headers),
 /// counted against `max_inflight_bytes` so the cap bounds memory, not just payload.
 const RECORD_OVERHEAD: u64 = 512;
-const MANIFEST_KEY: u64 = u64::MAX;
+/// File keys live in 24 bits of a record's delivery opaque; this one (never given to a file)
+/// marks the manifest.
+const KEY_BITS: u32 = 24;
+const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
+const MANIFEST_KEY: u64 = KEY_MASK;
 const MAX_BACKOFF_MS: u64 = 30_000;
 const FIRST_BACKOFF_MS: u64 = 500;
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(30);
@@ -69,17 +73,36 @@ pub enum AgentError {
 // ------------------------------------------------------------------------------------------
 // Producer context: delivery reports to the loop.
 
-struct Tag {
-    generation: u64,
-    key: u64,
-    seq: u64,
+// The delivery opaque is a plain `usize`, so producing a record allocates nothing for it:
+// bits 56..64 the producer generation, 32..56 the file key, 0..32 the record's sequence
+// number modulo 2^32. A file's in-flight records are far fewer than 2^32 (each counts
+// `RECORD_OVERHEAD` against `max_inflight_bytes`), so the low bits of a sequence number pick
+// one pending record unambiguously; keys are unique among tracked files (`Agent::alloc_key`);
+// and reports of an old producer never reach the new one's context.
+const _: () = assert!(
+    usize::BITS >= 64,
+    "the delivery opaque packs 64 bits into a usize"
+);
+
+fn tag(generation: u64, key: u64, seq: u64) -> usize {
+    (((generation & 0xff) << 56) | ((key & KEY_MASK) << 32) | (seq & 0xffff_ffff)) as usize
 }
 
 struct Ack {
-    generation: u64,
-    key: u64,
-    seq: u64,
+    tag: u64,
     ok: bool,
+}
+
+impl Ack {
+    fn generation(&self) -> u8 {
+        (self.tag >> 56) as u8
+    }
+    fn key(&self) -> u64 {
+        (self.tag >> 32) & KEY_MASK
+    }
+    fn seq(&self) -> u32 {
+        self.tag as u32
+    }
 }
 
 enum Wake {
@@ -112,9 +135,9 @@ impl ClientContext for Ctx {
 }
 
 impl ProducerContext for Ctx {
-    type DeliveryOpaque = Box<Tag>;
+    type DeliveryOpaque = usize;
 
-    fn delivery(&self, result: &DeliveryResult<'_>, tag: Box<Tag>) {
+    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
         let ok = result.is_ok();
         if let Err((e, _)) = result {
             tracing::debug!(error = %e, "record not delivered");
@@ -123,12 +146,12 @@ impl ProducerContext for Ctx {
             .lock()
             .unwrap_or_else(PoisonError::into_inner)
             .push(Ack {
-                generation: tag.generation,
-                key: tag.key,
-                seq: tag.seq,
+                tag: tag as u64,
                 ok,
             });
-        if self.waiting.swap(false, Ordering::AcqRel) {
+        // Ordered by the `acks` lock against the loop's `sleep`; the plain load spares a
+        // read-modify-write per record while the loop is busy.
+        if self.waiting.load(Ordering::Acquire) && self.waiting.swap(false, Ordering::AcqRel) {
             let _ = self.wake.send(Wake::Ack);
         }
     }
@@ -410,17 +433,10 @@ impl Emit<'_> {
                 });
             }
             let seq = t.next_seq;
-            let record = BaseRecord::with_opaque_to(
-                &src.topic,
-                Box::new(Tag {
-                    generation: self.generation,
-                    key,
-                    seq,
-                }),
-            )
-            .key(ident.id.as_bytes())
-            .payload(&data[fr.start..fr.value_end])
-            .headers(headers);
+            let record = BaseRecord::with_opaque_to(&src.topic, tag(self.generation, key, seq))
+                .key(ident.id.as_bytes())
+                .payload(&data[fr.start..fr.value_end])
+                .headers(headers);
             if let Err((e, _)) = self.producer.send(record) {
                 if !matches!(
                     e,
@@ -785,13 +801,32 @@ impl Agent {
         if t.ident.is_none() {
             self.identify(&mut t, meta.len());
         }
-        let key = self.next_key;
-        self.next_key += 1;
+        let key = self.alloc_key(MANIFEST_KEY);
         tracing::debug!(path = %path.display(), id = ?t.ident.as_ref().map(|i| &i.id), "tracking");
         self.by_inode.insert((dev, ino), key);
         self.by_path.insert(path, key);
         self.files.insert(key, t);
         self.checkpoint_dirty = true;
+    }
+
+    /// A key for a new tracked file: 24 bits (it travels in the delivery opaque), never the
+    /// manifest's, `avoid`, or one still in use (after the counter wraps).
+    fn alloc_key(&mut self, avoid: u64) -> u64 {
+        loop {
+            let wrapped = self.next_key > KEY_MASK;
+            let k = self.next_key & KEY_MASK;
+            self.next_key = self.next_key.wrapping_add(1);
+            if k == MANIFEST_KEY || k == avoid || self.files.contains_key(&k) {
+                continue;
+            }
+            if wrapped
+                && (self.by_inode.values().any(|&v| v == k)
+                    || self.by_path.values().any(|&v| v == k))
+            {
+                continue;
+            }
+            return k;
+        }
     }
 
     /// Fix a file's id on its first bytes (docs/trajectory.md: the id is taken once).
@@ -845,8 +880,7 @@ impl Agent {
         let mut t = Tracked::new(old.source, old.path.clone(), file, old.dev, old.ino, now);
         t.orphan_since = old.orphan_since;
         self.identify(&mut t, size);
-        let new_key = self.next_key;
-        self.next_key += 1;
+        let new_key = self.alloc_key(key);
         if !old.pending.is_empty() {
             self.files.insert(key, old);
         }
@@ -1051,31 +1085,39 @@ impl Agent {
                 .unwrap_or_else(PoisonError::into_inner);
             std::mem::swap(&mut *shared, &mut self.acks);
         }
-        for a in self.acks.drain(..) {
-            if a.key == MANIFEST_KEY || a.generation != self.generation {
+        let acks = std::mem::take(&mut self.acks);
+        // Reports come in runs of one file's records: look the file up and settle its
+        // watermark and counters once per run, not once per record.
+        for run in acks.chunk_by(|a, b| a.key() == b.key()) {
+            let key = run[0].key();
+            if key == MANIFEST_KEY {
                 continue;
             }
-            let Some(t) = self.files.get_mut(&a.key) else {
+            let Some(t) = self.files.get_mut(&key) else {
                 continue;
             };
-            let Some(front) = t.pending.front() else {
-                continue;
-            };
-            let Some(idx) = a.seq.checked_sub(front.seq) else {
-                continue;
-            };
-            let Some(p) = t.pending.get_mut(idx as usize) else {
-                continue;
-            };
-            if p.state != State::InFlight {
-                continue;
-            }
-            self.inflight_bytes = self.inflight_bytes.saturating_sub(p.size + RECORD_OVERHEAD);
-            if a.ok {
-                p.state = State::Acked;
-            } else {
-                p.state = State::Failed;
-                t.failed = true;
+            for a in run {
+                if a.generation() != self.generation as u8 {
+                    continue;
+                }
+                let Some(front) = t.pending.front() else {
+                    break;
+                };
+                // Sequence numbers modulo 2^32: the distance from the oldest pending record.
+                let idx = a.seq().wrapping_sub(front.seq as u32);
+                let Some(p) = t.pending.get_mut(idx as usize) else {
+                    continue;
+                };
+                if p.state != State::InFlight || p.seq as u32 != a.seq() {
+                    continue;
+                }
+                self.inflight_bytes = self.inflight_bytes.saturating_sub(p.size + RECORD_OVERHEAD);
+                if a.ok {
+                    p.state = State::Acked;
+                } else {
+                    p.state = State::Failed;
+                    t.failed = true;
+                }
             }
             let (mut bytes, mut lines) = (0u64, 0u64);
             while t.pending.front().is_some_and(|p| p.state == State::Acked) {
@@ -1093,6 +1135,8 @@ impl Agent {
                 src.lines_acked.increment(lines);
             }
         }
+        self.acks = acks;
+        self.acks.clear();
     }
 
     /// A fatal idempotence error makes the producer unusable: start a new one and re-read
@@ -1195,11 +1239,7 @@ impl Agent {
         .to_string();
         let record = BaseRecord::with_opaque_to(
             &self.cfg.manifest_topic,
-            Box::new(Tag {
-                generation: self.generation,
-                key: MANIFEST_KEY,
-                seq: 0,
-            }),
+            tag(self.generation, MANIFEST_KEY, 0),
         )
         .key(self.host.as_bytes())
         .payload(value.as_bytes());
