@@ -432,6 +432,9 @@ impl Partition {
             active.roll_base_ms.store(now, Ordering::Relaxed);
         }
         active.dirty.store(true, Ordering::Release);
+        // The partition's end moves before the segment's: a reader that saw data through the
+        // segment must never find its next offset out of range (the reverse only reads empty).
+        self.next_offset.store(off, Ordering::Release);
         active.publish(pos0 + bytes, off);
         self.size.fetch_add(bytes, Ordering::Relaxed);
         let mut o = base;
@@ -453,7 +456,6 @@ impl Partition {
             o = last + 1;
         }
         w.next = off;
-        self.next_offset.store(off, Ordering::Release);
         Ok(AppendOutcome {
             base_offset: base,
             last_offset: off - 1,
