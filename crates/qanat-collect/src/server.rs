@@ -643,6 +643,15 @@ async fn events(
         Ok(e) => e,
         Err(e) => return bad_request(format!("encoding the batch: {e}")),
     };
+    // The shared parts (device, client) are copied into every event's record: bounding them
+    // by the event limit keeps a small body from expanding into huge records.
+    if encoder.overhead() > st.cfg.max_event_bytes {
+        return too_large(format!(
+            "the batch's device and client parts take {} bytes encoded, more than max_event_bytes {}",
+            encoder.overhead(),
+            st.cfg.max_event_bytes
+        ));
+    }
 
     let mut rejected = Vec::new();
     let mut too_large_only = true;

@@ -288,6 +288,13 @@ fn malformed_inputs_get_4xx_and_the_server_stays_up() {
         ),
         ("event over max_event_bytes", vec![JSON], batch(json!([{"type":"custom","name":"x".repeat(2000)}])), 413, "bytes"),
         ("too many events", vec![JSON], batch(json!(vec![ok_event.clone(); 101])), 413, "at most 100"),
+        (
+            "device part over max_event_bytes (copied into every record)",
+            vec![JSON],
+            serde_json::to_vec(&json!({"app":"a","device":{"id":"d","pad":"x".repeat(2000)},"events":[ok_event]})).unwrap(),
+            413,
+            "device",
+        ),
     ];
     for (what, headers, body, want, needle) in cases {
         let r = c.post("/v1/events", &headers, &body);
