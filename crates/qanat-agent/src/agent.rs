@@ -43,6 +43,8 @@ const KEY_BITS: u32 = 24;
 const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
 const MANIFEST_KEY: u64 = KEY_MASK;
 const MAX_BACKOFF_MS: u64 = 30_000;
+/// Pause before retrying a file whose records librdkafka refused.
+const REFUSED_RETRY_MS: u64 = 20;
 const FIRST_BACKOFF_MS: u64 = 500;
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(30);
 
@@ -947,25 +949,34 @@ impl Agent {
         scratch.clear();
         scratch.extend_from_slice(&t.buf);
         let old = scratch.len();
-        scratch.resize(old + chunk, 0);
-        let n = loop {
-            match file.read_at(&mut scratch[old..], pos) {
-                Ok(n) => break n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::warn!(path = %t.path.display(), error = %e, "read failed");
-                    t.eof = true;
-                    return false;
+        // A chunk's worth still buffered means records were refused: frame those again before
+        // reading more, so a refusal that lasts cannot pull the whole file into memory.
+        let backlog = old >= chunk;
+        let n = if backlog {
+            0
+        } else {
+            scratch.resize(old + chunk, 0);
+            loop {
+                match file.read_at(&mut scratch[old..], pos) {
+                    Ok(n) => break n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => {
+                        tracing::warn!(path = %t.path.display(), error = %e, "read failed");
+                        t.eof = true;
+                        return false;
+                    }
                 }
             }
         };
         scratch.truncate(old + n);
-        if n == 0 {
-            t.eof = true;
-            return false;
-        }
-        if n < chunk {
-            t.eof = true;
+        if !backlog {
+            if n == 0 {
+                t.eof = true;
+                return false;
+            }
+            if n < chunk {
+                t.eof = true;
+            }
         }
         // Still the same content? (copytruncate may have rewritten it past our position.)
         let sig = ident.sig;
@@ -994,8 +1005,10 @@ impl Agent {
         }
         t.buf_off += used as u64;
         if refused {
-            // librdkafka's queue is full: come back to this file soon.
+            // librdkafka refused a record (queue full): come back to this file shortly rather
+            // than spinning on it.
             t.eof = false;
+            t.retry_at = now + REFUSED_RETRY_MS;
         }
         true
     }
