@@ -61,3 +61,25 @@ pub fn offset_for_timestamp(
     });
     Ok(Some(found.unwrap_or((base, batch_max))))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+    use qanat_log::batch::{compute_crc, encode_batch, SimpleRecord};
+
+    #[test]
+    fn forged_record_count_is_an_error_not_an_allocation() {
+        // A stored batch claiming 2^31-1 records must not size an allocation from that count.
+        let mut b = encode_batch(&[SimpleRecord {
+            timestamp: 1,
+            key: None,
+            value: Some(b"v"),
+        }]);
+        b[57..61].copy_from_slice(&i32::MAX.to_be_bytes());
+        let crc = compute_crc(&b).unwrap();
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+        let mut bytes = bytes::Bytes::from(b);
+        assert!(RecordBatchDecoder::decode_all(&mut bytes).is_err());
+    }
+}

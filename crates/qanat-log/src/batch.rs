@@ -263,8 +263,13 @@ pub struct BatchesSummary {
     pub max_batch_len: usize,
 }
 
+/// Smallest encoded record: length, attributes, timestamp delta, offset delta, key length,
+/// value length and header count, one byte each.
+const MIN_RECORD_BYTES: u64 = 7;
+
 /// Validate a produce buffer: one or more whole v2 batches with correct CRCs, exactly filling
-/// `buf`, each with at least one record. Nothing is modified.
+/// `buf`, each with at least one record, as many records as its offsets say, and no more than
+/// its bytes can hold. Nothing is modified.
 pub fn validate_batches(buf: &[u8]) -> Result<BatchesSummary, LogError> {
     if buf.is_empty() {
         return Err(corrupt(0, "empty record set"));
@@ -279,6 +284,30 @@ pub fn validate_batches(buf: &[u8]) -> Result<BatchesSummary, LogError> {
             return Err(corrupt(
                 position,
                 format!("batch has no records (recordCount {})", h.record_count),
+            ));
+        }
+        // Producers write dense batches; a count that disagrees with the offsets, or more
+        // records than the bytes could hold, would make every later decoder of this batch
+        // trust a forged number.
+        if i64::from(h.record_count) != i64::from(h.last_offset_delta) + 1 {
+            return Err(corrupt(
+                position,
+                format!(
+                    "recordCount {} does not match lastOffsetDelta {} + 1",
+                    h.record_count, h.last_offset_delta
+                ),
+            ));
+        }
+        if h.compression() == 0
+            && (h.record_count as u64) * MIN_RECORD_BYTES > (h.total_len() - HEADER_LEN) as u64
+        {
+            return Err(corrupt(
+                position,
+                format!(
+                    "recordCount {} is more than {} uncompressed bytes can hold",
+                    h.record_count,
+                    h.total_len() - HEADER_LEN
+                ),
             ));
         }
         s.offset_count += i64::from(h.last_offset_delta) + 1;
@@ -423,6 +452,28 @@ mod tests {
             LogError::CorruptBatch { position, reason } => (position, reason),
             other => panic!("unexpected {other:?}"),
         }
+    }
+
+    /// Overwrite a big-endian i32 at `at` and fix the CRC, as a forging client would.
+    fn forge_i32(b: &mut [u8], at: usize, v: i32) {
+        b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let crc = compute_crc(b).unwrap();
+        b[17..21].copy_from_slice(&crc.to_be_bytes());
+    }
+
+    #[test]
+    fn forged_record_counts_are_refused() {
+        // One real record claiming 2^31-1: the count disagrees with lastOffsetDelta.
+        let mut b = batch(1, 1000, 10);
+        forge_i32(&mut b, 57, i32::MAX);
+        let (_, why) = reason(validate_batches(&b).unwrap_err());
+        assert!(why.contains("does not match"), "{why}");
+        // Count and delta agree but the uncompressed bytes cannot hold that many records.
+        forge_i32(&mut b, 23, i32::MAX - 1);
+        let (_, why) = reason(validate_batches(&b).unwrap_err());
+        assert!(why.contains("can hold"), "{why}");
+        // An honest batch still passes.
+        assert!(validate_batches(&batch(5, 1000, 10)).is_ok());
     }
 
     #[test]
