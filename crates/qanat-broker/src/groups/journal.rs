@@ -185,14 +185,29 @@ impl Journal {
         fresh.close()?;
         let mut partition = self.partition.lock();
         partition.close()?;
-        self.storage.rename(&live, &old).map_err(io(live.clone()))?;
-        self.storage
-            .rename(&compacting, &live)
-            .map_err(io(compacting.clone()))?;
-        self.storage
-            .sync_dir(&self.data_dir)
-            .map_err(io(self.data_dir.clone()))?;
-        self.storage.remove_dir_all(&old).map_err(io(old.clone()))?;
+        let swapped = self
+            .storage
+            .rename(&live, &old)
+            .and_then(|()| self.storage.rename(&compacting, &live))
+            .and_then(|()| self.storage.sync_dir(&self.data_dir));
+        if let Err(e) = swapped {
+            // Put the old journal back if it was moved away, and keep serving from it.
+            if !self.storage.exists(&live) && self.storage.exists(&old) {
+                self.storage.rename(&old, &live).map_err(io(old.clone()))?;
+            }
+            let (reopened, _) = Partition::open(
+                self.storage.clone(),
+                self.clock.clone(),
+                live.clone(),
+                journal_config(),
+            )?;
+            *partition = reopened;
+            return Err(io(live)(e));
+        }
+        if let Err(e) = self.storage.remove_dir_all(&old) {
+            // Harmless: open removes it.
+            tracing::warn!(error = %e, "coordinator journal: old copy not removed");
+        }
         let (reopened, _) = Partition::open(
             self.storage.clone(),
             self.clock.clone(),

@@ -647,7 +647,7 @@ impl GroupCoordinator {
         let Some(group) = state.groups.get_mut(name) else {
             return vec![code(ResponseError::UnknownMemberId); member_ids.len()];
         };
-        let results = member_ids
+        let results: Vec<i16> = member_ids
             .iter()
             .map(|id| match group.members.remove(id) {
                 Some(m) => {
@@ -664,7 +664,10 @@ impl GroupCoordinator {
                 None => code(ResponseError::UnknownMemberId),
             })
             .collect();
-        self.after_membership_loss(name, group);
+        // A leave naming only unknown members changes nothing and must not force a rebalance.
+        if results.iter().any(|c| *c == 0) {
+            self.after_membership_loss(name, group);
+        }
         results
     }
 
@@ -673,6 +676,13 @@ impl GroupCoordinator {
             GroupState::Stable | GroupState::CompletingRebalance => {
                 if group.members.is_empty() {
                     group.state = GroupState::Empty;
+                    // Nobody is left to send the assignment these are waiting for.
+                    for (_, tx) in group.pending_sync.drain(..) {
+                        let _ = tx.send(SyncResult {
+                            error: code(ResponseError::UnknownMemberId),
+                            ..SyncResult::default()
+                        });
+                    }
                     group.generation += 1;
                     group.leader = None;
                     group.protocol = None;

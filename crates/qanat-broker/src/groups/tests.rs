@@ -250,3 +250,44 @@ async fn compacted_state_replays_to_the_same_offsets_generations_and_producer_id
     let a = c.join(join_req("", "a")).await;
     assert!(a.generation > generation);
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_sync_waiting_when_the_group_empties_is_answered() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let (a, b) = tokio::join!(c.join(join_req("", "a")), c.join(join_req("", "b")));
+    let (leader, follower) = if a.member_id == a.leader {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    // The follower waits for the leader's assignment; then both leave at once.
+    let waiting = {
+        let c = c.clone();
+        let f = follower.clone();
+        tokio::spawn(async move { c.sync("g", f.generation, &f.member_id, Vec::new()).await })
+    };
+    tokio::task::yield_now().await;
+    let codes = c.leave("g", &[leader.member_id.clone(), follower.member_id.clone()]);
+    assert_eq!(codes, vec![0, 0]);
+    let answered = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("the waiting SyncGroup was never answered")
+        .unwrap();
+    assert_eq!(answered.error, ResponseError::UnknownMemberId.code());
+    assert_eq!(c.describe("g").unwrap().state, GroupState::Empty);
+}
+
+#[tokio::test(start_paused = true)]
+async fn leaving_with_an_unknown_member_id_does_not_rebalance() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = open(dir.path());
+    let a = c.join(join_req("", "a")).await;
+    c.sync("g", a.generation, &a.member_id, Vec::new()).await;
+    assert_eq!(
+        c.leave("g", &["gone".to_string()]),
+        vec![ResponseError::UnknownMemberId.code()]
+    );
+    assert_eq!(c.describe("g").unwrap().state, GroupState::Stable);
+    assert_eq!(c.heartbeat("g", a.generation, &a.member_id), 0);
+}
