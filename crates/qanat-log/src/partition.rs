@@ -550,7 +550,11 @@ impl Partition {
         for s in dirty.iter().rev() {
             if s.dirty.swap(false, Ordering::AcqRel) {
                 if let Err(e) = s.log.sync_data() {
-                    s.dirty.store(true, Ordering::Release);
+                    // After a failed fdatasync the kernel may have dropped the dirty pages and
+                    // report success next time: nothing here can be called durable again, so
+                    // the partition stops until a restart re-runs recovery.
+                    self.closed.store(true, Ordering::Release);
+                    tracing::error!(path = %s.log_path.display(), error = %e, "fdatasync failed; partition closed");
                     return Err(io_err(&s.log_path)(e));
                 }
             }

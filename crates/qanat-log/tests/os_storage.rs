@@ -273,3 +273,90 @@ fn append_throughput() {
         (written >> 20) as f64 / all.as_secs_f64()
     );
 }
+
+/// The real filesystem, except that fdatasync fails once `fail` is set.
+struct FailingSync {
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+struct FailingFile {
+    inner: Arc<dyn qanat_log::LogFile>,
+    fail: Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl qanat_log::LogFile for FailingFile {
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, pos)
+    }
+    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.inner.append(buf)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(std::io::Error::other("injected EIO"));
+        }
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.raw_fd()
+    }
+}
+
+impl qanat_log::Storage for FailingSync {
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn qanat_log::LogFile>> {
+        Ok(Arc::new(FailingFile {
+            inner: qanat_log::Storage::open(&OsStorage, path)?,
+            fail: self.fail.clone(),
+        }))
+    }
+    fn exists(&self, path: &Path) -> bool {
+        OsStorage.exists(path)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        OsStorage.rename(from, to)
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.create_dir_all(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.remove_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        OsStorage.list_dir(path)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.sync_dir(path)
+    }
+}
+
+#[test]
+fn a_failed_fdatasync_is_never_reported_as_durable_later() {
+    let dir = tempfile::tempdir().unwrap();
+    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (p, _) = Partition::open(
+        Arc::new(FailingSync { fail: fail.clone() }),
+        Arc::new(ManualClock::new(1_000)),
+        dir.path().to_path_buf(),
+        config(),
+    )
+    .unwrap();
+    let first = p.append(&make_batch(2, 100, 0, 1)).unwrap();
+    p.sync_through(first.last_offset + 1).unwrap();
+    let second = p.append(&make_batch(2, 100, 0, 2)).unwrap();
+    fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    assert!(p.sync_through(second.last_offset + 1).is_err());
+    // The disk "recovers": a later sync must still not call the lost range durable.
+    fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert!(p.sync_through(second.last_offset + 1).is_err());
+    assert!(p.append(&make_batch(1, 100, 0, 3)).is_err());
+    assert!(p.durable_offset() <= second.base_offset);
+}
