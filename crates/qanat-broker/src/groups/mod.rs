@@ -665,7 +665,7 @@ impl GroupCoordinator {
             })
             .collect();
         // A leave naming only unknown members changes nothing and must not force a rebalance.
-        if results.iter().any(|c| *c == 0) {
+        if results.contains(&0) {
             self.after_membership_loss(name, group);
         }
         results
