@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# bench/fanout.sh — fan-out benchmark of the Qanat broker (issue 3): one producer and N consumer
+# bench/fanout.sh — fan-out benchmark of the Qanat broker (A6): one producer and N consumer
 # groups (N = 1, 4, 16) reading the same topic at once, plus a rebalance after a member dies.
 #
 # What it does:

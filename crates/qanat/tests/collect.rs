@@ -1,4 +1,4 @@
-//! End-to-end tests of `qanat collect` (issue 5): the real binary in front of a real broker,
+//! End-to-end tests of `qanat collect` (D1–D4): the real binary in front of a real broker,
 //! events read back with librdkafka, a real headless Chromium for the tracker.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

@@ -1,4 +1,4 @@
-//! Consumer groups with real clients against the real `qanat` binary (issue 3, tests 1–3):
+//! Consumer groups with real clients against the real `qanat` binary (A6):
 //!
 //! * three confluent-kafka consumers (`tests/py/group_consumers.py`, synchronous commit per
 //!   record) share a six-partition topic, two partitions each; one is SIGKILLed between two

@@ -1,4 +1,4 @@
-//! Idempotent producers against the real `qanat` binary (issue 3, test 4):
+//! Idempotent producers against the real `qanat` binary (A6):
 //!
 //! * a librdkafka producer with `enable.idempotence=true` writes through a TCP proxy that the
 //!   test makes drop every connection several times mid-stream, each time swallowing the

@@ -1,4 +1,4 @@
-//! Push subscriptions (issue 3, test 5): `GET /v1/topics/{topic}/events` on the real `qanat`
+//! Push subscriptions (A6): `GET /v1/topics/{topic}/events` on the real `qanat`
 //! binary, read by a plain HTTP/1.1 client as Server-Sent Events.
 //!
 //! Records with explicit timestamps and headers (some matching, some not) are produced before
