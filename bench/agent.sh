@@ -33,17 +33,7 @@ as_root() {
   if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo -n "$@"; else return 1; fi
 }
 
-TMP=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/qanat-agent-bench.XXXXXX")
-PIDS=()
-cleanup() {
-  local rc=$?
-  set +e
-  stop_pids "${PIDS[@]}"
-  rm -rf "$TMP"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_tmp qanat-agent-bench
 log "temp dir $TMP, BENCH_SCALE=$SCALE"
 
 build_release qanat
@@ -77,13 +67,6 @@ latest() {
 # sum of an agent counter from its metrics endpoint
 metric() { curl -s "http://$1/metrics" | awk -v m="$2" '$1 ~ "^"m"({|$)" { s += $2 } END { printf "%d", s }'; }
 # wait until a line starting with $2 appears in file $1; print the rest
-wait_line() {
-  for _ in $(seq 600); do
-    if grep -q "^$2" "$1" 2>/dev/null; then grep "^$2" "$1" | head -1 | sed "s/^$2//"; return; fi
-    sleep 0.1
-  done
-  die "no '$2' in $1"
-}
 
 # ---------------------------------------------------------------------------------------------
 # data
@@ -118,7 +101,8 @@ FILE_BYTES=$(stat -c %s "$TMP/logs/bench.log")
 mkdir -p "$TMP/broker"
 "$QANAT" broker --data-dir "$TMP/broker/data" --listen 127.0.0.1:0 >"$TMP/broker/out" 2>"$TMP/broker/err" &
 PIDS+=($!)
-BROKER=$(wait_line "$TMP/broker/out" "qanat broker listening on ")
+BROKER=$(wait_line "$TMP/broker/out" "qanat broker listening on ") ||
+  die "no 'qanat broker listening on' line in $TMP/broker/out"
 log "broker on $BROKER"
 
 # ---------------------------------------------------------------------------------------------
@@ -144,7 +128,8 @@ TOML
     >"$TMP/$name/out" 2>"$TMP/$name/err" &
   A_PID=$!
   PIDS+=("$A_PID")
-  A_METRICS=$(wait_line "$TMP/$name/out" "qanat metrics listening on ")
+  A_METRICS=$(wait_line "$TMP/$name/out" "qanat metrics listening on ") ||
+  die "no 'qanat metrics listening on' line in $TMP/$name/out"
   local deadline=$((SECONDS + TIMEOUT))
   while [ "$(metric "$A_METRICS" qanat_agent_lines_acked_total)" -lt "$want" ]; do
     [ $SECONDS -lt $deadline ] || die "$name: not all lines acknowledged within ${TIMEOUT}s"

@@ -126,13 +126,7 @@ start_broker() {
   BROKER_PID=$!
   BROKER_PIDS+=("$BROKER_PID")
   BROKER_T0=$(date +%s.%N)
-  BROKER_ADDR=""
-  for _ in $(seq 300); do
-    BROKER_ADDR=$(sed -n 's/.*qanat broker listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$BROKER_DIR/stdout" | head -n1)
-    [[ -n "$BROKER_ADDR" ]] && break
-    kill -0 "$BROKER_PID" 2>/dev/null || break
-    sleep 0.1
-  done
+  BROKER_ADDR=$(wait_line "$BROKER_DIR/stdout" "qanat broker listening on " "$BROKER_PID") || true
   if [[ -z "$BROKER_ADDR" ]]; then
     log "broker $name did not report its address; stdout/stderr:"
     cat "$BROKER_DIR/stdout" "$BROKER_DIR/stderr" >&2 || true

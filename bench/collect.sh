@@ -45,24 +45,11 @@ trap cleanup EXIT
 build_release qanat
 QANAT="$QANAT_BIN"
 
-# wait_line FILE PREFIX: print what follows PREFIX on the first line of FILE starting with it.
-wait_line() {
-  for _ in $(seq 600); do
-    local v
-    v=$(sed -n "s/^$2//p" "$1" | head -n1)
-    if [ -n "$v" ]; then
-      echo "$v"
-      return
-    fi
-    sleep 0.1
-  done
-  die "no '$2' line in $1"
-}
-
 mkdir -p "$TMP/data"
 "$QANAT" broker --data-dir "$TMP/data" --listen 127.0.0.1:0 >"$TMP/broker.out" 2>"$TMP/broker.err" &
 PIDS+=($!)
-BOOTSTRAP=$(wait_line "$TMP/broker.out" "qanat broker listening on ")
+BOOTSTRAP=$(wait_line "$TMP/broker.out" "qanat broker listening on ") ||
+  die "no 'qanat broker listening on' line in $TMP/broker.out"
 log "broker on $BOOTSTRAP"
 
 cat >"$TMP/collect.toml" <<EOF
@@ -88,8 +75,10 @@ QANAT_LOG=warn "$QANAT" collect --config "$TMP/collect.toml" --metrics-listen 12
   >"$TMP/collect.out" 2>"$TMP/collect.err" &
 COLLECTOR=$!
 PIDS=("$COLLECTOR" "${PIDS[@]}") # stopped first
-ADDR=$(wait_line "$TMP/collect.out" "qanat collect listening on ")
-METRICS=$(wait_line "$TMP/collect.out" "qanat metrics listening on ")
+ADDR=$(wait_line "$TMP/collect.out" "qanat collect listening on ") ||
+  die "no 'qanat collect listening on' line in $TMP/collect.out"
+METRICS=$(wait_line "$TMP/collect.out" "qanat metrics listening on ") ||
+  die "no 'qanat metrics listening on' line in $TMP/collect.out"
 log "collector on $ADDR (metrics $METRICS)"
 
 # metric_sum NAME FILTER: sum of the samples of NAME whose labels contain FILTER.

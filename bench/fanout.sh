@@ -42,17 +42,7 @@ sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m)
 SECS=$(sf 8 2)
 MAX_COUNT=100000000
 
-TMP=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/qanat-fanout.XXXXXX")
-PIDS=()
-cleanup() {
-  local rc=$?
-  set +e
-  stop_pids "${PIDS[@]}"
-  rm -rf "$TMP"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+start_tmp qanat-fanout
 mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
@@ -68,14 +58,8 @@ printf '[storage]\nfsync = 1000\n[groups]\ninitial_rebalance_delay_ms = 100\nmin
   >"$TMP/broker.stdout" 2>"$TMP/broker.stderr" &
 BROKER_PID=$!
 PIDS+=("$BROKER_PID")
-ADDR=""
-for _ in $(seq 300); do
-  ADDR=$(sed -n 's/.*qanat broker listening on \(127\.0\.0\.1:[0-9]*\).*/\1/p' "$TMP/broker.stdout" | head -n1)
-  [[ -n "$ADDR" ]] && break
-  kill -0 "$BROKER_PID" 2>/dev/null || break
-  sleep 0.1
-done
-[[ -n "$ADDR" ]] || { cat "$TMP/broker.stderr" >&2; die "broker did not start"; }
+ADDR=$(wait_line "$TMP/broker.stdout" "qanat broker listening on " "$BROKER_PID") ||
+  { cat "$TMP/broker.stderr" >&2; die "broker did not start"; }
 log "broker pid $BROKER_PID on $ADDR"
 "$QANAT_BIN" topics create fan --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
 "$QANAT_BIN" topics create rb --partitions 6 --bootstrap "$ADDR" >/dev/null

@@ -32,3 +32,40 @@ build_release() {
   BENCH_BIN="$TARGET_DIR/release/qanat-bench"
   [[ -x "$QANAT_BIN" ]] || die "qanat not found in $TARGET_DIR/release"
 }
+
+# wait_line FILE PREFIX [PID]: print what follows PREFIX on the first line of FILE that starts
+# with it, waiting up to 60 s (and giving up early if PID exits).
+wait_line() {
+  local v
+  for _ in $(seq 600); do
+    v=$(sed -n "s/^$2//p" "$1" 2>/dev/null | head -n1)
+    if [ -n "$v" ]; then
+      echo "$v"
+      return 0
+    fi
+    if [ -n "${3:-}" ] && ! kill -0 "$3" 2>/dev/null; then
+      break
+    fi
+    sleep 0.1
+  done
+  return 1
+}
+
+# start_tmp NAME: a temp dir in $TMP (under BENCH_TMPDIR, default /tmp), an empty PIDS array,
+# and traps that stop every pid in PIDS, call cleanup_extra if the script defines it, and
+# remove the temp dir on exit.
+start_tmp() {
+  TMP=$(mktemp -d "${BENCH_TMPDIR:-/tmp}/$1.XXXXXX")
+  PIDS=()
+  trap bench_cleanup EXIT
+  trap 'exit 130' INT TERM
+}
+
+bench_cleanup() {
+  local rc=$?
+  set +e
+  stop_pids "${PIDS[@]}"
+  if declare -F cleanup_extra >/dev/null; then cleanup_extra; fi
+  rm -rf "$TMP"
+  exit "$rc"
+}
