@@ -154,6 +154,8 @@ impl StorageSettings {
                 TimestampSetting::CreateTime => TimestampType::CreateTime,
                 TimestampSetting::LogAppendTime => TimestampType::LogAppendTime,
             },
+            // Acknowledged means durable; served must not mean less.
+            serve_durable_only: self.fsync == FsyncPolicy::Always,
         }
     }
 }

@@ -316,7 +316,7 @@ impl Broker {
                 match self.partition(topic_name, p.partition, false) {
                     Err(c) => out.error_code = c,
                     Ok(partition) => {
-                        out.high_watermark = partition.next_offset();
+                        out.high_watermark = partition.high_watermark();
                         out.log_start_offset = partition.log_start_offset();
                         // KIP-74: the first batch is served whole even past the limits, so a
                         // consumer can always make progress; later partitions respect them.
@@ -378,7 +378,9 @@ impl Broker {
                             }
                         };
                         match p.timestamp {
-                            LATEST => resp.with_offset(partition.next_offset()).with_timestamp(-1),
+                            LATEST => resp
+                                .with_offset(partition.high_watermark())
+                                .with_timestamp(-1),
                             EARLIEST => resp
                                 .with_offset(partition.log_start_offset())
                                 .with_timestamp(-1),

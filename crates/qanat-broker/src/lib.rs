@@ -162,7 +162,7 @@ impl Broker {
             let end = self.topics.get(&topic).and_then(|t| {
                 t.partitions
                     .get(partition as usize)
-                    .map(|p| p.next_offset())
+                    .map(|p| p.high_watermark())
             });
             let labels = [
                 ("group", group),
@@ -239,13 +239,19 @@ impl Broker {
     }
 }
 
-/// fdatasync through `through` (or everything), recording its latency.
-fn timed_sync(partition: &Partition, through: Option<i64>) -> Result<(), qanat_log::LogError> {
+/// fdatasync of one append (or of everything), recording its latency.
+fn timed_sync(
+    partition: &Partition,
+    appended: Option<&qanat_log::AppendOutcome>,
+) -> Result<(), qanat_log::LogError> {
     let started = Instant::now();
-    let result = match through {
-        Some(offset) => partition.sync_through(offset),
+    let result = match appended {
+        Some(outcome) => partition.sync_append(outcome),
         None => partition.sync(),
     };
     metrics::histogram!("qanat_fsync_seconds").record(started.elapsed().as_secs_f64());
+    if result.is_err() {
+        metrics::counter!("qanat_fsync_failures_total").increment(1);
+    }
     result
 }

@@ -90,11 +90,11 @@ fn parse_start(from: Option<&str>) -> Result<Start, String> {
 fn start_offset(partition: &Partition, start: Start) -> i64 {
     match start {
         Start::Earliest => partition.log_start_offset(),
-        Start::End => partition.next_offset(),
-        Start::Offset(o) => o.clamp(partition.log_start_offset(), partition.next_offset()),
+        Start::End => partition.high_watermark(),
+        Start::Offset(o) => o.clamp(partition.log_start_offset(), partition.high_watermark()),
         Start::Time(t) => match records::offset_for_timestamp(partition, t) {
             Ok(Some((o, _))) => o,
-            _ => partition.next_offset(),
+            _ => partition.high_watermark(),
         },
     }
 }

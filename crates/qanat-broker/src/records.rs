@@ -13,7 +13,7 @@ pub fn read_records(
     from: i64,
     max_bytes: u64,
 ) -> Result<Vec<Record>, LogError> {
-    if from >= partition.next_offset() {
+    if from >= partition.high_watermark() {
         return Ok(Vec::new());
     }
     let read = partition.read(from, max_bytes)?;

@@ -441,12 +441,12 @@ async fn dispatch(
                     let targets: Vec<_> = results
                         .iter()
                         .filter_map(|r| r.outcome.as_ref().ok())
-                        .map(|(p, o)| (p.clone(), o.last_offset + 1))
+                        .map(|(p, o)| (p.clone(), *o))
                         .collect();
                     sync_failed = tokio::task::spawn_blocking(move || {
                         targets
                             .iter()
-                            .any(|(p, through)| match timed_sync(p, Some(*through)) {
+                            .any(|(p, appended)| match timed_sync(p, Some(appended)) {
                                 Ok(()) => false,
                                 Err(e) => {
                                     tracing::error!(error = %e, "fdatasync failed; produce not acknowledged");
@@ -456,6 +456,8 @@ async fn dispatch(
                     })
                     .await
                     .unwrap_or(true);
+                    // Readers see data only once it is durable in this mode: wake long polls.
+                    broker.data_arrived.notify_waiters();
                 }
                 let body = broker.produce_response(results, sync_failed);
                 record_latency(api, started);

@@ -46,4 +46,7 @@ pub enum LogError {
     /// The partition was closed or deleted.
     #[error("partition is closed")]
     Closed,
+    /// A failed fdatasync cut the log back below this append: it is not stored.
+    #[error("append at offset {offset} in {} was cut off after a failed fdatasync", dir.display())]
+    CutBySyncFailure { dir: PathBuf, offset: i64 },
 }

@@ -4,7 +4,7 @@
 //!
 //! # What it owns
 //! One [`Partition`] owns one directory. The broker hands it produce buffers (`append`),
-//! asks for durability (`sync_through` / `sync`), and serves fetches from the returned
+//! asks for durability (`sync_append` / `sync`), and serves fetches from the returned
 //! [`FileSlice`]s (zero-copy via [`LogFile::raw_fd`]). All file access goes through
 //! [`Storage`], so tests run the same code on [`SimStorage`], which models crashes.
 //!
@@ -24,6 +24,11 @@
 //!   on close; a torn or missing one only makes open replay more headers.
 //! - `recovery-point`: i64 BE offset + CRC-32C; every segment that ends at or below it was
 //!   fsynced, so recovery only walks its headers instead of checking every CRC.
+//! - `clean-shutdown`: written by `close` after everything is fsynced: active segment base
+//!   i64 BE, its length u64 BE, next offset i64 BE, CRC-32C u32. Open removes it (durably,
+//!   before any append) and, when it matches the active segment, walks that segment's headers
+//!   instead of checking every CRC; after a crash there is no marker and every batch past
+//!   the recovery point is checked.
 //!
 //! Indexes are derived data: written lazily (on roll/close), checked on open, rebuilt from the
 //! log if missing or inconsistent.
@@ -52,6 +57,13 @@
 //! - Appends are serialized by one mutex; reads take no append lock.
 //! - Everything appended below `durable_offset()` has been fdatasynced, including the
 //!   directory entries of new segments.
+//! - With [`LogConfig::serve_durable_only`], readers see nothing at or past
+//!   `durable_offset()`: `high_watermark()`, `read` and `offset_for_timestamp` stop there, so
+//!   no consumer reads a record that a crash could still take back.
+//! - A failed fdatasync never leaves the unsynced tail in place: the partition truncates back
+//!   to `durable_offset()` and reopens itself (recovery and producer state included), so
+//!   whatever was not acknowledged as durable is gone and a retry is stored once. An append
+//!   that the cut removed fails `sync_append` (its generation is stale), never succeeds later.
 //! - Recovery truncates at the first torn/corrupt batch and drops any later segments, so the
 //!   log is always a prefix of what was appended.
 //! - A producer's sequence numbers are gapless per partition (within an epoch); a retried
@@ -76,7 +88,7 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LogError;
 pub use partition::Partition;
 pub use producer::{last_sequence, next_sequence, MAX_CACHED_BATCHES, PRODUCER_EXPIRATION_MS};
-pub use storage::{LogFile, OsStorage, SimStorage, Storage};
+pub use storage::{FaultyStorage, LogFile, OsStorage, SimStorage, Storage, SyncFaults};
 
 /// Which timestamp the log keeps in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -103,6 +115,9 @@ pub struct LogConfig {
     pub index_interval_bytes: u32,
     /// Timestamp policy.
     pub timestamp_type: TimestampType,
+    /// Serve readers only what has been fdatasynced (for `fsync = "always"`): the high
+    /// watermark is the durable offset, not the append end.
+    pub serve_durable_only: bool,
 }
 
 impl Default for LogConfig {
@@ -114,6 +129,7 @@ impl Default for LogConfig {
             retention_bytes: None,
             index_interval_bytes: 4096,
             timestamp_type: TimestampType::CreateTime,
+            serve_durable_only: false,
         }
     }
 }
@@ -128,6 +144,10 @@ pub struct RecoveryReport {
     pub next_offset: i64,
     /// Idempotent producers whose state was restored.
     pub producers: usize,
+    /// Log bytes whose CRC was checked (0 after a clean shutdown that left a valid marker).
+    pub crc_checked_bytes: u64,
+    /// A valid clean-shutdown marker matched the active segment.
+    pub clean_shutdown: bool,
 }
 
 /// Result of one successful append.
@@ -143,6 +163,9 @@ pub struct AppendOutcome {
     /// sequence range): nothing was written, and the offsets (and LogAppendTime) are the
     /// original ones. `bytes` and `records` are 0.
     pub duplicate: bool,
+    /// The partition's generation at the append; it grows whenever a failed fdatasync cuts
+    /// the log back, so [`Partition::sync_append`] can tell an append that was cut.
+    pub generation: u64,
 }
 
 /// A byte range of a segment file holding whole batches.

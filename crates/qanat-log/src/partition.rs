@@ -20,6 +20,7 @@ use crate::{
 
 const CHECKPOINT: &str = "recovery-point";
 const CHECKPOINT_TMP: &str = "recovery-point.tmp";
+const CLEAN_SHUTDOWN: &str = "clean-shutdown";
 /// Segment positions and relative offsets are u32 in the indexes.
 const MAX_SEGMENT: u64 = u32::MAX as u64;
 /// Don't keep a huge copy buffer around after one big append.
@@ -55,6 +56,8 @@ pub struct Partition {
     /// A segment file was created since the last directory fsync.
     dir_dirty: AtomicBool,
     closed: AtomicBool,
+    /// Grows each time a failed fdatasync cuts the log back to its durable end.
+    generation: AtomicU64,
 }
 
 impl std::fmt::Debug for Partition {
@@ -104,6 +107,54 @@ fn write_checkpoint(storage: &dyn Storage, dir: &Path, offset: i64) -> Result<()
         .and_then(|()| f.sync_data())
         .map_err(io_err(&tmp))?;
     storage.rename(&tmp, &dst).map_err(io_err(&dst))?;
+    storage.sync_dir(dir).map_err(io_err(dir))
+}
+
+/// What `close` recorded: (active segment base, its length, next offset).
+type CleanShutdown = (i64, u64, i64);
+
+fn read_clean_shutdown(storage: &dyn Storage, dir: &Path) -> Option<CleanShutdown> {
+    let path = dir.join(CLEAN_SHUTDOWN);
+    if !storage.exists(&path) {
+        return None;
+    }
+    let f = storage.open(&path).ok()?;
+    let mut b = [0u8; 28];
+    if f.len().ok()? != 28 || f.read_exact_at(&mut b, 0).is_err() {
+        return None;
+    }
+    let (fields, crc) = b.split_at(24);
+    if crc32c::crc32c(fields).to_be_bytes() != crc {
+        return None;
+    }
+    let word = |i: usize| {
+        let mut w = [0u8; 8];
+        w.copy_from_slice(&fields[i * 8..i * 8 + 8]);
+        w
+    };
+    Some((
+        i64::from_be_bytes(word(0)),
+        u64::from_be_bytes(word(1)),
+        i64::from_be_bytes(word(2)),
+    ))
+}
+
+fn write_clean_shutdown(
+    storage: &dyn Storage,
+    dir: &Path,
+    (base, len, next): CleanShutdown,
+) -> Result<(), LogError> {
+    let path = dir.join(CLEAN_SHUTDOWN);
+    let mut b = Vec::with_capacity(28);
+    b.extend_from_slice(&base.to_be_bytes());
+    b.extend_from_slice(&len.to_be_bytes());
+    b.extend_from_slice(&next.to_be_bytes());
+    b.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
+    let f = storage.open(&path).map_err(io_err(&path))?;
+    f.set_len(0)
+        .and_then(|()| f.append(&b))
+        .and_then(|()| f.sync_data())
+        .map_err(io_err(&path))?;
     storage.sync_dir(dir).map_err(io_err(dir))
 }
 
@@ -158,6 +209,14 @@ impl Partition {
         }
         let bases: Vec<i64> = bases.into_iter().collect();
         let recovery_point = read_checkpoint(st, &dir);
+        // The marker vouches for one run only: it must be gone (durably, via the directory
+        // sync below) before anything is appended, or a later crash would be taken for clean.
+        let clean = read_clean_shutdown(st, &dir);
+        let marker = dir.join(CLEAN_SHUTDOWN);
+        if st.exists(&marker) {
+            st.remove_file(&marker).map_err(io_err(&marker))?;
+            dir_changed = true;
+        }
         let interval = config.index_interval_bytes;
         let mut report = RecoveryReport::default();
         let mut segs: Vec<Arc<Segment>> = Vec::new();
@@ -190,9 +249,16 @@ impl Partition {
                 }
             }
             let is_last = i + 1 == bases.len();
-            let trusted = bases
-                .get(i + 1)
-                .is_some_and(|&nb| recovery_point.is_some_and(|rp| nb <= rp));
+            let shut_down_cleanly = is_last
+                && clean.is_some_and(|(b, len, _)| {
+                    let path = dir.join(file_name(base, "log"));
+                    b == base && st.open(&path).and_then(|f| f.len()).ok() == Some(len)
+                });
+            report.clean_shutdown |= shut_down_cleanly;
+            let trusted = shut_down_cleanly
+                || bases
+                    .get(i + 1)
+                    .is_some_and(|&nb| recovery_point.is_some_and(|rp| nb <= rp));
             let track = base >= replay_from;
             if track {
                 before_last = Some((base, producers.clone()));
@@ -209,6 +275,7 @@ impl Partition {
             report.rebuilt_indexes.extend(l.rebuilt);
             let seg = Arc::new(l.seg);
             if l.full_scan {
+                report.crc_checked_bytes += seg.size();
                 scanned.push(seg.clone());
             }
             last_first_ts = l.first_ts;
@@ -333,6 +400,7 @@ impl Partition {
             size: AtomicU64::new(size),
             dir_dirty: AtomicBool::new(false),
             closed: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
         };
         Ok((p, report))
     }
@@ -368,7 +436,8 @@ impl Partition {
         let log_append = self.config.timestamp_type == TimestampType::LogAppendTime;
         let mut w = self.writer.lock();
         self.check_open()?;
-        if let Some(dup) = check_sequences(&w.producers, &summary.batches, log_append)? {
+        if let Some(mut dup) = check_sequences(&w.producers, &summary.batches, log_append)? {
+            dup.generation = self.generation.load(Ordering::Acquire);
             return Ok(dup);
         }
         let now = self.clock.now_ms();
@@ -463,6 +532,7 @@ impl Partition {
             bytes,
             records: summary.records,
             duplicate: false,
+            generation: self.generation.load(Ordering::Acquire),
         })
     }
 
@@ -513,9 +583,30 @@ impl Partition {
     }
 
     /// Make every batch with offset < `offset` durable. Concurrent callers share one fdatasync.
+    /// Offsets say nothing of *which* data: after a failed fdatasync cut the log back, they are
+    /// reused. To acknowledge an append, use [`Partition::sync_append`].
     pub fn sync_through(&self, offset: i64) -> Result<(), LogError> {
         self.check_open()?;
         self.sync_inner(Some(offset))
+    }
+
+    /// Make an append durable. Concurrent callers share one fdatasync. Fails, now and on
+    /// every later call, if a failed fdatasync cut the log back since the append.
+    pub fn sync_append(&self, appended: &AppendOutcome) -> Result<(), LogError> {
+        self.check_open()?;
+        let cut = || LogError::CutBySyncFailure {
+            dir: self.dir.clone(),
+            offset: appended.base_offset,
+        };
+        if appended.generation != self.generation.load(Ordering::Acquire) {
+            return Err(cut());
+        }
+        self.sync_inner(Some(appended.last_offset + 1))?;
+        // A cut that happened while waiting for the sync lock took this append with it.
+        if appended.generation != self.generation.load(Ordering::Acquire) {
+            return Err(cut());
+        }
+        Ok(())
     }
 
     /// Make everything appended so far durable.
@@ -551,10 +642,15 @@ impl Partition {
             if s.dirty.swap(false, Ordering::AcqRel) {
                 if let Err(e) = s.log.sync_data() {
                     // After a failed fdatasync the kernel may have dropped the dirty pages and
-                    // report success next time: nothing here can be called durable again, so
-                    // the partition stops until a restart re-runs recovery.
-                    self.closed.store(true, Ordering::Release);
-                    tracing::error!(path = %s.log_path.display(), error = %e, "fdatasync failed; partition closed");
+                    // report success next time: nothing past the durable offset can be called
+                    // durable again, so it is cut off and the partition reopened from disk.
+                    tracing::error!(path = %s.log_path.display(), error = %e,
+                        "fdatasync failed; cutting the partition back to its durable end");
+                    if let Err(reopen) = self.cut_to_durable(&mut checkpoint) {
+                        self.closed.store(true, Ordering::Release);
+                        tracing::error!(dir = %self.dir.display(), error = %reopen,
+                            "cannot cut back after a failed fdatasync; partition closed until restart");
+                    }
                     return Err(io_err(&s.log_path)(e));
                 }
             }
@@ -573,6 +669,73 @@ impl Partition {
         Ok(())
     }
 
+    /// Truncate everything past the durable offset and reopen the partition from disk, so
+    /// the in-memory state (segments, indexes, producer state) is what recovery derives from
+    /// the durable prefix. Called with the sync lock held; takes the append lock.
+    fn cut_to_durable(&self, checkpoint: &mut i64) -> Result<(), LogError> {
+        let mut w = self.writer.lock();
+        // Retention may have deleted segments that were never synced: nothing below the log
+        // start is left to cut.
+        let durable = self
+            .durable
+            .load(Ordering::Acquire)
+            .max(self.log_start.load(Ordering::Acquire));
+        let next = self.next_offset.load(Ordering::Acquire);
+        let segs: Vec<Arc<Segment>> = self.segments.read().clone();
+        for (i, seg) in segs.iter().enumerate().rev() {
+            let (size, seg_next) = seg.published();
+            if seg_next <= durable {
+                break;
+            }
+            if seg.base >= durable && i > 0 {
+                remove_segment_files(&*self.storage, &self.dir, seg.base)?;
+                continue;
+            }
+            let keep = if seg.base >= durable {
+                0
+            } else {
+                seg.find_position(durable, size)?.0
+            };
+            seg.log.set_len(keep).map_err(io_err(&seg.log_path))?;
+            seg.log.sync_data().map_err(io_err(&seg.log_path))?;
+            // Index entries past the cut are rebuilt by the reopen below.
+            for p in [&seg.index_path, &seg.time_path] {
+                match self.storage.remove_file(p) {
+                    Ok(()) => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(io_err(p)(e)),
+                }
+            }
+        }
+        self.storage
+            .sync_dir(&self.dir)
+            .map_err(io_err(&self.dir))?;
+        let (fresh, report) = Partition::open(
+            self.storage.clone(),
+            self.clock.clone(),
+            self.dir.clone(),
+            self.config.clone(),
+        )?;
+        // Readers may be between the old and the new state for a moment; they get an error or
+        // a short read, never bytes past the cut (those are gone from the files).
+        *w = fresh.writer.into_inner();
+        *self.segments.write() = fresh.segments.into_inner();
+        *checkpoint = fresh.sync_lock.into_inner();
+        self.pending_snapshots.lock().clear();
+        self.dir_dirty.store(false, Ordering::Release);
+        self.log_start
+            .store(fresh.log_start.into_inner(), Ordering::Release);
+        self.size.store(fresh.size.into_inner(), Ordering::Relaxed);
+        self.next_offset
+            .store(fresh.next_offset.into_inner(), Ordering::Release);
+        self.durable
+            .store(fresh.durable.into_inner(), Ordering::Release);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        tracing::warn!(dir = %self.dir.display(), durable, dropped_offsets = next - durable,
+            next_offset = report.next_offset, "partition cut back to its durable end and reopened");
+        Ok(())
+    }
+
     fn segment_for(&self, offset: i64) -> Option<Arc<Segment>> {
         let segs = self.segments.read();
         let i = segs.partition_point(|s| s.base <= offset);
@@ -581,8 +744,11 @@ impl Partition {
 
     /// Whole batches from the one containing `from_offset`, about `max_bytes` in total but at
     /// least one batch (KIP-74). `from_offset == next_offset()` gives no slices.
+    /// With `serve_durable_only`, nothing at or past the durable offset is returned and the
+    /// high watermark is the durable offset.
     pub fn read(&self, from_offset: i64, max_bytes: u64) -> Result<ReadOutcome, LogError> {
         self.check_open()?;
+        let visible_end = self.durable_limit();
         let next = self.next_offset.load(Ordering::Acquire);
         let start = self.log_start.load(Ordering::Acquire);
         let out_of_range = || LogError::OffsetOutOfRange {
@@ -595,7 +761,7 @@ impl Partition {
         }
         let mut out = ReadOutcome {
             slices: Vec::new(),
-            high_watermark: next,
+            high_watermark: visible_end.map_or(next, |v| v.min(next)),
             log_start_offset: start,
             next_offset: from_offset,
         };
@@ -608,7 +774,17 @@ impl Partition {
                 }
                 break;
             };
-            let (size, seg_next) = seg.published();
+            let (mut size, mut seg_next) = seg.published();
+            if let Some(v) = visible_end {
+                if cur >= v {
+                    break;
+                }
+                if seg_next > v {
+                    // `v` is a batch boundary past `cur`, so inside this segment.
+                    size = seg.find_position(v, size)?.0;
+                    seg_next = v;
+                }
+            }
             out.high_watermark = out.high_watermark.max(seg_next);
             if cur >= seg_next {
                 break;
@@ -636,9 +812,22 @@ impl Partition {
         Ok(out)
     }
 
-    /// Offset after the last appended batch (the high watermark on a single node).
+    /// Offset after the last appended batch.
     pub fn next_offset(&self) -> i64 {
         self.next_offset.load(Ordering::Acquire)
+    }
+
+    /// The end of what readers may see: the durable offset with `serve_durable_only`, else
+    /// the append end. What Fetch, ListOffsets and lag report as the log end.
+    pub fn high_watermark(&self) -> i64 {
+        let next = self.next_offset();
+        self.durable_limit().map_or(next, |d| d.min(next))
+    }
+
+    fn durable_limit(&self) -> Option<i64> {
+        self.config
+            .serve_durable_only
+            .then(|| self.durable.load(Ordering::Acquire))
     }
 
     /// First offset still in the log.
@@ -673,8 +862,12 @@ impl Partition {
     /// The first batch whose maxTimestamp is `>= ts`, as (its base offset, its maxTimestamp).
     pub fn offset_for_timestamp(&self, ts: i64) -> Result<Option<(i64, i64)>, LogError> {
         self.check_open()?;
+        let visible_end = self.high_watermark();
         let segs: Vec<Arc<Segment>> = self.segments.read().clone();
         for seg in segs {
+            if seg.base >= visible_end {
+                break;
+            }
             if seg.max_ts.load(Ordering::Acquire) < ts {
                 continue;
             }
@@ -685,6 +878,9 @@ impl Partition {
             };
             while pos < size {
                 let h = seg.read_header(pos)?;
+                if h.base_offset >= visible_end {
+                    return Ok(None);
+                }
                 if h.max_timestamp >= ts {
                     return Ok(Some((h.base_offset, h.max_timestamp)));
                 }
@@ -773,17 +969,24 @@ impl Partition {
         Ok(out)
     }
 
-    /// Flush indexes, sync everything and refuse further calls with [`LogError::Closed`].
+    /// Flush indexes, sync everything, leave the clean-shutdown marker and refuse further
+    /// calls with [`LogError::Closed`].
     pub fn close(&self) -> Result<(), LogError> {
-        {
+        let active = {
             let w = self.writer.lock();
             if self.closed.swap(true, Ordering::AcqRel) {
                 return Err(LogError::Closed);
             }
             w.active.flush_indexes(&*self.storage)?;
-        }
+            w.active.clone()
+        };
         self.sync_inner(None)?;
-        self.sync_snapshots()
+        self.sync_snapshots()?;
+        if self.durable.load(Ordering::Acquire) < self.next_offset() {
+            return Ok(()); // a sync failure cut the log meanwhile: the next open checks it all
+        }
+        let (size, next) = active.published();
+        write_clean_shutdown(&*self.storage, &self.dir, (active.base, size, next))
     }
 
     /// fsync producer-state snapshots written since the last call.
@@ -927,6 +1130,7 @@ fn check_sequences(
                         bytes: 0,
                         records: 0,
                         duplicate: true,
+                        generation: 0,
                     };
                     let mixed = LogError::OutOfOrderSequence {
                         producer_id: pid,

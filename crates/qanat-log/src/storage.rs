@@ -6,7 +6,9 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::Arc;
 
+mod faulty;
 mod sim;
+pub use faulty::{FaultyStorage, SyncFaults};
 pub use sim::SimStorage;
 
 /// An open file of the log.

@@ -25,6 +25,8 @@ enum Op {
     AppendBad(u8, u16),
     SyncThrough(u16),
     Sync,
+    /// A sync whose fdatasync fails: the partition must cut back to its durable end.
+    FailSync,
     Read(u16, u16),
     OffsetForTs(i16),
     Advance(u16),
@@ -42,6 +44,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Retry),
         3 => any::<u16>().prop_map(Op::SyncThrough),
         1 => Just(Op::Sync),
+        1 => Just(Op::FailSync),
         4 => (any::<u16>(), 1u16..6000).prop_map(|(a, b)| Op::Read(a, b)),
         2 => (-2000i16..2000).prop_map(Op::OffsetForTs),
         2 => (0u16..8000).prop_map(Op::Advance),
@@ -59,6 +62,7 @@ struct Cfg {
     retention_bytes: Option<u64>,
     index_interval: u32,
     log_append_time: bool,
+    durable_only: bool,
 }
 
 fn cfg() -> impl Strategy<Value = Cfg> {
@@ -68,13 +72,15 @@ fn cfg() -> impl Strategy<Value = Cfg> {
         prop::option::of(2_000u64..12_000),
         prop_oneof![Just(0u32), 64u32..2048],
         any::<bool>(),
+        any::<bool>(),
     )
-        .prop_map(|(s, rm, rb, ii, lat)| Cfg {
+        .prop_map(|(s, rm, rb, ii, lat, durable_only)| Cfg {
             segment_bytes: s,
             retention_ms: rm,
             retention_bytes: rb,
             index_interval: ii,
             log_append_time: lat,
+            durable_only,
         })
 }
 
@@ -133,16 +139,17 @@ impl Harness {
         self.p.as_ref().unwrap()
     }
 
-    /// Read the whole log and compare it with the model, byte for byte.
+    /// Read the whole visible log and compare it with the model, byte for byte.
     fn verify_all(&self) {
         let p = self.p();
         assert_eq!(p.next_offset(), self.m.next);
         assert_eq!(p.log_start_offset(), self.m.log_start);
         let total: u64 = self.m.batches.iter().map(|b| b.bytes.len() as u64).sum();
         assert_eq!(p.size_bytes(), total);
+        let end = self.visible_end();
         let mut cur = self.m.log_start;
         let mut seen = Vec::new();
-        while cur < self.m.next {
+        while cur < end {
             let out = p.read(cur, 3000).unwrap();
             let got = split_batches(&read_bytes(&out));
             assert!(!got.is_empty(), "read at {cur} returned nothing");
@@ -156,9 +163,10 @@ impl Harness {
                 cur = last + 1;
             }
         }
-        assert_eq!(cur, self.m.next);
-        assert_eq!(seen.len(), self.m.batches.len());
-        for (s, m) in seen.iter().zip(&self.m.batches) {
+        assert_eq!(cur, end);
+        let visible: Vec<_> = self.m.batches.iter().filter(|b| b.base < end).collect();
+        assert_eq!(seen.len(), visible.len());
+        for (s, m) in seen.iter().zip(visible) {
             assert!(s == &m.bytes, "batch at {} differs", m.base);
         }
     }
@@ -187,6 +195,15 @@ impl Harness {
         }
         self.m.next = off;
         off
+    }
+
+    /// What readers may see: the durable end when the log serves only durable data.
+    fn visible_end(&self) -> i64 {
+        if self.config.serve_durable_only {
+            self.p().durable_offset()
+        } else {
+            self.m.next
+        }
     }
 
     fn check_producer_state(&self) {
@@ -285,19 +302,54 @@ impl Harness {
                 self.p().sync().unwrap();
                 self.m.durable = self.m.next;
             }
+            Op::FailSync => {
+                // Retention may have removed segments that were never synced.
+                let durable = self.p().durable_offset().max(self.m.log_start);
+                assert!(durable >= self.m.durable);
+                self.storage.fail_next_syncs(1);
+                let result = self.p().sync();
+                self.storage.fail_next_syncs(0);
+                let n = self.p().next_offset();
+                if result.is_ok() {
+                    assert_eq!(n, self.m.next);
+                    self.m.durable = self.m.next;
+                    return;
+                }
+                // Either the data sync failed and the log was cut back to its durable end, or
+                // only a metadata write failed and nothing moved.
+                assert!(
+                    n == durable || n == self.m.next,
+                    "next {n} after a failed sync"
+                );
+                assert_eq!(self.p().durable_offset().max(self.m.log_start), durable);
+                self.m.batches.retain(|b| b.base < n);
+                self.m.produced.retain(|b| b.base < n);
+                self.m.next_seq = self
+                    .m
+                    .produced
+                    .last()
+                    .map_or(0, |b| qanat_log::next_sequence(b.last_seq));
+                self.m.next = n;
+                self.m.durable = durable;
+                self.verify_all();
+                self.check_producer_state();
+            }
             Op::Read(sel, max) => {
                 let span = self.m.next - self.m.log_start;
                 let o = self.m.log_start + (*sel as i64 % (span + 1));
                 let out = self.p().read(o, *max as u64).unwrap();
-                assert_eq!(out.high_watermark, self.m.next);
+                let visible = self.visible_end();
+                assert_eq!(out.high_watermark, visible);
+                assert_eq!(self.p().high_watermark(), visible);
                 assert_eq!(out.log_start_offset, self.m.log_start);
                 let bytes = read_bytes(&out);
                 let got = split_batches(&bytes);
                 let served_end = got.last().map_or(o, |(_, last, _)| last + 1);
                 assert_eq!(out.next_offset, served_end, "next_offset of a read at {o}");
-                if o == self.m.next {
+                if o >= visible {
                     assert!(got.is_empty());
                 } else {
+                    assert!(served_end <= visible, "read past the visible end {visible}");
                     assert!(!got.is_empty(), "at least one batch");
                     assert!(got[0].0 <= o && o <= got[0].1, "first batch contains {o}");
                     assert!(got.len() == 1 || bytes.len() as u64 <= *max as u64);
@@ -328,6 +380,7 @@ impl Harness {
                     .batches
                     .iter()
                     .find(|b| b.max_ts >= ts)
+                    .filter(|b| b.base < self.visible_end())
                     .map(|b| (b.base, b.max_ts));
                 assert_eq!(self.p().offset_for_timestamp(ts).unwrap(), want);
             }
@@ -413,6 +466,7 @@ fn run(cfg: Cfg, ops: Vec<Op>) {
         } else {
             TimestampType::CreateTime
         },
+        serve_durable_only: cfg.durable_only,
     };
     let mut h = Harness {
         storage: Arc::new(SimStorage::new()),
@@ -427,6 +481,7 @@ fn run(cfg: Cfg, ops: Vec<Op>) {
         h.apply(op);
         assert_eq!(h.p().next_offset(), h.m.next);
     }
+    h.p().sync().unwrap();
     h.verify_all();
 }
 

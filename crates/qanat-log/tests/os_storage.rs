@@ -9,7 +9,10 @@ use std::path::Path;
 use std::sync::Arc;
 
 use common::{make_batch, read_bytes, split_batches};
-use qanat_log::{LogConfig, ManualClock, OsStorage, Partition, SystemClock, TimestampType};
+use qanat_log::{
+    FaultyStorage, LogConfig, ManualClock, OsStorage, Partition, SyncFaults, SystemClock,
+    TimestampType,
+};
 
 fn config() -> LogConfig {
     LogConfig {
@@ -205,6 +208,7 @@ fn retention_and_time_lookup() {
             retention_bytes: None,
             index_interval_bytes: 512,
             timestamp_type: TimestampType::LogAppendTime,
+            serve_durable_only: false,
         },
     )
     .unwrap();
@@ -274,89 +278,196 @@ fn append_throughput() {
     );
 }
 
-/// The real filesystem, except that fdatasync fails once `fail` is set.
-struct FailingSync {
-    fail: Arc<std::sync::atomic::AtomicBool>,
+/// A partition over the real filesystem whose fdatasyncs fail on demand.
+fn open_failing(dir: &Path, config: LogConfig) -> (Partition, Arc<SyncFaults>) {
+    let storage = FaultyStorage::new(Arc::new(OsStorage));
+    let faults = storage.faults();
+    let p = Partition::open(
+        Arc::new(storage),
+        Arc::new(ManualClock::new(1_000)),
+        dir.to_path_buf(),
+        config,
+    )
+    .unwrap()
+    .0;
+    (p, faults)
 }
 
-struct FailingFile {
-    inner: Arc<dyn qanat_log::LogFile>,
-    fail: Arc<std::sync::atomic::AtomicBool>,
-}
-
-impl qanat_log::LogFile for FailingFile {
-    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
-        self.inner.read_exact_at(buf, pos)
-    }
-    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
-        self.inner.append(buf)
-    }
-    fn sync_data(&self) -> std::io::Result<()> {
-        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
-            return Err(std::io::Error::other("injected EIO"));
-        }
-        self.inner.sync_data()
-    }
-    fn len(&self) -> std::io::Result<u64> {
-        self.inner.len()
-    }
-    fn set_len(&self, len: u64) -> std::io::Result<()> {
-        self.inner.set_len(len)
-    }
-    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
-        self.inner.raw_fd()
-    }
-}
-
-impl qanat_log::Storage for FailingSync {
-    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn qanat_log::LogFile>> {
-        Ok(Arc::new(FailingFile {
-            inner: qanat_log::Storage::open(&OsStorage, path)?,
-            fail: self.fail.clone(),
-        }))
-    }
-    fn exists(&self, path: &Path) -> bool {
-        OsStorage.exists(path)
-    }
-    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
-        OsStorage.remove_file(path)
-    }
-    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
-        OsStorage.rename(from, to)
-    }
-    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        OsStorage.create_dir_all(path)
-    }
-    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
-        OsStorage.remove_dir_all(path)
-    }
-    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
-        OsStorage.list_dir(path)
-    }
-    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
-        OsStorage.sync_dir(path)
-    }
+/// An idempotent batch of producer 9, epoch 0, starting at `seq`.
+fn idempotent(seq: i32, fill: u8) -> Vec<u8> {
+    let value = vec![fill; 100];
+    let recs: Vec<_> = (0..2)
+        .map(|i| qanat_log::batch::SimpleRecord {
+            timestamp: 1_000 + i,
+            key: None,
+            value: Some(&value),
+        })
+        .collect();
+    qanat_log::batch::encode_batch_with(Some((9, 0, seq)), &recs)
 }
 
 #[test]
-fn a_failed_fdatasync_is_never_reported_as_durable_later() {
+fn a_failed_fdatasync_cuts_back_to_the_durable_end_and_a_retry_is_stored_once() {
     let dir = tempfile::tempdir().unwrap();
-    let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let (p, _) = Partition::open(
-        Arc::new(FailingSync { fail: fail.clone() }),
-        Arc::new(ManualClock::new(1_000)),
-        dir.path().to_path_buf(),
-        config(),
-    )
-    .unwrap();
+    let config = LogConfig {
+        serve_durable_only: true,
+        ..config()
+    };
+    let (p, faults) = open_failing(dir.path(), config.clone());
+    let first = p.append(&idempotent(0, 1)).unwrap();
+    p.sync_append(&first).unwrap();
+    let second = p.append(&idempotent(2, 2)).unwrap();
+    assert_eq!(
+        p.high_watermark(),
+        second.base_offset,
+        "unsynced data is not served"
+    );
+    faults.fail_next(1);
+    assert!(p.sync_append(&second).is_err());
+
+    // The unsynced append is gone from the log, not merely hidden.
+    assert_eq!(p.next_offset(), second.base_offset);
+    assert_eq!(p.durable_offset(), second.base_offset);
+    assert!(read_bytes(&p.read(second.base_offset, 1 << 20).unwrap()).is_empty());
+    // The disk "recovers": the cut append must still never count as durable.
+    assert!(matches!(
+        p.sync_append(&second),
+        Err(qanat_log::LogError::CutBySyncFailure { .. })
+    ));
+
+    // The producer retries the same sequence: stored once, at the same offsets.
+    let retry = p.append(&idempotent(2, 2)).unwrap();
+    assert!(
+        !retry.duplicate,
+        "the cut batch is not in the producer state any more"
+    );
+    assert_eq!(retry.base_offset, second.base_offset);
+    p.sync_append(&retry).unwrap();
+    assert_eq!(p.high_watermark(), retry.last_offset + 1);
+    let again = p.append(&idempotent(2, 2)).unwrap();
+    assert!(again.duplicate);
+    let before = all_batches(&p);
+    assert_eq!(before.len(), 2);
+    p.close().unwrap();
+    drop(p);
+
+    let (p, _) = open_failing(dir.path(), config);
+    assert_eq!(all_batches(&p), before);
+    assert_eq!(p.producer_state(9), Some((0, 3)));
+}
+
+#[test]
+fn a_failed_fdatasync_across_rolled_segments_cuts_them_all() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, faults) = open_failing(dir.path(), config());
+    for i in 0..10 {
+        p.append(&make_batch(3, 500, 1_000 + i, i as u8)).unwrap();
+    }
+    p.sync().unwrap();
+    let durable = p.next_offset();
+    let kept = all_batches(&p);
+    let segments = p.segment_count();
+    for i in 0..60 {
+        p.append(&make_batch(3, 500, 2_000 + i, i as u8)).unwrap();
+    }
+    assert!(p.segment_count() > segments + 1, "appends rolled segments");
+    faults.fail_next(1);
+    assert!(p.sync().is_err());
+    assert_eq!(p.next_offset(), durable);
+    assert_eq!(p.segment_count(), segments);
+    assert_eq!(all_batches(&p), kept);
+    // Appending goes on where the durable log ended.
+    let o = p.append(&make_batch(1, 10, 3_000, 9)).unwrap();
+    assert_eq!(o.base_offset, durable);
+    p.sync_append(&o).unwrap();
+}
+
+#[test]
+fn a_disk_that_keeps_failing_closes_the_partition_and_nothing_is_called_durable() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, faults) = open_failing(dir.path(), config());
     let first = p.append(&make_batch(2, 100, 0, 1)).unwrap();
-    p.sync_through(first.last_offset + 1).unwrap();
+    p.sync_append(&first).unwrap();
     let second = p.append(&make_batch(2, 100, 0, 2)).unwrap();
-    fail.store(true, std::sync::atomic::Ordering::SeqCst);
-    assert!(p.sync_through(second.last_offset + 1).is_err());
-    // The disk "recovers": a later sync must still not call the lost range durable.
-    fail.store(false, std::sync::atomic::Ordering::SeqCst);
-    assert!(p.sync_through(second.last_offset + 1).is_err());
+    faults.fail_next(u32::MAX);
+    assert!(p.sync_append(&second).is_err());
+    // The cut itself could not be made durable: the partition stops until a restart.
+    faults.fail_next(0);
+    assert!(p.sync_append(&second).is_err());
     assert!(p.append(&make_batch(1, 100, 0, 3)).is_err());
     assert!(p.durable_offset() <= second.base_offset);
+}
+
+#[test]
+fn serving_durable_only_hides_unsynced_batches_from_every_reader() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = LogConfig {
+        serve_durable_only: true,
+        ..config()
+    };
+    let (p, _) = Partition::open(
+        Arc::new(OsStorage),
+        Arc::new(ManualClock::new(1_000)),
+        dir.path().to_path_buf(),
+        config,
+    )
+    .unwrap();
+    let a = p.append(&make_batch(2, 100, 5_000, 1)).unwrap();
+    assert_eq!(p.high_watermark(), 0);
+    let out = p.read(0, 1 << 20).unwrap();
+    assert!(out.slices.is_empty());
+    assert_eq!(out.high_watermark, 0);
+    assert_eq!(p.offset_for_timestamp(0).unwrap(), None);
+    p.sync_append(&a).unwrap();
+    let b = p.append(&make_batch(2, 100, 6_000, 2)).unwrap();
+    assert_eq!(p.high_watermark(), b.base_offset);
+    let got = split_batches(&read_bytes(&p.read(0, 1 << 20).unwrap()));
+    assert_eq!(got.len(), 1, "only the synced batch");
+    assert_eq!(p.offset_for_timestamp(5_500).unwrap(), None);
+    p.sync().unwrap();
+    assert_eq!(
+        p.offset_for_timestamp(5_500).unwrap(),
+        Some((b.base_offset, 6_001))
+    );
+}
+
+#[test]
+fn a_clean_shutdown_skips_the_crc_scan_and_a_crash_does_not() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t-0");
+    let (p, _) = open(&dir);
+    for i in 0..10 {
+        p.append(&make_batch(3, 200, 1_000 + i, i as u8)).unwrap();
+    }
+    let before = all_batches(&p);
+    p.close().unwrap();
+    drop(p);
+    assert!(dir.join("clean-shutdown").exists());
+
+    let (p, r) = open(&dir);
+    assert!(r.clean_shutdown, "{r:?}");
+    assert_eq!(r.crc_checked_bytes, 0, "{r:?}");
+    assert!(
+        !dir.join("clean-shutdown").exists(),
+        "the marker vouches for one run only"
+    );
+    assert_eq!(all_batches(&p), before);
+    p.append(&make_batch(3, 200, 2_000, 7)).unwrap();
+    drop(p); // a crash: no close
+
+    let (p, r) = open(&dir);
+    assert!(!r.clean_shutdown, "{r:?}");
+    assert!(r.crc_checked_bytes > 0, "{r:?}");
+    assert_eq!(all_batches(&p).len(), before.len() + 1);
+    p.close().unwrap();
+    drop(p);
+
+    // A marker that does not match the active segment (it grew after the close) is ignored.
+    let active = log_files(&dir, "log").pop().unwrap();
+    let mut f = OpenOptions::new().append(true).open(&active).unwrap();
+    f.write_all(&make_batch(1, 50, 3_000, 3)[..40]).unwrap();
+    drop(f);
+    let (_, r) = open(&dir);
+    assert!(!r.clean_shutdown, "{r:?}");
+    assert!(r.truncated_bytes > 0, "the torn tail was found: {r:?}");
 }

@@ -230,7 +230,7 @@ impl Journal {
         let partition = self.partition.lock();
         let outcome = partition.append(&buf)?;
         if sync {
-            partition.sync_through(outcome.last_offset + 1)?;
+            partition.sync_append(&outcome)?;
         }
         self.appended
             .fetch_add(entries.len() as u64, Ordering::Relaxed);

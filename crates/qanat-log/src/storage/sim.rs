@@ -7,11 +7,14 @@
 //! - directory entries: file creation, rename and removal become durable only when the parent
 //!   directory is `sync_dir`ed; a crash reverts the namespace to the last synced one.
 //! - directories themselves are created and removed durably at once (a simplification).
+//! - failures: [`SimStorage::fail_next_syncs`] makes the next `sync_data` calls fail with EIO;
+//!   a failed call makes nothing durable.
 
 use std::collections::{BTreeSet, HashMap};
 use std::io;
 use std::os::fd::RawFd;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 
 use parking_lot::Mutex;
@@ -29,6 +32,8 @@ struct SimData {
 #[derive(Debug, Default)]
 struct SimFile {
     data: Mutex<SimData>,
+    /// `sync_data` calls still to fail, shared by every file of one [`SimStorage`].
+    sync_faults: Arc<AtomicU32>,
 }
 
 impl LogFile for SimFile {
@@ -47,6 +52,12 @@ impl LogFile for SimFile {
         Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
+        let armed = self
+            .sync_faults
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1));
+        if armed.is_ok() {
+            return Err(io::Error::from_raw_os_error(5)); // EIO
+        }
         let mut d = self.data.lock();
         let d = &mut *d;
         d.durable.truncate(d.synced_prefix);
@@ -107,6 +118,7 @@ struct Namespace {
 #[derive(Debug, Default)]
 pub struct SimStorage {
     ns: Mutex<Namespace>,
+    sync_faults: Arc<AtomicU32>,
 }
 
 impl SimStorage {
@@ -128,12 +140,17 @@ impl SimStorage {
             let key = Arc::as_ptr(f);
             let nf = survivors
                 .entry(key)
-                .or_insert_with(|| Arc::new(crashed_copy(f, &mut rng)))
+                .or_insert_with(|| Arc::new(crashed_copy(f, &mut rng, &self.sync_faults)))
                 .clone();
             files.insert(path.clone(), nf);
         }
         ns.durable_files = files.clone();
         ns.files = files;
+    }
+
+    /// Make the next `n` `sync_data` calls (on any file) fail with EIO.
+    pub fn fail_next_syncs(&self, n: u32) {
+        self.sync_faults.store(n, Ordering::Release);
     }
 
     /// Length of a file in the current namespace.
@@ -150,7 +167,7 @@ impl SimStorage {
     }
 }
 
-fn crashed_copy(f: &SimFile, rng: &mut Rng) -> SimFile {
+fn crashed_copy(f: &SimFile, rng: &mut Rng, sync_faults: &Arc<AtomicU32>) -> SimFile {
     let d = f.data.lock();
     let p = d.synced_prefix;
     let mut content = if d.durable.len() > p && rng.next() & 1 == 0 {
@@ -171,6 +188,7 @@ fn crashed_copy(f: &SimFile, rng: &mut Rng) -> SimFile {
             durable: content.clone(),
             current: content,
         }),
+        sync_faults: sync_faults.clone(),
     }
 }
 
@@ -184,7 +202,10 @@ impl Storage for SimStorage {
         if !ns.dirs.contains(parent) {
             return Err(not_found(parent));
         }
-        let f = Arc::new(SimFile::default());
+        let f = Arc::new(SimFile {
+            sync_faults: self.sync_faults.clone(),
+            ..SimFile::default()
+        });
         ns.files.insert(path.to_path_buf(), f.clone());
         Ok(f)
     }

@@ -1,0 +1,180 @@
+//! Durability seen from Kafka clients (A3, A5): with `fsync = "always"` consumers see only
+//! what an fdatasync covers, and a failed fdatasync is cut back so that a producer's retry
+//! is stored exactly once. The broker runs in-process over a storage whose fdatasyncs the
+//! test can hold or fail.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use qanat_broker::{Broker, Config};
+use qanat_log::{FaultyStorage, OsStorage, SyncFaults, SystemClock};
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError;
+use rdkafka::message::Message;
+use rdkafka::{Offset, TopicPartitionList};
+use support::{consume, consumer_config, produce, try_produce, watermarks, Rec, DEADLINE};
+
+/// A broker served by this process, stopped when dropped.
+struct InProcess {
+    bootstrap: String,
+    faults: Arc<SyncFaults>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    runtime: tokio::runtime::Runtime,
+    _dir: tempfile::TempDir,
+}
+
+impl InProcess {
+    fn start(toml: &str) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let storage = FaultyStorage::new(Arc::new(OsStorage));
+        let faults = storage.faults();
+        let config = Config::from_toml_with_env(toml, std::iter::empty()).unwrap();
+        let listener = runtime
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let broker = Arc::new(
+            Broker::open(
+                config,
+                dir.path(),
+                Arc::new(storage),
+                Arc::new(SystemClock),
+                ("127.0.0.1".to_string(), i32::from(port)),
+            )
+            .unwrap(),
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        runtime.spawn(qanat_broker::serve(listener, broker, async move {
+            let _ = stopped.await;
+        }));
+        InProcess {
+            bootstrap: format!("127.0.0.1:{port}"),
+            faults,
+            stop: Some(stop),
+            runtime,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for InProcess {
+    fn drop(&mut self) {
+        self.faults.release();
+        self.faults.fail_next(0);
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = &self.runtime;
+    }
+}
+
+const ALWAYS: &str = "[storage]\nfsync = \"always\"\n";
+
+/// Assign partition 0 from the beginning and poll until the end of the partition is
+/// reported; returns the values read before it.
+fn read_to_reported_end(bootstrap: &str, topic: &str) -> Vec<String> {
+    let consumer: BaseConsumer = consumer_config(bootstrap)
+        .set("enable.partition.eof", "true")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&tpl).unwrap();
+    let deadline = Instant::now() + DEADLINE;
+    let mut values = Vec::new();
+    while Instant::now() < deadline {
+        match consumer.poll(support::POLL_PAUSE) {
+            Some(Ok(m)) => values.push(String::from_utf8_lossy(m.payload().unwrap()).into_owned()),
+            Some(Err(KafkaError::PartitionEOF(0))) => return values,
+            Some(Err(e)) => panic!("consumer error: {e}"),
+            None => {}
+        }
+    }
+    panic!("no end of partition reported; read {values:?}");
+}
+
+#[test]
+fn consumers_see_no_record_before_its_fdatasync_completes() {
+    let broker = InProcess::start(ALWAYS);
+    let bootstrap = broker.bootstrap.clone();
+    produce(
+        &bootstrap,
+        "visible",
+        &[Rec::value("a")],
+        &[("acks", "all")],
+    );
+
+    broker.faults.hold();
+    let producing = {
+        let bootstrap = bootstrap.clone();
+        std::thread::spawn(move || {
+            produce(
+                &bootstrap,
+                "visible",
+                &[Rec::value("b")],
+                &[("acks", "all")],
+            )
+        })
+    };
+    // "b" is appended and its fdatasync is in progress (held).
+    broker.faults.wait_until_held();
+    assert_eq!(
+        watermarks(&bootstrap, "visible", 0),
+        (0, 1),
+        "the high watermark stops at the durable end"
+    );
+    assert_eq!(read_to_reported_end(&bootstrap, "visible"), ["a"]);
+
+    broker.faults.release();
+    let delivered = producing.join().unwrap();
+    assert_eq!(delivered, [(0, 1)]);
+    assert_eq!(watermarks(&bootstrap, "visible", 0), (0, 2));
+    let got = consume(&bootstrap, "visible", 0, Offset::Beginning, 2);
+    let values: Vec<_> = got.iter().map(|m| m.value_str()).collect();
+    assert_eq!(values, ["a", "b"]);
+}
+
+#[test]
+fn a_failed_fdatasync_is_not_served_and_the_retry_is_stored_once() {
+    let broker = InProcess::start(ALWAYS);
+    let bootstrap = broker.bootstrap.clone();
+    produce(&bootstrap, "cut", &[Rec::value("a")], &[("acks", "all")]);
+
+    // A producer that does not retry sees the failure.
+    broker.faults.fail_next(1);
+    let failed = try_produce(
+        &bootstrap,
+        "cut",
+        &[Rec::value("lost")],
+        &[("acks", "all"), ("retries", "0")],
+    );
+    assert!(failed[0].is_err(), "{failed:?}");
+    // The record that failed is neither served nor kept.
+    assert_eq!(watermarks(&bootstrap, "cut", 0), (0, 1));
+    assert_eq!(read_to_reported_end(&bootstrap, "cut"), ["a"]);
+
+    // The partition takes writes again; an idempotent producer's own retry after another
+    // failed fdatasync lands exactly once.
+    broker.faults.fail_next(1);
+    let delivered = produce(
+        &bootstrap,
+        "cut",
+        &[Rec::value("b"), Rec::value("c")],
+        &[
+            ("acks", "all"),
+            ("enable.idempotence", "true"),
+            ("linger.ms", "0"),
+        ],
+    );
+    assert_eq!(delivered, [(0, 1), (0, 2)]);
+    assert_eq!(read_to_reported_end(&bootstrap, "cut"), ["a", "b", "c"]);
+}
