@@ -12,7 +12,6 @@ use crate::producer::{
     self, last_sequence, next_sequence, BatchMeta, ProducerStates, PRODUCER_EXPIRATION_MS,
 };
 use crate::segment::{self, file_name, io_err, Segment};
-use crate::storage::LogFile;
 use crate::{
     AppendOutcome, Clock, FileSlice, LogConfig, LogError, ReadOutcome, RecoveryReport,
     RetentionOutcome, Storage, TimestampType,
@@ -48,7 +47,8 @@ pub struct Partition {
     sync_lock: Mutex<i64>,
     retention_lock: Mutex<()>,
     /// Producer-state snapshots written at rolls and not yet fsynced.
-    pending_snapshots: Mutex<Vec<(PathBuf, Arc<dyn LogFile>)>>,
+    /// Paths only: holding their descriptors would double a partition's open files.
+    pending_snapshots: Mutex<Vec<PathBuf>>,
     next_offset: AtomicI64,
     log_start: AtomicI64,
     durable: AtomicI64,
@@ -565,10 +565,10 @@ impl Partition {
         // Producer state as of `next`, so open need not replay older segments. Derived data:
         // a failure only makes the next open replay more.
         match producer::write_snapshot(&*self.storage, &seg.snapshot_path, &w.producers) {
-            Ok(f) => self
+            Ok(_) => self
                 .pending_snapshots
                 .lock()
-                .push((seg.snapshot_path.clone(), f)),
+                .push(seg.snapshot_path.clone()),
             Err(e) => {
                 tracing::warn!(file = %seg.snapshot_path.display(), error = %e,
                     "cannot write producer-state snapshot");
@@ -992,8 +992,12 @@ impl Partition {
     /// fsync producer-state snapshots written since the last call.
     fn sync_snapshots(&self) -> Result<(), LogError> {
         let mut pending = self.pending_snapshots.lock();
-        while let Some((path, f)) = pending.first() {
-            f.sync_data().map_err(io_err(path))?;
+        while let Some(path) = pending.first() {
+            // Gone with its segment (retention, or a cut after a failed fdatasync).
+            if self.storage.exists(path) {
+                let f = self.storage.open(path).map_err(io_err(path))?;
+                f.sync_data().map_err(io_err(path))?;
+            }
             pending.remove(0);
         }
         Ok(())
