@@ -43,6 +43,9 @@ pub struct BrokerSettings {
     pub auto_create_topics: bool,
     /// Partition count of automatically created topics and of CreateTopics with -1.
     pub default_partitions: u32,
+    /// After a topic is deleted, auto-creation refuses its name for this long, so producers
+    /// still writing to it do not bring it back; explicit creation works at once. 0: off.
+    pub auto_create_after_delete_ms: u64,
     /// Largest request frame accepted; a larger length prefix closes the connection.
     pub max_frame_bytes: u32,
     /// Host name put in Metadata responses; defaults to the listen address.
@@ -58,6 +61,7 @@ impl Default for BrokerSettings {
         Self {
             auto_create_topics: true,
             default_partitions: 1,
+            auto_create_after_delete_ms: 300_000,
             max_frame_bytes: 100 * 1024 * 1024,
             advertised_host: None,
             advertised_port: None,
@@ -233,5 +237,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("segment_byte"), "{e}");
+    }
+
+    #[test]
+    fn auto_create_after_delete_ms_defaults_and_is_checked() {
+        let c = Config::from_toml_with_env("", Vec::new()).unwrap();
+        assert_eq!(c.broker.auto_create_after_delete_ms, 300_000);
+        let c = Config::from_toml_with_env(
+            "",
+            vec![(
+                "QANAT_BROKER_AUTO_CREATE_AFTER_DELETE_MS".into(),
+                "0".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.broker.auto_create_after_delete_ms, 0);
+        let e =
+            Config::from_toml_with_env("[broker]\nauto_create_after_delete_ms = -5\n", Vec::new())
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("auto_create_after_delete_ms"), "{e}");
     }
 }

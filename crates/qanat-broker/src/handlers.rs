@@ -80,8 +80,12 @@ fn topic_error_code(e: &TopicError) -> i16 {
         TopicError::InvalidName(_) => ResponseError::InvalidTopicException,
         TopicError::AlreadyExists(_) => ResponseError::TopicAlreadyExists,
         TopicError::InvalidPartitions(_) => ResponseError::InvalidPartitions,
-        TopicError::Unknown(_) => ResponseError::UnknownTopicOrPartition,
-        TopicError::Storage(_) | TopicError::Io { .. } => ResponseError::KafkaStorageError,
+        TopicError::Unknown(_) | TopicError::RecentlyDeleted { .. } => {
+            ResponseError::UnknownTopicOrPartition
+        }
+        TopicError::Storage(_)
+        | TopicError::Io { .. }
+        | TopicError::OutOfFileDescriptors { .. } => ResponseError::KafkaStorageError,
     })
 }
 
@@ -107,7 +111,18 @@ impl Broker {
             Some(t) => Ok(t),
             None if create && self.config.broker.auto_create_topics => self
                 .topics
-                .get_or_create(topic, self.config.broker.default_partitions),
+                .get_or_create(
+                    topic,
+                    self.config.broker.default_partitions,
+                    self.config.broker.auto_create_after_delete_ms,
+                )
+                .inspect_err(|e| {
+                    if let TopicError::RecentlyDeleted { .. } = e {
+                        tracing::debug!(error = %e, "auto-creation refused");
+                        metrics::counter!("qanat_auto_create_refused_total", "topic" => topic.to_string())
+                            .increment(1);
+                    }
+                }),
             None => Err(TopicError::Unknown(topic.to_string())),
         }
     }

@@ -20,6 +20,7 @@
 //!   are capped before anything is allocated for them.
 
 pub mod config;
+pub mod fdlimit;
 pub mod fetch_response;
 pub mod filter;
 pub mod groups;

@@ -64,6 +64,18 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         None => bound.ip().to_string(),
     };
     let port = config.broker.advertised_port.unwrap_or(bound.port());
+    // Every partition keeps a descriptor per segment open: use all the hard limit allows.
+    match qanat_broker::fdlimit::raise_nofile_to_hard() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                from = before,
+                to = after,
+                "raised the open-file limit (RLIMIT_NOFILE)"
+            )
+        }
+        Ok((_, limit)) => tracing::info!(limit, "open-file limit (RLIMIT_NOFILE)"),
+        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit (RLIMIT_NOFILE)"),
+    }
     tracing::info!(data_dir = %args.data_dir.display(), fsync = ?config.storage.fsync, "opening storage");
     let data_dir = args.data_dir.clone();
     let broker = tokio::task::spawn_blocking(move || {

@@ -1127,6 +1127,8 @@ fn topics_cli_create_list_describe_delete() {
     });
 
     // A topic re-created under the same name starts empty at offset 0: no stale data.
+    // (Explicitly: auto-creation does not bring back a name just deleted.)
+    qanat_ok(&["topics", "create", "cli-alpha", "--bootstrap", &b]);
     let new_recs = keyed_records("new-alpha", 5);
     let delivered = produce(&b, "cli-alpha", &new_recs, &[("acks", "all")]);
     assert_dense_deliveries(&delivered, 0, 0);
