@@ -64,6 +64,7 @@ pub struct Broker {
     env: Vec<(String, String)>,
     metrics: bool,
     http: bool,
+    open_files: Option<u64>,
     starts: usize,
 }
 
@@ -74,6 +75,7 @@ pub struct BrokerBuilder {
     env: Vec<(String, String)>,
     metrics: bool,
     http: bool,
+    open_files: Option<u64>,
 }
 
 impl BrokerBuilder {
@@ -101,6 +103,13 @@ impl BrokerBuilder {
         self
     }
 
+    /// Start the broker with RLIMIT_NOFILE soft and hard set to `n` (the broker raises its
+    /// soft limit to the hard one, so both are set).
+    pub fn open_files_limit(mut self, n: u64) -> Self {
+        self.open_files = Some(n);
+        self
+    }
+
     pub fn start(self) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("qanat-it-")
@@ -122,6 +131,7 @@ impl BrokerBuilder {
             env: self.env,
             metrics: self.metrics,
             http: self.http,
+            open_files: self.open_files,
             starts: 0,
         };
         broker
@@ -293,6 +303,9 @@ impl Broker {
         }
         for (k, v) in &self.env {
             cmd.env(k, v);
+        }
+        if let Some(n) = self.open_files {
+            limit_open_files(&mut cmd, n);
         }
         cmd.stderr(Stdio::from(stderr));
         let mut proc = Proc::spawn(cmd, "qanat")?;
@@ -514,6 +527,25 @@ fn scrub_qanat_env(cmd: &mut Command) {
         if k.to_string_lossy().starts_with("QANAT_") {
             cmd.env_remove(k);
         }
+    }
+}
+
+/// Run `cmd` with RLIMIT_NOFILE soft and hard limits of `n`.
+pub fn limit_open_files(cmd: &mut Command, n: u64) {
+    use std::os::unix::process::CommandExt;
+    let lim = libc::rlimit {
+        rlim_cur: n,
+        rlim_max: n,
+    };
+    // SAFETY: setrlimit is async-signal-safe and touches only the child's own limits.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                Ok(())
+            } else {
+                Err(io::Error::last_os_error())
+            }
+        });
     }
 }
 
@@ -1292,4 +1324,67 @@ pub fn crc32c(data: &[u8]) -> u32 {
         }
     }
     !crc
+}
+
+// ------------------------------------------------------------------------------------------
+// Hand-crafted requests
+
+/// One connection sending requests encoded with `kafka-protocol`, for what the librdkafka API
+/// does not show (topic ids, error messages).
+pub struct RawClient {
+    stream: TcpStream,
+    correlation: i32,
+}
+
+impl RawClient {
+    pub fn connect(addr: &str) -> RawClient {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+        stream
+            .set_read_timeout(Some(DEADLINE))
+            .expect("read timeout");
+        RawClient {
+            stream,
+            correlation: 0,
+        }
+    }
+
+    /// Send `req` as API `key` version `version` and decode the answer.
+    pub fn call<Req, Resp>(
+        &mut self,
+        key: kafka_protocol::messages::ApiKey,
+        version: i16,
+        req: &Req,
+    ) -> Resp
+    where
+        Req: kafka_protocol::protocol::Encodable + kafka_protocol::protocol::HeaderVersion,
+        Resp: kafka_protocol::protocol::Decodable + kafka_protocol::protocol::HeaderVersion,
+    {
+        use kafka_protocol::messages::{RequestHeader, ResponseHeader};
+        use kafka_protocol::protocol::{Decodable, Encodable, StrBytes};
+        self.correlation += 1;
+        let header = RequestHeader::default()
+            .with_request_api_key(key as i16)
+            .with_request_api_version(version)
+            .with_correlation_id(self.correlation)
+            .with_client_id(Some(StrBytes::from_static_str("qanat-it-raw")));
+        let mut body = bytes::BytesMut::new();
+        header
+            .encode(&mut body, Req::header_version(version))
+            .expect("encode request header");
+        req.encode(&mut body, version).expect("encode request");
+        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
+        frame.extend_from_slice(&body);
+        self.stream.write_all(&frame).expect("send request");
+        let mut len = [0u8; 4];
+        self.stream
+            .read_exact(&mut len)
+            .expect("read response length");
+        let mut buf = vec![0u8; i32::from_be_bytes(len) as usize];
+        self.stream.read_exact(&mut buf).expect("read response");
+        let mut buf = bytes::Bytes::from(buf);
+        let rh = ResponseHeader::decode(&mut buf, Resp::header_version(version))
+            .expect("decode response header");
+        assert_eq!(rh.correlation_id, self.correlation, "correlation id");
+        Resp::decode(&mut buf, version).expect("decode response")
+    }
 }
