@@ -14,6 +14,8 @@
 //!   what was made; open removes every `<topic>-N` directory of a leftover intent.
 //! - delete: `<topic>.deleting` is the commit point; then the directories go, then the intent.
 //!   Open (or a later create of the name) finishes a leftover deletion.
+//! - grow (CreatePartitions): `<topic>.growing` holds the old count; like create, a failure or
+//!   an interrupted grow removes the partitions at or above it.
 //!
 //! Invariants: after `open`, every topic is complete (partitions 0..N, one id) or absent, and no
 //! intent file is left; an `Ok` from `create`/`delete` holds across a crash.
@@ -112,9 +114,11 @@ pub const MAX_PARTITIONS: u32 = 10_000;
 
 /// Per partition directory: the topic id (Kafka's file name and format).
 pub const PARTITION_METADATA: &str = "partition.metadata";
-/// Intent files in the data directory: `<topic>.creating`, `<topic>.deleting`.
+/// Intent files in the data directory: `<topic>.creating`, `<topic>.deleting`,
+/// `<topic>.growing` (holding the partition count before the grow).
 const CREATING: &str = ".creating";
 const DELETING: &str = ".deleting";
+const GROWING: &str = ".growing";
 
 /// All topics of this broker.
 pub struct TopicRegistry {
@@ -155,15 +159,32 @@ impl TopicRegistry {
         };
         for entry in registry.list_data_dir()? {
             if let Some(topic) = intent_topic(&entry, CREATING) {
-                let removed = registry.remove_partition_dirs(topic)?;
+                let removed = registry.remove_partition_dirs(topic, 0)?;
                 registry.clear_intent(topic, CREATING)?;
                 tracing::warn!(
                     topic,
                     removed_partitions = removed,
                     "removed a topic whose creation did not finish"
                 );
+            } else if let Some(topic) = intent_topic(&entry, GROWING) {
+                match registry.read_intent_count(topic) {
+                    Some(previous) => {
+                        let removed = registry.remove_partition_dirs(topic, previous)?;
+                        tracing::warn!(
+                            topic,
+                            partitions = previous,
+                            removed_partitions = removed,
+                            "removed the partitions of a grow that did not finish"
+                        );
+                    }
+                    None => tracing::warn!(
+                        topic,
+                        "unreadable grow intent: keeping every partition directory"
+                    ),
+                }
+                registry.clear_intent(topic, GROWING)?;
             } else if let Some(topic) = intent_topic(&entry, DELETING) {
-                let removed = registry.remove_partition_dirs(topic)?;
+                let removed = registry.remove_partition_dirs(topic, 0)?;
                 registry.clear_intent(topic, DELETING)?;
                 tracing::warn!(
                     topic,
@@ -218,13 +239,28 @@ impl TopicRegistry {
         self.data_dir.join(format!("{topic}{kind}"))
     }
 
-    /// Make the intent file durable: the file, then its directory entry.
-    fn write_intent(&self, topic: &str, kind: &str) -> Result<(), TopicError> {
+    /// Make the intent file durable with `content`: the data, then its directory entry.
+    fn write_intent(&self, topic: &str, kind: &str, content: &[u8]) -> Result<(), TopicError> {
         let path = self.intent_path(topic, kind);
         let file = self.storage.open(&path).map_err(self.io_error(&path))?;
-        file.sync_data().map_err(self.io_error(&path))?;
+        file.set_len(0)
+            .and_then(|()| file.append(content))
+            .and_then(|()| file.sync_data())
+            .map_err(self.io_error(&path))?;
         drop(file);
         self.sync_data_dir()
+    }
+
+    /// The partition count stored in a grow intent.
+    fn read_intent_count(&self, topic: &str) -> Option<u32> {
+        let path = self.intent_path(topic, GROWING);
+        let file = self.storage.open(&path).ok()?;
+        let len = usize::try_from(file.len().ok()?)
+            .ok()
+            .filter(|&l| l <= 16)?;
+        let mut buf = vec![0; len];
+        file.read_exact_at(&mut buf, 0).ok()?;
+        std::str::from_utf8(&buf).ok()?.parse().ok()
     }
 
     /// Remove the intent file durably (a missing one is fine).
@@ -238,11 +274,11 @@ impl TopicRegistry {
         self.sync_data_dir()
     }
 
-    /// Remove every `<topic>-N` directory, durably. Returns how many there were.
-    fn remove_partition_dirs(&self, topic: &str) -> Result<usize, TopicError> {
+    /// Remove every `<topic>-N` directory with N ≥ `from`, durably. Returns how many there were.
+    fn remove_partition_dirs(&self, topic: &str, from: u32) -> Result<usize, TopicError> {
         let mut removed = 0;
         for entry in self.list_data_dir()? {
-            if parse_partition_dir(&entry).is_some_and(|(t, _)| t == topic) {
+            if parse_partition_dir(&entry).is_some_and(|(t, n)| t == topic && n >= from) {
                 let dir = self.data_dir.join(&entry);
                 self.storage
                     .remove_dir_all(&dir)
@@ -422,7 +458,7 @@ impl TopicRegistry {
         }
         // A deletion whose directories could not all be removed is finished first.
         if self.storage.exists(&self.intent_path(name, DELETING)) {
-            self.remove_partition_dirs(name)?;
+            self.remove_partition_dirs(name, 0)?;
             self.clear_intent(name, DELETING)?;
         }
         let explain = |e: TopicError| {
@@ -432,7 +468,7 @@ impl TopicRegistry {
             )
         };
         let id = new_topic_id();
-        self.write_intent(name, CREATING).map_err(explain)?;
+        self.write_intent(name, CREATING, b"").map_err(explain)?;
         let committed = self
             .make_partitions(name, id, 0, count)
             .and_then(|made| self.clear_intent(name, CREATING).map(|()| made));
@@ -460,8 +496,8 @@ impl TopicRegistry {
     /// open, because the intent file stays until the directories are gone.
     fn undo_create(&self, name: &str) {
         let undone = self
-            .write_intent(name, CREATING)
-            .and_then(|()| self.remove_partition_dirs(name))
+            .write_intent(name, CREATING, b"")
+            .and_then(|()| self.remove_partition_dirs(name, 0))
             .and_then(|_| self.clear_intent(name, CREATING));
         if let Err(e) = undone {
             tracing::error!(
@@ -511,8 +547,8 @@ impl TopicRegistry {
         }
     }
 
-    /// Grow a topic to `total` partitions (A8: partitions can be added, never removed). On an
-    /// error the partitions added so far are removed again.
+    /// Grow a topic to `total` partitions (A8: partitions can be added, never removed), all or
+    /// nothing like `create` (intent `<topic>.growing` holding the old count).
     pub fn add_partitions(
         &self,
         name: &str,
@@ -531,22 +567,24 @@ impl TopicRegistry {
         if validate_only {
             return Ok(());
         }
-        let added = match self.make_partitions(name, topic.id, current, total_u32) {
+        let explain = |e: TopicError| {
+            e.explain_fds(
+                || format!("adding partitions to topic {name}"),
+                self.partition_count() + (total_u32 - current) as usize,
+            )
+        };
+        self.write_intent(name, GROWING, current.to_string().as_bytes())
+            .map_err(explain)?;
+        let committed = self
+            .make_partitions(name, topic.id, current, total_u32)
+            .and_then(|added| self.clear_intent(name, GROWING).map(|()| added));
+        let added = match committed {
             Ok(added) => added,
             Err(e) => {
-                for index in current..total_u32 {
-                    let dir = self.partition_dir(name, index);
-                    if self.storage.exists(&dir) {
-                        if let Err(e) = self.storage.remove_dir_all(&dir) {
-                            tracing::error!(dir = %dir.display(), error = %e, "could not remove a partition of a failed CreatePartitions");
-                        }
-                    }
-                }
-                let _ = self.sync_data_dir();
-                return Err(e.explain_fds(
-                    || format!("adding partitions to topic {name}"),
-                    self.partition_count() + (total_u32 - current) as usize,
-                ));
+                self.undo_grow(name, current);
+                let e = explain(e);
+                tracing::error!(topic = name, partitions = total, error = %e, "partitions not added");
+                return Err(e);
             }
         };
         let mut partitions = topic.partitions.clone();
@@ -561,6 +599,22 @@ impl TopicRegistry {
         Ok(())
     }
 
+    /// Remove the partitions a failed grow added; what cannot be removed now is removed at the
+    /// next open.
+    fn undo_grow(&self, name: &str, previous: u32) {
+        let undone = self
+            .write_intent(name, GROWING, previous.to_string().as_bytes())
+            .and_then(|()| self.remove_partition_dirs(name, previous))
+            .and_then(|_| self.clear_intent(name, GROWING));
+        if let Err(e) = undone {
+            tracing::error!(
+                topic = name,
+                error = %e,
+                "could not remove the partitions of a failed grow; they are removed at the next start"
+            );
+        }
+    }
+
     /// Delete a topic and its data. The topic is gone once the deletion intent is durable;
     /// directories that cannot be removed now are removed at the next open or create.
     pub fn delete(&self, name: &str) -> Result<(), TopicError> {
@@ -568,7 +622,7 @@ impl TopicRegistry {
         let topic = self
             .get(name)
             .ok_or_else(|| TopicError::Unknown(name.into()))?;
-        self.write_intent(name, DELETING)?;
+        self.write_intent(name, DELETING, b"")?;
         self.topics.write().remove(name);
         self.deleted_at
             .lock()
@@ -581,7 +635,7 @@ impl TopicRegistry {
         }
         drop(topic);
         let removed = self
-            .remove_partition_dirs(name)
+            .remove_partition_dirs(name, 0)
             .and_then(|_| self.clear_intent(name, DELETING));
         if let Err(e) = removed {
             tracing::error!(
@@ -1006,6 +1060,64 @@ mod tests {
             if finished {
                 assert!(k > 5, "the delete took only {k} steps");
                 return;
+            }
+        }
+    }
+
+    /// A grow of "t" from 2 partitions (1 record each) to 4 either happened or not.
+    fn grown_or_not(sim: &SimStorage, registry: &TopicRegistry) -> u32 {
+        let (dirs, intents) = on_disk(sim, "t");
+        assert!(intents.is_empty(), "intent files left: {intents:?}");
+        let t = registry.get("t").expect("topic t");
+        let count = t.partitions.len() as u32;
+        assert!(count == 2 || count == 4, "{count} partitions");
+        assert_eq!(dirs, (0..count).collect::<Vec<_>>(), "partial grow on disk");
+        for (i, p) in t.partitions.iter().enumerate() {
+            assert_eq!(p.next_offset(), i64::from(i < 2), "partition {i}");
+        }
+        count
+    }
+
+    #[test]
+    fn grow_is_all_or_nothing_across_emfile_and_crashes() {
+        for crash in [false, true] {
+            for k in 0.. {
+                let sim = Arc::new(SimStorage::new());
+                let faulty = FaultyStorage::new(sim.clone());
+                let clock = Arc::new(ManualClock::new(1_000));
+                let registry = open_registry(Arc::new(Handle(faulty.clone())), clock.clone());
+                let t = registry.create("t", 2, false).unwrap();
+                for p in &t.partitions {
+                    p.append(&one_record_batch(b"v")).unwrap();
+                    p.sync().unwrap();
+                }
+                drop(t);
+                faulty.arm(if crash {
+                    Fault::CrashAt(k)
+                } else {
+                    Fault::EmfileOnOpen(k)
+                });
+                let result = registry.add_partitions("t", 4, false);
+                let finished = !faulty.fired();
+                if !crash {
+                    // Undone at once.
+                    let expect = if result.is_ok() { 4 } else { 2 };
+                    assert_eq!(grown_or_not(&sim, &registry), expect, "EMFILE on open #{k}");
+                    if let Err(e) = &result {
+                        assert!(e.to_string().contains("ulimit -n"), "{e}");
+                    }
+                }
+                drop(registry);
+                sim.crash(k as u64);
+                let registry = open_registry(sim.clone(), clock);
+                let count = grown_or_not(&sim, &registry);
+                if result.is_ok() {
+                    assert_eq!(count, 4, "step {k}: acknowledged grow lost");
+                }
+                if finished {
+                    assert!(result.is_ok());
+                    break;
+                }
             }
         }
     }
