@@ -3,8 +3,8 @@
 //!
 //! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
 //! ([`wire`], [`fetch_response`]), per-API handlers ([`handlers`]), the topic registry
-//! ([`topics`]), configuration ([`config`]) and the background maintenance (periodic fsync,
-//! segment rolling, retention).
+//! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]) and the
+//! background maintenance (periodic fsync, segment rolling, retention).
 //!
 //! Wire format: Kafka request/response frames (`int32` length prefix, request header v1/v2,
 //! response header v0/v1) decoded and encoded with `kafka-protocol`, except FetchResponse,

@@ -18,7 +18,7 @@
 //!   an interrupted grow removes the partitions at or above it.
 //!
 //! Invariants: after `open`, every topic is complete (partitions 0..N, one id) or absent, and no
-//! intent file is left; an `Ok` from `create`/`delete` holds across a crash.
+//! intent file is left; an `Ok` from `create`/`delete`/`add_partitions` holds across a crash.
 //!
 //! Auto-creation (Metadata/Produce for an unknown topic) refuses a name deleted less than the
 //! given quiet period ago, so producers still writing to a deleted topic do not bring it back
