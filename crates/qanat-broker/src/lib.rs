@@ -26,6 +26,7 @@ pub mod filter;
 pub mod groups;
 pub mod handlers;
 pub mod push;
+pub mod ratelog;
 pub mod records;
 pub mod server;
 pub mod topics;
