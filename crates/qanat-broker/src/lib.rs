@@ -25,6 +25,7 @@ pub mod fetch_response;
 pub mod filter;
 pub mod groups;
 pub mod handlers;
+pub mod limits;
 pub mod push;
 pub mod ratelog;
 pub mod records;

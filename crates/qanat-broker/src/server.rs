@@ -4,6 +4,9 @@
 //! produce appends happen in the reader (so they keep arrival order) and only the wait for
 //! durability runs concurrently. A writer awaits the tasks in request order and writes their
 //! responses, so pipelined requests overlap without reordering replies.
+//!
+//! A failing `accept` (out of descriptors) is retried after a pause that doubles up to a
+//! second, logged once per interval.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -25,11 +28,15 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::handlers::{self, supported_range};
+use crate::limits::AcceptBackoff;
+use crate::ratelog::{LogLimiter, LOG_INTERVAL};
 use crate::wire::{read_frame, Response, ResponseWriter, WireError};
 use crate::{timed_sync, Broker};
 
 /// Requests of one connection that may be in progress at once.
 const MAX_IN_FLIGHT: usize = 128;
+
+static ACCEPT_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 
 /// Accept connections until `shutdown` completes, then stop accepting and return.
 pub async fn serve(
@@ -38,18 +45,48 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let mut backoff = AcceptBackoff::default();
     loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((stream, peer)) => {
-                    let broker = broker.clone();
-                    tokio::spawn(async move { connection(stream, peer, broker).await });
-                }
-                // Running out of descriptors must not stop the broker; the client retries.
-                Err(e) => tracing::warn!(error = %e, "accept failed"),
-            },
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
             _ = &mut shutdown => return Ok(()),
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                backoff.succeeded();
+                let broker = broker.clone();
+                tokio::spawn(async move { connection(stream, peer, broker).await });
+            }
+            // Out of descriptors (or kernel memory) accept fails at once for as long as that
+            // lasts: pause, doubling up to a second, so the loop does not spin and flood the
+            // log; the pending clients are taken once descriptors are free again.
+            Err(e) => {
+                let pause = backoff.failed();
+                metrics::counter!("qanat_accept_errors_total", "error" => accept_error_kind(&e))
+                    .increment(1);
+                if let Some(suppressed) = ACCEPT_LOG.check("accept") {
+                    tracing::warn!(
+                        error = %e,
+                        suppressed,
+                        retry_in_ms = pause.as_millis() as u64,
+                        "accept failed"
+                    );
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(pause) => {}
+                    _ = &mut shutdown => return Ok(()),
+                }
+            }
         }
+    }
+}
+
+fn accept_error_kind(e: &std::io::Error) -> &'static str {
+    match e.raw_os_error() {
+        Some(libc::EMFILE) => "emfile",
+        Some(libc::ENFILE) => "enfile",
+        Some(libc::ENOBUFS | libc::ENOMEM) => "nomem",
+        _ => "other",
     }
 }
 

@@ -10,6 +10,7 @@
 //! * [`produce`] / [`consume`] talk to it with librdkafka (the `rdkafka` crate).
 //! * [`http`], [`http_stream`]: a minimal HTTP/1.1 client (one request per connection,
 //!   Content-Length and chunked bodies); [`scrape`] and [`metric_values`] for Prometheus text.
+//! * [`BrokerBuilder::open_files_limit`] for resource-limit tests.
 //! * [`require_kcat`], [`require_python_modules`], [`py_script`] for the third-party clients.
 //!
 //! Every wait in here is a poll loop on an observable condition with a deadline; a deadline
