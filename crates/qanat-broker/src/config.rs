@@ -54,6 +54,9 @@ pub struct BrokerSettings {
     pub advertised_port: Option<u16>,
     /// Node id of this broker in Metadata.
     pub node_id: i32,
+    /// Memory for request frames being received or awaiting their answer, all connections
+    /// together (Kafka's queued.max.request.bytes); when it is used up, reading pauses.
+    pub queued_max_request_bytes: u64,
 }
 
 impl Default for BrokerSettings {
@@ -66,7 +69,25 @@ impl Default for BrokerSettings {
             advertised_host: None,
             advertised_port: None,
             node_id: 1,
+            queued_max_request_bytes: 500 * 1024 * 1024,
         }
+    }
+}
+
+impl BrokerSettings {
+    /// Check the values serde cannot: each error names its key.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.queued_max_request_bytes < u64::from(self.max_frame_bytes) {
+            return invalid(
+                "broker.queued_max_request_bytes",
+                format!(
+                    "{} is below max_frame_bytes ({}): a frame of the largest size could never be read",
+                    self.queued_max_request_bytes, self.max_frame_bytes
+                ),
+            );
+        }
+        Ok(())
     }
 }
 
@@ -171,6 +192,8 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error(transparent)]
     Env(#[from] qanat_config::EnvError),
+    #[error("{key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
 }
 
 impl Config {
@@ -188,7 +211,9 @@ impl Config {
             env,
             |_, _, raw| Ok(Some(qanat_config::plain_value(raw))),
         )?;
-        Ok(toml::Value::Table(doc).try_into()?)
+        let config: Config = toml::Value::Table(doc).try_into()?;
+        config.broker.validate()?;
+        Ok(config)
     }
 }
 
@@ -257,5 +282,27 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("auto_create_after_delete_ms"), "{e}");
+    }
+
+    #[test]
+    fn request_pool_is_validated_by_key() {
+        let c = Config::from_toml_with_env("", Vec::new()).unwrap();
+        assert_eq!(c.broker.queued_max_request_bytes, 524_288_000);
+        for (toml, key) in [(
+            "max_frame_bytes = 2000\nqueued_max_request_bytes = 1999",
+            "broker.queued_max_request_bytes",
+        )] {
+            let e = Config::from_toml_with_env(&format!("[broker]\n{toml}\n"), Vec::new())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let e = Config::from_toml_with_env(
+            "",
+            vec![("QANAT_BROKER_QUEUED_MAX_REQUEST_BYTES".into(), "0".into())],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("broker.queued_max_request_bytes"), "{e}");
     }
 }

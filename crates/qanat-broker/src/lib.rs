@@ -18,6 +18,8 @@
 //!   appended in the order they arrived.
 //! - A malformed frame closes its own connection and nothing else; sizes read from the wire
 //!   are capped before anything is allocated for them.
+//! - Request frames being received or awaiting their answer never hold more than
+//!   `queued_max_request_bytes` together.
 
 pub mod config;
 pub mod fdlimit;

@@ -1,8 +1,79 @@
-//! Connection-level limits.
+//! Connection-level limits: how much request memory, and the accept back-off.
 //!
-//! Invariant: a failing `accept` is retried only after an [`AcceptBackoff`] pause.
+//! Invariants:
+//! - The bytes of every request frame being received or waiting for its answer come out of
+//!   one [`RequestPool`] of `queued_max_request_bytes`. A frame reserves its declared size
+//!   before its body is read; when the pool cannot cover it, its connection stops reading
+//!   (TCP backpressure) until enough requests are answered. The reservation is returned when
+//!   the response is written (or the request needs none, or the connection closes).
+//! - A failing `accept` is retried only after an [`AcceptBackoff`] pause.
 
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
+
+/// Memory for received requests, shared by all connections (Kafka's queued.max.request.bytes).
+#[derive(Debug, Clone)]
+pub struct RequestPool {
+    permits: Arc<Semaphore>,
+}
+
+/// A frame's share of the [`RequestPool`]; returned when dropped.
+#[derive(Debug)]
+pub struct PoolReservation {
+    _permit: OwnedSemaphorePermit,
+    bytes: u32,
+}
+
+impl Drop for PoolReservation {
+    fn drop(&mut self) {
+        metrics::gauge!("qanat_request_pool_used_bytes").decrement(f64::from(self.bytes));
+    }
+}
+
+impl RequestPool {
+    /// A pool of `bytes` (capped at what a semaphore can count, far above any real memory).
+    pub fn new(bytes: u64) -> Self {
+        let bytes = usize::try_from(bytes)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS);
+        Self {
+            permits: Arc::new(Semaphore::new(bytes)),
+        }
+    }
+
+    /// Reserve `bytes` without waiting, if the pool has them now.
+    pub fn try_reserve(&self, bytes: u32) -> Option<PoolReservation> {
+        match self.permits.clone().try_acquire_many_owned(bytes) {
+            Ok(permit) => Some(Self::reserved(permit, bytes)),
+            Err(TryAcquireError::NoPermits | TryAcquireError::Closed) => None,
+        }
+    }
+
+    /// Reserve `bytes`, waiting (first come, first served) until the pool has them.
+    /// Cancel-safe: dropping the future reserves nothing.
+    pub async fn reserve(&self, bytes: u32) -> PoolReservation {
+        match self.permits.clone().acquire_many_owned(bytes).await {
+            Ok(permit) => Self::reserved(permit, bytes),
+            // The semaphore is never closed.
+            Err(_) => std::future::pending().await,
+        }
+    }
+
+    /// Bytes not reserved right now.
+    pub fn available(&self) -> usize {
+        self.permits.available_permits()
+    }
+
+    fn reserved(permit: OwnedSemaphorePermit, bytes: u32) -> PoolReservation {
+        metrics::gauge!("qanat_request_pool_used_bytes").increment(f64::from(bytes));
+        PoolReservation {
+            _permit: permit,
+            bytes,
+        }
+    }
+}
 
 /// Delay before the next `accept` after failures: doubles from `min` up to `max`, back to
 /// `min` after a success. Out of descriptors, `accept` fails at once for as long as the
@@ -43,6 +114,7 @@ impl Default for AcceptBackoff {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -52,5 +124,29 @@ mod tests {
         assert_eq!(ms, [10, 20, 40, 80, 160, 320, 640, 1000, 1000]);
         b.succeeded();
         assert_eq!(b.failed(), Duration::from_millis(10));
+    }
+
+    #[tokio::test]
+    async fn pool_waits_first_come_first_served_and_returns_on_drop() {
+        let pool = RequestPool::new(100);
+        let r60 = pool.try_reserve(60).unwrap();
+        assert!(pool.try_reserve(50).is_none(), "only 40 bytes are left");
+        let r40 = pool.try_reserve(40).unwrap();
+        assert_eq!(pool.available(), 0);
+        let waiter = tokio::spawn({
+            let pool = pool.clone();
+            async move { pool.reserve(70).await }
+        });
+        drop(r60);
+        // 60 free, the waiter needs 70: it still waits until r40 is returned too.
+        for _ in 0..10 {
+            tokio::task::yield_now().await;
+        }
+        assert!(!waiter.is_finished());
+        drop(r40);
+        let r70 = waiter.await.unwrap();
+        assert_eq!(pool.available(), 30);
+        drop(r70);
+        assert_eq!(pool.available(), 100);
     }
 }

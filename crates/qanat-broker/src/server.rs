@@ -5,8 +5,9 @@
 //! durability runs concurrently. A writer awaits the tasks in request order and writes their
 //! responses, so pipelined requests overlap without reordering replies.
 //!
-//! A failing `accept` (out of descriptors) is retried after a pause that doubles up to a
-//! second, logged once per interval.
+//! Limits (see [`crate::limits`]): every frame's bytes come out of the shared request pool
+//! until its response is written; a failing `accept` (out of descriptors) is retried after a
+//! pause that doubles up to a second, logged once per interval.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -28,9 +29,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::handlers::{self, supported_range};
-use crate::limits::AcceptBackoff;
+use crate::limits::{AcceptBackoff, PoolReservation, RequestPool};
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
-use crate::wire::{read_frame, Response, ResponseWriter, WireError};
+use crate::wire::{FrameReader, Response, ResponseWriter, Step, WireError};
 use crate::{timed_sync, Broker};
 
 /// Requests of one connection that may be in progress at once.
@@ -45,6 +46,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
     tokio::pin!(shutdown);
+    let settings = &broker.config.broker;
+    let pool = RequestPool::new(settings.queued_max_request_bytes);
     let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
@@ -55,7 +58,8 @@ pub async fn serve(
             Ok((stream, peer)) => {
                 backoff.succeeded();
                 let broker = broker.clone();
-                tokio::spawn(async move { connection(stream, peer, broker).await });
+                let pool = pool.clone();
+                tokio::spawn(async move { connection(stream, peer, broker, pool).await });
             }
             // Out of descriptors (or kernel memory) accept fails at once for as long as that
             // lasts: pause, doubling up to a second, so the loop does not spin and flood the
@@ -90,15 +94,23 @@ fn accept_error_kind(e: &std::io::Error) -> &'static str {
     }
 }
 
+/// A started request and the pool share of its frame, held until its response is written.
 type Pending = JoinHandle<Option<Response>>;
+type Queued = (Pending, PoolReservation);
 
-async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
+/// What woke the reader of a connection.
+enum ReaderEvent {
+    Read(Result<Step, WireError>),
+    WriterGone,
+}
+
+async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, pool: RequestPool) {
     metrics::gauge!("qanat_connections").increment(1.0);
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
     let (mut rd, wr) = stream.into_split();
-    let (tx, mut rx) = mpsc::channel::<Pending>(MAX_IN_FLIGHT);
+    let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let writer = tokio::spawn(async move {
         match write_responses(ResponseWriter::new(wr), &mut rx).await {
             Ok(()) => {}
@@ -106,23 +118,28 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
             Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
         }
     });
-    let limit = broker.config.broker.max_frame_bytes;
+    let mut frames = FrameReader::new(broker.config.broker.max_frame_bytes);
     loop {
-        let frame = match read_frame(&mut rd, limit).await {
-            Ok(Some(frame)) => frame,
-            Ok(None) => break,
-            Err(WireError::Io(e)) => {
+        let event = tokio::select! {
+            _ = tx.closed() => ReaderEvent::WriterGone,
+            step = frames.step(&mut rd, &pool) => ReaderEvent::Read(step),
+        };
+        let (frame, reservation) = match event {
+            ReaderEvent::Read(Ok(Step::Frame(frame, reservation))) => (frame, reservation),
+            ReaderEvent::Read(Ok(Step::Progress)) => continue,
+            ReaderEvent::Read(Ok(Step::Eof)) | ReaderEvent::WriterGone => break,
+            ReaderEvent::Read(Err(WireError::Io(e))) => {
                 tracing::debug!(%peer, error = %e, "connection closed");
                 break;
             }
-            Err(e) => {
+            ReaderEvent::Read(Err(e)) => {
                 tracing::warn!(%peer, error = %e, "closing connection");
                 break;
             }
         };
         match dispatch(&broker, frame, peer).await {
             Ok(Some(pending)) => {
-                if tx.send(pending).await.is_err() {
+                if tx.send((pending, reservation)).await.is_err() {
                     break;
                 }
             }
@@ -145,10 +162,10 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>) {
 /// request), so no finished response sits in the buffer behind an unfinished one.
 async fn write_responses(
     mut out: ResponseWriter,
-    rx: &mut mpsc::Receiver<Pending>,
+    rx: &mut mpsc::Receiver<Queued>,
 ) -> Result<(), WireError> {
     loop {
-        let pending = match rx.try_recv() {
+        let (pending, reservation) = match rx.try_recv() {
             Ok(p) => p,
             Err(_) => {
                 out.flush().await?;
@@ -168,6 +185,7 @@ async fn write_responses(
             Ok(None) => return Err(malformed("response could not be encoded")),
             Err(e) => return Err(malformed(format!("request task failed: {e}"))),
         }
+        drop(reservation);
     }
 }
 

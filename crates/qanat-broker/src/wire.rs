@@ -1,5 +1,9 @@
 //! Framing: length-prefixed request frames in, responses (memory and file ranges) out.
 //!
+//! A request frame is capped (`max_frame_bytes`) before anything is allocated, reserves its
+//! size from the shared request pool before its body is read, and its buffer grows only as
+//! bytes arrive.
+//!
 //! A response is a list of chunks. File chunks are segment ranges of whole record batches and
 //! go out with `sendfile(2)` straight from the page cache (A5); small ones are read into the
 //! write buffer instead, where one syscall beats several.
@@ -9,8 +13,10 @@ use std::os::fd::AsRawFd;
 
 use bytes::{Bytes, BytesMut};
 use qanat_log::FileSlice;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::limits::{PoolReservation, RequestPool};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
+use tokio::net::tcp::OwnedWriteHalf;
 
 /// File ranges below this size are copied into the write buffer rather than sent with sendfile.
 const SENDFILE_MIN_BYTES: u64 = 32 * 1024;
@@ -67,25 +73,148 @@ impl Response {
     }
 }
 
-/// Read one frame. `Ok(None)` on a clean end of stream between frames.
-pub async fn read_frame(rd: &mut OwnedReadHalf, limit: u32) -> Result<Option<Bytes>, WireError> {
-    let mut len = [0u8; 4];
-    match rd.read_exact(&mut len).await {
-        Ok(_) => {}
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        Err(e) => return Err(e.into()),
-    }
-    let size = i32::from_be_bytes(len);
-    // The cap is checked before anything is allocated for the frame.
-    if size < 8 || size as u32 > limit {
-        return Err(WireError::FrameSize {
-            size: i64::from(size),
+/// Growth step of a frame buffer's first allocation; later steps double what arrived.
+const FRAME_BUFFER_STEP: usize = 64 * 1024;
+
+/// What one [`FrameReader::step`] achieved.
+#[derive(Debug)]
+pub enum Step {
+    /// Some bytes arrived (or pool memory was reserved); the frame is not complete yet.
+    Progress,
+    /// A whole frame (without its length prefix) and its share of the request pool.
+    Frame(Bytes, PoolReservation),
+    /// The peer closed the connection between two frames.
+    Eof,
+}
+
+/// Reads length-prefixed request frames from one connection.
+///
+/// The length is checked against the frame cap before anything is allocated; then the
+/// frame's declared size is reserved from the [`RequestPool`] (waiting, and so not reading,
+/// while the pool is short), and the buffer grows as bytes actually arrive rather than to
+/// the declared size up front. Every await inside [`step`](Self::step) is a single read or
+/// the pool wait, so a step may be cancelled (by a timer) without losing bytes.
+#[derive(Debug)]
+pub struct FrameReader {
+    limit: u32,
+    header: [u8; 4],
+    header_len: usize,
+    body: Option<FrameBody>,
+    /// Counted in `qanat_request_pool_waiting_connections` right now.
+    waiting: bool,
+}
+
+#[derive(Debug)]
+struct FrameBody {
+    size: usize,
+    reservation: Option<PoolReservation>,
+    buf: Vec<u8>,
+}
+
+impl FrameReader {
+    pub fn new(limit: u32) -> Self {
+        Self {
             limit,
-        });
+            header: [0; 4],
+            header_len: 0,
+            body: None,
+            waiting: false,
+        }
     }
-    let mut buf = BytesMut::zeroed(size as usize);
-    rd.read_exact(&mut buf).await?;
-    Ok(Some(buf.freeze()))
+
+    /// Whether part of a frame has been received.
+    pub fn mid_frame(&self) -> bool {
+        self.header_len > 0
+    }
+
+    /// Read some bytes of the current frame (or wait for its pool share).
+    pub async fn step<R: AsyncRead + Unpin>(
+        &mut self,
+        rd: &mut R,
+        pool: &RequestPool,
+    ) -> Result<Step, WireError> {
+        let Some(body) = self.body.as_mut() else {
+            let n = rd.read(&mut self.header[self.header_len..]).await?;
+            if n == 0 {
+                return match self.header_len {
+                    0 => Ok(Step::Eof),
+                    _ => Err(io::Error::from(io::ErrorKind::UnexpectedEof).into()),
+                };
+            }
+            self.header_len += n;
+            if self.header_len == self.header.len() {
+                let size = i32::from_be_bytes(self.header);
+                // The cap is checked before anything is allocated or reserved for the frame.
+                if size < 8 || size as u32 > self.limit {
+                    return Err(WireError::FrameSize {
+                        size: i64::from(size),
+                        limit: self.limit,
+                    });
+                }
+                self.body = Some(FrameBody {
+                    size: size as usize,
+                    reservation: None,
+                    buf: Vec::new(),
+                });
+            }
+            return Ok(Step::Progress);
+        };
+        if body.reservation.is_none() {
+            let size = body.size as u32;
+            let reservation = match pool.try_reserve(size) {
+                Some(r) => r,
+                None => {
+                    if !self.waiting {
+                        self.waiting = true;
+                        metrics::gauge!("qanat_request_pool_waiting_connections").increment(1.0);
+                    }
+                    let r = pool.reserve(size).await;
+                    self.waiting = false;
+                    metrics::gauge!("qanat_request_pool_waiting_connections").decrement(1.0);
+                    r
+                }
+            };
+            body.reservation = Some(reservation);
+            return Ok(Step::Progress);
+        }
+        let remaining = body.size - body.buf.len();
+        if body.buf.capacity() == body.buf.len() {
+            // Doubling what arrived keeps copies amortized and the buffer within twice the
+            // received bytes; a frame that stops early never costs its declared size.
+            let grow = remaining.min(body.buf.len().max(FRAME_BUFFER_STEP));
+            body.buf.reserve_exact(grow);
+        }
+        let n = (&mut *rd)
+            .take(remaining as u64)
+            .read_buf(&mut body.buf)
+            .await?;
+        if n == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof).into());
+        }
+        if body.buf.len() < body.size {
+            return Ok(Step::Progress);
+        }
+        let Some(FrameBody {
+            buf,
+            reservation: Some(reservation),
+            ..
+        }) = self.body.take()
+        else {
+            return Err(WireError::Malformed(
+                "frame read without a reservation".into(),
+            ));
+        };
+        self.header_len = 0;
+        Ok(Step::Frame(Bytes::from(buf), reservation))
+    }
+}
+
+impl Drop for FrameReader {
+    fn drop(&mut self) {
+        if self.waiting {
+            metrics::gauge!("qanat_request_pool_waiting_connections").decrement(1.0);
+        }
+    }
 }
 
 /// Writes responses to one connection, batching small ones into few syscalls.
@@ -184,5 +313,146 @@ impl ResponseWriter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::future::{poll_fn, Future};
+    use std::task::Poll;
+
+    use tokio::io::AsyncWriteExt;
+
+    use super::*;
+
+    /// Steps until `done` holds for the reader; fails on a frame or an error.
+    async fn step_until<R: AsyncRead + Unpin>(
+        reader: &mut FrameReader,
+        rd: &mut R,
+        pool: &RequestPool,
+        done: impl Fn(&FrameReader) -> bool,
+    ) {
+        while !done(reader) {
+            assert!(matches!(
+                reader.step(rd, pool).await.unwrap(),
+                Step::Progress
+            ));
+        }
+    }
+
+    fn received(reader: &FrameReader) -> usize {
+        reader.body.as_ref().map_or(0, |b| b.buf.len())
+    }
+
+    #[tokio::test]
+    async fn buffer_grows_with_the_bytes_that_arrived_not_the_declared_size() {
+        let pool = RequestPool::new(64 << 20);
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(32 << 20);
+        let declared = 32usize << 20;
+        client
+            .write_all(&(declared as i32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&vec![7u8; 100_000]).await.unwrap();
+        step_until(&mut reader, &mut server, &pool, |r| received(r) == 100_000).await;
+        let capacity = reader.body.as_ref().unwrap().buf.capacity();
+        assert!(
+            capacity <= 2 * 100_000 + FRAME_BUFFER_STEP,
+            "capacity {capacity}"
+        );
+        // The whole declared size is reserved from the pool all the same.
+        assert_eq!(pool.available(), (64 << 20) - declared);
+
+        let writer = tokio::spawn(async move {
+            client
+                .write_all(&vec![9u8; declared - 100_000])
+                .await
+                .unwrap();
+            client
+        });
+        let frame = loop {
+            match reader.step(&mut server, &pool).await.unwrap() {
+                Step::Progress => {}
+                Step::Frame(frame, reservation) => {
+                    drop(reservation);
+                    break frame;
+                }
+                Step::Eof => panic!("end of stream inside a frame"),
+            }
+        };
+        assert_eq!(frame.len(), declared);
+        assert!(frame[..100_000].iter().all(|&b| b == 7));
+        assert!(frame[100_000..].iter().all(|&b| b == 9));
+        assert_eq!(pool.available(), 64 << 20);
+        drop(writer.await.unwrap());
+        assert!(matches!(
+            reader.step(&mut server, &pool).await.unwrap(),
+            Step::Eof
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_frame_the_pool_cannot_cover_waits_before_reading_its_body() {
+        let pool = RequestPool::new(1000);
+        let held = pool.try_reserve(600).unwrap();
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let mut reader = FrameReader::new(1000);
+        client.write_all(&500i32.to_be_bytes()).await.unwrap();
+        client.write_all(&[1u8; 500]).await.unwrap();
+        step_until(&mut reader, &mut server, &pool, |r| r.body.is_some()).await;
+        {
+            let step = reader.step(&mut server, &pool);
+            tokio::pin!(step);
+            let polled = poll_fn(|cx| Poll::Ready(step.as_mut().poll(cx).is_pending())).await;
+            assert!(polled, "the reservation must wait for pool memory");
+        }
+        assert_eq!(
+            received(&reader),
+            0,
+            "no body byte read while the pool is short"
+        );
+        drop(held);
+        let frame = loop {
+            if let Step::Frame(frame, _reservation) = reader.step(&mut server, &pool).await.unwrap()
+            {
+                break frame;
+            }
+        };
+        assert_eq!(frame.len(), 500);
+    }
+
+    #[tokio::test]
+    async fn oversized_and_truncated_frames_are_errors() {
+        let pool = RequestPool::new(1 << 20);
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let mut reader = FrameReader::new(1000);
+        client.write_all(&1001i32.to_be_bytes()).await.unwrap();
+        let err = loop {
+            match reader.step(&mut server, &pool).await {
+                Ok(Step::Progress) => {}
+                Ok(_) => panic!("an oversized frame was accepted"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, WireError::FrameSize { size: 1001, .. }));
+        assert_eq!(pool.available(), 1 << 20);
+
+        let (mut client, mut server) = tokio::io::duplex(4096);
+        let mut reader = FrameReader::new(1000);
+        client.write_all(&100i32.to_be_bytes()).await.unwrap();
+        client.write_all(&[0u8; 10]).await.unwrap();
+        drop(client);
+        let err = loop {
+            match reader.step(&mut server, &pool).await {
+                Ok(Step::Progress) => {}
+                Ok(_) => panic!("a truncated frame was accepted"),
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(err, WireError::Io(ref e) if e.kind() == io::ErrorKind::UnexpectedEof));
+        drop(reader);
+        assert_eq!(pool.available(), 1 << 20);
     }
 }

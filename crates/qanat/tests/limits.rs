@@ -1,20 +1,33 @@
-//! Connection-level limits of the real broker: running out of descriptors.
+//! Connection-level limits of the real broker: the shared request memory pool against
+//! half-sent frames, and running out of descriptors.
 //!
-//! Each test starts its own broker. Waits are polls on observable events (log lines, closed
-//! sockets) with generous deadlines; nothing asserts on time.
+//! Each test starts its own broker. Waits are polls on observable events (metrics, log lines) with generous deadlines; nothing asserts on time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
-use std::net::TcpStream;
+use std::io::Write;
+use std::net::{Shutdown, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread;
 
 use support::*;
+
+const MIB: u64 = 1024 * 1024;
 
 fn connect(addr: &str) -> TcpStream {
     let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
     s.set_read_timeout(Some(DEADLINE)).unwrap();
     s.set_nodelay(true).unwrap();
     s
+}
+
+fn scrape_metric(broker: &Broker, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+    let addr = broker.metrics_addr().expect("broker started with metrics");
+    scrape(&addr)
+        .ok()
+        .and_then(|text| metric(&text, name, labels))
 }
 
 /// A normal client still gets its records in and out.
@@ -24,6 +37,93 @@ fn assert_produce_consume_works(broker: &Broker, topic: &str) {
     produce(&addr, topic, &recs, &[("acks", "all")]);
     let got = consume_all(&addr, topic, 0, recs.len());
     assert_records_eq(&recs, &got, 0);
+}
+
+#[test]
+fn half_sent_frames_cannot_exhaust_memory() {
+    const FRAME: u64 = 32 * MIB;
+    const POOL: u64 = 64 * MIB;
+    const FLOOD: usize = 20;
+    // Without a pool every connection keeps its 32 MiB: more than 600 MiB. With the pool at
+    // most 64 MiB of frames exist, plus the broker's own few tens of MiB.
+    const RSS_BOUND: u64 = 200 * MIB;
+    let broker = Broker::builder()
+        .config(&format!(
+            "[broker]\nmax_frame_bytes = {FRAME}\nqueued_max_request_bytes = {POOL}\n"
+        ))
+        .metrics()
+        .start();
+    let addr = broker.bootstrap();
+
+    // Each connection sends a max-size frame but for its last byte, then holds it open.
+    let sent = Arc::new(AtomicUsize::new(0));
+    let mut data = (FRAME as i32).to_be_bytes().to_vec();
+    data.resize(4 + FRAME as usize - 1, 0x5a);
+    let data = Arc::new(data);
+    let mut sockets = Vec::new();
+    let mut writers = Vec::new();
+    for _ in 0..FLOOD {
+        let s = connect(&addr);
+        sockets.push(s.try_clone().unwrap());
+        let sent = sent.clone();
+        let data = data.clone();
+        writers.push(thread::spawn(move || {
+            let mut s = s;
+            // Blocks while the broker does not read (backpressure); fails once shut down.
+            if s.write_all(&data).is_ok() {
+                sent.fetch_add(1, Ordering::SeqCst);
+            }
+        }));
+    }
+
+    // Either every frame went in (no pool), or two filled the pool and the others wait.
+    poll_until(
+        "the half-sent frames to be taken in or held back",
+        DEADLINE,
+        || {
+            let done = sent.load(Ordering::SeqCst);
+            let waiting = scrape_metric(&broker, "qanat_request_pool_waiting_connections", &[]);
+            if done == FLOOD || (done >= 2 && waiting == Some((FLOOD - 2) as f64)) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "{done} fully sent, {waiting:?} waiting for pool memory"
+                ))
+            }
+        },
+    );
+    let peak = broker.proc_status_bytes("VmHWM");
+    eprintln!(
+        "peak RSS with {FLOOD} half-sent {} MiB frames: {} MiB",
+        FRAME / MIB,
+        peak / MIB
+    );
+    assert!(
+        peak < RSS_BOUND,
+        "broker peak RSS {} MiB exceeds {} MiB with {FLOOD} half-sent frames",
+        peak / MIB,
+        RSS_BOUND / MIB
+    );
+    let used = scrape_metric(&broker, "qanat_request_pool_used_bytes", &[]).unwrap();
+    assert!(used <= POOL as f64, "pool use {used} above {POOL}");
+
+    // Once the flood is gone, its memory comes back and normal clients are served.
+    for s in &sockets {
+        let _ = s.shutdown(Shutdown::Both);
+    }
+    for w in writers {
+        w.join().unwrap();
+    }
+    drop(sockets);
+    poll_until("the pool to be returned", DEADLINE, || match scrape_metric(
+        &broker,
+        "qanat_request_pool_used_bytes",
+        &[],
+    ) {
+        Some(0.0) => Ok(()),
+        other => Err(format!("used {other:?}")),
+    });
+    assert_produce_consume_works(&broker, "after-half-sent-frames");
 }
 
 /// Lines of the broker's stderr reporting a failed accept.

@@ -10,7 +10,8 @@
 //! * [`produce`] / [`consume`] talk to it with librdkafka (the `rdkafka` crate).
 //! * [`http`], [`http_stream`]: a minimal HTTP/1.1 client (one request per connection,
 //!   Content-Length and chunked bodies); [`scrape`] and [`metric_values`] for Prometheus text.
-//! * [`BrokerBuilder::open_files_limit`] for resource-limit tests.
+//! * [`BrokerBuilder::open_files_limit`] and [`Broker::proc_status_bytes`] (peak RSS) for
+//!   resource-limit tests.
 //! * [`require_kcat`], [`require_python_modules`], [`py_script`] for the third-party clients.
 //!
 //! Every wait in here is a poll loop on an observable condition with a deadline; a deadline
@@ -201,6 +202,20 @@ impl Broker {
 
     pub fn pid(&self) -> Option<u32> {
         self.proc.as_ref().map(Proc::pid)
+    }
+
+    /// A `kB` field of `/proc/<pid>/status`, e.g. `VmHWM` (peak RSS) or `VmRSS`, in bytes.
+    pub fn proc_status_bytes(&self, field: &str) -> u64 {
+        let pid = self.pid().expect("broker is not running");
+        let status = fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_else(|e| panic!("read /proc/{pid}/status: {e}"));
+        let prefix = format!("{field}:");
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .map(|kib| kib * 1024)
+            .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status:\n{status}"))
     }
 
     /// Whether the process is still running (reaps it if it exited).
