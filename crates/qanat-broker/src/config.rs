@@ -57,6 +57,12 @@ pub struct BrokerSettings {
     /// Memory for request frames being received or awaiting their answer, all connections
     /// together (Kafka's queued.max.request.bytes); when it is used up, reading pauses.
     pub queued_max_request_bytes: u64,
+    /// Open connections in total; more are closed as soon as they are accepted.
+    pub max_connections: u32,
+    /// Open connections from one source address.
+    pub max_connections_per_ip: u32,
+    /// A connection without a request received or answered for this long is closed.
+    pub connections_max_idle_ms: u64,
 }
 
 impl Default for BrokerSettings {
@@ -70,6 +76,9 @@ impl Default for BrokerSettings {
             advertised_port: None,
             node_id: 1,
             queued_max_request_bytes: 500 * 1024 * 1024,
+            max_connections: 10_000,
+            max_connections_per_ip: 10_000,
+            connections_max_idle_ms: 600_000,
         }
     }
 }
@@ -78,6 +87,18 @@ impl BrokerSettings {
     /// Check the values serde cannot: each error names its key.
     fn validate(&self) -> Result<(), ConfigError> {
         let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.max_connections == 0 {
+            return invalid("broker.max_connections", "must be at least 1".into());
+        }
+        if self.max_connections_per_ip == 0 {
+            return invalid("broker.max_connections_per_ip", "must be at least 1".into());
+        }
+        if self.connections_max_idle_ms == 0 {
+            return invalid(
+                "broker.connections_max_idle_ms",
+                "must be at least 1".into(),
+            );
+        }
         if self.queued_max_request_bytes < u64::from(self.max_frame_bytes) {
             return invalid(
                 "broker.queued_max_request_bytes",
@@ -285,13 +306,25 @@ mod tests {
     }
 
     #[test]
-    fn request_pool_is_validated_by_key() {
+    fn connection_limits_are_validated_by_key() {
         let c = Config::from_toml_with_env("", Vec::new()).unwrap();
         assert_eq!(c.broker.queued_max_request_bytes, 524_288_000);
-        for (toml, key) in [(
-            "max_frame_bytes = 2000\nqueued_max_request_bytes = 1999",
-            "broker.queued_max_request_bytes",
-        )] {
+        assert_eq!(c.broker.connections_max_idle_ms, 600_000);
+        for (toml, key) in [
+            ("max_connections = 0", "broker.max_connections"),
+            (
+                "max_connections_per_ip = 0",
+                "broker.max_connections_per_ip",
+            ),
+            (
+                "connections_max_idle_ms = 0",
+                "broker.connections_max_idle_ms",
+            ),
+            (
+                "max_frame_bytes = 2000\nqueued_max_request_bytes = 1999",
+                "broker.queued_max_request_bytes",
+            ),
+        ] {
             let e = Config::from_toml_with_env(&format!("[broker]\n{toml}\n"), Vec::new())
                 .unwrap_err()
                 .to_string();
@@ -299,10 +332,14 @@ mod tests {
         }
         let e = Config::from_toml_with_env(
             "",
-            vec![("QANAT_BROKER_QUEUED_MAX_REQUEST_BYTES".into(), "0".into())],
+            vec![("QANAT_BROKER_MAX_CONNECTIONS".into(), "0".into())],
         )
         .unwrap_err()
         .to_string();
-        assert!(e.contains("broker.queued_max_request_bytes"), "{e}");
+        assert!(e.contains("broker.max_connections"), "{e}");
+        let e = Config::from_toml_with_env("[broker]\nmax_connections = -1\n", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("max_connections"), "{e}");
     }
 }

@@ -19,7 +19,8 @@
 //! - A malformed frame closes its own connection and nothing else; sizes read from the wire
 //!   are capped before anything is allocated for them.
 //! - Request frames being received or awaiting their answer never hold more than
-//!   `queued_max_request_bytes` together.
+//!   `queued_max_request_bytes` together; connections are capped in total and per source
+//!   address, and closed after `connections_max_idle_ms` without request activity.
 
 pub mod config;
 pub mod fdlimit;

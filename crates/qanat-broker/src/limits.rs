@@ -1,4 +1,4 @@
-//! Connection-level limits: how much request memory, and the accept back-off.
+//! Connection-level limits: how many connections, from where, and how much request memory.
 //!
 //! Invariants:
 //! - The bytes of every request frame being received or waiting for its answer come out of
@@ -6,11 +6,15 @@
 //!   before its body is read; when the pool cannot cover it, its connection stops reading
 //!   (TCP backpressure) until enough requests are answered. The reservation is returned when
 //!   the response is written (or the request needs none, or the connection closes).
-//! - A failing `accept` is retried only after an [`AcceptBackoff`] pause.
+//! - A [`ConnectionSlot`] exists for every open connection; the totals it counts never exceed
+//!   `max_connections`, nor per source address `max_connections_per_ip`.
 
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use parking_lot::Mutex;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, TryAcquireError};
 
 /// Memory for received requests, shared by all connections (Kafka's queued.max.request.bytes).
@@ -75,6 +79,90 @@ impl RequestPool {
     }
 }
 
+/// Why a new connection was closed at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    MaxConnections,
+    MaxConnectionsPerIp,
+}
+
+impl Refusal {
+    /// The metric label and the name of the configuration key that caused it.
+    pub fn key(self) -> &'static str {
+        match self {
+            Refusal::MaxConnections => "max_connections",
+            Refusal::MaxConnectionsPerIp => "max_connections_per_ip",
+        }
+    }
+}
+
+/// Counts open connections, in total and per source address.
+#[derive(Debug)]
+pub struct ConnectionLimits {
+    max_total: u32,
+    max_per_ip: u32,
+    open: Mutex<OpenConnections>,
+}
+
+#[derive(Debug, Default)]
+struct OpenConnections {
+    total: u32,
+    per_ip: HashMap<IpAddr, u32>,
+}
+
+/// One admitted connection; its count is released when dropped.
+#[derive(Debug)]
+pub struct ConnectionSlot {
+    limits: Arc<ConnectionLimits>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    pub fn new(max_total: u32, max_per_ip: u32) -> Arc<Self> {
+        Arc::new(Self {
+            max_total,
+            max_per_ip,
+            open: Mutex::new(OpenConnections::default()),
+        })
+    }
+
+    /// Count a new connection from `ip`, or say which cap it would exceed.
+    pub fn admit(self: &Arc<Self>, ip: IpAddr) -> Result<ConnectionSlot, Refusal> {
+        let mut open = self.open.lock();
+        if open.total >= self.max_total {
+            return Err(Refusal::MaxConnections);
+        }
+        let from_ip = open.per_ip.entry(ip).or_insert(0);
+        if *from_ip >= self.max_per_ip {
+            return Err(Refusal::MaxConnectionsPerIp);
+        }
+        *from_ip += 1;
+        open.total += 1;
+        Ok(ConnectionSlot {
+            limits: self.clone(),
+            ip,
+        })
+    }
+
+    /// Connections open now (total).
+    pub fn open(&self) -> u32 {
+        self.open.lock().total
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = self.limits.open.lock();
+        open.total = open.total.saturating_sub(1);
+        if let Some(n) = open.per_ip.get_mut(&self.ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                open.per_ip.remove(&self.ip);
+            }
+        }
+    }
+}
+
 /// Delay before the next `accept` after failures: doubles from `min` up to `max`, back to
 /// `min` after a success. Out of descriptors, `accept` fails at once for as long as the
 /// condition lasts; retrying without a pause would spin a core and starve everything else.
@@ -116,6 +204,23 @@ impl Default for AcceptBackoff {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn caps_total_and_per_ip_and_releases_on_drop() {
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        let b: IpAddr = "10.0.0.2".parse().unwrap();
+        let limits = ConnectionLimits::new(3, 2);
+        let a1 = limits.admit(a).unwrap();
+        let _a2 = limits.admit(a).unwrap();
+        assert_eq!(limits.admit(a).unwrap_err(), Refusal::MaxConnectionsPerIp);
+        let _b1 = limits.admit(b).unwrap();
+        assert_eq!(limits.admit(b).unwrap_err(), Refusal::MaxConnections);
+        assert_eq!(limits.open(), 3);
+        drop(a1);
+        assert_eq!(limits.open(), 2);
+        let _a3 = limits.admit(a).unwrap();
+        assert_eq!(limits.open(), 3);
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap_and_resets() {

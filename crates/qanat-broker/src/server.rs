@@ -5,14 +5,18 @@
 //! durability runs concurrently. A writer awaits the tasks in request order and writes their
 //! responses, so pipelined requests overlap without reordering replies.
 //!
-//! Limits (see [`crate::limits`]): every frame's bytes come out of the shared request pool
-//! until its response is written; a failing `accept` (out of descriptors) is retried after a
-//! pause that doubles up to a second, logged once per interval.
+//! Limits (see [`crate::limits`]): a connection over `max_connections` or
+//! `max_connections_per_ip` is closed as soon as it is accepted; every frame's bytes come out
+//! of the shared request pool until its response is written; a connection with no request
+//! activity for `connections_max_idle_ms` is closed (an unfinished frame is not activity);
+//! a failing `accept` (out of descriptors) is retried after a pause that doubles up to a
+//! second, logged once per interval.
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
@@ -29,7 +33,9 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use crate::handlers::{self, supported_range};
-use crate::limits::{AcceptBackoff, PoolReservation, RequestPool};
+use crate::limits::{
+    AcceptBackoff, ConnectionLimits, ConnectionSlot, PoolReservation, RequestPool,
+};
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
 use crate::wire::{FrameReader, Response, ResponseWriter, Step, WireError};
 use crate::{timed_sync, Broker};
@@ -38,6 +44,7 @@ use crate::{timed_sync, Broker};
 const MAX_IN_FLIGHT: usize = 128;
 
 static ACCEPT_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
+static REFUSED_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 
 /// Accept connections until `shutdown` completes, then stop accepting and return.
 pub async fn serve(
@@ -48,6 +55,7 @@ pub async fn serve(
     tokio::pin!(shutdown);
     let settings = &broker.config.broker;
     let pool = RequestPool::new(settings.queued_max_request_bytes);
+    let limits = ConnectionLimits::new(settings.max_connections, settings.max_connections_per_ip);
     let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
@@ -57,9 +65,25 @@ pub async fn serve(
         match accepted {
             Ok((stream, peer)) => {
                 backoff.succeeded();
-                let broker = broker.clone();
-                let pool = pool.clone();
-                tokio::spawn(async move { connection(stream, peer, broker, pool).await });
+                match limits.admit(peer.ip()) {
+                    Ok(slot) => {
+                        let broker = broker.clone();
+                        let pool = pool.clone();
+                        tokio::spawn(
+                            async move { connection(stream, peer, broker, pool, slot).await },
+                        );
+                    }
+                    Err(refusal) => {
+                        // Closed at once: dropping the stream sends the peer a FIN.
+                        drop(stream);
+                        let limit = refusal.key();
+                        metrics::counter!("qanat_connections_refused_total", "limit" => limit)
+                            .increment(1);
+                        if let Some(suppressed) = REFUSED_LOG.check(limit) {
+                            tracing::warn!(%peer, limit, suppressed, "connection refused: {limit} reached");
+                        }
+                    }
+                }
             }
             // Out of descriptors (or kernel memory) accept fails at once for as long as that
             // lasts: pause, doubling up to a second, so the loop does not spin and flood the
@@ -98,31 +122,104 @@ fn accept_error_kind(e: &std::io::Error) -> &'static str {
 type Pending = JoinHandle<Option<Response>>;
 type Queued = (Pending, PoolReservation);
 
+/// When a connection last did something, for the idle timeout. Activity is a complete
+/// request received or a response written; bytes of an unfinished frame do not count, so a
+/// frame that trickles in for longer than the idle timeout closes its connection and returns
+/// its pool share. A connection with requests still being answered is never idle.
+struct Activity {
+    started: std::time::Instant,
+    last_ms: AtomicU64,
+    in_flight: AtomicUsize,
+}
+
+impl Activity {
+    fn new() -> Self {
+        Self {
+            started: std::time::Instant::now(),
+            last_ms: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+        }
+    }
+
+    fn touch(&self) {
+        let now = self.started.elapsed().as_millis() as u64;
+        self.last_ms.store(now, Ordering::Relaxed);
+    }
+
+    fn request_started(&self) {
+        self.in_flight.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn request_answered(&self) {
+        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.touch();
+    }
+
+    fn busy(&self) -> bool {
+        self.in_flight.load(Ordering::Relaxed) > 0
+    }
+
+    /// When the connection becomes idle if nothing happens; while busy, when to look again.
+    fn idle_deadline(&self, idle: Duration) -> tokio::time::Instant {
+        let at = if self.busy() {
+            std::time::Instant::now() + idle
+        } else {
+            self.started + Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+        };
+        tokio::time::Instant::from_std(at)
+    }
+
+    fn is_idle(&self, idle: Duration) -> bool {
+        !self.busy()
+            && self.started.elapsed()
+                >= Duration::from_millis(self.last_ms.load(Ordering::Relaxed)) + idle
+    }
+}
+
 /// What woke the reader of a connection.
 enum ReaderEvent {
     Read(Result<Step, WireError>),
     WriterGone,
+    IdleTimer,
 }
 
-async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, pool: RequestPool) {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: Arc<Broker>,
+    pool: RequestPool,
+    _slot: ConnectionSlot,
+) {
     metrics::gauge!("qanat_connections").increment(1.0);
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
+    let idle = Duration::from_millis(broker.config.broker.connections_max_idle_ms);
+    let activity = Arc::new(Activity::new());
     let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
-    let writer = tokio::spawn(async move {
-        match write_responses(ResponseWriter::new(wr), &mut rx).await {
-            Ok(()) => {}
-            Err(WireError::Io(e)) => tracing::debug!(%peer, error = %e, "connection closed"),
-            Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
+    let writer = tokio::spawn({
+        let activity = activity.clone();
+        async move {
+            match write_responses(ResponseWriter::new(wr), &mut rx, &activity, idle).await {
+                Ok(()) => {}
+                Err(WireError::Io(e)) => tracing::debug!(%peer, error = %e, "connection closed"),
+                Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),
+            }
         }
     });
     let mut frames = FrameReader::new(broker.config.broker.max_frame_bytes);
+    let idle_timer = tokio::time::sleep_until(activity.idle_deadline(idle));
+    tokio::pin!(idle_timer);
     loop {
+        let deadline = activity.idle_deadline(idle);
+        if idle_timer.deadline() != deadline {
+            idle_timer.as_mut().reset(deadline);
+        }
         let event = tokio::select! {
             _ = tx.closed() => ReaderEvent::WriterGone,
             step = frames.step(&mut rd, &pool) => ReaderEvent::Read(step),
+            _ = &mut idle_timer => ReaderEvent::IdleTimer,
         };
         let (frame, reservation) = match event {
             ReaderEvent::Read(Ok(Step::Frame(frame, reservation))) => (frame, reservation),
@@ -136,9 +233,17 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, po
                 tracing::warn!(%peer, error = %e, "closing connection");
                 break;
             }
+            ReaderEvent::IdleTimer if activity.is_idle(idle) => {
+                metrics::counter!("qanat_connections_idle_closed_total").increment(1);
+                tracing::debug!(%peer, mid_frame = frames.mid_frame(), idle_ms = idle.as_millis() as u64, "closing idle connection");
+                break;
+            }
+            ReaderEvent::IdleTimer => continue,
         };
+        activity.touch();
         match dispatch(&broker, frame, peer).await {
             Ok(Some(pending)) => {
+                activity.request_started();
                 if tx.send((pending, reservation)).await.is_err() {
                     break;
                 }
@@ -157,18 +262,35 @@ async fn connection(stream: TcpStream, peer: SocketAddr, broker: Arc<Broker>, po
     metrics::gauge!("qanat_connections").decrement(1.0);
 }
 
+/// `op`, failing when the peer takes no bytes for `idle`: a client that stops reading its
+/// responses must not hold their requests' pool memory forever.
+async fn unless_stalled<T>(
+    idle: Duration,
+    op: impl Future<Output = Result<T, WireError>>,
+) -> Result<T, WireError> {
+    match tokio::time::timeout(idle, op).await {
+        Ok(result) => result,
+        Err(_) => Err(WireError::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            "the peer took no response bytes for connections_max_idle_ms",
+        ))),
+    }
+}
+
 /// Write responses in request order. Ready responses are coalesced into one write; the buffer
 /// is flushed before every wait (for a response still being computed, or for the next
 /// request), so no finished response sits in the buffer behind an unfinished one.
 async fn write_responses(
     mut out: ResponseWriter,
     rx: &mut mpsc::Receiver<Queued>,
+    activity: &Activity,
+    idle: Duration,
 ) -> Result<(), WireError> {
     loop {
         let (pending, reservation) = match rx.try_recv() {
             Ok(p) => p,
             Err(_) => {
-                out.flush().await?;
+                unless_stalled(idle, out.flush()).await?;
                 match rx.recv().await {
                     Some(p) => p,
                     None => return Ok(()),
@@ -176,16 +298,17 @@ async fn write_responses(
             }
         };
         if !pending.is_finished() {
-            out.flush().await?;
+            unless_stalled(idle, out.flush()).await?;
         }
         match pending.await {
             Ok(Some(response)) => {
-                out.write(response).await?;
+                unless_stalled(idle, out.write(response)).await?;
             }
             Ok(None) => return Err(malformed("response could not be encoded")),
             Err(e) => return Err(malformed(format!("request task failed: {e}"))),
         }
         drop(reservation);
+        activity.request_answered();
     }
 }
 

@@ -1,16 +1,18 @@
 //! Connection-level limits of the real broker: the shared request memory pool against
-//! half-sent frames, and running out of descriptors.
+//! half-sent frames, running out of descriptors, the idle timeout and the connection caps.
 //!
-//! Each test starts its own broker. Waits are polls on observable events (metrics, log lines) with generous deadlines; nothing asserts on time.
+//! Each test starts its own broker. Waits are polls on observable events (metrics, log lines,
+//! closed sockets) with generous deadlines; nothing asserts on time.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
 
 use std::io::Write;
 use std::net::{Shutdown, TcpStream};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread;
+use std::time::Duration;
 
 use support::*;
 
@@ -186,4 +188,149 @@ fn out_of_descriptors_the_broker_backs_off_and_recovers() {
     drop(flood);
     assert_produce_consume_works(&broker, "after-descriptor-exhaustion");
     broker.stop();
+}
+
+#[test]
+fn idle_connections_are_closed_and_busy_ones_are_not() {
+    let broker = Broker::builder()
+        .config("[broker]\nconnections_max_idle_ms = 1000\n")
+        .metrics()
+        .start();
+    let addr = broker.bootstrap();
+
+    // A busy connection, opened first: requests back to back until the idle ones are gone.
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = thread::spawn({
+        let addr = addr.clone();
+        let stop = stop.clone();
+        move || {
+            let mut s = connect(&addr);
+            let mut n = 0;
+            while !stop.load(Ordering::SeqCst) {
+                api_versions_roundtrip(&mut s, n)
+                    .unwrap_or_else(|e| panic!("busy connection, request {n}: {e}"));
+                n += 1;
+            }
+            (s, n)
+        }
+    });
+
+    // Says nothing at all.
+    let mut silent = connect(&addr);
+    // Answered once, then silent.
+    let mut answered = connect(&addr);
+    api_versions_roundtrip(&mut answered, 1).unwrap();
+    // Trickles a frame in, a byte at a time, never finishing it: bytes of an unfinished
+    // frame are not activity, so this one is closed too (and cannot hold pool memory).
+    let trickler = thread::spawn({
+        let addr = addr.clone();
+        move || {
+            let mut s = connect(&addr);
+            let mut frame = 1000i32.to_be_bytes().to_vec();
+            frame.resize(1004, 0);
+            for byte in frame {
+                if s.write_all(&[byte]).is_err() {
+                    return true;
+                }
+                // Pacing of the trickle, not synchronization: the broker's close ends it.
+                thread::sleep(Duration::from_millis(50));
+            }
+            false
+        }
+    });
+
+    wait_closed_by_peer(&mut silent, "a silent connection");
+    wait_closed_by_peer(&mut answered, "a connection idle after one request");
+    assert!(
+        trickler.join().unwrap(),
+        "a frame trickling in for longer than the idle timeout kept its connection open"
+    );
+
+    // The busy connection has lived longer than the idle timeout and still works.
+    stop.store(true, Ordering::SeqCst);
+    let (mut s, n) = busy.join().unwrap();
+    assert!(n > 0);
+    api_versions_roundtrip(&mut s, -1).unwrap();
+    let closed = scrape_metric(&broker, "qanat_connections_idle_closed_total", &[]).unwrap();
+    assert!(
+        closed >= 3.0,
+        "qanat_connections_idle_closed_total = {closed}"
+    );
+}
+
+/// A connection from `source` (a loopback address) to `addr`.
+fn connect_from(source: &str, addr: &str) -> TcpStream {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    let s = runtime.block_on(async {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind(format!("{source}:0").parse().unwrap()).unwrap();
+        socket.connect(addr.parse().unwrap()).await.unwrap()
+    });
+    let s = s.into_std().unwrap();
+    s.set_nonblocking(false).unwrap();
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    s
+}
+
+#[test]
+fn connections_over_a_cap_are_closed_at_once() {
+    let broker = Broker::builder()
+        .config("[broker]\nmax_connections = 4\nmax_connections_per_ip = 3\n")
+        .metrics()
+        .start();
+    let addr = broker.bootstrap();
+
+    let mut admitted: Vec<TcpStream> = (0..3).map(|_| connect(&addr)).collect();
+    for (i, s) in admitted.iter_mut().enumerate() {
+        api_versions_roundtrip(s, i as i32).unwrap();
+    }
+    // A fourth from the same address: closed without an answer.
+    let mut over_ip = connect(&addr);
+    let _ = over_ip.write_all(&kafka_request(18, 0, 9, &[]));
+    assert_eq!(
+        read_kafka_response(&mut over_ip).ok().flatten(),
+        None,
+        "the connection over max_connections_per_ip was answered"
+    );
+    // Another address may still connect, up to the total.
+    let mut other = connect_from("127.0.0.2", &addr);
+    api_versions_roundtrip(&mut other, 10).unwrap();
+    let mut over_total = connect_from("127.0.0.3", &addr);
+    wait_closed_by_peer(&mut over_total, "the connection over max_connections");
+
+    // The admitted ones keep working.
+    for (i, s) in admitted.iter_mut().enumerate() {
+        api_versions_roundtrip(s, 20 + i as i32).unwrap();
+    }
+    let text = scrape(&broker.metrics_addr().unwrap()).unwrap();
+    for limit in ["max_connections_per_ip", "max_connections"] {
+        assert_eq!(
+            metric(
+                &text,
+                "qanat_connections_refused_total",
+                &[("limit", limit)]
+            ),
+            Some(1.0),
+            "refusals by {limit}"
+        );
+    }
+    assert_eq!(
+        broker
+            .stderr()
+            .lines()
+            .filter(|l| l.contains("connection refused"))
+            .count(),
+        2,
+        "one log line per refused connection here (first of each kind)"
+    );
+
+    // A closed connection frees its place.
+    drop(admitted.pop());
+    poll_until("a freed place to be taken", DEADLINE, || {
+        let mut s = connect(&addr);
+        api_versions_roundtrip(&mut s, 30)
+    });
 }

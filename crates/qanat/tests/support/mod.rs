@@ -10,6 +10,8 @@
 //! * [`produce`] / [`consume`] talk to it with librdkafka (the `rdkafka` crate).
 //! * [`http`], [`http_stream`]: a minimal HTTP/1.1 client (one request per connection,
 //!   Content-Length and chunked bodies); [`scrape`] and [`metric_values`] for Prometheus text.
+//! * [`kafka_request`], [`read_kafka_response`], [`api_versions_roundtrip`],
+//!   [`wait_closed_by_peer`]: raw frames, for connection handling below any client library.
 //! * [`BrokerBuilder::open_files_limit`] and [`Broker::proc_status_bytes`] (peak RSS) for
 //!   resource-limit tests.
 //! * [`require_kcat`], [`require_python_modules`], [`py_script`] for the third-party clients.
@@ -1282,6 +1284,102 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
         .into_iter()
         .find(|(l, _)| l.len() == labels.len())
         .map(|(_, v)| v)
+}
+
+// ------------------------------------------------------------------------------------------
+// Raw Kafka frames (for tests of connection handling below any client library)
+
+/// A request frame: length prefix, header v1 (api key, version, correlation id, client id)
+/// and `body`.
+pub fn kafka_request(api_key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
+    let client_id = b"qanat-it-raw";
+    let mut payload = Vec::new();
+    payload.extend_from_slice(&api_key.to_be_bytes());
+    payload.extend_from_slice(&version.to_be_bytes());
+    payload.extend_from_slice(&correlation_id.to_be_bytes());
+    payload.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
+    payload.extend_from_slice(client_id);
+    payload.extend_from_slice(body);
+    let mut out = (payload.len() as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(&payload);
+    out
+}
+
+/// Read one response frame (without its length prefix); `Ok(None)` when the peer closed the
+/// connection (end of stream or reset) first. Uses the stream's read timeout.
+pub fn read_kafka_response(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match s.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(e) if is_closed(&e) => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = i32::from_be_bytes(len);
+    let mut body = vec![0u8; len.max(0) as usize];
+    match s.read_exact(&mut body) {
+        Ok(()) => Ok(Some(body)),
+        Err(e) if is_closed(&e) => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+fn is_closed(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::UnexpectedEof
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::BrokenPipe
+    )
+}
+
+/// ApiVersions v0 on `s`: `Ok` when answered with our correlation id and error 0, `Err` with
+/// what happened instead (closed, other answer, I/O error).
+pub fn api_versions_roundtrip(s: &mut TcpStream, correlation_id: i32) -> Result<(), String> {
+    s.write_all(&kafka_request(18, 0, correlation_id, &[]))
+        .map_err(|e| format!("write ApiVersions: {e}"))?;
+    match read_kafka_response(s) {
+        Ok(Some(f)) if f.len() >= 6 => {
+            let corr = i32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+            let error = i16::from_be_bytes([f[4], f[5]]);
+            if corr == correlation_id && error == 0 {
+                Ok(())
+            } else {
+                Err(format!(
+                    "ApiVersions answered correlation id {corr}, error {error}"
+                ))
+            }
+        }
+        Ok(Some(f)) => Err(format!("short ApiVersions response {f:?}")),
+        Ok(None) => Err("connection closed by the broker".to_string()),
+        Err(e) => Err(format!("read ApiVersions response: {e}")),
+    }
+}
+
+/// Wait until the broker closes `s` (end of stream or reset), reading and discarding
+/// anything it sends; panics after [`DEADLINE`].
+pub fn wait_closed_by_peer(s: &mut TcpStream, what: &str) {
+    s.set_read_timeout(Some(POLL_PAUSE * 4))
+        .expect("set read timeout");
+    let deadline = Instant::now() + DEADLINE;
+    let mut buf = [0u8; 4096];
+    loop {
+        match s.read(&mut buf) {
+            Ok(0) => return,
+            Ok(_) => {}
+            Err(e) if is_closed(&e) => return,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                ) => {}
+            Err(e) => panic!("{what}: read failed: {e}"),
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: the broker did not close the connection within {DEADLINE:?}"
+        );
+    }
 }
 
 // ------------------------------------------------------------------------------------------
