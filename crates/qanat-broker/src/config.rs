@@ -51,7 +51,13 @@ pub struct BrokerSettings {
     pub advertised_port: Option<u16>,
     /// Node id of this broker in Metadata.
     pub node_id: i32,
+    /// Most bytes the records of one compressed batch may inflate to. Produce refuses a batch
+    /// past it (MESSAGE_TOO_LARGE), and readers of stored batches stop decoding there.
+    pub max_uncompressed_batch_bytes: u64,
 }
+
+/// Smallest accepted `max_uncompressed_batch_bytes`: below this, ordinary batches would fail.
+pub const MIN_UNCOMPRESSED_BATCH_BYTES: u64 = 1024;
 
 impl Default for BrokerSettings {
     fn default() -> Self {
@@ -62,6 +68,7 @@ impl Default for BrokerSettings {
             advertised_host: None,
             advertised_port: None,
             node_id: 1,
+            max_uncompressed_batch_bytes: 64 << 20,
         }
     }
 }
@@ -165,6 +172,8 @@ pub enum ConfigError {
     Parse(#[from] toml::de::Error),
     #[error(transparent)]
     Env(#[from] qanat_config::EnvError),
+    #[error("invalid {key}: {reason}")]
+    Invalid { key: &'static str, reason: String },
 }
 
 impl Config {
@@ -182,7 +191,21 @@ impl Config {
             env,
             |_, _, raw| Ok(Some(qanat_config::plain_value(raw))),
         )?;
-        Ok(toml::Value::Table(doc).try_into()?)
+        let config: Config = toml::Value::Table(doc).try_into()?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks serde cannot express.
+    fn validate(&self) -> Result<(), ConfigError> {
+        let max = self.broker.max_uncompressed_batch_bytes;
+        if max < MIN_UNCOMPRESSED_BATCH_BYTES {
+            return Err(ConfigError::Invalid {
+                key: "broker.max_uncompressed_batch_bytes",
+                reason: format!("{max} is below the minimum of {MIN_UNCOMPRESSED_BATCH_BYTES}"),
+            });
+        }
+        Ok(())
     }
 }
 
@@ -231,5 +254,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("segment_byte"), "{e}");
+    }
+
+    #[test]
+    fn max_uncompressed_batch_bytes_default_override_and_bounds() {
+        let c = Config::from_toml_with_env("", Vec::new()).unwrap();
+        assert_eq!(c.broker.max_uncompressed_batch_bytes, 64 << 20);
+        let c = Config::from_toml_with_env(
+            "",
+            vec![(
+                "QANAT_BROKER_MAX_UNCOMPRESSED_BATCH_BYTES".into(),
+                "1048576".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.broker.max_uncompressed_batch_bytes, 1 << 20);
+        let e =
+            Config::from_toml_with_env("[broker]\nmax_uncompressed_batch_bytes = 10\n", Vec::new())
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("broker.max_uncompressed_batch_bytes"), "{e}");
     }
 }
