@@ -12,8 +12,9 @@
 //! `{"partition":0,"offset":7,"timestamp":1700000000000,"key":"k","value":"v","headers":{"app":"shop"}}`.
 //! Keys, values and header values that are not UTF-8 appear as `{"base64":"..."}`.
 //!
-//! Stored batches are decoded as streams, a bounded number of record bytes per step, so a
-//! subscription's memory does not depend on what a batch inflates to. A stored batch that
+//! Stored batches are decoded as streams, one record at a time, straight into the
+//! subscriber's bounded channel, so a subscription's memory does not depend on what a batch
+//! inflates to. A stored batch that
 //! does not decode ends the stream with one `event: error` (`data: {"error":…,"partition":P,
 //! "offset":O}`) and a warning in the log; other subscriptions are unaffected.
 
@@ -36,10 +37,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::filter::Filter;
-use crate::records::{self, read_records, ReadError};
+use crate::records::{self, for_each_record, ReadError};
 use crate::Broker;
 
-/// Most bytes read from one partition, and most record bytes decoded from it, per step.
+/// Most stored bytes read from one partition per step.
 const READ_CHUNK: u64 = 1 << 20;
 /// Events buffered per subscriber before the reader waits for the client.
 const SUBSCRIBER_BUFFER: usize = 1024;
@@ -116,7 +117,7 @@ async fn subscribe(
     let filter = match q.filter.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => match Filter::parse(text) {
-            Ok(f) => Some(f),
+            Ok(f) => Some(Arc::new(f)),
             Err(e) => return bad_request(e.to_string(), Some(e.position)),
         },
     };
@@ -180,7 +181,12 @@ struct Cursor {
 type Sender = mpsc::Sender<Result<Event, Infallible>>;
 
 /// Feed one subscriber until it disconnects or the broker shuts down.
-async fn pump(broker: Arc<Broker>, mut cursors: Vec<Cursor>, filter: Option<Filter>, tx: Sender) {
+async fn pump(
+    broker: Arc<Broker>,
+    mut cursors: Vec<Cursor>,
+    filter: Option<Arc<Filter>>,
+    tx: Sender,
+) {
     let limit = broker.config.broker.max_uncompressed_batch_bytes;
     loop {
         let notified = broker.data_arrived.notified();
@@ -229,52 +235,62 @@ enum StepError {
     Read(ReadError),
 }
 
-/// Read what is new in one partition and send the matching records.
+/// Read what is new in one partition and send the matching records. Decoding runs on a
+/// blocking thread and hands each matching record to the channel as it is decoded.
 async fn step(
     cursor: &mut Cursor,
-    filter: Option<&Filter>,
+    filter: Option<&Arc<Filter>>,
     tx: &Sender,
     limit: u64,
 ) -> Result<bool, StepError> {
     let partition = cursor.partition.clone();
     let from = cursor.position;
-    let read =
-        tokio::task::spawn_blocking(move || read_records(&partition, from, READ_CHUNK, limit))
-            .await
-            .map_err(|_| StepError::Closed)?;
-    let batches = match read {
-        Ok(b) => b,
+    let index = cursor.index;
+    let filter = filter.cloned();
+    let sender = tx.clone();
+    let (next, closed, read) = tokio::task::spawn_blocking(move || {
+        let mut next = from;
+        let mut closed = false;
+        let read = for_each_record(&partition, from, READ_CHUNK, limit, |record| {
+            next = record.offset + 1;
+            let headers: Vec<(&str, Option<&[u8]>)> = record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect();
+            if filter.as_ref().is_some_and(|f| !f.matches(&headers)) {
+                metrics::counter!("qanat_push_filtered_total").increment(1);
+                return true;
+            }
+            let event = Event::default()
+                .event("record")
+                .id(format!("{index}:{}", record.offset))
+                .data(record_json(index, &record).to_string());
+            if sender.blocking_send(Ok(event)).is_err() {
+                closed = true;
+                return false;
+            }
+            metrics::counter!("qanat_push_records_total").increment(1);
+            true
+        });
+        (next, closed, read)
+    })
+    .await
+    .map_err(|_| StepError::Closed)?;
+    let moved = next > cursor.position;
+    cursor.position = next;
+    if closed {
+        return Err(StepError::Closed);
+    }
+    match read {
+        Ok(()) => Ok(moved),
         Err(ReadError::Log(LogError::OffsetOutOfRange { log_start, .. })) if from < log_start => {
             // Retention removed what we were about to read: continue from the new start.
             cursor.position = log_start;
-            return Ok(true);
+            Ok(true)
         }
-        Err(e) => return Err(StepError::Read(e)),
-    };
-    let mut moved = false;
-    for record in batches {
-        if record.offset < cursor.position {
-            continue;
-        }
-        cursor.position = record.offset + 1;
-        moved = true;
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        if filter.is_some_and(|f| !f.matches(&headers)) {
-            metrics::counter!("qanat_push_filtered_total").increment(1);
-            continue;
-        }
-        let event = Event::default()
-            .event("record")
-            .id(format!("{}:{}", cursor.index, record.offset))
-            .data(record_json(cursor.index, &record).to_string());
-        tx.send(Ok(event)).await.map_err(|_| StepError::Closed)?;
-        metrics::counter!("qanat_push_records_total").increment(1);
+        Err(e) => Err(StepError::Read(e)),
     }
-    Ok(moved)
 }
 
 fn text_or_base64(bytes: &[u8]) -> Value {

@@ -449,18 +449,17 @@ struct Visit {
     fields: Option<Fields>,
 }
 
-/// Records at or after `from`, from whole batches of about `max_bytes` (at least one record
-/// when there is one), stopping once the kept records' bytes reach `max_bytes`: a batch that
-/// inflates to much more is returned over several calls. Compressed batches are decompressed
-/// as streams capped at `limit` bytes.
-pub fn read_records(
+/// Call `f` with each record at or after `from`, in order, from whole batches of about
+/// `max_bytes` of stored bytes, until `f` returns false. Compressed batches are decompressed as
+/// streams capped at `limit` bytes; one record at a time is held, so memory does not depend on
+/// what a batch inflates to.
+pub fn for_each_record(
     partition: &Partition,
     from: i64,
     max_bytes: u64,
     limit: u64,
-) -> Result<Vec<Record>, ReadError> {
-    let mut out = Vec::new();
-    let mut kept = 0u64;
+    mut f: impl FnMut(Record) -> bool,
+) -> Result<(), ReadError> {
     walk(
         partition,
         from,
@@ -468,16 +467,9 @@ pub fn read_records(
         limit,
         |offset| offset >= from,
         |h, v| {
-            let Some(f) = v.fields else { return true };
+            let Some(fields) = v.fields else { return true };
             let offset = v.offset;
-            kept += RECORD_OVERHEAD
-                + f.key.as_ref().map_or(0, |k| k.len() as u64)
-                + f.value.as_ref().map_or(0, |v| v.len() as u64)
-                + f.headers
-                    .iter()
-                    .map(|(k, v)| (k.len() + v.as_ref().map_or(0, Bytes::len)) as u64)
-                    .sum::<u64>();
-            out.push(Record {
+            f(Record {
                 transactional: h.is_transactional(),
                 control: h.is_control(),
                 delete_horizon: false,
@@ -497,13 +489,37 @@ pub fn read_records(
                         .wrapping_add((offset - h.base_offset) as i32)
                 },
                 timestamp: v.timestamp,
-                key: f.key,
-                value: f.value,
-                headers: f.headers,
-            });
-            kept < max_bytes
+                key: fields.key,
+                value: fields.value,
+                headers: fields.headers,
+            })
         },
-    )?;
+    )
+}
+
+/// Records at or after `from` (see [`for_each_record`]), stopping once the kept records'
+/// bytes reach `max_bytes` (at least one record when there is one). A batch that inflates to
+/// much more is returned over several calls, each decoding it again from its start: meant for
+/// small batches (the journal's); large readers use [`for_each_record`].
+pub fn read_records(
+    partition: &Partition,
+    from: i64,
+    max_bytes: u64,
+    limit: u64,
+) -> Result<Vec<Record>, ReadError> {
+    let mut out = Vec::new();
+    let mut kept = 0u64;
+    for_each_record(partition, from, max_bytes, limit, |r| {
+        kept += RECORD_OVERHEAD
+            + r.key.as_ref().map_or(0, |k| k.len() as u64)
+            + r.value.as_ref().map_or(0, |v| v.len() as u64)
+            + r.headers
+                .iter()
+                .map(|(k, v)| (k.len() + v.as_ref().map_or(0, Bytes::len)) as u64)
+                .sum::<u64>();
+        out.push(r);
+        kept < max_bytes
+    })?;
     Ok(out)
 }
 
