@@ -10,8 +10,12 @@
 //!   is an error, so a decompression bomb costs at most `limit` bytes of decoding work.
 //! - The produce check ([`validate_produce`]) allocates nothing per record: it skips keys,
 //!   values and headers, checking only lengths, the record count and the offset deltas.
+//! - A reader holds the stored (compressed) bytes of one read, about `max_bytes` but at least
+//!   one batch, plus one record at a time ([`for_each_record`]) or a bounded number of record
+//!   bytes ([`read_records`]); decoder state is fixed-size, except a snappy block (up to
+//!   `limit`) and the zstd window (`limit` rounded up to a power of two, within 8–128 MiB).
 //! - A stored batch that fails to decode is an error for the reader that met it
-//!   ([`ReadError::Batch`]); readers are bounded by record bytes kept, not by batches.
+//!   ([`ReadError::Batch`]); the batches around it stay readable.
 
 mod inflate;
 
