@@ -14,9 +14,9 @@
 //!
 //! Stored batches are decoded as streams, one record at a time, straight into the
 //! subscriber's bounded channel, so a subscription's memory does not depend on what a batch
-//! inflates to. A stored batch that
-//! does not decode ends the stream with one `event: error` (`data: {"error":…,"partition":P,
-//! "offset":O}`) and a warning in the log; other subscriptions are unaffected.
+//! inflates to. A stored batch that does not decode ends the stream with one `event: error`
+//! (`data: {"error":…,"partition":P,"offset":O}`) and a warning in the log; other
+//! subscriptions are unaffected.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
