@@ -63,7 +63,13 @@ pub struct BrokerSettings {
     pub max_connections_per_ip: u32,
     /// A connection without a request received or answered for this long is closed.
     pub connections_max_idle_ms: u64,
+    /// Most bytes the records of one compressed batch may inflate to. Produce refuses a batch
+    /// past it (MESSAGE_TOO_LARGE), and readers of stored batches stop decoding there.
+    pub max_uncompressed_batch_bytes: u64,
 }
+
+/// Smallest accepted `max_uncompressed_batch_bytes`: below this, ordinary batches would fail.
+pub const MIN_UNCOMPRESSED_BATCH_BYTES: u64 = 1024;
 
 impl Default for BrokerSettings {
     fn default() -> Self {
@@ -79,6 +85,7 @@ impl Default for BrokerSettings {
             max_connections: 10_000,
             max_connections_per_ip: 10_000,
             connections_max_idle_ms: 600_000,
+            max_uncompressed_batch_bytes: 64 << 20,
         }
     }
 }
@@ -105,6 +112,15 @@ impl BrokerSettings {
                 format!(
                     "{} is below max_frame_bytes ({}): a frame of the largest size could never be read",
                     self.queued_max_request_bytes, self.max_frame_bytes
+                ),
+            );
+        }
+        if self.max_uncompressed_batch_bytes < MIN_UNCOMPRESSED_BATCH_BYTES {
+            return invalid(
+                "broker.max_uncompressed_batch_bytes",
+                format!(
+                    "{} is below the minimum of {MIN_UNCOMPRESSED_BATCH_BYTES}",
+                    self.max_uncompressed_batch_bytes
                 ),
             );
         }
@@ -341,5 +357,25 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("max_connections"), "{e}");
+    }
+
+    #[test]
+    fn max_uncompressed_batch_bytes_default_override_and_bounds() {
+        let c = Config::from_toml_with_env("", Vec::new()).unwrap();
+        assert_eq!(c.broker.max_uncompressed_batch_bytes, 64 << 20);
+        let c = Config::from_toml_with_env(
+            "",
+            vec![(
+                "QANAT_BROKER_MAX_UNCOMPRESSED_BATCH_BYTES".into(),
+                "1048576".into(),
+            )],
+        )
+        .unwrap();
+        assert_eq!(c.broker.max_uncompressed_batch_bytes, 1 << 20);
+        let e =
+            Config::from_toml_with_env("[broker]\nmax_uncompressed_batch_bytes = 10\n", Vec::new())
+                .unwrap_err()
+                .to_string();
+        assert!(e.contains("broker.max_uncompressed_batch_bytes"), "{e}");
     }
 }

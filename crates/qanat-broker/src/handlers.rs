@@ -28,6 +28,7 @@ use kafka_protocol::ResponseError;
 use qanat_log::{AppendOutcome, LogError, Partition};
 
 use crate::fetch_response::{self, PartitionOut, TopicOut};
+use crate::records::RecordsError;
 use crate::topics::{Topic, TopicError};
 use crate::wire::Response;
 use crate::Broker;
@@ -202,6 +203,24 @@ impl Broker {
                     Err(c) => Err(c),
                     Ok(partition) => {
                         let records = data.records.as_deref().unwrap_or_default();
+                        let limit = self.config.broker.max_uncompressed_batch_bytes;
+                        if let Err(refused) = crate::records::validate_produce(records, limit) {
+                            tracing::warn!(
+                                topic = topic_name,
+                                partition = data.index,
+                                batch_bytes = refused.batch_bytes,
+                                uncompressed_bytes = refused.uncompressed_bytes,
+                                max_uncompressed_batch_bytes = limit,
+                                error = %refused,
+                                "produce refused: compressed batch"
+                            );
+                            results.push(ProducePartitionResult {
+                                topic: topic_name.to_string(),
+                                index: data.index,
+                                outcome: Err(records_error_code(&refused.source)),
+                            });
+                            continue;
+                        }
                         match partition.append(records) {
                             Ok(outcome) => {
                                 if outcome.duplicate {
@@ -400,7 +419,8 @@ impl Broker {
                                 .with_offset(partition.log_start_offset())
                                 .with_timestamp(-1),
                             ts if ts >= 0 => {
-                                match crate::records::offset_for_timestamp(&partition, ts) {
+                                let limit = self.config.broker.max_uncompressed_batch_bytes;
+                                match crate::records::offset_for_timestamp(&partition, ts, limit) {
                                     Ok(Some((offset, found))) => {
                                         resp.with_offset(offset).with_timestamp(found)
                                     }
@@ -585,6 +605,18 @@ fn log_error_code(e: &LogError) -> i16 {
         LogError::InvalidProducerEpoch { .. } => ResponseError::InvalidProducerEpoch,
         LogError::Unsupported { .. } => ResponseError::UnsupportedForMessageFormat,
         _ => ResponseError::KafkaStorageError,
+    })
+}
+
+/// Code for a compressed batch refused at produce.
+fn records_error_code(e: &RecordsError) -> i16 {
+    code(match e {
+        // A size problem, not damage: Kafka answers a batch over max.message.bytes this way,
+        // librdkafka fails it without retrying and the Java producer splits the batch and
+        // retries the halves. CORRUPT_MESSAGE is retriable for clients, so they would resend
+        // the same bytes until their delivery timeout.
+        RecordsError::TooLarge { .. } => ResponseError::MessageTooLarge,
+        RecordsError::Corrupt { .. } => ResponseError::CorruptMessage,
     })
 }
 

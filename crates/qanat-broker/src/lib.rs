@@ -3,8 +3,9 @@
 //!
 //! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
 //! ([`wire`], [`fetch_response`]), per-API handlers ([`handlers`]), the topic registry
-//! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]) and the
-//! background maintenance (periodic fsync, segment rolling, retention).
+//! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]), records read
+//! as bounded streams from batches ([`records`]) and the background maintenance (periodic
+//! fsync, segment rolling, retention).
 //!
 //! Wire format: Kafka request/response frames (`int32` length prefix, request header v1/v2,
 //! response header v0/v1) decoded and encoded with `kafka-protocol`, except FetchResponse,
@@ -17,7 +18,8 @@
 //! - Responses on one connection leave in request order; requests on one connection are
 //!   appended in the order they arrived.
 //! - A malformed frame closes its own connection and nothing else; sizes read from the wire
-//!   are capped before anything is allocated for them.
+//!   are capped before anything is allocated for them, and compressed records are never
+//!   inflated past `max_uncompressed_batch_bytes`.
 //! - Request frames being received or awaiting their answer never hold more than
 //!   `queued_max_request_bytes` together; connections are capped in total and per source
 //!   address, and closed after `connections_max_idle_ms` without request activity.

@@ -11,6 +11,12 @@
 //! Each event is `event: record`, `id: PARTITION:OFFSET`, and a JSON `data` line:
 //! `{"partition":0,"offset":7,"timestamp":1700000000000,"key":"k","value":"v","headers":{"app":"shop"}}`.
 //! Keys, values and header values that are not UTF-8 appear as `{"base64":"..."}`.
+//!
+//! Stored batches are decoded as streams, one record at a time, straight into the
+//! subscriber's bounded channel, so a subscription's memory does not depend on what a batch
+//! inflates to. A stored batch that does not decode ends the stream with one `event: error`
+//! (`data: {"error":…,"partition":P,"offset":O}`) and a warning in the log; other
+//! subscriptions are unaffected.
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
@@ -31,10 +37,10 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::filter::Filter;
-use crate::records::{self, read_records};
+use crate::records::{self, for_each_record, ReadError};
 use crate::Broker;
 
-/// Most bytes read from one partition per step.
+/// Most stored bytes read from one partition per step.
 const READ_CHUNK: u64 = 1 << 20;
 /// Events buffered per subscriber before the reader waits for the client.
 const SUBSCRIBER_BUFFER: usize = 1024;
@@ -87,12 +93,12 @@ fn parse_start(from: Option<&str>) -> Result<Start, String> {
     }
 }
 
-fn start_offset(partition: &Partition, start: Start) -> i64 {
+fn start_offset(partition: &Partition, start: Start, limit: u64) -> i64 {
     match start {
         Start::Earliest => partition.log_start_offset(),
         Start::End => partition.high_watermark(),
         Start::Offset(o) => o.clamp(partition.log_start_offset(), partition.high_watermark()),
-        Start::Time(t) => match records::offset_for_timestamp(partition, t) {
+        Start::Time(t) => match records::offset_for_timestamp(partition, t, limit) {
             Ok(Some((o, _))) => o,
             _ => partition.high_watermark(),
         },
@@ -111,7 +117,7 @@ async fn subscribe(
     let filter = match q.filter.as_deref().map(str::trim) {
         None | Some("") => None,
         Some(text) => match Filter::parse(text) {
-            Ok(f) => Some(f),
+            Ok(f) => Some(Arc::new(f)),
             Err(e) => return bad_request(e.to_string(), Some(e.position)),
         },
     };
@@ -140,12 +146,14 @@ async fn subscribe(
             out
         }
     };
+    let limit = broker.config.broker.max_uncompressed_batch_bytes;
     let cursors: Vec<Cursor> = wanted
         .into_iter()
         .map(|i| {
             let partition = t.partitions[i].clone();
-            let position = start_offset(&partition, start);
+            let position = start_offset(&partition, start, limit);
             Cursor {
+                topic: topic.clone(),
                 index: i as i32,
                 partition,
                 position,
@@ -164,6 +172,7 @@ async fn subscribe(
 }
 
 struct Cursor {
+    topic: String,
     index: i32,
     partition: Arc<Partition>,
     position: i64,
@@ -172,18 +181,39 @@ struct Cursor {
 type Sender = mpsc::Sender<Result<Event, Infallible>>;
 
 /// Feed one subscriber until it disconnects or the broker shuts down.
-async fn pump(broker: Arc<Broker>, mut cursors: Vec<Cursor>, filter: Option<Filter>, tx: Sender) {
+async fn pump(
+    broker: Arc<Broker>,
+    mut cursors: Vec<Cursor>,
+    filter: Option<Arc<Filter>>,
+    tx: Sender,
+) {
+    let limit = broker.config.broker.max_uncompressed_batch_bytes;
     loop {
         let notified = broker.data_arrived.notified();
         tokio::pin!(notified);
         notified.as_mut().enable();
         let mut progressed = false;
         for cursor in cursors.iter_mut() {
-            match step(cursor, filter.as_ref(), &tx).await {
+            match step(cursor, filter.as_ref(), &tx, limit).await {
                 Ok(moved) => progressed |= moved,
                 Err(StepError::Closed) => return,
-                Err(StepError::Log(e)) => {
-                    tracing::warn!(partition = cursor.index, error = %e, "push subscription ended");
+                Err(StepError::Read(e)) => {
+                    tracing::warn!(
+                        topic = cursor.topic,
+                        partition = cursor.index,
+                        offset = cursor.position,
+                        error = %e,
+                        "push subscription ended"
+                    );
+                    let event = Event::default().event("error").data(
+                        json!({
+                            "error": e.to_string(),
+                            "partition": cursor.index,
+                            "offset": cursor.position,
+                        })
+                        .to_string(),
+                    );
+                    let _ = tx.send(Ok(event)).await;
                     return;
                 }
             }
@@ -202,53 +232,65 @@ async fn pump(broker: Arc<Broker>, mut cursors: Vec<Cursor>, filter: Option<Filt
 
 enum StepError {
     Closed,
-    Log(LogError),
+    Read(ReadError),
 }
 
-/// Read what is new in one partition and send the matching records.
+/// Read what is new in one partition and send the matching records. Decoding runs on a
+/// blocking thread and hands each matching record to the channel as it is decoded.
 async fn step(
     cursor: &mut Cursor,
-    filter: Option<&Filter>,
+    filter: Option<&Arc<Filter>>,
     tx: &Sender,
+    limit: u64,
 ) -> Result<bool, StepError> {
     let partition = cursor.partition.clone();
     let from = cursor.position;
-    let read = tokio::task::spawn_blocking(move || read_records(&partition, from, READ_CHUNK))
-        .await
-        .map_err(|_| StepError::Closed)?;
-    let batches = match read {
-        Ok(b) => b,
-        Err(LogError::OffsetOutOfRange { log_start, .. }) if from < log_start => {
+    let index = cursor.index;
+    let filter = filter.cloned();
+    let sender = tx.clone();
+    let (next, closed, read) = tokio::task::spawn_blocking(move || {
+        let mut next = from;
+        let mut closed = false;
+        let read = for_each_record(&partition, from, READ_CHUNK, limit, |record| {
+            next = record.offset + 1;
+            let headers: Vec<(&str, Option<&[u8]>)> = record
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_deref()))
+                .collect();
+            if filter.as_ref().is_some_and(|f| !f.matches(&headers)) {
+                metrics::counter!("qanat_push_filtered_total").increment(1);
+                return true;
+            }
+            let event = Event::default()
+                .event("record")
+                .id(format!("{index}:{}", record.offset))
+                .data(record_json(index, &record).to_string());
+            if sender.blocking_send(Ok(event)).is_err() {
+                closed = true;
+                return false;
+            }
+            metrics::counter!("qanat_push_records_total").increment(1);
+            true
+        });
+        (next, closed, read)
+    })
+    .await
+    .map_err(|_| StepError::Closed)?;
+    let moved = next > cursor.position;
+    cursor.position = next;
+    if closed {
+        return Err(StepError::Closed);
+    }
+    match read {
+        Ok(()) => Ok(moved),
+        Err(ReadError::Log(LogError::OffsetOutOfRange { log_start, .. })) if from < log_start => {
             // Retention removed what we were about to read: continue from the new start.
             cursor.position = log_start;
-            return Ok(true);
+            Ok(true)
         }
-        Err(e) => return Err(StepError::Log(e)),
-    };
-    let mut moved = false;
-    for record in batches {
-        if record.offset < cursor.position {
-            continue;
-        }
-        cursor.position = record.offset + 1;
-        moved = true;
-        let headers: Vec<(&str, Option<&[u8]>)> = record
-            .headers
-            .iter()
-            .map(|(k, v)| (k.as_str(), v.as_deref()))
-            .collect();
-        if filter.is_some_and(|f| !f.matches(&headers)) {
-            metrics::counter!("qanat_push_filtered_total").increment(1);
-            continue;
-        }
-        let event = Event::default()
-            .event("record")
-            .id(format!("{}:{}", cursor.index, record.offset))
-            .data(record_json(cursor.index, &record).to_string());
-        tx.send(Ok(event)).await.map_err(|_| StepError::Closed)?;
-        metrics::counter!("qanat_push_records_total").increment(1);
+        Err(e) => Err(StepError::Read(e)),
     }
-    Ok(moved)
 }
 
 fn text_or_base64(bytes: &[u8]) -> Value {

@@ -7,6 +7,7 @@
 //! with a generous deadline.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod group_support;
 mod support;
 
 use std::collections::HashSet;
@@ -25,6 +26,7 @@ use rdkafka::producer::{BaseProducer, BaseRecord, Producer, ProducerContext};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientContext, Message, Offset, TopicPartitionList};
 
+use group_support::SseStream;
 use support::*;
 
 fn now_ms() -> i64 {
@@ -1470,18 +1472,29 @@ fn record_batch(value: &[u8], timestamp: i64) -> Vec<u8> {
     let mut records = Vec::new();
     put_varint(&mut records, rec.len() as i64);
     records.extend_from_slice(&rec);
+    batch_around(0, 1, timestamp, timestamp, &records)
+}
 
+/// A RecordBatch v2 (base offset 0, no producer id) around an encoded, possibly compressed,
+/// records section.
+fn batch_around(
+    attributes: i16,
+    record_count: i32,
+    base_timestamp: i64,
+    max_timestamp: i64,
+    records: &[u8],
+) -> Vec<u8> {
     // Everything the CRC covers: attributes .. records.
     let mut tail = Vec::new();
-    tail.extend_from_slice(&0i16.to_be_bytes()); // attributes
-    tail.extend_from_slice(&0i32.to_be_bytes()); // last offset delta
-    tail.extend_from_slice(&timestamp.to_be_bytes()); // base timestamp
-    tail.extend_from_slice(&timestamp.to_be_bytes()); // max timestamp
+    tail.extend_from_slice(&attributes.to_be_bytes());
+    tail.extend_from_slice(&(record_count - 1).to_be_bytes()); // last offset delta
+    tail.extend_from_slice(&base_timestamp.to_be_bytes());
+    tail.extend_from_slice(&max_timestamp.to_be_bytes());
     tail.extend_from_slice(&(-1i64).to_be_bytes()); // producer id
     tail.extend_from_slice(&(-1i16).to_be_bytes()); // producer epoch
     tail.extend_from_slice(&(-1i32).to_be_bytes()); // base sequence
-    tail.extend_from_slice(&1i32.to_be_bytes()); // record count
-    tail.extend_from_slice(&records);
+    tail.extend_from_slice(&record_count.to_be_bytes());
+    tail.extend_from_slice(records);
 
     let mut batch = Vec::new();
     batch.extend_from_slice(&0i64.to_be_bytes()); // base offset
@@ -1700,4 +1713,214 @@ fn invalid_topic_names_are_refused_and_touch_no_files() {
         inside.is_empty(),
         "data dir entries for invalid topics: {inside:?}"
     );
+}
+
+// ------------------------------------------------------------------------------------------
+// Decompression bombs: refused at produce; stored ones cost their readers one error, and the
+// broker's memory stays bounded either way
+
+/// Attributes value of a zstd batch.
+const ZSTD_CODEC: i16 = 4;
+/// Peak RSS allowed to a broker that met a bomb (the bombs inflate to 1–2 GiB).
+const RSS_BOUND: u64 = 512 << 20;
+
+/// A zstd batch of `records` well-formed records, each a value of `value_len` zero bytes (no
+/// key, no headers) with timestamp `base_timestamp + i`, streamed through the encoder a chunk
+/// at a time: the uncompressed records never exist in the test either.
+fn zstd_bomb(records: i32, value_len: usize, base_timestamp: i64) -> Vec<u8> {
+    let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 1).unwrap();
+    let zeros = vec![0u8; 1 << 20];
+    for i in 0..records {
+        let mut head = vec![0u8]; // attributes
+        put_varint(&mut head, i64::from(i)); // timestamp delta
+        put_varint(&mut head, i64::from(i)); // offset delta
+        put_varint(&mut head, -1); // null key
+        put_varint(&mut head, value_len as i64);
+        let mut rec = Vec::new();
+        put_varint(&mut rec, (head.len() + value_len + 1) as i64);
+        rec.extend_from_slice(&head);
+        enc.write_all(&rec).unwrap();
+        let mut left = value_len;
+        while left > 0 {
+            let n = left.min(zeros.len());
+            enc.write_all(&zeros[..n]).unwrap();
+            left -= n;
+        }
+        enc.write_all(&[0]).unwrap(); // no headers
+    }
+    let payload = enc.finish().unwrap();
+    let max_ts = base_timestamp + i64::from(records) - 1;
+    batch_around(ZSTD_CODEC, records, base_timestamp, max_ts, &payload)
+}
+
+/// (partition, error code, base offset) of every partition in a Produce v3 response for one
+/// topic, sorted by partition.
+fn produce_v3_partitions(f: &[u8]) -> Vec<(i32, i16, i64)> {
+    let i32_at = |at: usize| i32::from_be_bytes(f[at..at + 4].try_into().unwrap());
+    assert_eq!(i32_at(4), 1, "topics in the response");
+    let name_len = i16::from_be_bytes(f[8..10].try_into().unwrap()) as usize;
+    let mut at = 10 + name_len;
+    let n = i32_at(at);
+    at += 4;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let partition = i32_at(at);
+        let error = i16::from_be_bytes(f[at + 4..at + 6].try_into().unwrap());
+        let base = i64::from_be_bytes(f[at + 6..at + 14].try_into().unwrap());
+        out.push((partition, error, base));
+        at += 4 + 2 + 8 + 8; // index, error, base offset, log append time (v3)
+    }
+    out.sort();
+    out
+}
+
+/// Send one hand-made Produce v3 (acks=1) and return its per-partition results.
+fn raw_produce(bootstrap: &str, topic: &str, parts: &[(i32, Vec<u8>)]) -> Vec<(i32, i16, i64)> {
+    let mut s = raw_connect(bootstrap);
+    s.write_all(&frame(0, 3, 31, &produce_v3_body_multi(topic, 1, parts)))
+        .unwrap();
+    produce_v3_partitions(&next_frame(&mut s, "a produce response"))
+}
+
+/// Peak resident set size of process `pid` (VmHWM), in bytes.
+fn peak_rss(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kb: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"));
+    kb * 1024
+}
+
+fn assert_peak_rss_bounded(broker: &Broker, when: &str) {
+    let peak = peak_rss(broker.pid().expect("broker running"));
+    eprintln!("broker peak RSS {} MiB {when}", peak >> 20);
+    assert!(
+        peak < RSS_BOUND,
+        "broker peak RSS {} MiB {when} (bound {} MiB)",
+        peak >> 20,
+        RSS_BOUND >> 20
+    );
+}
+
+#[test]
+fn compressed_bomb_is_refused_while_the_other_partition_lands() {
+    let broker = Broker::start();
+    let b = broker.bootstrap();
+    qanat_ok(&[
+        "topics",
+        "create",
+        "bomb",
+        "--partitions",
+        "2",
+        "--bootstrap",
+        &b,
+    ]);
+    let now = now_ms();
+    // 2 GiB of zeros in 1 MiB records, well-formed: only the size is wrong.
+    let bomb = zstd_bomb(2048, 1 << 20, now);
+    assert!(bomb.len() < 1 << 20, "bomb is {} bytes", bomb.len());
+    let results = raw_produce(&b, "bomb", &[(0, bomb), (1, record_batch(b"good", now))]);
+    // MESSAGE_TOO_LARGE = 10 for the bomb; the good batch lands.
+    assert_eq!(
+        results.iter().map(|r| (r.0, r.1)).collect::<Vec<_>>(),
+        [(0, 10), (1, 0)],
+        "(partition, error) per partition"
+    );
+    assert_eq!(
+        watermarks(&b, "bomb", 0),
+        (0, 0),
+        "nothing stored for the bomb"
+    );
+    let got = consume_all(&b, "bomb", 1, 1);
+    assert_eq!(got[0].value_str(), "good");
+    let log = broker.stderr();
+    let line = log
+        .lines()
+        .find(|l| l.contains("produce refused: compressed batch"))
+        .unwrap_or_else(|| panic!("no refusal logged; stderr:\n{}", tail(&log, 20)));
+    for part in [
+        "bomb",
+        "partition=0",
+        "max_uncompressed_batch_bytes=67108864",
+        "batch_bytes=",
+    ] {
+        assert!(line.contains(part), "{part:?} missing from {line:?}");
+    }
+    assert_peak_rss_bounded(&broker, "after refusing a 2 GiB bomb");
+}
+
+#[test]
+fn stored_bomb_costs_push_and_seek_by_time_one_error_with_bounded_memory() {
+    // A limit high enough to store a 1 GiB batch, as data stored before the limit existed.
+    let mut broker = Broker::builder()
+        .http()
+        .config("[broker]\nmax_uncompressed_batch_bytes = 4294967296\n")
+        .start();
+    let b = broker.bootstrap();
+    let topic = "stored";
+    let t0 = now_ms() - 3_600_000;
+    let shop = |v: &str, ts: i64| Rec::value(v).header("app", Some(b"shop")).timestamp(ts);
+    produce(&b, topic, &[shop("before", t0)], &[("acks", "all")]);
+    let results = raw_produce(&b, topic, &[(0, zstd_bomb(1024, 1 << 20, t0 + 1_000))]);
+    assert_eq!(
+        results,
+        [(0, 0, 1)],
+        "the bomb is stored under the high limit"
+    );
+    produce(&b, topic, &[shop("after", t0 + 5_000)], &[("acks", "all")]);
+    assert_eq!(watermarks(&b, topic, 0), (0, 1026));
+
+    let http = broker.http_addr().unwrap();
+    let path = format!(
+        "/v1/topics/{topic}/events?from=earliest&filter={}",
+        percent_encode("app = 'shop'")
+    );
+    let pushed = |http: &str| {
+        let mut sse = SseStream::open(http, &path);
+        assert_eq!(sse.status, 200);
+        let deadline = Instant::now() + DEADLINE;
+        let mut events = Vec::new();
+        while let Some(e) = sse.next_event(deadline) {
+            let last = e.event == "error" || e.id == "0:1025";
+            events.push((e.event, e.id));
+            if last {
+                break;
+            }
+        }
+        events
+    };
+    let rec = |id: &str| ("record".to_string(), id.to_string());
+    // Under the high limit the batch decodes, as a stream: the filter passes the two records.
+    assert_eq!(pushed(&http), [rec("0:0"), rec("0:1025")]);
+    let c = consumer(&b);
+    assert_eq!(offset_for_time(&c, topic, t0 + 1_500), Offset::Offset(501));
+    assert_peak_rss_bounded(&broker, "after decoding a stored 1 GiB batch");
+
+    // Under the default limit the stored batch no longer decodes: one error per reader.
+    broker.stop();
+    let config = broker.data_dir().parent().unwrap().join("qanat.toml");
+    std::fs::write(&config, "").unwrap();
+    broker.start_again();
+    let http = broker.http_addr().unwrap();
+    let events = pushed(&http);
+    assert_eq!(events[0], rec("0:0"));
+    assert_eq!(events[1].0, "error", "{events:?}");
+    assert_eq!(events.len(), 2, "{events:?}");
+    let c = consumer(&b);
+    // Seek by time answers the bad batch's base offset: nothing after it is skipped.
+    assert_eq!(offset_for_time(&c, topic, t0 + 1_500), Offset::Offset(1));
+    assert!(
+        broker.stderr().contains("does not decode"),
+        "{}",
+        broker.stderr_tail(20)
+    );
+    // The broker still serves everything else.
+    produce(&b, topic, &[shop("later", t0 + 6_000)], &[("acks", "all")]);
+    let got = consume(&b, topic, 0, Offset::Offset(1025), 2);
+    let values: Vec<String> = got.iter().map(Msg::value_str).collect();
+    assert_eq!(values, ["after", "later"]);
+    assert_peak_rss_bounded(&broker, "after meeting a stored batch over the limit");
 }

@@ -22,7 +22,7 @@ use kafka_protocol::records::{
 use qanat_log::{Clock, LogConfig, LogError, Partition, Storage};
 use serde::{Deserialize, Serialize};
 
-use crate::records::read_records;
+use crate::records::{read_records, ReadError};
 
 /// One change to coordinator state.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -76,6 +76,9 @@ const COMPACTING: &str = "__consumer_offsets.compacting";
 const OLD: &str = "__consumer_offsets.old";
 /// Compact once this many entries were appended and they outnumber the live state 4 to 1.
 const COMPACT_MIN_APPENDED: u64 = 100_000;
+/// Decoding cap for journal batches. The broker writes them uncompressed, so this only bounds
+/// what a damaged (or foreign) compressed batch could inflate to during replay.
+const MAX_UNCOMPRESSED_BATCH_BYTES: u64 = 64 << 20;
 
 fn journal_config() -> LogConfig {
     LogConfig {
@@ -131,7 +134,17 @@ impl Journal {
         let mut entries = Vec::new();
         let mut offset = partition.log_start_offset();
         while offset < partition.next_offset() {
-            let records = read_records(&partition, offset, 4 << 20)?;
+            let records = read_records(&partition, offset, 4 << 20, MAX_UNCOMPRESSED_BATCH_BYTES)
+                .map_err(|e| match e {
+                ReadError::Log(e) => JournalError::Log(e),
+                ReadError::Batch {
+                    base_offset,
+                    source,
+                } => JournalError::Corrupt {
+                    offset: base_offset,
+                    reason: source.to_string(),
+                },
+            })?;
             let Some(last) = records.last() else { break };
             offset = last.offset + 1;
             for record in records {
