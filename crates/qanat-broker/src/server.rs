@@ -74,14 +74,15 @@ pub async fn serve(
                         );
                     }
                     Err(refusal) => {
-                        // Closed at once: dropping the stream sends the peer a FIN.
-                        drop(stream);
                         let limit = refusal.key();
                         metrics::counter!("qanat_connections_refused_total", "limit" => limit)
                             .increment(1);
                         if let Some(suppressed) = REFUSED_LOG.check(limit) {
                             tracing::warn!(%peer, limit, suppressed, "connection refused: {limit} reached");
                         }
+                        // Closed at once, after it is counted and logged (what the peer sees
+                        // last): dropping the stream sends the peer a FIN.
+                        drop(stream);
                     }
                 }
             }
