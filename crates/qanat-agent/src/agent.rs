@@ -252,6 +252,8 @@ struct Tracked {
     retry_at: u64,
     backoff_ms: u64,
     eof: bool,
+    /// `buf` holds records librdkafka refused: frame them again before reading more.
+    refused: bool,
     last_growth_ms: u64,
     seen: bool,
     orphan_since: Option<u64>,
@@ -276,6 +278,7 @@ impl Tracked {
             retry_at: 0,
             backoff_ms: 0,
             eof: false,
+            refused: false,
             last_growth_ms: now,
             seen: true,
             orphan_since: None,
@@ -297,6 +300,7 @@ impl Tracked {
         self.buf_off = self.acked;
         self.failed = false;
         self.eof = false;
+        self.refused = false;
     }
 }
 
@@ -949,9 +953,7 @@ impl Agent {
         scratch.clear();
         scratch.extend_from_slice(&t.buf);
         let old = scratch.len();
-        // A chunk's worth still buffered means records were refused: frame those again before
-        // reading more, so a refusal that lasts cannot pull the whole file into memory.
-        let backlog = old >= chunk;
+        let backlog = !should_read(old, chunk, t.refused);
         let n = if backlog {
             0
         } else {
@@ -1004,6 +1006,7 @@ impl Agent {
             t.buf.shrink_to_fit();
         }
         t.buf_off += used as u64;
+        t.refused = refused;
         if refused {
             // librdkafka refused a record (queue full): come back to this file shortly rather
             // than spinning on it.
@@ -1063,7 +1066,8 @@ impl Agent {
                     inflight: &mut self.inflight_bytes,
                     frames: &mut self.frames,
                 };
-                let (used, _) = emit.frames(key, t, src, &data, true, orphan_done);
+                let (used, refused) = emit.frames(key, t, src, &data, true, orphan_done);
+                t.refused = refused;
                 t.buf = data[used..].to_vec();
                 t.buf_off += used as u64;
             }
@@ -1280,6 +1284,15 @@ impl Agent {
     }
 }
 
+/// Whether to read more of a file with `buffered` unconsumed bytes. Records librdkafka refused
+/// are framed again first while a chunk's worth of them waits, so a refusal that lasts cannot
+/// pull the whole file into memory. Anything else left over is a partial line or a multiline
+/// group that needs more bytes: the framer cuts a line at `max_line_bytes` only once it sees
+/// more than that, so stopping there would stall on a long unterminated line.
+fn should_read(buffered: usize, chunk: usize, refused: bool) -> bool {
+    !(refused && buffered >= chunk)
+}
+
 /// Build and run an agent until `shutdown` is set.
 pub fn run(
     cfg: AgentConfig,
@@ -1289,4 +1302,76 @@ pub fn run(
     on_ready: impl FnOnce(&Agent),
 ) -> Result<(), AgentError> {
     Agent::new(cfg, fs, clock)?.run(shutdown, on_ready)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    /// The reading side of `read_file` over an in-memory file: read while `should_read` says
+    /// so, frame, keep the unconsumed tail. Returns the consumed position once a round makes
+    /// no progress (the file is exhausted or reading stalled) and the frames' sizes.
+    fn read_like_the_agent(file: &[u8], framer: &Framer, chunk: usize) -> (usize, Vec<usize>) {
+        let (mut buf, mut buf_off, mut sizes) = (Vec::new(), 0usize, Vec::new());
+        let mut frames = Vec::new();
+        loop {
+            let pos = buf_off + buf.len();
+            let n = if should_read(buf.len(), chunk, false) {
+                let n = chunk.min(file.len() - pos);
+                buf.extend_from_slice(&file[pos..pos + n]);
+                n
+            } else {
+                0
+            };
+            frames.clear();
+            let used = framer.frame(&buf, false, false, &mut frames);
+            sizes.extend(frames.iter().map(|f| f.end - f.start));
+            buf.drain(..used);
+            buf_off += used;
+            if n == 0 && used == 0 {
+                return (buf_off, sizes);
+            }
+        }
+    }
+
+    #[test]
+    fn a_long_unterminated_line_is_cut_instead_of_stalling_the_file() {
+        // As with the defaults, the read chunk equals the maximum line length.
+        let (max, chunk) = (256, 256);
+        let framer = Framer::new(max, None);
+        let mut file = vec![b'x'; 50 * max + 100];
+        let (pos, sizes) = read_like_the_agent(&file, &framer, chunk);
+        assert_eq!(
+            pos,
+            50 * max,
+            "every whole piece of the unterminated line is taken"
+        );
+        assert_eq!(sizes, vec![max; 50]);
+        // The newline arrives: the rest of the line goes, then the lines after it.
+        file.extend_from_slice(b"\nnext\n");
+        let (pos, sizes) = read_like_the_agent(&file, &framer, chunk);
+        assert_eq!(pos, file.len());
+        assert_eq!(sizes[50..], [101, 5]);
+    }
+
+    #[test]
+    fn a_pending_multiline_group_longer_than_a_chunk_keeps_reading() {
+        let framer = Framer::new(1000, Some(Regex::new("^S").unwrap()));
+        let mut file = b"S start\n".to_vec();
+        for _ in 0..40 {
+            file.extend_from_slice(b"  continuation line\n");
+        }
+        file.extend_from_slice(b"S next\n");
+        let (pos, sizes) = read_like_the_agent(&file, &framer, 64);
+        assert!(sizes[0] > 64, "the group is read past one chunk: {sizes:?}");
+        assert_eq!(pos, file.len() - b"S next\n".len());
+    }
+
+    #[test]
+    fn refused_records_are_framed_again_before_reading_more() {
+        assert!(!should_read(256, 256, true));
+        assert!(should_read(255, 256, true));
+        assert!(should_read(256, 256, false));
+    }
 }

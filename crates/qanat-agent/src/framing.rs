@@ -206,6 +206,19 @@ mod tests {
     }
 
     #[test]
+    fn an_unterminated_line_is_cut_only_past_the_maximum() {
+        // The reader relies on this: exactly the maximum without a newline may still end as a
+        // whole line, so the framer needs one byte more than the maximum to cut.
+        let f = Framer::new(4, None);
+        let (v, used) = frames(&f, b"abcd", false, false);
+        assert!(v.is_empty());
+        assert_eq!(used, 0);
+        let (v, used) = frames(&f, b"abcdefghijk", false, false);
+        assert_eq!(v, vec![("abcd".into(), 4, 0), ("efgh".into(), 4, 0)]);
+        assert_eq!(used, 8);
+    }
+
+    #[test]
     fn multiline_groups_stack_traces() {
         let f = Framer::new(1000, Some(Regex::new(r"^\d{4}-").unwrap()));
         let text = b"2024-01 start\n  at a\n  at b\n2024-02 next\n  at c\n";

@@ -1,6 +1,7 @@
 //! End-to-end tests of `qanat agent` against the real broker: discovery without inotify,
 //! corrupt checkpoints under both policies, rotation to a non-matching name and deletion
-//! while the agent still holds the file open.
+//! while the agent still holds the file open, a line far longer than `max_line_bytes` that
+//! has no newline yet (also across a restart).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -13,7 +14,7 @@ use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::time::Duration;
 
-use agent_support::{check, read_topic, wait_checked, Agent, Content, Record};
+use agent_support::{check, read_topic, wait_checked, wait_checkpointed, Agent, Content, Record};
 use support::{poll_until, Broker};
 
 fn config(dir: &Path, bootstrap: &str, extra: &str) -> String {
@@ -275,5 +276,107 @@ fn renamed_away_and_deleted_files_are_read_to_their_end() {
             Ok(())
         }
     });
+    agent.stop();
+}
+
+/// The default `max_line_bytes`.
+const MAX_LINE: u64 = 256 << 10;
+
+/// `n` bytes of one line without a newline, varied so a misplaced piece shows.
+fn long_line(from: u64, n: u64) -> Vec<u8> {
+    (from..from + n).map(|i| b'a' + (i % 23) as u8).collect()
+}
+
+fn append(path: &Path, bytes: &[u8]) {
+    let mut f = OpenOptions::new().append(true).open(path).unwrap();
+    f.write_all(bytes).unwrap();
+}
+
+/// Every record of `path` read back must tile it byte for byte up to `required`; the long
+/// line's records starting in `[line_start, required)` are pieces of exactly `MAX_LINE` bytes
+/// in which no line ends, except the one ending at a newline.
+fn check_long_line(broker: &Broker, path: &Path, line_start: u64, required: u64) {
+    let mut c = content(path);
+    c.required = required;
+    let recs = read_topic(&broker.bootstrap(), "logs");
+    check(&[c], &recs).map_err(|e| e.1).unwrap();
+    let mut pieces = 0;
+    for r in &recs {
+        let (offset, size) = (r.num("qanat.offset"), r.num("qanat.size"));
+        if offset >= line_start && offset < required && r.num("qanat.lines") == 0 {
+            assert_eq!(size, MAX_LINE, "piece at {offset}");
+            pieces += 1;
+        }
+    }
+    assert!(pieces > 0, "no pieces of the long line");
+}
+
+#[test]
+fn a_long_line_without_newline_is_cut_at_max_line_bytes() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    let path = d.join("logs/app.log");
+    // The line starts where a read starts, so the first read holds exactly `MAX_LINE` bytes
+    // of it: not yet known to be too long.
+    let line_start = 0;
+    let line_len = 50 * (1 << 20) + 12_345;
+    fs::write(&path, long_line(0, line_len)).unwrap();
+    let mut agent = Agent::new(d, &config(d, &broker.bootstrap(), ""));
+    agent.start();
+
+    // Every whole piece is collected and acknowledged while the newline is still missing;
+    // only the last, shorter part of the line waits for it.
+    let pieces_end = line_start + (line_len - 1) / MAX_LINE * MAX_LINE;
+    let acked = wait_checkpointed(&d.join("state"), &path, pieces_end);
+    assert_eq!(acked, pieces_end, "nothing past the last whole piece");
+    check_long_line(&broker, &path, line_start, pieces_end);
+
+    // The newline arrives, and lines after it flow.
+    append(&path, format!("\n{}", lines("after", 100)).as_bytes());
+    let end = fs::metadata(&path).unwrap().len();
+    wait_checkpointed(&d.join("state"), &path, end);
+    check_long_line(&broker, &path, line_start, end);
+    agent.stop();
+}
+
+#[test]
+fn a_long_line_without_newline_continues_across_a_restart() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    let path = d.join("logs/app.log");
+    let head = lines("head", 3).into_bytes();
+    let line_start = head.len() as u64;
+    let first = 10 * (1 << 20) + 100;
+    let mut bytes = head;
+    bytes.extend_from_slice(&long_line(0, first));
+    fs::write(&path, &bytes).unwrap();
+    let mut agent = Agent::new(d, &config(d, &broker.bootstrap(), ""));
+    agent.start();
+    wait_checkpointed(
+        &d.join("state"),
+        &path,
+        line_start + (first - 1) / MAX_LINE * MAX_LINE,
+    );
+    agent.stop();
+
+    // While the agent is down the line grows, still without a newline; the agent resumes in
+    // the middle of it.
+    let rest = 40 * (1 << 20);
+    append(&path, &long_line(first, rest));
+    agent.start();
+    let line_len = first + rest;
+    let pieces_end = line_start + (line_len - 1) / MAX_LINE * MAX_LINE;
+    let acked = wait_checkpointed(&d.join("state"), &path, pieces_end);
+    assert_eq!(acked, pieces_end);
+    check_long_line(&broker, &path, line_start, pieces_end);
+
+    append(&path, format!("\n{}", lines("after", 100)).as_bytes());
+    let end = fs::metadata(&path).unwrap().len();
+    wait_checkpointed(&d.join("state"), &path, end);
+    check_long_line(&broker, &path, line_start, end);
     agent.stop();
 }
