@@ -62,6 +62,8 @@ pub enum AgentError {
     CorruptCheckpoint { path: PathBuf, reason: String },
     #[error(transparent)]
     Checkpoint(CheckpointError),
+    #[error("writing the final checkpoint: {0}")]
+    FinalCheckpoint(CheckpointError),
     #[error("creating the producer: {0}")]
     Producer(#[from] KafkaError),
     #[error("{what}: {source}")]
@@ -621,8 +623,8 @@ impl Agent {
         self.files.len()
     }
 
-    /// Run until `shutdown` is set, then flush and write a final checkpoint. `on_ready` is
-    /// called once after the first scan.
+    /// Run until `shutdown` is set, then flush and write a final checkpoint; a final checkpoint
+    /// that cannot be written is an error. `on_ready` is called once after the first scan.
     pub fn run(
         mut self,
         shutdown: &AtomicBool,
@@ -675,8 +677,7 @@ impl Agent {
                 self.sleep(Duration::from_millis(wait));
             }
         }
-        self.shutdown();
-        Ok(())
+        self.shutdown()
     }
 
     fn sleep(&mut self, d: Duration) {
@@ -1265,7 +1266,7 @@ impl Agent {
         }
     }
 
-    fn shutdown(&mut self) {
+    fn shutdown(&mut self) -> Result<(), AgentError> {
         tracing::info!(
             inflight_bytes = self.inflight_bytes,
             "shutting down: waiting for acknowledgements"
@@ -1279,8 +1280,15 @@ impl Agent {
                 break;
             }
         }
-        self.save_checkpoint();
-        tracing::info!(files = self.files.len(), "final checkpoint written");
+        // The last chance to record how far files were delivered: a failure must not pass
+        // for success, or the next start re-reads (or, worse, an operator trusts) stale positions.
+        if let Err(e) = self.store.save(&self.checkpoint()) {
+            metrics::counter!("qanat_agent_checkpoint_errors_total").increment(1);
+            tracing::error!(path = %self.store.path().display(), error = %e, "final checkpoint NOT written: the next start resumes from the last checkpoint that was");
+            return Err(AgentError::FinalCheckpoint(e));
+        }
+        tracing::info!(path = %self.store.path().display(), files = self.files.len(), "final checkpoint written");
+        Ok(())
     }
 }
 
@@ -1366,6 +1374,52 @@ mod tests {
         let (pos, sizes) = read_like_the_agent(&file, &framer, 64);
         assert!(sizes[0] > 64, "the group is read past one chunk: {sizes:?}");
         assert_eq!(pos, file.len() - b"S next\n".len());
+    }
+
+    /// A disk that is full: reads find nothing, every write fails with ENOSPC.
+    struct FullDisk;
+
+    impl CheckpointFs for FullDisk {
+        fn read(&self, _path: &std::path::Path) -> io::Result<Option<Vec<u8>>> {
+            Ok(None)
+        }
+        fn write_synced(&self, _path: &std::path::Path, _bytes: &[u8]) -> io::Result<()> {
+            Err(io::Error::from_raw_os_error(28))
+        }
+        fn rename(&self, _from: &std::path::Path, _to: &std::path::Path) -> io::Result<()> {
+            Ok(())
+        }
+        fn sync_dir(&self, _dir: &std::path::Path) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_final_checkpoint_that_cannot_be_written_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let toml = format!(
+            "checkpoint_dir = \"{d}/state\"\ninotify = false\nmanifest_topic = \"\"\n\
+             [output]\nbootstrap = \"127.0.0.1:1\"\n\
+             [[source]]\npaths = [\"{d}/*.log\"]\ntopic = \"logs\"\n",
+            d = dir.path().display()
+        );
+        let cfg = AgentConfig::from_toml_with_env(&toml, Vec::new()).unwrap();
+        // Stopped before it starts: it scans, then shuts down at once.
+        let stop = AtomicBool::new(true);
+        let err = run(
+            cfg,
+            Box::new(FullDisk),
+            Arc::new(crate::clock::SystemClock),
+            &stop,
+            |_| {},
+        )
+        .unwrap_err();
+        let AgentError::FinalCheckpoint(CheckpointError::Io { path, source }) = &err else {
+            panic!("not a final checkpoint error: {err:?}");
+        };
+        assert_eq!(path, &dir.path().join("state/checkpoint.tmp"));
+        assert_eq!(source.raw_os_error(), Some(28));
+        assert!(err.to_string().contains("checkpoint.tmp"), "{err}");
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! `qanat agent`: the log agent (crate `qanat-agent`) as a command: configuration, flags,
 //! signals and the metrics endpoint. Exit status 3 means a corrupt checkpoint under
-//! `on_corrupt_checkpoint = "stop"`.
+//! `on_corrupt_checkpoint = "stop"`; 1 any other failure, including a final checkpoint that
+//! could not be written at shutdown.
 
 use std::io::Write;
 use std::net::SocketAddr;

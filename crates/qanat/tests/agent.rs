@@ -1,7 +1,7 @@
 //! End-to-end tests of `qanat agent` against the real broker: discovery without inotify,
 //! corrupt checkpoints under both policies, rotation to a non-matching name and deletion
 //! while the agent still holds the file open, a line far longer than `max_line_bytes` that
-//! has no newline yet (also across a restart).
+//! has no newline yet (also across a restart), and a final checkpoint that cannot be written.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -15,7 +15,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use agent_support::{check, read_topic, wait_checked, wait_checkpointed, Agent, Content, Record};
-use support::{poll_until, Broker};
+use support::{poll_until, Broker, Tmpfs};
 
 fn config(dir: &Path, bootstrap: &str, extra: &str) -> String {
     format!(
@@ -379,4 +379,36 @@ fn a_long_line_without_newline_continues_across_a_restart() {
     wait_checkpointed(&d.join("state"), &path, end);
     check_long_line(&broker, &path, line_start, end);
     agent.stop();
+}
+
+#[test]
+fn a_final_checkpoint_on_a_full_disk_is_reported_and_fails_the_exit() {
+    let broker = Broker::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    let path = d.join("logs/app.log");
+    fs::write(&path, lines("app", 100)).unwrap();
+    let disk = Tmpfs::mount(256 << 10);
+    let state = disk.path().join("state");
+    let toml = config(d, &broker.bootstrap(), "").replace(
+        &format!("checkpoint_dir = \"{}/state\"", d.display()),
+        &format!("checkpoint_dir = \"{}\"", state.display()),
+    );
+    let mut agent = Agent::new(d, &toml);
+    agent.start();
+    wait_delivered(&broker, &[content(&path)]);
+    wait_checkpointed(&state, &path, fs::metadata(&path).unwrap().len());
+
+    disk.fill("filler");
+    let status = agent.terminate();
+    let stderr = fs::read_to_string(&agent.stderr).unwrap();
+    assert!(!status.success(), "exit {status}; stderr:\n{stderr}");
+    assert!(stderr.contains("final checkpoint NOT written"), "{stderr}");
+    assert!(
+        stderr.contains(&state.join("checkpoint.tmp").display().to_string()),
+        "the error names the file: {stderr}"
+    );
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(!stderr.contains("final checkpoint written"), "{stderr}");
 }

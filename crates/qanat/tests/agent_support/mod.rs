@@ -99,16 +99,21 @@ impl Agent {
         self.proc.take().expect("agent running").kill9();
     }
 
-    /// SIGTERM: the agent flushes, writes its final checkpoint and exits 0.
-    pub fn stop(&mut self) {
+    /// SIGTERM and wait for the exit; returns its status.
+    pub fn terminate(&mut self) -> ExitStatus {
         let mut proc = self.proc.take().expect("agent running");
         // On a timeout, dropping `proc` kills it.
-        let status = proc.terminate(DEADLINE).unwrap_or_else(|| {
+        proc.terminate(DEADLINE).unwrap_or_else(|| {
             panic!(
                 "agent did not exit after SIGTERM; stderr:\n{}",
                 self.stderr_tail(40)
             )
-        });
+        })
+    }
+
+    /// SIGTERM: the agent flushes, writes its final checkpoint and exits 0.
+    pub fn stop(&mut self) {
+        let status = self.terminate();
         assert!(
             status.success(),
             "agent exited {status}; stderr:\n{}",

@@ -1502,3 +1502,73 @@ impl RawClient {
         Resp::decode(&mut buf, version).expect("decode response")
     }
 }
+
+// ------------------------------------------------------------------------------------------
+// A small disk
+
+/// A tmpfs of a fixed size mounted on a fresh temporary directory (needs root, as the tests
+/// run): a disk that is full when the test says so. Unmounted (lazily, should a process still
+/// hold a file in it) and removed on drop.
+pub struct Tmpfs {
+    dir: Option<TempDir>,
+}
+
+impl Tmpfs {
+    /// Mount a tmpfs of `bytes` (rounded up to whole pages by the kernel).
+    pub fn mount(bytes: u64) -> Tmpfs {
+        let dir = tempfile::Builder::new()
+            .prefix("qanat-tmpfs-")
+            .tempdir()
+            .expect("temp dir for a tmpfs");
+        let out = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={bytes},mode=0755"),
+                "qanat-test",
+            ])
+            .arg(dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("run mount: {e}"));
+        assert!(
+            out.status.success(),
+            "mounting a {bytes}-byte tmpfs on {} failed (the tests need root): {}",
+            dir.path().display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Tmpfs { dir: Some(dir) }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir
+            .as_ref()
+            .map_or(Path::new("/nonexistent"), TempDir::path)
+    }
+
+    /// Write zeros to `name` until the filesystem refuses (ENOSPC); returns the bytes written.
+    /// Removing the file frees the space again.
+    pub fn fill(&self, name: &str) -> u64 {
+        let mut f = fs::File::create(self.path().join(name)).expect("create the filler file");
+        let block = [0u8; 4096];
+        let mut written = 0u64;
+        loop {
+            match f.write(&block) {
+                Ok(0) => break,
+                Ok(n) => written += n as u64,
+                Err(e) if e.raw_os_error() == Some(28) => break,
+                Err(e) => panic!("filling {}: {e}", self.path().display()),
+            }
+        }
+        written
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        if let Some(dir) = self.dir.take() {
+            let _ = Command::new("umount").arg("-l").arg(dir.path()).status();
+            drop(dir);
+        }
+    }
+}
