@@ -45,7 +45,8 @@ pub struct ServerConfig {
     pub default_app: String,
     /// Seconds in `Retry-After` when a route's buffer is full.
     pub retry_after_secs: u32,
-    /// Bearer token for `/admin/*`; empty: admin only from loopback peers.
+    /// Bearer token for `/admin/*`; empty: admin only for direct requests from loopback peers
+    /// (never through a proxy: see `server::admin_access`).
     pub admin_token: String,
     /// On shutdown, how long to wait for the broker to acknowledge what is buffered.
     pub shutdown_timeout_ms: u64,

@@ -84,7 +84,8 @@ impl Enricher {
         })
     }
 
-    fn is_trusted(&self, ip: IpAddr) -> bool {
+    /// Whether `ip` is one of `trusted_proxies`.
+    pub fn is_trusted(&self, ip: IpAddr) -> bool {
         self.trusted.iter().any(|c| c.contains(ip))
     }
 

@@ -75,7 +75,9 @@ const TRACKED_PATHS: [&str; 7] = [
     "/demo.html",
 ];
 /// Statuses whose request counters are kept per path.
-const TRACKED_STATUSES: [u16; 12] = [200, 204, 400, 403, 404, 405, 413, 415, 422, 429, 500, 503];
+const TRACKED_STATUSES: [u16; 13] = [
+    200, 204, 400, 401, 403, 404, 405, 413, 415, 422, 429, 500, 503,
+];
 
 /// Metric handles of one HTTP route, registered on first use (as `metrics::counter!` per
 /// request did) and reused after, so a request allocates nothing for its metrics.
@@ -837,24 +839,80 @@ async fn app_config(State(st): State<Arc<AppState>>, Query(q): Query<AppQuery>) 
     r
 }
 
-/// With `admin_token` set, a matching bearer token; without, a loopback peer.
-fn admin_denied(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> Option<Response> {
-    let ok = if st.cfg.admin_token.is_empty() {
-        peer.ip().is_loopback()
+/// Headers a reverse proxy adds: with any of them the TCP peer is not the client.
+const FORWARDING_HEADERS: [&str; 5] = [
+    "forwarded",
+    "x-forwarded-for",
+    "x-forwarded-host",
+    "x-forwarded-proto",
+    "x-real-ip",
+];
+
+/// Why an admin request is refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AdminDenied {
+    /// `admin_token` is set and the request does not carry it.
+    BadToken,
+    /// No `admin_token`, and the request came through a proxy: its peer address says nothing
+    /// about the client (a local proxy makes every browser look local).
+    Proxied,
+    /// No `admin_token`, and the peer is not on this host.
+    NotLoopback,
+}
+
+/// Admin access: with `admin_token` set, a matching bearer token, always; without, only a
+/// direct request from a loopback peer (`proxied`: a forwarding header, or a peer in
+/// `trusted_proxies`).
+fn admin_access(
+    token: &str,
+    bearer: Option<&str>,
+    peer: IpAddr,
+    proxied: bool,
+) -> Result<(), AdminDenied> {
+    if !token.is_empty() {
+        return match bearer {
+            Some(t) if t == token => Ok(()),
+            _ => Err(AdminDenied::BadToken),
+        };
+    }
+    if proxied {
+        Err(AdminDenied::Proxied)
+    } else if peer.is_loopback() {
+        Ok(())
     } else {
-        header_str(h, header::AUTHORIZATION)
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == st.cfg.admin_token)
-    };
-    (!ok).then(|| {
-        (
+        Err(AdminDenied::NotLoopback)
+    }
+}
+
+fn admin_denied(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> Option<Response> {
+    let proxied = FORWARDING_HEADERS.iter().any(|name| h.contains_key(*name))
+        || st.enricher.is_trusted(peer.ip());
+    let bearer = header_str(h, header::AUTHORIZATION).and_then(|v| v.strip_prefix("Bearer "));
+    let denied = admin_access(&st.cfg.admin_token, bearer, peer.ip(), proxied).err()?;
+    let (status, error) = match denied {
+        AdminDenied::BadToken => (StatusCode::UNAUTHORIZED, "admin needs the bearer token"),
+        AdminDenied::Proxied => (
             StatusCode::FORBIDDEN,
-            Json(ErrorBody {
-                error: "admin access denied".into(),
-            }),
-        )
-            .into_response()
-    })
+            "admin through a proxy needs admin_token set and sent as a bearer token",
+        ),
+        AdminDenied::NotLoopback => (
+            StatusCode::FORBIDDEN,
+            "admin without admin_token is only for loopback peers",
+        ),
+    };
+    tracing::warn!(%peer, proxied, ?denied, "admin request refused");
+    let mut r = (
+        status,
+        Json(ErrorBody {
+            error: error.into(),
+        }),
+    )
+        .into_response();
+    if status == StatusCode::UNAUTHORIZED {
+        r.headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    Some(r)
 }
 
 async fn admin_get(
@@ -1003,6 +1061,37 @@ mod tests {
             params.into_iter().collect::<Vec<_>>(),
             [("x", "3"), ("y", "A"), ("z", "")]
         );
+    }
+
+    #[test]
+    fn admin_needs_the_token_whenever_a_proxy_is_involved() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let remote: IpAddr = "203.0.113.9".parse().unwrap();
+        // Without a token: direct loopback only.
+        assert_eq!(admin_access("", None, local, false), Ok(()));
+        assert_eq!(
+            admin_access("", None, local, true),
+            Err(AdminDenied::Proxied)
+        );
+        assert_eq!(
+            admin_access("", None, remote, false),
+            Err(AdminDenied::NotLoopback)
+        );
+        // With a token: the token, wherever the request comes from.
+        for (peer, proxied) in [(local, false), (local, true), (remote, false)] {
+            assert_eq!(
+                admin_access("s3cret", Some("s3cret"), peer, proxied),
+                Ok(())
+            );
+            assert_eq!(
+                admin_access("s3cret", Some("guess"), peer, proxied),
+                Err(AdminDenied::BadToken)
+            );
+            assert_eq!(
+                admin_access("s3cret", None, peer, proxied),
+                Err(AdminDenied::BadToken)
+            );
+        }
     }
 
     #[test]

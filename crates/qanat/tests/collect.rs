@@ -558,3 +558,56 @@ fn sigterm_drains_every_accepted_event() {
     assert_eq!(got.len(), 1000);
     assert_eq!(watermarks(&broker.bootstrap(), "drain", 0).1, 1000);
 }
+
+#[test]
+fn admin_through_a_proxy_needs_the_token() {
+    let broker = Broker::start();
+    let put = |c: &Collector, headers: &[(&str, &str)]| {
+        http(
+            &c.addr,
+            "PUT",
+            "/admin/v1/config?app=web",
+            headers,
+            br#"{"events":{"page_view":{"sample":0.0}}}"#,
+        )
+    };
+    let sample =
+        |c: &Collector| c.get("/v1/config?app=web").json()["events"]["page_view"]["sample"].clone();
+    const XFF: (&str, &str) = ("X-Forwarded-For", "198.51.100.7");
+    const ROUTES: &str = "[[routes]]\nname = \"all\"\ntopic = \"events\"\n";
+
+    // Behind a reverse proxy on this host: every browser's request arrives from loopback.
+    let c = Collector::start(
+        &broker.bootstrap(),
+        &format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\n{ROUTES}"),
+    );
+    for headers in [&[JSON, XFF][..], &[JSON][..]] {
+        let r = put(&c, headers);
+        assert_eq!(r.status, 403, "{headers:?}: {}", r.text());
+    }
+    assert_ne!(sample(&c), 0.0, "sampling unchanged");
+
+    // No trusted proxy configured: a forwarding header still says a proxy is in between;
+    // a direct local request keeps working without a token.
+    let c = Collector::start(&broker.bootstrap(), ROUTES);
+    let r = put(&c, &[JSON, ("Forwarded", "for=198.51.100.7")]);
+    assert_eq!(r.status, 403, "{}", r.text());
+    assert_ne!(sample(&c), 0.0);
+    let r = put(&c, &[JSON]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sample(&c), 0.0);
+
+    // With admin_token: through the proxy with the token, yes; without it, no.
+    let c = Collector::start(
+        &broker.bootstrap(),
+        &format!("[server]\ntrusted_proxies = [\"127.0.0.1\"]\nadmin_token = \"s3cret\"\n{ROUTES}"),
+    );
+    let r = put(&c, &[JSON, XFF, ("Authorization", "Bearer guess")]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = put(&c, &[JSON, XFF]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_ne!(sample(&c), 0.0);
+    let r = put(&c, &[JSON, XFF, ("Authorization", "Bearer s3cret")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(sample(&c), 0.0);
+}
