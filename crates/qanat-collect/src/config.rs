@@ -52,6 +52,11 @@ pub struct ServerConfig {
     pub shutdown_timeout_ms: u64,
     /// Case-insensitive user-agent substrings that mark a crawler, on top of the built-in list.
     pub bot_patterns: Vec<String>,
+    /// A connection must send a request's complete headers within this long (also when idle
+    /// between keep-alive requests), else it is closed: bounds slowloris clients.
+    pub header_read_timeout_ms: u64,
+    /// Open connections at most; more wait in the listen backlog.
+    pub max_connections: usize,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +75,8 @@ impl Default for ServerConfig {
             admin_token: String::new(),
             shutdown_timeout_ms: 30_000,
             bot_patterns: Vec::new(),
+            header_read_timeout_ms: 10_000,
+            max_connections: 10_000,
         }
     }
 }
@@ -256,6 +263,16 @@ impl CollectConfig {
                 )));
             }
         }
+        if self.server.header_read_timeout_ms == 0 {
+            return Err(ConfigError::Invalid(
+                "server.header_read_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if self.server.max_connections == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_connections must be at least 1".into(),
+            ));
+        }
         for p in &self.server.trusted_proxies {
             Cidr::parse(p)?;
         }
@@ -378,6 +395,11 @@ mod tests {
         assert!(CollectConfig::from_toml_with_env(&bad_sample, Vec::new()).is_err());
         let bad_proxy = format!("[server]\ntrusted_proxies = [\"10.0.0.0/33\"]\n{MIN}");
         assert!(CollectConfig::from_toml_with_env(&bad_proxy, Vec::new()).is_err());
+        for key in ["header_read_timeout_ms", "max_connections"] {
+            let zero = format!("[server]\n{key} = 0\n{MIN}");
+            let err = CollectConfig::from_toml_with_env(&zero, Vec::new()).unwrap_err();
+            assert!(err.to_string().contains(key), "{err}");
+        }
         let unknown = format!("[server]\nlisten_on = \"x\"\n{MIN}");
         assert!(CollectConfig::from_toml_with_env(&unknown, Vec::new()).is_err());
     }

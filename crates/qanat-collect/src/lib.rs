@@ -22,10 +22,16 @@
 //!   slow or flooded route cannot stall another.
 //! * Shutdown stops accepting, finishes in-flight requests, then drains every buffer to the
 //!   broker (bounded by `shutdown_timeout_ms`); a crash loses what was buffered.
+//! * A client cannot hold the server's descriptors by being slow: request headers must arrive
+//!   within `header_read_timeout_ms`, open connections are capped, and running out of
+//!   descriptors pauses accepting instead of ending it ([`conn`]).
+//! * Admin changes need `admin_token` whenever a proxy is involved; without a token only
+//!   direct loopback requests may make them.
 //! * Nothing from the network is trusted: bodies, decoded bodies, events and strings are
 //!   bounded before use, and bad input gets a 4xx with the reason, never a panic.
 
 pub mod config;
+pub mod conn;
 pub mod enrich;
 pub mod error;
 pub mod event;

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::io::Read;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, OnceLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
@@ -196,12 +196,11 @@ impl Collector {
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        let app = self
-            .router()
-            .into_make_service_with_connect_info::<SocketAddr>();
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown)
-            .await?;
+        let limits = crate::conn::Limits {
+            header_read_timeout: Duration::from_millis(self.state.cfg.header_read_timeout_ms),
+            max_connections: self.state.cfg.max_connections,
+        };
+        crate::conn::serve(listener, self.router(), limits, shutdown).await;
         tracing::info!("HTTP stopped; draining routes");
         let _ = self.shutdown.send(true);
         let mut reports = Vec::with_capacity(self.pumps.len());

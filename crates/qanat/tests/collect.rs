@@ -5,11 +5,13 @@
 mod collect_support;
 mod support;
 
-use std::io::Write;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
 
 use collect_support::{chromium, Collector};
 use serde_json::{json, Value};
-use support::{consume_all, http, poll_until, watermarks, Broker, Msg, DEADLINE};
+use support::{consume_all, http, poll_until, try_http, watermarks, Broker, Msg, DEADLINE};
 
 fn values(msgs: &[Msg]) -> Vec<Value> {
     msgs.iter()
@@ -610,4 +612,112 @@ fn admin_through_a_proxy_needs_the_token() {
     let r = put(&c, &[JSON, XFF, ("Authorization", "Bearer s3cret")]);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(sample(&c), 0.0);
+}
+
+const BEACON: &str = "/t.gif?t=page_view&app=web&url=https%3A%2F%2Fshop.example%2F";
+
+/// Read until the server closes `s` (EOF or reset); panics if it is still open at the deadline.
+fn closed_by_server(s: &mut TcpStream) -> Vec<u8> {
+    s.set_read_timeout(Some(DEADLINE)).unwrap();
+    let mut got = Vec::new();
+    match s.read_to_end(&mut got) {
+        Ok(_) => got,
+        Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => got,
+        Err(e) => panic!("connection not closed by the server: {e}"),
+    }
+}
+
+#[test]
+fn slow_header_connections_are_closed_and_beacons_keep_flowing() {
+    let broker = Broker::start();
+    let c = Collector::start(
+        &broker.bootstrap(),
+        "[server]\nheader_read_timeout_ms = 500\n[[routes]]\nname = \"all\"\ntopic = \"beacons\"\n",
+    );
+    // Connections that start a request and never finish its headers, or send nothing.
+    let mut slow: Vec<TcpStream> = (0..40)
+        .map(|i| {
+            let mut s = TcpStream::connect(&c.addr).unwrap();
+            if i % 2 == 0 {
+                s.write_all(b"GET /t.gif?t=page_view HTTP/1.1\r\nHost: x\r\n")
+                    .unwrap();
+            }
+            s
+        })
+        .collect();
+    // One that trickles a header byte at a time: the deadline is for the whole head, so the
+    // server closes it too (writes start failing).
+    let addr = c.addr.clone();
+    let trickler = std::thread::spawn(move || {
+        let mut s = TcpStream::connect(&addr).unwrap();
+        s.write_all(b"GET /t.gif?t=page_view HTTP/1.1\r\nX-Slow: ")
+            .unwrap();
+        let pace = Duration::from_millis(50);
+        for _ in 0..(DEADLINE.as_millis() / pace.as_millis()) {
+            if s.write_all(b"a").is_err() {
+                return true;
+            }
+            std::thread::sleep(pace);
+        }
+        false
+    });
+    for s in &mut slow {
+        let answer = closed_by_server(s);
+        assert!(
+            !answer.starts_with(b"HTTP/1.1 2"),
+            "{}",
+            String::from_utf8_lossy(&answer)
+        );
+    }
+    assert!(
+        trickler.join().unwrap(),
+        "the trickling connection was never closed"
+    );
+    let r = c.get(BEACON);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(consume_all(&broker.bootstrap(), "beacons", 0, 1).len(), 1);
+}
+
+#[test]
+fn a_connection_flood_at_the_descriptor_limit_does_not_stop_service() {
+    let broker = Broker::start();
+    let c = Collector::start(
+        &broker.bootstrap(),
+        "[server]\nheader_read_timeout_ms = 120000\n[[routes]]\nname = \"all\"\ntopic = \"beacons\"\n",
+    );
+    // One beacon first, so the route's producer is connected before descriptors run out.
+    assert_eq!(c.get(BEACON).status, 200);
+    assert_eq!(consume_all(&broker.bootstrap(), "beacons", 0, 1).len(), 1);
+    let limit = c.limit_open_files(16);
+
+    // Far more idle connections than descriptors left (fewer than the listen backlog of 128):
+    // accepting fails with EMFILE.
+    let flood: Vec<TcpStream> = (0..100)
+        .map(|_| TcpStream::connect(&c.addr).unwrap())
+        .collect();
+    poll_until(
+        &format!("the collector to run out of descriptors (limit {limit})"),
+        DEADLINE,
+        || {
+            if c.stderr().contains("accepting connections failed") {
+                Ok(())
+            } else {
+                Err("no accept failure logged yet".to_string())
+            }
+        },
+    );
+    drop(flood);
+
+    // Once the flood is gone, beacons are served again.
+    let r = poll_until("a beacon to be served again", DEADLINE, || {
+        match try_http(&c.addr, "GET", BEACON, &[], b"") {
+            Ok(r) if r.status == 200 => Ok(r),
+            Ok(r) => Err(format!("status {}", r.status)),
+            Err(e) => Err(e),
+        }
+    });
+    assert_eq!(r.header("content-type"), Some("image/gif"));
+    assert_eq!(consume_all(&broker.bootstrap(), "beacons", 0, 2).len(), 2);
+    let logged = c.stderr().matches("accepting connections failed").count();
+    assert!(logged >= 1);
 }

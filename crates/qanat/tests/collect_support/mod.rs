@@ -108,6 +108,26 @@ impl Collector {
         http(&self.addr, "POST", path, headers, body)
     }
 
+    /// Lower the running collector's RLIMIT_NOFILE (soft and hard) to the descriptors it has
+    /// open now plus `spare`, with `prlimit`; returns the new limit.
+    pub fn limit_open_files(&self, spare: usize) -> usize {
+        let open = fs::read_dir(format!("/proc/{}/fd", self.pid()))
+            .expect("list the collector's descriptors")
+            .count();
+        let limit = open + spare;
+        let out = Command::new("prlimit")
+            .arg(format!("--pid={}", self.pid()))
+            .arg(format!("--nofile={limit}:{limit}"))
+            .output()
+            .unwrap_or_else(|e| panic!("run prlimit: {e}"));
+        assert!(
+            out.status.success(),
+            "prlimit failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        limit
+    }
+
     /// The Prometheus text of the collector's metrics endpoint.
     pub fn metrics(&self) -> String {
         http_get(&self.metrics_addr, "/metrics").1

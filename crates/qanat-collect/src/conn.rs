@@ -1,0 +1,192 @@
+//! Serving HTTP/1.1 connections, bounded against slow and abusive clients.
+//!
+//! Invariants:
+//! * A connection that has not sent a request's complete headers within
+//!   `header_read_timeout_ms` of starting to wait for them (a new connection, or an idle
+//!   keep-alive one) is closed, however slowly it trickles bytes: slowloris clients cannot hold
+//!   descriptors for long.
+//! * At most `max_connections` connections are open; further clients wait in the listen
+//!   backlog until one closes.
+//! * When accepting fails (descriptors exhausted: EMFILE/ENFILE, or memory), the loop pauses,
+//!   doubling from 10 ms to 1 s, instead of spinning, and logs at most once per 10 s with the
+//!   count of failures in between; it serves again as soon as descriptors are free.
+//! * Shutdown stops accepting at once, lets requests in flight finish and closes idle
+//!   connections.
+
+use std::future::Future;
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::extract::ConnectInfo;
+use axum::Router;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use hyper_util::service::TowerToHyperService;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tower::ServiceExt;
+
+const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(10);
+const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
+const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
+
+/// How connections are bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub header_read_timeout: Duration,
+    pub max_connections: usize,
+}
+
+/// Serve `router` on `listener` until `shutdown` resolves, then finish what is in flight.
+/// Handlers see the peer address as `ConnectInfo<SocketAddr>`.
+pub async fn serve<F>(listener: TcpListener, router: Router, limits: Limits, shutdown: F)
+where
+    F: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(limits.max_connections));
+    let graceful = GracefulShutdown::new();
+    let mut builder = http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(limits.header_read_timeout);
+    let open = metrics::gauge!("qanat_collect_connections");
+    let accept_errors = metrics::counter!("qanat_collect_accept_errors_total");
+    let mut backoff = AcceptBackoff::default();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
+        let accepted = tokio::select! {
+            r = listener.accept() => r,
+            () = &mut shutdown => break,
+        };
+        let (stream, peer) = match accepted {
+            Ok(a) => {
+                backoff.reset();
+                a
+            }
+            // The client gave up before we took it: nothing wrong here.
+            Err(e) if is_connection_error(&e) => continue,
+            Err(e) => {
+                accept_errors.increment(1);
+                let (pause, log) = backoff.on_error(Instant::now());
+                if let Some(suppressed) = log {
+                    tracing::warn!(error = %e, pause_ms = pause.as_millis() as u64, failures_since_last_log = suppressed, "accepting connections failed (descriptors exhausted?): backing off");
+                }
+                drop(permit);
+                tokio::select! {
+                    () = tokio::time::sleep(pause) => continue,
+                    () = &mut shutdown => break,
+                }
+            }
+        };
+        let service = router
+            .clone()
+            .map_request(move |mut req: axum::http::Request<Incoming>| {
+                req.extensions_mut().insert(ConnectInfo(peer));
+                req
+            });
+        let conn = graceful.watch(
+            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)),
+        );
+        let open = open.clone();
+        open.increment(1.0);
+        tokio::spawn(async move {
+            if let Err(e) = conn.await {
+                tracing::debug!(%peer, error = %e, "connection closed with an error");
+            }
+            open.decrement(1.0);
+            drop(permit);
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+fn is_connection_error(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+    )
+}
+
+/// Pauses after failed accepts and when to say so.
+#[derive(Debug)]
+struct AcceptBackoff {
+    pause: Duration,
+    last_log: Option<Instant>,
+    unlogged: u64,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff {
+            pause: FIRST_ACCEPT_PAUSE,
+            last_log: None,
+            unlogged: 0,
+        }
+    }
+}
+
+impl AcceptBackoff {
+    /// A failed accept at `now`: how long to pause, and `Some(failures not logged before this
+    /// one)` when this one should be logged.
+    fn on_error(&mut self, now: Instant) -> (Duration, Option<u64>) {
+        let pause = self.pause;
+        self.pause = (self.pause * 2).min(MAX_ACCEPT_PAUSE);
+        let due = self
+            .last_log
+            .is_none_or(|t| now.saturating_duration_since(t) >= ACCEPT_LOG_INTERVAL);
+        if due {
+            self.last_log = Some(now);
+            (pause, Some(std::mem::take(&mut self.unlogged)))
+        } else {
+            self.unlogged += 1;
+            (pause, None)
+        }
+    }
+
+    /// An accept succeeded: the next failure pauses briefly again (but is logged only when
+    /// the interval has passed, so a flapping limit does not flood the log).
+    fn reset(&mut self) {
+        self.pause = FIRST_ACCEPT_PAUSE;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_failures_back_off_and_log_once_per_interval() {
+        let mut b = AcceptBackoff::default();
+        let t0 = Instant::now();
+        let mut pauses = Vec::new();
+        let mut logged = Vec::new();
+        for i in 0..10u32 {
+            let (pause, log) = b.on_error(t0 + Duration::from_millis(u64::from(i)));
+            pauses.push(pause.as_millis());
+            logged.push(log);
+        }
+        assert_eq!(pauses, [10, 20, 40, 80, 160, 320, 640, 1000, 1000, 1000]);
+        assert_eq!(logged[0], Some(0));
+        assert!(logged[1..].iter().all(Option::is_none), "{logged:?}");
+        // The next log, an interval later, says how many failures went unlogged.
+        let (_, log) = b.on_error(t0 + ACCEPT_LOG_INTERVAL);
+        assert_eq!(log, Some(9));
+        b.reset();
+        let (pause, log) = b.on_error(t0 + ACCEPT_LOG_INTERVAL + Duration::from_millis(1));
+        assert_eq!(pause, FIRST_ACCEPT_PAUSE);
+        assert_eq!(log, None);
+    }
+}
