@@ -1,5 +1,6 @@
 //! `collect.toml`: the server, the producer, the routes and the per-app throttle table, with
-//! `QANAT_COLLECT_<SECTION>_<KEY>` environment overrides for the `[server]` and `[kafka]` keys.
+//! `QANAT_COLLECT_<SECTION>_<KEY>` environment overrides for the `[server]` and `[kafka]` keys
+//! (through `qanat-config`, as for the other components).
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -204,32 +205,18 @@ impl CollectConfig {
         I: IntoIterator<Item = (String, String)>,
     {
         let mut table: toml::Table = toml::from_str(text)?;
-        for (var, value) in env {
-            let Some(rest) = var.strip_prefix("QANAT_COLLECT_") else {
-                continue;
-            };
-            let rest = rest.to_ascii_lowercase();
-            let Some((section, key)) = ["server", "kafka"]
-                .iter()
-                .find_map(|s| rest.strip_prefix(&format!("{s}_")).map(|k| (*s, k)))
-            else {
-                continue;
-            };
-            let entry = table
-                .entry(section)
-                .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-            let toml::Value::Table(section_table) = entry else {
-                return Err(ConfigError::Env {
-                    var,
-                    reason: format!("[{section}] in the file is not a table"),
-                });
-            };
-            let parsed = env_value(section, key, &value).map_err(|reason| ConfigError::Env {
-                var: var.clone(),
-                reason,
-            })?;
-            section_table.insert(key.to_string(), parsed);
-        }
+        qanat_config::overlay_env(
+            &mut table,
+            "QANAT_COLLECT_",
+            &["server", "kafka"],
+            false,
+            env,
+            |section, key, raw| env_value(section, key, raw).map(Some),
+        )
+        .map_err(|e| ConfigError::Env {
+            var: e.var,
+            reason: e.reason,
+        })?;
         let config: CollectConfig = toml::Value::Table(table).try_into()?;
         config.validate()?;
         Ok(config)
@@ -297,13 +284,7 @@ fn env_value(section: &str, key: &str, raw: &str) -> Result<toml::Value, String>
     if section == "kafka" && key == "properties" {
         return Err("set librdkafka properties in the file".into());
     }
-    Ok(if let Ok(i) = raw.parse::<i64>() {
-        toml::Value::Integer(i)
-    } else if let Ok(b) = raw.parse::<bool>() {
-        toml::Value::Boolean(b)
-    } else {
-        toml::Value::String(raw.to_string())
-    })
+    Ok(qanat_config::plain_value(raw))
 }
 
 /// An address block, `ip/prefix` or a bare address.
@@ -386,6 +367,21 @@ mod tests {
         assert_eq!(c.kafka.bootstrap, "b:1");
         assert_eq!(c.routes[0].buffer, 50_000);
         assert_eq!(c.server.cookie_name, "qvid");
+
+        let env = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+        let err =
+            CollectConfig::from_toml_with_env(MIN, env("QANAT_COLLECT_KAFKA_PROPERTIES", "x"))
+                .unwrap_err();
+        assert!(
+            err.to_string().contains("QANAT_COLLECT_KAFKA_PROPERTIES"),
+            "{err}"
+        );
+        let c = CollectConfig::from_toml_with_env(
+            MIN,
+            env("QANAT_COLLECT_SERVER_HEADER_READ_TIMEOUT_MS", "2500"),
+        )
+        .unwrap();
+        assert_eq!(c.server.header_read_timeout_ms, 2500);
     }
 
     #[test]
