@@ -1,7 +1,8 @@
 //! Durability seen from Kafka clients (A3, A5): with `fsync = "always"` consumers see only
 //! what an fdatasync covers, and a failed fdatasync is cut back so that a producer's retry
-//! is stored exactly once. The broker runs in-process over a storage whose fdatasyncs the
-//! test can hold or fail.
+//! is stored exactly once (the broker runs in-process over a storage whose fdatasyncs the
+//! test can hold or fail); a full disk refuses writes while reads go on, and writing resumes
+//! with nothing acknowledged lost (the real binary over a small tmpfs).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
@@ -9,13 +10,15 @@ mod support;
 use std::sync::Arc;
 use std::time::Instant;
 
-use qanat_broker::{Broker, Config};
+use qanat_broker::Config;
 use qanat_log::{FaultyStorage, OsStorage, SyncFaults, SystemClock};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use support::{consume, consumer_config, produce, try_produce, watermarks, Rec, DEADLINE};
+use support::{
+    consume, consumer_config, produce, try_produce, watermarks, Broker, Rec, Tmpfs, DEADLINE,
+};
 
 /// A broker served by this process, stopped when dropped.
 struct InProcess {
@@ -42,7 +45,7 @@ impl InProcess {
             .unwrap();
         let port = listener.local_addr().unwrap().port();
         let broker = Arc::new(
-            Broker::open(
+            qanat_broker::Broker::open(
                 config,
                 dir.path(),
                 Arc::new(storage),
@@ -177,4 +180,87 @@ fn a_failed_fdatasync_is_not_served_and_the_retry_is_stored_once() {
     );
     assert_eq!(delivered, [(0, 1), (0, 2)]);
     assert_eq!(read_to_reported_end(&bootstrap, "cut"), ["a", "b", "c"]);
+}
+
+#[test]
+fn a_full_disk_refuses_writes_keeps_reads_and_loses_nothing_acknowledged() {
+    let disk = Tmpfs::mount(16 << 20);
+    let data = disk.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let mut broker = Broker::builder()
+        .data_dir(&data)
+        .config("[storage]\nsegment_bytes = 1048576\n")
+        .start();
+    let bootstrap = broker.bootstrap();
+    let no_retry = [("acks", "all"), ("retries", "0"), ("linger.ms", "20")];
+    let value = |i: usize| format!("{i:06}-{}", "x".repeat(1000));
+    let batch = |from: usize, n: usize| -> Vec<Rec> {
+        (from..from + n).map(|i| Rec::value(value(i))).collect()
+    };
+
+    let mut acked: Vec<(i64, String)> = Vec::new();
+    /// Keep the acknowledged records; return the errors of the others.
+    fn settle(
+        outcomes: Vec<Result<(i32, i64), String>>,
+        recs: &[Rec],
+        acked: &mut Vec<(i64, String)>,
+    ) -> Vec<String> {
+        let mut failed = Vec::new();
+        for (r, rec) in outcomes.into_iter().zip(recs) {
+            match r {
+                Ok((_, offset)) => acked.push((
+                    offset,
+                    String::from_utf8_lossy(rec.value.as_deref().unwrap_or_default()).into_owned(),
+                )),
+                Err(e) => failed.push(e),
+            }
+        }
+        failed
+    }
+    let first = batch(0, 500);
+    let failed = settle(
+        try_produce(&bootstrap, "full", &first, &no_retry),
+        &first,
+        &mut acked,
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+
+    // The disk fills up (something else wrote to it): writes are refused with a storage error.
+    disk.fill("filler");
+    let second = batch(500, 500);
+    let failed = settle(
+        try_produce(&bootstrap, "full", &second, &no_retry),
+        &second,
+        &mut acked,
+    );
+    assert!(!failed.is_empty(), "every write succeeded on a full disk");
+    assert!(
+        failed.iter().all(|e| e.contains("KafkaStorageError")),
+        "{failed:?}"
+    );
+    assert!(broker.is_alive(), "{}", broker.stderr_tail(30));
+
+    // Reads go on: every acknowledged record is there, in order.
+    acked.sort();
+    let got = consume(&bootstrap, "full", 0, Offset::Beginning, acked.len());
+    let got: Vec<(i64, String)> = got.iter().map(|m| (m.offset, m.value_str())).collect();
+    assert_eq!(got, acked);
+
+    // Space comes back: writing resumes where the log ended, nothing acknowledged is lost,
+    // including across a restart.
+    std::fs::remove_file(disk.path().join("filler")).unwrap();
+    let third = batch(1000, 500);
+    let failed = settle(
+        try_produce(&bootstrap, "full", &third, &no_retry),
+        &third,
+        &mut acked,
+    );
+    assert!(failed.is_empty(), "{failed:?}");
+    broker.restart();
+    acked.sort();
+    let got = consume(&bootstrap, "full", 0, Offset::Beginning, acked.len());
+    let got: Vec<(i64, String)> = got.iter().map(|m| (m.offset, m.value_str())).collect();
+    assert_eq!(got, acked);
+    let (_, high) = watermarks(&bootstrap, "full", 0);
+    assert_eq!(high, acked.len() as i64, "no record that failed was kept");
 }

@@ -69,6 +69,8 @@ pub struct Broker {
     metrics: bool,
     http: bool,
     open_files: Option<u64>,
+    /// Set by [`BrokerBuilder::data_dir`]; else `<tmp>/data`.
+    data_dir: Option<PathBuf>,
     starts: usize,
 }
 
@@ -80,6 +82,7 @@ pub struct BrokerBuilder {
     metrics: bool,
     http: bool,
     open_files: Option<u64>,
+    data_dir: Option<PathBuf>,
 }
 
 impl BrokerBuilder {
@@ -114,6 +117,12 @@ impl BrokerBuilder {
         self
     }
 
+    /// Keep the data in `dir` (e.g. on a small filesystem) instead of the temp directory.
+    pub fn data_dir(mut self, dir: &Path) -> Self {
+        self.data_dir = Some(dir.to_path_buf());
+        self
+    }
+
     pub fn start(self) -> Broker {
         let dir = tempfile::Builder::new()
             .prefix("qanat-it-")
@@ -136,6 +145,7 @@ impl BrokerBuilder {
             metrics: self.metrics,
             http: self.http,
             open_files: self.open_files,
+            data_dir: self.data_dir,
             starts: 0,
         };
         broker
@@ -180,7 +190,9 @@ impl Broker {
     }
 
     pub fn data_dir(&self) -> PathBuf {
-        self.dir.path().join("data")
+        self.data_dir
+            .clone()
+            .unwrap_or_else(|| self.dir.path().join("data"))
     }
 
     /// `DATA_DIR/<topic>-<partition>`.
