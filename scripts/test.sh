@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Qanat's test command (README, CI): installs what the integration tests need when it is
-# missing, then runs every test of the workspace. Safe to run again and again: nothing is
+# missing, checks formatting and lints (warnings are errors), then runs every test of the
+# workspace. Safe to run again and again: nothing is
 # installed twice, and apt-get update runs only when something has to be installed.
 #
 #   kcat                      (Debian package)  used by crates/qanat/tests/clients.rs
@@ -47,4 +48,6 @@ if [ ${#missing[@]} -gt 0 ]; then
     "${missing[@]}" </dev/null
 fi
 
+cargo fmt --all --check
+cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace --all-targets --no-fail-fast
