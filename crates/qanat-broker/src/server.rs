@@ -20,11 +20,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use kafka_protocol::messages::{
-    ApiKey, CreatePartitionsRequest, CreateTopicsRequest, DeleteGroupsRequest, DeleteTopicsRequest,
-    DescribeGroupsRequest, FetchRequest, FindCoordinatorRequest, HeartbeatRequest,
-    InitProducerIdRequest, JoinGroupRequest, LeaveGroupRequest, ListGroupsRequest,
-    ListOffsetsRequest, MetadataRequest, OffsetCommitRequest, OffsetFetchRequest, ProduceRequest,
-    RequestHeader, ResponseHeader, SyncGroupRequest,
+    ApiKey, ApiVersionsRequest, RequestHeader, RequestKind, ResponseHeader,
 };
 use kafka_protocol::protocol::{Decodable, Encodable};
 use kafka_protocol::ResponseError;
@@ -344,30 +340,12 @@ fn record_latency(api: ApiKey, started: Instant) {
 
 /// A decoded request, ready to execute.
 pub enum Request {
-    /// ApiVersions within the supported range, or (`unsupported`) above it.
-    ApiVersions {
-        unsupported: bool,
-    },
+    /// ApiVersions above the supported range, answered with v0 and UNSUPPORTED_VERSION.
+    UnsupportedApiVersions,
     /// Produce v0–v2: the refusal is already encoded (None for acks=0).
     OldProduce(Option<Bytes>),
-    Metadata(MetadataRequest),
-    Produce(ProduceRequest),
-    Fetch(FetchRequest),
-    ListOffsets(ListOffsetsRequest),
-    CreateTopics(CreateTopicsRequest),
-    DeleteTopics(DeleteTopicsRequest),
-    CreatePartitions(CreatePartitionsRequest),
-    FindCoordinator(FindCoordinatorRequest),
-    JoinGroup(JoinGroupRequest),
-    SyncGroup(SyncGroupRequest),
-    Heartbeat(HeartbeatRequest),
-    LeaveGroup(LeaveGroupRequest),
-    OffsetCommit(OffsetCommitRequest),
-    OffsetFetch(OffsetFetchRequest),
-    ListGroups(ListGroupsRequest),
-    DescribeGroups(DescribeGroupsRequest),
-    DeleteGroups(DeleteGroupsRequest),
-    InitProducerId(InitProducerIdRequest),
+    /// Any other request, within its API's supported range.
+    Kind(RequestKind),
 }
 
 /// A request with the header fields needed to answer it.
@@ -404,10 +382,7 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
     if api == ApiKey::ApiVersions && !(lo..=hi).contains(&version) {
         // KIP-511: answer a too-new ApiVersions with v0 and UNSUPPORTED_VERSION so the client
         // can retry with a version it finds in the list.
-        return Ok(decoded(
-            Request::ApiVersions { unsupported: true },
-            String::new(),
-        ));
+        return Ok(decoded(Request::UnsupportedApiVersions, String::new()));
     }
     if !(lo..=hi).contains(&version) {
         return Err(malformed(format!(
@@ -433,37 +408,15 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
     let header = RequestHeader::decode(&mut body, api.request_header_version(version))
         .map_err(|e| malformed(format!("request header: {e}")))?;
     let client_id = header.client_id.map(|c| c.to_string()).unwrap_or_default();
-    macro_rules! decode {
-        ($variant:ident, $t:ty) => {
-            Request::$variant(
-                <$t>::decode(&mut body, version)
-                    .map_err(|e| malformed(format!("{api:?} v{version}: {e}")))?,
-            )
-        };
-    }
-    let request = match api {
-        ApiKey::ApiVersions => Request::ApiVersions { unsupported: false },
-        ApiKey::Metadata => decode!(Metadata, MetadataRequest),
-        ApiKey::Produce => decode!(Produce, ProduceRequest),
-        ApiKey::Fetch => decode!(Fetch, FetchRequest),
-        ApiKey::ListOffsets => decode!(ListOffsets, ListOffsetsRequest),
-        ApiKey::CreateTopics => decode!(CreateTopics, CreateTopicsRequest),
-        ApiKey::DeleteTopics => decode!(DeleteTopics, DeleteTopicsRequest),
-        ApiKey::CreatePartitions => decode!(CreatePartitions, CreatePartitionsRequest),
-        ApiKey::FindCoordinator => decode!(FindCoordinator, FindCoordinatorRequest),
-        ApiKey::JoinGroup => decode!(JoinGroup, JoinGroupRequest),
-        ApiKey::SyncGroup => decode!(SyncGroup, SyncGroupRequest),
-        ApiKey::Heartbeat => decode!(Heartbeat, HeartbeatRequest),
-        ApiKey::LeaveGroup => decode!(LeaveGroup, LeaveGroupRequest),
-        ApiKey::OffsetCommit => decode!(OffsetCommit, OffsetCommitRequest),
-        ApiKey::OffsetFetch => decode!(OffsetFetch, OffsetFetchRequest),
-        ApiKey::ListGroups => decode!(ListGroups, ListGroupsRequest),
-        ApiKey::DescribeGroups => decode!(DescribeGroups, DescribeGroupsRequest),
-        ApiKey::DeleteGroups => decode!(DeleteGroups, DeleteGroupsRequest),
-        ApiKey::InitProducerId => decode!(InitProducerId, InitProducerIdRequest),
-        other => return Err(malformed(format!("{other:?} is not served by this broker"))),
+    let request = if api == ApiKey::ApiVersions {
+        // The body only names the client software, which the answer does not depend on: a
+        // body that does not decode is answered all the same.
+        RequestKind::ApiVersions(ApiVersionsRequest::decode(&mut body, version).unwrap_or_default())
+    } else {
+        RequestKind::decode(api, &mut body, version)
+            .map_err(|e| malformed(format!("{api:?} v{version}: {e:#}")))?
     };
-    Ok(decoded(request, client_id))
+    Ok(decoded(Request::Kind(request), client_id))
 }
 
 /// Run a blocking handler off the reactor and encode its response.
@@ -501,11 +454,11 @@ async fn dispatch(
     } = decode_request(frame)?;
     let broker = broker.clone();
     let pending = match request {
-        Request::ApiVersions { unsupported: true } => {
+        Request::UnsupportedApiVersions => {
             let body = handlers::api_versions(ResponseError::UnsupportedVersion.code());
             ready(encode(api, 0, correlation_id, &body)?)
         }
-        Request::ApiVersions { unsupported: false } => ready(encode(
+        Request::Kind(RequestKind::ApiVersions(_)) => ready(encode(
             api,
             version,
             correlation_id,
@@ -518,75 +471,95 @@ async fn dispatch(
             buf.extend_from_slice(&body);
             ready(Response::from_bytes(buf.freeze()))
         }
-        Request::Metadata(req) => blocking(api, version, correlation_id, started, move || {
-            broker.metadata(req, version)
-        }),
-        Request::ListOffsets(req) => blocking(api, version, correlation_id, started, move || {
-            broker.list_offsets(req)
-        }),
-        Request::CreateTopics(req) => blocking(api, version, correlation_id, started, move || {
-            broker.create_topics(req)
-        }),
-        Request::DeleteTopics(req) => blocking(api, version, correlation_id, started, move || {
-            broker.delete_topics(req, version)
-        }),
-        Request::CreatePartitions(req) => {
+        Request::Kind(RequestKind::Metadata(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.metadata(req, version)
+            })
+        }
+        Request::Kind(RequestKind::ListOffsets(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.list_offsets(req)
+            })
+        }
+        Request::Kind(RequestKind::CreateTopics(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.create_topics(req)
+            })
+        }
+        Request::Kind(RequestKind::DeleteTopics(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.delete_topics(req, version)
+            })
+        }
+        Request::Kind(RequestKind::CreatePartitions(req)) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.create_partitions(req)
             })
         }
-        Request::FindCoordinator(req) => {
+        Request::Kind(RequestKind::FindCoordinator(req)) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.find_coordinator(req, version)
             })
         }
-        Request::JoinGroup(req) => tokio::spawn(async move {
+        Request::Kind(RequestKind::JoinGroup(req)) => tokio::spawn(async move {
             // Kafka shows the host as "/ip".
             let host = format!("/{}", peer.ip());
             let body = broker.join_group(req, version, client_id, host).await;
             record_latency(api, started);
             encode(api, version, correlation_id, &body).ok()
         }),
-        Request::SyncGroup(req) => tokio::spawn(async move {
+        Request::Kind(RequestKind::SyncGroup(req)) => tokio::spawn(async move {
             let body = broker.sync_group(req).await;
             record_latency(api, started);
             encode(api, version, correlation_id, &body).ok()
         }),
-        Request::Heartbeat(req) => blocking(api, version, correlation_id, started, move || {
-            broker.heartbeat(req)
-        }),
-        Request::LeaveGroup(req) => blocking(api, version, correlation_id, started, move || {
-            broker.leave_group(req, version)
-        }),
-        Request::OffsetCommit(req) => blocking(api, version, correlation_id, started, move || {
-            broker.offset_commit(req)
-        }),
-        Request::OffsetFetch(req) => blocking(api, version, correlation_id, started, move || {
-            broker.offset_fetch(req, version)
-        }),
-        Request::ListGroups(req) => blocking(api, version, correlation_id, started, move || {
-            broker.list_groups(req)
-        }),
-        Request::DescribeGroups(req) => {
+        Request::Kind(RequestKind::Heartbeat(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.heartbeat(req)
+            })
+        }
+        Request::Kind(RequestKind::LeaveGroup(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.leave_group(req, version)
+            })
+        }
+        Request::Kind(RequestKind::OffsetCommit(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.offset_commit(req)
+            })
+        }
+        Request::Kind(RequestKind::OffsetFetch(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.offset_fetch(req, version)
+            })
+        }
+        Request::Kind(RequestKind::ListGroups(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.list_groups(req)
+            })
+        }
+        Request::Kind(RequestKind::DescribeGroups(req)) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.describe_groups(req)
             })
         }
-        Request::DeleteGroups(req) => blocking(api, version, correlation_id, started, move || {
-            broker.delete_groups(req)
-        }),
-        Request::InitProducerId(req) => {
+        Request::Kind(RequestKind::DeleteGroups(req)) => {
+            blocking(api, version, correlation_id, started, move || {
+                broker.delete_groups(req)
+            })
+        }
+        Request::Kind(RequestKind::InitProducerId(req)) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.init_producer_id(req)
             })
         }
-        Request::Fetch(req) => tokio::spawn(async move {
+        Request::Kind(RequestKind::Fetch(req)) => tokio::spawn(async move {
             let response = broker.fetch(req, version, correlation_id).await;
             metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
             record_latency(api, started);
             Some(response)
         }),
-        Request::Produce(req) => {
+        Request::Kind(RequestKind::Produce(req)) => {
             let acks = req.acks;
             if !matches!(acks, -1..=1) {
                 let results = req
@@ -649,6 +622,10 @@ async fn dispatch(
                 }
             })
         }
+        Request::Kind(_) => {
+            // decode_request lets through only the APIs in the supported list.
+            return Err(malformed(format!("{api:?} is not served by this broker")));
+        }
     };
     Ok(Some(pending))
 }
@@ -696,7 +673,26 @@ mod tests {
         let d = decode_request(Bytes::from_static(&[0, 18, 0, 9, 0, 0, 0, 1])).ok();
         assert!(matches!(
             d.map(|d| d.request),
-            Some(Request::ApiVersions { unsupported: true })
+            Some(Request::UnsupportedApiVersions)
+        ));
+    }
+
+    #[test]
+    fn requests_decode_into_their_kind() {
+        // Metadata v1, client id null, topics null.
+        let frame =
+            Bytes::from_static(&[0, 3, 0, 1, 0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        let d = decode_request(frame).ok();
+        assert!(matches!(
+            d.as_ref().map(|d| (&d.request, d.correlation_id)),
+            Some((Request::Kind(RequestKind::Metadata(m)), 5)) if m.topics.is_none()
+        ));
+        // ApiVersions v3 with a body that does not decode is still answered, as before.
+        let frame = Bytes::from_static(&[0, 18, 0, 3, 0, 0, 0, 2, 0xff, 0xff, 0, 0x7f]);
+        let d = decode_request(frame).ok();
+        assert!(matches!(
+            d.map(|d| d.request),
+            Some(Request::Kind(RequestKind::ApiVersions(_)))
         ));
     }
 }
