@@ -2,7 +2,7 @@
 //! [`qanat_log`] partitions (spec A1–A5, A8).
 //!
 //! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
-//! ([`wire`], [`fetch_response`]), per-API handlers ([`handlers`]), the topic registry
+//! ([`wire`], [`fetch_response`]), one module per Kafka API ([`api`]), the topic registry
 //! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]), records read
 //! as bounded streams from batches ([`records`]) and the background maintenance (periodic
 //! fsync, segment rolling, retention).
@@ -24,12 +24,12 @@
 //!   `queued_max_request_bytes` together; connections are capped in total and per source
 //!   address, and closed after `connections_max_idle_ms` without request activity.
 
+pub mod api;
 pub mod config;
 pub mod fdlimit;
 pub mod fetch_response;
 pub mod filter;
 pub mod groups;
-pub mod handlers;
 pub mod limits;
 pub mod push;
 pub mod ratelog;

@@ -1,6 +1,7 @@
-//! Accepting connections and dispatching their requests.
+//! Accepting connections, decoding their requests and writing the responses in order.
 //!
-//! Per connection, a reader decodes frames in order and starts each request as its own task;
+//! Per connection, a reader decodes frames in order and starts each request as its own task
+//! ([`crate::api::dispatch`]);
 //! produce appends happen in the reader (so they keep arrival order) and only the wait for
 //! durability runs concurrently. A writer awaits the tasks in request order and writes their
 //! responses, so pipelined requests overlap without reordering replies.
@@ -18,23 +19,19 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
-use kafka_protocol::messages::{
-    ApiKey, ApiVersionsRequest, RequestHeader, RequestKind, ResponseHeader,
-};
-use kafka_protocol::protocol::{Decodable, Encodable};
-use kafka_protocol::ResponseError;
+use bytes::Bytes;
+use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, RequestKind};
+use kafka_protocol::protocol::Decodable;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
-use tokio::task::JoinHandle;
 
-use crate::handlers::{self, supported_range};
+use crate::api::{self, malformed, produce, supported_range, Pending};
 use crate::limits::{
     AcceptBackoff, ConnectionLimits, ConnectionSlot, PoolReservation, RequestPool,
 };
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
-use crate::wire::{FrameReader, Response, ResponseWriter, Step, WireError};
-use crate::{timed_sync, Broker};
+use crate::wire::{FrameReader, ResponseWriter, Step, WireError};
+use crate::Broker;
 
 /// Requests of one connection that may be in progress at once.
 const MAX_IN_FLIGHT: usize = 128;
@@ -116,7 +113,6 @@ fn accept_error_kind(e: &std::io::Error) -> &'static str {
 }
 
 /// A started request and the pool share of its frame, held until its response is written.
-type Pending = JoinHandle<Option<Response>>;
 type Queued = (Pending, PoolReservation);
 
 /// When a connection last did something, for the idle timeout. Activity is a complete
@@ -238,7 +234,12 @@ async fn connection(
             ReaderEvent::IdleTimer => continue,
         };
         activity.touch();
-        match dispatch(&broker, frame, peer).await {
+        let started = Instant::now();
+        let started_request = match decode_request(frame) {
+            Ok(decoded) => api::dispatch(&broker, decoded, started, peer).await,
+            Err(e) => Err(e),
+        };
+        match started_request {
             Ok(Some(pending)) => {
                 activity.request_started();
                 if tx.send((pending, reservation)).await.is_err() {
@@ -309,35 +310,6 @@ async fn write_responses(
     }
 }
 
-fn malformed(what: impl std::fmt::Display) -> WireError {
-    WireError::Malformed(what.to_string())
-}
-
-/// Encode header + body of a `kafka-protocol` response.
-fn encode<R: Encodable>(
-    api: ApiKey,
-    version: i16,
-    correlation_id: i32,
-    body: &R,
-) -> Result<Response, WireError> {
-    let mut buf = BytesMut::with_capacity(128);
-    ResponseHeader::default()
-        .with_correlation_id(correlation_id)
-        .encode(&mut buf, api.response_header_version(version))
-        .map_err(malformed)?;
-    body.encode(&mut buf, version).map_err(malformed)?;
-    Ok(Response::from_bytes(buf.freeze()))
-}
-
-fn ready(response: Response) -> Pending {
-    tokio::spawn(async move { Some(response) })
-}
-
-fn record_latency(api: ApiKey, started: Instant) {
-    metrics::histogram!("qanat_request_seconds", "api" => format!("{api:?}"))
-        .record(started.elapsed().as_secs_f64());
-}
-
 /// A decoded request, ready to execute.
 pub enum Request {
     /// ApiVersions above the supported range, answered with v0 and UNSUPPORTED_VERSION.
@@ -401,7 +373,7 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
         }
         let mut rest = body.split_off(10 + client_id_len);
         return Ok(decoded(
-            Request::OldProduce(handlers::refuse_old_produce(&mut rest, version)),
+            Request::OldProduce(produce::refuse_old_produce(&mut rest, version)),
             String::new(),
         ));
     }
@@ -417,217 +389,6 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
             .map_err(|e| malformed(format!("{api:?} v{version}: {e:#}")))?
     };
     Ok(decoded(Request::Kind(request), client_id))
-}
-
-/// Run a blocking handler off the reactor and encode its response.
-fn blocking<R, F>(api: ApiKey, version: i16, correlation_id: i32, started: Instant, f: F) -> Pending
-where
-    R: Encodable + Send + 'static,
-    F: FnOnce() -> R + Send + 'static,
-{
-    tokio::task::spawn_blocking(move || {
-        let body = f();
-        record_latency(api, started);
-        match encode(api, version, correlation_id, &body) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(?api, version, error = %e, "cannot encode response");
-                None
-            }
-        }
-    })
-}
-
-/// Decode one request and start it. `Ok(None)`: no response is due (acks=0).
-async fn dispatch(
-    broker: &Arc<Broker>,
-    frame: Bytes,
-    peer: SocketAddr,
-) -> Result<Option<Pending>, WireError> {
-    let started = Instant::now();
-    let Decoded {
-        api,
-        version,
-        correlation_id,
-        client_id,
-        request,
-    } = decode_request(frame)?;
-    let broker = broker.clone();
-    let pending = match request {
-        Request::UnsupportedApiVersions => {
-            let body = handlers::api_versions(ResponseError::UnsupportedVersion.code());
-            ready(encode(api, 0, correlation_id, &body)?)
-        }
-        Request::Kind(RequestKind::ApiVersions(_)) => ready(encode(
-            api,
-            version,
-            correlation_id,
-            &handlers::api_versions(0),
-        )?),
-        Request::OldProduce(None) => return Ok(None),
-        Request::OldProduce(Some(body)) => {
-            let mut buf = BytesMut::with_capacity(body.len() + 4);
-            buf.extend_from_slice(&correlation_id.to_be_bytes());
-            buf.extend_from_slice(&body);
-            ready(Response::from_bytes(buf.freeze()))
-        }
-        Request::Kind(RequestKind::Metadata(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.metadata(req, version)
-            })
-        }
-        Request::Kind(RequestKind::ListOffsets(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.list_offsets(req)
-            })
-        }
-        Request::Kind(RequestKind::CreateTopics(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.create_topics(req)
-            })
-        }
-        Request::Kind(RequestKind::DeleteTopics(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.delete_topics(req, version)
-            })
-        }
-        Request::Kind(RequestKind::CreatePartitions(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.create_partitions(req)
-            })
-        }
-        Request::Kind(RequestKind::FindCoordinator(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.find_coordinator(req, version)
-            })
-        }
-        Request::Kind(RequestKind::JoinGroup(req)) => tokio::spawn(async move {
-            // Kafka shows the host as "/ip".
-            let host = format!("/{}", peer.ip());
-            let body = broker.join_group(req, version, client_id, host).await;
-            record_latency(api, started);
-            encode(api, version, correlation_id, &body).ok()
-        }),
-        Request::Kind(RequestKind::SyncGroup(req)) => tokio::spawn(async move {
-            let body = broker.sync_group(req).await;
-            record_latency(api, started);
-            encode(api, version, correlation_id, &body).ok()
-        }),
-        Request::Kind(RequestKind::Heartbeat(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.heartbeat(req)
-            })
-        }
-        Request::Kind(RequestKind::LeaveGroup(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.leave_group(req, version)
-            })
-        }
-        Request::Kind(RequestKind::OffsetCommit(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.offset_commit(req)
-            })
-        }
-        Request::Kind(RequestKind::OffsetFetch(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.offset_fetch(req, version)
-            })
-        }
-        Request::Kind(RequestKind::ListGroups(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.list_groups(req)
-            })
-        }
-        Request::Kind(RequestKind::DescribeGroups(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.describe_groups(req)
-            })
-        }
-        Request::Kind(RequestKind::DeleteGroups(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.delete_groups(req)
-            })
-        }
-        Request::Kind(RequestKind::InitProducerId(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.init_producer_id(req)
-            })
-        }
-        Request::Kind(RequestKind::Fetch(req)) => tokio::spawn(async move {
-            let response = broker.fetch(req, version, correlation_id).await;
-            metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
-            record_latency(api, started);
-            Some(response)
-        }),
-        Request::Kind(RequestKind::Produce(req)) => {
-            let acks = req.acks;
-            if !matches!(acks, -1..=1) {
-                let results = req
-                    .topic_data
-                    .iter()
-                    .flat_map(|t| {
-                        t.partition_data
-                            .iter()
-                            .map(|p| handlers::ProducePartitionResult {
-                                topic: t.name.0.to_string(),
-                                index: p.index,
-                                outcome: Err(ResponseError::InvalidRequiredAcks.code()),
-                            })
-                    })
-                    .collect();
-                let body = broker.produce_response(results, false);
-                return Ok(Some(ready(encode(api, version, correlation_id, &body)?)));
-            }
-            // Appends run here, before the next frame is read, so they keep arrival order.
-            let appender = broker.clone();
-            let results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
-                .await
-                .map_err(|e| malformed(format!("produce task failed: {e}")))?;
-            if acks == 0 {
-                record_latency(api, started);
-                return Ok(None);
-            }
-            tokio::spawn(async move {
-                let mut sync_failed = false;
-                if broker.sync_on_ack() {
-                    let targets: Vec<_> = results
-                        .iter()
-                        .filter_map(|r| r.outcome.as_ref().ok())
-                        .map(|(p, o)| (p.clone(), *o))
-                        .collect();
-                    sync_failed = tokio::task::spawn_blocking(move || {
-                        targets
-                            .iter()
-                            .any(|(p, appended)| match timed_sync(p, Some(appended)) {
-                                Ok(()) => false,
-                                Err(e) => {
-                                    tracing::error!(error = %e, "fdatasync failed; produce not acknowledged");
-                                    true
-                                }
-                            })
-                    })
-                    .await
-                    .unwrap_or(true);
-                    // Readers see data only once it is durable in this mode: wake long polls.
-                    broker.data_arrived.notify_waiters();
-                }
-                let body = broker.produce_response(results, sync_failed);
-                record_latency(api, started);
-                match encode(api, version, correlation_id, &body) {
-                    Ok(r) => Some(r),
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot encode produce response");
-                        None
-                    }
-                }
-            })
-        }
-        Request::Kind(_) => {
-            // decode_request lets through only the APIs in the supported list.
-            return Err(malformed(format!("{api:?} is not served by this broker")));
-        }
-    };
-    Ok(Some(pending))
 }
 
 #[cfg(test)]
