@@ -316,8 +316,8 @@ pub enum Request {
     UnsupportedApiVersions,
     /// Produce v0–v2: the refusal is already encoded (None for acks=0).
     OldProduce(Option<Bytes>),
-    /// Any other request, within its API's supported range.
-    Kind(RequestKind),
+    /// Any other request, within its API's supported range (boxed: some kinds are large).
+    Kind(Box<RequestKind>),
 }
 
 /// A request with the header fields needed to answer it.
@@ -388,7 +388,7 @@ pub fn decode_request(frame: Bytes) -> Result<Decoded, WireError> {
         RequestKind::decode(api, &mut body, version)
             .map_err(|e| malformed(format!("{api:?} v{version}: {e:#}")))?
     };
-    Ok(decoded(Request::Kind(request), client_id))
+    Ok(decoded(Request::Kind(Box::new(request)), client_id))
 }
 
 #[cfg(test)]
@@ -446,14 +446,15 @@ mod tests {
         let d = decode_request(frame).ok();
         assert!(matches!(
             d.as_ref().map(|d| (&d.request, d.correlation_id)),
-            Some((Request::Kind(RequestKind::Metadata(m)), 5)) if m.topics.is_none()
+            Some((Request::Kind(kind), 5))
+                if matches!(&**kind, RequestKind::Metadata(m) if m.topics.is_none())
         ));
         // ApiVersions v3 with a body that does not decode is still answered, as before.
         let frame = Bytes::from_static(&[0, 18, 0, 3, 0, 0, 0, 2, 0xff, 0xff, 0, 0x7f]);
         let d = decode_request(frame).ok();
         assert!(matches!(
             d.map(|d| d.request),
-            Some(Request::Kind(RequestKind::ApiVersions(_)))
+            Some(Request::Kind(kind)) if matches!(*kind, RequestKind::ApiVersions(_))
         ));
     }
 }

@@ -33,7 +33,7 @@ use crate::records::RecordsError;
 use crate::server::{Decoded, Request};
 use crate::topics::{Topic, TopicError};
 use crate::wire::{Response, WireError};
-use crate::{timed_sync, Broker};
+use crate::Broker;
 
 /// The versions this broker advertises and accepts, per API (in the order ApiVersions lists
 /// them).
@@ -213,165 +213,120 @@ pub(crate) async fn dispatch(
         request,
     } = decoded;
     let broker = broker.clone();
-    let pending = match request {
+    let kind = match request {
         Request::UnsupportedApiVersions => {
             let body = api_versions::response(ResponseError::UnsupportedVersion.code());
-            ready(encode(api, 0, correlation_id, &body)?)
+            return Ok(Some(ready(encode(api, 0, correlation_id, &body)?)));
         }
-        Request::Kind(RequestKind::ApiVersions(_)) => ready(encode(
-            api,
-            version,
-            correlation_id,
-            &api_versions::response(0),
-        )?),
         Request::OldProduce(None) => return Ok(None),
         Request::OldProduce(Some(body)) => {
             let mut buf = BytesMut::with_capacity(body.len() + 4);
             buf.extend_from_slice(&correlation_id.to_be_bytes());
             buf.extend_from_slice(&body);
-            ready(Response::from_bytes(buf.freeze()))
+            return Ok(Some(ready(Response::from_bytes(buf.freeze()))));
         }
-        Request::Kind(RequestKind::Metadata(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.metadata(req, version)
-            })
-        }
-        Request::Kind(RequestKind::ListOffsets(req)) => {
+        Request::Kind(kind) => *kind,
+    };
+    let pending = match kind {
+        RequestKind::ApiVersions(_) => ready(encode(
+            api,
+            version,
+            correlation_id,
+            &api_versions::response(0),
+        )?),
+        RequestKind::Metadata(req) => blocking(api, version, correlation_id, started, move || {
+            broker.metadata(req, version)
+        }),
+        RequestKind::ListOffsets(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.list_offsets(req)
             })
         }
-        Request::Kind(RequestKind::CreateTopics(req)) => {
+        RequestKind::CreateTopics(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.create_topics(req)
             })
         }
-        Request::Kind(RequestKind::DeleteTopics(req)) => {
+        RequestKind::DeleteTopics(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.delete_topics(req, version)
             })
         }
-        Request::Kind(RequestKind::CreatePartitions(req)) => {
+        RequestKind::CreatePartitions(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.create_partitions(req)
             })
         }
-        Request::Kind(RequestKind::FindCoordinator(req)) => {
+        RequestKind::FindCoordinator(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.find_coordinator(req, version)
             })
         }
-        Request::Kind(RequestKind::JoinGroup(req)) => tokio::spawn(async move {
+        RequestKind::JoinGroup(req) => tokio::spawn(async move {
             // Kafka shows the host as "/ip".
             let host = format!("/{}", peer.ip());
             let body = broker.join_group(req, version, client_id, host).await;
             record_latency(api, started);
             encode(api, version, correlation_id, &body).ok()
         }),
-        Request::Kind(RequestKind::SyncGroup(req)) => tokio::spawn(async move {
+        RequestKind::SyncGroup(req) => tokio::spawn(async move {
             let body = broker.sync_group(req).await;
             record_latency(api, started);
             encode(api, version, correlation_id, &body).ok()
         }),
-        Request::Kind(RequestKind::Heartbeat(req)) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.heartbeat(req)
-            })
-        }
-        Request::Kind(RequestKind::LeaveGroup(req)) => {
+        RequestKind::Heartbeat(req) => blocking(api, version, correlation_id, started, move || {
+            broker.heartbeat(req)
+        }),
+        RequestKind::LeaveGroup(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.leave_group(req, version)
             })
         }
-        Request::Kind(RequestKind::OffsetCommit(req)) => {
+        RequestKind::OffsetCommit(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.offset_commit(req)
             })
         }
-        Request::Kind(RequestKind::OffsetFetch(req)) => {
+        RequestKind::OffsetFetch(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.offset_fetch(req, version)
             })
         }
-        Request::Kind(RequestKind::ListGroups(req)) => {
+        RequestKind::ListGroups(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.list_groups(req)
             })
         }
-        Request::Kind(RequestKind::DescribeGroups(req)) => {
+        RequestKind::DescribeGroups(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.describe_groups(req)
             })
         }
-        Request::Kind(RequestKind::DeleteGroups(req)) => {
+        RequestKind::DeleteGroups(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.delete_groups(req)
             })
         }
-        Request::Kind(RequestKind::InitProducerId(req)) => {
+        RequestKind::InitProducerId(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.init_producer_id(req)
             })
         }
-        Request::Kind(RequestKind::Fetch(req)) => tokio::spawn(async move {
+        RequestKind::Fetch(req) => tokio::spawn(async move {
             let response = broker.fetch(req, version, correlation_id).await;
             metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
             record_latency(api, started);
             Some(response)
         }),
-        Request::Kind(RequestKind::Produce(req)) => {
-            let acks = req.acks;
-            if !matches!(acks, -1..=1) {
-                let results = req
-                    .topic_data
-                    .iter()
-                    .flat_map(|t| {
-                        t.partition_data
-                            .iter()
-                            .map(|p| produce::ProducePartitionResult {
-                                topic: t.name.0.to_string(),
-                                index: p.index,
-                                outcome: Err(ResponseError::InvalidRequiredAcks.code()),
-                            })
-                    })
-                    .collect();
-                let body = broker.produce_response(results, false);
-                return Ok(Some(ready(encode(api, version, correlation_id, &body)?)));
-            }
-            // Appends run here, before the next frame is read, so they keep arrival order.
-            let appender = broker.clone();
-            let results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
-                .await
-                .map_err(|e| malformed(format!("produce task failed: {e}")))?;
-            if acks == 0 {
+        RequestKind::Produce(req) => {
+            // Appended here, before the next frame is read, so appends keep arrival order;
+            // only the acknowledgement (which may wait for fdatasync) runs concurrently.
+            let Some(ack) = produce::append(&broker, req).await? else {
                 record_latency(api, started);
                 return Ok(None);
-            }
+            };
             tokio::spawn(async move {
-                let mut sync_failed = false;
-                if broker.sync_on_ack() {
-                    let targets: Vec<_> = results
-                        .iter()
-                        .filter_map(|r| r.outcome.as_ref().ok())
-                        .map(|(p, o)| (p.clone(), *o))
-                        .collect();
-                    sync_failed = tokio::task::spawn_blocking(move || {
-                        targets
-                            .iter()
-                            .any(|(p, appended)| match timed_sync(p, Some(appended)) {
-                                Ok(()) => false,
-                                Err(e) => {
-                                    tracing::error!(error = %e, "fdatasync failed; produce not acknowledged");
-                                    true
-                                }
-                            })
-                    })
-                    .await
-                    .unwrap_or(true);
-                    // Readers see data only once it is durable in this mode: wake long polls.
-                    broker.data_arrived.notify_waiters();
-                }
-                let body = broker.produce_response(results, sync_failed);
+                let body = ack.wait().await;
                 record_latency(api, started);
                 match encode(api, version, correlation_id, &body) {
                     Ok(r) => Some(r),
@@ -382,10 +337,126 @@ pub(crate) async fn dispatch(
                 }
             })
         }
-        Request::Kind(_) => {
+        _ => {
             // decode_request lets through only the APIs in the supported list.
             return Err(malformed(format!("{api:?} is not served by this broker")));
         }
     };
     Ok(Some(pending))
+}
+
+/// Brokers over in-memory storage and requests for the API modules' unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::path::Path;
+    use std::sync::Arc;
+
+    use bytes::{Bytes, BytesMut};
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::{
+        ApiKey, FetchRequest, FetchResponse, ProduceRequest, ResponseHeader, TopicName,
+    };
+    use kafka_protocol::protocol::{Decodable, StrBytes};
+    use qanat_log::batch::{encode_batch, SimpleRecord};
+    use qanat_log::{ManualClock, SimStorage};
+
+    use crate::wire::{Chunk, Response};
+    use crate::{Broker, Config};
+
+    /// A broker on a fresh [`SimStorage`] (returned too, to inject faults).
+    pub fn broker(config: Config) -> (Arc<Broker>, Arc<SimStorage>) {
+        let sim = Arc::new(SimStorage::new());
+        let broker = Broker::open(
+            config,
+            Path::new("/data"),
+            sim.clone(),
+            Arc::new(ManualClock::new(1_000)),
+            ("127.0.0.1".to_string(), 9092),
+        )
+        .expect("open broker");
+        (Arc::new(broker), sim)
+    }
+
+    pub fn topic_name(name: &str) -> TopicName {
+        TopicName(StrBytes::from_string(name.to_string()))
+    }
+
+    /// One uncompressed batch of one record per value.
+    pub fn batch(values: &[&[u8]]) -> Vec<u8> {
+        let records: Vec<_> = values
+            .iter()
+            .map(|v| SimpleRecord {
+                timestamp: 1_000,
+                key: None,
+                value: Some(v),
+            })
+            .collect();
+        encode_batch(&records)
+    }
+
+    pub fn produce_request(
+        topic: &str,
+        partition: i32,
+        acks: i16,
+        records: &[u8],
+    ) -> ProduceRequest {
+        ProduceRequest::default()
+            .with_acks(acks)
+            .with_timeout_ms(30_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(topic_name(topic))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(partition)
+                    .with_records(Some(Bytes::copy_from_slice(records)))])])
+    }
+
+    /// A response's bytes, file ranges read from their files.
+    pub fn response_bytes(response: Response) -> Bytes {
+        let mut out = BytesMut::new();
+        for chunk in response.chunks {
+            match chunk {
+                Chunk::Bytes(b) => out.extend_from_slice(&b),
+                Chunk::File(f) => {
+                    let mut buf = vec![0; f.len as usize];
+                    f.file
+                        .read_exact_at(&mut buf, f.position)
+                        .expect("read file range");
+                    out.extend_from_slice(&buf);
+                }
+            }
+        }
+        out.freeze()
+    }
+
+    /// A fetch of one partition from `offset`, waiting up to `max_wait_ms` for one byte.
+    pub fn fetch_request(
+        topic: &str,
+        partition: i32,
+        offset: i64,
+        max_wait_ms: i32,
+    ) -> FetchRequest {
+        FetchRequest::default()
+            .with_max_wait_ms(max_wait_ms)
+            .with_min_bytes(1)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(topic_name(topic))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(partition)
+                    .with_fetch_offset(offset)
+                    .with_partition_max_bytes(1 << 20)])])
+    }
+
+    /// Decode a whole FetchResponse frame (header included) with `kafka-protocol`.
+    pub fn decode_fetch(response: Response, version: i16) -> FetchResponse {
+        let mut bytes = response_bytes(response);
+        ResponseHeader::decode(&mut bytes, ApiKey::Fetch.response_header_version(version))
+            .expect("response header");
+        let decoded = FetchResponse::decode(&mut bytes, version).expect("fetch response");
+        assert!(bytes.is_empty(), "{} bytes after the response", bytes.len());
+        decoded
+    }
 }

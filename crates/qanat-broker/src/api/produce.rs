@@ -1,5 +1,12 @@
 //! Produce: every partition's batches validated and appended in request order; v0–v2
 //! (magic 0/1 message sets) refused per partition without decoding the records.
+//!
+//! [`append`] runs while the connection's reader waits, so one connection's appends keep
+//! their arrival order; the [`Acknowledgement`] it returns is awaited concurrently. With
+//! `fsync = "always"` that wait is one fdatasync per partition (group commit: it covers every
+//! append before it), after which long polls are woken, since readers are served only
+//! durable data in this mode; a failed fdatasync answers every partition of the request with
+//! KAFKA_STORAGE_ERROR, never with an offset. acks=0 gets no acknowledgement at all.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -12,16 +19,99 @@ use kafka_protocol::messages::{
 use kafka_protocol::ResponseError;
 use qanat_log::{AppendOutcome, Partition};
 
-use super::{code, log_error_code, name, records_error_code};
-use crate::Broker;
+use super::{code, log_error_code, malformed, name, records_error_code};
+use crate::wire::WireError;
+use crate::{timed_sync, Broker};
 
 /// Minimum 0 on purpose: librdkafka stops compressing when Produce's minimum is above 0.
 /// Versions 0–2 are refused per partition with UNSUPPORTED_VERSION.
 pub const VERSIONS: RangeInclusive<i16> = 0..=9;
 
+/// Append every partition of `req` (off the async workers: appends write files) and return
+/// what to answer, or None for acks=0. An acks value other than -1, 0 or 1 appends nothing
+/// and is answered with INVALID_REQUIRED_ACKS per partition.
+pub(crate) async fn append(
+    broker: &Arc<Broker>,
+    req: ProduceRequest,
+) -> Result<Option<Acknowledgement>, WireError> {
+    let acks = req.acks;
+    if !matches!(acks, -1..=1) {
+        let results = req
+            .topic_data
+            .iter()
+            .flat_map(|t| {
+                t.partition_data.iter().map(|p| ProducePartitionResult {
+                    topic: t.name.0.to_string(),
+                    index: p.index,
+                    outcome: Err(code(ResponseError::InvalidRequiredAcks)),
+                })
+            })
+            .collect();
+        return Ok(Some(Acknowledgement {
+            broker: broker.clone(),
+            results,
+            sync: false,
+        }));
+    }
+    let appender = broker.clone();
+    let results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
+        .await
+        .map_err(|e| malformed(format!("produce task failed: {e}")))?;
+    if acks == 0 {
+        return Ok(None);
+    }
+    Ok(Some(Acknowledgement {
+        broker: broker.clone(),
+        sync: broker.sync_on_ack(),
+        results,
+    }))
+}
+
+/// The answer to an appended produce request, once its durability policy is met.
+pub(crate) struct Acknowledgement {
+    broker: Arc<Broker>,
+    results: Vec<ProducePartitionResult>,
+    /// Whether the answer waits for an fdatasync covering the appends.
+    sync: bool,
+}
+
+impl Acknowledgement {
+    pub(crate) async fn wait(self) -> ProduceResponse {
+        let Acknowledgement {
+            broker,
+            results,
+            sync,
+        } = self;
+        let mut sync_failed = false;
+        if sync {
+            let targets: Vec<_> = results
+                .iter()
+                .filter_map(|r| r.outcome.as_ref().ok())
+                .map(|(p, o)| (p.clone(), *o))
+                .collect();
+            sync_failed = tokio::task::spawn_blocking(move || {
+                targets
+                    .iter()
+                    .any(|(p, appended)| match timed_sync(p, Some(appended)) {
+                        Ok(()) => false,
+                        Err(e) => {
+                            tracing::error!(error = %e, "fdatasync failed; produce not acknowledged");
+                            true
+                        }
+                    })
+            })
+            .await
+            .unwrap_or(true);
+            // Readers see data only once it is durable in this mode: wake long polls.
+            broker.data_arrived.notify_waiters();
+        }
+        broker.produce_response(results, sync_failed)
+    }
+}
+
 impl Broker {
     /// Validate and append every partition's batches, in request order. Blocking.
-    pub(crate) fn produce_append(&self, req: &ProduceRequest) -> Vec<ProducePartitionResult> {
+    fn produce_append(&self, req: &ProduceRequest) -> Vec<ProducePartitionResult> {
         let mut results = Vec::new();
         for topic in &req.topic_data {
             let topic_name = topic.name.0.as_str();
@@ -80,7 +170,7 @@ impl Broker {
         results
     }
 
-    pub(crate) fn produce_response(
+    fn produce_response(
         &self,
         results: Vec<ProducePartitionResult>,
         sync_failed: bool,
@@ -126,7 +216,7 @@ impl Broker {
 }
 
 /// Outcome of appending one partition's batches of a produce request.
-pub(crate) struct ProducePartitionResult {
+struct ProducePartitionResult {
     pub topic: String,
     pub index: i32,
     pub outcome: Result<(Arc<Partition>, AppendOutcome), i16>,
@@ -171,4 +261,138 @@ pub(crate) fn refuse_old_produce(body: &mut Bytes, version: i16) -> Option<Bytes
         out.put_i32(0);
     }
     (acks != 0).then(|| out.freeze())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::api::testing::{batch, broker, decode_fetch, fetch_request, produce_request};
+    use crate::{Config, FsyncPolicy};
+
+    fn only_partition(response: &ProduceResponse) -> &PartitionProduceResponse {
+        assert_eq!(response.responses.len(), 1);
+        assert_eq!(response.responses[0].partition_responses.len(), 1);
+        &response.responses[0].partition_responses[0]
+    }
+
+    async fn produce(broker: &Arc<Broker>, req: ProduceRequest) -> ProduceResponse {
+        append(broker, req)
+            .await
+            .expect("append")
+            .expect("an acknowledgement is due")
+            .wait()
+            .await
+    }
+
+    #[tokio::test]
+    async fn appends_in_order_and_answers_each_base_offset() {
+        let (broker, _) = broker(Config::default());
+        let records = batch(&[b"a", b"b"]);
+        for expected in [0, 2] {
+            let response = produce(&broker, produce_request("orders", 0, 1, &records)).await;
+            let p = only_partition(&response);
+            assert_eq!((p.error_code, p.base_offset), (0, expected));
+        }
+        let partition = broker
+            .topics
+            .get("orders")
+            .expect("auto-created")
+            .partitions[0]
+            .clone();
+        assert_eq!(partition.next_offset(), 4);
+    }
+
+    #[tokio::test]
+    async fn acks_zero_is_appended_and_gets_no_acknowledgement() {
+        let (broker, _) = broker(Config::default());
+        let ack = append(&broker, produce_request("orders", 0, 0, &batch(&[b"x"])))
+            .await
+            .expect("append");
+        assert!(ack.is_none());
+        let partition = broker
+            .topics
+            .get("orders")
+            .expect("auto-created")
+            .partitions[0]
+            .clone();
+        assert_eq!(partition.next_offset(), 1);
+    }
+
+    #[tokio::test]
+    async fn unknown_topic_without_auto_creation_is_refused() {
+        let mut config = Config::default();
+        config.broker.auto_create_topics = false;
+        let (broker, _) = broker(config);
+        let response = produce(&broker, produce_request("orders", 0, -1, &batch(&[b"x"]))).await;
+        let p = only_partition(&response);
+        assert_eq!(p.error_code, code(ResponseError::UnknownTopicOrPartition));
+        assert_eq!(p.base_offset, -1);
+        assert!(broker.topics.get("orders").is_none());
+    }
+
+    #[tokio::test]
+    async fn invalid_acks_appends_nothing() {
+        let (broker, _) = broker(Config::default());
+        broker.topics.create("orders", 1, false).expect("create");
+        let response = produce(&broker, produce_request("orders", 0, 2, &batch(&[b"x"]))).await;
+        assert_eq!(
+            only_partition(&response).error_code,
+            code(ResponseError::InvalidRequiredAcks)
+        );
+        assert_eq!(
+            broker.topics.get("orders").expect("created").partitions[0].next_offset(),
+            0
+        );
+    }
+
+    fn fsync_always() -> Config {
+        let mut config = Config::default();
+        config.storage.fsync = FsyncPolicy::Always;
+        config
+    }
+
+    #[tokio::test]
+    async fn with_fsync_always_the_synced_data_wakes_a_long_poll() {
+        let (broker, _) = broker(fsync_always());
+        broker.topics.create("orders", 1, false).expect("create");
+        let poll = tokio::spawn({
+            let broker = broker.clone();
+            async move {
+                broker
+                    .fetch(fetch_request("orders", 0, 0, 300_000), 12, 1)
+                    .await
+            }
+        });
+        let records = batch(&[b"durable"]);
+        let response = produce(&broker, produce_request("orders", 0, -1, &records)).await;
+        assert_eq!(only_partition(&response).error_code, 0);
+        // Without the wake-up the poll would sit out its 300 s; a generous bound far below.
+        let answered = tokio::time::timeout(std::time::Duration::from_secs(60), poll)
+            .await
+            .expect("the long poll was woken by the durable append");
+        let fetched = decode_fetch(answered.expect("fetch task"), 12);
+        let p = &fetched.responses[0].partitions[0];
+        assert_eq!(p.high_watermark, 1);
+        assert_eq!(p.records.as_deref(), Some(&records[..]));
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_answers_kafka_storage_error() {
+        let (broker, sim) = broker(fsync_always());
+        broker.topics.create("orders", 1, false).expect("create");
+        sim.fail_next_syncs(1);
+        let response = produce(&broker, produce_request("orders", 0, -1, &batch(&[b"x"]))).await;
+        assert_eq!(
+            only_partition(&response).error_code,
+            code(ResponseError::KafkaStorageError)
+        );
+        // Nothing unsynced is served, and the partition takes writes again.
+        let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
+        assert_eq!(partition.high_watermark(), 0);
+        let response = produce(&broker, produce_request("orders", 0, -1, &batch(&[b"y"]))).await;
+        let p = only_partition(&response);
+        assert_eq!((p.error_code, p.base_offset), (0, 0));
+    }
 }
