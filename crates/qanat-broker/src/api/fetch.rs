@@ -1,7 +1,12 @@
 //! Fetch: long polls that wait on appends, answered with record data as file ranges
 //! (see [`crate::fetch_response`]).
+//!
+//! The wait (for data, the deadline or shutdown) is async; each look at the partitions runs on
+//! the blocking pool, because `Partition::read` reads batch headers from the segment files.
+//! A long poll registers for the next append before it looks, so no append is missed.
 
 use std::ops::RangeInclusive;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use kafka_protocol::messages::FetchRequest;
@@ -15,13 +20,15 @@ use crate::Broker;
 pub const VERSIONS: RangeInclusive<i16> = fetch_response::VERSIONS;
 
 impl Broker {
-    /// Serve a fetch, waiting up to `max_wait_ms` for `min_bytes` to arrive.
+    /// Serve a fetch, waiting up to `max_wait_ms` for `min_bytes` to arrive. None: the read
+    /// could not finish (the runtime is shutting down), so no answer can be given.
     pub(crate) async fn fetch(
-        &self,
+        self: &Arc<Self>,
         req: FetchRequest,
         version: i16,
         correlation_id: i32,
-    ) -> Response {
+    ) -> Option<Response> {
+        let req = Arc::new(req);
         let deadline =
             Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
         let min_bytes = req.min_bytes.max(0) as u64;
@@ -29,13 +36,25 @@ impl Broker {
             let notified = self.data_arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            let (topics, bytes) = self.fetch_once(&req);
+            // Off the async workers: `Partition::read` walks batch headers with pread, and a
+            // cold page cache turns that into disk waits that would stall every connection
+            // served by the same worker.
+            let (broker, request) = (self.clone(), req.clone());
+            let (topics, bytes) =
+                match tokio::task::spawn_blocking(move || broker.fetch_once(&request)).await {
+                    Ok(read) => read,
+                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                    Err(e) => {
+                        tracing::debug!(error = %e, "fetch read cancelled");
+                        return None;
+                    }
+                };
             let errors = topics
                 .iter()
                 .flat_map(|t| &t.partitions)
                 .any(|p| p.error_code != 0);
             if bytes >= min_bytes || errors || Instant::now() >= deadline {
-                return fetch_response::encode(version, correlation_id, 0, topics);
+                return Some(fetch_response::encode(version, correlation_id, 0, topics));
             }
             let shutting_down = self.shutdown.clone();
             tokio::select! {
@@ -107,5 +126,168 @@ impl Broker {
             });
         }
         (topics, total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::io;
+    use std::os::fd::RawFd;
+    use std::path::Path;
+    use std::thread::{self, ThreadId};
+
+    use kafka_protocol::messages::FetchResponse;
+    use kafka_protocol::ResponseError;
+    use parking_lot::Mutex;
+    use qanat_log::{LogFile, SimStorage, Storage};
+
+    use super::*;
+    use crate::api::testing::{batch, broker, broker_on, decode_fetch, fetch_request};
+    use crate::Config;
+
+    /// Bounds a fetch that should answer at once; a missed answer would wait out its long poll.
+    async fn answered(broker: &Arc<Broker>, req: FetchRequest) -> FetchResponse {
+        let response = tokio::time::timeout(Duration::from_secs(60), broker.fetch(req, VERSION, 7))
+            .await
+            .expect("fetch answered")
+            .expect("fetch response");
+        decode_fetch(response, VERSION)
+    }
+
+    const VERSION: i16 = 12;
+
+    #[tokio::test]
+    async fn fetch_returns_the_produced_bytes_from_the_offset_asked() {
+        let (broker, _) = broker(Config::default());
+        broker.topics.create("orders", 1, false).expect("create");
+        let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
+        let first = batch(&[b"one"]);
+        let second = batch(&[b"two"]);
+        partition.append(&first).expect("append");
+        partition.append(&second).expect("append");
+
+        let all = answered(&broker, fetch_request("orders", 0, 0, 300_000)).await;
+        let p = &all.responses[0].partitions[0];
+        assert_eq!((p.error_code, p.high_watermark), (0, 2));
+        let records = p.records.as_deref().expect("records");
+        // The log stores the producer's bytes; only the second batch's base offset changed.
+        assert_eq!(&records[..first.len()], &first[..]);
+        assert_eq!(&records[first.len()..first.len() + 8], &1i64.to_be_bytes());
+        assert_eq!(&records[first.len() + 8..], &second[8..]);
+
+        let from_one = answered(&broker, fetch_request("orders", 0, 1, 300_000)).await;
+        let records = from_one.responses[0].partitions[0].records.as_deref();
+        assert_eq!(records.map(|r| &r[8..]), Some(&second[8..]));
+    }
+
+    #[tokio::test]
+    async fn an_unknown_topic_is_answered_at_once_with_an_error_and_not_created() {
+        let (broker, _) = broker(Config::default());
+        let response = answered(&broker, fetch_request("missing", 0, 0, 300_000)).await;
+        let p = &response.responses[0].partitions[0];
+        assert_eq!(p.error_code, ResponseError::UnknownTopicOrPartition.code());
+        assert_eq!(p.high_watermark, -1);
+        assert!(broker.topics.get("missing").is_none());
+    }
+
+    /// Storage that notes which threads read or measure files.
+    struct ReadThreads {
+        inner: SimStorage,
+        readers: Arc<Mutex<Vec<ThreadId>>>,
+    }
+
+    struct NotedFile {
+        inner: Arc<dyn LogFile>,
+        readers: Arc<Mutex<Vec<ThreadId>>>,
+    }
+
+    impl LogFile for NotedFile {
+        fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+            self.readers.lock().push(thread::current().id());
+            self.inner.read_exact_at(buf, pos)
+        }
+        fn append(&self, buf: &[u8]) -> io::Result<()> {
+            self.inner.append(buf)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            self.inner.sync_data()
+        }
+        fn len(&self) -> io::Result<u64> {
+            self.readers.lock().push(thread::current().id());
+            self.inner.len()
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn raw_fd(&self) -> Option<RawFd> {
+            self.inner.raw_fd()
+        }
+    }
+
+    impl Storage for ReadThreads {
+        fn open(&self, path: &Path) -> io::Result<Arc<dyn LogFile>> {
+            Ok(Arc::new(NotedFile {
+                inner: self.inner.open(path)?,
+                readers: self.readers.clone(),
+            }))
+        }
+        fn exists(&self, path: &Path) -> bool {
+            self.inner.exists(path)
+        }
+        fn remove_file(&self, path: &Path) -> io::Result<()> {
+            self.inner.remove_file(path)
+        }
+        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+            self.inner.rename(from, to)
+        }
+        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.inner.create_dir_all(path)
+        }
+        fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+            self.inner.remove_dir_all(path)
+        }
+        fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+            self.inner.list_dir(path)
+        }
+        fn sync_dir(&self, path: &Path) -> io::Result<()> {
+            self.inner.sync_dir(path)
+        }
+    }
+
+    // A current-thread runtime: its one async worker is the test's own thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn segment_files_are_read_off_the_async_worker() {
+        let readers = Arc::new(Mutex::new(Vec::new()));
+        let storage = Arc::new(ReadThreads {
+            inner: SimStorage::new(),
+            readers: readers.clone(),
+        });
+        let broker = broker_on(Config::default(), storage);
+        broker.topics.create("orders", 1, false).expect("create");
+        let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
+        for value in [&b"one"[..], b"two", b"three"] {
+            partition.append(&batch(&[value])).expect("append");
+        }
+        readers.lock().clear();
+
+        let response = broker
+            .fetch(fetch_request("orders", 0, 1, 300_000), VERSION, 7)
+            .await
+            .expect("fetch response");
+        // Taken before the response is decoded here: that reads the file ranges the
+        // connection's writer would send.
+        let readers = readers.lock().clone();
+        let decoded = decode_fetch(response, VERSION);
+        assert!(decoded.responses[0].partitions[0].records.is_some());
+        assert!(!readers.is_empty(), "the fetch read no file");
+        let worker = thread::current().id();
+        assert!(
+            readers.iter().all(|t| *t != worker),
+            "{} of {} file reads ran on the async worker",
+            readers.iter().filter(|t| **t == worker).count(),
+            readers.len()
+        );
     }
 }

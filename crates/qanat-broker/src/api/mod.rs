@@ -313,7 +313,7 @@ pub(crate) async fn dispatch(
             })
         }
         RequestKind::Fetch(req) => tokio::spawn(async move {
-            let response = broker.fetch(req, version, correlation_id).await;
+            let response = broker.fetch(req, version, correlation_id).await?;
             metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
             record_latency(api, started);
             Some(response)
@@ -361,7 +361,7 @@ pub(crate) mod testing {
     };
     use kafka_protocol::protocol::{Decodable, StrBytes};
     use qanat_log::batch::{encode_batch, SimpleRecord};
-    use qanat_log::{ManualClock, SimStorage};
+    use qanat_log::{ManualClock, SimStorage, Storage};
 
     use crate::wire::{Chunk, Response};
     use crate::{Broker, Config};
@@ -369,15 +369,20 @@ pub(crate) mod testing {
     /// A broker on a fresh [`SimStorage`] (returned too, to inject faults).
     pub fn broker(config: Config) -> (Arc<Broker>, Arc<SimStorage>) {
         let sim = Arc::new(SimStorage::new());
+        (broker_on(config, sim.clone()), sim)
+    }
+
+    /// A broker over `storage`.
+    pub fn broker_on(config: Config, storage: Arc<dyn Storage>) -> Arc<Broker> {
         let broker = Broker::open(
             config,
             Path::new("/data"),
-            sim.clone(),
+            storage,
             Arc::new(ManualClock::new(1_000)),
             ("127.0.0.1".to_string(), 9092),
         )
         .expect("open broker");
-        (Arc::new(broker), sim)
+        Arc::new(broker)
     }
 
     pub fn topic_name(name: &str) -> TopicName {
