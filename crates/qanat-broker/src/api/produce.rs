@@ -79,33 +79,43 @@ impl Acknowledgement {
     pub(crate) async fn wait(self) -> ProduceResponse {
         let Acknowledgement {
             broker,
-            results,
+            mut results,
             sync,
         } = self;
-        let mut sync_failed = false;
         if sync {
+            // Every partition is synced and answered on its own: a failure on one must not
+            // turn another's durable append into an error its producer would retry (and so
+            // store twice).
             let targets: Vec<_> = results
                 .iter()
-                .filter_map(|r| r.outcome.as_ref().ok())
-                .map(|(p, o)| (p.clone(), *o))
+                .enumerate()
+                .filter_map(|(i, r)| r.outcome.as_ref().ok().map(|(p, o)| (i, p.clone(), *o)))
                 .collect();
-            sync_failed = tokio::task::spawn_blocking(move || {
+            let failed: Vec<usize> = tokio::task::spawn_blocking(move || {
                 targets
                     .iter()
-                    .any(|(p, appended)| match timed_sync(p, Some(appended)) {
+                    .filter(|(_, p, appended)| match timed_sync(p, Some(appended)) {
                         Ok(()) => false,
                         Err(e) => {
-                            tracing::error!(error = %e, "fdatasync failed; produce not acknowledged");
+                            tracing::error!(dir = %p.dir().display(), error = %e,
+                                "fdatasync failed; produce not acknowledged");
                             true
                         }
                     })
+                    .map(|(i, _, _)| *i)
+                    .collect()
             })
             .await
-            .unwrap_or(true);
+            .unwrap_or_else(|_| (0..results.len()).collect());
+            for i in failed {
+                if let Some(r) = results.get_mut(i) {
+                    r.outcome = Err(code(ResponseError::KafkaStorageError));
+                }
+            }
             // Readers see data only once it is durable in this mode: wake long polls.
             broker.data_arrived.notify_waiters();
         }
-        broker.produce_response(results, sync_failed)
+        broker.produce_response(results)
     }
 }
 
@@ -170,11 +180,7 @@ impl Broker {
         results
     }
 
-    fn produce_response(
-        &self,
-        results: Vec<ProducePartitionResult>,
-        sync_failed: bool,
-    ) -> ProduceResponse {
+    fn produce_response(&self, results: Vec<ProducePartitionResult>) -> ProduceResponse {
         let mut topics: Vec<TopicProduceResponse> = Vec::new();
         for r in results {
             let partition = match r.outcome {
@@ -187,11 +193,7 @@ impl Broker {
                     },
                 )) => PartitionProduceResponse::default()
                     .with_index(r.index)
-                    .with_error_code(if sync_failed {
-                        code(ResponseError::KafkaStorageError)
-                    } else {
-                        0
-                    })
+                    .with_error_code(0)
                     .with_base_offset(base_offset)
                     .with_log_append_time_ms(log_append_time.unwrap_or(-1))
                     .with_log_start_offset(p.log_start_offset()),
@@ -394,5 +396,39 @@ mod tests {
         let response = produce(&broker, produce_request("orders", 0, -1, &batch(&[b"y"]))).await;
         let p = only_partition(&response);
         assert_eq!((p.error_code, p.base_offset), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn a_failed_fdatasync_fails_only_its_own_partition() {
+        let (broker, sim) = broker(fsync_always());
+        broker.topics.create("orders", 2, false).expect("create");
+        let mut req = produce_request("orders", 0, -1, &batch(&[b"x"]));
+        let other = produce_request("orders", 1, -1, &batch(&[b"y"]));
+        req.topic_data[0]
+            .partition_data
+            .extend(other.topic_data[0].partition_data.iter().cloned());
+        // The first fdatasync (partition 0's) fails; partition 1's succeeds.
+        sim.fail_next_syncs(1);
+        let response = produce(&broker, req).await;
+        let answers: Vec<_> = response.responses[0]
+            .partition_responses
+            .iter()
+            .map(|p| (p.index, p.error_code, p.base_offset))
+            .collect();
+        assert_eq!(
+            answers,
+            [(0, code(ResponseError::KafkaStorageError), -1), (1, 0, 0)]
+        );
+        let topic = broker.topics.get("orders").expect("created");
+        assert_eq!(
+            topic.partitions[0].high_watermark(),
+            0,
+            "cut back, not served"
+        );
+        assert_eq!(
+            topic.partitions[1].high_watermark(),
+            1,
+            "durable and acknowledged"
+        );
     }
 }
