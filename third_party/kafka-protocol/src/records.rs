@@ -514,8 +514,7 @@ impl RecordBatchDecoder {
         version: i8,
         records: &mut Vec<Record>,
     ) -> Result<()> {
-        // Bounded by the bytes left: the count comes from the wire.
-        records.reserve((batch_decode_info.record_count as usize).min(bytes::Buf::remaining(buf)));
+        records.reserve(batch_decode_info.record_count as usize);
         for _ in 0..batch_decode_info.record_count {
             records.push(Record::decode_new(buf, batch_decode_info, version)?);
         }
@@ -894,8 +893,7 @@ impl Record {
         }
         let num_headers = num_headers as usize;
 
-        // Bounded by the bytes left: the count comes from the wire.
-        let mut headers = IndexMap::with_capacity(num_headers.min(bytes::Buf::remaining(buf)));
+        let mut headers = IndexMap::with_capacity(num_headers);
         for _ in 0..num_headers {
             // Key len
             let key_len: i32 = types::VarInt.decode(buf)?;
