@@ -12,19 +12,17 @@
 mod support;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
 use kafka_protocol::messages::{
     ApiKey, InitProducerIdRequest, InitProducerIdResponse, ProduceRequest, ProduceResponse,
-    RequestHeader, ResponseHeader, TopicName,
+    TopicName,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
+use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::ResponseError;
 use qanat_log::batch::{encode_batch_with, SimpleRecord};
 use rdkafka::config::ClientConfig;
@@ -37,7 +35,9 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream as TokioStream};
 use tokio::sync::watch;
 
-use support::{consume_all, http_get, metric_values, qanat_ok, watermarks, Broker, DEADLINE};
+use support::{
+    consume_all, http_get, metric_values, qanat_ok, watermarks, Broker, RawClient, DEADLINE,
+};
 
 // ------------------------------------------------------------------------------------------
 // A TCP proxy that can cut every connection
@@ -353,81 +353,35 @@ fn idempotent_producer_writes_no_duplicate_across_dropped_connections() {
 // ------------------------------------------------------------------------------------------
 // Hand-crafted requests
 
-struct Raw {
-    stream: TcpStream,
-    correlation: i32,
-}
-
-impl Raw {
-    fn connect(addr: &str) -> Raw {
-        let stream = TcpStream::connect(addr).unwrap();
-        stream.set_read_timeout(Some(DEADLINE)).unwrap();
-        Raw {
-            stream,
-            correlation: 0,
-        }
-    }
-
-    fn call<Req: Encodable + HeaderVersion, Resp: Decodable + HeaderVersion>(
-        &mut self,
-        key: ApiKey,
-        version: i16,
-        req: &Req,
-    ) -> Resp {
-        self.correlation += 1;
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("qanat-it-raw")));
-        let mut body = BytesMut::new();
-        header
-            .encode(&mut body, Req::header_version(version))
-            .unwrap();
-        req.encode(&mut body, version).unwrap();
-        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        self.stream.write_all(&frame).unwrap();
-        let mut len = [0u8; 4];
-        self.stream.read_exact(&mut len).unwrap();
-        let mut buf = vec![0u8; i32::from_be_bytes(len) as usize];
-        self.stream.read_exact(&mut buf).unwrap();
-        let mut buf = Bytes::from(buf);
-        let rh = ResponseHeader::decode(&mut buf, Resp::header_version(version)).unwrap();
-        assert_eq!(rh.correlation_id, self.correlation);
-        Resp::decode(&mut buf, version).unwrap()
-    }
-
-    /// Produce one idempotent batch of `n` records to `topic`/0; (error code, base offset).
-    fn produce(
-        &mut self,
-        topic: &str,
-        pid: i64,
-        epoch: i16,
-        seq: i32,
-        values: &[&str],
-    ) -> (i16, i64) {
-        let recs: Vec<SimpleRecord<'_>> = values
-            .iter()
-            .map(|v| SimpleRecord {
-                timestamp: 1_700_000_000_000,
-                key: None,
-                value: Some(v.as_bytes()),
-            })
-            .collect();
-        let batch = encode_batch_with(Some((pid, epoch, seq)), &recs);
-        let req = ProduceRequest::default()
-            .with_acks(-1)
-            .with_timeout_ms(10_000)
-            .with_topic_data(vec![TopicProduceData::default()
-                .with_name(TopicName(StrBytes::from_string(topic.to_string())))
-                .with_partition_data(vec![PartitionProduceData::default()
-                    .with_index(0)
-                    .with_records(Some(Bytes::from(batch)))])]);
-        let resp: ProduceResponse = self.call(ApiKey::Produce, 8, &req);
-        let p = &resp.responses[0].partition_responses[0];
-        (p.error_code, p.base_offset)
-    }
+/// Produce one idempotent batch of `values` to `topic`/0 on `raw`; (error code, base offset).
+fn produce_idempotent(
+    raw: &mut RawClient,
+    topic: &str,
+    pid: i64,
+    epoch: i16,
+    seq: i32,
+    values: &[&str],
+) -> (i16, i64) {
+    let recs: Vec<SimpleRecord<'_>> = values
+        .iter()
+        .map(|v| SimpleRecord {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(v.as_bytes()),
+        })
+        .collect();
+    let batch = encode_batch_with(Some((pid, epoch, seq)), &recs);
+    let req = ProduceRequest::default()
+        .with_acks(-1)
+        .with_timeout_ms(10_000)
+        .with_topic_data(vec![TopicProduceData::default()
+            .with_name(TopicName(StrBytes::from_string(topic.to_string())))
+            .with_partition_data(vec![PartitionProduceData::default()
+                .with_index(0)
+                .with_records(Some(Bytes::from(batch)))])]);
+    let resp: ProduceResponse = raw.call(ApiKey::Produce, 8, &req);
+    let p = &resp.responses[0].partition_responses[0];
+    (p.error_code, p.base_offset)
 }
 
 #[test]
@@ -436,7 +390,7 @@ fn hand_crafted_sequences_duplicate_gap_and_stale() {
     let b = broker.bootstrap();
     let topic = "idem-raw";
     qanat_ok(&["topics", "create", topic, "--bootstrap", &b]);
-    let mut raw = Raw::connect(&b);
+    let mut raw = RawClient::connect(&b);
     let init: InitProducerIdResponse = raw.call(
         ApiKey::InitProducerId,
         1,
@@ -452,22 +406,22 @@ fn hand_crafted_sequences_duplicate_gap_and_stale() {
     let oos = ResponseError::OutOfOrderSequenceNumber.code();
 
     assert_eq!(
-        raw.produce(topic, pid, epoch, 0, &["a", "b", "c"]),
+        produce_idempotent(&mut raw, topic, pid, epoch, 0, &["a", "b", "c"]),
         (0, 0),
         "first batch"
     );
     // An exact retry: acknowledged with the original offset, not stored again.
     assert_eq!(
-        raw.produce(topic, pid, epoch, 0, &["a", "b", "c"]),
+        produce_idempotent(&mut raw, topic, pid, epoch, 0, &["a", "b", "c"]),
         (0, 0),
         "retry of seq 0..2"
     );
     assert_eq!(watermarks(&b, topic, 0), (0, 3), "the retry was stored");
     // A gap: expected 3, got 5.
-    let (code, _) = raw.produce(topic, pid, epoch, 5, &["x"]);
+    let (code, _) = produce_idempotent(&mut raw, topic, pid, epoch, 5, &["x"]);
     assert_eq!(code, oos, "gapped sequence 5 (expected 3)");
     // Stale and not a cached batch: 1..2 overlaps what was written.
-    let (code, _) = raw.produce(topic, pid, epoch, 1, &["b", "c"]);
+    let (code, _) = produce_idempotent(&mut raw, topic, pid, epoch, 1, &["b", "c"]);
     assert_eq!(code, oos, "stale sequence 1..2");
     assert_eq!(
         watermarks(&b, topic, 0),
@@ -476,7 +430,7 @@ fn hand_crafted_sequences_duplicate_gap_and_stale() {
     );
     // The right next sequence still works.
     assert_eq!(
-        raw.produce(topic, pid, epoch, 3, &["d", "e"]),
+        produce_idempotent(&mut raw, topic, pid, epoch, 3, &["d", "e"]),
         (0, 3),
         "seq 3..4"
     );

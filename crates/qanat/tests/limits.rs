@@ -18,13 +18,6 @@ use support::*;
 
 const MIB: u64 = 1024 * 1024;
 
-fn connect(addr: &str) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(DEADLINE)).unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
-
 fn scrape_metric(broker: &Broker, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
     let addr = broker.metrics_addr().expect("broker started with metrics");
     scrape(&addr)
@@ -65,7 +58,7 @@ fn half_sent_frames_cannot_exhaust_memory() {
     let mut sockets = Vec::new();
     let mut writers = Vec::new();
     for _ in 0..FLOOD {
-        let s = connect(&addr);
+        let s = raw_connect(&addr);
         sockets.push(s.try_clone().unwrap());
         let sent = sent.clone();
         let data = data.clone();
@@ -148,7 +141,7 @@ fn out_of_descriptors_the_broker_backs_off_and_recovers() {
     let mut flood = Vec::new();
     poll_until("the broker to run out of descriptors", DEADLINE, || {
         if flood.len() < 500 {
-            flood.push(connect(&addr));
+            flood.push(raw_connect(&addr));
         }
         match accept_failure_lines(&broker).len() {
             0 => Err(format!(
@@ -204,7 +197,7 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
         let addr = addr.clone();
         let stop = stop.clone();
         move || {
-            let mut s = connect(&addr);
+            let mut s = raw_connect(&addr);
             let mut n = 0;
             while !stop.load(Ordering::SeqCst) {
                 api_versions_roundtrip(&mut s, n)
@@ -216,16 +209,16 @@ fn idle_connections_are_closed_and_busy_ones_are_not() {
     });
 
     // Says nothing at all.
-    let mut silent = connect(&addr);
+    let mut silent = raw_connect(&addr);
     // Answered once, then silent.
-    let mut answered = connect(&addr);
+    let mut answered = raw_connect(&addr);
     api_versions_roundtrip(&mut answered, 1).unwrap();
     // Trickles a frame in, a byte at a time, never finishing it: bytes of an unfinished
     // frame are not activity, so this one is closed too (and cannot hold pool memory).
     let trickler = thread::spawn({
         let addr = addr.clone();
         move || {
-            let mut s = connect(&addr);
+            let mut s = raw_connect(&addr);
             let mut frame = 1000i32.to_be_bytes().to_vec();
             frame.resize(1004, 0);
             for byte in frame {
@@ -283,12 +276,12 @@ fn connections_over_a_cap_are_closed_at_once() {
         .start();
     let addr = broker.bootstrap();
 
-    let mut admitted: Vec<TcpStream> = (0..3).map(|_| connect(&addr)).collect();
+    let mut admitted: Vec<TcpStream> = (0..3).map(|_| raw_connect(&addr)).collect();
     for (i, s) in admitted.iter_mut().enumerate() {
         api_versions_roundtrip(s, i as i32).unwrap();
     }
     // A fourth from the same address: closed without an answer.
-    let mut over_ip = connect(&addr);
+    let mut over_ip = raw_connect(&addr);
     let _ = over_ip.write_all(&kafka_request(18, 0, 9, &[]));
     assert_eq!(
         read_kafka_response(&mut over_ip).ok().flatten(),
@@ -330,7 +323,7 @@ fn connections_over_a_cap_are_closed_at_once() {
     // A closed connection frees its place.
     drop(admitted.pop());
     poll_until("a freed place to be taken", DEADLINE, || {
-        let mut s = connect(&addr);
+        let mut s = raw_connect(&addr);
         api_versions_roundtrip(&mut s, 30)
     });
 }

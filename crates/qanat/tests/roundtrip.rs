@@ -780,74 +780,18 @@ fn retention_by_size_deletes_old_segments() {
 // ------------------------------------------------------------------------------------------
 // Hostile bytes on the socket
 
-fn raw_connect(addr: &str) -> TcpStream {
-    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-    s.set_read_timeout(Some(Duration::from_millis(500)))
-        .unwrap();
-    s.set_nodelay(true).unwrap();
-    s
-}
+/// How long a hostile connection may take to be answered or closed before the test gives up.
+const HOSTILE_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Request header v1 (api key, version, correlation id, client id) + body, length-prefixed.
-fn frame(api_key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
-    let client_id = b"qanat-it-raw";
-    let mut payload = Vec::new();
-    payload.extend_from_slice(&api_key.to_be_bytes());
-    payload.extend_from_slice(&version.to_be_bytes());
-    payload.extend_from_slice(&correlation_id.to_be_bytes());
-    payload.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
-    payload.extend_from_slice(client_id);
-    payload.extend_from_slice(body);
-    let mut out = (payload.len() as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&payload);
-    out
-}
-
-enum ReadOutcome {
-    Frame(Vec<u8>),
-    Closed,
-}
-
-/// Read one length-prefixed response, or observe that the broker closed the connection.
-fn read_frame_or_close(s: &mut TcpStream, limit: Duration) -> Option<ReadOutcome> {
-    let deadline = Instant::now() + limit;
-    let mut buf = Vec::new();
-    let mut chunk = [0u8; 4096];
-    loop {
-        if buf.len() >= 4 {
-            let len = i32::from_be_bytes(buf[..4].try_into().unwrap());
-            if len >= 0 && buf.len() >= 4 + len as usize {
-                return Some(ReadOutcome::Frame(buf[4..4 + len as usize].to_vec()));
-            }
-        }
-        if Instant::now() >= deadline {
-            return None;
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => return Some(ReadOutcome::Closed),
-            Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
-                ) => {}
-            Err(_) => return Some(ReadOutcome::Closed), // reset
-        }
-    }
-}
-
+/// The broker closes `s`, answering at most once (an error) before it does.
 fn expect_closed(s: &mut TcpStream, what: &str) {
-    match read_frame_or_close(s, Duration::from_secs(30)) {
-        Some(ReadOutcome::Closed) => {}
-        Some(ReadOutcome::Frame(f)) => {
-            // A broker may answer with an error first; it must close afterwards.
-            let _ = f;
-            match read_frame_or_close(s, Duration::from_secs(30)) {
-                Some(ReadOutcome::Closed) => {}
-                _ => panic!("broker kept the connection open after {what}"),
-            }
-        }
-        None => panic!("broker neither answered nor closed the connection after {what}"),
+    match read_kafka_response_within(s, HOSTILE_DEADLINE) {
+        Ok(None) => {}
+        Ok(Some(_)) => match read_kafka_response_within(s, HOSTILE_DEADLINE) {
+            Ok(None) => {}
+            _ => panic!("broker kept the connection open after {what}"),
+        },
+        Err(e) => panic!("broker neither answered nor closed the connection after {what}: {e}"),
     }
 }
 
@@ -855,31 +799,8 @@ fn expect_closed(s: &mut TcpStream, what: &str) {
 /// and lists Produce (0) and Fetch (1). Returns the advertised (api key, min, max) triples.
 fn assert_api_versions_ok(addr: &str) -> Vec<(i16, i16, i16)> {
     let mut s = raw_connect(addr);
-    s.write_all(&frame(18, 0, 777, &[])).unwrap();
-    let f = match read_frame_or_close(&mut s, DEADLINE) {
-        Some(ReadOutcome::Frame(f)) => f,
-        Some(ReadOutcome::Closed) => panic!("broker closed the connection on ApiVersions v0"),
-        None => panic!("no ApiVersions v0 response"),
-    };
-    assert!(f.len() >= 10, "short ApiVersions response: {f:?}");
-    let i16_at = |at: usize| i16::from_be_bytes(f[at..at + 2].try_into().unwrap());
-    assert_eq!(
-        i32::from_be_bytes(f[0..4].try_into().unwrap()),
-        777,
-        "correlation id"
-    );
-    assert_eq!(i16_at(4), 0, "error code");
-    let n = i32::from_be_bytes(f[6..10].try_into().unwrap());
-    assert!(
-        n >= 0 && f.len() >= 10 + n as usize * 6,
-        "ApiVersions v0 response too short for {n} entries"
-    );
-    let apis: Vec<(i16, i16, i16)> = (0..n as usize)
-        .map(|i| {
-            let at = 10 + i * 6;
-            (i16_at(at), i16_at(at + 2), i16_at(at + 4))
-        })
-        .collect();
+    let apis =
+        api_versions_roundtrip(&mut s, 777).unwrap_or_else(|e| panic!("ApiVersions v0: {e}"));
     let keys: Vec<i16> = apis.iter().map(|a| a.0).collect();
     assert!(
         keys.contains(&0) && keys.contains(&1),
@@ -933,10 +854,11 @@ fn garbage_on_the_socket_does_not_hurt_the_broker() {
     //    hang or a crash.
     {
         let mut s = raw_connect(&addr);
-        s.write_all(&frame(9999, 0, 4242, b"whatever")).unwrap();
-        match read_frame_or_close(&mut s, Duration::from_secs(30)) {
-            Some(ReadOutcome::Closed) => {}
-            Some(ReadOutcome::Frame(f)) => {
+        s.write_all(&kafka_request(9999, 0, 4242, b"whatever"))
+            .unwrap();
+        match read_kafka_response_within(&mut s, HOSTILE_DEADLINE) {
+            Ok(None) => {}
+            Ok(Some(f)) => {
                 assert!(f.len() >= 4, "short response to an unknown api key: {f:?}");
                 assert_eq!(
                     i32::from_be_bytes(f[0..4].try_into().unwrap()),
@@ -944,7 +866,7 @@ fn garbage_on_the_socket_does_not_hurt_the_broker() {
                     "response to an unknown api key carries the wrong correlation id"
                 );
             }
-            None => panic!("broker neither answered nor closed after an unknown api key"),
+            Err(e) => panic!("broker neither answered nor closed after an unknown api key: {e}"),
         }
     }
 
@@ -952,9 +874,9 @@ fn garbage_on_the_socket_does_not_hurt_the_broker() {
     {
         // Metadata v1 (non-flexible): topics array of 0x7fffffff entries, no data.
         let mut s = raw_connect(&addr);
-        s.write_all(&frame(3, 1, 1, &0x7fff_ffffi32.to_be_bytes()))
+        s.write_all(&kafka_request(3, 1, 1, &0x7fff_ffffi32.to_be_bytes()))
             .unwrap();
-        let _ = read_frame_or_close(&mut s, Duration::from_secs(5));
+        let _ = read_kafka_response_within(&mut s, Duration::from_secs(5));
         // Produce v3: transactional id null, acks 1, timeout 1000, topics array huge.
         let mut body = Vec::new();
         body.extend_from_slice(&(-1i16).to_be_bytes());
@@ -962,15 +884,15 @@ fn garbage_on_the_socket_does_not_hurt_the_broker() {
         body.extend_from_slice(&1000i32.to_be_bytes());
         body.extend_from_slice(&0x7fff_fff0i32.to_be_bytes());
         let mut s = raw_connect(&addr);
-        s.write_all(&frame(0, 3, 2, &body)).unwrap();
-        let _ = read_frame_or_close(&mut s, Duration::from_secs(5));
+        s.write_all(&kafka_request(0, 3, 2, &body)).unwrap();
+        let _ = read_kafka_response_within(&mut s, Duration::from_secs(5));
         // Metadata v9 (flexible, header v2 = header v1 + empty tagged fields): compact array
         // length as a huge varint.
         let mut body = vec![0u8]; // header tagged fields
         body.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0x07]);
         let mut s = raw_connect(&addr);
-        s.write_all(&frame(3, 9, 3, &body)).unwrap();
-        let _ = read_frame_or_close(&mut s, Duration::from_secs(5));
+        s.write_all(&kafka_request(3, 9, 3, &body)).unwrap();
+        let _ = read_kafka_response_within(&mut s, Duration::from_secs(5));
     }
 
     // 7. Random bodies under valid headers of every advertised api key and version.
@@ -981,13 +903,13 @@ fn garbage_on_the_socket_does_not_hurt_the_broker() {
         let mut body = vec![0u8; rng.random_range(0..300)];
         rng.fill(&mut body[..]);
         let mut s = raw_connect(&addr);
-        let _ = s.write_all(&frame(api_key, version, i as i32, &body));
+        let _ = s.write_all(&kafka_request(api_key, version, i as i32, &body));
         let _ = s.shutdown(Shutdown::Write);
     }
 
     // 8. A valid Produce request with a few random bytes flipped (lengths, varints, CRC,
     //    compression bits...).
-    let valid = frame(
+    let valid = kafka_request(
         0,
         3,
         99,
@@ -1539,14 +1461,6 @@ fn parse_produce_v3_response(f: &[u8]) -> (i32, i16, i64) {
     (corr, error, base_offset)
 }
 
-fn next_frame(s: &mut TcpStream, what: &str) -> Vec<u8> {
-    match read_frame_or_close(s, DEADLINE) {
-        Some(ReadOutcome::Frame(f)) => f,
-        Some(ReadOutcome::Closed) => panic!("broker closed the connection; expected {what}"),
-        None => panic!("no response; expected {what}"),
-    }
-}
-
 #[test]
 fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
     let broker = Broker::start();
@@ -1558,9 +1472,9 @@ fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
 
     // acks=0, then ApiVersions: the first (and only) response is the ApiVersions one.
     let acks0 = produce_v3_body(topic, 0, 0, &record_batch(b"raw-acks0", now));
-    s.write_all(&frame(0, 3, 10, &acks0)).unwrap();
-    s.write_all(&frame(18, 0, 11, &[])).unwrap();
-    let f = next_frame(&mut s, "the ApiVersions response");
+    s.write_all(&kafka_request(0, 3, 10, &acks0)).unwrap();
+    s.write_all(&kafka_request(18, 0, 11, &[])).unwrap();
+    let f = expect_kafka_response(&mut s, "the ApiVersions response");
     let corr = i32::from_be_bytes(f[0..4].try_into().unwrap());
     assert_eq!(
         corr, 11,
@@ -1569,8 +1483,9 @@ fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
 
     // acks=1 with a valid batch: appended after the acks=0 record.
     let acks1 = produce_v3_body(topic, 0, 1, &record_batch(b"raw-acks1", now));
-    s.write_all(&frame(0, 3, 12, &acks1)).unwrap();
-    let (corr, error, base) = parse_produce_v3_response(&next_frame(&mut s, "a produce response"));
+    s.write_all(&kafka_request(0, 3, 12, &acks1)).unwrap();
+    let (corr, error, base) =
+        parse_produce_v3_response(&expect_kafka_response(&mut s, "a produce response"));
     assert_eq!(
         (corr, error, base),
         (12, 0, 2),
@@ -1582,9 +1497,9 @@ fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
     let last = bad.len() - 2;
     bad[last] ^= 0xff; // flip bits inside the record value, after the CRC was computed
     let corrupt = produce_v3_body(topic, 0, 1, &bad);
-    s.write_all(&frame(0, 3, 13, &corrupt)).unwrap();
-    match read_frame_or_close(&mut s, DEADLINE) {
-        Some(ReadOutcome::Frame(f)) => {
+    s.write_all(&kafka_request(0, 3, 13, &corrupt)).unwrap();
+    match read_kafka_response(&mut s) {
+        Ok(Some(f)) => {
             let (corr, error, _) = parse_produce_v3_response(&f);
             assert_eq!(corr, 13);
             assert_eq!(
@@ -1592,8 +1507,8 @@ fn raw_produce_acks0_gets_no_response_and_corrupt_batches_are_refused() {
                 "a batch with a wrong CRC must get CORRUPT_MESSAGE"
             );
         }
-        Some(ReadOutcome::Closed) => panic!("the broker closed the connection on a corrupt batch"),
-        None => panic!("no answer to a produce with a corrupt batch"),
+        Ok(None) => panic!("the broker closed the connection on a corrupt batch"),
+        Err(e) => panic!("no answer to a produce with a corrupt batch: {e}"),
     }
     assert_eq!(
         watermarks(&b, topic, 0),
@@ -1642,8 +1557,8 @@ fn corrupt_batch_fails_its_partition_only() {
     bad[last] ^= 0xff;
     let body = produce_v3_body_multi("mixed", 1, &[(0, bad), (1, record_batch(b"good", now))]);
     let mut s = raw_connect(&b);
-    s.write_all(&frame(0, 3, 21, &body)).unwrap();
-    let f = next_frame(&mut s, "a produce response");
+    s.write_all(&kafka_request(0, 3, 21, &body)).unwrap();
+    let f = expect_kafka_response(&mut s, "a produce response");
     let i32_at = |at: usize| i32::from_be_bytes(f[at..at + 4].try_into().unwrap());
     assert_eq!(i32_at(0), 21, "correlation id");
     assert_eq!(i32_at(4), 1, "topics in the response");
@@ -1777,25 +1692,18 @@ fn produce_v3_partitions(f: &[u8]) -> Vec<(i32, i16, i64)> {
 /// Send one hand-made Produce v3 (acks=1) and return its per-partition results.
 fn raw_produce(bootstrap: &str, topic: &str, parts: &[(i32, Vec<u8>)]) -> Vec<(i32, i16, i64)> {
     let mut s = raw_connect(bootstrap);
-    s.write_all(&frame(0, 3, 31, &produce_v3_body_multi(topic, 1, parts)))
-        .unwrap();
-    produce_v3_partitions(&next_frame(&mut s, "a produce response"))
-}
-
-/// Peak resident set size of process `pid` (VmHWM), in bytes.
-fn peak_rss(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let kb: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().strip_suffix("kB"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no VmHWM in /proc/{pid}/status"));
-    kb * 1024
+    s.write_all(&kafka_request(
+        0,
+        3,
+        31,
+        &produce_v3_body_multi(topic, 1, parts),
+    ))
+    .unwrap();
+    produce_v3_partitions(&expect_kafka_response(&mut s, "a produce response"))
 }
 
 fn assert_peak_rss_bounded(broker: &Broker, when: &str) {
-    let peak = peak_rss(broker.pid().expect("broker running"));
+    let peak = broker.proc_status_bytes("VmHWM");
     eprintln!("broker peak RSS {} MiB {when}", peak >> 20);
     assert!(
         peak < RSS_BOUND,

@@ -10,8 +10,10 @@
 //! * [`produce`] / [`consume`] talk to it with librdkafka (the `rdkafka` crate).
 //! * [`http`], [`http_stream`]: a minimal HTTP/1.1 client (one request per connection,
 //!   Content-Length and chunked bodies); [`scrape`] and [`metric_values`] for Prometheus text.
-//! * [`kafka_request`], [`read_kafka_response`], [`api_versions_roundtrip`],
-//!   [`wait_closed_by_peer`]: raw frames, for connection handling below any client library.
+//! * [`raw_connect`], [`kafka_request`], [`read_kafka_response`] (and its `_within` and
+//!   `expect_` forms), [`api_versions_roundtrip`], [`wait_closed_by_peer`]: raw frames, for
+//!   connection handling below any client library; [`RawClient`] sends requests encoded with
+//!   `kafka-protocol` and decodes the answers.
 //! * [`BrokerBuilder::open_files_limit`] and [`Broker::proc_status_bytes`] (peak RSS) for
 //!   resource-limit tests.
 //! * [`require_kcat`], [`require_python_modules`], [`py_script`] for the third-party clients.
@@ -1301,6 +1303,23 @@ pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
 // ------------------------------------------------------------------------------------------
 // Raw Kafka frames (for tests of connection handling below any client library)
 
+/// A TCP connection to `addr` for raw frames: no Nagle delay, reads time out after
+/// [`DEADLINE`].
+pub fn raw_connect(addr: &str) -> TcpStream {
+    let s = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
+    s.set_read_timeout(Some(DEADLINE))
+        .expect("set read timeout");
+    s.set_nodelay(true).expect("set TCP_NODELAY");
+    s
+}
+
+/// `payload` behind its 4-byte big-endian length.
+fn length_prefixed(payload: &[u8]) -> Vec<u8> {
+    let mut out = (payload.len() as i32).to_be_bytes().to_vec();
+    out.extend_from_slice(payload);
+    out
+}
+
 /// A request frame: length prefix, header v1 (api key, version, correlation id, client id)
 /// and `body`.
 pub fn kafka_request(api_key: i16, version: i16, correlation_id: i32, body: &[u8]) -> Vec<u8> {
@@ -1312,13 +1331,12 @@ pub fn kafka_request(api_key: i16, version: i16, correlation_id: i32, body: &[u8
     payload.extend_from_slice(&(client_id.len() as i16).to_be_bytes());
     payload.extend_from_slice(client_id);
     payload.extend_from_slice(body);
-    let mut out = (payload.len() as i32).to_be_bytes().to_vec();
-    out.extend_from_slice(&payload);
-    out
+    length_prefixed(&payload)
 }
 
 /// Read one response frame (without its length prefix); `Ok(None)` when the peer closed the
-/// connection (end of stream or reset) first. Uses the stream's read timeout.
+/// connection (end of stream or reset) first. Uses the stream's read timeout: when nothing
+/// came within it, an error of kind `WouldBlock` or `TimedOut`.
 pub fn read_kafka_response(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
     match s.read_exact(&mut len) {
@@ -1335,6 +1353,26 @@ pub fn read_kafka_response(s: &mut TcpStream) -> io::Result<Option<Vec<u8>>> {
     }
 }
 
+/// [`read_kafka_response`] waiting at most about `limit` for each read; the stream keeps
+/// that read timeout.
+pub fn read_kafka_response_within(
+    s: &mut TcpStream,
+    limit: Duration,
+) -> io::Result<Option<Vec<u8>>> {
+    s.set_read_timeout(Some(limit))?;
+    read_kafka_response(s)
+}
+
+/// The next response frame on `s`; panics, saying `what` was expected, when the broker
+/// closed the connection or sent nothing.
+pub fn expect_kafka_response(s: &mut TcpStream, what: &str) -> Vec<u8> {
+    match read_kafka_response(s) {
+        Ok(Some(f)) => f,
+        Ok(None) => panic!("broker closed the connection; expected {what}"),
+        Err(e) => panic!("no response ({e}); expected {what}"),
+    }
+}
+
 fn is_closed(e: &io::Error) -> bool {
     matches!(
         e.kind(),
@@ -1345,27 +1383,41 @@ fn is_closed(e: &io::Error) -> bool {
     )
 }
 
-/// ApiVersions v0 on `s`: `Ok` when answered with our correlation id and error 0, `Err` with
-/// what happened instead (closed, other answer, I/O error).
-pub fn api_versions_roundtrip(s: &mut TcpStream, correlation_id: i32) -> Result<(), String> {
+/// ApiVersions v0 on `s`: `Ok` with the advertised (api key, min version, max version)
+/// triples when answered with our correlation id and error 0, `Err` with what happened
+/// instead (closed, other answer, short answer, I/O error).
+pub fn api_versions_roundtrip(
+    s: &mut TcpStream,
+    correlation_id: i32,
+) -> Result<Vec<(i16, i16, i16)>, String> {
     s.write_all(&kafka_request(18, 0, correlation_id, &[]))
         .map_err(|e| format!("write ApiVersions: {e}"))?;
-    match read_kafka_response(s) {
-        Ok(Some(f)) if f.len() >= 6 => {
-            let corr = i32::from_be_bytes([f[0], f[1], f[2], f[3]]);
-            let error = i16::from_be_bytes([f[4], f[5]]);
-            if corr == correlation_id && error == 0 {
-                Ok(())
-            } else {
-                Err(format!(
-                    "ApiVersions answered correlation id {corr}, error {error}"
-                ))
-            }
-        }
-        Ok(Some(f)) => Err(format!("short ApiVersions response {f:?}")),
-        Ok(None) => Err("connection closed by the broker".to_string()),
-        Err(e) => Err(format!("read ApiVersions response: {e}")),
+    let f = match read_kafka_response(s) {
+        Ok(Some(f)) if f.len() >= 10 => f,
+        Ok(Some(f)) => return Err(format!("short ApiVersions response {f:?}")),
+        Ok(None) => return Err("connection closed by the broker".to_string()),
+        Err(e) => return Err(format!("read ApiVersions response: {e}")),
+    };
+    let i16_at = |at: usize| i16::from_be_bytes([f[at], f[at + 1]]);
+    let corr = i32::from_be_bytes([f[0], f[1], f[2], f[3]]);
+    let error = i16_at(4);
+    if corr != correlation_id || error != 0 {
+        return Err(format!(
+            "ApiVersions answered correlation id {corr}, error {error}"
+        ));
     }
+    let n = i32::from_be_bytes([f[6], f[7], f[8], f[9]]);
+    if n < 0 || f.len() < 10 + n as usize * 6 {
+        return Err(format!(
+            "ApiVersions v0 response too short for {n} entries: {f:?}"
+        ));
+    }
+    Ok((0..n as usize)
+        .map(|i| {
+            let at = 10 + i * 6;
+            (i16_at(at), i16_at(at + 2), i16_at(at + 4))
+        })
+        .collect())
 }
 
 /// Wait until the broker closes `s` (end of stream or reset), reading and discarding
@@ -1464,12 +1516,8 @@ pub struct RawClient {
 
 impl RawClient {
     pub fn connect(addr: &str) -> RawClient {
-        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect {addr}: {e}"));
-        stream
-            .set_read_timeout(Some(DEADLINE))
-            .expect("read timeout");
         RawClient {
-            stream,
+            stream: raw_connect(addr),
             correlation: 0,
         }
     }
@@ -1498,16 +1546,11 @@ impl RawClient {
             .encode(&mut body, Req::header_version(version))
             .expect("encode request header");
         req.encode(&mut body, version).expect("encode request");
-        let mut frame = (body.len() as i32).to_be_bytes().to_vec();
-        frame.extend_from_slice(&body);
-        self.stream.write_all(&frame).expect("send request");
-        let mut len = [0u8; 4];
         self.stream
-            .read_exact(&mut len)
-            .expect("read response length");
-        let mut buf = vec![0u8; i32::from_be_bytes(len) as usize];
-        self.stream.read_exact(&mut buf).expect("read response");
-        let mut buf = bytes::Bytes::from(buf);
+            .write_all(&length_prefixed(&body))
+            .expect("send request");
+        let what = format!("the answer to API {key:?} v{version}");
+        let mut buf = bytes::Bytes::from(expect_kafka_response(&mut self.stream, &what));
         let rh = ResponseHeader::decode(&mut buf, Resp::header_version(version))
             .expect("decode response header");
         assert_eq!(rh.correlation_id, self.correlation, "correlation id");
