@@ -1,51 +1,43 @@
-//! The agent loop: discovery, reading, framing, producing, acknowledgement watermarks,
-//! checkpoints and manifests. One thread owns all state; librdkafka's delivery reports arrive
-//! on the producer's polling thread and are handed over through a mutex-protected list.
+//! The agent loop: discovery, reading, framing, handing records to the sink, delivery reports,
+//! checkpoints and manifests. One thread owns all state and sleeps on one channel, woken by
+//! the watcher and by the sink's reports.
 //!
-//! Per file the agent keeps three positions: `acked` (every record below it acknowledged:
-//! what is checkpointed), the end of what was produced, and the end of what was read (the
-//! unconsumed tail is a partial line or a multiline group that may still grow). Records of a
-//! file carry increasing sequence numbers; `acked` moves over a prefix of acknowledged ones
-//! only, so delivery reports in any order are safe. A failed record makes the file re-read
-//! from `acked` once its other records are settled, after a backoff.
+//! Per file the loop keeps the open descriptor, its path and timers (`Tracked`); what was read,
+//! handed out and acknowledged is the file's [`FileTracker`]. The records of a file carry
+//! increasing sequence numbers and its checkpointed offset is the tracker's acknowledged
+//! watermark. A refused record pauses the file briefly and is offered again; a failed one makes
+//! the file re-read from the watermark once its other records are settled, after a backoff.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::HashMap;
 use std::fs::File;
 use std::io;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
-use std::sync::{Arc, Mutex, PoisonError};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use metrics::{Counter, Gauge};
-use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
-use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
-use rdkafka::ClientContext;
 use regex::bytes::Regex;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFs, CheckpointStore, FileEntry};
 use crate::clock::Clock;
-use crate::config::{AgentConfig, ConfigError, CorruptPolicy, OutputConfig};
+use crate::config::{AgentConfig, ConfigError, CorruptPolicy};
 use crate::discovery::{DiscoveryError, FsEvent, Matcher, Watcher};
 use crate::framing::{Frame, Framer};
 use crate::identity::{file_id, initial_signature, signature_of, Signature};
+use crate::sink::kafka::KafkaSink;
+use crate::sink::{
+    Delivery, Record, SendError, Sink, SinkError, Trajectory, Waker, FILE_KEY_MASK, MAX_FILE_KEY,
+};
+use crate::tracker::{FileTracker, Ident};
 
 /// librdkafka's own memory per queued record beyond its bytes (message struct, headers),
 /// counted against `max_inflight_bytes` so the cap bounds memory, not just payload.
 const RECORD_OVERHEAD: u64 = 512;
-/// File keys live in 24 bits of a record's delivery opaque; this one (never given to a file)
-/// marks the manifest.
-const KEY_BITS: u32 = 24;
-const KEY_MASK: u64 = (1 << KEY_BITS) - 1;
-const MANIFEST_KEY: u64 = KEY_MASK;
-const MAX_BACKOFF_MS: u64 = 30_000;
-/// Pause before retrying a file whose records librdkafka refused.
+/// Pause before retrying a file whose records the sink refused.
 const REFUSED_RETRY_MS: u64 = 20;
-const FIRST_BACKOFF_MS: u64 = 500;
 const SHUTDOWN_FLUSH: Duration = Duration::from_secs(30);
 
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +57,7 @@ pub enum AgentError {
     #[error("writing the final checkpoint: {0}")]
     FinalCheckpoint(CheckpointError),
     #[error("creating the producer: {0}")]
-    Producer(#[from] KafkaError),
+    Producer(#[from] SinkError),
     #[error("{what}: {source}")]
     Io {
         what: String,
@@ -74,131 +66,10 @@ pub enum AgentError {
     },
 }
 
-// ------------------------------------------------------------------------------------------
-// Producer context: delivery reports to the loop.
-
-// The delivery opaque is a plain `usize`, so producing a record allocates nothing for it:
-// bits 56..64 the producer generation, 32..56 the file key, 0..32 the record's sequence
-// number modulo 2^32. A file's in-flight records are far fewer than 2^32 (each counts
-// `RECORD_OVERHEAD` against `max_inflight_bytes`), so the low bits of a sequence number pick
-// one pending record unambiguously; keys are unique among tracked files (`Agent::alloc_key`);
-// and reports of an old producer never reach the new one's context.
-const _: () = assert!(
-    usize::BITS >= 64,
-    "the delivery opaque packs 64 bits into a usize"
-);
-
-fn tag(generation: u64, key: u64, seq: u64) -> usize {
-    (((generation & 0xff) << 56) | ((key & KEY_MASK) << 32) | (seq & 0xffff_ffff)) as usize
-}
-
-struct Ack {
-    tag: u64,
-    ok: bool,
-}
-
-impl Ack {
-    fn generation(&self) -> u8 {
-        (self.tag >> 56) as u8
-    }
-    fn key(&self) -> u64 {
-        (self.tag >> 32) & KEY_MASK
-    }
-    fn seq(&self) -> u32 {
-        self.tag as u32
-    }
-}
-
 enum Wake {
     Fs(FsEvent),
     Ack,
 }
-
-struct Ctx {
-    acks: Mutex<Vec<Ack>>,
-    /// Set while the loop sleeps: the next report wakes it.
-    waiting: AtomicBool,
-    wake: Sender<Wake>,
-}
-
-impl ClientContext for Ctx {
-    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => tracing::error!(target: "librdkafka", fac, "{log_message}"),
-            RDKafkaLogLevel::Warning => tracing::warn!(target: "librdkafka", fac, "{log_message}"),
-            _ => tracing::debug!(target: "librdkafka", fac, "{log_message}"),
-        }
-    }
-
-    fn error(&self, error: KafkaError, reason: &str) {
-        tracing::warn!(target: "librdkafka", %error, "{reason}");
-    }
-}
-
-impl ProducerContext for Ctx {
-    type DeliveryOpaque = usize;
-
-    fn delivery(&self, result: &DeliveryResult<'_>, tag: usize) {
-        let ok = result.is_ok();
-        if let Err((e, _)) = result {
-            tracing::debug!(error = %e, "record not delivered");
-        }
-        self.acks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .push(Ack {
-                tag: tag as u64,
-                ok,
-            });
-        // Ordered by the `acks` lock against the loop's `sleep`; the plain load spares a
-        // read-modify-write per record while the loop is busy.
-        if self.waiting.load(Ordering::Acquire) && self.waiting.swap(false, Ordering::AcqRel) {
-            let _ = self.wake.send(Wake::Ack);
-        }
-    }
-}
-
-fn make_producer(
-    out: &OutputConfig,
-    host: &str,
-    max_inflight: u64,
-    wake: Sender<Wake>,
-) -> Result<ThreadedProducer<Ctx>, KafkaError> {
-    let mut c = ClientConfig::new();
-    let kbytes = (max_inflight.saturating_mul(2) / 1024).clamp(16 << 10, 2 << 20);
-    c.set("bootstrap.servers", &out.bootstrap)
-        .set("client.id", format!("qanat-agent-{host}"))
-        // Retries neither reorder nor duplicate: the broker checks producer sequences.
-        .set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("batch.size", out.batch_bytes.to_string())
-        .set("linger.ms", out.batch_age_ms.to_string())
-        .set("compression.type", &out.compression)
-        .set("compression.level", out.compression_level.to_string())
-        .set("message.timeout.ms", out.delivery_timeout_ms.to_string())
-        .set(
-            "message.max.bytes",
-            (out.batch_bytes + (1 << 20)).max(1_000_000).to_string(),
-        )
-        .set("queue.buffering.max.messages", "2000000")
-        .set("queue.buffering.max.kbytes", kbytes.to_string())
-        .set("reconnect.backoff.ms", "100")
-        .set("reconnect.backoff.max.ms", "5000");
-    for (k, v) in &out.librdkafka {
-        c.set(k, v);
-    }
-    c.create_with_context(Ctx {
-        acks: Mutex::new(Vec::new()),
-        waiting: AtomicBool::new(false),
-        wake,
-    })
-}
-
-// ------------------------------------------------------------------------------------------
-// Per-source runtime state.
 
 struct SourceRt {
     topic: String,
@@ -212,102 +83,52 @@ struct SourceRt {
     batches: Counter,
 }
 
-// ------------------------------------------------------------------------------------------
-// Tracked files.
-
-#[derive(Clone, Copy, PartialEq, Eq)]
-enum State {
-    InFlight,
-    Acked,
-    Failed,
-}
-
-struct Pending {
-    seq: u64,
-    end: u64,
-    size: u64,
-    lines: u32,
-    state: State,
-}
-
-struct Ident {
-    id: String,
-    sig: Signature,
-}
-
+/// A tracked file: the descriptor and timers around its [`FileTracker`].
 struct Tracked {
     source: usize,
     path: PathBuf,
     path_str: String,
-    /// `None` once the content is gone (truncated in place): only waiting for acks.
+    /// `None` once the content is gone (truncated in place): only waiting for reports.
     file: Option<File>,
-    dev: u64,
-    ino: u64,
-    ident: Option<Ident>,
-    /// Unconsumed bytes starting at file offset `buf_off`.
-    buf: Vec<u8>,
-    buf_off: u64,
-    acked: u64,
-    pending: VecDeque<Pending>,
-    next_seq: u64,
-    failed: bool,
-    retry_at: u64,
-    backoff_ms: u64,
+    state: FileTracker,
     eof: bool,
-    /// `buf` holds records librdkafka refused: frame them again before reading more.
-    refused: bool,
+    retry_at: u64,
     last_growth_ms: u64,
     seen: bool,
     orphan_since: Option<u64>,
 }
 
 impl Tracked {
-    fn new(source: usize, path: PathBuf, file: File, dev: u64, ino: u64, now: u64) -> Tracked {
+    fn new(source: usize, path: PathBuf, file: File, state: FileTracker, now: u64) -> Tracked {
         Tracked {
             source,
             path_str: path.to_string_lossy().into_owned(),
             path,
             file: Some(file),
-            dev,
-            ino,
-            ident: None,
-            buf: Vec::new(),
-            buf_off: 0,
-            acked: 0,
-            pending: VecDeque::new(),
-            next_seq: 0,
-            failed: false,
-            retry_at: 0,
-            backoff_ms: 0,
+            state,
             eof: false,
-            refused: false,
+            retry_at: 0,
             last_growth_ms: now,
             seen: true,
             orphan_since: None,
         }
     }
 
-    fn read_pos(&self) -> u64 {
-        self.buf_off + self.buf.len() as u64
-    }
-
-    fn settled(&self) -> bool {
-        self.pending.iter().all(|p| p.state != State::InFlight)
-    }
-
-    /// Forget everything past `acked` and read again from there.
+    /// Forget everything past the watermark and read again from there.
     fn rewind(&mut self) {
-        self.pending.clear();
-        self.buf = Vec::new();
-        self.buf_off = self.acked;
-        self.failed = false;
+        self.state.rewind();
         self.eof = false;
-        self.refused = false;
     }
 }
 
-// ------------------------------------------------------------------------------------------
-// The agent.
+/// When the loop's periodic work is due next.
+struct Schedule {
+    rescan: u64,
+    poll: u64,
+    checkpoint: u64,
+    manifest: u64,
+    last_rescan: u64,
+}
 
 pub struct Agent {
     cfg: AgentConfig,
@@ -322,17 +143,17 @@ pub struct Agent {
     /// Checkpointed files not yet found again (cleared after the first scan).
     resume: HashMap<(u64, u64), FileEntry>,
     next_key: u64,
-    producer: ThreadedProducer<Ctx>,
-    generation: u64,
+    sink: Box<dyn Sink>,
     inflight_bytes: u64,
     rx: Receiver<Wake>,
-    tx: Sender<Wake>,
+    /// Held so the channel never disconnects (a disconnected `recv_timeout` would not sleep).
+    _tx: Sender<Wake>,
     watcher: Option<Watcher>,
     checkpoint_dirty: bool,
     rescan_soon: bool,
     scratch: Vec<u8>,
     frames: Vec<Frame>,
-    acks: Vec<Ack>,
+    deliveries: Vec<Delivery>,
     files_gauge: Gauge,
     inflight_gauge: Gauge,
     retries: Counter,
@@ -360,33 +181,17 @@ fn default_host() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
-/// Decimal digits of `n` without allocating.
-fn dec(n: u64, buf: &mut [u8; 20]) -> &[u8] {
-    let mut i = buf.len();
-    let mut n = n;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    &buf[i..]
-}
-
-/// Where a record goes and what it says.
+/// Where a file's records go.
 struct Emit<'a> {
-    producer: &'a ThreadedProducer<Ctx>,
+    sink: &'a mut dyn Sink,
     host: &'a str,
-    generation: u64,
     inflight: &'a mut u64,
     frames: &'a mut Vec<Frame>,
 }
 
 impl Emit<'_> {
-    /// Frame `data` (the file's bytes from `t.buf_off`) and produce its events; returns how
-    /// many bytes were consumed. Stops early when librdkafka's queue is full.
+    /// Frame `data` (the file's bytes from `t.state.consumed()`) and hand its events to the
+    /// sink; returns how many bytes were consumed and whether the sink refused one.
     fn frames(
         &mut self,
         key: u64,
@@ -396,74 +201,42 @@ impl Emit<'_> {
         flush_group: bool,
         final_flush: bool,
     ) -> (usize, bool) {
-        let Some(ident) = &t.ident else {
+        if t.state.ident().is_none() {
             return (0, false);
-        };
+        }
         let frames = &mut *self.frames;
         frames.clear();
         let mut used = src.framer.frame(data, flush_group, final_flush, frames);
-        let mut lines = 0u64;
-        let mut sent = 0usize;
-        let mut refused = false;
+        let base = t.state.consumed();
+        let (mut lines, mut sent, mut refused) = (0u64, 0usize, false);
         for fr in frames.iter() {
-            let offset = t.buf_off + fr.start as u64;
+            let Some(ident) = t.state.ident() else { break };
+            let offset = base + fr.start as u64;
             let size = (fr.end - fr.start) as u64;
-            let (mut b1, mut b2, mut b3) = ([0u8; 20], [0u8; 20], [0u8; 20]);
-            let mut headers = OwnedHeaders::new_with_capacity(6 + src.attributes.len())
-                .insert(Header {
-                    key: "qanat.host",
-                    value: Some(self.host.as_bytes()),
-                })
-                .insert(Header {
-                    key: "qanat.file",
-                    value: Some(ident.id.as_bytes()),
-                })
-                .insert(Header {
-                    key: "qanat.path",
-                    value: Some(t.path_str.as_bytes()),
-                })
-                .insert(Header {
-                    key: "qanat.offset",
-                    value: Some(dec(offset, &mut b1)),
-                })
-                .insert(Header {
-                    key: "qanat.size",
-                    value: Some(dec(size, &mut b2)),
-                })
-                .insert(Header {
-                    key: "qanat.lines",
-                    value: Some(dec(u64::from(fr.lines), &mut b3)),
-                });
-            for (k, v) in &src.attributes {
-                headers = headers.insert(Header {
-                    key: k,
-                    value: Some(v.as_bytes()),
-                });
-            }
-            let seq = t.next_seq;
-            let record = BaseRecord::with_opaque_to(&src.topic, tag(self.generation, key, seq))
-                .key(ident.id.as_bytes())
-                .payload(&data[fr.start..fr.value_end])
-                .headers(headers);
-            if let Err((e, _)) = self.producer.send(record) {
-                if !matches!(
-                    e,
-                    KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull)
-                ) {
+            let record = Record {
+                topic: &src.topic,
+                file_key: key,
+                seq: t.state.next_seq(),
+                payload: &data[fr.start..fr.value_end],
+                trajectory: Trajectory {
+                    host: self.host,
+                    file_id: &ident.id,
+                    path: &t.path_str,
+                    offset,
+                    size,
+                    lines: fr.lines,
+                    attributes: &src.attributes,
+                },
+            };
+            if let Err(e) = self.sink.send(&record) {
+                if !matches!(e, SendError::Full) {
                     tracing::warn!(path = %t.path_str, error = %e, "producing failed; will retry");
                 }
                 used = fr.start;
                 refused = true;
                 break;
             }
-            t.next_seq += 1;
-            t.pending.push_back(Pending {
-                seq,
-                end: offset + size,
-                size,
-                lines: fr.lines,
-                state: State::InFlight,
-            });
+            t.state.handed_out(offset, size, fr.lines);
             *self.inflight += size + RECORD_OVERHEAD;
             lines += u64::from(fr.lines);
             sent += 1;
@@ -478,11 +251,25 @@ impl Emit<'_> {
 
 impl Agent {
     /// Load the checkpoint (applying `on_corrupt_checkpoint`), build the matchers and the
-    /// producer, start the watcher.
+    /// librdkafka producer, start the watcher.
     pub fn new(
         cfg: AgentConfig,
         fs: Box<dyn CheckpointFs>,
         clock: Arc<dyn Clock>,
+    ) -> Result<Agent, AgentError> {
+        Agent::with_sink(cfg, fs, clock, |cfg, host, wake| {
+            let sink = KafkaSink::new(&cfg.output, host, cfg.max_inflight_bytes, wake)?;
+            Ok(Box::new(sink))
+        })
+    }
+
+    /// As [`Agent::new`], with the sink `make_sink` builds from the configuration, the host id
+    /// and the waker to call when reports arrive.
+    pub fn with_sink(
+        cfg: AgentConfig,
+        fs: Box<dyn CheckpointFs>,
+        clock: Arc<dyn Clock>,
+        make_sink: impl FnOnce(&AgentConfig, &str, Waker) -> Result<Box<dyn Sink>, SinkError>,
     ) -> Result<Agent, AgentError> {
         cfg.validate()?;
         let host = cfg
@@ -557,7 +344,14 @@ impl Agent {
         }
 
         let (tx, rx) = mpsc::channel();
-        let producer = make_producer(&cfg.output, &host, cfg.max_inflight_bytes, tx.clone())?;
+        let ack_tx = tx.clone();
+        let sink = make_sink(
+            &cfg,
+            &host,
+            Arc::new(move || {
+                let _ = ack_tx.send(Wake::Ack);
+            }),
+        )?;
         let watcher = if cfg.inotify {
             let etx = tx.clone();
             let (ftx, frx) = mpsc::channel::<FsEvent>();
@@ -597,17 +391,16 @@ impl Agent {
             by_path: HashMap::new(),
             resume,
             next_key: 0,
-            producer,
-            generation: 0,
+            sink,
             inflight_bytes: 0,
             rx,
-            tx,
+            _tx: tx,
             watcher,
             checkpoint_dirty: true,
             rescan_soon: false,
             scratch: Vec::new(),
             frames: Vec::new(),
-            acks: Vec::new(),
+            deliveries: Vec::new(),
             files_gauge: metrics::gauge!("qanat_agent_files_tracked"),
             inflight_gauge: metrics::gauge!("qanat_agent_inflight_bytes"),
             retries: metrics::counter!("qanat_agent_retries_total"),
@@ -630,74 +423,79 @@ impl Agent {
         shutdown: &AtomicBool,
         on_ready: impl FnOnce(&Agent),
     ) -> Result<(), AgentError> {
-        let now = self.clock.now_ms();
-        self.rescan(now);
-        self.save_checkpoint();
-        self.send_manifest();
+        let mut due = self.start();
         on_ready(&self);
-        let mut next_rescan = now + self.cfg.rescan_interval_ms;
-        let mut next_poll = now + self.cfg.poll_interval_ms;
-        let mut next_checkpoint = now + self.cfg.checkpoint_interval_ms;
-        let mut next_manifest = now + self.cfg.manifest_interval_ms;
-        let mut last_rescan = now;
         while !shutdown.load(Ordering::Acquire) {
-            self.drain_acks();
-            self.check_fatal();
-            while let Ok(w) = self.rx.try_recv() {
-                self.on_wake(w);
-            }
-            let now = self.clock.now_ms();
-            if now >= next_rescan || (self.rescan_soon && now >= last_rescan + 50) {
-                self.rescan(now);
-                last_rescan = now;
-                next_rescan = now + self.cfg.rescan_interval_ms;
-            }
-            if now >= next_poll {
-                self.poll_sizes(now);
-                next_poll = now + self.cfg.poll_interval_ms;
-            }
-            let progressed = self.read_round(now);
-            self.timers(now);
-            if now >= next_checkpoint {
-                if self.checkpoint_dirty {
-                    self.save_checkpoint();
-                }
-                next_checkpoint = now + self.cfg.checkpoint_interval_ms;
-            }
-            if now >= next_manifest {
-                self.send_manifest();
-                next_manifest = now + self.cfg.manifest_interval_ms;
-            }
-            if !progressed {
-                let next = [next_rescan, next_poll, next_checkpoint, next_manifest]
-                    .into_iter()
-                    .min()
-                    .unwrap_or(now + 100);
-                let wait = next.saturating_sub(now).clamp(1, 100);
-                self.sleep(Duration::from_millis(wait));
+            if let Some(idle) = self.turn(&mut due) {
+                self.sleep(idle);
             }
         }
         self.shutdown()
     }
 
+    /// The first scan, checkpoint and manifest.
+    fn start(&mut self) -> Schedule {
+        let now = self.clock.now_ms();
+        self.rescan(now);
+        self.save_checkpoint();
+        self.send_manifest();
+        Schedule {
+            rescan: now + self.cfg.rescan_interval_ms,
+            poll: now + self.cfg.poll_interval_ms,
+            checkpoint: now + self.cfg.checkpoint_interval_ms,
+            manifest: now + self.cfg.manifest_interval_ms,
+            last_rescan: now,
+        }
+    }
+
+    /// One pass of the loop; returns how long to sleep if nothing was read.
+    fn turn(&mut self, due: &mut Schedule) -> Option<Duration> {
+        self.drain_acks();
+        self.restart_if_broken();
+        while let Ok(w) = self.rx.try_recv() {
+            self.on_wake(w);
+        }
+        let now = self.clock.now_ms();
+        if now >= due.rescan || (self.rescan_soon && now >= due.last_rescan + 50) {
+            self.rescan(now);
+            due.last_rescan = now;
+            due.rescan = now + self.cfg.rescan_interval_ms;
+        }
+        if now >= due.poll {
+            self.poll_sizes(now);
+            due.poll = now + self.cfg.poll_interval_ms;
+        }
+        let progressed = self.read_round(now);
+        self.timers(now);
+        if now >= due.checkpoint {
+            if self.checkpoint_dirty {
+                self.save_checkpoint();
+            }
+            due.checkpoint = now + self.cfg.checkpoint_interval_ms;
+        }
+        if now >= due.manifest {
+            self.send_manifest();
+            due.manifest = now + self.cfg.manifest_interval_ms;
+        }
+        if progressed {
+            return None;
+        }
+        let next = [due.rescan, due.poll, due.checkpoint, due.manifest]
+            .into_iter()
+            .min()
+            .unwrap_or(now + 100);
+        Some(Duration::from_millis(
+            next.saturating_sub(now).clamp(1, 100),
+        ))
+    }
+
     fn sleep(&mut self, d: Duration) {
-        let ctx = self.producer.context();
-        ctx.waiting.store(true, Ordering::Release);
-        let have_acks = !ctx
-            .acks
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .is_empty();
-        if !have_acks {
-            match self.rx.recv_timeout(d) {
-                Ok(w) => self.on_wake(w),
-                Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => {}
+        if !self.sink.park() {
+            if let Ok(w) = self.rx.recv_timeout(d) {
+                self.on_wake(w);
             }
         }
-        self.producer
-            .context()
-            .waiting
-            .store(false, Ordering::Release);
+        self.sink.unpark();
     }
 
     fn on_wake(&mut self, w: Wake) {
@@ -714,7 +512,6 @@ impl Agent {
             Wake::Fs(FsEvent::Structure) => self.rescan_soon = true,
         }
     }
-
     // --------------------------------------------------------------------------------------
     // Discovery
 
@@ -783,47 +580,43 @@ impl Agent {
         if self.by_inode.contains_key(&(dev, ino)) {
             return;
         }
-        let mut t = Tracked::new(source, path.clone(), file, dev, ino, now);
+        let mut state = FileTracker::new(dev, ino);
         if let Some(e) = self.resume.remove(&(dev, ino)) {
-            let same = t
-                .file
-                .as_ref()
-                .and_then(|f| signature_of(f, e.sig_len).ok().flatten())
+            let same = signature_of(&file, e.sig_len)
+                .ok()
+                .flatten()
                 .is_some_and(|s| s.crc == e.sig_crc);
             if same && meta.len() >= e.offset {
                 tracing::info!(path = %path.display(), id = %e.id, offset = e.offset, "resuming from checkpoint");
-                t.ident = Some(Ident {
-                    id: e.id,
-                    sig: Signature {
-                        len: e.sig_len,
-                        crc: e.sig_crc,
-                    },
-                });
-                t.acked = e.offset;
-                t.buf_off = e.offset;
+                let sig = Signature {
+                    len: e.sig_len,
+                    crc: e.sig_crc,
+                };
+                state = FileTracker::resumed(dev, ino, Ident { id: e.id, sig }, e.offset);
             } else {
                 tracing::warn!(path = %path.display(), old_id = %e.id, old_offset = e.offset, size = meta.len(), "checkpointed file was truncated or replaced: reading it from 0 as a new file");
             }
         }
-        if t.ident.is_none() {
+        let mut t = Tracked::new(source, path.clone(), file, state, now);
+        if t.state.ident().is_none() {
             self.identify(&mut t, meta.len());
         }
-        let key = self.alloc_key(MANIFEST_KEY);
-        tracing::debug!(path = %path.display(), id = ?t.ident.as_ref().map(|i| &i.id), "tracking");
+        let key = self.alloc_key(None);
+        tracing::debug!(path = %path.display(), id = ?t.state.ident().map(|i| &i.id), "tracking");
         self.by_inode.insert((dev, ino), key);
         self.by_path.insert(path, key);
         self.files.insert(key, t);
         self.checkpoint_dirty = true;
     }
 
-    /// A key for a new tracked file: 24 bits (it travels in the delivery opaque), never the
-    /// manifest's, `avoid`, or one still in use (after the counter wraps).
-    fn alloc_key(&mut self, avoid: u64) -> u64 {
+    /// A key for a new tracked file: at most `MAX_FILE_KEY` (it travels with every record),
+    /// never `avoid` or one still in use (after the counter wraps).
+    fn alloc_key(&mut self, avoid: Option<u64>) -> u64 {
         loop {
-            let wrapped = self.next_key > KEY_MASK;
-            let k = self.next_key & KEY_MASK;
+            let wrapped = self.next_key > FILE_KEY_MASK;
+            let k = self.next_key & FILE_KEY_MASK;
             self.next_key = self.next_key.wrapping_add(1);
-            if k == MANIFEST_KEY || k == avoid || self.files.contains_key(&k) {
+            if k > MAX_FILE_KEY || Some(k) == avoid || self.files.contains_key(&k) {
                 continue;
             }
             if wrapped
@@ -840,12 +633,10 @@ impl Agent {
     fn identify(&self, t: &mut Tracked, size: u64) {
         let Some(f) = t.file.as_ref() else { return };
         match initial_signature(f, size, self.cfg.signature_bytes) {
-            Ok(Some(sig)) => {
-                t.ident = Some(Ident {
-                    id: file_id(&self.host, t.dev, t.ino, sig),
-                    sig,
-                })
-            }
+            Ok(Some(sig)) => t.state.set_ident(Ident {
+                id: file_id(&self.host, t.state.dev(), t.state.ino(), sig),
+                sig,
+            }),
             Ok(None) => {}
             Err(e) => tracing::warn!(path = %t.path.display(), error = %e, "reading signature"),
         }
@@ -857,9 +648,9 @@ impl Agent {
         for (key, t) in self.files.iter_mut() {
             let Some(f) = t.file.as_ref() else { continue };
             let Ok(meta) = f.metadata() else { continue };
-            if meta.len() < t.read_pos() {
+            if meta.len() < t.state.read_pos() {
                 replaced.push(*key);
-            } else if meta.len() > t.read_pos() {
+            } else if meta.len() > t.state.read_pos() {
                 t.eof = false;
             }
             if meta.nlink() == 0 && t.orphan_since.is_none() {
@@ -882,19 +673,26 @@ impl Agent {
         let Some(file) = old.file.take() else {
             return;
         };
-        tracing::warn!(path = %old.path.display(), old_id = ?old.ident.as_ref().map(|i| &i.id), read_to = old.read_pos(), acked = old.acked, "truncated or rewritten in place: new identity, reading from 0");
+        tracing::warn!(path = %old.path.display(), old_id = ?old.state.ident().map(|i| &i.id), read_to = old.state.read_pos(), acked = old.state.acked(), "truncated or rewritten in place: new identity, reading from 0");
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
-        let mut t = Tracked::new(old.source, old.path.clone(), file, old.dev, old.ino, now);
+        let (dev, ino) = (old.state.dev(), old.state.ino());
+        let mut t = Tracked::new(
+            old.source,
+            old.path.clone(),
+            file,
+            FileTracker::new(dev, ino),
+            now,
+        );
         t.orphan_since = old.orphan_since;
         self.identify(&mut t, size);
-        let new_key = self.alloc_key(key);
-        if !old.pending.is_empty() {
+        let new_key = self.alloc_key(Some(key));
+        if old.state.has_pending() {
             self.files.insert(key, old);
         }
         if self.by_path.get(&t.path) == Some(&key) {
             self.by_path.insert(t.path.clone(), new_key);
         }
-        self.by_inode.insert((t.dev, t.ino), new_key);
+        self.by_inode.insert((dev, ino), new_key);
         self.files.insert(new_key, t);
         self.checkpoint_dirty = true;
     }
@@ -907,7 +705,9 @@ impl Agent {
         let keys: Vec<u64> = self
             .files
             .iter()
-            .filter(|(_, t)| t.file.is_some() && !t.eof && !t.failed && now >= t.retry_at)
+            .filter(|(_, t)| {
+                t.file.is_some() && !t.eof && !t.state.is_failed() && now >= t.retry_at
+            })
             .map(|(k, _)| *k)
             .collect();
         let mut progressed = false;
@@ -925,7 +725,7 @@ impl Agent {
         let Some(t) = self.files.get_mut(&key) else {
             return false;
         };
-        if t.ident.is_none() {
+        if t.state.ident().is_none() {
             let size = t
                 .file
                 .as_ref()
@@ -934,27 +734,27 @@ impl Agent {
             let sig_bytes = self.cfg.signature_bytes;
             if let Some(f) = t.file.as_ref() {
                 if let Ok(Some(sig)) = initial_signature(f, size, sig_bytes) {
-                    t.ident = Some(Ident {
-                        id: file_id(&self.host, t.dev, t.ino, sig),
+                    t.state.set_ident(Ident {
+                        id: file_id(&self.host, t.state.dev(), t.state.ino(), sig),
                         sig,
                     });
                     self.checkpoint_dirty = true;
                 }
             }
-            if t.ident.is_none() {
+            if t.state.ident().is_none() {
                 t.eof = true;
                 return false;
             }
         }
-        let (Some(file), Some(ident)) = (t.file.as_ref(), t.ident.as_ref()) else {
+        let (Some(file), Some(sig)) = (t.file.as_ref(), t.state.ident().map(|i| i.sig)) else {
             return false;
         };
-        let pos = t.read_pos();
+        let pos = t.state.read_pos();
         let scratch = &mut self.scratch;
         scratch.clear();
-        scratch.extend_from_slice(&t.buf);
+        scratch.extend_from_slice(t.state.buffered());
         let old = scratch.len();
-        let backlog = !should_read(old, chunk, t.refused);
+        let backlog = !t.state.should_read(chunk);
         let n = if backlog {
             0
         } else {
@@ -982,7 +782,6 @@ impl Agent {
             }
         }
         // Still the same content? (copytruncate may have rewritten it past our position.)
-        let sig = ident.sig;
         match signature_of(file, sig.len) {
             Ok(Some(s)) if s == sig => {}
             _ => {
@@ -994,22 +793,16 @@ impl Agent {
         let src = &self.sources[t.source];
         src.bytes_read.increment(n as u64);
         let mut emit = Emit {
-            producer: &self.producer,
+            sink: &mut *self.sink,
             host: &self.host,
-            generation: self.generation,
             inflight: &mut self.inflight_bytes,
             frames: &mut self.frames,
         };
         let (used, refused) = emit.frames(key, t, src, scratch, false, false);
-        t.buf.clear();
-        t.buf.extend_from_slice(&scratch[used..]);
-        if t.buf.capacity() > (64 << 10) && t.buf.len() < (16 << 10) {
-            t.buf.shrink_to_fit();
-        }
-        t.buf_off += used as u64;
-        t.refused = refused;
+        t.state.keep_unconsumed(scratch, used);
+        t.state.set_refused(refused);
         if refused {
-            // librdkafka refused a record (queue full): come back to this file shortly rather
+            // The sink refused a record (librdkafka's queue full): come back to this file shortly rather
             // than spinning on it.
             t.eof = false;
             t.retry_at = now + REFUSED_RETRY_MS;
@@ -1027,29 +820,25 @@ impl Agent {
             };
             if t.file.is_none() {
                 // Retired content: forget it once nothing is in flight.
-                if t.settled() {
-                    if t.failed {
-                        tracing::error!(path = %t.path.display(), acked = t.acked, "records of a truncated file failed and cannot be re-read: those bytes are lost");
+                if t.state.settled() {
+                    if t.state.is_failed() {
+                        tracing::error!(path = %t.path.display(), acked = t.state.acked(), "records of a truncated file failed and cannot be re-read: those bytes are lost");
                     }
                     drop_keys.push(key);
                 }
                 continue;
             }
-            if t.failed {
-                if t.settled() {
-                    t.backoff_ms = if t.backoff_ms == 0 {
-                        FIRST_BACKOFF_MS
-                    } else {
-                        (t.backoff_ms * 2).min(MAX_BACKOFF_MS)
-                    };
-                    t.retry_at = now + t.backoff_ms;
-                    tracing::warn!(path = %t.path.display(), acked = t.acked, backoff_ms = t.backoff_ms, "delivery failed: re-reading from the acknowledged position after a backoff");
+            if t.state.is_failed() {
+                if t.state.settled() {
+                    let backoff_ms = t.state.rewind_after_failure();
+                    t.eof = false;
+                    t.retry_at = now + backoff_ms;
+                    tracing::warn!(path = %t.path.display(), acked = t.state.acked(), backoff_ms, "delivery failed: re-reading from the acknowledged position after a backoff");
                     self.retries.increment(1);
-                    t.rewind();
                 }
                 continue;
             }
-            if !t.eof || t.buf.is_empty() && t.orphan_since.is_none() {
+            if !t.eof || t.state.buffered().is_empty() && t.orphan_since.is_none() {
                 continue;
             }
             let src = &self.sources[t.source];
@@ -1058,29 +847,28 @@ impl Agent {
                 now.saturating_sub(s.max(t.last_growth_ms)) >= self.cfg.orphan_grace_ms
             });
             let group_due = src.framer.is_multiline() && quiet >= src.multiline_timeout_ms;
-            if !t.buf.is_empty() && (orphan_done || group_due) {
-                let data = std::mem::take(&mut t.buf);
+            if !t.state.buffered().is_empty() && (orphan_done || group_due) {
+                let data = t.state.take_buffered();
                 let mut emit = Emit {
-                    producer: &self.producer,
+                    sink: &mut *self.sink,
                     host: &self.host,
-                    generation: self.generation,
                     inflight: &mut self.inflight_bytes,
                     frames: &mut self.frames,
                 };
                 let (used, refused) = emit.frames(key, t, src, &data, true, orphan_done);
-                t.refused = refused;
-                t.buf = data[used..].to_vec();
-                t.buf_off += used as u64;
+                t.state.set_refused(refused);
+                t.state.keep_unconsumed(&data, used);
             }
-            if orphan_done && t.buf.is_empty() && t.pending.is_empty() {
-                tracing::info!(path = %t.path.display(), id = ?t.ident.as_ref().map(|i| &i.id), offset = t.acked, "finished: read to its end and acknowledged; closing");
+            if orphan_done && t.state.buffered().is_empty() && !t.state.has_pending() {
+                tracing::info!(path = %t.path.display(), id = ?t.state.ident().map(|i| &i.id), offset = t.state.acked(), "finished: read to its end and acknowledged; closing");
                 drop_keys.push(key);
             }
         }
         for key in drop_keys {
             if let Some(t) = self.files.remove(&key) {
-                if self.by_inode.get(&(t.dev, t.ino)) == Some(&key) {
-                    self.by_inode.remove(&(t.dev, t.ino));
+                let inode = (t.state.dev(), t.state.ino());
+                if self.by_inode.get(&inode) == Some(&key) {
+                    self.by_inode.remove(&inode);
                 }
                 if self.by_path.get(&t.path) == Some(&key) {
                     self.by_path.remove(&t.path);
@@ -1094,93 +882,43 @@ impl Agent {
     // Acknowledgements
 
     fn drain_acks(&mut self) {
-        {
-            let mut shared = self
-                .producer
-                .context()
-                .acks
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            std::mem::swap(&mut *shared, &mut self.acks);
-        }
-        let acks = std::mem::take(&mut self.acks);
+        let mut deliveries = std::mem::take(&mut self.deliveries);
+        self.sink.drain(&mut deliveries);
         // Reports come in runs of one file's records: look the file up and settle its
         // watermark and counters once per run, not once per record.
-        for run in acks.chunk_by(|a, b| a.key() == b.key()) {
-            let key = run[0].key();
-            if key == MANIFEST_KEY {
-                continue;
-            }
-            let Some(t) = self.files.get_mut(&key) else {
+        for run in deliveries.chunk_by(|a, b| a.file_key == b.file_key) {
+            let Some(t) = self.files.get_mut(&run[0].file_key) else {
                 continue;
             };
-            for a in run {
-                if a.generation() != self.generation as u8 {
-                    continue;
-                }
-                let Some(front) = t.pending.front() else {
-                    break;
-                };
-                // Sequence numbers modulo 2^32: the distance from the oldest pending record.
-                let idx = a.seq().wrapping_sub(front.seq as u32);
-                let Some(p) = t.pending.get_mut(idx as usize) else {
-                    continue;
-                };
-                if p.state != State::InFlight || p.seq as u32 != a.seq() {
-                    continue;
-                }
-                self.inflight_bytes = self.inflight_bytes.saturating_sub(p.size + RECORD_OVERHEAD);
-                if a.ok {
-                    p.state = State::Acked;
-                } else {
-                    p.state = State::Failed;
-                    t.failed = true;
+            for d in run {
+                if let Some(size) = t.state.settle(d.seq, d.ok) {
+                    self.inflight_bytes =
+                        self.inflight_bytes.saturating_sub(size + RECORD_OVERHEAD);
                 }
             }
-            let (mut bytes, mut lines) = (0u64, 0u64);
-            while t.pending.front().is_some_and(|p| p.state == State::Acked) {
-                if let Some(p) = t.pending.pop_front() {
-                    t.acked = p.end;
-                    bytes += p.size;
-                    lines += u64::from(p.lines);
-                }
-            }
+            let (bytes, lines) = t.state.advance();
             if bytes > 0 {
-                t.backoff_ms = 0;
                 self.checkpoint_dirty = true;
                 let src = &self.sources[t.source];
                 src.bytes_acked.increment(bytes);
                 src.lines_acked.increment(lines);
             }
         }
-        self.acks = acks;
-        self.acks.clear();
+        deliveries.clear();
+        self.deliveries = deliveries;
     }
 
-    /// A fatal idempotence error makes the producer unusable: start a new one and re-read
-    /// every file from its acknowledged position.
-    fn check_fatal(&mut self) {
-        let Some((code, reason)) = self.producer.client().fatal_error() else {
+    /// A sink that broke beyond retrying started over and forgot its in-flight records:
+    /// re-read every file from its acknowledged position.
+    fn restart_if_broken(&mut self) {
+        if !self.sink.restart_if_broken() {
             return;
-        };
-        tracing::error!(?code, %reason, "fatal producer error: recreating the producer and re-reading from acknowledged positions");
-        match make_producer(
-            &self.cfg.output,
-            &self.host,
-            self.cfg.max_inflight_bytes,
-            self.tx.clone(),
-        ) {
-            Ok(p) => {
-                self.producer = p;
-                self.generation += 1;
-                self.inflight_bytes = 0;
-                self.retries.increment(1);
-                self.files.retain(|_, t| t.file.is_some());
-                for t in self.files.values_mut() {
-                    t.rewind();
-                }
-            }
-            Err(e) => tracing::error!(error = %e, "recreating the producer failed; will retry"),
+        }
+        self.inflight_bytes = 0;
+        self.retries.increment(1);
+        self.files.retain(|_, t| t.file.is_some());
+        for t in self.files.values_mut() {
+            t.rewind();
         }
     }
 
@@ -1193,15 +931,15 @@ impl Agent {
             .values()
             .filter(|t| t.file.is_some())
             .filter_map(|t| {
-                let ident = t.ident.as_ref()?;
+                let ident = t.state.ident()?;
                 Some(FileEntry {
                     id: ident.id.clone(),
                     path: t.path.clone(),
-                    dev: t.dev,
-                    ino: t.ino,
+                    dev: t.state.dev(),
+                    ino: t.state.ino(),
                     sig_len: ident.sig.len,
                     sig_crc: ident.sig.crc,
-                    offset: t.acked,
+                    offset: t.state.acked(),
                 })
             })
             .collect();
@@ -1233,7 +971,7 @@ impl Agent {
             if t.orphan_since.is_some() {
                 continue;
             }
-            let (Some(f), Some(ident)) = (t.file.as_ref(), t.ident.as_ref()) else {
+            let (Some(f), Some(ident)) = (t.file.as_ref(), t.state.ident()) else {
                 continue;
             };
             let Ok(meta) = f.metadata() else { continue };
@@ -1255,13 +993,11 @@ impl Agent {
             "files": files,
         })
         .to_string();
-        let record = BaseRecord::with_opaque_to(
+        if let Err(e) = self.sink.send_manifest(
             &self.cfg.manifest_topic,
-            tag(self.generation, MANIFEST_KEY, 0),
-        )
-        .key(self.host.as_bytes())
-        .payload(value.as_bytes());
-        if let Err((e, _)) = self.producer.send(record) {
+            self.host.as_bytes(),
+            value.as_bytes(),
+        ) {
             tracing::warn!(error = %e, "manifest not sent");
         }
     }
@@ -1273,9 +1009,9 @@ impl Agent {
         );
         let start = std::time::Instant::now();
         loop {
-            let _ = self.producer.flush(Duration::from_millis(200));
+            self.sink.flush(Duration::from_millis(200));
             self.drain_acks();
-            let busy = self.files.values().any(|t| !t.settled());
+            let busy = self.files.values().any(|t| !t.state.settled());
             if !busy || start.elapsed() >= SHUTDOWN_FLUSH {
                 break;
             }
@@ -1290,15 +1026,6 @@ impl Agent {
         tracing::info!(path = %self.store.path().display(), files = self.files.len(), "final checkpoint written");
         Ok(())
     }
-}
-
-/// Whether to read more of a file with `buffered` unconsumed bytes. Records librdkafka refused
-/// are framed again first while a chunk's worth of them waits, so a refusal that lasts cannot
-/// pull the whole file into memory. Anything else left over is a partial line or a multiline
-/// group that needs more bytes: the framer cuts a line at `max_line_bytes` only once it sees
-/// more than that, so stopping there would stall on a long unterminated line.
-fn should_read(buffered: usize, chunk: usize, refused: bool) -> bool {
-    !(refused && buffered >= chunk)
 }
 
 /// Build and run an agent until `shutdown` is set.
@@ -1316,65 +1043,6 @@ pub fn run(
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-
-    /// The reading side of `read_file` over an in-memory file: read while `should_read` says
-    /// so, frame, keep the unconsumed tail. Returns the consumed position once a round makes
-    /// no progress (the file is exhausted or reading stalled) and the frames' sizes.
-    fn read_like_the_agent(file: &[u8], framer: &Framer, chunk: usize) -> (usize, Vec<usize>) {
-        let (mut buf, mut buf_off, mut sizes) = (Vec::new(), 0usize, Vec::new());
-        let mut frames = Vec::new();
-        loop {
-            let pos = buf_off + buf.len();
-            let n = if should_read(buf.len(), chunk, false) {
-                let n = chunk.min(file.len() - pos);
-                buf.extend_from_slice(&file[pos..pos + n]);
-                n
-            } else {
-                0
-            };
-            frames.clear();
-            let used = framer.frame(&buf, false, false, &mut frames);
-            sizes.extend(frames.iter().map(|f| f.end - f.start));
-            buf.drain(..used);
-            buf_off += used;
-            if n == 0 && used == 0 {
-                return (buf_off, sizes);
-            }
-        }
-    }
-
-    #[test]
-    fn a_long_unterminated_line_is_cut_instead_of_stalling_the_file() {
-        // As with the defaults, the read chunk equals the maximum line length.
-        let (max, chunk) = (256, 256);
-        let framer = Framer::new(max, None);
-        let mut file = vec![b'x'; 50 * max + 100];
-        let (pos, sizes) = read_like_the_agent(&file, &framer, chunk);
-        assert_eq!(
-            pos,
-            50 * max,
-            "every whole piece of the unterminated line is taken"
-        );
-        assert_eq!(sizes, vec![max; 50]);
-        // The newline arrives: the rest of the line goes, then the lines after it.
-        file.extend_from_slice(b"\nnext\n");
-        let (pos, sizes) = read_like_the_agent(&file, &framer, chunk);
-        assert_eq!(pos, file.len());
-        assert_eq!(sizes[50..], [101, 5]);
-    }
-
-    #[test]
-    fn a_pending_multiline_group_longer_than_a_chunk_keeps_reading() {
-        let framer = Framer::new(1000, Some(Regex::new("^S").unwrap()));
-        let mut file = b"S start\n".to_vec();
-        for _ in 0..40 {
-            file.extend_from_slice(b"  continuation line\n");
-        }
-        file.extend_from_slice(b"S next\n");
-        let (pos, sizes) = read_like_the_agent(&file, &framer, 64);
-        assert!(sizes[0] > 64, "the group is read past one chunk: {sizes:?}");
-        assert_eq!(pos, file.len() - b"S next\n".len());
-    }
 
     /// A disk that is full: reads find nothing, every write fails with ENOSPC.
     struct FullDisk;
@@ -1422,10 +1090,171 @@ mod tests {
         assert!(err.to_string().contains("checkpoint.tmp"), "{err}");
     }
 
+    use crate::checkpoint::OsCheckpointFs;
+    use crate::sink::memory::{MemorySink, SentRecord};
+    use std::sync::atomic::AtomicU64;
+
+    #[derive(Default)]
+    struct ManualClock(AtomicU64);
+
+    impl Clock for ManualClock {
+        fn now_ms(&self) -> u64 {
+            self.0.load(Ordering::Relaxed)
+        }
+    }
+
+    impl ManualClock {
+        fn advance(&self, ms: u64) {
+            self.0.fetch_add(ms, Ordering::Relaxed);
+        }
+    }
+
+    /// An agent over `dir/*.log` with the memory sink `sink`, at clock time 1000.
+    fn agent_over(dir: &std::path::Path, sink: &MemorySink) -> (Agent, Arc<ManualClock>) {
+        let toml = format!(
+            "host = \"h\"\ncheckpoint_dir = \"{d}/state\"\ninotify = false\n\
+             manifest_topic = \"\"\n[output]\nbootstrap = \"127.0.0.1:1\"\n\
+             [[source]]\npaths = [\"{d}/*.log\"]\ntopic = \"logs\"\n\
+             attributes = {{ env = \"prod\" }}\n",
+            d = dir.display()
+        );
+        let cfg = AgentConfig::from_toml_with_env(&toml, Vec::new()).unwrap();
+        let clock = Arc::new(ManualClock(AtomicU64::new(1000)));
+        let sink = sink.clone();
+        let agent = Agent::with_sink(cfg, Box::new(OsCheckpointFs), clock.clone(), |_, _, _| {
+            Ok(Box::new(sink))
+        })
+        .unwrap();
+        (agent, clock)
+    }
+
+    /// Turn the loop until `sink` holds `n` records (bounded).
+    fn turn_until_sent(agent: &mut Agent, due: &mut Schedule, sink: &MemorySink, n: usize) {
+        for _ in 0..100 {
+            if sink.sent().len() >= n {
+                break;
+            }
+            agent.turn(due);
+        }
+        assert_eq!(sink.sent().len(), n, "{:?}", sink.sent());
+    }
+
+    fn header(r: &SentRecord, name: &str) -> String {
+        String::from_utf8(r.header(name).unwrap().to_vec()).unwrap()
+    }
+
+    fn payloads(sink: &MemorySink) -> Vec<String> {
+        sink.sent()
+            .iter()
+            .map(|r| String::from_utf8(r.payload.clone()).unwrap())
+            .collect()
+    }
+
+    fn checkpointed(agent: &Agent) -> u64 {
+        let cp = agent.checkpoint();
+        assert_eq!(cp.files.len(), 1);
+        cp.files[0].offset
+    }
+
     #[test]
-    fn refused_records_are_framed_again_before_reading_more() {
-        assert!(!should_read(256, 256, true));
-        assert!(should_read(255, 256, true));
-        assert!(should_read(256, 256, false));
+    fn records_carry_their_trajectory_and_the_checkpoint_follows_the_acknowledged_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.log"), "one\ntwo\nthree\n").unwrap();
+        let sink = MemorySink::new();
+        let (mut agent, _clock) = agent_over(dir.path(), &sink);
+        let mut due = agent.start();
+        turn_until_sent(&mut agent, &mut due, &sink, 3);
+        let sent = sink.sent();
+        assert_eq!(payloads(&sink), ["one", "two", "three"]);
+        let id = header(&sent[0], "qanat.file");
+        assert!(id.starts_with("h:"), "{id}");
+        for (r, (offset, size)) in sent.iter().zip([(0, 4), (4, 4), (8, 6)]) {
+            assert_eq!(r.topic, "logs");
+            assert_eq!(r.key, id.as_bytes());
+            let names: Vec<&str> = r.headers.iter().map(|(k, _)| k.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "qanat.host",
+                    "qanat.file",
+                    "qanat.path",
+                    "qanat.offset",
+                    "qanat.size",
+                    "qanat.lines",
+                    "env"
+                ]
+            );
+            assert_eq!(header(r, "qanat.host"), "h");
+            assert_eq!(
+                header(r, "qanat.path"),
+                format!("{}/a.log", dir.path().display())
+            );
+            assert_eq!(header(r, "qanat.offset"), offset.to_string());
+            assert_eq!(header(r, "qanat.size"), size.to_string());
+            assert_eq!(header(r, "qanat.lines"), "1");
+            assert_eq!(header(r, "env"), "prod");
+        }
+        let key = sent[0].file_key;
+        // Out of order: the later records first leave the watermark where it is.
+        assert!(sink.report(key, sent[2].seq, true));
+        assert!(sink.report(key, sent[1].seq, true));
+        agent.turn(&mut due);
+        assert_eq!(checkpointed(&agent), 0);
+        assert_eq!(agent.inflight_bytes, 4 + RECORD_OVERHEAD);
+        assert!(sink.report(key, sent[0].seq, true));
+        agent.turn(&mut due);
+        assert_eq!(checkpointed(&agent), 14);
+        assert_eq!(agent.inflight_bytes, 0);
+    }
+
+    #[test]
+    fn a_failed_delivery_resends_whole_records_from_the_watermark_after_a_backoff() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.log"), "a\nb\nc\n").unwrap();
+        let sink = MemorySink::new();
+        let (mut agent, clock) = agent_over(dir.path(), &sink);
+        let mut due = agent.start();
+        turn_until_sent(&mut agent, &mut due, &sink, 3);
+        let sent = sink.sent();
+        let key = sent[0].file_key;
+        sink.report(key, sent[0].seq, true);
+        sink.report(key, sent[1].seq, false);
+        sink.report(key, sent[2].seq, true);
+        agent.turn(&mut due);
+        assert_eq!(checkpointed(&agent), 2);
+        // Nothing is sent again before the backoff has passed.
+        for _ in 0..3 {
+            agent.turn(&mut due);
+        }
+        assert_eq!(sink.sent().len(), 3);
+        clock.advance(500);
+        turn_until_sent(&mut agent, &mut due, &sink, 5);
+        assert_eq!(payloads(&sink), ["a", "b", "c", "b", "c"]);
+        let resent = &sink.sent()[3..];
+        assert_eq!(header(&resent[0], "qanat.offset"), "2");
+        assert_eq!(header(&resent[1], "qanat.offset"), "4");
+        sink.report_all(true);
+        agent.turn(&mut due);
+        assert_eq!(checkpointed(&agent), 6);
+        assert_eq!(agent.inflight_bytes, 0);
+    }
+
+    #[test]
+    fn a_sink_that_starts_over_makes_every_file_resend_from_its_watermark() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.log"), "a\nb\nc\n").unwrap();
+        let sink = MemorySink::new();
+        let (mut agent, _clock) = agent_over(dir.path(), &sink);
+        let mut due = agent.start();
+        turn_until_sent(&mut agent, &mut due, &sink, 3);
+        let first = sink.sent()[0].clone();
+        assert!(sink.report(first.file_key, first.seq, true));
+        agent.turn(&mut due);
+        sink.break_down();
+        turn_until_sent(&mut agent, &mut due, &sink, 5);
+        assert_eq!(payloads(&sink), ["a", "b", "c", "b", "c"]);
+        sink.report_all(true);
+        agent.turn(&mut due);
+        assert_eq!(checkpointed(&agent), 6);
     }
 }

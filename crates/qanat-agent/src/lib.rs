@@ -9,8 +9,12 @@
 //! * [`identity`]: file ids `HOST:DEV:INODE:CRC-LEN` over the first bytes of a file.
 //! * [`framing`]: lines, maximum line length and multiline grouping, as byte ranges.
 //! * [`checkpoint`]: the durable per-file positions, behind [`checkpoint::CheckpointFs`].
-//! * [`agent`]: the loop tying them together, with the producer and the acknowledgement
-//!   watermarks.
+//! * [`tracker`]: one file's delivery state without I/O: read position, records handed out
+//!   with their sequence numbers and byte ranges, the acknowledged watermark, the read rule.
+//! * [`sink`]: where records go, as a trait: send, delivery reports, flush, refusal. The
+//!   librdkafka producer ([`sink::kafka`]) is one sink, [`sink::memory`] another for tests.
+//! * [`agent`]: the loop tying them together: discovery, reading, framing, handing records
+//!   to the sink, checkpoints, manifests, shutdown.
 //!
 //! On-disk checkpoint (`<checkpoint_dir>/checkpoint`), replaced atomically (write a temp file,
 //! fsync it, rename over, fsync the directory):
@@ -38,8 +42,12 @@ pub mod config;
 pub mod discovery;
 pub mod framing;
 pub mod identity;
+pub mod sink;
+pub mod tracker;
 
 pub use agent::{run, Agent, AgentError};
 pub use checkpoint::{CheckpointError, CheckpointFs, OsCheckpointFs};
 pub use clock::{Clock, SystemClock};
 pub use config::{AgentConfig, ConfigError, CorruptPolicy};
+pub use sink::{Sink, SinkError};
+pub use tracker::FileTracker;
