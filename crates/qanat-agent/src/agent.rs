@@ -775,9 +775,11 @@ impl Agent {
         if !backlog {
             if n == 0 {
                 t.eof = true;
-                return false;
-            }
-            if n < chunk {
+                // Records the sink refused are offered again even if the file does not grow.
+                if !t.state.is_refused() {
+                    return false;
+                }
+            } else if n < chunk {
                 t.eof = true;
             }
         }
@@ -1205,6 +1207,41 @@ mod tests {
         agent.turn(&mut due);
         assert_eq!(checkpointed(&agent), 14);
         assert_eq!(agent.inflight_bytes, 0);
+    }
+
+    #[test]
+    fn a_refusing_sink_pauses_the_file_and_gets_the_rest_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("a.log"), "a\nb\nc\n").unwrap();
+        let sink = MemorySink::new();
+        sink.set_capacity(Some(1));
+        let (mut agent, clock) = agent_over(dir.path(), &sink);
+        let mut due = agent.start();
+        turn_until_sent(&mut agent, &mut due, &sink, 1);
+        let t = agent.files.values().next().unwrap();
+        assert!(t.state.is_refused());
+        assert_eq!(
+            t.state.buffered(),
+            b"b\nc\n",
+            "the refused records are kept"
+        );
+        for n in 2..=3 {
+            sink.report_all(true);
+            // The file waits out its pause before offering the refused record again.
+            agent.turn(&mut due);
+            assert_eq!(sink.sent().len(), n - 1);
+            clock.advance(REFUSED_RETRY_MS);
+            turn_until_sent(&mut agent, &mut due, &sink, n);
+        }
+        sink.report_all(true);
+        agent.turn(&mut due);
+        let sent = sink.sent();
+        assert_eq!(payloads(&sink), ["a", "b", "c"]);
+        let seqs: Vec<u64> = sent.iter().map(|r| r.seq).collect();
+        assert_eq!(seqs, [0, 1, 2]);
+        let offsets: Vec<String> = sent.iter().map(|r| header(r, "qanat.offset")).collect();
+        assert_eq!(offsets, ["0", "2", "4"]);
+        assert_eq!(checkpointed(&agent), 6);
     }
 
     #[test]
