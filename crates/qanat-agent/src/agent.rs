@@ -181,6 +181,103 @@ fn default_host() -> String {
         .unwrap_or_else(|_| "localhost".to_string())
 }
 
+/// Each source's topic, headers, framer and counters.
+fn source_runtimes(cfg: &AgentConfig) -> Result<Vec<SourceRt>, AgentError> {
+    let mut sources = Vec::new();
+    for s in &cfg.sources {
+        let re = match &s.multiline_start {
+            Some(p) => Some(
+                Regex::new(p).map_err(|e| ConfigError::Invalid(format!("multiline_start: {e}")))?,
+            ),
+            None => None,
+        };
+        let label = s.label().to_string();
+        sources.push(SourceRt {
+            topic: s.topic.clone(),
+            attributes: s.attributes.clone().into_iter().collect(),
+            framer: Framer::new(s.max_line_bytes, re),
+            multiline_timeout_ms: s.multiline_timeout_ms,
+            bytes_read: metrics::counter!("qanat_agent_bytes_read_total", "source" => label.clone()),
+            lines_read: metrics::counter!("qanat_agent_lines_read_total", "source" => label.clone()),
+            bytes_acked: metrics::counter!("qanat_agent_bytes_acked_total", "source" => label.clone()),
+            lines_acked: metrics::counter!("qanat_agent_lines_acked_total", "source" => label.clone()),
+            batches: metrics::counter!("qanat_agent_batches_total", "source" => label),
+        });
+    }
+    Ok(sources)
+}
+
+/// The checkpointed files by dev+inode, applying `on_corrupt_checkpoint` to a corrupt checkpoint.
+fn load_checkpoint(
+    store: &CheckpointStore<Box<dyn CheckpointFs>>,
+    host: &str,
+    cfg: &AgentConfig,
+    clock: &dyn Clock,
+) -> Result<HashMap<(u64, u64), FileEntry>, AgentError> {
+    let mut resume = HashMap::new();
+    match store.load() {
+        Ok(Some(cp)) => {
+            if cp.host != host {
+                tracing::warn!(checkpoint_host = %cp.host, %host, "checkpoint was written under another host id; ids of resumed files keep theirs");
+            }
+            tracing::info!(path = %store.path().display(), files = cp.files.len(), "checkpoint loaded");
+            for e in cp.files {
+                resume.insert((e.dev, e.ino), e);
+            }
+        }
+        Ok(None) => {
+            tracing::info!(path = %store.path().display(), "no checkpoint yet: every matching file is read from its start")
+        }
+        Err(CheckpointError::Corrupt { path, reason }) => {
+            metrics::counter!("qanat_agent_checkpoint_corrupt_total").increment(1);
+            tracing::error!(path = %path.display(), %reason, policy = ?cfg.on_corrupt_checkpoint, "CHECKPOINT IS CORRUPT");
+            match cfg.on_corrupt_checkpoint {
+                CorruptPolicy::Stop => return Err(AgentError::CorruptCheckpoint { path, reason }),
+                CorruptPolicy::Reread => {
+                    let aside = store
+                        .set_aside(clock.now_ms())
+                        .map_err(AgentError::Checkpoint)?;
+                    tracing::error!(kept_as = %aside.display(), "on_corrupt_checkpoint = \"reread\": reading every file again from offset 0; the audit will report the repeated ranges");
+                }
+            }
+        }
+        Err(e) => return Err(AgentError::Checkpoint(e)),
+    }
+    Ok(resume)
+}
+
+/// The inotify watcher, its events forwarded into the loop's wake channel; `None` when
+/// disabled or unavailable (the rescan finds everything anyway).
+fn start_watcher(cfg: &AgentConfig, tx: &Sender<Wake>) -> Result<Option<Watcher>, AgentError> {
+    if !cfg.inotify {
+        tracing::info!("inotify disabled: discovery by periodic rescan only");
+        return Ok(None);
+    }
+    let etx = tx.clone();
+    let (ftx, frx) = mpsc::channel::<FsEvent>();
+    // Forward watcher events into the loop's wake channel.
+    std::thread::Builder::new()
+        .name("qanat-agent-notify".into())
+        .spawn(move || {
+            while let Ok(ev) = frx.recv() {
+                if etx.send(Wake::Fs(ev)).is_err() {
+                    break;
+                }
+            }
+        })
+        .map_err(|source| AgentError::Io {
+            what: "starting the watcher thread".into(),
+            source,
+        })?;
+    match Watcher::new(ftx) {
+        Ok(w) => Ok(Some(w)),
+        Err(e) => {
+            tracing::warn!(error = %e, "inotify unavailable; discovery by rescan only");
+            Ok(None)
+        }
+    }
+}
+
 /// Where a file's records go.
 struct Emit<'a> {
     sink: &'a mut dyn Sink,
@@ -283,66 +380,13 @@ impl Agent {
             .map(|s| (s.paths.clone(), s.exclude.clone()))
             .collect();
         let matcher = Matcher::new(&globs)?;
-        let mut sources = Vec::new();
-        for s in &cfg.sources {
-            let re = match &s.multiline_start {
-                Some(p) => Some(
-                    Regex::new(p)
-                        .map_err(|e| ConfigError::Invalid(format!("multiline_start: {e}")))?,
-                ),
-                None => None,
-            };
-            let label = s.label().to_string();
-            sources.push(SourceRt {
-                topic: s.topic.clone(),
-                attributes: s.attributes.clone().into_iter().collect(),
-                framer: Framer::new(s.max_line_bytes, re),
-                multiline_timeout_ms: s.multiline_timeout_ms,
-                bytes_read: metrics::counter!("qanat_agent_bytes_read_total", "source" => label.clone()),
-                lines_read: metrics::counter!("qanat_agent_lines_read_total", "source" => label.clone()),
-                bytes_acked: metrics::counter!("qanat_agent_bytes_acked_total", "source" => label.clone()),
-                lines_acked: metrics::counter!("qanat_agent_lines_acked_total", "source" => label.clone()),
-                batches: metrics::counter!("qanat_agent_batches_total", "source" => label),
-            });
-        }
-
+        let sources = source_runtimes(&cfg)?;
         std::fs::create_dir_all(&cfg.checkpoint_dir).map_err(|source| AgentError::Io {
             what: format!("creating checkpoint dir {}", cfg.checkpoint_dir.display()),
             source,
         })?;
         let store = CheckpointStore::new(fs, cfg.checkpoint_dir.clone());
-        let mut resume = HashMap::new();
-        match store.load() {
-            Ok(Some(cp)) => {
-                if cp.host != host {
-                    tracing::warn!(checkpoint_host = %cp.host, %host, "checkpoint was written under another host id; ids of resumed files keep theirs");
-                }
-                tracing::info!(path = %store.path().display(), files = cp.files.len(), "checkpoint loaded");
-                for e in cp.files {
-                    resume.insert((e.dev, e.ino), e);
-                }
-            }
-            Ok(None) => {
-                tracing::info!(path = %store.path().display(), "no checkpoint yet: every matching file is read from its start")
-            }
-            Err(CheckpointError::Corrupt { path, reason }) => {
-                metrics::counter!("qanat_agent_checkpoint_corrupt_total").increment(1);
-                tracing::error!(path = %path.display(), %reason, policy = ?cfg.on_corrupt_checkpoint, "CHECKPOINT IS CORRUPT");
-                match cfg.on_corrupt_checkpoint {
-                    CorruptPolicy::Stop => {
-                        return Err(AgentError::CorruptCheckpoint { path, reason })
-                    }
-                    CorruptPolicy::Reread => {
-                        let aside = store
-                            .set_aside(clock.now_ms())
-                            .map_err(AgentError::Checkpoint)?;
-                        tracing::error!(kept_as = %aside.display(), "on_corrupt_checkpoint = \"reread\": reading every file again from offset 0; the audit will report the repeated ranges");
-                    }
-                }
-            }
-            Err(e) => return Err(AgentError::Checkpoint(e)),
-        }
-
+        let resume = load_checkpoint(&store, &host, &cfg, clock.as_ref())?;
         let (tx, rx) = mpsc::channel();
         let ack_tx = tx.clone();
         let sink = make_sink(
@@ -352,34 +396,7 @@ impl Agent {
                 let _ = ack_tx.send(Wake::Ack);
             }),
         )?;
-        let watcher = if cfg.inotify {
-            let etx = tx.clone();
-            let (ftx, frx) = mpsc::channel::<FsEvent>();
-            // Forward watcher events into the loop's wake channel.
-            std::thread::Builder::new()
-                .name("qanat-agent-notify".into())
-                .spawn(move || {
-                    while let Ok(ev) = frx.recv() {
-                        if etx.send(Wake::Fs(ev)).is_err() {
-                            break;
-                        }
-                    }
-                })
-                .map_err(|source| AgentError::Io {
-                    what: "starting the watcher thread".into(),
-                    source,
-                })?;
-            match Watcher::new(ftx) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::warn!(error = %e, "inotify unavailable; discovery by rescan only");
-                    None
-                }
-            }
-        } else {
-            tracing::info!("inotify disabled: discovery by periodic rescan only");
-            None
-        };
+        let watcher = start_watcher(&cfg, &tx)?;
         Ok(Agent {
             host,
             clock,
