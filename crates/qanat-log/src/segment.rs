@@ -120,6 +120,8 @@ pub(crate) struct Segment {
     pub roll_base_ms: AtomicI64,
     /// Written since the last fdatasync.
     pub dirty: AtomicBool,
+    /// Bytes of the file reserved on disk ahead of the appends (see `Partition::append`).
+    pub preallocated: AtomicU64,
     pub index: RwLock<IndexState>,
     files: Mutex<IndexFiles>,
 }
@@ -137,6 +139,7 @@ impl Segment {
             max_ts: AtomicI64::new(i64::MIN),
             roll_base_ms: AtomicI64::new(i64::MIN),
             dirty: AtomicBool::new(false),
+            preallocated: AtomicU64::new(0),
             index: RwLock::new(index),
             files: Mutex::new(IndexFiles::default()),
         }

@@ -22,8 +22,14 @@ pub trait LogFile: Send + Sync + 'static {
     fn sync_data(&self) -> io::Result<()>;
     /// Current length in bytes.
     fn len(&self) -> io::Result<u64>;
-    /// Truncate or extend.
+    /// Truncate or extend. On the real filesystem this also releases blocks reserved past the
+    /// end by [`LogFile::preallocate`].
     fn set_len(&self, len: u64) -> io::Result<()>;
+    /// Reserve disk blocks up to `len` bytes without changing the file's length, so appends
+    /// into them allocate nothing. A hint: where it is not supported it does nothing.
+    fn preallocate(&self, _len: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The OS descriptor, for zero-copy `sendfile`; `None` for simulated files.
     fn raw_fd(&self) -> Option<RawFd>;
 }
@@ -69,6 +75,20 @@ impl LogFile for OsFile {
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
+    }
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
+        let rc =
+            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EOPNOTSUPP) => Ok(()), // e.g. some network filesystems: appends still work
+            _ => Err(e),
+        }
     }
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())

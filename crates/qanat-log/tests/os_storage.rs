@@ -471,3 +471,40 @@ fn a_clean_shutdown_skips_the_crc_scan_and_a_crash_does_not() {
     assert!(!r.clean_shutdown, "{r:?}");
     assert!(r.truncated_bytes > 0, "the torn tail was found: {r:?}");
 }
+
+#[test]
+fn blocks_are_reserved_ahead_of_appends_and_released_when_the_segment_rolls() {
+    use std::os::unix::fs::MetadataExt;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t-0");
+    let (p, _) = open(&dir);
+    p.append(&make_batch(1, 500, 1_000, 1)).unwrap();
+    let first = log_files(&dir, "log").remove(0);
+    let meta = std::fs::metadata(&first).unwrap();
+    assert!(
+        meta.len() < 1024,
+        "the length is what was appended: {}",
+        meta.len()
+    );
+    assert!(
+        meta.blocks() * 512 >= config().segment_bytes,
+        "blocks up to the segment size are reserved: {} bytes",
+        meta.blocks() * 512
+    );
+    while log_files(&dir, "log").len() < 2 {
+        p.append(&make_batch(3, 500, 1_000, 2)).unwrap();
+    }
+    let meta = std::fs::metadata(&first).unwrap();
+    assert!(
+        meta.blocks() * 512 < meta.len() + 4096 + 1,
+        "a closed segment keeps no reserved blocks past its end: {} blocks for {} bytes",
+        meta.blocks(),
+        meta.len()
+    );
+    // Reserved blocks are invisible to recovery.
+    let before = all_batches(&p);
+    drop(p);
+    let (p, r) = open(&dir);
+    assert_eq!(r.truncated_bytes, 0, "{r:?}");
+    assert_eq!(all_batches(&p), before);
+}

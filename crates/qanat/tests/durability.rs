@@ -226,13 +226,20 @@ fn a_full_disk_refuses_writes_keeps_reads_and_loses_nothing_acknowledged() {
     assert!(failed.is_empty(), "{failed:?}");
 
     // The disk fills up (something else wrote to it): writes are refused with a storage error.
+    // Appends first use up the blocks the segment reserved ahead; past them, and past the
+    // segment size (the next segment finds no room), writes are refused.
     disk.fill("filler");
-    let second = batch(500, 500);
-    let failed = settle(
-        try_produce(&bootstrap, "full", &second, &no_retry),
-        &second,
-        &mut acked,
-    );
+    let mut failed = Vec::new();
+    let mut next = 500;
+    while failed.is_empty() && next < 20_000 {
+        let round = batch(next, 500);
+        failed = settle(
+            try_produce(&bootstrap, "full", &round, &no_retry),
+            &round,
+            &mut acked,
+        );
+        next += 500;
+    }
     assert!(!failed.is_empty(), "every write succeeded on a full disk");
     assert!(
         failed.iter().all(|e| e.contains("KafkaStorageError")),
@@ -249,7 +256,7 @@ fn a_full_disk_refuses_writes_keeps_reads_and_loses_nothing_acknowledged() {
     // Space comes back: writing resumes where the log ended, nothing acknowledged is lost,
     // including across a restart.
     std::fs::remove_file(disk.path().join("filler")).unwrap();
-    let third = batch(1000, 500);
+    let third = batch(next, 500);
     let failed = settle(
         try_produce(&bootstrap, "full", &third, &no_retry),
         &third,

@@ -112,6 +112,9 @@ impl LogFile for FaultyFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.inner.set_len(len)
     }
+    fn preallocate(&self, len: u64) -> io::Result<()> {
+        self.inner.preallocate(len)
+    }
     fn raw_fd(&self) -> Option<RawFd> {
         self.inner.raw_fd()
     }
