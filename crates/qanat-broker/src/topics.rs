@@ -748,12 +748,11 @@ fn parse_partition_metadata(bytes: &[u8]) -> Result<[u8; 16], String> {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
-    use qanat_log::{LogFile, ManualClock, SimStorage};
+    use qanat_log::{HookedStorage, ManualClock, SimStorage, StorageHooks, StorageOp};
     use std::io;
-    use std::os::fd::RawFd;
     use std::sync::atomic::{AtomicUsize, Ordering};
 
-    /// Where [`FaultyStorage`] fails.
+    /// Where [`Faults`] fails.
     #[derive(Clone, Copy)]
     enum Fault {
         /// The k-th `open` fails with EMFILE; everything else works.
@@ -762,9 +761,9 @@ mod tests {
         CrashAt(usize),
     }
 
-    /// [`SimStorage`] with an injected failure; counts operations from when it is armed.
-    struct FaultyStorage {
-        inner: Arc<SimStorage>,
+    /// An injected failure for a [`SimStorage`]; counts operations from when it is armed.
+    #[derive(Default)]
+    struct Faults {
         fault: parking_lot::Mutex<Option<Fault>>,
         opens: AtomicUsize,
         steps: AtomicUsize,
@@ -772,15 +771,13 @@ mod tests {
         fired: std::sync::atomic::AtomicBool,
     }
 
-    impl FaultyStorage {
-        fn new(inner: Arc<SimStorage>) -> Arc<Self> {
-            Arc::new(Self {
-                inner,
-                fault: parking_lot::Mutex::new(None),
-                opens: AtomicUsize::new(0),
-                steps: AtomicUsize::new(0),
-                fired: Default::default(),
-            })
+    impl Faults {
+        /// `sim` with these faults, as the registry's storage.
+        fn over(sim: &Arc<SimStorage>) -> (Arc<Faults>, Arc<dyn Storage>) {
+            let faults = Arc::new(Faults::default());
+            let inner: Arc<dyn Storage> = sim.clone();
+            let storage = HookedStorage::with_hooks(inner, faults.clone());
+            (faults, Arc::new(storage))
         }
         fn arm(&self, fault: Fault) {
             self.opens.store(0, Ordering::SeqCst);
@@ -803,81 +800,23 @@ mod tests {
         }
     }
 
-    struct FaultyFile {
-        inner: Arc<dyn LogFile>,
-        storage: Arc<FaultyStorage>,
-    }
-
-    impl LogFile for FaultyFile {
-        fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
-            self.inner.read_exact_at(buf, pos)
-        }
-        fn append(&self, buf: &[u8]) -> io::Result<()> {
-            self.storage.step()?;
-            self.inner.append(buf)
-        }
-        fn sync_data(&self) -> io::Result<()> {
-            self.storage.step()?;
-            self.inner.sync_data()
-        }
-        fn len(&self) -> io::Result<u64> {
-            self.inner.len()
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.storage.step()?;
-            self.inner.set_len(len)
-        }
-        fn raw_fd(&self) -> Option<RawFd> {
-            None
-        }
-    }
-
-    /// The storage handed to the registry: a shared handle on the faulty one.
-    struct Handle(Arc<FaultyStorage>);
-
-    impl Storage for Handle {
-        fn open(&self, path: &Path) -> io::Result<Arc<dyn LogFile>> {
-            let s = &self.0;
-            let n = s.opens.fetch_add(1, Ordering::SeqCst);
-            if let Some(Fault::EmfileOnOpen(k)) = *s.fault.lock() {
-                if n == k {
-                    s.fired.store(true, Ordering::SeqCst);
-                    return Err(io::Error::from_raw_os_error(libc::EMFILE));
+    impl StorageHooks for Faults {
+        fn before(&self, op: StorageOp<'_>) -> io::Result<()> {
+            match op {
+                StorageOp::Open(_) => {
+                    let n = self.opens.fetch_add(1, Ordering::SeqCst);
+                    if let Some(Fault::EmfileOnOpen(k)) = *self.fault.lock() {
+                        if n == k {
+                            self.fired.store(true, Ordering::SeqCst);
+                            return Err(io::Error::from_raw_os_error(libc::EMFILE));
+                        }
+                    }
+                    self.step()
                 }
+                // Reads do not count; block reservation is a hint whose failure is ignored.
+                StorageOp::Read | StorageOp::Len | StorageOp::Preallocate(_) => Ok(()),
+                _ => self.step(),
             }
-            s.step()?;
-            let inner = s.inner.open(path)?;
-            Ok(Arc::new(FaultyFile {
-                inner,
-                storage: s.clone(),
-            }))
-        }
-        fn exists(&self, path: &Path) -> bool {
-            self.0.inner.exists(path)
-        }
-        fn remove_file(&self, path: &Path) -> io::Result<()> {
-            self.0.step()?;
-            self.0.inner.remove_file(path)
-        }
-        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-            self.0.step()?;
-            self.0.inner.rename(from, to)
-        }
-        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-            self.0.step()?;
-            self.0.inner.create_dir_all(path)
-        }
-        fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
-            self.0.step()?;
-            self.0.inner.remove_dir_all(path)
-        }
-        fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
-            self.0.step()?;
-            self.0.inner.list_dir(path)
-        }
-        fn sync_dir(&self, path: &Path) -> io::Result<()> {
-            self.0.step()?;
-            self.0.inner.sync_dir(path)
         }
     }
 
@@ -954,9 +893,9 @@ mod tests {
     fn create_is_all_or_nothing_when_descriptors_run_out() {
         for k in 0.. {
             let sim = Arc::new(SimStorage::new());
-            let faulty = FaultyStorage::new(sim.clone());
+            let (faulty, storage) = Faults::over(&sim);
             let clock = Arc::new(ManualClock::new(1_000));
-            let registry = open_registry(Arc::new(Handle(faulty.clone())), clock.clone());
+            let registry = open_registry(storage, clock.clone());
             faulty.arm(Fault::EmfileOnOpen(k));
             let result = registry.create("t", 4, false);
             if !faulty.fired() {
@@ -998,9 +937,9 @@ mod tests {
             let mut finished = false;
             for seed in 0..3u64 {
                 let sim = Arc::new(SimStorage::new());
-                let faulty = FaultyStorage::new(sim.clone());
+                let (faulty, storage) = Faults::over(&sim);
                 let clock = Arc::new(ManualClock::new(1_000));
-                let registry = open_registry(Arc::new(Handle(faulty.clone())), clock.clone());
+                let registry = open_registry(storage, clock.clone());
                 faulty.arm(Fault::CrashAt(k));
                 let result = registry.create("t", 3, false);
                 finished = !faulty.fired();
@@ -1032,9 +971,9 @@ mod tests {
             let mut finished = false;
             for seed in 0..3u64 {
                 let sim = Arc::new(SimStorage::new());
-                let faulty = FaultyStorage::new(sim.clone());
+                let (faulty, storage) = Faults::over(&sim);
                 let clock = Arc::new(ManualClock::new(1_000));
-                let registry = open_registry(Arc::new(Handle(faulty.clone())), clock.clone());
+                let registry = open_registry(storage, clock.clone());
                 let t = registry.create("t", 3, false).unwrap();
                 let other = registry.create("other", 1, false).unwrap();
                 for p in t.partitions.iter().chain(&other.partitions) {
@@ -1083,9 +1022,9 @@ mod tests {
         for crash in [false, true] {
             for k in 0.. {
                 let sim = Arc::new(SimStorage::new());
-                let faulty = FaultyStorage::new(sim.clone());
+                let (faulty, storage) = Faults::over(&sim);
                 let clock = Arc::new(ManualClock::new(1_000));
-                let registry = open_registry(Arc::new(Handle(faulty.clone())), clock.clone());
+                let registry = open_registry(storage, clock.clone());
                 let t = registry.create("t", 2, false).unwrap();
                 for p in &t.partitions {
                     p.append(&one_record_batch(b"v")).unwrap();
@@ -1125,9 +1064,9 @@ mod tests {
     #[test]
     fn delete_refused_by_emfile_keeps_the_topic() {
         let sim = Arc::new(SimStorage::new());
-        let faulty = FaultyStorage::new(sim.clone());
+        let (faulty, storage) = Faults::over(&sim);
         let clock = Arc::new(ManualClock::new(1_000));
-        let registry = open_registry(Arc::new(Handle(faulty.clone())), clock.clone());
+        let registry = open_registry(storage, clock.clone());
         let t = registry.create("t", 2, false).unwrap();
         t.partitions[0].append(&one_record_batch(b"v")).unwrap();
         t.partitions[1].append(&one_record_batch(b"v")).unwrap();

@@ -88,7 +88,10 @@ pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LogError;
 pub use partition::Partition;
 pub use producer::{last_sequence, next_sequence, MAX_CACHED_BATCHES, PRODUCER_EXPIRATION_MS};
-pub use storage::{FaultyStorage, LogFile, OsStorage, SimStorage, Storage, SyncFaults};
+pub use storage::{
+    FaultyStorage, HookedStorage, LogFile, OsStorage, SimStorage, Storage, StorageHooks, StorageOp,
+    SyncFaults,
+};
 
 /// Which timestamp the log keeps in a batch.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 mod faulty;
 mod sim;
-pub use faulty::{FaultyStorage, SyncFaults};
+pub use faulty::{FaultyStorage, HookedStorage, StorageHooks, StorageOp, SyncFaults};
 pub use sim::SimStorage;
 
 /// An open file of the log.

@@ -134,14 +134,12 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use std::io;
-    use std::os::fd::RawFd;
-    use std::path::Path;
     use std::thread::{self, ThreadId};
 
     use kafka_protocol::messages::FetchResponse;
     use kafka_protocol::ResponseError;
     use parking_lot::Mutex;
-    use qanat_log::{LogFile, SimStorage, Storage};
+    use qanat_log::{HookedStorage, SimStorage, StorageHooks, StorageOp};
 
     use super::*;
     use crate::api::testing::{batch, broker, broker_on, decode_fetch, fetch_request};
@@ -192,85 +190,31 @@ mod tests {
         assert!(broker.topics.get("missing").is_none());
     }
 
-    /// Storage that notes which threads read or measure files.
-    struct ReadThreads {
-        inner: SimStorage,
-        readers: Arc<Mutex<Vec<ThreadId>>>,
-    }
+    /// Notes which threads read or measure files.
+    #[derive(Default)]
+    struct ReadThreads(Mutex<Vec<ThreadId>>);
 
-    struct NotedFile {
-        inner: Arc<dyn LogFile>,
-        readers: Arc<Mutex<Vec<ThreadId>>>,
-    }
-
-    impl LogFile for NotedFile {
-        fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
-            self.readers.lock().push(thread::current().id());
-            self.inner.read_exact_at(buf, pos)
-        }
-        fn append(&self, buf: &[u8]) -> io::Result<()> {
-            self.inner.append(buf)
-        }
-        fn sync_data(&self) -> io::Result<()> {
-            self.inner.sync_data()
-        }
-        fn len(&self) -> io::Result<u64> {
-            self.readers.lock().push(thread::current().id());
-            self.inner.len()
-        }
-        fn set_len(&self, len: u64) -> io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn raw_fd(&self) -> Option<RawFd> {
-            self.inner.raw_fd()
-        }
-    }
-
-    impl Storage for ReadThreads {
-        fn open(&self, path: &Path) -> io::Result<Arc<dyn LogFile>> {
-            Ok(Arc::new(NotedFile {
-                inner: self.inner.open(path)?,
-                readers: self.readers.clone(),
-            }))
-        }
-        fn exists(&self, path: &Path) -> bool {
-            self.inner.exists(path)
-        }
-        fn remove_file(&self, path: &Path) -> io::Result<()> {
-            self.inner.remove_file(path)
-        }
-        fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
-            self.inner.rename(from, to)
-        }
-        fn create_dir_all(&self, path: &Path) -> io::Result<()> {
-            self.inner.create_dir_all(path)
-        }
-        fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
-            self.inner.remove_dir_all(path)
-        }
-        fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
-            self.inner.list_dir(path)
-        }
-        fn sync_dir(&self, path: &Path) -> io::Result<()> {
-            self.inner.sync_dir(path)
+    impl StorageHooks for ReadThreads {
+        fn before(&self, op: StorageOp<'_>) -> io::Result<()> {
+            if matches!(op, StorageOp::Read | StorageOp::Len) {
+                self.0.lock().push(thread::current().id());
+            }
+            Ok(())
         }
     }
 
     // A current-thread runtime: its one async worker is the test's own thread.
     #[tokio::test(flavor = "current_thread")]
     async fn segment_files_are_read_off_the_async_worker() {
-        let readers = Arc::new(Mutex::new(Vec::new()));
-        let storage = Arc::new(ReadThreads {
-            inner: SimStorage::new(),
-            readers: readers.clone(),
-        });
-        let broker = broker_on(Config::default(), storage);
+        let readers = Arc::new(ReadThreads::default());
+        let storage = HookedStorage::with_hooks(Arc::new(SimStorage::new()), readers.clone());
+        let broker = broker_on(Config::default(), Arc::new(storage));
         broker.topics.create("orders", 1, false).expect("create");
         let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
         for value in [&b"one"[..], b"two", b"three"] {
             partition.append(&batch(&[value])).expect("append");
         }
-        readers.lock().clear();
+        readers.0.lock().clear();
 
         let response = broker
             .fetch(fetch_request("orders", 0, 1, 300_000), VERSION, 7)
@@ -278,7 +222,7 @@ mod tests {
             .expect("fetch response");
         // Taken before the response is decoded here: that reads the file ranges the
         // connection's writer would send.
-        let readers = readers.lock().clone();
+        let readers = readers.0.lock().clone();
         let decoded = decode_fetch(response, VERSION);
         assert!(decoded.responses[0].partitions[0].records.is_some());
         assert!(!readers.is_empty(), "the fetch read no file");

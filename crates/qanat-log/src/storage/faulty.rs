@@ -1,5 +1,6 @@
-//! A [`Storage`] over another one whose file syncs can be made to fail or to wait, so tests
-//! of the log and of the broker can inject failed and slow fdatasyncs on a real filesystem.
+//! A [`Storage`] over another one that calls hooks before every operation, so tests of the log
+//! and of the broker can inject failed, slow or observed file operations on a real or
+//! simulated filesystem. [`SyncFaults`] is the ready-made hook for failed and held fdatasyncs.
 
 use std::io;
 use std::os::fd::RawFd;
@@ -9,6 +10,70 @@ use std::sync::Arc;
 use parking_lot::{Condvar, Mutex};
 
 use super::{LogFile, Storage};
+
+/// One storage operation, as a [`StorageHooks`] sees it before it runs.
+#[derive(Debug, Clone, Copy)]
+pub enum StorageOp<'a> {
+    Open(&'a Path),
+    RemoveFile(&'a Path),
+    Rename(&'a Path, &'a Path),
+    CreateDirAll(&'a Path),
+    RemoveDirAll(&'a Path),
+    ListDir(&'a Path),
+    SyncDir(&'a Path),
+    Read,
+    Append,
+    SyncData,
+    Len,
+    SetLen(u64),
+    Preallocate(u64),
+}
+
+impl StorageOp<'_> {
+    /// Whether the operation changes what is stored.
+    pub fn mutates(&self) -> bool {
+        !matches!(
+            self,
+            StorageOp::ListDir(_) | StorageOp::Read | StorageOp::Len
+        )
+    }
+}
+
+/// Called before each operation of a [`HookedStorage`]; an error is returned in its place.
+pub trait StorageHooks: Send + Sync + 'static {
+    fn before(&self, op: StorageOp<'_>) -> io::Result<()>;
+}
+
+/// `inner`, with `hooks` called before every operation (`exists` excepted: it cannot fail).
+pub struct HookedStorage<H> {
+    inner: Arc<dyn Storage>,
+    hooks: Arc<H>,
+}
+
+impl<H: StorageHooks> HookedStorage<H> {
+    pub fn with_hooks(inner: Arc<dyn Storage>, hooks: Arc<H>) -> Self {
+        Self { inner, hooks }
+    }
+
+    /// The hooks shared by every file this storage opens.
+    pub fn hooks(&self) -> Arc<H> {
+        self.hooks.clone()
+    }
+}
+
+/// A storage whose fdatasyncs fail or wait on demand.
+pub type FaultyStorage = HookedStorage<SyncFaults>;
+
+impl HookedStorage<SyncFaults> {
+    pub fn new(inner: Arc<dyn Storage>) -> Self {
+        Self::with_hooks(inner, Arc::default())
+    }
+
+    /// The control shared by every file this storage opens.
+    pub fn faults(&self) -> Arc<SyncFaults> {
+        self.hooks()
+    }
+}
 
 #[derive(Debug, Default)]
 struct State {
@@ -20,7 +85,7 @@ struct State {
     held: u32,
 }
 
-/// Shared control of a [`FaultyStorage`]'s file syncs.
+/// Hooks that make file syncs fail or wait: the control of a [`FaultyStorage`].
 #[derive(Debug, Default)]
 pub struct SyncFaults {
     state: Mutex<State>,
@@ -51,8 +116,13 @@ impl SyncFaults {
             self.changed.wait(&mut s);
         }
     }
+}
 
-    fn before_sync(&self) -> io::Result<()> {
+impl StorageHooks for SyncFaults {
+    fn before(&self, op: StorageOp<'_>) -> io::Result<()> {
+        if !matches!(op, StorageOp::SyncData) {
+            return Ok(());
+        }
         let mut s = self.state.lock();
         if s.holding {
             s.held += 1;
@@ -70,49 +140,34 @@ impl SyncFaults {
     }
 }
 
-/// `inner`, except for what [`SyncFaults`] injects into `sync_data`.
-pub struct FaultyStorage {
-    inner: Arc<dyn Storage>,
-    faults: Arc<SyncFaults>,
-}
-
-impl FaultyStorage {
-    pub fn new(inner: Arc<dyn Storage>) -> Self {
-        Self {
-            inner,
-            faults: Arc::default(),
-        }
-    }
-
-    /// The control shared by every file this storage opens.
-    pub fn faults(&self) -> Arc<SyncFaults> {
-        self.faults.clone()
-    }
-}
-
-struct FaultyFile {
+struct HookedFile<H> {
     inner: Arc<dyn LogFile>,
-    faults: Arc<SyncFaults>,
+    hooks: Arc<H>,
 }
 
-impl LogFile for FaultyFile {
+impl<H: StorageHooks> LogFile for HookedFile<H> {
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
+        self.hooks.before(StorageOp::Read)?;
         self.inner.read_exact_at(buf, pos)
     }
     fn append(&self, buf: &[u8]) -> io::Result<()> {
+        self.hooks.before(StorageOp::Append)?;
         self.inner.append(buf)
     }
     fn sync_data(&self) -> io::Result<()> {
-        self.faults.before_sync()?;
+        self.hooks.before(StorageOp::SyncData)?;
         self.inner.sync_data()
     }
     fn len(&self) -> io::Result<u64> {
+        self.hooks.before(StorageOp::Len)?;
         self.inner.len()
     }
     fn set_len(&self, len: u64) -> io::Result<()> {
+        self.hooks.before(StorageOp::SetLen(len))?;
         self.inner.set_len(len)
     }
     fn preallocate(&self, len: u64) -> io::Result<()> {
+        self.hooks.before(StorageOp::Preallocate(len))?;
         self.inner.preallocate(len)
     }
     fn raw_fd(&self) -> Option<RawFd> {
@@ -120,32 +175,39 @@ impl LogFile for FaultyFile {
     }
 }
 
-impl Storage for FaultyStorage {
+impl<H: StorageHooks> Storage for HookedStorage<H> {
     fn open(&self, path: &Path) -> io::Result<Arc<dyn LogFile>> {
-        Ok(Arc::new(FaultyFile {
+        self.hooks.before(StorageOp::Open(path))?;
+        Ok(Arc::new(HookedFile {
             inner: self.inner.open(path)?,
-            faults: self.faults.clone(),
+            hooks: self.hooks.clone(),
         }))
     }
     fn exists(&self, path: &Path) -> bool {
         self.inner.exists(path)
     }
     fn remove_file(&self, path: &Path) -> io::Result<()> {
+        self.hooks.before(StorageOp::RemoveFile(path))?;
         self.inner.remove_file(path)
     }
     fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        self.hooks.before(StorageOp::Rename(from, to))?;
         self.inner.rename(from, to)
     }
     fn create_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.hooks.before(StorageOp::CreateDirAll(path))?;
         self.inner.create_dir_all(path)
     }
     fn remove_dir_all(&self, path: &Path) -> io::Result<()> {
+        self.hooks.before(StorageOp::RemoveDirAll(path))?;
         self.inner.remove_dir_all(path)
     }
     fn list_dir(&self, path: &Path) -> io::Result<Vec<String>> {
+        self.hooks.before(StorageOp::ListDir(path))?;
         self.inner.list_dir(path)
     }
     fn sync_dir(&self, path: &Path) -> io::Result<()> {
+        self.hooks.before(StorageOp::SyncDir(path))?;
         self.inner.sync_dir(path)
     }
 }
