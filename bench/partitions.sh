@@ -1,0 +1,129 @@
+#!/usr/bin/env bash
+# bench/partitions.sh — how the broker's produce path scales with partitions, and its CPU per GB.
+#
+# What it does:
+#   1. builds `qanat` and `qanat-bench` (release);
+#   2. for P in {1, 8, 64}, BENCH_RUNS times each: a fresh broker (default config, so periodic
+#      fsync every 1000 ms; Prometheus metrics on, as in production), one P-partition topic, `qanat-bench kafka-produce` of 1 KiB records,
+#      acks=1, round-robin over the partitions, until BENCH_COUNT records or BENCH_SECS seconds;
+#      the broker's CPU (utime+stime from /proc/PID/stat) is read just before and just after the
+#      produce, and its data dir is deleted after each run;
+#   3. a fresh broker, one 1,000-partition topic, BENCH_RSS_PER_PARTITION 1 KiB records produced
+#      to every partition, then the broker's peak RSS (VmHWM).
+# Output: a markdown table (median of the runs, every run's figures beside it) on stdout;
+# progress on stderr.
+#
+# Env:  BENCH_RUNS (default 3), BENCH_SECS (default 8), BENCH_COUNT (default 1500000 records,
+#       which bounds the data written per run to ~1.5 GB), BENCH_RSS_PER_PARTITION (default 20),
+#       BENCH_PARTITIONS (default "1 8 64"),
+#       BENCH_TMPDIR (default /tmp) parent of the data dirs; /dev/shm keeps the disk out of it.
+# All traffic goes to 127.0.0.1. Every client run is under `timeout`.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+BENCH_TAG=partitions
+RUNS=${BENCH_RUNS:-3}
+SECS=${BENCH_SECS:-8}
+COUNT=${BENCH_COUNT:-1500000}
+RSS_PER_PARTITION=${BENCH_RSS_PER_PARTITION:-20}
+PARTITION_COUNTS=${BENCH_PARTITIONS:-"1 8 64"}
+RECORD_SIZE=1024
+CLIENT_TIMEOUT=300 # seconds, hard cap for any single client run
+
+# shellcheck source=bench/lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+
+start_tmp qanat-partitions
+need_kb=$(((COUNT * RECORD_SIZE / 1024) * 2))
+free_kb=$(df -Pk "$TMP" | awk 'NR == 2 { print $4 }')
+if [[ "$free_kb" -lt "$need_kb" ]]; then
+  die "$TMP has $((free_kb / 1024)) MiB free; a run needs about $((need_kb / 1024)) MiB (set BENCH_TMPDIR, e.g. /dev/shm, or lower BENCH_COUNT)"
+fi
+log "temp dir $TMP, $RUNS runs x {$PARTITION_COUNTS} partitions, up to $COUNT records or ${SECS}s each"
+
+build_release qanat qanat-bench
+
+CLK_TCK=$(getconf CLK_TCK)
+# utime+stime in seconds (fields 14 and 15; comm may contain spaces, so cut after the last ')')
+cpu_secs() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) }
+  awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
+}
+vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
+BROKER_PID=""
+BROKER_ADDR=""
+BROKER_DIR=""
+start_broker() {
+  BROKER_DIR="$TMP/$1"
+  mkdir -p "$BROKER_DIR/data"
+  "$QANAT_BIN" broker --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 \
+    --data-dir "$BROKER_DIR/data" >"$BROKER_DIR/stdout" 2>"$BROKER_DIR/stderr" &
+  BROKER_PID=$!
+  PIDS+=("$BROKER_PID")
+  BROKER_ADDR=$(wait_line "$BROKER_DIR/stdout" "qanat broker listening on " "$BROKER_PID") || {
+    cat "$BROKER_DIR/stderr" >&2 || true
+    die "broker $1 failed to start"
+  }
+}
+stop_broker() {
+  stop_pids "$BROKER_PID"
+  wait "$BROKER_PID" 2>/dev/null || true
+  rm -rf "$BROKER_DIR"
+}
+create_topic() {
+  "$QANAT_BIN" topics create "$1" --partitions "$2" --bootstrap "$BROKER_ADDR" >"$TMP/create.log" 2>&1 ||
+    die "topics create $1: $(tail -n 5 "$TMP/create.log")"
+}
+# produce <topic> <partitions> <count> <max secs>: the bench's JSON line on stdout
+produce() {
+  timeout --kill-after=10 "$CLIENT_TIMEOUT" "$BENCH_BIN" kafka-produce --bootstrap "$BROKER_ADDR" \
+    --topic "$1" --partitions "$2" --record-size "$RECORD_SIZE" --count "$3" --acks 1 \
+    --max-secs "$4" 2>"$TMP/produce.err" | tail -n1 || die "produce to $1 failed: $(tail -n 5 "$TMP/produce.err")"
+}
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+ROWS=()
+for parts in $PARTITION_COUNTS; do
+  mbps_all="" cpu_all="" runs=""
+  for run in $(seq "$RUNS"); do
+    start_broker "p$parts-r$run"
+    topic=bench-$parts
+    create_topic "$topic" "$parts"
+    cpu0=$(cpu_secs "$BROKER_PID")
+    out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
+    cpu1=$(cpu_secs "$BROKER_PID")
+    kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
+    errors=$(jq -r '.errors' <<<"$out")
+    [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
+    mbps=$(jq -r '.mb_per_s' <<<"$out")
+    bytes=$(jq -r '.bytes' <<<"$out")
+    cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
+    log "$parts partitions, run $run: $mbps MB/s, $cpu_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
+    mbps_all+=" $mbps" cpu_all+=" $cpu_gb" runs+="${runs:+, }$mbps / $cpu_gb"
+    stop_broker
+  done
+  ROWS+=("| $parts | $(median <<<"$mbps_all") | $(median <<<"$cpu_all") | $runs |")
+done
+
+start_broker rss
+create_topic bench-rss 1000
+out=$(produce bench-rss 1000 $((1000 * RSS_PER_PARTITION)) 120)
+[[ "$(jq -r '.records' <<<"$out")" == $((1000 * RSS_PER_PARTITION)) ]] || die "1,000-partition produce incomplete: $out"
+hwm=$(vm_hwm_kb "$BROKER_PID")
+stop_broker
+
+echo "| partitions | produce MB/s (median) | broker CPU-s/GB (median) | runs (MB/s / CPU-s/GB) |"
+echo "|---|---|---|---|"
+printf '%s\n' "${ROWS[@]}"
+echo "| 1,000 (RSS) | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | |"
+echo
+echo "1 KiB records, acks=1, default config (fsync every 1000 ms), no compression; up to $COUNT records or ${SECS} s"
+echo "per run, fresh broker per run, data in $(df -P "$TMP" | awk 'NR == 2 { print $1 }') ($TMP). MB = 10^6 bytes of record values;"
+echo "CPU-s/GB = broker utime+stime during the produce / 10^9 bytes of record values."
+echo "Machine: $(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
