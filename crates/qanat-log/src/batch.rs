@@ -70,7 +70,7 @@ fn be_i16(b: &[u8], at: usize) -> i16 {
     i16::from_be_bytes([b[at], b[at + 1]])
 }
 
-fn corrupt(position: usize, reason: impl Into<String>) -> LogError {
+pub(crate) fn corrupt(position: usize, reason: impl Into<String>) -> LogError {
     LogError::CorruptBatch {
         position,
         reason: reason.into(),

@@ -1,6 +1,7 @@
 //! [`Partition`]: the segment list, append/sync/read paths, recovery and retention.
 
 use std::collections::{BTreeSet, HashMap};
+use std::io::IoSlice;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -34,6 +35,7 @@ const PREALLOCATE_AHEAD: u64 = 16 << 20;
 struct Writer {
     active: Arc<Segment>,
     next: i64,
+    /// Reused for LogAppendTime appends, the only ones patched in a copy.
     buf: Vec<u8>,
     /// Idempotent-producer state, checked and updated with every append.
     producers: ProducerStates,
@@ -454,27 +456,51 @@ impl Partition {
         let (pos0, _) = active.published();
         self.preallocate(&active, pos0 + bytes);
 
-        // One copy, patched in place: base offsets (and LogAppendTime + CRC).
-        let mut buf = std::mem::take(&mut w.buf);
-        buf.clear();
-        buf.extend_from_slice(batches);
         let mut off = base;
         let mut max_ts = i64::MIN;
-        for b in &summary.batches {
-            let Some(slice) = buf.get_mut(b.position..b.position + b.len) else {
-                continue;
-            };
-            batch::set_base_offset(slice, off)?;
-            if log_append {
+        let res = if log_append {
+            // One copy, patched in place: base offsets, LogAppendTime and so the CRC.
+            let mut buf = std::mem::take(&mut w.buf);
+            buf.clear();
+            buf.extend_from_slice(batches);
+            for b in &summary.batches {
+                let Some(slice) = buf.get_mut(b.position..b.position + b.len) else {
+                    continue;
+                };
+                batch::set_base_offset(slice, off)?;
                 batch::set_log_append_time(slice, now)?;
+                max_ts = max_ts.max(now);
+                off += i64::from(b.last_offset_delta) + 1;
             }
-            max_ts = max_ts.max(if log_append { now } else { b.max_timestamp });
-            off += i64::from(b.last_offset_delta) + 1;
-        }
-        let res = active.log.append(&buf);
-        if buf.capacity() <= KEEP_BUF {
-            w.buf = buf;
-        }
+            let res = active.log.append(&buf);
+            if buf.capacity() <= KEEP_BUF {
+                w.buf = buf;
+            }
+            res
+        } else {
+            // No copy: the base offset (outside the CRC) is the only change, so each batch
+            // goes out as its new base offset and the caller's bytes after it, in one
+            // vectored write.
+            let base_offsets: Vec<[u8; 8]> = summary
+                .batches
+                .iter()
+                .map(|b| {
+                    let at = off;
+                    max_ts = max_ts.max(b.max_timestamp);
+                    off += i64::from(b.last_offset_delta) + 1;
+                    at.to_be_bytes()
+                })
+                .collect();
+            let mut slices = Vec::with_capacity(2 * summary.batches.len());
+            for (b, base_offset) in summary.batches.iter().zip(&base_offsets) {
+                let rest = batches
+                    .get(b.position + 8..b.position + b.len)
+                    .ok_or_else(|| batch::corrupt(b.position, "batch shorter than its header"))?;
+                slices.push(IoSlice::new(base_offset));
+                slices.push(IoSlice::new(rest));
+            }
+            active.log.append_vectored(&mut slices)
+        };
         if let Err(source) = res {
             // Cut a partial write so the file still ends at a batch boundary.
             if let Err(e) = active.log.set_len(pos0) {

@@ -1,6 +1,6 @@
 //! Filesystem behind a trait, so model tests can inject crashes and torn writes.
 use std::fs::{File, OpenOptions};
-use std::io::{self, Write};
+use std::io::{self, IoSlice, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -18,6 +18,14 @@ pub trait LogFile: Send + Sync + 'static {
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()>;
     /// Append at the end of the file.
     fn append(&self, buf: &[u8]) -> io::Result<()>;
+    /// Append `bufs` at the end of the file, in order, as if they were one buffer; on error
+    /// any prefix of them may have been written, as with [`append`](Self::append).
+    fn append_vectored(&self, bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        for b in bufs.iter() {
+            self.append(b)?;
+        }
+        Ok(())
+    }
     /// fdatasync.
     fn sync_data(&self) -> io::Result<()>;
     /// Current length in bytes.
@@ -66,6 +74,20 @@ impl LogFile for OsFile {
     fn append(&self, buf: &[u8]) -> io::Result<()> {
         // `&File` implements Write; O_APPEND makes each write go to the end.
         (&self.file).write_all(buf)
+    }
+    fn append_vectored(&self, mut bufs: &mut [IoSlice<'_>]) -> io::Result<()> {
+        // `Write::write_all_vectored` is unstable; this is its loop. `write_vectored` passes
+        // at most IOV_MAX slices per writev, and O_APPEND puts every writev at the end.
+        IoSlice::advance_slices(&mut bufs, 0);
+        while !bufs.is_empty() {
+            match (&self.file).write_vectored(bufs) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => IoSlice::advance_slices(&mut bufs, n),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
     }
     fn sync_data(&self) -> io::Result<()> {
         self.file.sync_data()

@@ -508,3 +508,132 @@ fn blocks_are_reserved_ahead_of_appends_and_released_when_the_segment_rolls() {
     assert_eq!(r.truncated_bytes, 0, "{r:?}");
     assert_eq!(all_batches(&p), before);
 }
+
+/// Real files that remember where the bytes handed to them lived in memory.
+struct AddressRecordingStorage {
+    written_from: Arc<parking_lot::Mutex<Vec<std::ops::Range<usize>>>>,
+}
+
+struct AddressRecordingFile {
+    inner: Arc<dyn qanat_log::LogFile>,
+    written_from: Arc<parking_lot::Mutex<Vec<std::ops::Range<usize>>>>,
+}
+
+impl AddressRecordingFile {
+    fn note(&self, buf: &[u8]) {
+        let start = buf.as_ptr() as usize;
+        self.written_from.lock().push(start..start + buf.len());
+    }
+}
+
+impl qanat_log::LogFile for AddressRecordingFile {
+    fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> std::io::Result<()> {
+        self.inner.read_exact_at(buf, pos)
+    }
+    fn append(&self, buf: &[u8]) -> std::io::Result<()> {
+        self.note(buf);
+        self.inner.append(buf)
+    }
+    fn append_vectored(&self, bufs: &mut [std::io::IoSlice<'_>]) -> std::io::Result<()> {
+        for b in bufs.iter() {
+            self.note(b);
+        }
+        self.inner.append_vectored(bufs)
+    }
+    fn sync_data(&self) -> std::io::Result<()> {
+        self.inner.sync_data()
+    }
+    fn len(&self) -> std::io::Result<u64> {
+        self.inner.len()
+    }
+    fn set_len(&self, len: u64) -> std::io::Result<()> {
+        self.inner.set_len(len)
+    }
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.inner.raw_fd()
+    }
+}
+
+impl qanat_log::Storage for AddressRecordingStorage {
+    fn open(&self, path: &Path) -> std::io::Result<Arc<dyn qanat_log::LogFile>> {
+        Ok(Arc::new(AddressRecordingFile {
+            inner: OsStorage.open(path)?,
+            written_from: self.written_from.clone(),
+        }))
+    }
+    fn exists(&self, path: &Path) -> bool {
+        OsStorage.exists(path)
+    }
+    fn remove_file(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.remove_file(path)
+    }
+    fn rename(&self, from: &Path, to: &Path) -> std::io::Result<()> {
+        OsStorage.rename(from, to)
+    }
+    fn create_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.create_dir_all(path)
+    }
+    fn remove_dir_all(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.remove_dir_all(path)
+    }
+    fn list_dir(&self, path: &Path) -> std::io::Result<Vec<String>> {
+        OsStorage.list_dir(path)
+    }
+    fn sync_dir(&self, path: &Path) -> std::io::Result<()> {
+        OsStorage.sync_dir(path)
+    }
+}
+
+#[test]
+fn create_time_batches_are_written_from_the_callers_bytes_without_a_copy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let written_from = Arc::new(parking_lot::Mutex::new(Vec::new()));
+    let storage = AddressRecordingStorage {
+        written_from: written_from.clone(),
+    };
+    let (p, _) = Partition::open(
+        Arc::new(storage),
+        Arc::new(ManualClock::new(1_000)),
+        tmp.path().join("t-0"),
+        LogConfig::default(),
+    )
+    .unwrap();
+    p.append(&make_batch(3, 100, 1, b'x')).unwrap();
+    let request = make_batch(50, 1000, 1, b'y');
+    written_from.lock().clear();
+    assert_eq!(p.append(&request).unwrap().base_offset, 3);
+    let caller = request.as_ptr() as usize..request.as_ptr() as usize + request.len();
+    let from_caller: usize = written_from
+        .lock()
+        .iter()
+        .filter(|r| caller.start <= r.start && r.end <= caller.end)
+        .map(|r| r.len())
+        .sum();
+    assert_eq!(
+        from_caller,
+        request.len() - 8,
+        "all but the base offset goes out from the caller's buffer"
+    );
+    let stored = all_batches(&p);
+    let mut expected = request.clone();
+    expected[..8].copy_from_slice(&3i64.to_be_bytes());
+    assert_eq!(stored[1], (3, 52, expected));
+}
+
+#[test]
+fn one_append_of_more_batches_than_a_writev_takes_is_stored_whole() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (p, _) = open(&tmp.path().join("t-0"));
+    // 1,500 batches are 3,000 slices, above IOV_MAX (1,024): several writev calls.
+    let batches: Vec<Vec<u8>> = (0..1500).map(|i| make_batch(1, 3, i, b'a')).collect();
+    let request = batches.concat();
+    let outcome = p.append(&request).unwrap();
+    assert_eq!((outcome.base_offset, outcome.last_offset), (0, 1499));
+    let stored = all_batches(&p);
+    assert_eq!(stored.len(), 1500);
+    for (i, (stored, original)) in stored.iter().zip(&batches).enumerate() {
+        let mut expected = original.clone();
+        expected[..8].copy_from_slice(&(i as i64).to_be_bytes());
+        assert_eq!(stored, &(i as i64, i as i64, expected));
+    }
+}

@@ -154,6 +154,10 @@ impl<H: StorageHooks> LogFile for HookedFile<H> {
         self.hooks.before(StorageOp::Append)?;
         self.inner.append(buf)
     }
+    fn append_vectored(&self, bufs: &mut [io::IoSlice<'_>]) -> io::Result<()> {
+        self.hooks.before(StorageOp::Append)?;
+        self.inner.append_vectored(bufs)
+    }
     fn sync_data(&self) -> io::Result<()> {
         self.hooks.before(StorageOp::SyncData)?;
         self.inner.sync_data()
