@@ -10,7 +10,8 @@
 #      produce, and its data dir is deleted after each run;
 #   3. a fresh broker, one 1,000-partition topic, BENCH_RSS_PER_PARTITION 1 KiB records produced
 #      to every partition, then the broker's peak RSS (VmHWM).
-# Output: a markdown table (median of the runs, every run's figures beside it) on stdout;
+# Output: a markdown table (median of the runs, every run's figures beside it; the client's CPU
+# per GB too, since on a small machine it competes with the broker) on stdout;
 # progress on stderr.
 #
 # Env:  BENCH_RUNS (default 3), BENCH_SECS (default 8), BENCH_COUNT (default 1500000 records,
@@ -80,17 +81,29 @@ create_topic() {
   "$QANAT_BIN" topics create "$1" --partitions "$2" --bootstrap "$BROKER_ADDR" >"$TMP/create.log" 2>&1 ||
     die "topics create $1: $(tail -n 5 "$TMP/create.log")"
 }
-# produce <topic> <partitions> <count> <max secs>: the bench's JSON line on stdout
+# produce <topic> <partitions> <count> <max secs>: the bench's JSON line on stdout; the client's
+# user+sys seconds in $TMP/client.cpu when /usr/bin/time is there
+TIME_CMD=()
+[[ -x /usr/bin/time ]] && TIME_CMD=(/usr/bin/time -f '%U %S' -o "$TMP/client.time")
 produce() {
-  timeout --kill-after=10 "$CLIENT_TIMEOUT" "$BENCH_BIN" kafka-produce --bootstrap "$BROKER_ADDR" \
+  rm -f "$TMP/client.time"
+  timeout --kill-after=10 "$CLIENT_TIMEOUT" "${TIME_CMD[@]}" "$BENCH_BIN" kafka-produce --bootstrap "$BROKER_ADDR" \
     --topic "$1" --partitions "$2" --record-size "$RECORD_SIZE" --count "$3" --acks 1 \
     --max-secs "$4" 2>"$TMP/produce.err" | tail -n1 || die "produce to $1 failed: $(tail -n 5 "$TMP/produce.err")"
+}
+# client_cpu_gb <bytes>: the last produce's client CPU-s/GB, or -
+client_cpu_gb() {
+  if [[ -s "$TMP/client.time" ]]; then
+    awk -v n="$1" '{ printf "%.2f", ($1 + $2) / (n / 1e9) }' "$TMP/client.time"
+  else
+    echo -
+  fi
 }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
 for parts in $PARTITION_COUNTS; do
-  mbps_all="" cpu_all="" runs=""
+  mbps_all="" cpu_all="" client_all="" runs=""
   for run in $(seq "$RUNS"); do
     start_broker "p$parts-r$run"
     topic=bench-$parts
@@ -104,11 +117,13 @@ for parts in $PARTITION_COUNTS; do
     mbps=$(jq -r '.mb_per_s' <<<"$out")
     bytes=$(jq -r '.bytes' <<<"$out")
     cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
-    log "$parts partitions, run $run: $mbps MB/s, $cpu_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
+    client_gb=$(client_cpu_gb "$bytes")
+    log "$parts partitions, run $run: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
     mbps_all+=" $mbps" cpu_all+=" $cpu_gb" runs+="${runs:+, }$mbps / $cpu_gb"
+    [[ "$client_gb" != - ]] && client_all+=" $client_gb"
     stop_broker
   done
-  ROWS+=("| $parts | $(median <<<"$mbps_all") | $(median <<<"$cpu_all") | $runs |")
+  ROWS+=("| $parts | $(median <<<"$mbps_all") | $(median <<<"$cpu_all") | $(median <<<"$client_all") | $runs |")
 done
 
 start_broker rss
@@ -118,12 +133,14 @@ out=$(produce bench-rss 1000 $((1000 * RSS_PER_PARTITION)) 120)
 hwm=$(vm_hwm_kb "$BROKER_PID")
 stop_broker
 
-echo "| partitions | produce MB/s (median) | broker CPU-s/GB (median) | runs (MB/s / CPU-s/GB) |"
-echo "|---|---|---|---|"
+echo "| partitions | produce MB/s (median) | broker CPU-s/GB (median) | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
+echo "|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
-echo "| 1,000 (RSS) | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | |"
+echo "| 1,000 (RSS) | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | |"
 echo
 echo "1 KiB records, acks=1, default config (fsync every 1000 ms), no compression; up to $COUNT records or ${SECS} s"
 echo "per run, fresh broker per run, data in $(df -P "$TMP" | awk 'NR == 2 { print $1 }') ($TMP). MB = 10^6 bytes of record values;"
-echo "CPU-s/GB = broker utime+stime during the produce / 10^9 bytes of record values."
+echo "CPU-s/GB = utime+stime during the produce / 10^9 bytes of record values (broker: from /proc/PID/stat;"
+echo "client: qanat-bench/librdkafka, from /usr/bin/time). Client and broker share the machine's cores,"
+echo "so MB/s falls when the client needs more CPU per GB (it does with more partitions)."
 echo "Machine: $(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
