@@ -76,6 +76,28 @@ impl Response {
 /// Growth step of a frame buffer's first allocation; later steps double what arrived.
 const FRAME_BUFFER_STEP: usize = 64 * 1024;
 
+/// A request stream that can tell how many bytes have arrived but not been read yet.
+pub trait ArrivedBytes {
+    /// Bytes waiting in the kernel's receive buffer; `None` when unknown.
+    fn arrived_bytes(&self) -> Option<usize>;
+}
+
+impl ArrivedBytes for tokio::net::tcp::OwnedReadHalf {
+    fn arrived_bytes(&self) -> Option<usize> {
+        let fd = AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd();
+        let mut n: libc::c_int = 0;
+        // SAFETY: FIONREAD writes one c_int to the pointer, which is valid for the call.
+        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+        (rc == 0).then(|| usize::try_from(n).ok()).flatten()
+    }
+}
+
+impl ArrivedBytes for tokio::io::DuplexStream {
+    fn arrived_bytes(&self) -> Option<usize> {
+        None
+    }
+}
+
 /// What one [`FrameReader::step`] achieved.
 #[derive(Debug)]
 pub enum Step {
@@ -92,7 +114,9 @@ pub enum Step {
 /// The length is checked against the frame cap before anything is allocated; then the
 /// frame's declared size is reserved from the [`RequestPool`] (waiting, and so not reading,
 /// while the pool is short), and the buffer grows as bytes actually arrive rather than to
-/// the declared size up front. Every await inside [`step`](Self::step) is a single read or
+/// the declared size up front (bytes already waiting in the kernel count as arrived, so a frame
+/// received whole is read into one allocation instead of a chain of copying reallocations).
+/// Every await inside [`step`](Self::step) is a single read or
 /// the pool wait, so a step may be cancelled (by a timer) without losing bytes.
 #[derive(Debug)]
 pub struct FrameReader {
@@ -128,7 +152,7 @@ impl FrameReader {
     }
 
     /// Read some bytes of the current frame (or wait for its pool share).
-    pub async fn step<R: AsyncRead + Unpin>(
+    pub async fn step<R: AsyncRead + ArrivedBytes + Unpin>(
         &mut self,
         rd: &mut R,
         pool: &RequestPool,
@@ -180,8 +204,10 @@ impl FrameReader {
         let remaining = body.size - body.buf.len();
         if body.buf.capacity() == body.buf.len() {
             // Doubling what arrived keeps copies amortized and the buffer within twice the
-            // received bytes; a frame that stops early never costs its declared size.
-            let grow = remaining.min(body.buf.len().max(FRAME_BUFFER_STEP));
+            // received bytes; a frame that stops early never costs its declared size. Bytes
+            // already waiting are taken in one step, which spares the copies altogether.
+            let waiting = rd.arrived_bytes().unwrap_or(0);
+            let grow = remaining.min(body.buf.len().max(FRAME_BUFFER_STEP).max(waiting));
             body.buf.reserve_exact(grow);
         }
         let n = (&mut *rd)
@@ -327,7 +353,7 @@ mod tests {
     use super::*;
 
     /// Steps until `done` holds for the reader; fails on a frame or an error.
-    async fn step_until<R: AsyncRead + Unpin>(
+    async fn step_until<R: AsyncRead + ArrivedBytes + Unpin>(
         reader: &mut FrameReader,
         rd: &mut R,
         pool: &RequestPool,
@@ -391,6 +417,88 @@ mod tests {
             reader.step(&mut server, &pool).await.unwrap(),
             Step::Eof
         ));
+    }
+
+    /// A connected pair of real sockets: the client's stream and the server's read half.
+    async fn tcp_pair() -> (
+        tokio::net::TcpStream,
+        tokio::net::tcp::OwnedReadHalf,
+        OwnedWriteHalf,
+    ) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (rd, wr) = server.into_split();
+        (client, rd, wr)
+    }
+
+    /// Wait (bounded) until the kernel holds `n` unread bytes for `rd`.
+    async fn until_arrived(rd: &tokio::net::tcp::OwnedReadHalf, n: usize) {
+        for _ in 0..10_000 {
+            if rd.arrived_bytes() == Some(n) {
+                return;
+            }
+            tokio::task::yield_now().await;
+            rd.readable().await.unwrap();
+        }
+        panic!("{n} bytes never arrived: {:?}", rd.arrived_bytes());
+    }
+
+    #[tokio::test]
+    async fn a_frame_received_whole_is_read_into_one_allocation() {
+        let pool = RequestPool::new(64 << 20);
+        let (mut client, mut rd, _wr) = tcp_pair().await;
+        // Above the first growth step, within what a fresh socket buffers (128 KiB and up).
+        let size = FRAME_BUFFER_STEP + 30_000;
+        client
+            .write_all(&(size as i32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&vec![5u8; size]).await.unwrap();
+        until_arrived(&rd, 4 + size).await;
+        let mut reader = FrameReader::new(32 << 20);
+        let mut capacities = Vec::new();
+        let frame = loop {
+            match reader.step(&mut rd, &pool).await.unwrap() {
+                Step::Progress => {
+                    if let Some(b) = reader.body.as_ref().filter(|b| !b.buf.is_empty()) {
+                        capacities.push(b.buf.capacity());
+                    }
+                }
+                Step::Frame(frame, _reservation) => break frame,
+                Step::Eof => panic!("end of stream inside a frame"),
+            }
+        };
+        assert_eq!(frame.len(), size);
+        assert!(frame.iter().all(|&b| b == 5));
+        // Either the first read took it all, or every read so far went into the one buffer.
+        assert!(
+            capacities.iter().all(|&c| c == size),
+            "buffer capacities while reading: {capacities:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn on_a_socket_the_buffer_still_grows_with_what_arrived_not_the_declared_size() {
+        let pool = RequestPool::new(64 << 20);
+        let (mut client, mut rd, _wr) = tcp_pair().await;
+        let declared = 32usize << 20;
+        client
+            .write_all(&(declared as i32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&vec![7u8; 100_000]).await.unwrap();
+        let mut reader = FrameReader::new(32 << 20);
+        step_until(&mut reader, &mut rd, &pool, |r| r.body.is_some()).await;
+        until_arrived(&rd, 100_000).await;
+        step_until(&mut reader, &mut rd, &pool, |r| received(r) == 100_000).await;
+        let capacity = reader.body.as_ref().unwrap().buf.capacity();
+        assert!(
+            capacity <= 2 * 100_000 + FRAME_BUFFER_STEP,
+            "capacity {capacity}"
+        );
     }
 
     #[tokio::test]
