@@ -18,6 +18,7 @@
 #       which bounds the data written per run to ~1.5 GB), BENCH_RSS_PER_PARTITION (default 20),
 #       BENCH_PARTITIONS (default "1 8 64"),
 #       BENCH_TMPDIR (default /tmp) parent of the data dirs; /dev/shm keeps the disk out of it.
+#       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons).
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
 set -euo pipefail
 
@@ -45,6 +46,9 @@ fi
 log "temp dir $TMP, $RUNS runs x {$PARTITION_COUNTS} partitions, up to $COUNT records or ${SECS}s each"
 
 build_release qanat qanat-bench
+# Another broker build to compare with (the client stays this tree's qanat-bench).
+QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
+[[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
 
 CLK_TCK=$(getconf CLK_TCK)
 # utime+stime in seconds (fields 14 and 15; comm may contain spaces, so cut after the last ')')
@@ -143,4 +147,5 @@ echo "per run, fresh broker per run, data in $(df -P "$TMP" | awk 'NR == 2 { pri
 echo "CPU-s/GB = utime+stime during the produce / 10^9 bytes of record values (broker: from /proc/PID/stat;"
 echo "client: qanat-bench/librdkafka, from /usr/bin/time). Client and broker share the machine's cores,"
 echo "so MB/s falls when the client needs more CPU per GB (it does with more partitions)."
+echo "Broker: $QANAT_BIN."
 echo "Machine: $(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
