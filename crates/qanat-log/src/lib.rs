@@ -24,8 +24,9 @@
 //!   on close; a torn or missing one only makes open replay more headers.
 //! - `recovery-point`: i64 BE offset + CRC-32C; every segment that ends at or below it was
 //!   fsynced, so recovery only walks its headers instead of checking every CRC.
-//! - `clean-shutdown`: written by `close` after everything is fsynced: active segment base
-//!   i64 BE, its length u64 BE, next offset i64 BE, CRC-32C u32. Open removes it (durably,
+//! - `clean-shutdown`: written by `close` after everything is fsynced (like `recovery-point`,
+//!   through a temp file and a rename): active segment base i64 BE, its length u64 BE, next
+//!   offset i64 BE, CRC-32C u32. Open removes it (durably,
 //!   before any append) and, when it matches the active segment, walks that segment's headers
 //!   instead of checking every CRC; after a crash there is no marker and every batch past
 //!   the recovery point is checked.

@@ -19,8 +19,9 @@ use crate::{
 };
 
 const CHECKPOINT: &str = "recovery-point";
-const CHECKPOINT_TMP: &str = "recovery-point.tmp";
 const CLEAN_SHUTDOWN: &str = "clean-shutdown";
+/// Suffix of the temp file a checksummed file is written to before its rename.
+const TMP_SUFFIX: &str = ".tmp";
 /// Segment positions and relative offsets are u32 in the indexes.
 const MAX_SEGMENT: u64 = u32::MAX as u64;
 /// Don't keep a huge copy buffer around after one big append.
@@ -84,30 +85,32 @@ fn parse_base(name: &str, ext: &str) -> Option<i64> {
         .flatten()
 }
 
-fn read_checkpoint(storage: &dyn Storage, dir: &Path) -> Option<i64> {
-    let path = dir.join(CHECKPOINT);
-    if !storage.exists(&path) {
+/// The fields of a small checksummed file (fields, then their CRC-32C), if it exists whole.
+fn read_checksummed<const N: usize>(storage: &dyn Storage, path: &Path) -> Option<[u8; N]> {
+    if !storage.exists(path) {
         return None;
     }
-    let f = storage.open(&path).ok()?;
-    let mut b = [0u8; 12];
-    if f.len().ok()? != 12 || f.read_exact_at(&mut b, 0).is_err() {
+    let f = storage.open(path).ok()?;
+    let mut b = vec![0u8; N + 4];
+    if f.len().ok()? != b.len() as u64 || f.read_exact_at(&mut b, 0).is_err() {
         return None;
     }
-    let crc = u32::from_be_bytes([b[8], b[9], b[10], b[11]]);
-    if crc32c::crc32c(&b[..8]) != crc {
-        return None;
-    }
-    let mut v = [0u8; 8];
-    v.copy_from_slice(&b[..8]);
-    Some(i64::from_be_bytes(v))
+    let (fields, crc) = b.split_at(N);
+    (crc32c::crc32c(fields).to_be_bytes() == crc).then(|| fields.try_into().ok())?
 }
 
-fn write_checkpoint(storage: &dyn Storage, dir: &Path, offset: i64) -> Result<(), LogError> {
-    let tmp = dir.join(CHECKPOINT_TMP);
-    let dst = dir.join(CHECKPOINT);
-    let mut b = offset.to_be_bytes().to_vec();
-    b.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
+/// Replace `dir/name` with `fields` and their CRC-32C atomically: temp file, fdatasync,
+/// rename, directory fsync.
+fn write_checksummed(
+    storage: &dyn Storage,
+    dir: &Path,
+    name: &str,
+    fields: &[u8],
+) -> Result<(), LogError> {
+    let tmp = dir.join(format!("{name}{TMP_SUFFIX}"));
+    let dst = dir.join(name);
+    let mut b = fields.to_vec();
+    b.extend_from_slice(&crc32c::crc32c(fields).to_be_bytes());
     let f = storage.open(&tmp).map_err(io_err(&tmp))?;
     f.set_len(0)
         .and_then(|()| f.append(&b))
@@ -117,26 +120,22 @@ fn write_checkpoint(storage: &dyn Storage, dir: &Path, offset: i64) -> Result<()
     storage.sync_dir(dir).map_err(io_err(dir))
 }
 
+fn read_checkpoint(storage: &dyn Storage, dir: &Path) -> Option<i64> {
+    read_checksummed::<8>(storage, &dir.join(CHECKPOINT)).map(i64::from_be_bytes)
+}
+
+fn write_checkpoint(storage: &dyn Storage, dir: &Path, offset: i64) -> Result<(), LogError> {
+    write_checksummed(storage, dir, CHECKPOINT, &offset.to_be_bytes())
+}
+
 /// What `close` recorded: (active segment base, its length, next offset).
 type CleanShutdown = (i64, u64, i64);
 
 fn read_clean_shutdown(storage: &dyn Storage, dir: &Path) -> Option<CleanShutdown> {
-    let path = dir.join(CLEAN_SHUTDOWN);
-    if !storage.exists(&path) {
-        return None;
-    }
-    let f = storage.open(&path).ok()?;
-    let mut b = [0u8; 28];
-    if f.len().ok()? != 28 || f.read_exact_at(&mut b, 0).is_err() {
-        return None;
-    }
-    let (fields, crc) = b.split_at(24);
-    if crc32c::crc32c(fields).to_be_bytes() != crc {
-        return None;
-    }
+    let b = read_checksummed::<24>(storage, &dir.join(CLEAN_SHUTDOWN))?;
     let word = |i: usize| {
         let mut w = [0u8; 8];
-        w.copy_from_slice(&fields[i * 8..i * 8 + 8]);
+        w.copy_from_slice(&b[i * 8..i * 8 + 8]);
         w
     };
     Some((
@@ -151,18 +150,11 @@ fn write_clean_shutdown(
     dir: &Path,
     (base, len, next): CleanShutdown,
 ) -> Result<(), LogError> {
-    let path = dir.join(CLEAN_SHUTDOWN);
-    let mut b = Vec::with_capacity(28);
+    let mut b = Vec::with_capacity(24);
     b.extend_from_slice(&base.to_be_bytes());
     b.extend_from_slice(&len.to_be_bytes());
     b.extend_from_slice(&next.to_be_bytes());
-    b.extend_from_slice(&crc32c::crc32c(&b).to_be_bytes());
-    let f = storage.open(&path).map_err(io_err(&path))?;
-    f.set_len(0)
-        .and_then(|()| f.append(&b))
-        .and_then(|()| f.sync_data())
-        .map_err(io_err(&path))?;
-    storage.sync_dir(dir).map_err(io_err(dir))
+    write_checksummed(storage, dir, CLEAN_SHUTDOWN, &b)
 }
 
 fn remove_segment_files(storage: &dyn Storage, dir: &Path, base: i64) -> Result<(), LogError> {
@@ -201,7 +193,10 @@ impl Partition {
                 indexes.push((b, name));
             } else if let Some(b) = parse_base(name, ".producers") {
                 snapshots.insert(b);
-            } else if name == CHECKPOINT_TMP {
+            } else if name
+                .strip_suffix(TMP_SUFFIX)
+                .is_some_and(|n| n == CHECKPOINT || n == CLEAN_SHUTDOWN)
+            {
                 let p = dir.join(name);
                 st.remove_file(&p).map_err(io_err(&p))?;
             }
