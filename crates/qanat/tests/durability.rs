@@ -25,7 +25,8 @@ struct InProcess {
     bootstrap: String,
     faults: Arc<SyncFaults>,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
-    runtime: tokio::runtime::Runtime,
+    /// Serves the broker until dropped.
+    _runtime: tokio::runtime::Runtime,
     _dir: tempfile::TempDir,
 }
 
@@ -62,7 +63,7 @@ impl InProcess {
             bootstrap: format!("127.0.0.1:{port}"),
             faults,
             stop: Some(stop),
-            runtime,
+            _runtime: runtime,
             _dir: dir,
         }
     }
@@ -75,7 +76,6 @@ impl Drop for InProcess {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
-        let _ = &self.runtime;
     }
 }
 
