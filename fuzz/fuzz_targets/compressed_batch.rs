@@ -4,7 +4,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use qanat_broker::records::{validate_compressed_batch, validate_produce};
+use qanat_broker::records::{validate_batch_records, validate_produce};
 use qanat_log::batch::{compute_crc, HEADER_LEN};
 
 const LIMIT: u64 = 64 * 1024;
@@ -36,7 +36,7 @@ fuzz_target!(|data: &[u8]| {
     let _ = validate_produce(data, LIMIT);
     if let [codec, count, payload @ ..] = data {
         let b = batch(*codec, i32::from(*count), payload);
-        match validate_compressed_batch(&b, LIMIT) {
+        match validate_batch_records(&b, LIMIT) {
             Ok(size) => assert!(size <= LIMIT),
             Err((decoded, _)) => assert!(decoded <= LIMIT + 1),
         }

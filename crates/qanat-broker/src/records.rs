@@ -306,11 +306,11 @@ fn next_record(
     ))
 }
 
-/// Check the records of one compressed batch (`batch` is the whole batch, header included)
-/// without keeping them: they must decompress to at most `limit` bytes, parse, number exactly
+/// Check the records of one batch (`batch` is the whole batch, header included) without
+/// keeping them: they must decompress (when compressed) to at most `limit` bytes, parse, number exactly
 /// the header's record count, carry offset deltas 0, 1, 2, … and end with the last one.
 /// Returns the uncompressed size.
-pub fn validate_compressed_batch(batch: &[u8], limit: u64) -> Result<u64, (u64, RecordsError)> {
+pub fn validate_batch_records(batch: &[u8], limit: u64) -> Result<u64, (u64, RecordsError)> {
     let at_start = |e| (0, e);
     let h = BatchHeader::parse(batch)
         .ok_or_else(|| at_start(RecordsError::corrupt(0, "truncated batch header".into())))?;
@@ -340,9 +340,10 @@ pub fn validate_compressed_batch(batch: &[u8], limit: u64) -> Result<u64, (u64, 
     }
 }
 
-/// The produce-time check of one partition's record data: every compressed batch with a valid
-/// CRC is checked by [`validate_compressed_batch`]. Uncompressed batches, and anything
-/// structurally wrong, are left to `Partition::append`, which reports them precisely.
+/// The produce-time check of one partition's record data: the records of every batch with a
+/// valid CRC are checked by [`validate_batch_records`] — compressed or not, since a stored
+/// batch whose records do not parse would fail every later reader. Anything structurally
+/// wrong (header, length, CRC) is left to `Partition::append`, which reports it precisely.
 pub fn validate_produce(records: &[u8], limit: u64) -> Result<(), BatchRefused> {
     let mut position = 0;
     while let Some(rest) = records.get(position..).filter(|r| !r.is_empty()) {
@@ -352,8 +353,8 @@ pub fn validate_produce(records: &[u8], limit: u64) -> Result<(), BatchRefused> 
         let Some(batch) = rest.get(..h.total_len()) else {
             return Ok(());
         };
-        if h.compression() != inflate::NONE && compute_crc(batch) == Some(h.crc) {
-            validate_compressed_batch(batch, limit).map_err(|(uncompressed_bytes, source)| {
+        if compute_crc(batch) == Some(h.crc) {
+            validate_batch_records(batch, limit).map_err(|(uncompressed_bytes, source)| {
                 BatchRefused {
                     position,
                     batch_bytes: batch.len(),

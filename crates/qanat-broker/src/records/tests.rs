@@ -272,7 +272,7 @@ fn a_record_declaring_more_than_the_limit_is_refused_before_decoding_it() {
 #[test]
 fn the_limit_is_inclusive() {
     let b = bomb(ZSTD, 4, 1000);
-    let size = validate_compressed_batch(&b, 1 << 20).unwrap();
+    let size = validate_batch_records(&b, 1 << 20).unwrap();
     assert!(validate_produce(&b, size).is_ok());
     too_large(validate_produce(&b, size - 1));
 }
@@ -465,7 +465,7 @@ proptest! {
                                     payload in proptest::collection::vec(any::<u8>(), 0..512)) {
         let b = batch(codec, count, &payload);
         let _ = validate_produce(&b, 4096);
-        let _ = validate_compressed_batch(&b, 4096);
+        let _ = validate_batch_records(&b, 4096);
     }
 
     #[test]
@@ -487,7 +487,7 @@ proptest! {
         let crc = compute_crc(&b).unwrap();
         b[17..21].copy_from_slice(&crc.to_be_bytes());
         let _ = validate_produce(&b, 1 << 20);
-        let _ = validate_compressed_batch(&b, 1 << 20);
+        let _ = validate_batch_records(&b, 1 << 20);
     }
 
     #[test]
