@@ -57,14 +57,20 @@ pub(crate) async fn append(
     let results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
         .await
         .map_err(|e| malformed(format!("produce task failed: {e}")))?;
-    if acks == 0 {
-        return Ok(None);
-    }
-    Ok(Some(Acknowledgement {
+    let ack = Acknowledgement {
         broker: broker.clone(),
         sync: broker.sync_on_ack(),
         results,
-    }))
+    };
+    if acks == 0 {
+        // Nobody is answered, but with fsync = "always" readers see only synced data: the
+        // records still need their fdatasync to become visible.
+        if ack.sync {
+            tokio::spawn(ack.wait());
+        }
+        return Ok(None);
+    }
+    Ok(Some(ack))
 }
 
 /// The answer to an appended produce request, once its durability policy is met.
@@ -174,7 +180,9 @@ impl Broker {
                 });
             }
         }
-        if results.iter().any(|r| r.outcome.is_ok()) {
+        // With fsync = "always" readers see nothing new until the fdatasync: the
+        // acknowledgement wakes them then.
+        if !self.sync_on_ack() && results.iter().any(|r| r.outcome.is_ok()) {
             self.data_arrived.notify_waiters();
         }
         results
@@ -396,6 +404,25 @@ mod tests {
         let response = produce(&broker, produce_request("orders", 0, -1, &batch(&[b"y"]))).await;
         let p = only_partition(&response);
         assert_eq!((p.error_code, p.base_offset), (0, 0));
+    }
+
+    #[tokio::test]
+    async fn with_fsync_always_acks_zero_records_are_synced_and_served() {
+        let (broker, _) = broker(fsync_always());
+        broker.topics.create("orders", 1, false).expect("create");
+        let ack = append(&broker, produce_request("orders", 0, 0, &batch(&[b"x"])))
+            .await
+            .expect("append");
+        assert!(ack.is_none());
+        let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);
+        while partition.high_watermark() < 1 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "an acks=0 record never became visible"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
