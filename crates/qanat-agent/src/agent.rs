@@ -808,7 +808,11 @@ impl Agent {
                 return true;
             }
         }
-        t.last_growth_ms = now;
+        // A retry of refused records read nothing: that is no growth (multiline timeout and
+        // orphan grace count from the last real one).
+        if n > 0 {
+            t.last_growth_ms = now;
+        }
         let src = &self.sources[t.source];
         src.bytes_read.increment(n as u64);
         let mut emit = Emit {
