@@ -222,13 +222,12 @@ pub fn wait_checked(
 /// without a checkpoint or an entry for that path).
 pub fn checkpointed_offset(checkpoint_dir: &Path, path: &Path) -> Option<u64> {
     let bytes = fs::read(checkpoint_dir.join("checkpoint")).ok()?;
-    let body = &bytes[bytes.iter().position(|&b| b == b'\n')? + 1..];
-    let v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    v["files"]
-        .as_array()?
-        .iter()
-        .find(|f| f["path"].as_str() == path.to_str())
-        .and_then(|f| f["offset"].as_u64())
+    qanat_agent::checkpoint::Checkpoint::decode(&bytes)
+        .ok()?
+        .files
+        .into_iter()
+        .find(|f| f.path == path)
+        .map(|f| f.offset)
 }
 
 /// Wait until the checkpoint holds at least `offset` for `path`; returns what it holds.
