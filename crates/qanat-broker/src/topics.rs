@@ -456,11 +456,6 @@ impl TopicRegistry {
                 partitions: Vec::new(),
             }));
         }
-        // A deletion whose directories could not all be removed is finished first.
-        if self.storage.exists(&self.intent_path(name, DELETING)) {
-            self.remove_partition_dirs(name, 0)?;
-            self.clear_intent(name, DELETING)?;
-        }
         let explain = |e: TopicError| {
             e.explain_fds(
                 || format!("creating topic {name}"),
@@ -469,8 +464,12 @@ impl TopicRegistry {
         };
         let id = new_topic_id();
         self.write_intent(name, CREATING, b"").map_err(explain)?;
+        // The topic is absent, so any directory of its name is debris (an unfinished deletion,
+        // or a failed create or grow whose undo failed too): never adopted into the new topic.
         let committed = self
-            .make_partitions(name, id, 0, count)
+            .remove_partition_dirs(name, 0)
+            .and_then(|_| self.clear_intent(name, DELETING))
+            .and_then(|()| self.make_partitions(name, id, 0, count))
             .and_then(|made| self.clear_intent(name, CREATING).map(|()| made));
         let made = match committed {
             Ok(made) => made,
@@ -575,8 +574,10 @@ impl TopicRegistry {
         };
         self.write_intent(name, GROWING, current.to_string().as_bytes())
             .map_err(explain)?;
+        // Directories past the current count are debris of a failed grow: never adopted.
         let committed = self
-            .make_partitions(name, topic.id, current, total_u32)
+            .remove_partition_dirs(name, current)
+            .and_then(|_| self.make_partitions(name, topic.id, current, total_u32))
             .and_then(|added| self.clear_intent(name, GROWING).map(|()| added));
         let added = match committed {
             Ok(added) => added,
@@ -1099,6 +1100,29 @@ mod tests {
         let registry = open_registry(sim.clone(), clock);
         assert!(complete_or_absent(&sim, &registry, "t", 3, 0));
         assert_eq!(registry.get("t").unwrap().id, second);
+    }
+
+    #[test]
+    fn debris_of_a_failed_create_or_grow_is_never_adopted() {
+        let sim = Arc::new(SimStorage::new());
+        let clock = Arc::new(ManualClock::new(1_000));
+        let registry = open_registry(sim.clone(), clock.clone());
+        // Left behind, with the topic absent, by a create whose undo failed as well.
+        for p in 0..8 {
+            sim.create_dir_all(&Path::new(DATA).join(format!("t-{p}")))
+                .unwrap();
+        }
+        registry.create("t", 2, false).unwrap();
+        // Left behind by a failed grow.
+        for p in 4..6 {
+            sim.create_dir_all(&Path::new(DATA).join(format!("t-{p}")))
+                .unwrap();
+        }
+        registry.add_partitions("t", 3, false).unwrap();
+        drop(registry);
+        let registry = open_registry(sim.clone(), clock);
+        assert_eq!(registry.get("t").unwrap().partitions.len(), 3);
+        assert!(complete_or_absent(&sim, &registry, "t", 3, 0));
     }
 
     #[test]
