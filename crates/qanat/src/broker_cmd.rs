@@ -65,17 +65,7 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     };
     let port = config.broker.advertised_port.unwrap_or(bound.port());
     // Every partition keeps a descriptor per segment open: use all the hard limit allows.
-    match qanat_broker::fdlimit::raise_nofile_to_hard() {
-        Ok((before, after)) if after > before => {
-            tracing::info!(
-                from = before,
-                to = after,
-                "raised the open-file limit (RLIMIT_NOFILE)"
-            )
-        }
-        Ok((_, limit)) => tracing::info!(limit, "open-file limit (RLIMIT_NOFILE)"),
-        Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit (RLIMIT_NOFILE)"),
-    }
+    raise_open_file_limit();
     tracing::info!(data_dir = %args.data_dir.display(), fsync = ?config.storage.fsync, "opening storage");
     let data_dir = args.data_dir.clone();
     let broker = tokio::task::spawn_blocking(move || {
@@ -125,4 +115,27 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("all partitions flushed and closed");
     Ok(())
+}
+
+/// Raise the soft RLIMIT_NOFILE to the hard limit and log the outcome; returns the limit in
+/// force (None if it could not be read).
+pub(crate) fn raise_open_file_limit() -> Option<u64> {
+    match qanat_broker::fdlimit::raise_nofile_to_hard() {
+        Ok((before, after)) if after > before => {
+            tracing::info!(
+                from = before,
+                to = after,
+                "raised the open-file limit (RLIMIT_NOFILE)"
+            );
+            Some(after)
+        }
+        Ok((_, limit)) => {
+            tracing::info!(limit, "open-file limit (RLIMIT_NOFILE)");
+            Some(limit)
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "could not raise the open-file limit (RLIMIT_NOFILE)");
+            None
+        }
+    }
 }

@@ -45,6 +45,18 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     if let Some(bootstrap) = args.bootstrap {
         config.kafka.bootstrap = bootstrap;
     }
+    // Each connection is a descriptor: let the connection cap, not the descriptor limit, be
+    // what refuses clients (out of descriptors the producers could not reconnect either).
+    if let Some(limit) = crate::broker_cmd::raise_open_file_limit() {
+        let cap = u64::try_from(config.server.max_connections).unwrap_or(u64::MAX);
+        if cap.saturating_add(64) >= limit {
+            tracing::warn!(
+                max_connections = cap,
+                open_file_limit = limit,
+                "server.max_connections is not below the open-file limit; lower it or raise `ulimit -n`"
+            );
+        }
+    }
     let mut stdout = std::io::stdout();
     // Before the collector starts: its metric handles bind to the installed recorder.
     if let Some(addr) = args.metrics_listen {
