@@ -718,6 +718,7 @@ fn a_connection_flood_at_the_descriptor_limit_does_not_stop_service() {
     });
     assert_eq!(r.header("content-type"), Some("image/gif"));
     assert_eq!(consume_all(&broker.bootstrap(), "beacons", 0, 2).len(), 2);
+    // One line per interval, not one per failed accept.
     let logged = c.stderr().matches("accepting connections failed").count();
-    assert!(logged >= 1);
+    assert!(logged <= 3, "{logged} accept-failure lines");
 }
