@@ -236,7 +236,9 @@ enum StepError {
 }
 
 /// Read what is new in one partition and send the matching records. Decoding runs on a
-/// blocking thread and hands each matching record to the channel as it is decoded.
+/// blocking thread and hands each matching record to the channel as it is decoded; when the
+/// channel is full (a slow subscriber) the walk stops and the record in hand is sent from the
+/// async side, so a subscriber that stops reading never holds a blocking-pool thread.
 async fn step(
     cursor: &mut Cursor,
     filter: Option<&Arc<Filter>>,
@@ -248,9 +250,10 @@ async fn step(
     let index = cursor.index;
     let filter = filter.cloned();
     let sender = tx.clone();
-    let (next, closed, read) = tokio::task::spawn_blocking(move || {
+    let (next, closed, full, read) = tokio::task::spawn_blocking(move || {
         let mut next = from;
         let mut closed = false;
+        let mut full = None;
         let read = for_each_record(&partition, from, READ_CHUNK, limit, |record| {
             next = record.offset + 1;
             let headers: Vec<(&str, Option<&[u8]>)> = record
@@ -266,17 +269,35 @@ async fn step(
                 .event("record")
                 .id(format!("{index}:{}", record.offset))
                 .data(record_json(index, &record).to_string());
-            if sender.blocking_send(Ok(event)).is_err() {
-                closed = true;
-                return false;
+            match sender.try_send(Ok(event)) {
+                Ok(()) => {
+                    metrics::counter!("qanat_push_records_total").increment(1);
+                    true
+                }
+                Err(mpsc::error::TrySendError::Full(event)) => {
+                    full = Some(event);
+                    false
+                }
+                Err(mpsc::error::TrySendError::Closed(_)) => {
+                    closed = true;
+                    false
+                }
             }
-            metrics::counter!("qanat_push_records_total").increment(1);
-            true
         });
-        (next, closed, read)
+        (next, closed, full, read)
     })
     .await
     .map_err(|_| StepError::Closed)?;
+    let closed = match full {
+        Some(event) => {
+            let sent = tx.send(event).await.is_ok();
+            if sent {
+                metrics::counter!("qanat_push_records_total").increment(1);
+            }
+            closed || !sent
+        }
+        None => closed,
+    };
     let moved = next > cursor.position;
     cursor.position = next;
     if closed {
