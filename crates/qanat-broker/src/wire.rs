@@ -206,8 +206,14 @@ impl FrameReader {
             // Doubling what arrived keeps copies amortized and the buffer within twice the
             // received bytes; a frame that stops early never costs its declared size. Bytes
             // already waiting are taken in one step, which spares the copies altogether.
-            let waiting = rd.arrived_bytes().unwrap_or(0);
-            let grow = remaining.min(body.buf.len().max(FRAME_BUFFER_STEP).max(waiting));
+            let step = body.buf.len().max(FRAME_BUFFER_STEP);
+            // Asked only when it can matter: most frames fit in the first step.
+            let waiting = if remaining > step {
+                rd.arrived_bytes().unwrap_or(0)
+            } else {
+                0
+            };
+            let grow = remaining.min(step.max(waiting));
             body.buf.reserve_exact(grow);
         }
         let n = (&mut *rd)
