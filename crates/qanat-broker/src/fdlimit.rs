@@ -25,34 +25,21 @@ fn rlim_to_u64(v: libc::rlim_t) -> u64 {
 }
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit. Returns the soft limit before and after.
-/// An unlimited hard limit is not a valid soft limit for descriptors on Linux; the kernel's
-/// `fs.nr_open` is used then.
+/// (Linux keeps the hard limit at or below `fs.nr_open`, so it is always a valid soft limit.)
 pub fn raise_nofile_to_hard() -> io::Result<(u64, u64)> {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    let (soft, hard) = nofile_limit()?;
+    if soft >= hard {
+        return Ok((soft, soft));
+    }
+    let lim = libc::rlimit {
+        rlim_cur: hard as libc::rlim_t,
+        rlim_max: hard as libc::rlim_t,
     };
-    // SAFETY: getrlimit only writes the struct we pass.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    let before = rlim_to_u64(lim.rlim_cur);
-    let mut target = lim.rlim_max;
-    if target == libc::RLIM_INFINITY {
-        target = std::fs::read_to_string("/proc/sys/fs/nr_open")
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(1 << 20);
-    }
-    if lim.rlim_cur != libc::RLIM_INFINITY && lim.rlim_cur >= target {
-        return Ok((before, before));
-    }
-    lim.rlim_cur = target;
     // SAFETY: setrlimit only reads the struct we pass.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } != 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((before, rlim_to_u64(target)))
+    Ok((soft, hard))
 }
 
 /// Whether an I/O error means the process (EMFILE) or the system (ENFILE) ran out of file
