@@ -870,7 +870,9 @@ impl Agent {
                 now.saturating_sub(s.max(t.last_growth_ms)) >= self.cfg.orphan_grace_ms
             });
             let group_due = src.framer.is_multiline() && quiet >= src.multiline_timeout_ms;
-            if !t.state.buffered().is_empty() && (orphan_done || group_due) {
+            // After a refusal, wait as the read path does instead of re-framing every turn.
+            let paused = now < t.retry_at;
+            if !t.state.buffered().is_empty() && (orphan_done || group_due) && !paused {
                 let data = t.state.take_buffered();
                 let mut emit = Emit {
                     sink: &mut *self.sink,
@@ -879,8 +881,11 @@ impl Agent {
                     frames: &mut self.frames,
                 };
                 let (used, refused) = emit.frames(key, t, src, &data, true, orphan_done);
-                t.state.set_refused(refused);
                 t.state.keep_unconsumed(&data, used);
+                t.state.set_refused(refused);
+                if refused {
+                    t.retry_at = now + REFUSED_RETRY_MS;
+                }
             }
             if orphan_done && t.state.buffered().is_empty() && !t.state.has_pending() {
                 tracing::info!(path = %t.path.display(), id = ?t.state.ident().map(|i| &i.id), offset = t.state.acked(), "finished: read to its end and acknowledged; closing");
