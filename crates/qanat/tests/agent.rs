@@ -295,20 +295,26 @@ fn append(path: &Path, bytes: &[u8]) {
 /// Every record of `path` read back must tile it byte for byte up to `required`; the long
 /// line's records starting in `[line_start, required)` are pieces of exactly `MAX_LINE` bytes
 /// in which no line ends, except the one ending at a newline.
-fn check_long_line(broker: &Broker, path: &Path, line_start: u64, required: u64) {
+fn check_long_line(broker: &Broker, path: &Path, line_start: u64, pieces_end: u64, required: u64) {
     let mut c = content(path);
     c.required = required;
     let recs = read_topic(&broker.bootstrap(), "logs");
     check(&[c], &recs).map_err(|e| e.1).unwrap();
+    // Every record inside the cut part of the line is a whole piece without a line end.
     let mut pieces = 0;
     for r in &recs {
-        let (offset, size) = (r.num("qanat.offset"), r.num("qanat.size"));
-        if offset >= line_start && offset < required && r.num("qanat.lines") == 0 {
-            assert_eq!(size, MAX_LINE, "piece at {offset}");
+        let offset = r.num("qanat.offset");
+        if offset >= line_start && offset < pieces_end {
+            assert_eq!(r.num("qanat.size"), MAX_LINE, "piece at {offset}");
+            assert_eq!(r.num("qanat.lines"), 0, "piece at {offset}");
             pieces += 1;
         }
     }
-    assert!(pieces > 0, "no pieces of the long line");
+    assert_eq!(
+        pieces,
+        (pieces_end - line_start) / MAX_LINE,
+        "pieces of the long line"
+    );
 }
 
 #[test]
@@ -331,13 +337,13 @@ fn a_long_line_without_newline_is_cut_at_max_line_bytes() {
     let pieces_end = line_start + (line_len - 1) / MAX_LINE * MAX_LINE;
     let acked = wait_checkpointed(&d.join("state"), &path, pieces_end);
     assert_eq!(acked, pieces_end, "nothing past the last whole piece");
-    check_long_line(&broker, &path, line_start, pieces_end);
+    check_long_line(&broker, &path, line_start, pieces_end, pieces_end);
 
     // The newline arrives, and lines after it flow.
     append(&path, format!("\n{}", lines("after", 100)).as_bytes());
     let end = fs::metadata(&path).unwrap().len();
     wait_checkpointed(&d.join("state"), &path, end);
-    check_long_line(&broker, &path, line_start, end);
+    check_long_line(&broker, &path, line_start, pieces_end, end);
     agent.stop();
 }
 
@@ -372,12 +378,12 @@ fn a_long_line_without_newline_continues_across_a_restart() {
     let pieces_end = line_start + (line_len - 1) / MAX_LINE * MAX_LINE;
     let acked = wait_checkpointed(&d.join("state"), &path, pieces_end);
     assert_eq!(acked, pieces_end);
-    check_long_line(&broker, &path, line_start, pieces_end);
+    check_long_line(&broker, &path, line_start, pieces_end, pieces_end);
 
     append(&path, format!("\n{}", lines("after", 100)).as_bytes());
     let end = fs::metadata(&path).unwrap().len();
     wait_checkpointed(&d.join("state"), &path, end);
-    check_long_line(&broker, &path, line_start, end);
+    check_long_line(&broker, &path, line_start, pieces_end, end);
     agent.stop();
 }
 
