@@ -1747,7 +1747,7 @@ fn compressed_bomb_is_refused_while_the_other_partition_lands() {
     let log = broker.stderr();
     let line = log
         .lines()
-        .find(|l| l.contains("produce refused: compressed batch"))
+        .find(|l| l.contains("produce refused: batch records"))
         .unwrap_or_else(|| panic!("no refusal logged; stderr:\n{}", tail(&log, 20)));
     for part in [
         "bomb",

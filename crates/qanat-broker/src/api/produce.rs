@@ -20,12 +20,16 @@ use kafka_protocol::ResponseError;
 use qanat_log::{AppendOutcome, Partition};
 
 use super::{code, log_error_code, malformed, name, records_error_code};
+use crate::ratelog::{LogLimiter, LOG_INTERVAL};
 use crate::wire::WireError;
 use crate::{timed_sync, Broker};
 
 /// Minimum 0 on purpose: librdkafka stops compressing when Produce's minimum is above 0.
 /// Versions 0–2 are refused per partition with UNSUPPORTED_VERSION.
 pub const VERSIONS: RangeInclusive<i16> = 0..=9;
+
+/// A producer retrying a refused batch would otherwise log the refusal on every retry.
+static REFUSED_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 
 /// Append every partition of `req` (off the async workers: appends write files) and return
 /// what to answer, or None for acks=0. An acks value other than -1, 0 or 1 appends nothing
@@ -138,15 +142,18 @@ impl Broker {
                         let records = data.records.as_deref().unwrap_or_default();
                         let limit = self.config.broker.max_uncompressed_batch_bytes;
                         if let Err(refused) = crate::records::validate_produce(records, limit) {
-                            tracing::warn!(
-                                topic = topic_name,
-                                partition = data.index,
-                                batch_bytes = refused.batch_bytes,
-                                uncompressed_bytes = refused.uncompressed_bytes,
-                                max_uncompressed_batch_bytes = limit,
-                                error = %refused,
-                                "produce refused: compressed batch"
-                            );
+                            if let Some(suppressed) = REFUSED_LOG.check("records") {
+                                tracing::warn!(
+                                    topic = topic_name,
+                                    partition = data.index,
+                                    batch_bytes = refused.batch_bytes,
+                                    uncompressed_bytes = refused.uncompressed_bytes,
+                                    max_uncompressed_batch_bytes = limit,
+                                    error = %refused,
+                                    suppressed,
+                                    "produce refused: batch records"
+                                );
+                            }
                             results.push(ProducePartitionResult {
                                 topic: topic_name.to_string(),
                                 index: data.index,
@@ -167,7 +174,9 @@ impl Broker {
                                 Ok((partition, outcome))
                             }
                             Err(e) => {
-                                tracing::warn!(topic = topic_name, partition = data.index, error = %e, "produce refused");
+                                if let Some(suppressed) = REFUSED_LOG.check("append") {
+                                    tracing::warn!(topic = topic_name, partition = data.index, error = %e, suppressed, "produce refused");
+                                }
                                 Err(log_error_code(&e))
                             }
                         }
