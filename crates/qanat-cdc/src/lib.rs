@@ -7,6 +7,10 @@
 //!   ([`event::Value`]) and their JSON rendering (the Debezium envelope, schemas disabled).
 //! - [`source`]: the contract between a database source and the loop that delivers its
 //!   changes ([`source::Source`], [`source::Change`], [`source::Position`]).
+//! - [`pipeline`]: the delivery loop, generic over the source: routing (`<prefix>.<db>.<table>`
+//!   or regex routes for sharded tables), include/exclude, column exclusion and masking,
+//!   tombstones, transaction markers, the offsets topic (key = connector name, latest wins)
+//!   and the per-connector schema-history topic, both read back by [`pipeline::load_state`].
 //!
 //! # Invariants
 //! - A source emits changes in commit order. A [`source::Change::Commit`] (or
@@ -20,4 +24,5 @@
 //!   from the empty string and the empty byte string.
 
 pub mod event;
+pub mod pipeline;
 pub mod source;
