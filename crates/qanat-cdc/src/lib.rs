@@ -24,5 +24,6 @@
 //!   from the empty string and the empty byte string.
 
 pub mod event;
+pub mod mysql;
 pub mod pipeline;
 pub mod source;
