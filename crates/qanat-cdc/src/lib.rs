@@ -23,6 +23,7 @@
 //! - Values are exact: DECIMAL/NUMERIC as their decimal text, never floats; NULL is distinct
 //!   from the empty string and the empty byte string.
 
+pub mod config;
 pub mod event;
 pub mod mysql;
 pub mod pipeline;
