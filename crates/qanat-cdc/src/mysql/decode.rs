@@ -23,6 +23,7 @@ pub struct ColumnShape {
     pub enum_labels: Vec<String>,
     pub set_labels: Vec<String>,
     pub primary_key: bool,
+    pub unsigned: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -133,6 +134,10 @@ pub fn value(
             Value::Int(if year == 1900 { 0 } else { year })
         }
         (_, My::Int(i)) if kind == MYSQL_TYPE_ENUM => enum_label(column, i)?,
+        // mysql_common reads a signed MEDIUMINT without sign extension.
+        (MYSQL_TYPE_INT24, My::Int(i)) if !column.unsigned && i > 0x7F_FFFF => {
+            Value::Int(i - 0x100_0000)
+        }
         (MYSQL_TYPE_SET, My::Bytes(b)) => {
             let mut bits = 0u64;
             for (i, byte) in b.iter().enumerate() {

@@ -276,7 +276,7 @@ impl MysqlSource {
             .unwrap_or_default();
         let mariadb = version.contains("MariaDB");
         check_settings(&mut meta).await?;
-        let charsets: Vec<(u16, String)> = meta
+        let charsets: Vec<(Option<u16>, Option<String>)> = meta
             .query("SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATIONS")
             .await
             .map_err(q("information_schema.COLLATIONS"))?;
@@ -304,7 +304,10 @@ impl MysqlSource {
             exclude: pipeline.exclude.clone(),
             meta,
             mariadb,
-            charsets: charsets.into_iter().collect(),
+            charsets: charsets
+                .into_iter()
+                .filter_map(|(id, name)| Some((id?, name?)))
+                .collect(),
             schemas: HashMap::new(),
             shapes: HashMap::new(),
             stream: None,
@@ -979,7 +982,12 @@ impl MysqlSource {
                     .collect();
                 let mut image = Row::default();
                 for (i, col) in shape.iter().enumerate() {
-                    let charset = row.columns_ref().get(i).map_or(0, |x| x.character_set());
+                    let (charset, unsigned) = row.columns_ref().get(i).map_or((0, false), |x| {
+                        (
+                            x.character_set(),
+                            x.flags().contains(ColumnFlags::UNSIGNED_FLAG),
+                        )
+                    });
                     let raw = row.take(i).ok_or_else(|| {
                         decode_err(DecodeError::Column {
                             column: col.name.clone(),
@@ -988,6 +996,7 @@ impl MysqlSource {
                     })?;
                     let mut c = col.clone();
                     c.charset = charset;
+                    c.unsigned = unsigned;
                     let v = decode::value(&c, raw, &self.charsets).map_err(decode_err)?;
                     image.columns.push((Arc::from(col.name.as_str()), v));
                 }
@@ -1250,14 +1259,19 @@ async fn master_position(conn: &mut Conn) -> Result<BinlogPosition, MysqlError> 
 }
 
 async fn check_settings(conn: &mut Conn) -> Result<(), MysqlError> {
-    let log_bin: Option<String> = conn
+    let log_bin: Option<My> = conn
         .query_first("SELECT @@log_bin")
         .await
         .map_err(q("@@log_bin"))?;
-    if !matches!(log_bin.as_deref(), Some("1" | "ON")) {
+    let on = match &log_bin {
+        Some(My::Int(1)) | Some(My::UInt(1)) => true,
+        Some(My::Bytes(b)) => b == b"1" || b.eq_ignore_ascii_case(b"ON"),
+        _ => false,
+    };
+    if !on {
         return Err(MysqlError::ServerSetting {
             variable: "log_bin",
-            found: log_bin.unwrap_or_default(),
+            found: "OFF".into(),
             want: "ON",
         });
     }
