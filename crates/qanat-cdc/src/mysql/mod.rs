@@ -258,6 +258,8 @@ pub struct MysqlSource {
     tx_counts: BTreeMap<String, u64>,
     standalone: bool,
     last_heartbeat: Instant,
+    /// `binlog_checksum` is not NONE.
+    checksums: bool,
 }
 
 impl MysqlSource {
@@ -276,6 +278,11 @@ impl MysqlSource {
             .unwrap_or_default();
         let mariadb = version.contains("MariaDB");
         check_settings(&mut meta).await?;
+        let checksum: Option<String> = meta
+            .query_first("SELECT @@GLOBAL.binlog_checksum")
+            .await
+            .map_err(q("@@binlog_checksum"))?;
+        let checksums = checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE"));
         let charsets: Vec<(Option<u16>, Option<String>)> = meta
             .query("SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATIONS")
             .await
@@ -320,6 +327,7 @@ impl MysqlSource {
             tx_counts: BTreeMap::new(),
             standalone: false,
             last_heartbeat: Instant::now(),
+            checksums,
             cfg,
         };
         let available = |p: &BinlogPosition| logs.iter().any(|(name, _)| *name == p.file);
@@ -709,7 +717,13 @@ impl MysqlSource {
                 })?;
                 match data {
                     Some(EventData::RotateEvent(r)) => {
-                        self.at.file = r.name().into_owned();
+                        let mut name = r.name_raw().to_vec();
+                        // The first (artificial) rotate comes before the format description
+                        // tells the reader about checksums, so its CRC32 trails the name.
+                        if end == 0 && self.checksums && name.len() > 4 {
+                            name.truncate(name.len() - 4);
+                        }
+                        self.at.file = String::from_utf8_lossy(&name).into_owned();
                         self.at.pos = r.position();
                         self.next_pos = r.position();
                         return Ok(());
