@@ -6,6 +6,7 @@
 #
 #   kcat                      (Debian package)  used by crates/qanat/tests/clients.rs
 #   chromium                  (Debian package)  headless browser for crates/qanat/tests/collect.rs
+#   mariadb-server, -client   (Debian packages) private servers for crates/qanat/tests/cdc_mysql.rs
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
 #                             PATH, which is the one the tests run)
 set -euo pipefail
@@ -32,6 +33,14 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "scripts/test.sh: installing chromium" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium </dev/null
+fi
+
+if ! command -v mariadbd >/dev/null 2>&1 || ! command -v mariadb-install-db >/dev/null 2>&1 \
+   || ! command -v mariadb >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing mariadb-server" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    mariadb-server mariadb-client </dev/null
 fi
 
 missing=()
