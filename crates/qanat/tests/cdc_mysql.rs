@@ -257,7 +257,19 @@ fn sharded_tables_land_in_one_topic() {
             db.url()
         ),
     );
-    let _cdc = start_cdc(&config);
+    let mut cmd = qanat_command();
+    cmd.args([
+        "cdc",
+        "--config",
+        &config,
+        "--metrics-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut cdc = Proc::spawn(cmd, "cdc").expect("spawn qanat cdc");
+    cdc.wait_line(READY);
+    let metrics = cdc
+        .seen_line("qanat metrics listening on ")
+        .expect("metrics address line");
     let mut sql = String::new();
     for shard in 0..8 {
         sql.push_str(&format!(
@@ -291,6 +303,31 @@ fn sharded_tables_land_in_one_topic() {
     assert_eq!(
         records(&broker.bootstrap(), "cdc.shop_0.order_0000").len(),
         0
+    );
+
+    // The same figures in Prometheus and in `qanat cdc status`.
+    wait_caught_up(&broker, &db, "shards");
+    let text = support::scrape(&metrics).expect("scrape");
+    let events: f64 =
+        support::metric_values(&text, "qanat_cdc_events_total", &[("connector", "shards")])
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+    assert_eq!(events, 8.0, "{text}");
+    assert!(text.contains("qanat_cdc_lag_seconds"), "{text}");
+    let out = support::qanat(&[
+        "cdc",
+        "status",
+        "--bootstrap",
+        &broker.bootstrap(),
+        "--sample-secs",
+        "0",
+    ]);
+    assert!(out.status.success());
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains("shards") && stdout.contains("shop_1.order_0007"),
+        "{stdout}"
     );
 }
 
