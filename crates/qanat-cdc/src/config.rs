@@ -79,6 +79,9 @@ pub struct ConnectorConfig {
     pub heartbeat_ms: u64,
     #[serde(default = "default_chunk")]
     pub snapshot_chunk: usize,
+    /// MariaDB: resume by GTID state (`@slave_connect_state`) rather than file + position.
+    #[serde(default)]
+    pub gtid_resume: bool,
     /// PostgreSQL: replication slot and publication (default: derived from the name).
     pub slot: Option<String>,
     pub publication: Option<String>,
@@ -146,6 +149,7 @@ impl ConnectorConfig {
             server_id: None,
             heartbeat_ms: default_heartbeat_ms(),
             snapshot_chunk: default_chunk(),
+            gtid_resume: false,
             slot: None,
             publication: None,
             store_interval_ms: default_store_ms(),

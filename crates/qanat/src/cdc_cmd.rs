@@ -226,6 +226,7 @@ async fn run_one(
                 snapshot,
                 heartbeat: Duration::from_millis(connector.heartbeat_ms),
                 snapshot_chunk: connector.snapshot_chunk,
+                gtid_resume: connector.gtid_resume,
             };
             let source = MysqlSource::open(cfg, &pipeline, &state).await?;
             let mut stdout = std::io::stdout();

@@ -527,7 +527,7 @@ fn replay_equals_source_under_crashes() {
         &dir,
         &broker,
         &format!(
-            "[[connector]]\nname = \"crash\"\nsource = \"{}\"\nsnapshot = \"initial\"\nsnapshot_chunk = 16\ntables = ['crash\\..*']\n",
+            "[[connector]]\nname = \"crash\"\nsource = \"{}\"\nsnapshot = \"initial\"\nsnapshot_chunk = 16\ntables = ['crash\\..*']\ngtid_resume = true\n",
             db.url()
         ),
     );

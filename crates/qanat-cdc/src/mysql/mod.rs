@@ -2,8 +2,8 @@
 //! with `mysql_async` (feature `binlog`), plus the small MariaDB shim in [`mariadb`].
 //!
 //! # Position
-//! `{"file", "pos", "gtid"?, "snapshot"?}`: the binlog coordinates from which a restart
-//! loses nothing (always the end of a committed transaction or a standalone statement), the
+//! `{"file", "pos", "gtid"?, "gtid_state"?, "snapshot"?}`: the binlog coordinates from which a
+//! restart loses nothing (always the end of a committed transaction or a standalone statement), the
 //! last GTID seen, and while a snapshot runs the tables done and the last primary key read.
 //!
 //! # Snapshot and stream, one history
@@ -83,6 +83,9 @@ pub struct MysqlConfig {
     /// `MASTER_HEARTBEAT_PERIOD`: the server sends a heartbeat when idle this long.
     pub heartbeat: Duration,
     pub snapshot_chunk: usize,
+    /// MariaDB: resume with `@slave_connect_state` (the GTID state) instead of file + pos, so
+    /// a connector can follow a failover to another server of the same replication topology.
+    pub gtid_resume: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -143,6 +146,9 @@ struct BinlogPosition {
     pos: u64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     gtid: Option<String>,
+    /// MariaDB: the last GTID of each replication domain, what `@slave_connect_state` takes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    gtid_state: BTreeMap<u32, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     snapshot: Option<SnapshotProgress>,
 }
@@ -416,6 +422,7 @@ impl MysqlSource {
                 file,
                 pos,
                 gtid: None,
+                gtid_state: BTreeMap::new(),
                 snapshot: None,
             };
         }
@@ -610,9 +617,22 @@ impl MysqlSource {
         conn.query_drop(format!("SET @master_heartbeat_period={period_ns}"))
             .await
             .map_err(q("SET @master_heartbeat_period"))?;
+        let by_gtid = self.mariadb && self.cfg.gtid_resume && !self.at.gtid_state.is_empty();
+        let (file, pos) = if by_gtid {
+            let state: Vec<&str> = self.at.gtid_state.values().map(String::as_str).collect();
+            let state = state.join(",");
+            conn.query_drop(format!("SET @slave_connect_state='{state}'"))
+                .await
+                .map_err(q("SET @slave_connect_state"))?;
+            tracing::info!(gtid_state = %state, "resuming by GTID");
+            // With a connect state the server ignores the coordinates.
+            (Vec::new(), 4)
+        } else {
+            (self.at.file.as_bytes().to_vec(), self.at.pos)
+        };
         let request = BinlogStreamRequest::new(self.cfg.server_id)
-            .with_filename(self.at.file.as_bytes())
-            .with_pos(self.at.pos);
+            .with_filename(&file)
+            .with_pos(pos);
         let stream =
             conn.get_binlog_stream(request)
                 .await
@@ -686,6 +706,7 @@ impl MysqlSource {
                         }
                     })?;
                 self.at.gtid = Some(gtid.text());
+                self.at.gtid_state.insert(gtid.domain, gtid.text());
                 self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
                 if gtid.standalone {
                     self.standalone = true;
@@ -1284,6 +1305,7 @@ async fn master_position(conn: &mut Conn) -> Result<BinlogPosition, MysqlError> 
         file: row.get(0).unwrap_or_default(),
         pos: row.get(1).unwrap_or(4),
         gtid: None,
+        gtid_state: BTreeMap::new(),
         snapshot: None,
     })
 }
