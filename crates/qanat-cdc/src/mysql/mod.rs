@@ -1523,6 +1523,19 @@ mod tests {
         assert!(ddl_targets("shop", "ALTER TABLE ---").is_err());
     }
 
+    proptest::proptest! {
+        /// Statements are logged text from the server: any of them is parsed without a panic.
+        #[test]
+        fn ddl_parsing_never_panics(statement in "(?s)(ALTER|alter|RENAME|DROP|CREATE) (TABLE|table) .{0,60}") {
+            let _ = ddl_targets("db", &statement);
+        }
+
+        #[test]
+        fn any_text_never_panics(statement in "\\PC{0,80}") {
+            let _ = ddl_targets("db", &statement);
+        }
+    }
+
     #[test]
     fn redacts_passwords() {
         assert_eq!(
