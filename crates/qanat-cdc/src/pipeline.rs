@@ -424,6 +424,29 @@ pub async fn read_all_offsets(
     })?
 }
 
+/// Write `record` as the latest offsets record of connector `name` and wait for the bus to
+/// acknowledge it (for tools that change a stopped connector's position).
+pub async fn store_offsets(
+    bootstrap: &str,
+    offsets_topic: &str,
+    name: &str,
+    record: &StoredOffsets,
+) -> Result<(), PipelineError> {
+    let mut cfg = PipelineConfig::new(name, bootstrap);
+    cfg.offsets_topic = offsets_topic.to_string();
+    ensure_topics(&cfg).await?;
+    let producer = producer(&cfg)?;
+    let value = serde_json::to_vec(record).map_err(PipelineError::Encode)?;
+    let future = enqueue(
+        &producer,
+        offsets_topic,
+        Some(name.as_bytes()),
+        Some(&value),
+    )
+    .await?;
+    delivered(offsets_topic, future).await
+}
+
 enum Pending {
     Delivery {
         topic: String,

@@ -28,6 +28,22 @@ pub struct CdcArgs {
 enum CdcAction {
     /// Per connector and table: stored position, lag, events/s, snapshot rows.
     Status(StatusArgs),
+    /// Snapshot tables of a stopped MariaDB/MySQL connector at its next start, while its
+    /// stream resumes from the stored position (for a table added to `tables`).
+    Snapshot(SnapshotArgs),
+}
+
+#[derive(Args)]
+struct SnapshotArgs {
+    #[arg(long, env = "QANAT_CDC_BOOTSTRAP", default_value = "127.0.0.1:9092")]
+    bootstrap: String,
+    #[arg(long, default_value = "qanat-cdc-offsets")]
+    offsets_topic: String,
+    #[arg(long)]
+    connector: String,
+    /// `db.table`; repeat for several.
+    #[arg(long = "table", required = true)]
+    tables: Vec<String>,
 }
 
 #[derive(Args)]
@@ -80,6 +96,7 @@ struct StatusArgs {
 pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     match args.action {
         Some(CdcAction::Status(s)) => status(s).await,
+        Some(CdcAction::Snapshot(s)) => snapshot(s).await,
         None => run_connectors(args.run).await,
     }
 }
@@ -242,6 +259,43 @@ async fn run_one(
         ),
         other => anyhow::bail!("source scheme {other:?} is not supported"),
     }
+}
+
+async fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+    for t in &args.tables {
+        anyhow::ensure!(
+            t.split('.').count() == 2 && !t.starts_with('.') && !t.ends_with('.'),
+            "--table {t:?}: expected db.table"
+        );
+    }
+    let all = pipeline::read_all_offsets(&args.bootstrap, &args.offsets_topic).await?;
+    let Some(mut record) = all.get(&args.connector).cloned() else {
+        anyhow::bail!(
+            "connector {} has no stored position in {}; a first start snapshots every table anyway",
+            args.connector,
+            args.offsets_topic
+        );
+    };
+    anyhow::ensure!(
+        record.position.0.get("file").is_some(),
+        "connector {}: table snapshots are built for MariaDB/MySQL connectors only",
+        args.connector
+    );
+    record.position = qanat_cdc::mysql::request_table_snapshot(&record.position, &args.tables)?;
+    record.stored_ms = now_ms();
+    pipeline::store_offsets(
+        &args.bootstrap,
+        &args.offsets_topic,
+        &args.connector,
+        &record,
+    )
+    .await?;
+    println!(
+        "connector {}: snapshot of {} requested; it runs at the connector's next start",
+        args.connector,
+        args.tables.join(", ")
+    );
+    Ok(())
 }
 
 async fn status(args: StatusArgs) -> anyhow::Result<()> {

@@ -658,3 +658,73 @@ fn snapshot_and_stream_hand_over_under_concurrent_writes() {
         }
     }
 }
+
+#[test]
+fn a_table_added_later_is_snapshotted_alone() {
+    let db = MariaDb::start();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    db.sql(
+        "CREATE DATABASE a; CREATE TABLE a.t (id INT PRIMARY KEY, v INT);
+         CREATE DATABASE b; CREATE TABLE b.t (id INT PRIMARY KEY, v INT);
+         INSERT INTO b.t VALUES (1, 1), (2, 2), (3, 3);",
+    );
+    let body = |tables: &str| {
+        format!(
+            "[[connector]]\nname = \"grow\"\nsource = \"{}\"\nsnapshot = \"initial\"\ntables = [{tables}]\n",
+            db.url()
+        )
+    };
+    let config = write_config(&dir, &broker, &body(r"'a\..*'"));
+    let mut cdc = start_cdc(&config);
+    db.sql("INSERT INTO a.t VALUES (1, 1)");
+    wait_caught_up(&broker, &db, "grow");
+    assert_eq!(cdc.terminate(DEADLINE).map(|s| s.success()), Some(true));
+    assert!(
+        records(&broker.bootstrap(), "cdc.b.t").is_empty(),
+        "b.t captured before it was added"
+    );
+
+    // While stopped: b.t changes; then it is added to the tables and a snapshot requested.
+    db.sql("UPDATE b.t SET v = 20 WHERE id = 2; INSERT INTO a.t VALUES (2, 2);");
+    let config = write_config(&dir, &broker, &body(r"'a\..*', 'b\..*'"));
+    let out = support::qanat(&[
+        "cdc",
+        "snapshot",
+        "--bootstrap",
+        &broker.bootstrap(),
+        "--connector",
+        "grow",
+        "--table",
+        "b.t",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let _cdc = start_cdc(&config);
+    db.sql("INSERT INTO b.t VALUES (4, 4); DELETE FROM b.t WHERE id = 1;");
+    wait_caught_up(&broker, &db, "grow");
+
+    let b = records(&broker.bootstrap(), "cdc.b.t");
+    assert!(
+        b.iter()
+            .any(|(_, v)| v.as_ref().is_some_and(|v| v["op"] == "r")),
+        "no snapshot reads of b.t"
+    );
+    let mut state = BTreeMap::new();
+    apply(&mut state, &b);
+    let want: BTreeMap<String, Json> = [(2, 20), (3, 3), (4, 4)]
+        .iter()
+        .map(|(id, v)| (json!({"id": id}).to_string(), json!({"id": id, "v": v})))
+        .collect();
+    assert_eq!(state, want);
+    // a.t was not read again: its two inserts, each once.
+    let a = records(&broker.bootstrap(), "cdc.a.t");
+    let ops: Vec<&str> = a
+        .iter()
+        .filter_map(|(_, v)| v.as_ref()?["op"].as_str())
+        .collect();
+    assert_eq!(ops, ["c", "c"], "{a:?}");
+}

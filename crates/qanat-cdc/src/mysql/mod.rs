@@ -170,6 +170,9 @@ impl BinlogPosition {
 struct SnapshotProgress {
     /// `db.table` of every table finished.
     done: Vec<String>,
+    /// When set, only these tables (`qanat cdc snapshot --table`); else every captured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    only: Option<Vec<String>>,
     /// The table being read and the last key read in it.
     #[serde(default)]
     table: Option<String>,
@@ -439,7 +442,11 @@ impl MysqlSource {
         let mut tables = VecDeque::new();
         for (db, table, estimate) in rows {
             let coll = format!("{db}.{table}");
-            if !self.captures(&db, &table) || progress.done.contains(&coll) {
+            let wanted = progress
+                .only
+                .as_ref()
+                .is_none_or(|only| only.contains(&coll));
+            if !self.captures(&db, &table) || !wanted || progress.done.contains(&coll) {
                 continue;
             }
             let primary_key = primary_key(&mut conn, &db, &table).await?;
@@ -1145,6 +1152,29 @@ impl MysqlSource {
         }
         Ok(())
     }
+}
+
+/// `position` with a snapshot of `tables` (`db.table`) requested: the next start of the
+/// connector reads just those tables inside a consistent snapshot, then streams on from
+/// `position` itself, so nothing of the stream is skipped (`qanat cdc snapshot`).
+pub fn request_table_snapshot(
+    position: &Position,
+    tables: &[String],
+) -> Result<Position, MysqlError> {
+    let mut at: BinlogPosition = serde_json::from_value(position.0.clone())
+        .map_err(|e| MysqlError::BadPosition(format!("{}: {e}", position.0)))?;
+    if at.snapshot.as_ref().is_some_and(|p| p.only.is_none()) {
+        // A snapshot of every table is already due: it covers these.
+        return Ok(at.position());
+    }
+    let progress = at.snapshot.get_or_insert_with(SnapshotProgress::default);
+    let only = progress.only.get_or_insert_with(Vec::new);
+    for t in tables {
+        if !only.contains(t) {
+            only.push(t.clone());
+        }
+    }
+    Ok(at.position())
 }
 
 /// The tables a DDL statement changes; `Ok(None)` when it changes no table's columns.
