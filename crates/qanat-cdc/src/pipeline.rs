@@ -654,6 +654,8 @@ pub async fn run<S: Source>(
     let mut tx_open: Option<OpenTransaction> = None;
     let mut tx_ts = 0i64;
     let name_metric = cfg.name.clone();
+    let mut counters: HashMap<(String, &'static str), metrics::Counter> = HashMap::new();
+    let mut snapshot_counters: HashMap<String, metrics::Counter> = HashMap::new();
     tracing::info!(connector = %cfg.name, "connector streaming");
 
     let outcome: Result<(), PipelineError> = loop {
@@ -736,18 +738,33 @@ pub async fn run<S: Source>(
                     let snapshot = event.source.snapshot != SnapshotMark::No;
                     {
                         let mut s = stats.lock();
-                        let t = s.entry(coll.clone()).or_default();
-                        t.events += 1;
-                        t.last_ts_ms = event.source.ts_ms;
-                        t.snapshot_rows += u64::from(snapshot);
+                        if !s.contains_key(&coll) {
+                            s.insert(coll.clone(), TableStats::default());
+                        }
+                        if let Some(t) = s.get_mut(&coll) {
+                            t.events += 1;
+                            t.last_ts_ms = event.source.ts_ms;
+                            t.snapshot_rows += u64::from(snapshot);
+                        }
                     }
-                    metrics::counter!("qanat_cdc_events_total", "connector" => name_metric.clone(),
-                        "table" => coll.clone(), "op" => event.op.code())
-                    .increment(1);
-                    if snapshot {
-                        metrics::counter!("qanat_cdc_snapshot_rows_total",
-                            "connector" => name_metric.clone(), "table" => coll)
+                    // Counters looked up once per table and op: the registry lookup with
+                    // labels costs more than the rest of an event's bookkeeping.
+                    counters
+                        .entry((coll.clone(), event.op.code()))
+                        .or_insert_with(|| {
+                            metrics::counter!("qanat_cdc_events_total",
+                                "connector" => name_metric.clone(), "table" => coll.clone(),
+                                "op" => event.op.code())
+                        })
                         .increment(1);
+                    if snapshot {
+                        snapshot_counters
+                            .entry(coll.clone())
+                            .or_insert_with(|| {
+                                metrics::counter!("qanat_cdc_snapshot_rows_total",
+                                    "connector" => name_metric.clone(), "table" => coll.clone())
+                            })
+                            .increment(1);
                     }
                 }
                 Change::Schema(schema) => {

@@ -1,6 +1,7 @@
 //! Binlog column values to canonical [`Value`]s (the table in `docs/cdc-types.md`).
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use mysql_async::binlog::jsonb;
 use mysql_async::binlog::value::BinlogValue;
@@ -16,6 +17,8 @@ pub const BINARY_COLLATION: u16 = 63;
 #[derive(Debug, Clone, Default)]
 pub struct ColumnShape {
     pub name: String,
+    /// `name`, shared by every row image of the table.
+    pub name_arc: Arc<str>,
     pub kind: Option<ColumnType>,
     /// Fractional-second digits of TIME/DATETIME/TIMESTAMP; BIT length in bits.
     pub precision: u32,
@@ -51,11 +54,12 @@ fn fraction(micros: u32, digits: u32) -> String {
 /// Text of a character column in its charset. `charsets` maps collation id → charset name.
 pub fn text(
     column: &ColumnShape,
+    collation: u16,
     bytes: Vec<u8>,
     charsets: &HashMap<u16, String>,
 ) -> Result<Value, DecodeError> {
     let charset = charsets
-        .get(&column.charset)
+        .get(&collation)
         .map(String::as_str)
         .unwrap_or("utf8mb4");
     match charset {
@@ -92,9 +96,12 @@ fn latin1(bytes: &[u8]) -> String {
         .collect()
 }
 
-/// One binlog value of `column` as a canonical value.
+/// One binlog value of `column` as a canonical value; `collation` and `unsigned` as the row
+/// event's column metadata says.
 pub fn value(
     column: &ColumnShape,
+    collation: u16,
+    unsigned: bool,
     raw: BinlogValue<'_>,
     charsets: &HashMap<u16, String>,
 ) -> Result<Value, DecodeError> {
@@ -135,9 +142,7 @@ pub fn value(
         }
         (_, My::Int(i)) if kind == MYSQL_TYPE_ENUM => enum_label(column, i)?,
         // mysql_common reads a signed MEDIUMINT without sign extension.
-        (MYSQL_TYPE_INT24, My::Int(i)) if !column.unsigned && i > 0x7F_FFFF => {
-            Value::Int(i - 0x100_0000)
-        }
+        (MYSQL_TYPE_INT24, My::Int(i)) if !unsigned && i > 0x7F_FFFF => Value::Int(i - 0x100_0000),
         (MYSQL_TYPE_SET, My::Bytes(b)) => {
             let mut bits = 0u64;
             for (i, byte) in b.iter().enumerate() {
@@ -222,10 +227,10 @@ pub fn value(
             | MYSQL_TYPE_LONG_BLOB,
             My::Bytes(b),
         ) => {
-            if column.charset == BINARY_COLLATION {
+            if collation == BINARY_COLLATION {
                 Value::Bytes(b)
             } else {
-                text(column, b, charsets)?
+                text(column, collation, b, charsets)?
             }
         }
         (MYSQL_TYPE_GEOMETRY, My::Bytes(b)) => Value::Bytes(b),

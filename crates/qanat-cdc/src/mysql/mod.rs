@@ -950,6 +950,9 @@ impl MysqlSource {
                 c.name = col.name;
             }
         }
+        for c in &mut shape {
+            c.name_arc = Arc::from(c.name.as_str());
+        }
         Ok(shape)
     }
 
@@ -1036,20 +1039,18 @@ impl MysqlSource {
                             reason: "missing".into(),
                         })
                     })?;
-                    let mut c = col.clone();
-                    c.charset = charset;
-                    c.unsigned = unsigned;
-                    let v = decode::value(&c, raw, &self.charsets).map_err(decode_err)?;
-                    image.columns.push((Arc::from(col.name.as_str()), v));
+                    let v = decode::value(col, charset, unsigned, raw, &self.charsets)
+                        .map_err(decode_err)?;
+                    image.columns.push((col.name_arc.clone(), v));
                 }
                 Ok(Some((image, pk)))
             };
             let before = convert(before)?;
             let after = convert(after)?;
             let (key_src, pk_flags) = match (&after, &before) {
-                (_, Some((b, f))) if op == Op::Delete => (b.clone(), f.clone()),
-                (Some((a, f)), _) => (a.clone(), f.clone()),
-                (None, Some((b, f))) => (b.clone(), f.clone()),
+                (_, Some((b, f))) if op == Op::Delete => (b, f),
+                (Some((a, f)), _) => (a, f),
+                (None, Some((b, f))) => (b, f),
                 (None, None) => continue,
             };
             let key = Row {
@@ -1069,14 +1070,17 @@ impl MysqlSource {
             };
             // An update that changes the primary key: Debezium's delete of the old key,
             // then a create of the new one, so per-key consumers stay right.
-            let before_key: Option<Row> = before.as_ref().map(|(b, _)| Row {
-                columns: b
-                    .columns
-                    .iter()
-                    .filter(|(n, _)| key.columns.iter().any(|(k, _)| k == n))
-                    .cloned()
-                    .collect(),
-            });
+            let before_key: Option<Row> = (op == Op::Update)
+                .then_some(())
+                .and(before.as_ref())
+                .map(|(b, _)| Row {
+                    columns: b
+                        .columns
+                        .iter()
+                        .filter(|(n, _)| key.columns.iter().any(|(k, _)| k == n))
+                        .cloned()
+                        .collect(),
+                });
             let source = SourceInfo {
                 connector: "mysql",
                 name: self.name.clone(),
@@ -1478,7 +1482,7 @@ fn snapshot_value(
             if shape.charset == decode::BINARY_COLLATION {
                 Value::Bytes(b)
             } else {
-                decode::text(shape, b, charsets)?
+                decode::text(shape, shape.charset, b, charsets)?
             }
         }
         (_, My::Int(i)) => Value::Int(i),
