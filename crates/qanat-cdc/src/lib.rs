@@ -7,6 +7,8 @@
 //!   ([`event::Value`]) and their JSON rendering (the Debezium envelope, schemas disabled).
 //! - [`source`]: the contract between a database source and the loop that delivers its
 //!   changes ([`source::Source`], [`source::Change`], [`source::Position`]).
+//! - [`postgres`]: the PostgreSQL source (logical replication, `pgoutput`): slot and
+//!   publication, exported-snapshot reads, pgoutput decoding, text values to [`event::Value`].
 //!
 //! # Invariants
 //! - A source emits changes in commit order. A [`source::Change::Commit`] (or
@@ -20,4 +22,5 @@
 //!   from the empty string and the empty byte string.
 
 pub mod event;
+pub mod postgres;
 pub mod source;
