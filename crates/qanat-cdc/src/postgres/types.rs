@@ -375,6 +375,7 @@ impl ArrayParser<'_> {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
 
     fn d(oid: u32, text: &str) -> Value {
