@@ -633,3 +633,123 @@ async fn wal_level_replica_is_refused_naming_the_setting() {
         "{message}"
     );
 }
+
+#[tokio::test]
+async fn column_changes_emit_a_schema_change_before_the_next_row() {
+    let (url, db) = fresh_database("cdc_schema").await;
+    db.batch_execute("CREATE TABLE t_s (id int PRIMARY KEY, a int)")
+        .await
+        .expect("create");
+    let mut source = PostgresSource::open(&config(&url, "schema"), None)
+        .await
+        .expect("open");
+    collect_until(&mut source, is_heartbeat).await;
+
+    let steps = [
+        ("ALTER TABLE t_s ADD COLUMN b text", "id int4,a int4,b text"),
+        ("ALTER TABLE t_s DROP COLUMN a", "id int4,b text"),
+        (
+            "ALTER TABLE t_s ALTER COLUMN b TYPE varchar(20)",
+            "id int4,b character varying(20)",
+        ),
+        (
+            "ALTER TABLE t_s RENAME COLUMN b TO c",
+            "id int4,c character varying(20)",
+        ),
+    ];
+    for (i, (ddl, columns)) in steps.into_iter().enumerate() {
+        db.batch_execute(ddl).await.expect("alter");
+        db.execute("INSERT INTO t_s (id) VALUES ($1)", &[&(i as i32)])
+            .await
+            .expect("insert");
+        let changes = collect_until(&mut source, |c| matches!(c, Change::Commit { .. })).await;
+        let schema_at = changes
+            .iter()
+            .position(|c| matches!(c, Change::Schema(_)))
+            .unwrap_or_else(|| panic!("no schema change after {ddl}: {changes:?}"));
+        let row_at = changes
+            .iter()
+            .position(|c| matches!(c, Change::Row(_)))
+            .expect("the row");
+        assert!(schema_at < row_at, "schema change comes first");
+        let Change::Schema(schema) = &changes[schema_at] else {
+            unreachable!()
+        };
+        let described: Vec<String> = schema
+            .columns
+            .as_ref()
+            .expect("columns")
+            .iter()
+            .map(|c| {
+                let ty = match c.type_name.as_str() {
+                    "integer" => "int4",
+                    other => other,
+                };
+                format!("{} {ty}", c.name)
+            })
+            .collect();
+        assert_eq!(described.join(","), columns, "after {ddl}");
+        let Change::Row(row) = &changes[row_at] else {
+            unreachable!()
+        };
+        let names: Vec<&str> = row
+            .after
+            .as_ref()
+            .expect("after")
+            .columns
+            .iter()
+            .map(|(n, _)| &**n)
+            .collect();
+        let expected: Vec<&str> = columns
+            .split(',')
+            .map(|c| c.split(' ').next().unwrap_or(""))
+            .collect();
+        assert_eq!(
+            names, expected,
+            "row decoded with the new columns after {ddl}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn unchanged_toasted_values_never_become_null() {
+    let (url, db) = fresh_database("cdc_toast").await;
+    db.batch_execute(
+        "CREATE TABLE t_toast (id int PRIMARY KEY, big text, n int);
+         ALTER TABLE t_toast ALTER COLUMN big SET STORAGE EXTERNAL;
+         INSERT INTO t_toast VALUES (1, repeat('x', 10000), 0);",
+    )
+    .await
+    .expect("create");
+    let mut source = PostgresSource::open(&config(&url, "toast"), None)
+        .await
+        .expect("open");
+    collect_until(&mut source, is_heartbeat).await;
+    let big = "x".repeat(10000);
+
+    db.batch_execute("UPDATE t_toast SET n = 1")
+        .await
+        .expect("update");
+    let changes = collect_until(&mut source, |c| matches!(c, Change::Commit { .. })).await;
+    let update = rows(&changes)[0];
+    assert_eq!(
+        update.after.as_ref().and_then(|r| r.get("big")),
+        Some(&Value::Text(qanat_cdc::postgres::UNAVAILABLE_VALUE.into())),
+        "default replica identity: the placeholder, not NULL"
+    );
+
+    db.batch_execute("ALTER TABLE t_toast REPLICA IDENTITY FULL; UPDATE t_toast SET n = 2")
+        .await
+        .expect("update with full identity");
+    let changes = collect_until(&mut source, |c| matches!(c, Change::Commit { .. })).await;
+    let update = rows(&changes)[0];
+    assert_eq!(
+        update.after.as_ref().and_then(|r| r.get("big")),
+        Some(&Value::Text(big.clone())),
+        "REPLICA IDENTITY FULL: filled from the old row"
+    );
+    assert_eq!(
+        update.before.as_ref().and_then(|r| r.get("n")),
+        Some(&Value::Int(1))
+    );
+}
