@@ -9,6 +9,10 @@
 //!   changes ([`source::Source`], [`source::Change`], [`source::Position`]).
 //! - [`postgres`]: the PostgreSQL source (logical replication, `pgoutput`): slot and
 //!   publication, exported-snapshot reads, pgoutput decoding, text values to [`event::Value`].
+//! - [`pipeline`]: the delivery loop, generic over the source: routing (`<prefix>.<db>.<table>`
+//!   or regex routes for sharded tables), include/exclude, column exclusion and masking,
+//!   tombstones, transaction markers, the offsets topic (key = connector name, latest wins)
+//!   and the per-connector schema-history topic, both read back by [`pipeline::load_state`].
 //!
 //! # Invariants
 //! - A source emits changes in commit order. A [`source::Change::Commit`] (or
@@ -22,5 +26,6 @@
 //!   from the empty string and the empty byte string.
 
 pub mod event;
+pub mod pipeline;
 pub mod postgres;
 pub mod source;

@@ -75,7 +75,9 @@ pub trait Source {
     type Error: std::error::Error + Send + Sync + 'static;
 
     /// The next change, waiting for the database when there is none yet. A source that has
-    /// nothing for a while returns a [`Change::Heartbeat`] now and then.
+    /// nothing for a while returns a [`Change::Heartbeat`] now and then (about every second):
+    /// the loop hands stored positions back through [`Source::acknowledge`] between changes,
+    /// never by cancelling a pending `next()` (dropped only at shutdown).
     async fn next(&mut self) -> Result<Change, Self::Error>;
 
     /// Everything up to `position` is durable on the bus.

@@ -101,7 +101,7 @@ impl PostgresConfig {
             include: None,
             exclude: None,
             snapshot: SnapshotMode::Initial,
-            heartbeat_interval: Duration::from_secs(10),
+            heartbeat_interval: Duration::from_secs(1),
             status_interval: Duration::from_secs(1),
             snapshot_fetch_rows: 2000,
             connect_attempts: 8,

@@ -1,0 +1,838 @@
+//! The delivery loop: one connector's [`Source`] into the bus.
+//!
+//! Every row change is produced (idempotent producer, `acks=all`) to its table's topic; the
+//! delivery reports are awaited in emission order by a second task. When every event before a
+//! resume point ([`Change::Commit`], [`Change::Heartbeat`]) is acknowledged, that point becomes
+//! the connector's acked position; it is written to the offsets topic (key = connector name,
+//! latest record wins) at most every `store_interval` or every `store_every_commits` commits,
+//! and at shutdown, and only once that record itself is acknowledged is it handed to
+//! [`Source::acknowledge`]. Schema changes go to the connector's schema-history topic and are
+//! acknowledged before the next change is even read, so the history is never behind a stored
+//! position.
+
+use std::collections::{BTreeMap, HashMap};
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::Message;
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::TopicPartitionList;
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value as Json};
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, watch};
+
+use crate::event::{ChangeEvent, Op, Row, SnapshotMark, TransactionRef, Value};
+use crate::source::{Change, Position, SchemaChange, Source};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("source: {0}")]
+    Source(Box<dyn std::error::Error + Send + Sync>),
+    #[error("kafka client setup: {0}")]
+    Client(KafkaError),
+    #[error("delivery to topic {topic} failed: {error}")]
+    Delivery { topic: String, error: KafkaError },
+    #[error("storing the position in topic {topic} failed: {error}")]
+    Store { topic: String, error: KafkaError },
+    #[error("creating topic {topic}: {reason}")]
+    CreateTopic { topic: String, reason: String },
+    #[error("reading back topic {topic}: {reason}")]
+    LoadState { topic: String, reason: String },
+    #[error("encoding a record: {0}")]
+    Encode(serde_json::Error),
+    #[error("the delivery task stopped unexpectedly")]
+    AckerGone,
+}
+
+/// Where events of the collections matching `pattern` (`db.table`, anchored) go.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub pattern: Regex,
+    pub topic: String,
+}
+
+/// How a masked column's value is replaced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Mask {
+    /// `hex(sha256(salt || value as JSON text))`: stable, so equal values stay joinable.
+    Hash { salt: String },
+    /// A fixed text in place of any non-NULL value.
+    Fixed(String),
+}
+
+#[derive(Debug, Clone)]
+pub struct MaskRule {
+    /// Anchored over `db.table.column`.
+    pub column: Regex,
+    pub mask: Mask,
+}
+
+/// Compile `pattern` to match whole names only.
+pub fn anchored(pattern: &str) -> Result<Regex, regex::Error> {
+    Regex::new(&format!("^(?:{pattern})$"))
+}
+
+/// One connector's delivery settings (source-neutral).
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// The connector's name: key in the offsets topic, `source.name` of its events.
+    pub name: String,
+    pub bootstrap: String,
+    /// Default topic `<prefix>.<db>.<table>` (PostgreSQL: `<prefix>.<schema>.<table>`).
+    pub topic_prefix: String,
+    /// First match wins; unmatched collections take the default topic.
+    pub routes: Vec<Route>,
+    /// Empty = every table.
+    pub include: Vec<Regex>,
+    pub exclude: Vec<Regex>,
+    /// Anchored over `db.table.column`; the column is left out of `before`/`after`.
+    pub exclude_columns: Vec<Regex>,
+    pub masks: Vec<MaskRule>,
+    /// A record with the key and no value after each delete, for compacted topics.
+    pub tombstones: bool,
+    /// BEGIN/END markers with per-table counts; also fills each event's `transaction`.
+    pub transaction_topic: Option<String>,
+    pub offsets_topic: String,
+    pub schema_history_topic: String,
+    pub store_interval: Duration,
+    pub store_every_commits: u64,
+    /// Extra librdkafka producer properties.
+    pub producer_properties: BTreeMap<String, String>,
+}
+
+impl PipelineConfig {
+    /// Defaults for a connector: prefix `cdc`, offsets topic `qanat-cdc-offsets`, schema
+    /// history `qanat-cdc-schema.<name>`, store every 200 ms or 1000 commits.
+    pub fn new(name: &str, bootstrap: &str) -> Self {
+        PipelineConfig {
+            name: name.to_string(),
+            bootstrap: bootstrap.to_string(),
+            topic_prefix: "cdc".into(),
+            routes: Vec::new(),
+            include: Vec::new(),
+            exclude: Vec::new(),
+            exclude_columns: Vec::new(),
+            masks: Vec::new(),
+            tombstones: false,
+            transaction_topic: None,
+            offsets_topic: "qanat-cdc-offsets".into(),
+            schema_history_topic: format!("qanat-cdc-schema.{name}"),
+            store_interval: Duration::from_millis(200),
+            store_every_commits: 1000,
+            producer_properties: BTreeMap::new(),
+        }
+    }
+
+    /// `db.table`, or `schema.table` where the source has schemas.
+    pub fn collection(db: &str, schema: Option<&str>, table: &str) -> String {
+        format!("{}.{table}", schema.unwrap_or(db))
+    }
+
+    /// Whether changes of this collection are captured.
+    pub fn captures(&self, collection: &str) -> bool {
+        (self.include.is_empty() || self.include.iter().any(|r| r.is_match(collection)))
+            && !self.exclude.iter().any(|r| r.is_match(collection))
+    }
+
+    pub fn topic_for(&self, collection: &str) -> String {
+        self.routes
+            .iter()
+            .find(|r| r.pattern.is_match(collection))
+            .map(|r| r.topic.clone())
+            .unwrap_or_else(|| format!("{}.{collection}", self.topic_prefix))
+    }
+
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.bootstrap);
+        c
+    }
+
+    /// Apply column exclusion and masks to a row image of `collection`.
+    pub fn shape_row(&self, collection: &str, row: &mut Row) {
+        if self.exclude_columns.is_empty() && self.masks.is_empty() {
+            return;
+        }
+        row.columns.retain(|(name, _)| {
+            let full = format!("{collection}.{name}");
+            !self.exclude_columns.iter().any(|r| r.is_match(&full))
+        });
+        self.mask_row(collection, row);
+    }
+
+    fn mask_row(&self, collection: &str, row: &mut Row) {
+        for (name, value) in &mut row.columns {
+            if matches!(value, Value::Null) {
+                continue;
+            }
+            let full = format!("{collection}.{name}");
+            if let Some(rule) = self.masks.iter().find(|m| m.column.is_match(&full)) {
+                *value = match &rule.mask {
+                    Mask::Fixed(text) => Value::Text(text.clone()),
+                    Mask::Hash { salt } => {
+                        let mut h = Sha256::new();
+                        h.update(salt.as_bytes());
+                        h.update(value.to_json().to_string().as_bytes());
+                        Value::Text(hex::encode(h.finalize()))
+                    }
+                };
+            }
+        }
+    }
+}
+
+/// Per-table figures kept in the offsets record for `qanat cdc status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct TableStats {
+    pub events: u64,
+    /// Commit time of the last event of this table written, ms since the epoch.
+    pub last_ts_ms: i64,
+    pub snapshot_rows: u64,
+}
+
+/// The offsets-topic record of a connector.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredOffsets {
+    pub position: Position,
+    /// When the record was written, ms since the epoch.
+    pub stored_ms: i64,
+    /// Commit time of the last transaction before `position`.
+    pub commit_ts_ms: i64,
+    #[serde(default)]
+    pub tables: BTreeMap<String, TableStats>,
+}
+
+/// What a connector starts from: the last stored position and the schema history.
+#[derive(Debug, Clone, Default)]
+pub struct StoredState {
+    pub offsets: Option<StoredOffsets>,
+    /// In the order written; a source keeps the entries at or before its start position.
+    pub schema_history: Vec<SchemaChange>,
+}
+
+impl StoredState {
+    pub fn position(&self) -> Option<&Position> {
+        self.offsets.as_ref().map(|o| &o.position)
+    }
+}
+
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+}
+
+/// Create the offsets topic (compacted) and the schema-history topic (kept forever) unless
+/// they exist. A broker that refuses the topic configs gets the topics without them.
+pub async fn ensure_topics(cfg: &PipelineConfig) -> Result<(), PipelineError> {
+    let admin: AdminClient<DefaultClientContext> = cfg
+        .client_config()
+        .create()
+        .map_err(PipelineError::Client)?;
+    let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
+    for (topic, configs) in [
+        (&cfg.offsets_topic, [("cleanup.policy", "compact")]),
+        (&cfg.schema_history_topic, [("retention.ms", "-1")]),
+    ] {
+        let with =
+            NewTopic::new(topic, 1, TopicReplication::Fixed(1)).set(configs[0].0, configs[0].1);
+        let plain = NewTopic::new(topic, 1, TopicReplication::Fixed(1));
+        let mut last = String::new();
+        let mut done = false;
+        for attempt in [with, plain] {
+            let results = admin.create_topics([&attempt], &opts).await.map_err(|e| {
+                PipelineError::CreateTopic {
+                    topic: topic.clone(),
+                    reason: e.to_string(),
+                }
+            })?;
+            match results.into_iter().next() {
+                Some(Ok(_)) | None => {
+                    done = true;
+                    break;
+                }
+                Some(Err((_, RDKafkaErrorCode::TopicAlreadyExists))) => {
+                    done = true;
+                    break;
+                }
+                Some(Err((_, code))) => last = code.to_string(),
+            }
+        }
+        if !done {
+            return Err(PipelineError::CreateTopic {
+                topic: topic.clone(),
+                reason: last,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// A record's key and value.
+type KeyValue = (Option<Vec<u8>>, Option<Vec<u8>>);
+
+/// Every record of `topic` from the beginning to its current end, as (key, value).
+fn read_topic(
+    cfg: &PipelineConfig,
+    topic: &str,
+    deadline: Duration,
+) -> Result<Vec<KeyValue>, PipelineError> {
+    let err = |reason: String| PipelineError::LoadState {
+        topic: topic.to_string(),
+        reason,
+    };
+    let consumer: BaseConsumer = cfg
+        .client_config()
+        .set("group.id", format!("qanat-cdc-load-{}", cfg.name))
+        .set("enable.auto.commit", "false")
+        .set("enable.partition.eof", "false")
+        .create()
+        .map_err(PipelineError::Client)?;
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .map_err(|e| err(e.to_string()))?;
+    let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(Vec::new());
+    };
+    if meta.error().is_some() || meta.partitions().is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut ends = HashMap::new();
+    let mut tpl = TopicPartitionList::new();
+    for p in meta.partitions() {
+        let (low, high) = consumer
+            .fetch_watermarks(topic, p.id(), Duration::from_secs(10))
+            .map_err(|e| err(e.to_string()))?;
+        if high > low {
+            ends.insert(p.id(), high);
+            tpl.add_partition_offset(topic, p.id(), rdkafka::Offset::Offset(low))
+                .map_err(|e| err(e.to_string()))?;
+        }
+    }
+    let mut out = Vec::new();
+    if ends.is_empty() {
+        return Ok(out);
+    }
+    consumer.assign(&tpl).map_err(|e| err(e.to_string()))?;
+    let started = Instant::now();
+    while !ends.is_empty() {
+        if started.elapsed() > deadline {
+            return Err(err(format!(
+                "not read to its end within {}s",
+                deadline.as_secs()
+            )));
+        }
+        match consumer.poll(Duration::from_millis(200)) {
+            None => {}
+            Some(Err(e)) => return Err(err(e.to_string())),
+            Some(Ok(m)) => {
+                out.push((m.key().map(<[u8]>::to_vec), m.payload().map(<[u8]>::to_vec)));
+                if let Some(&end) = ends.get(&m.partition()) {
+                    if m.offset() + 1 >= end {
+                        ends.remove(&m.partition());
+                    }
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The connector's stored position (latest record of its name in the offsets topic) and its
+/// schema history. Blocking reads run off the async threads.
+pub async fn load_state(cfg: &PipelineConfig) -> Result<StoredState, PipelineError> {
+    let cfg = cfg.clone();
+    tokio::task::spawn_blocking(move || {
+        let deadline = Duration::from_secs(60);
+        let mut state = StoredState::default();
+        for (key, value) in read_topic(&cfg, &cfg.offsets_topic, deadline)? {
+            if key.as_deref() != Some(cfg.name.as_bytes()) {
+                continue;
+            }
+            state.offsets = match value {
+                None => None,
+                Some(v) => {
+                    Some(
+                        serde_json::from_slice(&v).map_err(|e| PipelineError::LoadState {
+                            topic: cfg.offsets_topic.clone(),
+                            reason: format!("record of {}: {e}", cfg.name),
+                        })?,
+                    )
+                }
+            };
+        }
+        for (_, value) in read_topic(&cfg, &cfg.schema_history_topic, deadline)? {
+            let Some(v) = value else { continue };
+            let change: SchemaChange =
+                serde_json::from_slice(&v).map_err(|e| PipelineError::LoadState {
+                    topic: cfg.schema_history_topic.clone(),
+                    reason: e.to_string(),
+                })?;
+            state.schema_history.push(change);
+        }
+        Ok(state)
+    })
+    .await
+    .map_err(|e| PipelineError::LoadState {
+        topic: "offsets".into(),
+        reason: e.to_string(),
+    })?
+}
+
+enum Pending {
+    Delivery {
+        topic: String,
+        future: DeliveryFuture,
+    },
+    Resume {
+        position: Position,
+        commit_ts_ms: i64,
+        commit: bool,
+    },
+}
+
+/// Shared with the acker for the offsets record.
+type Stats = Arc<parking_lot::Mutex<BTreeMap<String, TableStats>>>;
+
+fn producer(cfg: &PipelineConfig) -> Result<FutureProducer, PipelineError> {
+    let mut c = cfg.client_config();
+    c.set("enable.idempotence", "true")
+        .set("acks", "all")
+        .set("linger.ms", "5")
+        .set("message.timeout.ms", "300000");
+    for (k, v) in &cfg.producer_properties {
+        c.set(k, v);
+    }
+    c.create().map_err(PipelineError::Client)
+}
+
+/// Enqueue a record, waiting while librdkafka's queue is full.
+async fn enqueue(
+    producer: &FutureProducer,
+    topic: &str,
+    key: Option<&[u8]>,
+    payload: Option<&[u8]>,
+) -> Result<DeliveryFuture, PipelineError> {
+    loop {
+        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
+        if let Some(k) = key {
+            record = record.key(k);
+        }
+        if let Some(p) = payload {
+            record = record.payload(p);
+        }
+        match producer.send_result(record) {
+            Ok(f) => return Ok(f),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
+            Err((error, _)) => {
+                return Err(PipelineError::Delivery {
+                    topic: topic.to_string(),
+                    error,
+                })
+            }
+        }
+    }
+}
+
+async fn delivered(topic: &str, future: DeliveryFuture) -> Result<(), PipelineError> {
+    match future.await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err((error, _))) => Err(PipelineError::Delivery {
+            topic: topic.to_string(),
+            error,
+        }),
+        Err(_) => Err(PipelineError::Delivery {
+            topic: topic.to_string(),
+            error: KafkaError::Canceled,
+        }),
+    }
+}
+
+struct Acker {
+    producer: FutureProducer,
+    name: String,
+    offsets_topic: String,
+    stats: Stats,
+    stored: watch::Sender<Option<Position>>,
+    store_interval: Duration,
+    store_every_commits: u64,
+}
+
+impl Acker {
+    async fn store(&self, position: &Position, commit_ts_ms: i64) -> Result<(), PipelineError> {
+        let record = StoredOffsets {
+            position: position.clone(),
+            stored_ms: now_ms(),
+            commit_ts_ms,
+            tables: self.stats.lock().clone(),
+        };
+        let value = serde_json::to_vec(&record).map_err(PipelineError::Encode)?;
+        let future = enqueue(
+            &self.producer,
+            &self.offsets_topic,
+            Some(self.name.as_bytes()),
+            Some(&value),
+        )
+        .await?;
+        delivered(&self.offsets_topic, future)
+            .await
+            .map_err(|e| match e {
+                PipelineError::Delivery { topic, error } => PipelineError::Store { topic, error },
+                other => other,
+            })?;
+        metrics::counter!("qanat_cdc_positions_stored_total", "connector" => self.name.clone())
+            .increment(1);
+        metrics::gauge!("qanat_cdc_position_commit_ts_seconds", "connector" => self.name.clone())
+            .set(commit_ts_ms as f64 / 1000.0);
+        self.stored.send_replace(Some(position.clone()));
+        Ok(())
+    }
+
+    async fn run(self, mut rx: mpsc::Receiver<Pending>) -> Result<(), PipelineError> {
+        let mut unstored: Option<(Position, i64)> = None;
+        let mut commits_since = 0u64;
+        let mut last_store = Instant::now();
+        loop {
+            let next = if unstored.is_some() {
+                let wait = self.store_interval.saturating_sub(last_store.elapsed());
+                match tokio::time::timeout(wait, rx.recv()).await {
+                    Ok(next) => next,
+                    Err(_) => {
+                        if let Some((p, ts)) = unstored.take() {
+                            self.store(&p, ts).await?;
+                        }
+                        last_store = Instant::now();
+                        commits_since = 0;
+                        continue;
+                    }
+                }
+            } else {
+                rx.recv().await
+            };
+            match next {
+                None => break,
+                Some(Pending::Delivery { topic, future }) => delivered(&topic, future).await?,
+                Some(Pending::Resume {
+                    position,
+                    commit_ts_ms,
+                    commit,
+                }) => {
+                    let lag = (now_ms() - commit_ts_ms).max(0) as f64 / 1000.0;
+                    metrics::gauge!("qanat_cdc_lag_seconds", "connector" => self.name.clone())
+                        .set(lag);
+                    unstored = Some((position, commit_ts_ms));
+                    commits_since += u64::from(commit);
+                    if commits_since >= self.store_every_commits
+                        || last_store.elapsed() >= self.store_interval
+                    {
+                        if let Some((p, ts)) = unstored.take() {
+                            self.store(&p, ts).await?;
+                        }
+                        last_store = Instant::now();
+                        commits_since = 0;
+                    }
+                }
+            }
+        }
+        if let Some((p, ts)) = unstored.take() {
+            self.store(&p, ts).await?;
+        }
+        Ok(())
+    }
+}
+
+/// Per-transaction counters for the metadata topic and the events' `transaction` block.
+#[derive(Default)]
+struct OpenTransaction {
+    id: String,
+    total: u64,
+    per_table: BTreeMap<String, u64>,
+}
+
+/// Run one connector until `shutdown` resolves (then every produced event is awaited and the
+/// last acked position stored) or an error. The caller creates `source` at the position from
+/// [`load_state`].
+pub async fn run<S: Source>(
+    mut source: S,
+    cfg: &PipelineConfig,
+    initial: &StoredState,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), PipelineError> {
+    ensure_topics(cfg).await?;
+    let producer = producer(cfg)?;
+    let stats: Stats = Arc::new(parking_lot::Mutex::new(
+        initial
+            .offsets
+            .as_ref()
+            .map(|o| o.tables.clone())
+            .unwrap_or_default(),
+    ));
+    let (stored_tx, mut stored_rx) = watch::channel(None);
+    let (tx, rx) = mpsc::channel::<Pending>(65_536);
+    let acker = Acker {
+        producer: producer.clone(),
+        name: cfg.name.clone(),
+        offsets_topic: cfg.offsets_topic.clone(),
+        stats: stats.clone(),
+        stored: stored_tx,
+        store_interval: cfg.store_interval,
+        store_every_commits: cfg.store_every_commits.max(1),
+    };
+    let mut acker = tokio::spawn(acker.run(rx));
+    let mut shutdown = std::pin::pin!(shutdown);
+    let mut topics: HashMap<String, String> = HashMap::new();
+    let mut tx_open: Option<OpenTransaction> = None;
+    let mut tx_ts = 0i64;
+    let name_metric = cfg.name.clone();
+    tracing::info!(connector = %cfg.name, "connector streaming");
+
+    let outcome: Result<(), PipelineError> = loop {
+        let change = tokio::select! {
+            change = source.next() => change,
+            () = &mut shutdown => break Ok(()),
+            joined = &mut acker => {
+                return match joined {
+                    Ok(Err(e)) => Err(e),
+                    _ => Err(PipelineError::AckerGone),
+                };
+            }
+        };
+        let change = match change {
+            Ok(c) => c,
+            Err(e) => break Err(PipelineError::Source(Box::new(e))),
+        };
+        let step = async {
+            match change {
+                Change::Begin { tx_id, ts_ms } => {
+                    tx_ts = ts_ms;
+                    if let Some(topic) = &cfg.transaction_topic {
+                        let value = json!({"status": "BEGIN", "id": tx_id, "event_count": null,
+                            "data_collections": null, "ts_ms": ts_ms});
+                        let key = json!({"id": tx_id}).to_string();
+                        let future = enqueue(
+                            &producer,
+                            topic,
+                            Some(key.as_bytes()),
+                            Some(value.to_string().as_bytes()),
+                        )
+                        .await?;
+                        send(
+                            &tx,
+                            Pending::Delivery {
+                                topic: topic.clone(),
+                                future,
+                            },
+                        )
+                        .await?;
+                    }
+                    tx_open = Some(OpenTransaction {
+                        id: tx_id,
+                        ..OpenTransaction::default()
+                    });
+                }
+                Change::Row(mut event) => {
+                    let coll = PipelineConfig::collection(
+                        &event.source.db,
+                        event.source.schema.as_deref(),
+                        &event.source.table,
+                    );
+                    if !cfg.captures(&coll) {
+                        return Ok(());
+                    }
+                    let topic = topics
+                        .entry(coll.clone())
+                        .or_insert_with(|| cfg.topic_for(&coll))
+                        .clone();
+                    if let Some(b) = &mut event.before {
+                        cfg.shape_row(&coll, b);
+                    }
+                    if let Some(a) = &mut event.after {
+                        cfg.shape_row(&coll, a);
+                    }
+                    cfg.mask_row(&coll, &mut event.key);
+                    if cfg.transaction_topic.is_some() {
+                        if let Some(open) = &mut tx_open {
+                            open.total += 1;
+                            let n = open.per_table.entry(coll.clone()).or_default();
+                            *n += 1;
+                            event.transaction = Some(TransactionRef {
+                                id: open.id.clone(),
+                                total_order: open.total,
+                                data_collection_order: *n,
+                            });
+                        }
+                    }
+                    produce_event(&producer, &tx, &topic, &event, cfg.tombstones).await?;
+                    let snapshot = event.source.snapshot != SnapshotMark::No;
+                    {
+                        let mut s = stats.lock();
+                        let t = s.entry(coll.clone()).or_default();
+                        t.events += 1;
+                        t.last_ts_ms = event.source.ts_ms;
+                        t.snapshot_rows += u64::from(snapshot);
+                    }
+                    metrics::counter!("qanat_cdc_events_total", "connector" => name_metric.clone(),
+                        "table" => coll.clone(), "op" => event.op.code())
+                    .increment(1);
+                    if snapshot {
+                        metrics::counter!("qanat_cdc_snapshot_rows_total",
+                            "connector" => name_metric.clone(), "table" => coll)
+                        .increment(1);
+                    }
+                }
+                Change::Schema(schema) => {
+                    let coll = PipelineConfig::collection(
+                        &schema.db,
+                        schema.schema.as_deref(),
+                        &schema.table,
+                    );
+                    let value = serde_json::to_vec(&schema).map_err(PipelineError::Encode)?;
+                    let future = enqueue(
+                        &producer,
+                        &cfg.schema_history_topic,
+                        Some(coll.as_bytes()),
+                        Some(&value),
+                    )
+                    .await?;
+                    // Acknowledged before anything after it is read (see the module doc).
+                    delivered(&cfg.schema_history_topic, future).await?;
+                    tracing::info!(connector = %cfg.name, table = %coll,
+                        ddl = schema.ddl.as_deref().unwrap_or(""), "schema change recorded");
+                }
+                Change::Commit { tx_id, resume, .. } => {
+                    let open = tx_open.take();
+                    if let Some(topic) = &cfg.transaction_topic {
+                        let open = open.unwrap_or_default();
+                        let collections: Vec<Json> = open
+                            .per_table
+                            .iter()
+                            .map(|(c, n)| json!({"data_collection": c, "event_count": n}))
+                            .collect();
+                        let value = json!({"status": "END", "id": tx_id, "event_count": open.total,
+                            "data_collections": collections, "ts_ms": tx_ts});
+                        let key = json!({"id": tx_id}).to_string();
+                        let future = enqueue(
+                            &producer,
+                            topic,
+                            Some(key.as_bytes()),
+                            Some(value.to_string().as_bytes()),
+                        )
+                        .await?;
+                        send(
+                            &tx,
+                            Pending::Delivery {
+                                topic: topic.clone(),
+                                future,
+                            },
+                        )
+                        .await?;
+                    }
+                    send(
+                        &tx,
+                        Pending::Resume {
+                            position: resume,
+                            commit_ts_ms: tx_ts,
+                            commit: true,
+                        },
+                    )
+                    .await?;
+                }
+                Change::Heartbeat { resume, ts_ms } => {
+                    send(
+                        &tx,
+                        Pending::Resume {
+                            position: resume,
+                            commit_ts_ms: ts_ms,
+                            commit: false,
+                        },
+                    )
+                    .await?;
+                }
+            }
+            Ok::<(), PipelineError>(())
+        };
+        if let Err(e) = step.await {
+            break Err(e);
+        }
+        if stored_rx.has_changed().unwrap_or(false) {
+            let stored = stored_rx.borrow_and_update().clone();
+            if let Some(position) = stored {
+                if let Err(e) = source.acknowledge(&position).await {
+                    break Err(PipelineError::Source(Box::new(e)));
+                }
+            }
+        }
+    };
+    // Drain: everything produced is awaited and the last acked position stored, also when the
+    // source failed (what was produced before the failure is not lost or repeated needlessly).
+    drop(tx);
+    let drained = match acker.await {
+        Ok(r) => r,
+        Err(_) => Err(PipelineError::AckerGone),
+    };
+    let last_stored = stored_rx.borrow_and_update().clone();
+    if let Some(position) = last_stored {
+        if outcome.is_ok() {
+            source
+                .acknowledge(&position)
+                .await
+                .map_err(|e| PipelineError::Source(Box::new(e)))?;
+        }
+    }
+    outcome.and(drained)
+}
+
+async fn send(tx: &mpsc::Sender<Pending>, pending: Pending) -> Result<(), PipelineError> {
+    tx.send(pending).await.map_err(|_| PipelineError::AckerGone)
+}
+
+async fn produce_event(
+    producer: &FutureProducer,
+    tx: &mpsc::Sender<Pending>,
+    topic: &str,
+    event: &ChangeEvent,
+    tombstones: bool,
+) -> Result<(), PipelineError> {
+    let key = event.key_json().map(|k| k.to_string());
+    let value = event.envelope(now_ms()).to_string();
+    let future = enqueue(
+        producer,
+        topic,
+        key.as_deref().map(str::as_bytes),
+        Some(value.as_bytes()),
+    )
+    .await?;
+    send(
+        tx,
+        Pending::Delivery {
+            topic: topic.to_string(),
+            future,
+        },
+    )
+    .await?;
+    if tombstones && event.op == Op::Delete && key.is_some() {
+        let future = enqueue(producer, topic, key.as_deref().map(str::as_bytes), None).await?;
+        send(
+            tx,
+            Pending::Delivery {
+                topic: topic.to_string(),
+                future,
+            },
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests;
