@@ -753,3 +753,24 @@ async fn unchanged_toasted_values_never_become_null() {
         Some(&Value::Int(1))
     );
 }
+
+#[tokio::test]
+async fn an_unreachable_server_is_retried_then_reported_with_its_address() {
+    // A port nobody listens on: bound, then released.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("free port");
+    let mut cfg = config(&format!("postgres://postgres@127.0.0.1:{port}/x"), "gone");
+    cfg.connect_attempts = 2;
+    let err = PostgresSource::open(&cfg, None)
+        .await
+        .err()
+        .expect("nothing listens there");
+    let message = err.to_string();
+    assert!(
+        matches!(err, PostgresError::Unreachable { attempts: 2, .. }),
+        "{message}"
+    );
+    assert!(message.contains(&format!("127.0.0.1:{port}")), "{message}");
+}
