@@ -8,6 +8,7 @@
 #   postgresql                (Debian package)  server binaries (initdb, postgres) for the private
 #                             wal_level=logical instances of crates/qanat/tests/cdc_postgres.rs
 #   chromium                  (Debian package)  headless browser for crates/qanat/tests/collect.rs
+#   mariadb-server, -client   (Debian packages) private servers for crates/qanat/tests/cdc_mysql.rs
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
 #                             PATH, which is the one the tests run)
 set -euo pipefail
@@ -42,6 +43,14 @@ if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null \
   echo "scripts/test.sh: installing the PostgreSQL server" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql </dev/null
+fi
+
+if ! command -v mariadbd >/dev/null 2>&1 || ! command -v mariadb-install-db >/dev/null 2>&1 \
+   || ! command -v mariadb >/dev/null 2>&1; then
+  echo "scripts/test.sh: installing mariadb-server" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    mariadb-server mariadb-client </dev/null
 fi
 
 missing=()

@@ -13,6 +13,11 @@
 //!   or regex routes for sharded tables), include/exclude, column exclusion and masking,
 //!   tombstones, transaction markers, the offsets topic (key = connector name, latest wins)
 //!   and the per-connector schema-history topic, both read back by [`pipeline::load_state`].
+//! - [`config`]: `cdc.toml` (`[[connector]]`s), `QANAT_CDC_*` overrides, validation that
+//!   names the key.
+//! - [`mysql`]: the MariaDB/MySQL binlog source (with the small MariaDB shim for its own
+//!   events), value decoding per `docs/cdc-types.md`, DDL following, and the lock-free
+//!   chunked snapshot.
 //!
 //! # Invariants
 //! - A source emits changes in commit order. A [`source::Change::Commit`] (or
@@ -25,7 +30,9 @@
 //! - Values are exact: DECIMAL/NUMERIC as their decimal text, never floats; NULL is distinct
 //!   from the empty string and the empty byte string.
 
+pub mod config;
 pub mod event;
+pub mod mysql;
 pub mod pipeline;
 pub mod postgres;
 pub mod source;

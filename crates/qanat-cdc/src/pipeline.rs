@@ -387,6 +387,66 @@ pub async fn load_state(cfg: &PipelineConfig) -> Result<StoredState, PipelineErr
     })?
 }
 
+/// The latest offsets record of every connector in `offsets_topic` (for `qanat cdc status`).
+pub async fn read_all_offsets(
+    bootstrap: &str,
+    offsets_topic: &str,
+) -> Result<BTreeMap<String, StoredOffsets>, PipelineError> {
+    let mut cfg = PipelineConfig::new("status", bootstrap);
+    cfg.offsets_topic = offsets_topic.to_string();
+    tokio::task::spawn_blocking(move || {
+        let mut out = BTreeMap::new();
+        for (key, value) in read_topic(&cfg, &cfg.offsets_topic, Duration::from_secs(60))? {
+            let Some(key) = key.and_then(|k| String::from_utf8(k).ok()) else {
+                continue;
+            };
+            match value.map(|v| serde_json::from_slice::<StoredOffsets>(&v)) {
+                Some(Ok(record)) => {
+                    out.insert(key, record);
+                }
+                Some(Err(e)) => {
+                    return Err(PipelineError::LoadState {
+                        topic: cfg.offsets_topic.clone(),
+                        reason: format!("record of {key}: {e}"),
+                    })
+                }
+                None => {
+                    out.remove(&key);
+                }
+            }
+        }
+        Ok(out)
+    })
+    .await
+    .map_err(|e| PipelineError::LoadState {
+        topic: offsets_topic.to_string(),
+        reason: e.to_string(),
+    })?
+}
+
+/// Write `record` as the latest offsets record of connector `name` and wait for the bus to
+/// acknowledge it (for tools that change a stopped connector's position).
+pub async fn store_offsets(
+    bootstrap: &str,
+    offsets_topic: &str,
+    name: &str,
+    record: &StoredOffsets,
+) -> Result<(), PipelineError> {
+    let mut cfg = PipelineConfig::new(name, bootstrap);
+    cfg.offsets_topic = offsets_topic.to_string();
+    ensure_topics(&cfg).await?;
+    let producer = producer(&cfg)?;
+    let value = serde_json::to_vec(record).map_err(PipelineError::Encode)?;
+    let future = enqueue(
+        &producer,
+        offsets_topic,
+        Some(name.as_bytes()),
+        Some(&value),
+    )
+    .await?;
+    delivered(offsets_topic, future).await
+}
+
 enum Pending {
     Delivery {
         topic: String,

@@ -3,6 +3,7 @@
 mod agent_cmd;
 mod audit_cmd;
 mod broker_cmd;
+mod cdc_cmd;
 mod collect_cmd;
 mod groups_cmd;
 mod telemetry;
@@ -35,6 +36,8 @@ enum Command {
     Agent(agent_cmd::AgentArgs),
     /// Prove every byte of every source file arrived exactly once (exit 1 on loss).
     Audit(audit_cmd::AuditArgs),
+    /// Stream database changes (MariaDB/MySQL binlog, PostgreSQL logical replication) into the bus.
+    Cdc(cdc_cmd::CdcArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Command::Collect(args) => runtime.block_on(collect_cmd::run(args)),
         Command::Agent(args) => runtime.block_on(agent_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
+        Command::Cdc(args) => runtime.block_on(cdc_cmd::run(args)),
     }
 }

@@ -1,0 +1,124 @@
+#!/usr/bin/env bash
+# bench/cdc.sh — change data capture from MariaDB, side by side with the physical limits.
+#
+# A private MariaDB (binlog ROW, full metadata) gets a sysbench insert-only load, then an
+# oltp_write_only load; then `qanat cdc` reads that whole binlog from its first byte into a
+# local `qanat broker` (its stored position is set to the binlog's start in the offsets topic)
+# and is timed until its stored position reaches the binlog's end. In the same run:
+# `mariadb-binlog --read-from-remote-server --raw` (the raw read of the same binlog) and
+# `mariadb-binlog --read-from-remote-server -v` (the decode to pseudo-SQL).
+#
+# Prints: row events captured, events/s, CPU seconds per million events and peak RSS of
+# `qanat cdc`; MB/s of the raw read; events/s of the decode.
+# BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1).
+set -euo pipefail
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+BENCH_TAG=cdc
+# shellcheck source=bench/lib.sh
+source "$ROOT/bench/lib.sh"
+
+SCALE=${BENCH_SCALE:-1}
+INSERTS=$(python3 -c "print(max(1000, int(1000000 * $SCALE)))")
+WRITE_TX=$(python3 -c "print(max(100, int(100000 * $SCALE)))")
+
+for cmd in mariadbd mariadb-install-db mariadb mariadb-binlog sysbench kcat; do
+  command -v "$cmd" >/dev/null || die "$cmd not found (Debian packages mariadb-server, sysbench, kcat)"
+done
+build_release qanat
+start_tmp qanat-cdc-bench
+
+cleanup_extra() { [ -n "${DB_PID:-}" ] && stop_pids "$DB_PID"; }
+
+port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+log "starting a private MariaDB"
+mariadb-install-db --no-defaults --datadir="$TMP/db" --auth-root-authentication-method=normal \
+  --user=root --skip-test-db >"$TMP/install.log" 2>&1
+DB_PORT=$(port)
+mariadbd --no-defaults --datadir="$TMP/db" --socket="$TMP/db.sock" --port="$DB_PORT" \
+  --bind-address=127.0.0.1 --log-bin="$TMP/db/binlog" --binlog-format=ROW \
+  --binlog-row-metadata=FULL --server-id=1 --user=root --skip-name-resolve \
+  --innodb-buffer-pool-size=512M --innodb-flush-log-at-trx-commit=0 --sync-binlog=0 \
+  --max-binlog-size=1G --pid-file="$TMP/db.pid" 2>"$TMP/db.log" &
+DB_PID=$!
+sql() { mariadb --no-defaults --socket="$TMP/db.sock" -uroot --batch --skip-column-names -e "$1"; }
+for _ in $(seq 600); do sql "SELECT 1" >/dev/null 2>&1 && break; sleep 0.1; done
+sql "CREATE USER 'cdc'@'%' IDENTIFIED BY 'cdc'; GRANT ALL ON *.* TO 'cdc'@'%'; CREATE DATABASE sbtest;"
+
+SB=(--db-driver=mysql --mysql-socket="$TMP/db.sock" --mysql-user=root --mysql-db=sbtest --tables=4)
+log "sysbench oltp_insert: $INSERTS inserts"
+sysbench oltp_insert "${SB[@]}" --table-size=0 prepare >/dev/null
+sysbench oltp_insert "${SB[@]}" --threads=4 --events="$INSERTS" --time=0 run >"$TMP/sb_insert.log"
+log "sysbench oltp_write_only: $WRITE_TX transactions"
+sysbench oltp_write_only "${SB[@]}" --threads=4 --events="$WRITE_TX" --time=0 run >"$TMP/sb_write.log"
+read -r END_FILE END_POS < <(sql "SHOW MASTER STATUS" | cut -f1,2)
+FIRST_FILE=$(sql "SHOW BINARY LOGS" | head -n1 | cut -f1)
+BINLOG_BYTES=$(sql "SHOW BINARY LOGS" | awk '{s += $2} END {print s}')
+log "binlog: $FIRST_FILE .. $END_FILE:$END_POS, $BINLOG_BYTES bytes"
+
+log "raw read: mariadb-binlog --read-from-remote-server --raw"
+mkdir -p "$TMP/raw"
+t0=$(date +%s.%N)
+mariadb-binlog --no-defaults --read-from-remote-server --raw --to-last-log -h127.0.0.1 -P"$DB_PORT" \
+  -ucdc -pcdc --result-file="$TMP/raw/" "$FIRST_FILE"
+RAW_S=$(python3 -c "import time; print(max(0.001, $(date +%s.%N) - $t0))")
+rm -rf "$TMP/raw"
+log "decode: mariadb-binlog --read-from-remote-server -v"
+t0=$(date +%s.%N)
+DECODED_ROWS=$(mariadb-binlog --no-defaults --read-from-remote-server -v --to-last-log -h127.0.0.1 \
+  -P"$DB_PORT" -ucdc -pcdc "$FIRST_FILE" | grep -c '^### \(INSERT\|UPDATE\|DELETE\)' || true)
+DEC_S=$(python3 -c "import time; print(max(0.001, $(date +%s.%N) - $t0))")
+
+log "starting the broker"
+"$QANAT_BIN" broker --data-dir "$TMP/broker" --listen 127.0.0.1:0 >"$TMP/broker.out" 2>"$TMP/broker.err" &
+PIDS+=($!)
+BOOT=$(wait_line "$TMP/broker.out" "qanat broker listening on " "$!") || die "broker did not start"
+
+# Start the connector at the binlog's first byte: its stored position is what it resumes from.
+echo "bench|{\"position\":{\"file\":\"$FIRST_FILE\",\"pos\":4},\"stored_ms\":0,\"commit_ts_ms\":0}" |
+  kcat -P -b "$BOOT" -t qanat-cdc-offsets -K '|'
+cat >"$TMP/cdc.toml" <<EOF
+bootstrap = "$BOOT"
+[[connector]]
+name = "bench"
+source = "mysql://cdc:cdc@127.0.0.1:$DB_PORT"
+snapshot = "never"
+tables = ['sbtest\..*']
+[connector.producer]
+"linger.ms" = "20"
+"batch.num.messages" = "10000"
+EOF
+log "qanat cdc: the whole binlog into the bus"
+t0=$(date +%s.%N)
+"$QANAT_BIN" cdc --config "$TMP/cdc.toml" --metrics-listen 127.0.0.1:0 >"$TMP/cdc.out" 2>"$TMP/cdc.err" &
+CDC_PID=$!
+PIDS+=("$CDC_PID")
+METRICS=$(wait_line "$TMP/cdc.out" "qanat metrics listening on " "$CDC_PID") || die "cdc did not start: $(tail -5 "$TMP/cdc.err")"
+pos=""
+for _ in $(seq 36000); do
+  kill -0 "$CDC_PID" 2>/dev/null || die "qanat cdc exited: $(tail -5 "$TMP/cdc.err")"
+  pos=$(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q 2>/dev/null | tail -n1 |
+    python3 -c 'import json,sys; p=json.loads(sys.stdin.read() or "{}").get("position",{}); print(p.get("file",""), p.get("pos",""))')
+  [ "$pos" = "$END_FILE $END_POS" ] && break
+  sleep 0.1
+done
+[ "$pos" = "$END_FILE $END_POS" ] || die "qanat cdc did not reach $END_FILE:$END_POS (at $pos)"
+CDC_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+EVENTS=$(curl -s "http://$METRICS/metrics" | awk '/^qanat_cdc_events_total/ {s += $2} END {printf "%d", s}')
+read -r UT ST < <(awk '{print $14, $15}' "/proc/$CDC_PID/stat")
+TICKS=$(getconf CLK_TCK)
+CPU_S=$(python3 -c "print(($UT + $ST) / $TICKS)")
+RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$CDC_PID/status")
+stop_pids "$CDC_PID"
+
+python3 - "$EVENTS" "$CDC_S" "$CPU_S" "$RSS_KB" "$BINLOG_BYTES" "$RAW_S" "$DECODED_ROWS" "$DEC_S" <<'PY'
+import sys
+events, cdc_s, cpu_s, rss_kb, binlog, raw_s, dec_rows, dec_s = sys.argv[1:]
+events, cdc_s, cpu_s, binlog = int(events), float(cdc_s), float(cpu_s), int(binlog)
+print(f"{'reader':<44} {'row events':>12} {'events/s':>12} {'MB/s':>9} {'CPU s/M ev':>11} {'peak RSS':>10}")
+print(f"{'qanat cdc (binlog -> bus, acked, stored)':<44} {events:>12} {events / cdc_s:>12.0f} "
+      f"{binlog / cdc_s / 1e6:>9.1f} {cpu_s / max(events, 1) * 1e6:>11.2f} {int(rss_kb) / 1024:>8.1f}Mi")
+print(f"{'mariadb-binlog -v (decode to pseudo-SQL)':<44} {int(dec_rows):>12} "
+      f"{int(dec_rows) / float(dec_s):>12.0f} {binlog / float(dec_s) / 1e6:>9.1f} {'':>11} {'':>10}")
+print(f"{'mariadb-binlog --raw (read only)':<44} {'':>12} {'':>12} {binlog / float(raw_s) / 1e6:>9.1f} {'':>11} {'':>10}")
+PY

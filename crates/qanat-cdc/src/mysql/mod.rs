@@ -1,0 +1,1576 @@
+//! MariaDB 10.6+ / MySQL 8 as a replica: the binlog in ROW format with full row images, read
+//! with `mysql_async` (feature `binlog`), plus the small MariaDB shim in [`mariadb`].
+//!
+//! # Position
+//! `{"file", "pos", "gtid"?, "gtid_state"?, "snapshot"?}`: the binlog coordinates from which a
+//! restart loses nothing (always the end of a committed transaction or a standalone statement), the
+//! last GTID seen, and while a snapshot runs the tables done and the last primary key read.
+//!
+//! # Snapshot and stream, one history
+//! The snapshot reads inside `START TRANSACTION WITH CONSISTENT SNAPSHOT`, whose binlog
+//! coordinates MariaDB reports as `binlog_snapshot_file`/`binlog_snapshot_position` without
+//! any lock, in chunks ordered by primary key (`WHERE pk > last ORDER BY pk LIMIT n`). Streaming
+//! then starts at those coordinates. After a crash mid-snapshot a new consistent snapshot
+//! continues after the stored last key while the stream still starts at the original
+//! coordinates: rows read later are newer than the stream's start, and replaying the binlog
+//! from the older start in order converges every key to its final state (each row event
+//! carries the full image). A table without a primary key is read in one ordered-by-nothing
+//! pass, restarted from its beginning after a crash.
+//!
+//! # Schema
+//! Column names, signedness, ENUM/SET labels, charsets and the primary key come from the
+//! TABLE_MAP event's `binlog_row_metadata=FULL` metadata, so each row is decoded with the
+//! columns it was written with. ALTER/CREATE/DROP/RENAME/TRUNCATE TABLE re-read the table
+//! from `information_schema` and emit [`Change::Schema`]; that definition is the fallback for
+//! names when the server logs only minimal metadata.
+
+pub mod decode;
+pub mod mariadb;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
+use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::EventType;
+use mysql_async::consts::{ColumnFlags, ColumnType};
+use mysql_async::prelude::Queryable;
+use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, Opts, Value as My};
+use regex::Regex;
+use serde::{Deserialize, Serialize};
+use serde_json::Value as Json;
+
+use self::decode::{ColumnShape, DecodeError};
+use crate::event::{ChangeEvent, Op, Row, SnapshotMark, SourceInfo, Value};
+use crate::pipeline::{now_ms, PipelineConfig, StoredState};
+use crate::source::{Change, Column, Position, SchemaChange, Source};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Snapshot when there is no stored position, then stream.
+    #[default]
+    Initial,
+    /// Stream from the current end of the binlog (or the stored position).
+    Never,
+    /// Like `initial`, and also when the stored position was purged from the server.
+    WhenNeeded,
+}
+
+impl std::str::FromStr for SnapshotMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "initial" => Ok(SnapshotMode::Initial),
+            "never" => Ok(SnapshotMode::Never),
+            "when_needed" => Ok(SnapshotMode::WhenNeeded),
+            other => Err(format!(
+                "{other:?} is not one of initial, never, when_needed"
+            )),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct MysqlConfig {
+    /// `mysql://user:pass@host:port` (or `mariadb://`).
+    pub url: String,
+    /// This replica's server id; must differ from every other replica of the server.
+    pub server_id: u32,
+    pub snapshot: SnapshotMode,
+    /// `MASTER_HEARTBEAT_PERIOD`: the server sends a heartbeat when idle this long.
+    pub heartbeat: Duration,
+    pub snapshot_chunk: usize,
+    /// MariaDB: resume with `@slave_connect_state` (the GTID state) instead of file + pos, so
+    /// a connector can follow a failover to another server of the same replication topology.
+    pub gtid_resume: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum MysqlError {
+    #[error("bad source URL {url}: {reason}")]
+    Url { url: String, reason: String },
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        url: String,
+        source: mysql_async::Error,
+    },
+    #[error("the server has {variable}={found}; change data capture needs {variable}={want} (SET GLOBAL {variable}='{want}' or set it in the server configuration, then restart the writers' sessions)")]
+    ServerSetting {
+        variable: &'static str,
+        found: String,
+        want: &'static str,
+    },
+    #[error("the stored position {stored} is no longer on the server (oldest binlog still there: {oldest}); the binlog was purged past it. Re-snapshot: run the connector with --snapshot when_needed (or snapshot = \"when_needed\"), or delete its record in the offsets topic and start with snapshot = \"initial\"")]
+    Purged { stored: String, oldest: String },
+    #[error("cannot follow DDL at {position}: {statement:?}: {reason}")]
+    Ddl {
+        statement: String,
+        position: String,
+        reason: String,
+    },
+    #[error("decoding {table} at {position}: {error}")]
+    Decode {
+        table: String,
+        position: String,
+        error: DecodeError,
+    },
+    #[error("query {what}: {source}")]
+    Query {
+        what: String,
+        source: mysql_async::Error,
+    },
+    #[error("binlog stream at {position}: {source}")]
+    Stream {
+        position: String,
+        source: mysql_async::Error,
+    },
+    #[error("binlog event at {position}: {reason}")]
+    Unsupported { position: String, reason: String },
+    #[error("stored position is not a binlog position: {0}")]
+    BadPosition(String),
+    #[error("snapshot: {0}")]
+    Snapshot(String),
+}
+
+fn q(what: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> MysqlError {
+    let what = what.into();
+    move |source| MysqlError::Query { what, source }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+struct BinlogPosition {
+    file: String,
+    pos: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    gtid: Option<String>,
+    /// MariaDB: the last GTID of each replication domain, what `@slave_connect_state` takes.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    gtid_state: BTreeMap<u32, String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    snapshot: Option<SnapshotProgress>,
+}
+
+impl BinlogPosition {
+    fn show(&self) -> String {
+        format!("{}:{}", self.file, self.pos)
+    }
+    fn position(&self) -> Position {
+        Position(serde_json::to_value(self).unwrap_or(Json::Null))
+    }
+    /// Binlog order: file names sort by their sequence suffix.
+    fn at_or_before(&self, other: &BinlogPosition) -> bool {
+        (self.file.as_str(), self.pos) <= (other.file.as_str(), other.pos)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+struct SnapshotProgress {
+    /// `db.table` of every table finished.
+    done: Vec<String>,
+    /// When set, only these tables (`qanat cdc snapshot --table`); else every captured one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    only: Option<Vec<String>>,
+    /// The table being read and the last key read in it.
+    #[serde(default)]
+    table: Option<String>,
+    #[serde(default)]
+    last_key: Option<Vec<Json>>,
+}
+
+#[derive(Debug, Clone)]
+struct TableDef {
+    db: String,
+    table: String,
+    primary_key: Vec<String>,
+    estimated_rows: u64,
+}
+
+struct SnapshotRun {
+    conn: Conn,
+    tables: VecDeque<TableDef>,
+    progress: SnapshotProgress,
+    /// Rows read of the current table, and when progress was last logged.
+    rows_done: u64,
+    logged: Instant,
+}
+
+/// Redact the password of a URL for messages.
+pub fn redact(url: &str) -> String {
+    match Regex::new(r"^([a-z]+://[^:/@]*):[^@]*@") {
+        Ok(re) => re.replace(url, "$1:***@").into_owned(),
+        Err(_) => "<url>".into(),
+    }
+}
+
+fn opts(url: &str) -> Result<Opts, MysqlError> {
+    let normalized = url
+        .strip_prefix("mariadb://")
+        .map_or_else(|| url.to_string(), |rest| format!("mysql://{rest}"));
+    Opts::from_url(&normalized).map_err(|e| MysqlError::Url {
+        url: redact(url),
+        reason: e.to_string(),
+    })
+}
+
+/// Connect, retrying with backoff while the server is unreachable (logged); refused
+/// credentials and other server errors are returned at once.
+async fn connect(url: &str) -> Result<Conn, MysqlError> {
+    let opts = opts(url)?;
+    let mut delay = Duration::from_millis(200);
+    let mut attempts = 0u32;
+    loop {
+        match Conn::new(opts.clone()).await {
+            Ok(c) => return Ok(c),
+            Err(e @ (mysql_async::Error::Io(_) | mysql_async::Error::Driver(_)))
+                if attempts < 8 =>
+            {
+                attempts += 1;
+                tracing::warn!(url = %redact(url), error = %e, retry_in_ms = delay.as_millis() as u64, "source unreachable; retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+            Err(source) => {
+                return Err(MysqlError::Connect {
+                    url: redact(url),
+                    source,
+                })
+            }
+        }
+    }
+}
+
+/// The MariaDB/MySQL source.
+pub struct MysqlSource {
+    cfg: MysqlConfig,
+    name: Arc<str>,
+    include: Vec<Regex>,
+    exclude: Vec<Regex>,
+    /// Queries (`information_schema`) beside the binlog connection.
+    meta: Conn,
+    mariadb: bool,
+    charsets: HashMap<u16, String>,
+    /// Table definitions as of the stream position, from the schema history and DDL.
+    schemas: HashMap<(String, String), SchemaChange>,
+    shapes: HashMap<u64, Vec<ColumnShape>>,
+    stream: Option<BinlogStream>,
+    pending: VecDeque<Change>,
+    /// Committed position (end of the last whole transaction or statement).
+    at: BinlogPosition,
+    /// Position after the last event read.
+    next_pos: u64,
+    snapshot: Option<SnapshotRun>,
+    in_tx: Option<String>,
+    tx_ts_ms: i64,
+    tx_counts: BTreeMap<String, u64>,
+    standalone: bool,
+    last_heartbeat: Instant,
+    /// `binlog_checksum` is not NONE.
+    checksums: bool,
+}
+
+impl MysqlSource {
+    /// Connect, check the server settings, and pick the start: the stored position, a
+    /// snapshot, or the binlog's current end.
+    pub async fn open(
+        cfg: MysqlConfig,
+        pipeline: &PipelineConfig,
+        state: &StoredState,
+    ) -> Result<Self, MysqlError> {
+        let mut meta = connect(&cfg.url).await?;
+        let version: String = meta
+            .query_first("SELECT VERSION()")
+            .await
+            .map_err(q("SELECT VERSION()"))?
+            .unwrap_or_default();
+        let mariadb = version.contains("MariaDB");
+        check_settings(&mut meta).await?;
+        let checksum: Option<String> = meta
+            .query_first("SELECT @@GLOBAL.binlog_checksum")
+            .await
+            .map_err(q("@@binlog_checksum"))?;
+        let checksums = checksum.is_some_and(|c| !c.eq_ignore_ascii_case("NONE"));
+        let charsets: Vec<(Option<u16>, Option<String>)> = meta
+            .query("SELECT ID, CHARACTER_SET_NAME FROM information_schema.COLLATIONS")
+            .await
+            .map_err(q("information_schema.COLLATIONS"))?;
+        let logs: Vec<(String, u64)> = meta
+            .query("SHOW BINARY LOGS")
+            .await
+            .map_err(q("SHOW BINARY LOGS"))?
+            .into_iter()
+            .map(|row: mysql_async::Row| {
+                let name: String = row.get(0).unwrap_or_default();
+                let size: u64 = row.get(1).unwrap_or_default();
+                (name, size)
+            })
+            .collect();
+        let stored: Option<BinlogPosition> = match state.position() {
+            Some(p) => Some(
+                serde_json::from_value(p.0.clone())
+                    .map_err(|e| MysqlError::BadPosition(format!("{}: {e}", p.0)))?,
+            ),
+            None => None,
+        };
+        let mut source = MysqlSource {
+            name: Arc::from(pipeline.name.as_str()),
+            include: pipeline.include.clone(),
+            exclude: pipeline.exclude.clone(),
+            meta,
+            mariadb,
+            charsets: charsets
+                .into_iter()
+                .filter_map(|(id, name)| Some((id?, name?)))
+                .collect(),
+            schemas: HashMap::new(),
+            shapes: HashMap::new(),
+            stream: None,
+            pending: VecDeque::new(),
+            at: BinlogPosition::default(),
+            next_pos: 0,
+            snapshot: None,
+            in_tx: None,
+            tx_ts_ms: 0,
+            tx_counts: BTreeMap::new(),
+            standalone: false,
+            last_heartbeat: Instant::now(),
+            checksums,
+            cfg,
+        };
+        let available = |p: &BinlogPosition| logs.iter().any(|(name, _)| *name == p.file);
+        match stored {
+            Some(p) if available(&p) => {
+                tracing::info!(position = %p.show(), "resuming from the stored position");
+                for s in &state.schema_history {
+                    let at: Option<BinlogPosition> =
+                        serde_json::from_value(s.position.0.clone()).ok();
+                    if at.is_some_and(|at| at.at_or_before(&p)) {
+                        source
+                            .schemas
+                            .insert((s.db.clone(), s.table.clone()), s.clone());
+                    }
+                }
+                source.at = p.clone();
+                if let Some(progress) = p.snapshot.clone() {
+                    source.start_snapshot(Some(progress)).await?;
+                }
+            }
+            Some(p) => {
+                let oldest = logs
+                    .first()
+                    .map_or_else(|| "none".to_string(), |(f, _)| format!("{f}:4"));
+                if source.cfg.snapshot != SnapshotMode::WhenNeeded {
+                    return Err(MysqlError::Purged {
+                        stored: p.show(),
+                        oldest,
+                    });
+                }
+                tracing::warn!(stored = %p.show(), %oldest, "stored position purged; snapshot anew (when_needed)");
+                source.start_snapshot(None).await?;
+            }
+            None if source.cfg.snapshot == SnapshotMode::Never => {
+                source.at = master_position(&mut source.meta).await?;
+                tracing::info!(position = %source.at.show(), "no stored position; streaming from the binlog's end");
+            }
+            None => source.start_snapshot(None).await?,
+        }
+        Ok(source)
+    }
+
+    fn captures(&self, db: &str, table: &str) -> bool {
+        let coll = format!("{db}.{table}");
+        (self.include.is_empty() || self.include.iter().any(|r| r.is_match(&coll)))
+            && !self.exclude.iter().any(|r| r.is_match(&coll))
+    }
+
+    async fn start_snapshot(&mut self, resume: Option<SnapshotProgress>) -> Result<(), MysqlError> {
+        let mut conn = connect(&self.cfg.url).await?;
+        conn.query_drop("SET SESSION time_zone = '+00:00'")
+            .await
+            .map_err(q("SET time_zone"))?;
+        conn.query_drop("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            .await
+            .map_err(q("isolation level"))?;
+        conn.query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await
+            .map_err(q("START TRANSACTION WITH CONSISTENT SNAPSHOT"))?;
+        if resume.is_none() {
+            if !self.mariadb {
+                return Err(MysqlError::Snapshot(
+                    "a lock-free consistent snapshot needs MariaDB's binlog_snapshot_file/position; on MySQL start with snapshot = \"never\"".into(),
+                ));
+            }
+            let status: Vec<(String, String)> = conn
+                .query("SHOW STATUS LIKE 'binlog_snapshot_%'")
+                .await
+                .map_err(q("SHOW STATUS LIKE 'binlog_snapshot_%'"))?;
+            let get = |k: &str| {
+                status
+                    .iter()
+                    .find(|(n, _)| n.eq_ignore_ascii_case(k))
+                    .map(|(_, v)| v.clone())
+            };
+            let file = get("binlog_snapshot_file").unwrap_or_default();
+            let pos = get("binlog_snapshot_position")
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0);
+            if file.is_empty() {
+                return Err(MysqlError::Snapshot(
+                    "the server reports no binlog_snapshot_file; is log_bin on?".into(),
+                ));
+            }
+            self.at = BinlogPosition {
+                file,
+                pos,
+                gtid: None,
+                gtid_state: BTreeMap::new(),
+                snapshot: None,
+            };
+        }
+        let progress = resume.unwrap_or_default();
+        let rows: Vec<(String, String, Option<u64>)> = conn
+            .query(
+                "SELECT TABLE_SCHEMA, TABLE_NAME, TABLE_ROWS FROM information_schema.TABLES \
+                 WHERE TABLE_TYPE = 'BASE TABLE' AND TABLE_SCHEMA NOT IN \
+                 ('mysql','information_schema','performance_schema','sys') \
+                 ORDER BY TABLE_SCHEMA, TABLE_NAME",
+            )
+            .await
+            .map_err(q("information_schema.TABLES"))?;
+        let mut tables = VecDeque::new();
+        for (db, table, estimate) in rows {
+            let coll = format!("{db}.{table}");
+            let wanted = progress
+                .only
+                .as_ref()
+                .is_none_or(|only| only.contains(&coll));
+            if !self.captures(&db, &table) || !wanted || progress.done.contains(&coll) {
+                continue;
+            }
+            let primary_key = primary_key(&mut conn, &db, &table).await?;
+            tables.push_back(TableDef {
+                db,
+                table,
+                primary_key,
+                estimated_rows: estimate.unwrap_or(0),
+            });
+        }
+        tracing::info!(tables = tables.len(), position = %self.at.show(), "snapshot starting");
+        self.snapshot = Some(SnapshotRun {
+            conn,
+            tables,
+            progress,
+            rows_done: 0,
+            logged: Instant::now(),
+        });
+        Ok(())
+    }
+
+    /// One chunk of the snapshot into `pending`, or its end.
+    async fn snapshot_step(&mut self) -> Result<(), MysqlError> {
+        let Some(run) = self.snapshot.as_mut() else {
+            return Ok(());
+        };
+        let Some(def) = run.tables.front().cloned() else {
+            let run = self.snapshot.take();
+            if let Some(mut run) = run {
+                run.conn
+                    .query_drop("COMMIT")
+                    .await
+                    .map_err(q("COMMIT snapshot"))?;
+            }
+            self.at.snapshot = None;
+            tracing::info!(position = %self.at.show(), "snapshot done; streaming");
+            self.pending.push_back(Change::Heartbeat {
+                resume: self.at.position(),
+                ts_ms: now_ms(),
+            });
+            return Ok(());
+        };
+        let coll = format!("{}.{}", def.db, def.table);
+        if run.progress.table.as_deref() != Some(coll.as_str()) {
+            run.progress.table = Some(coll.clone());
+            run.progress.last_key = None;
+            run.rows_done = 0;
+        }
+        let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+        let chunk = self.cfg.snapshot_chunk.max(1);
+        let (sql, params): (String, Vec<My>) = if def.primary_key.is_empty() {
+            // No key: one pass; a crash restarts this table (documented fallback).
+            (
+                format!("SELECT * FROM {}.{}", quote(&def.db), quote(&def.table)),
+                Vec::new(),
+            )
+        } else {
+            let cols: Vec<String> = def.primary_key.iter().map(|c| quote(c)).collect();
+            let order = cols.join(",");
+            match &run.progress.last_key {
+                Some(last) => (
+                    format!(
+                        "SELECT * FROM {}.{} WHERE ({order}) > ({}) ORDER BY {order} LIMIT {chunk}",
+                        quote(&def.db),
+                        quote(&def.table),
+                        vec!["?"; cols.len()].join(",")
+                    ),
+                    last.iter().map(json_param).collect(),
+                ),
+                None => (
+                    format!(
+                        "SELECT * FROM {}.{} ORDER BY {order} LIMIT {chunk}",
+                        quote(&def.db),
+                        quote(&def.table)
+                    ),
+                    Vec::new(),
+                ),
+            }
+        };
+        let result: Vec<mysql_async::Row> = run
+            .conn
+            .exec(sql.as_str(), params)
+            .await
+            .map_err(q(format!("snapshot of {coll}")))?;
+        let n = result.len();
+        let finished = def.primary_key.is_empty() || n < chunk;
+        let last_table = finished && run.tables.len() == 1;
+        let ts = now_ms();
+        for (i, row) in result.into_iter().enumerate() {
+            let columns = row.columns();
+            let values = row.unwrap();
+            let mut image = Row::default();
+            for (col, v) in columns.iter().zip(values) {
+                let shape = snapshot_shape(col);
+                let value = snapshot_value(&shape, col, v, &self.charsets).map_err(|error| {
+                    MysqlError::Decode {
+                        table: coll.clone(),
+                        position: "snapshot".into(),
+                        error,
+                    }
+                })?;
+                image
+                    .columns
+                    .push((Arc::from(col.name_str().as_ref()), value));
+            }
+            let key = Row {
+                columns: image
+                    .columns
+                    .iter()
+                    .filter(|(c, _)| def.primary_key.iter().any(|k| **k == **c))
+                    .cloned()
+                    .collect(),
+            };
+            if i + 1 == n && !def.primary_key.is_empty() {
+                run.progress.last_key =
+                    Some(key.columns.iter().map(|(_, v)| v.to_json()).collect());
+            }
+            let mark = if last_table && i + 1 == n {
+                SnapshotMark::Last
+            } else {
+                SnapshotMark::Yes
+            };
+            self.pending.push_back(Change::Row(Box::new(ChangeEvent {
+                op: Op::Read,
+                before: None,
+                after: Some(image),
+                key,
+                source: SourceInfo {
+                    connector: "mysql",
+                    name: self.name.clone(),
+                    db: def.db.clone(),
+                    table: def.table.clone(),
+                    ts_ms: ts,
+                    snapshot: mark,
+                    file: Some(self.at.file.clone()),
+                    pos: Some(self.at.pos),
+                    ..SourceInfo::default()
+                },
+                transaction: None,
+            })));
+        }
+        run.rows_done += n as u64;
+        metrics::gauge!("qanat_cdc_snapshot_rows_estimated", "connector" => self.name.to_string(), "table" => coll.clone())
+            .set(def.estimated_rows as f64);
+        metrics::gauge!("qanat_cdc_snapshot_rows_done", "connector" => self.name.to_string(), "table" => coll.clone())
+            .set(run.rows_done as f64);
+        if finished || run.logged.elapsed() >= Duration::from_secs(2) {
+            tracing::info!(table = %coll, rows_done = run.rows_done, rows_estimated = def.estimated_rows, finished, "snapshot progress");
+            run.logged = Instant::now();
+        }
+        if finished {
+            run.tables.pop_front();
+            run.progress.done.push(coll);
+            run.progress.table = None;
+            run.progress.last_key = None;
+        }
+        let mut at = self.at.clone();
+        at.snapshot = Some(run.progress.clone());
+        self.pending.push_back(Change::Heartbeat {
+            resume: at.position(),
+            ts_ms: ts,
+        });
+        Ok(())
+    }
+
+    async fn open_stream(&mut self) -> Result<(), MysqlError> {
+        let mut conn = connect(&self.cfg.url).await?;
+        if self.mariadb {
+            // MariaDB sends its own GTID events only to a replica that declares capability 4.
+            conn.query_drop("SET @mariadb_slave_capability=4")
+                .await
+                .map_err(q("SET @mariadb_slave_capability"))?;
+        }
+        let period_ns = self.cfg.heartbeat.as_nanos().max(1_000_000);
+        conn.query_drop(format!("SET @master_heartbeat_period={period_ns}"))
+            .await
+            .map_err(q("SET @master_heartbeat_period"))?;
+        let by_gtid = self.mariadb && self.cfg.gtid_resume && !self.at.gtid_state.is_empty();
+        let (file, pos) = if by_gtid {
+            let state: Vec<&str> = self.at.gtid_state.values().map(String::as_str).collect();
+            let state = state.join(",");
+            conn.query_drop(format!("SET @slave_connect_state='{state}'"))
+                .await
+                .map_err(q("SET @slave_connect_state"))?;
+            tracing::info!(gtid_state = %state, "resuming by GTID");
+            // With a connect state the server ignores the coordinates.
+            (Vec::new(), 4)
+        } else {
+            (self.at.file.as_bytes().to_vec(), self.at.pos)
+        };
+        let request = BinlogStreamRequest::new(self.cfg.server_id)
+            .with_filename(&file)
+            .with_pos(pos);
+        let stream =
+            conn.get_binlog_stream(request)
+                .await
+                .map_err(|source| MysqlError::Stream {
+                    position: self.at.show(),
+                    source,
+                })?;
+        self.next_pos = self.at.pos;
+        tracing::info!(position = %self.at.show(), "binlog stream open");
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    fn here(&self) -> String {
+        format!("{}:{}", self.at.file, self.next_pos)
+    }
+
+    /// Read one binlog event and turn it into zero or more changes.
+    async fn stream_step(&mut self) -> Result<(), MysqlError> {
+        if self.stream.is_none() {
+            self.open_stream().await?;
+        }
+        let period = self.cfg.heartbeat;
+        let Some(stream) = self.stream.as_mut() else {
+            return Ok(());
+        };
+        let event = match tokio::time::timeout(period * 3, stream.next()).await {
+            Err(_) => {
+                // The server sent not even a heartbeat: keep lag measurable all the same.
+                if self.in_tx.is_none() {
+                    self.pending.push_back(Change::Heartbeat {
+                        resume: self.at.position(),
+                        ts_ms: now_ms(),
+                    });
+                }
+                return Ok(());
+            }
+            Ok(None) => {
+                return Err(MysqlError::Unsupported {
+                    position: self.here(),
+                    reason: "the server closed the binlog stream".into(),
+                })
+            }
+            Ok(Some(Err(source))) => {
+                let position = self.here();
+                if let mysql_async::Error::Server(ref e) = source {
+                    if e.code == 1236 {
+                        return Err(MysqlError::Purged {
+                            stored: position,
+                            oldest: e.message.clone(),
+                        });
+                    }
+                }
+                return Err(MysqlError::Stream { position, source });
+            }
+            Ok(Some(Ok(event))) => event,
+        };
+        let header = event.header();
+        let raw_type = header.event_type_raw();
+        let event_start =
+            u64::from(header.log_pos()).saturating_sub(u64::from(header.event_size()));
+        let end = u64::from(header.log_pos());
+        let position = self.here();
+        match raw_type {
+            mariadb::GTID => {
+                let gtid =
+                    mariadb::parse_gtid(event.data(), header.server_id()).ok_or_else(|| {
+                        MysqlError::Unsupported {
+                            position: position.clone(),
+                            reason: "short MariaDB GTID event".into(),
+                        }
+                    })?;
+                self.at.gtid = Some(gtid.text());
+                self.at.gtid_state.insert(gtid.domain, gtid.text());
+                self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
+                if gtid.standalone {
+                    self.standalone = true;
+                } else {
+                    self.begin(gtid.text());
+                }
+            }
+            mariadb::ANNOTATE_ROWS | mariadb::BINLOG_CHECKPOINT | mariadb::GTID_LIST => {}
+            t if (mariadb::FIRST_UNSUPPORTED..=mariadb::LAST_UNSUPPORTED).contains(&t) => {
+                return Err(MysqlError::Unsupported {
+                    position,
+                    reason: format!("MariaDB event type {t} (encrypted or compressed binlog); set log_bin_compress=OFF and encrypt_binlog=OFF"),
+                });
+            }
+            t if t == EventType::HEARTBEAT_EVENT as u8 => {
+                if self.in_tx.is_none() && self.snapshot.is_none() {
+                    self.pending.push_back(Change::Heartbeat {
+                        resume: self.at.position(),
+                        ts_ms: now_ms(),
+                    });
+                    self.last_heartbeat = Instant::now();
+                }
+                return Ok(());
+            }
+            _ => {
+                let data = event.read_data().map_err(|e| MysqlError::Unsupported {
+                    position: position.clone(),
+                    reason: e.to_string(),
+                })?;
+                match data {
+                    Some(EventData::RotateEvent(r)) => {
+                        let mut name = r.name_raw().to_vec();
+                        // The first (artificial) rotate comes before the format description
+                        // tells the reader about checksums, so its CRC32 trails the name.
+                        if end == 0 && self.checksums && name.len() > 4 {
+                            name.truncate(name.len() - 4);
+                        }
+                        self.at.file = String::from_utf8_lossy(&name).into_owned();
+                        self.at.pos = r.position();
+                        self.next_pos = r.position();
+                        return Ok(());
+                    }
+                    Some(EventData::GtidEvent(g)) => {
+                        let sid = g.sid();
+                        let uuid = format!(
+                            "{}-{}-{}-{}-{}",
+                            hex::encode(&sid[0..4]),
+                            hex::encode(&sid[4..6]),
+                            hex::encode(&sid[6..8]),
+                            hex::encode(&sid[8..10]),
+                            hex::encode(&sid[10..16])
+                        );
+                        self.at.gtid = Some(format!("{uuid}:{}", g.gno()));
+                        self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
+                    }
+                    Some(EventData::QueryEvent(qe)) => {
+                        let statement = qe.query().into_owned();
+                        let schema = qe.schema().into_owned();
+                        let trimmed = statement.trim();
+                        if trimmed.eq_ignore_ascii_case("BEGIN") {
+                            if self.in_tx.is_none() {
+                                self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
+                                let id =
+                                    self.at.gtid.clone().unwrap_or_else(|| {
+                                        format!("{}:{}", self.at.file, event_start)
+                                    });
+                                self.begin(id);
+                            }
+                        } else if trimmed.eq_ignore_ascii_case("COMMIT") {
+                            self.next_pos = end;
+                            self.commit();
+                            return Ok(());
+                        } else {
+                            self.next_pos = end;
+                            self.ddl(&schema, &statement, end).await?;
+                            if self.in_tx.is_none() {
+                                self.standalone = false;
+                                self.at.pos = end;
+                                self.pending.push_back(Change::Heartbeat {
+                                    resume: self.at.position(),
+                                    ts_ms: i64::from(header.timestamp()) * 1000,
+                                });
+                            }
+                            return Ok(());
+                        }
+                    }
+                    Some(EventData::TableMapEvent(tme)) => {
+                        let shape = self.table_shape(&tme).await?;
+                        self.shapes.insert(tme.table_id(), shape);
+                    }
+                    Some(EventData::RowsEvent(rows)) => {
+                        self.rows(&rows, header.server_id(), event_start, &position)?;
+                    }
+                    Some(EventData::XidEvent(_)) => {
+                        self.next_pos = end;
+                        self.commit();
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+        }
+        if end > 0 {
+            self.next_pos = end;
+        }
+        Ok(())
+    }
+
+    fn begin(&mut self, tx_id: String) {
+        self.in_tx = Some(tx_id.clone());
+        self.tx_counts.clear();
+        self.pending.push_back(Change::Begin {
+            tx_id,
+            ts_ms: self.tx_ts_ms,
+        });
+    }
+
+    fn commit(&mut self) {
+        self.at.pos = self.next_pos;
+        let tx_id = self
+            .in_tx
+            .take()
+            .unwrap_or_else(|| self.at.gtid.clone().unwrap_or_default());
+        self.pending.push_back(Change::Commit {
+            tx_id,
+            counts: std::mem::take(&mut self.tx_counts),
+            resume: self.at.position(),
+        });
+    }
+
+    async fn table_shape(
+        &mut self,
+        tme: &TableMapEvent<'_>,
+    ) -> Result<Vec<ColumnShape>, MysqlError> {
+        use mysql_async::binlog::events::OptionalMetadataField as F;
+        let n = usize::try_from(tme.columns_count()).unwrap_or(0);
+        let mut shape: Vec<ColumnShape> = (0..n)
+            .map(|i| {
+                let kind = tme.get_column_type(i).ok().flatten();
+                let meta = tme.get_column_metadata(i).unwrap_or(&[]);
+                let precision = match kind {
+                    Some(ColumnType::MYSQL_TYPE_BIT) => {
+                        u32::from(meta.get(1).copied().unwrap_or(0)) * 8
+                            + u32::from(meta.first().copied().unwrap_or(0))
+                    }
+                    Some(
+                        ColumnType::MYSQL_TYPE_TIME2
+                        | ColumnType::MYSQL_TYPE_DATETIME2
+                        | ColumnType::MYSQL_TYPE_TIMESTAMP2,
+                    ) => u32::from(meta.first().copied().unwrap_or(0)),
+                    _ => 0,
+                };
+                ColumnShape {
+                    name: format!("@{i}"),
+                    kind,
+                    precision,
+                    ..ColumnShape::default()
+                }
+            })
+            .collect();
+        let mut names = Vec::new();
+        let mut enums = Vec::new();
+        let mut sets = Vec::new();
+        for field in tme.iter_optional_meta() {
+            let Ok(field) = field else { continue };
+            match field {
+                F::ColumnName(cn) => {
+                    for name in cn.iter_names().flatten() {
+                        names.push(name.name().into_owned());
+                    }
+                }
+                F::EnumStrValue(v) => {
+                    for values in v.iter_values().flatten() {
+                        enums.push(
+                            values
+                                .values()
+                                .iter()
+                                .map(|l| l.value().into_owned())
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                }
+                F::SetStrValue(v) => {
+                    for values in v.iter_values().flatten() {
+                        sets.push(
+                            values
+                                .values()
+                                .iter()
+                                .map(|l| l.value().into_owned())
+                                .collect::<Vec<_>>(),
+                        );
+                    }
+                }
+                _ => {}
+            }
+        }
+        let (mut enums, mut sets) = (enums.into_iter(), sets.into_iter());
+        for c in &mut shape {
+            match c.kind {
+                Some(ColumnType::MYSQL_TYPE_ENUM) => {
+                    c.enum_labels = enums.next().unwrap_or_default()
+                }
+                Some(ColumnType::MYSQL_TYPE_SET) => c.set_labels = sets.next().unwrap_or_default(),
+                _ => {}
+            }
+        }
+        if names.len() == n {
+            for (c, name) in shape.iter_mut().zip(names) {
+                c.name = name;
+            }
+        } else {
+            // Minimal metadata: names from the definition as of this position.
+            let db = tme.database_name().into_owned();
+            let table = tme.table_name().into_owned();
+            let key = (db.clone(), table.clone());
+            if !self.schemas.contains_key(&key) {
+                let def =
+                    read_definition(&mut self.meta, &db, &table, None, self.at.position()).await?;
+                self.pending.push_back(Change::Schema(def.clone()));
+                self.schemas.insert(key.clone(), def);
+            }
+            let columns = self
+                .schemas
+                .get(&key)
+                .and_then(|s| s.columns.clone())
+                .unwrap_or_default();
+            if columns.len() != n {
+                return Err(MysqlError::Unsupported {
+                    position: self.here(),
+                    reason: format!("{db}.{table} has {n} columns in the binlog but {} in its definition, and the server logs no column names; set binlog_row_metadata=FULL", columns.len()),
+                });
+            }
+            for (c, col) in shape.iter_mut().zip(columns) {
+                c.name = col.name;
+            }
+        }
+        Ok(shape)
+    }
+
+    fn rows(
+        &mut self,
+        rows: &RowsEventData<'_>,
+        server_id: u32,
+        event_start: u64,
+        position: &str,
+    ) -> Result<(), MysqlError> {
+        let Some(stream) = self.stream.as_ref() else {
+            return Ok(());
+        };
+        let Some(tme) = stream.get_tme(rows.table_id()) else {
+            return Err(MysqlError::Unsupported {
+                position: position.into(),
+                reason: "rows event without its TABLE_MAP".into(),
+            });
+        };
+        let db = tme.database_name().into_owned();
+        let table = tme.table_name().into_owned();
+        if !self.captures(&db, &table) {
+            return Ok(());
+        }
+        let Some(shape) = self.shapes.get(&rows.table_id()) else {
+            return Ok(());
+        };
+        let op = match rows {
+            RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => Op::Create,
+            RowsEventData::UpdateRowsEventV1(_)
+            | RowsEventData::UpdateRowsEvent(_)
+            | RowsEventData::PartialUpdateRowsEvent(_) => Op::Update,
+            RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => Op::Delete,
+        };
+        let schema_pk = self
+            .schemas
+            .get(&(db.clone(), table.clone()))
+            .map(|s| s.primary_key.clone());
+        let coll = format!("{db}.{table}");
+        let decode_err = |error| MysqlError::Decode {
+            table: coll.clone(),
+            position: position.into(),
+            error,
+        };
+        let iter = match rows {
+            RowsEventData::WriteRowsEventV1(e) => e.rows(tme),
+            RowsEventData::UpdateRowsEventV1(e) => e.rows(tme),
+            RowsEventData::DeleteRowsEventV1(e) => e.rows(tme),
+            RowsEventData::WriteRowsEvent(e) => e.rows(tme),
+            RowsEventData::UpdateRowsEvent(e) => e.rows(tme),
+            RowsEventData::DeleteRowsEvent(e) => e.rows(tme),
+            RowsEventData::PartialUpdateRowsEvent(e) => e.rows(tme),
+        };
+        for (index, pair) in iter.enumerate() {
+            let (before, after) = pair.map_err(|e| MysqlError::Unsupported {
+                position: position.into(),
+                reason: e.to_string(),
+            })?;
+            let convert = |row: Option<BinlogRow>| -> Result<Option<(Row, Vec<bool>)>, MysqlError> {
+                let Some(mut row) = row else { return Ok(None) };
+                if row.len() != shape.len() {
+                    return Err(MysqlError::ServerSetting {
+                        variable: "binlog_row_image",
+                        found: "not FULL for this event".into(),
+                        want: "FULL",
+                    });
+                }
+                let pk: Vec<bool> = row
+                    .columns_ref()
+                    .iter()
+                    .map(|c| c.flags().contains(ColumnFlags::PRI_KEY_FLAG))
+                    .collect();
+                let mut image = Row::default();
+                for (i, col) in shape.iter().enumerate() {
+                    let (charset, unsigned) = row.columns_ref().get(i).map_or((0, false), |x| {
+                        (
+                            x.character_set(),
+                            x.flags().contains(ColumnFlags::UNSIGNED_FLAG),
+                        )
+                    });
+                    let raw = row.take(i).ok_or_else(|| {
+                        decode_err(DecodeError::Column {
+                            column: col.name.clone(),
+                            reason: "missing".into(),
+                        })
+                    })?;
+                    let mut c = col.clone();
+                    c.charset = charset;
+                    c.unsigned = unsigned;
+                    let v = decode::value(&c, raw, &self.charsets).map_err(decode_err)?;
+                    image.columns.push((Arc::from(col.name.as_str()), v));
+                }
+                Ok(Some((image, pk)))
+            };
+            let before = convert(before)?;
+            let after = convert(after)?;
+            let (key_src, pk_flags) = match (&after, &before) {
+                (_, Some((b, f))) if op == Op::Delete => (b.clone(), f.clone()),
+                (Some((a, f)), _) => (a.clone(), f.clone()),
+                (None, Some((b, f))) => (b.clone(), f.clone()),
+                (None, None) => continue,
+            };
+            let key = Row {
+                columns: key_src
+                    .columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(i, (name, _))| match &schema_pk {
+                        _ if pk_flags.iter().any(|f| *f) => {
+                            pk_flags.get(*i).copied().unwrap_or(false)
+                        }
+                        Some(pk) => pk.iter().any(|k| k.as_str() == &**name),
+                        None => false,
+                    })
+                    .map(|(_, c)| c.clone())
+                    .collect(),
+            };
+            // An update that changes the primary key: Debezium's delete of the old key,
+            // then a create of the new one, so per-key consumers stay right.
+            let before_key: Option<Row> = before.as_ref().map(|(b, _)| Row {
+                columns: b
+                    .columns
+                    .iter()
+                    .filter(|(n, _)| key.columns.iter().any(|(k, _)| k == n))
+                    .cloned()
+                    .collect(),
+            });
+            let source = SourceInfo {
+                connector: "mysql",
+                name: self.name.clone(),
+                db: db.clone(),
+                table: table.clone(),
+                ts_ms: self.tx_ts_ms,
+                server_id: Some(server_id),
+                file: Some(self.at.file.clone()),
+                pos: Some(event_start),
+                row: u32::try_from(index).ok(),
+                gtid: self.at.gtid.clone(),
+                tx_id: self.in_tx.clone(),
+                ..SourceInfo::default()
+            };
+            let mut emit = |event: ChangeEvent| {
+                *self.tx_counts.entry(coll.clone()).or_default() += 1;
+                self.pending.push_back(Change::Row(Box::new(event)));
+            };
+            if op == Op::Update && !key.columns.is_empty() && before_key.as_ref() != Some(&key) {
+                let old = before.map(|(b, _)| b);
+                emit(ChangeEvent {
+                    op: Op::Delete,
+                    before: old,
+                    after: None,
+                    key: before_key.unwrap_or_default(),
+                    source: source.clone(),
+                    transaction: None,
+                });
+                emit(ChangeEvent {
+                    op: Op::Create,
+                    before: None,
+                    after: after.map(|(a, _)| a),
+                    key,
+                    source,
+                    transaction: None,
+                });
+            } else {
+                emit(ChangeEvent {
+                    op,
+                    before: before.map(|(b, _)| b),
+                    after: after.map(|(a, _)| a),
+                    key,
+                    source,
+                    transaction: None,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Follow a QUERY event: table DDL re-reads the definition; other statements pass.
+    async fn ddl(&mut self, default_db: &str, statement: &str, end: u64) -> Result<(), MysqlError> {
+        let Some(targets) =
+            ddl_targets(default_db, statement).map_err(|reason| MysqlError::Ddl {
+                statement: statement.to_string(),
+                position: format!("{}:{end}", self.at.file),
+                reason,
+            })?
+        else {
+            return Ok(());
+        };
+        let mut at = self.at.clone();
+        at.pos = end;
+        at.snapshot = None;
+        for (db, table) in targets {
+            if !self.captures(&db, &table) {
+                continue;
+            }
+            let def = read_definition(&mut self.meta, &db, &table, Some(statement), at.position())
+                .await?;
+            self.schemas.insert((db, table), def.clone());
+            self.pending.push_back(Change::Schema(def));
+        }
+        Ok(())
+    }
+}
+
+/// `position` with a snapshot of `tables` (`db.table`) requested: the next start of the
+/// connector reads just those tables inside a consistent snapshot, then streams on from
+/// `position` itself, so nothing of the stream is skipped (`qanat cdc snapshot`).
+pub fn request_table_snapshot(
+    position: &Position,
+    tables: &[String],
+) -> Result<Position, MysqlError> {
+    let mut at: BinlogPosition = serde_json::from_value(position.0.clone())
+        .map_err(|e| MysqlError::BadPosition(format!("{}: {e}", position.0)))?;
+    if at.snapshot.as_ref().is_some_and(|p| p.only.is_none()) {
+        // A snapshot of every table is already due: it covers these.
+        return Ok(at.position());
+    }
+    let progress = at.snapshot.get_or_insert_with(SnapshotProgress::default);
+    let only = progress.only.get_or_insert_with(Vec::new);
+    for t in tables {
+        if !only.contains(t) {
+            only.push(t.clone());
+        }
+    }
+    Ok(at.position())
+}
+
+/// The tables a DDL statement changes; `Ok(None)` when it changes no table's columns.
+fn ddl_targets(default_db: &str, statement: &str) -> Result<Option<Vec<(String, String)>>, String> {
+    static_regexes(|head, ident| {
+        let text = strip_comments(statement);
+        let Some(caps) = head.captures(&text) else {
+            return Ok(None);
+        };
+        let verb = caps.get(1).map_or("", |m| m.as_str()).to_ascii_lowercase();
+        let rest = caps.get(2).map_or("", |m| m.as_str());
+        let names: Vec<(String, String)> = ident
+            .captures_iter(rest)
+            .filter(|c| {
+                // Keywords between the names (RENAME a TO b; DROP … RESTRICT), unquoted.
+                let raw = c.get(0).map_or("", |m| m.as_str());
+                !["to", "as", "restrict", "cascade", "wait", "nowait"]
+                    .iter()
+                    .any(|k| raw.eq_ignore_ascii_case(k))
+            })
+            .map(|c| {
+                let a = unquote(c.get(1).map_or("", |m| m.as_str()));
+                match c.get(2) {
+                    Some(b) => (a, unquote(b.as_str())),
+                    None => (default_db.to_string(), a),
+                }
+            })
+            .collect();
+        let first = names.first().cloned().ok_or("no table name found")?;
+        Ok(Some(match verb.as_str() {
+            // RENAME TABLE a TO b, c TO d: every name, old ones come back dropped.
+            "rename" | "drop" => names,
+            // ALTER TABLE t RENAME TO u: both.
+            "alter" => {
+                let lower = rest.to_ascii_lowercase();
+                if let Some(idx) = lower
+                    .find(" rename to ")
+                    .or_else(|| lower.find(" rename as "))
+                {
+                    let mut out = vec![first];
+                    if let Some(c) = ident.captures(&rest[idx + 11..]) {
+                        let a = unquote(c.get(1).map_or("", |m| m.as_str()));
+                        out.push(match c.get(2) {
+                            Some(b) => (a, unquote(b.as_str())),
+                            None => (default_db.to_string(), a),
+                        });
+                    }
+                    out
+                } else {
+                    vec![first]
+                }
+            }
+            _ => vec![first],
+        }))
+    })
+}
+
+fn static_regexes<T>(f: impl FnOnce(&Regex, &Regex) -> T) -> T {
+    use std::sync::OnceLock;
+    static HEAD: OnceLock<(Regex, Regex)> = OnceLock::new();
+    let (head, ident) = HEAD.get_or_init(|| {
+        let head = Regex::new(
+            r"(?is)^\s*(alter|create|drop|rename|truncate)\s+(?:(?:online|offline|ignore|temporary|or\s+replace)\s+)*table\s+(?:if\s+(?:not\s+)?exists\s+)?(.*)$",
+        );
+        let ident = Regex::new(r"(`(?:[^`]|``)+`|[\w$]+)(?:\s*\.\s*(`(?:[^`]|``)+`|[\w$]+))?");
+        match (head, ident) {
+            (Ok(h), Ok(i)) => (h, i),
+            // The patterns are constants; an error here is a programming error caught by tests.
+            _ => (Regex::new("$^").unwrap_or_else(|_| unreachable!()), Regex::new("$^").unwrap_or_else(|_| unreachable!())),
+        }
+    });
+    f(head, ident)
+}
+
+fn unquote(s: &str) -> String {
+    s.strip_prefix('`')
+        .and_then(|s| s.strip_suffix('`'))
+        .map_or_else(|| s.to_string(), |s| s.replace("``", "`"))
+}
+
+fn strip_comments(statement: &str) -> String {
+    // `/* … */` anywhere (the server appends `/* generated by server */` to DROP TABLE).
+    let mut out = String::with_capacity(statement.len());
+    let mut rest = statement;
+    while let Some(start) = rest.find("/*") {
+        out.push_str(&rest[..start]);
+        match rest[start + 2..].find("*/") {
+            Some(end) => {
+                out.push(' ');
+                rest = &rest[start + 2 + end + 2..];
+            }
+            None => {
+                rest = "";
+            }
+        }
+    }
+    out.push_str(rest);
+    out.trim().to_string()
+}
+
+/// The columns of `db.table` now, from `information_schema`; `columns: None` if it is gone.
+async fn read_definition(
+    conn: &mut Conn,
+    db: &str,
+    table: &str,
+    ddl: Option<&str>,
+    position: Position,
+) -> Result<SchemaChange, MysqlError> {
+    let cols: Vec<(String, String, String)> = conn
+        .exec(
+            "SELECT COLUMN_NAME, COLUMN_TYPE, IS_NULLABLE FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ? ORDER BY ORDINAL_POSITION",
+            (db, table),
+        )
+        .await
+        .map_err(q(format!("columns of {db}.{table}")))?;
+    let primary_key = primary_key(conn, db, table).await?;
+    Ok(SchemaChange {
+        db: db.to_string(),
+        schema: None,
+        table: table.to_string(),
+        ddl: ddl.map(str::to_string),
+        columns: (!cols.is_empty()).then(|| {
+            cols.into_iter()
+                .map(|(name, type_name, nullable)| Column {
+                    name,
+                    type_name,
+                    nullable: nullable == "YES",
+                })
+                .collect()
+        }),
+        primary_key,
+        position,
+    })
+}
+
+async fn primary_key(conn: &mut Conn, db: &str, table: &str) -> Result<Vec<String>, MysqlError> {
+    conn.exec(
+        "SELECT COLUMN_NAME FROM information_schema.STATISTICS WHERE TABLE_SCHEMA = ? \
+         AND TABLE_NAME = ? AND INDEX_NAME = 'PRIMARY' ORDER BY SEQ_IN_INDEX",
+        (db, table),
+    )
+    .await
+    .map_err(q(format!("primary key of {db}.{table}")))
+}
+
+async fn master_position(conn: &mut Conn) -> Result<BinlogPosition, MysqlError> {
+    let row: Option<mysql_async::Row> = conn
+        .query_first("SHOW MASTER STATUS")
+        .await
+        .map_err(q("SHOW MASTER STATUS"))?;
+    let row = row.ok_or(MysqlError::ServerSetting {
+        variable: "log_bin",
+        found: "OFF".into(),
+        want: "ON",
+    })?;
+    Ok(BinlogPosition {
+        file: row.get(0).unwrap_or_default(),
+        pos: row.get(1).unwrap_or(4),
+        gtid: None,
+        gtid_state: BTreeMap::new(),
+        snapshot: None,
+    })
+}
+
+async fn check_settings(conn: &mut Conn) -> Result<(), MysqlError> {
+    let log_bin: Option<My> = conn
+        .query_first("SELECT @@log_bin")
+        .await
+        .map_err(q("@@log_bin"))?;
+    let on = match &log_bin {
+        Some(My::Int(1)) | Some(My::UInt(1)) => true,
+        Some(My::Bytes(b)) => b == b"1" || b.eq_ignore_ascii_case(b"ON"),
+        _ => false,
+    };
+    if !on {
+        return Err(MysqlError::ServerSetting {
+            variable: "log_bin",
+            found: "OFF".into(),
+            want: "ON",
+        });
+    }
+    for (variable, want) in [("binlog_format", "ROW"), ("binlog_row_image", "FULL")] {
+        let found: Option<String> = conn
+            .query_first(format!("SELECT @@GLOBAL.{variable}"))
+            .await
+            .map_err(q(format!("@@{variable}")))?;
+        let found = found.unwrap_or_default();
+        if !found.eq_ignore_ascii_case(want) {
+            return Err(MysqlError::ServerSetting {
+                variable,
+                found,
+                want,
+            });
+        }
+    }
+    Ok(())
+}
+
+fn json_param(v: &Json) -> My {
+    match v {
+        Json::Number(n) => n
+            .as_i64()
+            .map(My::Int)
+            .or_else(|| n.as_u64().map(My::UInt))
+            .unwrap_or_else(|| My::Double(n.as_f64().unwrap_or(0.0))),
+        Json::String(s) => My::Bytes(s.clone().into_bytes()),
+        Json::Bool(b) => My::Int(i64::from(*b)),
+        Json::Null => My::NULL,
+        other => My::Bytes(other.to_string().into_bytes()),
+    }
+}
+
+fn snapshot_shape(col: &mysql_async::Column) -> ColumnShape {
+    let flags = col.flags();
+    let kind = if flags.contains(ColumnFlags::ENUM_FLAG) {
+        ColumnType::MYSQL_TYPE_ENUM
+    } else if flags.contains(ColumnFlags::SET_FLAG) {
+        ColumnType::MYSQL_TYPE_SET
+    } else {
+        col.column_type()
+    };
+    ColumnShape {
+        name: col.name_str().into_owned(),
+        kind: Some(kind),
+        precision: if kind == ColumnType::MYSQL_TYPE_BIT {
+            col.column_length()
+        } else {
+            u32::from(col.decimals())
+        },
+        charset: col.character_set(),
+        primary_key: flags.contains(ColumnFlags::PRI_KEY_FLAG),
+        ..ColumnShape::default()
+    }
+}
+
+/// A value read by the snapshot (binary protocol, session time zone UTC) as the same
+/// canonical value the binlog gives for it.
+fn snapshot_value(
+    shape: &ColumnShape,
+    _col: &mysql_async::Column,
+    v: My,
+    charsets: &HashMap<u16, String>,
+) -> Result<Value, DecodeError> {
+    use ColumnType::*;
+    let kind = shape.kind.unwrap_or(MYSQL_TYPE_NULL);
+    let bad = |reason: String| DecodeError::Column {
+        column: shape.name.clone(),
+        reason,
+    };
+    let frac = |us: u32| -> String {
+        if shape.precision == 0 || shape.precision > 6 {
+            String::new()
+        } else {
+            format!(".{}", &format!("{us:06}")[..shape.precision as usize])
+        }
+    };
+    Ok(match (kind, v) {
+        (_, My::NULL) => Value::Null,
+        (MYSQL_TYPE_ENUM | MYSQL_TYPE_SET, My::Bytes(b)) => {
+            Value::Text(String::from_utf8(b).map_err(|e| bad(e.to_string()))?)
+        }
+        (MYSQL_TYPE_TIMESTAMP, My::Date(y, mo, d, h, mi, s, us)) => Value::Timestamp(format!(
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{}Z",
+            frac(us)
+        )),
+        (MYSQL_TYPE_DATETIME, My::Date(y, mo, d, h, mi, s, us)) => Value::DateTime(format!(
+            "{y:04}-{mo:02}-{d:02}T{h:02}:{mi:02}:{s:02}{}",
+            frac(us)
+        )),
+        (MYSQL_TYPE_DATE | MYSQL_TYPE_NEWDATE, My::Date(y, mo, d, ..)) => {
+            Value::Date(format!("{y:04}-{mo:02}-{d:02}"))
+        }
+        (MYSQL_TYPE_TIME, My::Time(neg, days, h, mi, s, us)) => Value::Time(format!(
+            "{}{:02}:{mi:02}:{s:02}{}",
+            if neg { "-" } else { "" },
+            u64::from(days) * 24 + u64::from(h),
+            frac(us)
+        )),
+        (MYSQL_TYPE_YEAR, My::Int(y)) => Value::Int(y),
+        (MYSQL_TYPE_YEAR, My::UInt(y)) => Value::Int(i64::try_from(y).unwrap_or(0)),
+        (MYSQL_TYPE_FLOAT, My::Float(f)) => {
+            Value::Float(f.to_string().parse::<f64>().unwrap_or(f64::from(f)))
+        }
+        (MYSQL_TYPE_FLOAT, My::Double(f)) | (MYSQL_TYPE_DOUBLE, My::Double(f)) => Value::Float(f),
+        (MYSQL_TYPE_BIT, My::Bytes(b)) => {
+            if shape.precision == 1 {
+                Value::Bool(b.iter().any(|x| *x != 0))
+            } else {
+                Value::UInt(b.iter().fold(0u64, |acc, x| (acc << 8) | u64::from(*x)))
+            }
+        }
+        (MYSQL_TYPE_NEWDECIMAL | MYSQL_TYPE_DECIMAL, My::Bytes(b)) => {
+            Value::Decimal(String::from_utf8(b).map_err(|e| bad(e.to_string()))?)
+        }
+        (MYSQL_TYPE_JSON, My::Bytes(b)) => {
+            Value::Json(String::from_utf8(b).map_err(|e| bad(e.to_string()))?)
+        }
+        (MYSQL_TYPE_GEOMETRY, My::Bytes(b)) => Value::Bytes(b),
+        (_, My::Bytes(b)) => {
+            if shape.charset == decode::BINARY_COLLATION {
+                Value::Bytes(b)
+            } else {
+                decode::text(shape, b, charsets)?
+            }
+        }
+        (_, My::Int(i)) => Value::Int(i),
+        (_, My::UInt(u)) => Value::UInt(u),
+        (_, other) => return Err(bad(format!("{kind:?} as {other:?}"))),
+    })
+}
+
+impl Source for MysqlSource {
+    type Error = MysqlError;
+
+    async fn next(&mut self) -> Result<Change, MysqlError> {
+        loop {
+            if let Some(change) = self.pending.pop_front() {
+                return Ok(change);
+            }
+            if self.snapshot.is_some() {
+                self.snapshot_step().await?;
+            } else {
+                self.stream_step().await?;
+            }
+        }
+    }
+
+    async fn acknowledge(&mut self, _position: &Position) -> Result<(), MysqlError> {
+        // The binlog keeps no replica state: the stored position is all there is.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ddl_targets_found() {
+        let t = |s| ddl_targets("shop", s).ok().flatten();
+        assert_eq!(
+            t("ALTER TABLE orders ADD COLUMN x int"),
+            Some(vec![("shop".into(), "orders".into())])
+        );
+        assert_eq!(
+            t("/* c */ alter online table `a b`.`t``x` drop y"),
+            Some(vec![("a b".into(), "t`x".into())])
+        );
+        assert_eq!(
+            t("RENAME TABLE a TO b, other.c TO d"),
+            Some(vec![
+                ("shop".into(), "a".into()),
+                ("shop".into(), "b".into()),
+                ("other".into(), "c".into()),
+                ("shop".into(), "d".into())
+            ])
+        );
+        assert_eq!(
+            t("CREATE TABLE IF NOT EXISTS x.y (id int)"),
+            Some(vec![("x".into(), "y".into())])
+        );
+        assert_eq!(
+            t("DROP TABLE IF EXISTS a, b"),
+            Some(vec![
+                ("shop".into(), "a".into()),
+                ("shop".into(), "b".into())
+            ])
+        );
+        assert_eq!(
+            t("DROP TABLE `a` /* generated by server */"),
+            Some(vec![("shop".into(), "a".into())])
+        );
+        assert_eq!(t("CREATE DATABASE z"), None);
+        assert_eq!(t("GRANT ALL ON *.* TO x"), None);
+        assert!(ddl_targets("shop", "ALTER TABLE ---").is_err());
+    }
+
+    proptest::proptest! {
+        /// Statements are logged text from the server: any of them is parsed without a panic.
+        #[test]
+        fn ddl_parsing_never_panics(statement in "(?s)(ALTER|alter|RENAME|DROP|CREATE) (TABLE|table) .{0,60}") {
+            let _ = ddl_targets("db", &statement);
+        }
+
+        #[test]
+        fn any_text_never_panics(statement in "\\PC{0,80}") {
+            let _ = ddl_targets("db", &statement);
+        }
+    }
+
+    #[test]
+    fn redacts_passwords() {
+        assert_eq!(
+            redact("mysql://root:secret@127.0.0.1:3306"),
+            "mysql://root:***@127.0.0.1:3306"
+        );
+    }
+}

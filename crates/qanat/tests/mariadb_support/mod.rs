@@ -1,0 +1,165 @@
+//! A private MariaDB server per test: its own data directory and port, the binlog on in ROW
+//! format with full row metadata (the machine's own server, if any, is never touched). Started
+//! with `mariadb-install-db` + `mariadbd`, ready once it accepts a query (polled), killed and
+//! removed on drop. Statements run through the `mariadb` client over the server's socket.
+
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+pub const USER: &str = "cdc";
+pub const PASSWORD: &str = "cdc-pass";
+
+pub struct MariaDb {
+    dir: TempDir,
+    pub port: u16,
+    child: Option<Child>,
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port")
+}
+
+impl MariaDb {
+    pub fn start() -> MariaDb {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        let out = Command::new("mariadb-install-db")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg("--auth-root-authentication-method=normal")
+            .arg("--user=root")
+            .arg("--skip-test-db")
+            .output()
+            .expect("run mariadb-install-db (Debian package mariadb-server)");
+        assert!(
+            out.status.success(),
+            "mariadb-install-db failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut db = MariaDb {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        db.spawn();
+        db.sql(&format!(
+            "CREATE USER '{USER}'@'%' IDENTIFIED BY '{PASSWORD}'; \
+             GRANT ALL PRIVILEGES ON *.* TO '{USER}'@'%'; FLUSH PRIVILEGES;"
+        ));
+        db
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("mysqld.sock")
+    }
+
+    fn spawn(&mut self) {
+        let data = self.dir.path().join("data");
+        let log = std::fs::File::create(self.dir.path().join("mariadbd.log")).expect("log file");
+        let child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", self.socket().display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--log-bin={}", data.join("binlog").display()))
+            .arg("--binlog-format=ROW")
+            .arg("--binlog-row-metadata=FULL")
+            .arg("--server-id=1")
+            .arg(format!(
+                "--pid-file={}",
+                self.dir.path().join("mariadbd.pid").display()
+            ))
+            .arg("--innodb-buffer-pool-size=32M")
+            .arg("--skip-name-resolve")
+            .arg("--user=root")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mariadbd");
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.try_sql("SELECT 1").is_ok() {
+                return;
+            }
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("mariadbd exited ({status}): {}", self.log_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd not ready: {}",
+                self.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text =
+            std::fs::read_to_string(self.dir.path().join("mariadbd.log")).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(20)..].join("\n")
+    }
+
+    pub fn url(&self) -> String {
+        format!("mysql://{USER}:{PASSWORD}@127.0.0.1:{}", self.port)
+    }
+
+    /// Run statements as root over the socket; rows as tab-separated fields (NULL as `NULL`).
+    pub fn try_sql(&self, sql: &str) -> Result<Vec<Vec<String>>, String> {
+        let out = Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args([
+                "-uroot",
+                "--batch",
+                "--skip-column-names",
+                "--raw",
+                "-e",
+                sql,
+            ])
+            .output()
+            .map_err(|e| e.to_string())?;
+        if !out.status.success() {
+            return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(|l| l.split('\t').map(str::to_string).collect())
+            .collect())
+    }
+
+    pub fn sql(&self, sql: &str) -> Vec<Vec<String>> {
+        self.try_sql(sql)
+            .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
+    }
+
+    /// Stop the server (SIGKILL; the tests never need its data after a stop).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
