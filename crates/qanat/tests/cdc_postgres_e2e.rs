@@ -304,3 +304,106 @@ async fn replaying_the_topics_reproduces_the_tables_across_crashes_and_a_broker_
     );
     drop(broker);
 }
+
+/// `qanat cdc --source postgres://…`: streams into the broker, survives `kill -9` (resuming
+/// from the stored position, nothing missing), and a wal_level=replica server makes it exit
+/// non-zero with the setting named.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qanat_cdc_streams_postgres_and_resumes_after_kill_9() {
+    let broker = tokio::task::spawn_blocking(support::Broker::start)
+        .await
+        .expect("broker");
+    let bootstrap = broker.bootstrap();
+    let (url, db) = postgres_support::fresh_database("cdc_cmd").await;
+    db.batch_execute(
+        "CREATE TABLE t_cmd (id int PRIMARY KEY, v text);
+         INSERT INTO t_cmd VALUES (1, 'snapshot');",
+    )
+    .await
+    .expect("schema");
+    let args = [
+        "cdc",
+        "--source",
+        url.as_str(),
+        "--bootstrap",
+        bootstrap.as_str(),
+        "--name",
+        "pgcmd",
+        "--tables",
+        r"public\.t_cmd",
+    ];
+    let mut first = support::qanat_spawn(&args);
+    first.wait_line("qanat cdc connector pgcmd streaming");
+    db.batch_execute("INSERT INTO t_cmd VALUES (2, 'streamed')")
+        .await
+        .expect("insert");
+    let b = bootstrap.clone();
+    tokio::task::spawn_blocking(move || read_until_id(&b, "cdc.public.t_cmd", 2))
+        .await
+        .expect("consume");
+    first.kill9();
+    db.batch_execute(
+        "INSERT INTO t_cmd VALUES (3, 'while down'); INSERT INTO t_cmd VALUES (-1, 'end')",
+    )
+    .await
+    .expect("insert while down");
+    let mut second = support::qanat_spawn(&args);
+    second.wait_line("qanat cdc connector pgcmd streaming");
+    let b = bootstrap.clone();
+    let events =
+        tokio::task::spawn_blocking(move || read_until_marker(&b, "cdc.public.t_cmd", "id"))
+            .await
+            .expect("consume");
+    let replayed = replay(&events, "id");
+    assert_eq!(
+        replayed.keys().copied().collect::<Vec<_>>(),
+        vec![-1, 1, 2, 3],
+        "every row, once the topic is applied"
+    );
+    assert_eq!(events[0]["op"], "r");
+    assert_eq!(events[0]["source"]["connector"], "postgresql");
+    assert_eq!(events[0]["source"]["snapshot"], "last");
+    drop(second);
+
+    let replica =
+        tokio::task::spawn_blocking(|| postgres_support::PgServer::start(&["wal_level=replica"]))
+            .await
+            .expect("replica server");
+    let out = support::qanat(&[
+        "cdc",
+        "--source",
+        &replica.url("postgres"),
+        "--bootstrap",
+        &bootstrap,
+        "--name",
+        "pgreplica",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "exit status {:?}", out.status);
+    assert!(
+        stderr.contains("wal_level") && stderr.contains("logical"),
+        "{stderr}"
+    );
+}
+
+fn read_until_id(bootstrap: &str, topic: &str, id: i64) {
+    let consumer: BaseConsumer = support::consumer_config(bootstrap)
+        .create()
+        .expect("consumer");
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(topic, 0, Offset::Beginning)
+        .expect("assignment");
+    consumer.assign(&tpl).expect("assign");
+    let deadline = Instant::now() + support::DEADLINE;
+    loop {
+        assert!(Instant::now() < deadline, "id {id} never reached {topic}");
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            if let Some(payload) = message.payload() {
+                let value: Json = serde_json::from_slice(payload).expect("event JSON");
+                if value["after"]["id"] == id {
+                    return;
+                }
+            }
+        }
+    }
+}
