@@ -5,6 +5,8 @@
 # installed twice, and apt-get update runs only when something has to be installed.
 #
 #   kcat                      (Debian package)  used by crates/qanat/tests/clients.rs
+#   postgresql                (Debian package)  server binaries (initdb, postgres) for the private
+#                             wal_level=logical instances of crates/qanat/tests/cdc_postgres.rs
 #   chromium                  (Debian package)  headless browser for crates/qanat/tests/collect.rs
 #   mariadb-server, -client   (Debian packages) private servers for crates/qanat/tests/cdc_mysql.rs
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
@@ -33,6 +35,14 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "scripts/test.sh: installing chromium" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium </dev/null
+fi
+
+# Any installed major version will do: the tests look for /usr/lib/postgresql/<version>/bin.
+if ! compgen -G "/usr/lib/postgresql/*/bin/postgres" >/dev/null \
+   || ! compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null; then
+  echo "scripts/test.sh: installing the PostgreSQL server" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends postgresql </dev/null
 fi
 
 if ! command -v mariadbd >/dev/null 2>&1 || ! command -v mariadb-install-db >/dev/null 2>&1 \

@@ -7,6 +7,8 @@
 //!   ([`event::Value`]) and their JSON rendering (the Debezium envelope, schemas disabled).
 //! - [`source`]: the contract between a database source and the loop that delivers its
 //!   changes ([`source::Source`], [`source::Change`], [`source::Position`]).
+//! - [`postgres`]: the PostgreSQL source (logical replication, `pgoutput`): slot and
+//!   publication, exported-snapshot reads, pgoutput decoding, text values to [`event::Value`].
 //! - [`pipeline`]: the delivery loop, generic over the source: routing (`<prefix>.<db>.<table>`
 //!   or regex routes for sharded tables), include/exclude, column exclusion and masking,
 //!   tombstones, transaction markers, the offsets topic (key = connector name, latest wins)
@@ -32,4 +34,5 @@ pub mod config;
 pub mod event;
 pub mod mysql;
 pub mod pipeline;
+pub mod postgres;
 pub mod source;

@@ -12,6 +12,7 @@ use clap::{Args, Subcommand};
 use qanat_cdc::config::{CdcConfig, ConnectorConfig};
 use qanat_cdc::mysql::{MysqlConfig, MysqlSource, SnapshotMode};
 use qanat_cdc::pipeline::{self, now_ms, PipelineConfig};
+use qanat_cdc::postgres::{self as pg, PostgresConfig, PostgresSource};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -253,10 +254,45 @@ async fn run_one(
             pipeline::run(source, &pipeline, &state, shutdown).await?;
             Ok(())
         }
-        "postgres" | "postgresql" => anyhow::bail!(
-            "source {}: PostgreSQL sources are not built into this binary",
-            qanat_cdc::mysql::redact(&connector.source)
-        ),
+        "postgres" | "postgresql" => {
+            pipeline::ensure_topics(&pipeline).await?;
+            let state = pipeline::load_state(&pipeline).await?;
+            // The connector's include/exclude regexes are over `schema.table` here; the
+            // source folds them into one, which also selects the publication's tables.
+            let any_of = |patterns: &[String]| {
+                (!patterns.is_empty()).then(|| {
+                    patterns
+                        .iter()
+                        .map(|p| format!("(?:{p})"))
+                        .collect::<Vec<_>>()
+                        .join("|")
+                })
+            };
+            let mut cfg = PostgresConfig::new(connector.source.clone(), connector.name.clone());
+            cfg.slot = connector.slot.clone();
+            cfg.publication = connector.publication.clone();
+            cfg.include = any_of(&connector.tables);
+            cfg.exclude = any_of(&connector.exclude_tables);
+            cfg.snapshot = match connector.snapshot.as_str() {
+                "initial" => pg::SnapshotMode::Initial,
+                "never" => pg::SnapshotMode::Never,
+                "when_needed" => pg::SnapshotMode::WhenNeeded,
+                other => anyhow::bail!(
+                    "connector {}: snapshot {other:?} is not initial, never or when_needed",
+                    connector.name
+                ),
+            };
+            cfg.heartbeat_interval = Duration::from_millis(connector.heartbeat_ms.max(100));
+            cfg.snapshot_fetch_rows = connector.snapshot_chunk.max(1);
+            let source = PostgresSource::open(&cfg, state.position()).await?;
+            let mut stdout = std::io::stdout();
+            writeln!(stdout, "qanat cdc connector {} streaming", connector.name)?;
+            stdout.flush()?;
+            tracing::info!(connector = %connector.name, source = %qanat_cdc::mysql::redact(&connector.source),
+                slot = %source.slot(), "connector ready");
+            pipeline::run(source, &pipeline, &state, shutdown).await?;
+            Ok(())
+        }
         other => anyhow::bail!("source scheme {other:?} is not supported"),
     }
 }
