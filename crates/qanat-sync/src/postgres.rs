@@ -287,9 +287,16 @@ impl Reader for PgTable {
         let mut splitter = LineSplitter::default();
         let mut builder = BatchBuilder::new(schema);
         let mut ready: Vec<RecordBatch> = Vec::new();
+        let binary: Vec<bool> = schema
+            .columns
+            .iter()
+            .map(|c| c.ty == CanonicalType::Binary)
+            .collect();
+        let any_binary = binary.iter().any(|b| *b);
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|e| SyncError::pg(context(), e))?;
             splitter.feed(&chunk, |cells| -> Result<(), SyncError> {
+                let decoded_cells: Vec<Option<&[u8]>>;
                 if cells.len() != schema.columns.len() {
                     return Err(SyncError::Internal(format!(
                         "COPY row with {} fields, expected {}",
@@ -297,6 +304,23 @@ impl Reader for PgTable {
                         schema.columns.len()
                     )));
                 }
+                // bytea arrives in its hex output form `\x…`.
+                let decoded: Vec<Option<Vec<u8>>>;
+                let cells: &[Option<&[u8]>] = if any_binary {
+                    decoded = cells
+                        .iter()
+                        .zip(&binary)
+                        .map(|(c, is_bin)| match (c, is_bin) {
+                            (Some(v), true) => Some(decode_bytea(v)),
+                            (Some(v), false) => Some(v.to_vec()),
+                            (None, _) => None,
+                        })
+                        .collect();
+                    decoded_cells = decoded.iter().map(|c| c.as_deref()).collect();
+                    &decoded_cells
+                } else {
+                    cells
+                };
                 if let Err(e) = builder.push_text_row(cells) {
                     dirty_row(dirty, split, &schema.columns, cells, &e.to_string())?;
                 }
@@ -316,6 +340,25 @@ impl Reader for PgTable {
         }
         Ok(())
     }
+}
+
+/// bytea's hex output form `\x0aff` as bytes; anything else is kept as it is.
+fn decode_bytea(v: &[u8]) -> Vec<u8> {
+    let Some(hex) = v.strip_prefix(b"\\x") else {
+        return v.to_vec();
+    };
+    let digit = |b: u8| (b as char).to_digit(16);
+    let mut out = Vec::with_capacity(hex.len() / 2);
+    for pair in hex.chunks(2) {
+        match (
+            pair.first().and_then(|b| digit(*b)),
+            pair.get(1).and_then(|b| digit(*b)),
+        ) {
+            (Some(h), Some(l)) => out.push((h * 16 + l) as u8),
+            _ => return v.to_vec(),
+        }
+    }
+    out
 }
 
 /// Writes into one PostgreSQL table.

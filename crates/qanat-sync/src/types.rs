@@ -259,6 +259,10 @@ pub fn render_float(v: f64) -> String {
         } else {
             "-Infinity".into()
         }
+    } else if v != 0.0 && (v.abs() >= 1e16 || v.abs() < 1e-5) {
+        // Shortest round-trip digits with an exponent: a plain 309-digit literal would be
+        // read as a DECIMAL (and clipped) by MariaDB.
+        format!("{v:e}")
     } else {
         format!("{v}")
     }

@@ -5,6 +5,7 @@ mod audit_cmd;
 mod broker_cmd;
 mod collect_cmd;
 mod groups_cmd;
+mod sync_cmd;
 mod telemetry;
 mod topics_cmd;
 
@@ -35,6 +36,8 @@ enum Command {
     Agent(agent_cmd::AgentArgs),
     /// Prove every byte of every source file arrived exactly once (exit 1 on loss).
     Audit(audit_cmd::AuditArgs),
+    /// Batch-copy tables between MariaDB/MySQL, PostgreSQL and Parquet (DataX-style).
+    Sync(sync_cmd::SyncArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Command::Collect(args) => runtime.block_on(collect_cmd::run(args)),
         Command::Agent(args) => runtime.block_on(agent_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
+        Command::Sync(args) => runtime.block_on(sync_cmd::run(args)),
     }
 }
