@@ -70,6 +70,29 @@ impl MyDb {
         )
     }
 
+    /// Run SQL in this database; the server's complaint on failure.
+    pub fn try_sql(&self, sql: &str) -> Result<String, String> {
+        let out = Command::new("mariadb")
+            .args([
+                "-h127.0.0.1",
+                "-P3306",
+                "-uroot",
+                "-N",
+                "-B",
+                &self.name,
+                "-e",
+                sql,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .map_err(|e| e.to_string())?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
     /// Run SQL in this database; the output as tab-separated lines.
     pub fn sql(&self, sql: &str) -> String {
         self.sql_in(&self.name, sql)
