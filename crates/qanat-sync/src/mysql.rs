@@ -347,10 +347,10 @@ impl Reader for MysqlTable {
             if let Err(e) = builder.push_text_row(&cells) {
                 dirty_row(dirty, split, &schema.columns, &cells, &e.to_string())?;
             }
-            if builder.rows() >= batch_rows || builder.bytes() >= crate::job::BATCH_BYTES {
-                if out.send(builder.finish()).await.is_err() {
-                    return Ok(());
-                }
+            if (builder.rows() >= batch_rows || builder.bytes() >= crate::job::BATCH_BYTES)
+                && out.send(builder.finish()).await.is_err()
+            {
+                return Ok(());
             }
         }
         drop(result);

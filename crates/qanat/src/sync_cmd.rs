@@ -17,6 +17,9 @@ use qanat_sync::job::{run_tables, Live, TableJob, TableReport};
 use qanat_sync::plugin::WriteMode;
 use qanat_sync::throttle::Throttle;
 
+/// Each running table's name and live counters, for the progress lines.
+type LiveTables = Vec<(String, Arc<Live>)>;
+
 #[derive(Args)]
 pub struct SyncArgs {
     #[command(subcommand)]
@@ -211,7 +214,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         Some(settings.max_records_per_sec),
         Some(settings.max_bytes_per_sec),
     ));
-    let lives: Arc<Mutex<Vec<(String, Arc<Live>)>>> = Arc::default();
+    let lives: Arc<Mutex<LiveTables>> = Arc::default();
     let progress = {
         let lives = lives.clone();
         let every = Duration::from_secs(common.progress_secs.max(1));
