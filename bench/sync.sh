@@ -9,7 +9,8 @@
 #   MariaDB → Parquet    : qanat sync
 # Prints rows/s, MB/s (of the source's data length), CPU seconds and peak RSS of each.
 #   BENCH_SCALE=0.1 bench/sync.sh      # 1M rows
-#   SYNC_CHANNELS=4 (default)
+#   SYNC_CHANNELS=4 (default); BENCH_QANAT_BIN=path skips the release build
+#   pgloader comes from Debian's package of that name (apt-get install pgloader).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=sync
@@ -21,7 +22,11 @@ DB=qanat_bench_sync
 MY=(mariadb -h127.0.0.1 -P3306 -uroot --local-infile=1)
 PG=(psql -h 127.0.0.1 -U postgres -X -q -v ON_ERROR_STOP=1)
 
-build_release qanat
+if [ -n "${BENCH_QANAT_BIN:-}" ]; then
+  QANAT_BIN=$BENCH_QANAT_BIN # another build, e.g. target/debug/qanat
+else
+  build_release qanat
+fi
 start_tmp qanat-sync-bench
 cleanup_extra() {
   "${MY[@]}" -e "DROP DATABASE IF EXISTS $DB" 2>/dev/null

@@ -75,6 +75,8 @@ pub struct TableReport {
     pub dirty: u64,
     pub bytes: u64,
     pub seconds: f64,
+    /// From the first task's start to the last task's end (no planning, no verify).
+    pub transfer_seconds: f64,
     pub retries: u64,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub verify: Option<VerifyReport>,
@@ -327,6 +329,7 @@ async fn run_table_inner(
         live,
     });
     let pool = Arc::new(Semaphore::new(channels));
+    let transfer_started = Instant::now();
     let mut tasks = JoinSet::new();
     for split in splits.iter().cloned() {
         let ctx = ctx.clone();
@@ -370,6 +373,7 @@ async fn run_table_inner(
             }
         }
     }
+    report.transfer_seconds = transfer_started.elapsed().as_secs_f64();
     report.dirty = ctx.dirty.count();
     // Rows the reader could not convert were read too.
     report.rows_read += report.dirty.saturating_sub(writer_dirty);

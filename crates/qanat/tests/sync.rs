@@ -483,7 +483,7 @@ fn throttling_holds_the_records_per_second_limit() {
     ]);
     let t = table_report(&summary);
     let rows = t["rows_written"].as_f64().unwrap_or(0.0);
-    let seconds = t["seconds"].as_f64().unwrap_or(f64::MAX);
+    let seconds = t["transfer_seconds"].as_f64().unwrap_or(f64::MAX);
     let rate = rows / seconds;
     assert_eq!(rows, 40_000.0);
     assert!(
