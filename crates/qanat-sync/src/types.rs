@@ -610,6 +610,60 @@ impl Digest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
+
+    fn every_type() -> TableSchema {
+        let types = [
+            CanonicalType::Bool,
+            CanonicalType::Int64,
+            CanonicalType::Float64,
+            CanonicalType::Decimal {
+                precision: 12,
+                scale: 3,
+            },
+            CanonicalType::Utf8,
+            CanonicalType::Binary,
+            CanonicalType::Date,
+            CanonicalType::Time,
+            CanonicalType::Timestamp,
+            CanonicalType::TimestampTz,
+        ];
+        TableSchema {
+            columns: types
+                .iter()
+                .enumerate()
+                .map(|(i, ty)| Column {
+                    name: format!("c{i}"),
+                    ty: *ty,
+                    nullable: true,
+                    native: ty.name(),
+                })
+                .collect(),
+            primary_key: vec![],
+        }
+    }
+
+    proptest! {
+        // Cells come from servers and files: garbage is an error or a value, never a panic,
+        // and a parsed value renders without panicking either.
+        #[test]
+        fn garbage_cells_never_panic(cells in prop::collection::vec(
+            prop::option::of(prop::collection::vec(any::<u8>(), 0..24)), 10)) {
+            let schema = every_type();
+            let mut b = BatchBuilder::new(&schema);
+            let refs: Vec<Option<&[u8]>> = cells.iter().map(|c| c.as_deref()).collect();
+            let accepted = b.push_text_row(&refs).is_ok();
+            let batch = b.finish();
+            prop_assert_eq!(batch.num_rows(), usize::from(accepted));
+            let mut d = Digest::default();
+            d.add_batch(&batch);
+            for col in batch.columns() {
+                for row in 0..batch.num_rows() {
+                    let _ = cell(col.as_ref(), row).render();
+                }
+            }
+        }
+    }
 
     #[test]
     fn decimals_parse_and_render_exactly() {

@@ -614,3 +614,82 @@ fn a_job_file_runs_several_tables_with_environment_overrides() {
     );
     assert_eq!(my.sql("SELECT count(*) FROM b").trim(), "2000");
 }
+
+#[test]
+fn a_parquet_partition_is_replaced_whole_and_a_failed_run_leaves_the_old_one() {
+    let my = MyDb::new();
+    my.sql("CREATE TABLE ev (id INT PRIMARY KEY, tm TIME)");
+    my.sql("INSERT INTO ev SELECT seq, '01:02:03' FROM seq_1_to_5000");
+    let lake = tempfile::tempdir().expect("tempdir");
+    let target = format!("parquet://{}/ev?ds=20261129", lake.path().display());
+    let table_dir = lake.path().join("ev");
+    let part_dir = table_dir.join("ds=20261129");
+    let listing = || {
+        let mut names: Vec<String> = std::fs::read_dir(&table_dir)
+            .expect("table dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    let count_rows = || {
+        let out = std::process::Command::new("python3")
+            .args([
+                "-c",
+                "import sys, pyarrow.parquet as pq; print(pq.read_table(sys.argv[1]).num_rows)",
+            ])
+            .arg(&part_dir)
+            .output()
+            .expect("python3");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+
+    let first = sync_json(&[
+        "copy",
+        "--from",
+        &my.dsn("ev"),
+        "--to",
+        &target,
+        "--max-splits",
+        "4",
+    ]);
+    assert_eq!(table_report(&first)["rows_written"], 5000, "{first}");
+    assert_eq!(count_rows(), "5000");
+
+    // A re-run with fewer rows and fewer splits replaces the partition whole.
+    my.sql("DELETE FROM ev WHERE id > 3000");
+    sync_json(&[
+        "copy",
+        "--from",
+        &my.dsn("ev"),
+        "--to",
+        &target,
+        "--max-splits",
+        "1",
+    ]);
+    assert_eq!(count_rows(), "3000");
+    assert_eq!(listing(), vec!["ds=20261129".to_string()]);
+    let parts = std::fs::read_dir(&part_dir).expect("partition").count();
+    assert_eq!(parts, 1);
+
+    // A run that fails (a TIME past 24 h is dirty, and no dirty row is allowed) leaves the
+    // committed partition as it was and no staging directory behind.
+    my.sql("INSERT INTO ev VALUES (4000, '25:00:00')");
+    let e = sync_fails(&[
+        "copy",
+        "--from",
+        &my.dsn("ev"),
+        "--to",
+        &target,
+        "--max-dirty-records",
+        "0",
+    ]);
+    assert!(e.contains("max_dirty_records = 0"), "{e}");
+    assert_eq!(count_rows(), "3000");
+    assert_eq!(listing(), vec!["ds=20261129".to_string()]);
+}
