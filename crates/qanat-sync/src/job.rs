@@ -8,8 +8,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use arrow::array::{Array, BinaryArray, StringArray};
-use arrow::record_batch::RecordBatch;
+use arrow_array::{Array, BinaryArray, RecordBatch, StringArray};
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 

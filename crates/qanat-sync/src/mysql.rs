@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
 use mysql_async::prelude::Queryable;
 use tokio::sync::mpsc;
 

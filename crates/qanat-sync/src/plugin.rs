@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use arrow::record_batch::RecordBatch;
+use arrow_array::RecordBatch;
 use tokio::sync::mpsc;
 
 use crate::dirty::DirtyLog;

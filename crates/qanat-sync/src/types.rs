@@ -6,14 +6,16 @@
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
-use arrow::array::{
-    Array, ArrayRef, BinaryArray, BinaryBuilder, BooleanArray, BooleanBuilder, Date32Array,
-    Date32Builder, Decimal128Array, Decimal128Builder, Float64Array, Float64Builder, Int64Array,
-    Int64Builder, StringArray, StringBuilder, Time64MicrosecondArray, Time64MicrosecondBuilder,
-    TimestampMicrosecondArray, TimestampMicrosecondBuilder,
+use arrow_array::builder::{
+    BinaryBuilder, BooleanBuilder, Date32Builder, Decimal128Builder, Float64Builder, Int64Builder,
+    StringBuilder, Time64MicrosecondBuilder, TimestampMicrosecondBuilder,
 };
-use arrow::datatypes::{DataType, Field, Schema, SchemaRef, TimeUnit};
-use arrow::record_batch::RecordBatch;
+use arrow_array::{
+    Array, ArrayRef, BinaryArray, BooleanArray, Date32Array, Decimal128Array, Float64Array,
+    Int64Array, RecordBatch, RecordBatchOptions, StringArray, Time64MicrosecondArray,
+    TimestampMicrosecondArray,
+};
+use arrow_schema::{DataType, Field, Schema, SchemaRef, TimeUnit};
 use chrono::{DateTime, NaiveDate, NaiveDateTime, NaiveTime, Timelike};
 
 /// A canonical column type.
@@ -478,8 +480,8 @@ impl BatchBuilder {
             })
             .collect();
         self.reset();
-        let options = arrow::record_batch::RecordBatchOptions::new()
-            .with_row_count(Some(arrays.first().map_or(0, |a| a.len())));
+        let options =
+            RecordBatchOptions::new().with_row_count(Some(arrays.first().map_or(0, |a| a.len())));
         RecordBatch::try_new_with_options(self.schema.clone(), arrays, &options)
             .unwrap_or_else(|_| RecordBatch::new_empty(self.schema.clone()))
     }
