@@ -11,6 +11,7 @@
 #   mariadb-server, -client   (Debian packages) private servers for crates/qanat/tests/cdc_mysql.rs
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
 #                             PATH, which is the one the tests run)
+#   pyarrow                   (pip) reads back the Parquet written by crates/qanat/tests/sync.rs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -56,7 +57,7 @@ fi
 missing=()
 # pip package : module it provides
 for spec in confluent-kafka:confluent_kafka kafka-python:kafka lz4:lz4 zstandard:zstandard \
-            python-snappy:snappy; do
+            python-snappy:snappy pyarrow:pyarrow; do
   if ! python3 -c "import ${spec##*:}" >/dev/null 2>&1; then
     missing+=("${spec%%:*}")
   fi

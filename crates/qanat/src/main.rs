@@ -6,6 +6,7 @@ mod broker_cmd;
 mod cdc_cmd;
 mod collect_cmd;
 mod groups_cmd;
+mod sync_cmd;
 mod telemetry;
 mod topics_cmd;
 
@@ -38,6 +39,8 @@ enum Command {
     Audit(audit_cmd::AuditArgs),
     /// Stream database changes (MariaDB/MySQL binlog, PostgreSQL logical replication) into the bus.
     Cdc(cdc_cmd::CdcArgs),
+    /// Batch-copy tables between MariaDB/MySQL, PostgreSQL and Parquet (DataX-style).
+    Sync(sync_cmd::SyncArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => runtime.block_on(agent_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
         Command::Cdc(args) => runtime.block_on(cdc_cmd::run(args)),
+        Command::Sync(args) => runtime.block_on(sync_cmd::run(args)),
     }
 }

@@ -1,0 +1,199 @@
+//! Job files: TOML with job-wide settings in `[sync]` and one `[[table]]` per table; every
+//! `[sync]` key can be overridden with `QANAT_SYNC_<KEY>` (through `qanat-config`) and, in
+//! the command, with a flag. Unknown keys and bad values are errors naming the key.
+//!
+//! ```toml
+//! [sync]
+//! channels = 4                # tasks per table at once
+//! concurrency = 2             # tables at once
+//! max_records_per_sec = 50000 # job-wide; 0 = unlimited
+//! max_dirty_records = 100
+//! dirty_file = "dirty.jsonl"
+//!
+//! [[table]]
+//! from = "mysql://root@127.0.0.1:3306/shop.orders"
+//! to = "postgres://postgres@127.0.0.1:5432/dw/public.orders"
+//! mode = "upsert"
+//! split_pk = "id"
+//! ```
+
+use std::path::PathBuf;
+
+use crate::plugin::WriteMode;
+use crate::SyncError;
+
+/// Job-wide settings (`[sync]`), each also a per-table default.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub channels: usize,
+    pub concurrency: usize,
+    pub max_splits: usize,
+    pub batch_rows: usize,
+    pub retries: u32,
+    pub retry_backoff_ms: u64,
+    /// 0 is unlimited.
+    pub max_records_per_sec: u64,
+    /// 0 is unlimited.
+    pub max_bytes_per_sec: u64,
+    pub max_dirty_records: Option<u64>,
+    pub max_dirty_ratio: Option<f64>,
+    pub dirty_file: Option<PathBuf>,
+    pub mode: WriteMode,
+    pub verify: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            channels: 4,
+            concurrency: 2,
+            max_splits: 32,
+            batch_rows: 4096,
+            retries: 3,
+            retry_backoff_ms: 500,
+            max_records_per_sec: 0,
+            max_bytes_per_sec: 0,
+            max_dirty_records: None,
+            max_dirty_ratio: None,
+            dirty_file: None,
+            mode: WriteMode::Insert,
+            verify: false,
+        }
+    }
+}
+
+/// One `[[table]]`.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct TableSpec {
+    pub from: String,
+    pub to: String,
+    pub mode: Option<WriteMode>,
+    pub split_pk: Option<String>,
+    pub channels: Option<usize>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct JobFile {
+    pub sync: Settings,
+    pub table: Vec<TableSpec>,
+}
+
+fn env_value(key: &str, raw: &str) -> Result<Option<toml::Value>, String> {
+    Ok(Some(match key {
+        "max_dirty_ratio" => toml::Value::Float(
+            raw.parse()
+                .map_err(|_| format!("{raw:?} is not a number"))?,
+        ),
+        "dirty_file" | "mode" => toml::Value::String(raw.to_string()),
+        _ => qanat_config::plain_value(raw),
+    }))
+}
+
+fn invalid(key: &str, reason: impl std::fmt::Display) -> SyncError {
+    SyncError::Invalid(format!("{key}: {reason}"))
+}
+
+impl JobFile {
+    /// Parse a job file's text (`origin` names it in errors) and apply `QANAT_SYNC_*`.
+    pub fn parse<I>(text: &str, origin: &str, env: I) -> Result<JobFile, SyncError>
+    where
+        I: IntoIterator<Item = (String, String)>,
+    {
+        let mut doc: toml::Table =
+            toml::from_str(text).map_err(|e| SyncError::Invalid(format!("{origin}: {e}")))?;
+        qanat_config::overlay_env(&mut doc, "QANAT_", &["sync"], false, env, |_, key, raw| {
+            env_value(key, raw)
+        })
+        .map_err(|e| SyncError::Invalid(e.to_string()))?;
+        let job: JobFile = toml::Value::Table(doc)
+            .try_into()
+            .map_err(|e: toml::de::Error| SyncError::Invalid(format!("{origin}: {e}")))?;
+        Ok(job)
+    }
+
+    /// Check every value; errors name the key.
+    pub fn validate(&self) -> Result<(), SyncError> {
+        let s = &self.sync;
+        if s.channels == 0 {
+            return Err(invalid("sync.channels", "must be at least 1"));
+        }
+        if s.concurrency == 0 {
+            return Err(invalid("sync.concurrency", "must be at least 1"));
+        }
+        if s.max_splits == 0 || s.max_splits > 4096 {
+            return Err(invalid("sync.max_splits", "must be in 1..=4096"));
+        }
+        if s.batch_rows == 0 || s.batch_rows > 1_000_000 {
+            return Err(invalid("sync.batch_rows", "must be in 1..=1000000"));
+        }
+        if let Some(r) = s.max_dirty_ratio {
+            if !(0.0..=1.0).contains(&r) {
+                return Err(invalid(
+                    "sync.max_dirty_ratio",
+                    format!("{r} is outside 0.0–1.0"),
+                ));
+            }
+        }
+        if self.table.is_empty() {
+            return Err(SyncError::Invalid(
+                "no [[table]]: a job needs at least one table (from, to)".into(),
+            ));
+        }
+        for (i, t) in self.table.iter().enumerate() {
+            crate::dsn::Endpoint::parse(&t.from)
+                .map_err(|e| invalid(&format!("table[{i}].from"), e))?;
+            crate::dsn::Endpoint::parse(&t.to)
+                .map_err(|e| invalid(&format!("table[{i}].to"), e))?;
+            if t.channels == Some(0) {
+                return Err(invalid(
+                    &format!("table[{i}].channels"),
+                    "must be at least 1",
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const JOB: &str = r#"
+[sync]
+channels = 2
+[[table]]
+from = "mysql://root@127.0.0.1:3306/shop.orders"
+to = "parquet:///tmp/lake/orders?ds=1"
+"#;
+
+    #[test]
+    fn env_overrides_the_file() {
+        let env = vec![
+            ("QANAT_SYNC_CHANNELS".to_string(), "7".to_string()),
+            ("QANAT_SYNC_MAX_DIRTY_RATIO".to_string(), "0.5".to_string()),
+        ];
+        let job = JobFile::parse(JOB, "job.toml", env);
+        assert!(
+            matches!(&job, Ok(j) if j.sync.channels == 7 && j.sync.max_dirty_ratio == Some(0.5))
+        );
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let bad = JobFile::parse(&JOB.replace("channels", "chanels"), "job.toml", vec![]);
+        assert!(
+            matches!(&bad, Err(e) if e.to_string().contains("chanels")),
+            "{bad:?}"
+        );
+        let zero = JobFile::parse(&JOB.replace("= 2", "= 0"), "job.toml", vec![])
+            .and_then(|j| j.validate());
+        assert!(matches!(&zero, Err(e) if e.to_string().contains("sync.channels")));
+        let dsn = JobFile::parse(&JOB.replace("mysql://", "mysq://"), "job.toml", vec![])
+            .and_then(|j| j.validate());
+        assert!(matches!(&dsn, Err(e) if e.to_string().contains("table[0].from")));
+    }
+}

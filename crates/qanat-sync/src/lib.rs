@@ -1,0 +1,184 @@
+//! Qanat batch sync: a DataX-style framework that moves tables between stores.
+//!
+//! The framework owns everything but data access. A [`job::TableJob`] is planned into
+//! [`split::Split`]s (key ranges from sampled quantiles of the split column); each split is a
+//! task, run by a bounded pool of channels: a [`plugin::Reader`] streams the split's rows as
+//! Arrow `RecordBatch`es into a bounded channel, a [`plugin::SplitWriter`] drains it. The
+//! batch columns use the canonical type system of [`types`], so every reader works with
+//! every writer, and every value has one string form.
+//!
+//! Invariants:
+//! - Bounded memory: readers stream (a server-side cursor per split), channels hold at most
+//!   a few batches of at most `batch_rows` rows, the Parquet writer flushes row groups.
+//! - Splits partition the key space: every row is read by exactly one split.
+//! - A split is written in one target transaction (or one staged file), so a failed task
+//!   leaves nothing behind and is retried from its split with backoff.
+//! - Rows a reader cannot convert or a writer rejects go to the dirty-record file with their
+//!   reason; a table fails past `max_dirty_records` / `max_dirty_ratio`.
+//! - Job-wide token buckets cap records/s and bytes/s.
+//! - `--verify` compares, per split, the row count and an order-independent checksum of the
+//!   canonical renderings on both sides.
+//!
+//! Metrics: `qanat_sync_rows_read_total`, `qanat_sync_rows_written_total`,
+//! `qanat_sync_bytes_total`, `qanat_sync_dirty_records_total`, `qanat_sync_retries_total`,
+//! `qanat_sync_splits_done_total`, `qanat_sync_tasks_running` (label `table`).
+
+pub mod config;
+pub mod dirty;
+pub mod dsn;
+pub mod job;
+pub mod mysql;
+pub mod parquet_sink;
+pub mod pgcopy;
+pub mod plugin;
+pub mod postgres;
+pub mod split;
+pub mod throttle;
+pub mod types;
+
+use std::path::Path;
+
+/// Everything that can go wrong in a sync.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("bad DSN {dsn:?}: {reason}")]
+    Dsn { dsn: String, reason: String },
+    #[error("unknown table {table}")]
+    UnknownTable { table: String },
+    #[error("unknown column {column} in table {table}")]
+    UnknownColumn { table: String, column: String },
+    #[error("unsupported type {native} of column {column} in table {table}")]
+    UnsupportedType {
+        table: String,
+        column: String,
+        native: String,
+    },
+    #[error("{context}: {source}")]
+    Mysql {
+        context: String,
+        #[source]
+        source: mysql_async::Error,
+    },
+    #[error("{context}: {}", pg_message(.source))]
+    Postgres {
+        context: String,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("{path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parquet {context}: {source}")]
+    Parquet {
+        context: String,
+        #[source]
+        source: parquet::errors::ParquetError,
+    },
+    #[error("table {table}: too many dirty records: {reason}")]
+    TooDirty { table: String, reason: String },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("internal: {0}")]
+    Internal(String),
+}
+
+fn pg_message(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => format!("{} ({})", db.message(), db.code().code()),
+        None => e.to_string(),
+    }
+}
+
+impl SyncError {
+    pub fn io(path: impl AsRef<Path>, source: std::io::Error) -> Self {
+        SyncError::Io {
+            path: path.as_ref().display().to_string(),
+            source,
+        }
+    }
+
+    pub fn mysql(context: impl Into<String>, source: mysql_async::Error) -> Self {
+        SyncError::Mysql {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub fn pg(context: impl Into<String>, source: tokio_postgres::Error) -> Self {
+        SyncError::Postgres {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Whether running the split again may succeed (a lost connection, a deadlock), as
+    /// opposed to a fault in the job itself.
+    pub fn retriable(&self) -> bool {
+        match self {
+            SyncError::Mysql { source, .. } => match source {
+                mysql_async::Error::Server(s) => matches!(s.code, 1205 | 1213 | 1927 | 1053),
+                mysql_async::Error::Driver(_) | mysql_async::Error::Io(_) => true,
+                _ => false,
+            },
+            SyncError::Postgres { source, .. } => match source.as_db_error() {
+                // Connection exceptions, serialization failures, deadlocks, shutdowns.
+                Some(db) => {
+                    let c = db.code().code();
+                    c.starts_with("08") || c.starts_with("40") || c.starts_with("57")
+                }
+                None => true,
+            },
+            SyncError::Io { .. } => true,
+            _ => false,
+        }
+    }
+}
+
+use std::sync::Arc;
+
+/// The reader for a table address.
+pub fn reader_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Reader>, SyncError> {
+    match endpoint {
+        dsn::Endpoint::Mysql { server, table } => Ok(Arc::new(mysql::MysqlTable::new(
+            server.clone(),
+            table.clone(),
+        ))),
+        dsn::Endpoint::Postgres {
+            server,
+            schema,
+            table,
+        } => Ok(Arc::new(postgres::PgTable::new(
+            server.clone(),
+            schema.clone(),
+            table.clone(),
+        ))),
+        dsn::Endpoint::Parquet { .. } => Err(SyncError::Invalid(format!(
+            "{} cannot be a source: Parquet is a target only",
+            endpoint.describe()
+        ))),
+    }
+}
+
+/// The writer for a table address.
+pub fn writer_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Writer>, SyncError> {
+    match endpoint {
+        dsn::Endpoint::Mysql { server, table } => Ok(Arc::new(mysql::MysqlWriter::new(
+            mysql::MysqlTable::new(server.clone(), table.clone()),
+        ))),
+        dsn::Endpoint::Postgres {
+            server,
+            schema,
+            table,
+        } => Ok(Arc::new(postgres::PgWriter::new(postgres::PgTable::new(
+            server.clone(),
+            schema.clone(),
+            table.clone(),
+        )))),
+        dsn::Endpoint::Parquet { dir, partition } => Ok(Arc::new(
+            parquet_sink::ParquetWriter::new(dir.clone(), partition.clone()),
+        )),
+    }
+}
