@@ -7,6 +7,7 @@ mod collect_cmd;
 mod groups_cmd;
 mod telemetry;
 mod topics_cmd;
+mod users_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -35,6 +36,8 @@ enum Command {
     Agent(agent_cmd::AgentArgs),
     /// Prove every byte of every source file arrived exactly once (exit 1 on loss).
     Audit(audit_cmd::AuditArgs),
+    /// SCRAM users of a stopped broker's data directory.
+    Users(users_cmd::UsersArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -51,5 +54,6 @@ fn main() -> anyhow::Result<()> {
         Command::Collect(args) => runtime.block_on(collect_cmd::run(args)),
         Command::Agent(args) => runtime.block_on(agent_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
+        Command::Users(args) => runtime.block_on(users_cmd::run(args)),
     }
 }

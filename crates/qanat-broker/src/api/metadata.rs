@@ -17,7 +17,12 @@ use crate::Broker;
 pub const VERSIONS: RangeInclusive<i16> = 0..=12;
 
 impl Broker {
-    pub(crate) fn metadata(&self, req: MetadataRequest, version: i16) -> MetadataResponse {
+    pub(crate) fn metadata(
+        &self,
+        req: MetadataRequest,
+        version: i16,
+        advertised: (String, i32),
+    ) -> MetadataResponse {
         let auto_create = version < 4 || req.allow_auto_topic_creation;
         let requested: Option<Vec<String>> = match req.topics {
             // v0 says "all topics" with an empty list, later versions with null.
@@ -64,8 +69,8 @@ impl Broker {
         MetadataResponse::default()
             .with_brokers(vec![MetadataResponseBroker::default()
                 .with_node_id(BrokerId(node))
-                .with_host(StrBytes::from_string(self.advertised.0.clone()))
-                .with_port(self.advertised.1)])
+                .with_host(StrBytes::from_string(advertised.0))
+                .with_port(advertised.1)])
             .with_cluster_id(Some(StrBytes::from_static_str("qanat")))
             .with_controller_id(BrokerId(node))
             .with_cluster_authorized_operations(i32::MIN)

@@ -16,8 +16,8 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod sasl_auth;
 
-use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Instant;
@@ -30,7 +30,7 @@ use qanat_log::{LogError, Partition};
 use tokio::task::JoinHandle;
 
 use crate::records::RecordsError;
-use crate::server::{Decoded, Request};
+use crate::server::{Decoded, Request, Session};
 use crate::topics::{Topic, TopicError};
 use crate::wire::{Response, WireError};
 use crate::Broker;
@@ -57,6 +57,8 @@ pub const SUPPORTED: &[(ApiKey, RangeInclusive<i16>)] = &[
     (ApiKey::DescribeGroups, consumer_groups::DESCRIBE_GROUPS),
     (ApiKey::DeleteGroups, consumer_groups::DELETE_GROUPS),
     (ApiKey::InitProducerId, init_producer_id::VERSIONS),
+    (ApiKey::SaslHandshake, sasl_auth::HANDSHAKE_VERSIONS),
+    (ApiKey::SaslAuthenticate, sasl_auth::AUTHENTICATE_VERSIONS),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -155,7 +157,7 @@ pub(crate) fn malformed(what: impl std::fmt::Display) -> WireError {
 }
 
 /// Encode header + body of a `kafka-protocol` response.
-fn encode<R: Encodable>(
+pub(crate) fn encode<R: Encodable>(
     api: ApiKey,
     version: i16,
     correlation_id: i32,
@@ -170,7 +172,7 @@ fn encode<R: Encodable>(
     Ok(Response::from_bytes(buf.freeze()))
 }
 
-fn ready(response: Response) -> Pending {
+pub(crate) fn ready(response: Response) -> Pending {
     tokio::spawn(async move { Some(response) })
 }
 
@@ -203,8 +205,9 @@ pub(crate) async fn dispatch(
     broker: &Arc<Broker>,
     decoded: Decoded,
     started: Instant,
-    peer: SocketAddr,
+    session: &Session,
 ) -> Result<Option<Pending>, WireError> {
+    let peer = session.peer;
     let Decoded {
         api,
         version,
@@ -234,9 +237,12 @@ pub(crate) async fn dispatch(
             correlation_id,
             &api_versions::response(0),
         )?),
-        RequestKind::Metadata(req) => blocking(api, version, correlation_id, started, move || {
-            broker.metadata(req, version)
-        }),
+        RequestKind::Metadata(req) => {
+            let advertised = session.listener.advertised.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.metadata(req, version, advertised)
+            })
+        }
         RequestKind::ListOffsets(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.list_offsets(req)

@@ -181,6 +181,19 @@ impl Broker {
         port_of(&self.addr)
     }
 
+    /// `HOST:PORT` of the `[[broker.listener]]` named `name`, from the
+    /// `qanat listener NAME (PROTOCOL) listening on ADDR` line printed before the broker's.
+    pub fn listener_addr(&self, name: &str) -> String {
+        let proc = self.proc.as_ref().expect("broker is not running");
+        let rest = proc
+            .seen_line(&format!("qanat listener {name} ("))
+            .unwrap_or_else(|| panic!("the broker printed no line for listener {name}"));
+        rest.rsplit("listening on ")
+            .next()
+            .map(|a| a.trim().to_string())
+            .unwrap_or_else(|| panic!("bad listener line {rest:?}"))
+    }
+
     /// `HOST:PORT` of the metrics listener, when started with [`BrokerBuilder::metrics`].
     pub fn metrics_addr(&self) -> Option<String> {
         self.metrics_addr.clone()
