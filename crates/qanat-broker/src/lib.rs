@@ -24,6 +24,7 @@
 //!   `queued_max_request_bytes` together; connections are capped in total and per source
 //!   address, and closed after `connections_max_idle_ms` without request activity.
 
+pub mod acl;
 pub mod api;
 pub mod config;
 pub mod credentials;
@@ -89,6 +90,8 @@ pub struct Broker {
     pub credentials: Arc<credentials::CredentialStore>,
     /// Delays of failed logins per source address.
     pub auth_failures: sasl::FailureDelay,
+    /// ACLs and whether they are enforced.
+    pub acls: acl::Authorizer,
     /// Woken after every append, so long-polling fetches can answer early.
     data_arrived: Notify,
     /// Woken once on shutdown, so long polls answer at once.
@@ -107,6 +110,11 @@ impl Broker {
         let started = Instant::now();
         let tls = config.tls.clone().map(tls::Tls::new).transpose()?;
         let credentials = Arc::new(credentials::CredentialStore::open(data_dir)?);
+        let acls = acl::Authorizer::open(
+            data_dir,
+            config.security.authorizer,
+            &config.security.super_users,
+        )?;
         let auth_failures = sasl::FailureDelay::new(
             Duration::from_millis(config.sasl.failure_delay_ms),
             Duration::from_millis(config.sasl.failure_delay_max_ms),
@@ -143,6 +151,7 @@ impl Broker {
             tls,
             credentials,
             auth_failures,
+            acls,
             data_arrived: Notify::new(),
             shutdown: Arc::new(Notify::new()),
         })

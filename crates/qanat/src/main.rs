@@ -1,5 +1,6 @@
 //! `qanat`: the broker and its operator tools.
 
+mod acls_cmd;
 mod agent_cmd;
 mod audit_cmd;
 mod broker_cmd;
@@ -38,6 +39,8 @@ enum Command {
     Audit(audit_cmd::AuditArgs),
     /// SCRAM users of a stopped broker's data directory.
     Users(users_cmd::UsersArgs),
+    /// Kafka ACLs of a stopped broker's data directory.
+    Acls(acls_cmd::AclsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -55,5 +58,6 @@ fn main() -> anyhow::Result<()> {
         Command::Agent(args) => runtime.block_on(agent_cmd::run(args)),
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
         Command::Users(args) => runtime.block_on(users_cmd::run(args)),
+        Command::Acls(args) => runtime.block_on(acls_cmd::run(args)),
     }
 }

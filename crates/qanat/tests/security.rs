@@ -383,3 +383,381 @@ fn requests_before_authentication_close_the_connection() {
     conn.write_all(&frame).unwrap();
     wait_closed_by_peer(&mut conn, "Metadata before SASL authentication");
 }
+
+// ------------------------------------------------------------------------------------------
+// Authorization, with hand-crafted requests (exact error codes) over SASL_PLAINTEXT/PLAIN.
+
+mod acl_requests {
+    use bytes::Bytes;
+    use kafka_protocol::messages::create_acls_request::AclCreation;
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    use kafka_protocol::messages::delete_acls_request::DeleteAclsFilter;
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    use qanat_log::batch::{encode_batch, SimpleRecord};
+
+    use super::support::RawClient;
+
+    pub fn s(text: &str) -> StrBytes {
+        StrBytes::from_string(text.to_string())
+    }
+
+    pub fn topic(text: &str) -> TopicName {
+        TopicName(s(text))
+    }
+
+    /// A raw connection authenticated with SASL/PLAIN.
+    pub fn login(addr: &str, user: &str, password: &str) -> RawClient {
+        let mut raw = RawClient::connect(addr);
+        let hs: SaslHandshakeResponse = raw.call(
+            ApiKey::SaslHandshake,
+            1,
+            &SaslHandshakeRequest::default().with_mechanism(s("PLAIN")),
+        );
+        assert_eq!(hs.error_code, 0, "SaslHandshake PLAIN");
+        let token = format!("\0{user}\0{password}");
+        let auth: SaslAuthenticateResponse = raw.call(
+            ApiKey::SaslAuthenticate,
+            2,
+            &SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(token.into_bytes())),
+        );
+        assert_eq!(
+            auth.error_code, 0,
+            "PLAIN login of {user}: {:?}",
+            auth.error_message
+        );
+        raw
+    }
+
+    pub fn produce(raw: &mut RawClient, name: &str) -> i16 {
+        let batch = encode_batch(&[SimpleRecord {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(b"v"),
+        }]);
+        let req = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(topic(name))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(Bytes::from(batch)))])]);
+        let resp: ProduceResponse = raw.call(ApiKey::Produce, 8, &req);
+        resp.responses[0].partition_responses[0].error_code
+    }
+
+    pub fn fetch(raw: &mut RawClient, name: &str) -> i16 {
+        let req = FetchRequest::default()
+            .with_max_wait_ms(0)
+            .with_min_bytes(0)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(topic(name))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20)])]);
+        let resp: FetchResponse = raw.call(ApiKey::Fetch, 11, &req);
+        resp.responses[0].partitions[0].error_code
+    }
+
+    pub fn create_topic(raw: &mut RawClient, name: &str) -> i16 {
+        let req = CreateTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(topic(name))
+                .with_num_partitions(1)
+                .with_replication_factor(1)]);
+        let resp: CreateTopicsResponse = raw.call(ApiKey::CreateTopics, 5, &req);
+        resp.topics[0].error_code
+    }
+
+    pub fn delete_topic(raw: &mut RawClient, name: &str) -> i16 {
+        let req = DeleteTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topic_names(vec![topic(name)]);
+        let resp: DeleteTopicsResponse = raw.call(ApiKey::DeleteTopics, 4, &req);
+        resp.responses[0].error_code
+    }
+
+    pub fn join(raw: &mut RawClient, group: &str) -> i16 {
+        let req = JoinGroupRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_protocol_type(s("consumer"))
+            .with_protocols(vec![
+                kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(s("range")),
+            ]);
+        let resp: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &req);
+        resp.error_code
+    }
+
+    pub fn commit(raw: &mut RawClient, group: &str, name: &str) -> i16 {
+        let req = OffsetCommitRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_generation_id_or_member_epoch(-1)
+            .with_topics(vec![OffsetCommitRequestTopic::default()
+                .with_name(topic(name))
+                .with_partitions(vec![OffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(1)])]);
+        let resp: OffsetCommitResponse = raw.call(ApiKey::OffsetCommit, 7, &req);
+        resp.topics[0].partitions[0].error_code
+    }
+
+    /// Metadata of every topic: the names listed.
+    pub fn listed_topics(raw: &mut RawClient) -> Vec<String> {
+        let resp: MetadataResponse = raw.call(
+            ApiKey::Metadata,
+            9,
+            &MetadataRequest::default().with_topics(None),
+        );
+        resp.topics
+            .iter()
+            .filter_map(|t| t.name.as_ref().map(|n| n.to_string()))
+            .collect()
+    }
+
+    pub fn metadata_of(raw: &mut RawClient, name: &str) -> i16 {
+        let req = MetadataRequest::default()
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(topic(name)))
+            ]))
+            .with_allow_auto_topic_creation(false);
+        let resp: MetadataResponse = raw.call(ApiKey::Metadata, 9, &req);
+        resp.topics[0].error_code
+    }
+
+    /// CreateAcls of one Allow/Deny literal topic entry; the result's error code.
+    pub fn create_acl(raw: &mut RawClient, name: &str, principal: &str, op: i8, perm: i8) -> i16 {
+        let req = CreateAclsRequest::default().with_creations(vec![AclCreation::default()
+            .with_resource_type(2)
+            .with_resource_name(s(name))
+            .with_resource_pattern_type(3)
+            .with_principal(s(principal))
+            .with_host(s("*"))
+            .with_operation(op)
+            .with_permission_type(perm)]);
+        let resp: CreateAclsResponse = raw.call(ApiKey::CreateAcls, 2, &req);
+        resp.results[0].error_code
+    }
+
+    /// DescribeAcls of every ACL: (error code, number of entries).
+    pub fn describe_acls(raw: &mut RawClient) -> (i16, usize) {
+        let req = DescribeAclsRequest::default()
+            .with_resource_name_filter(None)
+            .with_principal_filter(None)
+            .with_host_filter(None)
+            .with_resource_type_filter(1)
+            .with_pattern_type_filter(1)
+            .with_operation(1)
+            .with_permission_type(1);
+        let resp: DescribeAclsResponse = raw.call(ApiKey::DescribeAcls, 2, &req);
+        (
+            resp.error_code,
+            resp.resources.iter().map(|r| r.acls.len()).sum(),
+        )
+    }
+
+    /// DeleteAcls of every ACL on the literal topic `name`: the number removed.
+    pub fn delete_acls(raw: &mut RawClient, name: &str) -> (i16, usize) {
+        let req = DeleteAclsRequest::default().with_filters(vec![DeleteAclsFilter::default()
+            .with_resource_type_filter(2)
+            .with_resource_name_filter(Some(s(name)))
+            .with_principal_filter(None)
+            .with_host_filter(None)
+            .with_pattern_type_filter(3)
+            .with_operation(1)
+            .with_permission_type(1)]);
+        let resp: DeleteAclsResponse = raw.call(ApiKey::DeleteAcls, 2, &req);
+        let r = &resp.filter_results[0];
+        (r.error_code, r.matching_acls.len())
+    }
+}
+
+fn qanat_acls(data_dir: &Path, args: &[&str]) {
+    let out = qanat_command()
+        .args(["acls", "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qanat acls {args:?}: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn acls_allow_and_deny_each_api_with_kafka_error_codes() {
+    use acl_requests::*;
+    const TOPIC_DENIED: i16 = 29;
+    const GROUP_DENIED: i16 = 30;
+    const CLUSTER_DENIED: i16 = 31;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for user in ["alice", "bob", "admin"] {
+        add_user(&data, user, PASSWORD);
+    }
+    // alice writes "orders" and owns the "alice-" prefix; bob reads "ord*" except
+    // "orders-secret" (a Deny beats the prefixed Allow) and uses the groups "bob-*".
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "orders",
+            "--principal",
+            "User:alice",
+            "--operation",
+            "Write",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "alice-",
+            "--prefixed",
+            "--principal",
+            "User:alice",
+            "--operation",
+            "Create",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "alice-",
+            "--prefixed",
+            "--principal",
+            "User:alice",
+            "--operation",
+            "Delete",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "ord",
+            "--prefixed",
+            "--principal",
+            "User:bob",
+            "--operation",
+            "Read",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "orders-secret",
+            "--principal",
+            "User:bob",
+            "--operation",
+            "Read",
+            "--deny",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--group",
+            "bob-",
+            "--prefixed",
+            "--principal",
+            "User:bob",
+            "--operation",
+            "Read",
+        ],
+    );
+    let config = r#"
+[security]
+authorizer = true
+super_users = ["User:admin"]
+
+[[broker.listener]]
+name = "SASL"
+address = "127.0.0.1:0"
+security_protocol = "SASL_PLAINTEXT"
+"#;
+    let broker = Broker::builder().config(config).data_dir(&data).start();
+    let addr = broker.listener_addr("SASL");
+    let mut admin = login(&addr, "admin", PASSWORD);
+    let mut alice = login(&addr, "alice", PASSWORD);
+    let mut bob = login(&addr, "bob", PASSWORD);
+
+    // Super user: everything.
+    for t in ["orders", "orders-secret", "hidden"] {
+        assert_eq!(create_topic(&mut admin, t), 0, "admin creates {t}");
+        assert_eq!(produce(&mut admin, t), 0, "admin produces to {t}");
+    }
+    // Produce: Write needed.
+    assert_eq!(produce(&mut alice, "orders"), 0);
+    assert_eq!(produce(&mut alice, "hidden"), TOPIC_DENIED);
+    assert_eq!(produce(&mut bob, "orders"), TOPIC_DENIED);
+    // Fetch: Read needed; the prefixed Allow covers "orders", the Deny wins on "orders-secret".
+    assert_eq!(fetch(&mut bob, "orders"), 0);
+    assert_eq!(fetch(&mut bob, "orders-secret"), TOPIC_DENIED);
+    assert_eq!(fetch(&mut bob, "hidden"), TOPIC_DENIED);
+    assert_eq!(fetch(&mut alice, "orders"), TOPIC_DENIED);
+    // Group join and offset commit: Read on the group, and Read on the topic for commits.
+    assert_ne!(join(&mut bob, "bob-group"), GROUP_DENIED);
+    assert_eq!(join(&mut bob, "other-group"), GROUP_DENIED);
+    assert_eq!(join(&mut alice, "bob-group"), GROUP_DENIED);
+    assert_eq!(commit(&mut bob, "bob-offsets", "orders"), 0);
+    assert_eq!(commit(&mut bob, "bob-offsets", "hidden"), TOPIC_DENIED);
+    assert_eq!(commit(&mut bob, "other-group", "orders"), GROUP_DENIED);
+    assert_eq!(commit(&mut alice, "bob-group", "orders"), GROUP_DENIED);
+    // Topic create and delete: the prefixed Create/Delete of alice.
+    assert_eq!(create_topic(&mut alice, "alice-new"), 0);
+    assert_eq!(create_topic(&mut alice, "bob-new"), TOPIC_DENIED);
+    assert_eq!(delete_topic(&mut alice, "orders"), TOPIC_DENIED);
+    assert_eq!(delete_topic(&mut alice, "alice-new"), 0);
+    assert!(!broker.partition_dir("bob-new", 0).exists());
+    assert!(broker.partition_dir("orders", 0).exists());
+    // Metadata hides what may not be described (Read and Write imply Describe).
+    let seen = listed_topics(&mut bob);
+    assert!(seen.contains(&"orders".to_string()), "{seen:?}");
+    assert!(!seen.contains(&"hidden".to_string()), "bob sees {seen:?}");
+    assert_eq!(listed_topics(&mut alice), vec!["orders".to_string()]);
+    assert_eq!(metadata_of(&mut bob, "hidden"), TOPIC_DENIED);
+    // ACL administration: cluster Alter/Describe, refused to alice.
+    assert_eq!(
+        create_acl(&mut alice, "hidden", "User:alice", 3, 3),
+        CLUSTER_DENIED
+    );
+    assert_eq!(describe_acls(&mut alice).0, CLUSTER_DENIED);
+    assert_eq!(describe_acls(&mut admin), (0, 6));
+    assert_eq!(create_acl(&mut admin, "hidden", "User:alice", 3, 3), 0);
+    assert_eq!(
+        fetch(&mut alice, "hidden"),
+        0,
+        "the ACL created at run time applies"
+    );
+    assert_eq!(delete_acls(&mut admin, "hidden"), (0, 1));
+    assert_eq!(
+        fetch(&mut alice, "hidden"),
+        TOPIC_DENIED,
+        "and its deletion too"
+    );
+}

@@ -21,8 +21,10 @@ impl Broker {
         &self,
         req: MetadataRequest,
         version: i16,
-        advertised: (String, i32),
+        session: &crate::server::Session,
     ) -> MetadataResponse {
+        use crate::acl::AclOperation;
+        let advertised = session.listener.advertised.clone();
         let auto_create = version < 4 || req.allow_auto_topic_creation;
         let requested: Option<Vec<String>> = match req.topics {
             // v0 says "all topics" with an empty list, later versions with null.
@@ -33,11 +35,25 @@ impl Broker {
             ),
             _ => None,
         };
+        // Topics the principal may not describe are left out of "all topics" and refused
+        // by name; auto-creation needs Create on the cluster or the topic.
         let topics = match requested {
-            None => self.topics.all().into_iter().map(Ok).collect::<Vec<_>>(),
+            None => self
+                .topics
+                .all()
+                .into_iter()
+                .filter(|t| self.topic_allowed(session, AclOperation::Describe, &t.name))
+                .map(Ok)
+                .collect::<Vec<_>>(),
             Some(names) => names
                 .into_iter()
-                .map(|n| self.lookup_topic(&n, auto_create).map_err(|e| (n, e)))
+                .map(|n| {
+                    if !self.topic_allowed(session, AclOperation::Describe, &n) {
+                        return Err((n, None));
+                    }
+                    let create = auto_create && self.may_create_topic(session, &n);
+                    self.lookup_topic(&n, create).map_err(|e| (n, Some(e)))
+                })
                 .collect(),
         };
         let node = self.config.broker.node_id;
@@ -62,7 +78,7 @@ impl Broker {
                     ),
                 Err((n, e)) => MetadataResponseTopic::default()
                     .with_name(Some(name(&n)))
-                    .with_error_code(topic_error_code(&e))
+                    .with_error_code(e.map_or(super::authz::TOPIC_DENIED, |e| topic_error_code(&e)))
                     .with_topic_authorized_operations(i32::MIN),
             })
             .collect();

@@ -6,7 +6,9 @@
 //! Per-partition problems become per-partition Kafka error codes; nothing here closes the
 //! connection except a response that cannot be encoded.
 
+pub mod acls;
 pub mod api_versions;
+pub mod authz;
 pub mod consumer_groups;
 pub mod create_partitions;
 pub mod create_topics;
@@ -29,6 +31,7 @@ use kafka_protocol::ResponseError;
 use qanat_log::{LogError, Partition};
 use tokio::task::JoinHandle;
 
+use crate::acl::AclOperation;
 use crate::records::RecordsError;
 use crate::server::{Decoded, Request, Session};
 use crate::topics::{Topic, TopicError};
@@ -59,6 +62,9 @@ pub const SUPPORTED: &[(ApiKey, RangeInclusive<i16>)] = &[
     (ApiKey::InitProducerId, init_producer_id::VERSIONS),
     (ApiKey::SaslHandshake, sasl_auth::HANDSHAKE_VERSIONS),
     (ApiKey::SaslAuthenticate, sasl_auth::AUTHENTICATE_VERSIONS),
+    (ApiKey::DescribeAcls, acls::DESCRIBE_VERSIONS),
+    (ApiKey::CreateAcls, acls::CREATE_VERSIONS),
+    (ApiKey::DeleteAcls, acls::DELETE_VERSIONS),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -238,9 +244,27 @@ pub(crate) async fn dispatch(
             &api_versions::response(0),
         )?),
         RequestKind::Metadata(req) => {
-            let advertised = session.listener.advertised.clone();
+            let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.metadata(req, version, advertised)
+                broker.metadata(req, version, &session)
+            })
+        }
+        RequestKind::CreateAcls(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.create_acls(req, &session)
+            })
+        }
+        RequestKind::DescribeAcls(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_acls(req, &session)
+            })
+        }
+        RequestKind::DeleteAcls(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.delete_acls(req, &session)
             })
         }
         RequestKind::ListOffsets(req) => {
@@ -249,13 +273,15 @@ pub(crate) async fn dispatch(
             })
         }
         RequestKind::CreateTopics(req) => {
+            let (req, denied) = authz::split_create_topics(&broker, session, req);
             blocking(api, version, correlation_id, started, move || {
-                broker.create_topics(req)
+                authz::merge_create_topics(broker.create_topics(req), denied)
             })
         }
         RequestKind::DeleteTopics(req) => {
+            let (req, denied) = authz::split_delete_topics(&broker, session, req);
             blocking(api, version, correlation_id, started, move || {
-                broker.delete_topics(req, version)
+                authz::merge_delete_topics(broker.delete_topics(req, version), denied)
             })
         }
         RequestKind::CreatePartitions(req) => {
@@ -267,6 +293,46 @@ pub(crate) async fn dispatch(
             blocking(api, version, correlation_id, started, move || {
                 broker.find_coordinator(req, version)
             })
+        }
+        RequestKind::JoinGroup(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::join_refused(req.member_id),
+            )?)
+        }
+        RequestKind::SyncGroup(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::sync_refused(),
+            )?)
+        }
+        RequestKind::Heartbeat(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::heartbeat_refused(),
+            )?)
+        }
+        RequestKind::LeaveGroup(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::leave_refused(),
+            )?)
         }
         RequestKind::JoinGroup(req) => tokio::spawn(async move {
             // Kafka shows the host as "/ip".
@@ -288,11 +354,18 @@ pub(crate) async fn dispatch(
                 broker.leave_group(req, version)
             })
         }
-        RequestKind::OffsetCommit(req) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.offset_commit(req)
-            })
-        }
+        RequestKind::OffsetCommit(req) => match authz::check_offset_commit(&broker, session, req) {
+            authz::CommitCheck::Refused(body) => {
+                ready(encode(api, version, correlation_id, &body)?)
+            }
+            authz::CommitCheck::Run(req, denied) => {
+                blocking(api, version, correlation_id, started, move || {
+                    let mut body = broker.offset_commit(req);
+                    body.topics.extend(denied);
+                    body
+                })
+            }
+        },
         RequestKind::OffsetFetch(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.offset_fetch(req, version)
@@ -318,16 +391,28 @@ pub(crate) async fn dispatch(
                 broker.init_producer_id(req)
             })
         }
-        RequestKind::Fetch(req) => tokio::spawn(async move {
-            let response = broker.fetch(req, version, correlation_id).await?;
-            metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
-            record_latency(api, started);
-            Some(response)
+        RequestKind::Fetch(req) => tokio::spawn({
+            let denied = broker.denied_topics(
+                session,
+                AclOperation::Read,
+                req.topics.iter().map(|t| t.topic.as_str()),
+            );
+            async move {
+                let response = broker.fetch(req, version, correlation_id, denied).await?;
+                metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
+                record_latency(api, started);
+                Some(response)
+            }
         }),
         RequestKind::Produce(req) => {
             // Appended here, before the next frame is read, so appends keep arrival order;
             // only the acknowledgement (which may wait for fdatasync) runs concurrently.
-            let Some(ack) = produce::append(&broker, req).await? else {
+            let denied = broker.denied_topics(
+                session,
+                AclOperation::Write,
+                req.topic_data.iter().map(|t| t.name.as_str()),
+            );
+            let Some(ack) = produce::append(&broker, req, denied).await? else {
                 record_latency(api, started);
                 return Ok(None);
             };
