@@ -156,6 +156,16 @@ pub enum HandshakeError {
     Unsupported,
 }
 
+/// Whether `password` is `user`'s (checked against the user's SCRAM keys, as PLAIN is).
+pub fn check_user_password(store: &CredentialStore, user: &str, password: &str) -> bool {
+    let mut token = Vec::with_capacity(user.len() + password.len() + 2);
+    token.push(0);
+    token.extend_from_slice(user.as_bytes());
+    token.push(0);
+    token.extend_from_slice(password.as_bytes());
+    check_plain(store, &token).is_ok()
+}
+
 /// `[authzid] NUL authcid NUL passwd` (RFC 4616); the user on success.
 fn check_plain(store: &CredentialStore, token: &[u8]) -> Result<String, String> {
     let mut parts = token.split(|b| *b == 0);

@@ -761,3 +761,77 @@ security_protocol = "SASL_PLAINTEXT"
         "and its deletion too"
     );
 }
+
+#[test]
+fn push_endpoint_needs_credentials_and_read_on_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    add_user(&data, "carol", PASSWORD);
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "events",
+            "--principal",
+            "User:reader",
+            "--operation",
+            "Read",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "events",
+            "--principal",
+            "User:carol",
+            "--operation",
+            "Read",
+        ],
+    );
+    let config = r#"
+[security]
+authorizer = true
+super_users = ["User:ANONYMOUS"]
+http_tokens = [{ token = "reader-token-0123456789", principal = "User:reader" }]
+"#;
+    let broker = Broker::builder()
+        .config(config)
+        .data_dir(&data)
+        .http()
+        .start();
+    // The PLAINTEXT listener is a super user here: it creates the topics.
+    produce(&broker.bootstrap(), "events", &[Rec::value("e1")], &[]);
+    produce(&broker.bootstrap(), "private", &[Rec::value("p1")], &[]);
+    let http = broker.http_addr().unwrap();
+    let events = "/v1/topics/events/events?from=earliest";
+    let private = "/v1/topics/private/events?from=earliest";
+    let bearer = ("Authorization", "Bearer reader-token-0123456789");
+    // base64("carol:correct horse battery staple"), base64("carol:wrong")
+    let basic_ok = (
+        "Authorization",
+        "Basic Y2Fyb2w6Y29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ==",
+    );
+    let basic_bad = ("Authorization", "Basic Y2Fyb2w6d3Jvbmc=");
+    assert_eq!(http_status_with(&http, events, &[]), 401, "no credentials");
+    assert_eq!(
+        http_status_with(&http, events, &[("Authorization", "Bearer nope")]),
+        401
+    );
+    assert_eq!(
+        http_status_with(&http, events, &[basic_bad]),
+        401,
+        "wrong password"
+    );
+    assert_eq!(http_status_with(&http, events, &[bearer]), 200);
+    assert_eq!(http_status_with(&http, events, &[basic_ok]), 200);
+    assert_eq!(
+        http_status_with(&http, private, &[bearer]),
+        403,
+        "no Read on the topic"
+    );
+    assert_eq!(http_status_with(&http, private, &[basic_ok]), 403);
+}

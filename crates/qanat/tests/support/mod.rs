@@ -1244,6 +1244,15 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 }
 
 /// `GET path` with the body left to stream (e.g. Server-Sent Events): status, headers, body.
+/// The status of a GET with `headers`, read before any body (for endless streams).
+pub fn http_status_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let s = send_request(addr, "GET", path, headers, b"").unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = BufReader::new(s);
+    read_head(&mut reader)
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .0
+}
+
 pub fn http_stream(addr: &str, path: &str) -> (u16, HttpHeaders, Body<BufReader<TcpStream>>) {
     let s = send_request(addr, "GET", path, &[], b"").unwrap_or_else(|e| panic!("{e}"));
     let mut reader = BufReader::new(s);
