@@ -35,6 +35,7 @@ pub mod groups;
 pub mod limits;
 pub mod listener;
 pub mod push;
+pub mod quotas;
 pub mod ratelog;
 pub mod records;
 pub mod sasl;
@@ -92,6 +93,8 @@ pub struct Broker {
     pub auth_failures: sasl::FailureDelay,
     /// ACLs and whether they are enforced.
     pub acls: acl::Authorizer,
+    /// Client quotas and their meters.
+    pub quotas: quotas::Quotas,
     /// Woken after every append, so long-polling fetches can answer early.
     data_arrived: Notify,
     /// Woken once on shutdown, so long polls answer at once.
@@ -115,6 +118,7 @@ impl Broker {
             config.security.authorizer,
             &config.security.super_users,
         )?;
+        let quotas = quotas::Quotas::open(data_dir)?;
         let auth_failures = sasl::FailureDelay::new(
             Duration::from_millis(config.sasl.failure_delay_ms),
             Duration::from_millis(config.sasl.failure_delay_max_ms),
@@ -152,6 +156,7 @@ impl Broker {
             credentials,
             auth_failures,
             acls,
+            quotas,
             data_arrived: Notify::new(),
             shutdown: Arc::new(Notify::new()),
         })

@@ -222,6 +222,27 @@ pub struct Session {
     pub peer: SocketAddr,
     /// `User:NAME` once authenticated (SASL or client certificate), else `User:ANONYMOUS`.
     pub principal: Arc<str>,
+    /// Milliseconds the connection must not be read (a quota throttle), set by the request
+    /// that exceeded the quota and consumed by the reader.
+    pub mute_ms: Arc<AtomicU64>,
+}
+
+impl Session {
+    /// The principal's name, as quota entities name users.
+    pub fn user(&self) -> &str {
+        self.principal
+            .strip_prefix("User:")
+            .unwrap_or(&self.principal)
+    }
+
+    /// Ask the reader to stop reading this connection for `d` (Kafka's channel muting).
+    pub fn throttle(&self, d: Duration) {
+        if !d.is_zero() {
+            metrics::counter!("qanat_quota_throttled_total").increment(1);
+            self.mute_ms
+                .fetch_max(d.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
 }
 
 /// How long a TLS handshake may take before the connection is dropped.
@@ -397,6 +418,7 @@ async fn connection(
         listener: listener.clone(),
         peer,
         principal: cert_principal.as_deref().unwrap_or(ANONYMOUS).into(),
+        mute_ms: Arc::new(AtomicU64::new(0)),
     };
     let idle = Duration::from_millis(broker.config.broker.connections_max_idle_ms);
     let activity = Arc::new(Activity::new());
@@ -503,6 +525,12 @@ async fn connection(
         }
         if close_after {
             break;
+        }
+        let mute = session.mute_ms.swap(0, Ordering::Relaxed);
+        if mute > 0 {
+            // Over its quota: the client's next request waits (the response is already on
+            // its way with throttle_time_ms).
+            tokio::time::sleep(Duration::from_millis(mute)).await;
         }
     }
     drop(tx);

@@ -835,3 +835,176 @@ http_tokens = [{ token = "reader-token-0123456789", principal = "User:reader" }]
     );
     assert_eq!(http_status_with(&http, private, &[basic_ok]), 403);
 }
+
+// ------------------------------------------------------------------------------------------
+// Client quotas.
+
+mod quota_requests {
+    use kafka_protocol::messages::alter_client_quotas_request::{EntityData, EntryData, OpData};
+    use kafka_protocol::messages::describe_client_quotas_request::ComponentData;
+    use kafka_protocol::messages::*;
+
+    use super::acl_requests::s;
+    use super::support::RawClient;
+
+    pub fn set_client_rate(raw: &mut RawClient, client_id: &str, bytes_per_second: f64) -> i16 {
+        let req = AlterClientQuotasRequest::default().with_entries(vec![EntryData::default()
+            .with_entity(vec![EntityData::default()
+                .with_entity_type(s("client-id"))
+                .with_entity_name(Some(s(client_id)))])
+            .with_ops(vec![OpData::default()
+                .with_key(s("producer_byte_rate"))
+                .with_value(bytes_per_second)])]);
+        let resp: AlterClientQuotasResponse = raw.call(ApiKey::AlterClientQuotas, 1, &req);
+        resp.entries[0].error_code
+    }
+
+    /// (client id, producer_byte_rate) of every client-id quota.
+    pub fn client_rates(raw: &mut RawClient) -> Vec<(String, f64)> {
+        let req =
+            DescribeClientQuotasRequest::default().with_components(vec![ComponentData::default()
+                .with_entity_type(s("client-id"))
+                .with_match_type(2)
+                .with_match(None)]);
+        let resp: DescribeClientQuotasResponse = raw.call(ApiKey::DescribeClientQuotas, 1, &req);
+        assert_eq!(resp.error_code, 0);
+        let mut out: Vec<(String, f64)> = resp
+            .entries
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                (
+                    e.entity[0]
+                        .entity_name
+                        .as_ref()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default(),
+                    e.values[0].value,
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// Delivered (time, bytes) of one producer.
+struct Meter(std::sync::Mutex<Vec<(std::time::Instant, usize)>>);
+
+impl rdkafka::ClientContext for Meter {}
+
+impl rdkafka::producer::ProducerContext for Meter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        use rdkafka::message::Message;
+        if let Ok(m) = result {
+            let n = m.payload().map_or(0, <[u8]>::len);
+            self.0.lock().unwrap().push((std::time::Instant::now(), n));
+        }
+    }
+}
+
+/// Produce 4 KiB records as fast as the broker takes them for `run`; bytes per second
+/// delivered between `from` and `run` after the start.
+fn flood(
+    bootstrap: &str,
+    client_id: &str,
+    topic: &str,
+    from: std::time::Duration,
+    run: std::time::Duration,
+) -> f64 {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer<Meter> = producer_config(
+        bootstrap,
+        &[
+            ("client.id", client_id),
+            ("batch.size", "65536"),
+            ("linger.ms", "5"),
+            ("queue.buffering.max.kbytes", "1024"),
+        ],
+    )
+    .create_with_context(Meter(std::sync::Mutex::new(Vec::new())))
+    .unwrap();
+    let payload = vec![b'q'; 4096];
+    let start = std::time::Instant::now();
+    while start.elapsed() < run {
+        match producer.send(BaseRecord::<(), [u8]>::to(topic).payload(&payload)) {
+            Ok(()) => {}
+            Err((_, _)) => {
+                producer.poll(std::time::Duration::from_millis(5));
+            }
+        }
+        producer.poll(std::time::Duration::ZERO);
+    }
+    let delivered = producer.context().0.lock().unwrap().clone();
+    producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    let bytes: usize = delivered
+        .iter()
+        .filter(|(t, _)| t.duration_since(start) >= from)
+        .map(|(_, n)| n)
+        .sum();
+    bytes as f64 / (run - from).as_secs_f64()
+}
+
+#[test]
+fn produce_quota_throttles_one_client_and_not_the_other() {
+    use quota_requests::*;
+    let broker = Broker::start();
+    let mut raw = RawClient::connect(&broker.bootstrap());
+    const RATE: f64 = 500_000.0;
+    assert_eq!(set_client_rate(&mut raw, "slow", RATE), 0);
+    assert_eq!(set_client_rate(&mut raw, "qanat-it-raw", 10_000.0), 0);
+    assert_eq!(
+        client_rates(&mut raw),
+        vec![
+            ("qanat-it-raw".to_string(), 10_000.0),
+            ("slow".to_string(), RATE)
+        ]
+    );
+    // 50 KB at 10 KB/s: far over the one-second burst, answered with throttle_time_ms.
+    let big = "x".repeat(50_000);
+    let req = {
+        use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+        use kafka_protocol::messages::ProduceRequest;
+        let batch = qanat_log::batch::encode_batch(&[qanat_log::batch::SimpleRecord {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(big.as_bytes()),
+        }]);
+        ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(acl_requests::topic("quota-raw"))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(bytes::Bytes::from(batch)))])])
+    };
+    let resp: kafka_protocol::messages::ProduceResponse =
+        raw.call(kafka_protocol::messages::ApiKey::Produce, 8, &req);
+    assert_eq!(resp.responses[0].partition_responses[0].error_code, 0);
+    assert!(
+        resp.throttle_time_ms >= 3_000,
+        "throttle_time_ms = {}",
+        resp.throttle_time_ms
+    );
+
+    let run = std::time::Duration::from_secs(9);
+    let from = std::time::Duration::from_secs(3);
+    let b = broker.bootstrap();
+    let fast = {
+        let b = b.clone();
+        std::thread::spawn(move || flood(&b, "fast", "quota-fast", from, run))
+    };
+    let slow = flood(&b, "slow", "quota-slow", from, run);
+    let fast = fast.join().unwrap();
+    eprintln!("slow {slow:.0} B/s, fast {fast:.0} B/s, quota {RATE} B/s");
+    assert!(
+        (slow - RATE).abs() <= RATE * 0.10,
+        "the throttled client moved {slow:.0} B/s, quota {RATE} B/s"
+    );
+    assert!(
+        fast >= 2.0 * RATE,
+        "the client without quota moved only {fast:.0} B/s (quota of the other: {RATE} B/s)"
+    );
+}

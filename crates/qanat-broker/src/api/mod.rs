@@ -9,6 +9,7 @@
 pub mod acls;
 pub mod api_versions;
 pub mod authz;
+pub mod client_quotas;
 pub mod consumer_groups;
 pub mod create_partitions;
 pub mod create_topics;
@@ -65,6 +66,11 @@ pub const SUPPORTED: &[(ApiKey, RangeInclusive<i16>)] = &[
     (ApiKey::DescribeAcls, acls::DESCRIBE_VERSIONS),
     (ApiKey::CreateAcls, acls::CREATE_VERSIONS),
     (ApiKey::DeleteAcls, acls::DELETE_VERSIONS),
+    (
+        ApiKey::DescribeClientQuotas,
+        client_quotas::DESCRIBE_VERSIONS,
+    ),
+    (ApiKey::AlterClientQuotas, client_quotas::ALTER_VERSIONS),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -261,6 +267,18 @@ pub(crate) async fn dispatch(
                 broker.describe_acls(req, &session)
             })
         }
+        RequestKind::DescribeClientQuotas(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_client_quotas(req, &session)
+            })
+        }
+        RequestKind::AlterClientQuotas(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.alter_client_quotas(req, &session)
+            })
+        }
         RequestKind::DeleteAcls(req) => {
             let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
@@ -397,9 +415,17 @@ pub(crate) async fn dispatch(
                 AclOperation::Read,
                 req.topics.iter().map(|t| t.topic.as_str()),
             );
+            let session = session.clone();
             async move {
                 let response = broker.fetch(req, version, correlation_id, denied).await?;
                 metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
+                // Over a consumer_byte_rate quota the connection is muted for a while.
+                session.throttle(broker.quotas.record(
+                    session.user(),
+                    &client_id,
+                    crate::quotas::Kind::Fetch,
+                    response.len(),
+                ));
                 record_latency(api, started);
                 Some(response)
             }
@@ -412,12 +438,26 @@ pub(crate) async fn dispatch(
                 AclOperation::Write,
                 req.topic_data.iter().map(|t| t.name.as_str()),
             );
+            let bytes: u64 = req
+                .topic_data
+                .iter()
+                .flat_map(|t| &t.partition_data)
+                .filter_map(|p| p.records.as_ref().map(|r| r.len() as u64))
+                .sum();
+            let throttle = broker.quotas.record(
+                session.user(),
+                &client_id,
+                crate::quotas::Kind::Produce,
+                bytes,
+            );
+            session.throttle(throttle);
             let Some(ack) = produce::append(&broker, req, denied).await? else {
                 record_latency(api, started);
                 return Ok(None);
             };
             tokio::spawn(async move {
-                let body = ack.wait().await;
+                let mut body = ack.wait().await;
+                body.throttle_time_ms = throttle.as_millis().min(i32::MAX as u128) as i32;
                 record_latency(api, started);
                 match encode(api, version, correlation_id, &body) {
                     Ok(r) => Some(r),
