@@ -6,6 +6,8 @@
 #
 #   kcat                      (Debian package)  used by crates/qanat/tests/clients.rs
 #   chromium                  (Debian package)  headless browser for crates/qanat/tests/collect.rs
+#   libssl-dev, pkg-config    (Debian packages) OpenSSL for librdkafka's TLS and SCRAM (rdkafka's
+#                             `ssl` feature: the qanat clients speak SASL_SSL)
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
 #                             PATH, which is the one the tests run)
 set -euo pipefail
@@ -32,6 +34,13 @@ if ! command -v chromium >/dev/null 2>&1; then
   echo "scripts/test.sh: installing chromium" >&2
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends chromium </dev/null
+fi
+
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "scripts/test.sh: installing libssl-dev and pkg-config" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    libssl-dev pkg-config </dev/null
 fi
 
 missing=()

@@ -6,6 +6,7 @@ mod audit_cmd;
 mod broker_cmd;
 mod collect_cmd;
 mod groups_cmd;
+mod kafka_security;
 mod telemetry;
 mod topics_cmd;
 mod users_cmd;

@@ -1008,3 +1008,52 @@ fn produce_quota_throttles_one_client_and_not_the_other() {
         "the client without quota moved only {fast:.0} B/s (quota of the other: {RATE} B/s)"
     );
 }
+
+#[test]
+fn qanat_topics_talks_sasl_ssl_with_the_password_from_the_environment() {
+    let s = secure_broker("");
+    let addr = s.broker.listener_addr("SECURE");
+    let topics = |args: &[&str], password: &str| {
+        qanat_command()
+            .args(["topics", "--bootstrap", &addr])
+            .args([
+                "--security-protocol",
+                "SASL_SSL",
+                "--sasl-mechanism",
+                "SCRAM-SHA-512",
+            ])
+            .args(["--sasl-username", "alice", "--ssl-ca-file"])
+            .arg(&s.certs.ca)
+            .args(args)
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = topics(&["create", "made-over-tls", "--partitions", "2"], PASSWORD);
+    assert!(
+        out.status.success(),
+        "qanat topics create: {}",
+        describe(&out)
+    );
+    let out = topics(&["list"], PASSWORD);
+    assert!(
+        out.status.success(),
+        "qanat topics list: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "made-over-tls"),
+        "{}",
+        describe(&out)
+    );
+    assert!(s.broker.partition_dir("made-over-tls", 1).exists());
+    let out = topics(&["create", "never-made"], "wrong password");
+    assert!(
+        !out.status.success(),
+        "created with a wrong password: {}",
+        describe(&out)
+    );
+    assert!(!s.broker.partition_dir("never-made", 0).exists());
+}
