@@ -514,6 +514,43 @@ mod acl_requests {
         resp.topics[0].partitions[0].error_code
     }
 
+    pub fn list_offsets(raw: &mut RawClient, name: &str) -> i16 {
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsTopic,
+        };
+        let req = ListOffsetsRequest::default().with_topics(vec![ListOffsetsTopic::default()
+            .with_name(topic(name))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(0)
+                .with_timestamp(-1)])]);
+        let resp: ListOffsetsResponse = raw.call(ApiKey::ListOffsets, 5, &req);
+        resp.topics[0].partitions[0].error_code
+    }
+
+    pub fn describe_group(raw: &mut RawClient, group: &str) -> i16 {
+        let req = DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]);
+        let resp: DescribeGroupsResponse = raw.call(ApiKey::DescribeGroups, 3, &req);
+        resp.groups[0].error_code
+    }
+
+    pub fn delete_group(raw: &mut RawClient, group: &str) -> i16 {
+        let req = DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(group))]);
+        let resp: DeleteGroupsResponse = raw.call(ApiKey::DeleteGroups, 1, &req);
+        resp.results[0].error_code
+    }
+
+    pub fn grow_topic(raw: &mut RawClient, name: &str, count: i32) -> i16 {
+        use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+        let req = CreatePartitionsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![CreatePartitionsTopic::default()
+                .with_name(topic(name))
+                .with_count(count)
+                .with_assignments(None)]);
+        let resp: CreatePartitionsResponse = raw.call(ApiKey::CreatePartitions, 1, &req);
+        resp.results[0].error_code
+    }
+
     /// Metadata of every topic: the names listed.
     pub fn listed_topics(raw: &mut RawClient) -> Vec<String> {
         let resp: MetadataResponse = raw.call(
@@ -741,6 +778,16 @@ security_protocol = "SASL_PLAINTEXT"
     assert!(!seen.contains(&"hidden".to_string()), "bob sees {seen:?}");
     assert_eq!(listed_topics(&mut alice), vec!["orders".to_string()]);
     assert_eq!(metadata_of(&mut bob, "hidden"), TOPIC_DENIED);
+    // ListOffsets needs Describe, CreatePartitions Alter, DescribeGroups Describe and
+    // DeleteGroups Delete.
+    assert_eq!(list_offsets(&mut bob, "orders"), 0);
+    assert_eq!(list_offsets(&mut bob, "hidden"), TOPIC_DENIED);
+    assert_eq!(grow_topic(&mut alice, "orders", 2), TOPIC_DENIED);
+    assert_eq!(grow_topic(&mut admin, "orders", 2), 0);
+    assert_ne!(describe_group(&mut bob, "bob-offsets"), GROUP_DENIED);
+    assert_eq!(describe_group(&mut alice, "bob-offsets"), GROUP_DENIED);
+    assert_eq!(delete_group(&mut bob, "bob-offsets"), GROUP_DENIED);
+    assert_eq!(delete_group(&mut admin, "bob-offsets"), 0);
     // ACL administration: cluster Alter/Describe, refused to alice.
     assert_eq!(
         create_acl(&mut alice, "hidden", "User:alice", 3, 3),

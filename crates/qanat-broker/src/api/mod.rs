@@ -285,9 +285,35 @@ pub(crate) async fn dispatch(
                 broker.delete_acls(req, &session)
             })
         }
-        RequestKind::ListOffsets(req) => {
+        RequestKind::ListOffsets(mut req) => {
+            // Describe on the topic, else TOPIC_AUTHORIZATION_FAILED per partition.
+            let mut denied = Vec::new();
+            req.topics.retain(|t| {
+                let ok = broker.topic_allowed(session, AclOperation::Describe, t.name.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::list_offsets_response::ListOffsetsTopicResponse::default()
+                            .with_name(t.name.clone())
+                            .with_partitions(
+                                t.partitions
+                                    .iter()
+                                    .map(|p| {
+                                        kafka_protocol::messages::list_offsets_response::ListOffsetsPartitionResponse::default()
+                                            .with_partition_index(p.partition_index)
+                                            .with_error_code(authz::TOPIC_DENIED)
+                                            .with_offset(-1)
+                                            .with_timestamp(-1)
+                                    })
+                                    .collect(),
+                            ),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.list_offsets(req)
+                let mut body = broker.list_offsets(req);
+                body.topics.extend(denied);
+                body
             })
         }
         RequestKind::CreateTopics(req) => {
@@ -302,9 +328,24 @@ pub(crate) async fn dispatch(
                 authz::merge_delete_topics(broker.delete_topics(req, version), denied)
             })
         }
-        RequestKind::CreatePartitions(req) => {
+        RequestKind::CreatePartitions(mut req) => {
+            // Alter on the topic, else TOPIC_AUTHORIZATION_FAILED.
+            let mut denied = Vec::new();
+            req.topics.retain(|t| {
+                let ok = broker.topic_allowed(session, AclOperation::Alter, t.name.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult::default()
+                            .with_name(t.name.clone())
+                            .with_error_code(authz::TOPIC_DENIED),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.create_partitions(req)
+                let mut body = broker.create_partitions(req);
+                body.results.extend(denied);
+                body
             })
         }
         RequestKind::FindCoordinator(req) => {
@@ -394,14 +435,45 @@ pub(crate) async fn dispatch(
                 broker.list_groups(req)
             })
         }
-        RequestKind::DescribeGroups(req) => {
+        RequestKind::DescribeGroups(mut req) => {
+            // Describe on the group, else GROUP_AUTHORIZATION_FAILED for that group.
+            let mut denied = Vec::new();
+            req.groups.retain(|g| {
+                let ok = broker.group_allowed(session, AclOperation::Describe, g.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::describe_groups_response::DescribedGroup::default()
+                            .with_group_id(g.clone())
+                            .with_error_code(authz::GROUP_DENIED)
+                            .with_authorized_operations(i32::MIN),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.describe_groups(req)
+                let mut body = broker.describe_groups(req);
+                body.groups.extend(denied);
+                body
             })
         }
-        RequestKind::DeleteGroups(req) => {
+        RequestKind::DeleteGroups(mut req) => {
+            // Delete on the group, else GROUP_AUTHORIZATION_FAILED for that group.
+            let mut denied = Vec::new();
+            req.groups_names.retain(|g| {
+                let ok = broker.group_allowed(session, AclOperation::Delete, g.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::delete_groups_response::DeletableGroupResult::default()
+                            .with_group_id(g.clone())
+                            .with_error_code(authz::GROUP_DENIED),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.delete_groups(req)
+                let mut body = broker.delete_groups(req);
+                body.results.extend(denied);
+                body
             })
         }
         RequestKind::InitProducerId(req) => {
