@@ -1104,3 +1104,83 @@ fn qanat_topics_talks_sasl_ssl_with_the_password_from_the_environment() {
     );
     assert!(!s.broker.partition_dir("never-made", 0).exists());
 }
+
+#[test]
+fn scram_users_are_managed_on_a_running_broker() {
+    use acl_requests::{login, s};
+    use kafka_protocol::messages::alter_user_scram_credentials_request::{
+        ScramCredentialDeletion, ScramCredentialUpsertion,
+    };
+    use kafka_protocol::messages::*;
+    use qanat_broker::scram::ScramMechanism;
+    let broker = Broker::with_config(
+        r#"
+[[broker.listener]]
+name = "SASL"
+address = "127.0.0.1:0"
+security_protocol = "SASL_PLAINTEXT"
+"#,
+    );
+    let sasl = broker.listener_addr("SASL");
+    let mut admin = RawClient::connect(&broker.bootstrap());
+    // The client salts and hashes; the broker stores only the derived keys.
+    let salt = b"0123456789abcdef".to_vec();
+    let salted = ScramMechanism::Sha256.salted_password(b"dave-password", &salt, 4096);
+    let req = AlterUserScramCredentialsRequest::default().with_upsertions(vec![
+        ScramCredentialUpsertion::default()
+            .with_name(s("dave"))
+            .with_mechanism(1)
+            .with_iterations(4096)
+            .with_salt(bytes::Bytes::from(salt))
+            .with_salted_password(bytes::Bytes::from(salted)),
+    ]);
+    let resp: AlterUserScramCredentialsResponse =
+        admin.call(ApiKey::AlterUserScramCredentials, 0, &req);
+    assert_eq!(
+        resp.results[0].error_code, 0,
+        "{:?}",
+        resp.results[0].error_message
+    );
+    let resp: DescribeUserScramCredentialsResponse = admin.call(
+        ApiKey::DescribeUserScramCredentials,
+        0,
+        &DescribeUserScramCredentialsRequest::default().with_users(None),
+    );
+    let dave = &resp.results[0];
+    assert_eq!(dave.user.as_str(), "dave");
+    assert_eq!(
+        (
+            dave.credential_infos[0].mechanism,
+            dave.credential_infos[0].iterations
+        ),
+        (1, 4096)
+    );
+    let stored = std::fs::read_to_string(broker.data_dir().join("scram-credentials.json")).unwrap();
+    assert!(!stored.contains("dave-password"));
+    // The new user logs in at once.
+    drop(login(&sasl, "dave", "dave-password"));
+    let req = AlterUserScramCredentialsRequest::default().with_deletions(vec![
+        ScramCredentialDeletion::default()
+            .with_name(s("dave"))
+            .with_mechanism(1),
+    ]);
+    let resp: AlterUserScramCredentialsResponse =
+        admin.call(ApiKey::AlterUserScramCredentials, 0, &req);
+    assert_eq!(resp.results[0].error_code, 0);
+    let mut raw = RawClient::connect(&sasl);
+    let _: SaslHandshakeResponse = raw.call(
+        ApiKey::SaslHandshake,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(s("PLAIN")),
+    );
+    let auth: SaslAuthenticateResponse = raw.call(
+        ApiKey::SaslAuthenticate,
+        2,
+        &SaslAuthenticateRequest::default()
+            .with_auth_bytes(bytes::Bytes::from_static(b"\0dave\0dave-password")),
+    );
+    assert_eq!(
+        auth.error_code, 58,
+        "a deleted user is refused (SASL_AUTHENTICATION_FAILED)"
+    );
+}

@@ -20,6 +20,7 @@ pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
 pub mod sasl_auth;
+pub mod scram_users;
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -71,6 +72,14 @@ pub const SUPPORTED: &[(ApiKey, RangeInclusive<i16>)] = &[
         client_quotas::DESCRIBE_VERSIONS,
     ),
     (ApiKey::AlterClientQuotas, client_quotas::ALTER_VERSIONS),
+    (
+        ApiKey::DescribeUserScramCredentials,
+        scram_users::DESCRIBE_VERSIONS,
+    ),
+    (
+        ApiKey::AlterUserScramCredentials,
+        scram_users::ALTER_VERSIONS,
+    ),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -277,6 +286,18 @@ pub(crate) async fn dispatch(
             let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
                 broker.alter_client_quotas(req, &session)
+            })
+        }
+        RequestKind::DescribeUserScramCredentials(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_user_scram_credentials(req, &session)
+            })
+        }
+        RequestKind::AlterUserScramCredentials(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.alter_user_scram_credentials(req, &session)
             })
         }
         RequestKind::DeleteAcls(req) => {
