@@ -743,6 +743,17 @@ security_protocol = "SASL_PLAINTEXT"
     let mut alice = login(&addr, "alice", PASSWORD);
     let mut bob = login(&addr, "bob", PASSWORD);
 
+    // The coordinator is advertised at the listener the client came through.
+    let coordinator: kafka_protocol::messages::FindCoordinatorResponse = bob.call(
+        kafka_protocol::messages::ApiKey::FindCoordinator,
+        3,
+        &kafka_protocol::messages::FindCoordinatorRequest::default().with_key(s("bob-group")),
+    );
+    assert_eq!(
+        format!("{}:{}", coordinator.host.as_str(), coordinator.port),
+        addr,
+        "FindCoordinator over the SASL listener"
+    );
     // Super user: everything.
     for t in ["orders", "orders-secret", "hidden"] {
         assert_eq!(create_topic(&mut admin, t), 0, "admin creates {t}");

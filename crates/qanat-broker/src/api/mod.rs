@@ -370,8 +370,9 @@ pub(crate) async fn dispatch(
             })
         }
         RequestKind::FindCoordinator(req) => {
+            let advertised = session.listener.advertised.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.find_coordinator(req, version)
+                broker.find_coordinator(req, version, &advertised)
             })
         }
         RequestKind::JoinGroup(req)
