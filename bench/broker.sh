@@ -10,6 +10,9 @@
 #      then a latency run at half the max rate of (1 KiB, 1 partition, acks=1);
 #   4. broker B, `[storage] fsync = "always"` (fsync before every ack): the same matrix, acks=all;
 #   5. broker C, periodic fsync: one 100-partition topic, 1 KiB records -> peak RSS;
+#   5b. broker D, periodic fsync, a PLAINTEXT and a SASL_SSL listener (SCRAM-SHA-512, TLS with
+#      a certificate made here by openssl): the same 1 KiB / 1 partition / acks=1 produce and
+#      consume through each, side by side in the same run (TLS cost);
 #   6. NATS JetStream: the same produce/consume workloads (subjects = partitions, async acks,
 #      window 4096) and a latency run at half its own max rate.
 # Output: one markdown table on stdout plus summary lines; progress on stderr.
@@ -17,7 +20,7 @@
 # Env:  BENCH_SCALE   (default 1) multiplies durations and record counts; 0.05 = smoke run.
 #       BENCH_TMPDIR  (default /tmp) parent of the temp dir (data dirs and fio file live there).
 #       NATS_SERVER   (default 127.0.0.1:4222); BENCH_SKIP_NATS=1 skips the peer,
-#       BENCH_SKIP_QANAT=1 skips the Qanat broker runs.
+#       BENCH_SKIP_QANAT=1 skips the Qanat broker runs A-C, BENCH_SKIP_TLS=1 the run D.
 # All traffic goes to 127.0.0.1. The script stops by itself: every client run is under `timeout`.
 set -euo pipefail
 
@@ -114,12 +117,12 @@ BROKER_PID=""
 BROKER_ADDR=""
 BROKER_DIR=""
 BROKER_T0=0
-# start_broker <name> <fsync toml value>
+# start_broker <name> <fsync toml value> [extra toml]
 start_broker() {
   local name=$1 fsync=$2
   BROKER_DIR="$TMP/$name"
   mkdir -p "$BROKER_DIR/data"
-  printf '[storage]\nfsync = %s\n' "$fsync" >"$BROKER_DIR/qanat.toml"
+  printf '[storage]\nfsync = %s\n%s\n' "$fsync" "${3:-}" >"$BROKER_DIR/qanat.toml"
   log "starting broker $name (fsync = $fsync)"
   "$QANAT_BIN" broker --listen 127.0.0.1:0 --data-dir "$BROKER_DIR/data" \
     --config "$BROKER_DIR/qanat.toml" >"$BROKER_DIR/stdout" 2>"$BROKER_DIR/stderr" &
@@ -309,6 +312,56 @@ fi
 stop_broker "Qanat broker C (one 100-partition topic)"
 
 fi # BENCH_SKIP_QANAT
+
+# ---------------------------------------------------------------------------------------------
+# Qanat, broker D: PLAINTEXT and SASL_SSL side by side
+
+if [[ "${BENCH_SKIP_TLS:-0}" != 1 ]]; then
+  command -v openssl >/dev/null || die "openssl is required for the SASL_SSL rows"
+  TLSD="$TMP/D"
+  mkdir -p "$TLSD/data"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=qanat bench CA" \
+    -keyout "$TLSD/ca.key" -out "$TLSD/ca.pem" 2>/dev/null
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=localhost" \
+    -keyout "$TLSD/server.key" -out "$TLSD/server.csr" 2>/dev/null
+  printf 'subjectAltName=IP:127.0.0.1,DNS:localhost\n' >"$TLSD/san.ext"
+  openssl x509 -req -in "$TLSD/server.csr" -CA "$TLSD/ca.pem" -CAkey "$TLSD/ca.key" \
+    -CAcreateserial -days 2 -extfile "$TLSD/san.ext" -out "$TLSD/server.pem" 2>/dev/null
+  QANAT_USER_PASSWORD=bench-password "$QANAT_BIN" users --data-dir "$TLSD/data" add bench \
+    --mechanism SCRAM-SHA-512 >/dev/null
+  start_broker D 1000 "$(printf '[tls]\ncert_file = "%s"\nkey_file = "%s"\n[[broker.listener]]\nname = "SECURE"\naddress = "127.0.0.1:0"\nsecurity_protocol = "SASL_SSL"' \
+    "$TLSD/server.pem" "$TLSD/server.key")"
+  SECURE_ADDR=$(wait_line "$BROKER_DIR/stdout" "qanat listener SECURE (SASL_SSL) listening on " "$BROKER_PID") ||
+    die "broker D printed no SASL_SSL listener"
+  SEC_PROPS=(--property security.protocol=SASL_SSL --property sasl.mechanism=SCRAM-SHA-512
+    --property sasl.username=bench --property sasl.password=bench-password
+    --property "ssl.ca.location=$TLSD/ca.pem")
+  for proto in PLAINTEXT SASL_SSL; do
+    topic="bench-1024b-1p-${proto,,}"
+    addr=$BROKER_ADDR props=()
+    if [[ $proto == SASL_SSL ]]; then addr=$SECURE_ADDR props=("${SEC_PROPS[@]}"); fi
+    pj="" cj="" note=""
+    log "qanat D: $topic over $proto: produce 1 KiB for up to ${PRODUCE_SECS}s, acks=1"
+    run_client "produce-$topic" kafka-produce --bootstrap "$addr" --topic "$topic" --partitions 1 \
+      --record-size 1024 --count "${MAX_COUNT[1024]}" --acks 1 --max-secs "$PRODUCE_SECS" \
+      "${props[@]}" || note="produce FAILED"
+    pj=$OUT
+    log "  produce: $pj"
+    PRODUCE_MBPS["$proto"]=$(j .mb_per_s "$pj")
+    n=$(j .records "$pj")
+    if [[ -n "$n" && "$n" -gt 0 ]]; then
+      run_client "consume-$topic" kafka-consume --bootstrap "$addr" --topic "$topic" --partitions 1 \
+        --count "$n" "${props[@]}" || note="${note:+$note, }consume FAILED"
+      cj=$OUT
+      log "  consume: $cj"
+    fi
+    add_row "qanat $proto" 1024 1 "acks=1 / fsync every 1000 ms" "$pj" "$cj" "$note"
+  done
+  if [[ -n "${PRODUCE_MBPS[PLAINTEXT]:-}" && -n "${PRODUCE_MBPS[SASL_SSL]:-}" ]]; then
+    SUMMARY+=("- TLS cost (broker D, 1 KiB, 1 partition, acks=1): SASL_SSL produce is $(awk -v t="${PRODUCE_MBPS[SASL_SSL]}" -v p="${PRODUCE_MBPS[PLAINTEXT]}" 'BEGIN { printf "%.0f%%", 100 * (1 - t / p) }') below PLAINTEXT (target: at most 25%)")
+  fi
+  stop_broker "Qanat broker D (PLAINTEXT and SASL_SSL listeners)"
+fi
 
 # ---------------------------------------------------------------------------------------------
 # NATS JetStream peer

@@ -9,6 +9,8 @@
 #                             wal_level=logical instances of crates/qanat/tests/cdc_postgres.rs
 #   chromium                  (Debian package)  headless browser for crates/qanat/tests/collect.rs
 #   mariadb-server, -client   (Debian packages) private servers for crates/qanat/tests/cdc_mysql.rs
+#   libssl-dev, pkg-config    (Debian packages) OpenSSL for librdkafka's TLS and SCRAM (rdkafka's
+#                             `ssl` feature: the qanat clients speak SASL_SSL)
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
 #                             PATH, which is the one the tests run)
 #   pyarrow                   (pip) reads back the Parquet written by crates/qanat/tests/sync.rs
@@ -52,6 +54,13 @@ if ! command -v mariadbd >/dev/null 2>&1 || ! command -v mariadb-install-db >/de
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
     mariadb-server mariadb-client </dev/null
+fi
+
+if ! pkg-config --exists openssl 2>/dev/null; then
+  echo "scripts/test.sh: installing libssl-dev and pkg-config" >&2
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -q
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    libssl-dev pkg-config </dev/null
 fi
 
 missing=()

@@ -108,6 +108,15 @@ struct KafkaProduceArgs {
     /// librdkafka message.timeout.ms: a record not acknowledged by then fails.
     #[arg(long, default_value_t = 60_000)]
     message_timeout_ms: u32,
+    /// Extra librdkafka property KEY=VALUE (repeatable), e.g. security settings.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
+}
+
+fn parse_property(text: &str) -> std::result::Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("{text:?} is not KEY=VALUE"))
 }
 
 #[derive(Debug, clap::Args)]
@@ -136,6 +145,9 @@ struct KafkaConsumeArgs {
     /// session.timeout.ms with --group.
     #[arg(long, default_value_t = 6000)]
     session_timeout_ms: u32,
+    /// Extra librdkafka property KEY=VALUE (repeatable), e.g. security settings.
+    #[arg(long = "property", value_parser = parse_property)]
+    properties: Vec<(String, String)>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -428,7 +440,11 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
     let batch_msgs = (a.batch_bytes as usize / a.record_size.max(1)).clamp(10_000, 1_000_000);
     let start = Instant::now();
     let ctx = BenchContext::new(start)?;
-    let producer: ThreadedProducer<BenchContext> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    for (k, v) in &a.properties {
+        config.set(k, v);
+    }
+    let producer: ThreadedProducer<BenchContext> = config
         .set("bootstrap.servers", &a.bootstrap)
         .set("client.id", "qanat-bench")
         .set("acks", acks)
@@ -523,6 +539,9 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let start = Instant::now();
     let ctx = BenchContext::new(start)?;
     let mut config = ClientConfig::new();
+    for (k, v) in &a.properties {
+        config.set(k, v);
+    }
     config
         .set("bootstrap.servers", &a.bootstrap)
         .set("client.id", "qanat-bench")

@@ -12,6 +12,103 @@ pub struct Config {
     pub broker: BrokerSettings,
     pub storage: StorageSettings,
     pub groups: GroupsSettings,
+    pub tls: Option<crate::tls::TlsSettings>,
+    pub sasl: SaslSettings,
+    pub security: SecuritySettings,
+}
+
+/// Security protocol of a listener, as Kafka names them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Default)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    #[default]
+    Plaintext,
+    Ssl,
+    SaslPlaintext,
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    pub fn uses_tls(self) -> bool {
+        matches!(self, Self::Ssl | Self::SaslSsl)
+    }
+
+    pub fn uses_sasl(self) -> bool {
+        matches!(self, Self::SaslPlaintext | Self::SaslSsl)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "PLAINTEXT",
+            Self::Ssl => "SSL",
+            Self::SaslPlaintext => "SASL_PLAINTEXT",
+            Self::SaslSsl => "SASL_SSL",
+        }
+    }
+}
+
+/// One `[[broker.listener]]`: an address with its security protocol.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListenerSettings {
+    pub name: String,
+    pub address: std::net::SocketAddr,
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// Host put in Metadata for clients of this listener; defaults to the bound address.
+    pub advertised_host: Option<String>,
+    /// Port put in Metadata for clients of this listener; defaults to the bound port.
+    pub advertised_port: Option<u16>,
+}
+
+/// `[sasl]`: authentication on SASL listeners.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SaslSettings {
+    /// Mechanisms offered in SaslHandshake.
+    pub mechanisms: Vec<String>,
+    /// First delay before answering a failed login from an address; doubles with each
+    /// further failure from it, up to `failure_delay_max_ms`.
+    pub failure_delay_ms: u64,
+    pub failure_delay_max_ms: u64,
+    /// Iterations of new SCRAM credentials created without an explicit count.
+    pub scram_iterations: u32,
+}
+
+impl Default for SaslSettings {
+    fn default() -> Self {
+        Self {
+            mechanisms: crate::sasl::MECHANISMS
+                .iter()
+                .map(|m| m.to_string())
+                .collect(),
+            failure_delay_ms: 100,
+            failure_delay_max_ms: 5_000,
+            scram_iterations: 8192,
+        }
+    }
+}
+
+/// `[security]`: authorization and HTTP credentials.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct SecuritySettings {
+    /// Deny whatever no ACL allows (Kafka's StandardAuthorizer without
+    /// allow.everyone.if.no.acl.found). Off: every principal may do everything.
+    pub authorizer: bool,
+    /// Principals (`User:NAME`) allowed everything.
+    pub super_users: Vec<String>,
+    /// Bearer tokens of the HTTP API, each mapped to a principal. With the authorizer on,
+    /// a request without a known token or basic credentials is refused.
+    pub http_tokens: Vec<HttpToken>,
+}
+
+/// A bearer token of the HTTP API and the principal it stands for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HttpToken {
+    pub token: String,
+    pub principal: String,
 }
 
 /// `[groups]`: the consumer-group coordinator.
@@ -63,6 +160,10 @@ pub struct BrokerSettings {
     pub max_connections_per_ip: u32,
     /// A connection without a request received or answered for this long is closed.
     pub connections_max_idle_ms: u64,
+    /// Security protocol of the listener given by `--listen`.
+    pub listen_security_protocol: SecurityProtocol,
+    /// Further listeners, each with its own address and security protocol.
+    pub listener: Vec<ListenerSettings>,
     /// Most bytes the records of one compressed batch may inflate to. Produce refuses a batch
     /// past it (MESSAGE_TOO_LARGE), and readers of stored batches stop decoding there.
     pub max_uncompressed_batch_bytes: u64,
@@ -85,6 +186,8 @@ impl Default for BrokerSettings {
             max_connections: 10_000,
             max_connections_per_ip: 10_000,
             connections_max_idle_ms: 600_000,
+            listen_security_protocol: SecurityProtocol::Plaintext,
+            listener: Vec::new(),
             max_uncompressed_batch_bytes: 64 << 20,
         }
     }
@@ -234,6 +337,69 @@ pub enum ConfigError {
 }
 
 impl Config {
+    /// Listeners need what their protocol uses; names must be unique.
+    fn validate_security(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        let mut names = std::collections::HashSet::new();
+        names.insert(crate::listener::DEFAULT_LISTENER);
+        let protocols = std::iter::once(self.broker.listen_security_protocol)
+            .chain(self.broker.listener.iter().map(|l| l.security_protocol));
+        for l in &self.broker.listener {
+            if l.name.is_empty() || !names.insert(l.name.as_str()) {
+                return invalid(
+                    "broker.listener.name",
+                    format!(
+                        "{:?} is empty or used twice (\"{}\" is the --listen listener)",
+                        l.name,
+                        crate::listener::DEFAULT_LISTENER
+                    ),
+                );
+            }
+        }
+        for p in protocols {
+            if p.uses_tls() && self.tls.is_none() {
+                return invalid(
+                    "tls",
+                    format!(
+                        "a {} listener needs a [tls] table with cert_file and key_file",
+                        p.as_str()
+                    ),
+                );
+            }
+        }
+        for m in &self.sasl.mechanisms {
+            if !crate::sasl::MECHANISMS.contains(&m.as_str()) {
+                return invalid(
+                    "sasl.mechanisms",
+                    format!("{m:?} is not one of {:?}", crate::sasl::MECHANISMS),
+                );
+            }
+        }
+        if self.sasl.scram_iterations < crate::scram::MIN_ITERATIONS {
+            return invalid(
+                "sasl.scram_iterations",
+                format!("must be at least {}", crate::scram::MIN_ITERATIONS),
+            );
+        }
+        for u in &self.security.super_users {
+            if !u.starts_with("User:") {
+                return invalid(
+                    "security.super_users",
+                    format!("{u:?} is not of the form User:NAME"),
+                );
+            }
+        }
+        for t in &self.security.http_tokens {
+            if t.token.len() < 16 || !t.principal.starts_with("User:") {
+                return invalid(
+                    "security.http_tokens",
+                    "each token must be at least 16 characters and its principal of the form User:NAME".into(),
+                );
+            }
+        }
+        Ok(())
+    }
+
     /// Parse TOML text, then apply `QANAT_<TABLE>_<KEY>` overrides from `env`.
     pub fn from_toml_with_env<I>(text: &str, env: I) -> Result<Self, ConfigError>
     where
@@ -243,13 +409,14 @@ impl Config {
         qanat_config::overlay_env(
             &mut doc,
             "QANAT_",
-            &["broker", "storage", "groups"],
+            &["broker", "storage", "groups", "tls", "sasl", "security"],
             false,
             env,
             |_, _, raw| Ok(Some(qanat_config::plain_value(raw))),
         )?;
         let config: Config = toml::Value::Table(doc).try_into()?;
         config.broker.validate()?;
+        config.validate_security()?;
         Ok(config)
     }
 }

@@ -24,17 +24,24 @@
 //!   `queued_max_request_bytes` together; connections are capped in total and per source
 //!   address, and closed after `connections_max_idle_ms` without request activity.
 
+pub mod acl;
 pub mod api;
 pub mod config;
+pub mod credentials;
 pub mod fdlimit;
 pub mod fetch_response;
 pub mod filter;
 pub mod groups;
 pub mod limits;
+pub mod listener;
 pub mod push;
+pub mod quotas;
 pub mod ratelog;
 pub mod records;
+pub mod sasl;
+pub mod scram;
 pub mod server;
+pub mod tls;
 pub mod topics;
 pub mod wire;
 
@@ -65,6 +72,10 @@ pub enum BrokerError {
     Groups(#[from] groups::JournalError),
     #[error("cannot listen: {0}")]
     Listen(#[source] std::io::Error),
+    #[error("tls: {0}")]
+    Tls(#[from] tls::TlsError),
+    #[error(transparent)]
+    Store(#[from] credentials::StoreError),
 }
 
 /// Shared state of a running broker.
@@ -72,8 +83,18 @@ pub struct Broker {
     pub config: Config,
     pub topics: TopicRegistry,
     pub groups: Arc<GroupCoordinator>,
-    /// (host, port) put in Metadata responses.
+    /// (host, port) of the `--listen` listener.
     pub advertised: (String, i32),
+    /// Certificate and acceptor of the TLS listeners.
+    pub tls: Option<tls::Tls>,
+    /// SCRAM credentials of the users.
+    pub credentials: Arc<credentials::CredentialStore>,
+    /// Delays of failed logins per source address.
+    pub auth_failures: sasl::FailureDelay,
+    /// ACLs and whether they are enforced.
+    pub acls: acl::Authorizer,
+    /// Client quotas and their meters.
+    pub quotas: quotas::Quotas,
     /// Woken after every append, so long-polling fetches can answer early.
     data_arrived: Notify,
     /// Woken once on shutdown, so long polls answer at once.
@@ -90,6 +111,18 @@ impl Broker {
         advertised: (String, i32),
     ) -> Result<Self, BrokerError> {
         let started = Instant::now();
+        let tls = config.tls.clone().map(tls::Tls::new).transpose()?;
+        let credentials = Arc::new(credentials::CredentialStore::open(data_dir)?);
+        let acls = acl::Authorizer::open(
+            data_dir,
+            config.security.authorizer,
+            &config.security.super_users,
+        )?;
+        let quotas = quotas::Quotas::open(data_dir)?;
+        let auth_failures = sasl::FailureDelay::new(
+            Duration::from_millis(config.sasl.failure_delay_ms),
+            Duration::from_millis(config.sasl.failure_delay_max_ms),
+        );
         let topics = TopicRegistry::open(
             data_dir,
             storage.clone(),
@@ -119,6 +152,11 @@ impl Broker {
             topics,
             groups,
             advertised,
+            tls,
+            credentials,
+            auth_failures,
+            acls,
+            quotas,
             data_arrived: Notify::new(),
             shutdown: Arc::new(Notify::new()),
         })

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::{Path, Query, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -105,11 +105,90 @@ fn start_offset(partition: &Partition, start: Start, limit: u64) -> i64 {
     }
 }
 
+/// With the authorizer on, the principal of the request (`Authorization: Bearer TOKEN` from
+/// `[security] http_tokens`, or `Basic` with a SASL user's password) must have Read on the
+/// topic: 401 without valid credentials, 403 without the permission.
+async fn authorize(broker: &Arc<Broker>, headers: &HeaderMap, topic: &str) -> Result<(), Response> {
+    if !broker.acls.enabled() {
+        return Ok(());
+    }
+    let unauthorized = |why: &str| {
+        let mut r = (StatusCode::UNAUTHORIZED, Json(json!({ "error": why }))).into_response();
+        r.headers_mut().insert(
+            axum::http::header::WWW_AUTHENTICATE,
+            axum::http::HeaderValue::from_static("Bearer, Basic realm=\"qanat\""),
+        );
+        r
+    };
+    let Some(value) = headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Err(unauthorized("credentials required"));
+    };
+    let principal = if let Some(token) = value.strip_prefix("Bearer ") {
+        broker
+            .config
+            .security
+            .http_tokens
+            .iter()
+            .find(|t| t.token == token.trim())
+            .map(|t| t.principal.clone())
+    } else if let Some(encoded) = value.strip_prefix("Basic ") {
+        let decoded = base64::engine::general_purpose::STANDARD
+            .decode(encoded.trim())
+            .ok()
+            .and_then(|b| String::from_utf8(b).ok());
+        match decoded.as_deref().and_then(|d| d.split_once(':')) {
+            Some((user, password)) => {
+                let (store, user, password) = (
+                    broker.credentials.clone(),
+                    user.to_string(),
+                    password.to_string(),
+                );
+                tokio::task::spawn_blocking(move || {
+                    crate::sasl::check_user_password(&store, &user, &password)
+                        .then(|| format!("User:{user}"))
+                })
+                .await
+                .ok()
+                .flatten()
+            }
+            None => None,
+        }
+    } else {
+        None
+    };
+    let Some(principal) = principal else {
+        metrics::counter!("qanat_auth_failures_total").increment(1);
+        return Err(unauthorized("invalid credentials"));
+    };
+    // The HTTP API does not see the peer address here: only host `*` ACLs apply.
+    if !broker.acls.allowed(
+        &principal,
+        "*",
+        crate::acl::AclOperation::Read,
+        crate::acl::ResourceType::Topic,
+        topic,
+    ) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": format!("{principal} may not read topic {topic}") })),
+        )
+            .into_response());
+    }
+    Ok(())
+}
+
 async fn subscribe(
     State(broker): State<Arc<Broker>>,
     Path(topic): Path<String>,
     Query(q): Query<SubscribeQuery>,
+    headers: HeaderMap,
 ) -> Response {
+    if let Err(refusal) = authorize(&broker, &headers, &topic).await {
+        return refusal;
+    }
     let start = match parse_start(q.from.as_deref()) {
         Ok(s) => s,
         Err(e) => return bad_request(e, None),

@@ -22,14 +22,16 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use kafka_protocol::messages::{ApiKey, ApiVersionsRequest, RequestHeader, RequestKind};
 use kafka_protocol::protocol::Decodable;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tokio::sync::mpsc;
 
-use crate::api::{self, malformed, produce, supported_range, Pending};
+use crate::api::{self, malformed, produce, sasl_auth, supported_range, Pending};
 use crate::limits::{
     AcceptBackoff, ConnectionLimits, ConnectionSlot, PoolReservation, RequestPool,
 };
+use crate::listener::{split_plain, split_tls, Listener, ListenerInfo, ReadSide, ANONYMOUS};
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
+use crate::sasl::SaslExchange;
 use crate::wire::{FrameReader, ResponseWriter, Step, WireError};
 use crate::Broker;
 
@@ -39,20 +41,56 @@ const MAX_IN_FLIGHT: usize = 128;
 static ACCEPT_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 static REFUSED_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 
-/// Accept connections until `shutdown` completes, then stop accepting and return.
+/// Accept connections on every listener until `shutdown` completes, then stop accepting and
+/// return. The request pool and the connection limits are shared by all listeners.
 pub async fn serve(
-    listener: TcpListener,
+    listeners: Vec<Listener>,
     broker: Arc<Broker>,
     shutdown: impl Future<Output = ()>,
 ) -> std::io::Result<()> {
-    tokio::pin!(shutdown);
     let settings = &broker.config.broker;
     let pool = RequestPool::new(settings.queued_max_request_bytes);
     let limits = ConnectionLimits::new(settings.max_connections, settings.max_connections_per_ip);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut loops = tokio::task::JoinSet::new();
+    for listener in listeners {
+        let broker = broker.clone();
+        let pool = pool.clone();
+        let limits = limits.clone();
+        let mut stop = stop_rx.clone();
+        loops.spawn(async move {
+            let stopped = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            accept_loop(listener, broker, pool, limits, stopped).await
+        });
+    }
+    shutdown.await;
+    let _ = stop_tx.send(true);
+    let mut result = Ok(());
+    while let Some(joined) = loops.join_next().await {
+        match joined {
+            Ok(Err(e)) => result = Err(e),
+            Ok(Ok(())) => {}
+            Err(e) => tracing::error!(error = %e, "accept loop panicked"),
+        }
+    }
+    result
+}
+
+async fn accept_loop(
+    listener: Listener,
+    broker: Arc<Broker>,
+    pool: RequestPool,
+    limits: Arc<ConnectionLimits>,
+    shutdown: impl Future<Output = ()>,
+) -> std::io::Result<()> {
+    tokio::pin!(shutdown);
+    let info = listener.info();
     let mut backoff = AcceptBackoff::default();
     loop {
         let accepted = tokio::select! {
-            accepted = listener.accept() => accepted,
+            accepted = listener.socket.accept() => accepted,
             _ = &mut shutdown => return Ok(()),
         };
         match accepted {
@@ -62,9 +100,10 @@ pub async fn serve(
                     Ok(slot) => {
                         let broker = broker.clone();
                         let pool = pool.clone();
-                        tokio::spawn(
-                            async move { connection(stream, peer, broker, pool, slot).await },
-                        );
+                        let info = info.clone();
+                        tokio::spawn(async move {
+                            connection(stream, peer, broker, pool, slot, info).await
+                        });
                     }
                     Err(refusal) => {
                         let limit = refusal.key();
@@ -176,20 +215,213 @@ enum ReaderEvent {
     IdleTimer,
 }
 
+/// Who is at the other end of a connection, and through which listener.
+#[derive(Debug, Clone)]
+pub struct Session {
+    pub listener: Arc<ListenerInfo>,
+    pub peer: SocketAddr,
+    /// `User:NAME` once authenticated (SASL or client certificate), else `User:ANONYMOUS`.
+    pub principal: Arc<str>,
+    /// Milliseconds the connection must not be read (a quota throttle), set by the request
+    /// that exceeded the quota and consumed by the reader.
+    pub mute_ms: Arc<AtomicU64>,
+}
+
+impl Session {
+    /// The principal's name, as quota entities name users.
+    pub fn user(&self) -> &str {
+        self.principal
+            .strip_prefix("User:")
+            .unwrap_or(&self.principal)
+    }
+
+    /// Ask the reader to stop reading this connection for `d` (Kafka's channel muting).
+    pub fn throttle(&self, d: Duration) {
+        if !d.is_zero() {
+            metrics::counter!("qanat_quota_throttled_total").increment(1);
+            self.mute_ms
+                .fetch_max(d.as_millis() as u64, Ordering::Relaxed);
+        }
+    }
+}
+
+/// How long a TLS handshake may take before the connection is dropped.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// TLS handshake (when the listener uses TLS): the split stream and the principal of a
+/// verified client certificate.
+async fn open_transport(
+    stream: TcpStream,
+    peer: SocketAddr,
+    broker: &Broker,
+    listener: &ListenerInfo,
+) -> Option<(ReadSide, crate::listener::WriteSide, Option<String>)> {
+    if !listener.protocol.uses_tls() {
+        let (rd, wr) = split_plain(stream);
+        return Some((rd, wr, None));
+    }
+    let tls = broker.tls.as_ref()?;
+    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+        Ok(Ok(stream)) => {
+            let principal = stream
+                .get_ref()
+                .1
+                .peer_certificates()
+                .and_then(|certs| certs.first())
+                .and_then(|cert| crate::tls::principal_of_certificate(cert.as_ref()));
+            let (rd, wr) = split_tls(stream);
+            Some((rd, wr, principal))
+        }
+        Ok(Err(e)) => {
+            metrics::counter!("qanat_tls_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, listener = %listener.name, error = %e, "TLS handshake failed");
+            None
+        }
+        Err(_) => {
+            metrics::counter!("qanat_tls_handshake_failures_total").increment(1);
+            tracing::debug!(%peer, listener = %listener.name, "TLS handshake timed out");
+            None
+        }
+    }
+}
+
+/// What the reader does with a request on a SASL listener.
+enum Gate {
+    /// Pass to [`api::dispatch`].
+    Dispatch(Decoded),
+    /// Answered here; close the connection after the answer when the flag is set.
+    Answered(Pending, bool),
+    /// Close the connection without an answer.
+    Close(String),
+}
+
+/// Handle the SASL requests of a connection and refuse everything else before
+/// authentication (see [`crate::sasl`]).
+async fn sasl_gate(
+    broker: &Broker,
+    session: &mut Session,
+    exchange: &mut Option<SaslExchange>,
+    decoded: Decoded,
+) -> Result<Gate, WireError> {
+    let enabled = &broker.config.sasl.mechanisms;
+    let (api, version, correlation_id) = (decoded.api, decoded.version, decoded.correlation_id);
+    let answer = |body: &dyn Fn() -> Result<crate::wire::Response, WireError>| -> Result<Pending, WireError> {
+        Ok(api::ready(body()?))
+    };
+    let kind = match decoded.request {
+        Request::Kind(kind) => kind,
+        other => {
+            return Ok(match exchange {
+                Some(x) if !x.finished() && !matches!(other, Request::UnsupportedApiVersions) => {
+                    Gate::Close(format!("{api:?} before SASL authentication"))
+                }
+                _ => Gate::Dispatch(Decoded {
+                    request: other,
+                    ..decoded
+                }),
+            })
+        }
+    };
+    match (*kind, exchange.as_mut()) {
+        (RequestKind::SaslHandshake(req), Some(x)) if !x.finished() => {
+            let body = sasl_auth::handshake(x, &req, enabled);
+            let failed = body.error_code != 0;
+            let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
+            Ok(Gate::Answered(pending, failed))
+        }
+        (RequestKind::SaslHandshake(_), _) => {
+            let body = sasl_auth::illegal_handshake(enabled);
+            Ok(Gate::Answered(
+                answer(&|| api::encode(api, version, correlation_id, &body))?,
+                false,
+            ))
+        }
+        (RequestKind::SaslAuthenticate(req), Some(x)) if x.expects_token() => {
+            let credentials = broker.credentials.clone();
+            let mut owned = std::mem::take(x);
+            // PBKDF2 (PLAIN) takes milliseconds: off the reactor.
+            let (body, outcome, owned) = tokio::task::spawn_blocking(move || {
+                let (body, outcome) = sasl_auth::authenticate(&mut owned, &credentials, &req);
+                (body, outcome, owned)
+            })
+            .await
+            .map_err(|e| malformed(format!("authentication task failed: {e}")))?;
+            *x = owned;
+            match outcome {
+                Ok(Some(principal)) => {
+                    broker.auth_failures.succeeded(session.peer.ip());
+                    tracing::debug!(peer = %session.peer, %principal, "authenticated");
+                    session.principal = principal.into();
+                    let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
+                    Ok(Gate::Answered(pending, false))
+                }
+                Ok(None) => {
+                    let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
+                    Ok(Gate::Answered(pending, false))
+                }
+                Err(reason) => {
+                    metrics::counter!("qanat_auth_failures_total").increment(1);
+                    let delay = broker.auth_failures.failed(session.peer.ip());
+                    tracing::warn!(
+                        peer = %session.peer,
+                        listener = %session.listener.name,
+                        reason,
+                        delay_ms = delay.as_millis() as u64,
+                        "authentication failed"
+                    );
+                    tokio::time::sleep(delay).await;
+                    let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
+                    Ok(Gate::Answered(pending, true))
+                }
+            }
+        }
+        (RequestKind::SaslAuthenticate(_), _) => {
+            let body = sasl_auth::illegal_authenticate();
+            Ok(Gate::Answered(
+                answer(&|| api::encode(api, version, correlation_id, &body))?,
+                true,
+            ))
+        }
+        (kind @ RequestKind::ApiVersions(_), _) => Ok(Gate::Dispatch(Decoded {
+            request: Request::Kind(Box::new(kind)),
+            ..decoded
+        })),
+        (_, Some(x)) if !x.finished() => Ok(Gate::Close(format!(
+            "unexpected {api:?} request during SASL authentication"
+        ))),
+        (kind, _) => Ok(Gate::Dispatch(Decoded {
+            request: Request::Kind(Box::new(kind)),
+            ..decoded
+        })),
+    }
+}
+
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
     broker: Arc<Broker>,
     pool: RequestPool,
     _slot: ConnectionSlot,
+    listener: Arc<ListenerInfo>,
 ) {
     metrics::gauge!("qanat_connections").increment(1.0);
     if let Err(e) = stream.set_nodelay(true) {
         tracing::debug!(%peer, error = %e, "set_nodelay failed");
     }
+    let Some((mut rd, wr, cert_principal)) = open_transport(stream, peer, &broker, &listener).await
+    else {
+        metrics::gauge!("qanat_connections").decrement(1.0);
+        return;
+    };
+    let mut exchange = listener.protocol.uses_sasl().then(SaslExchange::default);
+    let mut session = Session {
+        listener: listener.clone(),
+        peer,
+        principal: cert_principal.as_deref().unwrap_or(ANONYMOUS).into(),
+        mute_ms: Arc::new(AtomicU64::new(0)),
+    };
     let idle = Duration::from_millis(broker.config.broker.connections_max_idle_ms);
     let activity = Arc::new(Activity::new());
-    let (mut rd, wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let writer = tokio::spawn({
         let activity = activity.clone();
@@ -202,6 +434,7 @@ async fn connection(
         }
     });
     let mut frames = FrameReader::new(broker.config.broker.max_frame_bytes);
+    let mut unframed_tokens = false;
     let idle_timer = tokio::time::sleep_until(activity.idle_deadline(idle));
     tokio::pin!(idle_timer);
     loop {
@@ -235,8 +468,46 @@ async fn connection(
         };
         activity.touch();
         let started = Instant::now();
+        let mut close_after = false;
+        if unframed_tokens {
+            // After SaslHandshake v0 the client sends bare SASL tokens, each behind a length.
+            let Some(x) = exchange.as_mut() else { break };
+            match unframed_token(&broker, &mut session, x, frame).await {
+                Some(pending) => {
+                    if x.finished() {
+                        unframed_tokens = false;
+                        frames.allow_short_frames(false);
+                    }
+                    activity.request_started();
+                    if tx.send((pending, reservation)).await.is_err() {
+                        break;
+                    }
+                    continue;
+                }
+                None => break,
+            }
+        }
         let started_request = match decode_request(frame) {
-            Ok(decoded) => api::dispatch(&broker, decoded, started, peer).await,
+            Ok(decoded) if exchange.is_some() || is_sasl(decoded.api) => {
+                let legacy_handshake = decoded.api == ApiKey::SaslHandshake && decoded.version == 0;
+                match sasl_gate(&broker, &mut session, &mut exchange, decoded).await {
+                    Ok(Gate::Dispatch(decoded)) => {
+                        api::dispatch(&broker, decoded, started, &session).await
+                    }
+                    Ok(Gate::Answered(pending, close)) => {
+                        close_after = close;
+                        if legacy_handshake && exchange.as_ref().is_some_and(|x| x.expects_token())
+                        {
+                            unframed_tokens = true;
+                            frames.allow_short_frames(true);
+                        }
+                        Ok(Some(pending))
+                    }
+                    Ok(Gate::Close(why)) => Err(malformed(why)),
+                    Err(e) => Err(e),
+                }
+            }
+            Ok(decoded) => api::dispatch(&broker, decoded, started, &session).await,
             Err(e) => Err(e),
         };
         match started_request {
@@ -252,12 +523,64 @@ async fn connection(
                 break;
             }
         }
+        if close_after {
+            break;
+        }
+        let mute = session.mute_ms.swap(0, Ordering::Relaxed);
+        if mute > 0 {
+            // Over its quota: the client's next request waits (the response is already on
+            // its way with throttle_time_ms).
+            tokio::time::sleep(Duration::from_millis(mute)).await;
+        }
     }
     drop(tx);
     if writer.await.is_err() {
         tracing::error!(%peer, "connection writer panicked");
     }
     metrics::gauge!("qanat_connections").decrement(1.0);
+}
+
+/// One bare SASL token (after SaslHandshake v0): the bare answer, or None to close the
+/// connection (a failure, which Kafka answers by closing).
+async fn unframed_token(
+    broker: &Broker,
+    session: &mut Session,
+    exchange: &mut SaslExchange,
+    token: Bytes,
+) -> Option<Pending> {
+    let credentials = broker.credentials.clone();
+    let mut owned = std::mem::take(exchange);
+    let request =
+        kafka_protocol::messages::SaslAuthenticateRequest::default().with_auth_bytes(token);
+    let (body, outcome, owned) = tokio::task::spawn_blocking(move || {
+        let (body, outcome) = sasl_auth::authenticate(&mut owned, &credentials, &request);
+        (body, outcome, owned)
+    })
+    .await
+    .ok()?;
+    *exchange = owned;
+    match outcome {
+        Ok(principal) => {
+            if let Some(principal) = principal {
+                broker.auth_failures.succeeded(session.peer.ip());
+                session.principal = principal.into();
+            }
+            Some(api::ready(crate::wire::Response::from_bytes(
+                body.auth_bytes,
+            )))
+        }
+        Err(reason) => {
+            metrics::counter!("qanat_auth_failures_total").increment(1);
+            let delay = broker.auth_failures.failed(session.peer.ip());
+            tracing::warn!(peer = %session.peer, listener = %session.listener.name, reason, delay_ms = delay.as_millis() as u64, "authentication failed");
+            tokio::time::sleep(delay).await;
+            None
+        }
+    }
+}
+
+fn is_sasl(api: ApiKey) -> bool {
+    matches!(api, ApiKey::SaslHandshake | ApiKey::SaslAuthenticate)
 }
 
 /// `op`, failing when the peer takes no bytes for `idle`: a client that stops reading its

@@ -16,7 +16,8 @@ use qanat_log::FileSlice;
 
 use crate::limits::{PoolReservation, RequestPool};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
-use tokio::net::tcp::OwnedWriteHalf;
+
+use crate::listener::WriteSide;
 
 /// File ranges below this size are copied into the write buffer rather than sent with sendfile.
 const SENDFILE_MIN_BYTES: u64 = 32 * 1024;
@@ -121,6 +122,9 @@ pub enum Step {
 #[derive(Debug)]
 pub struct FrameReader {
     limit: u32,
+    /// Smallest frame accepted: 8 (a request header), or 1 while unframed SASL tokens are
+    /// expected (after SaslHandshake v0).
+    min: i32,
     header: [u8; 4],
     header_len: usize,
     body: Option<FrameBody>,
@@ -139,11 +143,17 @@ impl FrameReader {
     pub fn new(limit: u32) -> Self {
         Self {
             limit,
+            min: 8,
             header: [0; 4],
             header_len: 0,
             body: None,
             waiting: false,
         }
+    }
+
+    /// Accept frames shorter than a request header (unframed SASL tokens), or stop accepting.
+    pub fn allow_short_frames(&mut self, allow: bool) {
+        self.min = if allow { 1 } else { 8 };
     }
 
     /// Whether part of a frame has been received.
@@ -169,7 +179,7 @@ impl FrameReader {
             if self.header_len == self.header.len() {
                 let size = i32::from_be_bytes(self.header);
                 // The cap is checked before anything is allocated or reserved for the frame.
-                if size < 8 || size as u32 > self.limit {
+                if size < self.min || size as u32 > self.limit {
                     return Err(WireError::FrameSize {
                         size: i64::from(size),
                         limit: self.limit,
@@ -251,12 +261,12 @@ impl Drop for FrameReader {
 
 /// Writes responses to one connection, batching small ones into few syscalls.
 pub struct ResponseWriter {
-    wr: OwnedWriteHalf,
+    wr: WriteSide,
     buf: BytesMut,
 }
 
 impl ResponseWriter {
-    pub fn new(wr: OwnedWriteHalf) -> Self {
+    pub fn new(wr: WriteSide) -> Self {
         Self {
             wr,
             buf: BytesMut::with_capacity(WRITE_BUFFER_BYTES),
@@ -293,14 +303,34 @@ impl ResponseWriter {
             self.wr.write_all(&self.buf).await?;
             self.buf.clear();
         }
+        // TLS keeps records in its own buffer until flushed; plain TCP has nothing to flush.
+        self.wr.flush().await?;
         Ok(())
     }
 
     async fn write_file(&mut self, slice: FileSlice) -> Result<(), WireError> {
         match slice.file.raw_fd() {
-            Some(fd) if slice.len >= SENDFILE_MIN_BYTES => {
+            Some(fd) if slice.len >= SENDFILE_MIN_BYTES && self.wr.raw_fd().is_some() => {
                 self.flush().await?;
                 self.sendfile(fd, slice.position, slice.len).await
+            }
+            _ if slice.len >= SENDFILE_MIN_BYTES => {
+                // TLS: the bytes must pass through the record layer; copy them a buffer at
+                // a time.
+                let mut position = slice.position;
+                let end = slice.position + slice.len;
+                while position < end {
+                    let n = (end - position).min(WRITE_BUFFER_BYTES as u64) as usize;
+                    let start = self.buf.len();
+                    self.buf.resize(start + n, 0);
+                    slice.file.read_exact_at(&mut self.buf[start..], position)?;
+                    position += n as u64;
+                    if self.buf.len() >= WRITE_BUFFER_BYTES {
+                        self.wr.write_all(&self.buf).await?;
+                        self.buf.clear();
+                    }
+                }
+                Ok(())
             }
             _ => {
                 let start = self.buf.len();
@@ -314,7 +344,9 @@ impl ResponseWriter {
     }
 
     async fn sendfile(&mut self, fd: i32, position: u64, len: u64) -> Result<(), WireError> {
-        let stream = self.wr.as_ref();
+        let Some(stream) = self.wr.plain_socket() else {
+            return Err(WireError::Malformed("sendfile on a TLS connection".into()));
+        };
         let sock = stream.as_raw_fd();
         let mut offset = position as libc::off_t;
         let end = position + len;
@@ -429,7 +461,7 @@ mod tests {
     async fn tcp_pair() -> (
         tokio::net::TcpStream,
         tokio::net::tcp::OwnedReadHalf,
-        OwnedWriteHalf,
+        tokio::net::tcp::OwnedWriteHalf,
     ) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())

@@ -22,6 +22,8 @@ pub struct AuditArgs {
     /// Broker address, HOST:PORT (a comma-separated list for a cluster).
     #[arg(long, env = "QANAT_BOOTSTRAP", default_value = "127.0.0.1:9092")]
     bootstrap: String,
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
     /// Data topic carrying trajectory records (repeatable).
     #[arg(long = "topic", required = true)]
     topics: Vec<String>,
@@ -57,6 +59,7 @@ const EXIT_LOSS: i32 = 1;
 const EXIT_ERROR: i32 = 2;
 
 pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
+    args.security.install()?;
     if let Some(addr) = args.metrics_listen {
         match crate::telemetry::serve_metrics(addr).await {
             Ok(bound) => {
@@ -100,7 +103,8 @@ fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
     let nonce = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_nanos());
-    ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", bootstrap)
         .set(
             "group.id",
@@ -111,7 +115,8 @@ fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
         .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "false")
         .set("socket.timeout.ms", "30000")
-        .set("fetch.wait.max.ms", "200")
+        .set("fetch.wait.max.ms", "200");
+    crate::kafka_security::apply(&mut config)
         .create()
         .context("creating the consumer")
 }

@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Args;
+use qanat_broker::listener::{Listener, DEFAULT_LISTENER};
 use qanat_broker::{Broker, Config};
 use qanat_log::{OsStorage, SystemClock};
 use tokio::signal::unix::{signal, SignalKind};
@@ -55,15 +56,30 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let bound = listener.local_addr()?;
-    let host = match &config.broker.advertised_host {
-        Some(h) => h.clone(),
-        None if bound.ip().is_unspecified() => {
-            tracing::warn!("listening on all interfaces without [broker] advertised_host; advertising localhost");
-            "localhost".to_string()
-        }
-        None => bound.ip().to_string(),
-    };
+    let host = advertised_host(config.broker.advertised_host.as_deref(), bound);
     let port = config.broker.advertised_port.unwrap_or(bound.port());
+    let mut listeners = vec![Listener {
+        name: DEFAULT_LISTENER.to_string(),
+        protocol: config.broker.listen_security_protocol,
+        socket: listener,
+        advertised: (host.clone(), i32::from(port)),
+    }];
+    for l in &config.broker.listener {
+        let socket = tokio::net::TcpListener::bind(l.address)
+            .await
+            .with_context(|| format!("binding listener {} on {}", l.name, l.address))?;
+        let addr = socket.local_addr()?;
+        let advertised = (
+            advertised_host(l.advertised_host.as_deref(), addr),
+            i32::from(l.advertised_port.unwrap_or(addr.port())),
+        );
+        listeners.push(Listener {
+            name: l.name.clone(),
+            protocol: l.security_protocol,
+            socket,
+            advertised,
+        });
+    }
     // Every partition keeps a descriptor per segment open: use all the hard limit allows.
     raise_open_file_limit();
     tracing::info!(data_dir = %args.data_dir.display(), fsync = ?config.storage.fsync, "opening storage");
@@ -94,6 +110,15 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         });
     }
 
+    for l in &listeners[1..] {
+        writeln!(
+            stdout,
+            "qanat listener {} ({}) listening on {}",
+            l.name,
+            l.protocol.as_str(),
+            l.socket.local_addr()?
+        )?;
+    }
     writeln!(stdout, "qanat broker listening on {bound}")?;
     stdout.flush()?;
     tracing::info!(%bound, "broker ready");
@@ -105,7 +130,20 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    qanat_broker::serve(listener, broker.clone(), shutdown).await?;
+    let reloader = broker.clone();
+    let mut hangup = signal(SignalKind::hangup())?;
+    tokio::spawn(async move {
+        while hangup.recv().await.is_some() {
+            match reloader.tls.as_ref().map(|t| t.reload()) {
+                Some(Ok(())) => tracing::info!("SIGHUP: TLS certificate reloaded"),
+                Some(Err(e)) => {
+                    tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays in use")
+                }
+                None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+            }
+        }
+    });
+    qanat_broker::serve(listeners, broker.clone(), shutdown).await?;
 
     broker.begin_shutdown();
     for task in background {
@@ -115,6 +153,18 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     tokio::task::spawn_blocking(move || closing.close()).await?;
     tracing::info!("all partitions flushed and closed");
     Ok(())
+}
+
+/// The configured host, else the bound address (localhost for a wildcard address).
+fn advertised_host(configured: Option<&str>, bound: SocketAddr) -> String {
+    match configured {
+        Some(h) => h.to_string(),
+        None if bound.ip().is_unspecified() => {
+            tracing::warn!(%bound, "listening on all interfaces without an advertised host; advertising localhost");
+            "localhost".to_string()
+        }
+        None => bound.ip().to_string(),
+    }
 }
 
 /// Raise the soft RLIMIT_NOFILE to the hard limit and log the outcome; returns the limit in

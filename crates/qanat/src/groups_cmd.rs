@@ -30,6 +30,7 @@ enum GroupsCommand {
 }
 
 pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
+    args.bootstrap.security.install()?;
     match args.command {
         GroupsCommand::Delete { group } => {
             let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));

@@ -1,14 +1,17 @@
 //! `qanat`: the broker and its operator tools.
 
+mod acls_cmd;
 mod agent_cmd;
 mod audit_cmd;
 mod broker_cmd;
 mod cdc_cmd;
 mod collect_cmd;
 mod groups_cmd;
+mod kafka_security;
 mod sync_cmd;
 mod telemetry;
 mod topics_cmd;
+mod users_cmd;
 
 use clap::{Parser, Subcommand};
 
@@ -41,6 +44,10 @@ enum Command {
     Cdc(cdc_cmd::CdcArgs),
     /// Batch-copy tables between MariaDB/MySQL, PostgreSQL and Parquet (DataX-style).
     Sync(sync_cmd::SyncArgs),
+    /// SCRAM users of a stopped broker's data directory.
+    Users(users_cmd::UsersArgs),
+    /// Kafka ACLs of a stopped broker's data directory.
+    Acls(acls_cmd::AclsArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -59,5 +66,7 @@ fn main() -> anyhow::Result<()> {
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
         Command::Cdc(args) => runtime.block_on(cdc_cmd::run(args)),
         Command::Sync(args) => runtime.block_on(sync_cmd::run(args)),
+        Command::Users(args) => runtime.block_on(users_cmd::run(args)),
+        Command::Acls(args) => runtime.block_on(acls_cmd::run(args)),
     }
 }

@@ -22,6 +22,8 @@ pub struct Bootstrap {
         default_value = "127.0.0.1:9092"
     )]
     pub addr: String,
+    #[command(flatten)]
+    pub security: crate::kafka_security::SecurityArgs,
 }
 
 #[derive(Args)]
@@ -65,6 +67,7 @@ pub(crate) fn client_config(bootstrap: &str) -> ClientConfig {
     let mut c = ClientConfig::new();
     c.set("bootstrap.servers", bootstrap)
         .set("socket.timeout.ms", "30000");
+    crate::kafka_security::apply(&mut c);
     c
 }
 
@@ -96,6 +99,7 @@ pub(crate) fn check(
 }
 
 pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
+    args.bootstrap.security.install()?;
     let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
     match args.command {
         TopicsCommand::Create {

@@ -56,7 +56,11 @@ impl InProcess {
             .unwrap(),
         );
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        runtime.spawn(qanat_broker::serve(listener, broker, async move {
+        let advertised = broker.advertised.clone();
+        let listeners = vec![qanat_broker::listener::Listener::plaintext(
+            listener, advertised,
+        )];
+        runtime.spawn(qanat_broker::serve(listeners, broker, async move {
             let _ = stopped.await;
         }));
         InProcess {

@@ -27,8 +27,10 @@ impl Broker {
         req: FetchRequest,
         version: i16,
         correlation_id: i32,
+        denied: std::collections::HashSet<String>,
     ) -> Option<Response> {
         let req = Arc::new(req);
+        let denied = Arc::new(denied);
         let deadline =
             Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
         let min_bytes = req.min_bytes.max(0) as u64;
@@ -39,9 +41,11 @@ impl Broker {
             // Off the async workers: `Partition::read` walks batch headers with pread, and a
             // cold page cache turns that into disk waits that would stall every connection
             // served by the same worker.
-            let (broker, request) = (self.clone(), req.clone());
+            let (broker, request, refused) = (self.clone(), req.clone(), denied.clone());
             let (topics, bytes) =
-                match tokio::task::spawn_blocking(move || broker.fetch_once(&request)).await {
+                match tokio::task::spawn_blocking(move || broker.fetch_once(&request, &refused))
+                    .await
+                {
                     Ok(read) => read,
                     Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
                     Err(e) => {
@@ -65,7 +69,11 @@ impl Broker {
         }
     }
 
-    fn fetch_once(&self, req: &FetchRequest) -> (Vec<TopicOut>, u64) {
+    fn fetch_once(
+        &self,
+        req: &FetchRequest,
+        denied: &std::collections::HashSet<String>,
+    ) -> (Vec<TopicOut>, u64) {
         let mut budget = if req.max_bytes > 0 {
             req.max_bytes as u64
         } else {
@@ -84,6 +92,11 @@ impl Broker {
                     log_start_offset: -1,
                     records: Vec::new(),
                 };
+                if denied.contains(topic_name) {
+                    out.error_code = super::authz::TOPIC_DENIED;
+                    partitions.push(out);
+                    continue;
+                }
                 match self.partition(topic_name, p.partition, false) {
                     Err(c) => out.error_code = c,
                     Ok(partition) => {
@@ -147,10 +160,13 @@ mod tests {
 
     /// Bounds a fetch that should answer at once; a missed answer would wait out its long poll.
     async fn answered(broker: &Arc<Broker>, req: FetchRequest) -> FetchResponse {
-        let response = tokio::time::timeout(Duration::from_secs(60), broker.fetch(req, VERSION, 7))
-            .await
-            .expect("fetch answered")
-            .expect("fetch response");
+        let response = tokio::time::timeout(
+            Duration::from_secs(60),
+            broker.fetch(req, VERSION, 7, Default::default()),
+        )
+        .await
+        .expect("fetch answered")
+        .expect("fetch response");
         decode_fetch(response, VERSION)
     }
 
@@ -217,7 +233,12 @@ mod tests {
         readers.0.lock().clear();
 
         let response = broker
-            .fetch(fetch_request("orders", 0, 1, 300_000), VERSION, 7)
+            .fetch(
+                fetch_request("orders", 0, 1, 300_000),
+                VERSION,
+                7,
+                Default::default(),
+            )
             .await
             .expect("fetch response");
         // Taken before the response is decoded here: that reads the file ranges the

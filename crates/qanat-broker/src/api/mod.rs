@@ -6,7 +6,10 @@
 //! Per-partition problems become per-partition Kafka error codes; nothing here closes the
 //! connection except a response that cannot be encoded.
 
+pub mod acls;
 pub mod api_versions;
+pub mod authz;
+pub mod client_quotas;
 pub mod consumer_groups;
 pub mod create_partitions;
 pub mod create_topics;
@@ -16,8 +19,9 @@ pub mod init_producer_id;
 pub mod list_offsets;
 pub mod metadata;
 pub mod produce;
+pub mod sasl_auth;
+pub mod scram_users;
 
-use std::net::SocketAddr;
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Instant;
@@ -29,8 +33,9 @@ use kafka_protocol::ResponseError;
 use qanat_log::{LogError, Partition};
 use tokio::task::JoinHandle;
 
+use crate::acl::AclOperation;
 use crate::records::RecordsError;
-use crate::server::{Decoded, Request};
+use crate::server::{Decoded, Request, Session};
 use crate::topics::{Topic, TopicError};
 use crate::wire::{Response, WireError};
 use crate::Broker;
@@ -57,6 +62,24 @@ pub const SUPPORTED: &[(ApiKey, RangeInclusive<i16>)] = &[
     (ApiKey::DescribeGroups, consumer_groups::DESCRIBE_GROUPS),
     (ApiKey::DeleteGroups, consumer_groups::DELETE_GROUPS),
     (ApiKey::InitProducerId, init_producer_id::VERSIONS),
+    (ApiKey::SaslHandshake, sasl_auth::HANDSHAKE_VERSIONS),
+    (ApiKey::SaslAuthenticate, sasl_auth::AUTHENTICATE_VERSIONS),
+    (ApiKey::DescribeAcls, acls::DESCRIBE_VERSIONS),
+    (ApiKey::CreateAcls, acls::CREATE_VERSIONS),
+    (ApiKey::DeleteAcls, acls::DELETE_VERSIONS),
+    (
+        ApiKey::DescribeClientQuotas,
+        client_quotas::DESCRIBE_VERSIONS,
+    ),
+    (ApiKey::AlterClientQuotas, client_quotas::ALTER_VERSIONS),
+    (
+        ApiKey::DescribeUserScramCredentials,
+        scram_users::DESCRIBE_VERSIONS,
+    ),
+    (
+        ApiKey::AlterUserScramCredentials,
+        scram_users::ALTER_VERSIONS,
+    ),
 ];
 
 /// The advertised range of `key`, if the broker serves it.
@@ -155,7 +178,7 @@ pub(crate) fn malformed(what: impl std::fmt::Display) -> WireError {
 }
 
 /// Encode header + body of a `kafka-protocol` response.
-fn encode<R: Encodable>(
+pub(crate) fn encode<R: Encodable>(
     api: ApiKey,
     version: i16,
     correlation_id: i32,
@@ -170,7 +193,7 @@ fn encode<R: Encodable>(
     Ok(Response::from_bytes(buf.freeze()))
 }
 
-fn ready(response: Response) -> Pending {
+pub(crate) fn ready(response: Response) -> Pending {
     tokio::spawn(async move { Some(response) })
 }
 
@@ -203,8 +226,9 @@ pub(crate) async fn dispatch(
     broker: &Arc<Broker>,
     decoded: Decoded,
     started: Instant,
-    peer: SocketAddr,
+    session: &Session,
 ) -> Result<Option<Pending>, WireError> {
+    let peer = session.peer;
     let Decoded {
         api,
         version,
@@ -234,33 +258,162 @@ pub(crate) async fn dispatch(
             correlation_id,
             &api_versions::response(0),
         )?),
-        RequestKind::Metadata(req) => blocking(api, version, correlation_id, started, move || {
-            broker.metadata(req, version)
-        }),
-        RequestKind::ListOffsets(req) => {
+        RequestKind::Metadata(req) => {
+            let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.list_offsets(req)
+                broker.metadata(req, version, &session)
+            })
+        }
+        RequestKind::CreateAcls(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.create_acls(req, &session)
+            })
+        }
+        RequestKind::DescribeAcls(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_acls(req, &session)
+            })
+        }
+        RequestKind::DescribeClientQuotas(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_client_quotas(req, &session)
+            })
+        }
+        RequestKind::AlterClientQuotas(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.alter_client_quotas(req, &session)
+            })
+        }
+        RequestKind::DescribeUserScramCredentials(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.describe_user_scram_credentials(req, &session)
+            })
+        }
+        RequestKind::AlterUserScramCredentials(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.alter_user_scram_credentials(req, &session)
+            })
+        }
+        RequestKind::DeleteAcls(req) => {
+            let session = session.clone();
+            blocking(api, version, correlation_id, started, move || {
+                broker.delete_acls(req, &session)
+            })
+        }
+        RequestKind::ListOffsets(mut req) => {
+            // Describe on the topic, else TOPIC_AUTHORIZATION_FAILED per partition.
+            let mut denied = Vec::new();
+            req.topics.retain(|t| {
+                let ok = broker.topic_allowed(session, AclOperation::Describe, t.name.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::list_offsets_response::ListOffsetsTopicResponse::default()
+                            .with_name(t.name.clone())
+                            .with_partitions(
+                                t.partitions
+                                    .iter()
+                                    .map(|p| {
+                                        kafka_protocol::messages::list_offsets_response::ListOffsetsPartitionResponse::default()
+                                            .with_partition_index(p.partition_index)
+                                            .with_error_code(authz::TOPIC_DENIED)
+                                            .with_offset(-1)
+                                            .with_timestamp(-1)
+                                    })
+                                    .collect(),
+                            ),
+                    );
+                }
+                ok
+            });
+            blocking(api, version, correlation_id, started, move || {
+                let mut body = broker.list_offsets(req);
+                body.topics.extend(denied);
+                body
             })
         }
         RequestKind::CreateTopics(req) => {
+            let (req, denied) = authz::split_create_topics(&broker, session, req);
             blocking(api, version, correlation_id, started, move || {
-                broker.create_topics(req)
+                authz::merge_create_topics(broker.create_topics(req), denied)
             })
         }
         RequestKind::DeleteTopics(req) => {
+            let (req, denied) = authz::split_delete_topics(&broker, session, req);
             blocking(api, version, correlation_id, started, move || {
-                broker.delete_topics(req, version)
+                authz::merge_delete_topics(broker.delete_topics(req, version), denied)
             })
         }
-        RequestKind::CreatePartitions(req) => {
+        RequestKind::CreatePartitions(mut req) => {
+            // Alter on the topic, else TOPIC_AUTHORIZATION_FAILED.
+            let mut denied = Vec::new();
+            req.topics.retain(|t| {
+                let ok = broker.topic_allowed(session, AclOperation::Alter, t.name.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult::default()
+                            .with_name(t.name.clone())
+                            .with_error_code(authz::TOPIC_DENIED),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.create_partitions(req)
+                let mut body = broker.create_partitions(req);
+                body.results.extend(denied);
+                body
             })
         }
         RequestKind::FindCoordinator(req) => {
+            let advertised = session.listener.advertised.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.find_coordinator(req, version)
+                broker.find_coordinator(req, version, &advertised)
             })
+        }
+        RequestKind::JoinGroup(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::join_refused(req.member_id),
+            )?)
+        }
+        RequestKind::SyncGroup(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::sync_refused(),
+            )?)
+        }
+        RequestKind::Heartbeat(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::heartbeat_refused(),
+            )?)
+        }
+        RequestKind::LeaveGroup(req)
+            if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
+        {
+            ready(encode(
+                api,
+                version,
+                correlation_id,
+                &authz::leave_refused(),
+            )?)
         }
         RequestKind::JoinGroup(req) => tokio::spawn(async move {
             // Kafka shows the host as "/ip".
@@ -282,11 +435,18 @@ pub(crate) async fn dispatch(
                 broker.leave_group(req, version)
             })
         }
-        RequestKind::OffsetCommit(req) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.offset_commit(req)
-            })
-        }
+        RequestKind::OffsetCommit(req) => match authz::check_offset_commit(&broker, session, req) {
+            authz::CommitCheck::Refused(body) => {
+                ready(encode(api, version, correlation_id, &body)?)
+            }
+            authz::CommitCheck::Run(req, denied) => {
+                blocking(api, version, correlation_id, started, move || {
+                    let mut body = broker.offset_commit(req);
+                    body.topics.extend(denied);
+                    body
+                })
+            }
+        },
         RequestKind::OffsetFetch(req) => {
             blocking(api, version, correlation_id, started, move || {
                 broker.offset_fetch(req, version)
@@ -297,14 +457,45 @@ pub(crate) async fn dispatch(
                 broker.list_groups(req)
             })
         }
-        RequestKind::DescribeGroups(req) => {
+        RequestKind::DescribeGroups(mut req) => {
+            // Describe on the group, else GROUP_AUTHORIZATION_FAILED for that group.
+            let mut denied = Vec::new();
+            req.groups.retain(|g| {
+                let ok = broker.group_allowed(session, AclOperation::Describe, g.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::describe_groups_response::DescribedGroup::default()
+                            .with_group_id(g.clone())
+                            .with_error_code(authz::GROUP_DENIED)
+                            .with_authorized_operations(i32::MIN),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.describe_groups(req)
+                let mut body = broker.describe_groups(req);
+                body.groups.extend(denied);
+                body
             })
         }
-        RequestKind::DeleteGroups(req) => {
+        RequestKind::DeleteGroups(mut req) => {
+            // Delete on the group, else GROUP_AUTHORIZATION_FAILED for that group.
+            let mut denied = Vec::new();
+            req.groups_names.retain(|g| {
+                let ok = broker.group_allowed(session, AclOperation::Delete, g.as_str());
+                if !ok {
+                    denied.push(
+                        kafka_protocol::messages::delete_groups_response::DeletableGroupResult::default()
+                            .with_group_id(g.clone())
+                            .with_error_code(authz::GROUP_DENIED),
+                    );
+                }
+                ok
+            });
             blocking(api, version, correlation_id, started, move || {
-                broker.delete_groups(req)
+                let mut body = broker.delete_groups(req);
+                body.results.extend(denied);
+                body
             })
         }
         RequestKind::InitProducerId(req) => {
@@ -312,21 +503,55 @@ pub(crate) async fn dispatch(
                 broker.init_producer_id(req)
             })
         }
-        RequestKind::Fetch(req) => tokio::spawn(async move {
-            let response = broker.fetch(req, version, correlation_id).await?;
-            metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
-            record_latency(api, started);
-            Some(response)
+        RequestKind::Fetch(req) => tokio::spawn({
+            let denied = broker.denied_topics(
+                session,
+                AclOperation::Read,
+                req.topics.iter().map(|t| t.topic.as_str()),
+            );
+            let session = session.clone();
+            async move {
+                let response = broker.fetch(req, version, correlation_id, denied).await?;
+                metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
+                // Over a consumer_byte_rate quota the connection is muted for a while.
+                session.throttle(broker.quotas.record(
+                    session.user(),
+                    &client_id,
+                    crate::quotas::Kind::Fetch,
+                    response.len(),
+                ));
+                record_latency(api, started);
+                Some(response)
+            }
         }),
         RequestKind::Produce(req) => {
             // Appended here, before the next frame is read, so appends keep arrival order;
             // only the acknowledgement (which may wait for fdatasync) runs concurrently.
-            let Some(ack) = produce::append(&broker, req).await? else {
+            let denied = broker.denied_topics(
+                session,
+                AclOperation::Write,
+                req.topic_data.iter().map(|t| t.name.as_str()),
+            );
+            let bytes: u64 = req
+                .topic_data
+                .iter()
+                .flat_map(|t| &t.partition_data)
+                .filter_map(|p| p.records.as_ref().map(|r| r.len() as u64))
+                .sum();
+            let throttle = broker.quotas.record(
+                session.user(),
+                &client_id,
+                crate::quotas::Kind::Produce,
+                bytes,
+            );
+            session.throttle(throttle);
+            let Some(ack) = produce::append(&broker, req, denied).await? else {
                 record_latency(api, started);
                 return Ok(None);
             };
             tokio::spawn(async move {
-                let body = ack.wait().await;
+                let mut body = ack.wait().await;
+                body.throttle_time_ms = throttle.as_millis().min(i32::MAX as u128) as i32;
                 record_latency(api, started);
                 match encode(api, version, correlation_id, &body) {
                     Ok(r) => Some(r),

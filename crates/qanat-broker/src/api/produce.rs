@@ -36,9 +36,25 @@ static REFUSED_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 /// and is answered with INVALID_REQUIRED_ACKS per partition.
 pub(crate) async fn append(
     broker: &Arc<Broker>,
-    req: ProduceRequest,
+    mut req: ProduceRequest,
+    denied: std::collections::HashSet<String>,
 ) -> Result<Option<Acknowledgement>, WireError> {
     let acks = req.acks;
+    // Topics the producer may not write are refused per partition and never appended.
+    let mut refused = Vec::new();
+    if !denied.is_empty() {
+        req.topic_data.retain(|t| {
+            let ok = !denied.contains(t.name.as_str());
+            if !ok {
+                refused.extend(t.partition_data.iter().map(|p| ProducePartitionResult {
+                    topic: t.name.0.to_string(),
+                    index: p.index,
+                    outcome: Err(super::authz::TOPIC_DENIED),
+                }));
+            }
+            ok
+        });
+    }
     if !matches!(acks, -1..=1) {
         let results = req
             .topic_data
@@ -58,9 +74,10 @@ pub(crate) async fn append(
         }));
     }
     let appender = broker.clone();
-    let results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
+    let mut results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
         .await
         .map_err(|e| malformed(format!("produce task failed: {e}")))?;
+    results.extend(refused);
     let ack = Acknowledgement {
         broker: broker.clone(),
         sync: broker.sync_on_ack(),
@@ -297,7 +314,7 @@ mod tests {
     }
 
     async fn produce(broker: &Arc<Broker>, req: ProduceRequest) -> ProduceResponse {
-        append(broker, req)
+        append(broker, req, Default::default())
             .await
             .expect("append")
             .expect("an acknowledgement is due")
@@ -326,9 +343,13 @@ mod tests {
     #[tokio::test]
     async fn acks_zero_is_appended_and_gets_no_acknowledgement() {
         let (broker, _) = broker(Config::default());
-        let ack = append(&broker, produce_request("orders", 0, 0, &batch(&[b"x"])))
-            .await
-            .expect("append");
+        let ack = append(
+            &broker,
+            produce_request("orders", 0, 0, &batch(&[b"x"])),
+            Default::default(),
+        )
+        .await
+        .expect("append");
         assert!(ack.is_none());
         let partition = broker
             .topics
@@ -380,7 +401,12 @@ mod tests {
             let broker = broker.clone();
             async move {
                 broker
-                    .fetch(fetch_request("orders", 0, 0, 300_000), 12, 1)
+                    .fetch(
+                        fetch_request("orders", 0, 0, 300_000),
+                        12,
+                        1,
+                        Default::default(),
+                    )
                     .await
             }
         });
@@ -419,9 +445,13 @@ mod tests {
     async fn with_fsync_always_acks_zero_records_are_synced_and_served() {
         let (broker, _) = broker(fsync_always());
         broker.topics.create("orders", 1, false).expect("create");
-        let ack = append(&broker, produce_request("orders", 0, 0, &batch(&[b"x"])))
-            .await
-            .expect("append");
+        let ack = append(
+            &broker,
+            produce_request("orders", 0, 0, &batch(&[b"x"])),
+            Default::default(),
+        )
+        .await
+        .expect("append");
         assert!(ack.is_none());
         let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -72,10 +72,12 @@ impl Broker {
         &self,
         req: FindCoordinatorRequest,
         version: i16,
+        advertised: &(String, i32),
     ) -> FindCoordinatorResponse {
+        // The coordinator is this broker, at the listener the client came through.
         let node = BrokerId(self.config.broker.node_id);
-        let host = s(&self.advertised.0);
-        let port = self.advertised.1;
+        let host = s(&advertised.0);
+        let port = advertised.1;
         if version >= 4 {
             let coordinators = req
                 .coordinator_keys

@@ -181,6 +181,19 @@ impl Broker {
         port_of(&self.addr)
     }
 
+    /// `HOST:PORT` of the `[[broker.listener]]` named `name`, from the
+    /// `qanat listener NAME (PROTOCOL) listening on ADDR` line printed before the broker's.
+    pub fn listener_addr(&self, name: &str) -> String {
+        let proc = self.proc.as_ref().expect("broker is not running");
+        let rest = proc
+            .seen_line(&format!("qanat listener {name} ("))
+            .unwrap_or_else(|| panic!("the broker printed no line for listener {name}"));
+        rest.rsplit("listening on ")
+            .next()
+            .map(|a| a.trim().to_string())
+            .unwrap_or_else(|| panic!("bad listener line {rest:?}"))
+    }
+
     /// `HOST:PORT` of the metrics listener, when started with [`BrokerBuilder::metrics`].
     pub fn metrics_addr(&self) -> Option<String> {
         self.metrics_addr.clone()
@@ -1231,6 +1244,15 @@ pub fn http_get(addr: &str, path: &str) -> (u16, String) {
 }
 
 /// `GET path` with the body left to stream (e.g. Server-Sent Events): status, headers, body.
+/// The status of a GET with `headers`, read before any body (for endless streams).
+pub fn http_status_with(addr: &str, path: &str, headers: &[(&str, &str)]) -> u16 {
+    let s = send_request(addr, "GET", path, headers, b"").unwrap_or_else(|e| panic!("{e}"));
+    let mut reader = BufReader::new(s);
+    read_head(&mut reader)
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"))
+        .0
+}
+
 pub fn http_stream(addr: &str, path: &str) -> (u16, HttpHeaders, Body<BufReader<TcpStream>>) {
     let s = send_request(addr, "GET", path, &[], b"").unwrap_or_else(|e| panic!("{e}"));
     let mut reader = BufReader::new(s);

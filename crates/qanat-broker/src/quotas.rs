@@ -1,0 +1,224 @@
+//! Client quotas, as Kafka's: produce and fetch byte rates per user (the principal's name),
+//! per client id, or per user and client id, with defaults (an entity named null). Stored in
+//! `DATA_DIR/client-quotas.json`, rewritten atomically; served through
+//! DescribeClientQuotas/AlterClientQuotas (`api::client_quotas`).
+//!
+//! The most specific quota applies (user+client, user, user default+client, client, client
+//! default: Kafka's precedence, simplified to those with a value). Each (entity, kind) has a
+//! GCRA meter: a "theoretical arrival time" advanced by bytes/rate per request; a request that
+//! pushes it more than one second past now is answered with `throttle_time_ms` for the excess
+//! and its connection is not read again until then (Kafka's muting), so over any long window
+//! a client moves at most its rate plus one second's burst.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use parking_lot::{Mutex, RwLock};
+use serde::{Deserialize, Serialize};
+
+use crate::credentials::{read_json, write_json_atomically, StoreError};
+
+pub const QUOTA_FILE: &str = "client-quotas.json";
+pub const PRODUCER_BYTE_RATE: &str = "producer_byte_rate";
+pub const CONSUMER_BYTE_RATE: &str = "consumer_byte_rate";
+/// Keys accepted by AlterClientQuotas.
+pub const KEYS: &[&str] = &[PRODUCER_BYTE_RATE, CONSUMER_BYTE_RATE];
+
+/// Burst a client may take above its rate.
+const BURST: Duration = Duration::from_secs(1);
+/// Longest single throttle (Kafka caps at the quota window, 11 s by default).
+const MAX_THROTTLE: Duration = Duration::from_secs(10);
+
+/// A quota entity: user and/or client id; `Some(None)` is the default entity of that type.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct Entity {
+    pub user: Option<Option<String>>,
+    pub client_id: Option<Option<String>>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+struct QuotaFile {
+    entries: Vec<(Entity, BTreeMap<String, f64>)>,
+}
+
+/// Which byte rate a request counts against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kind {
+    Produce,
+    Fetch,
+}
+
+impl Kind {
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Produce => PRODUCER_BYTE_RATE,
+            Kind::Fetch => CONSUMER_BYTE_RATE,
+        }
+    }
+}
+
+/// The quotas and their meters.
+#[derive(Debug)]
+pub struct Quotas {
+    path: PathBuf,
+    entries: RwLock<BTreeMap<Entity, BTreeMap<String, f64>>>,
+    meters: Mutex<HashMap<(Entity, Kind), Instant>>,
+}
+
+impl Quotas {
+    pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
+        let path = data_dir.join(QUOTA_FILE);
+        let file: QuotaFile = read_json(&path)?;
+        Ok(Self {
+            path,
+            entries: RwLock::new(file.entries.into_iter().collect()),
+            meters: Mutex::new(HashMap::new()),
+        })
+    }
+
+    pub fn entries(&self) -> Vec<(Entity, BTreeMap<String, f64>)> {
+        self.entries
+            .read()
+            .iter()
+            .map(|(e, v)| (e.clone(), v.clone()))
+            .collect()
+    }
+
+    /// Set (`Some`) or remove (`None`) values; durable when this returns.
+    pub fn alter(&self, changes: Vec<(Entity, String, Option<f64>)>) -> Result<(), StoreError> {
+        let mut entries = self.entries.write();
+        let mut next = entries.clone();
+        for (entity, key, value) in changes {
+            let values = next.entry(entity.clone()).or_default();
+            match value {
+                Some(v) => {
+                    values.insert(key, v);
+                }
+                None => {
+                    values.remove(&key);
+                }
+            }
+            if values.is_empty() {
+                next.remove(&entity);
+            }
+        }
+        let file = QuotaFile {
+            entries: next.iter().map(|(e, v)| (e.clone(), v.clone())).collect(),
+        };
+        write_json_atomically(&self.path, &file)?;
+        *entries = next;
+        self.meters.lock().clear();
+        Ok(())
+    }
+
+    /// The entity and rate that apply to `user`/`client_id` for `kind`, if any.
+    fn applicable(&self, user: &str, client_id: &str, kind: Kind) -> Option<(Entity, f64)> {
+        let entries = self.entries.read();
+        let u = |v: Option<&str>| Some(v.map(str::to_string));
+        let candidates = [
+            Entity {
+                user: u(Some(user)),
+                client_id: u(Some(client_id)),
+            },
+            Entity {
+                user: u(Some(user)),
+                client_id: None,
+            },
+            Entity {
+                user: u(None),
+                client_id: u(Some(client_id)),
+            },
+            Entity {
+                user: u(None),
+                client_id: None,
+            },
+            Entity {
+                user: None,
+                client_id: u(Some(client_id)),
+            },
+            Entity {
+                user: None,
+                client_id: u(None),
+            },
+        ];
+        candidates.into_iter().find_map(|e| {
+            let rate = *entries.get(&e)?.get(kind.key())?;
+            // The meter of a default entity is per concrete client, as in Kafka.
+            let metered = Entity {
+                user: e.user.as_ref().map(|_| Some(user.to_string())),
+                client_id: e.client_id.as_ref().map(|_| Some(client_id.to_string())),
+            };
+            (rate > 0.0).then_some((metered, rate))
+        })
+    }
+
+    /// Count `bytes` of `kind` for the client; how long it must be throttled (zero if not).
+    pub fn record(&self, user: &str, client_id: &str, kind: Kind, bytes: u64) -> Duration {
+        let Some((entity, rate)) = self.applicable(user, client_id, kind) else {
+            return Duration::ZERO;
+        };
+        let now = Instant::now();
+        let mut meters = self.meters.lock();
+        let tat = meters.entry((entity, kind)).or_insert(now);
+        let start = (*tat).max(now);
+        let cost = Duration::from_secs_f64(bytes as f64 / rate);
+        *tat = start + cost;
+        let ahead = tat.saturating_duration_since(now);
+        ahead.saturating_sub(BURST).min(MAX_THROTTLE)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn most_specific_quota_applies_and_throttle_follows_the_rate() {
+        let dir = tempfile::tempdir().unwrap();
+        let q = Quotas::open(dir.path()).unwrap();
+        let client = |c: &str| Entity {
+            user: None,
+            client_id: Some(Some(c.to_string())),
+        };
+        q.alter(vec![
+            (client("slow"), PRODUCER_BYTE_RATE.into(), Some(1000.0)),
+            (
+                Entity {
+                    user: Some(Some("alice".into())),
+                    client_id: None,
+                },
+                PRODUCER_BYTE_RATE.into(),
+                Some(1_000_000.0),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(
+            q.record("bob", "fast", Kind::Produce, 1 << 30),
+            Duration::ZERO
+        );
+        assert_eq!(
+            q.record("bob", "slow", Kind::Fetch, 1 << 30),
+            Duration::ZERO
+        );
+        // One second of burst is free, then each 1000 bytes cost a second.
+        assert_eq!(q.record("bob", "slow", Kind::Produce, 1000), Duration::ZERO);
+        let t = q.record("bob", "slow", Kind::Produce, 2000);
+        assert!(
+            t > Duration::from_millis(1900) && t <= Duration::from_secs(2),
+            "{t:?}"
+        );
+        // alice's own quota wins over the client id's.
+        assert_eq!(
+            q.record("alice", "slow", Kind::Produce, 1_000_000),
+            Duration::ZERO
+        );
+        let reopened = Quotas::open(dir.path()).unwrap();
+        assert_eq!(reopened.entries().len(), 2);
+        reopened
+            .alter(vec![(client("slow"), PRODUCER_BYTE_RATE.into(), None)])
+            .unwrap();
+        assert_eq!(Quotas::open(dir.path()).unwrap().entries().len(), 1);
+    }
+}

@@ -1,0 +1,1197 @@
+//! Security end to end, against the real `qanat` binary: listeners with their security
+//! protocols, TLS with certificates generated here (`rcgen`), SASL (PLAIN, SCRAM-SHA-256,
+//! SCRAM-SHA-512) with users made by `qanat users`, through kcat, confluent-kafka and
+//! kafka-python; refusals of wrong credentials and of clients without TLS.
+//!
+//! These tests FAIL, never skip, when a client is missing: `scripts/test.sh` installs them.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use support::*;
+
+const PASSWORD: &str = "correct horse battery staple";
+
+fn describe(out: &Output) -> String {
+    format!(
+        "exit {}\n--- stdout ---\n{}\n--- stderr ---\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A CA and a server certificate for localhost/127.0.0.1 signed by it, as PEM files in `dir`:
+/// `ca.pem`, `server.pem`, `server.key`.
+struct Certs {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+fn make_certs(dir: &Path, server_name: &str) -> Certs {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "qanat test CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let mut params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, server_name);
+    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+    let certs = Certs {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&certs.ca, ca.pem()).unwrap();
+    std::fs::write(&certs.cert, cert.pem()).unwrap();
+    std::fs::write(&certs.key, key.serialize_pem()).unwrap();
+    certs
+}
+
+/// `qanat users add NAME` against `data_dir`, password from the environment.
+fn add_user(data_dir: &Path, name: &str, password: &str) {
+    let out = qanat_command()
+        .args(["users", "--data-dir"])
+        .arg(data_dir)
+        .args(["add", name])
+        .env("QANAT_USER_PASSWORD", password)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "qanat users add: {}", describe(&out));
+}
+
+/// A broker with a SASL_SSL listener named SECURE next to the default PLAINTEXT one, and the
+/// user `alice` (both SCRAM mechanisms).
+struct Secure {
+    broker: Broker,
+    certs: Certs,
+    _dir: tempfile::TempDir,
+}
+
+fn secure_broker(extra: &str) -> Secure {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let certs = make_certs(dir.path(), "localhost");
+    add_user(&data, "alice", PASSWORD);
+    let config = format!(
+        r#"
+[sasl]
+failure_delay_ms = 10
+failure_delay_max_ms = 50
+
+[tls]
+cert_file = "{}"
+key_file = "{}"
+
+[[broker.listener]]
+name = "SECURE"
+address = "127.0.0.1:0"
+security_protocol = "SASL_SSL"
+
+[[broker.listener]]
+name = "SASL"
+address = "127.0.0.1:0"
+security_protocol = "SASL_PLAINTEXT"
+{extra}
+"#,
+        certs.cert.display(),
+        certs.key.display()
+    );
+    let broker = Broker::builder()
+        .config(&config)
+        .data_dir(&data)
+        .metrics()
+        .start();
+    Secure {
+        broker,
+        certs,
+        _dir: dir,
+    }
+}
+
+fn kcat(args: &[&str], stdin: Option<&[u8]>) -> Output {
+    let mut cmd = Command::new("kcat");
+    // cargo test puts its own build directories on LD_LIBRARY_PATH, where a librdkafka built
+    // without OpenSSL may be found before the system's.
+    cmd.env_remove("LD_LIBRARY_PATH")
+        .args(args)
+        .stdin(if stdin.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap();
+    if let Some(input) = stdin {
+        child.stdin.take().unwrap().write_all(input).unwrap();
+    }
+    child.wait_with_output().unwrap()
+}
+
+fn kcat_security<'a>(
+    s: &'a Secure,
+    addr: &'a str,
+    mechanism: &'a str,
+    user: &'a str,
+    password: &'a str,
+) -> Vec<String> {
+    vec![
+        "-b".into(),
+        addr.into(),
+        "-X".into(),
+        "security.protocol=SASL_SSL".into(),
+        "-X".into(),
+        format!("sasl.mechanisms={mechanism}"),
+        "-X".into(),
+        format!("sasl.username={user}"),
+        "-X".into(),
+        format!("sasl.password={password}"),
+        "-X".into(),
+        format!("ssl.ca.location={}", s.certs.ca.display()),
+        "-X".into(),
+        "broker.address.family=v4".into(),
+    ]
+}
+
+fn kcat_roundtrip(s: &Secure, mechanism: &str, topic: &str) {
+    let addr = s.broker.listener_addr("SECURE");
+    let sec = kcat_security(s, &addr, mechanism, "alice", PASSWORD);
+    let lines: Vec<String> = (0..100).map(|i| format!("{topic} line {i}")).collect();
+    let mut args: Vec<&str> = sec.iter().map(String::as_str).collect();
+    args.extend(["-P", "-t", topic]);
+    let out = kcat(&args, Some((lines.join("\n") + "\n").as_bytes()));
+    assert!(
+        out.status.success(),
+        "kcat -P {mechanism}: {}",
+        describe(&out)
+    );
+    let mut args: Vec<&str> = sec.iter().map(String::as_str).collect();
+    args.extend(["-C", "-t", topic, "-o", "beginning", "-e", "-q"]);
+    let out = kcat(&args, None);
+    assert!(
+        out.status.success(),
+        "kcat -C {mechanism}: {}",
+        describe(&out)
+    );
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        got.lines().collect::<Vec<_>>(),
+        lines,
+        "kcat read back over SASL_SSL/{mechanism}"
+    );
+}
+
+struct PyRun<'a> {
+    client: &'a str,
+    bootstrap: &'a str,
+    protocol: &'a str,
+    mechanism: &'a str,
+    user: &'a str,
+    password: &'a str,
+    topic: &'a str,
+    expect: &'a str,
+}
+
+fn py_clients(s: &Secure, run: PyRun<'_>) {
+    let out = Command::new("python3")
+        .arg(py_script("secure_clients.py"))
+        .args(["--client", run.client, "--bootstrap", run.bootstrap])
+        .args(["--protocol", run.protocol, "--mechanism", run.mechanism])
+        .args(["--user", run.user, "--password", run.password])
+        .arg("--ca")
+        .arg(&s.certs.ca)
+        .args(["--topic", run.topic, "--expect", run.expect])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{} {} {} expecting {}: {}",
+        run.client,
+        run.protocol,
+        run.mechanism,
+        run.expect,
+        describe(&out)
+    );
+}
+
+#[test]
+fn sasl_ssl_clients_round_trip_with_each_mechanism() {
+    require_kcat();
+    require_python_modules(&["confluent_kafka", "kafka"]);
+    let s = secure_broker("");
+    let addr = s.broker.listener_addr("SECURE");
+    for (i, mechanism) in ["SCRAM-SHA-512", "SCRAM-SHA-256", "PLAIN"]
+        .into_iter()
+        .enumerate()
+    {
+        kcat_roundtrip(&s, mechanism, &format!("kcat-secure-{i}"));
+        for client in ["confluent", "kafka-python"] {
+            py_clients(
+                &s,
+                PyRun {
+                    client,
+                    bootstrap: &addr,
+                    protocol: "SASL_SSL",
+                    mechanism,
+                    user: "alice",
+                    password: PASSWORD,
+                    topic: &format!("{client}-secure-{i}"),
+                    expect: "ok",
+                },
+            );
+        }
+    }
+    // Metadata names the listener the client came through, not the PLAINTEXT one.
+    let sec = kcat_security(&s, &addr, "SCRAM-SHA-256", "alice", PASSWORD);
+    let mut args: Vec<&str> = sec.iter().map(String::as_str).collect();
+    args.push("-L");
+    let out = kcat(&args, None);
+    assert!(out.status.success(), "kcat -L: {}", describe(&out));
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains(&format!("at {addr}")),
+        "kcat -L over SECURE does not advertise {addr}:\n{listing}"
+    );
+}
+
+#[test]
+fn wrong_credentials_and_missing_tls_are_refused_and_touch_nothing() {
+    require_kcat();
+    require_python_modules(&["confluent_kafka", "kafka"]);
+    let s = secure_broker("");
+    let secure = s.broker.listener_addr("SECURE");
+    let cases = [
+        (
+            "confluent",
+            "SASL_SSL",
+            "SCRAM-SHA-512",
+            "alice",
+            "wrong",
+            "refused-wrong-512",
+        ),
+        (
+            "kafka-python",
+            "SASL_SSL",
+            "SCRAM-SHA-256",
+            "alice",
+            "wrong",
+            "refused-wrong-256",
+        ),
+        (
+            "confluent",
+            "SASL_SSL",
+            "PLAIN",
+            "alice",
+            "wrong",
+            "refused-wrong-plain",
+        ),
+        (
+            "kafka-python",
+            "SASL_SSL",
+            "SCRAM-SHA-512",
+            "mallory",
+            PASSWORD,
+            "refused-unknown",
+        ),
+        // No TLS on the TLS listener: the handshake never completes.
+        (
+            "confluent",
+            "SASL_PLAINTEXT",
+            "SCRAM-SHA-512",
+            "alice",
+            PASSWORD,
+            "refused-no-tls",
+        ),
+    ];
+    for (client, protocol, mechanism, user, password, topic) in cases {
+        py_clients(
+            &s,
+            PyRun {
+                client,
+                bootstrap: &secure,
+                protocol,
+                mechanism,
+                user,
+                password,
+                topic,
+                expect: "refused",
+            },
+        );
+    }
+    // kcat with a wrong password cannot even list metadata.
+    let sec = kcat_security(&s, &secure, "SCRAM-SHA-256", "alice", "nope");
+    let mut args: Vec<&str> = sec.iter().map(String::as_str).collect();
+    args.extend(["-L", "-m", "5"]);
+    let out = kcat(&args, None);
+    assert!(
+        !out.status.success(),
+        "kcat -L with a wrong password: {}",
+        describe(&out)
+    );
+
+    // None of them wrote anything: no refused topic exists, not even auto-created.
+    for (.., topic) in cases {
+        assert!(
+            !s.broker.partition_dir(topic, 0).exists(),
+            "topic {topic} exists after refused clients"
+        );
+    }
+    let metrics = scrape(&s.broker.metrics_addr().unwrap()).unwrap();
+    let failures: f64 = metric_values(&metrics, "qanat_auth_failures_total", &[])
+        .iter()
+        .map(|(_, v)| v)
+        .sum();
+    assert!(failures >= 4.0, "qanat_auth_failures_total = {failures}");
+    let log = s.broker.stderr();
+    assert!(
+        log.contains("authentication failed") && log.contains("127.0.0.1"),
+        "failed logins are not logged with the peer address:\n{}",
+        s.broker.stderr_tail(40)
+    );
+}
+
+#[test]
+fn requests_before_authentication_close_the_connection() {
+    let s = secure_broker("");
+    let addr = s.broker.listener_addr("SASL");
+    // ApiVersions is answered before authentication.
+    let mut conn = raw_connect(&addr);
+    let versions = api_versions_roundtrip(&mut conn, 1).unwrap();
+    assert!(
+        versions
+            .iter()
+            .any(|(k, lo, hi)| *k == 17 && *lo <= 1 && *hi >= 1),
+        "SaslHandshake v1 not advertised: {versions:?}"
+    );
+    // Metadata v1 (topics null) before any SASL exchange: the broker hangs up, unanswered.
+    let frame = kafka_request(3, 1, 42, &[0xff, 0xff, 0xff, 0xff]);
+    conn.write_all(&frame).unwrap();
+    wait_closed_by_peer(&mut conn, "Metadata before SASL authentication");
+}
+
+// ------------------------------------------------------------------------------------------
+// Authorization, with hand-crafted requests (exact error codes) over SASL_PLAINTEXT/PLAIN.
+
+mod acl_requests {
+    use bytes::Bytes;
+    use kafka_protocol::messages::create_acls_request::AclCreation;
+    use kafka_protocol::messages::create_topics_request::CreatableTopic;
+    use kafka_protocol::messages::delete_acls_request::DeleteAclsFilter;
+    use kafka_protocol::messages::fetch_request::{FetchPartition, FetchTopic};
+    use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
+    use kafka_protocol::messages::offset_commit_request::{
+        OffsetCommitRequestPartition, OffsetCommitRequestTopic,
+    };
+    use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+    use kafka_protocol::messages::*;
+    use kafka_protocol::protocol::StrBytes;
+    use qanat_log::batch::{encode_batch, SimpleRecord};
+
+    use super::support::RawClient;
+
+    pub fn s(text: &str) -> StrBytes {
+        StrBytes::from_string(text.to_string())
+    }
+
+    pub fn topic(text: &str) -> TopicName {
+        TopicName(s(text))
+    }
+
+    /// A raw connection authenticated with SASL/PLAIN.
+    pub fn login(addr: &str, user: &str, password: &str) -> RawClient {
+        let mut raw = RawClient::connect(addr);
+        let hs: SaslHandshakeResponse = raw.call(
+            ApiKey::SaslHandshake,
+            1,
+            &SaslHandshakeRequest::default().with_mechanism(s("PLAIN")),
+        );
+        assert_eq!(hs.error_code, 0, "SaslHandshake PLAIN");
+        let token = format!("\0{user}\0{password}");
+        let auth: SaslAuthenticateResponse = raw.call(
+            ApiKey::SaslAuthenticate,
+            2,
+            &SaslAuthenticateRequest::default().with_auth_bytes(Bytes::from(token.into_bytes())),
+        );
+        assert_eq!(
+            auth.error_code, 0,
+            "PLAIN login of {user}: {:?}",
+            auth.error_message
+        );
+        raw
+    }
+
+    pub fn produce(raw: &mut RawClient, name: &str) -> i16 {
+        let batch = encode_batch(&[SimpleRecord {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(b"v"),
+        }]);
+        let req = ProduceRequest::default()
+            .with_acks(-1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(topic(name))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(Bytes::from(batch)))])]);
+        let resp: ProduceResponse = raw.call(ApiKey::Produce, 8, &req);
+        resp.responses[0].partition_responses[0].error_code
+    }
+
+    pub fn fetch(raw: &mut RawClient, name: &str) -> i16 {
+        let req = FetchRequest::default()
+            .with_max_wait_ms(0)
+            .with_min_bytes(0)
+            .with_max_bytes(1 << 20)
+            .with_topics(vec![FetchTopic::default()
+                .with_topic(topic(name))
+                .with_partitions(vec![FetchPartition::default()
+                    .with_partition(0)
+                    .with_fetch_offset(0)
+                    .with_partition_max_bytes(1 << 20)])]);
+        let resp: FetchResponse = raw.call(ApiKey::Fetch, 11, &req);
+        resp.responses[0].partitions[0].error_code
+    }
+
+    pub fn create_topic(raw: &mut RawClient, name: &str) -> i16 {
+        let req = CreateTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![CreatableTopic::default()
+                .with_name(topic(name))
+                .with_num_partitions(1)
+                .with_replication_factor(1)]);
+        let resp: CreateTopicsResponse = raw.call(ApiKey::CreateTopics, 5, &req);
+        resp.topics[0].error_code
+    }
+
+    pub fn delete_topic(raw: &mut RawClient, name: &str) -> i16 {
+        let req = DeleteTopicsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topic_names(vec![topic(name)]);
+        let resp: DeleteTopicsResponse = raw.call(ApiKey::DeleteTopics, 4, &req);
+        resp.responses[0].error_code
+    }
+
+    pub fn join(raw: &mut RawClient, group: &str) -> i16 {
+        let req = JoinGroupRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_session_timeout_ms(10_000)
+            .with_rebalance_timeout_ms(10_000)
+            .with_protocol_type(s("consumer"))
+            .with_protocols(vec![
+                kafka_protocol::messages::join_group_request::JoinGroupRequestProtocol::default()
+                    .with_name(s("range")),
+            ]);
+        let resp: JoinGroupResponse = raw.call(ApiKey::JoinGroup, 5, &req);
+        resp.error_code
+    }
+
+    pub fn commit(raw: &mut RawClient, group: &str, name: &str) -> i16 {
+        let req = OffsetCommitRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_generation_id_or_member_epoch(-1)
+            .with_topics(vec![OffsetCommitRequestTopic::default()
+                .with_name(topic(name))
+                .with_partitions(vec![OffsetCommitRequestPartition::default()
+                    .with_partition_index(0)
+                    .with_committed_offset(1)])]);
+        let resp: OffsetCommitResponse = raw.call(ApiKey::OffsetCommit, 7, &req);
+        resp.topics[0].partitions[0].error_code
+    }
+
+    pub fn list_offsets(raw: &mut RawClient, name: &str) -> i16 {
+        use kafka_protocol::messages::list_offsets_request::{
+            ListOffsetsPartition, ListOffsetsTopic,
+        };
+        let req = ListOffsetsRequest::default().with_topics(vec![ListOffsetsTopic::default()
+            .with_name(topic(name))
+            .with_partitions(vec![ListOffsetsPartition::default()
+                .with_partition_index(0)
+                .with_timestamp(-1)])]);
+        let resp: ListOffsetsResponse = raw.call(ApiKey::ListOffsets, 5, &req);
+        resp.topics[0].partitions[0].error_code
+    }
+
+    pub fn describe_group(raw: &mut RawClient, group: &str) -> i16 {
+        let req = DescribeGroupsRequest::default().with_groups(vec![GroupId(s(group))]);
+        let resp: DescribeGroupsResponse = raw.call(ApiKey::DescribeGroups, 3, &req);
+        resp.groups[0].error_code
+    }
+
+    pub fn delete_group(raw: &mut RawClient, group: &str) -> i16 {
+        let req = DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(group))]);
+        let resp: DeleteGroupsResponse = raw.call(ApiKey::DeleteGroups, 1, &req);
+        resp.results[0].error_code
+    }
+
+    pub fn grow_topic(raw: &mut RawClient, name: &str, count: i32) -> i16 {
+        use kafka_protocol::messages::create_partitions_request::CreatePartitionsTopic;
+        let req = CreatePartitionsRequest::default()
+            .with_timeout_ms(10_000)
+            .with_topics(vec![CreatePartitionsTopic::default()
+                .with_name(topic(name))
+                .with_count(count)
+                .with_assignments(None)]);
+        let resp: CreatePartitionsResponse = raw.call(ApiKey::CreatePartitions, 1, &req);
+        resp.results[0].error_code
+    }
+
+    /// Metadata of every topic: the names listed.
+    pub fn listed_topics(raw: &mut RawClient) -> Vec<String> {
+        let resp: MetadataResponse = raw.call(
+            ApiKey::Metadata,
+            9,
+            &MetadataRequest::default().with_topics(None),
+        );
+        resp.topics
+            .iter()
+            .filter_map(|t| t.name.as_ref().map(|n| n.to_string()))
+            .collect()
+    }
+
+    pub fn metadata_of(raw: &mut RawClient, name: &str) -> i16 {
+        let req = MetadataRequest::default()
+            .with_topics(Some(vec![
+                MetadataRequestTopic::default().with_name(Some(topic(name)))
+            ]))
+            .with_allow_auto_topic_creation(false);
+        let resp: MetadataResponse = raw.call(ApiKey::Metadata, 9, &req);
+        resp.topics[0].error_code
+    }
+
+    /// CreateAcls of one Allow/Deny literal topic entry; the result's error code.
+    pub fn create_acl(raw: &mut RawClient, name: &str, principal: &str, op: i8, perm: i8) -> i16 {
+        let req = CreateAclsRequest::default().with_creations(vec![AclCreation::default()
+            .with_resource_type(2)
+            .with_resource_name(s(name))
+            .with_resource_pattern_type(3)
+            .with_principal(s(principal))
+            .with_host(s("*"))
+            .with_operation(op)
+            .with_permission_type(perm)]);
+        let resp: CreateAclsResponse = raw.call(ApiKey::CreateAcls, 2, &req);
+        resp.results[0].error_code
+    }
+
+    /// DescribeAcls of every ACL: (error code, number of entries).
+    pub fn describe_acls(raw: &mut RawClient) -> (i16, usize) {
+        let req = DescribeAclsRequest::default()
+            .with_resource_name_filter(None)
+            .with_principal_filter(None)
+            .with_host_filter(None)
+            .with_resource_type_filter(1)
+            .with_pattern_type_filter(1)
+            .with_operation(1)
+            .with_permission_type(1);
+        let resp: DescribeAclsResponse = raw.call(ApiKey::DescribeAcls, 2, &req);
+        (
+            resp.error_code,
+            resp.resources.iter().map(|r| r.acls.len()).sum(),
+        )
+    }
+
+    /// DeleteAcls of every ACL on the literal topic `name`: the number removed.
+    pub fn delete_acls(raw: &mut RawClient, name: &str) -> (i16, usize) {
+        let req = DeleteAclsRequest::default().with_filters(vec![DeleteAclsFilter::default()
+            .with_resource_type_filter(2)
+            .with_resource_name_filter(Some(s(name)))
+            .with_principal_filter(None)
+            .with_host_filter(None)
+            .with_pattern_type_filter(3)
+            .with_operation(1)
+            .with_permission_type(1)]);
+        let resp: DeleteAclsResponse = raw.call(ApiKey::DeleteAcls, 2, &req);
+        let r = &resp.filter_results[0];
+        (r.error_code, r.matching_acls.len())
+    }
+}
+
+fn qanat_acls(data_dir: &Path, args: &[&str]) {
+    let out = qanat_command()
+        .args(["acls", "--data-dir"])
+        .arg(data_dir)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "qanat acls {args:?}: {}",
+        describe(&out)
+    );
+}
+
+#[test]
+fn acls_allow_and_deny_each_api_with_kafka_error_codes() {
+    use acl_requests::*;
+    const TOPIC_DENIED: i16 = 29;
+    const GROUP_DENIED: i16 = 30;
+    const CLUSTER_DENIED: i16 = 31;
+
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    for user in ["alice", "bob", "admin"] {
+        add_user(&data, user, PASSWORD);
+    }
+    // alice writes "orders" and owns the "alice-" prefix; bob reads "ord*" except
+    // "orders-secret" (a Deny beats the prefixed Allow) and uses the groups "bob-*".
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "orders",
+            "--principal",
+            "User:alice",
+            "--operation",
+            "Write",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "alice-",
+            "--prefixed",
+            "--principal",
+            "User:alice",
+            "--operation",
+            "Create",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "alice-",
+            "--prefixed",
+            "--principal",
+            "User:alice",
+            "--operation",
+            "Delete",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "ord",
+            "--prefixed",
+            "--principal",
+            "User:bob",
+            "--operation",
+            "Read",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "orders-secret",
+            "--principal",
+            "User:bob",
+            "--operation",
+            "Read",
+            "--deny",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--group",
+            "bob-",
+            "--prefixed",
+            "--principal",
+            "User:bob",
+            "--operation",
+            "Read",
+        ],
+    );
+    let config = r#"
+[security]
+authorizer = true
+super_users = ["User:admin"]
+
+[[broker.listener]]
+name = "SASL"
+address = "127.0.0.1:0"
+security_protocol = "SASL_PLAINTEXT"
+"#;
+    let broker = Broker::builder().config(config).data_dir(&data).start();
+    let addr = broker.listener_addr("SASL");
+    let mut admin = login(&addr, "admin", PASSWORD);
+    let mut alice = login(&addr, "alice", PASSWORD);
+    let mut bob = login(&addr, "bob", PASSWORD);
+
+    // The coordinator is advertised at the listener the client came through.
+    let coordinator: kafka_protocol::messages::FindCoordinatorResponse = bob.call(
+        kafka_protocol::messages::ApiKey::FindCoordinator,
+        3,
+        &kafka_protocol::messages::FindCoordinatorRequest::default().with_key(s("bob-group")),
+    );
+    assert_eq!(
+        format!("{}:{}", coordinator.host.as_str(), coordinator.port),
+        addr,
+        "FindCoordinator over the SASL listener"
+    );
+    // Super user: everything.
+    for t in ["orders", "orders-secret", "hidden"] {
+        assert_eq!(create_topic(&mut admin, t), 0, "admin creates {t}");
+        assert_eq!(produce(&mut admin, t), 0, "admin produces to {t}");
+    }
+    // Produce: Write needed.
+    assert_eq!(produce(&mut alice, "orders"), 0);
+    assert_eq!(produce(&mut alice, "hidden"), TOPIC_DENIED);
+    assert_eq!(produce(&mut bob, "orders"), TOPIC_DENIED);
+    // Fetch: Read needed; the prefixed Allow covers "orders", the Deny wins on "orders-secret".
+    assert_eq!(fetch(&mut bob, "orders"), 0);
+    assert_eq!(fetch(&mut bob, "orders-secret"), TOPIC_DENIED);
+    assert_eq!(fetch(&mut bob, "hidden"), TOPIC_DENIED);
+    assert_eq!(fetch(&mut alice, "orders"), TOPIC_DENIED);
+    // Group join and offset commit: Read on the group, and Read on the topic for commits.
+    assert_ne!(join(&mut bob, "bob-group"), GROUP_DENIED);
+    assert_eq!(join(&mut bob, "other-group"), GROUP_DENIED);
+    assert_eq!(join(&mut alice, "bob-group"), GROUP_DENIED);
+    assert_eq!(commit(&mut bob, "bob-offsets", "orders"), 0);
+    assert_eq!(commit(&mut bob, "bob-offsets", "hidden"), TOPIC_DENIED);
+    assert_eq!(commit(&mut bob, "other-group", "orders"), GROUP_DENIED);
+    assert_eq!(commit(&mut alice, "bob-group", "orders"), GROUP_DENIED);
+    // Topic create and delete: the prefixed Create/Delete of alice.
+    assert_eq!(create_topic(&mut alice, "alice-new"), 0);
+    assert_eq!(create_topic(&mut alice, "bob-new"), TOPIC_DENIED);
+    assert_eq!(delete_topic(&mut alice, "orders"), TOPIC_DENIED);
+    assert_eq!(delete_topic(&mut alice, "alice-new"), 0);
+    assert!(!broker.partition_dir("bob-new", 0).exists());
+    assert!(broker.partition_dir("orders", 0).exists());
+    // Metadata hides what may not be described (Read and Write imply Describe).
+    let seen = listed_topics(&mut bob);
+    assert!(seen.contains(&"orders".to_string()), "{seen:?}");
+    assert!(!seen.contains(&"hidden".to_string()), "bob sees {seen:?}");
+    assert_eq!(listed_topics(&mut alice), vec!["orders".to_string()]);
+    assert_eq!(metadata_of(&mut bob, "hidden"), TOPIC_DENIED);
+    // ListOffsets needs Describe, CreatePartitions Alter, DescribeGroups Describe and
+    // DeleteGroups Delete.
+    assert_eq!(list_offsets(&mut bob, "orders"), 0);
+    assert_eq!(list_offsets(&mut bob, "hidden"), TOPIC_DENIED);
+    assert_eq!(grow_topic(&mut alice, "orders", 2), TOPIC_DENIED);
+    assert_eq!(grow_topic(&mut admin, "orders", 2), 0);
+    assert_ne!(describe_group(&mut bob, "bob-offsets"), GROUP_DENIED);
+    assert_eq!(describe_group(&mut alice, "bob-offsets"), GROUP_DENIED);
+    assert_eq!(delete_group(&mut bob, "bob-offsets"), GROUP_DENIED);
+    assert_eq!(delete_group(&mut admin, "bob-offsets"), 0);
+    // ACL administration: cluster Alter/Describe, refused to alice.
+    assert_eq!(
+        create_acl(&mut alice, "hidden", "User:alice", 3, 3),
+        CLUSTER_DENIED
+    );
+    assert_eq!(describe_acls(&mut alice).0, CLUSTER_DENIED);
+    assert_eq!(describe_acls(&mut admin), (0, 6));
+    assert_eq!(create_acl(&mut admin, "hidden", "User:alice", 3, 3), 0);
+    assert_eq!(
+        fetch(&mut alice, "hidden"),
+        0,
+        "the ACL created at run time applies"
+    );
+    assert_eq!(delete_acls(&mut admin, "hidden"), (0, 1));
+    assert_eq!(
+        fetch(&mut alice, "hidden"),
+        TOPIC_DENIED,
+        "and its deletion too"
+    );
+}
+
+#[test]
+fn push_endpoint_needs_credentials_and_read_on_the_topic() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    add_user(&data, "carol", PASSWORD);
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "events",
+            "--principal",
+            "User:reader",
+            "--operation",
+            "Read",
+        ],
+    );
+    qanat_acls(
+        &data,
+        &[
+            "add",
+            "--topic",
+            "events",
+            "--principal",
+            "User:carol",
+            "--operation",
+            "Read",
+        ],
+    );
+    let config = r#"
+[security]
+authorizer = true
+super_users = ["User:ANONYMOUS"]
+http_tokens = [{ token = "reader-token-0123456789", principal = "User:reader" }]
+"#;
+    let broker = Broker::builder()
+        .config(config)
+        .data_dir(&data)
+        .http()
+        .start();
+    // The PLAINTEXT listener is a super user here: it creates the topics.
+    produce(&broker.bootstrap(), "events", &[Rec::value("e1")], &[]);
+    produce(&broker.bootstrap(), "private", &[Rec::value("p1")], &[]);
+    let http = broker.http_addr().unwrap();
+    let events = "/v1/topics/events/events?from=earliest";
+    let private = "/v1/topics/private/events?from=earliest";
+    let bearer = ("Authorization", "Bearer reader-token-0123456789");
+    // base64("carol:correct horse battery staple"), base64("carol:wrong")
+    let basic_ok = (
+        "Authorization",
+        "Basic Y2Fyb2w6Y29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ==",
+    );
+    let basic_bad = ("Authorization", "Basic Y2Fyb2w6d3Jvbmc=");
+    assert_eq!(http_status_with(&http, events, &[]), 401, "no credentials");
+    assert_eq!(
+        http_status_with(&http, events, &[("Authorization", "Bearer nope")]),
+        401
+    );
+    assert_eq!(
+        http_status_with(&http, events, &[basic_bad]),
+        401,
+        "wrong password"
+    );
+    assert_eq!(http_status_with(&http, events, &[bearer]), 200);
+    assert_eq!(http_status_with(&http, events, &[basic_ok]), 200);
+    assert_eq!(
+        http_status_with(&http, private, &[bearer]),
+        403,
+        "no Read on the topic"
+    );
+    assert_eq!(http_status_with(&http, private, &[basic_ok]), 403);
+}
+
+// ------------------------------------------------------------------------------------------
+// Client quotas.
+
+mod quota_requests {
+    use kafka_protocol::messages::alter_client_quotas_request::{EntityData, EntryData, OpData};
+    use kafka_protocol::messages::describe_client_quotas_request::ComponentData;
+    use kafka_protocol::messages::*;
+
+    use super::acl_requests::s;
+    use super::support::RawClient;
+
+    pub fn set_client_rate(raw: &mut RawClient, client_id: &str, bytes_per_second: f64) -> i16 {
+        let req = AlterClientQuotasRequest::default().with_entries(vec![EntryData::default()
+            .with_entity(vec![EntityData::default()
+                .with_entity_type(s("client-id"))
+                .with_entity_name(Some(s(client_id)))])
+            .with_ops(vec![OpData::default()
+                .with_key(s("producer_byte_rate"))
+                .with_value(bytes_per_second)])]);
+        let resp: AlterClientQuotasResponse = raw.call(ApiKey::AlterClientQuotas, 1, &req);
+        resp.entries[0].error_code
+    }
+
+    /// (client id, producer_byte_rate) of every client-id quota.
+    pub fn client_rates(raw: &mut RawClient) -> Vec<(String, f64)> {
+        let req =
+            DescribeClientQuotasRequest::default().with_components(vec![ComponentData::default()
+                .with_entity_type(s("client-id"))
+                .with_match_type(2)
+                .with_match(None)]);
+        let resp: DescribeClientQuotasResponse = raw.call(ApiKey::DescribeClientQuotas, 1, &req);
+        assert_eq!(resp.error_code, 0);
+        let mut out: Vec<(String, f64)> = resp
+            .entries
+            .unwrap_or_default()
+            .iter()
+            .map(|e| {
+                (
+                    e.entity[0]
+                        .entity_name
+                        .as_ref()
+                        .map(|n| n.to_string())
+                        .unwrap_or_default(),
+                    e.values[0].value,
+                )
+            })
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
+
+/// Delivered (time, bytes) of one producer.
+struct Meter(std::sync::Mutex<Vec<(std::time::Instant, usize)>>);
+
+impl rdkafka::ClientContext for Meter {}
+
+impl rdkafka::producer::ProducerContext for Meter {
+    type DeliveryOpaque = ();
+    fn delivery(&self, result: &rdkafka::message::DeliveryResult<'_>, _: ()) {
+        use rdkafka::message::Message;
+        if let Ok(m) = result {
+            let n = m.payload().map_or(0, <[u8]>::len);
+            self.0.lock().unwrap().push((std::time::Instant::now(), n));
+        }
+    }
+}
+
+/// Produce 4 KiB records as fast as the broker takes them for `run`; bytes per second
+/// delivered between `from` and `run` after the start.
+fn flood(
+    bootstrap: &str,
+    client_id: &str,
+    topic: &str,
+    from: std::time::Duration,
+    run: std::time::Duration,
+) -> f64 {
+    use rdkafka::producer::{BaseProducer, BaseRecord, Producer};
+    let producer: BaseProducer<Meter> = producer_config(
+        bootstrap,
+        &[
+            ("client.id", client_id),
+            ("batch.size", "65536"),
+            ("linger.ms", "5"),
+            ("queue.buffering.max.kbytes", "1024"),
+        ],
+    )
+    .create_with_context(Meter(std::sync::Mutex::new(Vec::new())))
+    .unwrap();
+    let payload = vec![b'q'; 4096];
+    let start = std::time::Instant::now();
+    while start.elapsed() < run {
+        match producer.send(BaseRecord::<(), [u8]>::to(topic).payload(&payload)) {
+            Ok(()) => {}
+            Err((_, _)) => {
+                producer.poll(std::time::Duration::from_millis(5));
+            }
+        }
+        producer.poll(std::time::Duration::ZERO);
+    }
+    let delivered = producer.context().0.lock().unwrap().clone();
+    producer.purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+    let bytes: usize = delivered
+        .iter()
+        .filter(|(t, _)| t.duration_since(start) >= from)
+        .map(|(_, n)| n)
+        .sum();
+    bytes as f64 / (run - from).as_secs_f64()
+}
+
+#[test]
+fn produce_quota_throttles_one_client_and_not_the_other() {
+    use quota_requests::*;
+    let broker = Broker::start();
+    let mut raw = RawClient::connect(&broker.bootstrap());
+    const RATE: f64 = 500_000.0;
+    assert_eq!(set_client_rate(&mut raw, "slow", RATE), 0);
+    assert_eq!(set_client_rate(&mut raw, "qanat-it-raw", 10_000.0), 0);
+    assert_eq!(
+        client_rates(&mut raw),
+        vec![
+            ("qanat-it-raw".to_string(), 10_000.0),
+            ("slow".to_string(), RATE)
+        ]
+    );
+    // 50 KB at 10 KB/s: far over the one-second burst, answered with throttle_time_ms.
+    let big = "x".repeat(50_000);
+    let req = {
+        use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
+        use kafka_protocol::messages::ProduceRequest;
+        let batch = qanat_log::batch::encode_batch(&[qanat_log::batch::SimpleRecord {
+            timestamp: 1_700_000_000_000,
+            key: None,
+            value: Some(big.as_bytes()),
+        }]);
+        ProduceRequest::default()
+            .with_acks(1)
+            .with_timeout_ms(10_000)
+            .with_topic_data(vec![TopicProduceData::default()
+                .with_name(acl_requests::topic("quota-raw"))
+                .with_partition_data(vec![PartitionProduceData::default()
+                    .with_index(0)
+                    .with_records(Some(bytes::Bytes::from(batch)))])])
+    };
+    let resp: kafka_protocol::messages::ProduceResponse =
+        raw.call(kafka_protocol::messages::ApiKey::Produce, 8, &req);
+    assert_eq!(resp.responses[0].partition_responses[0].error_code, 0);
+    assert!(
+        resp.throttle_time_ms >= 3_000,
+        "throttle_time_ms = {}",
+        resp.throttle_time_ms
+    );
+
+    let run = std::time::Duration::from_secs(9);
+    let from = std::time::Duration::from_secs(3);
+    let b = broker.bootstrap();
+    let fast = {
+        let b = b.clone();
+        std::thread::spawn(move || flood(&b, "fast", "quota-fast", from, run))
+    };
+    let slow = flood(&b, "slow", "quota-slow", from, run);
+    let fast = fast.join().unwrap();
+    eprintln!("slow {slow:.0} B/s, fast {fast:.0} B/s, quota {RATE} B/s");
+    assert!(
+        (slow - RATE).abs() <= RATE * 0.10,
+        "the throttled client moved {slow:.0} B/s, quota {RATE} B/s"
+    );
+    assert!(
+        fast >= 2.0 * RATE,
+        "the client without quota moved only {fast:.0} B/s (quota of the other: {RATE} B/s)"
+    );
+}
+
+#[test]
+fn qanat_topics_talks_sasl_ssl_with_the_password_from_the_environment() {
+    let s = secure_broker("");
+    let addr = s.broker.listener_addr("SECURE");
+    let topics = |args: &[&str], password: &str| {
+        qanat_command()
+            .args(["topics", "--bootstrap", &addr])
+            .args([
+                "--security-protocol",
+                "SASL_SSL",
+                "--sasl-mechanism",
+                "SCRAM-SHA-512",
+            ])
+            .args(["--sasl-username", "alice", "--ssl-ca-file"])
+            .arg(&s.certs.ca)
+            .args(args)
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = topics(&["create", "made-over-tls", "--partitions", "2"], PASSWORD);
+    assert!(
+        out.status.success(),
+        "qanat topics create: {}",
+        describe(&out)
+    );
+    let out = topics(&["list"], PASSWORD);
+    assert!(
+        out.status.success(),
+        "qanat topics list: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .any(|l| l.trim() == "made-over-tls"),
+        "{}",
+        describe(&out)
+    );
+    assert!(s.broker.partition_dir("made-over-tls", 1).exists());
+    let out = topics(&["create", "never-made"], "wrong password");
+    assert!(
+        !out.status.success(),
+        "created with a wrong password: {}",
+        describe(&out)
+    );
+    assert!(!s.broker.partition_dir("never-made", 0).exists());
+}
+
+#[test]
+fn scram_users_are_managed_on_a_running_broker() {
+    use acl_requests::{login, s};
+    use kafka_protocol::messages::alter_user_scram_credentials_request::{
+        ScramCredentialDeletion, ScramCredentialUpsertion,
+    };
+    use kafka_protocol::messages::*;
+    use qanat_broker::scram::ScramMechanism;
+    let broker = Broker::with_config(
+        r#"
+[[broker.listener]]
+name = "SASL"
+address = "127.0.0.1:0"
+security_protocol = "SASL_PLAINTEXT"
+"#,
+    );
+    let sasl = broker.listener_addr("SASL");
+    let mut admin = RawClient::connect(&broker.bootstrap());
+    // The client salts and hashes; the broker stores only the derived keys.
+    let salt = b"0123456789abcdef".to_vec();
+    let salted = ScramMechanism::Sha256.salted_password(b"dave-password", &salt, 4096);
+    let req = AlterUserScramCredentialsRequest::default().with_upsertions(vec![
+        ScramCredentialUpsertion::default()
+            .with_name(s("dave"))
+            .with_mechanism(1)
+            .with_iterations(4096)
+            .with_salt(bytes::Bytes::from(salt))
+            .with_salted_password(bytes::Bytes::from(salted)),
+    ]);
+    let resp: AlterUserScramCredentialsResponse =
+        admin.call(ApiKey::AlterUserScramCredentials, 0, &req);
+    assert_eq!(
+        resp.results[0].error_code, 0,
+        "{:?}",
+        resp.results[0].error_message
+    );
+    let resp: DescribeUserScramCredentialsResponse = admin.call(
+        ApiKey::DescribeUserScramCredentials,
+        0,
+        &DescribeUserScramCredentialsRequest::default().with_users(None),
+    );
+    let dave = &resp.results[0];
+    assert_eq!(dave.user.as_str(), "dave");
+    assert_eq!(
+        (
+            dave.credential_infos[0].mechanism,
+            dave.credential_infos[0].iterations
+        ),
+        (1, 4096)
+    );
+    let stored = std::fs::read_to_string(broker.data_dir().join("scram-credentials.json")).unwrap();
+    assert!(!stored.contains("dave-password"));
+    // The new user logs in at once.
+    drop(login(&sasl, "dave", "dave-password"));
+    let req = AlterUserScramCredentialsRequest::default().with_deletions(vec![
+        ScramCredentialDeletion::default()
+            .with_name(s("dave"))
+            .with_mechanism(1),
+    ]);
+    let resp: AlterUserScramCredentialsResponse =
+        admin.call(ApiKey::AlterUserScramCredentials, 0, &req);
+    assert_eq!(resp.results[0].error_code, 0);
+    let mut raw = RawClient::connect(&sasl);
+    let _: SaslHandshakeResponse = raw.call(
+        ApiKey::SaslHandshake,
+        1,
+        &SaslHandshakeRequest::default().with_mechanism(s("PLAIN")),
+    );
+    let auth: SaslAuthenticateResponse = raw.call(
+        ApiKey::SaslAuthenticate,
+        2,
+        &SaslAuthenticateRequest::default()
+            .with_auth_bytes(bytes::Bytes::from_static(b"\0dave\0dave-password")),
+    );
+    assert_eq!(
+        auth.error_code, 58,
+        "a deleted user is refused (SASL_AUTHENTICATION_FAILED)"
+    );
+}
