@@ -61,8 +61,12 @@ async fn start_broker(dir: &std::path::Path) -> String {
     .unwrap()
     .unwrap();
     let broker = Arc::new(broker);
-    tokio::spawn(qanat_broker::serve(
+    let listeners = vec![qanat_broker::listener::Listener::plaintext(
         listener,
+        ("127.0.0.1".to_string(), i32::from(port)),
+    )];
+    tokio::spawn(qanat_broker::serve(
+        listeners,
         broker,
         std::future::pending(),
     ));
