@@ -83,3 +83,31 @@ pub trait Source {
     /// Everything up to `position` is durable on the bus.
     async fn acknowledge(&mut self, position: &Position) -> Result<(), Self::Error>;
 }
+
+/// When a connector reads the tables whole before streaming (`snapshot` in its config).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum SnapshotMode {
+    /// Snapshot when there is no stored position, then stream.
+    #[default]
+    Initial,
+    /// Never snapshot: stream from the log's current end (or the stored position).
+    Never,
+    /// Like `initial`, and also when the stored position is gone from the server (binlog
+    /// purged, replication slot dropped).
+    WhenNeeded,
+}
+
+impl std::str::FromStr for SnapshotMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "initial" => Ok(SnapshotMode::Initial),
+            "never" => Ok(SnapshotMode::Never),
+            "when_needed" => Ok(SnapshotMode::WhenNeeded),
+            other => Err(format!(
+                "{other:?} is not one of initial, never, when_needed"
+            )),
+        }
+    }
+}

@@ -12,7 +12,7 @@ use clap::{Args, Subcommand};
 use qanat_cdc::config::{CdcConfig, ConnectorConfig};
 use qanat_cdc::mysql::{MysqlConfig, MysqlSource, SnapshotMode};
 use qanat_cdc::pipeline::{self, now_ms, PipelineConfig};
-use qanat_cdc::postgres::{self as pg, PostgresConfig, PostgresSource};
+use qanat_cdc::postgres::{PostgresConfig, PostgresSource};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -273,15 +273,9 @@ async fn run_one(
             cfg.publication = connector.publication.clone();
             cfg.include = any_of(&connector.tables);
             cfg.exclude = any_of(&connector.exclude_tables);
-            cfg.snapshot = match connector.snapshot.as_str() {
-                "initial" => pg::SnapshotMode::Initial,
-                "never" => pg::SnapshotMode::Never,
-                "when_needed" => pg::SnapshotMode::WhenNeeded,
-                other => anyhow::bail!(
-                    "connector {}: snapshot {other:?} is not initial, never or when_needed",
-                    connector.name
-                ),
-            };
+            cfg.snapshot = connector.snapshot.parse().map_err(|e: String| {
+                anyhow::anyhow!("connector {}: snapshot: {e}", connector.name)
+            })?;
             cfg.heartbeat_interval = Duration::from_millis(connector.heartbeat_ms.max(100));
             cfg.snapshot_fetch_rows = connector.snapshot_chunk.max(1);
             let source = PostgresSource::open(&cfg, state.position()).await?;

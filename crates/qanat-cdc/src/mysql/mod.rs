@@ -47,31 +47,7 @@ use crate::event::{ChangeEvent, Op, Row, SnapshotMark, SourceInfo, Value};
 use crate::pipeline::{now_ms, PipelineConfig, StoredState};
 use crate::source::{Change, Column, Position, SchemaChange, Source};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
-#[serde(rename_all = "snake_case")]
-pub enum SnapshotMode {
-    /// Snapshot when there is no stored position, then stream.
-    #[default]
-    Initial,
-    /// Stream from the current end of the binlog (or the stored position).
-    Never,
-    /// Like `initial`, and also when the stored position was purged from the server.
-    WhenNeeded,
-}
-
-impl std::str::FromStr for SnapshotMode {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "initial" => Ok(SnapshotMode::Initial),
-            "never" => Ok(SnapshotMode::Never),
-            "when_needed" => Ok(SnapshotMode::WhenNeeded),
-            other => Err(format!(
-                "{other:?} is not one of initial, never, when_needed"
-            )),
-        }
-    }
-}
+pub use crate::source::SnapshotMode;
 
 #[derive(Debug, Clone)]
 pub struct MysqlConfig {

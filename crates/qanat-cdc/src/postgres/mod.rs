@@ -55,16 +55,7 @@ use types::{decode_text, PgType, SESSION_OPTIONS};
 /// not send and no old row image holds.
 pub const UNAVAILABLE_VALUE: &str = "__debezium_unavailable_value";
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum SnapshotMode {
-    /// Snapshot when there is no stored position.
-    #[default]
-    Initial,
-    /// Never snapshot: stream from the slot (created now if missing).
-    Never,
-    /// Snapshot when there is no stored position, or when the slot holding it is gone.
-    WhenNeeded,
-}
+pub use crate::source::SnapshotMode;
 
 #[derive(Debug, Clone)]
 pub struct PostgresConfig {
