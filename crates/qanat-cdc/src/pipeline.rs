@@ -680,22 +680,7 @@ pub async fn run<S: Source>(
                     if let Some(topic) = &cfg.transaction_topic {
                         let value = json!({"status": "BEGIN", "id": tx_id, "event_count": null,
                             "data_collections": null, "ts_ms": ts_ms});
-                        let key = json!({"id": tx_id}).to_string();
-                        let future = enqueue(
-                            &producer,
-                            topic,
-                            Some(key.as_bytes()),
-                            Some(value.to_string().as_bytes()),
-                        )
-                        .await?;
-                        send(
-                            &tx,
-                            Pending::Delivery {
-                                topic: topic.clone(),
-                                future,
-                            },
-                        )
-                        .await?;
+                        publish_marker(&producer, &tx, topic, &tx_id, &value).await?;
                     }
                     tx_open = Some(OpenTransaction {
                         id: tx_id,
@@ -797,22 +782,7 @@ pub async fn run<S: Source>(
                             .collect();
                         let value = json!({"status": "END", "id": tx_id, "event_count": open.total,
                             "data_collections": collections, "ts_ms": tx_ts});
-                        let key = json!({"id": tx_id}).to_string();
-                        let future = enqueue(
-                            &producer,
-                            topic,
-                            Some(key.as_bytes()),
-                            Some(value.to_string().as_bytes()),
-                        )
-                        .await?;
-                        send(
-                            &tx,
-                            Pending::Delivery {
-                                topic: topic.clone(),
-                                future,
-                            },
-                        )
-                        .await?;
+                        publish_marker(&producer, &tx, topic, &tx_id, &value).await?;
                     }
                     send(
                         &tx,
@@ -867,6 +837,33 @@ pub async fn run<S: Source>(
         }
     }
     outcome.and(drained)
+}
+
+/// Publish a transaction marker (BEGIN or END), keyed by the transaction id, and hand its
+/// delivery to the acknowledgement task like any event.
+async fn publish_marker(
+    producer: &FutureProducer,
+    tx: &mpsc::Sender<Pending>,
+    topic: &str,
+    tx_id: &str,
+    value: &Json,
+) -> Result<(), PipelineError> {
+    let key = json!({ "id": tx_id }).to_string();
+    let future = enqueue(
+        producer,
+        topic,
+        Some(key.as_bytes()),
+        Some(value.to_string().as_bytes()),
+    )
+    .await?;
+    send(
+        tx,
+        Pending::Delivery {
+            topic: topic.to_string(),
+            future,
+        },
+    )
+    .await
 }
 
 async fn send(tx: &mpsc::Sender<Pending>, pending: Pending) -> Result<(), PipelineError> {

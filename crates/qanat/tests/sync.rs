@@ -4,12 +4,14 @@
 //! limits, throttling, and precise errors for bad input.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
 mod sync_support;
 
 use std::time::Duration;
 
 use serde_json::Value;
-use sync_support::{poll_until, qanat_command, sync_fails, sync_json, MyDb, PgDb};
+use support::poll_until;
+use sync_support::{qanat_command, sync_fails, sync_json, MyDb, PgDb};
 
 const MY_TYPES: &str = "id INT PRIMARY KEY, b TINYINT(1), i8 TINYINT, i16 SMALLINT, \
     i32 INT, i64 BIGINT, u64 BIGINT UNSIGNED, f32 FLOAT, f64 DOUBLE, num DECIMAL(20,6), \

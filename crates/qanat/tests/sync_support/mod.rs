@@ -4,7 +4,6 @@
 #![allow(dead_code)]
 
 use std::process::{Command, Output, Stdio};
-use std::time::{Duration, Instant};
 
 pub const QANAT_BIN: &str = env!("CARGO_BIN_EXE_qanat");
 
@@ -240,22 +239,4 @@ pub fn sync_fails(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stdout)
     );
     String::from_utf8_lossy(&out.stderr).into_owned()
-}
-
-/// Poll `cond` until it returns `Ok`, panicking after `limit` with the last observation.
-pub fn poll_until<T>(
-    what: &str,
-    limit: Duration,
-    mut cond: impl FnMut() -> Result<T, String>,
-) -> T {
-    let deadline = Instant::now() + limit;
-    loop {
-        match cond() {
-            Ok(v) => return v,
-            Err(last) if Instant::now() >= deadline => {
-                panic!("timed out after {limit:?} waiting for {what}; last: {last}")
-            }
-            Err(_) => std::thread::sleep(Duration::from_millis(20)),
-        }
-    }
 }
