@@ -8,6 +8,7 @@ mod cdc_cmd;
 mod collect_cmd;
 mod groups_cmd;
 mod kafka_security;
+mod lake_cmd;
 mod sync_cmd;
 mod telemetry;
 mod topics_cmd;
@@ -44,6 +45,8 @@ enum Command {
     Cdc(cdc_cmd::CdcArgs),
     /// Batch-copy tables between MariaDB/MySQL, PostgreSQL and Parquet (DataX-style).
     Sync(sync_cmd::SyncArgs),
+    /// Land topics into the lake as Parquet, merge daily snapshots, audit rows.
+    Lake(lake_cmd::LakeArgs),
     /// SCRAM users of a stopped broker's data directory.
     Users(users_cmd::UsersArgs),
     /// Kafka ACLs of a stopped broker's data directory.
@@ -66,6 +69,7 @@ fn main() -> anyhow::Result<()> {
         Command::Audit(args) => runtime.block_on(audit_cmd::run(args)),
         Command::Cdc(args) => runtime.block_on(cdc_cmd::run(args)),
         Command::Sync(args) => runtime.block_on(sync_cmd::run(args)),
+        Command::Lake(args) => runtime.block_on(lake_cmd::run(args)),
         Command::Users(args) => runtime.block_on(users_cmd::run(args)),
         Command::Acls(args) => runtime.block_on(acls_cmd::run(args)),
     }
