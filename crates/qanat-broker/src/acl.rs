@@ -206,6 +206,50 @@ pub fn decide(
     allowed
 }
 
+/// Whether some resource of `rtype` exists on which `principal` may do `operation`, as Kafka's
+/// `Authorizer.authorizeByResourceType` (used for idempotent producers without the cluster's
+/// IdempotentWrite): only ACLs naming the operation itself or All count; a Deny on `*` refuses
+/// everything; a literal Allow counts unless a literal Deny names the same resource or a prefixed
+/// Deny covers it; a prefixed Allow counts unless a prefixed Deny covers its prefix.
+pub fn decide_any(
+    acls: &[AclBinding],
+    principal: &str,
+    host: &str,
+    operation: AclOperation,
+    rtype: ResourceType,
+) -> bool {
+    let relevant: Vec<&AclBinding> = acls
+        .iter()
+        .filter(|b| {
+            b.resource_type == rtype
+                && b.applies_to(principal, host)
+                && (b.operation == operation || b.operation == AclOperation::All)
+        })
+        .collect();
+    let denies = |pattern: PatternType| {
+        relevant
+            .iter()
+            .filter(move |b| b.permission == Permission::Deny && b.pattern_type == pattern)
+            .map(|b| b.resource_name.as_str())
+    };
+    if denies(PatternType::Literal).any(|n| n == "*") {
+        return false;
+    }
+    let denied_by_prefix = |name: &str| denies(PatternType::Prefixed).any(|p| name.starts_with(p));
+    relevant
+        .iter()
+        .filter(|b| b.permission == Permission::Allow)
+        .any(|b| match b.pattern_type {
+            PatternType::Literal => {
+                b.resource_name == "*"
+                    || !(denies(PatternType::Literal).any(|n| n == b.resource_name)
+                        || denied_by_prefix(&b.resource_name))
+            }
+            PatternType::Prefixed => !denied_by_prefix(&b.resource_name),
+            PatternType::Any | PatternType::Match => false,
+        })
+}
+
 /// The ACLs of the broker and the switch that enforces them.
 #[derive(Debug)]
 pub struct Authorizer {
@@ -248,6 +292,21 @@ impl Authorizer {
             return true;
         }
         decide(&self.acls.read(), principal, host, operation, rtype, name)
+    }
+
+    /// Whether `principal` may do `operation` on at least one resource of `rtype`
+    /// (see [`decide_any`]); super users and a disabled authorizer always may.
+    pub fn allowed_on_any(
+        &self,
+        principal: &str,
+        host: &str,
+        operation: AclOperation,
+        rtype: ResourceType,
+    ) -> bool {
+        if !self.enabled || self.super_users.contains(principal) {
+            return true;
+        }
+        decide_any(&self.acls.read(), principal, host, operation, rtype)
     }
 
     pub fn list(&self, filter: &AclFilter) -> Vec<AclBinding> {
@@ -348,6 +407,46 @@ mod tests {
         assert!(!decide(&acls, "User:bob", "h", Read, Topic, "log"));
         assert!(decide(&acls, "User:carol", "h", Read, Group, "anything"));
         assert!(!decide(&acls, "User:carol", "h", Delete, Group, "anything"));
+    }
+
+    #[test]
+    fn allowed_on_some_resource_of_a_type() {
+        use AclOperation::*;
+        use PatternType::*;
+        use ResourceType::*;
+        let any = |acls: &[AclBinding]| decide_any(acls, "User:p", "h", Write, Topic);
+        let allow_t = acl(Topic, "t", Literal, "User:p", Write, Permission::Allow);
+        assert!(!any(&[]));
+        assert!(any(std::slice::from_ref(&allow_t)));
+        // Only the operation itself or All counts (Read does not imply Write).
+        assert!(!any(&[acl(Topic, "t", Literal, "User:p", Read, Permission::Allow)]));
+        assert!(any(&[acl(Topic, "t", Literal, "User:p", All, Permission::Allow)]));
+        // Another type, another principal: nothing.
+        assert!(!any(&[acl(Group, "t", Literal, "User:p", Write, Permission::Allow)]));
+        assert!(!any(&[acl(Topic, "t", Literal, "User:q", Write, Permission::Allow)]));
+        // A Deny on the same name, a covering prefix or `*` takes it away.
+        for deny in [
+            acl(Topic, "t", Literal, "User:p", Write, Permission::Deny),
+            acl(Topic, "", Prefixed, "User:p", Write, Permission::Deny),
+            acl(Topic, "*", Literal, "User:*", All, Permission::Deny),
+        ] {
+            assert!(!any(&[allow_t.clone(), deny]));
+        }
+        // A Deny on another name leaves it.
+        assert!(any(&[
+            allow_t.clone(),
+            acl(Topic, "u", Literal, "User:p", Write, Permission::Deny)
+        ]));
+        // A prefixed Allow survives a literal Deny, not a covering prefixed one.
+        let allow_prefix = acl(Topic, "logs-", Prefixed, "User:p", Write, Permission::Allow);
+        assert!(any(&[
+            allow_prefix.clone(),
+            acl(Topic, "logs-", Literal, "User:p", Write, Permission::Deny)
+        ]));
+        assert!(!any(&[
+            allow_prefix,
+            acl(Topic, "log", Prefixed, "User:p", Write, Permission::Deny)
+        ]));
     }
 
     fn arb_binding() -> impl Strategy<Value = AclBinding> {

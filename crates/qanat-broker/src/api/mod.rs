@@ -370,9 +370,9 @@ pub(crate) async fn dispatch(
             })
         }
         RequestKind::FindCoordinator(req) => {
-            let advertised = session.listener.advertised.clone();
+            let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.find_coordinator(req, version, &advertised)
+                broker.authorized_find_coordinator(req, version, &session)
             })
         }
         RequestKind::JoinGroup(req)
@@ -448,13 +448,15 @@ pub(crate) async fn dispatch(
             }
         },
         RequestKind::OffsetFetch(req) => {
+            let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.offset_fetch(req, version)
+                broker.authorized_offset_fetch(req, version, &session)
             })
         }
         RequestKind::ListGroups(req) => {
+            let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.list_groups(req)
+                broker.authorized_list_groups(req, &session)
             })
         }
         RequestKind::DescribeGroups(mut req) => {
@@ -499,8 +501,9 @@ pub(crate) async fn dispatch(
             })
         }
         RequestKind::InitProducerId(req) => {
+            let session = session.clone();
             blocking(api, version, correlation_id, started, move || {
-                broker.init_producer_id(req)
+                broker.authorized_init_producer_id(req, &session)
             })
         }
         RequestKind::Fetch(req) => tokio::spawn({
