@@ -102,6 +102,8 @@ pub struct OutputConfig {
     pub delivery_timeout_ms: u64,
     /// Extra librdkafka properties, passed as given (they win over the above).
     pub librdkafka: BTreeMap<String, String>,
+    /// How to reach a secured bus (`[output.security]`, see `qanat_config::KafkaSecurity`).
+    pub security: qanat_config::KafkaSecurity,
 }
 
 impl Default for OutputConfig {
@@ -114,6 +116,7 @@ impl Default for OutputConfig {
             compression_level: -1,
             delivery_timeout_ms: 30_000,
             librdkafka: BTreeMap::new(),
+            security: qanat_config::KafkaSecurity::default(),
         }
     }
 }
@@ -167,7 +170,7 @@ impl AgentConfig {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         let top_keys: Vec<String> = known_keys(&defaults, &["output", "source"]);
         let output_keys: Vec<String> = match defaults.get("output") {
-            Some(toml::Value::Table(t)) => known_keys(t, &["librdkafka"]),
+            Some(toml::Value::Table(t)) => known_keys(t, &["librdkafka", "security"]),
             _ => Vec::new(),
         };
         // Only keys the agent has are taken; other QANAT_AGENT_* variables are ignored.
@@ -222,6 +225,10 @@ impl AgentConfig {
                 )));
             }
         }
+        self.output
+            .security
+            .validate("output.security")
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.max_inflight_bytes == 0 || self.read_chunk_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "max_inflight_bytes and read_chunk_bytes must be positive".into(),

@@ -419,11 +419,39 @@ mod tests {
         assert!(!any(&[]));
         assert!(any(std::slice::from_ref(&allow_t)));
         // Only the operation itself or All counts (Read does not imply Write).
-        assert!(!any(&[acl(Topic, "t", Literal, "User:p", Read, Permission::Allow)]));
-        assert!(any(&[acl(Topic, "t", Literal, "User:p", All, Permission::Allow)]));
+        assert!(!any(&[acl(
+            Topic,
+            "t",
+            Literal,
+            "User:p",
+            Read,
+            Permission::Allow
+        )]));
+        assert!(any(&[acl(
+            Topic,
+            "t",
+            Literal,
+            "User:p",
+            All,
+            Permission::Allow
+        )]));
         // Another type, another principal: nothing.
-        assert!(!any(&[acl(Group, "t", Literal, "User:p", Write, Permission::Allow)]));
-        assert!(!any(&[acl(Topic, "t", Literal, "User:q", Write, Permission::Allow)]));
+        assert!(!any(&[acl(
+            Group,
+            "t",
+            Literal,
+            "User:p",
+            Write,
+            Permission::Allow
+        )]));
+        assert!(!any(&[acl(
+            Topic,
+            "t",
+            Literal,
+            "User:q",
+            Write,
+            Permission::Allow
+        )]));
         // A Deny on the same name, a covering prefix or `*` takes it away.
         for deny in [
             acl(Topic, "t", Literal, "User:p", Write, Permission::Deny),

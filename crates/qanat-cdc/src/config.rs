@@ -37,6 +37,9 @@ pub struct CdcConfig {
     pub offsets_topic: String,
     #[serde(default, rename = "connector")]
     pub connectors: Vec<ConnectorConfig>,
+    /// How to reach a secured bus (`[security]`, see `qanat_config::KafkaSecurity`).
+    #[serde(default)]
+    pub security: qanat_config::KafkaSecurity,
 }
 
 fn default_bootstrap() -> String {
@@ -297,6 +300,9 @@ impl CdcConfig {
             }
             c.pipeline(&key, &self.bootstrap, &self.offsets_topic)?;
         }
+        self.security
+            .validate("security")
+            .map_err(|e| invalid(e.key, e.reason))?;
         Ok(())
     }
 }

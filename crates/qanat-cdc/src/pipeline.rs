@@ -38,6 +38,8 @@ pub enum PipelineError {
     Source(Box<dyn std::error::Error + Send + Sync>),
     #[error("kafka client setup: {0}")]
     Client(KafkaError),
+    #[error("kafka security: {0}")]
+    Security(#[from] qanat_config::SecurityError),
     #[error("delivery to topic {topic} failed: {error}")]
     Delivery { topic: String, error: KafkaError },
     #[error("storing the position in topic {topic} failed: {error}")]
@@ -106,6 +108,8 @@ pub struct PipelineConfig {
     pub store_every_commits: u64,
     /// Extra librdkafka producer properties.
     pub producer_properties: BTreeMap<String, String>,
+    /// How to reach a secured bus (the config's `[security]`).
+    pub security: qanat_config::KafkaSecurity,
 }
 
 impl PipelineConfig {
@@ -128,6 +132,7 @@ impl PipelineConfig {
             store_interval: Duration::from_millis(200),
             store_every_commits: 1000,
             producer_properties: BTreeMap::new(),
+            security: qanat_config::KafkaSecurity::default(),
         }
     }
 
@@ -150,10 +155,11 @@ impl PipelineConfig {
             .unwrap_or_else(|| format!("{}.{collection}", self.topic_prefix))
     }
 
-    fn client_config(&self) -> ClientConfig {
+    fn client_config(&self) -> Result<ClientConfig, PipelineError> {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.bootstrap);
-        c
+        self.security.apply("security", &mut c)?;
+        Ok(c)
     }
 
     /// Apply column exclusion and masks to a row image of `collection`.
@@ -234,7 +240,7 @@ pub fn now_ms() -> i64 {
 /// they exist. A broker that refuses the topic configs gets the topics without them.
 pub async fn ensure_topics(cfg: &PipelineConfig) -> Result<(), PipelineError> {
     let admin: AdminClient<DefaultClientContext> = cfg
-        .client_config()
+        .client_config()?
         .create()
         .map_err(PipelineError::Client)?;
     let opts = AdminOptions::new().operation_timeout(Some(Duration::from_secs(10)));
@@ -290,7 +296,7 @@ fn read_topic(
         reason,
     };
     let consumer: BaseConsumer = cfg
-        .client_config()
+        .client_config()?
         .set("group.id", format!("qanat-cdc-load-{}", cfg.name))
         .set("enable.auto.commit", "false")
         .set("enable.partition.eof", "false")
@@ -390,9 +396,11 @@ pub async fn load_state(cfg: &PipelineConfig) -> Result<StoredState, PipelineErr
 /// The latest offsets record of every connector in `offsets_topic` (for `qanat cdc status`).
 pub async fn read_all_offsets(
     bootstrap: &str,
+    security: &qanat_config::KafkaSecurity,
     offsets_topic: &str,
 ) -> Result<BTreeMap<String, StoredOffsets>, PipelineError> {
     let mut cfg = PipelineConfig::new("status", bootstrap);
+    cfg.security = security.clone();
     cfg.offsets_topic = offsets_topic.to_string();
     tokio::task::spawn_blocking(move || {
         let mut out = BTreeMap::new();
@@ -428,11 +436,13 @@ pub async fn read_all_offsets(
 /// acknowledge it (for tools that change a stopped connector's position).
 pub async fn store_offsets(
     bootstrap: &str,
+    security: &qanat_config::KafkaSecurity,
     offsets_topic: &str,
     name: &str,
     record: &StoredOffsets,
 ) -> Result<(), PipelineError> {
     let mut cfg = PipelineConfig::new(name, bootstrap);
+    cfg.security = security.clone();
     cfg.offsets_topic = offsets_topic.to_string();
     ensure_topics(&cfg).await?;
     let producer = producer(&cfg)?;
@@ -463,7 +473,7 @@ enum Pending {
 type Stats = Arc<parking_lot::Mutex<BTreeMap<String, TableStats>>>;
 
 fn producer(cfg: &PipelineConfig) -> Result<FutureProducer, PipelineError> {
-    let mut c = cfg.client_config();
+    let mut c = cfg.client_config()?;
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")

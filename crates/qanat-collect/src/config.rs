@@ -88,6 +88,8 @@ pub struct KafkaConfig {
     pub bootstrap: String,
     /// librdkafka producer properties, applied over the collector's defaults.
     pub properties: BTreeMap<String, String>,
+    /// How to reach a secured bus (`[kafka.security]`, see `qanat_config::KafkaSecurity`).
+    pub security: qanat_config::KafkaSecurity,
 }
 
 impl Default for KafkaConfig {
@@ -95,6 +97,7 @@ impl Default for KafkaConfig {
         KafkaConfig {
             bootstrap: "127.0.0.1:9092".to_string(),
             properties: BTreeMap::new(),
+            security: qanat_config::KafkaSecurity::default(),
         }
     }
 }
@@ -223,6 +226,10 @@ impl CollectConfig {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.kafka
+            .security
+            .validate("kafka.security")
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.routes.is_empty() {
             return Err(ConfigError::Invalid(
                 "no [[routes]]: at least one route (name, topic) is needed".into(),
@@ -280,6 +287,9 @@ fn env_value(section: &str, key: &str, raw: &str) -> Result<toml::Value, String>
                 .map(|s| toml::Value::String(s.to_string()))
                 .collect(),
         ));
+    }
+    if section == "kafka" && key.starts_with("security") {
+        return Err("use the QANAT_KAFKA_* variables for [kafka.security]".into());
     }
     if section == "kafka" && key == "properties" {
         return Err("set librdkafka properties in the file".into());

@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
 use crate::config::{CollectConfig, Priority, RouteConfig};
-use crate::error::CollectError;
+use crate::error::{CollectError, ConfigError};
 
 /// Where one record lies in its chunk's buffer: the value, then the key.
 #[derive(Clone, Copy, Debug)]
@@ -255,6 +255,10 @@ fn producer_for(
         .set("compression.type", "lz4")
         .set("batch.num.messages", "10000")
         .set("client.id", format!("qanat-collect-{}", rc.name));
+    cfg.kafka
+        .security
+        .apply("kafka.security", &mut cc)
+        .map_err(|e| ConfigError::Invalid(e.to_string()))?;
     for (k, v) in cfg.kafka.properties.iter().chain(&rc.kafka) {
         cc.set(k, v);
     }

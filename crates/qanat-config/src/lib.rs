@@ -5,6 +5,14 @@
 //! Values from the environment are typed by what they look like (integer, boolean, else
 //! string) unless the component supplies its own typing for a key (lists, for instance).
 //! Precedence, applied by callers: flag, then environment, then file, then default.
+//!
+//! [`KafkaSecurity`] is the `security` table every Kafka client of Qanat shares (protocol,
+//! SASL mechanism and user, password file or variable, CA file); with the `rdkafka` feature it
+//! applies itself to an rdkafka `ClientConfig`.
+
+mod kafka_security;
+
+pub use kafka_security::{KafkaSecurity, SecurityError, DEFAULT_PASSWORD_ENV};
 
 /// An environment override that cannot be applied.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

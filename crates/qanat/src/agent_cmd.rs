@@ -37,6 +37,9 @@ pub struct AgentArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "QANAT_AGENT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Override [output.security] key by key.
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
 }
 
 pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
@@ -56,6 +59,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if args.no_inotify {
         cfg.inotify = false;
     }
+    cfg.output.security.overlay(&args.security.overrides());
+    // Check it all and read the password now, so a bad setting fails the start with its key.
+    cfg.output
+        .security
+        .properties("output.security")
+        .with_context(|| format!("in configuration {}", args.config.display()))?;
     if let Some(addr) = args.metrics_listen {
         let bound = crate::telemetry::serve_metrics(addr).await?;
         println!("qanat metrics listening on {bound}");

@@ -13,6 +13,7 @@ use qanat_cdc::config::{CdcConfig, ConnectorConfig};
 use qanat_cdc::mysql::{MysqlConfig, MysqlSource, SnapshotMode};
 use qanat_cdc::pipeline::{self, now_ms, PipelineConfig};
 use qanat_cdc::postgres::{PostgresConfig, PostgresSource};
+use qanat_config::KafkaSecurity;
 use tokio::signal::unix::{signal, SignalKind};
 use tokio::sync::watch;
 
@@ -23,6 +24,8 @@ pub struct CdcArgs {
     action: Option<CdcAction>,
     #[command(flatten)]
     run: RunArgs,
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
 }
 
 #[derive(Subcommand)]
@@ -96,13 +99,16 @@ struct StatusArgs {
 
 pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     match args.action {
-        Some(CdcAction::Status(s)) => status(s).await,
-        Some(CdcAction::Snapshot(s)) => snapshot(s).await,
-        None => run_connectors(args.run).await,
+        Some(CdcAction::Status(s)) => status(s, &args.security.resolve()?).await,
+        Some(CdcAction::Snapshot(s)) => snapshot(s, &args.security.resolve()?).await,
+        None => run_connectors(args.run, &args.security).await,
     }
 }
 
-fn load(args: &RunArgs) -> anyhow::Result<CdcConfig> {
+fn load(
+    args: &RunArgs,
+    security: &crate::kafka_security::SecurityArgs,
+) -> anyhow::Result<CdcConfig> {
     let mut config = match (&args.config, &args.source) {
         (Some(path), _) => {
             let text = std::fs::read_to_string(path)
@@ -145,6 +151,7 @@ fn load(args: &RunArgs) -> anyhow::Result<CdcConfig> {
                 bootstrap: get("bootstrap", "127.0.0.1:9092"),
                 offsets_topic: get("offsets_topic", "qanat-cdc-offsets"),
                 connectors: vec![c],
+                security: Default::default(),
             }
         }
         (None, None) => anyhow::bail!("either --config FILE or --source URL is needed"),
@@ -152,17 +159,23 @@ fn load(args: &RunArgs) -> anyhow::Result<CdcConfig> {
     if let Some(b) = &args.bootstrap {
         config.bootstrap = b.clone();
     }
+    config.security.overlay(&security.overrides());
     if let Some(s) = &args.snapshot {
         for c in &mut config.connectors {
             c.snapshot = s.clone();
         }
     }
     config.validate().context("configuration")?;
+    // Read the password now, so a missing one fails the start with its key.
+    config.security.properties("security")?;
     Ok(config)
 }
 
-async fn run_connectors(args: RunArgs) -> anyhow::Result<()> {
-    let config = load(&args)?;
+async fn run_connectors(
+    args: RunArgs,
+    security: &crate::kafka_security::SecurityArgs,
+) -> anyhow::Result<()> {
+    let config = load(&args, security)?;
     let mut stdout = std::io::stdout();
     if let Some(addr) = args.metrics_listen {
         let bound = crate::telemetry::serve_metrics(addr).await?;
@@ -171,11 +184,12 @@ async fn run_connectors(args: RunArgs) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, connector) in config.connectors.iter().enumerate() {
-        let pipeline = connector.pipeline(
+        let mut pipeline = connector.pipeline(
             &format!("connector[{i}]"),
             &config.bootstrap,
             &config.offsets_topic,
         )?;
+        pipeline.security = config.security.clone();
         let connector = connector.clone();
         let mut stop = stop_rx.clone();
         tasks.spawn(async move {
@@ -291,14 +305,14 @@ async fn run_one(
     }
 }
 
-async fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
+async fn snapshot(args: SnapshotArgs, security: &KafkaSecurity) -> anyhow::Result<()> {
     for t in &args.tables {
         anyhow::ensure!(
             t.split('.').count() == 2 && !t.starts_with('.') && !t.ends_with('.'),
             "--table {t:?}: expected db.table"
         );
     }
-    let all = pipeline::read_all_offsets(&args.bootstrap, &args.offsets_topic).await?;
+    let all = pipeline::read_all_offsets(&args.bootstrap, security, &args.offsets_topic).await?;
     let Some(mut record) = all.get(&args.connector).cloned() else {
         anyhow::bail!(
             "connector {} has no stored position in {}; a first start snapshots every table anyway",
@@ -315,6 +329,7 @@ async fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
     record.stored_ms = now_ms();
     pipeline::store_offsets(
         &args.bootstrap,
+        security,
         &args.offsets_topic,
         &args.connector,
         &record,
@@ -328,11 +343,11 @@ async fn snapshot(args: SnapshotArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn status(args: StatusArgs) -> anyhow::Result<()> {
-    let first = pipeline::read_all_offsets(&args.bootstrap, &args.offsets_topic).await?;
+async fn status(args: StatusArgs, security: &KafkaSecurity) -> anyhow::Result<()> {
+    let first = pipeline::read_all_offsets(&args.bootstrap, security, &args.offsets_topic).await?;
     let started = std::time::Instant::now();
     tokio::time::sleep(Duration::from_secs_f64(args.sample_secs.max(0.0))).await;
-    let second = pipeline::read_all_offsets(&args.bootstrap, &args.offsets_topic).await?;
+    let second = pipeline::read_all_offsets(&args.bootstrap, security, &args.offsets_topic).await?;
     let elapsed = started.elapsed().as_secs_f64().max(0.001);
     let now = now_ms();
     let mut out = std::io::stdout();

@@ -24,6 +24,9 @@ pub struct CollectArgs {
     /// Serve Prometheus metrics at http://ADDR/metrics.
     #[arg(long, env = "QANAT_COLLECT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// Override [kafka.security] key by key.
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
 }
 
 fn load_config(path: &Path) -> anyhow::Result<CollectConfig> {
@@ -45,6 +48,13 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     if let Some(bootstrap) = args.bootstrap {
         config.kafka.bootstrap = bootstrap;
     }
+    config.kafka.security.overlay(&args.security.overrides());
+    // Check it all and read the password now, so a bad setting fails the start with its key.
+    config
+        .kafka
+        .security
+        .properties("kafka.security")
+        .with_context(|| format!("in configuration {}", args.config.display()))?;
     // Each connection is a descriptor: let the connection cap, not the descriptor limit, be
     // what refuses clients (out of descriptors the producers could not reconnect either).
     if let Some(limit) = crate::broker_cmd::raise_open_file_limit() {

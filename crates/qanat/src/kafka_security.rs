@@ -1,14 +1,15 @@
-//! Security settings of the commands that are Kafka clients (`topics`, `groups`, `audit`):
-//! flags and `QANAT_KAFKA_*` variables turned into librdkafka properties in one place. The
-//! password comes from a file or an environment variable, never from the command line.
-//! (`agent` and `collect` take the same librdkafka properties in their `librdkafka` /
-//! `kafka.properties` tables.)
+//! Security flags of the commands that are Kafka clients (`topics`, `groups`, `audit`,
+//! `agent`, `collect`, `cdc`), with their `QANAT_KAFKA_*` variables. They fill a
+//! [`KafkaSecurity`] (the config's `security` table, see `qanat-config`): for the admin
+//! commands on their own, for the others over their file's table, key by key. The password
+//! comes from a file or an environment variable, never from the command line.
 
 use std::path::PathBuf;
 use std::sync::OnceLock;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use clap::Args;
+use qanat_config::KafkaSecurity;
 use rdkafka::ClientConfig;
 
 #[derive(Args, Clone, Debug, Default)]
@@ -31,44 +32,46 @@ pub struct SecurityArgs {
 
 static PROPERTIES: OnceLock<Vec<(String, String)>> = OnceLock::new();
 
+/// The flag behind a key of the `security` table, for error messages.
+fn flag_of(key: &str) -> &'static str {
+    match key.rsplit('.').next().unwrap_or_default() {
+        "protocol" => "--security-protocol",
+        "mechanism" => "--sasl-mechanism",
+        "username" => "--sasl-username",
+        "ca_file" => "--ssl-ca-file",
+        _ => "--sasl-password-file",
+    }
+}
+
 impl SecurityArgs {
-    /// The librdkafka properties these settings stand for.
-    pub fn properties(&self) -> anyhow::Result<Vec<(String, String)>> {
-        let mut out = Vec::new();
-        if let Some(p) = &self.security_protocol {
-            let p = p.to_ascii_uppercase();
-            if !["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"].contains(&p.as_str()) {
-                bail!("--security-protocol {p}: use PLAINTEXT, SSL, SASL_PLAINTEXT or SASL_SSL");
-            }
-            out.push(("security.protocol".into(), p));
+    /// The settings the flags (or their variables) give; unset ones stay `None`.
+    pub fn overrides(&self) -> KafkaSecurity {
+        KafkaSecurity {
+            protocol: self.security_protocol.clone(),
+            mechanism: self.sasl_mechanism.clone(),
+            username: self.sasl_username.clone(),
+            password_file: self.sasl_password_file.clone(),
+            password_env: None,
+            ca_file: self.ssl_ca_file.clone(),
         }
-        if let Some(m) = &self.sasl_mechanism {
-            out.push(("sasl.mechanism".into(), m.clone()));
-        }
-        if let Some(u) = &self.sasl_username {
-            out.push(("sasl.username".into(), u.clone()));
-            let password = match &self.sasl_password_file {
-                Some(path) => std::fs::read_to_string(path)
-                    .with_context(|| format!("reading the SASL password from {}", path.display()))?
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                None => std::env::var("QANAT_KAFKA_SASL_PASSWORD").context(
-                    "--sasl-username needs --sasl-password-file or $QANAT_KAFKA_SASL_PASSWORD",
-                )?,
-            };
-            out.push(("sasl.password".into(), password));
-        }
-        if let Some(ca) = &self.ssl_ca_file {
-            out.push(("ssl.ca.location".into(), ca.display().to_string()));
-        }
-        Ok(out)
+    }
+
+    /// The flags alone as settings, checked (errors name the flag).
+    pub fn resolve(&self) -> anyhow::Result<KafkaSecurity> {
+        let settings = self.overrides();
+        settings
+            .properties("security")
+            .map_err(|e| anyhow::anyhow!("{}: {}", flag_of(&e.key), e.reason))?;
+        Ok(settings)
     }
 
     /// Make these settings the ones every client of this process uses.
     pub fn install(&self) -> anyhow::Result<()> {
-        let _ = PROPERTIES.set(self.properties()?);
+        let properties = self
+            .resolve()?
+            .properties("security")
+            .context("security settings")?;
+        let _ = PROPERTIES.set(properties);
         Ok(())
     }
 }
@@ -79,4 +82,29 @@ pub fn apply(config: &mut ClientConfig) -> &mut ClientConfig {
         config.set(k, v);
     }
     config
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn errors_name_the_flag() {
+        let args = SecurityArgs {
+            security_protocol: Some("SASL_SSL".into()),
+            sasl_mechanism: Some("GSSAPI".into()),
+            sasl_username: Some("u".into()),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.starts_with("--sasl-mechanism:"), "{e}");
+        let args = SecurityArgs {
+            ssl_ca_file: Some("/nonexistent.pem".into()),
+            security_protocol: Some("SSL".into()),
+            ..Default::default()
+        };
+        let e = args.resolve().unwrap_err().to_string();
+        assert!(e.starts_with("--ssl-ca-file:"), "{e}");
+    }
 }

@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 
+use rdkafka::consumer::Consumer;
 use support::*;
 
 const PASSWORD: &str = "correct horse battery staple";
@@ -533,6 +534,51 @@ mod acl_requests {
         resp.groups[0].error_code
     }
 
+    /// OffsetFetch v7 of `topic` partition 0: (group error, partition error, offset).
+    pub fn fetch_offset(raw: &mut RawClient, group: &str, topic_name: &str) -> (i16, i16, i64) {
+        use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
+        let req = OffsetFetchRequest::default()
+            .with_group_id(GroupId(s(group)))
+            .with_topics(Some(vec![OffsetFetchRequestTopic::default()
+                .with_name(topic(topic_name))
+                .with_partition_indexes(vec![0])]));
+        let resp: OffsetFetchResponse = raw.call(ApiKey::OffsetFetch, 7, &req);
+        let partition = resp.topics.first().and_then(|t| t.partitions.first());
+        (
+            resp.error_code,
+            partition.map_or(-100, |p| p.error_code),
+            partition.map_or(-100, |p| p.committed_offset),
+        )
+    }
+
+    /// FindCoordinator v3 of a group.
+    pub fn find_group_coordinator(raw: &mut RawClient, group: &str) -> i16 {
+        let req = FindCoordinatorRequest::default()
+            .with_key(s(group))
+            .with_key_type(0);
+        let resp: FindCoordinatorResponse = raw.call(ApiKey::FindCoordinator, 3, &req);
+        resp.error_code
+    }
+
+    pub fn list_groups(raw: &mut RawClient) -> Vec<String> {
+        let resp: ListGroupsResponse =
+            raw.call(ApiKey::ListGroups, 4, &ListGroupsRequest::default());
+        let mut names: Vec<String> = resp.groups.iter().map(|g| g.group_id.to_string()).collect();
+        names.sort();
+        names
+    }
+
+    /// InitProducerId v4 for an idempotent producer (no transactional id).
+    pub fn init_producer_id(raw: &mut RawClient) -> i16 {
+        let req = InitProducerIdRequest::default()
+            .with_transactional_id(None)
+            .with_transaction_timeout_ms(60_000)
+            .with_producer_id(ProducerId(-1))
+            .with_producer_epoch(-1);
+        let resp: InitProducerIdResponse = raw.call(ApiKey::InitProducerId, 4, &req);
+        resp.error_code
+    }
+
     pub fn delete_group(raw: &mut RawClient, group: &str) -> i16 {
         let req = DeleteGroupsRequest::default().with_groups_names(vec![GroupId(s(group))]);
         let resp: DeleteGroupsResponse = raw.call(ApiKey::DeleteGroups, 1, &req);
@@ -797,6 +843,31 @@ security_protocol = "SASL_PLAINTEXT"
     assert_eq!(grow_topic(&mut admin, "orders", 2), 0);
     assert_ne!(describe_group(&mut bob, "bob-offsets"), GROUP_DENIED);
     assert_eq!(describe_group(&mut alice, "bob-offsets"), GROUP_DENIED);
+    // OffsetFetch: Describe on the group and on the topic.
+    let (_, _, committed) = fetch_offset(&mut bob, "bob-offsets", "orders");
+    assert!(committed >= 0, "bob reads his committed offset");
+    assert_eq!(
+        fetch_offset(&mut bob, "bob-offsets", "hidden"),
+        (0, TOPIC_DENIED, -1)
+    );
+    assert_eq!(
+        fetch_offset(&mut alice, "bob-offsets", "orders").0,
+        GROUP_DENIED
+    );
+    // FindCoordinator: Describe on the group.
+    assert_eq!(find_group_coordinator(&mut bob, "bob-offsets"), 0);
+    assert_eq!(
+        find_group_coordinator(&mut alice, "bob-offsets"),
+        GROUP_DENIED
+    );
+    // ListGroups: all of them for the super user, the describable ones for the others.
+    let all = list_groups(&mut admin);
+    assert!(all.contains(&"bob-offsets".to_string()), "{all:?}");
+    assert!(list_groups(&mut alice).is_empty());
+    assert!(list_groups(&mut bob).iter().all(|g| g.starts_with("bob-")));
+    // InitProducerId: an idempotent producer needs Write on some topic.
+    assert_eq!(init_producer_id(&mut alice), 0);
+    assert_eq!(init_producer_id(&mut bob), CLUSTER_DENIED);
     assert_eq!(delete_group(&mut bob, "bob-offsets"), GROUP_DENIED);
     assert_eq!(delete_group(&mut admin, "bob-offsets"), 0);
     // ACL administration: cluster Alter/Describe, refused to alice.
@@ -1193,5 +1264,154 @@ security_protocol = "SASL_PLAINTEXT"
     assert_eq!(
         auth.error_code, 58,
         "a deleted user is refused (SASL_AUTHENTICATION_FAILED)"
+    );
+}
+
+/// `qanat agent` with `[output.security]` ships a file over SASL_SSL (SCRAM-SHA-512, the
+/// password from a file, the test CA), and names the key when the password is missing.
+#[test]
+fn agent_ships_over_sasl_ssl_with_its_security_table() {
+    let s = secure_broker("");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("logs")).unwrap();
+    let password_file = d.join("password");
+    std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
+    let lines: String = (0..50).map(|i| format!("secure line {i}\n")).collect();
+    std::fs::write(d.join("logs/app.log"), &lines).unwrap();
+    let config = |password: &str| {
+        format!(
+            r#"
+host = "secure-it"
+checkpoint_dir = "{dir}/state"
+rescan_interval_ms = 200
+poll_interval_ms = 50
+checkpoint_interval_ms = 100
+
+[output]
+bootstrap = "{bootstrap}"
+batch_age_ms = 20
+
+[output.security]
+protocol = "SASL_SSL"
+mechanism = "SCRAM-SHA-512"
+username = "alice"
+{password}
+ca_file = "{ca}"
+
+[[source]]
+paths = ["{dir}/logs/*.log"]
+topic = "secure-logs"
+"#,
+            dir = d.display(),
+            bootstrap = s.broker.listener_addr("SECURE"),
+            ca = s.certs.ca.display(),
+        )
+    };
+
+    // No password anywhere: refused at start, naming the key.
+    let toml = d.join("nopassword.toml");
+    std::fs::write(&toml, config("")).unwrap();
+    let out = qanat_command()
+        .args(["agent", "--config"])
+        .arg(&toml)
+        .env_remove("QANAT_KAFKA_SASL_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("output.security.password_file"),
+        "{}",
+        describe(&out)
+    );
+
+    let toml = d.join("agent.toml");
+    std::fs::write(
+        &toml,
+        config(&format!("password_file = \"{}\"", password_file.display())),
+    )
+    .unwrap();
+    let mut cmd = qanat_command();
+    cmd.args(["agent", "--config"]).arg(&toml);
+    let mut agent = Proc::spawn(cmd, "qanat agent").unwrap();
+    agent
+        .try_wait_line("qanat agent running", DEADLINE)
+        .unwrap();
+    // Read back through the PLAINTEXT listener.
+    let plain = s.broker.bootstrap();
+    poll_until(
+        "50 lines delivered over SASL_SSL",
+        DEADLINE * 3,
+        || match consumer(&plain).fetch_watermarks(
+            "secure-logs",
+            0,
+            std::time::Duration::from_secs(5),
+        ) {
+            Ok((_, high)) if high >= 50 => Ok(()),
+            other => Err(format!("watermarks {other:?}")),
+        },
+    );
+    let got = consume(&plain, "secure-logs", 0, rdkafka::Offset::Beginning, 50);
+    assert!(
+        got[0]
+            .value
+            .as_deref()
+            .is_some_and(|v| v.starts_with(b"secure line 0")),
+        "{:?}",
+        got[0].value
+    );
+    assert!(agent.terminate(DEADLINE).is_some_and(|s| s.success()));
+}
+
+/// `qanat cdc status` reads the offsets topic over SASL_SSL with the security flags: a client
+/// without them could not even read metadata from the TLS port.
+#[test]
+fn cdc_status_talks_sasl_ssl_with_the_security_flags() {
+    let s = secure_broker("");
+    let status = |password: &str| {
+        qanat_command()
+            .args([
+                "cdc",
+                "status",
+                "--bootstrap",
+                &s.broker.listener_addr("SECURE"),
+            ])
+            .args(["--sample-secs", "0"])
+            .args([
+                "--security-protocol",
+                "SASL_SSL",
+                "--sasl-mechanism",
+                "SCRAM-SHA-256",
+            ])
+            .args(["--sasl-username", "alice", "--ssl-ca-file"])
+            .arg(&s.certs.ca)
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .output()
+            .unwrap()
+    };
+    let out = status(PASSWORD);
+    assert!(out.status.success(), "qanat cdc status: {}", describe(&out));
+    let out = qanat_command()
+        .args([
+            "cdc",
+            "status",
+            "--bootstrap",
+            &s.broker.listener_addr("SECURE"),
+        ])
+        .args([
+            "--security-protocol",
+            "SASL_SSL",
+            "--sasl-mechanism",
+            "SCRAM-SHA-256",
+        ])
+        .args(["--sasl-username", "alice"])
+        .env_remove("QANAT_KAFKA_SASL_PASSWORD")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--sasl-password-file"),
+        "{}",
+        describe(&out)
     );
 }

@@ -134,6 +134,9 @@ fn make_producer(
         .set("queue.buffering.max.kbytes", kbytes.to_string())
         .set("reconnect.backoff.ms", "100")
         .set("reconnect.backoff.max.ms", "5000");
+    out.security
+        .apply("output.security", &mut c)
+        .map_err(|e| KafkaError::ClientCreation(e.to_string()))?;
     for (k, v) in &out.librdkafka {
         c.set(k, v);
     }

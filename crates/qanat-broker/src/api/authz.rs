@@ -22,22 +22,22 @@ use std::collections::HashSet;
 
 use kafka_protocol::messages::create_topics_response::CreatableTopicResult;
 use kafka_protocol::messages::delete_topics_response::DeletableTopicResult;
-use kafka_protocol::messages::offset_commit_response::{
-    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
-};
 use kafka_protocol::messages::find_coordinator_response::{Coordinator, FindCoordinatorResponse};
 use kafka_protocol::messages::init_producer_id_response::InitProducerIdResponse;
 use kafka_protocol::messages::list_groups_response::ListGroupsResponse;
+use kafka_protocol::messages::offset_commit_response::{
+    OffsetCommitResponsePartition, OffsetCommitResponseTopic,
+};
 use kafka_protocol::messages::offset_fetch_request::OffsetFetchRequestTopic;
 use kafka_protocol::messages::offset_fetch_response::{
     OffsetFetchResponse, OffsetFetchResponseGroup, OffsetFetchResponsePartition,
     OffsetFetchResponsePartitions, OffsetFetchResponseTopic, OffsetFetchResponseTopics,
 };
 use kafka_protocol::messages::{
-    BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest,
-    DeleteTopicsResponse, FindCoordinatorRequest, GroupId, HeartbeatResponse,
-    InitProducerIdRequest, JoinGroupResponse, LeaveGroupResponse, ListGroupsRequest,
-    OffsetCommitRequest, OffsetCommitResponse, OffsetFetchRequest, ProducerId, SyncGroupResponse,
+    BrokerId, CreateTopicsRequest, CreateTopicsResponse, DeleteTopicsRequest, DeleteTopicsResponse,
+    FindCoordinatorRequest, GroupId, HeartbeatResponse, InitProducerIdRequest, JoinGroupResponse,
+    LeaveGroupResponse, ListGroupsRequest, OffsetCommitRequest, OffsetCommitResponse,
+    OffsetFetchRequest, ProducerId, SyncGroupResponse,
 };
 use kafka_protocol::protocol::StrBytes;
 
@@ -410,8 +410,9 @@ impl Broker {
     ) -> ListGroupsResponse {
         let mut body = self.list_groups(req);
         if !self.cluster_allowed(session, AclOperation::Describe) {
-            body.groups
-                .retain(|g| self.group_allowed(session, AclOperation::Describe, g.group_id.as_str()));
+            body.groups.retain(|g| {
+                self.group_allowed(session, AclOperation::Describe, g.group_id.as_str())
+            });
         }
         body
     }
@@ -533,7 +534,14 @@ mod tests {
     }
 
     fn allow(broker: &Broker, rtype: ResourceType, name: &str, op: AclOperation) {
-        grant(broker, rtype, name, PatternType::Literal, op, Permission::Allow);
+        grant(
+            broker,
+            rtype,
+            name,
+            PatternType::Literal,
+            op,
+            Permission::Allow,
+        );
     }
 
     fn grant(
@@ -641,10 +649,8 @@ mod tests {
                         .collect()
                 }))
         };
-        let req = OffsetFetchRequest::default().with_groups(vec![
-            group("g", Some(vec!["a", "b"])),
-            group("h", None),
-        ]);
+        let req = OffsetFetchRequest::default()
+            .with_groups(vec![group("g", Some(vec!["a", "b"])), group("h", None)]);
         let body = b.authorized_offset_fetch(req, 8, &session(ALICE));
         let mut seen: Vec<(String, i16, Vec<(String, i16, i64)>)> = body
             .groups
@@ -783,7 +789,12 @@ mod tests {
         );
         assert_eq!(idempotent().error_code, CLUSTER_DENIED);
         // IdempotentWrite on the cluster.
-        allow(&b, ResourceType::Cluster, CLUSTER, AclOperation::IdempotentWrite);
+        allow(
+            &b,
+            ResourceType::Cluster,
+            CLUSTER,
+            AclOperation::IdempotentWrite,
+        );
         assert_eq!(idempotent().error_code, 0);
 
         // A transactional id needs Write on it (and is then refused as unsupported).
