@@ -236,7 +236,8 @@ pub fn millis(column: &ArrayRef, path: &Path, name: &str) -> Result<Vec<Option<i
             found: column.data_type().clone(),
         });
     }
-    let target = DataType::Timestamp(TimeUnit::Millisecond, Some("UTC".into()));
+    // An offset rather than "UTC": zone names need arrow's chrono-tz feature.
+    let target = DataType::Timestamp(TimeUnit::Millisecond, Some("+00:00".into()));
     let cast = arrow_cast::cast(column, &target).map_err(LakeError::arrow(format!(
         "{}: column `{name}`",
         path.display()
