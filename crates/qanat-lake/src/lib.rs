@@ -35,5 +35,12 @@
 //! - A failed merge leaves the previous partition untouched.
 
 pub mod columns;
+pub mod drift;
+pub mod error;
 pub mod layout;
+pub mod ls;
 pub mod manifest;
+pub mod merge;
+pub mod read;
+
+pub use error::LakeError;
