@@ -34,6 +34,11 @@
 //!   `_SUCCESS` manifest ([`manifest`]) written last; a partition without one is not done.
 //! - A failed merge leaves the previous partition untouched.
 
+pub mod audit;
 pub mod columns;
+pub mod land;
 pub mod layout;
 pub mod manifest;
+pub mod offsets;
+pub mod schema;
+pub mod sink;
