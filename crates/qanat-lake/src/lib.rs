@@ -34,13 +34,18 @@
 //!   `_SUCCESS` manifest ([`manifest`]) written last; a partition without one is not done.
 //! - A failed merge leaves the previous partition untouched.
 
+pub mod audit;
 pub mod columns;
 pub mod drift;
 pub mod error;
+pub mod land;
 pub mod layout;
 pub mod ls;
 pub mod manifest;
 pub mod merge;
+pub mod offsets;
 pub mod read;
+pub mod schema;
+pub mod sink;
 
 pub use error::LakeError;
