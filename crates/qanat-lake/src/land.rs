@@ -642,7 +642,7 @@ mod tests {
 
     use super::*;
 
-    const DAY2_MS: i64 = 1_764_374_400_000;
+    const DAY2_MS: i64 = 1_795_910_400_000;
 
     fn cdc(id: i64, ts: i64) -> String {
         serde_json::json!({"op": "c", "after": {"id": id, "v": format!("x{id}")},
