@@ -360,3 +360,88 @@ fn kill_9_under_load_then_restart_lands_every_record_exactly_once() {
     assert_eq!(ids.len(), total, "every produced record landed (seed {seed})");
     assert_eq!(landed_positions(&lake).len(), total);
 }
+
+fn lake_audit(args: &[&str]) -> (i32, String) {
+    let mut all = vec!["lake", "audit"];
+    all.extend_from_slice(args);
+    let out = qanat(&all);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn audit_is_clean_then_names_the_missing_key_and_offset() {
+    let broker = Broker::start();
+    let b = broker.bootstrap();
+    let topic = "cdc.shop.items";
+    qanat_ok(&["topics", "create", topic, "--bootstrap", &b]);
+    // ids 0..20 inserted, 0..5 updated, 5 deleted, all on 2026-11-29; one event the day before.
+    let mut recs = vec![Rec::value(envelope("c", 99, "old", DAY2_MS - 1000, 1)).key(json!({"id": 99}).to_string())];
+    for i in 0..20 {
+        recs.push(Rec::value(envelope("c", i, &format!("a{i}"), DAY2_MS + i, 10 + i)).key(json!({"id": i}).to_string()));
+    }
+    for i in 0..5 {
+        recs.push(Rec::value(envelope("u", i, &format!("b{i}"), DAY2_MS + 100 + i, 100 + i)).key(json!({"id": i}).to_string()));
+    }
+    recs.push(Rec::value(envelope("d", 5, "a5", DAY2_MS + 200, 200)).key(json!({"id": 5}).to_string()));
+    produce(&b, topic, &recs, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    assert_ok(&land_once(&b, topic, "shop.items", root, &[]));
+    let day = root.join("shop/items_changes/ds=20261129");
+    let snap = root.join("shop/items/ds=20261129");
+    let snapshot = |drop: &[&str]| {
+        let _ = std::fs::remove_dir_all(&snap);
+        let out = Command::new("python3")
+            .arg(py_script("lake_snapshot.py"))
+            .args([day.to_str().unwrap(), snap.to_str().unwrap(), "shop.items", "20261129"])
+            .args(drop)
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    };
+    snapshot(&[]);
+    let root_s = root.display().to_string();
+    let base = ["--root", &root_s, "--table", "shop.items", "--ds", "20261129", "--bootstrap", &b, "--topic", topic];
+    let (code, text) = lake_audit(&base);
+    assert_eq!(code, 0, "{text}");
+    assert!(text.contains("bus events in the day:   26") && text.contains("OK"), "{text}");
+
+    // Two keys left out of the snapshot: reported as a key range with their offsets.
+    snapshot(&["3", "4"]);
+    let (code, text) = lake_audit(&base);
+    assert_eq!(code, 1, "{text}");
+    assert!(text.contains("missing_in_snapshot") && text.contains("key id=3..=4"), "{text}");
+    assert!(text.contains(&format!("{topic}/0 offsets 24-25")), "{text}");
+
+    // A change-log row removed (the insert of id 12, offset 13): the bus has it, the log not.
+    snapshot(&[]);
+    let strip = r#"
+import os, sys, pyarrow.parquet as pq, pyarrow.compute as pc
+day, offset = sys.argv[1], int(sys.argv[2])
+for name in os.listdir(day):
+    path = os.path.join(day, name)
+    pf = pq.ParquetFile(path)
+    meta = pf.metadata.metadata
+    t = pf.read()
+    kept = t.filter(pc.not_equal(t["_offset"], offset))
+    if kept.num_rows != t.num_rows:
+        pq.write_table(kept.replace_schema_metadata(meta), path)
+"#;
+    let out = Command::new("python3").args(["-c", strip, day.to_str().unwrap(), "13"]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let mut json_args = base.to_vec();
+    json_args.push("--json");
+    let (code, text) = lake_audit(&json_args);
+    assert_eq!(code, 1, "{text}");
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let diffs = report["differences"].as_array().unwrap();
+    let missing = diffs.iter().find(|d| d["kind"] == "missing_in_change_log").expect("reported");
+    assert_eq!(missing["keys"], json!(["id=12"]));
+    assert_eq!(missing["offsets"], json!([{"topic": topic, "partition": 0, "first": 13, "last": 13}]));
+    assert_eq!(report["ok"], json!(false));
+}
