@@ -35,7 +35,7 @@ python3 - "$EVENTS" <<'PY' | kcat -P -b "$BOOT" -t "$TOPIC" -K $'\t' -X linger.m
 import sys
 n = int(sys.argv[1])
 out = sys.stdout
-base = 1764374400000
+base = 1795910400000
 buf = []
 for i in range(n):
     op = "c" if i % 3 else "u"

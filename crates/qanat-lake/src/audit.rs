@@ -221,7 +221,11 @@ pub fn cell_text(array: &dyn Array, row: usize) -> Option<String> {
     })
 }
 
-fn column<'b>(batch: &'b RecordBatch, name: &str, path: &Path) -> Result<&'b dyn Array, AuditError> {
+fn column<'b>(
+    batch: &'b RecordBatch,
+    name: &str,
+    path: &Path,
+) -> Result<&'b dyn Array, AuditError> {
     batch
         .column_by_name(name)
         .map(|c| c.as_ref())
@@ -302,10 +306,12 @@ pub fn audit(
     transactions: Option<&[TransactionCount]>,
 ) -> Result<AuditReport, AuditError> {
     let mut differences = Vec::new();
-    let day_dir = layout.changes_partition(ds, None).map_err(|e| AuditError::Shape {
-        path: layout.changes_dir(),
-        reason: e.to_string(),
-    })?;
+    let day_dir = layout
+        .changes_partition(ds, None)
+        .map_err(|e| AuditError::Shape {
+            path: layout.changes_dir(),
+            reason: e.to_string(),
+        })?;
     let files = parquet_files(&day_dir)?;
     let mut primary_key: Vec<String> = Vec::new();
     let mut keys: HashMap<Vec<String>, KeyChanges> = HashMap::new();
@@ -316,7 +322,12 @@ pub fn audit(
         let (batches, kv) = read_batches(path)?;
         let pk: Vec<String> = kv
             .get("qanat.primary_key")
-            .map(|s| s.split(',').filter(|c| !c.is_empty()).map(str::to_owned).collect())
+            .map(|s| {
+                s.split(',')
+                    .filter(|c| !c.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
             .unwrap_or_default();
         if primary_key.is_empty() {
             primary_key = pk.clone();
@@ -431,7 +442,10 @@ pub fn audit(
                         .map(|e| (e.topic.clone(), e.partition, e.offset))
                         .collect(),
                 ),
-                detail: format!("{} change events of the day are on the bus, not in the change log", missing.len()),
+                detail: format!(
+                    "{} change events of the day are on the bus, not in the change log",
+                    missing.len()
+                ),
             });
         }
     }
@@ -446,8 +460,15 @@ pub fn audit(
     if let Some(manifest) = &manifest {
         snapshot_rows = Some(manifest.rows);
         // Key → (deleted, partition, offset, values) for the keys changed in the day.
-        let mut snap: HashMap<Vec<String>, (bool, Option<i64>, Option<i64>, Vec<(String, Option<String>)>)> =
-            HashMap::new();
+        let mut snap: HashMap<
+            Vec<String>,
+            (
+                bool,
+                Option<i64>,
+                Option<i64>,
+                Vec<(String, Option<String>)>,
+            ),
+        > = HashMap::new();
         for f in &manifest.files {
             let path = snap_dir.join(&f.name);
             let (batches, _) = read_batches(&path)?;
@@ -484,14 +505,19 @@ pub fn audit(
                             is_deleted,
                             part.and_then(|p| int_cell(p.as_ref(), row)),
                             off.and_then(|o| int_cell(o.as_ref(), row)),
-                            data.iter().map(|(n, c)| (n.clone(), cell_text(*c, row))).collect(),
+                            data.iter()
+                                .map(|(n, c)| (n.clone(), cell_text(*c, row)))
+                                .collect(),
                         ),
                     );
                 }
             }
         }
         let mode = delete_mode.as_deref().unwrap_or("keep");
-        let mut missing = BTreeMap::<&'static str, (BTreeSet<Vec<String>>, Vec<(String, i32, i64)>, Vec<String>)>::new();
+        let mut missing = BTreeMap::<
+            &'static str,
+            (BTreeSet<Vec<String>>, Vec<(String, i32, i64)>, Vec<String>),
+        >::new();
         let topic_of = |c: &Change| {
             landed
                 .iter()
@@ -500,7 +526,9 @@ pub fn audit(
                 .unwrap_or_default()
         };
         for (key, changes) in &keys {
-            let Some(latest) = &changes.latest else { continue };
+            let Some(latest) = &changes.latest else {
+                continue;
+            };
             // What the snapshot must hold for this key: Some((change, deleted)) or None.
             let expect: Option<(&Change, bool)> = match (latest.op.as_str(), mode) {
                 ("d", "keep") => Some((latest, true)),
@@ -522,19 +550,25 @@ pub fn audit(
                 (Some((c, _)), None) => note("missing_in_snapshot", c, String::new()),
                 (Some((c, deleted)), Some((is_deleted, p, o, values))) => {
                     if (*p, *o) != (Some(i64::from(c.partition)), Some(c.offset)) {
-                        note("stale_in_snapshot", c, format!(
-                            "snapshot row from {p:?}/{o:?}, the day's change is {}/{}",
-                            c.partition, c.offset
-                        ));
+                        note(
+                            "stale_in_snapshot",
+                            c,
+                            format!(
+                                "snapshot row from {p:?}/{o:?}, the day's change is {}/{}",
+                                c.partition, c.offset
+                            ),
+                        );
                     } else if *is_deleted != deleted {
                         note("deleted_flag_wrong", c, format!("_deleted = {is_deleted}"));
                     } else if mode != "keep" || !deleted {
                         for (name, want) in &c.values {
                             let got = values.iter().find(|(n, _)| n == name).map(|(_, v)| v);
                             if got != Some(want) {
-                                note("value_differs", c, format!(
-                                    "column {name}: change log {want:?}, snapshot {got:?}"
-                                ));
+                                note(
+                                    "value_differs",
+                                    c,
+                                    format!("column {name}: change log {want:?}, snapshot {got:?}"),
+                                );
                                 break;
                             }
                         }
@@ -546,7 +580,16 @@ pub fn audit(
             differences.push(Difference {
                 kind: kind.into(),
                 keys: key_ranges(&primary_key, &ks),
-                detail: format!("{} keys; {}", ks.len(), details.iter().filter(|d| !d.is_empty()).cloned().collect::<Vec<_>>().join("; ")),
+                detail: format!(
+                    "{} keys; {}",
+                    ks.len(),
+                    details
+                        .iter()
+                        .filter(|d| !d.is_empty())
+                        .cloned()
+                        .collect::<Vec<_>>()
+                        .join("; ")
+                ),
                 offsets: offset_ranges(offsets),
             });
         }
@@ -586,7 +629,9 @@ impl AuditReport {
                     self.delete_mode.as_deref().unwrap_or("keep")
                 )
             }
-            None => out += "  snapshot:                no complete partition (_SUCCESS), not checked\n",
+            None => {
+                out += "  snapshot:                no complete partition (_SUCCESS), not checked\n"
+            }
         }
         for d in &self.differences {
             out += &format!("{}: {}\n", d.kind, d.detail);
@@ -594,7 +639,10 @@ impl AuditReport {
                 out += &format!("  key {k}\n");
             }
             for r in d.offsets.iter().take(limit) {
-                out += &format!("  {}/{} offsets {}-{}\n", r.topic, r.partition, r.first, r.last);
+                out += &format!(
+                    "  {}/{} offsets {}-{}\n",
+                    r.topic, r.partition, r.first, r.last
+                );
             }
         }
         out += if self.ok { "OK\n" } else { "LOSS\n" };
@@ -617,7 +665,10 @@ mod tests {
         ]);
         let shown: Vec<_> = r.iter().map(|r| (r.partition, r.first, r.last)).collect();
         assert_eq!(shown, [(0, 3, 5), (0, 9, 9), (1, 6, 6)]);
-        let keys: BTreeSet<Vec<String>> = ["1", "2", "3", "7"].iter().map(|k| vec![k.to_string()]).collect();
+        let keys: BTreeSet<Vec<String>> = ["1", "2", "3", "7"]
+            .iter()
+            .map(|k| vec![k.to_string()])
+            .collect();
         assert_eq!(key_ranges(&["id".into()], &keys), ["id=1..=3", "id=7"]);
     }
 }

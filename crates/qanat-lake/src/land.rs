@@ -281,7 +281,11 @@ fn decode_log<'a>(rec: &Record<'a>) -> Result<Decoded<'a>, String> {
             }
         };
         named[slot] = if slot >= 3 {
-            match value.map(|b| std::str::from_utf8(b).ok().and_then(|s| s.parse::<i64>().ok())) {
+            match value.map(|b| {
+                std::str::from_utf8(b)
+                    .ok()
+                    .and_then(|s| s.parse::<i64>().ok())
+            }) {
                 Some(Some(n)) => Scalar::Int(n),
                 Some(None) => return Err(format!("header {name} is not an integer")),
                 None => Scalar::Null,
@@ -476,8 +480,12 @@ impl Lander {
         let Some(decoded) = decoded else {
             return Ok(Vec::new());
         };
-        let when = DateTime::from_timestamp_millis(decoded.log_time_ms)
-            .ok_or_else(|| bad(format!("log time {} ms is out of range", decoded.log_time_ms)))?;
+        let when = DateTime::from_timestamp_millis(decoded.log_time_ms).ok_or_else(|| {
+            bad(format!(
+                "log time {} ms is out of range",
+                decoded.log_time_ms
+            ))
+        })?;
         let ds = Ds::new(when.date_naive());
         let hour = self.spec.hourly.then(|| when.hour());
         let meta = RowMeta {
@@ -537,16 +545,15 @@ impl Lander {
                     tracing::info!(table = %self.spec.table, topic = rec.topic,
                         partition = rec.partition, offset = rec.offset, why, "schema change: new file");
                     landed.extend(finish_group(&self.spec.table, &key, part)?);
-                    let next = columns_for(
-                        &decoded.image,
-                        &self.configured,
-                        part.columns.as_deref(),
-                    )
-                    .map_err(bad)?;
+                    let next =
+                        columns_for(&decoded.image, &self.configured, part.columns.as_deref())
+                            .map_err(bad)?;
                     part.columns = Some(next);
                 }
                 Ok(Fit::SchemaChange(why)) => {
-                    return Err(bad(format!("row does not fit its own inferred columns: {why}")))
+                    return Err(bad(format!(
+                        "row does not fit its own inferred columns: {why}"
+                    )))
                 }
                 Err(AppendError::Value(source)) => {
                     return Err(LandError::Value {
@@ -561,7 +568,10 @@ impl Lander {
         }
         let roll = part.group.as_ref().is_some_and(|g| {
             now.duration_since(g.opened) >= self.spec.roll_age
-                || g.files.values().map(ChangeFile::estimated_bytes).sum::<u64>()
+                || g.files
+                    .values()
+                    .map(ChangeFile::estimated_bytes)
+                    .sum::<u64>()
                     >= self.spec.roll_bytes
         });
         if roll {
@@ -642,7 +652,7 @@ mod tests {
 
     use super::*;
 
-    const DAY2_MS: i64 = 1_764_374_400_000;
+    const DAY2_MS: i64 = 1_795_910_400_000;
 
     fn cdc(id: i64, ts: i64) -> String {
         serde_json::json!({"op": "c", "after": {"id": id, "v": format!("x{id}")},
@@ -725,12 +735,18 @@ mod tests {
         let mut again = Lander::new(dir.path(), spec());
         let pos = again.recover(&[("t".into(), 0)]).unwrap();
         assert_eq!(pos[&("t".to_string(), 0)], first[0].next_offset);
-        assert!(!second[0].files[0].exists(), "the incomplete group is removed");
+        assert!(
+            !second[0].files[0].exists(),
+            "the incomplete group is removed"
+        );
         assert!(!stray.exists());
         assert!(first[0].files.iter().all(|f| f.exists()));
         push_all(&mut again, 0, 10);
         let relanded = again.flush().unwrap();
-        assert_eq!(relanded[0].files, second[0].files, "landed again under the same names");
+        assert_eq!(
+            relanded[0].files, second[0].files,
+            "landed again under the same names"
+        );
     }
 
     #[test]
@@ -741,9 +757,15 @@ mod tests {
             (b"\xff\xfe", "not a change event envelope"),
             (b"[]", "not a change event envelope"),
             (br#"{"op":"x","after":{}}"#, "op \"x\""),
-            (br#"{"op":"d","after":{"a":1},"source":{"ts_ms":1}}"#, "without `before`"),
+            (
+                br#"{"op":"d","after":{"a":1},"source":{"ts_ms":1}}"#,
+                "without `before`",
+            ),
             (br#"{"op":"c","after":{"a":1}}"#, "no `source` block"),
-            (br#"{"op":"c","after":{"_op":1},"source":{"ts_ms":1}}"#, "reserves"),
+            (
+                br#"{"op":"c","after":{"_op":1},"source":{"ts_ms":1}}"#,
+                "reserves",
+            ),
         ];
         for (i, (value, want)) in cases.iter().enumerate() {
             let rec = Record {
@@ -756,7 +778,10 @@ mod tests {
                 headers: &[],
             };
             let err = lander.push(&rec, Instant::now()).unwrap_err().to_string();
-            assert!(err.contains(&format!("t/0@{i}")) && err.contains(want), "{err}");
+            assert!(
+                err.contains(&format!("t/0@{i}")) && err.contains(want),
+                "{err}"
+            );
         }
     }
 }

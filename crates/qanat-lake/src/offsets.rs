@@ -245,7 +245,12 @@ mod tests {
             parse_change_file_name(&name),
             Some(("cdc.my-db.orders".into(), 3, 10, 99))
         );
-        for bad in ["part-0-1-2.parquet", "part-t-x-1-2.parquet", "t-0-1-2.parquet", "part-t-0-1-2.csv"] {
+        for bad in [
+            "part-0-1-2.parquet",
+            "part-t-x-1-2.parquet",
+            "t-0-1-2.parquet",
+            "part-t-0-1-2.csv",
+        ] {
             assert_eq!(parse_change_file_name(bad), None, "{bad}");
         }
     }

@@ -39,7 +39,10 @@ pub enum ColumnType {
     Timestamp,
     /// From `YYYY-MM-DD` text or days since the epoch.
     Date,
-    Decimal { precision: u8, scale: i8 },
+    Decimal {
+        precision: u8,
+        scale: i8,
+    },
     /// Inferred columns seen only as null so far (written as an all-null Utf8 column).
     Unknown,
 }
@@ -293,18 +296,20 @@ pub struct ValueError {
 pub fn infer_columns(row: &RowImage<'_>, configured: &[(String, ColumnType)]) -> Vec<DataColumn> {
     row.0
         .iter()
-        .map(|(name, value)| match configured.iter().find(|(n, _)| n == name) {
-            Some((_, ty)) => DataColumn {
-                name: name.to_string(),
-                ty: *ty,
-                configured: true,
+        .map(
+            |(name, value)| match configured.iter().find(|(n, _)| n == name) {
+                Some((_, ty)) => DataColumn {
+                    name: name.to_string(),
+                    ty: *ty,
+                    configured: true,
+                },
+                None => DataColumn {
+                    name: name.to_string(),
+                    ty: ColumnType::infer(value),
+                    configured: false,
+                },
             },
-            None => DataColumn {
-                name: name.to_string(),
-                ty: ColumnType::infer(value),
-                configured: false,
-            },
-        })
+        )
         .collect()
 }
 
@@ -331,8 +336,7 @@ impl Builder {
             }
             ColumnType::Date => Builder::Date(Date32Builder::new()),
             ColumnType::Decimal { precision, scale } => Builder::Dec(
-                Decimal128Builder::new()
-                    .with_data_type(DataType::Decimal128(precision, scale)),
+                Decimal128Builder::new().with_data_type(DataType::Decimal128(precision, scale)),
             ),
         }
     }
@@ -400,9 +404,9 @@ fn convert<'v>(col: &DataColumn, value: &'v Scalar<'_>) -> Result<Cell<'v>, Valu
         (ColumnType::Timestamp, Scalar::Str(s)) => {
             Cell::Ts(parse_timestamp_ms(s).ok_or_else(|| fail("not an ISO-8601 date-time"))?)
         }
-        (ColumnType::Date, Scalar::Int(days)) => Cell::Date(
-            i32::try_from(*days).map_err(|_| fail("days since the epoch out of range"))?,
-        ),
+        (ColumnType::Date, Scalar::Int(days)) => {
+            Cell::Date(i32::try_from(*days).map_err(|_| fail("days since the epoch out of range"))?)
+        }
         (ColumnType::Date, Scalar::Str(s)) => {
             let d = NaiveDate::parse_from_str(s.trim(), "%Y-%m-%d")
                 .map_err(|_| fail("not a YYYY-MM-DD date"))?;
@@ -685,7 +689,13 @@ mod tests {
             }
         );
         assert_eq!("INT64".parse::<ColumnType>().unwrap(), ColumnType::Int64);
-        for bad in ["int", "decimal(0,0)", "decimal(3,4)", "decimal(39,0)", "decimal(1)"] {
+        for bad in [
+            "int",
+            "decimal(0,0)",
+            "decimal(3,4)",
+            "decimal(39,0)",
+            "decimal(1)",
+        ] {
             assert!(bad.parse::<ColumnType>().is_err(), "{bad}");
         }
     }

@@ -14,7 +14,9 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
-use crate::schema::{change_log_schema, DataBuilders, DataColumn, Fit, MetaBuilders, RowImage, RowMeta, ValueError};
+use crate::schema::{
+    change_log_schema, DataBuilders, DataColumn, Fit, MetaBuilders, RowImage, RowMeta, ValueError,
+};
 
 /// Rows buffered in builders before they are encoded into the Parquet writer.
 const BATCH_ROWS: usize = 16_384;
@@ -85,7 +87,11 @@ pub struct Completed {
 impl ChangeFile {
     /// A new file in `dir` (created if missing) with these data columns. `tag` makes the
     /// temporary name unique among the open files of the directory.
-    pub fn create(dir: &Path, tag: &str, columns: Vec<DataColumn>) -> Result<ChangeFile, SinkError> {
+    pub fn create(
+        dir: &Path,
+        tag: &str,
+        columns: Vec<DataColumn>,
+    ) -> Result<ChangeFile, SinkError> {
         fs::create_dir_all(dir).map_err(io_err(dir))?;
         let data = DataBuilders::new(columns);
         let schema = Arc::new(change_log_schema(&data));

@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use support::*;
 
 /// 2026-11-29T00:00:00Z.
-const DAY2_MS: i64 = 1_764_374_400_000;
+const DAY2_MS: i64 = 1_795_910_400_000;
 
 fn envelope(op: &str, id: i64, name: &str, ts_ms: i64, pos: i64) -> String {
     let image = json!({"id": id, "name": name, "amount": format!("{}.{:02}", id, id % 100), "score": id as f64 / 4.0});
@@ -45,10 +45,25 @@ fn read_lake(dir: &Path) -> Value {
     serde_json::from_slice(&out.stdout).expect("lake_read.py prints JSON")
 }
 
-fn land_once(b: &str, topic: &str, table: &str, root: &Path, extra: &[&str]) -> std::process::Output {
+fn land_once(
+    b: &str,
+    topic: &str,
+    table: &str,
+    root: &Path,
+    extra: &[&str],
+) -> std::process::Output {
     let root = root.display().to_string();
     let mut args = vec![
-        "lake", "land", "--bootstrap", b, "--topic", topic, "--table", table, "--root", &root,
+        "lake",
+        "land",
+        "--bootstrap",
+        b,
+        "--topic",
+        topic,
+        "--table",
+        table,
+        "--root",
+        &root,
         "--once",
     ];
     args.extend_from_slice(extra);
@@ -68,7 +83,10 @@ fn assert_ok(out: &std::process::Output) {
 fn landed_positions(lake: &Value) -> BTreeSet<(i64, i64)> {
     let mut seen = BTreeSet::new();
     for row in lake["rows"].as_array().unwrap() {
-        let at = (row["_partition"].as_i64().unwrap(), row["_offset"].as_i64().unwrap());
+        let at = (
+            row["_partition"].as_i64().unwrap(),
+            row["_offset"].as_i64().unwrap(),
+        );
         assert!(seen.insert(at), "row {at:?} landed twice");
     }
     seen
@@ -79,7 +97,15 @@ fn cdc_events_land_exactly_once_with_their_values_and_metadata() {
     let broker = Broker::start();
     let b = broker.bootstrap();
     let topic = "cdc.shop.orders";
-    qanat_ok(&["topics", "create", topic, "--partitions", "3", "--bootstrap", &b]);
+    qanat_ok(&[
+        "topics",
+        "create",
+        topic,
+        "--partitions",
+        "3",
+        "--bootstrap",
+        &b,
+    ]);
     // 3000 changes around midnight: the first half on 2026-11-28, the rest on 11-29.
     let make = |from: i64, to: i64| -> Vec<Rec> {
         (from..to)
@@ -102,31 +128,49 @@ fn cdc_events_land_exactly_once_with_their_values_and_metadata() {
     let delivered = produce(&b, topic, &all, &[]);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path();
-    assert_ok(&land_once(&b, topic, "shop.orders", root, &["--roll-bytes", "20000"]));
+    assert_ok(&land_once(
+        &b,
+        topic,
+        "shop.orders",
+        root,
+        &["--roll-bytes", "20000"],
+    ));
 
     let lake = read_lake(root);
-    assert!(lake["tmp"].as_array().unwrap().is_empty(), "{:?}", lake["tmp"]);
+    assert!(
+        lake["tmp"].as_array().unwrap().is_empty(),
+        "{:?}",
+        lake["tmp"]
+    );
     let landed = landed_positions(&lake);
-    let want: BTreeSet<(i64, i64)> = delivered
-        .iter()
-        .map(|d| (i64::from(d.partition), d.offset))
-        .collect();
+    let want: BTreeSet<(i64, i64)> = delivered.iter().map(|d| (i64::from(d.0), d.1)).collect();
     assert_eq!(landed, want, "every delivered record lands once");
     // Values: find each row's source record by position.
     let by_pos: BTreeMap<(i64, i64), usize> = delivered
         .iter()
         .enumerate()
-        .map(|(i, d)| ((i64::from(d.partition), d.offset), i))
+        .map(|(i, d)| ((i64::from(d.0), d.1), i))
         .collect();
     for row in lake["rows"].as_array().unwrap() {
-        let i = by_pos[&(row["_partition"].as_i64().unwrap(), row["_offset"].as_i64().unwrap())] as i64;
+        let i = by_pos[&(
+            row["_partition"].as_i64().unwrap(),
+            row["_offset"].as_i64().unwrap(),
+        )] as i64;
         let id = i % 1000;
         assert_eq!(row["id"], json!(id), "{row}");
         assert_eq!(row["name"], json!(format!("n{i}")));
         assert_eq!(row["score"], json!(id as f64 / 4.0));
         assert_eq!(row["amount"], json!(format!("{}.{:02}", id, id % 100)));
         let op = row["_op"].as_str().unwrap();
-        assert_eq!(op, match i / 1000 { 0 => "c", 1 => "u", _ if i % 2 == 0 => "d", _ => "u" });
+        assert_eq!(
+            op,
+            match i / 1000 {
+                0 => "c",
+                1 => "u",
+                _ if i % 2 == 0 => "d",
+                _ => "u",
+            }
+        );
         let ts = DAY2_MS - 150_000 + i * 100;
         assert_eq!(row["_log_time"], json!(ts));
         assert_eq!(row["_commit_ts"], json!(ts));
@@ -136,7 +180,11 @@ fn cdc_events_land_exactly_once_with_their_values_and_metadata() {
     }
     // Files: in the day of their rows, named and tagged with the range they cover.
     let files = lake["files"].as_array().unwrap();
-    assert!(files.len() > 6, "small rolls give several files per partition: {}", files.len());
+    assert!(
+        files.len() > 6,
+        "small rolls give several files per partition: {}",
+        files.len()
+    );
     let mut rows_in_files = 0;
     for f in files {
         let path = f["path"].as_str().unwrap();
@@ -157,11 +205,29 @@ fn cdc_events_land_exactly_once_with_their_values_and_metadata() {
             "{path}"
         );
         rows_in_files += f["rows"].as_i64().unwrap();
-        let cols: Vec<&str> = f["columns"].as_array().unwrap().iter().map(|c| c[0].as_str().unwrap()).collect();
+        let cols: Vec<&str> = f["columns"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c[0].as_str().unwrap())
+            .collect();
         assert_eq!(
             cols,
-            ["id", "name", "amount", "score", "_op", "_log_pos", "_log_time", "_commit_ts",
-             "_extract_time", "_topic", "_partition", "_offset"]
+            // The record's column order (serde_json writes object keys sorted).
+            [
+                "amount",
+                "id",
+                "name",
+                "score",
+                "_op",
+                "_log_pos",
+                "_log_time",
+                "_commit_ts",
+                "_extract_time",
+                "_topic",
+                "_partition",
+                "_offset"
+            ]
         );
         assert_eq!(f["columns"][6][1], json!("timestamp[ms, tz=UTC]"));
     }
@@ -177,11 +243,17 @@ fn cdc_events_land_exactly_once_with_their_values_and_metadata() {
     assert_ok(&land_once(&b, topic, "shop.orders", root, &[]));
     assert_eq!(landed_positions(&read_lake(root)).len(), 3000);
     let more = produce(&b, topic, &make(3000, 3100), &[]);
-    assert_ok(&land_once(&b, topic, "shop.orders", root, &["--group", "another-group"]));
+    assert_ok(&land_once(
+        &b,
+        topic,
+        "shop.orders",
+        root,
+        &["--group", "another-group"],
+    ));
     let landed = landed_positions(&read_lake(root));
     assert_eq!(landed.len(), 3100);
     for d in more {
-        assert!(landed.contains(&(i64::from(d.partition), d.offset)));
+        assert!(landed.contains(&(i64::from(d.0), d.1)));
     }
 }
 
@@ -206,7 +278,10 @@ fn a_schema_change_starts_a_new_file_and_a_bad_record_stops_landing_precisely() 
     let out = land_once(&b, topic, "shop.t", dir.path(), &[]);
     assert!(!out.status.success(), "a bad record must fail landing");
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("cdc.shop.t/0@20") && err.contains("no op"), "{err}");
+    assert!(
+        err.contains("cdc.shop.t/0@20") && err.contains("no op"),
+        "{err}"
+    );
 
     let lake = read_lake(dir.path());
     let files = lake["files"].as_array().unwrap();
@@ -215,8 +290,14 @@ fn a_schema_change_starts_a_new_file_and_a_bad_record_stops_landing_precisely() 
         .iter()
         .map(|f| {
             (
-                f["metadata"]["qanat.first_offset"].as_str().unwrap().to_owned(),
-                f["metadata"]["qanat.last_offset"].as_str().unwrap().to_owned(),
+                f["metadata"]["qanat.first_offset"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
+                f["metadata"]["qanat.last_offset"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned(),
                 f["columns"].as_array().unwrap().len(),
             )
         })
@@ -231,9 +312,15 @@ fn a_schema_change_starts_a_new_file_and_a_bad_record_stops_landing_precisely() 
     let topic2 = "cdc.shop.money";
     qanat_ok(&["topics", "create", topic2, "--bootstrap", &b]);
     let v = |amount: &str| {
-        json!({"op": "c", "after": {"id": 1, "amount": amount}, "source": {"ts_ms": DAY2_MS}}).to_string()
+        json!({"op": "c", "after": {"id": 1, "amount": amount}, "source": {"ts_ms": DAY2_MS}})
+            .to_string()
     };
-    produce(&b, topic2, &[Rec::value(v("1.25")), Rec::value(v("1.255"))], &[]);
+    produce(
+        &b,
+        topic2,
+        &[Rec::value(v("1.25")), Rec::value(v("1.255"))],
+        &[],
+    );
     let config = dir.path().join("lake.toml");
     std::fs::write(
         &config,
@@ -243,21 +330,39 @@ fn a_schema_change_starts_a_new_file_and_a_bad_record_stops_landing_precisely() 
         ),
     )
     .unwrap();
-    let out = qanat(&["lake", "land", "--config", config.to_str().unwrap(), "--once"]);
+    let out = qanat(&[
+        "lake",
+        "land",
+        "--config",
+        config.to_str().unwrap(),
+        "--once",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("cdc.shop.money/0@1") && err.contains("column amount") && err.contains("1.255"),
+        err.contains("cdc.shop.money/0@1")
+            && err.contains("column amount")
+            && err.contains("1.255"),
         "{err}"
     );
     let money = read_lake(&dir.path().join("shop/money_changes"));
     let rows = money["rows"].as_array().unwrap();
-    assert_eq!(rows.len(), 1, "the record before the bad one is landed: {rows:?}");
+    assert_eq!(
+        rows.len(),
+        1,
+        "the record before the bad one is landed: {rows:?}"
+    );
     assert_eq!(rows[0]["amount"], json!("1.25"));
 
     // A bad configuration names its key.
     std::fs::write(&config, "root = \"/tmp\"\n[[table]]\ntable = \"a.b\"\ntopics = [\"t\"]\n[table.columns]\nx = \"int\"\n").unwrap();
-    let out = qanat(&["lake", "land", "--config", config.to_str().unwrap(), "--once"]);
+    let out = qanat(&[
+        "lake",
+        "land",
+        "--config",
+        config.to_str().unwrap(),
+        "--once",
+    ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("table[0].columns.x"), "{err}");
@@ -274,7 +379,15 @@ fn kill_9_under_load_then_restart_lands_every_record_exactly_once() {
     let broker = Broker::start();
     let b = broker.bootstrap();
     let topic = "cdc.shop.crash";
-    qanat_ok(&["topics", "create", topic, "--partitions", "2", "--bootstrap", &b]);
+    qanat_ok(&[
+        "topics",
+        "create",
+        topic,
+        "--partitions",
+        "2",
+        "--bootstrap",
+        &b,
+    ]);
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().to_path_buf();
 
@@ -323,8 +436,20 @@ fn kill_9_under_load_then_restart_lands_every_record_exactly_once() {
         let before = count_files(&root);
         let group = format!("crash-{round}");
         let mut proc = qanat_spawn(&[
-            "lake", "land", "--bootstrap", &b, "--topic", topic, "--table", "shop.crash",
-            "--root", &root_s, "--group", &group, "--roll-bytes", "4000",
+            "lake",
+            "land",
+            "--bootstrap",
+            &b,
+            "--topic",
+            topic,
+            "--table",
+            "shop.crash",
+            "--root",
+            &root_s,
+            "--group",
+            &group,
+            "--roll-bytes",
+            "4000",
         ]);
         // Kill after a random number of new files: at a random point of writing the next.
         let wait_for = before + rng.random_range(1..=4);
@@ -346,7 +471,13 @@ fn kill_9_under_load_then_restart_lands_every_record_exactly_once() {
     stop.store(true, Ordering::SeqCst);
     producer.join().unwrap();
     let total = produced.load(Ordering::SeqCst);
-    assert_ok(&land_once(&b, topic, "shop.crash", &root, &["--group", "final"]));
+    assert_ok(&land_once(
+        &b,
+        topic,
+        "shop.crash",
+        &root,
+        &["--group", "final"],
+    ));
     let lake = read_lake(&root);
     assert!(lake["tmp"].as_array().unwrap().is_empty());
     let mut ids = BTreeSet::new();
@@ -356,6 +487,150 @@ fn kill_9_under_load_then_restart_lands_every_record_exactly_once() {
         assert_eq!(row["name"], json!(format!("n{id}")));
         assert_eq!(row["_partition"].as_i64().unwrap(), id % 2);
     }
-    assert_eq!(ids.len(), total, "every produced record landed (seed {seed})");
+    assert_eq!(
+        ids.len(),
+        total,
+        "every produced record landed (seed {seed})"
+    );
     assert_eq!(landed_positions(&lake).len(), total);
+}
+
+fn lake_audit(args: &[&str]) -> (i32, String) {
+    let mut all = vec!["lake", "audit"];
+    all.extend_from_slice(args);
+    let out = qanat(&all);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.code().unwrap_or(-1), text)
+}
+
+#[test]
+fn audit_is_clean_then_names_the_missing_key_and_offset() {
+    let broker = Broker::start();
+    let b = broker.bootstrap();
+    let topic = "cdc.shop.items";
+    qanat_ok(&["topics", "create", topic, "--bootstrap", &b]);
+    // ids 0..20 inserted, 0..5 updated, 5 deleted, all on 2026-11-29; one event the day before.
+    let mut recs =
+        vec![Rec::value(envelope("c", 99, "old", DAY2_MS - 1000, 1))
+            .key(json!({"id": 99}).to_string())];
+    for i in 0..20 {
+        recs.push(
+            Rec::value(envelope("c", i, &format!("a{i}"), DAY2_MS + i, 10 + i))
+                .key(json!({"id": i}).to_string()),
+        );
+    }
+    for i in 0..5 {
+        recs.push(
+            Rec::value(envelope(
+                "u",
+                i,
+                &format!("b{i}"),
+                DAY2_MS + 100 + i,
+                100 + i,
+            ))
+            .key(json!({"id": i}).to_string()),
+        );
+    }
+    recs.push(
+        Rec::value(envelope("d", 5, "a5", DAY2_MS + 200, 200)).key(json!({"id": 5}).to_string()),
+    );
+    produce(&b, topic, &recs, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path();
+    assert_ok(&land_once(&b, topic, "shop.items", root, &[]));
+    let day = root.join("shop/items_changes/ds=20261129");
+    let snap = root.join("shop/items/ds=20261129");
+    let snapshot = |drop: &[&str]| {
+        let _ = std::fs::remove_dir_all(&snap);
+        let out = Command::new("python3")
+            .arg(py_script("lake_snapshot.py"))
+            .args([
+                day.to_str().unwrap(),
+                snap.to_str().unwrap(),
+                "shop.items",
+                "20261129",
+            ])
+            .args(drop)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    snapshot(&[]);
+    let root_s = root.display().to_string();
+    let base = [
+        "--root",
+        &root_s,
+        "--table",
+        "shop.items",
+        "--ds",
+        "20261129",
+        "--bootstrap",
+        &b,
+        "--topic",
+        topic,
+    ];
+    let (code, text) = lake_audit(&base);
+    assert_eq!(code, 0, "{text}");
+    assert!(
+        text.contains("bus events in the day:   26") && text.contains("OK"),
+        "{text}"
+    );
+
+    // Two keys left out of the snapshot: reported as a key range with their offsets.
+    snapshot(&["3", "4"]);
+    let (code, text) = lake_audit(&base);
+    assert_eq!(code, 1, "{text}");
+    assert!(
+        text.contains("missing_in_snapshot") && text.contains("key id=3..=4"),
+        "{text}"
+    );
+    assert!(text.contains(&format!("{topic}/0 offsets 24-25")), "{text}");
+
+    // A change-log row removed (the insert of id 12, offset 13): the bus has it, the log not.
+    snapshot(&[]);
+    let strip = r#"
+import os, sys, pyarrow.parquet as pq, pyarrow.compute as pc
+day, offset = sys.argv[1], int(sys.argv[2])
+for name in os.listdir(day):
+    path = os.path.join(day, name)
+    pf = pq.ParquetFile(path)
+    meta = pf.metadata.metadata
+    t = pf.read()
+    kept = t.filter(pc.not_equal(t["_offset"], offset))
+    if kept.num_rows != t.num_rows:
+        pq.write_table(kept.replace_schema_metadata(meta), path)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", strip, day.to_str().unwrap(), "13"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let mut json_args = base.to_vec();
+    json_args.push("--json");
+    let (code, text) = lake_audit(&json_args);
+    assert_eq!(code, 1, "{text}");
+    let report: Value = serde_json::from_str(&text).unwrap();
+    let diffs = report["differences"].as_array().unwrap();
+    let missing = diffs
+        .iter()
+        .find(|d| d["kind"] == "missing_in_change_log")
+        .expect("reported");
+    assert_eq!(missing["keys"], json!(["id=12"]));
+    assert_eq!(
+        missing["offsets"],
+        json!([{"topic": topic, "partition": 0, "first": 13, "last": 13}])
+    );
+    assert_eq!(report["ok"], json!(false));
 }

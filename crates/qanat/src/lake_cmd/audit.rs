@@ -117,7 +117,10 @@ fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
     let mut config = ClientConfig::new();
     config
         .set("bootstrap.servers", bootstrap)
-        .set("group.id", format!("qanat-lake-audit-{}-{nonce}", std::process::id()))
+        .set(
+            "group.id",
+            format!("qanat-lake-audit-{}-{nonce}", std::process::id()),
+        )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
         .set("auto.offset.reset", "earliest")
@@ -173,7 +176,10 @@ fn read_all(
             }
             Some(Err(e)) => return Err(e).context("reading the bus"),
             None if idle.elapsed() > timeout => {
-                bail!("the bus answered nothing for {timeout:?}; {} partitions unread", pending.len())
+                bail!(
+                    "the bus answered nothing for {timeout:?}; {} partitions unread",
+                    pending.len()
+                )
             }
             None => {}
         }
@@ -208,7 +214,10 @@ fn key_text(v: &Scalar<'_>) -> String {
 
 /// The table's change events whose `source.ts_ms` is in the day.
 fn read_bus(args: &AuditArgs, bootstrap: &str, ds: Ds) -> anyhow::Result<Vec<BusEvent>> {
-    let start = ds.date().and_hms_opt(0, 0, 0).map(|t| t.and_utc().timestamp_millis());
+    let start = ds
+        .date()
+        .and_hms_opt(0, 0, 0)
+        .map(|t| t.and_utc().timestamp_millis());
     let (Some(start), Some(end)) = (start, ds.next().and_then(|n| n.date().and_hms_opt(0, 0, 0)))
     else {
         bail!("--ds {ds}: no such day");

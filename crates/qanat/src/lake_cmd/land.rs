@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
-use qanat_lake::land::{InputKind, Landed, Lander, Record, TableSpec, DEFAULT_ROLL_AGE, DEFAULT_ROLL_BYTES};
+use qanat_lake::land::{
+    InputKind, Landed, Lander, Record, TableSpec, DEFAULT_ROLL_AGE, DEFAULT_ROLL_BYTES,
+};
 use qanat_lake::layout::TableName;
 use qanat_lake::schema::ColumnType;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
@@ -322,7 +324,8 @@ pub async fn run(args: LandArgs) -> anyhow::Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
     let stop_signal = stop.clone();
     tokio::spawn(async move {
-        let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        let Ok(mut term) =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         else {
             return;
         };
@@ -411,7 +414,11 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         )?;
         out.flush()?;
     }
-    let tables: Vec<String> = settings.tables.iter().map(|(s, _)| s.table.to_string()).collect();
+    let tables: Vec<String> = settings
+        .tables
+        .iter()
+        .map(|(s, _)| s.table.to_string())
+        .collect();
     let events: Vec<metrics::Counter> = tables
         .iter()
         .map(|t| metrics::counter!("qanat_lake_events_total", "table" => t.clone()))
@@ -483,8 +490,8 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
             Ok(landed) => landed,
             Err(e) => {
                 // Land everything before the bad record, so a fixed rerun starts at it.
-                let error = anyhow::Error::new(e)
-                    .context(format!("landing table {}", lander.spec().table));
+                let error =
+                    anyhow::Error::new(e).context(format!("landing table {}", lander.spec().table));
                 let mut flushed = Vec::new();
                 for l in &mut state.landers {
                     flushed.extend(l.flush()?);
