@@ -136,6 +136,26 @@ pub fn encode(
     e.finish()
 }
 
+/// Set `throttle_time_ms` of an encoded response (known only once its size is, as Kafka sets
+/// it after the fetch quota has seen the bytes). It sits right after the response header, in
+/// the first chunk, which [`encode`] always starts with header bytes.
+pub fn set_throttle_time(response: &mut Response, version: i16, throttle: std::time::Duration) {
+    let at = if version >= 12 { 5 } else { 4 };
+    let ms = i32::try_from(throttle.as_millis()).unwrap_or(i32::MAX);
+    if ms == 0 {
+        return;
+    }
+    if let Some(Chunk::Bytes(first)) = response.chunks.first_mut() {
+        if first.len() >= at + 4 {
+            let mut head = std::mem::take(first)
+                .try_into_mut()
+                .unwrap_or_else(|shared| BytesMut::from(&shared[..]));
+            head[at..at + 4].copy_from_slice(&ms.to_be_bytes());
+            *first = head.freeze();
+        }
+    }
+}
+
 /// The response as one buffer (tests, and transports without sendfile).
 pub fn to_bytes(response: &Response) -> std::io::Result<Bytes> {
     let mut out = BytesMut::new();
@@ -234,6 +254,8 @@ mod tests {
                     },
                 ],
             );
+            let mut ours = ours;
+            set_throttle_time(&mut ours, version, std::time::Duration::from_millis(250));
             let ours = to_bytes(&ours).unwrap();
 
             let mut records = Vec::new();
@@ -256,13 +278,15 @@ mod tests {
                 .with_aborted_transactions(Some(vec![]))
                 .with_preferred_read_replica((-1).into())
                 .with_records(Some(Bytes::new()));
-            let theirs = FetchResponse::default().with_responses(vec![
-                FetchableTopicResponse::default()
-                    .with_topic(TopicName(StrBytes::from_static_str("orders")))
-                    .with_partitions(vec![p0, p1]),
-                FetchableTopicResponse::default()
-                    .with_topic(TopicName(StrBytes::from_static_str("x"))),
-            ]);
+            let theirs = FetchResponse::default()
+                .with_throttle_time_ms(250)
+                .with_responses(vec![
+                    FetchableTopicResponse::default()
+                        .with_topic(TopicName(StrBytes::from_static_str("orders")))
+                        .with_partitions(vec![p0, p1]),
+                    FetchableTopicResponse::default()
+                        .with_topic(TopicName(StrBytes::from_static_str("x"))),
+                ]);
             let mut expected = BytesMut::new();
             let header_version = if version >= 12 { 1 } else { 0 };
             ResponseHeader::default()

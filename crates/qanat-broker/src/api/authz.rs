@@ -497,6 +497,9 @@ mod tests {
 
     const ALICE: &str = "User:alice";
 
+    /// (topic, error, committed offset) per partition.
+    type Rows = Vec<(String, i16, i64)>;
+
     /// A broker with the authorizer on, `admin` its super user, offsets committed by group
     /// `g` (topics `a` and `b`) and `h` (topic `a`).
     fn broker(dir: &std::path::Path) -> Broker {
@@ -585,7 +588,7 @@ mod tests {
     }
 
     /// (topic, error, offset) of every partition, sorted.
-    fn rows_v7(body: &OffsetFetchResponse) -> Vec<(String, i16, i64)> {
+    fn rows_v7(body: &OffsetFetchResponse) -> Rows {
         let mut rows: Vec<_> = body
             .topics
             .iter()
@@ -652,7 +655,7 @@ mod tests {
         let req = OffsetFetchRequest::default()
             .with_groups(vec![group("g", Some(vec!["a", "b"])), group("h", None)]);
         let body = b.authorized_offset_fetch(req, 8, &session(ALICE));
-        let mut seen: Vec<(String, i16, Vec<(String, i16, i64)>)> = body
+        let mut seen: Vec<(String, i16, Rows)> = body
             .groups
             .iter()
             .map(|g| {

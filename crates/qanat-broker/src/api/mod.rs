@@ -514,15 +514,18 @@ pub(crate) async fn dispatch(
             );
             let session = session.clone();
             async move {
-                let response = broker.fetch(req, version, correlation_id, denied).await?;
+                let mut response = broker.fetch(req, version, correlation_id, denied).await?;
                 metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
-                // Over a consumer_byte_rate quota the connection is muted for a while.
-                session.throttle(broker.quotas.record(
+                // Over a consumer_byte_rate quota the connection is muted for a while, and the
+                // response says for how long (Kafka's throttle_time_ms, KIP-219).
+                let throttle = broker.quotas.record(
                     session.user(),
                     &client_id,
                     crate::quotas::Kind::Fetch,
                     response.len(),
-                ));
+                );
+                session.throttle(throttle);
+                crate::fetch_response::set_throttle_time(&mut response, version, throttle);
                 record_latency(api, started);
                 Some(response)
             }
@@ -691,5 +694,90 @@ pub(crate) mod testing {
         let decoded = FetchResponse::decode(&mut bytes, version).expect("fetch response");
         assert!(bytes.is_empty(), "{} bytes after the response", bytes.len());
         decoded
+    }
+}
+
+#[cfg(test)]
+mod quota_tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::time::Duration;
+
+    use qanat_log::{ManualClock, OsStorage};
+
+    use super::*;
+    use crate::config::SecurityProtocol;
+    use crate::listener::ListenerInfo;
+    use crate::quotas::{Entity, CONSUMER_BYTE_RATE};
+    use crate::Config;
+
+    /// A fetch over `consumer_byte_rate` says how long it is throttled in `throttle_time_ms`,
+    /// and mutes its connection for as long; another client id is not throttled.
+    #[tokio::test]
+    async fn fetch_over_its_quota_reports_throttle_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let broker = Arc::new(
+            Broker::open(
+                Config::default(),
+                dir.path(),
+                Arc::new(OsStorage),
+                Arc::new(ManualClock::new(1_000)),
+                ("127.0.0.1".into(), 9092),
+            )
+            .unwrap(),
+        );
+        broker
+            .quotas
+            .alter(vec![(
+                Entity {
+                    user: None,
+                    client_id: Some(Some("slow".into())),
+                },
+                CONSUMER_BYTE_RATE.into(),
+                Some(1.0),
+            )])
+            .unwrap();
+        let fetch = |client_id: &str| {
+            let broker = broker.clone();
+            let client_id = client_id.to_string();
+            async move {
+                let session = Session {
+                    listener: Arc::new(ListenerInfo {
+                        name: "PLAINTEXT".into(),
+                        protocol: SecurityProtocol::Plaintext,
+                        advertised: ("127.0.0.1".into(), 9092),
+                    }),
+                    peer: "127.0.0.1:5000".parse().unwrap(),
+                    principal: "User:ANONYMOUS".into(),
+                    mute_ms: Arc::new(AtomicU64::new(0)),
+                };
+                let decoded = Decoded {
+                    api: ApiKey::Fetch,
+                    version: 12,
+                    correlation_id: 1,
+                    client_id,
+                    request: Request::Kind(Box::new(RequestKind::Fetch(testing::fetch_request(
+                        "t", 0, 0, 0,
+                    )))),
+                };
+                let pending = dispatch(&broker, decoded, Instant::now(), &session)
+                    .await
+                    .unwrap()
+                    .expect("a fetch is answered");
+                let response = pending.await.unwrap().expect("a response");
+                let body = testing::decode_fetch(response, 12);
+                (
+                    body.throttle_time_ms,
+                    session.mute_ms.load(Ordering::Relaxed),
+                )
+            }
+        };
+        let (throttle_ms, muted_ms) = fetch("slow").await;
+        // A response of some tens of bytes at 1 byte/s: throttled for the longest allowed.
+        assert!(throttle_ms > 0, "throttle_time_ms = {throttle_ms}");
+        assert_eq!(u64::try_from(throttle_ms).unwrap(), muted_ms);
+        assert!(Duration::from_millis(muted_ms) <= Duration::from_secs(10));
+        assert_eq!(fetch("fast").await, (0, 0));
     }
 }
