@@ -29,6 +29,7 @@ pub mod dsn;
 pub mod job;
 pub mod mysql;
 pub mod parquet_sink;
+pub mod pgbinary;
 pub mod pgcopy;
 pub mod plugin;
 pub mod postgres;
