@@ -334,7 +334,7 @@ fn push_field(fields: &mut Vec<Option<Vec<u8>>>, field: &mut Vec<u8>, quoted: bo
 
 /// Undo the hex form of binary columns before the text → Arrow conversion.
 fn unhex(s: &[u8]) -> Option<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return None;
     }
     s.chunks(2)
