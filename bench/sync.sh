@@ -10,7 +10,8 @@
 # Prints rows/s, MB/s (of the source's data length), CPU seconds and peak RSS of each.
 #   BENCH_SCALE=0.1 bench/sync.sh      # 1M rows
 #   SYNC_CHANNELS=4 (default); BENCH_QANAT_BIN=path skips the release build
-#   pgloader comes from Debian's package of that name (apt-get install pgloader).
+#   pgloader comes from Debian's package of that name, installed here when missing
+#   (BENCH_NO_INSTALL=1 skips that; its row is then left out).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=sync
@@ -21,6 +22,13 @@ CHANNELS=${SYNC_CHANNELS:-4}
 DB=qanat_bench_sync
 MY=(mariadb -h127.0.0.1 -P3306 -uroot --local-infile=1)
 PG=(psql -h 127.0.0.1 -U postgres -X -q -v ON_ERROR_STOP=1)
+
+if ! command -v pgloader >/dev/null 2>&1 && [ -z "${BENCH_NO_INSTALL:-}" ]; then
+  log "installing pgloader (Debian package)"
+  apt-get install -y -q pgloader >/dev/null 2>&1 ||
+    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q pgloader >/dev/null 2>&1; } ||
+    log "pgloader could not be installed; its row is left out"
+fi
 
 if [ -n "${BENCH_QANAT_BIN:-}" ]; then
   QANAT_BIN=$BENCH_QANAT_BIN # another build, e.g. target/debug/qanat

@@ -34,6 +34,8 @@ pub enum Endpoint {
         /// `(key, value)` of the Hive partition directory.
         partition: Option<(String, String)>,
     },
+    /// A delimited data file and its verification file.
+    File(crate::files::FileSpec),
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
@@ -78,9 +80,12 @@ pub fn redact(dsn: &str) -> String {
 
 impl Endpoint {
     pub fn parse(dsn: &str) -> Result<Endpoint, SyncError> {
-        let (scheme, rest) = dsn
-            .split_once("://")
-            .ok_or_else(|| bad(dsn, "expected SCHEME://… (mysql, postgres or parquet)"))?;
+        let (scheme, rest) = dsn.split_once("://").ok_or_else(|| {
+            bad(
+                dsn,
+                "expected SCHEME://… (mysql, postgres, parquet or file)",
+            )
+        })?;
         match scheme {
             "mysql" | "mariadb" => {
                 let (server, path) = parse_server(dsn, rest)?;
@@ -154,9 +159,22 @@ impl Endpoint {
                     partition,
                 })
             }
+            "file" => {
+                let (path, query) = match rest.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (rest, None),
+                };
+                if !path.starts_with('/') || path.len() < 2 || path.ends_with('/') {
+                    return Err(bad(dsn, "expected file:///absolute/path/name.csv"));
+                }
+                let path = PathBuf::from(percent_decode(path).map_err(|r| bad(dsn, r))?);
+                crate::files::FileSpec::from_parts(path, query)
+                    .map(Endpoint::File)
+                    .map_err(|r| bad(dsn, r))
+            }
             other => Err(bad(
                 dsn,
-                format!("unknown scheme {other:?} (expected mysql, postgres or parquet)"),
+                format!("unknown scheme {other:?} (expected mysql, postgres, parquet or file)"),
             )),
         }
     }
@@ -186,6 +204,7 @@ impl Endpoint {
                 Some((k, v)) => format!("parquet {}/{k}={v}", dir.display()),
                 None => format!("parquet {}", dir.display()),
             },
+            Endpoint::File(spec) => format!("file {}", spec.path.display()),
         }
     }
 }
@@ -268,6 +287,8 @@ mod tests {
             ("parquet://rel/dir", "absolute"),
             ("parquet:///lake/t?ds=../x", "partition"),
             ("nothing", "SCHEME"),
+            ("file://rel/o.csv", "absolute"),
+            ("file:///d/o.csv?format=xml", "format"),
         ] {
             let err = Endpoint::parse(dsn).map(|_| ()).map_err(|e| e.to_string());
             assert!(

@@ -7,12 +7,19 @@
 //! batch columns use the canonical type system of [`types`], so every reader works with
 //! every writer, and every value has one string form.
 //!
+//! Plugins: `mysql` (streaming `SELECT`; `LOAD DATA LOCAL INFILE` or multi-row `INSERT`),
+//! `postgres` (`COPY … TO STDOUT`; binary `COPY … FROM STDIN` through [`pgbinary`], or the
+//! text form through [`pgcopy`]), [`files`] (CSV/TSV, plain/gzip/zstd, each data file with a
+//! verification file of rows, bytes and SHA-256) and `parquet_sink`.
+//!
 //! Invariants:
 //! - Bounded memory: readers stream (a server-side cursor per split), channels hold at most
 //!   a few batches of at most `batch_rows` rows, the Parquet writer flushes row groups.
 //! - Splits partition the key space: every row is read by exactly one split.
 //! - A split is written in one target transaction (or one staged file), so a failed task
 //!   leaves nothing behind and is retried from its split with backoff.
+//! - A data file's verification file is written after the data file is in place; a reader
+//!   refuses a data file whose size, SHA-256 or row count differs from it.
 //! - Rows a reader cannot convert or a writer rejects go to the dirty-record file with their
 //!   reason; a table fails past `max_dirty_records` / `max_dirty_ratio`.
 //! - Job-wide token buckets cap records/s and bytes/s.
@@ -26,9 +33,11 @@
 pub mod config;
 pub mod dirty;
 pub mod dsn;
+pub mod files;
 pub mod job;
 pub mod mysql;
 pub mod parquet_sink;
+pub mod pgbinary;
 pub mod pgcopy;
 pub mod plugin;
 pub mod postgres;
@@ -77,6 +86,8 @@ pub enum SyncError {
         #[source]
         source: parquet::errors::ParquetError,
     },
+    #[error("verification of {file} failed: {reason}")]
+    Verification { file: String, reason: String },
     #[error("table {table}: too many dirty records: {reason}")]
     TooDirty { table: String, reason: String },
     #[error("{0}")]
@@ -159,6 +170,7 @@ pub fn reader_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Reader>, S
             "{} cannot be a source: Parquet is a target only",
             endpoint.describe()
         ))),
+        dsn::Endpoint::File(spec) => Ok(Arc::new(files::FileTable::new(spec.clone()))),
     }
 }
 
@@ -180,5 +192,6 @@ pub fn writer_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Writer>, S
         dsn::Endpoint::Parquet { dir, partition } => Ok(Arc::new(
             parquet_sink::ParquetWriter::new(dir.clone(), partition.clone()),
         )),
+        dsn::Endpoint::File(spec) => Ok(Arc::new(files::FileWriter::new(spec.clone()))),
     }
 }

@@ -1,10 +1,14 @@
 //! MariaDB/MySQL reader and writer (mysql_async).
 //!
 //! Reader: one streaming text-protocol query per split (`SELECT … WHERE <range>`), rows
-//! parsed into canonical batches as they arrive. Writer: one transaction per split of
-//! multi-row `INSERT` statements (about 1 MiB each; `ON DUPLICATE KEY UPDATE` for upsert);
-//! a statement the server refuses for its data is retried row by row so only the offending
-//! rows become dirty. Sessions run with `time_zone = '+00:00'` and utf8mb4.
+//! parsed into canonical batches as they arrive. Writer: one transaction per split. In insert
+//! and truncate modes each batch is one `LOAD DATA LOCAL INFILE` streamed from memory (tab
+//! separated, backslash escapes, binary as hex through `UNHEX`) under a savepoint; a batch
+//! the server refuses or takes with warnings is rolled back to the savepoint and written
+//! again as multi-row `INSERT` statements (about 1 MiB each; `ON DUPLICATE KEY UPDATE` for
+//! upsert, which always uses them); a statement the server refuses for its data is retried
+//! row by row so only the offending rows become dirty. Sessions run with
+//! `time_zone = '+00:00'` and utf8mb4.
 
 use std::sync::Arc;
 
@@ -464,10 +468,39 @@ impl Writer for MysqlWriter {
         } else {
             String::new()
         };
+        // Insert and truncate stream each batch with LOAD DATA LOCAL INFILE; upsert keeps
+        // `INSERT … ON DUPLICATE KEY UPDATE`, which updates in place (LOAD DATA's REPLACE
+        // deletes and re-inserts, firing delete cascades and resetting unlisted columns).
+        let load = (mode != WriteMode::Upsert).then(|| {
+            let mut targets = Vec::with_capacity(schema.columns.len());
+            let mut sets = Vec::new();
+            for (i, c) in schema.columns.iter().enumerate() {
+                if c.ty == CanonicalType::Binary {
+                    targets.push(format!("@b{i}"));
+                    sets.push(format!("{} = UNHEX(@b{i})", quote_ident(&c.name)));
+                } else {
+                    targets.push(quote_ident(&c.name));
+                }
+            }
+            let set = if sets.is_empty() {
+                String::new()
+            } else {
+                format!(" SET {}", sets.join(", "))
+            };
+            format!(
+                "LOAD DATA LOCAL INFILE 'qanat-batch' INTO TABLE {} CHARACTER SET utf8mb4 \
+                 FIELDS TERMINATED BY '\\t' ESCAPED BY '\\\\' LINES TERMINATED BY '\\n' ({}){set}",
+                self.table.qualified(),
+                targets.join(", ")
+            )
+        });
+        tracing::debug!(table = %self.table.display(),
+            statement = %load.as_deref().unwrap_or(&head), "split writer");
         Ok(Box::new(MysqlSplitWriter {
             conn: Some(conn),
             head,
             tail,
+            load,
             table: self.table.display(),
         }))
     }
@@ -500,7 +533,40 @@ struct MysqlSplitWriter {
     conn: Option<mysql_async::Conn>,
     head: String,
     tail: String,
+    /// The LOAD DATA statement, while the server accepts LOCAL INFILE.
+    load: Option<String>,
     table: String,
+}
+
+/// One cell in the LOAD DATA text form the writer declares (tab-separated, backslash
+/// escapes, `\N` for NULL); binary values go as hex through `UNHEX()`.
+fn load_cell(out: &mut Vec<u8>, c: CellRef<'_>) {
+    match c {
+        CellRef::Null => out.extend_from_slice(b"\\N"),
+        CellRef::Bool(v) => out.push(if v { b'1' } else { b'0' }),
+        CellRef::Int(v) => out.extend_from_slice(v.to_string().as_bytes()),
+        CellRef::Bytes(b) => out.extend_from_slice(crate::types::hex(b).as_bytes()),
+        CellRef::Text(s) => crate::pgcopy::escape_into(out, s.as_bytes()),
+        other => {
+            if let Some(s) = other.render_naive() {
+                crate::pgcopy::escape_into(out, s.as_bytes());
+            }
+        }
+    }
+}
+
+fn load_rows(batch: &RecordBatch) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(batch.num_rows() * 64);
+    for row in 0..batch.num_rows() {
+        for (i, col) in batch.columns().iter().enumerate() {
+            if i > 0 {
+                buf.push(b'\t');
+            }
+            load_cell(&mut buf, cell(col.as_ref(), row));
+        }
+        buf.push(b'\n');
+    }
+    buf
 }
 
 impl MysqlSplitWriter {
@@ -556,6 +622,83 @@ impl MysqlSplitWriter {
 #[async_trait::async_trait]
 impl SplitWriter for MysqlSplitWriter {
     async fn write(&mut self, batch: &RecordBatch) -> Result<Vec<Rejected>, SyncError> {
+        if batch.num_rows() == 0 {
+            return Ok(Vec::new());
+        }
+        if self.load_batch(batch).await? {
+            return Ok(Vec::new());
+        }
+        self.insert_batch(batch).await
+    }
+
+    async fn finish(mut self: Box<Self>) -> Result<(), SyncError> {
+        let mut conn = self
+            .conn
+            .take()
+            .ok_or_else(|| SyncError::Internal("split writer finished twice".into()))?;
+        conn.query_drop("COMMIT")
+            .await
+            .map_err(|e| SyncError::mysql(format!("committing into {}", self.table), e))?;
+        let _ = conn.disconnect().await;
+        Ok(())
+    }
+}
+
+impl MysqlSplitWriter {
+    /// Write the batch with one LOAD DATA LOCAL INFILE under a savepoint. `false` when it was
+    /// not written: the server refused it, or took it with warnings (LOCAL turns duplicate
+    /// keys and bad values into warnings), so the caller writes it with INSERTs, which name
+    /// the offending rows.
+    async fn load_batch(&mut self, batch: &RecordBatch) -> Result<bool, SyncError> {
+        let Some(load) = self.load.clone() else {
+            return Ok(false);
+        };
+        let table = self.table.clone();
+        let fail = |e| SyncError::mysql(format!("writing {table}"), e);
+        let data = bytes::Bytes::from(load_rows(batch));
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| SyncError::Internal("split writer used after finish".into()))?;
+        conn.query_drop("SAVEPOINT qanat_batch")
+            .await
+            .map_err(fail)?;
+        conn.set_infile_handler(async move {
+            use futures_util::StreamExt;
+            let chunks: Vec<std::io::Result<bytes::Bytes>> = (0..data.len())
+                .step_by(1 << 20)
+                .map(|at| Ok(data.slice(at..(at + (1 << 20)).min(data.len()))))
+                .collect();
+            Ok(futures_util::stream::iter(chunks).boxed())
+        });
+        let clean = match conn.query_drop(load.as_str()).await {
+            Ok(()) => conn.affected_rows() == batch.num_rows() as u64 && conn.get_warnings() == 0,
+            // LOCAL INFILE is disabled on the server or the client side: INSERTs from now on.
+            Err(mysql_async::Error::Server(e)) if matches!(e.code, 1148 | 3948 | 4166) => {
+                tracing::info!(table = %self.table, reason = %e.message,
+                    "LOAD DATA LOCAL INFILE refused; writing with INSERT");
+                self.load = None;
+                false
+            }
+            Err(mysql_async::Error::Server(e)) if !matches!(e.code, 1205 | 1213 | 1927 | 1053) => {
+                false
+            }
+            Err(e) => return Err(fail(e)),
+        };
+        let conn = self
+            .conn
+            .as_mut()
+            .ok_or_else(|| SyncError::Internal("split writer used after finish".into()))?;
+        let end = if clean {
+            "RELEASE SAVEPOINT qanat_batch"
+        } else {
+            "ROLLBACK TO SAVEPOINT qanat_batch"
+        };
+        conn.query_drop(end).await.map_err(fail)?;
+        Ok(clean)
+    }
+
+    async fn insert_batch(&mut self, batch: &RecordBatch) -> Result<Vec<Rejected>, SyncError> {
         let mut rejected = Vec::new();
         let rows = batch.num_rows();
         let mut sql = String::with_capacity(STATEMENT_BYTES + 64 * 1024);
@@ -576,17 +719,5 @@ impl SplitWriter for MysqlSplitWriter {
             }
         }
         Ok(rejected)
-    }
-
-    async fn finish(mut self: Box<Self>) -> Result<(), SyncError> {
-        let mut conn = self
-            .conn
-            .take()
-            .ok_or_else(|| SyncError::Internal("split writer finished twice".into()))?;
-        conn.query_drop("COMMIT")
-            .await
-            .map_err(|e| SyncError::mysql(format!("committing into {}", self.table), e))?;
-        let _ = conn.disconnect().await;
-        Ok(())
     }
 }

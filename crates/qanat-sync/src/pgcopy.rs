@@ -114,7 +114,7 @@ pub fn unescape(raw: &[u8]) -> Vec<u8> {
     out
 }
 
-fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
+pub(crate) fn escape_into(out: &mut Vec<u8>, s: &[u8]) {
     for &b in s {
         match b {
             b'\\' => out.extend_from_slice(b"\\\\"),

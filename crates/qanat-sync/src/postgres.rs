@@ -2,7 +2,8 @@
 //!
 //! Reader: `COPY (SELECT … WHERE <range>) TO STDOUT` per split, text format, parsed as it
 //! streams. Writer: one transaction per split; each batch is one `COPY … FROM STDIN` under a
-//! savepoint; a batch the server refuses for its data is replayed row by row so only the
+//! savepoint, in binary form (`pgbinary`) when every column pair has a binary encoder, else
+//! in text form; a batch the server refuses for its data is replayed row by row so only the
 //! offending rows become dirty. Upsert copies into a temporary staging table and merges with
 //! `INSERT … ON CONFLICT (pk) DO UPDATE`. Sessions run in UTC with ISO dates.
 
@@ -17,6 +18,7 @@ use tokio::sync::mpsc;
 use crate::dirty::DirtyLog;
 use crate::dsn::Server;
 use crate::mysql::{dirty_row, key_value, split_column};
+use crate::pgbinary::BinaryPlan;
 use crate::pgcopy::{encode_cell, LineSplitter};
 use crate::plugin::{Reader, Rejected, SplitWriter, WriteMode, Writer};
 use crate::split::{ranges_from_sample, Split};
@@ -466,9 +468,24 @@ impl Writer for PgWriter {
         } else {
             (self.table.qualified(), None)
         };
+        // The target's column types decide between binary COPY and the text form.
+        let probe = client
+            .prepare(&format!("SELECT {col_list} FROM {copy_target} LIMIT 0"))
+            .await
+            .map_err(ctx)?;
+        let target_types: Vec<tokio_postgres::types::Type> =
+            probe.columns().iter().map(|c| c.type_().clone()).collect();
+        let source_types: Vec<CanonicalType> = schema.columns.iter().map(|c| c.ty).collect();
+        let binary = BinaryPlan::new(&source_types, &target_types);
+        let copy = match binary {
+            Some(_) => format!("COPY {copy_target} ({col_list}) FROM STDIN (FORMAT binary)"),
+            None => format!("COPY {copy_target} ({col_list}) FROM STDIN"),
+        };
+        tracing::debug!(table = %self.table.display(), statement = %copy, "split writer");
         Ok(Box::new(PgSplitWriter {
             client,
-            copy: format!("COPY {copy_target} ({col_list}) FROM STDIN"),
+            copy,
+            binary,
             merge,
             table: self.table.display(),
         }))
@@ -501,11 +518,13 @@ impl Writer for PgWriter {
 struct PgSplitWriter {
     client: tokio_postgres::Client,
     copy: String,
+    /// Binary COPY when every column has a binary encoder, else the text form.
+    binary: Option<BinaryPlan>,
     merge: Option<String>,
     table: String,
 }
 
-fn encode_rows(batch: &RecordBatch, rows: std::ops::Range<usize>) -> Vec<u8> {
+fn encode_text_rows(batch: &RecordBatch, rows: std::ops::Range<usize>) -> Vec<u8> {
     let mut buf = Vec::with_capacity(rows.len() * 64);
     for row in rows {
         for (i, col) in batch.columns().iter().enumerate() {
@@ -520,6 +539,32 @@ fn encode_rows(batch: &RecordBatch, rows: std::ops::Range<usize>) -> Vec<u8> {
 }
 
 impl PgSplitWriter {
+    /// COPY data for `rows` of `batch`; rows whose values do not fit their columns are left
+    /// out and returned with the reason.
+    fn encode(
+        &self,
+        batch: &RecordBatch,
+        rows: std::ops::Range<usize>,
+    ) -> (Vec<u8>, Vec<usize>, Vec<Rejected>) {
+        let Some(plan) = &self.binary else {
+            let included = rows.clone().collect();
+            return (encode_text_rows(batch, rows), included, Vec::new());
+        };
+        let mut data = Vec::with_capacity(rows.len() * 64 + 32);
+        let mut scratch = Vec::new();
+        let mut included = Vec::with_capacity(rows.len());
+        let mut rejected = Vec::new();
+        BinaryPlan::header(&mut data);
+        for row in rows {
+            match plan.encode_row(batch, row, &mut scratch, &mut data) {
+                Ok(()) => included.push(row),
+                Err(reason) => rejected.push((row, reason)),
+            }
+        }
+        BinaryPlan::trailer(&mut data);
+        (data, included, rejected)
+    }
+
     fn err(&self, e: tokio_postgres::Error) -> SyncError {
         SyncError::pg(format!("writing {}", self.table), e)
     }
@@ -578,21 +623,22 @@ impl PgSplitWriter {
 #[async_trait::async_trait]
 impl SplitWriter for PgSplitWriter {
     async fn write(&mut self, batch: &RecordBatch) -> Result<Vec<Rejected>, SyncError> {
-        let mut rejected = Vec::new();
         let rows = batch.num_rows();
         if rows == 0 {
+            return Ok(Vec::new());
+        }
+        let (data, included, mut rejected) = self.encode(batch, 0..rows);
+        if included.is_empty() {
             return Ok(rejected);
         }
-        if self
-            .copy_guarded(encode_rows(batch, 0..rows))
-            .await?
-            .is_err()
-        {
-            for row in 0..rows {
-                if let Err(reason) = self.copy_guarded(encode_rows(batch, row..row + 1)).await? {
+        if self.copy_guarded(data).await?.is_err() {
+            for row in included {
+                let (one, _, _) = self.encode(batch, row..row + 1);
+                if let Err(reason) = self.copy_guarded(one).await? {
                     rejected.push((row, reason));
                 }
             }
+            rejected.sort_by_key(|(row, _)| *row);
         }
         Ok(rejected)
     }

@@ -1,6 +1,6 @@
-//! `qanat sync`: batch copies of tables between MariaDB/MySQL, PostgreSQL and Parquet, from
-//! flags (`copy`) or job files (`run`). The framework is `qanat-sync`; this is the command
-//! line, the progress lines, the summary and the exit status.
+//! `qanat sync`: batch copies of tables between MariaDB/MySQL, PostgreSQL, CSV/TSV files and
+//! Parquet, from flags (`copy`) or job files (`run`). The framework is `qanat-sync`; this is
+//! the command line, the progress lines, the summary and the exit status.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -36,7 +36,8 @@ enum SyncCommand {
 
 #[derive(Args)]
 struct CopyArgs {
-    /// Source: mysql://user:pass@host:3306/db.table or postgres://user:pass@host:5432/db/schema.table
+    /// Source: mysql://user:pass@host:3306/db.table, postgres://user:pass@host:5432/db/schema.table
+    /// or file:///dir/name.csv[.gz|.zst]
     #[arg(long)]
     from: String,
     /// Target: as --from, or parquet:///dir/table?ds=YYYYMMDD
