@@ -9,12 +9,14 @@
 //! max_records_per_sec = 50000 # job-wide; 0 = unlimited
 //! max_dirty_records = 100
 //! dirty_file = "dirty.jsonl"
+//! max_tasks_per_server = 4    # job-wide cap per source host:port; 0 = none
 //!
 //! [[table]]
 //! from = "mysql://root@127.0.0.1:3306/shop.orders"
 //! to = "postgres://postgres@127.0.0.1:5432/dw/public.orders"
 //! mode = "upsert"
 //! split_pk = "id"
+//! priority = 10               # higher starts first
 //! ```
 
 use std::path::PathBuf;
@@ -41,6 +43,8 @@ pub struct Settings {
     pub dirty_file: Option<PathBuf>,
     pub mode: WriteMode,
     pub verify: bool,
+    /// Tasks reading from one source server at once, job-wide; 0 = no cap.
+    pub max_tasks_per_server: usize,
 }
 
 impl Default for Settings {
@@ -59,6 +63,7 @@ impl Default for Settings {
             dirty_file: None,
             mode: WriteMode::Insert,
             verify: false,
+            max_tasks_per_server: 0,
         }
     }
 }
@@ -72,6 +77,8 @@ pub struct TableSpec {
     pub mode: Option<WriteMode>,
     pub split_pk: Option<String>,
     pub channels: Option<usize>,
+    /// Tables with a higher priority start first (default 0); equal ones in file order.
+    pub priority: Option<i32>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, serde::Deserialize, serde::Serialize)]

@@ -42,6 +42,8 @@ pub struct TableJob {
     pub max_dirty_ratio: Option<f64>,
     pub dirty_file: Option<PathBuf>,
     pub verify: bool,
+    /// Tables with a higher priority start first.
+    pub priority: i32,
 }
 
 /// One split whose digests differ.
@@ -102,6 +104,8 @@ pub struct Live {
 
 struct Ctx {
     job: TableJob,
+    /// The source server's job-wide task slots, when capped.
+    server_slots: Option<Arc<Semaphore>>,
     schema: TableSchema,
     throttle: Arc<Throttle>,
     dirty: DirtyLog,
@@ -288,6 +292,7 @@ async fn verify(ctx: &Ctx, splits: &[Split]) -> Result<VerifyReport, SyncError> 
 
 async fn run_table_inner(
     job: TableJob,
+    server_slots: Option<Arc<Semaphore>>,
     throttle: Arc<Throttle>,
     live: Arc<Live>,
     report: &mut TableReport,
@@ -321,6 +326,7 @@ async fn run_table_inner(
     let channels = job.channels.max(1);
     let ctx = Arc::new(Ctx {
         label: report.source.clone(),
+        server_slots,
         job,
         schema,
         throttle,
@@ -338,6 +344,16 @@ async fn run_table_inner(
                 .acquire_owned()
                 .await
                 .map_err(|_| SyncError::Internal("task pool closed".into()))?;
+            let _server_permit = match &ctx.server_slots {
+                Some(slots) => Some(
+                    slots
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| SyncError::Internal("server slots closed".into()))?,
+                ),
+                None => None,
+            };
             metrics::gauge!("qanat_sync_tasks_running", "table" => ctx.label.clone())
                 .increment(1.0);
             let r = run_split(ctx.clone(), split).await;
@@ -398,7 +414,12 @@ async fn run_table_inner(
 }
 
 /// Run one table to the end; errors are in the report.
-pub async fn run_table(job: TableJob, throttle: Arc<Throttle>, live: Arc<Live>) -> TableReport {
+pub async fn run_table(
+    job: TableJob,
+    server_slots: Option<Arc<Semaphore>>,
+    throttle: Arc<Throttle>,
+    live: Arc<Live>,
+) -> TableReport {
     let started = Instant::now();
     let mut report = TableReport {
         source: job.reader.name(),
@@ -406,7 +427,8 @@ pub async fn run_table(job: TableJob, throttle: Arc<Throttle>, live: Arc<Live>) 
         mode: format!("{:?}", job.mode).to_lowercase(),
         ..TableReport::default()
     };
-    if let Err((e, writer)) = run_table_inner(job, throttle, live, &mut report).await {
+    if let Err((e, writer)) = run_table_inner(job, server_slots, throttle, live, &mut report).await
+    {
         tracing::error!(table = %report.source, error = %e, "table failed");
         report.error = Some(e.to_string());
         if let Some(w) = writer {
@@ -420,25 +442,42 @@ pub async fn run_table(job: TableJob, throttle: Arc<Throttle>, live: Arc<Live>) 
     report
 }
 
-/// Run tables, `concurrency` at a time, under one throttle; reports in the jobs' order.
-/// `on_start` receives each table's live counters (for progress display).
+/// Run tables, `concurrency` at a time, higher `priority` first (then in the jobs' order),
+/// at most `max_tasks_per_server` tasks per source server at once (0: no cap), under one
+/// throttle; reports in the jobs' order. `on_start` receives each table's live counters
+/// (for progress display).
 pub async fn run_tables(
     jobs: Vec<TableJob>,
     concurrency: usize,
+    max_tasks_per_server: usize,
     throttle: Arc<Throttle>,
     on_start: impl Fn(String, Arc<Live>),
 ) -> Vec<TableReport> {
     let pool = Arc::new(Semaphore::new(concurrency.max(1)));
+    let servers = crate::schedule::ServerSlots::new(max_tasks_per_server);
     let mut set = JoinSet::new();
     let n = jobs.len();
-    for (i, job) in jobs.into_iter().enumerate() {
+    let order = crate::schedule::start_order(
+        &jobs
+            .iter()
+            .enumerate()
+            .map(|(i, j)| (j.priority, i))
+            .collect::<Vec<_>>(),
+    );
+    let mut slots: Vec<Option<TableJob>> = jobs.into_iter().map(Some).collect();
+    for i in order {
+        let Some(job) = slots.get_mut(i).and_then(Option::take) else {
+            continue;
+        };
+        // Tables take the pool's permits one after another, in schedule order.
+        let permit = pool.clone().acquire_owned().await;
         let live = Arc::new(Live::default());
         on_start(job.reader.name(), live.clone());
-        let pool = pool.clone();
+        let server_slots = servers.slots(&job.reader.server());
         let throttle = throttle.clone();
         set.spawn(async move {
-            let _permit = pool.acquire_owned().await;
-            (i, run_table(job, throttle, live).await)
+            let _permit = permit;
+            (i, run_table(job, server_slots, throttle, live).await)
         });
     }
     let mut reports: Vec<Option<TableReport>> = vec![None; n];

@@ -41,6 +41,7 @@ pub mod pgbinary;
 pub mod pgcopy;
 pub mod plugin;
 pub mod postgres;
+pub mod schedule;
 pub mod split;
 pub mod throttle;
 pub mod types;

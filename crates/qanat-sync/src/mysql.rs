@@ -233,6 +233,10 @@ impl Reader for MysqlTable {
         self.display()
     }
 
+    fn server(&self) -> String {
+        format!("{}:{}", self.server.host, self.server.port.unwrap_or(3306))
+    }
+
     async fn schema(&self) -> Result<TableSchema, SyncError> {
         let mut conn = self.connect().await?;
         let schema = self.load_schema(&mut conn).await;

@@ -43,6 +43,11 @@ pub trait Reader: Send + Sync {
     /// The table as a user names it, for messages and reports.
     fn name(&self) -> String;
 
+    /// The server the reader loads (`host:port`), for the per-server task cap.
+    fn server(&self) -> String {
+        self.name()
+    }
+
     /// Columns (canonical types) and primary key; an unknown table or an unsupported column
     /// type is an error naming it.
     async fn schema(&self) -> Result<TableSchema, SyncError>;

@@ -198,6 +198,10 @@ impl Reader for PgTable {
         self.display()
     }
 
+    fn server(&self) -> String {
+        format!("{}:{}", self.server.host, self.server.port.unwrap_or(5432))
+    }
+
     async fn schema(&self) -> Result<TableSchema, SyncError> {
         let client = self.connect().await?;
         self.load_schema(&client).await

@@ -95,6 +95,9 @@ struct Common {
     /// Append dirty records (JSON lines with their reason) to this file.
     #[arg(long)]
     dirty_file: Option<PathBuf>,
+    /// Job-wide cap on tasks reading from one source server (host:port); 0 = none.
+    #[arg(long)]
+    max_tasks_per_server: Option<usize>,
     /// After each table, compare row counts and checksums per split on both sides.
     #[arg(long)]
     verify: bool,
@@ -141,6 +144,9 @@ impl Common {
         if let Some(v) = &self.dirty_file {
             s.dirty_file = Some(v.clone());
         }
+        if let Some(v) = self.max_tasks_per_server {
+            s.max_tasks_per_server = v;
+        }
         if self.verify {
             s.verify = true;
         }
@@ -164,6 +170,7 @@ fn table_job(spec: &TableSpec, s: &Settings) -> anyhow::Result<TableJob> {
         max_dirty_ratio: s.max_dirty_ratio,
         dirty_file: s.dirty_file.clone(),
         verify: s.verify,
+        priority: spec.priority.unwrap_or(0),
     })
 }
 
@@ -179,6 +186,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
                     mode: c.mode,
                     split_pk: c.split_pk,
                     channels: None,
+                    priority: None,
                 }],
             };
             // The same overlay as a file: env over defaults, then flags.
@@ -247,11 +255,17 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
             }
         })
     };
-    let reports = run_tables(jobs, settings.concurrency, throttle, |name, live| {
-        if let Ok(mut l) = lives.lock() {
-            l.push((name, live));
-        }
-    })
+    let reports = run_tables(
+        jobs,
+        settings.concurrency,
+        settings.max_tasks_per_server,
+        throttle,
+        |name, live| {
+            if let Ok(mut l) = lives.lock() {
+                l.push((name, live));
+            }
+        },
+    )
     .await;
     progress.abort();
     print_reports(&reports, common.json)?;
