@@ -148,7 +148,7 @@ printf '%s\n' "bootstrap = \"$BOOT\"" '[[connector]]' 'name = "lag"' \
 "$QANAT_BIN" cdc --config "$TMP/lag.toml" >"$TMP/lag.out" 2>"$TMP/lag.err" &
 LAG_PID=$!
 PIDS+=("$LAG_PID")
-wait_line "$TMP/lag.out" "qanat cdc connector lag streaming" "$LAG_PID" >/dev/null ||
+wait_line "$TMP/lag.out" "qanat cdc connector " "$LAG_PID" >/dev/null ||
   die "the lag connector did not start: $(tail -5 "$TMP/lag.err")"
 LAG="0 0 nan nan nan"
 LAG=$(python3 "$ROOT/bench/cdc_lag.py" "$BOOT" "$DB_PORT" "$PACED_RATE" "$PACED_SECONDS" \
