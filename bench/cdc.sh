@@ -8,9 +8,15 @@
 # `mariadb-binlog --read-from-remote-server --raw` (the raw read of the same binlog) and
 # `mariadb-binlog --read-from-remote-server -v` (the decode to pseudo-SQL).
 #
+# Also in the same run: python-mysql-replication (PyPI `mysql-replication`) counting the row
+# events of the same binlog, and the end-to-end lag at a paced PACED_RATE row events/s (a
+# TIMESTAMP(6) column set to NOW(6) at insert, compared with the time a consumer reads the
+# record).
+#
 # Prints: row events captured, events/s, CPU seconds per million events and peak RSS of
-# `qanat cdc`; MB/s of the raw read; events/s of the decode.
-# BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1).
+# `qanat cdc`; MB/s of the raw read; events/s of the decode and of python-mysql-replication;
+# lag p50/p99/max.
+# BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). QANAT_BIN=path skips the build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=cdc
@@ -24,7 +30,16 @@ WRITE_TX=$(python3 -c "print(max(100, int(100000 * $SCALE)))")
 for cmd in mariadbd mariadb-install-db mariadb mariadb-binlog sysbench kcat; do
   command -v "$cmd" >/dev/null || die "$cmd not found (Debian packages mariadb-server, sysbench, kcat)"
 done
-build_release qanat
+PACED_RATE=${PACED_RATE:-10000}
+PACED_SECONDS=${PACED_SECONDS:-20}
+if [ -n "${QANAT_BIN:-}" ]; then
+  log "using $QANAT_BIN"
+else
+  build_release qanat
+fi
+python3 -c "import pymysqlreplication, pymysql, confluent_kafka" 2>/dev/null ||
+  python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    mysql-replication pymysql confluent-kafka >&2 || log "pip install mysql-replication failed"
 start_tmp qanat-cdc-bench
 
 cleanup_extra() { [ -n "${DB_PID:-}" ] && stop_pids "$DB_PID"; }
@@ -69,6 +84,19 @@ DECODED_ROWS=$(mariadb-binlog --no-defaults --read-from-remote-server -v --to-la
   -P"$DB_PORT" -ucdc -pcdc "$FIRST_FILE" | grep -c '^### \(INSERT\|UPDATE\|DELETE\)' || true)
 DEC_S=$(python3 -c "import time; print(max(0.001, $(date +%s.%N) - $t0))")
 
+log "python-mysql-replication: the same binlog, row events counted"
+# Bounded: on this workload it has been seen to reconnect in a loop (pymysql.OperationalError,
+# "Re-request the connection") without reaching the end.
+PY_ROWS=0 PY_S=0
+PY_LIMIT=${PYREPL_TIMEOUT:-$(python3 -c "print(int(max(120, 30 * $DEC_S)))")}
+if PYREPL=$(timeout "$PY_LIMIT" python3 "$ROOT/bench/cdc_pyrepl.py" "$DB_PORT" "$FIRST_FILE" 2>"$TMP/pyrepl.err"); then
+  read -r PY_ROWS PY_S <<<"$PYREPL"
+else
+  log "python-mysql-replication did not finish within ${PY_LIMIT}s; reconnects after" \
+    "pymysql.OperationalError: $(grep -c OperationalError "$TMP/pyrepl.err" || true);" \
+    "last error: $(grep -v '^[[:space:]]*$' "$TMP/pyrepl.err" | tail -1 | tr -s ' ')"
+fi
+
 log "starting the broker"
 "$QANAT_BIN" broker --data-dir "$TMP/broker" --listen 127.0.0.1:0 >"$TMP/broker.out" 2>"$TMP/broker.err" &
 PIDS+=($!)
@@ -111,9 +139,28 @@ CPU_S=$(python3 -c "print(($UT + $ST) / $TICKS)")
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$CDC_PID/status")
 stop_pids "$CDC_PID"
 
-python3 - "$EVENTS" "$CDC_S" "$CPU_S" "$RSS_KB" "$BINLOG_BYTES" "$RAW_S" "$DECODED_ROWS" "$DEC_S" <<'PY'
+log "paced: $PACED_RATE row events/s for ${PACED_SECONDS}s, end-to-end lag"
+sql "CREATE DATABASE lag; CREATE TABLE lag.t (id BIGINT AUTO_INCREMENT PRIMARY KEY,
+  ts TIMESTAMP(6) NOT NULL, pad CHAR(60) NOT NULL)"
+printf '%s\n' "bootstrap = \"$BOOT\"" '[[connector]]' 'name = "lag"' \
+  "source = \"mysql://cdc:cdc@127.0.0.1:$DB_PORT\"" 'snapshot = "never"' \
+  "tables = ['lag\\..*']" >"$TMP/lag.toml"
+"$QANAT_BIN" cdc --config "$TMP/lag.toml" >"$TMP/lag.out" 2>"$TMP/lag.err" &
+LAG_PID=$!
+PIDS+=("$LAG_PID")
+wait_line "$TMP/lag.out" "qanat cdc connector " "$LAG_PID" >/dev/null ||
+  die "the lag connector did not start: $(tail -5 "$TMP/lag.err")"
+LAG="0 0 nan nan nan"
+LAG=$(python3 "$ROOT/bench/cdc_lag.py" "$BOOT" "$DB_PORT" "$PACED_RATE" "$PACED_SECONDS" \
+  2>"$TMP/lag_py.err") || log "paced run failed: $(tail -3 "$TMP/lag_py.err" | tr '\n' ' ')"
+read -r LAG_N LAG_RATE LAG_P50 LAG_P99 LAG_MAX <<<"$LAG"
+stop_pids "$LAG_PID"
+
+python3 - "$EVENTS" "$CDC_S" "$CPU_S" "$RSS_KB" "$BINLOG_BYTES" "$RAW_S" "$DECODED_ROWS" "$DEC_S" \
+  "$PY_ROWS" "$PY_S" "$LAG_N" "$LAG_RATE" "$LAG_P50" "$LAG_P99" "$LAG_MAX" <<'PY'
 import sys
-events, cdc_s, cpu_s, rss_kb, binlog, raw_s, dec_rows, dec_s = sys.argv[1:]
+events, cdc_s, cpu_s, rss_kb, binlog, raw_s, dec_rows, dec_s = sys.argv[1:9]
+py_rows, py_s, lag_n, lag_rate, p50, p99, pmax = sys.argv[9:]
 events, cdc_s, cpu_s, binlog = int(events), float(cdc_s), float(cpu_s), int(binlog)
 print(f"{'reader':<44} {'row events':>12} {'events/s':>12} {'MB/s':>9} {'CPU s/M ev':>11} {'peak RSS':>10}")
 print(f"{'qanat cdc (binlog -> bus, acked, stored)':<44} {events:>12} {events / cdc_s:>12.0f} "
@@ -121,4 +168,11 @@ print(f"{'qanat cdc (binlog -> bus, acked, stored)':<44} {events:>12} {events / 
 print(f"{'mariadb-binlog -v (decode to pseudo-SQL)':<44} {int(dec_rows):>12} "
       f"{int(dec_rows) / float(dec_s):>12.0f} {binlog / float(dec_s) / 1e6:>9.1f} {'':>11} {'':>10}")
 print(f"{'mariadb-binlog --raw (read only)':<44} {'':>12} {'':>12} {binlog / float(raw_s) / 1e6:>9.1f} {'':>11} {'':>10}")
+if int(py_rows):
+    print(f"{'python-mysql-replication (decode, count)':<44} {int(py_rows):>12} "
+          f"{int(py_rows) / float(py_s):>12.0f} {binlog / float(py_s) / 1e6:>9.1f} {'':>11} {'':>10}")
+else:
+    print(f"{'python-mysql-replication':<44} failed (its error is logged above)")
+print(f"paced lag (NOW(6) at insert -> record read): {lag_n} events at {float(lag_rate):.0f}/s: "
+      f"p50 {float(p50):.1f} ms, p99 {float(p99):.1f} ms, max {float(pmax):.1f} ms")
 PY

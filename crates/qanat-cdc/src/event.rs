@@ -9,6 +9,7 @@
 use std::sync::Arc;
 
 use base64::Engine as _;
+use serde::ser::{Serialize, SerializeMap, SerializeSeq, Serializer};
 use serde_json::{json, Map, Value as Json};
 
 /// One column value, source-independent.
@@ -231,7 +232,150 @@ impl ChangeEvent {
     }
 }
 
+// The record key and value are written straight from the event with serde's serializer: the
+// same JSON as `key_json()`/`envelope()` render, without building a `serde_json::Value` tree
+// (one allocation per column name and value) for every event on the hot path.
+
+impl Serialize for Value {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Value::Null => s.serialize_unit(),
+            Value::Bool(b) => s.serialize_bool(*b),
+            Value::Int(i) => s.serialize_i64(*i),
+            Value::UInt(u) => s.serialize_u64(*u),
+            Value::Float(f) if f.is_finite() => s.serialize_f64(*f),
+            Value::Float(f) => s.serialize_str(&f.to_string()),
+            Value::Bytes(b) => {
+                s.serialize_str(&base64::engine::general_purpose::STANDARD.encode(b))
+            }
+            Value::Decimal(t)
+            | Value::Text(t)
+            | Value::Date(t)
+            | Value::Time(t)
+            | Value::DateTime(t)
+            | Value::Timestamp(t)
+            | Value::Json(t) => s.serialize_str(t),
+            Value::Array(items) => {
+                let mut seq = s.serialize_seq(Some(items.len()))?;
+                for item in items {
+                    seq.serialize_element(item)?;
+                }
+                seq.end()
+            }
+        }
+    }
+}
+
+impl Serialize for Row {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(Some(self.columns.len()))?;
+        for (name, value) in &self.columns {
+            map.serialize_entry(&**name, value)?;
+        }
+        map.end()
+    }
+}
+
+impl Serialize for SourceInfo {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let mut map = s.serialize_map(None)?;
+        map.serialize_entry("version", env!("CARGO_PKG_VERSION"))?;
+        map.serialize_entry("connector", self.connector)?;
+        map.serialize_entry("name", &*self.name)?;
+        map.serialize_entry("ts_ms", &self.ts_ms)?;
+        map.serialize_entry("snapshot", self.snapshot.as_str())?;
+        map.serialize_entry("db", &self.db)?;
+        if let Some(schema) = &self.schema {
+            map.serialize_entry("schema", schema)?;
+        }
+        map.serialize_entry("table", &self.table)?;
+        if let Some(v) = self.server_id {
+            map.serialize_entry("server_id", &v)?;
+        }
+        if let Some(v) = &self.file {
+            map.serialize_entry("file", v)?;
+        }
+        if let Some(v) = self.pos {
+            map.serialize_entry("pos", &v)?;
+        }
+        if let Some(v) = self.row {
+            map.serialize_entry("row", &v)?;
+        }
+        if let Some(v) = &self.gtid {
+            map.serialize_entry("gtid", v)?;
+        }
+        if let Some(v) = self.lsn {
+            map.serialize_entry("lsn", &v)?;
+        }
+        if let Some(v) = &self.tx_id {
+            map.serialize_entry("txId", v)?;
+        }
+        map.end()
+    }
+}
+
+/// The envelope of one event as serde sees it (see [`ChangeEvent::write_envelope`]).
+struct Envelope<'a> {
+    event: &'a ChangeEvent,
+    now_ms: i64,
+}
+
+impl Serialize for Envelope<'_> {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        let e = self.event;
+        let mut map = s.serialize_map(Some(6))?;
+        map.serialize_entry("before", &e.before)?;
+        map.serialize_entry("after", &e.after)?;
+        map.serialize_entry("source", &e.source)?;
+        map.serialize_entry("op", e.op.code())?;
+        map.serialize_entry("ts_ms", &self.now_ms)?;
+        match &e.transaction {
+            None => map.serialize_entry("transaction", &())?,
+            Some(t) => map.serialize_entry(
+                "transaction",
+                &TransactionBlock {
+                    id: &t.id,
+                    total_order: t.total_order,
+                    data_collection_order: t.data_collection_order,
+                },
+            )?,
+        }
+        map.end()
+    }
+}
+
+#[derive(serde::Serialize)]
+struct TransactionBlock<'a> {
+    id: &'a str,
+    total_order: u64,
+    data_collection_order: u64,
+}
+
+impl ChangeEvent {
+    /// Append the record value (the JSON text of [`ChangeEvent::envelope`]) to `out`.
+    pub fn write_envelope(&self, now_ms: i64, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        serde_json::to_writer(
+            out,
+            &Envelope {
+                event: self,
+                now_ms,
+            },
+        )
+    }
+
+    /// Append the record key (the JSON text of [`ChangeEvent::key_json`]) to `out`; false,
+    /// writing nothing, when the table has no primary key.
+    pub fn write_key(&self, out: &mut Vec<u8>) -> Result<bool, serde_json::Error> {
+        if self.key.columns.is_empty() {
+            return Ok(false);
+        }
+        serde_json::to_writer(out, &self.key)?;
+        Ok(true)
+    }
+}
+
 #[cfg(test)]
+#[allow(clippy::expect_used)]
 mod tests {
     use super::*;
 
@@ -280,6 +424,73 @@ mod tests {
         assert_eq!(v["source"]["file"], "bin.000001");
         assert!(v["source"].get("lsn").is_none());
         assert_eq!(event.key_json(), Some(json!({"id": u64::MAX})));
+        assert_written_as_tree(&event);
+    }
+
+    /// The bytes written directly parse to exactly the tree `envelope`/`key_json` build.
+    fn assert_written_as_tree(event: &ChangeEvent) {
+        let mut value = Vec::new();
+        event.write_envelope(9, &mut value).expect("write envelope");
+        let parsed: Json = serde_json::from_slice(&value).expect("envelope is JSON");
+        assert_eq!(parsed, event.envelope(9));
+        let mut key = Vec::new();
+        let has_key = event.write_key(&mut key).expect("write key");
+        assert_eq!(has_key, event.key_json().is_some());
+        if has_key {
+            let parsed: Json = serde_json::from_slice(&key).expect("key is JSON");
+            assert_eq!(Some(parsed), event.key_json());
+        } else {
+            assert!(key.is_empty());
+        }
+    }
+
+    #[test]
+    fn every_value_kind_is_written_as_its_tree() {
+        let event = ChangeEvent {
+            op: Op::Create,
+            before: None,
+            after: Some(row(&[
+                ("n", Value::Null),
+                ("b", Value::Bool(true)),
+                ("i", Value::Int(i64::MIN)),
+                ("u", Value::UInt(u64::MAX)),
+                ("f", Value::Float(0.1)),
+                ("inf", Value::Float(f64::INFINITY)),
+                ("dec", Value::Decimal("-0.0100".into())),
+                (
+                    "t",
+                    Value::Text("quote \" backslash \\ nl \n é \u{1}".into()),
+                ),
+                ("bytes", Value::Bytes(vec![0, 1, 254, 255])),
+                ("d", Value::Date("2026-11-29".into())),
+                ("tm", Value::Time("-838:59:59.000000".into())),
+                ("dt", Value::DateTime("2026-11-29T12:00:00".into())),
+                ("ts", Value::Timestamp("2026-11-29T12:00:00Z".into())),
+                ("j", Value::Json("{\"k\":[1]}".into())),
+                (
+                    "a",
+                    Value::Array(vec![Value::Int(1), Value::Null, Value::Text("x".into())]),
+                ),
+            ])),
+            key: row(&[("i", Value::Int(i64::MIN)), ("t", Value::Text("k".into()))]),
+            source: SourceInfo {
+                connector: "postgresql",
+                name: "n".into(),
+                db: "d".into(),
+                schema: Some("public".into()),
+                table: "t".into(),
+                snapshot: SnapshotMark::Last,
+                lsn: Some(42),
+                tx_id: Some("7".into()),
+                ..SourceInfo::default()
+            },
+            transaction: Some(TransactionRef {
+                id: "7".into(),
+                total_order: 3,
+                data_collection_order: 2,
+            }),
+        };
+        assert_written_as_tree(&event);
     }
 
     #[test]
@@ -294,5 +505,6 @@ mod tests {
         };
         assert_eq!(event.key_json(), None);
         assert_eq!(event.envelope(0)["after"]["v"], "NaN");
+        assert_written_as_tree(&event);
     }
 }

@@ -477,7 +477,10 @@ fn producer(cfg: &PipelineConfig) -> Result<FutureProducer, PipelineError> {
     c.set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "5")
-        .set("message.timeout.ms", "300000");
+        .set("message.timeout.ms", "300000")
+        // The source outruns the bus while catching up: a 16 MiB send queue keeps batches
+        // full and the process small (librdkafka's default lets it grow to 1 GiB).
+        .set("queue.buffering.max.kbytes", "16384");
     for (k, v) in &cfg.producer_properties {
         c.set(k, v);
     }
@@ -621,6 +624,85 @@ impl Acker {
     }
 }
 
+/// What the delivery loop needs of one table, worked out on its first event: its collection
+/// name, whether it is captured, its topic and its counters (a registry lookup with labels
+/// costs more than the rest of an event's bookkeeping).
+struct TableRoute {
+    coll: String,
+    captured: bool,
+    topic: String,
+    /// `qanat_cdc_events_total` by op (c, u, d, r).
+    events: [Option<metrics::Counter>; 4],
+    snapshot_rows: Option<metrics::Counter>,
+}
+
+impl TableRoute {
+    fn count(&mut self, connector: &str, op: Op, snapshot: bool) {
+        let index = match op {
+            Op::Create => 0,
+            Op::Update => 1,
+            Op::Delete => 2,
+            Op::Read => 3,
+        };
+        let coll = &self.coll;
+        self.events[index]
+            .get_or_insert_with(|| {
+                metrics::counter!("qanat_cdc_events_total", "connector" => connector.to_string(),
+                    "table" => coll.clone(), "op" => op.code())
+            })
+            .increment(1);
+        if snapshot {
+            self.snapshot_rows
+                .get_or_insert_with(|| {
+                    metrics::counter!("qanat_cdc_snapshot_rows_total",
+                        "connector" => connector.to_string(), "table" => coll.clone())
+                })
+                .increment(1);
+        }
+    }
+}
+
+/// The [`TableRoute`] of every table seen, with the last one looked up kept aside: events of
+/// one table come in runs, and a hit costs three string comparisons, no allocation.
+#[derive(Default)]
+struct TableRoutes {
+    by_coll: HashMap<String, TableRoute>,
+    last: Option<(String, Option<String>, String, String)>,
+}
+
+impl TableRoutes {
+    fn get(
+        &mut self,
+        cfg: &PipelineConfig,
+        source: &crate::event::SourceInfo,
+    ) -> Option<&mut TableRoute> {
+        let hit = matches!(&self.last, Some((db, schema, table, _))
+            if *db == source.db && *schema == source.schema && *table == source.table);
+        if !hit {
+            let coll =
+                PipelineConfig::collection(&source.db, source.schema.as_deref(), &source.table);
+            if !self.by_coll.contains_key(&coll) {
+                let route = TableRoute {
+                    coll: coll.clone(),
+                    captured: cfg.captures(&coll),
+                    topic: cfg.topic_for(&coll),
+                    events: Default::default(),
+                    snapshot_rows: None,
+                };
+                self.by_coll.insert(coll.clone(), route);
+            }
+            self.last = Some((
+                source.db.clone(),
+                source.schema.clone(),
+                source.table.clone(),
+                coll,
+            ));
+        }
+        let (_, _, _, coll) = self.last.as_ref()?;
+        self.by_coll.get_mut(coll)
+    }
+}
+
 /// Per-transaction counters for the metadata topic and the events' `transaction` block.
 #[derive(Default)]
 struct OpenTransaction {
@@ -660,24 +742,28 @@ pub async fn run<S: Source>(
     };
     let mut acker = tokio::spawn(acker.run(rx));
     let mut shutdown = std::pin::pin!(shutdown);
-    let mut topics: HashMap<String, String> = HashMap::new();
+    let mut routes = TableRoutes::default();
+    let mut buffers = RecordBuffers::default();
     let mut tx_open: Option<OpenTransaction> = None;
     let mut tx_ts = 0i64;
     let name_metric = cfg.name.clone();
-    let mut counters: HashMap<(String, &'static str), metrics::Counter> = HashMap::new();
-    let mut snapshot_counters: HashMap<String, metrics::Counter> = HashMap::new();
     tracing::info!(connector = %cfg.name, "connector streaming");
 
     let outcome: Result<(), PipelineError> = loop {
-        let change = tokio::select! {
-            change = source.next() => change,
-            () = &mut shutdown => break Ok(()),
-            joined = &mut acker => {
-                return match joined {
-                    Ok(Err(e)) => Err(e),
-                    _ => Err(PipelineError::AckerGone),
-                };
-            }
+        // Changes already decoded first; shutdown and the acker are looked at whenever the
+        // source has to wait (at the latest after one log record's changes).
+        let change = match source.ready() {
+            Some(change) => Ok(change),
+            None => tokio::select! {
+                change = source.next() => change,
+                () = &mut shutdown => break Ok(()),
+                joined = &mut acker => {
+                    return match joined {
+                        Ok(Err(e)) => Err(e),
+                        _ => Err(PipelineError::AckerGone),
+                    };
+                }
+            },
         };
         let change = match change {
             Ok(c) => c,
@@ -698,29 +784,26 @@ pub async fn run<S: Source>(
                     });
                 }
                 Change::Row(mut event) => {
-                    let coll = PipelineConfig::collection(
-                        &event.source.db,
-                        event.source.schema.as_deref(),
-                        &event.source.table,
-                    );
-                    if !cfg.captures(&coll) {
+                    let Some(route) = routes.get(cfg, &event.source) else {
+                        return Ok(());
+                    };
+                    if !route.captured {
                         return Ok(());
                     }
-                    let topic = topics
-                        .entry(coll.clone())
-                        .or_insert_with(|| cfg.topic_for(&coll))
-                        .clone();
+                    let coll = route.coll.as_str();
                     if let Some(b) = &mut event.before {
-                        cfg.shape_row(&coll, b);
+                        cfg.shape_row(coll, b);
                     }
                     if let Some(a) = &mut event.after {
-                        cfg.shape_row(&coll, a);
+                        cfg.shape_row(coll, a);
                     }
-                    cfg.mask_row(&coll, &mut event.key);
+                    if !cfg.masks.is_empty() {
+                        cfg.mask_row(coll, &mut event.key);
+                    }
                     if cfg.transaction_topic.is_some() {
                         if let Some(open) = &mut tx_open {
                             open.total += 1;
-                            let n = open.per_table.entry(coll.clone()).or_default();
+                            let n = open.per_table.entry(coll.to_string()).or_default();
                             *n += 1;
                             event.transaction = Some(TransactionRef {
                                 id: open.id.clone(),
@@ -729,38 +812,34 @@ pub async fn run<S: Source>(
                             });
                         }
                     }
-                    produce_event(&producer, &tx, &topic, &event, cfg.tombstones).await?;
+                    produce_event(
+                        &producer,
+                        &tx,
+                        &route.topic,
+                        &event,
+                        cfg.tombstones,
+                        &mut buffers,
+                    )
+                    .await?;
                     let snapshot = event.source.snapshot != SnapshotMark::No;
                     {
                         let mut s = stats.lock();
-                        if !s.contains_key(&coll) {
-                            s.insert(coll.clone(), TableStats::default());
-                        }
-                        if let Some(t) = s.get_mut(&coll) {
+                        if let Some(t) = s.get_mut(coll) {
                             t.events += 1;
                             t.last_ts_ms = event.source.ts_ms;
                             t.snapshot_rows += u64::from(snapshot);
+                        } else {
+                            s.insert(
+                                coll.to_string(),
+                                TableStats {
+                                    events: 1,
+                                    last_ts_ms: event.source.ts_ms,
+                                    snapshot_rows: u64::from(snapshot),
+                                },
+                            );
                         }
                     }
-                    // Counters looked up once per table and op: the registry lookup with
-                    // labels costs more than the rest of an event's bookkeeping.
-                    counters
-                        .entry((coll.clone(), event.op.code()))
-                        .or_insert_with(|| {
-                            metrics::counter!("qanat_cdc_events_total",
-                                "connector" => name_metric.clone(), "table" => coll.clone(),
-                                "op" => event.op.code())
-                        })
-                        .increment(1);
-                    if snapshot {
-                        snapshot_counters
-                            .entry(coll.clone())
-                            .or_insert_with(|| {
-                                metrics::counter!("qanat_cdc_snapshot_rows_total",
-                                    "connector" => name_metric.clone(), "table" => coll.clone())
-                            })
-                            .increment(1);
-                    }
+                    route.count(&name_metric, event.op, snapshot);
                 }
                 Change::Schema(schema) => {
                     let coll = PipelineConfig::collection(
@@ -880,22 +959,31 @@ async fn send(tx: &mpsc::Sender<Pending>, pending: Pending) -> Result<(), Pipeli
     tx.send(pending).await.map_err(|_| PipelineError::AckerGone)
 }
 
+/// Reused buffers for one record's key and value (librdkafka copies them on enqueue).
+#[derive(Default)]
+struct RecordBuffers {
+    key: Vec<u8>,
+    value: Vec<u8>,
+}
+
 async fn produce_event(
     producer: &FutureProducer,
     tx: &mpsc::Sender<Pending>,
     topic: &str,
     event: &ChangeEvent,
     tombstones: bool,
+    buffers: &mut RecordBuffers,
 ) -> Result<(), PipelineError> {
-    let key = event.key_json().map(|k| k.to_string());
-    let value = event.envelope(now_ms()).to_string();
-    let future = enqueue(
-        producer,
-        topic,
-        key.as_deref().map(str::as_bytes),
-        Some(value.as_bytes()),
-    )
-    .await?;
+    buffers.key.clear();
+    buffers.value.clear();
+    let has_key = event
+        .write_key(&mut buffers.key)
+        .map_err(PipelineError::Encode)?;
+    event
+        .write_envelope(now_ms(), &mut buffers.value)
+        .map_err(PipelineError::Encode)?;
+    let key = has_key.then_some(buffers.key.as_slice());
+    let future = enqueue(producer, topic, key, Some(&buffers.value)).await?;
     send(
         tx,
         Pending::Delivery {
@@ -905,7 +993,7 @@ async fn produce_event(
     )
     .await?;
     if tombstones && event.op == Op::Delete && key.is_some() {
-        let future = enqueue(producer, topic, key.as_deref().map(str::as_bytes), None).await?;
+        let future = enqueue(producer, topic, key, None).await?;
         send(
             tx,
             Pending::Delivery {

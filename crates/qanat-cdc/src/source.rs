@@ -80,6 +80,13 @@ pub trait Source {
     /// never by cancelling a pending `next()` (dropped only at shutdown).
     async fn next(&mut self) -> Result<Change, Self::Error>;
 
+    /// A change already decoded and waiting, without awaiting anything: the loop takes these
+    /// before it builds a `next()` future (most of a busy source's changes come from one
+    /// decoded log record, and setting up the future for each costs more than the change).
+    fn ready(&mut self) -> Option<Change> {
+        None
+    }
+
     /// Everything up to `position` is durable on the bus.
     async fn acknowledge(&mut self, position: &Position) -> Result<(), Self::Error>;
 }

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 use rdkafka::consumer::Consumer;
+use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::Offset;
 use serde_json::{json, Value as Json};
 
@@ -36,12 +37,35 @@ fn start_cdc(config: &str) -> Proc {
     p
 }
 
+/// The end offset of partition 0 of `topic`; 0 when the topic does not exist. A slow or
+/// failed query is retried, never read as "empty": on a loaded machine a watermark query can
+/// outlast its timeout, and an empty answer would fail (or vacuously pass) the assertions.
+fn end_offset(bootstrap: &str, topic: &str) -> i64 {
+    support::poll_until(
+        &format!("the end offset of {topic}"),
+        DEADLINE,
+        || match consumer(bootstrap).fetch_watermarks(topic, 0, Duration::from_secs(5)) {
+            Ok((_, high)) => Ok(high),
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownPartition
+                    )
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e.to_string()),
+        },
+    )
+}
+
 /// Every record of partition 0 of `topic` up to its current end: (key, value) as JSON.
 fn records(bootstrap: &str, topic: &str) -> Vec<(Option<Json>, Option<Json>)> {
-    let Ok((_, high)) = consumer(bootstrap).fetch_watermarks(topic, 0, Duration::from_secs(5))
-    else {
-        return Vec::new();
-    };
+    let high = end_offset(bootstrap, topic);
     if high <= 0 {
         return Vec::new();
     }
@@ -101,11 +125,7 @@ fn wait_caught_up(broker: &Broker, db: &MariaDb, connector: &str) {
 
 /// The latest stored position of `connector` in the offsets topic.
 fn raw_offsets(bootstrap: &str, connector: &str) -> Option<Json> {
-    let Ok((_, high)) =
-        consumer(bootstrap).fetch_watermarks("qanat-cdc-offsets", 0, Duration::from_secs(5))
-    else {
-        return None;
-    };
+    let high = end_offset(bootstrap, "qanat-cdc-offsets");
     if high <= 0 {
         return None;
     }

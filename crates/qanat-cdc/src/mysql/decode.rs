@@ -27,6 +27,8 @@ pub struct ColumnShape {
     pub set_labels: Vec<String>,
     pub primary_key: bool,
     pub unsigned: bool,
+    /// The column's TABLE_MAP metadata bytes (what the value decoder needs).
+    pub meta: Vec<u8>,
 }
 
 #[derive(Debug, thiserror::Error)]

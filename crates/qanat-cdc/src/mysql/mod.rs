@@ -32,12 +32,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
-use mysql_async::binlog::events::{EventData, RowsEventData, TableMapEvent};
-use mysql_async::binlog::row::BinlogRow;
+use mysql_async::binlog::events::{EventData, OptionalMetaExtractor, RowsEventData, TableMapEvent};
+use mysql_async::binlog::value::BinlogValue;
 use mysql_async::binlog::EventType;
 use mysql_async::consts::{ColumnFlags, ColumnType};
 use mysql_async::prelude::Queryable;
 use mysql_async::{BinlogStream, BinlogStreamRequest, Conn, Opts, Value as My};
+use mysql_common::io::ParseBuf;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::Value as Json;
@@ -230,7 +231,9 @@ pub struct MysqlSource {
     charsets: HashMap<u16, String>,
     /// Table definitions as of the stream position, from the schema history and DDL.
     schemas: HashMap<(String, String), SchemaChange>,
-    shapes: HashMap<u64, Vec<ColumnShape>>,
+    /// Per table id: the TABLE_MAP body it was worked out from, and the columns' shape. The
+    /// server repeats the TABLE_MAP before every transaction's rows; an identical one reuses it.
+    shapes: HashMap<u64, (Vec<u8>, Vec<ColumnShape>)>,
     stream: Option<BinlogStream>,
     pending: VecDeque<Change>,
     /// Committed position (end of the last whole transaction or statement).
@@ -630,13 +633,18 @@ impl MysqlSource {
     }
 
     fn here(&self) -> String {
-        format!("{}:{}", self.at.file, self.next_pos)
+        self.at_pos(self.next_pos)
+    }
+
+    fn at_pos(&self, pos: u64) -> String {
+        format!("{}:{pos}", self.at.file)
     }
 
     /// Read one binlog event and turn it into zero or more changes.
     async fn stream_step(&mut self) -> Result<(), MysqlError> {
         if self.stream.is_none() {
-            self.open_stream().await?;
+            // Boxed, as the other rare steps below: the future of every event stays small.
+            Box::pin(self.open_stream()).await?;
         }
         let period = self.cfg.heartbeat;
         let Some(stream) = self.stream.as_mut() else {
@@ -678,18 +686,20 @@ impl MysqlSource {
         let event_start =
             u64::from(header.log_pos()).saturating_sub(u64::from(header.event_size()));
         let end = u64::from(header.log_pos());
-        let position = self.here();
+        // Formatted only when an error needs it: this runs for every binlog event.
+        let read_at = self.next_pos;
         match raw_type {
             mariadb::GTID => {
                 let gtid =
                     mariadb::parse_gtid(event.data(), header.server_id()).ok_or_else(|| {
                         MysqlError::Unsupported {
-                            position: position.clone(),
+                            position: self.at_pos(read_at),
                             reason: "short MariaDB GTID event".into(),
                         }
                     })?;
-                self.at.gtid = Some(gtid.text());
-                self.at.gtid_state.insert(gtid.domain, gtid.text());
+                let text = gtid.text();
+                self.at.gtid = Some(text.clone());
+                self.at.gtid_state.insert(gtid.domain, text);
                 self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
                 if gtid.standalone {
                     self.standalone = true;
@@ -700,7 +710,7 @@ impl MysqlSource {
             mariadb::ANNOTATE_ROWS | mariadb::BINLOG_CHECKPOINT | mariadb::GTID_LIST => {}
             t if (mariadb::FIRST_UNSUPPORTED..=mariadb::LAST_UNSUPPORTED).contains(&t) => {
                 return Err(MysqlError::Unsupported {
-                    position,
+                    position: self.at_pos(read_at),
                     reason: format!("MariaDB event type {t} (encrypted or compressed binlog); set log_bin_compress=OFF and encrypt_binlog=OFF"),
                 });
             }
@@ -716,7 +726,7 @@ impl MysqlSource {
             }
             _ => {
                 let data = event.read_data().map_err(|e| MysqlError::Unsupported {
-                    position: position.clone(),
+                    position: self.at_pos(read_at),
                     reason: e.to_string(),
                 })?;
                 match data {
@@ -764,7 +774,7 @@ impl MysqlSource {
                             return Ok(());
                         } else {
                             self.next_pos = end;
-                            self.ddl(&schema, &statement, end).await?;
+                            Box::pin(self.ddl(&schema, &statement, end)).await?;
                             if self.in_tx.is_none() {
                                 self.standalone = false;
                                 self.at.pos = end;
@@ -777,10 +787,18 @@ impl MysqlSource {
                         }
                     }
                     Some(EventData::TableMapEvent(tme)) => {
-                        let shape = self.table_shape(&tme).await?;
-                        self.shapes.insert(tme.table_id(), shape);
+                        let body = event.data();
+                        let known = self
+                            .shapes
+                            .get(&tme.table_id())
+                            .is_some_and(|(seen, _)| seen.as_slice() == body);
+                        if !known {
+                            let shape = Box::pin(self.table_shape(&tme)).await?;
+                            self.shapes.insert(tme.table_id(), (body.to_vec(), shape));
+                        }
                     }
                     Some(EventData::RowsEvent(rows)) => {
+                        let position = self.at_pos(read_at);
                         self.rows(&rows, header.server_id(), event_start, &position)?;
                     }
                     Some(EventData::XidEvent(_)) => {
@@ -846,10 +864,33 @@ impl MysqlSource {
                     name: format!("@{i}"),
                     kind,
                     precision,
+                    meta: meta.to_vec(),
                     ..ColumnShape::default()
                 }
             })
             .collect();
+        // Signedness, charsets and the primary key once per TABLE_MAP, the way mysql_common
+        // assigns them to a row's columns (each list covers only the columns of its kind).
+        if let Ok(extract) = OptionalMetaExtractor::new(tme.iter_optional_meta()) {
+            let mut signedness = extract.iter_signedness();
+            let mut charsets = extract.iter_charset();
+            let mut enum_set_charsets = extract.iter_enum_and_set_charset();
+            let mut keys = extract.iter_primary_key();
+            for (i, c) in shape.iter_mut().enumerate() {
+                let Some(kind) = c.kind else { continue };
+                if kind.is_numeric_type() {
+                    c.unsigned = signedness.next().unwrap_or(false);
+                }
+                if kind.is_character_type() {
+                    c.charset = charsets.next().and_then(Result::ok).unwrap_or(0);
+                } else if kind.is_enum_or_set_type() {
+                    c.charset = enum_set_charsets.next().and_then(Result::ok).unwrap_or(0);
+                }
+                c.primary_key = keys
+                    .next_if(|k| k.as_ref().ok() == Some(&(i as u64)))
+                    .is_some();
+            }
+        }
         let mut names = Vec::new();
         let mut enums = Vec::new();
         let mut sets = Vec::new();
@@ -953,7 +994,7 @@ impl MysqlSource {
         if !self.captures(&db, &table) {
             return Ok(());
         }
-        let Some(shape) = self.shapes.get(&rows.table_id()) else {
+        let Some((_, shape)) = self.shapes.get(&rows.table_id()) else {
             return Ok(());
         };
         let op = match rows {
@@ -973,56 +1014,92 @@ impl MysqlSource {
             position: position.into(),
             error,
         };
-        let iter = match rows {
-            RowsEventData::WriteRowsEventV1(e) => e.rows(tme),
-            RowsEventData::UpdateRowsEventV1(e) => e.rows(tme),
-            RowsEventData::DeleteRowsEventV1(e) => e.rows(tme),
-            RowsEventData::WriteRowsEvent(e) => e.rows(tme),
-            RowsEventData::UpdateRowsEvent(e) => e.rows(tme),
-            RowsEventData::DeleteRowsEvent(e) => e.rows(tme),
-            RowsEventData::PartialUpdateRowsEvent(e) => e.rows(tme),
-        };
-        for (index, pair) in iter.enumerate() {
-            let (before, after) = pair.map_err(|e| MysqlError::Unsupported {
-                position: position.into(),
-                reason: e.to_string(),
-            })?;
-            let convert = |row: Option<BinlogRow>| -> Result<Option<(Row, Vec<bool>)>, MysqlError> {
-                let Some(mut row) = row else { return Ok(None) };
-                if row.len() != shape.len() {
-                    return Err(MysqlError::ServerSetting {
-                        variable: "binlog_row_image",
-                        found: "not FULL for this event".into(),
-                        want: "FULL",
-                    });
-                }
-                let pk: Vec<bool> = row
-                    .columns_ref()
-                    .iter()
-                    .map(|c| c.flags().contains(ColumnFlags::PRI_KEY_FLAG))
-                    .collect();
-                let mut image = Row::default();
-                for (i, col) in shape.iter().enumerate() {
-                    let (charset, unsigned) = row.columns_ref().get(i).map_or((0, false), |x| {
-                        (
-                            x.character_set(),
-                            x.flags().contains(ColumnFlags::UNSIGNED_FLAG),
-                        )
-                    });
-                    let raw = row.take(i).ok_or_else(|| {
-                        decode_err(DecodeError::Column {
-                            column: col.name.clone(),
-                            reason: "missing".into(),
-                        })
-                    })?;
-                    let v = decode::value(col, charset, unsigned, raw, &self.charsets)
-                        .map_err(decode_err)?;
-                    image.columns.push((col.name_arc.clone(), v));
-                }
-                Ok(Some((image, pk)))
+        // The event's column bitmaps and row bytes, read with the shape worked out once per
+        // TABLE_MAP. (mysql_common's row iterator re-parses the TABLE_MAP's optional metadata
+        // and builds a named `Column` for every column of every row: most of a row's cost.)
+        macro_rules! bits {
+            ($b:expr) => {
+                $b.iter().by_vals().collect::<Vec<bool>>()
             };
-            let before = convert(before)?;
-            let after = convert(after)?;
+        }
+        let (before_cols, after_cols, data, partial) = match rows {
+            RowsEventData::WriteRowsEventV1(e) => (
+                None,
+                Some(bits!(e.columns_after_image())),
+                e.rows_data(),
+                false,
+            ),
+            RowsEventData::WriteRowsEvent(e) => (
+                None,
+                Some(bits!(e.columns_after_image())),
+                e.rows_data(),
+                false,
+            ),
+            RowsEventData::DeleteRowsEventV1(e) => (
+                Some(bits!(e.columns_before_image())),
+                None,
+                e.rows_data(),
+                false,
+            ),
+            RowsEventData::DeleteRowsEvent(e) => (
+                Some(bits!(e.columns_before_image())),
+                None,
+                e.rows_data(),
+                false,
+            ),
+            RowsEventData::UpdateRowsEventV1(e) => (
+                Some(bits!(e.columns_before_image())),
+                Some(bits!(e.columns_after_image())),
+                e.rows_data(),
+                false,
+            ),
+            RowsEventData::UpdateRowsEvent(e) => (
+                Some(bits!(e.columns_before_image())),
+                Some(bits!(e.columns_after_image())),
+                e.rows_data(),
+                false,
+            ),
+            RowsEventData::PartialUpdateRowsEvent(e) => (
+                Some(bits!(e.columns_before_image())),
+                Some(bits!(e.columns_after_image())),
+                e.rows_data(),
+                true,
+            ),
+        };
+        let pk_flags: Vec<bool> = shape.iter().map(|c| c.primary_key).collect();
+        let mut buf = ParseBuf(data);
+        let mut index = 0usize;
+        while !buf.is_empty() {
+            let to_error = |e: ImageError| match e {
+                ImageError::Io(e) => MysqlError::Unsupported {
+                    position: position.into(),
+                    reason: e.to_string(),
+                },
+                ImageError::NotFull => MysqlError::ServerSetting {
+                    variable: "binlog_row_image",
+                    found: "not FULL for this event".into(),
+                    want: "FULL",
+                },
+                ImageError::Decode(error) => decode_err(error),
+            };
+            let before = match &before_cols {
+                Some(present) => Some((
+                    read_image(&mut buf, shape, present, false, &self.charsets)
+                        .map_err(to_error)?,
+                    &pk_flags,
+                )),
+                None => None,
+            };
+            let after = match &after_cols {
+                Some(present) => Some((
+                    read_image(&mut buf, shape, present, partial, &self.charsets)
+                        .map_err(to_error)?,
+                    &pk_flags,
+                )),
+                None => None,
+            };
+            let row_index = index;
+            index += 1;
             let (key_src, pk_flags) = match (&after, &before) {
                 (_, Some((b, f))) if op == Op::Delete => (b, f),
                 (Some((a, f)), _) => (a, f),
@@ -1066,13 +1143,18 @@ impl MysqlSource {
                 server_id: Some(server_id),
                 file: Some(self.at.file.clone()),
                 pos: Some(event_start),
-                row: u32::try_from(index).ok(),
+                row: u32::try_from(row_index).ok(),
                 gtid: self.at.gtid.clone(),
                 tx_id: self.in_tx.clone(),
                 ..SourceInfo::default()
             };
             let mut emit = |event: ChangeEvent| {
-                *self.tx_counts.entry(coll.clone()).or_default() += 1;
+                match self.tx_counts.get_mut(&coll) {
+                    Some(n) => *n += 1,
+                    None => {
+                        self.tx_counts.insert(coll.clone(), 1);
+                    }
+                }
                 self.pending.push_back(Change::Row(Box::new(event)));
             };
             if op == Op::Update && !key.columns.is_empty() && before_key.as_ref() != Some(&key) {
@@ -1118,6 +1200,8 @@ impl MysqlSource {
         else {
             return Ok(());
         };
+        // Column names may come from the definition (minimal metadata): shapes are redone.
+        self.shapes.clear();
         let mut at = self.at.clone();
         at.pos = end;
         at.snapshot = None;
@@ -1132,6 +1216,63 @@ impl MysqlSource {
         }
         Ok(())
     }
+}
+
+#[derive(Debug)]
+enum ImageError {
+    Io(std::io::Error),
+    NotFull,
+    Decode(DecodeError),
+}
+
+/// One row image of a rows event: (for the after image of a PARTIAL_UPDATE_ROWS event, its
+/// value options first) the NULL bitmap over the columns present, then each present non-NULL
+/// value in column order, decoded by mysql_common's binlog value decoder.
+fn read_image<'a>(
+    buf: &mut ParseBuf<'a>,
+    shape: &'a [ColumnShape],
+    present: &[bool],
+    shared: bool,
+    charsets: &HashMap<u16, String>,
+) -> Result<Row, ImageError> {
+    let short = || ImageError::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+    if present.len() != shape.len() || present.iter().any(|p| !p) {
+        return Err(ImageError::NotFull);
+    }
+    if shared {
+        let options = buf.checked_eat_lenenc_int().ok_or_else(short)?;
+        // Bit 1: PARTIAL_JSON_UPDATES, whose diffs this decoder refuses (see decode.rs).
+        if options & 1 != 0 {
+            return Err(ImageError::Decode(DecodeError::Column {
+                column: "(json)".into(),
+                reason: "partial JSON update; set binlog_row_value_options='' on the server".into(),
+            }));
+        }
+    }
+    let nulls = buf.checked_eat(shape.len().div_ceil(8)).ok_or_else(short)?;
+    let mut row = Row {
+        columns: Vec::with_capacity(shape.len()),
+    };
+    for (i, column) in shape.iter().enumerate() {
+        let is_null = nulls.get(i / 8).is_some_and(|b| b & (1 << (i % 8)) != 0);
+        let value = if is_null {
+            Value::Null
+        } else {
+            let kind = column.kind.ok_or_else(|| {
+                ImageError::Decode(DecodeError::Column {
+                    column: column.name.clone(),
+                    reason: "no column type in the TABLE_MAP".into(),
+                })
+            })?;
+            let raw: BinlogValue<'a> = buf
+                .parse((kind, column.meta.as_slice(), column.unsigned, false))
+                .map_err(ImageError::Io)?;
+            decode::value(column, column.charset, column.unsigned, raw, charsets)
+                .map_err(ImageError::Decode)?
+        };
+        row.columns.push((column.name_arc.clone(), value));
+    }
+    Ok(row)
 }
 
 /// `position` with a snapshot of `tables` (`db.table`) requested: the next start of the
@@ -1476,11 +1617,15 @@ impl Source for MysqlSource {
                 return Ok(change);
             }
             if self.snapshot.is_some() {
-                self.snapshot_step().await?;
+                Box::pin(self.snapshot_step()).await?;
             } else {
                 self.stream_step().await?;
             }
         }
+    }
+
+    fn ready(&mut self) -> Option<Change> {
+        self.pending.pop_front()
     }
 
     async fn acknowledge(&mut self, _position: &Position) -> Result<(), MysqlError> {
