@@ -10,6 +10,7 @@
 #
 # Prints: events, events/s, MB/s of record values, CPU seconds, peak RSS of the lander,
 # files and bytes landed; and the consume-only rate. N = 10M × BENCH_SCALE (default 1).
+# BENCH_QANAT_BIN=path measures that binary instead of building the release one.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=lake-land
@@ -20,7 +21,11 @@ SCALE=${BENCH_SCALE:-1}
 EVENTS=$(python3 -c "print(max(1000, int(10000000 * $SCALE)))")
 PARTITIONS=4
 command -v kcat >/dev/null || die "kcat not found (Debian package kcat)"
-build_release qanat
+if [ -n "${BENCH_QANAT_BIN:-}" ]; then
+  QANAT_BIN=$BENCH_QANAT_BIN # measure another build (e.g. a debug one) without building
+else
+  build_release qanat
+fi
 start_tmp qanat-lake-land-bench
 
 log "starting the broker"

@@ -109,6 +109,15 @@ pub struct AuditReport {
     pub ok: bool,
 }
 
+/// A snapshot row of a key changed in the day: deleted flag, `_partition`, `_offset` and
+/// data values.
+type SnapshotRow = (
+    bool,
+    Option<i64>,
+    Option<i64>,
+    Vec<(String, Option<String>)>,
+);
+
 /// A key's latest change of the day, and the latest non-delete change before it.
 #[derive(Debug, Clone)]
 struct Change {
@@ -460,15 +469,7 @@ pub fn audit(
     if let Some(manifest) = &manifest {
         snapshot_rows = Some(manifest.rows);
         // Key → (deleted, partition, offset, values) for the keys changed in the day.
-        let mut snap: HashMap<
-            Vec<String>,
-            (
-                bool,
-                Option<i64>,
-                Option<i64>,
-                Vec<(String, Option<String>)>,
-            ),
-        > = HashMap::new();
+        let mut snap: HashMap<Vec<String>, SnapshotRow> = HashMap::new();
         for f in &manifest.files {
             let path = snap_dir.join(&f.name);
             let (batches, _) = read_batches(&path)?;

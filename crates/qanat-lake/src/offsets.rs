@@ -120,6 +120,9 @@ pub fn scan(changes_dir: &Path) -> Result<(Vec<FoundFile>, Vec<PathBuf>), Recove
     Ok((files, tmps))
 }
 
+/// A partition's groups: offset range → its files.
+type Groups = BTreeMap<(i64, i64), Vec<PathBuf>>;
+
 /// What recovery found and did.
 #[derive(Debug, Default)]
 pub struct Recovery {
@@ -186,7 +189,7 @@ pub fn recover_partitions(
         out.removed_tmp.push(tmp);
     }
     // (topic, partition) → (first, last) → files of that group.
-    let mut groups: HashMap<(String, i32), BTreeMap<(i64, i64), Vec<PathBuf>>> = HashMap::new();
+    let mut groups: HashMap<(String, i32), Groups> = HashMap::new();
     for f in files {
         groups
             .entry((f.topic, f.partition))

@@ -2,6 +2,8 @@
 //! once with its values and metadata (read back with pyarrow), across reruns, schema
 //! changes, bad records and `kill -9` at random moments under load.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
 mod support;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -424,6 +424,17 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         .map(|t| metrics::counter!("qanat_lake_events_total", "table" => t.clone()))
         .collect();
     let mut consumed: HashMap<(String, i32), i64> = HashMap::new();
+    let lag_positions = Arc::new(Mutex::new(HashMap::new()));
+    let lag_done = Arc::new(AtomicBool::new(false));
+    spawn_lag_reporter(&settings, lag_positions.clone(), lag_done.clone())?;
+    // Stops the reporter however this function returns.
+    struct StopOnDrop(Arc<AtomicBool>);
+    impl Drop for StopOnDrop {
+        fn drop(&mut self) {
+            self.0.store(true, Ordering::SeqCst);
+        }
+    }
+    let _stop_lag = StopOnDrop(lag_done);
     let mut total_events = 0u64;
     let mut total_files = 0u64;
     let mut last_tick = Instant::now();
@@ -451,9 +462,9 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
             };
             total_files += commit(&consumer, &tables, &landed)?;
         }
-        if now.duration_since(last_lag) >= Duration::from_secs(10) {
+        if now.duration_since(last_lag) >= Duration::from_secs(1) {
             last_lag = now;
-            report_lag(&consumer, &consumed);
+            lock(&lag_positions).clone_from(&consumed);
         }
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
             continue;
@@ -580,11 +591,34 @@ fn commit(
     Ok(files)
 }
 
-fn report_lag(consumer: &BaseConsumer<LandContext>, consumed: &HashMap<(String, i32), i64>) {
-    for ((t, p), pos) in consumed {
-        if let Ok((_, high)) = consumer.fetch_watermarks(t, *p, Duration::from_secs(5)) {
-            metrics::gauge!("qanat_lake_lag", "topic" => t.clone(), "partition" => p.to_string())
-                .set((high - pos).max(0) as f64);
+/// Lag per partition (end offset − consumed position) every 10 s, from a client of its own:
+/// a blocking watermark request on the landing consumer would stall consuming.
+fn spawn_lag_reporter(
+    settings: &Settings,
+    positions: Arc<Mutex<HashMap<(String, i32), i64>>>,
+    done: Arc<AtomicBool>,
+) -> anyhow::Result<()> {
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", &settings.bootstrap)
+        .set("group.id", format!("{}-lag", settings.group));
+    let client: BaseConsumer = crate::kafka_security::apply(&mut config)
+        .create()
+        .context("creating the lag client")?;
+    std::thread::spawn(move || {
+        while !done.load(Ordering::SeqCst) {
+            std::thread::park_timeout(Duration::from_secs(10));
+            let now: Vec<((String, i32), i64)> = lock(&positions)
+                .iter()
+                .map(|(k, v)| (k.clone(), *v))
+                .collect();
+            for ((t, p), pos) in now {
+                if let Ok((_, high)) = client.fetch_watermarks(&t, p, Duration::from_secs(5)) {
+                    metrics::gauge!("qanat_lake_lag", "topic" => t.clone(), "partition" => p.to_string())
+                        .set((high - pos).max(0) as f64);
+                }
+            }
         }
-    }
+    });
+    Ok(())
 }
