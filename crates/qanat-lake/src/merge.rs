@@ -587,13 +587,16 @@ impl Delta {
     }
 }
 
+/// Data files written, with their rows.
+type WrittenFiles = Vec<(PathBuf, u64)>;
+
 /// Writes the partition's data files, rolling to a new file every few row groups.
 struct PartitionWriter {
     dir: PathBuf,
     schema: SchemaRef,
     props: WriterProperties,
     writer: Option<(ArrowWriter<File>, PathBuf, u64)>,
-    files: Vec<(PathBuf, u64)>,
+    files: WrittenFiles,
 }
 
 impl PartitionWriter {
@@ -656,7 +659,7 @@ impl PartitionWriter {
         Ok(())
     }
 
-    fn finish(mut self) -> Result<Vec<(PathBuf, u64)>, LakeError> {
+    fn finish(mut self) -> Result<WrittenFiles, LakeError> {
         if self.files.is_empty() && self.writer.is_none() {
             // An empty partition still has one file, so readers see its columns.
             self.write(&RecordBatch::new_empty(self.schema.clone()))?;
@@ -880,7 +883,7 @@ fn spawn_writer<'scope>(
     mut writer: PartitionWriter,
 ) -> (
     SyncSender<RecordBatch>,
-    std::thread::ScopedJoinHandle<'scope, Result<Vec<(PathBuf, u64)>, LakeError>>,
+    std::thread::ScopedJoinHandle<'scope, Result<WrittenFiles, LakeError>>,
 ) {
     let (tx, rx) = sync_channel::<RecordBatch>(4);
     let handle = scope.spawn(move || {
@@ -948,13 +951,38 @@ impl Buckets {
     }
 }
 
-fn read_bucket(path: &Path) -> Result<Vec<RecordBatch>, LakeError> {
+/// The batches of one bucket file, streamed.
+fn read_bucket(
+    path: &Path,
+) -> Result<impl Iterator<Item = Result<RecordBatch, LakeError>>, LakeError> {
     let file = File::open(path).map_err(LakeError::io(path))?;
-    let reader = arrow_ipc::reader::FileReader::try_new(file, None)
+    let reader = arrow_ipc::reader::FileReader::try_new(std::io::BufReader::new(file), None)
         .map_err(LakeError::arrow(path.display().to_string()))?;
-    reader
-        .map(|b| b.map_err(LakeError::arrow(path.display().to_string())))
-        .collect()
+    let name = path.display().to_string();
+    Ok(reader.map(move |b| b.map_err(LakeError::arrow(name.clone()))))
+}
+
+/// Streams base batches past the delta into the writer, then the delta's new keys; returns
+/// the base rows seen. A closed writer channel means the writer failed: joining it reports
+/// why.
+fn stream_join(
+    plan: &Plan,
+    delta: &mut Delta,
+    base: impl Iterator<Item = Result<RecordBatch, LakeError>>,
+    out: &SyncSender<RecordBatch>,
+) -> Result<u64, LakeError> {
+    let mut rows = 0u64;
+    for batch in base {
+        let batch = batch?;
+        rows += batch.num_rows() as u64;
+        if out.send(delta.probe(plan, &batch)?).is_err() {
+            return Ok(rows);
+        }
+    }
+    if let Some(batch) = delta.inserts()? {
+        let _ = out.send(batch);
+    }
+    Ok(rows)
 }
 
 /// Runs the join; returns (data files with rows, change rows, base rows, buckets).
@@ -965,7 +993,7 @@ fn join(
     base: &[ParquetInput],
     staging: &Path,
     sources: &mut Sources,
-) -> Result<(Vec<(PathBuf, u64)>, u64, u64, usize), LakeError> {
+) -> Result<(WrittenFiles, u64, u64, usize), LakeError> {
     let window = match &opts.drift {
         Some(config) => Some((config, DriftWindow::new(opts.ds, config)?)),
         None => None,
@@ -990,20 +1018,7 @@ fn join(
         let (files, base_rows) = std::thread::scope(|scope| {
             let base_rx = spawn_base_reader(scope, plan, base);
             let (out, handle) = spawn_writer(scope, writer);
-            let run = (|| {
-                let mut base_rows = 0u64;
-                for batch in base_rx.iter() {
-                    let batch = batch?;
-                    base_rows += batch.num_rows() as u64;
-                    if out.send(delta.probe(plan, &batch)?).is_err() {
-                        return Ok(base_rows);
-                    }
-                }
-                if let Some(batch) = delta.inserts()? {
-                    let _ = out.send(batch);
-                }
-                Ok::<_, LakeError>(base_rows)
-            })();
+            let run = stream_join(plan, &mut delta, base_rx.iter(), &out);
             drop(out);
             drop(base_rx);
             let files = handle
@@ -1045,27 +1060,15 @@ fn join(
     let base_paths = base_buckets.finish()?;
     let files = std::thread::scope(|scope| {
         let (out, handle) = spawn_writer(scope, writer);
-        let run = (|| {
-            for i in 0..k {
-                let mut delta = Delta::build(
-                    plan,
-                    read_bucket(&day_paths[i])?,
-                    read_bucket(&next_paths[i])?,
-                    opts.delete_mode,
-                )?;
-                for batch in read_bucket(&base_paths[i])? {
-                    if out.send(delta.probe(plan, &batch)?).is_err() {
-                        return Ok(());
-                    }
-                }
-                if let Some(batch) = delta.inserts()? {
-                    if out.send(batch).is_err() {
-                        return Ok(());
-                    }
-                }
-            }
-            Ok::<_, LakeError>(())
-        })();
+        let run = (0..k).try_for_each(|i| {
+            let mut delta = Delta::build(
+                plan,
+                read_bucket(&day_paths[i])?.collect::<Result<_, _>>()?,
+                read_bucket(&next_paths[i])?.collect::<Result<_, _>>()?,
+                opts.delete_mode,
+            )?;
+            stream_join(plan, &mut delta, read_bucket(&base_paths[i])?, &out).map(|_| ())
+        });
         drop(out);
         let files = handle
             .join()
