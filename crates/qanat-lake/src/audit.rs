@@ -330,7 +330,7 @@ pub fn audit(
     for path in &files {
         let (batches, kv) = read_batches(path)?;
         let pk: Vec<String> = kv
-            .get("qanat.primary_key")
+            .get(columns::PRIMARY_KEY_METADATA)
             .map(|s| {
                 s.split(',')
                     .filter(|c| !c.is_empty())

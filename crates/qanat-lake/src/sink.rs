@@ -14,6 +14,7 @@ use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
 
+use crate::columns;
 use crate::schema::{
     change_log_schema, DataBuilders, DataColumn, Fit, MetaBuilders, RowImage, RowMeta, ValueError,
 };
@@ -204,7 +205,7 @@ impl ChangeFile {
             ("qanat.partition", facts.partition.to_string()),
             ("qanat.first_offset", facts.first_offset.to_string()),
             ("qanat.last_offset", facts.last_offset.to_string()),
-            ("qanat.primary_key", facts.primary_key.join(",")),
+            (columns::PRIMARY_KEY_METADATA, facts.primary_key.join(",")),
             ("qanat.group_files", facts.group_files.to_string()),
         ];
         for (k, v) in kv {
