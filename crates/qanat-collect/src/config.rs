@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,10 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
+    /// PEM certificate (then its chain): serve HTTPS. Reloaded on SIGHUP, with the key.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +83,8 @@ impl Default for ServerConfig {
             bot_patterns: Vec::new(),
             header_read_timeout_ms: 10_000,
             max_connections: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -260,6 +267,11 @@ impl CollectConfig {
         if self.server.header_read_timeout_ms == 0 {
             return Err(ConfigError::Invalid(
                 "server.header_read_timeout_ms must be at least 1".into(),
+            ));
+        }
+        if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "server.tls_cert_file and server.tls_key_file go together".into(),
             ));
         }
         if self.server.max_connections == 0 {
