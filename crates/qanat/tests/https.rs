@@ -63,7 +63,7 @@ with urllib.request.urlopen(url, context=ctx, timeout=60) as r:
                 print(line.decode().strip())
                 break
     else:
-        print(r.read().decode())
+        print(r.read().decode(errors="replace"))
 "#;
 
 fn py_get(url: &str, ca: &Path, first_event: bool) -> Output {
@@ -177,7 +177,7 @@ fn collect_takes_a_beacon_over_https_and_reloads_its_certificate_on_sighup() {
     // SIGHUP: new connections get the new certificate.
     assert_eq!(served_certificate(&c.addr), first_der);
     let (_, second_der) = make_certs(dir.path(), "collect two");
-    c.signal("HUP");
+    c.signal("-HUP");
     poll_until("the certificate reload", DEADLINE, || {
         if c.stderr().contains("HTTPS TLS certificate reloaded") {
             Ok(())
