@@ -434,4 +434,17 @@ mod tests {
         assert!(one.contains("::1".parse().unwrap()));
         assert!(!one.contains("127.0.0.1".parse().unwrap()));
     }
+
+    #[test]
+    fn tls_cert_and_key_go_together() {
+        let env = vec![(
+            "QANAT_COLLECT_SERVER_TLS_CERT_FILE".to_string(),
+            "/etc/qanat/cert.pem".to_string(),
+        )];
+        let err = CollectConfig::from_toml_with_env(MIN, env).unwrap_err();
+        assert!(err.to_string().contains("server.tls_key_file"), "{err}");
+        let both = format!("[server]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n{MIN}");
+        let c = CollectConfig::from_toml_with_env(&both, Vec::new()).unwrap();
+        assert_eq!(c.server.tls_key_file, Some(PathBuf::from("k.pem")));
+    }
 }
