@@ -2,7 +2,8 @@
 //! (`rcgen`), spoken to by Python's `urllib`/`ssl` trusting only the generated CA:
 //! `qanat collect` takes a beacon over HTTPS and the event reaches the bus; the broker's push
 //! endpoint and metrics endpoints answer over HTTPS; plain HTTP to an HTTPS port gets no
-//! answer; SIGHUP puts a new certificate in front of new connections.
+//! answer; SIGHUP puts a new certificate in front of new connections, on the HTTP endpoints
+//! and on a Kafka SSL listener, whose open connections keep working.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod collect_support;
@@ -223,4 +224,55 @@ fn broker_push_and_metrics_endpoints_serve_https() {
     assert!(body.contains("qanat_"), "{body}");
     assert_plain_http_refused(&http, "/v1/topics/events/events?from=earliest");
     assert_plain_http_refused(&metrics, "/metrics");
+}
+
+#[test]
+fn kafka_ssl_listener_reloads_its_certificate_and_keeps_open_connections() {
+    use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
+    let dir = tempfile::tempdir().unwrap();
+    let (certs, first_der) = make_certs(dir.path(), "kafka one");
+    let broker = Broker::builder()
+        .config(&format!(
+            "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[[broker.listener]]\nname = \"TLS\"\naddress = \"127.0.0.1:0\"\nsecurity_protocol = \"SSL\"\n",
+            certs.cert.display(),
+            certs.key.display()
+        ))
+        .start();
+    let tls = broker.listener_addr("TLS");
+    let ca = certs.ca.to_str().unwrap().to_string();
+    let producer: ThreadedProducer<rdkafka::producer::DefaultProducerContext> = producer_config(
+        &tls,
+        &[("security.protocol", "ssl"), ("ssl.ca.location", &ca)],
+    )
+    .create()
+    .unwrap();
+    producer
+        .send(BaseRecord::<(), str>::to("reload").payload("before"))
+        .unwrap();
+    producer.flush(DEADLINE).unwrap();
+    assert_eq!(served_certificate(&tls), first_der);
+
+    // A new certificate from a new CA: the producer trusts only the first CA (librdkafka
+    // reads it once), so its records after the reload can only travel on the connection it
+    // opened before.
+    let (_, second_der) = make_certs(dir.path(), "kafka two");
+    std::process::Command::new("kill")
+        .args(["-HUP", &broker.pid().unwrap().to_string()])
+        .status()
+        .unwrap();
+    poll_until("the certificate reload", DEADLINE, || {
+        if broker.stderr().contains("SIGHUP: TLS certificate reloaded") {
+            Ok(())
+        } else {
+            Err(broker.stderr_tail(5))
+        }
+    });
+    assert_eq!(served_certificate(&tls), second_der);
+    producer
+        .send(BaseRecord::<(), str>::to("reload").payload("after"))
+        .unwrap();
+    producer.flush(DEADLINE).unwrap();
+    let got = consume_all(&broker.bootstrap(), "reload", 0, 2);
+    let values: Vec<_> = got.iter().map(|m| m.value.clone().unwrap()).collect();
+    assert_eq!(values, vec![b"before".to_vec(), b"after".to_vec()]);
 }
