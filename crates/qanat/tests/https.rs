@@ -3,7 +3,8 @@
 //! `qanat collect` takes a beacon over HTTPS and the event reaches the bus; the broker's push
 //! endpoint and metrics endpoints answer over HTTPS; plain HTTP to an HTTPS port gets no
 //! answer; SIGHUP puts a new certificate in front of new connections, on the HTTP endpoints
-//! and on a Kafka SSL listener, whose open connections keep working.
+//! and on a Kafka SSL listener, whose open connections keep working; a client certificate's
+//! subject is the principal ACLs check (`User:CN=alice` may write, `User:CN=mallory` not).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod collect_support;
@@ -275,4 +276,93 @@ fn kafka_ssl_listener_reloads_its_certificate_and_keeps_open_connections() {
     let got = consume_all(&broker.bootstrap(), "reload", 0, 2);
     let values: Vec<_> = got.iter().map(|m| m.value.clone().unwrap()).collect();
     assert_eq!(values, vec![b"before".to_vec(), b"after".to_vec()]);
+}
+
+/// A client CA in `dir` (`clients-ca.pem`) and, per common name, `NAME.pem`/`NAME.key`.
+fn make_client_certs(dir: &Path, names: &[&str]) -> PathBuf {
+    let ca_key = rcgen::KeyPair::generate().unwrap();
+    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "qanat clients CA");
+    let ca = ca_params.self_signed(&ca_key).unwrap();
+    for name in names {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, *name);
+        let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
+    }
+    let path = dir.join("clients-ca.pem");
+    std::fs::write(&path, ca.pem()).unwrap();
+    path
+}
+
+#[test]
+fn client_certificate_subject_is_the_principal_acls_check() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    let (certs, _) = make_certs(dir.path(), "localhost");
+    let clients_ca = make_client_certs(dir.path(), &["alice", "mallory"]);
+    let out = qanat_command()
+        .args(["acls", "--data-dir"])
+        .arg(&data)
+        .args([
+            "add",
+            "--topic",
+            "orders",
+            "--principal",
+            "User:CN=alice",
+            "--operation",
+            "Write",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let broker = Broker::builder()
+        .data_dir(&data)
+        .config(&format!(
+            "[security]\nauthorizer = true\nsuper_users = [\"User:ANONYMOUS\"]\n\n[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\nclient_auth = \"required\"\nclient_ca_file = \"{}\"\n\n[[broker.listener]]\nname = \"TLS\"\naddress = \"127.0.0.1:0\"\nsecurity_protocol = \"SSL\"\n",
+            certs.cert.display(),
+            certs.key.display(),
+            clients_ca.display()
+        ))
+        .start();
+    // The PLAINTEXT listener is a super user here: it creates the topic.
+    produce(&broker.bootstrap(), "orders", &[Rec::value("o0")], &[]);
+    let tls = broker.listener_addr("TLS");
+    let ca = certs.ca.to_str().unwrap().to_string();
+    let as_client = |name: &str| {
+        let cert = dir.path().join(format!("{name}.pem"));
+        let key = dir.path().join(format!("{name}.key"));
+        try_produce(
+            &tls,
+            "orders",
+            &[Rec::value(format!("from {name}"))],
+            &[
+                ("security.protocol", "ssl"),
+                ("ssl.ca.location", &ca),
+                ("ssl.certificate.location", cert.to_str().unwrap()),
+                ("ssl.key.location", key.to_str().unwrap()),
+                ("message.timeout.ms", "20000"),
+            ],
+        )
+    };
+    let alice = as_client("alice");
+    assert!(alice[0].is_ok(), "alice may write: {alice:?}");
+    let mallory = as_client("mallory");
+    let err = mallory[0].clone().unwrap_err();
+    assert!(err.to_lowercase().contains("authoriz"), "mallory: {err}");
+    let got = consume_all(&broker.bootstrap(), "orders", 0, 2);
+    let values: Vec<_> = got.iter().map(|m| m.value.clone().unwrap()).collect();
+    assert_eq!(values, vec![b"o0".to_vec(), b"from alice".to_vec()]);
 }
