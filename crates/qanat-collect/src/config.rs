@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -58,6 +59,10 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
+    /// PEM certificate (then its chain): serve HTTPS. Reloaded on SIGHUP, with the key.
+    pub tls_cert_file: Option<PathBuf>,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: Option<PathBuf>,
 }
 
 impl Default for ServerConfig {
@@ -78,6 +83,8 @@ impl Default for ServerConfig {
             bot_patterns: Vec::new(),
             header_read_timeout_ms: 10_000,
             max_connections: 10_000,
+            tls_cert_file: None,
+            tls_key_file: None,
         }
     }
 }
@@ -262,6 +269,11 @@ impl CollectConfig {
                 "server.header_read_timeout_ms must be at least 1".into(),
             ));
         }
+        if self.server.tls_cert_file.is_some() != self.server.tls_key_file.is_some() {
+            return Err(ConfigError::Invalid(
+                "server.tls_cert_file and server.tls_key_file go together".into(),
+            ));
+        }
         if self.server.max_connections == 0 {
             return Err(ConfigError::Invalid(
                 "server.max_connections must be at least 1".into(),
@@ -421,5 +433,18 @@ mod tests {
         let one = Cidr::parse("::1").unwrap();
         assert!(one.contains("::1".parse().unwrap()));
         assert!(!one.contains("127.0.0.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn tls_cert_and_key_go_together() {
+        let env = vec![(
+            "QANAT_COLLECT_SERVER_TLS_CERT_FILE".to_string(),
+            "/etc/qanat/cert.pem".to_string(),
+        )];
+        let err = CollectConfig::from_toml_with_env(MIN, env).unwrap_err();
+        assert!(err.to_string().contains("server.tls_key_file"), "{err}");
+        let both = format!("[server]\ntls_cert_file = \"c.pem\"\ntls_key_file = \"k.pem\"\n{MIN}");
+        let c = CollectConfig::from_toml_with_env(&both, Vec::new()).unwrap();
+        assert_eq!(c.server.tls_key_file, Some(PathBuf::from("k.pem")));
     }
 }

@@ -12,6 +12,8 @@
 //!   count of failures in between; it serves again as soon as descriptors are free.
 //! * Shutdown stops accepting at once, lets requests in flight finish and closes idle
 //!   connections.
+//! * With TLS, the handshake runs in the connection's own task (a slow handshake holds only
+//!   its own permit) and must finish within `header_read_timeout`.
 
 use std::future::Future;
 use std::io;
@@ -27,6 +29,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
 const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(10);
@@ -40,10 +43,33 @@ pub struct Limits {
     pub max_connections: usize,
 }
 
+/// Serve one connection (plain or TLS) until it closes or shutdown closes it.
+async fn serve_io<I, S>(
+    builder: http1::Builder,
+    io: I,
+    service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+) -> Result<(), hyper::Error>
+where
+    I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+    S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    watcher.watch(builder.serve_connection(io, service)).await
+}
+
 /// Serve `router` on `listener` until `shutdown` resolves, then finish what is in flight.
 /// Handlers see the peer address as `ConnectInfo<SocketAddr>`.
-pub async fn serve<F>(listener: TcpListener, router: Router, limits: Limits, shutdown: F)
-where
+pub async fn serve<F>(
+    listener: TcpListener,
+    router: Router,
+    limits: Limits,
+    tls: Option<TlsAcceptor>,
+    shutdown: F,
+) where
     F: Future<Output = ()> + Send + 'static,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
@@ -94,13 +120,31 @@ where
                 req.extensions_mut().insert(ConnectInfo(peer));
                 req
             });
-        let conn = graceful.watch(
-            builder.serve_connection(TokioIo::new(stream), TowerToHyperService::new(service)),
-        );
+        let service = TowerToHyperService::new(service);
+        let watcher = graceful.watcher();
+        let builder = builder.clone();
+        let tls = tls.clone();
+        let handshake_timeout = limits.header_read_timeout;
         let open = open.clone();
         open.increment(1.0);
         tokio::spawn(async move {
-            if let Err(e) = conn.await {
+            let served = match tls {
+                None => serve_io(builder, TokioIo::new(stream), service, watcher).await,
+                Some(acceptor) => {
+                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => serve_io(builder, TokioIo::new(tls), service, watcher).await,
+                        Ok(Err(e)) => {
+                            tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                            Ok(())
+                        }
+                        Err(_) => {
+                            tracing::debug!(%peer, "TLS handshake timed out");
+                            Ok(())
+                        }
+                    }
+                }
+            };
+            if let Err(e) = served {
                 tracing::debug!(%peer, error = %e, "connection closed with an error");
             }
             open.decrement(1.0);

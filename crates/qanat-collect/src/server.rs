@@ -188,9 +188,11 @@ impl Collector {
 
     /// Serve until `shutdown` resolves; then finish in-flight requests, drain every route's
     /// buffer to the broker (bounded by `shutdown_timeout_ms`) and report per route.
+    /// Serve HTTP on `listener` (HTTPS with `tls`) until `shutdown`, then drain the routes.
     pub async fn serve<F>(
         self,
         listener: tokio::net::TcpListener,
+        tls: Option<tokio_rustls::TlsAcceptor>,
         shutdown: F,
     ) -> Result<Vec<DrainReport>, CollectError>
     where
@@ -200,7 +202,7 @@ impl Collector {
             header_read_timeout: Duration::from_millis(self.state.cfg.header_read_timeout_ms),
             max_connections: self.state.cfg.max_connections,
         };
-        crate::conn::serve(listener, self.router(), limits, shutdown).await;
+        crate::conn::serve(listener, self.router(), limits, tls, shutdown).await;
         tracing::info!("HTTP stopped; draining routes");
         let _ = self.shutdown.send(true);
         let mut reports = Vec::with_capacity(self.pumps.len());

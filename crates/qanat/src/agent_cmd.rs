@@ -66,7 +66,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .properties("output.security")
         .with_context(|| format!("in configuration {}", args.config.display()))?;
     if let Some(addr) = args.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr).await?;
+        let bound = crate::telemetry::serve_metrics(addr, None).await?;
         println!("qanat metrics listening on {bound}");
     }
 

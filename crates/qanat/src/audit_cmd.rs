@@ -61,7 +61,7 @@ const EXIT_ERROR: i32 = 2;
 pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     args.security.install()?;
     if let Some(addr) = args.metrics_listen {
-        match crate::telemetry::serve_metrics(addr).await {
+        match crate::telemetry::serve_metrics(addr, None).await {
             Ok(bound) => {
                 let mut out = std::io::stdout();
                 let _ = writeln!(out, "qanat metrics listening on {bound}");

@@ -29,6 +29,13 @@ pub struct BrokerArgs {
     /// Serve the HTTP API (push subscriptions) on this address.
     #[arg(long, env = "QANAT_HTTP_LISTEN")]
     http_listen: Option<SocketAddr>,
+    /// PEM certificate: serve the HTTP API and the metrics endpoint over HTTPS (reloaded on
+    /// SIGHUP with the key).
+    #[arg(long, env = "QANAT_HTTP_TLS_CERT_FILE", requires = "http_tls_key_file")]
+    http_tls_cert_file: Option<PathBuf>,
+    /// PEM private key of --http-tls-cert-file.
+    #[arg(long, env = "QANAT_HTTP_TLS_KEY_FILE", requires = "http_tls_cert_file")]
+    http_tls_key_file: Option<PathBuf>,
 }
 
 fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
@@ -48,8 +55,16 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let config = load_config(args.config.as_ref())?;
     let mut stdout = std::io::stdout();
+    let http_tls = match (&args.http_tls_cert_file, &args.http_tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::https::load(
+            cert,
+            key,
+            "--http-tls-cert-file/--http-tls-key-file",
+        )?),
+        _ => None,
+    };
     if let Some(addr) = args.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr).await?;
+        let bound = crate::telemetry::serve_metrics(addr, http_tls.clone()).await?;
         writeln!(stdout, "qanat metrics listening on {bound}")?;
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -103,8 +118,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
             .with_context(|| format!("binding the HTTP API on {addr}"))?;
         writeln!(stdout, "qanat http listening on {}", listener.local_addr()?)?;
         let app = qanat_broker::push::router(broker.clone());
+        let tls = http_tls.clone();
         tokio::spawn(async move {
-            if let Err(e) = axum::serve(listener, app).await {
+            if let Err(e) = crate::https::serve(listener, tls.as_deref(), app).await {
                 tracing::error!(error = %e, "HTTP API stopped");
             }
         });
@@ -140,6 +156,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
                     tracing::error!(error = %e, "SIGHUP: TLS certificate not reloaded; the previous one stays in use")
                 }
                 None => tracing::info!("SIGHUP: no [tls] configured, nothing to reload"),
+            }
+            if let Some(tls) = &http_tls {
+                crate::https::reload(tls, "HTTP");
             }
         }
     });

@@ -178,7 +178,7 @@ async fn run_connectors(
     let config = load(&args, security)?;
     let mut stdout = std::io::stdout();
     if let Some(addr) = args.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr).await?;
+        let bound = crate::telemetry::serve_metrics(addr, None).await?;
         writeln!(stdout, "qanat metrics listening on {bound}")?;
     }
     let (stop_tx, stop_rx) = watch::channel(false);

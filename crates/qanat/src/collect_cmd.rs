@@ -1,5 +1,5 @@
 //! `qanat collect`: the HTTP collection server for web and mobile logs, until SIGTERM/SIGINT;
-//! SIGHUP reloads the `[apps]` throttle table from the config file.
+//! SIGHUP reloads the `[apps]` throttle table from the config file and the HTTPS certificate.
 
 use std::io::Write;
 use std::net::SocketAddr;
@@ -21,9 +21,15 @@ pub struct CollectArgs {
     /// Kafka-protocol bootstrap servers; overrides [kafka] bootstrap.
     #[arg(long)]
     bootstrap: Option<String>,
-    /// Serve Prometheus metrics at http://ADDR/metrics.
+    /// Serve Prometheus metrics at http://ADDR/metrics (HTTPS when [server] has a certificate).
     #[arg(long, env = "QANAT_COLLECT_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// PEM certificate: serve HTTPS; overrides [server] tls_cert_file.
+    #[arg(long)]
+    tls_cert_file: Option<PathBuf>,
+    /// PEM private key; overrides [server] tls_key_file.
+    #[arg(long)]
+    tls_key_file: Option<PathBuf>,
     /// Override [kafka.security] key by key.
     #[command(flatten)]
     security: crate::kafka_security::SecurityArgs,
@@ -48,7 +54,22 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     if let Some(bootstrap) = args.bootstrap {
         config.kafka.bootstrap = bootstrap;
     }
+    if let Some(cert) = args.tls_cert_file {
+        config.server.tls_cert_file = Some(cert);
+    }
+    if let Some(key) = args.tls_key_file {
+        config.server.tls_key_file = Some(key);
+    }
     config.kafka.security.overlay(&args.security.overrides());
+    let tls = match (&config.server.tls_cert_file, &config.server.tls_key_file) {
+        (Some(cert), Some(key)) => Some(crate::https::load(
+            cert,
+            key,
+            "server.tls_cert_file/server.tls_key_file",
+        )?),
+        (None, None) => None,
+        _ => anyhow::bail!("server.tls_cert_file and server.tls_key_file go together"),
+    };
     // Check it all and read the password now, so a bad setting fails the start with its key.
     config
         .kafka
@@ -70,7 +91,7 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     // Before the collector starts: its metric handles bind to the installed recorder.
     if let Some(addr) = args.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr).await?;
+        let bound = crate::telemetry::serve_metrics(addr, tls.clone()).await?;
         writeln!(stdout, "qanat metrics listening on {bound}")?;
     }
     let listen = config.server.listen;
@@ -84,8 +105,12 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
     let throttle = collector.throttle();
     let path = args.config.clone();
     let mut hup = signal(SignalKind::hangup())?;
+    let reload_tls = tls.clone();
     tokio::spawn(async move {
         while hup.recv().await.is_some() {
+            if let Some(tls) = &reload_tls {
+                crate::https::reload(tls, "HTTPS");
+            }
             match load_config(&path) {
                 Ok(c) => {
                     let version = throttle.replace_all(c.apps);
@@ -109,7 +134,9 @@ pub async fn run(args: CollectArgs) -> anyhow::Result<()> {
             _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
         }
     };
-    let reports = collector.serve(listener, shutdown).await?;
+    let reports = collector
+        .serve(listener, tls.map(|t| t.acceptor().clone()), shutdown)
+        .await?;
     let mut lost = 0;
     for r in &reports {
         tracing::info!(route = %r.route, delivered = r.delivered, failed = r.failed, undelivered = r.undelivered, "route drained");

@@ -7,6 +7,7 @@ mod broker_cmd;
 mod cdc_cmd;
 mod collect_cmd;
 mod groups_cmd;
+mod https;
 mod kafka_security;
 mod lake_cmd;
 mod sync_cmd;

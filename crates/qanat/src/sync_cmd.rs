@@ -216,7 +216,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     }
     let settings = first.unwrap_or_default();
     if let Some(addr) = common.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr).await?;
+        let bound = crate::telemetry::serve_metrics(addr, None).await?;
         eprintln!("qanat metrics listening on {bound}");
     }
     let throttle = Arc::new(Throttle::new(

@@ -2,6 +2,7 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
+use std::sync::Arc;
 
 use anyhow::Context;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
@@ -27,8 +28,12 @@ const SECONDS_BUCKETS: &[f64] = &[
     2.5, 5.0, 10.0,
 ];
 
-/// Install the metrics recorder and serve `GET /metrics` on `addr`; returns the bound address.
-pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+/// Install the metrics recorder and serve `GET /metrics` on `addr` (HTTPS with `tls`);
+/// returns the bound address.
+pub async fn serve_metrics(
+    addr: SocketAddr,
+    tls: Option<Arc<qanat_broker::tls::Tls>>,
+) -> anyhow::Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
         .set_buckets(SECONDS_BUCKETS)
         .context("metrics buckets")?
@@ -43,7 +48,7 @@ pub async fn serve_metrics(addr: SocketAddr) -> anyhow::Result<SocketAddr> {
         axum::routing::get(move || render(handle.clone())),
     );
     tokio::spawn(async move {
-        if let Err(e) = axum::serve(listener, app).await {
+        if let Err(e) = crate::https::serve(listener, tls.as_deref(), app).await {
             tracing::error!(error = %e, "metrics endpoint stopped");
         }
     });

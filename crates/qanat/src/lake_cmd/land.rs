@@ -316,7 +316,7 @@ pub async fn run(args: LandArgs) -> anyhow::Result<()> {
     args.security.install()?;
     let settings = load(&args)?;
     if let Some(addr) = settings.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr).await?;
+        let bound = crate::telemetry::serve_metrics(addr, None).await?;
         let mut out = std::io::stdout();
         writeln!(out, "qanat metrics listening on {bound}")?;
         out.flush()?;
