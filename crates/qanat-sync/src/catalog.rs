@@ -52,8 +52,13 @@ impl Store {
                 if db.contains('/') || db.contains('.') {
                     return Err(bad(dsn, "expected mysql://user@host:port[/database]"));
                 }
-                let probe = format!("mysql://{authority}/{}.t", if db.is_empty() { "x" } else { db });
-                match crate::dsn::Endpoint::parse(&probe).map_err(|_| bad(dsn, "bad host, port or user"))? {
+                let probe = format!(
+                    "mysql://{authority}/{}.t",
+                    if db.is_empty() { "x" } else { db }
+                );
+                match crate::dsn::Endpoint::parse(&probe)
+                    .map_err(|_| bad(dsn, "bad host, port or user"))?
+                {
                     crate::dsn::Endpoint::Mysql { mut server, .. } => {
                         if db.is_empty() {
                             server.database.clear();
@@ -64,23 +69,33 @@ impl Store {
                 }
             }
             "postgres" | "postgresql" => {
-                let (authority, path) = rest
-                    .split_once('/')
-                    .ok_or_else(|| bad(dsn, "expected postgres://user@host:port/database[/schema]"))?;
+                let (authority, path) = rest.split_once('/').ok_or_else(|| {
+                    bad(dsn, "expected postgres://user@host:port/database[/schema]")
+                })?;
                 let (db, schema) = match path.split_once('/') {
                     Some((d, s)) => (d, Some(s)),
                     None => (path, None),
                 };
-                if db.is_empty() || schema.is_some_and(|s| s.is_empty() || s.contains('/') || s.contains('.')) {
-                    return Err(bad(dsn, "expected postgres://user@host:port/database[/schema]"));
+                if db.is_empty()
+                    || schema.is_some_and(|s| s.is_empty() || s.contains('/') || s.contains('.'))
+                {
+                    return Err(bad(
+                        dsn,
+                        "expected postgres://user@host:port/database[/schema]",
+                    ));
                 }
                 let probe = format!("postgres://{authority}/{db}/public.t");
-                match crate::dsn::Endpoint::parse(&probe).map_err(|_| bad(dsn, "bad host, port or user"))? {
+                match crate::dsn::Endpoint::parse(&probe)
+                    .map_err(|_| bad(dsn, "bad host, port or user"))?
+                {
                     crate::dsn::Endpoint::Postgres { server, .. } => Ok(Store::Postgres {
                         server,
                         schema: schema.map(str::to_string),
                     }),
-                    _ => Err(bad(dsn, "expected postgres://user@host:port/database[/schema]")),
+                    _ => Err(bad(
+                        dsn,
+                        "expected postgres://user@host:port/database[/schema]",
+                    )),
                 }
             }
             other => Err(bad(
@@ -139,7 +154,10 @@ pub struct SourceTable {
 impl SourceTable {
     /// Channels for this table: one per [`BYTES_PER_CHANNEL`] of data, 1..=[`MAX_CHANNELS`].
     pub fn channels(&self) -> usize {
-        let n = self.est_bytes.div_ceil(BYTES_PER_CHANNEL).clamp(1, MAX_CHANNELS);
+        let n = self
+            .est_bytes
+            .div_ceil(BYTES_PER_CHANNEL)
+            .clamp(1, MAX_CHANNELS);
         usize::try_from(n).unwrap_or(1)
     }
 }
@@ -198,7 +216,9 @@ pub async fn read_source(source: &Store, tables: &str) -> Result<Vec<SourceTable
                 if !m.is_match(&name) {
                     continue;
                 }
-                let schema = MysqlTable::new(server.clone(), name.clone()).schema().await?;
+                let schema = MysqlTable::new(server.clone(), name.clone())
+                    .schema()
+                    .await?;
                 out.push(SourceTable {
                     namespace: db.clone(),
                     name,
@@ -260,14 +280,6 @@ pub async fn read_source(source: &Store, tables: &str) -> Result<Vec<SourceTable
     Ok(out)
 }
 
-fn unsupported(table: &SourceTable, c: &Column, target: &str) -> SyncError {
-    SyncError::UnsupportedType {
-        table: format!("{}.{}", table.namespace, table.name),
-        column: c.name.clone(),
-        native: format!("{} (no {target} mapping)", c.native),
-    }
-}
-
 /// `(n)` of a native type like `varchar(40)` or `time(6)`.
 fn type_arg(native: &str) -> Option<u32> {
     let (_, rest) = native.split_once('(')?;
@@ -276,7 +288,7 @@ fn type_arg(native: &str) -> Option<u32> {
 
 /// The PostgreSQL column type for a column read from MariaDB/MySQL or PostgreSQL; the
 /// same canonical type on both sides, so `--verify` compares like with like.
-pub fn postgres_type(table: &SourceTable, c: &Column) -> Result<String, SyncError> {
+pub fn postgres_type(c: &Column) -> Result<String, SyncError> {
     let native = c.native.to_ascii_lowercase();
     let base = native.split(['(', ' ']).next().unwrap_or("");
     let unsigned = native.contains("unsigned");
@@ -312,7 +324,6 @@ pub fn postgres_type(table: &SourceTable, c: &Column) -> Result<String, SyncErro
         CanonicalType::Timestamp => format!("timestamp({})", frac(6)),
         CanonicalType::TimestampTz => format!("timestamptz({})", frac(6)),
     })
-    .and_then(|t: String| if t.is_empty() { Err(unsupported(table, c, "PostgreSQL")) } else { Ok(t) })
 }
 
 /// The MariaDB/MySQL column type for a column read from PostgreSQL or MariaDB/MySQL.
@@ -331,7 +342,9 @@ pub fn mysql_type(table: &SourceTable, c: &Column) -> Result<String, SyncError> 
         CanonicalType::Decimal { precision, scale } => format!("decimal({precision},{scale})"),
         CanonicalType::Float64 => "double".into(),
         CanonicalType::Utf8 => match (base, type_arg(&native)) {
-            ("varchar" | "character", Some(n)) if native.contains("varying") || base == "varchar" => {
+            ("varchar" | "character", Some(n))
+                if native.contains("varying") || base == "varchar" =>
+            {
                 format!("varchar({n})")
             }
             ("character" | "char", Some(n)) => format!("char({n})"),
@@ -360,7 +373,11 @@ pub fn mysql_type(table: &SourceTable, c: &Column) -> Result<String, SyncError> 
 fn target_name(target: &Store, t: &SourceTable) -> (String, String) {
     match target {
         Store::Mysql(server) => (
-            if server.database.is_empty() { t.namespace.clone() } else { server.database.clone() },
+            if server.database.is_empty() {
+                t.namespace.clone()
+            } else {
+                server.database.clone()
+            },
             t.name.clone(),
         ),
         Store::Postgres { schema, .. } => (
@@ -385,11 +402,19 @@ pub fn create_table(target: &Store, t: &SourceTable) -> Result<String, SyncError
                 } else {
                     null.to_string()
                 };
-                let ty = if !c.nullable { ty.replace(" NULL DEFAULT NULL", " NOT NULL") } else { ty };
+                let ty = if !c.nullable {
+                    ty.replace(" NULL DEFAULT NULL", " NOT NULL")
+                } else {
+                    ty
+                };
                 format!("  {} {ty}{null}", mysql::quote_ident(&c.name))
             }
             Store::Postgres { .. } => {
-                format!("  {} {}{null}", postgres::quote_ident(&c.name), postgres_type(t, c)?)
+                format!(
+                    "  {} {}{null}",
+                    postgres::quote_ident(&c.name),
+                    postgres_type(c)?
+                )
             }
         });
     }
@@ -418,8 +443,18 @@ pub fn create_table(target: &Store, t: &SourceTable) -> Result<String, SyncError
 pub async fn create_tables(target: &Store, ddl: &[(String, String)]) -> Result<(), SyncError> {
     match target {
         Store::Mysql(server) => {
-            let db = if server.database.is_empty() { "mysql".to_string() } else { server.database.clone() };
-            let probe = MysqlTable::new(Server { database: db, ..server.clone() }, String::new());
+            let db = if server.database.is_empty() {
+                "mysql".to_string()
+            } else {
+                server.database.clone()
+            };
+            let probe = MysqlTable::new(
+                Server {
+                    database: db,
+                    ..server.clone()
+                },
+                String::new(),
+            );
             let mut conn = probe.connect().await?;
             for (table, sql) in ddl {
                 conn.query_drop(sql.as_str())
@@ -495,7 +530,11 @@ pub fn job_file(source: &Store, target: &Store, tables: &[SourceTable]) -> Strin
     );
     for t in tables {
         let (from, to) = addresses(source, target, t);
-        let channels = if t.schema.primary_key.is_empty() { 1 } else { t.channels() };
+        let channels = if t.schema.primary_key.is_empty() {
+            1
+        } else {
+            t.channels()
+        };
         out.push_str(&format!(
             "\n# {}.{}: ~{} rows, ~{:.1} MB\n[[table]]\nfrom = {}\nto = {}\nchannels = {channels}\n",
             t.namespace,
@@ -542,7 +581,9 @@ mod tests {
         assert!(matches!(&dst, Ok(Store::Postgres { schema: Some(s), .. }) if s == "stage"));
         assert!(Store::parse("postgres://h").is_err());
         assert!(Store::parse("file:///x").is_err());
-        let (Ok(src), Ok(dst)) = (src, dst) else { return };
+        let (Ok(src), Ok(dst)) = (src, dst) else {
+            return;
+        };
         let t = table(&[("id", CanonicalType::Int64, "int(11)")], 200 << 20);
         assert_eq!(t.channels(), 4);
         let text = job_file(&src, &dst, &[t]);
@@ -569,7 +610,16 @@ mod tests {
             ],
             0,
         );
-        let pg = Store::Postgres { server: Server { host: "h".into(), port: None, user: None, password: None, database: "dw".into() }, schema: None };
+        let pg = Store::Postgres {
+            server: Server {
+                host: "h".into(),
+                port: None,
+                user: None,
+                password: None,
+                database: "dw".into(),
+            },
+            schema: None,
+        };
         let ddl = create_table(&pg, &t);
         assert!(
             matches!(&ddl, Ok(s) if s.contains("\"id\" bigint") && s.contains("\"c\" varchar(3)")
@@ -577,8 +627,20 @@ mod tests {
                 && s.contains("PRIMARY KEY (\"id\")")),
             "{ddl:?}"
         );
-        let t = table(&[("id", CanonicalType::Utf8, "text"), ("x", CanonicalType::Bool, "boolean")], 0);
-        let my = Store::Mysql(Server { host: "h".into(), port: None, user: None, password: None, database: "dst".into() });
+        let t = table(
+            &[
+                ("id", CanonicalType::Utf8, "text"),
+                ("x", CanonicalType::Bool, "boolean"),
+            ],
+            0,
+        );
+        let my = Store::Mysql(Server {
+            host: "h".into(),
+            port: None,
+            user: None,
+            password: None,
+            database: "dst".into(),
+        });
         let ddl = create_table(&my, &t);
         assert!(
             matches!(&ddl, Ok(s) if s.contains("`id` varchar(255)") && s.contains("`x` tinyint(1)")

@@ -29,7 +29,10 @@ const TYPES: &[(&str, &str)] = &[
     ("BLOB", "UNHEX(SHA1(seq))"),
     ("DATE", "'2020-01-01' + INTERVAL seq DAY"),
     ("TIME(6)", "SEC_TO_TIME(seq) + INTERVAL 250 MICROSECOND"),
-    ("DATETIME(6)", "'2020-01-01 00:00:00.5' + INTERVAL seq SECOND"),
+    (
+        "DATETIME(6)",
+        "'2020-01-01 00:00:00.5' + INTERVAL seq SECOND",
+    ),
     ("TIMESTAMP(6) NULL", "FROM_UNIXTIME(1600000000 + seq)"),
     ("YEAR", "1990 + seq % 100"),
 ];
@@ -87,10 +90,12 @@ fn twenty_mariadb_tables_are_created_in_postgres_and_the_generated_job_verifies_
     );
     let ddl = String::from_utf8_lossy(&out.stdout);
     assert_eq!(ddl.matches("CREATE TABLE").count(), 20, "{ddl}");
-    assert!(ddl.contains("numeric(20,0)") && ddl.contains("timestamptz(6)"), "{ddl}");
-    let created = pg.sql(
-        "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'",
+    assert!(
+        ddl.contains("numeric(20,0)") && ddl.contains("timestamptz(6)"),
+        "{ddl}"
     );
+    let created =
+        pg.sql("SELECT count(*) FROM information_schema.tables WHERE table_schema = 'public'");
     assert_eq!(created.trim(), "20");
     let job = dir.path().join(format!("{}.toml", my.name));
     let text = std::fs::read_to_string(&job).expect("job file written");
