@@ -30,6 +30,7 @@
 //! `qanat_sync_bytes_total`, `qanat_sync_dirty_records_total`, `qanat_sync_retries_total`,
 //! `qanat_sync_splits_done_total`, `qanat_sync_tasks_running` (label `table`).
 
+pub mod catalog;
 pub mod config;
 pub mod dirty;
 pub mod dsn;

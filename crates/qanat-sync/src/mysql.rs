@@ -92,7 +92,7 @@ impl MysqlTable {
         format!("{}.{}", self.server.database, self.table)
     }
 
-    async fn connect(&self) -> Result<mysql_async::Conn, SyncError> {
+    pub(crate) async fn connect(&self) -> Result<mysql_async::Conn, SyncError> {
         let opts = mysql_async::OptsBuilder::default()
             .ip_or_hostname(self.server.host.clone())
             .tcp_port(self.server.port.unwrap_or(3306))

@@ -100,7 +100,7 @@ impl PgTable {
         format!("{}/{}.{}", self.server.database, self.schema, self.table)
     }
 
-    async fn connect(&self) -> Result<tokio_postgres::Client, SyncError> {
+    pub(crate) async fn connect(&self) -> Result<tokio_postgres::Client, SyncError> {
         let mut config = tokio_postgres::Config::new();
         config
             .host(&self.server.host)

@@ -32,6 +32,70 @@ enum SyncCommand {
     Copy(CopyArgs),
     /// Run job files (TOML: [sync] settings and [[table]] entries).
     Run(RunArgs),
+    /// Read the source's catalog, print (or create) the target tables and write one job file.
+    Init(InitArgs),
+}
+
+#[derive(Args)]
+struct InitArgs {
+    /// Source server: mysql://user:pass@host:3306[/db] or postgres://user:pass@host:5432/db
+    #[arg(long)]
+    source: String,
+    /// Target server: mysql://user:pass@host:3306/db or postgres://user:pass@host:5432/db[/schema]
+    #[arg(long)]
+    target: String,
+    /// Tables to copy: database.pattern (MariaDB/MySQL) or schema.pattern (PostgreSQL);
+    /// the pattern is a glob (`*`, `?`, `[a-z]`).
+    #[arg(long)]
+    tables: String,
+    /// Directory for the job file (named after the source database or schema).
+    #[arg(long, default_value = ".")]
+    out: PathBuf,
+    /// Create the tables on the target instead of only printing the DDL.
+    #[arg(long)]
+    create_tables: bool,
+}
+
+async fn init(a: InitArgs) -> anyhow::Result<()> {
+    use qanat_sync::catalog;
+    let source = catalog::Store::parse(&a.source).context("--source")?;
+    let target = catalog::Store::parse(&a.target).context("--target")?;
+    if let catalog::Store::Mysql(s) = &target {
+        if s.database.is_empty() {
+            bail!("--target: name the MariaDB/MySQL database, as mysql://user@host:port/db");
+        }
+    }
+    let tables = catalog::read_source(&source, &a.tables).await?;
+    let mut ddl = Vec::with_capacity(tables.len());
+    for t in &tables {
+        ddl.push((
+            format!("{}.{}", t.namespace, t.name),
+            catalog::create_table(&target, t)?,
+        ));
+    }
+    let mut out = std::io::stdout().lock();
+    for (_, sql) in &ddl {
+        writeln!(out, "{sql}\n")?;
+    }
+    if a.create_tables {
+        catalog::create_tables(&target, &ddl).await?;
+        eprintln!("created {} table(s) on the target", ddl.len());
+    }
+    let job = catalog::job_file(&source, &target, &tables);
+    let name = tables
+        .first()
+        .map(|t| t.namespace.clone())
+        .unwrap_or_else(|| "sync".into());
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let path = a.out.join(format!("{name}.toml"));
+    std::fs::write(&path, job).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!(
+        "wrote {} ({} table(s)); run it with: qanat sync run {}",
+        path.display(),
+        tables.len(),
+        path.display()
+    );
+    Ok(())
 }
 
 #[derive(Args)]
@@ -193,6 +257,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
             let text = toml::to_string(&job).context("encoding the job")?;
             (vec![("flags".to_string(), text)], c.common)
         }
+        SyncCommand::Init(a) => return init(a).await,
         SyncCommand::Run(r) => {
             let mut files = Vec::new();
             for f in &r.files {
