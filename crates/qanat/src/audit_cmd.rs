@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::ffi::CStr;
 use std::io::Write;
 use std::net::SocketAddr;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::Args;
@@ -15,7 +15,7 @@ use qanat_audit::{Auditor, Options, Position, RawHeader, Report};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{Message, Offset, TopicPartitionList};
 
 #[derive(Args)]
 pub struct AuditArgs {
@@ -98,29 +98,6 @@ fn print_report(args: &AuditArgs, report: &Report) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
-    // assign() needs some group.id; a throwaway one, and nothing is ever committed.
-    let nonce = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("qanat-audit-{}-{nonce}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false")
-        .set("socket.timeout.ms", "30000")
-        .set("fetch.wait.max.ms", "200");
-    crate::kafka_security::apply(&mut config)
-        .create()
-        .context("creating the consumer")
-}
-
 /// One assigned partition: where reading starts and, for one-shot mode, where it stops.
 struct Assigned {
     manifest: bool,
@@ -142,7 +119,7 @@ fn audit(args: &AuditArgs) -> anyhow::Result<Report> {
         }
         topics.push((m.clone(), true));
     }
-    let consumer = consumer(&args.bootstrap)?;
+    let consumer = crate::kafka_security::reading_consumer(&args.bootstrap, "audit")?;
     let mut parts: BTreeMap<(String, i32), Assigned> = BTreeMap::new();
     for (topic, manifest) in &topics {
         let md = consumer

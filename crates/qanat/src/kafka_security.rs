@@ -84,6 +84,32 @@ pub fn apply(config: &mut ClientConfig) -> &mut ClientConfig {
     config
 }
 
+/// A consumer that only `assign()`s and reads, with the installed security properties.
+/// assign() needs some group.id: a throwaway one named after `purpose`, and nothing is
+/// ever committed.
+pub fn reading_consumer(
+    bootstrap: &str,
+    purpose: &str,
+) -> anyhow::Result<rdkafka::consumer::BaseConsumer> {
+    let nonce = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    let mut config = ClientConfig::new();
+    config
+        .set("bootstrap.servers", bootstrap)
+        .set(
+            "group.id",
+            format!("qanat-{purpose}-{}-{nonce}", std::process::id()),
+        )
+        .set("enable.auto.commit", "false")
+        .set("enable.auto.offset.store", "false")
+        .set("auto.offset.reset", "earliest")
+        .set("allow.auto.create.topics", "false")
+        .set("socket.timeout.ms", "30000")
+        .set("fetch.wait.max.ms", "100");
+    apply(&mut config).create().context("creating the consumer")
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used)]

@@ -9,47 +9,14 @@
 
 mod collect_support;
 mod support;
+mod tls_support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use collect_support::Collector;
 use support::*;
-
-struct Certs {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A CA and a certificate for localhost/127.0.0.1 signed by it; returns the files and the
-/// certificate's DER.
-fn make_certs(dir: &Path, common_name: &str) -> (Certs, Vec<u8>) {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "qanat test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, common_name);
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let certs = Certs {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    };
-    std::fs::write(&certs.ca, ca.pem()).unwrap();
-    std::fs::write(&certs.cert, cert.pem()).unwrap();
-    std::fs::write(&certs.key, key.serialize_pem()).unwrap();
-    (certs, cert.der().to_vec())
-}
+use tls_support::make_certs;
 
 /// Python: GET `url` trusting `ca`; prints the status, then the body (or, with
 /// `first_event`, only the first Server-Sent Events `data:` line, for endless streams).
@@ -144,7 +111,8 @@ fn assert_plain_http_refused(addr: &str, path: &str) {
 fn collect_takes_a_beacon_over_https_and_reloads_its_certificate_on_sighup() {
     let broker = Broker::start();
     let dir = tempfile::tempdir().unwrap();
-    let (certs, first_der) = make_certs(dir.path(), "collect one");
+    let certs = make_certs(dir.path(), "collect one");
+    let first_der = certs.der.clone();
     let c = Collector::start(
         &broker.bootstrap(),
         &format!(
@@ -178,7 +146,7 @@ fn collect_takes_a_beacon_over_https_and_reloads_its_certificate_on_sighup() {
 
     // SIGHUP: new connections get the new certificate.
     assert_eq!(served_certificate(&c.addr), first_der);
-    let (_, second_der) = make_certs(dir.path(), "collect two");
+    let second_der = make_certs(dir.path(), "collect two").der;
     c.signal("-HUP");
     poll_until("the certificate reload", DEADLINE, || {
         if c.stderr().contains("HTTPS TLS certificate reloaded") {
@@ -194,7 +162,8 @@ fn collect_takes_a_beacon_over_https_and_reloads_its_certificate_on_sighup() {
 #[test]
 fn broker_push_and_metrics_endpoints_serve_https() {
     let dir = tempfile::tempdir().unwrap();
-    let (certs, _) = make_certs(dir.path(), "broker");
+    let certs = make_certs(dir.path(), "broker");
+    let _ = certs.der.clone();
     let broker = Broker::builder()
         .http()
         .metrics()
@@ -231,7 +200,8 @@ fn broker_push_and_metrics_endpoints_serve_https() {
 fn kafka_ssl_listener_reloads_its_certificate_and_keeps_open_connections() {
     use rdkafka::producer::{BaseRecord, Producer, ThreadedProducer};
     let dir = tempfile::tempdir().unwrap();
-    let (certs, first_der) = make_certs(dir.path(), "kafka one");
+    let certs = make_certs(dir.path(), "kafka one");
+    let first_der = certs.der.clone();
     let broker = Broker::builder()
         .config(&format!(
             "[tls]\ncert_file = \"{}\"\nkey_file = \"{}\"\n\n[[broker.listener]]\nname = \"TLS\"\naddress = \"127.0.0.1:0\"\nsecurity_protocol = \"SSL\"\n",
@@ -256,7 +226,7 @@ fn kafka_ssl_listener_reloads_its_certificate_and_keeps_open_connections() {
     // A new certificate from a new CA: the producer trusts only the first CA (librdkafka
     // reads it once), so its records after the reload can only travel on the connection it
     // opened before.
-    let (_, second_der) = make_certs(dir.path(), "kafka two");
+    let second_der = make_certs(dir.path(), "kafka two").der;
     std::process::Command::new("kill")
         .args(["-HUP", &broker.pid().unwrap().to_string()])
         .status()
@@ -307,7 +277,8 @@ fn client_certificate_subject_is_the_principal_acls_check() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     std::fs::create_dir_all(&data).unwrap();
-    let (certs, _) = make_certs(dir.path(), "localhost");
+    let certs = make_certs(dir.path(), "localhost");
+    let _ = certs.der.clone();
     let clients_ca = make_client_certs(dir.path(), &["alice", "mallory"]);
     let out = qanat_command()
         .args(["acls", "--data-dir"])

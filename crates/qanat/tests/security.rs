@@ -7,13 +7,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod support;
+mod tls_support;
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
 
 use rdkafka::consumer::Consumer;
 use support::*;
+use tls_support::{make_certs, Certs};
 
 const PASSWORD: &str = "correct horse battery staple";
 
@@ -27,40 +29,6 @@ fn describe(out: &Output) -> String {
 }
 
 /// A CA and a server certificate for localhost/127.0.0.1 signed by it, as PEM files in `dir`:
-/// `ca.pem`, `server.pem`, `server.key`.
-struct Certs {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-fn make_certs(dir: &Path, server_name: &str) -> Certs {
-    let ca_key = rcgen::KeyPair::generate().unwrap();
-    let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-    ca_params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "qanat test CA");
-    let ca = ca_params.self_signed(&ca_key).unwrap();
-    let key = rcgen::KeyPair::generate().unwrap();
-    let mut params =
-        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
-            .unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, server_name);
-    let cert = params.signed_by(&key, &ca, &ca_key).unwrap();
-    let certs = Certs {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    };
-    std::fs::write(&certs.ca, ca.pem()).unwrap();
-    std::fs::write(&certs.cert, cert.pem()).unwrap();
-    std::fs::write(&certs.key, key.serialize_pem()).unwrap();
-    certs
-}
-
 /// `qanat users add NAME` against `data_dir`, password from the environment.
 fn add_user(data_dir: &Path, name: &str, password: &str) {
     let out = qanat_command()

@@ -7,15 +7,15 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::PathBuf;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::Args;
 use qanat_lake::audit::{audit, BusEvent, TransactionCount};
 use qanat_lake::layout::{Ds, TableLayout, TableName};
 use qanat_lake::schema::{RowImage, Scalar};
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::consumer::Consumer;
+use rdkafka::{Message, Offset, TopicPartitionList};
 use serde::Deserialize;
 
 #[derive(Args)]
@@ -110,27 +110,6 @@ fn run_blocking(args: &AuditArgs) -> anyhow::Result<bool> {
     Ok(report.ok)
 }
 
-fn consumer(bootstrap: &str) -> anyhow::Result<BaseConsumer> {
-    let nonce = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_nanos());
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", bootstrap)
-        .set(
-            "group.id",
-            format!("qanat-lake-audit-{}-{nonce}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        .set("auto.offset.reset", "earliest")
-        .set("allow.auto.create.topics", "false")
-        .set("fetch.wait.max.ms", "100");
-    crate::kafka_security::apply(&mut config)
-        .create()
-        .context("creating the consumer")
-}
-
 /// Every record of `topics` from the beginning to the end seen now, to `each`.
 fn read_all(
     args: &AuditArgs,
@@ -139,7 +118,7 @@ fn read_all(
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout.max(1));
-    let consumer = consumer(bootstrap)?;
+    let consumer = crate::kafka_security::reading_consumer(bootstrap, "lake-audit")?;
     let mut tpl = TopicPartitionList::new();
     let mut pending: HashMap<(String, i32), i64> = HashMap::new();
     for topic in topics {
