@@ -716,6 +716,13 @@ impl MysqlSource {
             }
             t if t == EventType::HEARTBEAT_EVENT as u8 => {
                 if self.in_tx.is_none() && self.snapshot.is_none() {
+                    // An idle server's heartbeat carries its position in the current file.
+                    // After a GTID resume the artificial rotate left `pos` at 4, and without
+                    // this it would stay there until the next commit.
+                    if end > self.at.pos {
+                        self.at.pos = end;
+                        self.next_pos = end;
+                    }
                     self.pending.push_back(Change::Heartbeat {
                         resume: self.at.position(),
                         ts_ms: now_ms(),
