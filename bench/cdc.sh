@@ -16,7 +16,7 @@
 # Prints: row events captured, events/s, CPU seconds per million events and peak RSS of
 # `qanat cdc`; MB/s of the raw read; events/s of the decode and of python-mysql-replication;
 # lag p50/p99/max.
-# BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). QANAT_BIN=path skips the build.
+# BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). BENCH_QANAT_BIN=path skips the build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=cdc
@@ -32,6 +32,8 @@ for cmd in mariadbd mariadb-install-db mariadb mariadb-binlog sysbench kcat; do
 done
 PACED_RATE=${PACED_RATE:-10000}
 PACED_SECONDS=${PACED_SECONDS:-20}
+# BENCH_QANAT_BIN, as in the other benches; QANAT_BIN works too.
+QANAT_BIN=${BENCH_QANAT_BIN:-${QANAT_BIN:-}}
 if [ -n "${QANAT_BIN:-}" ]; then
   log "using $QANAT_BIN"
 else

@@ -10,7 +10,7 @@
 # under /usr/bin/time -v, and prints seconds, rows/s, CPU seconds and peak RSS side by side.
 # Both outputs' row counts are checked equal. Figures on a shared machine are lower bounds.
 #
-# Env: SNAPSHOT_ROWS (10000000), DELTA_ROWS (1000000), BENCH_TMPDIR (/tmp), QANAT_BIN (skip build).
+# Env: SNAPSHOT_ROWS (10000000), DELTA_ROWS (1000000), BENCH_TMPDIR (/tmp), BENCH_QANAT_BIN (skip build).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=lake
@@ -28,6 +28,8 @@ python3 -c 'import duckdb' 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore duckdb
 [[ -x /usr/bin/time ]] || die "/usr/bin/time (GNU time) is needed"
 
+# BENCH_QANAT_BIN, as in the other benches; QANAT_BIN works too.
+QANAT_BIN=${BENCH_QANAT_BIN:-${QANAT_BIN:-}}
 if [[ -z "${QANAT_BIN:-}" ]]; then
   build_release qanat
 fi
