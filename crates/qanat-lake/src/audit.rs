@@ -193,6 +193,26 @@ fn read_batches(path: &Path) -> Result<(Vec<RecordBatch>, HashMap<String, String
     Ok((batches, kv))
 }
 
+/// The data columns of a batch (every column but the lake's own), by name.
+fn data_columns(batch: &RecordBatch) -> Vec<(String, &dyn Array)> {
+    batch
+        .schema()
+        .fields()
+        .iter()
+        .zip(batch.columns())
+        .filter(|(f, _)| !columns::is_reserved(f.name()))
+        .map(|(f, c)| (f.name().clone(), c.as_ref()))
+        .collect()
+}
+
+/// A row's primary key as text, one string per key column.
+fn key_text(pk_cols: &[&dyn Array], row: usize) -> Vec<String> {
+    pk_cols
+        .iter()
+        .map(|c| cell_text(*c, row).unwrap_or_default())
+        .collect()
+}
+
 /// A cell as comparable text; `None` for null. Timestamps and dates as their raw numbers
 /// (both sides carry the same types), decimals as unscaled/scale.
 pub fn cell_text(array: &dyn Array, row: usize) -> Option<String> {
@@ -350,20 +370,10 @@ pub fn audit(
                 .iter()
                 .map(|c| column(batch, c, path))
                 .collect::<Result<Vec<_>, _>>()?;
-            let data: Vec<(String, &dyn Array)> = batch
-                .schema()
-                .fields()
-                .iter()
-                .zip(batch.columns())
-                .filter(|(f, _)| !columns::is_reserved(f.name()))
-                .map(|(f, c)| (f.name().clone(), c.as_ref()))
-                .collect();
+            let data = data_columns(batch);
             for row in 0..batch.num_rows() {
                 rows += 1;
-                let key: Vec<String> = pk_cols
-                    .iter()
-                    .map(|c| cell_text(*c, row).unwrap_or_default())
-                    .collect();
+                let key = key_text(&pk_cols, row);
                 let change = Change {
                     op: cell_text(op, row).unwrap_or_default(),
                     partition: int_cell(part, row).unwrap_or(-1) as i32,
@@ -481,19 +491,9 @@ pub fn audit(
                 let deleted = batch.column_by_name(columns::DELETED);
                 let part = batch.column_by_name(columns::PARTITION);
                 let off = batch.column_by_name(columns::OFFSET);
-                let data: Vec<(String, &dyn Array)> = batch
-                    .schema()
-                    .fields()
-                    .iter()
-                    .zip(batch.columns())
-                    .filter(|(f, _)| !columns::is_reserved(f.name()))
-                    .map(|(f, c)| (f.name().clone(), c.as_ref()))
-                    .collect();
+                let data = data_columns(batch);
                 for row in 0..batch.num_rows() {
-                    let key: Vec<String> = pk_cols
-                        .iter()
-                        .map(|c| cell_text(*c, row).unwrap_or_default())
-                        .collect();
+                    let key = key_text(&pk_cols, row);
                     if !keys.contains_key(&key) {
                         continue;
                     }
