@@ -132,7 +132,7 @@ async fn authorize(broker: &Arc<Broker>, headers: &HeaderMap, topic: &str) -> Re
             .security
             .http_tokens
             .iter()
-            .find(|t| t.token == token.trim())
+            .find(|t| crate::scram::constant_time_eq(t.token.as_bytes(), token.trim().as_bytes()))
             .map(|t| t.principal.clone())
     } else if let Some(encoded) = value.strip_prefix("Basic ") {
         let decoded = base64::engine::general_purpose::STANDARD
