@@ -122,6 +122,7 @@ type SnapshotRow = (
 #[derive(Debug, Clone)]
 struct Change {
     op: String,
+    topic: String,
     partition: i32,
     offset: i64,
     values: Vec<(String, Option<String>)>,
@@ -376,6 +377,7 @@ pub fn audit(
                 let key = key_text(&pk_cols, row);
                 let change = Change {
                     op: cell_text(op, row).unwrap_or_default(),
+                    topic: cell_text(topic, row).unwrap_or_default(),
                     partition: int_cell(part, row).unwrap_or(-1) as i32,
                     offset: int_cell(off, row).unwrap_or(-1),
                     values: data
@@ -383,11 +385,7 @@ pub fn audit(
                         .map(|(n, c)| (n.clone(), cell_text(*c, row)))
                         .collect(),
                 };
-                let at = (
-                    cell_text(topic, row).unwrap_or_default(),
-                    change.partition,
-                    change.offset,
-                );
+                let at = (change.topic.clone(), change.partition, change.offset);
                 if landed.insert(at.clone(), key.clone()).is_some() {
                     duplicates.push(at);
                 }
@@ -519,13 +517,6 @@ pub fn audit(
             &'static str,
             (BTreeSet<Vec<String>>, Vec<(String, i32, i64)>, Vec<String>),
         >::new();
-        let topic_of = |c: &Change| {
-            landed
-                .iter()
-                .find(|((_, p, o), _)| *p == c.partition && *o == c.offset)
-                .map(|((t, _, _), _)| t.clone())
-                .unwrap_or_default()
-        };
         for (key, changes) in &keys {
             let Some(latest) = &changes.latest else {
                 continue;
@@ -540,7 +531,7 @@ pub fn audit(
             let mut note = |kind: &'static str, c: &Change, detail: String| {
                 let e = missing.entry(kind).or_default();
                 e.0.insert(key.clone());
-                e.1.push((topic_of(c), c.partition, c.offset));
+                e.1.push((c.topic.clone(), c.partition, c.offset));
                 if e.2.len() < 20 {
                     e.2.push(detail);
                 }

@@ -490,7 +490,7 @@ impl Lander {
         let hour = self.spec.hourly.then(|| when.hour());
         let meta = RowMeta {
             op: decoded.op,
-            log_pos: decoded.log_pos.clone(),
+            log_pos: decoded.log_pos,
             log_time_ms: decoded.log_time_ms,
             commit_ts_ms: decoded.commit_ts_ms,
             extract_time_ms: decoded.extract_time_ms,
@@ -514,14 +514,10 @@ impl Lander {
             }
         }
         for attempt in 0..2 {
-            let columns = match &part.columns {
-                Some(c) => c.clone(),
-                None => {
-                    let c = columns_for(&decoded.image, &self.configured, None).map_err(bad)?;
-                    part.columns = Some(c.clone());
-                    c
-                }
-            };
+            if part.columns.is_none() {
+                part.columns =
+                    Some(columns_for(&decoded.image, &self.configured, None).map_err(bad)?);
+            }
             let group = part.group.get_or_insert_with(|| Group {
                 first: rec.offset,
                 last: rec.offset,
@@ -533,6 +529,8 @@ impl Lander {
                 std::collections::btree_map::Entry::Vacant(e) => {
                     let dir = self.layout.changes_partition(ds, hour)?;
                     let tag = format!("part-{}-{}-{}", rec.topic, rec.partition, group.first);
+                    // Cloned only for a new file, not per record.
+                    let columns = part.columns.clone().unwrap_or_default();
                     e.insert(ChangeFile::create(&dir, &tag, columns)?)
                 }
             };
