@@ -571,16 +571,27 @@ impl FileTable {
                 return Ok(tx.blocking_send(Parsed::Dirty(reason, row)).is_ok());
             }
             decoded.clear();
-            decoded.extend(
-                positions
-                    .iter()
-                    .zip(binary)
-                    .map(|(p, is_bin)| match cells[*p] {
-                        Some(v) if *is_bin => Some(unhex(v).unwrap_or_else(|| v.to_vec())),
-                        Some(v) => Some(v.to_vec()),
-                        None => None,
-                    }),
-            );
+            let mut not_hex = None;
+            for ((p, is_bin), column) in positions.iter().zip(binary).zip(&schema.columns) {
+                decoded.push(match cells[*p] {
+                    Some(v) if *is_bin => {
+                        let bytes = unhex(v);
+                        if bytes.is_none() {
+                            not_hex.get_or_insert(column);
+                        }
+                        bytes
+                    }
+                    Some(v) => Some(v.to_vec()),
+                    None => None,
+                });
+            }
+            if let Some(column) = not_hex {
+                // A binary cell that is not hex is a bad row, never its text stored as bytes.
+                let reason = format!("column {}: binary value is not hex", column.name);
+                let raw: Vec<Option<&[u8]>> = positions.iter().map(|p| cells[*p]).collect();
+                let row = dirty_json(&schema.columns, &raw);
+                return Ok(tx.blocking_send(Parsed::Dirty(reason, row)).is_ok());
+            }
             let picked: Vec<Option<&[u8]>> = decoded.iter().map(|c| c.as_deref()).collect();
             if let Err(e) = builder.push_text_row(&picked) {
                 let row = dirty_json(&schema.columns, &picked);
