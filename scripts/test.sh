@@ -14,6 +14,8 @@
 #   confluent-kafka, kafka-python, lz4, zstandard, python-snappy   (pip, for the python3 on
 #                             PATH, which is the one the tests run)
 #   pyarrow                   (pip) reads back the Parquet written by crates/qanat/tests/sync.rs
+#                             and the lake tests
+#   duckdb                    (pip) runs the README's lake queries in crates/qanat/tests/lake_e2e.rs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -66,7 +68,7 @@ fi
 missing=()
 # pip package : module it provides
 for spec in confluent-kafka:confluent_kafka kafka-python:kafka lz4:lz4 zstandard:zstandard \
-            python-snappy:snappy pyarrow:pyarrow; do
+            python-snappy:snappy pyarrow:pyarrow duckdb:duckdb; do
   if ! python3 -c "import ${spec##*:}" >/dev/null 2>&1; then
     missing+=("${spec%%:*}")
   fi

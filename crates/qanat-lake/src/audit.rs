@@ -16,7 +16,6 @@
 //! (consecutive integer keys coalesced, other keys listed).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 
@@ -28,23 +27,21 @@ use arrow_array::types::{
 };
 use arrow_array::{Array, RecordBatch};
 use arrow_schema::{DataType, TimeUnit};
-use parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder;
 use serde::Serialize;
 
 use crate::columns;
+use crate::error::LakeError;
 use crate::layout::{Ds, TableLayout};
 use crate::manifest::{Manifest, ManifestError};
+use crate::read::{parquet_files, ParquetInput};
 
 /// The audit could not read what it checks.
 #[derive(Debug, thiserror::Error)]
 pub enum AuditError {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: io::Error },
-    #[error("{path}: {source}")]
-    Parquet {
-        path: PathBuf,
-        source: parquet::errors::ParquetError,
-    },
+    #[error(transparent)]
+    Read(#[from] LakeError),
     #[error("{path}: {reason}")]
     Shape { path: PathBuf, reason: String },
     #[error(transparent)]
@@ -134,64 +131,24 @@ struct KeyChanges {
     latest_kept: Option<Change>,
 }
 
-/// Parquet files of a directory tree, skipping temporary files, in path order.
-fn parquet_files(dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
-    let mut out = Vec::new();
-    let mut dirs = vec![dir.to_owned()];
-    while let Some(d) = dirs.pop() {
-        let rd = match std::fs::read_dir(&d) {
-            Ok(rd) => rd,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(source) => return Err(AuditError::Io { path: d, source }),
-        };
-        for e in rd {
-            let e = e.map_err(|source| AuditError::Io {
-                path: d.clone(),
-                source,
-            })?;
-            let name = e.file_name().to_string_lossy().into_owned();
-            let path = e.path();
-            if name.starts_with('.') || name.starts_with('_') {
-                continue;
-            }
-            if path.is_dir() {
-                dirs.push(path);
-            } else if name.ends_with(".parquet") {
-                out.push(path);
-            }
-        }
-    }
-    out.sort();
-    Ok(out)
+/// Every batch of a Parquet file, with the file's key-value metadata.
+fn read_batches(path: &Path) -> Result<(Vec<RecordBatch>, HashMap<String, String>), AuditError> {
+    let input = ParquetInput::open(path)?;
+    let batches = input.batches()?.collect::<Result<Vec<_>, _>>()?;
+    Ok((batches, input.metadata))
 }
 
-fn read_batches(path: &Path) -> Result<(Vec<RecordBatch>, HashMap<String, String>), AuditError> {
-    let pq = |source| AuditError::Parquet {
-        path: path.to_owned(),
-        source,
-    };
-    let file = File::open(path).map_err(|source| AuditError::Io {
-        path: path.to_owned(),
-        source,
-    })?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(file).map_err(pq)?;
-    let kv: HashMap<String, String> = builder
-        .metadata()
-        .file_metadata()
-        .key_value_metadata()
-        .into_iter()
-        .flatten()
-        .filter_map(|kv| kv.value.clone().map(|v| (kv.key.clone(), v)))
-        .collect();
-    let reader = builder.with_batch_size(65_536).build().map_err(pq)?;
-    let mut batches = Vec::new();
-    for b in reader {
-        batches.push(b.map_err(|e| AuditError::Parquet {
-            path: path.to_owned(),
-            source: e.into(),
-        })?);
+/// The day's change-log files; none when the day has no directory (a day with no landed
+/// change is not an error: the bus side then shows what is missing).
+fn change_log_files(day_dir: &Path) -> Result<Vec<PathBuf>, AuditError> {
+    match std::fs::metadata(day_dir) {
+        Ok(_) => Ok(parquet_files(day_dir)?),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Vec::new()),
+        Err(source) => Err(AuditError::Io {
+            path: day_dir.to_owned(),
+            source,
+        }),
     }
-    Ok((batches, kv))
 }
 
 /// The data columns of a batch (every column but the lake's own), by name.
@@ -342,7 +299,7 @@ pub fn audit(
             path: layout.changes_dir(),
             reason: e.to_string(),
         })?;
-    let files = parquet_files(&day_dir)?;
+    let files = change_log_files(&day_dir)?;
     let mut primary_key: Vec<String> = Vec::new();
     let mut keys: HashMap<Vec<String>, KeyChanges> = HashMap::new();
     let mut landed: HashMap<(String, i32, i64), Vec<String>> = HashMap::new();

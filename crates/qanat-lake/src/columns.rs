@@ -40,11 +40,5 @@ pub fn is_reserved(name: &str) -> bool {
     CHANGE_LOG.contains(&name) || name == DELETED
 }
 
-/// Every metadata column of a snapshot row, in file order after the data columns:
-/// `_op` (Utf8, null for rows from a plain baseline extract), `_deleted` (Boolean, never
-/// null), `_log_time` (Timestamp ms UTC), `_log_pos` (Utf8), `_partition` (Int32) and
-/// `_offset` (Int64) of the change the row came from, null for baseline rows.
-pub const SNAPSHOT: [&str; 6] = [OP, DELETED, LOG_TIME, LOG_POS, PARTITION, OFFSET];
-
 /// Parquet key-value metadata naming the primary key, comma-separated (`id` or `a,b`).
 pub const PRIMARY_KEY_METADATA: &str = "qanat.primary_key";

@@ -14,6 +14,7 @@ use serde::Serialize;
 use crate::error::LakeError;
 use crate::layout::{Ds, TableName};
 use crate::manifest::{Manifest, SourceRange};
+use crate::offsets::parse_change_file_name;
 use crate::read::{parquet_files, ParquetInput};
 
 /// Snapshot or change log.
@@ -66,22 +67,6 @@ fn days(dir: &Path) -> Result<Vec<(Ds, PathBuf)>, LakeError> {
         .collect())
 }
 
-/// Parses `part-<topic>-<partition>-<first>-<last>.parquet`; the topic may contain `-`.
-pub fn change_file_range(name: &str) -> Option<SourceRange> {
-    let stem = name.strip_prefix("part-")?.strip_suffix(".parquet")?;
-    let mut parts = stem.rsplitn(4, '-');
-    let last = parts.next()?.parse().ok()?;
-    let first = parts.next()?.parse().ok()?;
-    let partition = parts.next()?.parse().ok()?;
-    let topic = parts.next()?.to_owned();
-    Some(SourceRange {
-        topic,
-        partition,
-        first_offset: first,
-        last_offset: last,
-    })
-}
-
 fn partition(kind: PartitionKind, ds: Ds, dir: &Path) -> Result<PartitionInfo, LakeError> {
     let files = parquet_files(dir)?;
     let mut info = PartitionInfo {
@@ -114,12 +99,10 @@ fn partition(kind: PartitionKind, ds: Ds, dir: &Path) -> Result<PartitionInfo, L
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if let Some(range) = change_file_range(&name) {
-            let entry = ranges
-                .entry((range.topic, range.partition))
-                .or_insert((range.first_offset, range.last_offset));
-            entry.0 = entry.0.min(range.first_offset);
-            entry.1 = entry.1.max(range.last_offset);
+        if let Some((topic, partition, first, last)) = parse_change_file_name(&name) {
+            let entry = ranges.entry((topic, partition)).or_insert((first, last));
+            entry.0 = entry.0.min(first);
+            entry.1 = entry.1.max(last);
         }
     }
     info.sources = ranges
@@ -183,23 +166,4 @@ pub fn list(root: &Path, only: Option<&TableName>) -> Result<Vec<TableInfo>, Lak
         .into_iter()
         .map(|(table, partitions)| TableInfo { table, partitions })
         .collect())
-}
-
-#[cfg(test)]
-mod tests {
-    #![allow(clippy::unwrap_used)]
-
-    use super::*;
-
-    #[test]
-    fn change_file_names_give_their_offsets() {
-        let name = crate::layout::change_file_name("cdc.shop-eu.orders", 3, 10, 99);
-        let range = change_file_range(&name).unwrap();
-        assert_eq!(range.topic, "cdc.shop-eu.orders");
-        assert_eq!(
-            (range.partition, range.first_offset, range.last_offset),
-            (3, 10, 99)
-        );
-        assert!(change_file_range("part-00000.parquet").is_none());
-    }
 }

@@ -29,12 +29,12 @@
 //! # Snapshot columns
 //!
 //! The data columns — the base's in its order, then columns only the change log has —
-//! followed by [`crate::columns::SNAPSHOT`]: `_op`, `_deleted`, `_log_time`, `_log_pos`,
-//! `_partition`, `_offset` of the change each row came from. Rows from a plain baseline
-//! have null `_op`/`_log_time`/`_log_pos`/`_partition`/`_offset` and `_deleted = false`. A
-//! column present on one side only is null on the other; a column whose type differs
-//! between the two sides is an error. Files carry the primary key as the Parquet metadata
-//! `qanat.primary_key`.
+//! followed by `_op` (Utf8), `_deleted` (Boolean, never null), `_log_time` (Timestamp ms
+//! UTC), `_log_pos` (Utf8), `_partition` (Int32) and `_offset` (Int64) of the change each row
+//! came from. Rows from a plain baseline have null `_op`/`_log_time`/`_log_pos`/
+//! `_partition`/`_offset` and `_deleted = false`. A column present on one side only is null
+//! on the other; a column whose type differs between the two sides is an error. Files carry
+//! the primary key as the Parquet metadata `qanat.primary_key`.
 //!
 //! # Writing
 //!

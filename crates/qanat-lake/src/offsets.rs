@@ -160,14 +160,10 @@ fn tmp_partition(path: &Path) -> Option<(String, i32)> {
     Some((it.next()?.to_owned(), partition))
 }
 
-/// Recover the landed positions of one table's change log: remove temporary files and
-/// incomplete newest groups, and make the removals durable.
-pub fn recover(changes_dir: &Path) -> Result<Recovery, RecoverError> {
-    recover_partitions(changes_dir, |_, _| true)
-}
-
-/// [`recover`] for the topic partitions `wanted` accepts only (the ones this process owns):
-/// files of other partitions are neither read nor removed.
+/// Recover the landed positions of the topic partitions `wanted` accepts (the ones this
+/// process owns) in one table's change log: remove their temporary files and incomplete
+/// newest groups, and make the removals durable. Files of other partitions are neither read
+/// nor removed.
 pub fn recover_partitions(
     changes_dir: &Path,
     wanted: impl Fn(&str, i32) -> bool,
@@ -253,6 +249,7 @@ mod tests {
             "part-t-x-1-2.parquet",
             "t-0-1-2.parquet",
             "part-t-0-1-2.csv",
+            "part-00000.parquet",
         ] {
             assert_eq!(parse_change_file_name(bad), None, "{bad}");
         }

@@ -495,10 +495,6 @@ impl DataBuilders {
         }
     }
 
-    pub fn columns(&self) -> &[DataColumn] {
-        &self.columns
-    }
-
     pub fn fields(&self) -> Vec<Field> {
         self.columns
             .iter()

@@ -109,10 +109,6 @@ impl ChangeFile {
         })
     }
 
-    pub fn columns(&self) -> &[DataColumn] {
-        self.data.columns()
-    }
-
     pub fn rows(&self) -> u64 {
         self.rows
     }

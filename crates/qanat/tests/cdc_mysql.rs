@@ -9,16 +9,13 @@ mod support;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::Consumer;
-use rdkafka::error::RDKafkaErrorCode;
 use rdkafka::Offset;
 use serde_json::{json, Value as Json};
 
-use mariadb_support::MariaDb;
-use support::{consume, consumer, qanat_command, Broker, Proc, DEADLINE};
+use mariadb_support::{end_offset, raw_offsets, wait_caught_up, MariaDb};
+use support::{consume, qanat_command, Broker, Proc, DEADLINE};
 
 const READY: &str = "qanat cdc connector ";
 
@@ -35,32 +32,6 @@ fn start_cdc(config: &str) -> Proc {
     let mut p = Proc::spawn(cmd, "cdc").expect("spawn qanat cdc");
     p.wait_line(READY);
     p
-}
-
-/// The end offset of partition 0 of `topic`; 0 when the topic does not exist. A slow or
-/// failed query is retried, never read as "empty": on a loaded machine a watermark query can
-/// outlast its timeout, and an empty answer would fail (or vacuously pass) the assertions.
-fn end_offset(bootstrap: &str, topic: &str) -> i64 {
-    support::poll_until(
-        &format!("the end offset of {topic}"),
-        DEADLINE,
-        || match consumer(bootstrap).fetch_watermarks(topic, 0, Duration::from_secs(5)) {
-            Ok((_, high)) => Ok(high),
-            Err(e)
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(
-                        RDKafkaErrorCode::UnknownTopicOrPartition
-                            | RDKafkaErrorCode::UnknownTopic
-                            | RDKafkaErrorCode::UnknownPartition
-                    )
-                ) =>
-            {
-                Ok(0)
-            }
-            Err(e) => Err(e.to_string()),
-        },
-    )
 }
 
 /// Every record of partition 0 of `topic` up to its current end: (key, value) as JSON.
@@ -96,52 +67,6 @@ fn wait_records(
             Err(format!("{} records in {topic}", r.len()))
         }
     })
-}
-
-/// The stored position of `connector` equals the server's binlog end: everything written
-/// so far is on the bus.
-fn wait_caught_up(broker: &Broker, db: &MariaDb, connector: &str) {
-    support::poll_until(
-        "the stored position to reach the binlog end",
-        DEADLINE * 3,
-        || {
-            let status = db.sql("SHOW MASTER STATUS");
-            let (file, pos) = (status[0][0].clone(), status[0][1].clone());
-            // Keys are plain names, not JSON: read them raw.
-            let raw = raw_offsets(&broker.bootstrap(), connector);
-            match raw {
-                Some(p)
-                    if p["file"] == file.as_str()
-                        && p["pos"].as_u64() == pos.parse().ok()
-                        && p.get("snapshot").is_none() =>
-                {
-                    Ok(())
-                }
-                other => Err(format!("stored {other:?}, server at {file}:{pos}")),
-            }
-        },
-    )
-}
-
-/// The latest stored position of `connector` in the offsets topic.
-fn raw_offsets(bootstrap: &str, connector: &str) -> Option<Json> {
-    let high = end_offset(bootstrap, "qanat-cdc-offsets");
-    if high <= 0 {
-        return None;
-    }
-    consume(
-        bootstrap,
-        "qanat-cdc-offsets",
-        0,
-        Offset::Offset(0),
-        high as usize,
-    )
-    .iter()
-    .rev()
-    .find(|m| m.key.as_deref() == Some(connector.as_bytes()))
-    .and_then(|m| m.value.as_ref())
-    .and_then(|v| serde_json::from_slice::<Json>(v).ok())
-    .map(|v| v["position"].clone())
 }
 
 const TYPES_DDL: &str = "CREATE DATABASE ty; CREATE TABLE ty.types (

@@ -3,6 +3,12 @@
 //! partition. The judging is `qanat_lake::audit`; this reads the bus (assign + explicit
 //! offsets, no consumer group state) and sets the exit status: 0 no difference, 1 a
 //! difference (loss), 2 usage or reading error.
+//!
+//! The bus is read from the first record whose bus timestamp is at or after the day's start
+//! less `--bus-slack-minutes` (ListOffsets by time), to the end. A change event is produced
+//! after its source logged it, so its bus timestamp is not earlier than its `source.ts_ms`
+//! but for clock skew between the source and the producer, which the slack covers; every
+//! event of the day is therefore read without reading the days before it.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -49,6 +55,13 @@ pub struct AuditArgs {
     /// Keys/ranges per difference in the text report.
     #[arg(long, default_value_t = 20)]
     limit: usize,
+    /// Read the bus from this many minutes before the day's start (by record timestamp):
+    /// the clock skew allowed between the source and the producer.
+    #[arg(long, default_value_t = 60, conflicts_with = "bus_from_start")]
+    bus_slack_minutes: u32,
+    /// Read the bus from each partition's first record instead.
+    #[arg(long)]
+    bus_from_start: bool,
     /// Give up (exit 2) when the bus answers nothing for this many seconds.
     #[arg(long, default_value_t = 30)]
     timeout: u64,
@@ -85,11 +98,15 @@ fn run_blocking(args: &AuditArgs) -> anyhow::Result<bool> {
             if args.topics.is_empty() {
                 bail!("--bootstrap needs --topic");
             }
-            let bus = read_bus(args, b, ds)?;
+            let (start, end) = day_window(ds)?;
+            let since =
+                (!args.bus_from_start).then(|| start - i64::from(args.bus_slack_minutes) * 60_000);
+            let bus = read_bus(args, b, since, start, end)?;
             let txs = match &args.transaction_topic {
                 Some(t) => Some(read_transactions(
                     args,
                     b,
+                    since,
                     t,
                     args.collection.as_deref().unwrap_or(&args.table),
                 )?),
@@ -110,17 +127,19 @@ fn run_blocking(args: &AuditArgs) -> anyhow::Result<bool> {
     Ok(report.ok)
 }
 
-/// Every record of `topics` from the beginning to the end seen now, to `each`.
+/// Every record of `topics` from the first one at or after bus time `since` (or from the
+/// beginning) to the end seen now, to `each`.
 fn read_all(
     args: &AuditArgs,
     bootstrap: &str,
+    since: Option<i64>,
     topics: &[String],
     mut each: impl FnMut(&rdkafka::message::BorrowedMessage<'_>) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
     let timeout = Duration::from_secs(args.timeout.max(1));
     let consumer = crate::kafka_security::reading_consumer(bootstrap, "lake-audit")?;
-    let mut tpl = TopicPartitionList::new();
-    let mut pending: HashMap<(String, i32), i64> = HashMap::new();
+    // (topic, partition) → (start, end).
+    let mut ranges: HashMap<(String, i32), (i64, i64)> = HashMap::new();
     for topic in topics {
         let md = consumer
             .fetch_metadata(Some(topic), timeout)
@@ -135,10 +154,34 @@ fn read_all(
             let (low, high) = consumer
                 .fetch_watermarks(topic, p.id(), timeout)
                 .with_context(|| format!("offsets of {topic}/{}", p.id()))?;
-            tpl.add_partition_offset(topic, p.id(), Offset::Offset(low))?;
-            if high > low {
-                pending.insert((topic.clone(), p.id()), high);
+            ranges.insert((topic.clone(), p.id()), (low, high));
+        }
+    }
+    if let Some(since) = since {
+        let mut by_time = TopicPartitionList::new();
+        for (topic, partition) in ranges.keys() {
+            by_time.add_partition_offset(topic, *partition, Offset::Offset(since))?;
+        }
+        let found = consumer
+            .offsets_for_times(by_time, timeout)
+            .context("looking up offsets by time")?;
+        for e in found.elements() {
+            if let Some(range) = ranges.get_mut(&(e.topic().to_owned(), e.partition())) {
+                match e.offset() {
+                    Offset::Offset(o) => range.0 = o.clamp(range.0, range.1),
+                    // No record at or after `since`.
+                    Offset::End => range.0 = range.1,
+                    _ => {}
+                }
             }
+        }
+    }
+    let mut tpl = TopicPartitionList::new();
+    let mut pending: HashMap<(String, i32), i64> = HashMap::new();
+    for ((topic, partition), (start, end)) in ranges {
+        tpl.add_partition_offset(&topic, partition, Offset::Offset(start))?;
+        if end > start {
+            pending.insert((topic, partition), end);
         }
     }
     consumer.assign(&tpl).context("assigning partitions")?;
@@ -191,19 +234,30 @@ fn key_text(v: &Scalar<'_>) -> String {
     }
 }
 
-/// The table's change events whose `source.ts_ms` is in the day.
-fn read_bus(args: &AuditArgs, bootstrap: &str, ds: Ds) -> anyhow::Result<Vec<BusEvent>> {
-    let start = ds
-        .date()
-        .and_hms_opt(0, 0, 0)
-        .map(|t| t.and_utc().timestamp_millis());
-    let (Some(start), Some(end)) = (start, ds.next().and_then(|n| n.date().and_hms_opt(0, 0, 0)))
-    else {
+/// The day as UTC milliseconds, `[start, end)`.
+fn day_window(ds: Ds) -> anyhow::Result<(i64, i64)> {
+    let start = ds.date().and_hms_opt(0, 0, 0);
+    let end = ds.next().and_then(|n| n.date().and_hms_opt(0, 0, 0));
+    let (Some(start), Some(end)) = (start, end) else {
         bail!("--ds {ds}: no such day");
     };
-    let end = end.and_utc().timestamp_millis();
+    Ok((
+        start.and_utc().timestamp_millis(),
+        end.and_utc().timestamp_millis(),
+    ))
+}
+
+/// The table's change events whose `source.ts_ms` is in `[start, end)`, read from bus time
+/// `since` on.
+fn read_bus(
+    args: &AuditArgs,
+    bootstrap: &str,
+    since: Option<i64>,
+    start: i64,
+    end: i64,
+) -> anyhow::Result<Vec<BusEvent>> {
     let mut out = Vec::new();
-    read_all(args, bootstrap, &args.topics, |m| {
+    read_all(args, bootstrap, since, &args.topics, |m| {
         let Some(value) = m.payload() else {
             return Ok(()); // a tombstone
         };
@@ -251,11 +305,12 @@ struct Collection {
 fn read_transactions(
     args: &AuditArgs,
     bootstrap: &str,
+    since: Option<i64>,
     topic: &str,
     collection: &str,
 ) -> anyhow::Result<Vec<TransactionCount>> {
     let mut out = Vec::new();
-    read_all(args, bootstrap, &[topic.to_owned()], |m| {
+    read_all(args, bootstrap, since, &[topic.to_owned()], |m| {
         let Some(Ok(marker)) = m.payload().map(serde_json::from_slice::<Marker>) else {
             return Ok(());
         };

@@ -2,6 +2,8 @@
 //! format with full row metadata (the machine's own server, if any, is never touched). Started
 //! with `mariadb-install-db` + `mariadbd`, ready once it accepts a query (polled), killed and
 //! removed on drop. Statements run through the `mariadb` client over the server's socket.
+//! Also: waiting until a `qanat cdc` connector has put everything the server logged on the
+//! bus (its stored position equals the binlog end).
 
 #![allow(dead_code)]
 
@@ -10,7 +12,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use rdkafka::consumer::Consumer;
+use rdkafka::error::RDKafkaErrorCode;
+use rdkafka::Offset;
+use serde_json::Value as Json;
 use tempfile::TempDir;
+
+use crate::support::{consume, consumer, poll_until, Broker, DEADLINE};
 
 pub const USER: &str = "cdc";
 pub const PASSWORD: &str = "cdc-pass";
@@ -162,4 +170,76 @@ impl Drop for MariaDb {
     fn drop(&mut self) {
         self.kill();
     }
+}
+
+/// The end offset of partition 0 of `topic`; 0 when the topic does not exist. A slow or
+/// failed query is retried, never read as "empty": on a loaded machine a watermark query can
+/// outlast its timeout, and an empty answer would fail (or vacuously pass) the assertions.
+pub fn end_offset(bootstrap: &str, topic: &str) -> i64 {
+    poll_until(
+        &format!("the end offset of {topic}"),
+        DEADLINE,
+        || match consumer(bootstrap).fetch_watermarks(topic, 0, Duration::from_secs(5)) {
+            Ok((_, high)) => Ok(high),
+            Err(e)
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(
+                        RDKafkaErrorCode::UnknownTopicOrPartition
+                            | RDKafkaErrorCode::UnknownTopic
+                            | RDKafkaErrorCode::UnknownPartition
+                    )
+                ) =>
+            {
+                Ok(0)
+            }
+            Err(e) => Err(e.to_string()),
+        },
+    )
+}
+
+/// The stored position of `connector` equals the server's binlog end: everything written
+/// so far is on the bus.
+pub fn wait_caught_up(broker: &Broker, db: &MariaDb, connector: &str) {
+    poll_until(
+        "the stored position to reach the binlog end",
+        DEADLINE * 3,
+        || {
+            let status = db.sql("SHOW MASTER STATUS");
+            let (file, pos) = (status[0][0].clone(), status[0][1].clone());
+            // Keys are plain names, not JSON: read them raw.
+            let raw = raw_offsets(&broker.bootstrap(), connector);
+            match raw {
+                Some(p)
+                    if p["file"] == file.as_str()
+                        && p["pos"].as_u64() == pos.parse().ok()
+                        && p.get("snapshot").is_none() =>
+                {
+                    Ok(())
+                }
+                other => Err(format!("stored {other:?}, server at {file}:{pos}")),
+            }
+        },
+    )
+}
+
+/// The latest stored position of `connector` in the offsets topic.
+pub fn raw_offsets(bootstrap: &str, connector: &str) -> Option<Json> {
+    let high = end_offset(bootstrap, "qanat-cdc-offsets");
+    if high <= 0 {
+        return None;
+    }
+    consume(
+        bootstrap,
+        "qanat-cdc-offsets",
+        0,
+        Offset::Offset(0),
+        high as usize,
+    )
+    .iter()
+    .rev()
+    .find(|m| m.key.as_deref() == Some(connector.as_bytes()))
+    .and_then(|m| m.value.as_ref())
+    .and_then(|v| serde_json::from_slice::<Json>(v).ok())
+    .map(|v| v["position"].clone())
 }
