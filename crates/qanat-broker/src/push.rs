@@ -20,11 +20,12 @@
 
 use std::collections::BTreeMap;
 use std::convert::Infallible;
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::extract::{Path, Query, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, Query, State};
+use axum::http::{Extensions, HeaderMap, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -108,7 +109,18 @@ fn start_offset(partition: &Partition, start: Start, limit: u64) -> i64 {
 /// With the authorizer on, the principal of the request (`Authorization: Bearer TOKEN` from
 /// `[security] http_tokens`, or `Basic` with a SASL user's password) must have Read on the
 /// topic: 401 without valid credentials, 403 without the permission.
-async fn authorize(broker: &Arc<Broker>, headers: &HeaderMap, topic: &str) -> Result<(), Response> {
+///
+/// Failed logins are treated as the Kafka listeners' are: logged with the peer address,
+/// counted (`qanat_http_auth_failures_total`), and answered after a delay that grows with
+/// the failures from the same address (the broker's [`crate::sasl::FailureDelay`], shared
+/// with SASL, so guessing over HTTP and over Kafka adds up). A request without any
+/// credentials is not a failed login: it is refused at once, as a browser's first try is.
+async fn authorize(
+    broker: &Arc<Broker>,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    topic: &str,
+) -> Result<(), Response> {
     if !broker.acls.enabled() {
         return Ok(());
     }
@@ -160,9 +172,32 @@ async fn authorize(broker: &Arc<Broker>, headers: &HeaderMap, topic: &str) -> Re
         None
     };
     let Some(principal) = principal else {
-        metrics::counter!("qanat_auth_failures_total").increment(1);
+        let scheme = value
+            .split_once(' ')
+            .map_or("unknown", |(scheme, _)| match scheme {
+                "Bearer" => "bearer",
+                "Basic" => "basic",
+                _ => "unknown",
+            });
+        metrics::counter!("qanat_http_auth_failures_total", "endpoint" => "push", "scheme" => scheme)
+            .increment(1);
+        let delay = match peer {
+            Some(peer) => broker.auth_failures.failed(peer.ip()),
+            None => broker.auth_failures.base(),
+        };
+        tracing::warn!(
+            peer = %peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
+            endpoint = "push",
+            scheme,
+            delay_ms = delay.as_millis() as u64,
+            "HTTP authentication failed"
+        );
+        tokio::time::sleep(delay).await;
         return Err(unauthorized("invalid credentials"));
     };
+    if let Some(peer) = peer {
+        broker.auth_failures.succeeded(peer.ip());
+    }
     // The HTTP API does not see the peer address here: only host `*` ACLs apply.
     if !broker.acls.allowed(
         &principal,
@@ -185,8 +220,13 @@ async fn subscribe(
     Path(topic): Path<String>,
     Query(q): Query<SubscribeQuery>,
     headers: HeaderMap,
+    extensions: Extensions,
 ) -> Response {
-    if let Err(refusal) = authorize(&broker, &headers, &topic).await {
+    // Present when served with connect info, as `qanat broker` serves it.
+    let peer = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|ConnectInfo(addr)| *addr);
+    if let Err(refusal) = authorize(&broker, &headers, peer, &topic).await {
         return refusal;
     }
     let start = match parse_start(q.from.as_deref()) {

@@ -1,5 +1,6 @@
-//! Client quotas, as Kafka's: produce and fetch byte rates per user (the principal's name),
-//! per client id, or per user and client id, with defaults (an entity named null). Stored in
+//! Client quotas, as Kafka's: produce and fetch byte rates and the request-time share
+//! (`request_percentage`, KIP-124) per user (the principal's name), per client id, or per user
+//! and client id, with defaults (an entity named null). Stored in
 //! `DATA_DIR/client-quotas.json`, rewritten atomically; served through
 //! DescribeClientQuotas/AlterClientQuotas (`api::client_quotas`).
 //!
@@ -9,9 +10,19 @@
 //! pushes it more than one second past now is answered with `throttle_time_ms` for the excess
 //! and its connection is not read again until then (Kafka's muting), so over any long window
 //! a client moves at most its rate plus one second's burst.
+//!
+//! `request_percentage` is metered the same way, in nanoseconds of request handling: 100 is
+//! one second of handling per second (one thread's worth, as in Kafka), so a request that took
+//! 2 ms under a 10% quota costs 20 ms of the client's time. What counts as handling is the
+//! work the broker does for the request (decoding, checks, appends, reads, encoding), not the
+//! time it waits (long polls, fsync, rebalances).
+//!
+//! When no quota is set, or none is a request quota, [`Quotas::meters_requests`] is one
+//! relaxed load and nothing is measured.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
@@ -22,13 +33,17 @@ use crate::credentials::{read_json, write_json_atomically, StoreError};
 pub const QUOTA_FILE: &str = "client-quotas.json";
 pub const PRODUCER_BYTE_RATE: &str = "producer_byte_rate";
 pub const CONSUMER_BYTE_RATE: &str = "consumer_byte_rate";
+pub const REQUEST_PERCENTAGE: &str = "request_percentage";
 /// Keys accepted by AlterClientQuotas.
-pub const KEYS: &[&str] = &[PRODUCER_BYTE_RATE, CONSUMER_BYTE_RATE];
+pub const KEYS: &[&str] = &[PRODUCER_BYTE_RATE, CONSUMER_BYTE_RATE, REQUEST_PERCENTAGE];
 
 /// Burst a client may take above its rate.
 const BURST: Duration = Duration::from_secs(1);
 /// Longest single throttle (Kafka caps at the quota window, 11 s by default).
 const MAX_THROTTLE: Duration = Duration::from_secs(10);
+
+/// Most one request may cost (a day): the meter stays far inside `Instant`'s range.
+const MAX_COST_SECONDS: f64 = 86_400.0;
 
 /// A quota entity: user and/or client id; `Some(None)` is the default entity of that type.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
@@ -42,11 +57,15 @@ struct QuotaFile {
     entries: Vec<(Entity, BTreeMap<String, f64>)>,
 }
 
-/// Which byte rate a request counts against.
+/// Which quota a request counts against.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Kind {
+    /// Bytes produced.
     Produce,
+    /// Bytes fetched.
     Fetch,
+    /// Nanoseconds of request handling.
+    Request,
 }
 
 impl Kind {
@@ -54,6 +73,15 @@ impl Kind {
         match self {
             Kind::Produce => PRODUCER_BYTE_RATE,
             Kind::Fetch => CONSUMER_BYTE_RATE,
+            Kind::Request => REQUEST_PERCENTAGE,
+        }
+    }
+
+    /// The quota's value as units (bytes, nanoseconds) per second.
+    fn units_per_second(self, value: f64) -> f64 {
+        match self {
+            Kind::Produce | Kind::Fetch => value,
+            Kind::Request => value / 100.0 * 1e9,
         }
     }
 }
@@ -64,17 +92,30 @@ pub struct Quotas {
     path: PathBuf,
     entries: RwLock<BTreeMap<Entity, BTreeMap<String, f64>>>,
     meters: Mutex<HashMap<(Entity, Kind), Instant>>,
+    /// Whether any entity has a `request_percentage`: every request asks, so it is an atomic.
+    request_quotas: AtomicBool,
+}
+
+fn any_request_quota(entries: &BTreeMap<Entity, BTreeMap<String, f64>>) -> bool {
+    entries.values().any(|v| v.contains_key(REQUEST_PERCENTAGE))
 }
 
 impl Quotas {
     pub fn open(data_dir: &Path) -> Result<Self, StoreError> {
         let path = data_dir.join(QUOTA_FILE);
         let file: QuotaFile = read_json(&path)?;
+        let entries: BTreeMap<_, _> = file.entries.into_iter().collect();
         Ok(Self {
             path,
-            entries: RwLock::new(file.entries.into_iter().collect()),
+            request_quotas: AtomicBool::new(any_request_quota(&entries)),
+            entries: RwLock::new(entries),
             meters: Mutex::new(HashMap::new()),
         })
+    }
+
+    /// Whether request handling time must be measured (some `request_percentage` is set).
+    pub fn meters_requests(&self) -> bool {
+        self.request_quotas.load(Ordering::Relaxed)
     }
 
     pub fn entries(&self) -> Vec<(Entity, BTreeMap<String, f64>)> {
@@ -107,6 +148,8 @@ impl Quotas {
             entries: next.iter().map(|(e, v)| (e.clone(), v.clone())).collect(),
         };
         write_json_atomically(&self.path, &file)?;
+        self.request_quotas
+            .store(any_request_quota(&next), Ordering::Relaxed);
         *entries = next;
         self.meters.lock().clear();
         Ok(())
@@ -157,16 +200,19 @@ impl Quotas {
         })
     }
 
-    /// Count `bytes` of `kind` for the client; how long it must be throttled (zero if not).
-    pub fn record(&self, user: &str, client_id: &str, kind: Kind, bytes: u64) -> Duration {
-        let Some((entity, rate)) = self.applicable(user, client_id, kind) else {
+    /// Count `amount` of `kind` (bytes, or nanoseconds of handling for [`Kind::Request`]) for
+    /// the client; how long it must be throttled (zero if not).
+    pub fn record(&self, user: &str, client_id: &str, kind: Kind, amount: u64) -> Duration {
+        let Some((entity, value)) = self.applicable(user, client_id, kind) else {
             return Duration::ZERO;
         };
+        let rate = kind.units_per_second(value);
         let now = Instant::now();
         let mut meters = self.meters.lock();
         let tat = meters.entry((entity, kind)).or_insert(now);
         let start = (*tat).max(now);
-        let cost = Duration::from_secs_f64(bytes as f64 / rate);
+        // Bounded, so a tiny rate cannot overflow the meter (from_secs_f64 panics past range).
+        let cost = Duration::from_secs_f64((amount as f64 / rate).min(MAX_COST_SECONDS));
         *tat = start + cost;
         let ahead = tat.saturating_duration_since(now);
         ahead.saturating_sub(BURST).min(MAX_THROTTLE)
@@ -218,6 +264,44 @@ mod tests {
             q.record("alice", "slow", Kind::Produce, 1_000_000),
             Duration::ZERO
         );
+        // request_percentage: 100 is one second of handling per second. Under 1%, 20 ms of
+        // handling is 2 s of the client's time: one second over the burst.
+        assert!(!q.meters_requests());
+        q.alter(vec![(client("busy"), REQUEST_PERCENTAGE.into(), Some(1.0))])
+            .unwrap();
+        assert!(q.meters_requests());
+        let ms = |n: u64| Duration::from_millis(n).as_nanos() as u64;
+        assert_eq!(
+            q.record("bob", "busy", Kind::Request, ms(10)),
+            Duration::ZERO
+        );
+        let t = q.record("bob", "busy", Kind::Request, ms(10));
+        assert!(
+            t > Duration::from_millis(900) && t <= Duration::from_secs(1),
+            "{t:?}"
+        );
+        assert_eq!(
+            q.record("bob", "other", Kind::Request, ms(1_000)),
+            Duration::ZERO
+        );
+        // The byte quotas of the same client are metered apart.
+        assert_eq!(
+            q.record("bob", "busy", Kind::Produce, 1 << 30),
+            Duration::ZERO
+        );
+        q.alter(vec![(client("busy"), REQUEST_PERCENTAGE.into(), None)])
+            .unwrap();
+        assert!(!q.meters_requests());
+        // A rate so small that one byte would cost more than Instant can hold.
+        q.alter(vec![(
+            client("tiny"),
+            PRODUCER_BYTE_RATE.into(),
+            Some(1e-300),
+        )])
+        .unwrap();
+        assert!(q.record("bob", "tiny", Kind::Produce, 1 << 40) <= MAX_THROTTLE);
+        q.alter(vec![(client("tiny"), PRODUCER_BYTE_RATE.into(), None)])
+            .unwrap();
         let reopened = Quotas::open(dir.path()).unwrap();
         assert_eq!(reopened.entries().len(), 2);
         reopened

@@ -232,6 +232,11 @@ impl FailureDelay {
         self.base.saturating_mul(1 << doublings).min(self.max)
     }
 
+    /// The delay of a first failure.
+    pub fn base(&self) -> Duration {
+        self.base
+    }
+
     pub fn succeeded(&self, ip: IpAddr) {
         self.failures.lock().remove(&ip);
     }

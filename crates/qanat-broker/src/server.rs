@@ -12,6 +12,10 @@
 //! activity for `connections_max_idle_ms` is closed (an unfinished frame is not activity);
 //! a failing `accept` (out of descriptors) is retried after a pause that doubles up to a
 //! second, logged once per interval.
+//!
+//! Quotas (see [`crate::quotas`]): a request over one mutes its connection ([`Mute`]) from the
+//! moment its response is computed; the reader then neither reads nor starts anything until
+//! the mute ends, so the very next request waits, as with Kafka's channel muting (KIP-219).
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -222,12 +226,77 @@ pub struct Session {
     pub peer: SocketAddr,
     /// `User:NAME` once authenticated (SASL or client certificate), else `User:ANONYMOUS`.
     pub principal: Arc<str>,
-    /// Milliseconds the connection must not be read (a quota throttle), set by the request
-    /// that exceeded the quota and consumed by the reader.
-    pub mute_ms: Arc<AtomicU64>,
+    /// Until when the connection is muted (a quota throttle), shared by its requests' tasks
+    /// and its reader.
+    pub mute: Arc<Mute>,
+}
+
+/// A connection's channel mute (Kafka's, KIP-219): a throttled request's response goes out
+/// at once with `throttle_time_ms`, and the connection's next requests are neither read nor
+/// started before the mute ends.
+///
+/// Invariant: the deadline only moves forward; a response's `throttle_time_ms` is what is
+/// left of the mute when the response is encoded ([`Mute::remaining`]).
+#[derive(Debug)]
+pub struct Mute {
+    base: Instant,
+    /// Milliseconds after `base` until which the connection is muted; 0: never muted.
+    until_ms: AtomicU64,
+}
+
+impl Default for Mute {
+    fn default() -> Self {
+        Self {
+            base: Instant::now(),
+            until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+impl Mute {
+    fn now_ms(&self) -> u64 {
+        self.base.elapsed().as_millis() as u64
+    }
+
+    /// Mute for `d` from now (or longer, if already muted longer).
+    pub fn extend(&self, d: Duration) {
+        if !d.is_zero() {
+            let until = self.now_ms().saturating_add(d.as_millis() as u64);
+            self.until_ms.fetch_max(until, Ordering::Relaxed);
+        }
+    }
+
+    /// How long the connection stays muted from now (zero when it is not).
+    pub fn remaining(&self) -> Duration {
+        let until = self.until_ms.load(Ordering::Relaxed);
+        if until == 0 {
+            return Duration::ZERO;
+        }
+        Duration::from_millis(until.saturating_sub(self.now_ms()))
+    }
+
+    /// `remaining` as a response's `throttle_time_ms`.
+    pub fn throttle_time_ms(&self) -> i32 {
+        i32::try_from(self.remaining().as_millis()).unwrap_or(i32::MAX)
+    }
+
+    /// When the mute ends, if it has not yet.
+    fn deadline(&self) -> Option<tokio::time::Instant> {
+        let left = self.remaining();
+        (!left.is_zero()).then(|| tokio::time::Instant::now() + left)
+    }
 }
 
 impl Session {
+    pub fn new(listener: Arc<ListenerInfo>, peer: SocketAddr, principal: Arc<str>) -> Self {
+        Self {
+            listener,
+            peer,
+            principal,
+            mute: Arc::new(Mute::default()),
+        }
+    }
+
     /// The principal's name, as quota entities name users.
     pub fn user(&self) -> &str {
         self.principal
@@ -235,12 +304,26 @@ impl Session {
             .unwrap_or(&self.principal)
     }
 
-    /// Ask the reader to stop reading this connection for `d` (Kafka's channel muting).
-    pub fn throttle(&self, d: Duration) {
+    /// Mute this connection for `d` (Kafka's channel muting); `quota` names the quota
+    /// (`byte_rate` or `request`) in the throttle counter.
+    pub fn throttle(&self, d: Duration, quota: &'static str) {
         if !d.is_zero() {
-            metrics::counter!("qanat_quota_throttled_total").increment(1);
-            self.mute_ms
-                .fetch_max(d.as_millis() as u64, Ordering::Relaxed);
+            metrics::counter!("qanat_quota_throttled_total", "quota" => quota).increment(1);
+            self.mute.extend(d);
+        }
+    }
+
+    /// Charge `handling` to the client's request quota, muting the connection when it is
+    /// over. A no-op unless some request quota is set.
+    pub fn charge_request(&self, broker: &Broker, client_id: &str, handling: Duration) {
+        if broker.quotas.meters_requests() {
+            let throttle = broker.quotas.record(
+                self.user(),
+                client_id,
+                crate::quotas::Kind::Request,
+                handling.as_nanos() as u64,
+            );
+            self.throttle(throttle, "request");
         }
     }
 }
@@ -414,12 +497,11 @@ async fn connection(
         return;
     };
     let mut exchange = listener.protocol.uses_sasl().then(SaslExchange::default);
-    let mut session = Session {
-        listener: listener.clone(),
+    let mut session = Session::new(
+        listener.clone(),
         peer,
-        principal: cert_principal.as_deref().unwrap_or(ANONYMOUS).into(),
-        mute_ms: Arc::new(AtomicU64::new(0)),
-    };
+        cert_principal.as_deref().unwrap_or(ANONYMOUS).into(),
+    );
     let idle = Duration::from_millis(broker.config.broker.connections_max_idle_ms);
     let activity = Arc::new(Activity::new());
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
@@ -438,6 +520,10 @@ async fn connection(
     let idle_timer = tokio::time::sleep_until(activity.idle_deadline(idle));
     tokio::pin!(idle_timer);
     loop {
+        // Muted by a quota throttle: the connection is not read until the mute ends.
+        if !wait_unmuted(&session.mute, &tx).await {
+            break;
+        }
         let deadline = activity.idle_deadline(idle);
         if idle_timer.deadline() != deadline {
             idle_timer.as_mut().reset(deadline);
@@ -466,6 +552,12 @@ async fn connection(
             }
             ReaderEvent::IdleTimer => continue,
         };
+        // A request that arrived while an earlier one was being throttled (its response
+        // computed while this frame was read) waits for the mute too, so the mute holds the
+        // very next request, as Kafka's does, and not only the one after it.
+        if !wait_unmuted(&session.mute, &tx).await {
+            break;
+        }
         activity.touch();
         let started = Instant::now();
         let mut close_after = false;
@@ -487,7 +579,13 @@ async fn connection(
                 None => break,
             }
         }
-        let started_request = match decode_request(frame) {
+        let decoded = decode_request(frame);
+        // Only with a request quota set: the client id to charge the reader's work to.
+        let quota_client = match &decoded {
+            Ok(d) if broker.quotas.meters_requests() => Some(d.client_id.clone()),
+            _ => None,
+        };
+        let started_request = match decoded {
             Ok(decoded) if exchange.is_some() || is_sasl(decoded.api) => {
                 let legacy_handshake = decoded.api == ApiKey::SaslHandshake && decoded.version == 0;
                 match sasl_gate(&broker, &mut session, &mut exchange, decoded).await {
@@ -510,6 +608,10 @@ async fn connection(
             Ok(decoded) => api::dispatch(&broker, decoded, started, &session).await,
             Err(e) => Err(e),
         };
+        if let Some(client_id) = quota_client {
+            // Decoding, checks and appends done here; handlers charge their own work.
+            session.charge_request(&broker, &client_id, started.elapsed());
+        }
         match started_request {
             Ok(Some(pending)) => {
                 activity.request_started();
@@ -526,18 +628,25 @@ async fn connection(
         if close_after {
             break;
         }
-        let mute = session.mute_ms.swap(0, Ordering::Relaxed);
-        if mute > 0 {
-            // Over its quota: the client's next request waits (the response is already on
-            // its way with throttle_time_ms).
-            tokio::time::sleep(Duration::from_millis(mute)).await;
-        }
     }
     drop(tx);
     if writer.await.is_err() {
         tracing::error!(%peer, "connection writer panicked");
     }
     metrics::gauge!("qanat_connections").decrement(1.0);
+}
+
+/// Wait until `mute` ends (at once when it is not set); false when the writer is gone
+/// meanwhile (the connection is closing).
+async fn wait_unmuted(mute: &Mute, tx: &mpsc::Sender<Queued>) -> bool {
+    while let Some(until) = mute.deadline() {
+        metrics::counter!("qanat_quota_muted_waits_total").increment(1);
+        tokio::select! {
+            _ = tx.closed() => return false,
+            _ = tokio::time::sleep_until(until) => {}
+        }
+    }
+    true
 }
 
 /// One bare SASL token (after SaslHandshake v0): the bare answer, or None to close the

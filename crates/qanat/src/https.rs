@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use axum::serve::ListenerExt;
 use qanat_broker::tls::{ClientAuth, Tls, TlsSettings};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -98,10 +99,16 @@ impl axum::serve::Listener for TlsListener {
     }
 }
 
-/// Serve `app` on `listener`, over TLS when `tls` is given.
+/// Serve `app` on `listener`, over TLS when `tls` is given. Handlers see the peer address as
+/// `ConnectInfo<SocketAddr>` (failed logins are logged and slowed per address).
 pub async fn serve(listener: TcpListener, tls: Option<&Tls>, app: axum::Router) -> io::Result<()> {
+    let app = app.into_make_service_with_connect_info::<SocketAddr>();
     match tls {
         None => axum::serve(listener, app).await,
-        Some(tls) => axum::serve(TlsListener::new(listener, tls.acceptor().clone())?, app).await,
+        Some(tls) => {
+            // `tap_io` gives the listener axum's connect-info support (by its `Addr`).
+            let listener = TlsListener::new(listener, tls.acceptor().clone())?.tap_io(|_| {});
+            axum::serve(listener, app).await
+        }
     }
 }

@@ -423,6 +423,10 @@ mod acl_requests {
     }
 
     pub fn fetch(raw: &mut RawClient, name: &str) -> i16 {
+        fetch_response(raw, name).responses[0].partitions[0].error_code
+    }
+
+    pub fn fetch_response(raw: &mut RawClient, name: &str) -> FetchResponse {
         let req = FetchRequest::default()
             .with_max_wait_ms(0)
             .with_min_bytes(0)
@@ -433,8 +437,7 @@ mod acl_requests {
                     .with_partition(0)
                     .with_fetch_offset(0)
                     .with_partition_max_bytes(1 << 20)])]);
-        let resp: FetchResponse = raw.call(ApiKey::Fetch, 11, &req);
-        resp.responses[0].partitions[0].error_code
+        raw.call(ApiKey::Fetch, 11, &req)
     }
 
     pub fn create_topic(raw: &mut RawClient, name: &str) -> i16 {
@@ -836,6 +839,35 @@ security_protocol = "SASL_PLAINTEXT"
     // InitProducerId: an idempotent producer needs Write on some topic.
     assert_eq!(init_producer_id(&mut alice), 0);
     assert_eq!(init_producer_id(&mut bob), CLUSTER_DENIED);
+    // The same four refusals as librdkafka and kafka-python report them.
+    for client in ["confluent", "kafka-python"] {
+        let out = Command::new("python3")
+            .arg(py_script("acl_errors.py"))
+            .args([
+                "--client",
+                client,
+                "--bootstrap",
+                &addr,
+                "--password",
+                PASSWORD,
+            ])
+            .args([
+                "--topic",
+                "orders",
+                "--hidden",
+                "hidden",
+                "--group",
+                "bob-offsets",
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{client}: ACL error codes: {}",
+            describe(&out)
+        );
+    }
     assert_eq!(delete_group(&mut bob, "bob-offsets"), GROUP_DENIED);
     assert_eq!(delete_group(&mut admin, "bob-offsets"), 0);
     // ACL administration: cluster Alter/Describe, refused to alice.
@@ -899,6 +931,7 @@ http_tokens = [{ token = "reader-token-0123456789", principal = "User:reader" }]
         .config(config)
         .data_dir(&data)
         .http()
+        .metrics()
         .start();
     // The PLAINTEXT listener is a super user here: it creates the topics.
     produce(&broker.bootstrap(), "events", &[Rec::value("e1")], &[]);
@@ -931,6 +964,46 @@ http_tokens = [{ token = "reader-token-0123456789", principal = "User:reader" }]
         "no Read on the topic"
     );
     assert_eq!(http_status_with(&http, private, &[basic_ok]), 403);
+
+    // Failed logins: logged with the peer address, counted, and slowed down per address
+    // (the delay doubles with each failure in a row, as for SASL).
+    let failures = broker
+        .stderr()
+        .lines()
+        .filter(|l| l.contains("HTTP authentication failed"))
+        .map(str::to_string)
+        .collect::<Vec<_>>();
+    assert_eq!(failures.len(), 2, "{failures:#?}");
+    for line in &failures {
+        assert!(line.contains("peer=127.0.0.1:"), "{line}");
+    }
+    assert!(
+        failures[0].contains("scheme=\"bearer\"") || failures[0].contains("scheme=bearer"),
+        "{}",
+        failures[0]
+    );
+    let delay = |line: &str| -> u64 {
+        let at = line.find("delay_ms=").expect("a delay_ms field") + "delay_ms=".len();
+        line[at..]
+            .split(|c: char| !c.is_ascii_digit())
+            .next()
+            .and_then(|d| d.parse().ok())
+            .expect("a number of milliseconds")
+    };
+    assert!(
+        delay(&failures[1]) > delay(&failures[0]),
+        "the second failure in a row waits longer: {failures:#?}"
+    );
+    let metrics = scrape(&broker.metrics_addr().unwrap()).unwrap();
+    let counted: f64 = metric_values(
+        &metrics,
+        "qanat_http_auth_failures_total",
+        &[("endpoint", "push")],
+    )
+    .iter()
+    .map(|(_, v)| v)
+    .sum();
+    assert_eq!(counted, 2.0, "{metrics}");
 }
 
 // ------------------------------------------------------------------------------------------
@@ -945,15 +1018,36 @@ mod quota_requests {
     use super::support::RawClient;
 
     pub fn set_client_rate(raw: &mut RawClient, client_id: &str, bytes_per_second: f64) -> i16 {
+        set_client_quota(raw, client_id, "producer_byte_rate", bytes_per_second)
+    }
+
+    pub fn set_client_quota(raw: &mut RawClient, client_id: &str, key: &str, value: f64) -> i16 {
         let req = AlterClientQuotasRequest::default().with_entries(vec![EntryData::default()
             .with_entity(vec![EntityData::default()
                 .with_entity_type(s("client-id"))
                 .with_entity_name(Some(s(client_id)))])
-            .with_ops(vec![OpData::default()
-                .with_key(s("producer_byte_rate"))
-                .with_value(bytes_per_second)])]);
+            .with_ops(vec![OpData::default().with_key(s(key)).with_value(value)])]);
         let resp: AlterClientQuotasResponse = raw.call(ApiKey::AlterClientQuotas, 1, &req);
         resp.entries[0].error_code
+    }
+
+    /// (key, value) of the quotas of one client id.
+    pub fn client_quotas(raw: &mut RawClient, client_id: &str) -> Vec<(String, f64)> {
+        let req =
+            DescribeClientQuotasRequest::default().with_components(vec![ComponentData::default()
+                .with_entity_type(s("client-id"))
+                .with_match_type(0)
+                .with_match(Some(s(client_id)))]);
+        let resp: DescribeClientQuotasResponse = raw.call(ApiKey::DescribeClientQuotas, 1, &req);
+        assert_eq!(resp.error_code, 0);
+        let mut out: Vec<(String, f64)> = resp
+            .entries
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|e| e.values.iter().map(|v| (v.key.to_string(), v.value)))
+            .collect();
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
     }
 
     /// (client id, producer_byte_rate) of every client-id quota.
@@ -1103,6 +1197,115 @@ fn produce_quota_throttles_one_client_and_not_the_other() {
     assert!(
         fast >= 2.0 * RATE,
         "the client without quota moved only {fast:.0} B/s (quota of the other: {RATE} B/s)"
+    );
+}
+
+/// `throttle_time_ms` of a Metadata request (all topics) on `raw`.
+fn metadata_throttle(raw: &mut RawClient) -> i32 {
+    use kafka_protocol::messages::{ApiKey, MetadataRequest, MetadataResponse};
+    let resp: MetadataResponse = raw.call(ApiKey::Metadata, 9, &MetadataRequest::default());
+    resp.throttle_time_ms
+}
+
+#[test]
+fn request_quota_throttles_one_client_and_not_the_other() {
+    use quota_requests::*;
+    let broker = Broker::builder().metrics().start();
+    let mut admin = RawClient::connect(&broker.bootstrap());
+    // A thousandth of a percent of a thread: a microsecond of handling costs 100 ms, so the
+    // one-second burst is gone after a few requests.
+    assert_eq!(
+        set_client_quota(&mut admin, "busy", "request_percentage", 0.001),
+        0
+    );
+    assert_eq!(
+        client_quotas(&mut admin, "busy"),
+        vec![("request_percentage".to_string(), 0.001)]
+    );
+    assert_eq!(
+        set_client_quota(&mut admin, "busy", "request_rate", 1.0),
+        42,
+        "an unknown key is INVALID_REQUEST"
+    );
+    let mut busy = RawClient::connect_as(&broker.bootstrap(), "busy");
+    let mut other = RawClient::connect_as(&broker.bootstrap(), "other");
+    let mut throttles = Vec::new();
+    while throttles.last().is_none_or(|t| *t == 0) {
+        assert_eq!(metadata_throttle(&mut other), 0, "a client without a quota");
+        throttles.push(metadata_throttle(&mut busy));
+        assert!(
+            throttles.len() < 10_000,
+            "{} requests at 0.001% of a thread and never throttled",
+            throttles.len()
+        );
+    }
+    eprintln!("busy's throttles: {throttles:?}");
+    // The next request waits for the mute (counted), and is over the quota again: each
+    // request costs far more than the burst left after the wait.
+    assert!(metadata_throttle(&mut busy) > 0);
+    let metrics = scrape(&broker.metrics_addr().unwrap()).unwrap();
+    let sum = |name: &str, labels: &[(&str, &str)]| -> f64 {
+        metric_values(&metrics, name, labels)
+            .iter()
+            .map(|(_, v)| v)
+            .sum()
+    };
+    assert!(
+        sum("qanat_quota_throttled_total", &[("quota", "request")]) >= 2.0,
+        "{metrics}"
+    );
+    assert!(
+        sum("qanat_quota_muted_waits_total", &[]) >= 1.0,
+        "{metrics}"
+    );
+    assert_eq!(metadata_throttle(&mut other), 0);
+}
+
+/// KIP-219: a throttled fetch is answered at once with `throttle_time_ms`, and the
+/// connection's very next request waits until that time is over (not the one after it).
+#[test]
+fn a_throttled_fetch_mutes_the_very_next_request() {
+    use quota_requests::*;
+    let broker = Broker::builder().metrics().start();
+    let mut admin = RawClient::connect(&broker.bootstrap());
+    assert_eq!(acl_requests::create_topic(&mut admin, "muted"), 0);
+    assert_eq!(acl_requests::produce(&mut admin, "muted"), 0);
+    // A fetch answer of some tens of bytes at 50 B/s: a throttle of a second or so.
+    assert_eq!(
+        set_client_quota(&mut admin, "slow-reader", "consumer_byte_rate", 50.0),
+        0
+    );
+    let mut reader = RawClient::connect_as(&broker.bootstrap(), "slow-reader");
+    let muted_waits = || {
+        let metrics = scrape(&broker.metrics_addr().unwrap()).unwrap();
+        metric_values(&metrics, "qanat_quota_muted_waits_total", &[])
+            .iter()
+            .map(|(_, v)| v)
+            .sum::<f64>()
+    };
+    let mut throttle_ms = 0;
+    for _ in 0..100 {
+        let resp = acl_requests::fetch_response(&mut reader, "muted");
+        assert_eq!(resp.responses[0].partitions[0].error_code, 0);
+        throttle_ms = resp.throttle_time_ms;
+        if throttle_ms > 0 {
+            break;
+        }
+    }
+    assert!(throttle_ms > 0, "the reader was never throttled");
+    let answered_at = std::time::Instant::now();
+    let before = muted_waits();
+    metadata_throttle(&mut reader);
+    // The mute held the request right after the throttled fetch: counted, and answered no
+    // sooner than the mute allowed (less the time the fetch's answer took to come back).
+    assert!(
+        muted_waits() > before,
+        "the next request did not wait for the mute"
+    );
+    let waited = answered_at.elapsed();
+    assert!(
+        waited >= std::time::Duration::from_millis(u64::try_from(throttle_ms).unwrap() / 2),
+        "answered after {waited:?}, throttle_time_ms {throttle_ms}"
     );
 }
 

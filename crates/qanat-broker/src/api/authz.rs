@@ -484,7 +484,6 @@ fn refused_fetch_topic(t: &OffsetFetchRequestTopic, code: i16) -> OffsetFetchRes
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::sync::atomic::AtomicU64;
     use std::sync::Arc;
 
     use kafka_protocol::messages::offset_fetch_request::{
@@ -528,16 +527,15 @@ mod tests {
     }
 
     fn session(principal: &str) -> Session {
-        Session {
-            listener: Arc::new(ListenerInfo {
+        Session::new(
+            Arc::new(ListenerInfo {
                 name: "SASL_SSL".into(),
                 protocol: SecurityProtocol::SaslSsl,
                 advertised: ("broker.example".into(), 9093),
             }),
-            peer: "10.0.0.7:5000".parse().unwrap(),
-            principal: principal.into(),
-            mute_ms: Arc::new(AtomicU64::new(0)),
-        }
+            "10.0.0.7:5000".parse().unwrap(),
+            principal.into(),
+        )
     }
 
     fn allow(broker: &Broker, rtype: ResourceType, name: &str, op: AclOperation) {

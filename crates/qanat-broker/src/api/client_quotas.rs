@@ -1,5 +1,6 @@
 //! DescribeClientQuotas and AlterClientQuotas over [`crate::quotas::Quotas`]. Entity types
-//! `user` and `client-id`; keys `producer_byte_rate` and `consumer_byte_rate`. Describing needs
+//! `user` and `client-id`; keys `producer_byte_rate`, `consumer_byte_rate` and
+//! `request_percentage`. Describing needs
 //! DescribeConfigs on the cluster, altering AlterConfigs (CLUSTER_AUTHORIZATION_FAILED
 //! otherwise), as in Kafka.
 

@@ -20,16 +20,19 @@ use crate::Broker;
 pub const VERSIONS: RangeInclusive<i16> = fetch_response::VERSIONS;
 
 impl Broker {
-    /// Serve a fetch, waiting up to `max_wait_ms` for `min_bytes` to arrive. None: the read
-    /// could not finish (the runtime is shutting down), so no answer can be given.
+    /// Serve a fetch, waiting up to `max_wait_ms` for `min_bytes` to arrive: the response and
+    /// the time spent reading and encoding it (the long poll's waits left out, as Kafka
+    /// leaves purgatory time out of request quotas). None: the read could not finish (the
+    /// runtime is shutting down), so no answer can be given.
     pub(crate) async fn fetch(
         self: &Arc<Self>,
         req: FetchRequest,
         version: i16,
         correlation_id: i32,
         denied: std::collections::HashSet<String>,
-    ) -> Option<Response> {
+    ) -> Option<(Response, Duration)> {
         let req = Arc::new(req);
+        let mut handling = Duration::ZERO;
         let denied = Arc::new(denied);
         let deadline =
             Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
@@ -42,23 +45,31 @@ impl Broker {
             // cold page cache turns that into disk waits that would stall every connection
             // served by the same worker.
             let (broker, request, refused) = (self.clone(), req.clone(), denied.clone());
-            let (topics, bytes) =
-                match tokio::task::spawn_blocking(move || broker.fetch_once(&request, &refused))
-                    .await
-                {
-                    Ok(read) => read,
-                    Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                    Err(e) => {
-                        tracing::debug!(error = %e, "fetch read cancelled");
-                        return None;
-                    }
-                };
+            let read = tokio::task::spawn_blocking(move || {
+                let started = Instant::now();
+                let read = broker.fetch_once(&request, &refused);
+                (read, started.elapsed())
+            })
+            .await;
+            let (topics, bytes) = match read {
+                Ok((read, took)) => {
+                    handling += took;
+                    read
+                }
+                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                Err(e) => {
+                    tracing::debug!(error = %e, "fetch read cancelled");
+                    return None;
+                }
+            };
             let errors = topics
                 .iter()
                 .flat_map(|t| &t.partitions)
                 .any(|p| p.error_code != 0);
             if bytes >= min_bytes || errors || Instant::now() >= deadline {
-                return Some(fetch_response::encode(version, correlation_id, 0, topics));
+                let encoding = Instant::now();
+                let response = fetch_response::encode(version, correlation_id, 0, topics);
+                return Some((response, handling + encoding.elapsed()));
             }
             let shutting_down = self.shutdown.clone();
             tokio::select! {
@@ -166,7 +177,8 @@ mod tests {
         )
         .await
         .expect("fetch answered")
-        .expect("fetch response");
+        .expect("fetch response")
+        .0;
         decode_fetch(response, VERSION)
     }
 
@@ -240,7 +252,8 @@ mod tests {
                 Default::default(),
             )
             .await
-            .expect("fetch response");
+            .expect("fetch response")
+            .0;
         // Taken before the response is decoded here: that reads the file ranges the
         // connection's writer would send.
         let readers = readers.0.lock().clone();

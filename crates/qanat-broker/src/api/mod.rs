@@ -202,23 +202,103 @@ fn record_latency(api: ApiKey, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
-/// Run a blocking handler off the reactor and encode its response.
-fn blocking<R, F>(api: ApiKey, version: i16, correlation_id: i32, started: Instant, f: F) -> Pending
-where
-    R: Encodable + Send + 'static,
-    F: FnOnce() -> R + Send + 'static,
-{
-    tokio::task::spawn_blocking(move || {
-        let body = f();
-        record_latency(api, started);
-        match encode(api, version, correlation_id, &body) {
-            Ok(r) => Some(r),
-            Err(e) => {
-                tracing::error!(?api, version, error = %e, "cannot encode response");
-                None
+/// A response with Kafka's `throttle_time_ms`.
+pub(crate) trait ThrottleTime {
+    fn set_throttle_time_ms(&mut self, ms: i32);
+}
+
+macro_rules! throttle_time {
+    ($($response:ty),* $(,)?) => {
+        $(impl ThrottleTime for $response {
+            fn set_throttle_time_ms(&mut self, ms: i32) {
+                self.throttle_time_ms = ms;
             }
-        }
-    })
+        })*
+    };
+}
+
+use kafka_protocol::messages as m;
+throttle_time!(
+    m::MetadataResponse,
+    m::CreateAclsResponse,
+    m::DescribeAclsResponse,
+    m::DeleteAclsResponse,
+    m::DescribeClientQuotasResponse,
+    m::AlterClientQuotasResponse,
+    m::DescribeUserScramCredentialsResponse,
+    m::AlterUserScramCredentialsResponse,
+    m::ListOffsetsResponse,
+    m::CreateTopicsResponse,
+    m::DeleteTopicsResponse,
+    m::CreatePartitionsResponse,
+    m::FindCoordinatorResponse,
+    m::JoinGroupResponse,
+    m::SyncGroupResponse,
+    m::HeartbeatResponse,
+    m::LeaveGroupResponse,
+    m::OffsetCommitResponse,
+    m::OffsetFetchResponse,
+    m::ListGroupsResponse,
+    m::DescribeGroupsResponse,
+    m::DeleteGroupsResponse,
+    m::InitProducerIdResponse,
+    m::ProduceResponse,
+);
+
+/// Who to charge a request's handling time to, when request quotas are metered.
+#[derive(Clone)]
+struct RequestQuota {
+    broker: Arc<Broker>,
+    session: Session,
+    client_id: String,
+}
+
+impl RequestQuota {
+    /// Charge `handling`; the response's `throttle_time_ms` (what is left of the mute).
+    fn charge(&self, handling: std::time::Duration) -> i32 {
+        self.session
+            .charge_request(&self.broker, &self.client_id, handling);
+        self.session.mute.throttle_time_ms()
+    }
+}
+
+/// One request being answered: what its response needs, and its request quota.
+struct Call {
+    api: ApiKey,
+    version: i16,
+    correlation_id: i32,
+    started: Instant,
+    /// None unless some `request_percentage` is set: nothing is measured then.
+    quota: Option<RequestQuota>,
+}
+
+impl Call {
+    /// Run a blocking handler off the reactor, charge its time to the request quota and
+    /// encode its response.
+    fn blocking<R, F>(&self, f: F) -> Pending
+    where
+        R: Encodable + ThrottleTime + Send + 'static,
+        F: FnOnce() -> R + Send + 'static,
+    {
+        let (api, version, correlation_id, started) =
+            (self.api, self.version, self.correlation_id, self.started);
+        let quota = self.quota.clone();
+        tokio::task::spawn_blocking(move || {
+            let handling = Instant::now();
+            let mut body = f();
+            if let Some(quota) = quota {
+                body.set_throttle_time_ms(quota.charge(handling.elapsed()));
+            }
+            record_latency(api, started);
+            match encode(api, version, correlation_id, &body) {
+                Ok(r) => Some(r),
+                Err(e) => {
+                    tracing::error!(?api, version, error = %e, "cannot encode response");
+                    None
+                }
+            }
+        })
+    }
 }
 
 /// Start a decoded request (received at `started`). `Ok(None)`: no response is due (acks=0).
@@ -237,6 +317,17 @@ pub(crate) async fn dispatch(
         request,
     } = decoded;
     let broker = broker.clone();
+    let call = Call {
+        api,
+        version,
+        correlation_id,
+        started,
+        quota: broker.quotas.meters_requests().then(|| RequestQuota {
+            broker: broker.clone(),
+            session: session.clone(),
+            client_id: client_id.clone(),
+        }),
+    };
     let kind = match request {
         Request::UnsupportedApiVersions => {
             let body = api_versions::response(ResponseError::UnsupportedVersion.code());
@@ -260,51 +351,35 @@ pub(crate) async fn dispatch(
         )?),
         RequestKind::Metadata(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.metadata(req, version, &session)
-            })
+            call.blocking(move || broker.metadata(req, version, &session))
         }
         RequestKind::CreateAcls(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.create_acls(req, &session)
-            })
+            call.blocking(move || broker.create_acls(req, &session))
         }
         RequestKind::DescribeAcls(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.describe_acls(req, &session)
-            })
+            call.blocking(move || broker.describe_acls(req, &session))
         }
         RequestKind::DescribeClientQuotas(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.describe_client_quotas(req, &session)
-            })
+            call.blocking(move || broker.describe_client_quotas(req, &session))
         }
         RequestKind::AlterClientQuotas(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.alter_client_quotas(req, &session)
-            })
+            call.blocking(move || broker.alter_client_quotas(req, &session))
         }
         RequestKind::DescribeUserScramCredentials(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.describe_user_scram_credentials(req, &session)
-            })
+            call.blocking(move || broker.describe_user_scram_credentials(req, &session))
         }
         RequestKind::AlterUserScramCredentials(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.alter_user_scram_credentials(req, &session)
-            })
+            call.blocking(move || broker.alter_user_scram_credentials(req, &session))
         }
         RequestKind::DeleteAcls(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.delete_acls(req, &session)
-            })
+            call.blocking(move || broker.delete_acls(req, &session))
         }
         RequestKind::ListOffsets(mut req) => {
             // Describe on the topic, else TOPIC_AUTHORIZATION_FAILED per partition.
@@ -331,7 +406,7 @@ pub(crate) async fn dispatch(
                 }
                 ok
             });
-            blocking(api, version, correlation_id, started, move || {
+            call.blocking(move || {
                 let mut body = broker.list_offsets(req);
                 body.topics.extend(denied);
                 body
@@ -339,13 +414,11 @@ pub(crate) async fn dispatch(
         }
         RequestKind::CreateTopics(req) => {
             let (req, denied) = authz::split_create_topics(&broker, session, req);
-            blocking(api, version, correlation_id, started, move || {
-                authz::merge_create_topics(broker.create_topics(req), denied)
-            })
+            call.blocking(move || authz::merge_create_topics(broker.create_topics(req), denied))
         }
         RequestKind::DeleteTopics(req) => {
             let (req, denied) = authz::split_delete_topics(&broker, session, req);
-            blocking(api, version, correlation_id, started, move || {
+            call.blocking(move || {
                 authz::merge_delete_topics(broker.delete_topics(req, version), denied)
             })
         }
@@ -363,7 +436,7 @@ pub(crate) async fn dispatch(
                 }
                 ok
             });
-            blocking(api, version, correlation_id, started, move || {
+            call.blocking(move || {
                 let mut body = broker.create_partitions(req);
                 body.results.extend(denied);
                 body
@@ -371,9 +444,7 @@ pub(crate) async fn dispatch(
         }
         RequestKind::FindCoordinator(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.authorized_find_coordinator(req, version, &session)
-            })
+            call.blocking(move || broker.authorized_find_coordinator(req, version, &session))
         }
         RequestKind::JoinGroup(req)
             if !broker.group_allowed(session, AclOperation::Read, req.group_id.as_str()) =>
@@ -418,46 +489,41 @@ pub(crate) async fn dispatch(
         RequestKind::JoinGroup(req) => tokio::spawn(async move {
             // Kafka shows the host as "/ip".
             let host = format!("/{}", peer.ip());
-            let body = broker.join_group(req, version, client_id, host).await;
+            let mut body = broker.join_group(req, version, client_id, host).await;
+            if let Some(quota) = &call.quota {
+                // The wait for the rebalance is not handling: nothing more to charge.
+                body.throttle_time_ms = quota.session.mute.throttle_time_ms();
+            }
             record_latency(api, started);
             encode(api, version, correlation_id, &body).ok()
         }),
         RequestKind::SyncGroup(req) => tokio::spawn(async move {
-            let body = broker.sync_group(req).await;
+            let mut body = broker.sync_group(req).await;
+            if let Some(quota) = &call.quota {
+                body.throttle_time_ms = quota.session.mute.throttle_time_ms();
+            }
             record_latency(api, started);
             encode(api, version, correlation_id, &body).ok()
         }),
-        RequestKind::Heartbeat(req) => blocking(api, version, correlation_id, started, move || {
-            broker.heartbeat(req)
-        }),
-        RequestKind::LeaveGroup(req) => {
-            blocking(api, version, correlation_id, started, move || {
-                broker.leave_group(req, version)
-            })
-        }
+        RequestKind::Heartbeat(req) => call.blocking(move || broker.heartbeat(req)),
+        RequestKind::LeaveGroup(req) => call.blocking(move || broker.leave_group(req, version)),
         RequestKind::OffsetCommit(req) => match authz::check_offset_commit(&broker, session, req) {
             authz::CommitCheck::Refused(body) => {
                 ready(encode(api, version, correlation_id, &body)?)
             }
-            authz::CommitCheck::Run(req, denied) => {
-                blocking(api, version, correlation_id, started, move || {
-                    let mut body = broker.offset_commit(req);
-                    body.topics.extend(denied);
-                    body
-                })
-            }
+            authz::CommitCheck::Run(req, denied) => call.blocking(move || {
+                let mut body = broker.offset_commit(req);
+                body.topics.extend(denied);
+                body
+            }),
         },
         RequestKind::OffsetFetch(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.authorized_offset_fetch(req, version, &session)
-            })
+            call.blocking(move || broker.authorized_offset_fetch(req, version, &session))
         }
         RequestKind::ListGroups(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.authorized_list_groups(req, &session)
-            })
+            call.blocking(move || broker.authorized_list_groups(req, &session))
         }
         RequestKind::DescribeGroups(mut req) => {
             // Describe on the group, else GROUP_AUTHORIZATION_FAILED for that group.
@@ -474,7 +540,7 @@ pub(crate) async fn dispatch(
                 }
                 ok
             });
-            blocking(api, version, correlation_id, started, move || {
+            call.blocking(move || {
                 let mut body = broker.describe_groups(req);
                 body.groups.extend(denied);
                 body
@@ -494,7 +560,7 @@ pub(crate) async fn dispatch(
                 }
                 ok
             });
-            blocking(api, version, correlation_id, started, move || {
+            call.blocking(move || {
                 let mut body = broker.delete_groups(req);
                 body.results.extend(denied);
                 body
@@ -502,9 +568,7 @@ pub(crate) async fn dispatch(
         }
         RequestKind::InitProducerId(req) => {
             let session = session.clone();
-            blocking(api, version, correlation_id, started, move || {
-                broker.authorized_init_producer_id(req, &session)
-            })
+            call.blocking(move || broker.authorized_init_producer_id(req, &session))
         }
         RequestKind::Fetch(req) => tokio::spawn({
             let denied = broker.denied_topics(
@@ -514,18 +578,26 @@ pub(crate) async fn dispatch(
             );
             let session = session.clone();
             async move {
-                let mut response = broker.fetch(req, version, correlation_id, denied).await?;
+                let (mut response, handling) =
+                    broker.fetch(req, version, correlation_id, denied).await?;
                 metrics::counter!("qanat_fetch_response_bytes_total").increment(response.len());
                 // Over a consumer_byte_rate quota the connection is muted for a while, and the
-                // response says for how long (Kafka's throttle_time_ms, KIP-219).
+                // response says for how long (Kafka's throttle_time_ms, KIP-219). The mute
+                // starts now, before the response is written, so the connection's next
+                // request already waits for it.
                 let throttle = broker.quotas.record(
                     session.user(),
                     &client_id,
                     crate::quotas::Kind::Fetch,
                     response.len(),
                 );
-                session.throttle(throttle);
-                crate::fetch_response::set_throttle_time(&mut response, version, throttle);
+                session.throttle(throttle, "byte_rate");
+                session.charge_request(&broker, &client_id, handling);
+                crate::fetch_response::set_throttle_time(
+                    &mut response,
+                    version,
+                    session.mute.remaining().max(throttle),
+                );
                 record_latency(api, started);
                 Some(response)
             }
@@ -550,14 +622,18 @@ pub(crate) async fn dispatch(
                 crate::quotas::Kind::Produce,
                 bytes,
             );
-            session.throttle(throttle);
+            session.throttle(throttle, "byte_rate");
             let Some(ack) = produce::append(&broker, req, denied).await? else {
                 record_latency(api, started);
                 return Ok(None);
             };
+            // The append's time is charged by the reader, which ran it.
+            let mute = session.mute.clone();
             tokio::spawn(async move {
                 let mut body = ack.wait().await;
-                body.throttle_time_ms = throttle.as_millis().min(i32::MAX as u128) as i32;
+                let left = mute.remaining();
+                body.throttle_time_ms =
+                    i32::try_from(left.max(throttle).as_millis()).unwrap_or(i32::MAX);
                 record_latency(api, started);
                 match encode(api, version, correlation_id, &body) {
                     Ok(r) => Some(r),
@@ -701,21 +777,23 @@ pub(crate) mod testing {
 mod quota_tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-    use std::sync::atomic::{AtomicU64, Ordering};
     use std::time::Duration;
 
+    use kafka_protocol::messages::{MetadataRequest, MetadataResponse};
+    use kafka_protocol::protocol::Decodable;
     use qanat_log::{ManualClock, OsStorage};
 
     use super::*;
     use crate::config::SecurityProtocol;
     use crate::listener::ListenerInfo;
-    use crate::quotas::{Entity, CONSUMER_BYTE_RATE};
+    use crate::quotas::{Entity, CONSUMER_BYTE_RATE, REQUEST_PERCENTAGE};
     use crate::Config;
 
-    /// A fetch over `consumer_byte_rate` says how long it is throttled in `throttle_time_ms`,
-    /// and mutes its connection for as long; another client id is not throttled.
-    #[tokio::test]
-    async fn fetch_over_its_quota_reports_throttle_time() {
+    fn broker_with_quota(
+        client_id: &str,
+        key: &str,
+        value: f64,
+    ) -> (tempfile::TempDir, Arc<Broker>) {
         let dir = tempfile::tempdir().unwrap();
         let broker = Arc::new(
             Broker::open(
@@ -732,52 +810,111 @@ mod quota_tests {
             .alter(vec![(
                 Entity {
                     user: None,
-                    client_id: Some(Some("slow".into())),
+                    client_id: Some(Some(client_id.into())),
                 },
-                CONSUMER_BYTE_RATE.into(),
-                Some(1.0),
+                key.into(),
+                Some(value),
             )])
             .unwrap();
-        let fetch = |client_id: &str| {
+        (dir, broker)
+    }
+
+    fn session() -> Session {
+        Session::new(
+            Arc::new(ListenerInfo {
+                name: "PLAINTEXT".into(),
+                protocol: SecurityProtocol::Plaintext,
+                advertised: ("127.0.0.1".into(), 9092),
+            }),
+            "127.0.0.1:5000".parse().unwrap(),
+            "User:ANONYMOUS".into(),
+        )
+    }
+
+    async fn answer(
+        broker: &Arc<Broker>,
+        session: &Session,
+        client_id: &str,
+        kind: RequestKind,
+        api: ApiKey,
+        version: i16,
+    ) -> Response {
+        let decoded = Decoded {
+            api,
+            version,
+            correlation_id: 1,
+            client_id: client_id.into(),
+            request: Request::Kind(Box::new(kind)),
+        };
+        let pending = dispatch(broker, decoded, Instant::now(), session)
+            .await
+            .unwrap()
+            .expect("answered");
+        pending.await.unwrap().expect("a response")
+    }
+
+    /// A fetch over `consumer_byte_rate` says how long it is throttled in `throttle_time_ms`,
+    /// and its connection is muted from the moment the response is ready (so the very next
+    /// request waits, KIP-219); another client id is not throttled.
+    #[tokio::test]
+    async fn fetch_over_its_quota_reports_throttle_time_and_mutes_at_once() {
+        let (_dir, broker) = broker_with_quota("slow", CONSUMER_BYTE_RATE, 1.0);
+        let fetch = |client_id: &'static str| {
             let broker = broker.clone();
-            let client_id = client_id.to_string();
             async move {
-                let session = Session {
-                    listener: Arc::new(ListenerInfo {
-                        name: "PLAINTEXT".into(),
-                        protocol: SecurityProtocol::Plaintext,
-                        advertised: ("127.0.0.1".into(), 9092),
-                    }),
-                    peer: "127.0.0.1:5000".parse().unwrap(),
-                    principal: "User:ANONYMOUS".into(),
-                    mute_ms: Arc::new(AtomicU64::new(0)),
-                };
-                let decoded = Decoded {
-                    api: ApiKey::Fetch,
-                    version: 12,
-                    correlation_id: 1,
-                    client_id,
-                    request: Request::Kind(Box::new(RequestKind::Fetch(testing::fetch_request(
-                        "t", 0, 0, 0,
-                    )))),
-                };
-                let pending = dispatch(&broker, decoded, Instant::now(), &session)
-                    .await
-                    .unwrap()
-                    .expect("a fetch is answered");
-                let response = pending.await.unwrap().expect("a response");
+                let session = session();
+                let kind = RequestKind::Fetch(testing::fetch_request("t", 0, 0, 0));
+                let response = answer(&broker, &session, client_id, kind, ApiKey::Fetch, 12).await;
+                // Read as soon as the response exists, before anything is written.
+                let muted = session.mute.remaining();
                 let body = testing::decode_fetch(response, 12);
-                (
-                    body.throttle_time_ms,
-                    session.mute_ms.load(Ordering::Relaxed),
-                )
+                (body.throttle_time_ms, muted)
             }
         };
-        let (throttle_ms, muted_ms) = fetch("slow").await;
+        let (throttle_ms, muted) = fetch("slow").await;
         // A response of some tens of bytes at 1 byte/s: throttled for the longest allowed.
         assert!(throttle_ms > 0, "throttle_time_ms = {throttle_ms}");
-        assert_eq!(u64::try_from(throttle_ms).unwrap(), muted_ms);
-        assert!(Duration::from_millis(muted_ms) <= Duration::from_secs(10));
-        assert_eq!(fetch("fast").await, (0, 0));
+        assert!(
+            !muted.is_zero(),
+            "the connection is muted once the response is ready"
+        );
+        assert!(muted <= Duration::from_millis(u64::try_from(throttle_ms).unwrap()));
+        assert!(muted <= Duration::from_secs(10));
+        assert_eq!(fetch("fast").await, (0, Duration::ZERO));
+    }
+
+    fn metadata_throttle(response: Response) -> i32 {
+        let mut bytes = testing::response_bytes(response);
+        kafka_protocol::messages::ResponseHeader::decode(
+            &mut bytes,
+            ApiKey::Metadata.response_header_version(9),
+        )
+        .unwrap();
+        MetadataResponse::decode(&mut bytes, 9)
+            .unwrap()
+            .throttle_time_ms
+    }
+
+    /// Under a tiny `request_percentage` a client's requests soon come back with
+    /// `throttle_time_ms` and mute its connection; another client id is never throttled.
+    #[tokio::test]
+    async fn requests_over_the_request_quota_are_throttled() {
+        // A millionth of a percent of a thread: a nanosecond of handling costs a second.
+        let (_dir, broker) = broker_with_quota("busy", REQUEST_PERCENTAGE, 0.000_001);
+        let (busy, other) = (session(), session());
+        let metadata = || RequestKind::Metadata(MetadataRequest::default().with_topics(None));
+        let mut throttles = Vec::new();
+        for _ in 0..3 {
+            let r = answer(&broker, &busy, "busy", metadata(), ApiKey::Metadata, 9).await;
+            throttles.push(metadata_throttle(r));
+            let r = answer(&broker, &other, "other", metadata(), ApiKey::Metadata, 9).await;
+            assert_eq!(metadata_throttle(r), 0, "a client without a quota");
+        }
+        assert!(
+            throttles.iter().all(|t| *t > 0),
+            "every request is over the quota: {throttles:?}"
+        );
+        assert!(!busy.mute.remaining().is_zero());
+        assert!(other.mute.remaining().is_zero());
     }
 }

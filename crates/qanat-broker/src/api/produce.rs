@@ -417,7 +417,7 @@ mod tests {
         let answered = tokio::time::timeout(std::time::Duration::from_secs(60), poll)
             .await
             .expect("the long poll was woken by the durable append");
-        let fetched = decode_fetch(answered.expect("fetch task").expect("answered"), 12);
+        let fetched = decode_fetch(answered.expect("fetch task").expect("answered").0, 12);
         let p = &fetched.responses[0].partitions[0];
         assert_eq!(p.high_watermark, 1);
         assert_eq!(p.records.as_deref(), Some(&records[..]));

@@ -1534,13 +1534,20 @@ pub fn crc32c(data: &[u8]) -> u32 {
 pub struct RawClient {
     stream: TcpStream,
     correlation: i32,
+    client_id: String,
 }
 
 impl RawClient {
     pub fn connect(addr: &str) -> RawClient {
+        Self::connect_as(addr, "qanat-it-raw")
+    }
+
+    /// A connection whose requests carry `client_id`.
+    pub fn connect_as(addr: &str, client_id: &str) -> RawClient {
         RawClient {
             stream: raw_connect(addr),
             correlation: 0,
+            client_id: client_id.to_string(),
         }
     }
 
@@ -1562,7 +1569,7 @@ impl RawClient {
             .with_request_api_key(key as i16)
             .with_request_api_version(version)
             .with_correlation_id(self.correlation)
-            .with_client_id(Some(StrBytes::from_static_str("qanat-it-raw")));
+            .with_client_id(Some(StrBytes::from_string(self.client_id.clone())));
         let mut body = bytes::BytesMut::new();
         header
             .encode(&mut body, Req::header_version(version))
