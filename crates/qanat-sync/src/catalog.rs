@@ -593,7 +593,7 @@ mod tests {
         });
         assert!(
             matches!(&job, Ok(j) if j.table[0].to == "postgres://postgres@127.0.0.1:5432/dw/stage.t"
-                && j.table[0].from == "mysql://root:p%40ss@127.0.0.1:3306/shop.t"
+                && j.table[0].from.dsns() == ["mysql://root:p%40ss@127.0.0.1:3306/shop.t"]
                 && j.table[0].channels == Some(4)),
             "{job:?}\n{text}"
         );

@@ -17,6 +17,12 @@
 //! mode = "upsert"
 //! split_pk = "id"
 //! priority = 10               # higher starts first
+//!
+//! [[table]]                   # a sharded source: 8 physical tables in 2 databases
+//! from = ["mysql://root@127.0.0.1:3306/shop_a.order_{0000..0003}",
+//!         "mysql://root@127.0.0.1:3306/shop_b.order_{0004..0007}"]
+//! to = "postgres://postgres@127.0.0.1:5432/dw/public.orders"
+//! shard_column = "_shard"     # optional: each row's physical table
 //! ```
 
 use std::path::PathBuf;
@@ -68,11 +74,44 @@ impl Default for Settings {
     }
 }
 
+/// A table's source: one address, or a list of them (the shards of one logical table).
+/// Any address may hold `{FIRST..LAST}` ranges, each expanding to one shard per number.
+#[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
+#[serde(untagged)]
+pub enum Sources {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl Sources {
+    pub fn dsns(&self) -> Vec<String> {
+        match self {
+            Sources::One(s) => vec![s.clone()],
+            Sources::Many(v) => v.clone(),
+        }
+    }
+}
+
+impl From<String> for Sources {
+    fn from(s: String) -> Self {
+        Sources::One(s)
+    }
+}
+
 /// One `[[table]]`.
 #[derive(Debug, Clone, PartialEq, serde::Deserialize, serde::Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct TableSpec {
-    pub from: String,
+    pub from: Sources,
+    /// For a sharded source: a text column added to every row, naming its physical table.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shard_column: Option<String>,
+    /// Copy only these source columns (default: all), by name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub columns: Option<Vec<String>>,
+    /// Copy only the source rows matching this SQL condition (the source's dialect).
+    #[serde(default, rename = "where", skip_serializing_if = "Option::is_none")]
+    pub filter: Option<String>,
     pub to: String,
     pub mode: Option<WriteMode>,
     pub split_pk: Option<String>,
@@ -150,8 +189,28 @@ impl JobFile {
             ));
         }
         for (i, t) in self.table.iter().enumerate() {
-            crate::dsn::Endpoint::parse(&t.from)
-                .map_err(|e| invalid(&format!("table[{i}].from"), e))?;
+            let dsns = t.from.dsns();
+            if dsns.is_empty() {
+                return Err(invalid(&format!("table[{i}].from"), "an empty list"));
+            }
+            for (j, dsn) in dsns.iter().enumerate() {
+                let key = match &t.from {
+                    Sources::One(_) => format!("table[{i}].from"),
+                    Sources::Many(_) => format!("table[{i}].from[{j}]"),
+                };
+                let expanded = crate::shard::expand_braces(dsn).map_err(|e| invalid(&key, e))?;
+                for one in expanded {
+                    crate::dsn::Endpoint::parse(&one).map_err(|e| invalid(&key, e))?;
+                }
+            }
+            if t.columns.as_ref().is_some_and(Vec::is_empty) {
+                return Err(invalid(&format!("table[{i}].columns"), "an empty list"));
+            }
+            if let Some(c) = &t.shard_column {
+                if c.is_empty() {
+                    return Err(invalid(&format!("table[{i}].shard_column"), "empty"));
+                }
+            }
             crate::dsn::Endpoint::parse(&t.to)
                 .map_err(|e| invalid(&format!("table[{i}].to"), e))?;
             if t.channels == Some(0) {

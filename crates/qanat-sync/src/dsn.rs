@@ -1,7 +1,8 @@
 //! Table addresses: `mysql://user:pass@host:3306/db.table` (also `mariadb://`),
 //! `postgres://user:pass@host:5432/db/schema.table` (schema `public` when omitted; also
 //! `postgresql://`), `parquet:///dir/table?ds=20261129` (Hive partition `ds=…` under the
-//! table directory).
+//! table directory), `file:///dir/name.csv` (see `files`), `kafka://host:9092/topic?…` (see
+//! `bus`).
 
 use std::path::PathBuf;
 
@@ -36,6 +37,8 @@ pub enum Endpoint {
     },
     /// A delimited data file and its verification file.
     File(crate::files::FileSpec),
+    /// A topic (range) on the bus.
+    Bus(crate::bus::BusSpec),
 }
 
 fn percent_decode(s: &str) -> Result<String, String> {
@@ -83,7 +86,7 @@ impl Endpoint {
         let (scheme, rest) = dsn.split_once("://").ok_or_else(|| {
             bad(
                 dsn,
-                "expected SCHEME://… (mysql, postgres, parquet or file)",
+                "expected SCHEME://… (mysql, postgres, parquet, file or kafka)",
             )
         })?;
         match scheme {
@@ -172,9 +175,23 @@ impl Endpoint {
                     .map(Endpoint::File)
                     .map_err(|r| bad(dsn, r))
             }
+            "kafka" => {
+                let (addr, query) = match rest.split_once('?') {
+                    Some((p, q)) => (p, Some(q)),
+                    None => (rest, None),
+                };
+                let (brokers, topic) = addr
+                    .split_once('/')
+                    .ok_or_else(|| bad(dsn, "expected kafka://host:port/topic"))?;
+                crate::bus::BusSpec::from_parts(brokers, topic, query)
+                    .map(Endpoint::Bus)
+                    .map_err(|r| bad(dsn, r))
+            }
             other => Err(bad(
                 dsn,
-                format!("unknown scheme {other:?} (expected mysql, postgres, parquet or file)"),
+                format!(
+                    "unknown scheme {other:?} (expected mysql, postgres, parquet, file or kafka)"
+                ),
             )),
         }
     }
@@ -205,6 +222,7 @@ impl Endpoint {
                 None => format!("parquet {}", dir.display()),
             },
             Endpoint::File(spec) => format!("file {}", spec.path.display()),
+            Endpoint::Bus(spec) => spec.describe(),
         }
     }
 }

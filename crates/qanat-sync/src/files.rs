@@ -611,7 +611,7 @@ impl FileTable {
     }
 }
 
-fn canonical_from_name(name: &str) -> Option<CanonicalType> {
+pub(crate) fn canonical_from_name(name: &str) -> Option<CanonicalType> {
     Some(match name {
         "bool" => CanonicalType::Bool,
         "int64" => CanonicalType::Int64,

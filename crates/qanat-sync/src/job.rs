@@ -14,6 +14,7 @@ use tokio::task::JoinSet;
 
 use crate::dirty::DirtyLog;
 use crate::plugin::{Reader, WriteMode, Writer};
+use crate::schedule::ServerSlots;
 use crate::split::Split;
 use crate::throttle::Throttle;
 use crate::types::{render_row, Digest, TableSchema};
@@ -30,6 +31,8 @@ pub struct TableJob {
     pub writer: Arc<dyn Writer>,
     pub mode: WriteMode,
     pub split_pk: Option<String>,
+    /// Copy only these source columns, in this order (default: all).
+    pub columns: Option<Vec<String>>,
     /// Tasks of this table running at once.
     pub channels: usize,
     /// Cap on the number of key-range splits.
@@ -98,14 +101,17 @@ impl TableReport {
 pub struct Live {
     pub rows: AtomicU64,
     pub bytes: AtomicU64,
+    pub dirty: AtomicU64,
+    /// The source's estimate of its rows (0: unknown), for an ETA.
+    pub rows_estimate: AtomicU64,
     pub splits_done: AtomicU64,
     pub splits_total: AtomicU64,
 }
 
 struct Ctx {
     job: TableJob,
-    /// The source server's job-wide task slots, when capped.
-    server_slots: Option<Arc<Semaphore>>,
+    /// Job-wide task slots per source server.
+    servers: Arc<ServerSlots>,
     schema: TableSchema,
     throttle: Arc<Throttle>,
     dirty: DirtyLog,
@@ -138,6 +144,31 @@ pub fn batch_bytes(batch: &RecordBatch) -> usize {
         .sum()
 }
 
+/// The columns `names` of `schema`, in that order; the primary key kept only when whole.
+fn project(schema: &TableSchema, names: &[String], table: &str) -> Result<TableSchema, SyncError> {
+    let columns = names
+        .iter()
+        .map(|n| {
+            schema
+                .column(n)
+                .cloned()
+                .ok_or_else(|| SyncError::UnknownColumn {
+                    table: table.to_string(),
+                    column: n.clone(),
+                })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let whole_key = schema.primary_key.iter().all(|k| names.contains(k));
+    Ok(TableSchema {
+        columns,
+        primary_key: if whole_key {
+            schema.primary_key.clone()
+        } else {
+            Vec::new()
+        },
+    })
+}
+
 async fn run_split_once(ctx: &Ctx, split: &Split, attempt: u32) -> Result<SplitStats, SyncError> {
     let (tx, mut rx) = mpsc::channel::<RecordBatch>(CHANNEL_BATCHES);
     let read = ctx
@@ -165,6 +196,7 @@ async fn run_split_once(ctx: &Ctx, split: &Split, attempt: u32) -> Result<SplitS
             stats.bytes += bytes as u64;
             ctx.live.rows.fetch_add(rows as u64, Ordering::Relaxed);
             ctx.live.bytes.fetch_add(bytes as u64, Ordering::Relaxed);
+            ctx.live.dirty.store(ctx.dirty.count(), Ordering::Relaxed);
             metrics::counter!("qanat_sync_rows_read_total", "table" => ctx.label.clone())
                 .increment(rows as u64);
             metrics::counter!("qanat_sync_rows_written_total", "table" => ctx.label.clone())
@@ -263,6 +295,40 @@ async fn verify(ctx: &Ctx, splits: &[Split]) -> Result<VerifyReport, SyncError> 
         ok: true,
         ..VerifyReport::default()
     };
+    // Shards without a shard column cannot be told apart in the target: compare the sum of
+    // the source's splits with the whole target (the digest is order-independent and adds).
+    if splits
+        .iter()
+        .any(|s| s.shard.as_ref().is_some_and(|r| r.column.is_none()))
+    {
+        let mut source = Digest::default();
+        for split in splits {
+            let d = digest(
+                ctx.job.reader.as_ref(),
+                &ctx.schema,
+                split,
+                ctx.job.batch_rows,
+            )
+            .await?;
+            source.rows += d.rows;
+            source.sum = source.sum.wrapping_add(d.sum);
+        }
+        let whole = Split::whole(0);
+        let target = digest(target.as_ref(), &target_schema, &whole, ctx.job.batch_rows).await?;
+        report.source_rows = source.rows;
+        report.target_rows = target.rows;
+        report.splits_checked = splits.len();
+        if source != target {
+            report.ok = false;
+            report.mismatched.push(SplitDiff {
+                split: 0,
+                range: "whole table (all shards)".into(),
+                source,
+                target,
+            });
+        }
+        return Ok(report);
+    }
     for split in splits {
         let (s, t) = tokio::join!(
             digest(
@@ -292,14 +358,17 @@ async fn verify(ctx: &Ctx, splits: &[Split]) -> Result<VerifyReport, SyncError> 
 
 async fn run_table_inner(
     job: TableJob,
-    server_slots: Option<Arc<Semaphore>>,
+    servers: Arc<ServerSlots>,
     throttle: Arc<Throttle>,
     live: Arc<Live>,
     report: &mut TableReport,
 ) -> Result<(), (SyncError, Option<Arc<dyn Writer>>)> {
     let writer = job.writer.clone();
     let fail = |e: SyncError| (e, Some(writer.clone()));
-    let schema = job.reader.schema().await.map_err(|e| (e, None))?;
+    let mut schema = job.reader.schema().await.map_err(|e| (e, None))?;
+    if let Some(names) = &job.columns {
+        schema = project(&schema, names, &job.reader.name()).map_err(|e| (e, None))?;
+    }
     job.writer
         .prepare(&schema, job.mode)
         .await
@@ -310,6 +379,9 @@ async fn run_table_inner(
         .await
         .map_err(fail)?;
     report.splits = splits.len();
+    if let Some(n) = job.reader.estimate_rows().await {
+        live.rows_estimate.store(n, Ordering::Relaxed);
+    }
     live.splits_total
         .store(splits.len() as u64, Ordering::Relaxed);
     tracing::info!(
@@ -326,7 +398,7 @@ async fn run_table_inner(
     let channels = job.channels.max(1);
     let ctx = Arc::new(Ctx {
         label: report.source.clone(),
-        server_slots,
+        servers,
         job,
         schema,
         throttle,
@@ -344,7 +416,7 @@ async fn run_table_inner(
                 .acquire_owned()
                 .await
                 .map_err(|_| SyncError::Internal("task pool closed".into()))?;
-            let _server_permit = match &ctx.server_slots {
+            let _server_permit = match ctx.servers.slots(&ctx.job.reader.server_for(&split)) {
                 Some(slots) => Some(
                     slots
                         .clone()
@@ -416,7 +488,7 @@ async fn run_table_inner(
 /// Run one table to the end; errors are in the report.
 pub async fn run_table(
     job: TableJob,
-    server_slots: Option<Arc<Semaphore>>,
+    servers: Arc<ServerSlots>,
     throttle: Arc<Throttle>,
     live: Arc<Live>,
 ) -> TableReport {
@@ -427,8 +499,7 @@ pub async fn run_table(
         mode: format!("{:?}", job.mode).to_lowercase(),
         ..TableReport::default()
     };
-    if let Err((e, writer)) = run_table_inner(job, server_slots, throttle, live, &mut report).await
-    {
+    if let Err((e, writer)) = run_table_inner(job, servers, throttle, live, &mut report).await {
         tracing::error!(table = %report.source, error = %e, "table failed");
         report.error = Some(e.to_string());
         if let Some(w) = writer {
@@ -454,7 +525,7 @@ pub async fn run_tables(
     on_start: impl Fn(String, Arc<Live>),
 ) -> Vec<TableReport> {
     let pool = Arc::new(Semaphore::new(concurrency.max(1)));
-    let servers = crate::schedule::ServerSlots::new(max_tasks_per_server);
+    let servers = Arc::new(ServerSlots::new(max_tasks_per_server));
     let mut set = JoinSet::new();
     let n = jobs.len();
     let order = crate::schedule::start_order(
@@ -473,11 +544,11 @@ pub async fn run_tables(
         let permit = pool.clone().acquire_owned().await;
         let live = Arc::new(Live::default());
         on_start(job.reader.name(), live.clone());
-        let server_slots = servers.slots(&job.reader.server());
+        let servers = servers.clone();
         let throttle = throttle.clone();
         set.spawn(async move {
             let _permit = permit;
-            (i, run_table(job, server_slots, throttle, live).await)
+            (i, run_table(job, servers, throttle, live).await)
         });
     }
     let mut reports: Vec<Option<TableReport>> = vec![None; n];

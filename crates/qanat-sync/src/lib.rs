@@ -10,7 +10,9 @@
 //! Plugins: `mysql` (streaming `SELECT`; `LOAD DATA LOCAL INFILE` or multi-row `INSERT`),
 //! `postgres` (`COPY … TO STDOUT`; binary `COPY … FROM STDIN` through [`pgbinary`], or the
 //! text form through [`pgcopy`]), [`files`] (CSV/TSV, plain/gzip/zstd, each data file with a
-//! verification file of rows, bytes and SHA-256) and `parquet_sink`.
+//! verification file of rows, bytes and SHA-256) and `parquet_sink`. [`shard`] reads one
+//! logical table from many physical tables (E5). [`bus`] reads a topic range and writes a
+//! topic (JSON rows keyed by primary key).
 //!
 //! Invariants:
 //! - Bounded memory: readers stream (a server-side cursor per split), channels hold at most
@@ -30,8 +32,10 @@
 //! `qanat_sync_bytes_total`, `qanat_sync_dirty_records_total`, `qanat_sync_retries_total`,
 //! `qanat_sync_splits_done_total`, `qanat_sync_tasks_running` (label `table`).
 
+pub mod bus;
 pub mod catalog;
 pub mod config;
+pub mod datax;
 pub mod dirty;
 pub mod dsn;
 pub mod files;
@@ -43,6 +47,7 @@ pub mod pgcopy;
 pub mod plugin;
 pub mod postgres;
 pub mod schedule;
+pub mod shard;
 pub mod split;
 pub mod throttle;
 pub mod types;
@@ -87,6 +92,12 @@ pub enum SyncError {
         context: String,
         #[source]
         source: parquet::errors::ParquetError,
+    },
+    #[error("{context}: {source}")]
+    Bus {
+        context: String,
+        #[source]
+        source: rdkafka::error::KafkaError,
     },
     #[error("verification of {file} failed: {reason}")]
     Verification { file: String, reason: String },
@@ -145,6 +156,11 @@ impl SyncError {
                 None => true,
             },
             SyncError::Io { .. } => true,
+            SyncError::Bus { source, .. } => !matches!(
+                source,
+                rdkafka::error::KafkaError::ClientCreation(_)
+                    | rdkafka::error::KafkaError::ClientConfig(..)
+            ),
             _ => false,
         }
     }
@@ -173,6 +189,95 @@ pub fn reader_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Reader>, S
             endpoint.describe()
         ))),
         dsn::Endpoint::File(spec) => Ok(Arc::new(files::FileTable::new(spec.clone()))),
+        dsn::Endpoint::Bus(spec) => Ok(Arc::new(bus::BusSource::new(spec.clone()))),
+    }
+}
+
+/// The source of a table: one address, or a sharded logical table when the addresses expand
+/// (`{0000..1023}` ranges) to several physical tables or a shard column is asked for.
+/// `filter` (SQL in the source's dialect) restricts the rows read.
+pub fn source_for(
+    dsns: &[String],
+    shard_column: Option<&str>,
+    filter: Option<&str>,
+) -> Result<Arc<dyn plugin::Reader>, SyncError> {
+    let mut endpoints = Vec::new();
+    for dsn in dsns {
+        let expanded = shard::expand_braces(dsn).map_err(|reason| SyncError::Dsn {
+            dsn: dsn::redact(dsn),
+            reason,
+        })?;
+        for one in expanded {
+            endpoints.push(dsn::Endpoint::parse(&one)?);
+        }
+    }
+    if endpoints.len() > shard::MAX_SHARDS {
+        return Err(SyncError::Invalid(format!(
+            "{} shards: at most {} are supported",
+            endpoints.len(),
+            shard::MAX_SHARDS
+        )));
+    }
+    match (endpoints.as_slice(), shard_column) {
+        ([one], None) => filtered_reader_for(one, filter),
+        ([], _) => Err(SyncError::Invalid("no source table".into())),
+        _ => {
+            let mut shards = Vec::with_capacity(endpoints.len());
+            for e in &endpoints {
+                let name = match e {
+                    dsn::Endpoint::Mysql { server, table } => {
+                        format!("{}.{table}", server.database)
+                    }
+                    dsn::Endpoint::Postgres {
+                        server,
+                        schema,
+                        table,
+                    } => format!("{}.{schema}.{table}", server.database),
+                    other => {
+                        return Err(SyncError::Invalid(format!(
+                            "{} cannot be a shard: shards are MariaDB/MySQL or PostgreSQL tables",
+                            other.describe()
+                        )))
+                    }
+                };
+                shards.push(shard::Shard {
+                    name,
+                    reader: filtered_reader_for(e, filter)?,
+                });
+            }
+            Ok(Arc::new(shard::ShardedTable::new(
+                shards,
+                shard_column.map(str::to_string),
+            )?))
+        }
+    }
+}
+
+fn filtered_reader_for(
+    endpoint: &dsn::Endpoint,
+    filter: Option<&str>,
+) -> Result<Arc<dyn plugin::Reader>, SyncError> {
+    let filter = filter.map(str::to_string);
+    match (endpoint, filter) {
+        (_, None) => reader_for(endpoint),
+        (dsn::Endpoint::Mysql { server, table }, filter) => Ok(Arc::new(
+            mysql::MysqlTable::new(server.clone(), table.clone()).with_filter(filter),
+        )),
+        (
+            dsn::Endpoint::Postgres {
+                server,
+                schema,
+                table,
+            },
+            filter,
+        ) => Ok(Arc::new(
+            postgres::PgTable::new(server.clone(), schema.clone(), table.clone())
+                .with_filter(filter),
+        )),
+        (other, Some(_)) => Err(SyncError::Invalid(format!(
+            "{}: a row filter (where) needs a MariaDB/MySQL or PostgreSQL source",
+            other.describe()
+        ))),
     }
 }
 
@@ -195,5 +300,49 @@ pub fn writer_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Writer>, S
             parquet_sink::ParquetWriter::new(dir.clone(), partition.clone()),
         )),
         dsn::Endpoint::File(spec) => Ok(Arc::new(files::FileWriter::new(spec.clone()))),
+        dsn::Endpoint::Bus(spec) => Ok(Arc::new(bus::BusSink::new(spec.clone()))),
+    }
+}
+
+/// Run `statements` in order on the database of a MariaDB/MySQL or PostgreSQL table address
+/// (a DataX writer's `preSql` / `postSql`).
+pub async fn execute(endpoint: &dsn::Endpoint, statements: &[String]) -> Result<(), SyncError> {
+    if statements.is_empty() {
+        return Ok(());
+    }
+    match endpoint {
+        dsn::Endpoint::Mysql { server, table } => {
+            use mysql_async::prelude::Queryable;
+            let mut conn = mysql::MysqlTable::new(server.clone(), table.clone())
+                .connect()
+                .await?;
+            for sql in statements {
+                conn.query_drop(sql.as_str())
+                    .await
+                    .map_err(|e| SyncError::mysql(format!("running {sql:?}"), e))?;
+            }
+            let _ = conn.disconnect().await;
+            Ok(())
+        }
+        dsn::Endpoint::Postgres {
+            server,
+            schema,
+            table,
+        } => {
+            let client = postgres::PgTable::new(server.clone(), schema.clone(), table.clone())
+                .connect()
+                .await?;
+            for sql in statements {
+                client
+                    .batch_execute(sql)
+                    .await
+                    .map_err(|e| SyncError::pg(format!("running {sql:?}"), e))?;
+            }
+            Ok(())
+        }
+        other => Err(SyncError::Invalid(format!(
+            "{}: SQL statements need a MariaDB/MySQL or PostgreSQL target",
+            other.describe()
+        ))),
     }
 }

@@ -73,11 +73,31 @@ fn literal(out: &mut String, c: CellRef<'_>) {
 pub struct MysqlTable {
     server: Server,
     table: String,
+    /// A row filter (SQL, the source's dialect) ANDed to every read of the table.
+    filter: Option<String>,
 }
 
 impl MysqlTable {
     pub fn new(server: Server, table: String) -> Self {
-        MysqlTable { server, table }
+        MysqlTable {
+            server,
+            table,
+            filter: None,
+        }
+    }
+
+    /// Read only the rows matching `filter` (a MariaDB/MySQL boolean expression).
+    pub fn with_filter(mut self, filter: Option<String>) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// ` AND (filter)` or nothing.
+    fn and_filter(&self) -> String {
+        self.filter
+            .as_ref()
+            .map(|f| format!(" AND ({f})"))
+            .unwrap_or_default()
     }
 
     fn qualified(&self) -> String {
@@ -237,6 +257,20 @@ impl Reader for MysqlTable {
         format!("{}:{}", self.server.host, self.server.port.unwrap_or(3306))
     }
 
+    async fn estimate_rows(&self) -> Option<u64> {
+        let mut conn = self.connect().await.ok()?;
+        let rows: Option<Option<u64>> = conn
+            .exec_first(
+                "SELECT table_rows FROM information_schema.tables \
+                 WHERE table_schema = ? AND table_name = ?",
+                (self.server.database.as_str(), self.table.as_str()),
+            )
+            .await
+            .ok()?;
+        let _ = conn.disconnect().await;
+        rows.flatten()
+    }
+
     async fn schema(&self) -> Result<TableSchema, SyncError> {
         let mut conn = self.connect().await?;
         let schema = self.load_schema(&mut conn).await;
@@ -258,7 +292,11 @@ impl Reader for MysqlTable {
         }
         let mut conn = self.connect().await?;
         let count: Option<u64> = conn
-            .query_first(format!("SELECT COUNT(*) FROM {}", self.qualified()))
+            .query_first(format!(
+                "SELECT COUNT(*) FROM {} WHERE 1=1{}",
+                self.qualified(),
+                self.and_filter()
+            ))
             .await
             .map_err(|e| SyncError::mysql(format!("counting {}", self.display()), e))?;
         let count = count.unwrap_or(0);
@@ -269,8 +307,9 @@ impl Reader for MysqlTable {
         };
         let key = quote_ident(&col.name);
         let sql = format!(
-            "SELECT {key} FROM {} WHERE {key} IS NOT NULL AND RAND() < {fraction} ORDER BY {key}",
-            self.qualified()
+            "SELECT {key} FROM {} WHERE {key} IS NOT NULL AND RAND() < {fraction}{} ORDER BY {key}",
+            self.qualified(),
+            self.and_filter()
         );
         let mut sample = Vec::new();
         let mut result = conn
@@ -311,10 +350,11 @@ impl Reader for MysqlTable {
             .map(|c| quote_ident(&c.name))
             .collect();
         let sql = format!(
-            "SELECT {} FROM {} WHERE {}",
+            "SELECT {} FROM {} WHERE {}{}",
             cols.join(", "),
             self.qualified(),
-            split.predicate(quote_ident, quote_text)
+            split.predicate(quote_ident, quote_text),
+            self.and_filter()
         );
         let context = || format!("reading {} split {}", self.display(), split.describe());
         let mut builder = BatchBuilder::new(schema);

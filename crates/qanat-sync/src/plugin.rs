@@ -48,6 +48,17 @@ pub trait Reader: Send + Sync {
         self.name()
     }
 
+    /// The server `split` reads from (a sharded source spans several).
+    fn server_for(&self, _split: &Split) -> String {
+        self.server()
+    }
+
+    /// About how many rows the table holds (catalog statistics), for progress; `None` when
+    /// unknown. Called after `splits`.
+    async fn estimate_rows(&self) -> Option<u64> {
+        None
+    }
+
     /// Columns (canonical types) and primary key; an unknown table or an unsupported column
     /// type is an error naming it.
     async fn schema(&self) -> Result<TableSchema, SyncError>;

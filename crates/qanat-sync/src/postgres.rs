@@ -41,6 +41,8 @@ pub struct PgTable {
     server: Server,
     schema: String,
     table: String,
+    /// A row filter (SQL, the source's dialect) ANDed to every read of the table.
+    filter: Option<String>,
 }
 
 /// The canonical type of a `format_type()` name; `None` when unsupported.
@@ -89,7 +91,22 @@ impl PgTable {
             server,
             schema,
             table,
+            filter: None,
         }
+    }
+
+    /// Read only the rows matching `filter` (a PostgreSQL boolean expression).
+    pub fn with_filter(mut self, filter: Option<String>) -> Self {
+        self.filter = filter;
+        self
+    }
+
+    /// ` AND (filter)` or nothing.
+    fn and_filter(&self) -> String {
+        self.filter
+            .as_ref()
+            .map(|f| format!(" AND ({f})"))
+            .unwrap_or_default()
     }
 
     fn qualified(&self) -> String {
@@ -202,6 +219,21 @@ impl Reader for PgTable {
         format!("{}:{}", self.server.host, self.server.port.unwrap_or(5432))
     }
 
+    async fn estimate_rows(&self) -> Option<u64> {
+        let client = self.connect().await.ok()?;
+        let row = client
+            .query_opt(
+                "SELECT GREATEST(c.reltuples, 0)::float8 FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2",
+                &[&self.schema, &self.table],
+            )
+            .await
+            .ok()??;
+        let n: f64 = row.get(0);
+        Some(n as u64)
+    }
+
     async fn schema(&self) -> Result<TableSchema, SyncError> {
         let client = self.connect().await?;
         self.load_schema(&client).await
@@ -221,7 +253,14 @@ impl Reader for PgTable {
         }
         let client = self.connect().await?;
         let count: i64 = client
-            .query_one(&format!("SELECT count(*) FROM {}", self.qualified()), &[])
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {} WHERE 1=1{}",
+                    self.qualified(),
+                    self.and_filter()
+                ),
+                &[],
+            )
             .await
             .map_err(|e| SyncError::pg(format!("counting {}", self.display()), e))?
             .get(0);
@@ -234,8 +273,9 @@ impl Reader for PgTable {
         // The store sorts the sample, so text keys follow the column's collation.
         let sql = format!(
             "COPY (SELECT {key} FROM {} TABLESAMPLE BERNOULLI ({percent}) \
-             WHERE {key} IS NOT NULL ORDER BY {key}) TO STDOUT",
-            self.qualified()
+             WHERE {key} IS NOT NULL{} ORDER BY {key}) TO STDOUT",
+            self.qualified(),
+            self.and_filter()
         );
         let stream = client
             .copy_out(sql.as_str())
@@ -279,10 +319,11 @@ impl Reader for PgTable {
             .map(|c| quote_ident(&c.name))
             .collect();
         let sql = format!(
-            "COPY (SELECT {} FROM {} WHERE {}) TO STDOUT",
+            "COPY (SELECT {} FROM {} WHERE {}{}) TO STDOUT",
             cols.join(", "),
             self.qualified(),
-            split.predicate(quote_ident, quote_text)
+            split.predicate(quote_ident, quote_text),
+            self.and_filter()
         );
         let context = || format!("reading {} split {}", self.display(), split.describe());
         let stream = client

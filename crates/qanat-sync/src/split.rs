@@ -21,6 +21,20 @@ pub struct Split {
     pub upper: Option<KeyValue>,
     /// This split holds exactly the rows whose key is NULL.
     pub nulls: bool,
+    /// For a sharded source: the physical shard the split reads.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shard: Option<ShardRef>,
+}
+
+/// The shard of a split over a sharded source (E5).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ShardRef {
+    pub index: usize,
+    /// The physical table, as stored in the shard column.
+    pub name: String,
+    /// The column of the logical table naming the shard, when it has one: a target read
+    /// for `--verify` selects the shard's rows by it.
+    pub column: Option<String>,
 }
 
 impl Split {
@@ -31,6 +45,7 @@ impl Split {
             lower: None,
             upper: None,
             nulls: false,
+            shard: None,
         }
     }
 
@@ -59,6 +74,22 @@ impl Split {
         quote_ident: impl Fn(&str) -> String,
         quote_text: impl Fn(&str) -> String,
     ) -> String {
+        let keys = self.key_predicate(&quote_ident, &quote_text);
+        match &self.shard {
+            Some(ShardRef {
+                name,
+                column: Some(c),
+                ..
+            }) => format!("{} = {} AND ({keys})", quote_ident(c), quote_text(name)),
+            _ => keys,
+        }
+    }
+
+    fn key_predicate(
+        &self,
+        quote_ident: &impl Fn(&str) -> String,
+        quote_text: &impl Fn(&str) -> String,
+    ) -> String {
         let Some(col) = &self.column else {
             return "1=1".into();
         };
@@ -86,6 +117,13 @@ impl Split {
     }
 
     pub fn describe(&self) -> String {
+        match &self.shard {
+            Some(s) => format!("shard {} {}", s.name, self.describe_keys()),
+            None => self.describe_keys(),
+        }
+    }
+
+    fn describe_keys(&self) -> String {
         match (&self.column, self.nulls) {
             (None, _) => "whole table".into(),
             (Some(c), true) => format!("{c} IS NULL"),
@@ -129,6 +167,7 @@ pub fn ranges_from_sample(
             lower: lower.take(),
             upper: Some(b.clone()),
             nulls: false,
+            shard: None,
         });
         lower = Some(b);
     }
@@ -138,6 +177,7 @@ pub fn ranges_from_sample(
         lower,
         upper: None,
         nulls: false,
+        shard: None,
     });
     if nullable {
         splits.push(Split {
@@ -146,6 +186,7 @@ pub fn ranges_from_sample(
             lower: None,
             upper: None,
             nulls: true,
+            shard: None,
         });
     }
     splits
@@ -222,6 +263,7 @@ mod tests {
             lower: Some(KeyValue::Text("o'k".into())),
             upper: Some(KeyValue::Int(5)),
             nulls: false,
+            shard: None,
         };
         let p = s.predicate(
             |c| format!("`{c}`"),

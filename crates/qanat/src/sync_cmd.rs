@@ -2,7 +2,7 @@
 //! Parquet, from flags (`copy`) or job files (`run`). The framework is `qanat-sync`; this is
 //! the command line, the progress lines, the summary and the exit status.
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
@@ -17,8 +17,143 @@ use qanat_sync::job::{run_tables, Live, TableJob, TableReport};
 use qanat_sync::plugin::WriteMode;
 use qanat_sync::throttle::Throttle;
 
-/// Each running table's name and live counters, for the progress lines.
-type LiveTables = Vec<(String, Arc<Live>)>;
+/// Each started table's name, live counters and start, for the progress display.
+type LiveTables = Vec<(String, Arc<Live>, Instant)>;
+
+/// How progress is shown while a job runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum ProgressMode {
+    /// Bars on a terminal, log lines otherwise.
+    Auto,
+    /// A live bar per table (drawn only when stderr is a terminal).
+    Bar,
+    /// A log line per table every --progress-secs.
+    Log,
+}
+
+/// One table's progress figures.
+struct Figures {
+    rows: u64,
+    bytes: u64,
+    dirty: u64,
+    rows_per_sec: f64,
+    mb_per_sec: f64,
+    splits_done: u64,
+    splits_total: u64,
+    /// Remaining time from the source's row estimate at the current rate.
+    eta: Option<Duration>,
+}
+
+fn figures(live: &Live, started: Instant) -> Figures {
+    let secs = started.elapsed().as_secs_f64().max(0.001);
+    let rows = live.rows.load(Ordering::Relaxed);
+    let bytes = live.bytes.load(Ordering::Relaxed);
+    let estimate = live.rows_estimate.load(Ordering::Relaxed);
+    let rows_per_sec = rows as f64 / secs;
+    let splits_done = live.splits_done.load(Ordering::Relaxed);
+    let splits_total = live.splits_total.load(Ordering::Relaxed);
+    let eta = if splits_total > 0 && splits_done == splits_total {
+        Some(Duration::ZERO)
+    } else if estimate > rows && rows_per_sec > 0.0 {
+        Some(Duration::from_secs_f64(
+            (estimate - rows) as f64 / rows_per_sec,
+        ))
+    } else {
+        None
+    };
+    Figures {
+        rows,
+        bytes,
+        dirty: live.dirty.load(Ordering::Relaxed),
+        rows_per_sec,
+        mb_per_sec: bytes as f64 / 1e6 / secs,
+        splits_done,
+        splits_total,
+        eta,
+    }
+}
+
+fn show_eta(eta: Option<Duration>) -> String {
+    match eta {
+        None => "?".into(),
+        Some(d) => {
+            let s = d.as_secs();
+            if s >= 3600 {
+                format!("{}h{:02}m", s / 3600, s / 60 % 60)
+            } else {
+                format!("{}m{:02}s", s / 60, s % 60)
+            }
+        }
+    }
+}
+
+/// Until aborted: a bar per table (`bars`) or a log line per table every `every`.
+async fn show_progress(lives: Arc<Mutex<LiveTables>>, bars: bool, every: Duration) {
+    use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template("{prefix} [{bar:24.cyan/blue}] {msg}")
+        .unwrap_or_else(|_| ProgressStyle::default_bar())
+        .progress_chars("=> ");
+    let mut shown: Vec<ProgressBar> = Vec::new();
+    let mut tick = tokio::time::interval(if bars {
+        Duration::from_millis(250)
+    } else {
+        every
+    });
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let snapshot = lives.lock().map(|l| l.clone()).unwrap_or_default();
+        for (i, (name, live, started)) in snapshot.iter().enumerate() {
+            let f = figures(live, *started);
+            if !bars {
+                tracing::info!(
+                    table = %name,
+                    rows = f.rows,
+                    mb = format!("{:.1}", f.bytes as f64 / 1e6),
+                    rows_per_sec = f.rows_per_sec as u64,
+                    mb_per_sec = format!("{:.1}", f.mb_per_sec),
+                    dirty = f.dirty,
+                    splits = format!("{}/{}", f.splits_done, f.splits_total),
+                    eta = %show_eta(f.eta),
+                    "progress"
+                );
+                continue;
+            }
+            if shown.len() <= i {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{name:<32.32}"));
+                shown.push(bar);
+            }
+            let bar = &shown[i];
+            if bar.is_finished() {
+                continue;
+            }
+            let estimate = live.rows_estimate.load(Ordering::Relaxed);
+            bar.set_length(estimate.max(f.rows));
+            bar.set_position(f.rows);
+            let done = f.splits_total > 0 && f.splits_done == f.splits_total;
+            let msg = format!(
+                "{} rows {:.1} MB {:.0} rows/s {:.1} MB/s dirty {} splits {}/{} ETA {}",
+                f.rows,
+                f.bytes as f64 / 1e6,
+                f.rows_per_sec,
+                f.mb_per_sec,
+                f.dirty,
+                f.splits_done,
+                f.splits_total,
+                show_eta(f.eta)
+            );
+            if done {
+                bar.set_length(f.rows);
+                bar.finish_with_message(msg);
+            } else {
+                bar.set_message(msg);
+            }
+        }
+    }
+}
 
 #[derive(Args)]
 pub struct SyncArgs {
@@ -113,6 +248,10 @@ struct CopyArgs {
     /// Column to split on (default: a single-column primary key).
     #[arg(long)]
     split_pk: Option<String>,
+    /// For a sharded source (`--from …/db.order_{0000..0007}`): a text column added to each
+    /// row, naming its physical table.
+    #[arg(long)]
+    shard_column: Option<String>,
     #[command(flatten)]
     common: Common,
 }
@@ -120,8 +259,11 @@ struct CopyArgs {
 #[derive(Args)]
 struct RunArgs {
     /// Job files.
-    #[arg(required = true)]
+    #[arg(required_unless_present = "datax")]
     files: Vec<PathBuf>,
+    /// A DataX job file (JSON) to run, for the reader/writer pairs qanat carries.
+    #[arg(long, value_name = "JOB_JSON")]
+    datax: Vec<PathBuf>,
     #[command(flatten)]
     common: Common,
 }
@@ -168,9 +310,12 @@ struct Common {
     /// Print the summary as one JSON object.
     #[arg(long)]
     json: bool,
-    /// Seconds between progress lines.
+    /// Seconds between progress log lines.
     #[arg(long, default_value_t = 5)]
     progress_secs: u64,
+    /// Progress display: bars on a terminal (auto), bars, or log lines.
+    #[arg(long, value_enum, default_value_t = ProgressMode::Auto)]
+    progress: ProgressMode,
     /// Serve Prometheus metrics (qanat_sync_*) at http://ADDR/metrics while running.
     #[arg(long)]
     metrics_listen: Option<SocketAddr>,
@@ -218,13 +363,17 @@ impl Common {
 }
 
 fn table_job(spec: &TableSpec, s: &Settings) -> anyhow::Result<TableJob> {
-    let from = Endpoint::parse(&spec.from)?;
     let to = Endpoint::parse(&spec.to)?;
     Ok(TableJob {
-        reader: qanat_sync::reader_for(&from)?,
+        reader: qanat_sync::source_for(
+            &spec.from.dsns(),
+            spec.shard_column.as_deref(),
+            spec.filter.as_deref(),
+        )?,
         writer: qanat_sync::writer_for(&to)?,
         mode: spec.mode.unwrap_or(s.mode),
         split_pk: spec.split_pk.clone(),
+        columns: spec.columns.clone(),
         channels: spec.channels.unwrap_or(s.channels),
         max_splits: s.max_splits,
         batch_rows: s.batch_rows,
@@ -238,14 +387,25 @@ fn table_job(spec: &TableSpec, s: &Settings) -> anyhow::Result<TableJob> {
     })
 }
 
+/// A DataX writer's statements around its table.
+struct Hook {
+    target: String,
+    pre: Vec<String>,
+    post: Vec<String>,
+}
+
 pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     let env = || std::env::vars().collect::<Vec<_>>();
+    let mut hooks: Vec<Hook> = Vec::new();
     let (files, common) = match args.command {
         SyncCommand::Copy(c) => {
             let job = JobFile {
                 sync: Settings::default(),
                 table: vec![TableSpec {
-                    from: c.from,
+                    from: c.from.into(),
+                    shard_column: c.shard_column,
+                    columns: None,
+                    filter: None,
                     to: c.to,
                     mode: c.mode,
                     split_pk: c.split_pk,
@@ -265,6 +425,27 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
                     .with_context(|| format!("reading job file {}", f.display()))?;
                 files.push((f.display().to_string(), text));
             }
+            for f in &r.datax {
+                let text = std::fs::read_to_string(f)
+                    .with_context(|| format!("reading DataX job file {}", f.display()))?;
+                let origin = f.display().to_string();
+                let datax = qanat_sync::datax::parse(&text, &origin)?;
+                // The translated job goes through the same overlay as a TOML file.
+                let text = toml::to_string(&datax.job).context("encoding the DataX job")?;
+                files.push((origin, text));
+                hooks.extend(
+                    datax
+                        .job
+                        .table
+                        .iter()
+                        .zip(datax.pre_sql.into_iter().zip(datax.post_sql))
+                        .map(|(t, (pre, post))| Hook {
+                            target: t.to.clone(),
+                            pre,
+                            post,
+                        }),
+                );
+            }
             (files, r.common)
         }
     };
@@ -279,6 +460,20 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         }
         first.get_or_insert(job.sync);
     }
+    // Hooks belong to the DataX tables, which come after every TOML file's tables.
+    let hooked_from = jobs.len() - hooks.len();
+    for h in &hooks {
+        if !h.pre.is_empty() {
+            tracing::info!(
+                table = %qanat_sync::dsn::redact(&h.target),
+                statements = h.pre.len(),
+                "running preSql"
+            );
+            qanat_sync::execute(&Endpoint::parse(&h.target)?, &h.pre)
+                .await
+                .with_context(|| format!("preSql on {}", qanat_sync::dsn::redact(&h.target)))?;
+        }
+    }
     let settings = first.unwrap_or_default();
     if let Some(addr) = common.metrics_listen {
         let bound = crate::telemetry::serve_metrics(addr, None).await?;
@@ -289,37 +484,16 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         Some(settings.max_bytes_per_sec),
     ));
     let lives: Arc<Mutex<LiveTables>> = Arc::default();
-    let progress = {
-        let lives = lives.clone();
-        let every = Duration::from_secs(common.progress_secs.max(1));
-        tokio::spawn(async move {
-            let started = Instant::now();
-            let mut tick = tokio::time::interval(every);
-            tick.tick().await;
-            loop {
-                tick.tick().await;
-                let secs = started.elapsed().as_secs_f64().max(0.001);
-                let snapshot = lives.lock().map(|l| l.clone()).unwrap_or_default();
-                for (name, live) in snapshot {
-                    let rows = live.rows.load(Ordering::Relaxed);
-                    let bytes = live.bytes.load(Ordering::Relaxed);
-                    tracing::info!(
-                        table = %name,
-                        rows,
-                        mb = format!("{:.1}", bytes as f64 / 1e6),
-                        rows_per_sec = (rows as f64 / secs) as u64,
-                        mb_per_sec = format!("{:.1}", bytes as f64 / 1e6 / secs),
-                        splits = format!(
-                            "{}/{}",
-                            live.splits_done.load(Ordering::Relaxed),
-                            live.splits_total.load(Ordering::Relaxed)
-                        ),
-                        "progress"
-                    );
-                }
-            }
-        })
+    let bars = match common.progress {
+        ProgressMode::Bar => true,
+        ProgressMode::Log => false,
+        ProgressMode::Auto => std::io::stderr().is_terminal(),
     };
+    let progress = tokio::spawn(show_progress(
+        lives.clone(),
+        bars,
+        Duration::from_secs(common.progress_secs.max(1)),
+    ));
     let reports = run_tables(
         jobs,
         settings.concurrency,
@@ -327,12 +501,21 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         throttle,
         |name, live| {
             if let Ok(mut l) = lives.lock() {
-                l.push((name, live));
+                l.push((name, live, Instant::now()));
             }
         },
     )
     .await;
     progress.abort();
+    // The bars' last state stays on screen; the summary follows.
+    let _ = progress.await;
+    for (h, r) in hooks.iter().zip(&reports[hooked_from..]) {
+        if r.ok() && !h.post.is_empty() {
+            qanat_sync::execute(&Endpoint::parse(&h.target)?, &h.post)
+                .await
+                .with_context(|| format!("postSql on {}", qanat_sync::dsn::redact(&h.target)))?;
+        }
+    }
     print_reports(&reports, common.json)?;
     let failed: Vec<String> = reports
         .iter()
