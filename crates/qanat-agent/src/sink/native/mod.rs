@@ -496,7 +496,9 @@ impl Sender {
             let version = conn
                 .version(ApiKey::InitProducerId, INIT_PRODUCER_ID_VERSIONS)
                 .map_err(|e| e.to_string())?;
+            // Not transactional: kafka-protocol's default is an empty id, not a null one.
             let req = InitProducerIdRequest::default()
+                .with_transactional_id(None)
                 .with_transaction_timeout_ms(-1)
                 .with_producer_id((-1).into())
                 .with_producer_epoch(-1);
@@ -700,6 +702,7 @@ impl Sender {
                 }
             }
             let req = ProduceRequest::default()
+                .with_transactional_id(None)
                 .with_acks(-1)
                 .with_timeout_ms(settings.delivery_timeout_ms.min(i32::MAX as u64) as i32)
                 .with_topic_data(topic_data);
