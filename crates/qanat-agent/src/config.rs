@@ -250,7 +250,7 @@ impl AgentConfig {
                     "output.producer = \"native\" does not support {what}; set output.producer = \"librdkafka\""
                 )))
             };
-            if !o.security.is_empty() && o.security.protocol().to_ascii_uppercase() != "PLAINTEXT" {
+            if !o.security.is_empty() && !o.security.protocol().eq_ignore_ascii_case("PLAINTEXT") {
                 return refuse("output.security (TLS, SASL)");
             }
             if !o.librdkafka.is_empty() {

@@ -661,14 +661,14 @@ impl Sender {
                     outcomes[i] = Some(Outcome::Retry(why.clone()));
                 }
             };
-            if !self.conns.contains_key(&leader) {
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.conns.entry(leader) {
                 let Some(addr) = brokers.get(&leader) else {
                     fail(&mut outcomes, format!("no address for broker {leader}"));
                     continue;
                 };
                 match Conn::connect(addr, &settings.client_id, IO_TIMEOUT) {
                     Ok(c) => {
-                        self.conns.insert(leader, c);
+                        slot.insert(c);
                     }
                     Err(e) => {
                         fail(&mut outcomes, e.to_string());
