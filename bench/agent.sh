@@ -5,9 +5,10 @@
 # What it does:
 #   1. builds `qanat` (release); installs Debian `rsyslog` + `rsyslog-kafka` if missing;
 #   2. writes one file of 200-byte lines (2 GB x BENCH_SCALE) and starts a Qanat broker;
-#   3. qanat agent: reads the file from the start to the broker (lz4, 512 KiB batches,
-#      acks=all, idempotent); done when every line is acknowledged (agent metrics) -> lines/s,
-#      MB/s, CPU seconds per GB (utime+stime of the agent), peak RSS (VmHWM);
+#   3. qanat agent, once with its native producer and once with librdkafka: reads the file from
+#      the start to the broker (lz4, 512 KiB batches, acks=all, idempotent); done when every
+#      line is acknowledged (agent metrics) -> lines/s, MB/s, CPU seconds per GB (utime+stime
+#      of the agent), peak RSS (VmHWM);
 #   4. rsyslog: its own rsyslogd instance (own config, pid file and work dir, not the system
 #      one) with imfile -> omkafka (lz4, the same batch size) to another topic of the same
 #      broker; done when the topic holds every line -> the same columns;
@@ -17,6 +18,8 @@
 # Env:  BENCH_SCALE   (default 1) multiplies the file size; 0.05 = a quick run.
 #       BENCH_TMPDIR  (default /tmp) parent of the temp dir.
 #       BENCH_SKIP_RSYSLOG=1 skips the peer.
+#       BENCH_QANAT_BIN=path measures that binary instead of building the release one.
+#       BENCH_AGENT_PRODUCERS (default "native librdkafka") the agent's producers to run.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -36,8 +39,12 @@ as_root() {
 start_tmp qanat-agent-bench
 log "temp dir $TMP, BENCH_SCALE=$SCALE"
 
-build_release qanat
-QANAT="$QANAT_BIN"
+if [ -n "${BENCH_QANAT_BIN:-}" ]; then
+  QANAT=$BENCH_QANAT_BIN # measure another build (e.g. a debug one) without building
+else
+  build_release qanat
+  QANAT="$QANAT_BIN"
+fi
 
 if [ -z "${BENCH_SKIP_RSYSLOG:-}" ]; then
   if ! command -v rsyslogd >/dev/null || [ ! -e /usr/lib/x86_64-linux-gnu/rsyslog/omkafka.so ] &&
@@ -108,14 +115,15 @@ log "broker on $BROKER"
 # ---------------------------------------------------------------------------------------------
 # qanat agent, one big file
 
-run_agent() { # name glob lines -> sets A_SECS A_CPU A_HWM A_PID
-  local name=$1 glob=$2 want=$3
+run_agent() { # name glob lines [producer] -> sets A_SECS A_CPU A_HWM A_PID
+  local name=$1 glob=$2 want=$3 producer=${4:-native}
   mkdir -p "$TMP/$name"
   cat >"$TMP/$name/agent.toml" <<TOML
 host = "bench"
 checkpoint_dir = "$TMP/$name/state"
 manifest_topic = "bench-manifest"
 [output]
+producer = "$producer"
 bootstrap = "$BROKER"
 compression = "lz4"
 [[source]]
@@ -141,12 +149,17 @@ TOML
   A_HWM=$(hwm_of "$A_PID")
 }
 
-log "qanat agent: $LINES lines"
-run_agent agent "$TMP/logs/bench.log" "$LINES"
-AG_SECS=$A_SECS AG_CPU=$A_CPU AG_HWM=$A_HWM
-kill -TERM "$A_PID"; wait "$A_PID" || true
-[ "$(latest agent)" -ge "$LINES" ] || die "agent topic holds $(latest agent) records, expected >= $LINES"
-log "qanat agent: ${AG_SECS}s, cpu ${AG_CPU}s, peak RSS ${AG_HWM} MiB"
+declare -A AG_SECS AG_CPU AG_HWM
+PRODUCERS=${BENCH_AGENT_PRODUCERS:-native librdkafka}
+for producer in $PRODUCERS; do
+  log "qanat agent ($producer): $LINES lines"
+  run_agent "agent-$producer" "$TMP/logs/bench.log" "$LINES" "$producer"
+  AG_SECS[$producer]=$A_SECS AG_CPU[$producer]=$A_CPU AG_HWM[$producer]=$A_HWM
+  kill -TERM "$A_PID"; wait "$A_PID" || true
+  [ "$(latest "agent-$producer")" -ge "$LINES" ] ||
+    die "agent-$producer topic holds $(latest "agent-$producer") records, expected >= $LINES"
+  log "qanat agent ($producer): ${A_SECS}s, cpu ${A_CPU}s, peak RSS ${A_HWM} MiB"
+done
 
 # ---------------------------------------------------------------------------------------------
 # rsyslog, same file, same broker
@@ -233,7 +246,9 @@ echo "File to broker: $LINES lines x $LINE_BYTES B = $(awk -v b="$FILE_BYTES" 'B
 echo
 echo "| collector | lines/s | MB/s | CPU s | CPU s/GB | peak RSS MiB |"
 echo "| --- | --- | --- | --- | --- | --- |"
-row "qanat agent" "$AG_SECS" "$AG_CPU" "$AG_HWM"
+for producer in $PRODUCERS; do
+  row "qanat agent ($producer producer)" "${AG_SECS[$producer]}" "${AG_CPU[$producer]}" "${AG_HWM[$producer]}"
+done
 row "rsyslog imfile→omkafka" "$RS_SECS" "$RS_CPU" "$RS_HWM"
 echo
 echo "| qanat agent tailing | files | RSS MiB | peak RSS MiB |"

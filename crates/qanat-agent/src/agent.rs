@@ -23,11 +23,12 @@ use regex::bytes::Regex;
 
 use crate::checkpoint::{Checkpoint, CheckpointError, CheckpointFs, CheckpointStore, FileEntry};
 use crate::clock::Clock;
-use crate::config::{AgentConfig, ConfigError, CorruptPolicy};
+use crate::config::{AgentConfig, ConfigError, CorruptPolicy, ProducerKind};
 use crate::discovery::{DiscoveryError, FsEvent, Matcher, Watcher};
 use crate::framing::{Frame, Framer};
 use crate::identity::{file_id, initial_signature, signature_of, Signature};
 use crate::sink::kafka::KafkaSink;
+use crate::sink::native::NativeSink;
 use crate::sink::{
     Delivery, Record, SendError, Sink, SinkError, Trajectory, Waker, FILE_KEY_MASK, MAX_FILE_KEY,
 };
@@ -355,8 +356,20 @@ impl Agent {
         clock: Arc<dyn Clock>,
     ) -> Result<Agent, AgentError> {
         Agent::with_sink(cfg, fs, clock, |cfg, host, wake| {
-            let sink = KafkaSink::new(&cfg.output, host, cfg.max_inflight_bytes, wake)?;
-            Ok(Box::new(sink))
+            Ok(match cfg.output.producer {
+                ProducerKind::Native => Box::new(NativeSink::new(
+                    &cfg.output,
+                    host,
+                    cfg.max_inflight_bytes,
+                    wake,
+                )?),
+                ProducerKind::Librdkafka => Box::new(KafkaSink::new(
+                    &cfg.output,
+                    host,
+                    cfg.max_inflight_bytes,
+                    wake,
+                )?),
+            })
         })
     }
 

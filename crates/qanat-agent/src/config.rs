@@ -84,9 +84,22 @@ impl Default for AgentConfig {
     }
 }
 
+/// Which producer ships records.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum ProducerKind {
+    /// Records encoded straight into Kafka record batches (plaintext connections only).
+    #[default]
+    Native,
+    /// librdkafka: TLS, SASL and any `[output.librdkafka]` property.
+    Librdkafka,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputConfig {
+    /// `native` or `librdkafka`.
+    pub producer: ProducerKind,
     pub bootstrap: String,
     /// librdkafka `batch.size`: a batch is sent when it reaches this many bytes …
     pub batch_bytes: u64,
@@ -109,6 +122,7 @@ pub struct OutputConfig {
 impl Default for OutputConfig {
     fn default() -> Self {
         OutputConfig {
+            producer: ProducerKind::Native,
             bootstrap: "127.0.0.1:9092".to_string(),
             batch_bytes: 512 << 10,
             batch_age_ms: 200,
@@ -229,6 +243,23 @@ impl AgentConfig {
             .security
             .validate("output.security")
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        if self.output.producer == ProducerKind::Native {
+            let o = &self.output;
+            let refuse = |what: &str| {
+                Err(ConfigError::Invalid(format!(
+                    "output.producer = \"native\" does not support {what}; set output.producer = \"librdkafka\""
+                )))
+            };
+            if !o.security.is_empty() && !o.security.protocol().eq_ignore_ascii_case("PLAINTEXT") {
+                return refuse("output.security (TLS, SASL)");
+            }
+            if !o.librdkafka.is_empty() {
+                return refuse("[output.librdkafka] properties");
+            }
+            if crate::sink::native::batch::Codec::parse(&o.compression).is_none() {
+                return refuse(&format!("output.compression = {:?}", o.compression));
+            }
+        }
         if self.max_inflight_bytes == 0 || self.read_chunk_bytes == 0 {
             return Err(ConfigError::Invalid(
                 "max_inflight_bytes and read_chunk_bytes must be positive".into(),

@@ -418,3 +418,204 @@ fn a_final_checkpoint_on_a_full_disk_is_reported_and_fails_the_exit() {
     assert!(stderr.contains("No space left on device"), "{stderr}");
     assert!(!stderr.contains("final checkpoint written"), "{stderr}");
 }
+
+/// `(key, value, headers in order)` of every record, as one client read them.
+type Dumped = Vec<(String, String, Vec<(String, String)>)>;
+
+fn unhex(s: &str) -> String {
+    let bytes: Vec<u8> = (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect();
+    String::from_utf8(bytes).unwrap()
+}
+
+fn dump_with_python(bootstrap: &str, topic: &str, count: usize, client: &str) -> Dumped {
+    let out = std::process::Command::new("python3")
+        .arg(support::py_script("dump_topic.py"))
+        .args(["--bootstrap", bootstrap, "--topic", topic])
+        .args(["--count", &count.to_string(), "--client", client])
+        .env("PYTHONDONTWRITEBYTECODE", "1")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "dump_topic.py --client {client}: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let headers = v["headers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|h| {
+                    (
+                        h[0].as_str().unwrap().to_string(),
+                        unhex(h[1].as_str().unwrap()),
+                    )
+                })
+                .collect();
+            (
+                unhex(v["key"].as_str().unwrap()),
+                unhex(v["value"].as_str().unwrap()),
+                headers,
+            )
+        })
+        .collect()
+}
+
+fn dump_with_kcat(bootstrap: &str, topic: &str, count: usize) -> Dumped {
+    let out = std::process::Command::new("kcat")
+        .args([
+            "-C",
+            "-b",
+            bootstrap,
+            "-t",
+            topic,
+            "-p",
+            "0",
+            "-o",
+            "beginning",
+        ])
+        .args(["-c", &count.to_string(), "-e", "-J"])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "kcat -C: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let flat: Vec<String> = v["headers"]
+                .as_array()
+                .map(|h| h.iter().map(|x| x.as_str().unwrap().to_string()).collect())
+                .unwrap_or_default();
+            let headers = flat
+                .chunks(2)
+                .map(|kv| (kv[0].clone(), kv[1].clone()))
+                .collect();
+            (
+                v["key"].as_str().unwrap().to_string(),
+                v["payload"].as_str().unwrap().to_string(),
+                headers,
+            )
+        })
+        .collect()
+}
+
+/// The native producer (the default) writes record batches that kcat, confluent-kafka
+/// (librdkafka) and kafka-python (its own decoder) all read back as exactly the lines of the
+/// file with their trajectory headers in order, for every codec it writes; batches span
+/// several LZ4 blocks (64 KiB) and the file several batches.
+#[test]
+fn native_batches_read_back_identically_through_kcat_confluent_and_kafka_python() {
+    support::require_kcat();
+    support::require_python_modules(&["confluent_kafka", "kafka", "lz4", "zstandard"]);
+    let broker = Broker::start();
+    let b = broker.bootstrap();
+    for codec in ["lz4", "zstd", "gzip", "none"] {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = tmp.path();
+        fs::create_dir_all(d.join("logs")).unwrap();
+        let text: String = (0..3000)
+            .map(|i| format!("{codec} línea {i:05} {}\n", "é.x".repeat(i % 70)))
+            .collect();
+        let path = d.join("logs/app.log");
+        fs::write(&path, &text).unwrap();
+        let topic = format!("native-{codec}");
+        let toml = config(d, &b, "inotify = false")
+            .replace("topic = \"logs\"", &format!("topic = \"{topic}\""))
+            .replace(
+                "batch_age_ms = 20",
+                &format!("batch_age_ms = 20\nbatch_bytes = 131072\ncompression = \"{codec}\""),
+            );
+        let mut agent = Agent::new(d, &toml);
+        agent.start();
+        let recs = wait_checked(
+            &b,
+            &topic,
+            &[content(&path)],
+            "every line delivered",
+            Duration::from_secs(60),
+        );
+        agent.stop();
+        let id = recs[0].h("qanat.file").to_string();
+        let mut offset = 0;
+        let want: Dumped = text
+            .lines()
+            .map(|l| {
+                let h = [
+                    ("qanat.host", "it".to_string()),
+                    ("qanat.file", id.clone()),
+                    ("qanat.path", path.display().to_string()),
+                    ("qanat.offset", offset.to_string()),
+                    ("qanat.size", (l.len() + 1).to_string()),
+                    ("qanat.lines", "1".to_string()),
+                    ("env", "test".to_string()),
+                    ("service", "checkout".to_string()),
+                ];
+                offset += l.len() + 1;
+                (
+                    id.clone(),
+                    l.to_string(),
+                    h.iter().map(|(k, v)| (k.to_string(), v.clone())).collect(),
+                )
+            })
+            .collect();
+        let n = want.len();
+        for (client, got) in [
+            ("kcat", dump_with_kcat(&b, &topic, n)),
+            (
+                "confluent-kafka",
+                dump_with_python(&b, &topic, n, "confluent"),
+            ),
+            (
+                "kafka-python",
+                dump_with_python(&b, &topic, n, "kafka-python"),
+            ),
+        ] {
+            assert_eq!(
+                got.len(),
+                n,
+                "{client} ({codec}) read {} records",
+                got.len()
+            );
+            for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+                assert_eq!(g, w, "{client} ({codec}), record {i}");
+            }
+        }
+    }
+}
+
+/// The native producer cannot speak TLS or SASL: asking for both is refused when the
+/// configuration is read, naming the key to change.
+#[test]
+fn the_native_producer_with_security_settings_is_refused_at_startup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let d = tmp.path();
+    fs::create_dir_all(d.join("logs")).unwrap();
+    let toml = config(d, "127.0.0.1:1", "").replace(
+        "[[source]]",
+        "[output.security]\nprotocol = \"SASL_SSL\"\nmechanism = \"PLAIN\"\n\
+         username = \"u\"\npassword_env = \"QANAT_IT_UNUSED\"\n\n[[source]]",
+    );
+    let agent = Agent::new(d, &toml);
+    let (status, stderr) = agent.run_to_exit();
+    assert!(!status.success(), "the agent started: {stderr}");
+    assert!(
+        stderr.contains("output.producer") && stderr.contains("librdkafka"),
+        "the refusal names output.producer: {stderr}"
+    );
+}

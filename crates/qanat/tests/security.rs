@@ -1460,6 +1460,7 @@ poll_interval_ms = 50
 checkpoint_interval_ms = 100
 
 [output]
+producer = "librdkafka"
 bootstrap = "{bootstrap}"
 batch_age_ms = 20
 

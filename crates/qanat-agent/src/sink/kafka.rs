@@ -2,19 +2,32 @@
 //! arrive on librdkafka's polling thread and are handed to the loop through a mutex-protected
 //! list.
 //!
+//! Records go through `rd_kafka_producev` directly rather than `BaseProducer::send`: with a
+//! topic handle made once per topic (`rd_kafka_topic_new`; `send` looks the topic up by name
+//! and allocates its name for every record) and the headers added straight to librdkafka's
+//! list (no Rust-side header vector). librdkafka still copies the payload and allocates each
+//! header: its API has no way around either.
+//!
 //! The delivery opaque is a plain `usize`, so producing a record allocates nothing for it:
 //! bits 56..64 the producer generation, 32..56 the file key, 0..32 the record's sequence
 //! number modulo 2^32. Keys are unique among tracked files (the loop allocates them); reports
 //! of an older producer (before a restart) are dropped.
 
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::os::raw::c_void;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::time::Duration;
 
+use rdkafka::bindings as rdsys;
+use rdkafka::bindings::rd_kafka_vtype_t::{
+    RD_KAFKA_VTYPE_END, RD_KAFKA_VTYPE_HEADERS, RD_KAFKA_VTYPE_KEY, RD_KAFKA_VTYPE_MSGFLAGS,
+    RD_KAFKA_VTYPE_OPAQUE, RD_KAFKA_VTYPE_RKT, RD_KAFKA_VTYPE_VALUE,
+};
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
-use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
+use rdkafka::producer::{DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
 
 use super::{Delivery, Record, SendError, Sink, SinkError, Waker, FILE_KEY_MASK};
@@ -77,7 +90,20 @@ impl ProducerContext for Ctx {
     }
 }
 
+/// A librdkafka topic handle, destroyed before its producer (field order in [`KafkaSink`]).
+struct TopicHandle(*mut rdsys::rd_kafka_topic_t);
+
+impl Drop for TopicHandle {
+    fn drop(&mut self) {
+        // SAFETY: the handle came from `rd_kafka_topic_new` and is destroyed once, while its
+        // producer is alive.
+        unsafe { rdsys::rd_kafka_topic_destroy(self.0) }
+    }
+}
+
 pub struct KafkaSink {
+    /// Declared before `producer`: dropped first.
+    topics: HashMap<String, TopicHandle>,
     producer: ThreadedProducer<Ctx>,
     generation: u64,
     output: OutputConfig,
@@ -97,6 +123,7 @@ impl KafkaSink {
     ) -> Result<KafkaSink, SinkError> {
         let producer = make_producer(output, host, max_inflight, wake.clone())?;
         Ok(KafkaSink {
+            topics: HashMap::new(),
             producer,
             generation: 0,
             output: output.clone(),
@@ -154,30 +181,109 @@ fn send_error(e: KafkaError) -> SendError {
     }
 }
 
+impl KafkaSink {
+    /// The cached handle of `topic`, made on first use.
+    fn topic(&mut self, topic: &str) -> Result<*mut rdsys::rd_kafka_topic_t, SendError> {
+        if let Some(t) = self.topics.get(topic) {
+            return Ok(t.0);
+        }
+        let name = CString::new(topic)
+            .map_err(|_| SendError::Refused(format!("topic name {topic:?} holds a NUL byte")))?;
+        // SAFETY: a valid producer and a NUL-terminated name; a null conf takes the defaults.
+        let rkt = unsafe {
+            rdsys::rd_kafka_topic_new(
+                self.producer.client().native_ptr(),
+                name.as_ptr(),
+                std::ptr::null_mut(),
+            )
+        };
+        if rkt.is_null() {
+            return Err(SendError::Refused(format!(
+                "librdkafka refused topic {topic:?}"
+            )));
+        }
+        self.topics.insert(topic.to_string(), TopicHandle(rkt));
+        Ok(rkt)
+    }
+
+    /// One `rd_kafka_producev`; `headers` (owned, may be null) passes to librdkafka on
+    /// success and is destroyed here on failure.
+    fn produce(
+        &mut self,
+        topic: &str,
+        key: &[u8],
+        payload: &[u8],
+        opaque: usize,
+        headers: *mut rdsys::rd_kafka_headers_t,
+    ) -> Result<(), SendError> {
+        let rkt = match self.topic(topic) {
+            Ok(rkt) => rkt,
+            Err(e) => {
+                if !headers.is_null() {
+                    // SAFETY: still ours: never handed to librdkafka.
+                    unsafe { rdsys::rd_kafka_headers_destroy(headers) };
+                }
+                return Err(e);
+            }
+        };
+        // SAFETY: the vararg list follows librdkafka's `rd_kafka_producev` contract (type tag,
+        // then that tag's arguments, ending with END); RD_KAFKA_MSG_F_COPY makes librdkafka copy
+        // key and payload before returning, so the borrowed slices may go.
+        let err = unsafe {
+            rdsys::rd_kafka_producev(
+                self.producer.client().native_ptr(),
+                RD_KAFKA_VTYPE_RKT,
+                rkt,
+                RD_KAFKA_VTYPE_MSGFLAGS,
+                rdsys::RD_KAFKA_MSG_F_COPY,
+                RD_KAFKA_VTYPE_VALUE,
+                payload.as_ptr() as *mut c_void,
+                payload.len(),
+                RD_KAFKA_VTYPE_KEY,
+                key.as_ptr() as *const c_void,
+                key.len(),
+                RD_KAFKA_VTYPE_OPAQUE,
+                opaque as *mut c_void,
+                RD_KAFKA_VTYPE_HEADERS,
+                headers,
+                RD_KAFKA_VTYPE_END,
+            )
+        };
+        if err == rdsys::rd_kafka_resp_err_t::RD_KAFKA_RESP_ERR_NO_ERROR {
+            return Ok(());
+        }
+        if !headers.is_null() {
+            // SAFETY: librdkafka takes the headers only on success.
+            unsafe { rdsys::rd_kafka_headers_destroy(headers) };
+        }
+        Err(send_error(KafkaError::MessageProduction(err.into())))
+    }
+}
+
 impl Sink for KafkaSink {
     fn send(&mut self, r: &Record<'_>) -> Result<(), SendError> {
         let t = &r.trajectory;
-        let headers = t.fold_headers(
-            OwnedHeaders::new_with_capacity(t.header_count()),
-            |headers, key, value| {
-                headers.insert(Header {
-                    key,
-                    value: Some(value),
-                })
-            },
-        );
-        let record = BaseRecord::with_opaque_to(r.topic, tag(self.generation, r.file_key, r.seq))
-            .key(t.file_id.as_bytes())
-            .payload(r.payload)
-            .headers(headers);
-        self.producer.send(record).map_err(|(e, _)| send_error(e))
+        // SAFETY: a fresh list, filled with (pointer, length) pairs librdkafka copies.
+        let headers = unsafe { rdsys::rd_kafka_headers_new(t.header_count()) };
+        t.fold_headers((), |(), key, value| {
+            // SAFETY: as above; the only failure (read-only list) cannot happen to a new one.
+            unsafe {
+                rdsys::rd_kafka_header_add(
+                    headers,
+                    key.as_ptr().cast(),
+                    key.len() as isize,
+                    value.as_ptr().cast(),
+                    value.len() as isize,
+                );
+            }
+        });
+        let opaque = tag(self.generation, r.file_key, r.seq);
+        self.produce(r.topic, t.file_id.as_bytes(), r.payload, opaque, headers)
     }
 
     fn send_manifest(&mut self, topic: &str, key: &[u8], payload: &[u8]) -> Result<(), SendError> {
-        let record = BaseRecord::with_opaque_to(topic, tag(self.generation, MANIFEST_KEY, 0))
-            .key(key)
-            .payload(payload);
-        self.producer.send(record).map_err(|(e, _)| send_error(e))
+        let opaque = tag(self.generation, MANIFEST_KEY, 0);
+        self.produce(topic, key, payload, opaque, std::ptr::null_mut())
     }
 
     fn drain(&mut self, out: &mut Vec<Delivery>) {
@@ -220,6 +326,7 @@ impl Sink for KafkaSink {
             self.wake.clone(),
         ) {
             Ok(p) => {
+                self.topics.clear();
                 self.producer = p;
                 self.generation += 1;
                 true

@@ -3,21 +3,24 @@
 //! The loop hands a sink one record at a time, tagged with the file's key and the record's
 //! sequence number; the sink reports each record's delivery later, in any order, through
 //! [`Sink::drain`]. A sink that cannot take a record now refuses it ([`SendError`]) and keeps
-//! nothing of it: the loop holds the bytes and offers them again. [`kafka::KafkaSink`] is the
-//! librdkafka producer; [`memory::MemorySink`] keeps records in memory for tests.
+//! nothing of it: the loop holds the bytes and offers them again. [`native::NativeSink`]
+//! encodes records straight into Kafka record batches (the default, `output.producer =
+//! "native"`); [`kafka::KafkaSink`] is the librdkafka producer (`"librdkafka"`, needed for
+//! TLS and SASL); [`memory::MemorySink`] keeps records in memory for tests.
 //!
 //! Invariants a sink keeps:
 //! * Every record it took is reported exactly once, unless [`Sink::restart_if_broken`]
 //!   returned true since: then the records it had not reported are forgotten.
 //! * A report's `seq` is right in its low 32 bits at least (see `FileTracker::settle`).
 //! * Records of one file reach the topic in the order they were sent (the Kafka sink:
-//!   idempotent producer, one partition per key).
+//!   idempotent producers, one partition per key).
 
 use std::sync::Arc;
 use std::time::Duration;
 
 pub mod kafka;
 pub mod memory;
+pub mod native;
 
 /// File keys live in 24 bits (of librdkafka's delivery opaque); the all-ones key is the
 /// manifest's, so the largest file key is one less.
@@ -112,6 +115,8 @@ pub enum SendError {
 pub enum SinkError {
     #[error(transparent)]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    Native(#[from] native::NativeError),
 }
 
 pub trait Sink {
