@@ -8,9 +8,14 @@
 # from start to exit. In the same run `kcat -C -e` reads the whole topic to /dev/null: the
 # cost of only fetching the records.
 #
-# Prints: events, events/s, MB/s of record values, CPU seconds, peak RSS of the lander,
-# files and bytes landed; and the consume-only rate. N = 10M × BENCH_SCALE (default 1).
-# BENCH_QANAT_BIN=path measures that binary instead of building the release one.
+# Prints: events, events/s, MB/s of record values, CPU seconds (and per million events),
+# peak RSS of the lander (both from /usr/bin/time, all threads), files and bytes landed; and
+# the consume-only rate.
+#
+#   bench/lake_land.sh [N]     N events, e.g. 10M (the default), 500k or 2000000
+#
+# Without N: 10M × BENCH_SCALE (default 1). BENCH_QANAT_BIN=path measures that binary
+# instead of building the release one.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=lake-land
@@ -18,7 +23,24 @@ BENCH_TAG=lake-land
 source "$ROOT/bench/lib.sh"
 
 SCALE=${BENCH_SCALE:-1}
-EVENTS=$(python3 -c "print(max(1000, int(10000000 * $SCALE)))")
+if [ -n "${1:-}" ]; then
+  EVENTS=$(python3 - "$1" <<'PY'
+import sys
+t = sys.argv[1].strip().lower()
+mult = {"k": 1000, "m": 1000000}.get(t[-1:], 1)
+try:
+    n = int(float(t[:-1] if t[-1:] in ("k", "m") else t) * mult)
+except ValueError:
+    n = 0
+if n < 1:
+    sys.exit(f"event count {sys.argv[1]!r}: expected a positive number such as 10M")
+print(n)
+PY
+) || die "usage: $0 [EVENTS, e.g. 10M]"
+else
+  EVENTS=$(python3 -c "print(max(1000, int(10000000 * $SCALE)))")
+fi
+[ -x /usr/bin/time ] || die "/usr/bin/time not found (Debian package time)"
 PARTITIONS=4
 command -v kcat >/dev/null || die "kcat not found (Debian package kcat)"
 if [ -n "${BENCH_QANAT_BIN:-}" ]; then
@@ -67,25 +89,15 @@ VALUE_BYTES=$(wc -c <"$TMP/values.txt")
 rm -f "$TMP/values.txt"
 
 log "landing: qanat lake land --once"
-TICKS=$(getconf CLK_TCK)
+LOAD_BEFORE=$(cut -d' ' -f1-3 /proc/loadavg)
 t0=$(date +%s.%N)
-"$QANAT_BIN" lake land --bootstrap "$BOOT" --topic "$TOPIC" --table bench.orders \
-  --root "$TMP/lake" --once >"$TMP/land.out" 2>"$TMP/land.err" &
-LAND_PID=$!
-RSS_KB=0
-UT=0
-ST=0
-while kill -0 "$LAND_PID" 2>/dev/null; do
-  if [ -r "/proc/$LAND_PID/stat" ]; then
-    read -r UT ST < <(awk '{print $14, $15}' "/proc/$LAND_PID/stat" 2>/dev/null || echo "$UT $ST") || true
-    R=$(awk '/VmHWM/ {print $2}' "/proc/$LAND_PID/status" 2>/dev/null || echo 0)
-    [ -n "$R" ] && [ "$R" -gt "$RSS_KB" ] && RSS_KB=$R
-  fi
-  sleep 0.2
-done
-wait "$LAND_PID" || die "lake land failed: $(tail -5 "$TMP/land.err")"
+/usr/bin/time -f '%U %S %M' -o "$TMP/land.time" \
+  "$QANAT_BIN" lake land --bootstrap "$BOOT" --topic "$TOPIC" --table bench.orders \
+  --root "$TMP/lake" --once >"$TMP/land.out" 2>"$TMP/land.err" ||
+  die "lake land failed: $(tail -5 "$TMP/land.err")"
 LAND_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
-CPU_S=$(python3 -c "print(($UT + $ST) / $TICKS)")
+read -r UT ST RSS_KB < <(tail -1 "$TMP/land.time")
+CPU_S=$(python3 -c "print($UT + $ST)")
 FILES=$(find "$TMP/lake" -name '*.parquet' | wc -l)
 LAKE_BYTES=$(find "$TMP/lake" -name '*.parquet' -printf '%s\n' | awk '{s += $1} END {print s}')
 ROWS=$(python3 -c "
@@ -93,13 +105,14 @@ import pyarrow.dataset as ds
 print(ds.dataset('$TMP/lake/bench/orders_changes', format='parquet').count_rows())" 2>/dev/null || echo "?")
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
-python3 - "$EVENTS" "$LAND_S" "$CPU_S" "$RSS_KB" "$VALUE_BYTES" "$KCAT_S" "$FILES" "$LAKE_BYTES" "$ROWS" "$LOAD" <<'PY'
+python3 - "$EVENTS" "$LAND_S" "$CPU_S" "$RSS_KB" "$VALUE_BYTES" "$KCAT_S" "$FILES" "$LAKE_BYTES" "$ROWS" "$LOAD_BEFORE" "$LOAD" "$QANAT_BIN" <<'PY'
 import sys
-ev, land_s, cpu_s, rss_kb, vbytes, kcat_s, files, lbytes, rows, load = sys.argv[1:]
+ev, land_s, cpu_s, rss_kb, vbytes, kcat_s, files, lbytes, rows, load0, load, qbin = sys.argv[1:]
 ev, land_s, cpu_s, vbytes, kcat_s = int(ev), float(land_s), float(cpu_s), int(vbytes), float(kcat_s)
-print(f"{'run':<34} {'events':>10} {'events/s':>10} {'MB/s':>8} {'CPU s':>8} {'peak RSS':>10}")
-print(f"{'qanat lake land --once':<34} {ev:>10} {ev / land_s:>10.0f} {vbytes / land_s / 1e6:>8.1f} {cpu_s:>8.1f} {int(rss_kb) / 1024:>8.1f}Mi")
-print(f"{'kcat -C -e (consume only)':<34} {ev:>10} {ev / kcat_s:>10.0f} {vbytes / kcat_s / 1e6:>8.1f} {'':>8} {'':>10}")
+print(f"binary {qbin}")
+print(f"{'run':<28} {'events':>10} {'events/s':>10} {'MB/s':>8} {'CPU s':>8} {'CPU s/M ev':>10} {'peak RSS':>10}")
+print(f"{'qanat lake land --once':<28} {ev:>10} {ev / land_s:>10.0f} {vbytes / land_s / 1e6:>8.1f} {cpu_s:>8.1f} {cpu_s / (ev / 1e6):>10.2f} {int(rss_kb) / 1024:>8.1f}Mi")
+print(f"{'kcat -C -e (consume only)':<28} {ev:>10} {ev / kcat_s:>10.0f} {vbytes / kcat_s / 1e6:>8.1f}")
 print(f"landed rows {rows} in {files} files, {int(lbytes or 0) / 1e6:.1f} MB of Parquet ({vbytes / 1e6:.1f} MB of JSON values)")
-print(f"load average {load} (shared machine: figures are lower bounds)")
+print(f"load average {load0} before landing, {load} after (shared machine: rates are lower bounds)")
 PY

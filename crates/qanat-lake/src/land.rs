@@ -49,7 +49,7 @@ use serde::Deserialize;
 use crate::columns;
 use crate::layout::{Ds, LayoutError, TableLayout, TableName};
 use crate::offsets::{self, RecoverError};
-use crate::schema::{ColumnType, DataColumn, Fit, RowImage, RowMeta, Scalar, ValueError};
+use crate::schema::{ColumnType, DataColumn, Fit, LogPos, RowImage, RowMeta, Scalar, ValueError};
 use crate::sink::{self, AppendError, ChangeFile, Completed, FileFacts, SinkError};
 
 /// What kind of records a table's topics carry.
@@ -138,6 +138,13 @@ pub enum LandError {
         reason: String,
     },
     #[error("{topic}/{partition}@{offset}: {source}")]
+    Decode {
+        topic: String,
+        partition: i32,
+        offset: i64,
+        source: DecodeError,
+    },
+    #[error("{topic}/{partition}@{offset}: {source}")]
     Value {
         topic: String,
         partition: i32,
@@ -152,14 +159,40 @@ pub enum LandError {
     Layout(#[from] LayoutError),
 }
 
+/// A record that is not of its table's input kind.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("not a change event envelope: {0}")]
+    NotAnEnvelope(serde_json::Error),
+    #[error("no op: not a change event envelope")]
+    NoOp,
+    #[error("op {0:?}: expected c, u, d or r")]
+    BadOp(String),
+    #[error("a delete without `before`")]
+    DeleteWithoutBefore,
+    #[error("op {0} without `after`")]
+    NoAfter(&'static str),
+    #[error("no `source` block")]
+    NoSource,
+    #[error("no `source.ts_ms`")]
+    NoSourceTime,
+    #[error("not a JSON object: {0}")]
+    NotAnObject(serde_json::Error),
+    #[error("record without a timestamp")]
+    NoTimestamp,
+    #[error("header {0} is not an integer")]
+    HeaderNotInteger(String),
+}
+
 /// A record decoded: its row image and metadata.
-struct Decoded<'a> {
-    image: RowImage<'a>,
-    op: &'static str,
-    log_pos: Option<Cow<'a, str>>,
-    log_time_ms: i64,
-    commit_ts_ms: i64,
-    extract_time_ms: i64,
+#[derive(Debug)]
+pub struct Decoded<'a> {
+    pub image: RowImage<'a>,
+    pub op: &'static str,
+    pub log_pos: LogPos<'a>,
+    pub log_time_ms: i64,
+    pub commit_ts_ms: i64,
+    pub extract_time_ms: i64,
 }
 
 #[derive(Deserialize)]
@@ -188,52 +221,52 @@ struct SourceBlock<'a> {
     lsn: Option<u64>,
 }
 
-fn decode_cdc(value: &[u8]) -> Result<Option<Decoded<'_>>, String> {
-    let env: Envelope<'_> =
-        serde_json::from_slice(value).map_err(|e| format!("not a change event envelope: {e}"))?;
+/// Decode a CDC record's value (Debezium's envelope, see the module doc).
+pub fn decode_cdc(value: &[u8]) -> Result<Decoded<'_>, DecodeError> {
+    let env: Envelope<'_> = serde_json::from_slice(value).map_err(DecodeError::NotAnEnvelope)?;
     let op = match env.op.as_deref() {
         Some("c") => "c",
         Some("u") => "u",
         Some("d") => "d",
         Some("r") => "r",
-        Some(other) => return Err(format!("op {other:?}: expected c, u, d or r")),
-        None => return Err("no op: not a change event envelope".into()),
+        Some(other) => return Err(DecodeError::BadOp(other.to_owned())),
+        None => return Err(DecodeError::NoOp),
     };
     let image = if op == "d" {
-        env.before.ok_or("a delete without `before`")?
+        env.before.ok_or(DecodeError::DeleteWithoutBefore)?
     } else {
-        env.after
-            .ok_or_else(|| format!("op {op} without `after`"))?
+        env.after.ok_or(DecodeError::NoAfter(op))?
     };
-    let source = env.source.ok_or("no `source` block")?;
-    let log_time_ms = source.ts_ms.ok_or("no `source.ts_ms`")?;
-    let log_pos = match (&source.file, source.pos, &source.gtid, source.lsn) {
-        (Some(file), Some(pos), _, _) => Some(Cow::Owned(format!(
-            "{file}:{pos}:{}",
-            source.row.unwrap_or(0)
-        ))),
-        (_, _, Some(gtid), _) => Some(gtid.clone()),
-        (_, _, _, Some(lsn)) => Some(Cow::Owned(lsn.to_string())),
-        _ => None,
+    let source = env.source.ok_or(DecodeError::NoSource)?;
+    let log_time_ms = source.ts_ms.ok_or(DecodeError::NoSourceTime)?;
+    let log_pos = match (source.file, source.pos, source.gtid, source.lsn) {
+        (Some(file), Some(pos), _, _) => LogPos::Binlog {
+            file,
+            pos,
+            row: source.row.unwrap_or(0),
+        },
+        (_, _, Some(gtid), _) => LogPos::Text(gtid),
+        (_, _, _, Some(lsn)) => LogPos::Lsn(lsn),
+        _ => LogPos::None,
     };
-    Ok(Some(Decoded {
+    Ok(Decoded {
         image,
         op,
         log_pos,
         log_time_ms,
         commit_ts_ms: source.commit_ts_ms.unwrap_or(log_time_ms),
         extract_time_ms: env.ts_ms.unwrap_or(log_time_ms),
-    }))
+    })
 }
 
-fn decode_json<'a>(value: &'a [u8], ts: Option<i64>) -> Result<Decoded<'a>, String> {
-    let image: RowImage<'a> =
-        serde_json::from_slice(value).map_err(|e| format!("not a JSON object: {e}"))?;
-    let ts = ts.ok_or("record without a timestamp")?;
+/// Decode a `json` record's value, with the record's timestamp.
+pub fn decode_json(value: &[u8], ts: Option<i64>) -> Result<Decoded<'_>, DecodeError> {
+    let image: RowImage<'_> = serde_json::from_slice(value).map_err(DecodeError::NotAnObject)?;
+    let ts = ts.ok_or(DecodeError::NoTimestamp)?;
     Ok(Decoded {
         image,
         op: "c",
-        log_pos: None,
+        log_pos: LogPos::None,
         log_time_ms: ts,
         commit_ts_ms: ts,
         extract_time_ms: ts,
@@ -251,8 +284,9 @@ pub const LOG_COLUMNS: [(&str, ColumnType); 7] = [
     ("headers", ColumnType::String),
 ];
 
-fn decode_log<'a>(rec: &Record<'a>) -> Result<Decoded<'a>, String> {
-    let ts = rec.timestamp_ms.ok_or("record without a timestamp")?;
+/// Decode a `log` record: its text and headers.
+pub fn decode_log<'a>(rec: &Record<'a>) -> Result<Decoded<'a>, DecodeError> {
+    let ts = rec.timestamp_ms.ok_or(DecodeError::NoTimestamp)?;
     let text = |v: Option<&'a [u8]>| match v {
         Some(b) => Scalar::Str(String::from_utf8_lossy(b)),
         None => Scalar::Null,
@@ -287,7 +321,7 @@ fn decode_log<'a>(rec: &Record<'a>) -> Result<Decoded<'a>, String> {
                     .and_then(|s| s.parse::<i64>().ok())
             }) {
                 Some(Some(n)) => Scalar::Int(n),
-                Some(None) => return Err(format!("header {name} is not an integer")),
+                Some(None) => return Err(DecodeError::HeaderNotInteger((*name).to_owned())),
                 None => Scalar::Null,
             }
         } else {
@@ -295,8 +329,8 @@ fn decode_log<'a>(rec: &Record<'a>) -> Result<Decoded<'a>, String> {
         };
     }
     let log_pos = match (&named[2], &named[3]) {
-        (Scalar::Str(f), Scalar::Int(o)) => Some(Cow::Owned(format!("{f}:{o}"))),
-        _ => None,
+        (Scalar::Str(f), Scalar::Int(o)) => LogPos::Text(Cow::Owned(format!("{f}:{o}"))),
+        _ => LogPos::None,
     };
     let [host, path, file, offset, lines] = named;
     let image = RowImage(vec![
@@ -374,7 +408,8 @@ pub struct Lander {
     spec: TableSpec,
     layout: TableLayout,
     configured: Vec<(String, ColumnType)>,
-    parts: HashMap<(String, i32), Partition>,
+    /// Topic → partition → state; looked up by `&str`, so a record costs no allocation.
+    parts: HashMap<String, HashMap<i32, Partition>>,
 }
 
 impl Lander {
@@ -420,8 +455,8 @@ impl Lander {
             tracing::info!(table = %self.spec.table, path = %path.display(), why, "removed");
         }
         for ((t, p), next) in &found.positions {
-            self.parts.insert(
-                (t.clone(), *p),
+            self.parts.entry(t.clone()).or_default().insert(
+                *p,
                 Partition {
                     landed: *next,
                     columns: None,
@@ -435,7 +470,8 @@ impl Lander {
 
     /// Forget a partition (revoked from this consumer): its open group is abandoned.
     pub fn revoke(&mut self, topic: &str, partition: i32) {
-        if let Some(part) = self.parts.remove(&(topic.to_owned(), partition)) {
+        let part = self.parts.get_mut(topic).and_then(|t| t.remove(&partition));
+        if let Some(part) = part {
             if let Some(group) = part.group {
                 for (_, f) in group.files {
                     f.abandon();
@@ -447,7 +483,8 @@ impl Lander {
     /// The next offset to land of a partition, as far as this lander knows.
     pub fn landed(&self, topic: &str, partition: i32) -> Option<i64> {
         self.parts
-            .get(&(topic.to_owned(), partition))
+            .get(topic)
+            .and_then(|t| t.get(&partition))
             .map(|p| p.landed)
     }
 
@@ -460,25 +497,30 @@ impl Lander {
             offset: rec.offset,
             reason,
         };
-        let key = (rec.topic.to_owned(), rec.partition);
-        if let Some(part) = self.parts.get(&key) {
-            if rec.offset < part.landed {
-                return Ok(Vec::new());
-            }
+        let known = self
+            .parts
+            .get(rec.topic)
+            .and_then(|t| t.get(&rec.partition));
+        if known.is_some_and(|part| rec.offset < part.landed) {
+            return Ok(Vec::new());
         }
         let decoded = match self.spec.input {
-            InputKind::Cdc => match rec.value {
-                None => None,
-                Some(v) => decode_cdc(v).map_err(bad)?,
-            },
-            InputKind::Json => match rec.value {
-                None => None,
-                Some(v) => Some(decode_json(v, rec.timestamp_ms).map_err(bad)?),
-            },
-            InputKind::Log => Some(decode_log(rec).map_err(bad)?),
+            InputKind::Cdc => rec.value.map(decode_cdc),
+            InputKind::Json => rec.value.map(|v| decode_json(v, rec.timestamp_ms)),
+            InputKind::Log => Some(decode_log(rec)),
         };
-        let Some(decoded) = decoded else {
-            return Ok(Vec::new());
+        let decoded = match decoded {
+            // A record without a value: the tombstone after a delete.
+            None => return Ok(Vec::new()),
+            Some(Ok(d)) => d,
+            Some(Err(source)) => {
+                return Err(LandError::Decode {
+                    topic: rec.topic.to_owned(),
+                    partition: rec.partition,
+                    offset: rec.offset,
+                    source,
+                })
+            }
         };
         let when = DateTime::from_timestamp_millis(decoded.log_time_ms).ok_or_else(|| {
             bad(format!(
@@ -500,12 +542,22 @@ impl Lander {
         };
         let input_bytes = rec.value.map_or(0, <[u8]>::len);
         let mut landed = Vec::new();
-        let part = self.parts.entry(key.clone()).or_insert(Partition {
-            landed: 0,
-            columns: None,
-            primary_key: None,
-            group: None,
-        });
+        if !self.parts.contains_key(rec.topic) {
+            self.parts.insert(rec.topic.to_owned(), HashMap::new());
+        }
+        let part = self
+            .parts
+            .get_mut(rec.topic)
+            .map(|t| {
+                t.entry(rec.partition).or_insert(Partition {
+                    landed: 0,
+                    columns: None,
+                    primary_key: None,
+                    group: None,
+                })
+            })
+            .ok_or_else(|| bad("topic state missing".into()))?;
+        let key = (rec.topic, rec.partition);
         if part.primary_key.is_none() {
             if let (InputKind::Cdc, Some(k)) = (self.spec.input, rec.key) {
                 if let Ok(k) = serde_json::from_slice::<RowImage<'_>>(k) {
@@ -542,7 +594,7 @@ impl Lander {
                 Ok(Fit::SchemaChange(why)) if attempt == 0 => {
                     tracing::info!(table = %self.spec.table, topic = rec.topic,
                         partition = rec.partition, offset = rec.offset, why, "schema change: new file");
-                    landed.extend(finish_group(&self.spec.table, &key, part)?);
+                    landed.extend(finish_group(&self.spec.table, key, part)?);
                     let next =
                         columns_for(&decoded.image, &self.configured, part.columns.as_deref())
                             .map_err(bad)?;
@@ -573,7 +625,7 @@ impl Lander {
                     >= self.spec.roll_bytes
         });
         if roll {
-            landed.extend(finish_group(&self.spec.table, &key, part)?);
+            landed.extend(finish_group(&self.spec.table, key, part)?);
         }
         Ok(landed)
     }
@@ -581,13 +633,15 @@ impl Lander {
     /// Roll every group older than the roll age.
     pub fn tick(&mut self, now: Instant) -> Result<Vec<Landed>, LandError> {
         let mut out = Vec::new();
-        for (key, part) in &mut self.parts {
-            if part
-                .group
-                .as_ref()
-                .is_some_and(|g| now.duration_since(g.opened) >= self.spec.roll_age)
-            {
-                out.extend(finish_group(&self.spec.table, key, part)?);
+        for (topic, parts) in &mut self.parts {
+            for (partition, part) in parts {
+                if part
+                    .group
+                    .as_ref()
+                    .is_some_and(|g| now.duration_since(g.opened) >= self.spec.roll_age)
+                {
+                    out.extend(finish_group(&self.spec.table, (topic, *partition), part)?);
+                }
             }
         }
         Ok(out)
@@ -596,8 +650,10 @@ impl Lander {
     /// Roll every open group (shutdown, end of `--once`).
     pub fn flush(&mut self) -> Result<Vec<Landed>, LandError> {
         let mut out = Vec::new();
-        for (key, part) in &mut self.parts {
-            out.extend(finish_group(&self.spec.table, key, part)?);
+        for (topic, parts) in &mut self.parts {
+            for (partition, part) in parts {
+                out.extend(finish_group(&self.spec.table, (topic, *partition), part)?);
+            }
         }
         Ok(out)
     }
@@ -606,7 +662,7 @@ impl Lander {
 /// Complete and publish a partition's open group (see the module doc).
 fn finish_group(
     table: &TableName,
-    (topic, partition): &(String, i32),
+    (topic, partition): (&str, i32),
     part: &mut Partition,
 ) -> Result<Option<Landed>, LandError> {
     let Some(group) = part.group.take() else {
@@ -621,8 +677,8 @@ fn finish_group(
     }
     let facts = FileFacts {
         table: table.to_string(),
-        topic: topic.clone(),
-        partition: *partition,
+        topic: topic.to_owned(),
+        partition,
         first_offset: group.first,
         last_offset: group.last,
         primary_key: part.primary_key.clone().unwrap_or_default(),
@@ -635,8 +691,8 @@ fn finish_group(
     sink::publish(&completed)?;
     part.landed = group.last + 1;
     Ok(Some(Landed {
-        topic: topic.clone(),
-        partition: *partition,
+        topic: topic.to_owned(),
+        partition,
         next_offset: group.last + 1,
         rows: completed.iter().map(|c| c.rows).sum(),
         bytes: completed.iter().map(|c| c.bytes).sum(),
@@ -780,6 +836,77 @@ mod tests {
                 err.contains(&format!("t/0@{i}")) && err.contains(want),
                 "{err}"
             );
+        }
+    }
+    /// A valid envelope to cut, splice and flip bytes of.
+    const GOOD: &str = r#"{"before":null,"after":{"id":7,"v":"x7","amount":"1.50","at":"2026-11-29T10:00:00Z","tags":[1,{"a":null}]},"source":{"ts_ms":1795910400000,"file":"b.1","pos":4,"row":0,"gtid":"g"},"op":"u","ts_ms":1795910400005}"#;
+
+    fn mutations() -> impl proptest::strategy::Strategy<Value = Vec<u8>> {
+        use proptest::prelude::*;
+        prop_oneof![
+            proptest::collection::vec(any::<u8>(), 0..300),
+            (0..GOOD.len()).prop_map(|cut| GOOD.as_bytes()[..cut].to_vec()),
+            (0..GOOD.len(), any::<u8>()).prop_map(|(at, b)| {
+                let mut v = GOOD.as_bytes().to_vec();
+                v[at] = b;
+                v
+            }),
+            (0..GOOD.len(), proptest::collection::vec(any::<u8>(), 1..8)).prop_map(|(at, ins)| {
+                let mut v = GOOD.as_bytes().to_vec();
+                v.splice(at..at, ins);
+                v
+            }),
+        ]
+    }
+
+    #[test]
+    fn the_good_envelope_decodes() {
+        let d = decode_cdc(GOOD.as_bytes()).unwrap();
+        assert_eq!(d.op, "u");
+        assert_eq!(d.image.0.len(), 5);
+        assert_eq!(
+            d.log_pos,
+            LogPos::Binlog {
+                file: Cow::Borrowed("b.1"),
+                pos: 4,
+                row: 0
+            }
+        );
+        assert_eq!(d.extract_time_ms, 1_795_910_400_005);
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(2000))]
+
+        /// Garbage and damaged envelopes decode or give a typed error, never a panic; what
+        /// decodes lands or is refused as a typed error.
+        #[test]
+        fn garbage_envelopes_give_typed_errors_not_panics(value in mutations()) {
+            match decode_cdc(&value) {
+                Ok(_) | Err(DecodeError::NotAnEnvelope(_) | DecodeError::NoOp
+                    | DecodeError::BadOp(_) | DecodeError::DeleteWithoutBefore
+                    | DecodeError::NoAfter(_) | DecodeError::NoSource
+                    | DecodeError::NoSourceTime) => {}
+                Err(other) => panic!("unexpected error kind for an envelope: {other}"),
+            }
+            let _ = decode_json(&value, Some(0));
+            let dir = tempfile::tempdir().unwrap();
+            let mut lander = Lander::new(dir.path(), spec());
+            let rec = Record {
+                topic: "t",
+                partition: 0,
+                offset: 0,
+                timestamp_ms: None,
+                key: Some(&value),
+                value: Some(&value),
+                headers: &[],
+            };
+            match lander.push(&rec, Instant::now()) {
+                Ok(_) | Err(LandError::Decode { .. } | LandError::Value { .. }
+                    | LandError::BadRecord { .. }) => {}
+                Err(other) => panic!("unexpected error for a bad record: {other}"),
+            }
+            lander.flush().unwrap();
         }
     }
 }

@@ -12,7 +12,7 @@
 //! column, the expected type and the value.
 
 use std::borrow::Cow;
-use std::fmt;
+use std::fmt::{self, Write as _};
 use std::str::FromStr;
 use std::sync::Arc;
 
@@ -590,11 +590,27 @@ pub struct MetaBuilders {
     offset: Int64Builder,
 }
 
+/// The source position of a change (`_log_pos`), kept in parts until it is written into
+/// the column's builder, so no text is made per row.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LogPos<'a> {
+    None,
+    Text(Cow<'a, str>),
+    /// A binlog position, written `file:pos:row`.
+    Binlog {
+        file: Cow<'a, str>,
+        pos: u64,
+        row: u64,
+    },
+    /// A PostgreSQL LSN, written as its decimal number.
+    Lsn(u64),
+}
+
 /// The metadata of one change-log row.
 #[derive(Debug, Clone, PartialEq)]
 pub struct RowMeta<'a> {
     pub op: &'a str,
-    pub log_pos: Option<Cow<'a, str>>,
+    pub log_pos: LogPos<'a>,
     pub log_time_ms: i64,
     pub commit_ts_ms: i64,
     pub extract_time_ms: i64,
@@ -635,7 +651,19 @@ impl MetaBuilders {
 
     pub fn append(&mut self, m: &RowMeta<'_>) {
         self.op.append_value(m.op);
-        self.log_pos.append_option(m.log_pos.as_deref());
+        match &m.log_pos {
+            LogPos::None => self.log_pos.append_null(),
+            LogPos::Text(t) => self.log_pos.append_value(t),
+            LogPos::Binlog { file, pos, row } => {
+                // Formatted straight into the builder's buffer; writing to it cannot fail.
+                let _ = write!(self.log_pos, "{file}:{pos}:{row}");
+                self.log_pos.append_value("");
+            }
+            LogPos::Lsn(lsn) => {
+                let _ = write!(self.log_pos, "{lsn}");
+                self.log_pos.append_value("");
+            }
+        }
         self.log_time.append_value(m.log_time_ms);
         self.commit_ts.append_value(m.commit_ts_ms);
         self.extract_time.append_value(m.extract_time_ms);

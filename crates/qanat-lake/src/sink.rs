@@ -1,11 +1,21 @@
 //! One change-log file being written: Arrow builders flushed in batches into a Parquet
 //! writer on a `.tmp-*` file beside its final place, then completed (footer with the
 //! `qanat.*` metadata, fsync) and published by rename (then fsync of the directory).
+//!
+//! Parquet encoding and compression run on a thread of the file's own ([`Encoder`]): the
+//! caller only fills builders and hands each finished batch over a bounded channel, so it
+//! goes on decoding while the previous batches are encoded, and waits only when
+//! [`ENCODE_QUEUE`] batches are already queued. [`ChangeFile::complete`] drains the queue
+//! and joins the thread before the footer is written, so completing, publishing and the
+//! caller's commit keep their order.
 
 use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{sync_channel, SyncSender};
 use std::sync::Arc;
+use std::thread::JoinHandle;
 
 use arrow_array::RecordBatch;
 use arrow_schema::Schema;
@@ -13,14 +23,28 @@ use parquet::arrow::ArrowWriter;
 use parquet::basic::{Compression, ZstdLevel};
 use parquet::file::metadata::KeyValue;
 use parquet::file::properties::WriterProperties;
+use parquet::schema::types::ColumnPath;
 
 use crate::columns;
 use crate::schema::{
     change_log_schema, DataBuilders, DataColumn, Fit, MetaBuilders, RowImage, RowMeta, ValueError,
 };
 
-/// Rows buffered in builders before they are encoded into the Parquet writer.
+/// Rows buffered in builders before they are handed to the encoder.
 const BATCH_ROWS: usize = 16_384;
+
+/// Metadata columns whose values are (nearly) all distinct.
+const UNIQUE_COLUMNS: [&str; 5] = [
+    columns::LOG_POS,
+    columns::LOG_TIME,
+    columns::COMMIT_TS,
+    columns::EXTRACT_TIME,
+    columns::OFFSET,
+];
+
+/// Batches waiting for a file's encoder before the caller waits: enough to ride out a slow
+/// compression of one batch, few enough to bound memory (a batch is a few MiB).
+const ENCODE_QUEUE: usize = 2;
 
 /// Prefix of files not yet complete; they are never read and are removed at start.
 pub const TMP_PREFIX: &str = ".tmp-";
@@ -40,6 +64,8 @@ pub enum SinkError {
         path: PathBuf,
         source: arrow_schema::ArrowError,
     },
+    #[error("{path}: the Parquet encoder thread {what}")]
+    Encoder { path: PathBuf, what: &'static str },
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> SinkError + '_ {
@@ -69,11 +95,86 @@ pub struct ChangeFile {
     data: DataBuilders,
     meta: MetaBuilders,
     schema: Arc<Schema>,
-    writer: Option<ArrowWriter<File>>,
+    encoder: Option<Encoder>,
     buffered: usize,
     rows: u64,
     /// Bytes of input appended since the last batch, a stand-in for its encoded size.
     buffered_input: usize,
+}
+
+/// What the encoder thread reports for the size estimate.
+#[derive(Default)]
+struct Progress {
+    /// Bytes written plus the encoded size of the open row group, after the last batch.
+    encoded: AtomicU64,
+    /// Input bytes of the batches handed over and not yet encoded.
+    queued_input: AtomicU64,
+}
+
+/// The thread encoding one file's batches, in the order they were sent.
+struct Encoder {
+    batches: SyncSender<(RecordBatch, u64)>,
+    thread: JoinHandle<Result<ArrowWriter<File>, SinkError>>,
+    progress: Arc<Progress>,
+}
+
+impl Encoder {
+    fn start(tmp: &Path, schema: Arc<Schema>) -> Result<Encoder, SinkError> {
+        let file = File::create(tmp).map_err(io_err(tmp))?;
+        let mut props = WriterProperties::builder()
+            .set_compression(Compression::ZSTD(ZstdLevel::default()))
+            .set_max_row_group_size(1 << 20);
+        // Nearly every value of these is distinct: a dictionary would only be hashed into
+        // and then abandoned for plain encoding once it outgrows its page.
+        for name in UNIQUE_COLUMNS {
+            props = props.set_column_dictionary_enabled(ColumnPath::from(name), false);
+        }
+        let props = props.build();
+        let mut writer = ArrowWriter::try_new(file, schema, Some(props)).map_err(|source| {
+            SinkError::Parquet {
+                path: tmp.to_owned(),
+                source,
+            }
+        })?;
+        let (batches, queue) = sync_channel::<(RecordBatch, u64)>(ENCODE_QUEUE);
+        let progress = Arc::new(Progress::default());
+        let report = progress.clone();
+        let path = tmp.to_owned();
+        let thread = std::thread::Builder::new()
+            .name("lake-encode".into())
+            .spawn(move || {
+                // Ends when the sender is dropped (complete or abandon), or at the first
+                // error, which drops the receiver so the next send fails.
+                for (batch, input) in queue {
+                    writer.write(&batch).map_err(|source| SinkError::Parquet {
+                        path: path.clone(),
+                        source,
+                    })?;
+                    let encoded = writer.bytes_written() + writer.in_progress_size();
+                    report.encoded.store(encoded as u64, Ordering::Relaxed);
+                    report.queued_input.fetch_sub(input, Ordering::Relaxed);
+                }
+                Ok(writer)
+            })
+            .map_err(io_err(tmp))?;
+        Ok(Encoder {
+            batches,
+            thread,
+            progress,
+        })
+    }
+
+    /// Wait for every batch sent to be encoded; the writer, or the encoder's error.
+    fn finish(self, tmp: &Path) -> Result<ArrowWriter<File>, SinkError> {
+        drop(self.batches);
+        match self.thread.join() {
+            Ok(result) => result,
+            Err(_) => Err(SinkError::Encoder {
+                path: tmp.to_owned(),
+                what: "panicked",
+            }),
+        }
+    }
 }
 
 /// A complete file, fsynced under its temporary name, waiting for [`publish`].
@@ -102,7 +203,7 @@ impl ChangeFile {
             data,
             meta: MetaBuilders::default(),
             schema,
-            writer: None,
+            encoder: None,
             buffered: 0,
             rows: 0,
             buffered_input: 0,
@@ -135,13 +236,15 @@ impl ChangeFile {
     }
 
     /// Estimated size of the file so far: encoded bytes, plus a third of the input of the
-    /// rows still in builders (compressed change rows are rarely larger).
+    /// rows not encoded yet, in builders or queued (compressed change rows are rarely larger).
     pub fn estimated_bytes(&self) -> u64 {
-        let written = self
-            .writer
-            .as_ref()
-            .map_or(0, |w| w.bytes_written() + w.in_progress_size());
-        (written + self.buffered_input / 3) as u64
+        let (encoded, queued) = self.encoder.as_ref().map_or((0, 0), |e| {
+            (
+                e.progress.encoded.load(Ordering::Relaxed),
+                e.progress.queued_input.load(Ordering::Relaxed),
+            )
+        });
+        encoded + (queued + self.buffered_input as u64) / 3
     }
 
     fn flush_batch(&mut self) -> Result<(), SinkError> {
@@ -156,27 +259,27 @@ impl ChangeFile {
                 source,
             }
         })?;
-        let writer = match &mut self.writer {
-            Some(w) => w,
-            None => {
-                let file = File::create(&self.tmp).map_err(io_err(&self.tmp))?;
-                let props = WriterProperties::builder()
-                    .set_compression(Compression::ZSTD(ZstdLevel::default()))
-                    .set_max_row_group_size(1 << 20)
-                    .build();
-                let w = ArrowWriter::try_new(file, self.schema.clone(), Some(props)).map_err(
-                    |source| SinkError::Parquet {
-                        path: self.tmp.clone(),
-                        source,
-                    },
-                )?;
-                self.writer.insert(w)
-            }
+        let encoder = match &mut self.encoder {
+            Some(e) => e,
+            None => self
+                .encoder
+                .insert(Encoder::start(&self.tmp, self.schema.clone())?),
         };
-        writer.write(&batch).map_err(|source| SinkError::Parquet {
-            path: self.tmp.clone(),
-            source,
-        })?;
+        let input = self.buffered_input as u64;
+        encoder
+            .progress
+            .queued_input
+            .fetch_add(input, Ordering::Relaxed);
+        if encoder.batches.send((batch, input)).is_err() {
+            // The encoder stopped at an error: report it.
+            return match self.encoder.take().map(|e| e.finish(&self.tmp)) {
+                Some(Err(e)) => Err(e),
+                _ => Err(SinkError::Encoder {
+                    path: self.tmp.clone(),
+                    what: "stopped",
+                }),
+            };
+        }
         self.buffered = 0;
         self.buffered_input = 0;
         Ok(())
@@ -189,12 +292,13 @@ impl ChangeFile {
             let path = path.to_owned();
             move |source| SinkError::Parquet { path, source }
         };
-        let Some(mut writer) = self.writer.take() else {
+        let Some(encoder) = self.encoder.take() else {
             return Err(SinkError::Io {
                 path: self.tmp.clone(),
                 source: io::Error::other("a change file without rows is never completed"),
             });
         };
+        let mut writer = encoder.finish(&self.tmp)?;
         let kv = [
             ("qanat.table", facts.table.clone()),
             ("qanat.topic", facts.topic.clone()),
@@ -224,9 +328,11 @@ impl ChangeFile {
         })
     }
 
-    /// Give up the file: its temporary file is removed.
-    pub fn abandon(self) {
-        drop(self.writer);
+    /// Give up the file: its encoder is stopped and its temporary file removed.
+    pub fn abandon(mut self) {
+        if let Some(encoder) = self.encoder.take() {
+            let _ = encoder.finish(&self.tmp);
+        }
         let _ = fs::remove_file(&self.tmp);
     }
 }

@@ -352,9 +352,12 @@ fn consumer(settings: &Settings, state: State) -> anyhow::Result<BaseConsumer<La
         .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "false")
         .set("partition.assignment.strategy", "range,roundrobin")
+        // Large fetches, few round trips; at most 64 MiB of records prefetched (memory held
+        // whenever landing falls behind the bus).
+        .set("fetch.min.bytes", "1048576")
         .set("fetch.max.bytes", "67108864")
         .set("max.partition.fetch.bytes", "16777216")
-        .set("queued.max.messages.kbytes", "262144")
+        .set("queued.max.messages.kbytes", "65536")
         .set("fetch.wait.max.ms", "100");
     crate::kafka_security::apply(&mut config)
         .create_with_context(LandContext {
@@ -384,7 +387,7 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         },
     )?;
     // `--once`: the end offsets now are where this run stops.
-    let mut targets: HashMap<(String, i32), (i64, i64)> = HashMap::new();
+    let mut targets: Positions<(i64, i64)> = HashMap::new();
     if once {
         let meta = consumer
             .fetch_metadata(None, Duration::from_secs(30))
@@ -397,7 +400,10 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
                 let (low, high) = consumer
                     .fetch_watermarks(t, p.id(), Duration::from_secs(30))
                     .with_context(|| format!("end offset of {t}/{}", p.id()))?;
-                targets.insert((t.clone(), p.id()), (low, high));
+                targets
+                    .entry(t.clone())
+                    .or_default()
+                    .insert(p.id(), (low, high));
             }
         }
     }
@@ -423,7 +429,11 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         .iter()
         .map(|t| metrics::counter!("qanat_lake_events_total", "table" => t.clone()))
         .collect();
-    let mut consumed: HashMap<(String, i32), i64> = HashMap::new();
+    // Next offset per partition: topic → partition → offset, looked up without allocating.
+    let mut consumed: Positions<i64> = HashMap::new();
+    // `--once` checks whether it is done when a record reaches its partition's end, and
+    // when a poll comes back empty.
+    let mut check_done = true;
     let lag_positions = Arc::new(Mutex::new(HashMap::new()));
     let lag_done = Arc::new(AtomicBool::new(false));
     spawn_lag_reporter(&settings, lag_positions.clone(), lag_done.clone())?;
@@ -446,9 +456,10 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         if stop.load(Ordering::SeqCst) {
             break;
         }
-        if once && once_done(&consumer, &targets, &consumed) {
+        if once && check_done && once_done(&consumer, &targets, &consumed) {
             break;
         }
+        check_done = false;
         let now = Instant::now();
         if now.duration_since(last_tick) >= Duration::from_secs(1) {
             last_tick = now;
@@ -464,9 +475,16 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         }
         if now.duration_since(last_lag) >= Duration::from_secs(1) {
             last_lag = now;
-            lock(&lag_positions).clone_from(&consumed);
+            let mut lag = lock(&lag_positions);
+            lag.clear();
+            for (t, parts) in &consumed {
+                for (p, o) in parts {
+                    lag.insert((t.clone(), *p), *o);
+                }
+            }
         }
         let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+            check_done = true;
             continue;
         };
         let msg = msg.with_context(|| "consuming")?;
@@ -515,7 +533,21 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         drop(state);
         events[i].increment(1);
         total_events += 1;
-        consumed.insert((topic.to_owned(), msg.partition()), msg.offset() + 1);
+        let next = msg.offset() + 1;
+        match consumed.get_mut(topic) {
+            Some(parts) => {
+                parts.insert(msg.partition(), next);
+            }
+            None => {
+                consumed.insert(topic.to_owned(), HashMap::from([(msg.partition(), next)]));
+            }
+        }
+        if once {
+            check_done = targets
+                .get(topic)
+                .and_then(|t| t.get(&msg.partition()))
+                .is_some_and(|&(_, high)| next >= high);
+        }
         if !landed.is_empty() {
             total_files += commit(&consumer, &tables, &landed)?;
         }
@@ -541,16 +573,23 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
 /// `--once` is done when every partition's position reached the end seen at start.
 fn once_done(
     consumer: &BaseConsumer<LandContext>,
-    targets: &HashMap<(String, i32), (i64, i64)>,
-    consumed: &HashMap<(String, i32), i64>,
+    targets: &Positions<(i64, i64)>,
+    consumed: &Positions<i64>,
 ) -> bool {
     let state = lock(&consumer.context().state);
-    targets.iter().all(|(tp, &(low, high))| {
-        let start = state.assigned.get(tp).copied().flatten().unwrap_or(low);
-        let pos = consumed.get(tp).copied().unwrap_or(start).max(start);
-        (state.assigned.contains_key(tp) && pos >= high) || high <= low
+    targets.iter().all(|(topic, parts)| {
+        parts.iter().all(|(p, &(low, high))| {
+            let tp = (topic.clone(), *p);
+            let start = state.assigned.get(&tp).copied().flatten().unwrap_or(low);
+            let at = consumed.get(topic).and_then(|c| c.get(p)).copied();
+            let pos = at.unwrap_or(start).max(start);
+            (state.assigned.contains_key(&tp) && pos >= high) || high <= low
+        })
     })
 }
+
+/// Topic → partition → a position.
+type Positions<T> = HashMap<String, HashMap<i32, T>>;
 
 /// Commit the landed positions (the files are already in place) and count them.
 fn commit(
