@@ -57,7 +57,8 @@ BYTES=$("${MY[@]}" -N $DB -e "SELECT data_length FROM information_schema.tables 
 
 RESULTS="$TMP/results"
 : >"$RESULTS"
-# measure NAME COMMAND...: run under /usr/bin/time, record wall s, CPU s, peak RSS.
+# measure NAME COMMAND...: run under /usr/bin/time, record wall s, CPU s, peak RSS. A failed
+# qanat run ends the benchmark; a failed peer is reported in its row and the run goes on.
 measure() {
   local name=$1
   shift
@@ -65,8 +66,12 @@ measure() {
   local start end
   start=$(date +%s.%N)
   /usr/bin/time -f "%U %S %M" -o "$TMP/time" "$@" >"$TMP/out" 2>"$TMP/err" || {
-    cat "$TMP/err" >&2
-    die "$name failed"
+    tail -n 20 "$TMP/err" >&2
+    [[ $name == qanat* ]] && die "$name failed"
+    local why
+    why=$(grep -m1 -iE "error|exhausted|fatal" "$TMP/err" | cut -c1-60)
+    printf "%s\tfailed\t%s\n" "$name" "${why:-exit status non-zero}" >>"$RESULTS"
+    return 0
   }
   end=$(date +%s.%N)
   read -r user sys rss <"$TMP/time"
@@ -103,6 +108,10 @@ measure "qanat mariadb→parquet" "$QANAT_BIN" sync copy --from "$MYDSN.src" \
 printf "\n%s rows, %.0f MB (MariaDB data_length)\n" "$ROWS" "$(python3 -c "print($BYTES/1e6)")"
 printf "%-30s %10s %12s %8s %8s %10s\n" run seconds rows/s MB/s "CPU s" "RSS MiB"
 while IFS=$'\t' read -r name start end user sys rss; do
+  if [[ $start == failed ]]; then
+    printf "%-30s failed: %s\n" "$name" "$end"
+    continue
+  fi
   python3 - "$name" "$start" "$end" "$user" "$sys" "$rss" "$ROWS" "$BYTES" <<'PY'
 import sys
 name, start, end, user, sys_, rss, rows, size = sys.argv[1:]

@@ -5,7 +5,7 @@
 mod support;
 mod sync_support;
 
-use sync_support::{sync_fails, sync_json, MyDb, PgDb};
+use sync_support::{mariadb_addr, postgres_addr, sync_fails, sync_json, MyDb, PgDb};
 
 fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
     let path = dir.path().join(name);
@@ -15,6 +15,7 @@ fn write(dir: &tempfile::TempDir, name: &str, text: &str) -> String {
 
 #[test]
 fn a_datax_job_moves_sharded_mysql_tables_into_postgres_with_its_settings() {
+    let (my_addr, pg_addr) = (mariadb_addr(), postgres_addr());
     let a = MyDb::new();
     let b = MyDb::new();
     let pg = PgDb::new();
@@ -50,8 +51,8 @@ fn a_datax_job_moves_sharded_mysql_tables_into_postgres_with_its_settings() {
             "splitPk": "id",
             "where": "score < 50",
             "connection": [
-              {{ "table": ["user_[00-01]"], "jdbcUrl": ["jdbc:mysql://127.0.0.1:3306/{a}?useUnicode=true&characterEncoding=utf8"] }},
-              {{ "table": ["user_[02-03]"], "jdbcUrl": ["jdbc:mysql://127.0.0.1:3306/{b}"] }}
+              {{ "table": ["user_[00-01]"], "jdbcUrl": ["jdbc:mysql://{my_addr}/{a}?useUnicode=true&characterEncoding=utf8"] }},
+              {{ "table": ["user_[02-03]"], "jdbcUrl": ["jdbc:mysql://{my_addr}/{b}"] }}
             ]
           }}
         }},
@@ -64,7 +65,7 @@ fn a_datax_job_moves_sharded_mysql_tables_into_postgres_with_its_settings() {
             "preSql": ["delete from @table"],
             "postSql": ["insert into audit values ('loaded @table')"],
             "connection": [
-              {{ "jdbcUrl": "jdbc:postgresql://127.0.0.1:5432/{pg}", "table": ["public.users"] }}
+              {{ "jdbcUrl": "jdbc:postgresql://{pg_addr}/{pg}", "table": ["public.users"] }}
             ]
           }}
         }}
@@ -96,6 +97,7 @@ fn a_datax_job_moves_sharded_mysql_tables_into_postgres_with_its_settings() {
 
 #[test]
 fn a_datax_job_writes_and_reads_text_files() {
+    let (my_addr, pg_addr) = (mariadb_addr(), postgres_addr());
     let my = MyDb::new();
     let pg = PgDb::new();
     pg.sql("CREATE TABLE src (id integer PRIMARY KEY, title text, price numeric(8,2), day date)");
@@ -108,7 +110,7 @@ fn a_datax_job_writes_and_reads_text_files() {
     let out_job = format!(
         r#"{{"job": {{"setting": {{"speed": {{"channel": 1}}}}, "content": [{{
   "reader": {{"name": "postgresqlreader", "parameter": {{"username": "postgres",
-     "column": ["*"], "connection": [{{"jdbcUrl": ["jdbc:postgresql://127.0.0.1:5432/{pg}"], "table": ["src"]}}]}}}},
+     "column": ["*"], "connection": [{{"jdbcUrl": ["jdbc:postgresql://{pg_addr}/{pg}"], "table": ["src"]}}]}}}},
   "writer": {{"name": "txtfilewriter", "parameter": {{"path": "{dir}", "fileName": "src",
      "writeMode": "truncate", "fieldDelimiter": ",", "compress": "gzip", "encoding": "UTF-8"}}}}
 }}]}}}}"#,
@@ -126,7 +128,7 @@ fn a_datax_job_writes_and_reads_text_files() {
   "reader": {{"name": "txtfilereader", "parameter": {{"path": ["{file}"], "column": ["*"],
      "fieldDelimiter": ",", "compress": "gzip", "skipHeader": true}}}},
   "writer": {{"name": "mysqlwriter", "parameter": {{"username": "root", "writeMode": "replace",
-     "connection": [{{"jdbcUrl": "jdbc:mysql://127.0.0.1:3306/{my}", "table": ["dst"]}}]}}}}
+     "connection": [{{"jdbcUrl": "jdbc:mysql://{my_addr}/{my}", "table": ["dst"]}}]}}}}
 }}]}}}}"#,
         file = data.display(),
         my = my.name

@@ -7,7 +7,7 @@
 mod support;
 mod sync_support;
 
-use sync_support::{qanat, sync_fails, sync_json, MyDb, PgDb};
+use sync_support::{mariadb_addr, postgres_addr, qanat, sync_fails, sync_json, MyDb, PgDb};
 
 /// (column type, value from the row number `seq`).
 const TYPES: &[(&str, &str)] = &[
@@ -74,9 +74,9 @@ fn twenty_mariadb_tables_are_created_in_postgres_and_the_generated_job_verifies_
         "sync",
         "init",
         "--source",
-        "mysql://root@127.0.0.1:3306",
+        &format!("mysql://root@{}", mariadb_addr()),
         "--target",
-        &format!("postgres://postgres@127.0.0.1:5432/{}", pg.name),
+        &format!("postgres://postgres@{}/{}", postgres_addr(), pg.name),
         "--tables",
         &format!("{}.t*", my.name),
         "--out",
@@ -121,11 +121,11 @@ fn no_matching_table_and_an_unsupported_type_are_precise_errors() {
     let my = MyDb::new();
     let pg = PgDb::new();
     my.sql("CREATE TABLE bad_bits (id INT PRIMARY KEY, flags BIT(3))");
-    let target = format!("postgres://postgres@127.0.0.1:5432/{}", pg.name);
+    let target = format!("postgres://postgres@{}/{}", postgres_addr(), pg.name);
     let e = sync_fails(&[
         "init",
         "--source",
-        "mysql://root@127.0.0.1:3306",
+        &format!("mysql://root@{}", mariadb_addr()),
         "--target",
         &target,
         "--tables",
@@ -135,7 +135,7 @@ fn no_matching_table_and_an_unsupported_type_are_precise_errors() {
     let e = sync_fails(&[
         "init",
         "--source",
-        "mysql://root@127.0.0.1:3306",
+        &format!("mysql://root@{}", mariadb_addr()),
         "--target",
         &target,
         "--tables",

@@ -1,9 +1,18 @@
-//! Helpers for the `qanat sync` tests: a private database per test on the machine's MariaDB
-//! (127.0.0.1:3306, root) and PostgreSQL (127.0.0.1:5432, postgres), driven through their own
-//! command-line clients, dropped at the end; and the `qanat` binary.
+//! Helpers for the `qanat sync` tests: private MariaDB and PostgreSQL servers for the whole
+//! test binary (from Debian's packages, on free ports and temporary data directories, stopped
+//! and removed at exit; the machine's own servers are never touched), a fresh database per
+//! test on each, driven through their own command-line clients and dropped at the end; and the
+//! `qanat` binary.
 #![allow(dead_code)]
 
+#[path = "../postgres_support/mod.rs"]
+mod postgres_support;
+
+use std::net::TcpListener;
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 pub const QANAT_BIN: &str = env!("CARGO_BIN_EXE_qanat");
 
@@ -32,6 +41,128 @@ fn run(cmd: &mut Command, what: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// The private MariaDB server of this test binary: `mariadb-install-db` into a temporary
+/// directory, `mariadbd` on a free port with `local_infile` on; killed and removed at exit.
+struct PrivateMariaDb {
+    port: u16,
+}
+
+static MARIADB: OnceLock<PrivateMariaDb> = OnceLock::new();
+static MARIADB_STOP: Mutex<Option<(u32, PathBuf)>> = Mutex::new(None);
+
+extern "C" fn stop_mariadb() {
+    if let Ok(mut guard) = MARIADB_STOP.lock() {
+        if let Some((pid, dir)) = guard.take() {
+            // SAFETY: signalling and reaping our own child.
+            unsafe {
+                libc::kill(pid as i32, libc::SIGKILL);
+                let mut status = 0;
+                libc::waitpid(pid as i32, &mut status, 0);
+            }
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+fn mariadb_server() -> &'static PrivateMariaDb {
+    MARIADB.get_or_init(|| {
+        let dir = tempfile::Builder::new()
+            .prefix("qanat-sync-mariadb-")
+            .tempdir()
+            .expect("temp dir")
+            .keep();
+        let data = dir.join("data");
+        run(
+            Command::new("mariadb-install-db")
+                .arg("--no-defaults")
+                .arg(format!("--datadir={}", data.display()))
+                .arg("--auth-root-authentication-method=normal")
+                .arg("--user=root")
+                .arg("--skip-test-db"),
+            "mariadb-install-db (Debian package mariadb-server)",
+        );
+        let port = TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .expect("a free port");
+        let log = std::fs::File::create(dir.join("mariadbd.log")).expect("log file");
+        let mut child = Command::new("mariadbd")
+            .arg("--no-defaults")
+            .arg(format!("--datadir={}", data.display()))
+            .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
+            .arg(format!("--port={port}"))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--pid-file={}", dir.join("mariadbd.pid").display()))
+            .arg("--local-infile=1")
+            .arg("--character-set-server=utf8mb4")
+            .arg("--collation-server=utf8mb4_general_ci")
+            .arg("--innodb-buffer-pool-size=128M")
+            .arg("--max-connections=500")
+            .arg("--skip-name-resolve")
+            .arg("--user=root")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn mariadbd");
+        if let Ok(mut guard) = MARIADB_STOP.lock() {
+            *guard = Some((child.id(), dir.clone()));
+        }
+        // SAFETY: registering a plain extern "C" function.
+        unsafe {
+            libc::atexit(stop_mariadb);
+        }
+        let log_tail = || std::fs::read_to_string(dir.join("mariadbd.log")).unwrap_or_default();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let ready = Command::new("mariadb")
+                .args([
+                    "-h127.0.0.1",
+                    &format!("-P{port}"),
+                    "-uroot",
+                    "-e",
+                    "SELECT 1",
+                ])
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success());
+            if ready {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("mariadbd exited ({status}): {}", log_tail());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "mariadbd not ready: {}",
+                log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        PrivateMariaDb { port }
+    })
+}
+
+/// `127.0.0.1:PORT` of this test binary's private MariaDB server.
+pub fn mariadb_addr() -> String {
+    format!("127.0.0.1:{}", mariadb_server().port)
+}
+
+/// `127.0.0.1:PORT` of this test binary's private PostgreSQL server.
+pub fn postgres_addr() -> String {
+    format!("127.0.0.1:{}", postgres_support::shared().port)
+}
+
+fn mariadb_port_arg() -> String {
+    format!("-P{}", mariadb_server().port)
+}
+
+fn postgres_port() -> String {
+    postgres_support::shared().port.to_string()
+}
+
 /// A private MariaDB database, dropped on drop.
 pub struct MyDb {
     pub name: String,
@@ -52,7 +183,7 @@ impl MyDb {
         let mut cmd = Command::new("mariadb");
         cmd.args([
             "-h127.0.0.1",
-            "-P3306",
+            &mariadb_port_arg(),
             "-uroot",
             "-N",
             "-B",
@@ -74,7 +205,7 @@ impl MyDb {
         let out = Command::new("mariadb")
             .args([
                 "-h127.0.0.1",
-                "-P3306",
+                &mariadb_port_arg(),
                 "-uroot",
                 "-N",
                 "-B",
@@ -98,14 +229,14 @@ impl MyDb {
     }
 
     pub fn dsn(&self, table: &str) -> String {
-        format!("mysql://root@127.0.0.1:3306/{}.{table}", self.name)
+        format!("mysql://root@{}/{}.{table}", mariadb_addr(), self.name)
     }
 }
 
 impl Drop for MyDb {
     fn drop(&mut self) {
         let _ = Command::new("mariadb")
-            .args(["-h127.0.0.1", "-P3306", "-uroot", "-e"])
+            .args(["-h127.0.0.1", &mariadb_port_arg(), "-uroot", "-e"])
             .arg(format!("DROP DATABASE IF EXISTS `{}`", self.name))
             .stdin(Stdio::null())
             .output();
@@ -131,7 +262,7 @@ impl PgDb {
             "-h",
             "127.0.0.1",
             "-p",
-            "5432",
+            &postgres_port(),
             "-U",
             "postgres",
             "-X",
@@ -158,7 +289,8 @@ impl PgDb {
 
     pub fn dsn(&self, table: &str) -> String {
         format!(
-            "postgres://postgres@127.0.0.1:5432/{}/public.{table}",
+            "postgres://postgres@{}/{}/public.{table}",
+            postgres_addr(),
             self.name
         )
     }
@@ -170,6 +302,8 @@ impl Drop for PgDb {
             .args([
                 "-h",
                 "127.0.0.1",
+                "-p",
+                &postgres_port(),
                 "-U",
                 "postgres",
                 "-X",
