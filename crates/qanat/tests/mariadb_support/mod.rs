@@ -40,7 +40,9 @@ impl MariaDb {
     pub fn start() -> MariaDb {
         let dir = tempfile::tempdir().expect("tempdir");
         let data = dir.path().join("data");
+        // Temporary tables in a directory of its own: nothing else on the machine can touch them.
         let out = Command::new("mariadb-install-db")
+            .env("TMPDIR", dir.path())
             .arg("--no-defaults")
             .arg(format!("--datadir={}", data.display()))
             .arg("--auth-root-authentication-method=normal")
@@ -75,6 +77,7 @@ impl MariaDb {
         let log = std::fs::File::create(self.dir.path().join("mariadbd.log")).expect("log file");
         let child = Command::new("mariadbd")
             .arg("--no-defaults")
+            .arg(format!("--tmpdir={}", self.dir.path().display()))
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", self.socket().display()))
             .arg(format!("--port={}", self.port))

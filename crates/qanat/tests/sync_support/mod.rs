@@ -74,6 +74,7 @@ fn mariadb_server() -> &'static PrivateMariaDb {
         let data = dir.join("data");
         run(
             Command::new("mariadb-install-db")
+                .env("TMPDIR", &dir)
                 .arg("--no-defaults")
                 .arg(format!("--datadir={}", data.display()))
                 .arg("--auth-root-authentication-method=normal")
@@ -88,6 +89,7 @@ fn mariadb_server() -> &'static PrivateMariaDb {
         let log = std::fs::File::create(dir.join("mariadbd.log")).expect("log file");
         let mut child = Command::new("mariadbd")
             .arg("--no-defaults")
+            .arg(format!("--tmpdir={}", dir.display()))
             .arg(format!("--datadir={}", data.display()))
             .arg(format!("--socket={}", dir.join("mysqld.sock").display()))
             .arg(format!("--port={port}"))
