@@ -15,6 +15,17 @@ pub struct Config {
     pub tls: Option<crate::tls::TlsSettings>,
     pub sasl: SaslSettings,
     pub security: SecuritySettings,
+    pub metrics: MetricsSettings,
+}
+
+/// `[metrics]`: the Prometheus endpoint (`--metrics-listen`).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct MetricsSettings {
+    /// Scrapes need the push API's credentials (a bearer token of `[security] http_tokens`
+    /// or a SASL user's password as basic credentials); 401 without. Off by default, as
+    /// scrapers usually sit on a private network.
+    pub require_credentials: bool,
 }
 
 /// Security protocol of a listener, as Kafka names them.
@@ -409,7 +420,9 @@ impl Config {
         qanat_config::overlay_env(
             &mut doc,
             "QANAT_",
-            &["broker", "storage", "groups", "tls", "sasl", "security"],
+            &[
+                "broker", "storage", "groups", "tls", "sasl", "security", "metrics",
+            ],
             false,
             env,
             |_, _, raw| Ok(Some(qanat_config::plain_value(raw))),

@@ -106,15 +106,8 @@ fn start_offset(partition: &Partition, start: Start, limit: u64) -> i64 {
     }
 }
 
-/// With the authorizer on, the principal of the request (`Authorization: Bearer TOKEN` from
-/// `[security] http_tokens`, or `Basic` with a SASL user's password) must have Read on the
-/// topic: 401 without valid credentials, 403 without the permission.
-///
-/// Failed logins are treated as the Kafka listeners' are: logged with the peer address,
-/// counted (`qanat_http_auth_failures_total`), and answered after a delay that grows with
-/// the failures from the same address (the broker's [`crate::sasl::FailureDelay`], shared
-/// with SASL, so guessing over HTTP and over Kafka adds up). A request without any
-/// credentials is not a failed login: it is refused at once, as a browser's first try is.
+/// With the authorizer on, the principal of the request (see [`authenticate`]) must have
+/// Read on the topic: 401 without valid credentials, 403 without the permission.
 async fn authorize(
     broker: &Arc<Broker>,
     headers: &HeaderMap,
@@ -124,6 +117,39 @@ async fn authorize(
     if !broker.acls.enabled() {
         return Ok(());
     }
+    let principal = authenticate(broker, headers, peer, "push").await?;
+    // The HTTP API does not see the peer address here: only host `*` ACLs apply.
+    if !broker.acls.allowed(
+        &principal,
+        "*",
+        crate::acl::AclOperation::Read,
+        crate::acl::ResourceType::Topic,
+        topic,
+    ) {
+        return Err((
+            StatusCode::FORBIDDEN,
+            Json(json!({ "error": format!("{principal} may not read topic {topic}") })),
+        )
+            .into_response());
+    }
+    Ok(())
+}
+
+/// The principal of an HTTP request to `endpoint` (`push`, `metrics`): `Authorization:
+/// Bearer TOKEN` from `[security] http_tokens`, or `Basic` with a SASL user's password; the
+/// answer to give (401) when there is none.
+///
+/// Failed logins are treated as the Kafka listeners' are: logged with the peer address,
+/// counted (`qanat_http_auth_failures_total`), and answered after a delay that grows with
+/// the failures from the same address (the broker's [`crate::sasl::FailureDelay`], shared
+/// with SASL, so guessing over HTTP and over Kafka adds up). A request without any
+/// credentials is not a failed login: it is refused at once, as a browser's first try is.
+pub async fn authenticate(
+    broker: &Arc<Broker>,
+    headers: &HeaderMap,
+    peer: Option<SocketAddr>,
+    endpoint: &'static str,
+) -> Result<String, Response> {
     let unauthorized = |why: &str| {
         let mut r = (StatusCode::UNAUTHORIZED, Json(json!({ "error": why }))).into_response();
         r.headers_mut().insert(
@@ -179,7 +205,7 @@ async fn authorize(
                 "Basic" => "basic",
                 _ => "unknown",
             });
-        metrics::counter!("qanat_http_auth_failures_total", "endpoint" => "push", "scheme" => scheme)
+        metrics::counter!("qanat_http_auth_failures_total", "endpoint" => endpoint, "scheme" => scheme)
             .increment(1);
         let delay = match peer {
             Some(peer) => broker.auth_failures.failed(peer.ip()),
@@ -187,7 +213,7 @@ async fn authorize(
         };
         tracing::warn!(
             peer = %peer.map_or_else(|| "unknown".to_string(), |p| p.to_string()),
-            endpoint = "push",
+            endpoint,
             scheme,
             delay_ms = delay.as_millis() as u64,
             "HTTP authentication failed"
@@ -198,21 +224,7 @@ async fn authorize(
     if let Some(peer) = peer {
         broker.auth_failures.succeeded(peer.ip());
     }
-    // The HTTP API does not see the peer address here: only host `*` ACLs apply.
-    if !broker.acls.allowed(
-        &principal,
-        "*",
-        crate::acl::AclOperation::Read,
-        crate::acl::ResourceType::Topic,
-        topic,
-    ) {
-        return Err((
-            StatusCode::FORBIDDEN,
-            Json(json!({ "error": format!("{principal} may not read topic {topic}") })),
-        )
-            .into_response());
-    }
-    Ok(())
+    Ok(principal)
 }
 
 async fn subscribe(

@@ -46,10 +46,49 @@ const MAX_THROTTLE: Duration = Duration::from_secs(10);
 const MAX_COST_SECONDS: f64 = 86_400.0;
 
 /// A quota entity: user and/or client id; `Some(None)` is the default entity of that type.
+///
+/// In `client-quotas.json` a part that is not there is left out (or `null`, as files have
+/// it that were written before defaults were told apart), a name is a string and the
+/// default is `{"default": true}`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct Entity {
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "entity_part")]
     pub user: Option<Option<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "entity_part")]
     pub client_id: Option<Option<String>>,
+}
+
+/// One part of an [`Entity`] in the quota file.
+mod entity_part {
+    use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+    #[derive(Serialize, Deserialize)]
+    #[serde(untagged)]
+    enum Stored {
+        Name(String),
+        Default { default: bool },
+    }
+
+    pub fn serialize<S: Serializer>(
+        part: &Option<Option<String>>,
+        serializer: S,
+    ) -> Result<S::Ok, S::Error> {
+        match part {
+            Some(Some(name)) => Stored::Name(name.clone()).serialize(serializer),
+            Some(None) => Stored::Default { default: true }.serialize(serializer),
+            None => serializer.serialize_none(),
+        }
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Option<Option<String>>, D::Error> {
+        Ok(match Option::<Stored>::deserialize(deserializer)? {
+            Some(Stored::Name(name)) => Some(Some(name)),
+            Some(Stored::Default { default: true }) => Some(None),
+            Some(Stored::Default { default: false }) | None => None,
+        })
+    }
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -223,6 +262,60 @@ impl Quotas {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn default_entities_survive_a_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let entities = [
+            Entity {
+                user: Some(None),
+                client_id: None,
+            },
+            Entity {
+                user: None,
+                client_id: Some(None),
+            },
+            Entity {
+                user: Some(Some("alice".into())),
+                client_id: Some(None),
+            },
+            Entity {
+                user: None,
+                client_id: Some(Some("etl".into())),
+            },
+        ];
+        let q = Quotas::open(dir.path()).unwrap();
+        q.alter(
+            entities
+                .iter()
+                .map(|e| (e.clone(), PRODUCER_BYTE_RATE.to_string(), Some(512.0)))
+                .collect(),
+        )
+        .unwrap();
+        let reopened: Vec<Entity> = Quotas::open(dir.path())
+            .unwrap()
+            .entries()
+            .into_iter()
+            .map(|(e, _)| e)
+            .collect();
+        let mut want = entities.to_vec();
+        want.sort();
+        assert_eq!(reopened, want);
+        // A file written before defaults were told apart: null is an absent part.
+        std::fs::write(
+            dir.path().join(QUOTA_FILE),
+            r#"{"entries": [[{"user": null, "client_id": "slow"}, {"producer_byte_rate": 1.0}]]}"#,
+        )
+        .unwrap();
+        let old = Quotas::open(dir.path()).unwrap().entries();
+        assert_eq!(
+            old[0].0,
+            Entity {
+                user: None,
+                client_id: Some(Some("slow".into()))
+            }
+        );
+    }
 
     #[test]
     fn most_specific_quota_applies_and_throttle_follows_the_rate() {

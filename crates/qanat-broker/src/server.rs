@@ -420,43 +420,9 @@ async fn sasl_gate(
             ))
         }
         (RequestKind::SaslAuthenticate(req), Some(x)) if x.expects_token() => {
-            let credentials = broker.credentials.clone();
-            let mut owned = std::mem::take(x);
-            // PBKDF2 (PLAIN) takes milliseconds: off the reactor.
-            let (body, outcome, owned) = tokio::task::spawn_blocking(move || {
-                let (body, outcome) = sasl_auth::authenticate(&mut owned, &credentials, &req);
-                (body, outcome, owned)
-            })
-            .await
-            .map_err(|e| malformed(format!("authentication task failed: {e}")))?;
-            *x = owned;
-            match outcome {
-                Ok(Some(principal)) => {
-                    broker.auth_failures.succeeded(session.peer.ip());
-                    tracing::debug!(peer = %session.peer, %principal, "authenticated");
-                    session.principal = principal.into();
-                    let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
-                    Ok(Gate::Answered(pending, false))
-                }
-                Ok(None) => {
-                    let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
-                    Ok(Gate::Answered(pending, false))
-                }
-                Err(reason) => {
-                    metrics::counter!("qanat_auth_failures_total").increment(1);
-                    let delay = broker.auth_failures.failed(session.peer.ip());
-                    tracing::warn!(
-                        peer = %session.peer,
-                        listener = %session.listener.name,
-                        reason,
-                        delay_ms = delay.as_millis() as u64,
-                        "authentication failed"
-                    );
-                    tokio::time::sleep(delay).await;
-                    let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
-                    Ok(Gate::Answered(pending, true))
-                }
-            }
+            let (body, failed) = authenticate_token(broker, session, x, req).await?;
+            let pending = answer(&|| api::encode(api, version, correlation_id, &body))?;
+            Ok(Gate::Answered(pending, failed))
         }
         (RequestKind::SaslAuthenticate(_), _) => {
             let body = sasl_auth::illegal_authenticate();
@@ -657,33 +623,56 @@ async fn unframed_token(
     exchange: &mut SaslExchange,
     token: Bytes,
 ) -> Option<Pending> {
-    let credentials = broker.credentials.clone();
-    let mut owned = std::mem::take(exchange);
     let request =
         kafka_protocol::messages::SaslAuthenticateRequest::default().with_auth_bytes(token);
+    match authenticate_token(broker, session, exchange, request).await {
+        Ok((body, false)) => Some(api::ready(crate::wire::Response::from_bytes(
+            body.auth_bytes,
+        ))),
+        Ok((_, true)) | Err(_) => None,
+    }
+}
+
+/// One SASL token through `exchange`, framed (SaslAuthenticate) or bare (after SaslHandshake
+/// v0) alike: run off the reactor (PBKDF2 for PLAIN takes milliseconds); an authenticated
+/// principal becomes the session's; a failure is counted, logged with the peer and answered
+/// after the per-address delay. The response, and whether the login failed.
+async fn authenticate_token(
+    broker: &Broker,
+    session: &mut Session,
+    exchange: &mut SaslExchange,
+    request: kafka_protocol::messages::SaslAuthenticateRequest,
+) -> Result<(kafka_protocol::messages::SaslAuthenticateResponse, bool), WireError> {
+    let credentials = broker.credentials.clone();
+    let mut owned = std::mem::take(exchange);
     let (body, outcome, owned) = tokio::task::spawn_blocking(move || {
         let (body, outcome) = sasl_auth::authenticate(&mut owned, &credentials, &request);
         (body, outcome, owned)
     })
     .await
-    .ok()?;
+    .map_err(|e| malformed(format!("authentication task failed: {e}")))?;
     *exchange = owned;
     match outcome {
         Ok(principal) => {
             if let Some(principal) = principal {
                 broker.auth_failures.succeeded(session.peer.ip());
+                tracing::debug!(peer = %session.peer, %principal, "authenticated");
                 session.principal = principal.into();
             }
-            Some(api::ready(crate::wire::Response::from_bytes(
-                body.auth_bytes,
-            )))
+            Ok((body, false))
         }
         Err(reason) => {
             metrics::counter!("qanat_auth_failures_total").increment(1);
             let delay = broker.auth_failures.failed(session.peer.ip());
-            tracing::warn!(peer = %session.peer, listener = %session.listener.name, reason, delay_ms = delay.as_millis() as u64, "authentication failed");
+            tracing::warn!(
+                peer = %session.peer,
+                listener = %session.listener.name,
+                reason,
+                delay_ms = delay.as_millis() as u64,
+                "authentication failed"
+            );
             tokio::time::sleep(delay).await;
-            None
+            Ok((body, true))
         }
     }
 }

@@ -14,6 +14,10 @@
 //!   form, NULL as null), the key the primary key's value (a JSON array for a composite key;
 //!   no key without one).
 //!
+//! Security: `[sync.security]` of the job file (a `qanat_config::KafkaSecurity`, with the
+//! command's flags over it) becomes [`ClientProperties`], set on every client of every
+//! `kafka://` address of the job; without it the clients speak PLAINTEXT.
+//!
 //! Invariants: a source split is one partition's offset range `[start, end)`, fixed at
 //! planning, so a retried or verified split reads the same records. A sink split's records
 //! are all acknowledged (`acks=all`) before the split finishes; a retried split may produce
@@ -54,6 +58,19 @@ pub enum Bound {
     Time(i64),
 }
 
+/// librdkafka properties set on every client of a `kafka://` address (security settings,
+/// password included: `Debug` leaves the values out).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct ClientProperties(pub Vec<(String, String)>);
+
+impl std::fmt::Debug for ClientProperties {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.0.iter().map(|(k, _)| k))
+            .finish()
+    }
+}
+
 /// A topic and how its records map to rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BusSpec {
@@ -64,6 +81,8 @@ pub struct BusSpec {
     /// Typed JSON fields; `None` is the raw record form.
     pub columns: Option<Vec<(String, CanonicalType)>>,
     pub key: Vec<String>,
+    /// Set on every client; empty from [`BusSpec::from_parts`].
+    pub client: ClientProperties,
 }
 
 fn bound(v: &str, key: &str) -> Result<Bound, String> {
@@ -113,6 +132,7 @@ impl BusSpec {
             to: Bound::End,
             columns: None,
             key: Vec::new(),
+            client: ClientProperties::default(),
         };
         for pair in query.unwrap_or("").split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair
@@ -221,7 +241,16 @@ impl BusSpec {
         let mut c = ClientConfig::new();
         c.set("bootstrap.servers", &self.brokers)
             .set("socket.timeout.ms", "30000");
+        for (k, v) in &self.client.0 {
+            c.set(k, v);
+        }
         c
+    }
+
+    /// This spec with `client` set on its clients.
+    pub fn with_client(mut self, client: &ClientProperties) -> Self {
+        self.client = client.clone();
+        self
     }
 }
 

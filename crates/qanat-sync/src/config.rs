@@ -11,6 +11,13 @@
 //! dirty_file = "dirty.jsonl"
 //! max_tasks_per_server = 4    # job-wide cap per source host:port; 0 = none
 //!
+//! [sync.security]             # for kafka:// sources and targets (see qanat_config::KafkaSecurity)
+//! protocol = "SASL_SSL"
+//! mechanism = "SCRAM-SHA-512"
+//! username = "sync"
+//! password_file = "/etc/qanat/sync.password"
+//! ca_file = "/etc/qanat/ca.pem"
+//!
 //! [[table]]
 //! from = "mysql://root@127.0.0.1:3306/shop.orders"
 //! to = "postgres://postgres@127.0.0.1:5432/dw/public.orders"
@@ -51,6 +58,9 @@ pub struct Settings {
     pub verify: bool,
     /// Tasks reading from one source server at once, job-wide; 0 = no cap.
     pub max_tasks_per_server: usize,
+    /// How the job's `kafka://` sources and targets reach a secured bus (`[sync.security]`).
+    #[serde(skip_serializing_if = "qanat_config::KafkaSecurity::is_empty")]
+    pub security: qanat_config::KafkaSecurity,
 }
 
 impl Default for Settings {
@@ -70,6 +80,7 @@ impl Default for Settings {
             mode: WriteMode::Insert,
             verify: false,
             max_tasks_per_server: 0,
+            security: qanat_config::KafkaSecurity::default(),
         }
     }
 }
@@ -183,6 +194,9 @@ impl JobFile {
                 ));
             }
         }
+        s.security
+            .validate("sync.security")
+            .map_err(|e| SyncError::Invalid(e.to_string()))?;
         if self.table.is_empty() {
             return Err(SyncError::Invalid(
                 "no [[table]]: a job needs at least one table (from, to)".into(),

@@ -168,8 +168,11 @@ impl SyncError {
 
 use std::sync::Arc;
 
-/// The reader for a table address.
-pub fn reader_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Reader>, SyncError> {
+/// The reader for a table address; `bus` is set on the clients of a `kafka://` address.
+pub fn reader_for(
+    endpoint: &dsn::Endpoint,
+    bus: &bus::ClientProperties,
+) -> Result<Arc<dyn plugin::Reader>, SyncError> {
     match endpoint {
         dsn::Endpoint::Mysql { server, table } => Ok(Arc::new(mysql::MysqlTable::new(
             server.clone(),
@@ -189,17 +192,21 @@ pub fn reader_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Reader>, S
             endpoint.describe()
         ))),
         dsn::Endpoint::File(spec) => Ok(Arc::new(files::FileTable::new(spec.clone()))),
-        dsn::Endpoint::Bus(spec) => Ok(Arc::new(bus::BusSource::new(spec.clone()))),
+        dsn::Endpoint::Bus(spec) => {
+            Ok(Arc::new(bus::BusSource::new(spec.clone().with_client(bus))))
+        }
     }
 }
 
 /// The source of a table: one address, or a sharded logical table when the addresses expand
 /// (`{0000..1023}` ranges) to several physical tables or a shard column is asked for.
-/// `filter` (SQL in the source's dialect) restricts the rows read.
+/// `filter` (SQL in the source's dialect) restricts the rows read; `bus` is set on the
+/// clients of a `kafka://` address.
 pub fn source_for(
     dsns: &[String],
     shard_column: Option<&str>,
     filter: Option<&str>,
+    bus: &bus::ClientProperties,
 ) -> Result<Arc<dyn plugin::Reader>, SyncError> {
     let mut endpoints = Vec::new();
     for dsn in dsns {
@@ -219,7 +226,7 @@ pub fn source_for(
         )));
     }
     match (endpoints.as_slice(), shard_column) {
-        ([one], None) => filtered_reader_for(one, filter),
+        ([one], None) => filtered_reader_for(one, filter, bus),
         ([], _) => Err(SyncError::Invalid("no source table".into())),
         _ => {
             let mut shards = Vec::with_capacity(endpoints.len());
@@ -242,7 +249,7 @@ pub fn source_for(
                 };
                 shards.push(shard::Shard {
                     name,
-                    reader: filtered_reader_for(e, filter)?,
+                    reader: filtered_reader_for(e, filter, bus)?,
                 });
             }
             Ok(Arc::new(shard::ShardedTable::new(
@@ -256,10 +263,11 @@ pub fn source_for(
 fn filtered_reader_for(
     endpoint: &dsn::Endpoint,
     filter: Option<&str>,
+    bus: &bus::ClientProperties,
 ) -> Result<Arc<dyn plugin::Reader>, SyncError> {
     let filter = filter.map(str::to_string);
     match (endpoint, filter) {
-        (_, None) => reader_for(endpoint),
+        (_, None) => reader_for(endpoint, bus),
         (dsn::Endpoint::Mysql { server, table }, filter) => Ok(Arc::new(
             mysql::MysqlTable::new(server.clone(), table.clone()).with_filter(filter),
         )),
@@ -281,8 +289,11 @@ fn filtered_reader_for(
     }
 }
 
-/// The writer for a table address.
-pub fn writer_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Writer>, SyncError> {
+/// The writer for a table address; `bus` is set on the clients of a `kafka://` address.
+pub fn writer_for(
+    endpoint: &dsn::Endpoint,
+    bus: &bus::ClientProperties,
+) -> Result<Arc<dyn plugin::Writer>, SyncError> {
     match endpoint {
         dsn::Endpoint::Mysql { server, table } => Ok(Arc::new(mysql::MysqlWriter::new(
             mysql::MysqlTable::new(server.clone(), table.clone()),
@@ -300,7 +311,7 @@ pub fn writer_for(endpoint: &dsn::Endpoint) -> Result<Arc<dyn plugin::Writer>, S
             parquet_sink::ParquetWriter::new(dir.clone(), partition.clone()),
         )),
         dsn::Endpoint::File(spec) => Ok(Arc::new(files::FileWriter::new(spec.clone()))),
-        dsn::Endpoint::Bus(spec) => Ok(Arc::new(bus::BusSink::new(spec.clone()))),
+        dsn::Endpoint::Bus(spec) => Ok(Arc::new(bus::BusSink::new(spec.clone().with_client(bus)))),
     }
 }
 

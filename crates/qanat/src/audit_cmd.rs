@@ -60,6 +60,9 @@ const EXIT_ERROR: i32 = 2;
 
 pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
     args.security.install()?;
+    if let Err(e) = crate::kafka_security::check_login(&args.bootstrap).await {
+        exit(EXIT_ERROR, Some(e));
+    }
     if let Some(addr) = args.metrics_listen {
         match crate::telemetry::serve_metrics(addr, None).await {
             Ok(bound) => {

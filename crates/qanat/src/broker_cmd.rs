@@ -63,8 +63,14 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
         )?),
         _ => None,
     };
+    let metrics_guard = config
+        .metrics
+        .require_credentials
+        .then(crate::telemetry::CredentialsFrom::default);
     if let Some(addr) = args.metrics_listen {
-        let bound = crate::telemetry::serve_metrics(addr, http_tls.clone()).await?;
+        let bound =
+            crate::telemetry::serve_metrics_guarded(addr, http_tls.clone(), metrics_guard.clone())
+                .await?;
         writeln!(stdout, "qanat metrics listening on {bound}")?;
     }
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -111,6 +117,9 @@ pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     .await?
     .with_context(|| format!("opening data directory {}", args.data_dir.display()))?;
     let broker = Arc::new(broker);
+    if let Some(guard) = &metrics_guard {
+        let _ = guard.set(broker.clone());
+    }
     let background = broker.spawn_background();
     if let Some(addr) = args.http_listen {
         let listener = tokio::net::TcpListener::bind(addr)

@@ -31,6 +31,7 @@ enum GroupsCommand {
 
 pub async fn run(args: GroupsArgs) -> anyhow::Result<()> {
     args.bootstrap.security.install()?;
+    crate::kafka_security::check_login(&args.bootstrap.addr).await?;
     match args.command {
         GroupsCommand::Delete { group } => {
             let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));

@@ -1,7 +1,8 @@
 //! Security flags of the commands that are Kafka clients (`topics`, `groups`, `audit`,
-//! `agent`, `collect`, `cdc`), with their `QANAT_KAFKA_*` variables. They fill a
-//! [`KafkaSecurity`] (the config's `security` table, see `qanat-config`): for the admin
-//! commands on their own, for the others over their file's table, key by key. The password
+//! `agent`, `collect`, `cdc`, `sync`, `lake land`, `lake audit`), with their `QANAT_KAFKA_*`
+//! variables. They fill a [`KafkaSecurity`] (the config's `security` table, see
+//! `qanat-config`): for the commands without a config file on their own, for the others over
+//! their file's table, key by key. The password
 //! comes from a file or an environment variable, never from the command line.
 
 use std::path::PathBuf;
@@ -67,13 +68,18 @@ impl SecurityArgs {
 
     /// Make these settings the ones every client of this process uses.
     pub fn install(&self) -> anyhow::Result<()> {
-        let properties = self
-            .resolve()?
-            .properties("security")
-            .context("security settings")?;
-        let _ = PROPERTIES.set(properties);
-        Ok(())
+        install_settings(&self.resolve()?, "security")
     }
+}
+
+/// Make `settings` (a config's `security` table at `prefix`, flags already laid over it) the
+/// ones every client of this process uses; the password is read now.
+pub fn install_settings(settings: &KafkaSecurity, prefix: &str) -> anyhow::Result<()> {
+    let properties = settings
+        .properties(prefix)
+        .with_context(|| format!("{prefix} (or its flags)"))?;
+    let _ = PROPERTIES.set(properties);
+    Ok(())
 }
 
 /// Set the installed security properties on `config`.
@@ -82,6 +88,78 @@ pub fn apply(config: &mut ClientConfig) -> &mut ClientConfig {
         config.set(k, v);
     }
     config
+}
+
+/// Records the reason of a refused SASL login reported by librdkafka (and logs every error
+/// as the default context does).
+#[derive(Default)]
+struct LoginWatch {
+    refused: std::sync::Mutex<Option<String>>,
+}
+
+impl rdkafka::ClientContext for LoginWatch {
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        tracing::error!(target: "librdkafka", "{error}: {reason}");
+        if error.rdkafka_error_code() == Some(rdkafka::types::RDKafkaErrorCode::Authentication) {
+            if let Ok(mut slot) = self.refused.lock() {
+                slot.get_or_insert_with(|| reason.to_string());
+            }
+        }
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for LoginWatch {}
+
+/// How long [`check_login`] waits for a login; a broker that delays answers to failed logins
+/// waits at most a few seconds (`failure_delay_max_ms`).
+const LOGIN_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// With SASL installed, log in once before the real work: a refused login is then an error
+/// with the broker's reason at once, rather than a timeout of the first request (admin
+/// requests do not report the refusal at all). Without SASL, or when the broker does not
+/// answer within [`LOGIN_CHECK`], it leaves the reporting to the real work.
+pub async fn check_login(bootstrap: &str) -> anyhow::Result<()> {
+    let bootstrap = bootstrap.to_string();
+    tokio::task::spawn_blocking(move || check_login_blocking(&bootstrap))
+        .await
+        .context("login check")?
+}
+
+/// [`check_login`] on a thread that may block.
+pub fn check_login_blocking(bootstrap: &str) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer;
+    let installed = PROPERTIES.get().map(Vec::as_slice).unwrap_or_default();
+    if !installed.iter().any(|(k, _)| k == "sasl.mechanism") {
+        return Ok(());
+    }
+    let mut config = ClientConfig::new();
+    config.set("bootstrap.servers", bootstrap);
+    let consumer: rdkafka::consumer::BaseConsumer<LoginWatch> = apply(&mut config)
+        .create_with_context(LoginWatch::default())
+        .context("creating a client")?;
+    let deadline = std::time::Instant::now() + LOGIN_CHECK;
+    loop {
+        if consumer
+            .fetch_metadata(None, std::time::Duration::from_millis(500))
+            .is_ok()
+        {
+            return Ok(());
+        }
+        // Serves the error events, where a refused login shows.
+        let _ = consumer.poll(std::time::Duration::ZERO);
+        let refused = consumer
+            .context()
+            .refused
+            .lock()
+            .ok()
+            .and_then(|r| r.clone());
+        if let Some(reason) = refused {
+            anyhow::bail!("{bootstrap} refused the login: {reason}");
+        }
+        if std::time::Instant::now() > deadline {
+            return Ok(());
+        }
+    }
 }
 
 /// A consumer that only `assign()`s and reads, with the installed security properties.

@@ -10,6 +10,7 @@ mod groups_cmd;
 mod https;
 mod kafka_security;
 mod lake_cmd;
+mod quotas_cmd;
 mod sync_cmd;
 mod telemetry;
 mod topics_cmd;
@@ -52,6 +53,8 @@ enum Command {
     Users(users_cmd::UsersArgs),
     /// Kafka ACLs of a stopped broker's data directory.
     Acls(acls_cmd::AclsArgs),
+    /// Client quotas of a stopped broker's data directory or of a running broker.
+    Quotas(quotas_cmd::QuotasArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -73,5 +76,6 @@ fn main() -> anyhow::Result<()> {
         Command::Lake(args) => runtime.block_on(lake_cmd::run(args)),
         Command::Users(args) => runtime.block_on(users_cmd::run(args)),
         Command::Acls(args) => runtime.block_on(acls_cmd::run(args)),
+        Command::Quotas(args) => runtime.block_on(quotas_cmd::run(args)),
     }
 }

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use qanat_sync::bus::ClientProperties;
 use qanat_sync::config::{JobFile, Settings, TableSpec};
 use qanat_sync::dsn::Endpoint;
 use qanat_sync::job::{run_tables, Live, TableJob, TableReport};
@@ -159,6 +160,9 @@ async fn show_progress(lives: Arc<Mutex<LiveTables>>, bars: bool, every: Duratio
 pub struct SyncArgs {
     #[command(subcommand)]
     command: SyncCommand,
+    /// Override [sync.security] (for kafka:// addresses) key by key.
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
 }
 
 #[derive(Subcommand)]
@@ -362,15 +366,16 @@ impl Common {
     }
 }
 
-fn table_job(spec: &TableSpec, s: &Settings) -> anyhow::Result<TableJob> {
+fn table_job(spec: &TableSpec, s: &Settings, bus: &ClientProperties) -> anyhow::Result<TableJob> {
     let to = Endpoint::parse(&spec.to)?;
     Ok(TableJob {
         reader: qanat_sync::source_for(
             &spec.from.dsns(),
             spec.shard_column.as_deref(),
             spec.filter.as_deref(),
+            bus,
         )?,
-        writer: qanat_sync::writer_for(&to)?,
+        writer: qanat_sync::writer_for(&to, bus)?,
         mode: spec.mode.unwrap_or(s.mode),
         split_pk: spec.split_pk.clone(),
         columns: spec.columns.clone(),
@@ -397,6 +402,7 @@ struct Hook {
 pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     let env = || std::env::vars().collect::<Vec<_>>();
     let mut hooks: Vec<Hook> = Vec::new();
+    let security = args.security.overrides();
     let (files, common) = match args.command {
         SyncCommand::Copy(c) => {
             let job = JobFile {
@@ -454,9 +460,17 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     for (origin, text) in &files {
         let mut job = JobFile::parse(text, origin, env())?;
         common.apply(&mut job.sync);
+        job.sync.security.overlay(&security);
         job.validate().with_context(|| format!("in {origin}"))?;
+        // The password is read here, so a missing one stops the job before any work.
+        let bus = ClientProperties(
+            job.sync
+                .security
+                .properties("sync.security")
+                .with_context(|| format!("in {origin} (or the security flags)"))?,
+        );
         for spec in &job.table {
-            jobs.push(table_job(spec, &job.sync)?);
+            jobs.push(table_job(spec, &job.sync, &bus)?);
         }
         first.get_or_insert(job.sync);
     }

@@ -2,9 +2,12 @@
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use anyhow::Context;
+use axum::extract::ConnectInfo;
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::IntoResponse;
 use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
 use tracing_subscriber::EnvFilter;
 
@@ -34,6 +37,20 @@ pub async fn serve_metrics(
     addr: SocketAddr,
     tls: Option<Arc<qanat_broker::tls::Tls>>,
 ) -> anyhow::Result<SocketAddr> {
+    serve_metrics_guarded(addr, tls, None).await
+}
+
+/// The broker whose HTTP credentials a scrape must carry, set once it is open (the endpoint
+/// is up before, so the broker's own metrics register with the recorder).
+pub type CredentialsFrom = Arc<OnceLock<Arc<qanat_broker::Broker>>>;
+
+/// [`serve_metrics`]; with `guard`, a scrape needs the broker's HTTP credentials (401
+/// without; 503 until the broker is open).
+pub async fn serve_metrics_guarded(
+    addr: SocketAddr,
+    tls: Option<Arc<qanat_broker::tls::Tls>>,
+    guard: Option<CredentialsFrom>,
+) -> anyhow::Result<SocketAddr> {
     let handle = PrometheusBuilder::new()
         .set_buckets(SECONDS_BUCKETS)
         .context("metrics buckets")?
@@ -45,7 +62,30 @@ pub async fn serve_metrics(
     let bound = listener.local_addr()?;
     let app = axum::Router::new().route(
         "/metrics",
-        axum::routing::get(move || render(handle.clone())),
+        axum::routing::get(
+            move |ConnectInfo(peer): ConnectInfo<SocketAddr>, headers: HeaderMap| {
+                let (handle, guard) = (handle.clone(), guard.clone());
+                async move {
+                    if let Some(guard) = guard {
+                        let Some(broker) = guard.get() else {
+                            return (StatusCode::SERVICE_UNAVAILABLE, "the broker is starting")
+                                .into_response();
+                        };
+                        let checked = qanat_broker::push::authenticate(
+                            broker,
+                            &headers,
+                            Some(peer),
+                            "metrics",
+                        )
+                        .await;
+                        if let Err(refusal) = checked {
+                            return refusal;
+                        }
+                    }
+                    render(handle).await.into_response()
+                }
+            },
+        ),
     );
     tokio::spawn(async move {
         if let Err(e) = crate::https::serve(listener, tls.as_deref(), app).await {

@@ -100,6 +100,7 @@ pub(crate) fn check(
 
 pub async fn run(args: TopicsArgs) -> anyhow::Result<()> {
     args.bootstrap.security.install()?;
+    crate::kafka_security::check_login(&args.bootstrap.addr).await?;
     let opts = AdminOptions::new().operation_timeout(Some(TIMEOUT));
     match args.command {
         TopicsCommand::Create {

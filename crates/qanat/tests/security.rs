@@ -6,13 +6,16 @@
 //! These tests FAIL, never skip, when a client is missing: `scripts/test.sh` installs them.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod collect_support;
 mod support;
 mod tls_support;
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
+use std::sync::{Arc, Mutex, Weak};
 
+use collect_support::Collector;
 use rdkafka::consumer::Consumer;
 use support::*;
 use tls_support::{make_certs, Certs};
@@ -89,6 +92,82 @@ security_protocol = "SASL_PLAINTEXT"
         certs,
         _dir: dir,
     }
+}
+
+/// The SASL_SSL broker of the tests of Qanat's own clients, shared by those running at the
+/// same time (each uses topics of its own); it stops when the last of them lets it go.
+struct Shared {
+    /// The SASL_SSL listener.
+    secure: String,
+    /// The PLAINTEXT listener, for setting up and checking.
+    plain: String,
+    ca: PathBuf,
+    data: PathBuf,
+    _broker: Mutex<Secure>,
+}
+
+impl Shared {
+    fn partition_dir(&self, topic: &str, partition: i32) -> PathBuf {
+        self.data.join(format!("{topic}-{partition}"))
+    }
+
+    /// `dir/name`, holding `password` as its first line.
+    fn password_file(dir: &Path, name: &str, password: &str) -> PathBuf {
+        let path = dir.join(name);
+        std::fs::write(&path, format!("{password}\n")).unwrap();
+        path
+    }
+
+    /// The flags of a client of the SASL_SSL listener as alice (SCRAM-SHA-512); the
+    /// password comes from `QANAT_KAFKA_SASL_PASSWORD`.
+    fn flags(&self) -> Vec<String> {
+        [
+            "--security-protocol",
+            "SASL_SSL",
+            "--sasl-mechanism",
+            "SCRAM-SHA-512",
+            "--sasl-username",
+            "alice",
+            "--ssl-ca-file",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([self.ca.display().to_string()])
+        .collect()
+    }
+
+    /// A `security` table for alice (SCRAM-SHA-512) under `header`, password from `file`.
+    fn table(&self, header: &str, file: &Path) -> String {
+        format!(
+            "[{header}]\nprotocol = \"SASL_SSL\"\nmechanism = \"SCRAM-SHA-512\"\n\
+             username = \"alice\"\npassword_file = \"{}\"\nca_file = \"{}\"\n",
+            file.display(),
+            self.ca.display()
+        )
+    }
+}
+
+fn shared_secure() -> Arc<Shared> {
+    static SHARED: Mutex<Weak<Shared>> = Mutex::new(Weak::new());
+    let mut slot = SHARED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(s) = slot.upgrade() {
+        return s;
+    }
+    let secure = secure_broker("");
+    let s = Arc::new(Shared {
+        secure: secure.broker.listener_addr("SECURE"),
+        plain: secure.broker.bootstrap(),
+        ca: secure.certs.ca.clone(),
+        data: secure.broker.data_dir(),
+        _broker: Mutex::new(secure),
+    });
+    *slot = Arc::downgrade(&s);
+    s
+}
+
+/// Whether `text` (a client's log) reports the refused SASL login.
+fn reports_failed_login(text: &str) -> bool {
+    text.contains("SASL authentication error") || text.contains("Authentication failed")
 }
 
 fn kcat(args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -1311,8 +1390,8 @@ fn a_throttled_fetch_mutes_the_very_next_request() {
 
 #[test]
 fn qanat_topics_talks_sasl_ssl_with_the_password_from_the_environment() {
-    let s = secure_broker("");
-    let addr = s.broker.listener_addr("SECURE");
+    let s = shared_secure();
+    let addr = s.secure.clone();
     let topics = |args: &[&str], password: &str| {
         qanat_command()
             .args(["topics", "--bootstrap", &addr])
@@ -1323,7 +1402,7 @@ fn qanat_topics_talks_sasl_ssl_with_the_password_from_the_environment() {
                 "SCRAM-SHA-512",
             ])
             .args(["--sasl-username", "alice", "--ssl-ca-file"])
-            .arg(&s.certs.ca)
+            .arg(&s.ca)
             .args(args)
             .env("QANAT_KAFKA_SASL_PASSWORD", password)
             .output()
@@ -1348,14 +1427,19 @@ fn qanat_topics_talks_sasl_ssl_with_the_password_from_the_environment() {
         "{}",
         describe(&out)
     );
-    assert!(s.broker.partition_dir("made-over-tls", 1).exists());
+    assert!(s.partition_dir("made-over-tls", 1).exists());
     let out = topics(&["create", "never-made"], "wrong password");
     assert!(
         !out.status.success(),
         "created with a wrong password: {}",
         describe(&out)
     );
-    assert!(!s.broker.partition_dir("never-made", 0).exists());
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
+    assert!(!s.partition_dir("never-made", 0).exists());
 }
 
 #[test]
@@ -1442,7 +1526,7 @@ security_protocol = "SASL_PLAINTEXT"
 /// password from a file, the test CA), and names the key when the password is missing.
 #[test]
 fn agent_ships_over_sasl_ssl_with_its_security_table() {
-    let s = secure_broker("");
+    let s = shared_secure();
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     std::fs::create_dir_all(d.join("logs")).unwrap();
@@ -1450,11 +1534,11 @@ fn agent_ships_over_sasl_ssl_with_its_security_table() {
     std::fs::write(&password_file, format!("{PASSWORD}\n")).unwrap();
     let lines: String = (0..50).map(|i| format!("secure line {i}\n")).collect();
     std::fs::write(d.join("logs/app.log"), &lines).unwrap();
-    let config = |password: &str| {
+    let config = |password: &str, suffix: &str| {
         format!(
             r#"
 host = "secure-it"
-checkpoint_dir = "{dir}/state"
+checkpoint_dir = "{dir}/state{suffix}"
 rescan_interval_ms = 200
 poll_interval_ms = 50
 checkpoint_interval_ms = 100
@@ -1473,17 +1557,17 @@ ca_file = "{ca}"
 
 [[source]]
 paths = ["{dir}/logs/*.log"]
-topic = "secure-logs"
+topic = "secure-logs{suffix}"
 "#,
             dir = d.display(),
-            bootstrap = s.broker.listener_addr("SECURE"),
-            ca = s.certs.ca.display(),
+            bootstrap = s.secure,
+            ca = s.ca.display(),
         )
     };
 
     // No password anywhere: refused at start, naming the key.
     let toml = d.join("nopassword.toml");
-    std::fs::write(&toml, config("")).unwrap();
+    std::fs::write(&toml, config("", "")).unwrap();
     let out = qanat_command()
         .args(["agent", "--config"])
         .arg(&toml)
@@ -1500,7 +1584,10 @@ topic = "secure-logs"
     let toml = d.join("agent.toml");
     std::fs::write(
         &toml,
-        config(&format!("password_file = \"{}\"", password_file.display())),
+        config(
+            &format!("password_file = \"{}\"", password_file.display()),
+            "",
+        ),
     )
     .unwrap();
     let mut cmd = qanat_command();
@@ -1510,7 +1597,7 @@ topic = "secure-logs"
         .try_wait_line("qanat agent running", DEADLINE)
         .unwrap();
     // Read back through the PLAINTEXT listener.
-    let plain = s.broker.bootstrap();
+    let plain = s.plain.clone();
     poll_until(
         "50 lines delivered over SASL_SSL",
         DEADLINE * 3,
@@ -1533,21 +1620,69 @@ topic = "secure-logs"
         got[0].value
     );
     assert!(agent.terminate(DEADLINE).is_some_and(|s| s.success()));
+
+    // `qanat audit` reads the trajectories back over SASL_SSL: every byte of the file once.
+    let audit = |password: &str| {
+        qanat_command()
+            .args(["audit", "--bootstrap", &s.secure, "--topic", "secure-logs"])
+            .args(["--json", "--timeout", "30"])
+            .args(s.flags())
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = audit(PASSWORD);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "qanat audit: {}",
+        describe(&out)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["ok"], serde_json::json!(true), "{report}");
+    let out = audit("wrong password");
+    assert_eq!(out.status.code(), Some(2), "{}", describe(&out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
+
+    // A wrong password: the agent logs the refused login and delivers nothing.
+    let wrong = Shared::password_file(d, "wrong", "wrong password");
+    let toml = d.join("wrong.toml");
+    std::fs::write(
+        &toml,
+        config(
+            &format!("password_file = \"{}\"", wrong.display()),
+            "-refused",
+        ),
+    )
+    .unwrap();
+    let log = d.join("wrong.stderr");
+    let mut cmd = qanat_command();
+    cmd.args(["agent", "--config"])
+        .arg(&toml)
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _agent = Proc::spawn(cmd, "qanat agent").unwrap();
+    poll_until("the agent reports the refused login", DEADLINE, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        reports_failed_login(&text)
+            .then_some(())
+            .ok_or_else(|| tail(&text, 20))
+    });
+    assert!(!s.partition_dir("secure-logs-refused", 0).exists());
 }
 
 /// `qanat cdc status` reads the offsets topic over SASL_SSL with the security flags: a client
 /// without them could not even read metadata from the TLS port.
 #[test]
 fn cdc_status_talks_sasl_ssl_with_the_security_flags() {
-    let s = secure_broker("");
+    let s = shared_secure();
     let status = |password: &str| {
         qanat_command()
-            .args([
-                "cdc",
-                "status",
-                "--bootstrap",
-                &s.broker.listener_addr("SECURE"),
-            ])
+            .args(["cdc", "status", "--bootstrap", &s.secure])
             .args(["--sample-secs", "0"])
             .args([
                 "--security-protocol",
@@ -1556,20 +1691,22 @@ fn cdc_status_talks_sasl_ssl_with_the_security_flags() {
                 "SCRAM-SHA-256",
             ])
             .args(["--sasl-username", "alice", "--ssl-ca-file"])
-            .arg(&s.certs.ca)
+            .arg(&s.ca)
             .env("QANAT_KAFKA_SASL_PASSWORD", password)
             .output()
             .unwrap()
     };
     let out = status(PASSWORD);
     assert!(out.status.success(), "qanat cdc status: {}", describe(&out));
+    let out = status("wrong password");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
     let out = qanat_command()
-        .args([
-            "cdc",
-            "status",
-            "--bootstrap",
-            &s.broker.listener_addr("SECURE"),
-        ])
+        .args(["cdc", "status", "--bootstrap", &s.secure])
         .args([
             "--security-protocol",
             "SASL_SSL",
@@ -1586,4 +1723,410 @@ fn cdc_status_talks_sasl_ssl_with_the_security_flags() {
         "{}",
         describe(&out)
     );
+}
+
+/// `qanat collect` with `[kafka.security]` delivers events over SASL_SSL; with a wrong
+/// password it still answers the HTTP client (answers never wait for the bus) but logs the
+/// refused login and delivers nothing.
+#[test]
+fn collect_ships_over_sasl_ssl_with_its_security_table() {
+    let s = shared_secure();
+    let dir = tempfile::tempdir().unwrap();
+    let config = |password: &str, topic: &str| {
+        let file = Shared::password_file(dir.path(), topic, password);
+        format!(
+            "{}\n[[routes]]\nname = \"all\"\ntopic = \"{topic}\"\n",
+            s.table("kafka.security", &file)
+        )
+    };
+    let event = |name: &str| {
+        serde_json::to_vec(&serde_json::json!({
+            "app": "web", "device": {"id": "d-1"},
+            "events": [{"type": "custom", "name": name}]
+        }))
+        .unwrap()
+    };
+    let json = ("Content-Type", "application/json");
+    let c = Collector::start(&s.secure, &config(PASSWORD, "collect-secure"));
+    let r = c.post("/v1/events", &[json], &event("over-tls"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = consume(&s.plain, "collect-secure", 0, rdkafka::Offset::Beginning, 1);
+    assert!(
+        got[0].value_str().contains("over-tls"),
+        "{}",
+        got[0].value_str()
+    );
+
+    let c = Collector::start(&s.secure, &config("wrong password", "collect-refused"));
+    let r = c.post("/v1/events", &[json], &event("never"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    poll_until("the collector reports the refused login", DEADLINE, || {
+        let log = c.stderr();
+        reports_failed_login(&log)
+            .then_some(())
+            .ok_or_else(|| tail(&log, 20))
+    });
+    assert!(!s.partition_dir("collect-refused", 0).exists());
+}
+
+/// `qanat groups` lists and describes a group over SASL_SSL; a wrong password fails.
+#[test]
+fn groups_talks_sasl_ssl_with_the_security_flags() {
+    let s = shared_secure();
+    produce(&s.plain, "groups-secure", &[Rec::value("v")], &[]);
+    let mut config = consumer_config(&s.plain);
+    config.set("group.id", "secure-readers");
+    let reader: rdkafka::consumer::BaseConsumer = config.create().unwrap();
+    let mut tpl = rdkafka::TopicPartitionList::new();
+    tpl.add_partition_offset("groups-secure", 0, rdkafka::Offset::Offset(1))
+        .unwrap();
+    reader
+        .commit(&tpl, rdkafka::consumer::CommitMode::Sync)
+        .unwrap();
+    let groups = |args: &[&str], password: &str| {
+        qanat_command()
+            .args(["groups", "--bootstrap", &s.secure])
+            .args(s.flags())
+            .args(args)
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = groups(&["list"], PASSWORD);
+    assert!(
+        out.status.success(),
+        "qanat groups list: {}",
+        describe(&out)
+    );
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("secure-readers"),
+        "{}",
+        describe(&out)
+    );
+    let out = groups(&["describe", "secure-readers"], PASSWORD);
+    assert!(out.status.success(), "{}", describe(&out));
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("groups-secure"),
+        "{}",
+        describe(&out)
+    );
+    let out = groups(&["list"], "wrong password");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// `qanat sync` reads a topic range and writes a topic over SASL_SSL with `[sync.security]`
+/// of its job file; the flags override it key by key, and a wrong password fails the job.
+#[test]
+fn sync_moves_a_topic_over_sasl_ssl_with_its_security_table() {
+    let s = shared_secure();
+    let recs: Vec<Rec> = (0..10)
+        .map(|i| Rec::value(format!("v{i}")).key(format!("k{i}")))
+        .collect();
+    produce(&s.plain, "sync-secure-in", &recs, &[]);
+    qanat_ok(&[
+        "topics",
+        "create",
+        "sync-secure-out",
+        "--bootstrap",
+        &s.plain,
+    ]);
+    let dir = tempfile::tempdir().unwrap();
+    let file = Shared::password_file(dir.path(), "password", PASSWORD);
+    let job = dir.path().join("job.toml");
+    std::fs::write(
+        &job,
+        format!(
+            "{}\n[[table]]\nfrom = \"kafka://{b}/sync-secure-in\"\nto = \"kafka://{b}/sync-secure-out\"\n",
+            s.table("sync.security", &file),
+            b = s.secure
+        ),
+    )
+    .unwrap();
+    let run = |extra: &[&str]| {
+        qanat_command()
+            .args(["sync", "run"])
+            .arg(&job)
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = run(&[]);
+    assert!(out.status.success(), "qanat sync run: {}", describe(&out));
+    let got = consume(
+        &s.plain,
+        "sync-secure-out",
+        0,
+        rdkafka::Offset::Beginning,
+        10,
+    );
+    let mut values: Vec<String> = got.iter().map(Msg::value_str).collect();
+    values.sort();
+    assert!(values[0].contains("\"_value\":\"v0\""), "{values:?}");
+
+    let wrong = Shared::password_file(dir.path(), "wrong", "wrong password");
+    let out = run(&["--sasl-password-file", wrong.to_str().unwrap()]);
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// `qanat lake land` lands a topic over SASL_SSL with the `[security]` table of its file,
+/// and `qanat lake audit` reads the day's events over SASL_SSL with the security flags;
+/// with a wrong password both fail.
+#[test]
+fn lake_land_and_audit_talk_sasl_ssl() {
+    /// 2026-11-29T00:00:00Z.
+    const DAY_MS: i64 = 1_795_910_400_000;
+    let s = shared_secure();
+    let topic = "cdc.shop.secure";
+    let recs: Vec<Rec> = (1..=3)
+        .map(|id| {
+            let value = serde_json::json!({"op": "c", "after": {"id": id}, "ts_ms": DAY_MS + id,
+                "source": {"ts_ms": DAY_MS + id, "file": "binlog.000001", "pos": id}});
+            Rec::value(value.to_string())
+                .key(serde_json::json!({"id": id}).to_string())
+                .timestamp(DAY_MS + id)
+        })
+        .collect();
+    produce(&s.plain, topic, &recs, &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("lake");
+    let land = |password: &str| {
+        let file = Shared::password_file(dir.path(), "land-password", password);
+        let config = dir.path().join("lake.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "bootstrap = \"{}\"\nroot = \"{}\"\n{}\n[[table]]\ntable = \"shop.secure\"\ntopics = [\"{topic}\"]\n",
+                s.secure,
+                root.display(),
+                s.table("security", &file)
+            ),
+        )
+        .unwrap();
+        qanat_command()
+            .args(["lake", "land", "--once", "--config"])
+            .arg(&config)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = land(PASSWORD);
+    assert!(out.status.success(), "qanat lake land: {}", describe(&out));
+    let audit = |password: &str| {
+        qanat_command()
+            .args(["lake", "audit", "--root"])
+            .arg(&root)
+            .args(["--table", "shop.secure", "--ds", "20261129", "--json"])
+            .args(["--bootstrap", &s.secure, "--topic", topic])
+            .args(s.flags())
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = audit(PASSWORD);
+    assert_eq!(out.status.code(), Some(0), "{}", describe(&out));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (
+            report["bus_events"].as_u64(),
+            report["change_log_rows"].as_u64()
+        ),
+        (Some(3), Some(3)),
+        "{report}"
+    );
+
+    let out = audit("wrong password");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
+    let out = land("wrong password");
+    assert!(!out.status.success(), "{}", describe(&out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(&out)
+    );
+}
+
+/// `qanat quotas` sets, lists and deletes client quotas on a running broker (through
+/// AlterClientQuotas/DescribeClientQuotas) and in a stopped broker's data directory; what it
+/// sets kafka-python reads back, and what kafka-python sets it lists.
+#[test]
+fn quotas_are_managed_on_a_running_and_a_stopped_broker() {
+    require_python_modules(&["kafka"]);
+    let mut broker = Broker::start();
+    let b = broker.bootstrap();
+    let python = |args: &[&str]| {
+        let out = Command::new("python3")
+            .arg(py_script("client_quotas.py"))
+            .args(["--bootstrap", &b])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "client_quotas.py {args:?}: {}",
+            describe(&out)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let quotas = |args: &[&str]| qanat_ok(&[&["quotas", "--bootstrap", &b], args].concat());
+    quotas(&[
+        "set",
+        "--user",
+        "alice",
+        "--add-config",
+        "producer_byte_rate=1048576,request_percentage=25",
+    ]);
+    quotas(&[
+        "set",
+        "--client-default",
+        "--add-config",
+        "consumer_byte_rate=2048",
+    ]);
+    let described = python(&["describe"]);
+    assert!(
+        described.contains(
+            r#"{"entity": {"user": "alice"}, "values": {"producer_byte_rate": 1048576.0, "request_percentage": 25.0}}"#
+        ),
+        "{described}"
+    );
+    assert!(
+        described.contains(
+            r#"{"entity": {"client-id": null}, "values": {"consumer_byte_rate": 2048.0}}"#
+        ),
+        "{described}"
+    );
+
+    python(&[
+        "alter",
+        "--user",
+        "bob",
+        "--client-id",
+        "etl",
+        "consumer_byte_rate=4096",
+    ]);
+    let listed = quotas(&["list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == "user=bob client-id=etl\tconsumer_byte_rate=4096"),
+        "{listed}"
+    );
+    assert_eq!(
+        quotas(&["list", "--user", "alice"]).trim(),
+        "user=alice\tproducer_byte_rate=1048576,request_percentage=25"
+    );
+    quotas(&[
+        "delete",
+        "--user",
+        "alice",
+        "--delete-config",
+        "request_percentage",
+    ]);
+    quotas(&["delete", "--client-default"]);
+    let described = python(&["describe"]);
+    assert!(
+        described.contains(
+            r#"{"entity": {"user": "alice"}, "values": {"producer_byte_rate": 1048576.0}}"#
+        ) && !described.contains("2048"),
+        "{described}"
+    );
+
+    // A stopped broker: the data directory, read back by the broker once it runs again.
+    broker.stop();
+    let data = broker.data_dir();
+    let offline = |args: &[&str]| {
+        let mut all = vec!["quotas", "--data-dir", data.to_str().unwrap()];
+        all.extend_from_slice(args);
+        qanat_ok(&all)
+    };
+    offline(&[
+        "set",
+        "--user-default",
+        "--add-config",
+        "producer_byte_rate=512",
+    ]);
+    offline(&["delete", "--user", "bob", "--client-id", "etl"]);
+    assert!(offline(&["list"]).contains("user=<default>\tproducer_byte_rate=512"));
+    broker.start_again();
+    let b = broker.bootstrap();
+    let out = Command::new("python3")
+        .arg(py_script("client_quotas.py"))
+        .args(["--bootstrap", &b, "describe"])
+        .output()
+        .unwrap();
+    let described = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        described
+            .contains(r#"{"entity": {"user": null}, "values": {"producer_byte_rate": 512.0}}"#)
+            && !described.contains("etl"),
+        "{}",
+        describe(&out)
+    );
+    let out = qanat(&["quotas", "--bootstrap", &b, "delete", "--user", "nobody"]);
+    assert!(!out.status.success(), "{}", describe(&out));
+}
+
+/// With `[metrics] require_credentials`, the broker's metrics endpoint wants the push API's
+/// credentials: 401 without or with wrong ones, the page with a token or a user's password.
+#[test]
+fn metrics_endpoint_can_require_credentials() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    std::fs::create_dir_all(&data).unwrap();
+    add_user(&data, "alice", PASSWORD);
+    let broker = Broker::builder()
+        .config(
+            r#"
+[metrics]
+require_credentials = true
+
+[security]
+http_tokens = [{ token = "scraper-token-0123456789", principal = "User:scraper" }]
+"#,
+        )
+        .data_dir(&data)
+        .metrics()
+        .start();
+    let addr = broker.metrics_addr().unwrap();
+    let get = |headers: &[(&str, &str)]| http(&addr, "GET", "/metrics", headers, b"");
+    let r = get(&[]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = get(&[("Authorization", "Bearer not-the-token")]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = get(&[("Authorization", "Basic YWxpY2U6d3Jvbmc=")]);
+    assert_eq!(r.status, 401, "{}", r.text());
+    let r = get(&[("Authorization", "Bearer scraper-token-0123456789")]);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.text().contains("qanat_http_auth_failures_total"),
+        "{}",
+        r.text()
+    );
+    let r = get(&[(
+        "Authorization",
+        "Basic YWxpY2U6Y29ycmVjdCBob3JzZSBiYXR0ZXJ5IHN0YXBsZQ==",
+    )]);
+    assert_eq!(r.status, 200, "{}", r.text());
+
+    // Off by default.
+    let open = Broker::builder().metrics().start();
+    assert!(scrape(&open.metrics_addr().unwrap()).is_ok());
 }

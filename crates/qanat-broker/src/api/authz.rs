@@ -1,8 +1,9 @@
 //! Where the authorizer is checked: before a request is executed, per API, with Kafka's
 //! operations and error codes. Whole-request refusals (group membership, cluster operations)
 //! are answered here without running the handler; per-topic refusals take the refused topics
-//! out of the request and add them to the handler's answer with TOPIC_AUTHORIZATION_FAILED,
-//! so the allowed part of a request still runs. Metadata and Fetch check inside their handlers
+//! out of the request and add them to the handler's answer with TOPIC_AUTHORIZATION_FAILED
+//! (per-group ones likewise; [`take_refused`] for each), so the allowed part of a request
+//! still runs. Metadata and Fetch check inside their handlers
 //! (Metadata hides what may not be described). With the authorizer off every check passes.
 //!
 //! Per API (Kafka's `KafkaApis`): Produce Write on the topic; Fetch Read on the topic;
@@ -118,26 +119,41 @@ fn s(text: &str) -> StrBytes {
     StrBytes::from_string(text.to_string())
 }
 
+/// Take the items `allowed` refuses out of `items` (a request's topics or groups), each as
+/// `refusal(item)`: the entries to add to the answer of the handler that runs the rest.
+pub(crate) fn take_refused<T, R>(
+    items: &mut Vec<T>,
+    mut allowed: impl FnMut(&T) -> bool,
+    refusal: impl Fn(&T) -> R,
+) -> Vec<R> {
+    let mut refused = Vec::new();
+    items.retain(|item| {
+        let ok = allowed(item);
+        if !ok {
+            refused.push(refusal(item));
+        }
+        ok
+    });
+    refused
+}
+
 /// CreateTopics without the topics `session` may not create, and their refusals.
 pub(crate) fn split_create_topics(
     broker: &Broker,
     session: &Session,
     mut req: CreateTopicsRequest,
 ) -> (CreateTopicsRequest, Vec<CreatableTopicResult>) {
-    let mut denied = Vec::new();
-    req.topics.retain(|t| {
-        let ok = broker.may_create_topic(session, t.name.as_str());
-        if !ok {
-            denied.push(
-                CreatableTopicResult::default()
-                    .with_name(t.name.clone())
-                    .with_error_code(TOPIC_DENIED)
-                    .with_num_partitions(-1)
-                    .with_replication_factor(-1),
-            );
-        }
-        ok
-    });
+    let denied = take_refused(
+        &mut req.topics,
+        |t| broker.may_create_topic(session, t.name.as_str()),
+        |t| {
+            CreatableTopicResult::default()
+                .with_name(t.name.clone())
+                .with_error_code(TOPIC_DENIED)
+                .with_num_partitions(-1)
+                .with_replication_factor(-1)
+        },
+    );
     (req, denied)
 }
 
@@ -155,21 +171,23 @@ pub(crate) fn split_delete_topics(
     session: &Session,
     mut req: DeleteTopicsRequest,
 ) -> (DeleteTopicsRequest, Vec<DeletableTopicResult>) {
-    let mut denied = Vec::new();
-    let mut refuse = |name: &str| {
-        let ok = broker.topic_allowed(session, AclOperation::Delete, name);
-        if !ok {
-            denied.push(
-                DeletableTopicResult::default()
-                    .with_name(Some(s(name).into()))
-                    .with_error_code(TOPIC_DENIED),
-            );
-        }
-        ok
+    let may_delete = |name: &str| broker.topic_allowed(session, AclOperation::Delete, name);
+    let refusal = |name: &str| {
+        DeletableTopicResult::default()
+            .with_name(Some(s(name).into()))
+            .with_error_code(TOPIC_DENIED)
     };
-    req.topic_names.retain(|n| refuse(n.as_str()));
-    req.topics
-        .retain(|t| t.name.as_ref().is_none_or(|n| refuse(n.as_str())));
+    let mut denied = take_refused(
+        &mut req.topic_names,
+        |n| may_delete(n.as_str()),
+        |n| refusal(n.as_str()),
+    );
+    // By id (v6): a topic named here is checked by its name.
+    denied.extend(take_refused(
+        &mut req.topics,
+        |t| t.name.as_ref().is_none_or(|n| may_delete(n.as_str())),
+        |t| refusal(t.name.as_ref().map_or("", |n| n.as_str())),
+    ));
     (req, denied)
 }
 
@@ -219,14 +237,11 @@ pub(crate) fn check_offset_commit(
             ),
         );
     }
-    let mut denied = Vec::new();
-    req.topics.retain(|t| {
-        let ok = broker.topic_allowed(session, AclOperation::Read, t.name.as_str());
-        if !ok {
-            denied.push(refused_topic(t, TOPIC_DENIED));
-        }
-        ok
-    });
+    let denied = take_refused(
+        &mut req.topics,
+        |t| broker.topic_allowed(session, AclOperation::Read, t.name.as_str()),
+        |t| refused_topic(t, TOPIC_DENIED),
+    );
     CommitCheck::Run(req, denied)
 }
 
@@ -284,30 +299,27 @@ impl Broker {
                     return false;
                 }
                 if let Some(topics) = &mut g.topics {
-                    let mut refused = Vec::new();
-                    topics.retain(|t| {
-                        let ok = may_describe(t.name.as_str());
-                        if !ok {
-                            refused.push(
-                                OffsetFetchResponseTopics::default()
-                                    .with_name(t.name.clone())
-                                    .with_partitions(
-                                        t.partition_indexes
-                                            .iter()
-                                            .map(|&p| {
-                                                OffsetFetchResponsePartitions::default()
-                                                    .with_partition_index(p)
-                                                    .with_committed_offset(-1)
-                                                    .with_committed_leader_epoch(-1)
-                                                    .with_metadata(Some(s("")))
-                                                    .with_error_code(TOPIC_DENIED)
-                                            })
-                                            .collect(),
-                                    ),
-                            );
-                        }
-                        ok
-                    });
+                    let refused = take_refused(
+                        topics,
+                        |t| may_describe(t.name.as_str()),
+                        |t| {
+                            OffsetFetchResponseTopics::default()
+                                .with_name(t.name.clone())
+                                .with_partitions(
+                                    t.partition_indexes
+                                        .iter()
+                                        .map(|&p| {
+                                            OffsetFetchResponsePartitions::default()
+                                                .with_partition_index(p)
+                                                .with_committed_offset(-1)
+                                                .with_committed_leader_epoch(-1)
+                                                .with_metadata(Some(s("")))
+                                                .with_error_code(TOPIC_DENIED)
+                                        })
+                                        .collect(),
+                                )
+                        },
+                    );
                     refused_topics.push((g.group_id.clone(), refused));
                 }
                 true
@@ -338,16 +350,14 @@ impl Broker {
             }
             return body;
         }
-        let mut refused = Vec::new();
-        if let Some(topics) = &mut req.topics {
-            topics.retain(|t| {
-                let ok = may_describe(t.name.as_str());
-                if !ok {
-                    refused.push(refused_fetch_topic(t, TOPIC_DENIED));
-                }
-                ok
-            });
-        }
+        let refused = match &mut req.topics {
+            Some(topics) => take_refused(
+                topics,
+                |t| may_describe(t.name.as_str()),
+                |t| refused_fetch_topic(t, TOPIC_DENIED),
+            ),
+            None => Vec::new(),
+        };
         let mut body = self.offset_fetch(req, version);
         body.topics.retain(|t| may_describe(t.name.as_str()));
         body.topics.extend(refused);

@@ -383,29 +383,29 @@ pub(crate) async fn dispatch(
         }
         RequestKind::ListOffsets(mut req) => {
             // Describe on the topic, else TOPIC_AUTHORIZATION_FAILED per partition.
-            let mut denied = Vec::new();
-            req.topics.retain(|t| {
-                let ok = broker.topic_allowed(session, AclOperation::Describe, t.name.as_str());
-                if !ok {
-                    denied.push(
-                        kafka_protocol::messages::list_offsets_response::ListOffsetsTopicResponse::default()
-                            .with_name(t.name.clone())
-                            .with_partitions(
-                                t.partitions
-                                    .iter()
-                                    .map(|p| {
-                                        kafka_protocol::messages::list_offsets_response::ListOffsetsPartitionResponse::default()
-                                            .with_partition_index(p.partition_index)
-                                            .with_error_code(authz::TOPIC_DENIED)
-                                            .with_offset(-1)
-                                            .with_timestamp(-1)
-                                    })
-                                    .collect(),
-                            ),
-                    );
-                }
-                ok
-            });
+            use kafka_protocol::messages::list_offsets_response::{
+                ListOffsetsPartitionResponse, ListOffsetsTopicResponse,
+            };
+            let denied = authz::take_refused(
+                &mut req.topics,
+                |t| broker.topic_allowed(session, AclOperation::Describe, t.name.as_str()),
+                |t| {
+                    ListOffsetsTopicResponse::default()
+                        .with_name(t.name.clone())
+                        .with_partitions(
+                            t.partitions
+                                .iter()
+                                .map(|p| {
+                                    ListOffsetsPartitionResponse::default()
+                                        .with_partition_index(p.partition_index)
+                                        .with_error_code(authz::TOPIC_DENIED)
+                                        .with_offset(-1)
+                                        .with_timestamp(-1)
+                                })
+                                .collect(),
+                        )
+                },
+            );
             call.blocking(move || {
                 let mut body = broker.list_offsets(req);
                 body.topics.extend(denied);
@@ -424,18 +424,16 @@ pub(crate) async fn dispatch(
         }
         RequestKind::CreatePartitions(mut req) => {
             // Alter on the topic, else TOPIC_AUTHORIZATION_FAILED.
-            let mut denied = Vec::new();
-            req.topics.retain(|t| {
-                let ok = broker.topic_allowed(session, AclOperation::Alter, t.name.as_str());
-                if !ok {
-                    denied.push(
-                        kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult::default()
-                            .with_name(t.name.clone())
-                            .with_error_code(authz::TOPIC_DENIED),
-                    );
-                }
-                ok
-            });
+            use kafka_protocol::messages::create_partitions_response::CreatePartitionsTopicResult;
+            let denied = authz::take_refused(
+                &mut req.topics,
+                |t| broker.topic_allowed(session, AclOperation::Alter, t.name.as_str()),
+                |t| {
+                    CreatePartitionsTopicResult::default()
+                        .with_name(t.name.clone())
+                        .with_error_code(authz::TOPIC_DENIED)
+                },
+            );
             call.blocking(move || {
                 let mut body = broker.create_partitions(req);
                 body.results.extend(denied);
@@ -527,19 +525,17 @@ pub(crate) async fn dispatch(
         }
         RequestKind::DescribeGroups(mut req) => {
             // Describe on the group, else GROUP_AUTHORIZATION_FAILED for that group.
-            let mut denied = Vec::new();
-            req.groups.retain(|g| {
-                let ok = broker.group_allowed(session, AclOperation::Describe, g.as_str());
-                if !ok {
-                    denied.push(
-                        kafka_protocol::messages::describe_groups_response::DescribedGroup::default()
-                            .with_group_id(g.clone())
-                            .with_error_code(authz::GROUP_DENIED)
-                            .with_authorized_operations(i32::MIN),
-                    );
-                }
-                ok
-            });
+            use kafka_protocol::messages::describe_groups_response::DescribedGroup;
+            let denied = authz::take_refused(
+                &mut req.groups,
+                |g| broker.group_allowed(session, AclOperation::Describe, g.as_str()),
+                |g| {
+                    DescribedGroup::default()
+                        .with_group_id(g.clone())
+                        .with_error_code(authz::GROUP_DENIED)
+                        .with_authorized_operations(i32::MIN)
+                },
+            );
             call.blocking(move || {
                 let mut body = broker.describe_groups(req);
                 body.groups.extend(denied);
@@ -548,18 +544,16 @@ pub(crate) async fn dispatch(
         }
         RequestKind::DeleteGroups(mut req) => {
             // Delete on the group, else GROUP_AUTHORIZATION_FAILED for that group.
-            let mut denied = Vec::new();
-            req.groups_names.retain(|g| {
-                let ok = broker.group_allowed(session, AclOperation::Delete, g.as_str());
-                if !ok {
-                    denied.push(
-                        kafka_protocol::messages::delete_groups_response::DeletableGroupResult::default()
-                            .with_group_id(g.clone())
-                            .with_error_code(authz::GROUP_DENIED),
-                    );
-                }
-                ok
-            });
+            use kafka_protocol::messages::delete_groups_response::DeletableGroupResult;
+            let denied = authz::take_refused(
+                &mut req.groups_names,
+                |g| broker.group_allowed(session, AclOperation::Delete, g.as_str()),
+                |g| {
+                    DeletableGroupResult::default()
+                        .with_group_id(g.clone())
+                        .with_error_code(authz::GROUP_DENIED)
+                },
+            );
             call.blocking(move || {
                 let mut body = broker.delete_groups(req);
                 body.results.extend(denied);

@@ -41,20 +41,24 @@ pub(crate) async fn append(
 ) -> Result<Option<Acknowledgement>, WireError> {
     let acks = req.acks;
     // Topics the producer may not write are refused per partition and never appended.
-    let mut refused = Vec::new();
-    if !denied.is_empty() {
-        req.topic_data.retain(|t| {
-            let ok = !denied.contains(t.name.as_str());
-            if !ok {
-                refused.extend(t.partition_data.iter().map(|p| ProducePartitionResult {
-                    topic: t.name.0.to_string(),
-                    index: p.index,
-                    outcome: Err(super::authz::TOPIC_DENIED),
-                }));
-            }
-            ok
-        });
-    }
+    let refused = if denied.is_empty() {
+        Vec::new()
+    } else {
+        super::authz::take_refused(
+            &mut req.topic_data,
+            |t| !denied.contains(t.name.as_str()),
+            |t| {
+                t.partition_data
+                    .iter()
+                    .map(|p| ProducePartitionResult {
+                        topic: t.name.0.to_string(),
+                        index: p.index,
+                        outcome: Err(super::authz::TOPIC_DENIED),
+                    })
+                    .collect::<Vec<_>>()
+            },
+        )
+    };
     if !matches!(acks, -1..=1) {
         let results = req
             .topic_data
@@ -77,7 +81,7 @@ pub(crate) async fn append(
     let mut results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
         .await
         .map_err(|e| malformed(format!("produce task failed: {e}")))?;
-    results.extend(refused);
+    results.extend(refused.into_iter().flatten());
     let ack = Acknowledgement {
         broker: broker.clone(),
         sync: broker.sync_on_ack(),

@@ -90,6 +90,9 @@ pub async fn run(args: AuditArgs) -> anyhow::Result<()> {
 
 fn run_blocking(args: &AuditArgs) -> anyhow::Result<bool> {
     args.security.install()?;
+    if let Some(bootstrap) = &args.bootstrap {
+        crate::kafka_security::check_login_blocking(bootstrap)?;
+    }
     let table: TableName = args.table.parse().context("--table")?;
     let ds: Ds = args.ds.parse().context("--ds")?;
     let layout = TableLayout::new(&args.root, table);

@@ -32,6 +32,7 @@ pub struct LandArgs {
     /// Kafka-protocol bootstrap servers; overrides `bootstrap` of the file.
     #[arg(long)]
     bootstrap: Option<String>,
+    /// Override [security] of the file key by key.
     #[command(flatten)]
     security: crate::kafka_security::SecurityArgs,
     /// Lake root directory; overrides `root` of the file.
@@ -74,6 +75,9 @@ struct LakeConfig {
     root: Option<PathBuf>,
     group: Option<String>,
     metrics_listen: Option<SocketAddr>,
+    /// How to reach a secured bus (`[security]`, see `qanat_config::KafkaSecurity`).
+    #[serde(default)]
+    security: qanat_config::KafkaSecurity,
     #[serde(default)]
     table: Vec<TableConfig>,
 }
@@ -182,6 +186,9 @@ fn load(args: &LandArgs) -> anyhow::Result<Settings> {
             }
         }
     }
+    let mut security = file.security.clone();
+    security.overlay(&args.security.overrides());
+    crate::kafka_security::install_settings(&security, "security")?;
     let root = args
         .root
         .clone()
@@ -313,8 +320,10 @@ fn assign_positions(
 }
 
 pub async fn run(args: LandArgs) -> anyhow::Result<()> {
-    args.security.install()?;
     let settings = load(&args)?;
+    if args.once {
+        crate::kafka_security::check_login(&settings.bootstrap).await?;
+    }
     if let Some(addr) = settings.metrics_listen {
         let bound = crate::telemetry::serve_metrics(addr, None).await?;
         let mut out = std::io::stdout();
