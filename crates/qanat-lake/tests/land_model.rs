@@ -478,7 +478,7 @@ fn check(case: &Case, fs: &SimFs) -> Result<(), TestCaseError> {
             for i in 0..batch.num_rows() {
                 let (p, o) = (parts.value(i), offsets.value(i));
                 prop_assert_eq!(p, partition);
-                prop_assert!(first <= o && o <= last, "offset {} outside {}", o, name);
+                prop_assert!((first..=last).contains(&o), "offset {} outside {}", o, name);
                 let id = i64::from(p) * 1_000_000 + o;
                 prop_assert_eq!(ids.value(i), id);
                 prop_assert!(!v.is_null(i));
