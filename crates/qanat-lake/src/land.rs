@@ -41,12 +41,14 @@
 use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Timelike};
 use serde::Deserialize;
 
 use crate::columns;
+use crate::fs::{LakeFs, OsFs};
 use crate::layout::{Ds, LayoutError, TableLayout, TableName};
 use crate::offsets::{self, RecoverError};
 use crate::schema::{ColumnType, DataColumn, Fit, LogPos, RowImage, RowMeta, Scalar, ValueError};
@@ -221,9 +223,17 @@ struct SourceBlock<'a> {
     lsn: Option<u64>,
 }
 
+/// The record's bytes as text, checked once: parsing `&str` then skips the per-string UTF-8
+/// check that parsing bytes does.
+fn utf8(value: &[u8]) -> Result<&str, serde_json::Error> {
+    std::str::from_utf8(value).map_err(|e| serde::de::Error::custom(format!("not UTF-8: {e}")))
+}
+
 /// Decode a CDC record's value (Debezium's envelope, see the module doc).
 pub fn decode_cdc(value: &[u8]) -> Result<Decoded<'_>, DecodeError> {
-    let env: Envelope<'_> = serde_json::from_slice(value).map_err(DecodeError::NotAnEnvelope)?;
+    let env: Envelope<'_> = utf8(value)
+        .and_then(serde_json::from_str)
+        .map_err(DecodeError::NotAnEnvelope)?;
     let op = match env.op.as_deref() {
         Some("c") => "c",
         Some("u") => "u",
@@ -261,7 +271,9 @@ pub fn decode_cdc(value: &[u8]) -> Result<Decoded<'_>, DecodeError> {
 
 /// Decode a `json` record's value, with the record's timestamp.
 pub fn decode_json(value: &[u8], ts: Option<i64>) -> Result<Decoded<'_>, DecodeError> {
-    let image: RowImage<'_> = serde_json::from_slice(value).map_err(DecodeError::NotAnObject)?;
+    let image: RowImage<'_> = utf8(value)
+        .and_then(serde_json::from_str)
+        .map_err(DecodeError::NotAnObject)?;
     let ts = ts.ok_or(DecodeError::NoTimestamp)?;
     Ok(Decoded {
         image,
@@ -356,7 +368,9 @@ pub fn decode_log<'a>(rec: &Record<'a>) -> Result<Decoded<'a>, DecodeError> {
 }
 
 /// Types for a new group: configured ones, else kept from the previous group when this row
-/// has null there, else inferred from the row.
+/// has null there, else inferred from the row. Columns of the previous group that the row
+/// does not have are kept after the row's own (null in it), so a field that is only
+/// sometimes present does not start a file each time it comes back.
 fn columns_for(
     row: &RowImage<'_>,
     configured: &[(String, ColumnType)],
@@ -384,8 +398,17 @@ fn columns_for(
             _ => {}
         }
     }
+    for was in previous.into_iter().flatten() {
+        if !out.iter().any(|c| c.name == was.name) {
+            out.push(was.clone());
+        }
+    }
     Ok(out)
 }
+
+/// Hashing of the per-record lookups: fast, and the keys (topic names, partition numbers)
+/// are not chosen by an adversary.
+type FastHash = foldhash::fast::RandomState;
 
 /// The open group of one topic partition.
 struct Group {
@@ -405,15 +428,21 @@ struct Partition {
 
 /// Lands the records of one table.
 pub struct Lander {
+    fs: Arc<dyn LakeFs>,
     spec: TableSpec,
     layout: TableLayout,
     configured: Vec<(String, ColumnType)>,
     /// Topic → partition → state; looked up by `&str`, so a record costs no allocation.
-    parts: HashMap<String, HashMap<i32, Partition>>,
+    parts: HashMap<String, HashMap<i32, Partition, FastHash>, FastHash>,
 }
 
 impl Lander {
     pub fn new(root: impl Into<PathBuf>, spec: TableSpec) -> Lander {
+        Lander::with_fs(Arc::new(OsFs), root, spec)
+    }
+
+    /// A lander over another filesystem (a simulated one, in tests).
+    pub fn with_fs(fs: Arc<dyn LakeFs>, root: impl Into<PathBuf>, spec: TableSpec) -> Lander {
         let mut configured = spec.columns.clone();
         if spec.input == InputKind::Log {
             for (name, ty) in LOG_COLUMNS {
@@ -423,10 +452,11 @@ impl Lander {
             }
         }
         Lander {
+            fs,
             layout: TableLayout::new(root, spec.table.clone()),
             spec,
             configured,
-            parts: HashMap::new(),
+            parts: HashMap::default(),
         }
     }
 
@@ -448,7 +478,7 @@ impl Lander {
         for tp in partitions {
             self.revoke(&tp.0, tp.1);
         }
-        let found = offsets::recover_partitions(&self.layout.changes_dir(), |t, p| {
+        let found = offsets::recover_partitions(&*self.fs, &self.layout.changes_dir(), |t, p| {
             partitions.iter().any(|(tt, pp)| tt == t && *pp == p)
         })?;
         for (path, why) in found.removed() {
@@ -543,7 +573,7 @@ impl Lander {
         let input_bytes = rec.value.map_or(0, <[u8]>::len);
         let mut landed = Vec::new();
         if !self.parts.contains_key(rec.topic) {
-            self.parts.insert(rec.topic.to_owned(), HashMap::new());
+            self.parts.insert(rec.topic.to_owned(), HashMap::default());
         }
         let part = self
             .parts
@@ -583,7 +613,7 @@ impl Lander {
                     let tag = format!("part-{}-{}-{}", rec.topic, rec.partition, group.first);
                     // Cloned only for a new file, not per record.
                     let columns = part.columns.clone().unwrap_or_default();
-                    e.insert(ChangeFile::create(&dir, &tag, columns)?)
+                    e.insert(ChangeFile::create(self.fs.clone(), &dir, &tag, columns)?)
                 }
             };
             match file.append(&decoded.image, &meta, input_bytes) {
@@ -594,7 +624,7 @@ impl Lander {
                 Ok(Fit::SchemaChange(why)) if attempt == 0 => {
                     tracing::info!(table = %self.spec.table, topic = rec.topic,
                         partition = rec.partition, offset = rec.offset, why, "schema change: new file");
-                    landed.extend(finish_group(&self.spec.table, key, part)?);
+                    landed.extend(finish_group(&*self.fs, &self.spec.table, key, part)?);
                     let next =
                         columns_for(&decoded.image, &self.configured, part.columns.as_deref())
                             .map_err(bad)?;
@@ -625,7 +655,7 @@ impl Lander {
                     >= self.spec.roll_bytes
         });
         if roll {
-            landed.extend(finish_group(&self.spec.table, key, part)?);
+            landed.extend(finish_group(&*self.fs, &self.spec.table, key, part)?);
         }
         Ok(landed)
     }
@@ -640,7 +670,12 @@ impl Lander {
                     .as_ref()
                     .is_some_and(|g| now.duration_since(g.opened) >= self.spec.roll_age)
                 {
-                    out.extend(finish_group(&self.spec.table, (topic, *partition), part)?);
+                    out.extend(finish_group(
+                        &*self.fs,
+                        &self.spec.table,
+                        (topic, *partition),
+                        part,
+                    )?);
                 }
             }
         }
@@ -652,7 +687,12 @@ impl Lander {
         let mut out = Vec::new();
         for (topic, parts) in &mut self.parts {
             for (partition, part) in parts {
-                out.extend(finish_group(&self.spec.table, (topic, *partition), part)?);
+                out.extend(finish_group(
+                    &*self.fs,
+                    &self.spec.table,
+                    (topic, *partition),
+                    part,
+                )?);
             }
         }
         Ok(out)
@@ -661,6 +701,7 @@ impl Lander {
 
 /// Complete and publish a partition's open group (see the module doc).
 fn finish_group(
+    fs: &dyn LakeFs,
     table: &TableName,
     (topic, partition): (&str, i32),
     part: &mut Partition,
@@ -688,7 +729,7 @@ fn finish_group(
     for f in files {
         completed.push(f.complete(&facts)?);
     }
-    sink::publish(&completed)?;
+    sink::publish(fs, &completed)?;
     part.landed = group.last + 1;
     Ok(Some(Landed {
         topic: topic.to_owned(),
@@ -801,6 +842,55 @@ mod tests {
             relanded[0].files, second[0].files,
             "landed again under the same names"
         );
+    }
+
+    #[test]
+    fn a_missing_field_is_null_and_a_new_one_starts_a_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lander = Lander::new(dir.path(), spec());
+        lander.recover(&[("t".into(), 0)]).unwrap();
+        let rows = [
+            r#"{"id":1,"v":"a","w":1}"#,
+            r#"{"id":2,"w":2}"#,
+            r#"{"id":3,"v":"c"}"#,
+            r#"{"id":4,"v":"d","w":4,"x":true}"#,
+            r#"{"id":5,"v":"e","w":5}"#,
+        ];
+        let mut landed = Vec::new();
+        for (i, after) in rows.iter().enumerate() {
+            let value = format!(
+                r#"{{"op":"c","after":{after},"source":{{"ts_ms":{DAY2_MS},"file":"b.1","pos":{i}}}}}"#
+            );
+            let rec = Record {
+                topic: "t",
+                partition: 0,
+                offset: i as i64,
+                timestamp_ms: None,
+                key: Some(b"{\"id\":1}"),
+                value: Some(value.as_bytes()),
+                headers: &[],
+            };
+            landed.extend(lander.push(&rec, Instant::now()).unwrap());
+        }
+        landed.extend(lander.flush().unwrap());
+        let ranges: Vec<(i64, u64)> = landed.iter().map(|l| (l.next_offset, l.rows)).collect();
+        assert_eq!(
+            ranges,
+            [(3, 3), (5, 2)],
+            "only the new column x started a file"
+        );
+        // The second file keeps v and w, and row 5 (without x) fits it.
+        let file = std::fs::File::open(&landed[1].files[0]).unwrap();
+        let reader =
+            parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(file).unwrap();
+        let names: Vec<String> = reader
+            .schema()
+            .fields()
+            .iter()
+            .map(|f| f.name().clone())
+            .filter(|n| !n.starts_with('_'))
+            .collect();
+        assert_eq!(names, ["id", "v", "w", "x"]);
     }
 
     #[test]

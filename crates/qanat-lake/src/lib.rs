@@ -38,6 +38,7 @@ pub mod audit;
 pub mod columns;
 pub mod drift;
 pub mod error;
+pub mod fs;
 pub mod land;
 pub mod layout;
 pub mod ls;

@@ -9,12 +9,12 @@
 //! files, so the range is landed again, whole, under the same names.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 
 use parquet::file::metadata::ParquetMetaDataReader;
 
+use crate::fs::{LakeFs, OsFs, ReadFile};
 use crate::sink::TMP_PREFIX;
 
 /// Recovery failed.
@@ -46,16 +46,27 @@ pub fn parse_change_file_name(name: &str) -> Option<(String, i32, i64, i64)> {
 
 /// The footer's key-value metadata of a Parquet file.
 pub fn file_metadata(path: &Path) -> Result<HashMap<String, String>, RecoverError> {
-    let file = File::open(path).map_err(|source| RecoverError::Io {
+    file_metadata_in(&OsFs, path)
+}
+
+/// [`file_metadata`] of a file of `fs`.
+pub fn file_metadata_in(
+    fs: &dyn LakeFs,
+    path: &Path,
+) -> Result<HashMap<String, String>, RecoverError> {
+    let file = fs.open_read(path).map_err(|source| RecoverError::Io {
         path: path.to_owned(),
         source,
     })?;
-    let meta = ParquetMetaDataReader::new()
-        .parse_and_finish(&file)
-        .map_err(|source| RecoverError::Footer {
-            path: path.to_owned(),
-            source,
-        })?;
+    let footer = |source| RecoverError::Footer {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = match &file {
+        ReadFile::Os(f) => ParquetMetaDataReader::new().parse_and_finish(f),
+        ReadFile::Bytes(b) => ParquetMetaDataReader::new().parse_and_finish(b),
+    }
+    .map_err(footer)?;
     Ok(meta
         .file_metadata()
         .key_value_metadata()
@@ -77,30 +88,21 @@ pub struct FoundFile {
 
 /// Every change-log file under `changes_dir` (`ds=*/` and `ds=*/hh=*/`), and every
 /// temporary file there.
-pub fn scan(changes_dir: &Path) -> Result<(Vec<FoundFile>, Vec<PathBuf>), RecoverError> {
+pub fn scan(
+    fs: &dyn LakeFs,
+    changes_dir: &Path,
+) -> Result<(Vec<FoundFile>, Vec<PathBuf>), RecoverError> {
     let mut files = Vec::new();
     let mut tmps = Vec::new();
     let mut dirs = vec![changes_dir.to_owned()];
     while let Some(dir) = dirs.pop() {
-        let entries = match fs::read_dir(&dir) {
+        let entries = match fs.list_dir(&dir) {
             Ok(e) => e,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
             Err(source) => return Err(RecoverError::Io { path: dir, source }),
         };
-        for entry in entries {
-            let entry = entry.map_err(|source| RecoverError::Io {
-                path: dir.clone(),
-                source,
-            })?;
-            let name = entry.file_name().to_string_lossy().into_owned();
-            let path = entry.path();
-            let is_dir = entry
-                .file_type()
-                .map_err(|source| RecoverError::Io {
-                    path: path.clone(),
-                    source,
-                })?
-                .is_dir();
+        for (name, is_dir) in entries {
+            let path = dir.join(&name);
             if is_dir && (name.starts_with("ds=") || name.starts_with("hh=")) {
                 dirs.push(path);
             } else if name.starts_with(TMP_PREFIX) {
@@ -165,10 +167,11 @@ fn tmp_partition(path: &Path) -> Option<(String, i32)> {
 /// newest groups, and make the removals durable. Files of other partitions are neither read
 /// nor removed.
 pub fn recover_partitions(
+    fs: &dyn LakeFs,
     changes_dir: &Path,
     wanted: impl Fn(&str, i32) -> bool,
 ) -> Result<Recovery, RecoverError> {
-    let (files, tmps) = scan(changes_dir)?;
+    let (files, tmps) = scan(fs, changes_dir)?;
     let files: Vec<FoundFile> = files
         .into_iter()
         .filter(|f| wanted(&f.topic, f.partition))
@@ -180,7 +183,7 @@ pub fn recover_partitions(
         if tmp_partition(&tmp).is_some_and(|(t, p)| !wanted(&t, p)) {
             continue;
         }
-        remove(&tmp)?;
+        remove(fs, &tmp)?;
         touched.extend(tmp.parent().map(Path::to_owned));
         out.removed_tmp.push(tmp);
     }
@@ -196,7 +199,7 @@ pub fn recover_partitions(
     }
     for (tp, by_range) in groups {
         for ((_, last), paths) in by_range.into_iter().rev() {
-            let meta = file_metadata(&paths[0])?;
+            let meta = file_metadata_in(fs, &paths[0])?;
             let expected = meta
                 .get("qanat.group_files")
                 .and_then(|n| n.parse::<usize>().ok())
@@ -206,7 +209,7 @@ pub fn recover_partitions(
                 break;
             }
             for p in paths {
-                remove(&p)?;
+                remove(fs, &p)?;
                 touched.extend(p.parent().map(Path::to_owned));
                 out.removed_incomplete.push(p);
             }
@@ -215,13 +218,14 @@ pub fn recover_partitions(
     touched.sort();
     touched.dedup();
     for dir in touched {
-        crate::manifest::sync_dir(&dir).map_err(|source| RecoverError::Io { path: dir, source })?;
+        fs.sync_dir(&dir)
+            .map_err(|source| RecoverError::Io { path: dir, source })?;
     }
     Ok(out)
 }
 
-fn remove(path: &Path) -> Result<(), RecoverError> {
-    match fs::remove_file(path) {
+fn remove(fs: &dyn LakeFs, path: &Path) -> Result<(), RecoverError> {
+    match fs.remove_file(path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         Err(source) => Err(RecoverError::Io {

@@ -7,7 +7,8 @@
 //! column of unknown type; its first non-null value fixes the type (a schema change).
 //!
 //! An inferred type is held until a value of another JSON kind arrives; that is a schema
-//! change (the caller starts a new file), except that a Float64 column takes integers. A
+//! change (the caller starts a new file), except that a Float64 column takes integers. So is
+//! a column the held ones do not have; a held column missing from a row is null in it. A
 //! configured type is never changed: a value that does not convert is an error naming the
 //! column, the expected type and the value.
 
@@ -274,9 +275,9 @@ pub struct DataColumn {
 /// What appending a row found.
 #[derive(Debug, PartialEq)]
 pub enum Fit {
-    /// The row was appended.
+    /// The row was appended; a held column the row does not have is null in it.
     Appended,
-    /// The row does not fit the held columns (a column added, removed or of another kind):
+    /// The row does not fit the held columns (a new column, or a value of another kind):
     /// nothing was appended; the caller starts a new file with [`infer_columns`].
     SchemaChange(String),
 }
@@ -354,13 +355,15 @@ impl Builder {
     }
 }
 
-/// The converted form of a value, checked before anything of the row is appended.
-enum Cell<'v> {
+/// The converted form of a value, checked before anything of the row is appended. Text is
+/// taken from the row when appended, so a row's cells are kept in a reused buffer.
+#[derive(Clone, Copy)]
+enum Cell {
     Null,
     Int(i64),
     Float(f64),
     Bool(bool),
-    Str(&'v str),
+    Text,
     Ts(i64),
     Date(i32),
     Dec(i128),
@@ -378,7 +381,7 @@ fn inferred_fits(ty: ColumnType, value: &Scalar<'_>) -> bool {
     )
 }
 
-fn convert<'v>(col: &DataColumn, value: &'v Scalar<'_>) -> Result<Cell<'v>, ValueError> {
+fn convert(col: &DataColumn, value: &Scalar<'_>) -> Result<Cell, ValueError> {
     let fail = |reason: &str| ValueError {
         column: col.name.clone(),
         ty: col.ty,
@@ -398,8 +401,7 @@ fn convert<'v>(col: &DataColumn, value: &'v Scalar<'_>) -> Result<Cell<'v>, Valu
             Cell::Float(s.trim().parse().map_err(|_| fail("not a number"))?)
         }
         (ColumnType::Bool, Scalar::Bool(b)) => Cell::Bool(*b),
-        (ColumnType::String, Scalar::Str(s)) => Cell::Str(s),
-        (ColumnType::String, Scalar::Json(s)) => Cell::Str(s),
+        (ColumnType::String, Scalar::Str(_) | Scalar::Json(_)) => Cell::Text,
         (ColumnType::Timestamp, Scalar::Int(ms)) => Cell::Ts(*ms),
         (ColumnType::Timestamp, Scalar::Str(s)) => {
             Cell::Ts(parse_timestamp_ms(s).ok_or_else(|| fail("not an ISO-8601 date-time"))?)
@@ -481,8 +483,10 @@ pub fn parse_decimal(text: &str, precision: u8, scale: i8) -> Result<i128, Strin
 pub struct DataBuilders {
     columns: Vec<DataColumn>,
     builders: Vec<Builder>,
-    /// Where each row-image position found its column last time (fast path: same order).
+    /// Per column, its position in the row being appended.
     scratch: Vec<Option<usize>>,
+    /// The row's converted values, per column.
+    cells: Vec<Cell>,
 }
 
 impl DataBuilders {
@@ -490,6 +494,7 @@ impl DataBuilders {
         let builders = columns.iter().map(|c| Builder::new(c.ty)).collect();
         DataBuilders {
             scratch: Vec::with_capacity(columns.len()),
+            cells: Vec::with_capacity(columns.len()),
             columns,
             builders,
         }
@@ -504,18 +509,11 @@ impl DataBuilders {
 
     /// Append `row`, or report that it needs other columns; on an error nothing is appended.
     pub fn append(&mut self, row: &RowImage<'_>) -> Result<Fit, ValueError> {
-        if row.0.len() != self.columns.len() {
-            return Ok(Fit::SchemaChange(format!(
-                "{} columns instead of {}",
-                row.0.len(),
-                self.columns.len()
-            )));
-        }
         // Map each column to its value in the row; same order is the common case.
         self.scratch.clear();
         self.scratch.resize(self.columns.len(), None);
         for (i, (name, _)) in row.0.iter().enumerate() {
-            let at = if self.columns[i].name == *name {
+            let at = if self.columns.get(i).is_some_and(|c| c.name == *name) {
                 i
             } else {
                 match self.columns.iter().position(|c| c.name == *name) {
@@ -527,10 +525,12 @@ impl DataBuilders {
                 return Ok(Fit::SchemaChange(format!("column {name} twice")));
             }
         }
-        let mut cells = Vec::with_capacity(self.columns.len());
+        self.cells.clear();
         for (at, col) in self.columns.iter().enumerate() {
+            // A column the row does not have is null in it.
             let Some(i) = self.scratch[at] else {
-                return Ok(Fit::SchemaChange(format!("column {} removed", col.name)));
+                self.cells.push(Cell::Null);
+                continue;
             };
             let value = &row.0[i].1;
             if !col.configured {
@@ -549,14 +549,20 @@ impl DataBuilders {
                     )));
                 }
             }
-            cells.push(convert(col, value)?);
+            self.cells.push(convert(col, value)?);
         }
-        for (builder, cell) in self.builders.iter_mut().zip(cells) {
-            match (builder, cell) {
+        for (at, (builder, cell)) in self.builders.iter_mut().zip(&self.cells).enumerate() {
+            match (builder, *cell) {
                 (Builder::Int(b), Cell::Int(v)) => b.append_value(v),
                 (Builder::Float(b), Cell::Float(v)) => b.append_value(v),
                 (Builder::Bool(b), Cell::Bool(v)) => b.append_value(v),
-                (Builder::Str(b), Cell::Str(v)) => b.append_value(v),
+                (Builder::Str(b), Cell::Text) => {
+                    match self.scratch[at].and_then(|i| row.0.get(i)).map(|(_, v)| v) {
+                        Some(Scalar::Str(s)) => b.append_value(s),
+                        Some(Scalar::Json(s)) => b.append_value(s),
+                        _ => b.append_null(),
+                    }
+                }
                 (Builder::Ts(b), Cell::Ts(v)) => b.append_value(v),
                 (Builder::Date(b), Cell::Date(v)) => b.append_value(v),
                 (Builder::Dec(b), Cell::Dec(v)) => b.append_value(v),
@@ -697,6 +703,8 @@ pub fn change_log_schema(data: &DataBuilders) -> Schema {
 mod tests {
     #![allow(clippy::unwrap_used)]
 
+    use arrow_array::Array;
+
     use super::*;
 
     fn row(json: &str) -> RowImage<'_> {
@@ -750,10 +758,18 @@ mod tests {
         assert!(matches!(b.append(&r3).unwrap(), Fit::SchemaChange(_)));
         let r4 = row(r#"{"id":3,"price":3,"ok":false,"name":"b","tags":{},"note":"now"}"#);
         assert!(matches!(b.append(&r4).unwrap(), Fit::SchemaChange(_)));
+        // A missing field is null in the same columns; a new one is a schema change.
         let r5 = row(r#"{"id":3,"price":3,"ok":false,"name":"b","tags":{}}"#);
-        assert!(matches!(b.append(&r5).unwrap(), Fit::SchemaChange(_)));
+        assert_eq!(b.append(&r5).unwrap(), Fit::Appended);
+        let r6 = row(r#"{"id":4,"name":"c"}"#);
+        assert_eq!(b.append(&r6).unwrap(), Fit::Appended);
+        let r7 = row(r#"{"id":5,"price":3,"ok":false,"name":"b","tags":{},"more":1}"#);
+        assert!(matches!(b.append(&r7).unwrap(), Fit::SchemaChange(_)));
         let arrays = b.finish();
-        assert_eq!(arrays[0].len(), 2);
+        assert_eq!(arrays[0].len(), 4);
+        assert_eq!(arrays[1].null_count(), 1, "price missing from one row");
+        assert_eq!(arrays[5].null_count(), 4, "note never seen non-null");
+        assert_eq!(arrays[2].null_count(), 1, "ok missing from one row");
     }
 
     #[test]

@@ -9,7 +9,6 @@
 //! and joins the thread before the footer is written, so completing, publishing and the
 //! caller's commit keep their order.
 
-use std::fs::{self, File};
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +25,7 @@ use parquet::file::properties::WriterProperties;
 use parquet::schema::types::ColumnPath;
 
 use crate::columns;
+use crate::fs::{LakeFile, LakeFs};
 use crate::schema::{
     change_log_schema, DataBuilders, DataColumn, Fit, MetaBuilders, RowImage, RowMeta, ValueError,
 };
@@ -90,6 +90,7 @@ pub struct FileFacts {
 
 /// A change-log file being written.
 pub struct ChangeFile {
+    fs: Arc<dyn LakeFs>,
     dir: PathBuf,
     tmp: PathBuf,
     data: DataBuilders,
@@ -114,13 +115,13 @@ struct Progress {
 /// The thread encoding one file's batches, in the order they were sent.
 struct Encoder {
     batches: SyncSender<(RecordBatch, u64)>,
-    thread: JoinHandle<Result<ArrowWriter<File>, SinkError>>,
+    thread: JoinHandle<Result<ArrowWriter<Box<dyn LakeFile>>, SinkError>>,
     progress: Arc<Progress>,
 }
 
 impl Encoder {
-    fn start(tmp: &Path, schema: Arc<Schema>) -> Result<Encoder, SinkError> {
-        let file = File::create(tmp).map_err(io_err(tmp))?;
+    fn start(fs: &dyn LakeFs, tmp: &Path, schema: Arc<Schema>) -> Result<Encoder, SinkError> {
+        let file = fs.create(tmp).map_err(io_err(tmp))?;
         let mut props = WriterProperties::builder()
             .set_compression(Compression::ZSTD(ZstdLevel::default()))
             .set_max_row_group_size(1 << 20);
@@ -165,7 +166,7 @@ impl Encoder {
     }
 
     /// Wait for every batch sent to be encoded; the writer, or the encoder's error.
-    fn finish(self, tmp: &Path) -> Result<ArrowWriter<File>, SinkError> {
+    fn finish(self, tmp: &Path) -> Result<ArrowWriter<Box<dyn LakeFile>>, SinkError> {
         drop(self.batches);
         match self.thread.join() {
             Ok(result) => result,
@@ -190,14 +191,16 @@ impl ChangeFile {
     /// A new file in `dir` (created if missing) with these data columns. `tag` makes the
     /// temporary name unique among the open files of the directory.
     pub fn create(
+        fs: Arc<dyn LakeFs>,
         dir: &Path,
         tag: &str,
         columns: Vec<DataColumn>,
     ) -> Result<ChangeFile, SinkError> {
-        fs::create_dir_all(dir).map_err(io_err(dir))?;
+        fs.create_dir_all(dir).map_err(io_err(dir))?;
         let data = DataBuilders::new(columns);
         let schema = Arc::new(change_log_schema(&data));
         Ok(ChangeFile {
+            fs,
             dir: dir.to_owned(),
             tmp: dir.join(format!("{TMP_PREFIX}{tag}.parquet")),
             data,
@@ -263,7 +266,7 @@ impl ChangeFile {
             Some(e) => e,
             None => self
                 .encoder
-                .insert(Encoder::start(&self.tmp, self.schema.clone())?),
+                .insert(Encoder::start(&*self.fs, &self.tmp, self.schema.clone())?),
         };
         let input = self.buffered_input as u64;
         encoder
@@ -311,9 +314,9 @@ impl ChangeFile {
         for (k, v) in kv {
             writer.append_key_value_metadata(KeyValue::new(k.to_owned(), v));
         }
-        let file = writer.into_inner().map_err(parquet_err(&self.tmp))?;
+        let mut file = writer.into_inner().map_err(parquet_err(&self.tmp))?;
         file.sync_all().map_err(io_err(&self.tmp))?;
-        let bytes = file.metadata().map_err(io_err(&self.tmp))?.len();
+        let bytes = file.size().map_err(io_err(&self.tmp))?;
         let name = crate::layout::change_file_name(
             &facts.topic,
             facts.partition,
@@ -333,7 +336,7 @@ impl ChangeFile {
         if let Some(encoder) = self.encoder.take() {
             let _ = encoder.finish(&self.tmp);
         }
-        let _ = fs::remove_file(&self.tmp);
+        let _ = self.fs.remove_file(&self.tmp);
     }
 }
 
@@ -348,10 +351,10 @@ pub enum AppendError {
 
 /// Rename every completed file into place (replacing a file of the same name: the same
 /// range landed again), then fsync each directory once.
-pub fn publish(files: &[Completed]) -> Result<(), SinkError> {
+pub fn publish(fs: &dyn LakeFs, files: &[Completed]) -> Result<(), SinkError> {
     let mut dirs: Vec<&Path> = Vec::new();
     for f in files {
-        fs::rename(&f.tmp, &f.path).map_err(io_err(&f.path))?;
+        fs.rename(&f.tmp, &f.path).map_err(io_err(&f.path))?;
         if let Some(dir) = f.path.parent() {
             if !dirs.contains(&dir) {
                 dirs.push(dir);
@@ -361,9 +364,9 @@ pub fn publish(files: &[Completed]) -> Result<(), SinkError> {
     // The file's directory, and the directories above it up to the table's change log,
     // which may have been created for this file (a new day or hour).
     for dir in dirs {
-        crate::manifest::sync_dir(dir).map_err(io_err(dir))?;
+        fs.sync_dir(dir).map_err(io_err(dir))?;
         for parent in dir.ancestors().skip(1).take(2) {
-            crate::manifest::sync_dir(parent).map_err(io_err(parent))?;
+            fs.sync_dir(parent).map_err(io_err(parent))?;
         }
     }
     Ok(())

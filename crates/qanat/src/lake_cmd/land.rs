@@ -2,12 +2,21 @@
 //! change logs, exactly once (see `qanat_lake::land`). Offsets are committed only after the
 //! files covering them are renamed into place; on assignment the landed position is
 //! recovered from the files and consuming starts at the larger of it and the committed one.
+//!
+//! Two threads: the consuming thread polls records and copies them into batches; the
+//! landing thread decodes them into the landers' builders and commits what they land
+//! (each open file encodes Parquet on a thread of its own). The batch queue is bounded, so
+//! a slow lake holds consuming back. A rebalance (inside `poll`, on the consuming thread)
+//! takes the landers' lock and bumps a generation; batches polled before it are dropped,
+//! since their partitions are recovered and consumed again from the recovered position.
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::Write;
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::mpsc::{channel, sync_channel, Receiver, RecvTimeoutError, Sender, SyncSender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +28,7 @@ use qanat_lake::land::{
 use qanat_lake::layout::TableName;
 use qanat_lake::schema::ColumnType;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext};
-use rdkafka::message::{Headers, Message};
+use rdkafka::message::{BorrowedMessage, Headers, Message};
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{ClientConfig, ClientContext, Offset, TopicPartitionList};
 use serde::Deserialize;
@@ -211,20 +220,24 @@ fn load(args: &LandArgs) -> anyhow::Result<Settings> {
     })
 }
 
-/// State shared between the consume loop and the rebalance callback (which runs inside
-/// `poll`, on the same thread).
+/// State shared between the landing thread and the rebalance callback (which runs inside
+/// `poll`, on the consuming thread).
 struct State {
     landers: Vec<Lander>,
     /// Topic → index in `landers`.
     by_topic: HashMap<String, usize>,
     /// Where consuming starts per assigned partition (None: the group's reset policy).
     assigned: HashMap<(String, i32), Option<i64>>,
-    /// An error in the rebalance callback, raised by the loop.
-    error: Option<anyhow::Error>,
 }
 
 struct LandContext {
     state: Mutex<State>,
+    /// Bumped, under the `state` lock, by every assignment change. Records polled before a
+    /// change are dropped by the landing thread: their partitions were recovered anew and
+    /// are consumed again from the recovered position.
+    generation: AtomicU64,
+    /// An error in the rebalance callback, raised by the consuming loop.
+    error: Mutex<Option<anyhow::Error>>,
 }
 
 impl ClientContext for LandContext {}
@@ -245,19 +258,19 @@ impl ConsumerContext for LandContext {
             RDKafkaRespErr::RD_KAFKA_RESP_ERR__ASSIGN_PARTITIONS => {
                 let committed = base.committed_offsets(tpl.clone(), Duration::from_secs(30));
                 let mut state = lock(&self.state);
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 let result = assign_positions(&mut state, &parts, committed.ok().as_ref(), tpl);
-                if let Err(e) = result {
-                    state.error.get_or_insert(e);
-                }
                 drop(state);
+                if let Err(e) = result {
+                    lock(&self.error).get_or_insert(e);
+                }
                 if let Err(e) = base.assign(tpl) {
-                    lock(&self.state)
-                        .error
-                        .get_or_insert(anyhow::anyhow!("assigning partitions: {e}"));
+                    lock(&self.error).get_or_insert(anyhow::anyhow!("assigning partitions: {e}"));
                 }
             }
             _ => {
                 let mut state = lock(&self.state);
+                self.generation.fetch_add(1, Ordering::SeqCst);
                 for (t, p) in &parts {
                     if let Some(&i) = state.by_topic.get(t) {
                         state.landers[i].revoke(t, *p);
@@ -371,8 +384,94 @@ fn consumer(settings: &Settings, state: State) -> anyhow::Result<BaseConsumer<La
     crate::kafka_security::apply(&mut config)
         .create_with_context(LandContext {
             state: Mutex::new(state),
+            generation: AtomicU64::new(0),
+            error: Mutex::new(None),
         })
         .context("creating the consumer")
+}
+
+/// Records handed from the consuming thread to the landing thread: copied out of
+/// librdkafka's messages into one buffer, so a batch costs a few allocations, reused.
+#[derive(Default)]
+struct Batch {
+    /// The assignment generation the records were polled in.
+    generation: u64,
+    data: Vec<u8>,
+    records: Vec<BatchRecord>,
+    /// Headers of `log` input records: name and value ranges in `data`.
+    headers: Vec<(Range<usize>, Option<Range<usize>>)>,
+}
+
+struct BatchRecord {
+    /// Index in the subscribed topics.
+    topic: usize,
+    partition: i32,
+    offset: i64,
+    timestamp_ms: Option<i64>,
+    key: Option<Range<usize>>,
+    value: Option<Range<usize>>,
+    headers: Range<usize>,
+}
+
+/// Records per batch, and bytes of keys and values per batch, before it is handed over.
+const BATCH_RECORDS: usize = 4096;
+const BATCH_BYTES: usize = 2 << 20;
+/// Batches queued for the landing thread before the consuming thread waits.
+const BATCH_QUEUE: usize = 4;
+
+impl Batch {
+    fn clear(&mut self) {
+        self.data.clear();
+        self.records.clear();
+        self.headers.clear();
+    }
+
+    fn put(&mut self, bytes: Option<&[u8]>) -> Option<Range<usize>> {
+        bytes.map(|b| {
+            let start = self.data.len();
+            self.data.extend_from_slice(b);
+            start..self.data.len()
+        })
+    }
+
+    fn push(&mut self, topic: usize, msg: &BorrowedMessage<'_>, with_headers: bool) {
+        let key = self.put(msg.key());
+        let value = self.put(msg.payload());
+        let first_header = self.headers.len();
+        if with_headers {
+            if let Some(h) = msg.headers() {
+                for header in h.iter() {
+                    let name = self.put(Some(header.key.as_bytes())).unwrap_or_default();
+                    let value = self.put(header.value);
+                    self.headers.push((name, value));
+                }
+            }
+        }
+        self.records.push(BatchRecord {
+            topic,
+            partition: msg.partition(),
+            offset: msg.offset(),
+            timestamp_ms: msg.timestamp().to_millis(),
+            key,
+            value,
+            headers: first_header..self.headers.len(),
+        });
+    }
+
+    fn full(&self) -> bool {
+        self.records.len() >= BATCH_RECORDS || self.data.len() >= BATCH_BYTES
+    }
+
+    fn bytes(&self, r: &Option<Range<usize>>) -> Option<&[u8]> {
+        r.as_ref().and_then(|r| self.data.get(r.clone()))
+    }
+}
+
+/// What the landing thread did.
+#[derive(Default)]
+struct Totals {
+    events: u64,
+    files: u64,
 }
 
 fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()> {
@@ -392,7 +491,6 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
             landers,
             by_topic,
             assigned: HashMap::new(),
-            error: None,
         },
     )?;
     // `--once`: the end offsets now are where this run stops.
@@ -434,15 +532,6 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         .iter()
         .map(|(s, _)| s.table.to_string())
         .collect();
-    let events: Vec<metrics::Counter> = tables
-        .iter()
-        .map(|t| metrics::counter!("qanat_lake_events_total", "table" => t.clone()))
-        .collect();
-    // Next offset per partition: topic → partition → offset, looked up without allocating.
-    let mut consumed: Positions<i64> = HashMap::new();
-    // `--once` checks whether it is done when a record reaches its partition's end, and
-    // when a poll comes back empty.
-    let mut check_done = true;
     let lag_positions = Arc::new(Mutex::new(HashMap::new()));
     let lag_done = Arc::new(AtomicBool::new(false));
     spawn_lag_reporter(&settings, lag_positions.clone(), lag_done.clone())?;
@@ -454,143 +543,293 @@ fn land(settings: Settings, once: bool, stop: &AtomicBool) -> anyhow::Result<()>
         }
     }
     let _stop_lag = StopOnDrop(lag_done);
-    let mut total_events = 0u64;
-    let mut total_files = 0u64;
-    let mut last_tick = Instant::now();
+    // Which topics carry `log` input, whose headers are read.
+    let with_headers: Vec<bool> = {
+        let state = lock(&consumer.context().state);
+        topics
+            .iter()
+            .map(|t| {
+                state
+                    .by_topic
+                    .get(t)
+                    .and_then(|&i| state.landers.get(i))
+                    .is_some_and(|l| l.spec().input == InputKind::Log)
+            })
+            .collect()
+    };
+    let (batches, queue) = sync_channel::<Batch>(BATCH_QUEUE);
+    let (recycle, spare) = channel::<Batch>();
+    let (consumed, totals) = std::thread::scope(|scope| {
+        let landing = std::thread::Builder::new()
+            .name("lake-land".into())
+            .spawn_scoped(scope, || {
+                land_batches(&consumer, &topics, &tables, queue, recycle)
+            })
+            .context("starting the landing thread")?;
+        let consumed = consume(
+            &consumer,
+            ConsumeArgs {
+                topics: &topics,
+                with_headers: &with_headers,
+                once,
+                targets: &targets,
+                stop,
+                lag_positions: &lag_positions,
+            },
+            batches,
+            spare,
+        );
+        let totals = match landing.join() {
+            Ok(totals) => totals,
+            Err(_) => Err(anyhow::anyhow!("the landing thread panicked")),
+        };
+        anyhow::Ok((consumed, totals))
+    })?;
+    // A landing error explains a consuming one (the queue closed under it).
+    let totals = totals?;
+    consumed?;
+    let mut out = std::io::stdout();
+    writeln!(
+        out,
+        "qanat lake land: {} events consumed, {} files landed",
+        totals.events, totals.files
+    )?;
+    out.flush()?;
+    Ok(())
+}
+
+struct ConsumeArgs<'a> {
+    topics: &'a [String],
+    with_headers: &'a [bool],
+    once: bool,
+    targets: &'a Positions<(i64, i64)>,
+    stop: &'a AtomicBool,
+    lag_positions: &'a Mutex<HashMap<(String, i32), i64>>,
+}
+
+/// The consuming thread: poll records into batches and hand them to the landing thread,
+/// until stopped, done (`--once`), or the landing thread is gone. Dropping `batches` tells
+/// the landing thread to land what it has and finish.
+fn consume(
+    consumer: &BaseConsumer<LandContext>,
+    args: ConsumeArgs<'_>,
+    batches: SyncSender<Batch>,
+    spare: Receiver<Batch>,
+) -> anyhow::Result<()> {
+    let ctx = consumer.context();
+    // Next offset per partition: topic index → partition → offset.
+    let mut consumed: Vec<HashMap<i32, i64>> = vec![HashMap::new(); args.topics.len()];
+    // `--once` checks whether it is done when a record reaches its partition's end, and
+    // when a poll comes back empty.
+    let mut check_done = true;
     let mut last_lag = Instant::now();
+    let mut batch = Batch::default();
+    let send = |batch: &mut Batch| -> bool {
+        let next = spare.try_recv().unwrap_or_default();
+        let full = std::mem::replace(batch, next);
+        batch.clear();
+        batches.send(full).is_ok()
+    };
     loop {
-        if let Some(e) = lock(&consumer.context().state).error.take() {
-            return Err(e);
-        }
-        if stop.load(Ordering::SeqCst) {
-            break;
-        }
-        if once && check_done && once_done(&consumer, &targets, &consumed) {
-            break;
-        }
-        check_done = false;
-        let now = Instant::now();
-        if now.duration_since(last_tick) >= Duration::from_secs(1) {
-            last_tick = now;
-            let landed = {
-                let mut state = lock(&consumer.context().state);
-                let mut out = Vec::new();
-                for l in &mut state.landers {
-                    out.extend(l.tick(now)?);
-                }
-                out
-            };
-            total_files += commit(&consumer, &tables, &landed)?;
-        }
-        if now.duration_since(last_lag) >= Duration::from_secs(1) {
-            last_lag = now;
-            let mut lag = lock(&lag_positions);
-            lag.clear();
-            for (t, parts) in &consumed {
-                for (p, o) in parts {
-                    lag.insert((t.clone(), *p), *o);
+        // Between batches: a batch is handed over when full, at a partition's end and when
+        // a poll comes back empty, so these checks come often enough.
+        if batch.records.is_empty() {
+            if let Some(e) = lock(&ctx.error).take() {
+                return Err(e);
+            }
+            if args.stop.load(Ordering::SeqCst) {
+                break;
+            }
+            if args.once && check_done && once_done(consumer, args.topics, args.targets, &consumed)
+            {
+                break;
+            }
+            check_done = false;
+            if last_lag.elapsed() >= Duration::from_secs(1) {
+                last_lag = Instant::now();
+                let mut lag = lock(args.lag_positions);
+                lag.clear();
+                for (t, parts) in consumed.iter().enumerate() {
+                    for (p, o) in parts {
+                        lag.insert((args.topics[t].clone(), *p), *o);
+                    }
                 }
             }
         }
-        let Some(msg) = consumer.poll(Duration::from_millis(200)) else {
+        // Wait for records only when there is nothing to hand over.
+        let wait = if batch.records.is_empty() {
+            Duration::from_millis(200)
+        } else {
+            Duration::ZERO
+        };
+        let polled = consumer.poll(wait);
+        let generation = ctx.generation.load(Ordering::SeqCst);
+        if generation != batch.generation {
+            // Records of an earlier assignment go in a batch of their own (to be dropped).
+            if !batch.records.is_empty() && !send(&mut batch) {
+                return Ok(());
+            }
+            batch.generation = generation;
+        }
+        let Some(msg) = polled else {
+            if !batch.records.is_empty() && !send(&mut batch) {
+                return Ok(());
+            }
             check_done = true;
             continue;
         };
-        let msg = msg.with_context(|| "consuming")?;
-        let topic = msg.topic();
-        // Only `log` input reads headers; an empty Vec does not allocate.
-        let mut headers_buf: Vec<(&str, Option<&[u8]>)> = Vec::new();
-        let mut state = lock(&consumer.context().state);
-        let Some(&i) = state.by_topic.get(topic) else {
+        let msg = msg.context("consuming")?;
+        let Some(t) = args.topics.iter().position(|t| t == msg.topic()) else {
             continue;
         };
-        if i >= state.landers.len() {
-            continue;
-        }
-        let lander = &mut state.landers[i];
-        if lander.spec().input == InputKind::Log {
-            if let Some(h) = msg.headers() {
-                for header in h.iter() {
-                    headers_buf.push((header.key, header.value));
-                }
-            }
-        }
-        let rec = Record {
-            topic,
-            partition: msg.partition(),
-            offset: msg.offset(),
-            timestamp_ms: msg.timestamp().to_millis(),
-            key: msg.key(),
-            value: msg.payload(),
-            headers: &headers_buf,
-        };
-        let landed = match lander.push(&rec, now) {
-            Ok(landed) => landed,
-            Err(e) => {
-                // Land everything before the bad record, so a fixed rerun starts at it.
-                let error =
-                    anyhow::Error::new(e).context(format!("landing table {}", lander.spec().table));
-                let mut flushed = Vec::new();
-                for l in &mut state.landers {
-                    flushed.extend(l.flush()?);
-                }
-                drop(state);
-                commit(&consumer, &tables, &flushed)?;
-                return Err(error);
-            }
-        };
-        drop(state);
-        events[i].increment(1);
-        total_events += 1;
+        batch.push(t, &msg, args.with_headers.get(t).copied().unwrap_or(false));
         let next = msg.offset() + 1;
-        match consumed.get_mut(topic) {
-            Some(parts) => {
-                parts.insert(msg.partition(), next);
-            }
-            None => {
-                consumed.insert(topic.to_owned(), HashMap::from([(msg.partition(), next)]));
-            }
-        }
-        if once {
-            check_done = targets
-                .get(topic)
-                .and_then(|t| t.get(&msg.partition()))
+        consumed[t].insert(msg.partition(), next);
+        if args.once {
+            check_done = args
+                .targets
+                .get(&args.topics[t])
+                .and_then(|p| p.get(&msg.partition()))
                 .is_some_and(|&(_, high)| next >= high);
         }
-        if !landed.is_empty() {
-            total_files += commit(&consumer, &tables, &landed)?;
+        if (batch.full() || check_done) && !send(&mut batch) {
+            return Ok(());
+        }
+    }
+    if !batch.records.is_empty() {
+        let _ = send(&mut batch);
+    }
+    Ok(())
+}
+
+/// The landing thread: push the batches' records through the landers and commit what they
+/// land; at the end (the queue closed) land everything open. On a bad record, land
+/// everything before it and stop.
+fn land_batches(
+    consumer: &BaseConsumer<LandContext>,
+    topics: &[String],
+    tables: &[String],
+    queue: Receiver<Batch>,
+    recycle: Sender<Batch>,
+) -> anyhow::Result<Totals> {
+    let ctx = consumer.context();
+    let events: Vec<metrics::Counter> = tables
+        .iter()
+        .map(|t| metrics::counter!("qanat_lake_events_total", "table" => t.clone()))
+        .collect();
+    let mut totals = Totals::default();
+    let mut last_tick = Instant::now();
+    loop {
+        let batch = match queue.recv_timeout(Duration::from_secs(1)) {
+            Ok(batch) => Some(batch),
+            Err(RecvTimeoutError::Timeout) => None,
+            Err(RecvTimeoutError::Disconnected) => break,
+        };
+        let now = Instant::now();
+        let mut landed = Vec::new();
+        if let Some(batch) = &batch {
+            let mut state = lock(&ctx.state);
+            if batch.generation == ctx.generation.load(Ordering::SeqCst) {
+                let mut headers: Vec<(&str, Option<&[u8]>)> = Vec::new();
+                let mut counts = vec![0u64; tables.len()];
+                let lander_of: Vec<Option<usize>> = topics
+                    .iter()
+                    .map(|t| state.by_topic.get(t).copied())
+                    .collect();
+                for r in &batch.records {
+                    let (Some(topic), Some(Some(i))) =
+                        (topics.get(r.topic), lander_of.get(r.topic))
+                    else {
+                        continue;
+                    };
+                    let i = *i;
+                    let Some(lander) = state.landers.get_mut(i) else {
+                        continue;
+                    };
+                    headers.clear();
+                    for (name, value) in batch.headers.get(r.headers.clone()).unwrap_or_default() {
+                        let name = batch
+                            .data
+                            .get(name.clone())
+                            .and_then(|n| std::str::from_utf8(n).ok())
+                            .unwrap_or_default();
+                        headers.push((name, batch.bytes(value)));
+                    }
+                    let rec = Record {
+                        topic,
+                        partition: r.partition,
+                        offset: r.offset,
+                        timestamp_ms: r.timestamp_ms,
+                        key: batch.bytes(&r.key),
+                        value: batch.bytes(&r.value),
+                        headers: &headers,
+                    };
+                    match lander.push(&rec, now) {
+                        Ok(l) => landed.extend(l),
+                        Err(e) => {
+                            // Land everything before the bad record, so a fixed rerun
+                            // starts at it.
+                            let error = anyhow::Error::new(e)
+                                .context(format!("landing table {}", lander.spec().table));
+                            for l in &mut state.landers {
+                                landed.extend(l.flush()?);
+                            }
+                            drop(state);
+                            commit(consumer, tables, &landed)?;
+                            return Err(error);
+                        }
+                    }
+                    if let Some(c) = counts.get_mut(i) {
+                        *c += 1;
+                    }
+                }
+                for (i, n) in counts.into_iter().enumerate() {
+                    events[i].increment(n);
+                    totals.events += n;
+                }
+            }
+        }
+        if now.duration_since(last_tick) >= Duration::from_secs(1) {
+            last_tick = now;
+            let mut state = lock(&ctx.state);
+            for l in &mut state.landers {
+                landed.extend(l.tick(now)?);
+            }
+        }
+        totals.files += commit(consumer, tables, &landed)?;
+        if let Some(batch) = batch {
+            let _ = recycle.send(batch);
         }
     }
     let landed = {
-        let mut state = lock(&consumer.context().state);
+        let mut state = lock(&ctx.state);
         let mut out = Vec::new();
         for l in &mut state.landers {
             out.extend(l.flush()?);
         }
         out
     };
-    total_files += commit(&consumer, &tables, &landed)?;
-    let mut out = std::io::stdout();
-    writeln!(
-        out,
-        "qanat lake land: {total_events} events consumed, {total_files} files landed"
-    )?;
-    out.flush()?;
-    Ok(())
+    totals.files += commit(consumer, tables, &landed)?;
+    Ok(totals)
 }
 
 /// `--once` is done when every partition's position reached the end seen at start.
 fn once_done(
     consumer: &BaseConsumer<LandContext>,
+    topics: &[String],
     targets: &Positions<(i64, i64)>,
-    consumed: &Positions<i64>,
+    consumed: &[HashMap<i32, i64>],
 ) -> bool {
     let state = lock(&consumer.context().state);
     targets.iter().all(|(topic, parts)| {
+        let at_topic = topics
+            .iter()
+            .position(|t| t == topic)
+            .and_then(|i| consumed.get(i));
         parts.iter().all(|(p, &(low, high))| {
             let tp = (topic.clone(), *p);
             let start = state.assigned.get(&tp).copied().flatten().unwrap_or(low);
-            let at = consumed.get(topic).and_then(|c| c.get(p)).copied();
+            let at = at_topic.and_then(|c| c.get(p)).copied();
             let pos = at.unwrap_or(start).max(start);
             (state.assigned.contains_key(&tp) && pos >= high) || high <= low
         })
