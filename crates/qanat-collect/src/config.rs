@@ -59,6 +59,9 @@ pub struct ServerConfig {
     pub header_read_timeout_ms: u64,
     /// Open connections at most; more wait in the listen backlog.
     pub max_connections: usize,
+    /// Threads serving HTTP connections, each with its own single-threaded runtime; 0: one per
+    /// CPU.
+    pub workers: usize,
     /// PEM certificate (then its chain): serve HTTPS. Reloaded on SIGHUP, with the key.
     pub tls_cert_file: Option<PathBuf>,
     /// PEM private key of `tls_cert_file`.
@@ -83,6 +86,7 @@ impl Default for ServerConfig {
             bot_patterns: Vec::new(),
             header_read_timeout_ms: 10_000,
             max_connections: 10_000,
+            workers: 0,
             tls_cert_file: None,
             tls_key_file: None,
         }

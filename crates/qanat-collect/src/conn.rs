@@ -14,9 +14,14 @@
 //!   connections.
 //! * With TLS, the handshake runs in the connection's own task (a slow handshake holds only
 //!   its own permit) and must finish within `header_read_timeout`.
+//! * Connections are served by `workers` threads, each with a single-threaded runtime of its
+//!   own, handed out in turn by the accept loop; a connection stays on its thread for its
+//!   life. A request then never crosses threads (no work-stealing wakeups, one epoll set per
+//!   thread), as in nginx's worker processes.
 
 use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -28,7 +33,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
+use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt;
 
@@ -41,6 +47,86 @@ const ACCEPT_LOG_INTERVAL: Duration = Duration::from_secs(10);
 pub struct Limits {
     pub header_read_timeout: Duration,
     pub max_connections: usize,
+    /// Threads serving connections; at least one.
+    pub workers: usize,
+}
+
+type Connection = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The threads that serve connections, each running the connections handed to it on a
+/// single-threaded runtime until they close.
+struct Workers {
+    queues: Vec<mpsc::UnboundedSender<Connection>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+    next: usize,
+}
+
+impl Workers {
+    fn start(n: usize) -> io::Result<Workers> {
+        let mut queues = Vec::with_capacity(n);
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n.max(1) {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let (tx, mut rx) = mpsc::unbounded_channel::<Connection>();
+            let thread = std::thread::Builder::new()
+                .name(format!("qanat-http-{i}"))
+                .spawn(move || {
+                    runtime.block_on(async move {
+                        let mut open = JoinSet::new();
+                        loop {
+                            tokio::select! {
+                                c = rx.recv() => match c {
+                                    Some(c) => {
+                                        open.spawn(c);
+                                    }
+                                    None => break,
+                                },
+                                Some(_) = open.join_next(), if !open.is_empty() => {}
+                            }
+                        }
+                        // No new connections: finish the open ones.
+                        while open.join_next().await.is_some() {}
+                    });
+                })?;
+            queues.push(tx);
+            threads.push(thread);
+        }
+        Ok(Workers {
+            queues,
+            threads,
+            next: 0,
+        })
+    }
+
+    /// Hand a connection to the next worker in turn (to the calling runtime should that
+    /// worker be gone).
+    fn spawn(&mut self, connection: Connection) {
+        let queue = self.queues.get(self.next % self.queues.len().max(1));
+        self.next = self.next.wrapping_add(1);
+        let refused = match queue {
+            Some(q) => q.send(connection).err().map(|e| e.0),
+            None => Some(connection),
+        };
+        if let Some(c) = refused {
+            tokio::spawn(c);
+        }
+    }
+
+    /// Let the workers finish their connections and exit.
+    async fn stop(self) {
+        drop(self.queues);
+        let threads = self.threads;
+        let _ = tokio::task::spawn_blocking(move || {
+            for t in threads {
+                if t.join().is_err() {
+                    tracing::error!("a connection worker panicked");
+                }
+            }
+        })
+        .await;
+    }
 }
 
 /// Serve one connection (plain or TLS) until it closes or shutdown closes it.
@@ -82,6 +168,13 @@ pub async fn serve<F>(
     let accept_errors = metrics::counter!("qanat_collect_accept_errors_total");
     let mut backoff = AcceptBackoff::default();
     let mut shutdown = std::pin::pin!(shutdown);
+    let mut workers = match Workers::start(limits.workers) {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::error!(error = %e, "starting connection workers failed; serving on the main runtime");
+            None
+        }
+    };
     loop {
         let permit = tokio::select! {
             p = permits.clone().acquire_owned() => match p {
@@ -127,7 +220,7 @@ pub async fn serve<F>(
         let handshake_timeout = limits.header_read_timeout;
         let open = open.clone();
         open.increment(1.0);
-        tokio::spawn(async move {
+        let connection = Box::pin(async move {
             let served = match tls {
                 None => serve_io(builder, TokioIo::new(stream), service, watcher).await,
                 Some(acceptor) => {
@@ -150,9 +243,18 @@ pub async fn serve<F>(
             open.decrement(1.0);
             drop(permit);
         });
+        match workers.as_mut() {
+            Some(w) => w.spawn(connection),
+            None => {
+                tokio::spawn(connection);
+            }
+        }
     }
     drop(listener);
     graceful.shutdown().await;
+    if let Some(w) = workers {
+        w.stop().await;
+    }
 }
 
 fn is_connection_error(e: &io::Error) -> bool {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -201,6 +201,10 @@ impl Collector {
         let limits = crate::conn::Limits {
             header_read_timeout: Duration::from_millis(self.state.cfg.header_read_timeout_ms),
             max_connections: self.state.cfg.max_connections,
+            workers: match self.state.cfg.workers {
+                0 => std::thread::available_parallelism().map_or(1, usize::from),
+                n => n,
+            },
         };
         crate::conn::serve(listener, self.router(), limits, tls, shutdown).await;
         tracing::info!("HTTP stopped; draining routes");
@@ -370,14 +374,15 @@ fn form_decode(s: &str) -> Cow<'_, str> {
 /// `ref` referrer, `spm` a.b.c.d, `vid` visitor id (default: the cookie, else a new one),
 /// `uid` user id, `sr` screen, `lang`, `title`, `ts` client time (ms), `e` custom event name,
 /// `p_*` business parameters, `resp=204` for an empty answer.
-async fn beacon(
-    State(st): State<Arc<AppState>>,
-    ConnectInfo(peer): ConnectInfo<SocketAddr>,
-    headers: HeaderMap,
-    uri: Uri,
-) -> Response {
+///
+/// The request is read in place (the `HeaderMap` and `Uri` extractors would copy them).
+async fn beacon(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let received_ms = now_ms();
-    let q = QueryPairs::parse(uri.query().unwrap_or(""));
+    let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
+        return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+    };
+    let headers = req.headers();
+    let q = QueryPairs::parse(req.uri().query().unwrap_or(""));
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
     let ty = match get("t") {
         Some(t) if event::valid_id(t) => t,
@@ -392,7 +397,7 @@ async fn beacon(
     if !event::valid_id(app) {
         return reject(&st, "app is not [A-Za-z0-9_.:-]{1,128}");
     }
-    let cookie_vid = cookie(&headers, &st.cfg.cookie_name).filter(|v| event::valid_id(v));
+    let cookie_vid = cookie(headers, &st.cfg.cookie_name).filter(|v| event::valid_id(v));
     let new_vid;
     let visitor_id = match get("vid") {
         Some(v) if event::valid_id(v) => v,
@@ -420,10 +425,10 @@ async fn beacon(
         Some(Err(_)) => return reject(&st, "ts is not an integer (ms since the epoch)"),
         None => None,
     };
-    let referer_header = header_str(&headers, header::REFERER);
-    let ua_raw = truncate(header_str(&headers, header::USER_AGENT).unwrap_or(""), 512);
+    let referer_header = header_str(headers, header::REFERER);
+    let ua_raw = truncate(header_str(headers, header::USER_AGENT).unwrap_or(""), 512);
     let ua = st.enricher.user_agent(ua_raw);
-    let client = Client::new(client_ip(&st, peer, &headers), ua_raw, &ua);
+    let client = Client::new(client_ip(&st, peer, headers), ua_raw, &ua);
 
     let (priority, shed) = st.throttle.snapshot().decide(app, ty, visitor_id);
     let mut resp = pixel_response(&q);
@@ -1006,6 +1011,8 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use std::io::Write;
+
+    use axum::http::Uri;
 
     use super::*;
 
