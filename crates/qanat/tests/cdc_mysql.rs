@@ -644,6 +644,8 @@ fn truncate_is_one_truncate_event_and_replay_empties_the_table() {
         ),
     );
     let _cdc = start_cdc(&config);
+    // A TRUNCATE ends the snapshot's consistent read (error 1412): let it finish first.
+    wait_caught_up(&broker, &db, "tr");
     db.sql(
         "INSERT INTO tr.t VALUES (3, 3); TRUNCATE TABLE tr.t; TRUNCATE tr.skip;
          USE tr; INSERT INTO t VALUES (4, 4); TRUNCATE t; INSERT INTO t VALUES (5, 5);
