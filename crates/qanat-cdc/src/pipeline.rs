@@ -726,10 +726,13 @@ impl TableRoute {
 
 /// The [`TableRoute`] of every table seen, with the last one looked up kept aside: events of
 /// one table come in runs, and a hit costs three string comparisons, no allocation.
+/// A source's (db, schema, table) and the collection name they make.
+type LastTable = (Arc<str>, Option<Arc<str>>, Arc<str>, String);
+
 #[derive(Default)]
 struct TableRoutes {
     by_coll: HashMap<String, TableRoute>,
-    last: Option<(Arc<str>, Option<Arc<str>>, Arc<str>, String)>,
+    last: Option<LastTable>,
 }
 
 impl TableRoutes {
