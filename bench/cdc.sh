@@ -13,8 +13,11 @@
 # TIMESTAMP(6) column set to NOW(6) at insert, compared with the time a consumer reads the
 # record).
 #
+# Then a second connector reads the four sbtest tables in an initial snapshot (timed until
+# every row is read and a position past the snapshot is stored).
+#
 # Prints: row events captured, events/s, CPU seconds per million events and peak RSS of
-# `qanat cdc`; MB/s of the raw read; events/s of the decode and of python-mysql-replication;
+# `qanat cdc`; the same for the snapshot (rows/s); MB/s of the raw read; events/s of the decode and of python-mysql-replication;
 # lag p50/p99/max.
 # BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). BENCH_QANAT_BIN=path skips the build.
 set -euo pipefail
@@ -141,6 +144,37 @@ CPU_S=$(python3 -c "print(($UT + $ST) / $TICKS)")
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$CDC_PID/status")
 stop_pids "$CDC_PID"
 
+SNAP_ROWS=$(for t in 1 2 3 4; do sql "SELECT COUNT(*) FROM sbtest.sbtest$t"; done | awk '{s += $1} END {print s}')
+log "qanat cdc: initial snapshot of the sbtest tables ($SNAP_ROWS rows)"
+printf '%s\n' "bootstrap = \"$BOOT\"" '[[connector]]' 'name = "snap"' \
+  "source = \"mysql://cdc:cdc@127.0.0.1:$DB_PORT\"" 'snapshot = "initial"' 'topic_prefix = "snap"' \
+  "tables = ['sbtest\\..*']" '[connector.producer]' '"linger.ms" = "20"' \
+  '"batch.num.messages" = "10000"' >"$TMP/snap.toml"
+t0=$(date +%s.%N)
+"$QANAT_BIN" cdc --config "$TMP/snap.toml" --metrics-listen 127.0.0.1:0 >"$TMP/snap.out" 2>"$TMP/snap.err" &
+SNAP_PID=$!
+PIDS+=("$SNAP_PID")
+SNAP_METRICS=$(wait_line "$TMP/snap.out" "qanat metrics listening on " "$SNAP_PID") ||
+  die "the snapshot connector did not start: $(tail -5 "$TMP/snap.err")"
+SNAP_DONE=0
+for _ in $(seq 36000); do
+  kill -0 "$SNAP_PID" 2>/dev/null || die "qanat cdc (snapshot) exited: $(tail -5 "$TMP/snap.err")"
+  SNAP_DONE=$(curl -s "http://$SNAP_METRICS/metrics" |
+    awk '/^qanat_cdc_snapshot_rows_total/ {s += $2} END {printf "%d", s}')
+  # Done when every row is read and the last stored position is the snapshot connector's,
+  # without snapshot progress in it (so every row read is acknowledged).
+  last=$(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q -K '|' 2>/dev/null | tail -n1)
+  if [ "$SNAP_DONE" -ge "$SNAP_ROWS" ] && [[ $last == snap\|* ]] && [[ $last != *'"snapshot"'* ]]; then
+    break
+  fi
+  sleep 0.1
+done
+SNAP_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+read -r SUT SST < <(awk '{print $14, $15}' "/proc/$SNAP_PID/stat")
+SNAP_CPU_S=$(python3 -c "print(($SUT + $SST) / $TICKS)")
+SNAP_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SNAP_PID/status")
+stop_pids "$SNAP_PID"
+
 log "paced: $PACED_RATE row events/s for ${PACED_SECONDS}s, end-to-end lag"
 sql "CREATE DATABASE lag; CREATE TABLE lag.t (id BIGINT AUTO_INCREMENT PRIMARY KEY,
   ts TIMESTAMP(6) NOT NULL, pad CHAR(60) NOT NULL)"
@@ -159,10 +193,13 @@ read -r LAG_N LAG_RATE LAG_P50 LAG_P99 LAG_MAX <<<"$LAG"
 stop_pids "$LAG_PID"
 
 python3 - "$EVENTS" "$CDC_S" "$CPU_S" "$RSS_KB" "$BINLOG_BYTES" "$RAW_S" "$DECODED_ROWS" "$DEC_S" \
-  "$PY_ROWS" "$PY_S" "$LAG_N" "$LAG_RATE" "$LAG_P50" "$LAG_P99" "$LAG_MAX" <<'PY'
+  "$PY_ROWS" "$PY_S" "$LAG_N" "$LAG_RATE" "$LAG_P50" "$LAG_P99" "$LAG_MAX" \
+  "$SNAP_DONE" "$SNAP_S" "$SNAP_CPU_S" "$SNAP_RSS_KB" <<'PY'
 import sys
 events, cdc_s, cpu_s, rss_kb, binlog, raw_s, dec_rows, dec_s = sys.argv[1:9]
-py_rows, py_s, lag_n, lag_rate, p50, p99, pmax = sys.argv[9:]
+py_rows, py_s, lag_n, lag_rate, p50, p99, pmax = sys.argv[9:16]
+snap_rows, snap_s = int(sys.argv[16]), float(sys.argv[17])
+snap_cpu, snap_rss = float(sys.argv[18]), int(sys.argv[19])
 events, cdc_s, cpu_s, binlog = int(events), float(cdc_s), float(cpu_s), int(binlog)
 print(f"{'reader':<44} {'row events':>12} {'events/s':>12} {'MB/s':>9} {'CPU s/M ev':>11} {'peak RSS':>10}")
 print(f"{'qanat cdc (binlog -> bus, acked, stored)':<44} {events:>12} {events / cdc_s:>12.0f} "
@@ -175,6 +212,8 @@ if int(py_rows):
           f"{int(py_rows) / float(py_s):>12.0f} {binlog / float(py_s) / 1e6:>9.1f} {'':>11} {'':>10}")
 else:
     print(f"{'python-mysql-replication':<44} failed (its error is logged above)")
+print(f"{'qanat cdc initial snapshot (rows, acked)':<44} {snap_rows:>12} {snap_rows / snap_s:>12.0f} "
+      f"{'':>9} {snap_cpu / max(snap_rows, 1) * 1e6:>11.2f} {snap_rss / 1024:>8.1f}Mi")
 print(f"paced lag (NOW(6) at insert -> record read): {lag_n} events at {float(lag_rate):.0f}/s: "
       f"p50 {float(p50):.1f} ms, p99 {float(p99):.1f} ms, max {float(pmax):.1f} ms")
 PY

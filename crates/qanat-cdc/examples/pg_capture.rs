@@ -36,7 +36,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     .as_millis() as i64;
                 lags.push(now_ms - event.source.ts_ms);
             }
-            Change::Commit { resume, .. } => source.acknowledge(&resume).await?,
+            Change::Commit {
+                resume: Some(resume),
+                ..
+            } => source.acknowledge(&resume).await?,
             _ => {}
         }
     }

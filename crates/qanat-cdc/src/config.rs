@@ -85,6 +85,9 @@ pub struct ConnectorConfig {
     /// MariaDB: resume by GTID state (`@slave_connect_state`) rather than file + position.
     #[serde(default)]
     pub gtid_resume: bool,
+    /// MariaDB/MySQL: `db.table` of the signal table through which `qanat cdc snapshot` asks
+    /// the running connector for an incremental snapshot (created if missing).
+    pub signal_table: Option<String>,
     /// PostgreSQL: replication slot and publication (default: derived from the name).
     pub slot: Option<String>,
     pub publication: Option<String>,
@@ -153,6 +156,7 @@ impl ConnectorConfig {
             heartbeat_ms: default_heartbeat_ms(),
             snapshot_chunk: default_chunk(),
             gtid_resume: false,
+            signal_table: None,
             slot: None,
             publication: None,
             store_interval_ms: default_store_ms(),
@@ -297,6 +301,21 @@ impl CdcConfig {
             }
             if c.heartbeat_ms == 0 {
                 return Err(invalid(format!("{key}.heartbeat_ms"), "must be > 0"));
+            }
+            if let Some(t) = &c.signal_table {
+                let parts: Vec<&str> = t.split('.').collect();
+                if parts.len() != 2 || parts.iter().any(|p| p.is_empty()) {
+                    return Err(invalid(
+                        format!("{key}.signal_table"),
+                        format!("{t:?} is not db.table"),
+                    ));
+                }
+                if scheme.starts_with("postgres") {
+                    return Err(invalid(
+                        format!("{key}.signal_table"),
+                        "incremental snapshots are built for MariaDB/MySQL sources only",
+                    ));
+                }
             }
             c.pipeline(&key, &self.bootstrap, &self.offsets_topic)?;
         }

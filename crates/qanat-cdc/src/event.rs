@@ -94,6 +94,8 @@ pub enum Op {
     Delete,
     /// A row read by a snapshot.
     Read,
+    /// Every row of the table was removed (`TRUNCATE`): no `before`, no `after`, no key.
+    Truncate,
 }
 
 impl Op {
@@ -103,18 +105,21 @@ impl Op {
             Op::Update => "u",
             Op::Delete => "d",
             Op::Read => "r",
+            Op::Truncate => "t",
         }
     }
 }
 
 /// Debezium's `source.snapshot`: `"false"` when streaming, `"true"` inside a snapshot,
-/// `"last"` on the last row of a snapshot.
+/// `"last"` on the last row of a snapshot, `"incremental"` for rows of an incremental snapshot
+/// (a table read while streaming goes on).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum SnapshotMark {
     #[default]
     No,
     Yes,
     Last,
+    Incremental,
 }
 
 impl SnapshotMark {
@@ -123,33 +128,36 @@ impl SnapshotMark {
             SnapshotMark::No => "false",
             SnapshotMark::Yes => "true",
             SnapshotMark::Last => "last",
+            SnapshotMark::Incremental => "incremental",
         }
     }
 }
 
-/// Where a change came from. Fields a source does not have stay `None`.
+/// Where a change came from. Fields a source does not have stay `None`. The texts are shared
+/// (`Arc<str>`): a source hands the same database, table, file and transaction names to every
+/// row of a run without copying them.
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct SourceInfo {
     /// `"mysql"` (MariaDB too) or `"postgresql"`, as Debezium's `source.connector`.
     pub connector: &'static str,
     /// The connector's configured name (Debezium's logical server name).
     pub name: Arc<str>,
-    pub db: String,
+    pub db: Arc<str>,
     /// PostgreSQL schema.
-    pub schema: Option<String>,
+    pub schema: Option<Arc<str>>,
     /// The physical table, also when the event is routed to a logical table's topic (E5).
-    pub table: String,
+    pub table: Arc<str>,
     /// Commit time of the transaction in the source, milliseconds since the epoch.
     pub ts_ms: i64,
     pub snapshot: SnapshotMark,
     pub server_id: Option<u32>,
-    pub file: Option<String>,
+    pub file: Option<Arc<str>>,
     pub pos: Option<u64>,
     /// Index of the row inside its rows event (binlog).
     pub row: Option<u32>,
-    pub gtid: Option<String>,
+    pub gtid: Option<Arc<str>>,
     pub lsn: Option<u64>,
-    pub tx_id: Option<String>,
+    pub tx_id: Option<Arc<str>>,
 }
 
 impl SourceInfo {
@@ -160,19 +168,19 @@ impl SourceInfo {
         map.insert("name".into(), json!(&*self.name));
         map.insert("ts_ms".into(), json!(self.ts_ms));
         map.insert("snapshot".into(), json!(self.snapshot.as_str()));
-        map.insert("db".into(), json!(self.db));
+        map.insert("db".into(), json!(&*self.db));
         if let Some(schema) = &self.schema {
-            map.insert("schema".into(), json!(schema));
+            map.insert("schema".into(), json!(&**schema));
         }
-        map.insert("table".into(), json!(self.table));
+        map.insert("table".into(), json!(&*self.table));
         let optional = [
             ("server_id", self.server_id.map(|v| json!(v))),
-            ("file", self.file.as_ref().map(|v| json!(v))),
+            ("file", self.file.as_ref().map(|v| json!(&**v))),
             ("pos", self.pos.map(|v| json!(v))),
             ("row", self.row.map(|v| json!(v))),
-            ("gtid", self.gtid.as_ref().map(|v| json!(v))),
+            ("gtid", self.gtid.as_ref().map(|v| json!(&**v))),
             ("lsn", self.lsn.map(|v| json!(v))),
-            ("txId", self.tx_id.as_ref().map(|v| json!(v))),
+            ("txId", self.tx_id.as_ref().map(|v| json!(&**v))),
         ];
         for (key, value) in optional {
             if let Some(value) = value {
@@ -284,16 +292,16 @@ impl Serialize for SourceInfo {
         map.serialize_entry("name", &*self.name)?;
         map.serialize_entry("ts_ms", &self.ts_ms)?;
         map.serialize_entry("snapshot", self.snapshot.as_str())?;
-        map.serialize_entry("db", &self.db)?;
+        map.serialize_entry("db", &*self.db)?;
         if let Some(schema) = &self.schema {
-            map.serialize_entry("schema", schema)?;
+            map.serialize_entry("schema", &**schema)?;
         }
-        map.serialize_entry("table", &self.table)?;
+        map.serialize_entry("table", &*self.table)?;
         if let Some(v) = self.server_id {
             map.serialize_entry("server_id", &v)?;
         }
         if let Some(v) = &self.file {
-            map.serialize_entry("file", v)?;
+            map.serialize_entry("file", &**v)?;
         }
         if let Some(v) = self.pos {
             map.serialize_entry("pos", &v)?;
@@ -302,13 +310,13 @@ impl Serialize for SourceInfo {
             map.serialize_entry("row", &v)?;
         }
         if let Some(v) = &self.gtid {
-            map.serialize_entry("gtid", v)?;
+            map.serialize_entry("gtid", &**v)?;
         }
         if let Some(v) = self.lsn {
             map.serialize_entry("lsn", &v)?;
         }
         if let Some(v) = &self.tx_id {
-            map.serialize_entry("txId", v)?;
+            map.serialize_entry("txId", &**v)?;
         }
         map.end()
     }

@@ -16,8 +16,11 @@
 //! - [`config`]: `cdc.toml` (`[[connector]]`s), `QANAT_CDC_*` overrides, validation that
 //!   names the key.
 //! - [`mysql`]: the MariaDB/MySQL binlog source (with the small MariaDB shim for its own
-//!   events), value decoding per `docs/cdc-types.md`, DDL following, and the lock-free
-//!   chunked snapshot.
+//!   events), value decoding per `docs/cdc-types.md`, DDL following, the lock-free
+//!   chunked snapshot, and incremental snapshots of single tables while streaming, signalled
+//!   through a signal table in the source database.
+//! - [`progress`]: snapshot progress per table (rows read of the estimate), for metrics and
+//!   the terminal.
 //!
 //! # Invariants
 //! - A source emits changes in commit order. A [`source::Change::Commit`] (or
@@ -35,4 +38,5 @@ pub mod event;
 pub mod mysql;
 pub mod pipeline;
 pub mod postgres;
+pub mod progress;
 pub mod source;

@@ -10,7 +10,7 @@
 //! acknowledged before the next change is even read, so the history is never behind a stored
 //! position.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -21,13 +21,15 @@ use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::Message;
-use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord};
+use rdkafka::producer::{BaseRecord, ThreadedProducer};
 use rdkafka::TopicPartitionList;
 use regex::Regex;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value as Json};
 use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
+
+use self::delivery::{AckContext, Deliveries};
 
 use crate::event::{ChangeEvent, Op, Row, SnapshotMark, TransactionRef, Value};
 use crate::source::{Change, Position, SchemaChange, Source};
@@ -445,94 +447,131 @@ pub async fn store_offsets(
     cfg.security = security.clone();
     cfg.offsets_topic = offsets_topic.to_string();
     ensure_topics(&cfg).await?;
-    let producer = producer(&cfg)?;
+    let bus = Bus::new(&cfg)?;
     let value = serde_json::to_vec(record).map_err(PipelineError::Encode)?;
-    let future = enqueue(
-        &producer,
-        offsets_topic,
-        Some(name.as_bytes()),
-        Some(&value),
-    )
-    .await?;
-    delivered(offsets_topic, future).await
+    bus.send_acked(offsets_topic, Some(name.as_bytes()), Some(&value))
+        .await
 }
 
-enum Pending {
-    Delivery {
-        topic: String,
-        future: DeliveryFuture,
-    },
-    Resume {
-        position: Position,
-        commit_ts_ms: i64,
-        commit: bool,
-    },
+/// A resume point waiting for the records before it to be acknowledged.
+struct Resume {
+    /// Sequence number of the first record produced after it: everything below is before it.
+    before: u64,
+    position: Position,
+    commit_ts_ms: i64,
+    commit: bool,
+}
+
+/// Resume points in emission order, from the delivery loop to the acker.
+#[derive(Default)]
+struct ResumeQueue {
+    queue: VecDeque<Resume>,
+    /// The loop has ended: store the last acknowledged point and stop.
+    closing: bool,
 }
 
 /// Shared with the acker for the offsets record.
 type Stats = Arc<parking_lot::Mutex<BTreeMap<String, TableStats>>>;
 
-fn producer(cfg: &PipelineConfig) -> Result<FutureProducer, PipelineError> {
-    let mut c = cfg.client_config()?;
-    c.set("enable.idempotence", "true")
-        .set("acks", "all")
-        .set("linger.ms", "5")
-        .set("message.timeout.ms", "300000")
-        // The source outruns the bus while catching up: a 16 MiB send queue keeps batches
-        // full and the process small (librdkafka's default lets it grow to 1 GiB).
-        .set("queue.buffering.max.kbytes", "16384");
-    for (k, v) in &cfg.producer_properties {
-        c.set(k, v);
-    }
-    c.create().map_err(PipelineError::Client)
+/// The idempotent producer and what it has had acknowledged.
+#[derive(Clone)]
+struct Bus {
+    producer: Arc<ThreadedProducer<AckContext>>,
+    deliveries: Arc<Deliveries>,
 }
 
-/// Enqueue a record, waiting while librdkafka's queue is full.
-async fn enqueue(
-    producer: &FutureProducer,
-    topic: &str,
-    key: Option<&[u8]>,
-    payload: Option<&[u8]>,
-) -> Result<DeliveryFuture, PipelineError> {
-    loop {
-        let mut record: FutureRecord<'_, [u8], [u8]> = FutureRecord::to(topic);
-        if let Some(k) = key {
-            record = record.key(k);
+impl Bus {
+    fn new(cfg: &PipelineConfig) -> Result<Self, PipelineError> {
+        let mut c = cfg.client_config()?;
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("linger.ms", "5")
+            .set("message.timeout.ms", "300000")
+            // The source outruns the bus while catching up: a 16 MiB send queue keeps batches
+            // full and the process small (librdkafka's default lets it grow to 1 GiB).
+            .set("queue.buffering.max.kbytes", "16384");
+        for (k, v) in &cfg.producer_properties {
+            c.set(k, v);
         }
-        if let Some(p) = payload {
-            record = record.payload(p);
-        }
-        match producer.send_result(record) {
-            Ok(f) => return Ok(f),
-            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+        let deliveries = Deliveries::new();
+        let producer = c
+            .create_with_context(AckContext(deliveries.clone()))
+            .map_err(PipelineError::Client)?;
+        Ok(Bus {
+            producer: Arc::new(producer),
+            deliveries,
+        })
+    }
+
+    /// Hand a record to librdkafka, waiting while its queue is full; its sequence number.
+    async fn send(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> Result<u64, PipelineError> {
+        let seq = self.deliveries.take_seq();
+        loop {
+            let mut record: BaseRecord<'_, [u8], [u8], usize> =
+                BaseRecord::with_opaque_to(topic, seq as usize);
+            if let Some(k) = key {
+                record = record.key(k);
             }
-            Err((error, _)) => {
-                return Err(PipelineError::Delivery {
-                    topic: topic.to_string(),
-                    error,
+            if let Some(p) = payload {
+                record = record.payload(p);
+            }
+            match self.producer.send(record) {
+                Ok(()) => return Ok(seq),
+                Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => {
+                    // Full because deliveries fail: stop rather than wait for ever.
+                    if let Some(e) = self.failed() {
+                        return Err(e);
+                    }
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                }
+                Err((error, _)) => {
+                    return Err(PipelineError::Delivery {
+                        topic: topic.to_string(),
+                        error,
+                    })
+                }
+            }
+        }
+    }
+
+    /// Send a record and wait until it and everything before it is acknowledged.
+    async fn send_acked(
+        &self,
+        topic: &str,
+        key: Option<&[u8]>,
+        payload: Option<&[u8]>,
+    ) -> Result<(), PipelineError> {
+        let seq = self.send(topic, key, payload).await?;
+        self.wait_acked(seq + 1).await
+    }
+
+    async fn wait_acked(&self, seq: u64) -> Result<(), PipelineError> {
+        self.deliveries
+            .wait_acked(seq)
+            .await
+            .map_err(|(topic, error)| PipelineError::Delivery { topic, error })
+    }
+
+    fn failed(&self) -> Option<PipelineError> {
+        self.deliveries.with(|st| {
+            st.failed
+                .as_ref()
+                .map(|(topic, error)| PipelineError::Delivery {
+                    topic: topic.clone(),
+                    error: error.clone(),
                 })
-            }
-        }
-    }
-}
-
-async fn delivered(topic: &str, future: DeliveryFuture) -> Result<(), PipelineError> {
-    match future.await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err((error, _))) => Err(PipelineError::Delivery {
-            topic: topic.to_string(),
-            error,
-        }),
-        Err(_) => Err(PipelineError::Delivery {
-            topic: topic.to_string(),
-            error: KafkaError::Canceled,
-        }),
+        })
     }
 }
 
 struct Acker {
-    producer: FutureProducer,
+    bus: Bus,
+    resumes: Arc<parking_lot::Mutex<ResumeQueue>>,
     name: String,
     offsets_topic: String,
     stats: Stats,
@@ -550,14 +589,12 @@ impl Acker {
             tables: self.stats.lock().clone(),
         };
         let value = serde_json::to_vec(&record).map_err(PipelineError::Encode)?;
-        let future = enqueue(
-            &self.producer,
-            &self.offsets_topic,
-            Some(self.name.as_bytes()),
-            Some(&value),
-        )
-        .await?;
-        delivered(&self.offsets_topic, future)
+        self.bus
+            .send_acked(
+                &self.offsets_topic,
+                Some(self.name.as_bytes()),
+                Some(&value),
+            )
             .await
             .map_err(|e| match e {
                 PipelineError::Delivery { topic, error } => PipelineError::Store { topic, error },
@@ -571,56 +608,77 @@ impl Acker {
         Ok(())
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<Pending>) -> Result<(), PipelineError> {
+    /// Move acknowledged resume points out of the queue and store the latest one now and then.
+    /// Wakes up when a store is due, when the resume point a due store waits for is
+    /// acknowledged, and at shutdown; not per record.
+    async fn run(self) -> Result<(), PipelineError> {
+        let deliveries = self.bus.deliveries.clone();
+        let lag = metrics::gauge!("qanat_cdc_lag_seconds", "connector" => self.name.clone());
         let mut unstored: Option<(Position, i64)> = None;
         let mut commits_since = 0u64;
         let mut last_store = Instant::now();
         loop {
-            let next = if unstored.is_some() {
-                let wait = self.store_interval.saturating_sub(last_store.elapsed());
-                match tokio::time::timeout(wait, rx.recv()).await {
-                    Ok(next) => next,
-                    Err(_) => {
-                        if let Some((p, ts)) = unstored.take() {
-                            self.store(&p, ts).await?;
-                        }
-                        last_store = Instant::now();
-                        commits_since = 0;
-                        continue;
+            let notified = deliveries.notified();
+            let mut notified = std::pin::pin!(notified);
+            notified.as_mut().enable();
+            if let Some(e) = self.bus.failed() {
+                return Err(e);
+            }
+            let acked = deliveries.with(|st| st.acked);
+            let (closing, front, queued_commits) = {
+                let mut q = self.resumes.lock();
+                while q.queue.front().is_some_and(|r| r.before <= acked) {
+                    if let Some(r) = q.queue.pop_front() {
+                        commits_since += u64::from(r.commit);
+                        unstored = Some((r.position, r.commit_ts_ms));
                     }
                 }
-            } else {
-                rx.recv().await
+                let queued = q.queue.iter().filter(|r| r.commit).count() as u64;
+                (
+                    q.closing && q.queue.is_empty(),
+                    q.queue.front().map(|r| r.before),
+                    queued,
+                )
             };
-            match next {
-                None => break,
-                Some(Pending::Delivery { topic, future }) => delivered(&topic, future).await?,
-                Some(Pending::Resume {
-                    position,
-                    commit_ts_ms,
-                    commit,
-                }) => {
-                    let lag = (now_ms() - commit_ts_ms).max(0) as f64 / 1000.0;
-                    metrics::gauge!("qanat_cdc_lag_seconds", "connector" => self.name.clone())
-                        .set(lag);
-                    unstored = Some((position, commit_ts_ms));
-                    commits_since += u64::from(commit);
-                    if commits_since >= self.store_every_commits
-                        || last_store.elapsed() >= self.store_interval
-                    {
-                        if let Some((p, ts)) = unstored.take() {
-                            self.store(&p, ts).await?;
-                        }
-                        last_store = Instant::now();
-                        commits_since = 0;
-                    }
+            if let Some((_, ts)) = &unstored {
+                lag.set((now_ms() - ts).max(0) as f64 / 1000.0);
+            }
+            let due_by_time = last_store.elapsed() >= self.store_interval;
+            let due = closing || due_by_time || commits_since >= self.store_every_commits;
+            if due && unstored.is_some() {
+                if let Some((p, ts)) = unstored.take() {
+                    self.store(&p, ts).await?;
+                }
+                last_store = Instant::now();
+                commits_since = 0;
+                continue;
+            }
+            if closing {
+                return Ok(());
+            }
+            // Waiting: for the front point to be acknowledged when a store waits on it, else
+            // until the next store is due (or something new to look at).
+            let wants_front = due_by_time
+                || commits_since + queued_commits >= self.store_every_commits
+                || self.resumes.lock().closing;
+            if let Some(seq) = front.filter(|_| wants_front) {
+                let ready = deliveries.with(|st| {
+                    deliveries.wake_at(st, seq);
+                    st.acked >= seq
+                });
+                if ready {
+                    continue;
                 }
             }
+            let wait = if unstored.is_some() || front.is_some() {
+                self.store_interval
+                    .saturating_sub(last_store.elapsed())
+                    .max(Duration::from_millis(1))
+            } else {
+                Duration::from_secs(1)
+            };
+            let _ = tokio::time::timeout(wait, notified).await;
         }
-        if let Some((p, ts)) = unstored.take() {
-            self.store(&p, ts).await?;
-        }
-        Ok(())
     }
 }
 
@@ -631,9 +689,12 @@ struct TableRoute {
     coll: String,
     captured: bool,
     topic: String,
-    /// `qanat_cdc_events_total` by op (c, u, d, r).
-    events: [Option<metrics::Counter>; 4],
+    /// `qanat_cdc_events_total` by op (c, u, d, r, t).
+    events: [Option<metrics::Counter>; 5],
     snapshot_rows: Option<metrics::Counter>,
+    /// This table's figures for the offsets record, copied there by `flush_stats`.
+    stats: TableStats,
+    dirty: bool,
 }
 
 impl TableRoute {
@@ -643,6 +704,7 @@ impl TableRoute {
             Op::Update => 1,
             Op::Delete => 2,
             Op::Read => 3,
+            Op::Truncate => 4,
         };
         let coll = &self.coll;
         self.events[index]
@@ -664,10 +726,13 @@ impl TableRoute {
 
 /// The [`TableRoute`] of every table seen, with the last one looked up kept aside: events of
 /// one table come in runs, and a hit costs three string comparisons, no allocation.
+/// A source's (db, schema, table) and the collection name they make.
+type LastTable = (Arc<str>, Option<Arc<str>>, Arc<str>, String);
+
 #[derive(Default)]
 struct TableRoutes {
     by_coll: HashMap<String, TableRoute>,
-    last: Option<(String, Option<String>, String, String)>,
+    last: Option<LastTable>,
 }
 
 impl TableRoutes {
@@ -688,6 +753,8 @@ impl TableRoutes {
                     topic: cfg.topic_for(&coll),
                     events: Default::default(),
                     snapshot_rows: None,
+                    stats: TableStats::default(),
+                    dirty: false,
                 };
                 self.by_coll.insert(coll.clone(), route);
             }
@@ -700,6 +767,19 @@ impl TableRoutes {
         }
         let (_, _, _, coll) = self.last.as_ref()?;
         self.by_coll.get_mut(coll)
+    }
+
+    /// Add the figures counted since the last flush to the shared copy.
+    fn flush_stats(&mut self, stats: &Stats) {
+        let mut shared = stats.lock();
+        for route in self.by_coll.values_mut().filter(|r| r.dirty) {
+            let t = shared.entry(route.coll.clone()).or_default();
+            t.events += route.stats.events;
+            t.snapshot_rows += route.stats.snapshot_rows;
+            t.last_ts_ms = route.stats.last_ts_ms;
+            route.stats = TableStats::default();
+            route.dirty = false;
+        }
     }
 }
 
@@ -721,7 +801,7 @@ pub async fn run<S: Source>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), PipelineError> {
     ensure_topics(cfg).await?;
-    let producer = producer(cfg)?;
+    let bus = Bus::new(cfg)?;
     let stats: Stats = Arc::new(parking_lot::Mutex::new(
         initial
             .offsets
@@ -730,9 +810,10 @@ pub async fn run<S: Source>(
             .unwrap_or_default(),
     ));
     let (stored_tx, mut stored_rx) = watch::channel(None);
-    let (tx, rx) = mpsc::channel::<Pending>(65_536);
+    let resumes = Arc::new(parking_lot::Mutex::new(ResumeQueue::default()));
     let acker = Acker {
-        producer: producer.clone(),
+        bus: bus.clone(),
+        resumes: resumes.clone(),
         name: cfg.name.clone(),
         offsets_topic: cfg.offsets_topic.clone(),
         stats: stats.clone(),
@@ -740,12 +821,13 @@ pub async fn run<S: Source>(
         store_interval: cfg.store_interval,
         store_every_commits: cfg.store_every_commits.max(1),
     };
-    let mut acker = tokio::spawn(acker.run(rx));
+    let mut acker = tokio::spawn(acker.run());
     let mut shutdown = std::pin::pin!(shutdown);
     let mut routes = TableRoutes::default();
     let mut buffers = RecordBuffers::default();
     let mut tx_open: Option<OpenTransaction> = None;
     let mut tx_ts = 0i64;
+    let mut stats_flushed = Instant::now();
     let name_metric = cfg.name.clone();
     tracing::info!(connector = %cfg.name, "connector streaming");
 
@@ -769,6 +851,7 @@ pub async fn run<S: Source>(
             Ok(c) => c,
             Err(e) => break Err(PipelineError::Source(Box::new(e))),
         };
+        let mut resume = None;
         let step = async {
             match change {
                 Change::Begin { tx_id, ts_ms } => {
@@ -776,12 +859,14 @@ pub async fn run<S: Source>(
                     if let Some(topic) = &cfg.transaction_topic {
                         let value = json!({"status": "BEGIN", "id": tx_id, "event_count": null,
                             "data_collections": null, "ts_ms": ts_ms});
-                        publish_marker(&producer, &tx, topic, &tx_id, &value).await?;
+                        publish_marker(&bus, topic, &tx_id, &value).await?;
                     }
-                    tx_open = Some(OpenTransaction {
-                        id: tx_id,
-                        ..OpenTransaction::default()
-                    });
+                    if cfg.transaction_topic.is_some() {
+                        tx_open = Some(OpenTransaction {
+                            id: tx_id,
+                            ..OpenTransaction::default()
+                        });
+                    }
                 }
                 Change::Row(mut event) => {
                     let Some(route) = routes.get(cfg, &event.source) else {
@@ -812,33 +897,12 @@ pub async fn run<S: Source>(
                             });
                         }
                     }
-                    produce_event(
-                        &producer,
-                        &tx,
-                        &route.topic,
-                        &event,
-                        cfg.tombstones,
-                        &mut buffers,
-                    )
-                    .await?;
+                    produce_event(&bus, &route.topic, &event, cfg.tombstones, &mut buffers).await?;
                     let snapshot = event.source.snapshot != SnapshotMark::No;
-                    {
-                        let mut s = stats.lock();
-                        if let Some(t) = s.get_mut(coll) {
-                            t.events += 1;
-                            t.last_ts_ms = event.source.ts_ms;
-                            t.snapshot_rows += u64::from(snapshot);
-                        } else {
-                            s.insert(
-                                coll.to_string(),
-                                TableStats {
-                                    events: 1,
-                                    last_ts_ms: event.source.ts_ms,
-                                    snapshot_rows: u64::from(snapshot),
-                                },
-                            );
-                        }
-                    }
+                    route.stats.events += 1;
+                    route.stats.last_ts_ms = event.source.ts_ms;
+                    route.stats.snapshot_rows += u64::from(snapshot);
+                    route.dirty = true;
                     route.count(&name_metric, event.op, snapshot);
                 }
                 Change::Schema(schema) => {
@@ -848,19 +912,19 @@ pub async fn run<S: Source>(
                         &schema.table,
                     );
                     let value = serde_json::to_vec(&schema).map_err(PipelineError::Encode)?;
-                    let future = enqueue(
-                        &producer,
+                    // Acknowledged before anything after it is read (see the module doc).
+                    bus.send_acked(
                         &cfg.schema_history_topic,
                         Some(coll.as_bytes()),
                         Some(&value),
                     )
                     .await?;
-                    // Acknowledged before anything after it is read (see the module doc).
-                    delivered(&cfg.schema_history_topic, future).await?;
                     tracing::info!(connector = %cfg.name, table = %coll,
                         ddl = schema.ddl.as_deref().unwrap_or(""), "schema change recorded");
                 }
-                Change::Commit { tx_id, resume, .. } => {
+                Change::Commit {
+                    tx_id, resume: at, ..
+                } => {
                     let open = tx_open.take();
                     if let Some(topic) = &cfg.transaction_topic {
                         let open = open.unwrap_or_default();
@@ -871,34 +935,38 @@ pub async fn run<S: Source>(
                             .collect();
                         let value = json!({"status": "END", "id": tx_id, "event_count": open.total,
                             "data_collections": collections, "ts_ms": tx_ts});
-                        publish_marker(&producer, &tx, topic, &tx_id, &value).await?;
+                        publish_marker(&bus, topic, &tx_id, &value).await?;
                     }
-                    send(
-                        &tx,
-                        Pending::Resume {
-                            position: resume,
-                            commit_ts_ms: tx_ts,
-                            commit: true,
-                        },
-                    )
-                    .await?;
+                    resume = at.map(|at| (at, tx_ts, true));
                 }
-                Change::Heartbeat { resume, ts_ms } => {
-                    send(
-                        &tx,
-                        Pending::Resume {
-                            position: resume,
-                            commit_ts_ms: ts_ms,
-                            commit: false,
-                        },
-                    )
-                    .await?;
+                Change::Heartbeat { resume: at, ts_ms } => {
+                    resume = Some((at, ts_ms, false));
                 }
             }
             Ok::<(), PipelineError>(())
         };
         if let Err(e) = step.await {
             break Err(e);
+        }
+        if let Some((position, commit_ts_ms, commit)) = resume {
+            // Table figures go to the offsets record's copy now and then, not per event.
+            if !commit || stats_flushed.elapsed() >= Duration::from_millis(50) {
+                routes.flush_stats(&stats);
+                stats_flushed = Instant::now();
+            }
+            let before = bus.deliveries.next_seq();
+            let mut q = resumes.lock();
+            let was_empty = q.queue.is_empty();
+            q.queue.push_back(Resume {
+                before,
+                position,
+                commit_ts_ms,
+                commit,
+            });
+            drop(q);
+            if was_empty {
+                bus.deliveries.wake();
+            }
         }
         if stored_rx.has_changed().unwrap_or(false) {
             let stored = stored_rx.borrow_and_update().clone();
@@ -911,11 +979,22 @@ pub async fn run<S: Source>(
     };
     // Drain: everything produced is awaited and the last acked position stored, also when the
     // source failed (what was produced before the failure is not lost or repeated needlessly).
-    drop(tx);
-    let drained = match acker.await {
+    routes.flush_stats(&stats);
+    resumes.lock().closing = true;
+    bus.deliveries.wake();
+    let mut drained = match acker.await {
         Ok(r) => r,
         Err(_) => Err(PipelineError::AckerGone),
     };
+    if outcome.is_ok() && drained.is_ok() {
+        // Also the records after the last resume point (a transaction cut by the shutdown):
+        // not needed for the position, but sent rather than purged with the producer.
+        let all = bus.deliveries.next_seq();
+        drained = match tokio::time::timeout(Duration::from_secs(30), bus.wait_acked(all)).await {
+            Ok(r) => r,
+            Err(_) => Ok(()),
+        };
+    }
     let last_stored = stored_rx.borrow_and_update().clone();
     if let Some(position) = last_stored {
         if outcome.is_ok() {
@@ -928,35 +1007,22 @@ pub async fn run<S: Source>(
     outcome.and(drained)
 }
 
-/// Publish a transaction marker (BEGIN or END), keyed by the transaction id, and hand its
-/// delivery to the acknowledgement task like any event.
+/// Publish a transaction marker (BEGIN or END), keyed by the transaction id; its delivery is
+/// tracked like any event's.
 async fn publish_marker(
-    producer: &FutureProducer,
-    tx: &mpsc::Sender<Pending>,
+    bus: &Bus,
     topic: &str,
     tx_id: &str,
     value: &Json,
 ) -> Result<(), PipelineError> {
     let key = json!({ "id": tx_id }).to_string();
-    let future = enqueue(
-        producer,
+    bus.send(
         topic,
         Some(key.as_bytes()),
         Some(value.to_string().as_bytes()),
     )
     .await?;
-    send(
-        tx,
-        Pending::Delivery {
-            topic: topic.to_string(),
-            future,
-        },
-    )
-    .await
-}
-
-async fn send(tx: &mpsc::Sender<Pending>, pending: Pending) -> Result<(), PipelineError> {
-    tx.send(pending).await.map_err(|_| PipelineError::AckerGone)
+    Ok(())
 }
 
 /// Reused buffers for one record's key and value (librdkafka copies them on enqueue).
@@ -967,8 +1033,7 @@ struct RecordBuffers {
 }
 
 async fn produce_event(
-    producer: &FutureProducer,
-    tx: &mpsc::Sender<Pending>,
+    bus: &Bus,
     topic: &str,
     event: &ChangeEvent,
     tombstones: bool,
@@ -983,28 +1048,13 @@ async fn produce_event(
         .write_envelope(now_ms(), &mut buffers.value)
         .map_err(PipelineError::Encode)?;
     let key = has_key.then_some(buffers.key.as_slice());
-    let future = enqueue(producer, topic, key, Some(&buffers.value)).await?;
-    send(
-        tx,
-        Pending::Delivery {
-            topic: topic.to_string(),
-            future,
-        },
-    )
-    .await?;
+    bus.send(topic, key, Some(&buffers.value)).await?;
     if tombstones && event.op == Op::Delete && key.is_some() {
-        let future = enqueue(producer, topic, key, None).await?;
-        send(
-            tx,
-            Pending::Delivery {
-                topic: topic.to_string(),
-                future,
-            },
-        )
-        .await?;
+        bus.send(topic, key, None).await?;
     }
     Ok(())
 }
 
+mod delivery;
 #[cfg(test)]
 mod tests;

@@ -39,7 +39,10 @@ pub enum Change {
         tx_id: String,
         /// Row events per `db.table` (or `schema.table`) in this transaction.
         counts: BTreeMap<String, u64>,
-        resume: Position,
+        /// `None` when the source saves building a position for this commit (a busy stream of
+        /// small transactions); it then names a later resume point soon, at the latest when
+        /// its log pauses.
+        resume: Option<Position>,
     },
     /// Nothing to publish, but the log moved (or time passed): a resume point that keeps the
     /// stored position and the lag current on a quiet source.

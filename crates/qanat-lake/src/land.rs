@@ -170,6 +170,10 @@ pub enum DecodeError {
     NoOp,
     #[error("op {0:?}: expected c, u, d or r")]
     BadOp(String),
+    /// Debezium's truncate event: it names no rows, so the change log cannot hold it and a
+    /// merge could not apply it.
+    #[error("a TRUNCATE of the table (op \"t\", source position {0}): the lake does not apply truncates; the table's changes before it would come back in the next merge. Land the table again from a fresh snapshot (or stop capturing truncates at the source)")]
+    Truncate(String),
     #[error("a delete without `before`")]
     DeleteWithoutBefore,
     #[error("op {0} without `after`")]
@@ -239,6 +243,17 @@ pub fn decode_cdc(value: &[u8]) -> Result<Decoded<'_>, DecodeError> {
         Some("u") => "u",
         Some("d") => "d",
         Some("r") => "r",
+        Some("t") => {
+            let at = env.source.as_ref().map_or_else(String::new, |s| {
+                match (&s.file, s.pos, &s.gtid, s.lsn) {
+                    (Some(file), Some(pos), _, _) => format!("{file}:{pos}"),
+                    (_, _, Some(gtid), _) => gtid.to_string(),
+                    (_, _, _, Some(lsn)) => format!("lsn {lsn}"),
+                    _ => "unknown".to_string(),
+                }
+            });
+            return Err(DecodeError::Truncate(at));
+        }
         Some(other) => return Err(DecodeError::BadOp(other.to_owned())),
         None => return Err(DecodeError::NoOp),
     };
@@ -897,8 +912,12 @@ mod tests {
     fn garbage_records_are_precise_errors_not_panics() {
         let dir = tempfile::tempdir().unwrap();
         let mut lander = Lander::new(dir.path(), spec());
-        let cases: [(&[u8], &str); 6] = [
+        let cases: [(&[u8], &str); 7] = [
             (b"\xff\xfe", "not a change event envelope"),
+            (
+                br#"{"op":"t","before":null,"after":null,"source":{"ts_ms":1,"file":"b.1","pos":9}}"#,
+                "TRUNCATE of the table (op \"t\", source position b.1:9)",
+            ),
             (b"[]", "not a change event envelope"),
             (br#"{"op":"x","after":{}}"#, "op \"x\""),
             (
@@ -974,7 +993,7 @@ mod tests {
         fn garbage_envelopes_give_typed_errors_not_panics(value in mutations()) {
             match decode_cdc(&value) {
                 Ok(_) | Err(DecodeError::NotAnEnvelope(_) | DecodeError::NoOp
-                    | DecodeError::BadOp(_) | DecodeError::DeleteWithoutBefore
+                    | DecodeError::BadOp(_) | DecodeError::Truncate(_) | DecodeError::DeleteWithoutBefore
                     | DecodeError::NoAfter(_) | DecodeError::NoSource
                     | DecodeError::NoSourceTime) => {}
                 Err(other) => panic!("unexpected error kind for an envelope: {other}"),

@@ -2,7 +2,7 @@
 //! SIGTERM/SIGINT, and `qanat cdc status` for their positions, lag and rates.
 
 use std::collections::BTreeMap;
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -32,8 +32,9 @@ pub struct CdcArgs {
 enum CdcAction {
     /// Per connector and table: stored position, lag, events/s, snapshot rows.
     Status(StatusArgs),
-    /// Snapshot tables of a stopped MariaDB/MySQL connector at its next start, while its
-    /// stream resumes from the stored position (for a table added to `tables`).
+    /// Snapshot tables of a MariaDB/MySQL connector. With `--config` and a connector that has
+    /// a `signal_table`: the running connector reads them while it streams (incremental
+    /// snapshot). Otherwise: a stopped connector reads them at its next start.
     Snapshot(SnapshotArgs),
 }
 
@@ -43,6 +44,10 @@ struct SnapshotArgs {
     bootstrap: String,
     #[arg(long, default_value = "qanat-cdc-offsets")]
     offsets_topic: String,
+    /// The connectors' configuration: the named connector's source and `signal_table` carry
+    /// the request to the running connector.
+    #[arg(long, env = "QANAT_CDC_CONFIG")]
+    config: Option<PathBuf>,
     #[arg(long)]
     connector: String,
     /// `db.table`; repeat for several.
@@ -202,6 +207,9 @@ async fn run_connectors(
                 .with_context(|| format!("connector {name}"))
         });
     }
+    let progress = std::io::stderr()
+        .is_terminal()
+        .then(|| tokio::spawn(show_snapshot_progress()));
     let mut term = signal(SignalKind::terminate())?;
     let mut failed: Option<anyhow::Error> = None;
     loop {
@@ -229,11 +237,53 @@ async fn run_connectors(
             }
         }
     }
+    if let Some(p) = progress {
+        p.abort();
+    }
     match failed {
         Some(e) => Err(e),
         None => {
             tracing::info!("every connector stopped with its position stored");
             Ok(())
+        }
+    }
+}
+
+/// Until aborted: a progress bar per table being snapshotted (rows read of the server's
+/// estimate), on a terminal.
+async fn show_snapshot_progress() {
+    use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+    let multi = MultiProgress::with_draw_target(ProgressDrawTarget::stderr());
+    let style = ProgressStyle::with_template(
+        "{prefix} [{bar:24.cyan/blue}] {pos}/{len} rows {per_sec} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    let mut shown: BTreeMap<(String, String), ProgressBar> = BTreeMap::new();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    loop {
+        tick.tick().await;
+        for t in qanat_cdc::progress::tables() {
+            let key = (t.connector.clone(), t.table.clone());
+            let bar = shown.entry(key).or_insert_with(|| {
+                let bar = multi.add(ProgressBar::new(0));
+                bar.set_style(style.clone());
+                bar.set_prefix(format!("{:<12.12} {:<32.32}", t.connector, t.table));
+                bar
+            });
+            if bar.is_finished() {
+                if t.finished {
+                    continue;
+                }
+                // A new snapshot of the table: start the bar again.
+                bar.reset();
+            }
+            bar.set_length(t.rows_estimated.max(t.rows_done));
+            bar.set_position(t.rows_done);
+            if t.finished {
+                bar.set_length(t.rows_done);
+                bar.finish_with_message("done");
+            }
         }
     }
 }
@@ -259,6 +309,7 @@ async fn run_one(
                 heartbeat: Duration::from_millis(connector.heartbeat_ms),
                 snapshot_chunk: connector.snapshot_chunk,
                 gtid_resume: connector.gtid_resume,
+                signal_table: connector.signal_table.clone(),
             };
             let source = MysqlSource::open(cfg, &pipeline, &state).await?;
             let mut stdout = std::io::stdout();
@@ -311,6 +362,38 @@ async fn snapshot(args: SnapshotArgs, security: &KafkaSecurity) -> anyhow::Resul
             t.split('.').count() == 2 && !t.starts_with('.') && !t.ends_with('.'),
             "--table {t:?}: expected db.table"
         );
+    }
+    if let Some(path) = &args.config {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading configuration {}", path.display()))?;
+        let config = CdcConfig::from_toml_with_env(&text, std::env::vars())
+            .with_context(|| format!("in configuration {}", path.display()))?;
+        let connector = config
+            .connectors
+            .iter()
+            .find(|c| c.name == args.connector)
+            .with_context(|| {
+                format!(
+                    "{} has no connector named {}",
+                    path.display(),
+                    args.connector
+                )
+            })?;
+        let signal_table = connector.signal_table.as_deref().with_context(|| {
+            format!(
+                "connector {} has no signal_table: set one to snapshot tables while it runs, \
+                 or stop it and run this without --config",
+                args.connector
+            )
+        })?;
+        let id = qanat_cdc::mysql::signal_snapshot(&connector.source, signal_table, &args.tables)
+            .await?;
+        println!(
+            "connector {}: incremental snapshot of {} signalled through {signal_table} (signal {id})",
+            args.connector,
+            args.tables.join(", ")
+        );
+        return Ok(());
     }
     let all = pipeline::read_all_offsets(&args.bootstrap, security, &args.offsets_topic).await?;
     let Some(mut record) = all.get(&args.connector).cloned() else {

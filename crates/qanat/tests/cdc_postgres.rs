@@ -70,7 +70,11 @@ fn is_heartbeat(c: &Change) -> bool {
 
 fn resume_of(c: &Change) -> Option<&Position> {
     match c {
-        Change::Commit { resume, .. } | Change::Heartbeat { resume, .. } => Some(resume),
+        Change::Commit {
+            resume: Some(resume),
+            ..
+        }
+        | Change::Heartbeat { resume, .. } => Some(resume),
         _ => None,
     }
 }
@@ -709,6 +713,61 @@ async fn column_changes_emit_a_schema_change_before_the_next_row() {
             "row decoded with the new columns after {ddl}"
         );
     }
+}
+
+#[tokio::test]
+async fn truncate_is_one_truncate_event_per_captured_table() {
+    let (url, db) = fresh_database("cdc_truncate").await;
+    db.batch_execute(
+        "CREATE TABLE t_ta (id int PRIMARY KEY, v int);
+         CREATE TABLE t_tb (id int PRIMARY KEY);
+         CREATE TABLE other_tc (id int PRIMARY KEY);
+         INSERT INTO t_ta VALUES (1, 1), (2, 2); INSERT INTO t_tb VALUES (1);",
+    )
+    .await
+    .expect("tables");
+    let mut source = PostgresSource::open(&config(&url, "truncate"), None)
+        .await
+        .expect("open");
+    collect_until(&mut source, is_heartbeat).await;
+
+    db.batch_execute(
+        "BEGIN; INSERT INTO t_ta VALUES (3, 3);
+         TRUNCATE t_ta, t_tb, other_tc;
+         INSERT INTO t_ta VALUES (4, 4); COMMIT;",
+    )
+    .await
+    .expect("truncate");
+    let changes = collect_until(&mut source, |c| matches!(c, Change::Commit { .. })).await;
+    let events = rows(&changes);
+    let summary: Vec<(Op, String)> = events
+        .iter()
+        .map(|e| (e.op, e.source.table.to_string()))
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (Op::Create, "t_ta".to_string()),
+            (Op::Truncate, "t_ta".to_string()),
+            (Op::Truncate, "t_tb".to_string()),
+            (Op::Create, "t_ta".to_string()),
+        ],
+        "the excluded table gives no event"
+    );
+    let truncate = events[1];
+    assert!(truncate.before.is_none() && truncate.after.is_none());
+    assert!(truncate.key.columns.is_empty(), "no record key");
+    assert_eq!(truncate.op.code(), "t");
+    assert!(truncate.source.lsn.is_some_and(|l| l > 0));
+    assert_eq!(
+        truncate.source.tx_id, events[0].source.tx_id,
+        "same transaction"
+    );
+    let Some(Change::Commit { counts, .. }) = changes.last() else {
+        unreachable!()
+    };
+    assert_eq!(counts.get("public.t_ta"), Some(&3));
+    assert_eq!(counts.get("public.t_tb"), Some(&1));
 }
 
 #[tokio::test]

@@ -98,10 +98,14 @@ fn read_until_marker(bootstrap: &str, topic: &str, key: &str) -> Vec<Json> {
 }
 
 /// Applies Debezium events in order: `after` replaces the row (removing the old key on a
-/// key change), a delete removes `before`'s key.
+/// key change), a delete removes `before`'s key, a truncate (`op: "t"`) empties the table.
 fn replay(events: &[Json], key: &str) -> BTreeMap<i64, Image> {
     let mut table = BTreeMap::new();
     for event in events {
+        if event["op"] == "t" {
+            table.clear();
+            continue;
+        }
         let key_of = |image: &Json| image[key].as_i64().expect("integer key");
         if event["before"].is_object() {
             let old = key_of(&event["before"]);

@@ -20,9 +20,10 @@
 //! # Schema
 //! Column names, signedness, ENUM/SET labels, charsets and the primary key come from the
 //! TABLE_MAP event's `binlog_row_metadata=FULL` metadata, so each row is decoded with the
-//! columns it was written with. ALTER/CREATE/DROP/RENAME/TRUNCATE TABLE re-read the table
-//! from `information_schema` and emit [`Change::Schema`]; that definition is the fallback for
-//! names when the server logs only minimal metadata.
+//! columns it was written with. ALTER/CREATE/DROP/RENAME TABLE re-read the table from
+//! `information_schema` and emit [`Change::Schema`]; that definition is the fallback for
+//! names when the server logs only minimal metadata. `TRUNCATE [TABLE] t` (a QUERY event)
+//! becomes one `op: "t"` event for the table.
 
 pub mod decode;
 pub mod mariadb;
@@ -63,7 +64,15 @@ pub struct MysqlConfig {
     /// MariaDB: resume with `@slave_connect_state` (the GTID state) instead of file + pos, so
     /// a connector can follow a failover to another server of the same replication topology.
     pub gtid_resume: bool,
+    /// `db.table` of the signal table (Debezium's `signal.data.collection`): a row inserted
+    /// there asks for an incremental snapshot; the connector writes its chunk watermarks
+    /// there too. See [`SIGNAL_TABLE_DDL`].
+    pub signal_table: Option<String>,
 }
+
+/// The signal table's definition (Debezium's): `id`, `type` and `data` (JSON) columns.
+pub const SIGNAL_TABLE_DDL: &str =
+    "(id VARCHAR(64) PRIMARY KEY, type VARCHAR(32) NOT NULL, data VARCHAR(2048) NULL)";
 
 #[derive(Debug, thiserror::Error)]
 pub enum MysqlError {
@@ -112,6 +121,9 @@ pub enum MysqlError {
     Snapshot(String),
 }
 
+/// How often a streaming commit's position is built at most (see `MysqlSource::commit`).
+const NAME_COMMITS_EVERY: Duration = Duration::from_millis(5);
+
 fn q(what: impl Into<String>) -> impl FnOnce(mysql_async::Error) -> MysqlError {
     let what = what.into();
     move |source| MysqlError::Query { what, source }
@@ -128,6 +140,43 @@ struct BinlogPosition {
     gtid_state: BTreeMap<u32, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     snapshot: Option<SnapshotProgress>,
+    /// An incremental snapshot (tables signalled while streaming) in progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    incremental: Option<IncrementalProgress>,
+}
+
+/// What an incremental snapshot has left: the tables to read, the first being read, and the
+/// last key of it emitted. A restart redoes the chunk after `last_key`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+struct IncrementalProgress {
+    tables: Vec<String>,
+    #[serde(default)]
+    last_key: Option<Vec<Json>>,
+    #[serde(default)]
+    rows_done: u64,
+    #[serde(default)]
+    rows_estimated: u64,
+}
+
+/// One chunk of an incremental snapshot between its watermarks (DBLog): read after the low
+/// watermark was written and before the high one; a row the stream changes between the two
+/// watermarks is dropped from the chunk (the stream's event is as new or newer); at the high
+/// watermark what is left is emitted as reads.
+struct ChunkWindow {
+    /// `db.table`.
+    table: String,
+    low: String,
+    high: String,
+    /// The low watermark was seen in the stream.
+    open: bool,
+    /// The chunk's rows in key order; `None` once the stream changed that key.
+    rows: Vec<Option<ChangeEvent>>,
+    /// Index in `rows` by the key's JSON text.
+    by_key: HashMap<String, usize>,
+    /// The chunk's last key (also when that row was dropped), where the next chunk starts.
+    last_key: Option<Vec<Json>>,
+    /// Fewer rows than a chunk: the table is read to its end.
+    last_chunk: bool,
 }
 
 impl BinlogPosition {
@@ -163,6 +212,20 @@ struct TableDef {
     table: String,
     primary_key: Vec<String>,
     estimated_rows: u64,
+}
+
+/// A table as its TABLE_MAP describes it, with what every row of it needs worked out once.
+struct TableShape {
+    /// The TABLE_MAP body it was worked out from.
+    body: Vec<u8>,
+    columns: Vec<ColumnShape>,
+    db: Arc<str>,
+    table: Arc<str>,
+    /// `db.table`.
+    coll: String,
+    captured: bool,
+    /// Primary-key columns by the TABLE_MAP's metadata; all false when it names none.
+    pk_flags: Vec<bool>,
 }
 
 struct SnapshotRun {
@@ -231,9 +294,9 @@ pub struct MysqlSource {
     charsets: HashMap<u16, String>,
     /// Table definitions as of the stream position, from the schema history and DDL.
     schemas: HashMap<(String, String), SchemaChange>,
-    /// Per table id: the TABLE_MAP body it was worked out from, and the columns' shape. The
-    /// server repeats the TABLE_MAP before every transaction's rows; an identical one reuses it.
-    shapes: HashMap<u64, (Vec<u8>, Vec<ColumnShape>)>,
+    /// Per table id: what its TABLE_MAP says. The server repeats the TABLE_MAP before every
+    /// transaction's rows; an identical one reuses it.
+    shapes: HashMap<u64, TableShape>,
     stream: Option<BinlogStream>,
     pending: VecDeque<Change>,
     /// Committed position (end of the last whole transaction or statement).
@@ -241,13 +304,29 @@ pub struct MysqlSource {
     /// Position after the last event read.
     next_pos: u64,
     snapshot: Option<SnapshotRun>,
-    in_tx: Option<String>,
+    /// The open transaction's id (its GTID where there is one).
+    in_tx: Option<Arc<str>>,
+    /// `at.gtid`, shared by the events of its transaction.
+    gtid: Option<Arc<str>>,
+    /// `at.file`, shared by the events read from it.
+    file: Arc<str>,
+    /// A commit was passed without naming its position (see `commit`): the next pause of the
+    /// stream names it.
+    unnamed_commit: bool,
+    /// When a commit's position was last named.
+    named_at: Instant,
     tx_ts_ms: i64,
     tx_counts: BTreeMap<String, u64>,
     standalone: bool,
     last_heartbeat: Instant,
     /// `binlog_checksum` is not NONE.
     checksums: bool,
+    /// `(db, table)` of the signal table.
+    signal: Option<(String, String)>,
+    /// The incremental snapshot's chunk between its watermarks, and its connection.
+    window: Option<ChunkWindow>,
+    chunk_conn: Option<Conn>,
+    watermarks: u64,
 }
 
 impl MysqlSource {
@@ -311,13 +390,37 @@ impl MysqlSource {
             next_pos: 0,
             snapshot: None,
             in_tx: None,
+            gtid: None,
+            file: Arc::from(""),
+            unnamed_commit: false,
+            named_at: Instant::now(),
             tx_ts_ms: 0,
             tx_counts: BTreeMap::new(),
             standalone: false,
             last_heartbeat: Instant::now(),
             checksums,
+            signal: cfg
+                .signal_table
+                .as_deref()
+                .and_then(|t| t.split_once('.'))
+                .map(|(d, t)| (d.to_string(), t.to_string())),
+            window: None,
+            chunk_conn: None,
+            watermarks: 0,
             cfg,
         };
+        if let Some((db, table)) = &source.signal {
+            let ddl = format!(
+                "CREATE TABLE IF NOT EXISTS `{}`.`{}` {SIGNAL_TABLE_DDL}",
+                db.replace('`', "``"),
+                table.replace('`', "``")
+            );
+            source
+                .meta
+                .query_drop(ddl.as_str())
+                .await
+                .map_err(q(format!("creating the signal table {db}.{table}")))?;
+        }
         let available = |p: &BinlogPosition| logs.iter().any(|(name, _)| *name == p.file);
         match stored {
             Some(p) if available(&p) => {
@@ -359,6 +462,13 @@ impl MysqlSource {
     }
 
     fn captures(&self, db: &str, table: &str) -> bool {
+        if self
+            .signal
+            .as_ref()
+            .is_some_and(|(d, t)| d == db && t == table)
+        {
+            return false;
+        }
         let coll = format!("{db}.{table}");
         (self.include.is_empty() || self.include.iter().any(|r| r.is_match(&coll)))
             && !self.exclude.iter().any(|r| r.is_match(&coll))
@@ -406,6 +516,7 @@ impl MysqlSource {
                 gtid: None,
                 gtid_state: BTreeMap::new(),
                 snapshot: None,
+                incremental: None,
             };
         }
         let progress = resume.unwrap_or_default();
@@ -474,37 +585,14 @@ impl MysqlSource {
             run.progress.last_key = None;
             run.rows_done = 0;
         }
-        let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
         let chunk = self.cfg.snapshot_chunk.max(1);
-        let (sql, params): (String, Vec<My>) = if def.primary_key.is_empty() {
-            // No key: one pass; a crash restarts this table (documented fallback).
-            (
-                format!("SELECT * FROM {}.{}", quote(&def.db), quote(&def.table)),
-                Vec::new(),
-            )
-        } else {
-            let cols: Vec<String> = def.primary_key.iter().map(|c| quote(c)).collect();
-            let order = cols.join(",");
-            match &run.progress.last_key {
-                Some(last) => (
-                    format!(
-                        "SELECT * FROM {}.{} WHERE ({order}) > ({}) ORDER BY {order} LIMIT {chunk}",
-                        quote(&def.db),
-                        quote(&def.table),
-                        vec!["?"; cols.len()].join(",")
-                    ),
-                    last.iter().map(json_param).collect(),
-                ),
-                None => (
-                    format!(
-                        "SELECT * FROM {}.{} ORDER BY {order} LIMIT {chunk}",
-                        quote(&def.db),
-                        quote(&def.table)
-                    ),
-                    Vec::new(),
-                ),
-            }
-        };
+        let (sql, params) = chunk_query(
+            &def.db,
+            &def.table,
+            &def.primary_key,
+            run.progress.last_key.as_deref(),
+            chunk,
+        );
         let result: Vec<mysql_async::Row> = run
             .conn
             .exec(sql.as_str(), params)
@@ -514,31 +602,11 @@ impl MysqlSource {
         let finished = def.primary_key.is_empty() || n < chunk;
         let last_table = finished && run.tables.len() == 1;
         let ts = now_ms();
-        for (i, row) in result.into_iter().enumerate() {
-            let columns = row.columns();
-            let values = row.unwrap();
-            let mut image = Row::default();
-            for (col, v) in columns.iter().zip(values) {
-                let shape = snapshot_shape(col);
-                let value = snapshot_value(&shape, col, v, &self.charsets).map_err(|error| {
-                    MysqlError::Decode {
-                        table: coll.clone(),
-                        position: "snapshot".into(),
-                        error,
-                    }
-                })?;
-                image
-                    .columns
-                    .push((Arc::from(col.name_str().as_ref()), value));
-            }
-            let key = Row {
-                columns: image
-                    .columns
-                    .iter()
-                    .filter(|(c, _)| def.primary_key.iter().any(|k| **k == **c))
-                    .cloned()
-                    .collect(),
-            };
+        let rows = decode_chunk(result, &def.primary_key, &self.charsets, &coll)?;
+        let db: Arc<str> = Arc::from(def.db.as_str());
+        let table: Arc<str> = Arc::from(def.table.as_str());
+        let file: Arc<str> = Arc::from(self.at.file.as_str());
+        for (i, (image, key)) in rows.into_iter().enumerate() {
             if i + 1 == n && !def.primary_key.is_empty() {
                 run.progress.last_key =
                     Some(key.columns.iter().map(|(_, v)| v.to_json()).collect());
@@ -556,11 +624,11 @@ impl MysqlSource {
                 source: SourceInfo {
                     connector: "mysql",
                     name: self.name.clone(),
-                    db: def.db.clone(),
-                    table: def.table.clone(),
+                    db: db.clone(),
+                    table: table.clone(),
                     ts_ms: ts,
                     snapshot: mark,
-                    file: Some(self.at.file.clone()),
+                    file: Some(file.clone()),
                     pos: Some(self.at.pos),
                     ..SourceInfo::default()
                 },
@@ -568,10 +636,13 @@ impl MysqlSource {
             })));
         }
         run.rows_done += n as u64;
-        metrics::gauge!("qanat_cdc_snapshot_rows_estimated", "connector" => self.name.to_string(), "table" => coll.clone())
-            .set(def.estimated_rows as f64);
-        metrics::gauge!("qanat_cdc_snapshot_rows_done", "connector" => self.name.to_string(), "table" => coll.clone())
-            .set(run.rows_done as f64);
+        crate::progress::report(
+            &self.name,
+            &coll,
+            run.rows_done,
+            def.estimated_rows,
+            finished,
+        );
         if finished || run.logged.elapsed() >= Duration::from_secs(2) {
             tracing::info!(table = %coll, rows_done = run.rows_done, rows_estimated = def.estimated_rows, finished, "snapshot progress");
             run.logged = Instant::now();
@@ -650,24 +721,46 @@ impl MysqlSource {
         let Some(stream) = self.stream.as_mut() else {
             return Ok(());
         };
-        let event = match tokio::time::timeout(period * 3, stream.next()).await {
-            Err(_) => {
-                // The server sent not even a heartbeat: keep lag measurable all the same.
-                if self.in_tx.is_none() {
+        // Between transactions only: inside one, `at` already carries its GTID.
+        let between = self.in_tx.is_none() && !self.standalone;
+        let next = if self.unnamed_commit && between {
+            // A pause of the stream (no event buffered) names the last commit's position.
+            use futures_util::FutureExt as _;
+            match stream.next().now_or_never() {
+                Some(next) => next,
+                None => {
+                    self.unnamed_commit = false;
+                    self.named_at = Instant::now();
                     self.pending.push_back(Change::Heartbeat {
                         resume: self.at.position(),
-                        ts_ms: now_ms(),
+                        ts_ms: self.tx_ts_ms,
                     });
+                    return Ok(());
                 }
-                return Ok(());
             }
-            Ok(None) => {
+        } else {
+            match tokio::time::timeout(period * 3, stream.next()).await {
+                Err(_) => {
+                    // The server sent not even a heartbeat: keep lag measurable all the same.
+                    if self.in_tx.is_none() {
+                        self.pending.push_back(Change::Heartbeat {
+                            resume: self.at.position(),
+                            ts_ms: now_ms(),
+                        });
+                    }
+                    return Ok(());
+                }
+                Ok(next) => next,
+            }
+        };
+        let event = match next {
+            None => {
                 return Err(MysqlError::Unsupported {
                     position: self.here(),
                     reason: "the server closed the binlog stream".into(),
                 })
             }
-            Ok(Some(Err(source))) => {
+            Some(Err(source)) => {
                 let position = self.here();
                 if let mysql_async::Error::Server(ref e) = source {
                     if e.code == 1236 {
@@ -679,7 +772,7 @@ impl MysqlSource {
                 }
                 return Err(MysqlError::Stream { position, source });
             }
-            Ok(Some(Ok(event))) => event,
+            Some(Ok(event)) => event,
         };
         let header = event.header();
         let raw_type = header.event_type_raw();
@@ -698,13 +791,19 @@ impl MysqlSource {
                         }
                     })?;
                 let text = gtid.text();
-                self.at.gtid = Some(text.clone());
-                self.at.gtid_state.insert(gtid.domain, text);
+                self.gtid = Some(Arc::from(text.as_str()));
+                match self.at.gtid_state.get_mut(&gtid.domain) {
+                    Some(last) => last.clone_from(&text),
+                    None => {
+                        self.at.gtid_state.insert(gtid.domain, text.clone());
+                    }
+                }
+                self.at.gtid = Some(text);
                 self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
                 if gtid.standalone {
                     self.standalone = true;
                 } else {
-                    self.begin(gtid.text());
+                    self.begin(self.gtid.clone());
                 }
             }
             mariadb::ANNOTATE_ROWS | mariadb::BINLOG_CHECKPOINT | mariadb::GTID_LIST => {}
@@ -745,6 +844,7 @@ impl MysqlSource {
                             name.truncate(name.len() - 4);
                         }
                         self.at.file = String::from_utf8_lossy(&name).into_owned();
+                        self.file = Arc::from(self.at.file.as_str());
                         self.at.pos = r.position();
                         self.next_pos = r.position();
                         return Ok(());
@@ -759,7 +859,9 @@ impl MysqlSource {
                             hex::encode(&sid[8..10]),
                             hex::encode(&sid[10..16])
                         );
-                        self.at.gtid = Some(format!("{uuid}:{}", g.gno()));
+                        let text = format!("{uuid}:{}", g.gno());
+                        self.gtid = Some(Arc::from(text.as_str()));
+                        self.at.gtid = Some(text);
                         self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
                     }
                     Some(EventData::QueryEvent(qe)) => {
@@ -769,11 +871,10 @@ impl MysqlSource {
                         if trimmed.eq_ignore_ascii_case("BEGIN") {
                             if self.in_tx.is_none() {
                                 self.tx_ts_ms = i64::from(header.timestamp()) * 1000;
-                                let id =
-                                    self.at.gtid.clone().unwrap_or_else(|| {
-                                        format!("{}:{}", self.at.file, event_start)
-                                    });
-                                self.begin(id);
+                                let id = self.gtid.clone().unwrap_or_else(|| {
+                                    Arc::from(format!("{}:{}", self.at.file, event_start))
+                                });
+                                self.begin(Some(id));
                             }
                         } else if trimmed.eq_ignore_ascii_case("COMMIT") {
                             self.next_pos = end;
@@ -781,7 +882,11 @@ impl MysqlSource {
                             return Ok(());
                         } else {
                             self.next_pos = end;
-                            Box::pin(self.ddl(&schema, &statement, end)).await?;
+                            if let Some((db, table)) = truncate_target(&schema, &statement) {
+                                self.truncate(db, table, header.server_id(), event_start);
+                            } else {
+                                Box::pin(self.ddl(&schema, &statement, end)).await?;
+                            }
                             if self.in_tx.is_none() {
                                 self.standalone = false;
                                 self.at.pos = end;
@@ -798,15 +903,26 @@ impl MysqlSource {
                         let known = self
                             .shapes
                             .get(&tme.table_id())
-                            .is_some_and(|(seen, _)| seen.as_slice() == body);
+                            .is_some_and(|seen| seen.body.as_slice() == body);
                         if !known {
-                            let shape = Box::pin(self.table_shape(&tme)).await?;
-                            self.shapes.insert(tme.table_id(), (body.to_vec(), shape));
+                            let columns = Box::pin(self.table_shape(&tme)).await?;
+                            let db = tme.database_name();
+                            let table = tme.table_name();
+                            let pk_flags = columns.iter().map(|c| c.primary_key).collect();
+                            let shape = TableShape {
+                                body: body.to_vec(),
+                                columns,
+                                coll: format!("{db}.{table}"),
+                                captured: self.captures(&db, &table),
+                                db: Arc::from(&*db),
+                                table: Arc::from(&*table),
+                                pk_flags,
+                            };
+                            self.shapes.insert(tme.table_id(), shape);
                         }
                     }
                     Some(EventData::RowsEvent(rows)) => {
-                        let position = self.at_pos(read_at);
-                        self.rows(&rows, header.server_id(), event_start, &position)?;
+                        self.rows(&rows, header.server_id(), event_start, read_at)?;
                     }
                     Some(EventData::XidEvent(_)) => {
                         self.next_pos = end;
@@ -823,25 +939,38 @@ impl MysqlSource {
         Ok(())
     }
 
-    fn begin(&mut self, tx_id: String) {
-        self.in_tx = Some(tx_id.clone());
-        self.tx_counts.clear();
+    fn begin(&mut self, tx_id: Option<Arc<str>>) {
+        let tx_id = tx_id.unwrap_or_else(|| Arc::from(""));
         self.pending.push_back(Change::Begin {
-            tx_id,
+            tx_id: tx_id.to_string(),
             ts_ms: self.tx_ts_ms,
         });
+        self.in_tx = Some(tx_id);
+        self.tx_counts.clear();
     }
 
+    /// The transaction is committed. Its position is named (a `Position` built) at most every
+    /// few milliseconds while the binlog streams in: the pipeline stores one every 200 ms,
+    /// and building one for every small transaction costs more than its row events. The
+    /// stream's next pause names the last one (see `stream_step`).
     fn commit(&mut self) {
         self.at.pos = self.next_pos;
-        let tx_id = self
-            .in_tx
-            .take()
-            .unwrap_or_else(|| self.at.gtid.clone().unwrap_or_default());
+        let tx_id = match self.in_tx.take() {
+            Some(id) => id.to_string(),
+            None => self.at.gtid.clone().unwrap_or_default(),
+        };
+        let resume = if self.named_at.elapsed() >= NAME_COMMITS_EVERY {
+            self.named_at = Instant::now();
+            self.unnamed_commit = false;
+            Some(self.at.position())
+        } else {
+            self.unnamed_commit = true;
+            None
+        };
         self.pending.push_back(Change::Commit {
             tx_id,
             counts: std::mem::take(&mut self.tx_counts),
-            resume: self.at.position(),
+            resume,
         });
     }
 
@@ -985,25 +1114,24 @@ impl MysqlSource {
         rows: &RowsEventData<'_>,
         server_id: u32,
         event_start: u64,
-        position: &str,
+        read_at: u64,
     ) -> Result<(), MysqlError> {
-        let Some(stream) = self.stream.as_ref() else {
-            return Ok(());
-        };
-        let Some(tme) = stream.get_tme(rows.table_id()) else {
+        if *self.file != *self.at.file {
+            self.file = Arc::from(self.at.file.as_str());
+        }
+        let Some(shape) = self.shapes.get(&rows.table_id()) else {
             return Err(MysqlError::Unsupported {
-                position: position.into(),
+                position: self.at_pos(read_at),
                 reason: "rows event without its TABLE_MAP".into(),
             });
         };
-        let db = tme.database_name().into_owned();
-        let table = tme.table_name().into_owned();
-        if !self.captures(&db, &table) {
+        let is_signal = self
+            .signal
+            .as_ref()
+            .is_some_and(|(d, t)| **d == *shape.db && **t == *shape.table);
+        if !shape.captured && !is_signal {
             return Ok(());
         }
-        let Some((_, shape)) = self.shapes.get(&rows.table_id()) else {
-            return Ok(());
-        };
         let op = match rows {
             RowsEventData::WriteRowsEventV1(_) | RowsEventData::WriteRowsEvent(_) => Op::Create,
             RowsEventData::UpdateRowsEventV1(_)
@@ -1011,22 +1139,29 @@ impl MysqlSource {
             | RowsEventData::PartialUpdateRowsEvent(_) => Op::Update,
             RowsEventData::DeleteRowsEventV1(_) | RowsEventData::DeleteRowsEvent(_) => Op::Delete,
         };
-        let schema_pk = self
-            .schemas
-            .get(&(db.clone(), table.clone()))
-            .map(|s| s.primary_key.clone());
-        let coll = format!("{db}.{table}");
+        // Key columns by name from the definition, when the TABLE_MAP names none.
+        let schema_pk = if shape.pk_flags.iter().any(|f| *f) {
+            None
+        } else {
+            self.schemas
+                .get(&(shape.db.to_string(), shape.table.to_string()))
+                .map(|s| s.primary_key.clone())
+        };
+        let position = || format!("{}:{read_at}", self.at.file);
+        let coll = &shape.coll;
         let decode_err = |error| MysqlError::Decode {
             table: coll.clone(),
-            position: position.into(),
+            position: position(),
             error,
         };
+        let columns = &shape.columns;
         // The event's column bitmaps and row bytes, read with the shape worked out once per
         // TABLE_MAP. (mysql_common's row iterator re-parses the TABLE_MAP's optional metadata
         // and builds a named `Column` for every column of every row: most of a row's cost.)
+        // A bitmap is only checked to cover every column (a FULL row image).
         macro_rules! bits {
             ($b:expr) => {
-                $b.iter().by_vals().collect::<Vec<bool>>()
+                $b.len() == columns.len() && $b.iter().by_vals().all(|b| b)
             };
         }
         let (before_cols, after_cols, data, partial) = match rows {
@@ -1073,13 +1208,14 @@ impl MysqlSource {
                 true,
             ),
         };
-        let pk_flags: Vec<bool> = shape.iter().map(|c| c.primary_key).collect();
         let mut buf = ParseBuf(data);
         let mut index = 0usize;
+        let key_len = shape.pk_flags.iter().filter(|f| **f).count();
+        let mut signals = Vec::new();
         while !buf.is_empty() {
             let to_error = |e: ImageError| match e {
                 ImageError::Io(e) => MysqlError::Unsupported {
-                    position: position.into(),
+                    position: position(),
                     reason: e.to_string(),
                 },
                 ImageError::NotFull => MysqlError::ServerSetting {
@@ -1089,74 +1225,87 @@ impl MysqlSource {
                 },
                 ImageError::Decode(error) => decode_err(error),
             };
-            let before = match &before_cols {
-                Some(present) => Some((
-                    read_image(&mut buf, shape, present, false, &self.charsets)
-                        .map_err(to_error)?,
-                    &pk_flags,
-                )),
+            let before = match before_cols {
+                Some(full) => Some(
+                    read_image(&mut buf, columns, full, false, &self.charsets).map_err(to_error)?,
+                ),
                 None => None,
             };
-            let after = match &after_cols {
-                Some(present) => Some((
-                    read_image(&mut buf, shape, present, partial, &self.charsets)
+            let after = match after_cols {
+                Some(full) => Some(
+                    read_image(&mut buf, columns, full, partial, &self.charsets)
                         .map_err(to_error)?,
-                    &pk_flags,
-                )),
+                ),
                 None => None,
             };
             let row_index = index;
             index += 1;
-            let (key_src, pk_flags) = match (&after, &before) {
-                (_, Some((b, f))) if op == Op::Delete => (b, f),
-                (Some((a, f)), _) => (a, f),
-                (None, Some((b, f))) => (b, f),
+            let key_src = match (&after, &before) {
+                (_, Some(b)) if op == Op::Delete => b,
+                (Some(a), _) => a,
+                (None, Some(b)) => b,
                 (None, None) => continue,
             };
-            let key = Row {
-                columns: key_src
-                    .columns
-                    .iter()
-                    .enumerate()
-                    .filter(|(i, (name, _))| match &schema_pk {
-                        _ if pk_flags.iter().any(|f| *f) => {
-                            pk_flags.get(*i).copied().unwrap_or(false)
+            let key_of = |image: &Row| -> Row {
+                let mut key = Vec::with_capacity(key_len);
+                match &schema_pk {
+                    None => {
+                        for (c, _) in image
+                            .columns
+                            .iter()
+                            .zip(&shape.pk_flags)
+                            .filter(|(_, f)| **f)
+                        {
+                            key.push(c.clone());
                         }
-                        Some(pk) => pk.iter().any(|k| k.as_str() == &**name),
-                        None => false,
-                    })
-                    .map(|(_, c)| c.clone())
-                    .collect(),
+                    }
+                    Some(pk) => {
+                        for c in &image.columns {
+                            if pk.iter().any(|k| k.as_str() == &*c.0) {
+                                key.push(c.clone());
+                            }
+                        }
+                    }
+                }
+                Row { columns: key }
             };
+            let key = key_of(key_src);
             // An update that changes the primary key: Debezium's delete of the old key,
             // then a create of the new one, so per-key consumers stay right.
-            let before_key: Option<Row> = (op == Op::Update)
-                .then_some(())
-                .and(before.as_ref())
-                .map(|(b, _)| Row {
-                    columns: b
-                        .columns
-                        .iter()
-                        .filter(|(n, _)| key.columns.iter().any(|(k, _)| k == n))
-                        .cloned()
-                        .collect(),
-                });
+            let before_key: Option<Row> = match (&before, op) {
+                (Some(b), Op::Update) => Some(key_of(b)),
+                _ => None,
+            };
             let source = SourceInfo {
                 connector: "mysql",
                 name: self.name.clone(),
-                db: db.clone(),
-                table: table.clone(),
+                db: shape.db.clone(),
+                table: shape.table.clone(),
                 ts_ms: self.tx_ts_ms,
                 server_id: Some(server_id),
-                file: Some(self.at.file.clone()),
+                file: Some(self.file.clone()),
                 pos: Some(event_start),
                 row: u32::try_from(row_index).ok(),
-                gtid: self.at.gtid.clone(),
+                gtid: self.gtid.clone(),
                 tx_id: self.in_tx.clone(),
                 ..SourceInfo::default()
             };
+            if is_signal {
+                if let (Op::Create, Some(after)) = (op, after) {
+                    signals.push(after);
+                }
+                continue;
+            }
+            // Inside an incremental snapshot's window the stream wins over the chunk.
+            if let Some(w) = self.window.as_mut().filter(|w| w.open && w.table == *coll) {
+                for k in [Some(&key), before_key.as_ref()].into_iter().flatten() {
+                    if let Some(&i) = serde_json::to_string(k).ok().and_then(|t| w.by_key.get(&t)) {
+                        w.rows[i] = None;
+                    }
+                }
+            }
             let mut emit = |event: ChangeEvent| {
-                match self.tx_counts.get_mut(&coll) {
+                match self.tx_counts.get_mut(coll.as_str()) {
                     Some(n) => *n += 1,
                     None => {
                         self.tx_counts.insert(coll.clone(), 1);
@@ -1165,10 +1314,9 @@ impl MysqlSource {
                 self.pending.push_back(Change::Row(Box::new(event)));
             };
             if op == Op::Update && !key.columns.is_empty() && before_key.as_ref() != Some(&key) {
-                let old = before.map(|(b, _)| b);
                 emit(ChangeEvent {
                     op: Op::Delete,
-                    before: old,
+                    before,
                     after: None,
                     key: before_key.unwrap_or_default(),
                     source: source.clone(),
@@ -1177,7 +1325,7 @@ impl MysqlSource {
                 emit(ChangeEvent {
                     op: Op::Create,
                     before: None,
-                    after: after.map(|(a, _)| a),
+                    after,
                     key,
                     source,
                     transaction: None,
@@ -1185,15 +1333,283 @@ impl MysqlSource {
             } else {
                 emit(ChangeEvent {
                     op,
-                    before: before.map(|(b, _)| b),
-                    after: after.map(|(a, _)| a),
+                    before,
+                    after,
                     key,
                     source,
                     transaction: None,
                 });
             }
         }
+        for signal in signals {
+            self.on_signal(&signal);
+        }
         Ok(())
+    }
+
+    /// A row inserted into the signal table: a request (`execute-snapshot`) or one of this
+    /// connector's chunk watermarks coming back through the binlog.
+    fn on_signal(&mut self, row: &Row) {
+        let text = |name: &str| match row.get(name) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            Some(Value::Bytes(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            _ => None,
+        };
+        let (Some(id), Some(kind)) = (text("id"), text("type")) else {
+            tracing::warn!("a signal row without id or type: ignored");
+            return;
+        };
+        match kind.as_str() {
+            "execute-snapshot" => {
+                let data: Json = text("data")
+                    .and_then(|d| serde_json::from_str(&d).ok())
+                    .unwrap_or(Json::Null);
+                let wanted: Vec<String> = data["data-collections"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_string))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if wanted.is_empty() {
+                    tracing::warn!(signal = %id, "execute-snapshot without data-collections: ignored");
+                    return;
+                }
+                let mut accepted = Vec::new();
+                for table in wanted {
+                    let captured = table
+                        .split_once('.')
+                        .is_some_and(|(d, t)| self.captures(d, t));
+                    if captured {
+                        accepted.push(table);
+                    } else {
+                        tracing::warn!(signal = %id, %table, "incremental snapshot of a table the connector does not capture: ignored");
+                    }
+                }
+                let progress = self
+                    .at
+                    .incremental
+                    .get_or_insert_with(IncrementalProgress::default);
+                for table in accepted {
+                    if !progress.tables.contains(&table) {
+                        tracing::info!(signal = %id, %table, "incremental snapshot requested");
+                        progress.tables.push(table);
+                    }
+                }
+                if progress.tables.is_empty() {
+                    self.at.incremental = None;
+                }
+            }
+            "snapshot-window-open" => {
+                if let Some(w) = self.window.as_mut().filter(|w| w.low == id) {
+                    w.open = true;
+                }
+            }
+            "snapshot-window-close" => {
+                if self.window.as_ref().is_some_and(|w| w.high == id && w.open) {
+                    self.close_window();
+                }
+            }
+            other => tracing::warn!(signal = %id, kind = other, "unknown signal type: ignored"),
+        }
+    }
+
+    /// The high watermark came back: what is left of the chunk is emitted as reads, and the
+    /// progress (in `at`, so in the next stored position) moves past the chunk.
+    fn close_window(&mut self) {
+        let Some(w) = self.window.take() else { return };
+        let Some(progress) = self.at.incremental.as_mut() else {
+            return;
+        };
+        let mut emitted = 0u64;
+        for mut event in w.rows.into_iter().flatten() {
+            event.source.ts_ms = now_ms();
+            self.pending.push_back(Change::Row(Box::new(event)));
+            emitted += 1;
+        }
+        progress.rows_done += emitted;
+        progress.last_key = w.last_key;
+        let table = w.table;
+        let finished = w.last_chunk;
+        crate::progress::report(
+            &self.name,
+            &table,
+            progress.rows_done,
+            progress.rows_estimated,
+            finished,
+        );
+        if finished {
+            tracing::info!(%table, rows = progress.rows_done, "incremental snapshot of the table done");
+            progress.tables.retain(|t| *t != table);
+            progress.last_key = None;
+            progress.rows_done = 0;
+            progress.rows_estimated = 0;
+            if progress.tables.is_empty() {
+                self.at.incremental = None;
+            }
+        }
+    }
+
+    /// The next chunk of the incremental snapshot: low watermark, the chunk's `SELECT`, high
+    /// watermark (each committed on its own), then the stream takes it from there.
+    async fn incremental_step(&mut self) -> Result<(), MysqlError> {
+        let Some(progress) = self.at.incremental.clone() else {
+            return Ok(());
+        };
+        let Some(coll) = progress.tables.first().cloned() else {
+            self.at.incremental = None;
+            return Ok(());
+        };
+        let Some((signal_db, signal_table)) = self.signal.clone() else {
+            return Err(MysqlError::Snapshot(
+                "an incremental snapshot is pending but the connector has no signal_table".into(),
+            ));
+        };
+        let (db, table) = coll.split_once('.').unwrap_or(("", coll.as_str()));
+        let (db, table) = (db.to_string(), table.to_string());
+        if self.chunk_conn.is_none() {
+            let mut conn = connect(&self.cfg.url).await?;
+            conn.query_drop("SET SESSION time_zone = '+00:00'")
+                .await
+                .map_err(q("SET time_zone"))?;
+            self.chunk_conn = Some(conn);
+        }
+        let primary_key = primary_key(&mut self.meta, &db, &table).await?;
+        if primary_key.is_empty() {
+            tracing::warn!(table = %coll, "incremental snapshot needs a primary key: table skipped");
+            if let Some(p) = self.at.incremental.as_mut() {
+                p.tables.retain(|t| *t != coll);
+                p.last_key = None;
+            }
+            return Ok(());
+        }
+        if progress.last_key.is_none() {
+            let estimate: Option<Option<u64>> = self
+                .meta
+                .exec_first(
+                    "SELECT TABLE_ROWS FROM information_schema.TABLES \
+                     WHERE TABLE_SCHEMA = ? AND TABLE_NAME = ?",
+                    (&db, &table),
+                )
+                .await
+                .map_err(q(format!("row estimate of {coll}")))?;
+            let rows_estimated = estimate.flatten().unwrap_or(0);
+            if let Some(p) = self.at.incremental.as_mut() {
+                p.rows_estimated = rows_estimated;
+            }
+            crate::progress::report(&self.name, &coll, 0, rows_estimated, false);
+        }
+        let Some(conn) = self.chunk_conn.as_mut() else {
+            return Ok(());
+        };
+        let signal = format!(
+            "`{}`.`{}`",
+            signal_db.replace('`', "``"),
+            signal_table.replace('`', "``")
+        );
+        let mut watermark = |kind: &str| {
+            self.watermarks += 1;
+            let id = format!("qanat-{}-{}-{}", self.name, now_ms(), self.watermarks);
+            let data = serde_json::json!({ "table": coll, "kind": kind }).to_string();
+            (id, data)
+        };
+        let (low, low_data) = watermark("low");
+        let (high, high_data) = watermark("high");
+        let insert = format!("INSERT INTO {signal} (id, type, data) VALUES (?, ?, ?)");
+        conn.exec_drop(insert.as_str(), (&low, "snapshot-window-open", &low_data))
+            .await
+            .map_err(q(format!("writing the low watermark to {signal}")))?;
+        let chunk = self.cfg.snapshot_chunk.max(1);
+        let (sql, params) = chunk_query(
+            &db,
+            &table,
+            &primary_key,
+            progress.last_key.as_deref(),
+            chunk,
+        );
+        let result: Vec<mysql_async::Row> = conn
+            .exec(sql.as_str(), params)
+            .await
+            .map_err(q(format!("incremental snapshot of {coll}")))?;
+        conn.exec_drop(
+            insert.as_str(),
+            (&high, "snapshot-window-close", &high_data),
+        )
+        .await
+        .map_err(q(format!("writing the high watermark to {signal}")))?;
+        let last_chunk = result.len() < chunk;
+        let decoded = decode_chunk(result, &primary_key, &self.charsets, &coll)?;
+        let last_key = decoded
+            .last()
+            .map(|(_, key)| key.columns.iter().map(|(_, v)| v.to_json()).collect());
+        let db: Arc<str> = Arc::from(db.as_str());
+        let table_name: Arc<str> = Arc::from(table.as_str());
+        let mut rows = Vec::with_capacity(decoded.len());
+        let mut by_key = HashMap::with_capacity(decoded.len());
+        for (image, key) in decoded {
+            if let Ok(text) = serde_json::to_string(&key) {
+                by_key.insert(text, rows.len());
+            }
+            rows.push(Some(ChangeEvent {
+                op: Op::Read,
+                before: None,
+                after: Some(image),
+                key,
+                source: SourceInfo {
+                    connector: "mysql",
+                    name: self.name.clone(),
+                    db: db.clone(),
+                    table: table_name.clone(),
+                    snapshot: SnapshotMark::Incremental,
+                    ..SourceInfo::default()
+                },
+                transaction: None,
+            }));
+        }
+        self.window = Some(ChunkWindow {
+            table: coll,
+            low,
+            high,
+            open: false,
+            rows,
+            by_key,
+            last_key: last_key.or(progress.last_key),
+            last_chunk,
+        });
+        Ok(())
+    }
+
+    /// `TRUNCATE [TABLE] db.table`: Debezium's truncate event (`op: "t"`, no images, no key).
+    /// The columns stay as they were, so no schema change.
+    fn truncate(&mut self, db: String, table: String, server_id: u32, event_start: u64) {
+        if !self.captures(&db, &table) {
+            return;
+        }
+        let coll = format!("{db}.{table}");
+        if self.in_tx.is_some() {
+            *self.tx_counts.entry(coll).or_default() += 1;
+        }
+        self.pending.push_back(Change::Row(Box::new(ChangeEvent {
+            op: Op::Truncate,
+            before: None,
+            after: None,
+            key: Row::default(),
+            source: SourceInfo {
+                connector: "mysql",
+                name: self.name.clone(),
+                db: Arc::from(db),
+                table: Arc::from(table),
+                ts_ms: self.tx_ts_ms,
+                server_id: Some(server_id),
+                file: Some(Arc::from(self.at.file.as_str())),
+                pos: Some(event_start),
+                gtid: self.gtid.clone(),
+                tx_id: self.in_tx.clone(),
+                ..SourceInfo::default()
+            },
+            transaction: None,
+        })));
     }
 
     /// Follow a QUERY event: table DDL re-reads the definition; other statements pass.
@@ -1238,12 +1654,12 @@ enum ImageError {
 fn read_image<'a>(
     buf: &mut ParseBuf<'a>,
     shape: &'a [ColumnShape],
-    present: &[bool],
+    full: bool,
     shared: bool,
     charsets: &HashMap<u16, String>,
 ) -> Result<Row, ImageError> {
     let short = || ImageError::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
-    if present.len() != shape.len() || present.iter().any(|p| !p) {
+    if !full {
         return Err(ImageError::NotFull);
     }
     if shared {
@@ -1282,6 +1698,32 @@ fn read_image<'a>(
     Ok(row)
 }
 
+/// Ask the running connector reading `url` for an incremental snapshot of `tables`
+/// (`db.table`): a row in its signal table, which it sees in the binlog (Debezium's
+/// `execute-snapshot` signal). Returns the signal's id.
+pub async fn signal_snapshot(
+    url: &str,
+    signal_table: &str,
+    tables: &[String],
+) -> Result<String, MysqlError> {
+    let (db, table) = signal_table.split_once('.').ok_or_else(|| {
+        MysqlError::Snapshot(format!("signal table {signal_table:?} is not db.table"))
+    })?;
+    let mut conn = connect(url).await?;
+    let id = format!("snapshot-{}", now_ms());
+    let data = serde_json::json!({ "data-collections": tables, "type": "incremental" }).to_string();
+    let sql = format!(
+        "INSERT INTO `{}`.`{}` (id, type, data) VALUES (?, 'execute-snapshot', ?)",
+        db.replace('`', "``"),
+        table.replace('`', "``")
+    );
+    conn.exec_drop(sql.as_str(), (&id, &data))
+        .await
+        .map_err(q(format!("writing the signal to {signal_table}")))?;
+    let _ = conn.disconnect().await;
+    Ok(id)
+}
+
 /// `position` with a snapshot of `tables` (`db.table`) requested: the next start of the
 /// connector reads just those tables inside a consistent snapshot, then streams on from
 /// `position` itself, so nothing of the stream is skipped (`qanat cdc snapshot`).
@@ -1303,6 +1745,27 @@ pub fn request_table_snapshot(
         }
     }
     Ok(at.position())
+}
+
+/// The table of a `TRUNCATE [TABLE] name` statement (MySQL also takes it without `TABLE`).
+fn truncate_target(default_db: &str, statement: &str) -> Option<(String, String)> {
+    use std::sync::OnceLock;
+    static TRUNCATE: OnceLock<Option<Regex>> = OnceLock::new();
+    let re = TRUNCATE
+        .get_or_init(|| {
+            Regex::new(
+                r"(?is)^\s*truncate\s+(?:table\s+)?(`(?:[^`]|``)+`|[\w$]+)(?:\s*\.\s*(`(?:[^`]|``)+`|[\w$]+))?\s*;?\s*$",
+            )
+            .ok()
+        })
+        .as_ref()?;
+    let text = strip_comments(statement);
+    let caps = re.captures(&text)?;
+    let a = unquote(caps.get(1)?.as_str());
+    Some(match caps.get(2) {
+        Some(b) => (a, unquote(b.as_str())),
+        None => (default_db.to_string(), a),
+    })
 }
 
 /// The tables a DDL statement changes; `Ok(None)` when it changes no table's columns.
@@ -1465,6 +1928,7 @@ async fn master_position(conn: &mut Conn) -> Result<BinlogPosition, MysqlError> 
         gtid: None,
         gtid_state: BTreeMap::new(),
         snapshot: None,
+        incremental: None,
     })
 }
 
@@ -1615,6 +2079,101 @@ fn snapshot_value(
     })
 }
 
+/// The `SELECT` of one primary-key chunk of `db.table` after `last_key` (all of a table
+/// without a key).
+fn chunk_query(
+    db: &str,
+    table: &str,
+    primary_key: &[String],
+    last_key: Option<&[Json]>,
+    chunk: usize,
+) -> (String, Vec<My>) {
+    let quote = |s: &str| format!("`{}`", s.replace('`', "``"));
+    if primary_key.is_empty() {
+        // No key: one pass; a crash restarts this table (documented fallback).
+        return (
+            format!("SELECT * FROM {}.{}", quote(db), quote(table)),
+            Vec::new(),
+        );
+    }
+    let cols: Vec<String> = primary_key.iter().map(|c| quote(c)).collect();
+    let order = cols.join(",");
+    match last_key {
+        Some(last) => (
+            format!(
+                "SELECT * FROM {}.{} WHERE ({order}) > ({}) ORDER BY {order} LIMIT {chunk}",
+                quote(db),
+                quote(table),
+                vec!["?"; cols.len()].join(",")
+            ),
+            last.iter().map(json_param).collect(),
+        ),
+        None => (
+            format!(
+                "SELECT * FROM {}.{} ORDER BY {order} LIMIT {chunk}",
+                quote(db),
+                quote(table)
+            ),
+            Vec::new(),
+        ),
+    }
+}
+
+/// The rows of a chunk as (image, key). Column facts are worked out once per chunk: every row
+/// of a result has the same columns.
+fn decode_chunk(
+    result: Vec<mysql_async::Row>,
+    primary_key: &[String],
+    charsets: &HashMap<u16, String>,
+    coll: &str,
+) -> Result<Vec<(Row, Row)>, MysqlError> {
+    let (shapes, names, key_flags): (Vec<ColumnShape>, Vec<Arc<str>>, Vec<bool>) = result
+        .first()
+        .map(|row| {
+            let columns = row.columns_ref();
+            (
+                columns.iter().map(snapshot_shape).collect(),
+                columns
+                    .iter()
+                    .map(|c| Arc::from(c.name_str().as_ref()))
+                    .collect(),
+                columns
+                    .iter()
+                    .map(|c| primary_key.iter().any(|k| *k == c.name_str()))
+                    .collect(),
+            )
+        })
+        .unwrap_or_default();
+    let mut out = Vec::with_capacity(result.len());
+    for row in result {
+        let columns = row.columns();
+        let values = row.unwrap();
+        let mut image = Row {
+            columns: Vec::with_capacity(values.len()),
+        };
+        for (((col, v), shape), name) in columns.iter().zip(values).zip(&shapes).zip(&names) {
+            let value =
+                snapshot_value(shape, col, v, charsets).map_err(|error| MysqlError::Decode {
+                    table: coll.to_string(),
+                    position: "snapshot".into(),
+                    error,
+                })?;
+            image.columns.push((name.clone(), value));
+        }
+        let key = Row {
+            columns: image
+                .columns
+                .iter()
+                .zip(&key_flags)
+                .filter(|(_, k)| **k)
+                .map(|(c, _)| c.clone())
+                .collect(),
+        };
+        out.push((image, key));
+    }
+    Ok(out)
+}
+
 impl Source for MysqlSource {
     type Error = MysqlError;
 
@@ -1625,6 +2184,13 @@ impl Source for MysqlSource {
             }
             if self.snapshot.is_some() {
                 Box::pin(self.snapshot_step()).await?;
+            } else if self.at.incremental.is_some()
+                && self.window.is_none()
+                && self.in_tx.is_none()
+                && !self.standalone
+            {
+                Box::pin(self.incremental_step()).await?;
+                self.stream_step().await?;
             } else {
                 self.stream_step().await?;
             }
@@ -1644,6 +2210,22 @@ impl Source for MysqlSource {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn truncate_targets_found() {
+        let t = |s| truncate_target("shop", s);
+        let pair = |a: &str, b: &str| Some((a.to_string(), b.to_string()));
+        assert_eq!(t("TRUNCATE TABLE orders"), pair("shop", "orders"));
+        assert_eq!(t("truncate orders"), pair("shop", "orders"));
+        assert_eq!(
+            t("TRUNCATE `other`.`we``ird` /* c */"),
+            pair("other", "we`ird")
+        );
+        assert_eq!(t(" Truncate table other . t ;"), pair("other", "t"));
+        assert_eq!(t("TRUNCATE TABLE a, b"), None);
+        assert_eq!(t("ALTER TABLE orders ADD c INT"), None);
+        assert_eq!(t("TRUNCATED"), None);
+    }
 
     #[test]
     fn ddl_targets_found() {

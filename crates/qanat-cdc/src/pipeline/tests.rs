@@ -185,7 +185,7 @@ async fn routes_shapes_orders_and_stores_positions() {
         Change::Commit {
             tx_id: "tx1".into(),
             counts: BTreeMap::new(),
-            resume: pos(2),
+            resume: Some(pos(2)),
         },
         Change::Schema(schema.clone()),
         Change::Begin {
@@ -196,7 +196,7 @@ async fn routes_shapes_orders_and_stores_positions() {
         Change::Commit {
             tx_id: "tx2".into(),
             counts: BTreeMap::new(),
-            resume: pos(3),
+            resume: Some(pos(3)),
         },
         Change::Heartbeat {
             resume: pos(4),

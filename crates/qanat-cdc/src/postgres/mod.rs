@@ -1039,15 +1039,15 @@ impl<S: ReplicationStream> PostgresSource<S> {
 
     fn source_info(&self, rel: &RelationState, lsn: u64) -> SourceInfo {
         let (ts_ms, tx_id) = match &self.tx {
-            Some(tx) => (tx.ts_ms, Some(tx.xid.clone())),
+            Some(tx) => (tx.ts_ms, Some(Arc::from(tx.xid.as_str()))),
             None => (now_ms(), None),
         };
         SourceInfo {
             connector: "postgresql",
             name: self.name.clone(),
-            db: self.db.clone(),
-            schema: Some(rel.schema.clone()),
-            table: rel.table.clone(),
+            db: Arc::from(self.db.as_str()),
+            schema: Some(Arc::from(rel.schema.as_str())),
+            table: Arc::from(rel.table.as_str()),
             ts_ms,
             snapshot: SnapshotMark::No,
             lsn: Some(lsn),
@@ -1210,7 +1210,7 @@ impl<S: ReplicationStream> PostgresSource<S> {
                 Some(Change::Commit {
                     tx_id: tx.as_ref().map_or_else(String::new, |t| t.xid.clone()),
                     counts: tx.map(|t| t.counts).unwrap_or_default(),
-                    resume: position_at(c.end_lsn),
+                    resume: Some(position_at(c.end_lsn)),
                 })
             }
             Message::Relation(r) => {
@@ -1242,21 +1242,39 @@ impl<S: ReplicationStream> PostgresSource<S> {
                 self.row_event(d.relation, wal_start, Op::Delete, Some(&d.old), None)?
             }
             Message::Truncate(t) => {
-                let names: Vec<String> = t
-                    .relations
-                    .iter()
-                    .filter_map(|oid| self.relations.get(oid))
-                    .filter(|r| r.included)
-                    .map(|r| format!("{}.{}", r.schema, r.table))
-                    .collect();
-                if !names.is_empty() {
-                    tracing::warn!(
-                        "TRUNCATE of {names:?} at {}: not emitted as row events (Debezium \
-                         skips truncates by default); consumers keep the old rows",
-                        format_lsn(wal_start)
-                    );
+                // One `op: "t"` event per captured table, in the message's order; the rows'
+                // keys are unknown, so the events have no record key.
+                let lsn = if wal_start != 0 {
+                    wal_start
+                } else {
+                    self.tx.as_ref().map_or(0, |tx| tx.final_lsn)
+                };
+                let mut events = Vec::new();
+                for oid in &t.relations {
+                    let rel = self
+                        .relations
+                        .get(oid)
+                        .ok_or(PostgresError::UnknownRelation(*oid))?;
+                    if !rel.included {
+                        continue;
+                    }
+                    let full_name = format!("{}.{}", rel.schema, rel.table);
+                    events.push((full_name, self.source_info(rel, lsn)));
                 }
-                None
+                for (full_name, info) in events {
+                    if let Some(tx) = &mut self.tx {
+                        *tx.counts.entry(full_name).or_default() += 1;
+                    }
+                    self.pending.push_back(Change::Row(Box::new(ChangeEvent {
+                        op: Op::Truncate,
+                        before: None,
+                        after: None,
+                        key: Row::default(),
+                        source: info,
+                        transaction: None,
+                    })));
+                }
+                self.pending.pop_front()
             }
             Message::Origin { .. } | Message::Message(_) => None,
         })
@@ -1336,6 +1354,13 @@ impl<S: ReplicationStream> PostgresSource<S> {
                 };
                 snap.rows.extend(events);
                 let done = done + fetched;
+                crate::progress::report(
+                    &self.name,
+                    &table,
+                    done,
+                    estimate.max(0.0) as u64,
+                    fetched == 0,
+                );
                 if fetched == 0 {
                     snap.client
                         .batch_execute("CLOSE qanat_snapshot")
