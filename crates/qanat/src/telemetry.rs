@@ -40,6 +40,9 @@ pub async fn serve_metrics(
     serve_metrics_guarded(addr, tls, None).await
 }
 
+/// How often histogram samples are folded into buckets when nobody scrapes.
+const UPKEEP_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The broker whose HTTP credentials a scrape must carry, set once it is open (the endpoint
 /// is up before, so the broker's own metrics register with the recorder).
 pub type CredentialsFrom = Arc<OnceLock<Arc<qanat_broker::Broker>>>;
@@ -56,6 +59,16 @@ pub async fn serve_metrics_guarded(
         .context("metrics buckets")?
         .install_recorder()
         .context("installing the metrics recorder")?;
+    // Histograms keep raw samples until upkeep folds them into buckets; without a scraper
+    // that would grow without bound, so upkeep runs on its own clock too.
+    let upkeep = handle.clone();
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(UPKEEP_EVERY);
+        loop {
+            every.tick().await;
+            upkeep.run_upkeep();
+        }
+    });
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the metrics listener on {addr}"))?;
