@@ -356,8 +356,14 @@ impl Agent {
         clock: Arc<dyn Clock>,
     ) -> Result<Agent, AgentError> {
         Agent::with_sink(cfg, fs, clock, |cfg, host, wake| {
-            Ok(match cfg.output.producer {
-                ProducerKind::Native => Box::new(NativeSink::new(
+            let producer = cfg.output.effective_producer();
+            if let (ProducerKind::Auto, Some(why)) =
+                (cfg.output.producer, cfg.output.needs_librdkafka())
+            {
+                tracing::info!("shipping through librdkafka: {why} needs it");
+            }
+            Ok(match producer {
+                ProducerKind::Auto | ProducerKind::Native => Box::new(NativeSink::new(
                     &cfg.output,
                     host,
                     cfg.max_inflight_bytes,

@@ -88,8 +88,11 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ProducerKind {
-    /// Records encoded straight into Kafka record batches (plaintext connections only).
+    /// The native producer, unless the output needs librdkafka (TLS or SASL, snappy, or
+    /// `[output.librdkafka]` properties).
     #[default]
+    Auto,
+    /// Records encoded straight into Kafka record batches (plaintext connections only).
     Native,
     /// librdkafka: TLS, SASL and any `[output.librdkafka]` property.
     Librdkafka,
@@ -98,7 +101,7 @@ pub enum ProducerKind {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct OutputConfig {
-    /// `native` or `librdkafka`.
+    /// `auto`, `native` or `librdkafka`.
     pub producer: ProducerKind,
     pub bootstrap: String,
     /// librdkafka `batch.size`: a batch is sent when it reaches this many bytes …
@@ -119,10 +122,36 @@ pub struct OutputConfig {
     pub security: qanat_config::KafkaSecurity,
 }
 
+impl OutputConfig {
+    /// What in this output only librdkafka can do, if anything.
+    pub fn needs_librdkafka(&self) -> Option<String> {
+        if !self.security.is_empty() && !self.security.protocol().eq_ignore_ascii_case("PLAINTEXT")
+        {
+            return Some("output.security (TLS, SASL)".to_string());
+        }
+        if !self.librdkafka.is_empty() {
+            return Some("[output.librdkafka] properties".to_string());
+        }
+        if crate::sink::native::batch::Codec::parse(&self.compression).is_none() {
+            return Some(format!("output.compression = {:?}", self.compression));
+        }
+        None
+    }
+
+    /// The producer that ships records: `auto` resolved against the settings.
+    pub fn effective_producer(&self) -> ProducerKind {
+        match self.producer {
+            ProducerKind::Auto if self.needs_librdkafka().is_some() => ProducerKind::Librdkafka,
+            ProducerKind::Auto => ProducerKind::Native,
+            chosen => chosen,
+        }
+    }
+}
+
 impl Default for OutputConfig {
     fn default() -> Self {
         OutputConfig {
-            producer: ProducerKind::Native,
+            producer: ProducerKind::Auto,
             bootstrap: "127.0.0.1:9092".to_string(),
             batch_bytes: 512 << 10,
             batch_age_ms: 200,
@@ -244,20 +273,10 @@ impl AgentConfig {
             .validate("output.security")
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.output.producer == ProducerKind::Native {
-            let o = &self.output;
-            let refuse = |what: &str| {
-                Err(ConfigError::Invalid(format!(
-                    "output.producer = \"native\" does not support {what}; set output.producer = \"librdkafka\""
-                )))
-            };
-            if !o.security.is_empty() && !o.security.protocol().eq_ignore_ascii_case("PLAINTEXT") {
-                return refuse("output.security (TLS, SASL)");
-            }
-            if !o.librdkafka.is_empty() {
-                return refuse("[output.librdkafka] properties");
-            }
-            if crate::sink::native::batch::Codec::parse(&o.compression).is_none() {
-                return refuse(&format!("output.compression = {:?}", o.compression));
+            if let Some(what) = self.output.needs_librdkafka() {
+                return Err(ConfigError::Invalid(format!(
+                    "output.producer = \"native\" does not support {what}; set output.producer = \"librdkafka\" or \"auto\""
+                )));
             }
         }
         if self.max_inflight_bytes == 0 || self.read_chunk_bytes == 0 {
@@ -324,5 +343,19 @@ mod tests {
         "#;
         assert!(AgentConfig::from_toml_with_env(bad, Vec::new()).is_err());
         assert!(AgentConfig::from_toml_with_env("", Vec::new()).is_err());
+    }
+
+    #[test]
+    fn auto_producer_is_native_unless_the_output_needs_librdkafka() {
+        let c = AgentConfig::from_toml_with_env(MIN, Vec::new()).unwrap();
+        assert_eq!(c.output.producer, ProducerKind::Auto);
+        assert_eq!(c.output.effective_producer(), ProducerKind::Native);
+        let snappy = format!("[output]\ncompression = \"snappy\"\n{MIN}");
+        let c = AgentConfig::from_toml_with_env(&snappy, Vec::new()).unwrap();
+        assert_eq!(c.output.effective_producer(), ProducerKind::Librdkafka);
+        let native_snappy =
+            format!("[output]\nproducer = \"native\"\ncompression = \"snappy\"\n{MIN}");
+        let refused = AgentConfig::from_toml_with_env(&native_snappy, Vec::new()).unwrap_err();
+        assert!(refused.to_string().contains("output.producer"), "{refused}");
     }
 }
