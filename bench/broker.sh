@@ -12,7 +12,8 @@
 #   5. broker C, periodic fsync: one 100-partition topic, 1 KiB records -> peak RSS;
 #   5b. broker D, periodic fsync, a PLAINTEXT and a SASL_SSL listener (SCRAM-SHA-512, TLS with
 #      a certificate made here by openssl): the same 1 KiB / 1 partition / acks=1 produce and
-#      consume through each, side by side in the same run (TLS cost);
+#      consume through each, side by side in the same run (TLS cost), with the broker's and the
+#      client's CPU seconds per GB produced for each (the client reports its own CPU time);
 #   6. NATS JetStream: the same produce/consume workloads (subjects = partitions, async acks,
 #      window 4096) and a latency run at half its own max rate.
 # Output: one markdown table on stdout plus summary lines; progress on stderr.
