@@ -284,6 +284,19 @@ fn round(x: f64, digits: i32) -> f64 {
     (x * f).round() / f
 }
 
+/// CPU time (user + system) of this process so far, every thread included, from
+/// `/proc/self/stat` (in USER_HZ = 100 ticks a second on Linux); `None` elsewhere.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may hold spaces; fields after it are space-separated.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split(' ').collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let utime: u64 = fields.get(11)?.parse().ok()?;
+    let stime: u64 = fields.get(12)?.parse().ok()?;
+    Some((utime + stime) as f64 / 100.0)
+}
+
 fn print_result(
     records: u64,
     bytes: u64,
@@ -307,6 +320,9 @@ fn print_result(
         v["lat_max_ms"] = json!(round(h.max() as f64 / 1000.0, 3));
     }
     v["errors"] = json!(errors);
+    if let Some(cpu) = process_cpu_secs() {
+        v["cpu_secs"] = json!(round(cpu, 2));
+    }
     if let Some(e) = first_error {
         v["first_error"] = json!(e);
     }

@@ -33,7 +33,9 @@ use crate::api::{self, malformed, produce, sasl_auth, supported_range, Pending};
 use crate::limits::{
     AcceptBackoff, ConnectionLimits, ConnectionSlot, PoolReservation, RequestPool,
 };
-use crate::listener::{split_plain, split_tls, Listener, ListenerInfo, ReadSide, ANONYMOUS};
+use crate::listener::{
+    split_plain, split_tls, BufferedTcp, Listener, ListenerInfo, ReadSide, ANONYMOUS,
+};
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
 use crate::sasl::SaslExchange;
 use crate::wire::{FrameReader, ResponseWriter, Step, WireError};
@@ -344,7 +346,12 @@ async fn open_transport(
         return Some((rd, wr, None));
     }
     let tls = broker.tls.as_ref()?;
-    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.acceptor().accept(stream)).await {
+    match tokio::time::timeout(
+        TLS_HANDSHAKE_TIMEOUT,
+        tls.acceptor().accept(BufferedTcp::new(stream)),
+    )
+    .await
+    {
         Ok(Ok(stream)) => {
             let principal = stream
                 .get_ref()

@@ -83,13 +83,18 @@ pub trait ArrivedBytes {
     fn arrived_bytes(&self) -> Option<usize>;
 }
 
+/// Bytes waiting in the receive buffer of the socket `fd` (FIONREAD); `None` on error.
+pub fn kernel_arrived_bytes(fd: std::os::fd::RawFd) -> Option<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one c_int to the pointer, which is valid for the call; a closed
+    // or foreign fd only makes the ioctl fail.
+    let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
+    (rc == 0).then(|| usize::try_from(n).ok()).flatten()
+}
+
 impl ArrivedBytes for tokio::net::tcp::OwnedReadHalf {
     fn arrived_bytes(&self) -> Option<usize> {
-        let fd = AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd();
-        let mut n: libc::c_int = 0;
-        // SAFETY: FIONREAD writes one c_int to the pointer, which is valid for the call.
-        let rc = unsafe { libc::ioctl(fd, libc::FIONREAD, &mut n as *mut libc::c_int) };
-        (rc == 0).then(|| usize::try_from(n).ok()).flatten()
+        kernel_arrived_bytes(AsRef::<tokio::net::TcpStream>::as_ref(self).as_raw_fd())
     }
 }
 
