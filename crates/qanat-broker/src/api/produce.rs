@@ -19,7 +19,9 @@ use kafka_protocol::messages::{
 use kafka_protocol::ResponseError;
 use qanat_log::{AppendOutcome, Partition};
 
-use super::{code, log_error_code, malformed, name, records_error_code};
+use super::{
+    code, log_error_code, malformed, name, partition_of, records_error_code, topic_error_code,
+};
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
 use crate::wire::WireError;
 use crate::{timed_sync, Broker};
@@ -149,13 +151,22 @@ impl Acknowledgement {
 impl Broker {
     /// Validate and append every partition's batches, in request order. Blocking.
     fn produce_append(&self, req: &ProduceRequest) -> Vec<ProducePartitionResult> {
-        let mut results = Vec::new();
-        for topic in &req.topic_data {
-            let topic_name = topic.name.0.as_str();
-            for data in &topic.partition_data {
-                let outcome = match self.partition(topic_name, data.index, true) {
+        let mut results =
+            Vec::with_capacity(req.topic_data.iter().map(|t| t.partition_data.len()).sum());
+        for topic_data in &req.topic_data {
+            let topic_name = topic_data.name.0.as_str();
+            // Looked up once per topic, not per partition.
+            let topic = self
+                .lookup_topic(topic_name, true)
+                .map_err(|e| topic_error_code(&e));
+            for data in &topic_data.partition_data {
+                let outcome = match topic
+                    .as_ref()
+                    .map_err(|c| *c)
+                    .and_then(|t| partition_of(t, data.index).map(|p| (t, p)))
+                {
                     Err(c) => Err(c),
-                    Ok(partition) => {
+                    Ok((topic, partition)) => {
                         let records = data.records.as_deref().unwrap_or_default();
                         let limit = self.config.broker.max_uncompressed_batch_bytes;
                         if let Err(refused) = crate::records::validate_produce(records, limit) {
@@ -181,13 +192,10 @@ impl Broker {
                         match partition.append(records) {
                             Ok(outcome) => {
                                 if outcome.duplicate {
-                                    metrics::counter!("qanat_produce_duplicates_total", "topic" => topic_name.to_string())
-                                        .increment(1);
+                                    topic.counters.duplicates.increment(1);
                                 }
-                                metrics::counter!("qanat_bytes_in_total", "topic" => topic_name.to_string())
-                                    .increment(outcome.bytes);
-                                metrics::counter!("qanat_records_in_total", "topic" => topic_name.to_string())
-                                    .increment(outcome.records);
+                                topic.counters.bytes_in.increment(outcome.bytes);
+                                topic.counters.records_in.increment(outcome.records);
                                 Ok((partition, outcome))
                             }
                             Err(e) => {
