@@ -431,7 +431,15 @@ impl Partition {
     /// batches already appended returns their original offsets with `duplicate = true` and
     /// writes nothing.
     pub fn append(&self, batches: &[u8]) -> Result<AppendOutcome, LogError> {
-        let summary = batch::validate_batches(batches)?;
+        self.append_validated(&batch::Validated::new(batches)?)
+    }
+
+    /// [`append`](Self::append) of a buffer already validated.
+    pub fn append_validated(
+        &self,
+        validated: &batch::Validated<'_>,
+    ) -> Result<AppendOutcome, LogError> {
+        let (batches, summary) = (validated.bytes(), validated.summary());
         for b in &summary.batches {
             precheck_producer_fields(b)?;
         }

@@ -17,6 +17,7 @@ use kafka_protocol::messages::{
     ProduceRequest,
 };
 use kafka_protocol::ResponseError;
+use qanat_log::batch::Validated;
 use qanat_log::{AppendOutcome, Partition};
 
 use super::{
@@ -169,7 +170,22 @@ impl Broker {
                     Ok((topic, partition)) => {
                         let records = data.records.as_deref().unwrap_or_default();
                         let limit = self.config.broker.max_uncompressed_batch_bytes;
-                        if let Err(refused) = crate::records::validate_produce(records, limit) {
+                        // Structure and CRCs once, for the record check and the append both.
+                        let validated = match Validated::new(records) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                if let Some(suppressed) = REFUSED_LOG.check("append") {
+                                    tracing::warn!(topic = topic_name, partition = data.index, error = %e, suppressed, "produce refused");
+                                }
+                                results.push(ProducePartitionResult {
+                                    topic: topic_name.to_string(),
+                                    index: data.index,
+                                    outcome: Err(log_error_code(&e)),
+                                });
+                                continue;
+                            }
+                        };
+                        if let Err(refused) = crate::records::validate_records(&validated, limit) {
                             if let Some(suppressed) = REFUSED_LOG.check("records") {
                                 tracing::warn!(
                                     topic = topic_name,
@@ -189,7 +205,7 @@ impl Broker {
                             });
                             continue;
                         }
-                        match partition.append(records) {
+                        match partition.append_validated(&validated) {
                             Ok(outcome) => {
                                 if outcome.duplicate {
                                     topic.counters.duplicates.increment(1);
