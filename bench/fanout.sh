@@ -23,6 +23,11 @@
 #       FANOUT_READER_NICE (default 0) runs the reader processes under `nice -n` this value: on
 #                     a small machine the N client processes compete with the producer and the
 #                     broker for CPU; 19 approximates readers on other hosts.
+#       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons;
+#                     the clients stay this tree's qanat-bench).
+# Broker CPU per GB served: the broker's utime+stime over each N run (readers started to last
+# reader done), less the solo run's CPU per GB produced times what was produced meanwhile,
+# over the bytes the readers received (record values).
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
 set -euo pipefail
 
@@ -48,6 +53,16 @@ log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 build_release qanat qanat-bench
+QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
+[[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
+CLK_TCK=$(getconf CLK_TCK)
+# utime+stime of a process in seconds (comm may contain spaces: cut after the last ')')
+cpu_secs() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) }
+  awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
+}
 
 # ---------------------------------------------------------------------------------------------
 # broker
@@ -92,9 +107,14 @@ wait_assigned() {
 # runs
 
 log "solo producer, ${SECS}s"
+CPU0=$(cpu_secs "$BROKER_PID")
 produce solo
+CPU1=$(cpu_secs "$BROKER_PID")
 SOLO=$OUT
 SOLO_MB=$(j .mb_per_s "$SOLO")
+# broker CPU-s per byte produced, to take the produce share out of the N runs' CPU
+SOLO_CPU_PER_BYTE=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$(j .bytes "$SOLO")" 'BEGIN { printf "%.6e", (b - a) / n }')
+log "solo: broker $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB produced"
 log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records of backlog)"
 
 ROWS=()
@@ -102,6 +122,7 @@ for n in $GROUP_COUNTS; do
   log "N=$n groups reading while the producer writes"
   CPIDS=()
   ERRS=()
+  CPU0=$(cpu_secs "$BROKER_PID")
   for i in $(seq "$n"); do
     timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
       --topic fan --group "fan-$n-$i" --count "$MAX_COUNT" --max-secs "$SECS" \
@@ -114,18 +135,24 @@ for n in $GROUP_COUNTS; do
   produce "with-$n"
   WITH=$OUT
   for pid in "${CPIDS[@]}"; do wait "$pid" || die "a reader of N=$n failed: see $TMP/logs"; done
+  CPU1=$(cpu_secs "$BROKER_PID")
   READ_MB=0
   READ_RECS=0
+  READ_BYTES=0
   for i in $(seq "$n"); do
     c=$(tail -n1 "$TMP/logs/c-$n-$i.out")
     READ_MB=$(awk -v a="$READ_MB" -v b="$(j .mb_per_s "$c")" 'BEGIN { printf "%.1f", a + b }')
     READ_RECS=$((READ_RECS + $(j .records "$c")))
+    READ_BYTES=$((READ_BYTES + $(j .bytes "$c")))
   done
+  SERVE_GB=$(awk -v a="$CPU0" -v b="$CPU1" -v p="$SOLO_CPU_PER_BYTE" -v w="$(j .bytes "$WITH")" -v r="$READ_BYTES" \
+    'BEGIN { s = (b - a) - p * w; if (s < 0) s = 0; if (r > 0) printf "%.2f", s / (r / 1e9); else print "-" }')
+  BROKER_RUN_CPU=$(awk -v a="$CPU0" -v b="$CPU1" 'BEGIN { printf "%.1f", b - a }')
   W_MB=$(j .mb_per_s "$WITH")
   KEEP=$(awk -v a="$W_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f", 100 * a / b }')
   RATIO=$(awk -v a="$READ_MB" -v b="$W_MB" 'BEGIN { printf "%.1f", a / b }')
-  ROWS+=("| $n | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | $READ_RECS | ${RATIO}x |")
-  log "N=$n: producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x)"
+  ROWS+=("| $n | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | $READ_RECS | ${RATIO}x | $BROKER_RUN_CPU | $SERVE_GB |")
+  log "N=$n: producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x), broker ${BROKER_RUN_CPU} CPU-s, $SERVE_GB CPU-s/GB served"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -180,12 +207,13 @@ BROKER_CPU=$(awk -v t="$(getconf CLK_TCK)" '{ s = $0; sub(/.*\) /, "", s); split
 BROKER_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$BROKER_PID/status")
 echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs"
 echo
-echo "| groups N | producer solo MB/s | producer with readers MB/s | kept | aggregate read MB/s | records read | read / write |"
-echo "| --- | --- | --- | --- | --- | --- | --- |"
+echo "| groups N | producer solo MB/s | producer with readers MB/s | kept | aggregate read MB/s | records read | read / write | broker CPU-s in the run | broker CPU-s/GB served |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
-echo "- broker: CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(nproc) cores, load before ${LOAD_START}, after $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "- broker CPU-s/GB served: the run's broker CPU less $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB (solo) for what was produced meanwhile, over the record bytes the readers received"
+echo "- broker ($QANAT_BIN): CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(nproc) cores, load before ${LOAD_START}, after $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU"
 if grep -qiE 'error|panic' "$TMP/broker.stderr"; then
   echo "- broker stderr has errors:"

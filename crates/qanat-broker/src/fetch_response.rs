@@ -4,7 +4,6 @@
 //! A unit test checks the bytes against `kafka-protocol`'s own encoder for every version.
 
 use bytes::{BufMut, Bytes, BytesMut};
-use qanat_log::FileSlice;
 
 use crate::wire::{Chunk, Response};
 
@@ -14,12 +13,13 @@ pub struct PartitionOut {
     pub error_code: i16,
     pub high_watermark: i64,
     pub log_start_offset: i64,
-    pub records: Vec<FileSlice>,
+    /// Whole record batches: file ranges, or bytes already read.
+    pub records: Vec<Chunk>,
 }
 
 impl PartitionOut {
     pub fn records_len(&self) -> u64 {
-        self.records.iter().map(|s| s.len).sum()
+        self.records.iter().map(Chunk::len).sum()
     }
 }
 
@@ -62,13 +62,13 @@ impl Encoder {
         }
     }
 
-    fn records(&mut self, slices: Vec<FileSlice>) {
-        let total: u64 = slices.iter().map(|s| s.len).sum();
+    fn records(&mut self, records: Vec<Chunk>) {
+        let total: u64 = records.iter().map(Chunk::len).sum();
         self.len(total as usize);
         if total > 0 {
             let head = self.cur.split().freeze();
             self.chunks.push(Chunk::Bytes(head));
-            self.chunks.extend(slices.into_iter().map(Chunk::File));
+            self.chunks.extend(records);
         }
     }
 
@@ -181,7 +181,7 @@ mod tests {
     };
     use kafka_protocol::messages::{ResponseHeader, TopicName};
     use kafka_protocol::protocol::{Encodable, StrBytes};
-    use qanat_log::LogFile;
+    use qanat_log::{FileSlice, LogFile};
     use std::sync::Arc;
 
     /// A file of fixed bytes.
@@ -227,16 +227,14 @@ mod tests {
                                 high_watermark: 42,
                                 log_start_offset: 3,
                                 records: vec![
-                                    FileSlice {
+                                    Chunk::File(FileSlice {
                                         file: file.clone(),
                                         position: 10,
                                         len: 50,
-                                    },
-                                    FileSlice {
-                                        file: file.clone(),
-                                        position: 100,
-                                        len: 7,
-                                    },
+                                    }),
+                                    Chunk::Bytes(Bytes::from_static(&[
+                                        100, 101, 102, 103, 104, 105, 106,
+                                    ])),
                                 ],
                             },
                             PartitionOut {

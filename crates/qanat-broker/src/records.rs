@@ -23,7 +23,7 @@ use bytes::Bytes;
 use indexmap::IndexMap;
 use kafka_protocol::protocol::StrBytes;
 use kafka_protocol::records::{Record, TimestampType};
-use qanat_log::batch::{compute_crc, BatchHeader, BatchIter, HEADER_LEN};
+use qanat_log::batch::{compute_crc, BatchHeader, BatchIter, Validated, HEADER_LEN};
 use qanat_log::{LogError, Partition};
 
 use inflate::{codec_name, Inflate};
@@ -354,19 +354,31 @@ pub fn validate_produce(records: &[u8], limit: u64) -> Result<(), BatchRefused> 
             return Ok(());
         };
         if compute_crc(batch) == Some(h.crc) {
-            validate_batch_records(batch, limit).map_err(|(uncompressed_bytes, source)| {
-                BatchRefused {
-                    position,
-                    batch_bytes: batch.len(),
-                    uncompressed_bytes,
-                    limit,
-                    source,
-                }
-            })?;
+            check_records(position, batch, limit)?;
         }
         position += batch.len();
     }
     Ok(())
+}
+
+/// [`validate_produce`] of a buffer whose batches passed the log's validation (structure and
+/// CRC), so only the records are left to check.
+pub fn validate_records(validated: &Validated<'_>, limit: u64) -> Result<(), BatchRefused> {
+    validated
+        .batches()
+        .try_for_each(|(position, batch)| check_records(position, batch, limit))
+}
+
+fn check_records(position: usize, batch: &[u8], limit: u64) -> Result<(), BatchRefused> {
+    validate_batch_records(batch, limit)
+        .map(|_| ())
+        .map_err(|(uncompressed_bytes, source)| BatchRefused {
+            position,
+            batch_bytes: batch.len(),
+            uncompressed_bytes,
+            limit,
+            source,
+        })
 }
 
 /// Fixed cost charged per kept record, on top of its bytes, when bounding a read.

@@ -40,6 +40,43 @@ pub struct Topic {
     pub name: String,
     pub id: [u8; 16],
     pub partitions: Vec<Arc<Partition>>,
+    /// Its traffic counters, registered once rather than looked up by label on every request.
+    pub counters: TopicCounters,
+}
+
+/// The per-topic counters of the produce and fetch paths.
+pub struct TopicCounters {
+    pub bytes_in: metrics::Counter,
+    pub records_in: metrics::Counter,
+    pub duplicates: metrics::Counter,
+    pub bytes_out: metrics::Counter,
+    pub records_out: metrics::Counter,
+}
+
+impl TopicCounters {
+    /// The counters of topic `name` in the installed recorder (no-ops without one).
+    pub fn new(name: &str) -> Self {
+        let counter = |metric: &'static str| metrics::counter!(metric, "topic" => name.to_string());
+        Self {
+            bytes_in: counter("qanat_bytes_in_total"),
+            records_in: counter("qanat_records_in_total"),
+            duplicates: counter("qanat_produce_duplicates_total"),
+            bytes_out: counter("qanat_bytes_out_total"),
+            records_out: counter("qanat_records_out_total"),
+        }
+    }
+
+    /// Counters that count nothing, for a topic that is only described (a validate-only
+    /// create), so no series of a topic that does not exist appears.
+    fn unregistered() -> Self {
+        Self {
+            bytes_in: metrics::Counter::noop(),
+            records_in: metrics::Counter::noop(),
+            duplicates: metrics::Counter::noop(),
+            bytes_out: metrics::Counter::noop(),
+            records_out: metrics::Counter::noop(),
+        }
+    }
 }
 
 /// Errors of topic management; each maps to one Kafka error code.
@@ -399,6 +436,7 @@ impl TopicRegistry {
             // Directories from before partition.metadata: an id derived from the name.
             id: id.unwrap_or_else(|| legacy_topic_id(name)),
             partitions,
+            counters: TopicCounters::new(name),
         })
     }
 
@@ -454,6 +492,7 @@ impl TopicRegistry {
                 name: name.to_string(),
                 id: [0; 16],
                 partitions: Vec::new(),
+                counters: TopicCounters::unregistered(),
             }));
         }
         let explain = |e: TopicError| {
@@ -484,6 +523,7 @@ impl TopicRegistry {
             name: name.to_string(),
             id,
             partitions: made,
+            counters: TopicCounters::new(name),
         });
         self.topics.write().insert(name.to_string(), topic.clone());
         self.deleted_at.lock().remove(name);
@@ -594,6 +634,7 @@ impl TopicRegistry {
             name: topic.name.clone(),
             id: topic.id,
             partitions,
+            counters: TopicCounters::new(name),
         });
         self.topics.write().insert(name.to_string(), grown);
         tracing::info!(topic = name, partitions = total, "partitions added");

@@ -5,8 +5,9 @@
 //! bytes arrive.
 //!
 //! A response is a list of chunks. File chunks are segment ranges of whole record batches and
-//! go out with `sendfile(2)` straight from the page cache (A5); small ones are read into the
-//! write buffer instead, where one syscall beats several.
+//! go out with `sendfile(2)` straight from the page cache (A5); small ones are read into
+//! memory instead (by Fetch, on the blocking pool), where one syscall beats several. Over TLS
+//! file chunks are read on the blocking pool a buffer at a time: no async worker reads a file.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -19,8 +20,9 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 
 use crate::listener::WriteSide;
 
-/// File ranges below this size are copied into the write buffer rather than sent with sendfile.
-const SENDFILE_MIN_BYTES: u64 = 32 * 1024;
+/// File ranges below this size are copied into the response rather than sent with sendfile
+/// (Fetch reads them on the blocking pool).
+pub(crate) const SENDFILE_MIN_BYTES: u64 = 32 * 1024;
 /// The write buffer is flushed once it holds this much.
 const WRITE_BUFFER_BYTES: usize = 256 * 1024;
 
@@ -44,7 +46,7 @@ pub enum Chunk {
 }
 
 impl Chunk {
-    fn len(&self) -> u64 {
+    pub fn len(&self) -> u64 {
         match self {
             Chunk::Bytes(b) => b.len() as u64,
             Chunk::File(f) => f.len,
@@ -314,38 +316,38 @@ impl ResponseWriter {
     }
 
     async fn write_file(&mut self, slice: FileSlice) -> Result<(), WireError> {
-        match slice.file.raw_fd() {
-            Some(fd) if slice.len >= SENDFILE_MIN_BYTES && self.wr.raw_fd().is_some() => {
+        if let Some(fd) = slice.file.raw_fd() {
+            if slice.len >= SENDFILE_MIN_BYTES && self.wr.raw_fd().is_some() {
                 self.flush().await?;
-                self.sendfile(fd, slice.position, slice.len).await
-            }
-            _ if slice.len >= SENDFILE_MIN_BYTES => {
-                // TLS: the bytes must pass through the record layer; copy them a buffer at
-                // a time.
-                let mut position = slice.position;
-                let end = slice.position + slice.len;
-                while position < end {
-                    let n = (end - position).min(WRITE_BUFFER_BYTES as u64) as usize;
-                    let start = self.buf.len();
-                    self.buf.resize(start + n, 0);
-                    slice.file.read_exact_at(&mut self.buf[start..], position)?;
-                    position += n as u64;
-                    if self.buf.len() >= WRITE_BUFFER_BYTES {
-                        self.wr.write_all(&self.buf).await?;
-                        self.buf.clear();
-                    }
-                }
-                Ok(())
-            }
-            _ => {
-                let start = self.buf.len();
-                self.buf.resize(start + slice.len as usize, 0);
-                slice
-                    .file
-                    .read_exact_at(&mut self.buf[start..], slice.position)?;
-                Ok(())
+                return self.sendfile(fd, slice.position, slice.len).await;
             }
         }
+        // TLS (the bytes must pass through the record layer), or a range too small to be
+        // worth a sendfile: copied a buffer at a time, each read on the blocking pool so no
+        // async worker waits for the disk.
+        let mut position = slice.position;
+        let end = slice.position + slice.len;
+        while position < end {
+            let n = (end - position).min(WRITE_BUFFER_BYTES as u64) as usize;
+            let (file, at) = (slice.file.clone(), position);
+            let mut buf = std::mem::take(&mut self.buf);
+            let (buf, read) = tokio::task::spawn_blocking(move || {
+                let start = buf.len();
+                buf.resize(start + n, 0);
+                let read = file.read_exact_at(&mut buf[start..], at);
+                (buf, read)
+            })
+            .await
+            .map_err(|e| WireError::Io(io::Error::other(e)))?;
+            self.buf = buf;
+            read?;
+            position += n as u64;
+            if self.buf.len() >= WRITE_BUFFER_BYTES {
+                self.wr.write_all(&self.buf).await?;
+                self.buf.clear();
+            }
+        }
+        Ok(())
     }
 
     async fn sendfile(&mut self, fd: i32, position: u64, len: u64) -> Result<(), WireError> {

@@ -263,6 +263,40 @@ pub struct BatchesSummary {
     pub max_batch_len: usize,
 }
 
+/// A produce buffer that passed [`validate_batches`], with its summary: the broker validates
+/// once, checks the records of each batch, and appends the same bytes with
+/// `Partition::append_validated`, so no batch's CRC is computed twice.
+#[derive(Debug, Clone)]
+pub struct Validated<'a> {
+    bytes: &'a [u8],
+    summary: BatchesSummary,
+}
+
+impl<'a> Validated<'a> {
+    /// Validate `bytes` (see [`validate_batches`]).
+    pub fn new(bytes: &'a [u8]) -> Result<Self, LogError> {
+        let summary = validate_batches(bytes)?;
+        Ok(Self { bytes, summary })
+    }
+
+    pub fn bytes(&self) -> &'a [u8] {
+        self.bytes
+    }
+
+    pub fn summary(&self) -> &BatchesSummary {
+        &self.summary
+    }
+
+    /// Each batch's bytes with its position in the buffer.
+    pub fn batches(&self) -> impl Iterator<Item = (usize, &'a [u8])> + '_ {
+        let bytes = self.bytes;
+        self.summary
+            .batches
+            .iter()
+            .map(move |b| (b.position, &bytes[b.position..b.position + b.len]))
+    }
+}
+
 /// Smallest encoded record: length, attributes, timestamp delta, offset delta, key length,
 /// value length and header count, one byte each.
 const MIN_RECORD_BYTES: u64 = 7;

@@ -32,6 +32,15 @@ const KEEP_BUF: usize = 16 << 20;
 /// that wait was the produce-latency spike at every periodic fsync.
 const PREALLOCATE_AHEAD: u64 = 16 << 20;
 
+/// Where a read may look for batch positions.
+#[derive(Clone, Copy)]
+enum ReadSource {
+    /// The in-memory index, then batch headers in the segment files.
+    Files,
+    /// The in-memory index only.
+    Memory,
+}
+
 /// State owned by the (single) appender.
 struct Writer {
     active: Arc<Segment>,
@@ -422,7 +431,15 @@ impl Partition {
     /// batches already appended returns their original offsets with `duplicate = true` and
     /// writes nothing.
     pub fn append(&self, batches: &[u8]) -> Result<AppendOutcome, LogError> {
-        let summary = batch::validate_batches(batches)?;
+        self.append_validated(&batch::Validated::new(batches)?)
+    }
+
+    /// [`append`](Self::append) of a buffer already validated.
+    pub fn append_validated(
+        &self,
+        validated: &batch::Validated<'_>,
+    ) -> Result<AppendOutcome, LogError> {
+        let (batches, summary) = (validated.bytes(), validated.summary());
         for b in &summary.batches {
             precheck_producer_fields(b)?;
         }
@@ -792,6 +809,31 @@ impl Partition {
     /// With `serve_durable_only`, nothing at or past the durable offset is returned and the
     /// high watermark is the durable offset.
     pub fn read(&self, from_offset: i64, max_bytes: u64) -> Result<ReadOutcome, LogError> {
+        match self.read_with(from_offset, max_bytes, ReadSource::Files)? {
+            Some(out) => Ok(out),
+            // Only memory-only reads give up.
+            None => Err(LogError::Closed),
+        }
+    }
+
+    /// [`read`](Self::read) answered from memory alone, or `Ok(None)` when it would need a
+    /// file read (batch headers outside the in-memory index). Never touches a file, so it may
+    /// run where blocking is not allowed: a consumer at the log end, or one resuming at a
+    /// batch boundary with the rest of the log within `max_bytes`, is answered this way.
+    pub fn read_from_memory(
+        &self,
+        from_offset: i64,
+        max_bytes: u64,
+    ) -> Result<Option<ReadOutcome>, LogError> {
+        self.read_with(from_offset, max_bytes, ReadSource::Memory)
+    }
+
+    fn read_with(
+        &self,
+        from_offset: i64,
+        max_bytes: u64,
+        source: ReadSource,
+    ) -> Result<Option<ReadOutcome>, LogError> {
         self.check_open()?;
         let visible_end = self.durable_limit();
         let next = self.next_offset.load(Ordering::Acquire);
@@ -826,7 +868,13 @@ impl Partition {
                 }
                 if seg_next > v {
                     // `v` is a batch boundary past `cur`, so inside this segment.
-                    size = seg.find_position(v, size)?.0;
+                    size = match source {
+                        ReadSource::Files => seg.find_position(v, size)?.0,
+                        ReadSource::Memory => match seg.indexed_position(v) {
+                            Some(pos) => pos,
+                            None => return Ok(None),
+                        },
+                    };
                     seg_next = v;
                 }
             }
@@ -834,12 +882,23 @@ impl Partition {
             if cur >= seg_next {
                 break;
             }
-            let (pos, first) = seg.find_position(cur, size)?;
-            let (mut end, mut end_offset) = seg.find_end(pos, size, budget, seg_next)?;
-            if out.slices.is_empty() && end < pos + first.total_len() as u64 {
-                end = pos + first.total_len() as u64;
-                end_offset = first.last_offset() + 1;
-            }
+            let (pos, end, end_offset) = match source {
+                ReadSource::Files => {
+                    let (pos, first) = seg.find_position(cur, size)?;
+                    let (mut end, mut end_offset) = seg.find_end(pos, size, budget, seg_next)?;
+                    if out.slices.is_empty() && end < pos + first.total_len() as u64 {
+                        end = pos + first.total_len() as u64;
+                        end_offset = first.last_offset() + 1;
+                    }
+                    (pos, end, end_offset)
+                }
+                // Only the case that needs no batch header: `cur` starts a batch the index
+                // knows, and everything published after it fits (so the first batch is whole).
+                ReadSource::Memory => match seg.indexed_position(cur) {
+                    Some(pos) if size - pos <= budget => (pos, size, seg_next),
+                    _ => return Ok(None),
+                },
+            };
             if end > pos {
                 out.next_offset = end_offset;
                 out.slices.push(FileSlice {
@@ -854,7 +913,7 @@ impl Partition {
             }
             cur = seg_next;
         }
-        Ok(out)
+        Ok(Some(out))
     }
 
     /// Offset after the last appended batch.

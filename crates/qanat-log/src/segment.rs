@@ -82,6 +82,18 @@ impl IndexState {
         i.checked_sub(1).map_or(0, |i| self.offsets[i].1)
     }
 
+    /// Position of the batch starting at relative offset `rel`, if the index knows it (the
+    /// first batch, at 0, always starts the segment).
+    pub fn exact_position(&self, rel: u32) -> Option<u32> {
+        if rel == 0 {
+            return Some(0);
+        }
+        self.offsets
+            .binary_search_by_key(&rel, |e| e.0)
+            .ok()
+            .map(|i| self.offsets[i].1)
+    }
+
     /// Largest indexed batch position `<= pos`, or 0.
     pub fn lookup_position(&self, pos: u32) -> u32 {
         let i = self.offsets.partition_point(|e| e.1 <= pos);
@@ -240,8 +252,13 @@ impl Segment {
         })
     }
 
-    /// End of the longest run of whole batches from `start` (a batch boundary) that fits in
-    /// `budget` bytes, limited to `size`; `start` if not even one batch fits.
+    /// Position of the batch starting at `offset`, from the in-memory index alone: None when
+    /// `offset` does not start a batch the index records (only a header walk can tell).
+    pub fn indexed_position(&self, offset: i64) -> Option<u64> {
+        let rel = u32::try_from(offset - self.base).ok()?;
+        self.index.read().exact_position(rel).map(u64::from)
+    }
+
     /// End of the whole batches from `start` that fit in `budget`, and the offset after the
     /// last of them (`seg_next` when the read reaches the published end).
     pub fn find_end(

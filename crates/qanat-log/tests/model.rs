@@ -338,6 +338,15 @@ impl Harness {
                 let span = self.m.next - self.m.log_start;
                 let o = self.m.log_start + (*sel as i64 % (span + 1));
                 let out = self.p().read(o, *max as u64).unwrap();
+                // Answered from the index alone or not at all, and then exactly as the files.
+                if let Some(fast) = self.p().read_from_memory(o, *max as u64).unwrap() {
+                    assert_eq!(
+                        (fast.high_watermark, fast.log_start_offset, fast.next_offset),
+                        (out.high_watermark, out.log_start_offset, out.next_offset),
+                        "memory read at {o}"
+                    );
+                    assert_eq!(read_bytes(&fast), read_bytes(&out), "memory read at {o}");
+                }
                 let visible = self.visible_end();
                 assert_eq!(out.high_watermark, visible);
                 assert_eq!(self.p().high_watermark(), visible);
@@ -512,5 +521,72 @@ proptest! {
         p.append(&make_batch(1, 3, 0, 0)).unwrap();
         let out = p.read(p.next_offset() - 1, 1000).unwrap();
         prop_assert_eq!(split_batches(&read_bytes(&out)).len(), 1);
+    }
+}
+
+/// Counts file reads.
+#[derive(Default)]
+struct Reads(std::sync::atomic::AtomicUsize);
+
+impl qanat_log::StorageHooks for Reads {
+    fn before(&self, op: qanat_log::StorageOp<'_>) -> std::io::Result<()> {
+        if matches!(op, qanat_log::StorageOp::Read | qanat_log::StorageOp::Len) {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// A consumer resuming at a batch boundary the index knows, with the rest of the log within
+/// its limit, is answered without a file read; anywhere else the memory read gives up.
+#[test]
+fn reads_at_indexed_boundaries_need_no_file() {
+    let reads = Arc::new(Reads::default());
+    let storage = Arc::new(qanat_log::HookedStorage::with_hooks(
+        Arc::new(SimStorage::new()),
+        reads.clone(),
+    ));
+    let config = LogConfig {
+        segment_bytes: 64 * 1024,
+        index_interval_bytes: 1024,
+        ..LogConfig::default()
+    };
+    let clock = Arc::new(ManualClock::new(0));
+    let (p, _) = Partition::open(storage, clock, PathBuf::from("/x"), config).unwrap();
+    // Batches of 4 records of 500 bytes: each is larger than the index interval, so every
+    // batch start is indexed; 40 of them roll the 64 KiB segments a few times.
+    for i in 0..40u8 {
+        p.append(&make_batch(4, 500, 0, i)).unwrap();
+    }
+    let before = reads.0.load(std::sync::atomic::Ordering::Relaxed);
+    let mut answered = 0;
+    for offset in (0..p.next_offset()).step_by(4) {
+        let fast = p.read_from_memory(offset, u64::MAX).unwrap();
+        let Some(fast) = fast else { continue };
+        answered += 1;
+        assert_eq!(
+            fast.next_offset,
+            p.next_offset(),
+            "read to the end from {offset}"
+        );
+        assert!(!fast.slices.is_empty());
+    }
+    // At the log end: nothing to read, and no file touched either.
+    let end = p
+        .read_from_memory(p.next_offset(), 1 << 20)
+        .unwrap()
+        .unwrap();
+    assert!(end.slices.is_empty());
+    assert_eq!(reads.0.load(std::sync::atomic::Ordering::Relaxed), before);
+    assert_eq!(answered, 40, "every batch start is answered from memory");
+    // Inside a batch, or with a limit below what is left, only a header walk can tell.
+    assert!(p.read_from_memory(1, u64::MAX).unwrap().is_none());
+    assert!(p.read_from_memory(0, 100).unwrap().is_none());
+    // Whatever memory answered equals the files' answer.
+    for offset in (0..p.next_offset()).step_by(4) {
+        let fast = p.read_from_memory(offset, u64::MAX).unwrap().unwrap();
+        let slow = p.read(offset, u64::MAX).unwrap();
+        assert_eq!(read_bytes(&fast), read_bytes(&slow));
+        assert_eq!(fast.next_offset, slow.next_offset);
     }
 }

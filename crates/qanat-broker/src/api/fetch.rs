@@ -1,23 +1,48 @@
 //! Fetch: long polls that wait on appends, answered with record data as file ranges
 //! (see [`crate::fetch_response`]).
 //!
-//! The wait (for data, the deadline or shutdown) is async; each look at the partitions runs on
-//! the blocking pool, because `Partition::read` reads batch headers from the segment files.
-//! A long poll registers for the next append before it looks, so no append is missed.
+//! No file is read on the async workers. Each look at the partitions is first tried from
+//! memory ([`Partition::read_from_memory`]): a consumer at the log end, or one resuming at a
+//! batch boundary the in-memory index knows with the rest of the log within its limits, is
+//! answered on the spot, with file ranges that go out by `sendfile`. Anything else (batch
+//! headers to walk, or ranges too small for `sendfile`, which are read into the response) is
+//! looked at again on the blocking pool. A long poll registers for the next append before it
+//! looks, so no append is missed, and it is woken once per produce request that appended.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use kafka_protocol::messages::FetchRequest;
+use kafka_protocol::ResponseError;
+use qanat_log::{FileSlice, Partition};
 
-use super::log_error_code;
+use super::{code, log_error_code, partition_of, topic_error_code};
 use crate::fetch_response::{self, PartitionOut, TopicOut};
-use crate::wire::Response;
+use crate::topics::Topic;
+use crate::wire::{Chunk, Response, SENDFILE_MIN_BYTES};
 use crate::Broker;
 
 /// The versions the hand encoder writes; 13+ identifies topics by id only.
 pub const VERSIONS: RangeInclusive<i16> = fetch_response::VERSIONS;
+
+/// Where one look at the partitions may get its bytes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// Memory only: gives up (None) where a file would have to be read.
+    Memory,
+    /// Memory and the segment files (blocking).
+    Files,
+}
+
+/// One look at the partitions of a fetch: the topics to answer, their bytes, and what to
+/// count per topic once the look is kept.
+struct Look {
+    topics: Vec<TopicOut>,
+    bytes: u64,
+    served: Vec<(Arc<Topic>, u64, u64)>,
+}
 
 impl Broker {
     /// Serve a fetch, waiting up to `max_wait_ms` for `min_bytes` to arrive: the response and
@@ -41,34 +66,49 @@ impl Broker {
             let notified = self.data_arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            // Off the async workers: `Partition::read` walks batch headers with pread, and a
-            // cold page cache turns that into disk waits that would stall every connection
-            // served by the same worker.
-            let (broker, request, refused) = (self.clone(), req.clone(), denied.clone());
-            let read = tokio::task::spawn_blocking(move || {
-                let started = Instant::now();
-                let read = broker.fetch_once(&request, &refused);
-                (read, started.elapsed())
-            })
-            .await;
-            let (topics, bytes) = match read {
-                Ok((read, took)) => {
-                    handling += took;
-                    read
+            let started = Instant::now();
+            let look = match self.look(&req, &denied, Source::Memory) {
+                Some(look) => {
+                    handling += started.elapsed();
+                    look
                 }
-                Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
-                Err(e) => {
-                    tracing::debug!(error = %e, "fetch read cancelled");
-                    return None;
+                // Batch headers or small ranges to read: off the async workers, since a cold
+                // page cache turns a read into a disk wait that would stall every connection
+                // served by the same worker.
+                None => {
+                    let (broker, request, refused) = (self.clone(), req.clone(), denied.clone());
+                    let read = tokio::task::spawn_blocking(move || {
+                        let started = Instant::now();
+                        let look = broker.look(&request, &refused, Source::Files);
+                        (look, started.elapsed())
+                    })
+                    .await;
+                    match read {
+                        Ok((Some(look), took)) => {
+                            handling += took;
+                            look
+                        }
+                        Ok((None, _)) => return None, // a look at the files always answers
+                        Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+                        Err(e) => {
+                            tracing::debug!(error = %e, "fetch read cancelled");
+                            return None;
+                        }
+                    }
                 }
             };
-            let errors = topics
+            let errors = look
+                .topics
                 .iter()
                 .flat_map(|t| &t.partitions)
                 .any(|p| p.error_code != 0);
-            if bytes >= min_bytes || errors || Instant::now() >= deadline {
+            if look.bytes >= min_bytes || errors || Instant::now() >= deadline {
                 let encoding = Instant::now();
-                let response = fetch_response::encode(version, correlation_id, 0, topics);
+                for (topic, bytes, records) in &look.served {
+                    topic.counters.bytes_out.increment(*bytes);
+                    topic.counters.records_out.increment(*records);
+                }
+                let response = fetch_response::encode(version, correlation_id, 0, look.topics);
                 return Some((response, handling + encoding.elapsed()));
             }
             let shutting_down = self.shutdown.clone();
@@ -80,11 +120,14 @@ impl Broker {
         }
     }
 
-    fn fetch_once(
+    /// Read every partition of the fetch once; None when `source` is memory and some
+    /// partition needs a file read.
+    fn look(
         &self,
         req: &FetchRequest,
         denied: &std::collections::HashSet<String>,
-    ) -> (Vec<TopicOut>, u64) {
+        source: Source,
+    ) -> Option<Look> {
         let mut budget = if req.max_bytes > 0 {
             req.max_bytes as u64
         } else {
@@ -92,8 +135,16 @@ impl Broker {
         };
         let mut total = 0u64;
         let mut topics = Vec::with_capacity(req.topics.len());
+        let mut served = Vec::new();
         for t in &req.topics {
             let topic_name = t.topic.0.as_str();
+            let topic = if denied.contains(topic_name) {
+                Err(super::authz::TOPIC_DENIED)
+            } else {
+                self.lookup_topic(topic_name, false)
+                    .map_err(|e| topic_error_code(&e))
+            };
+            let (mut topic_bytes, mut topic_records) = (0u64, 0u64);
             let mut partitions = Vec::with_capacity(t.partitions.len());
             for p in &t.partitions {
                 let mut out = PartitionOut {
@@ -103,12 +154,11 @@ impl Broker {
                     log_start_offset: -1,
                     records: Vec::new(),
                 };
-                if denied.contains(topic_name) {
-                    out.error_code = super::authz::TOPIC_DENIED;
-                    partitions.push(out);
-                    continue;
-                }
-                match self.partition(topic_name, p.partition, false) {
+                let partition = match topic.as_ref().map_err(|c| *c) {
+                    Ok(topic) => partition_of(topic, p.partition),
+                    Err(c) => Err(c),
+                };
+                match partition {
                     Err(c) => out.error_code = c,
                     Ok(partition) => {
                         out.high_watermark = partition.high_watermark();
@@ -120,37 +170,93 @@ impl Broker {
                             partitions.push(out);
                             continue;
                         }
-                        match partition.read(p.fetch_offset, limit.max(1)) {
-                            Ok(read) => {
+                        match read_partition(&partition, p.fetch_offset, limit.max(1), source) {
+                            None => return None,
+                            Some(Ok((read, records))) => {
                                 out.high_watermark = read.high_watermark;
                                 out.log_start_offset = read.log_start_offset;
-                                let served_end = read.next_offset;
-                                out.records = read.slices;
+                                out.records = records;
                                 let n = out.records_len();
                                 total += n;
                                 budget = budget.saturating_sub(n);
                                 if n > 0 {
-                                    metrics::counter!("qanat_bytes_out_total", "topic" => topic_name.to_string())
-                                        .increment(n);
-                                    // Records the consumer takes: from its offset to the end served.
-                                    let records = (served_end - p.fetch_offset).max(0) as u64;
-                                    metrics::counter!("qanat_records_out_total", "topic" => topic_name.to_string())
-                                        .increment(records);
+                                    topic_bytes += n;
+                                    // Records the consumer takes: from its offset to the end
+                                    // served.
+                                    topic_records +=
+                                        (read.next_offset - p.fetch_offset).max(0) as u64;
                                 }
                             }
-                            Err(e) => out.error_code = log_error_code(&e),
+                            Some(Err(c)) => out.error_code = c,
                         }
                     }
                 }
                 partitions.push(out);
+            }
+            if let Ok(topic) = topic {
+                if topic_bytes > 0 {
+                    served.push((topic, topic_bytes, topic_records));
+                }
             }
             topics.push(TopicOut {
                 name: topic_name.to_string(),
                 partitions,
             });
         }
-        (topics, total)
+        Some(Look {
+            topics,
+            bytes: total,
+            served,
+        })
     }
+}
+
+/// One partition's part of a look: what was read and its records as response chunks (ranges
+/// large enough for `sendfile` stay file ranges, smaller ones are read into memory), or an
+/// error code. None: `source` is memory and a file read is needed.
+fn read_partition(
+    partition: &Partition,
+    offset: i64,
+    max_bytes: u64,
+    source: Source,
+) -> Option<Result<(qanat_log::ReadOutcome, Vec<Chunk>), i16>> {
+    let read = match source {
+        Source::Memory => match partition.read_from_memory(offset, max_bytes) {
+            Ok(Some(read)) => read,
+            Ok(None) => return None,
+            Err(e) => return Some(Err(log_error_code(&e))),
+        },
+        Source::Files => match partition.read(offset, max_bytes) {
+            Ok(read) => read,
+            Err(e) => return Some(Err(log_error_code(&e))),
+        },
+    };
+    let small = read.slices.iter().any(|s| s.len < SENDFILE_MIN_BYTES);
+    if small && source == Source::Memory {
+        return None;
+    }
+    let mut chunks = Vec::with_capacity(read.slices.len());
+    for slice in &read.slices {
+        if slice.len < SENDFILE_MIN_BYTES {
+            match load(slice) {
+                Ok(chunk) => chunks.push(chunk),
+                Err(e) => {
+                    tracing::error!(error = %e, "reading records for a fetch failed");
+                    return Some(Err(code(ResponseError::KafkaStorageError)));
+                }
+            }
+        } else {
+            chunks.push(Chunk::File(slice.clone()));
+        }
+    }
+    Some(Ok((read, chunks)))
+}
+
+/// The bytes of a small file range, in memory (blocking).
+fn load(slice: &FileSlice) -> std::io::Result<Chunk> {
+    let mut buf = BytesMut::zeroed(slice.len as usize);
+    slice.file.read_exact_at(&mut buf, slice.position)?;
+    Ok(Chunk::Bytes(buf.freeze()))
 }
 
 #[cfg(test)]
@@ -267,5 +373,48 @@ mod tests {
             readers.iter().filter(|t| **t == worker).count(),
             readers.len()
         );
+    }
+
+    // A consumer resuming at a batch boundary, batches large enough to be indexed and sent
+    // by sendfile: the fetch is answered from memory with file ranges, and reads no file.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_consumer_at_a_batch_boundary_is_answered_without_reading_a_file() {
+        let readers = Arc::new(ReadThreads::default());
+        let storage = HookedStorage::with_hooks(Arc::new(SimStorage::new()), readers.clone());
+        let broker = broker_on(Config::default(), Arc::new(storage));
+        broker.topics.create("orders", 1, false).expect("create");
+        let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
+        let batches: Vec<Vec<u8>> = (0..3u8)
+            .map(|i| batch(&[&vec![i; 3 * SENDFILE_MIN_BYTES as usize]]))
+            .collect();
+        for b in &batches {
+            partition.append(b).expect("append");
+        }
+        readers.0.lock().clear();
+
+        let response = broker
+            .fetch(
+                fetch_request("orders", 0, 1, 300_000),
+                VERSION,
+                7,
+                Default::default(),
+            )
+            .await
+            .expect("fetch response")
+            .0;
+        assert!(
+            response.chunks.iter().any(|c| matches!(c, Chunk::File(_))),
+            "records go out as file ranges"
+        );
+        assert_eq!(readers.0.lock().len(), 0, "the fetch read a file");
+        let decoded = decode_fetch(response, VERSION);
+        let records = decoded.responses[0].partitions[0]
+            .records
+            .as_deref()
+            .expect("records");
+        // Batches 1 and 2, each as appended but for its base offset.
+        assert_eq!(records.len(), batches[1].len() + batches[2].len());
+        assert_eq!(&records[8..batches[1].len()], &batches[1][8..]);
+        assert_eq!(&records[batches[1].len() + 8..], &batches[2][8..]);
     }
 }

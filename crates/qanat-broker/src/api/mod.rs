@@ -138,11 +138,16 @@ impl Broker {
         let t = self
             .lookup_topic(topic, create)
             .map_err(|e| topic_error_code(&e))?;
-        usize::try_from(index)
-            .ok()
-            .and_then(|i| t.partitions.get(i).cloned())
-            .ok_or(code(ResponseError::UnknownTopicOrPartition))
+        partition_of(&t, index)
     }
+}
+
+/// Partition `index` of `topic`, or the error code for a partition it does not have.
+fn partition_of(topic: &Topic, index: i32) -> Result<Arc<Partition>, i16> {
+    usize::try_from(index)
+        .ok()
+        .and_then(|i| topic.partitions.get(i).cloned())
+        .ok_or(code(ResponseError::UnknownTopicOrPartition))
 }
 
 fn log_error_code(e: &LogError) -> i16 {

@@ -17,9 +17,12 @@ use kafka_protocol::messages::{
     ProduceRequest,
 };
 use kafka_protocol::ResponseError;
+use qanat_log::batch::Validated;
 use qanat_log::{AppendOutcome, Partition};
 
-use super::{code, log_error_code, malformed, name, records_error_code};
+use super::{
+    code, log_error_code, malformed, name, partition_of, records_error_code, topic_error_code,
+};
 use crate::ratelog::{LogLimiter, LOG_INTERVAL};
 use crate::wire::WireError;
 use crate::{timed_sync, Broker};
@@ -153,16 +156,40 @@ impl Acknowledgement {
 impl Broker {
     /// Validate and append every partition's batches, in request order. Blocking.
     fn produce_append(&self, req: &ProduceRequest) -> Vec<ProducePartitionResult> {
-        let mut results = Vec::new();
-        for topic in &req.topic_data {
-            let topic_name = topic.name.0.as_str();
-            for data in &topic.partition_data {
-                let outcome = match self.partition(topic_name, data.index, true) {
+        let mut results =
+            Vec::with_capacity(req.topic_data.iter().map(|t| t.partition_data.len()).sum());
+        for topic_data in &req.topic_data {
+            let topic_name = topic_data.name.0.as_str();
+            // Looked up once per topic, not per partition.
+            let topic = self
+                .lookup_topic(topic_name, true)
+                .map_err(|e| topic_error_code(&e));
+            for data in &topic_data.partition_data {
+                let outcome = match topic
+                    .as_ref()
+                    .map_err(|c| *c)
+                    .and_then(|t| partition_of(t, data.index).map(|p| (t, p)))
+                {
                     Err(c) => Err(c),
-                    Ok(partition) => {
+                    Ok((topic, partition)) => {
                         let records = data.records.as_deref().unwrap_or_default();
                         let limit = self.config.broker.max_uncompressed_batch_bytes;
-                        if let Err(refused) = crate::records::validate_produce(records, limit) {
+                        // Structure and CRCs once, for the record check and the append both.
+                        let validated = match Validated::new(records) {
+                            Ok(v) => v,
+                            Err(e) => {
+                                if let Some(suppressed) = REFUSED_LOG.check("append") {
+                                    tracing::warn!(topic = topic_name, partition = data.index, error = %e, suppressed, "produce refused");
+                                }
+                                results.push(ProducePartitionResult {
+                                    topic: topic_name.to_string(),
+                                    index: data.index,
+                                    outcome: Err(log_error_code(&e)),
+                                });
+                                continue;
+                            }
+                        };
+                        if let Err(refused) = crate::records::validate_records(&validated, limit) {
                             if let Some(suppressed) = REFUSED_LOG.check("records") {
                                 tracing::warn!(
                                     topic = topic_name,
@@ -182,16 +209,13 @@ impl Broker {
                             });
                             continue;
                         }
-                        match partition.append(records) {
+                        match partition.append_validated(&validated) {
                             Ok(outcome) => {
                                 if outcome.duplicate {
-                                    metrics::counter!("qanat_produce_duplicates_total", "topic" => topic_name.to_string())
-                                        .increment(1);
+                                    topic.counters.duplicates.increment(1);
                                 }
-                                metrics::counter!("qanat_bytes_in_total", "topic" => topic_name.to_string())
-                                    .increment(outcome.bytes);
-                                metrics::counter!("qanat_records_in_total", "topic" => topic_name.to_string())
-                                    .increment(outcome.records);
+                                topic.counters.bytes_in.increment(outcome.bytes);
+                                topic.counters.records_in.increment(outcome.records);
                                 Ok((partition, outcome))
                             }
                             Err(e) => {
