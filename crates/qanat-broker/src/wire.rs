@@ -52,6 +52,10 @@ impl Chunk {
             Chunk::File(f) => f.len,
         }
     }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A whole response frame (without its length prefix).
