@@ -288,6 +288,9 @@ pub async fn ensure_topics(cfg: &PipelineConfig) -> Result<(), PipelineError> {
 type KeyValue = (Option<Vec<u8>>, Option<Vec<u8>>);
 
 /// Every record of `topic` from the beginning to its current end, as (key, value).
+/// Pause before asking again for metadata after a transport failure.
+const METADATA_RETRY_PAUSE: Duration = Duration::from_millis(250);
+
 fn read_topic(
     cfg: &PipelineConfig,
     topic: &str,
@@ -304,9 +307,20 @@ fn read_topic(
         .set("enable.partition.eof", "false")
         .create()
         .map_err(PipelineError::Client)?;
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .map_err(|e| err(e.to_string()))?;
+    // A connection that fails while the first request is out (a broker restarting, a busy
+    // TLS handshake) is retried within the same ten seconds before the load gives up.
+    let metadata_by = Instant::now() + Duration::from_secs(10);
+    let metadata = loop {
+        let left = metadata_by.saturating_duration_since(Instant::now());
+        match consumer.fetch_metadata(Some(topic), left.max(Duration::from_millis(100))) {
+            Err(KafkaError::MetadataFetch(
+                RDKafkaErrorCode::BrokerTransportFailure | RDKafkaErrorCode::AllBrokersDown,
+            )) if Instant::now() + METADATA_RETRY_PAUSE < metadata_by => {
+                std::thread::sleep(METADATA_RETRY_PAUSE);
+            }
+            other => break other.map_err(|e| err(e.to_string()))?,
+        }
+    };
     let Some(meta) = metadata.topics().iter().find(|t| t.name() == topic) else {
         return Ok(Vec::new());
     };
