@@ -165,6 +165,16 @@ fn shared_secure() -> Arc<Shared> {
     s
 }
 
+/// The command failed, and its log reports the refused SASL login.
+fn assert_login_refused(out: &Output) {
+    assert!(!out.status.success(), "{}", describe(out));
+    assert!(
+        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
+        "{}",
+        describe(out)
+    );
+}
+
 /// Whether `text` (a client's log) reports the refused SASL login.
 fn reports_failed_login(text: &str) -> bool {
     text.contains("SASL authentication error") || text.contains("Authentication failed")
@@ -1699,12 +1709,7 @@ fn cdc_status_talks_sasl_ssl_with_the_security_flags() {
     let out = status(PASSWORD);
     assert!(out.status.success(), "qanat cdc status: {}", describe(&out));
     let out = status("wrong password");
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
-        "{}",
-        describe(&out)
-    );
+    assert_login_refused(&out);
     let out = qanat_command()
         .args(["cdc", "status", "--bootstrap", &s.secure])
         .args([
@@ -1812,12 +1817,7 @@ fn groups_talks_sasl_ssl_with_the_security_flags() {
         describe(&out)
     );
     let out = groups(&["list"], "wrong password");
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
-        "{}",
-        describe(&out)
-    );
+    assert_login_refused(&out);
 }
 
 /// `qanat sync` reads a topic range and writes a topic over SASL_SSL with `[sync.security]`
@@ -1872,12 +1872,7 @@ fn sync_moves_a_topic_over_sasl_ssl_with_its_security_table() {
 
     let wrong = Shared::password_file(dir.path(), "wrong", "wrong password");
     let out = run(&["--sasl-password-file", wrong.to_str().unwrap()]);
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
-        "{}",
-        describe(&out)
-    );
+    assert_login_refused(&out);
 }
 
 /// `qanat lake land` lands a topic over SASL_SSL with the `[security]` table of its file,
@@ -1948,19 +1943,9 @@ fn lake_land_and_audit_talk_sasl_ssl() {
     );
 
     let out = audit("wrong password");
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
-        "{}",
-        describe(&out)
-    );
+    assert_login_refused(&out);
     let out = land("wrong password");
-    assert!(!out.status.success(), "{}", describe(&out));
-    assert!(
-        reports_failed_login(&String::from_utf8_lossy(&out.stderr)),
-        "{}",
-        describe(&out)
-    );
+    assert_login_refused(&out);
 }
 
 /// `qanat quotas` sets, lists and deletes client quotas on a running broker (through

@@ -337,19 +337,19 @@ mod tests {
         }
     }
 
-    // A current-thread runtime: its one async worker is the test's own thread.
-    #[tokio::test(flavor = "current_thread")]
-    async fn segment_files_are_read_off_the_async_worker() {
+    /// A broker whose storage records which threads read files, `batches` appended to a
+    /// one-partition topic "orders", fetched from offset 1: the reading threads (those of the
+    /// fetch alone) and the response.
+    async fn fetch_orders_from_offset_1(batches: &[Vec<u8>]) -> (Arc<ReadThreads>, Response) {
         let readers = Arc::new(ReadThreads::default());
         let storage = HookedStorage::with_hooks(Arc::new(SimStorage::new()), readers.clone());
         let broker = broker_on(Config::default(), Arc::new(storage));
         broker.topics.create("orders", 1, false).expect("create");
         let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
-        for value in [&b"one"[..], b"two", b"three"] {
-            partition.append(&batch(&[value])).expect("append");
+        for b in batches {
+            partition.append(b).expect("append");
         }
         readers.0.lock().clear();
-
         let response = broker
             .fetch(
                 fetch_request("orders", 0, 1, 300_000),
@@ -360,6 +360,17 @@ mod tests {
             .await
             .expect("fetch response")
             .0;
+        (readers, response)
+    }
+
+    // A current-thread runtime: its one async worker is the test's own thread.
+    #[tokio::test(flavor = "current_thread")]
+    async fn segment_files_are_read_off_the_async_worker() {
+        let batches: Vec<Vec<u8>> = [&b"one"[..], b"two", b"three"]
+            .iter()
+            .map(|value| batch(&[*value]))
+            .collect();
+        let (readers, response) = fetch_orders_from_offset_1(&batches).await;
         // Taken before the response is decoded here: that reads the file ranges the
         // connection's writer would send.
         let readers = readers.0.lock().clone();
@@ -379,29 +390,10 @@ mod tests {
     // by sendfile: the fetch is answered from memory with file ranges, and reads no file.
     #[tokio::test(flavor = "current_thread")]
     async fn a_consumer_at_a_batch_boundary_is_answered_without_reading_a_file() {
-        let readers = Arc::new(ReadThreads::default());
-        let storage = HookedStorage::with_hooks(Arc::new(SimStorage::new()), readers.clone());
-        let broker = broker_on(Config::default(), Arc::new(storage));
-        broker.topics.create("orders", 1, false).expect("create");
-        let partition = broker.topics.get("orders").expect("created").partitions[0].clone();
         let batches: Vec<Vec<u8>> = (0..3u8)
             .map(|i| batch(&[&vec![i; 3 * SENDFILE_MIN_BYTES as usize]]))
             .collect();
-        for b in &batches {
-            partition.append(b).expect("append");
-        }
-        readers.0.lock().clear();
-
-        let response = broker
-            .fetch(
-                fetch_request("orders", 0, 1, 300_000),
-                VERSION,
-                7,
-                Default::default(),
-            )
-            .await
-            .expect("fetch response")
-            .0;
+        let (readers, response) = fetch_orders_from_offset_1(&batches).await;
         assert!(
             response.chunks.iter().any(|c| matches!(c, Chunk::File(_))),
             "records go out as file ranges"
