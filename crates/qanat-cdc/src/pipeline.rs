@@ -544,10 +544,12 @@ impl Bus {
                     tokio::time::sleep(Duration::from_millis(2)).await;
                 }
                 Err((error, _)) => {
+                    // The number was taken: fail it, or whoever waits past it waits for ever.
+                    self.deliveries.not_sent(seq, topic, error.clone());
                     return Err(PipelineError::Delivery {
                         topic: topic.to_string(),
                         error,
-                    })
+                    });
                 }
             }
         }

@@ -119,6 +119,11 @@ impl Deliveries {
         st.wake_at = st.wake_at.min(seq);
     }
 
+    /// A numbered record librdkafka refused to take: it counts as a failed delivery.
+    pub fn not_sent(&self, seq: u64, topic: &str, error: KafkaError) {
+        self.delivered(seq, Some((topic.to_string(), error)));
+    }
+
     fn delivered(&self, seq: u64, failure: Option<(String, KafkaError)>) {
         let wake = {
             let mut st = self.state.lock();
@@ -178,5 +183,18 @@ mod tests {
         // A repeated report of an acknowledged record changes nothing.
         st.mark(1);
         assert_eq!(st.acked, 5);
+    }
+
+    #[tokio::test]
+    async fn a_record_not_sent_fails_the_waiters_past_it() {
+        let deliveries = Deliveries::new();
+        let first = deliveries.take_seq();
+        let refused = deliveries.take_seq();
+        deliveries.delivered(first, None);
+        deliveries.not_sent(refused, "t", KafkaError::Canceled);
+        let after = deliveries.take_seq();
+        let waited = deliveries.wait_acked(after + 1).await;
+        assert!(matches!(waited, Err((topic, KafkaError::Canceled)) if topic == "t"));
+        assert_eq!(deliveries.with(|st| st.acked), 1);
     }
 }
