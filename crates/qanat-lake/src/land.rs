@@ -677,14 +677,20 @@ impl Lander {
 
     /// Roll every group older than the roll age.
     pub fn tick(&mut self, now: Instant) -> Result<Vec<Landed>, LandError> {
+        let roll_age = self.spec.roll_age;
+        self.finish_groups(|g| now.duration_since(g.opened) >= roll_age)
+    }
+
+    /// Roll every open group (shutdown, end of `--once`).
+    pub fn flush(&mut self) -> Result<Vec<Landed>, LandError> {
+        self.finish_groups(|_| true)
+    }
+
+    fn finish_groups(&mut self, due: impl Fn(&Group) -> bool) -> Result<Vec<Landed>, LandError> {
         let mut out = Vec::new();
         for (topic, parts) in &mut self.parts {
             for (partition, part) in parts {
-                if part
-                    .group
-                    .as_ref()
-                    .is_some_and(|g| now.duration_since(g.opened) >= self.spec.roll_age)
-                {
+                if part.group.as_ref().is_some_and(&due) {
                     out.extend(finish_group(
                         &*self.fs,
                         &self.spec.table,
@@ -692,22 +698,6 @@ impl Lander {
                         part,
                     )?);
                 }
-            }
-        }
-        Ok(out)
-    }
-
-    /// Roll every open group (shutdown, end of `--once`).
-    pub fn flush(&mut self) -> Result<Vec<Landed>, LandError> {
-        let mut out = Vec::new();
-        for (topic, parts) in &mut self.parts {
-            for (partition, part) in parts {
-                out.extend(finish_group(
-                    &*self.fs,
-                    &self.spec.table,
-                    (topic, *partition),
-                    part,
-                )?);
             }
         }
         Ok(out)
