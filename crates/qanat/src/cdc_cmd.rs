@@ -104,8 +104,18 @@ struct StatusArgs {
 
 pub async fn run(args: CdcArgs) -> anyhow::Result<()> {
     match args.action {
-        Some(CdcAction::Status(s)) => status(s, &args.security.resolve()?).await,
-        Some(CdcAction::Snapshot(s)) => snapshot(s, &args.security.resolve()?).await,
+        Some(CdcAction::Status(s)) => {
+            let security = args.security.resolve()?;
+            check_login(&s.bootstrap, &security).await?;
+            status(s, &security).await
+        }
+        Some(CdcAction::Snapshot(s)) => {
+            let security = args.security.resolve()?;
+            if s.config.is_none() {
+                check_login(&s.bootstrap, &security).await?;
+            }
+            snapshot(s, &security).await
+        }
         None => run_connectors(args.run, &args.security).await,
     }
 }
@@ -186,6 +196,8 @@ async fn run_connectors(
         let bound = crate::telemetry::serve_metrics(addr, None).await?;
         writeln!(stdout, "qanat metrics listening on {bound}")?;
     }
+    // A refused login stops the command now, not after every connector's first timeout.
+    check_login(&config.bootstrap, &config.security).await?;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = tokio::task::JoinSet::new();
     for (i, connector) in config.connectors.iter().enumerate() {
@@ -483,4 +495,11 @@ async fn status(args: StatusArgs, security: &KafkaSecurity) -> anyhow::Result<()
         )?;
     }
     Ok(())
+}
+
+/// Log in to the bus with `security` before the real work (see
+/// [`crate::kafka_security::check_login`]).
+async fn check_login(bootstrap: &str, security: &KafkaSecurity) -> anyhow::Result<()> {
+    let properties = security.properties("security")?;
+    crate::kafka_security::check_login_with(bootstrap, properties).await
 }

@@ -119,22 +119,41 @@ const LOGIN_CHECK: std::time::Duration = std::time::Duration::from_secs(10);
 /// requests do not report the refusal at all). Without SASL, or when the broker does not
 /// answer within [`LOGIN_CHECK`], it leaves the reporting to the real work.
 pub async fn check_login(bootstrap: &str) -> anyhow::Result<()> {
+    let installed = PROPERTIES.get().cloned().unwrap_or_default();
+    check_login_with(bootstrap, installed).await
+}
+
+/// [`check_login`] with the given client properties instead of the installed ones.
+pub async fn check_login_with(
+    bootstrap: &str,
+    properties: Vec<(String, String)>,
+) -> anyhow::Result<()> {
     let bootstrap = bootstrap.to_string();
-    tokio::task::spawn_blocking(move || check_login_blocking(&bootstrap))
+    tokio::task::spawn_blocking(move || check_login_blocking_with(&bootstrap, &properties))
         .await
         .context("login check")?
 }
 
 /// [`check_login`] on a thread that may block.
 pub fn check_login_blocking(bootstrap: &str) -> anyhow::Result<()> {
-    use rdkafka::consumer::Consumer;
     let installed = PROPERTIES.get().map(Vec::as_slice).unwrap_or_default();
-    if !installed.iter().any(|(k, _)| k == "sasl.mechanism") {
+    check_login_blocking_with(bootstrap, installed)
+}
+
+fn check_login_blocking_with(
+    bootstrap: &str,
+    properties: &[(String, String)],
+) -> anyhow::Result<()> {
+    use rdkafka::consumer::Consumer;
+    if !properties.iter().any(|(k, _)| k == "sasl.mechanism") {
         return Ok(());
     }
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", bootstrap);
-    let consumer: rdkafka::consumer::BaseConsumer<LoginWatch> = apply(&mut config)
+    for (k, v) in properties {
+        config.set(k, v);
+    }
+    let consumer: rdkafka::consumer::BaseConsumer<LoginWatch> = config
         .create_with_context(LoginWatch::default())
         .context("creating a client")?;
     let deadline = std::time::Instant::now() + LOGIN_CHECK;

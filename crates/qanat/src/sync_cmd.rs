@@ -457,6 +457,7 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
     };
     let mut jobs = Vec::new();
     let mut first: Option<Settings> = None;
+    let mut logins = std::collections::BTreeMap::new();
     for (origin, text) in &files {
         let mut job = JobFile::parse(text, origin, env())?;
         common.apply(&mut job.sync);
@@ -471,8 +472,17 @@ pub async fn run(args: SyncArgs) -> anyhow::Result<()> {
         );
         for spec in &job.table {
             jobs.push(table_job(spec, &job.sync, &bus)?);
+            for dsn in spec.from.dsns().iter().chain([&spec.to]) {
+                if let Ok(Endpoint::Bus(b)) = Endpoint::parse(dsn) {
+                    logins.insert(b.brokers, bus.0.clone());
+                }
+            }
         }
         first.get_or_insert(job.sync);
+    }
+    // A refused login stops the job now, not after the first request's timeout.
+    for (brokers, properties) in logins {
+        crate::kafka_security::check_login_with(&brokers, properties).await?;
     }
     // Hooks belong to the DataX tables, which come after every TOML file's tables.
     let hooked_from = jobs.len() - hooks.len();
