@@ -4,8 +4,9 @@
 //! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
 //! ([`wire`], [`fetch_response`]), one module per Kafka API ([`api`]), the topic registry
 //! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]), records read
-//! as bounded streams from batches ([`records`]) and the background maintenance (periodic
-//! fsync, segment rolling, retention).
+//! as bounded streams from batches ([`records`]), the data directory's lock
+//! ([`data_dir_lock`]) and the background maintenance (periodic fsync, segment rolling,
+//! retention).
 //!
 //! Wire format: Kafka request/response frames (`int32` length prefix, request header v1/v2,
 //! response header v0/v1) decoded and encoded with `kafka-protocol`, except FetchResponse,
@@ -13,6 +14,8 @@
 //! (RecordBatch v2) are never re-encoded: what a producer sent is what a consumer receives.
 //!
 //! Invariants:
+//! - One process at a time owns a data directory: the `qanat broker` command holds its
+//!   [`data_dir_lock`] while it runs, and offline edits of its files take the same lock.
 //! - A produce is acknowledged only after every batch of it is appended, and with
 //!   `fsync = "always"` only after an fdatasync covers it (group commit across producers).
 //! - Responses on one connection leave in request order; requests on one connection are
@@ -28,6 +31,7 @@ pub mod acl;
 pub mod api;
 pub mod config;
 pub mod credentials;
+pub mod data_dir_lock;
 pub mod fdlimit;
 pub mod fetch_response;
 pub mod filter;

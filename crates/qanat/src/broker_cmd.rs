@@ -54,6 +54,9 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let config = load_config(args.config.as_ref())?;
+    // Held until the process exits: a second broker on this directory refuses to start.
+    let _data_dir_lock = qanat_broker::data_dir_lock::DataDirLock::acquire(&args.data_dir)
+        .context("a broker needs its data directory to itself")?;
     let mut stdout = std::io::stdout();
     let http_tls = match (&args.http_tls_cert_file, &args.http_tls_key_file) {
         (Some(cert), Some(key)) => Some(crate::https::load(

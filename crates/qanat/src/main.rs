@@ -1,6 +1,7 @@
 //! `qanat`: the broker and its operator tools.
 
 mod acls_cmd;
+mod admin;
 mod agent_cmd;
 mod audit_cmd;
 mod broker_cmd;

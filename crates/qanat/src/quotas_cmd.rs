@@ -7,10 +7,7 @@
 //! the authorizer is on, describing DescribeConfigs).
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::net::TcpStream;
 use std::path::PathBuf;
-use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
@@ -18,10 +15,11 @@ use kafka_protocol::messages::alter_client_quotas_request::{EntityData, EntryDat
 use kafka_protocol::messages::describe_client_quotas_request::ComponentData;
 use kafka_protocol::messages::{
     AlterClientQuotasRequest, AlterClientQuotasResponse, ApiKey, DescribeClientQuotasRequest,
-    DescribeClientQuotasResponse, RequestHeader, ResponseHeader,
+    DescribeClientQuotasResponse,
 };
-use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
 use qanat_broker::quotas::{Entity, Quotas, KEYS};
+
+use crate::admin::{error_text, s, AdminConn};
 
 #[derive(Args)]
 pub struct QuotasArgs {
@@ -156,8 +154,12 @@ fn matches(want: &Entity, entity: &Entity) -> bool {
 }
 
 pub async fn run(args: QuotasArgs) -> anyhow::Result<()> {
+    let _lock = match &args.bootstrap {
+        Some(_) => None,
+        None => crate::admin::lock_data_dir(&args.data_dir)?,
+    };
     let store: Box<dyn QuotaStore> = match &args.bootstrap {
-        Some(addr) => Box::new(Remote::connect(addr)?),
+        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-quotas")?),
         None => Box::new(
             Quotas::open(&args.data_dir)
                 .with_context(|| format!("opening quotas in {}", args.data_dir.display()))?,
@@ -236,21 +238,6 @@ impl QuotaStore for Quotas {
     }
 }
 
-const TIMEOUT: Duration = Duration::from_secs(30);
-/// Largest answer read from the broker.
-const MAX_RESPONSE: usize = 64 << 20;
-
-/// A connection to a running broker, one request at a time.
-struct Remote {
-    addr: String,
-    stream: std::cell::RefCell<TcpStream>,
-    correlation: std::cell::Cell<i32>,
-}
-
-fn s(text: &str) -> StrBytes {
-    StrBytes::from_string(text.to_string())
-}
-
 fn parts(entity: &Entity) -> Vec<(&'static str, Option<String>)> {
     let mut out = Vec::new();
     if let Some(u) = &entity.user {
@@ -262,84 +249,7 @@ fn parts(entity: &Entity) -> Vec<(&'static str, Option<String>)> {
     out
 }
 
-impl Remote {
-    fn connect(addr: &str) -> anyhow::Result<Self> {
-        let stream = TcpStream::connect(addr).with_context(|| format!("connecting to {addr}"))?;
-        stream.set_read_timeout(Some(TIMEOUT))?;
-        stream.set_write_timeout(Some(TIMEOUT))?;
-        Ok(Remote {
-            addr: addr.to_string(),
-            stream: std::cell::RefCell::new(stream),
-            correlation: std::cell::Cell::new(0),
-        })
-    }
-
-    fn call<Req, Resp>(&self, key: ApiKey, version: i16, req: &Req) -> anyhow::Result<Resp>
-    where
-        Req: Encodable + HeaderVersion,
-        Resp: Decodable + HeaderVersion,
-    {
-        let correlation = self.correlation.get() + 1;
-        self.correlation.set(correlation);
-        let header = RequestHeader::default()
-            .with_request_api_key(key as i16)
-            .with_request_api_version(version)
-            .with_correlation_id(correlation)
-            .with_client_id(Some(s("qanat-quotas")));
-        let mut body = bytes::BytesMut::new();
-        header
-            .encode(&mut body, Req::header_version(version))
-            .context("encoding the request header")?;
-        req.encode(&mut body, version)
-            .context("encoding the request")?;
-        let what = || format!("{key:?} to {}", self.addr);
-        let mut frame = u32::try_from(body.len())
-            .context("request too large")?
-            .to_be_bytes()
-            .to_vec();
-        frame.extend_from_slice(&body);
-        let mut stream = self.stream.borrow_mut();
-        stream
-            .write_all(&frame)
-            .with_context(|| format!("sending {}", what()))?;
-        let mut size = [0u8; 4];
-        stream.read_exact(&mut size).with_context(|| {
-            format!(
-                "reading the answer to {} (a SASL or SSL listener closes the connection: \
-                 --bootstrap needs a PLAINTEXT listener)",
-                what()
-            )
-        })?;
-        let size = usize::try_from(u32::from_be_bytes(size))?;
-        if size > MAX_RESPONSE {
-            bail!("the answer to {} claims {size} bytes", what());
-        }
-        let mut answer = vec![0u8; size];
-        stream
-            .read_exact(&mut answer)
-            .with_context(|| format!("reading the answer to {}", what()))?;
-        let mut answer = bytes::Bytes::from(answer);
-        let header = ResponseHeader::decode(&mut answer, Resp::header_version(version))
-            .with_context(|| format!("decoding the answer to {}", what()))?;
-        if header.correlation_id != correlation {
-            bail!("the answer to {} does not match its request", what());
-        }
-        Resp::decode(&mut answer, version)
-            .with_context(|| format!("decoding the answer to {}", what()))
-    }
-}
-
-/// A Kafka error code as text.
-fn error_text(code: i16, message: Option<&StrBytes>) -> String {
-    let name = kafka_protocol::ResponseError::try_from_code(code)
-        .map_or_else(|| format!("error {code}"), |e| format!("{e:?}"));
-    match message {
-        Some(m) if !m.is_empty() => format!("{name}: {}", m.as_str()),
-        _ => name,
-    }
-}
-
-impl QuotaStore for Remote {
+impl QuotaStore for AdminConn {
     fn list(&self) -> anyhow::Result<Vec<(Entity, BTreeMap<String, f64>)>> {
         // Any user, and any client id: both kinds of entity, each with or without the other.
         let mut out: BTreeMap<Entity, BTreeMap<String, f64>> = BTreeMap::new();
@@ -350,7 +260,7 @@ impl QuotaStore for Remote {
                     .with_match_type(2)])
                 .with_strict(false);
             let resp: DescribeClientQuotasResponse =
-                self.call(ApiKey::DescribeClientQuotas, 1, &req)?;
+                self.call(ApiKey::DescribeClientQuotas, 0..=1, &req)?;
             if resp.error_code != 0 {
                 bail!(
                     "describing quotas: {}",
@@ -409,7 +319,7 @@ impl QuotaStore for Remote {
             })
             .collect();
         let req = AlterClientQuotasRequest::default().with_entries(entries);
-        let resp: AlterClientQuotasResponse = self.call(ApiKey::AlterClientQuotas, 1, &req)?;
+        let resp: AlterClientQuotasResponse = self.call(ApiKey::AlterClientQuotas, 0..=1, &req)?;
         let failed: Vec<String> = resp
             .entries
             .iter()

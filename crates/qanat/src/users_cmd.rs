@@ -1,19 +1,40 @@
 //! `qanat users add|delete|list`: SCRAM credentials in a stopped broker's data directory
-//! (`scram-credentials.json`, see `qanat_broker::credentials`). Passwords are read from a file
-//! or the environment, never from the command line, and only derived keys are written.
+//! (`scram-credentials.json`, see `qanat_broker::credentials`), or, with `--bootstrap`, on a
+//! running broker through DescribeUserScramCredentials/AlterUserScramCredentials (as Kafka's
+//! `kafka-configs --entity-type users` does; it needs Alter, or Describe, on the cluster when
+//! the authorizer is on). Passwords are read from a file or the environment, never from the
+//! command line; the password is salted and hashed here, and only derived keys are stored.
 
 use std::path::PathBuf;
 
 use anyhow::{bail, Context};
 use clap::{Args, Subcommand};
+use kafka_protocol::messages::alter_user_scram_credentials_request::{
+    ScramCredentialDeletion, ScramCredentialUpsertion,
+};
+use kafka_protocol::messages::{
+    AlterUserScramCredentialsRequest, AlterUserScramCredentialsResponse, ApiKey,
+    DescribeUserScramCredentialsRequest, DescribeUserScramCredentialsResponse,
+};
 use qanat_broker::credentials::CredentialStore;
 use qanat_broker::scram::{ScramCredential, ScramMechanism, MAX_ITERATIONS, MIN_ITERATIONS};
+use rand::RngCore;
+
+use crate::admin::{error_text, s, AdminConn};
 
 #[derive(Args)]
 pub struct UsersArgs {
     /// Data directory of the (stopped) broker.
-    #[arg(long, env = "QANAT_DATA_DIR", default_value = "./qanat-data")]
+    #[arg(
+        long,
+        env = "QANAT_DATA_DIR",
+        default_value = "./qanat-data",
+        conflicts_with = "bootstrap"
+    )]
     data_dir: PathBuf,
+    /// A running broker, HOST:PORT, instead of a data directory.
+    #[arg(long, value_name = "HOST:PORT")]
+    bootstrap: Option<String>,
     #[command(subcommand)]
     action: Action,
 }
@@ -76,8 +97,17 @@ fn read_password(file: Option<&PathBuf>, env: &str) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
-    let store = CredentialStore::open(&args.data_dir)
-        .with_context(|| format!("opening credentials in {}", args.data_dir.display()))?;
+    let _lock = match &args.bootstrap {
+        Some(_) => None,
+        None => crate::admin::lock_data_dir(&args.data_dir)?,
+    };
+    let store: Box<dyn UserStore> = match &args.bootstrap {
+        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-users")?),
+        None => Box::new(
+            CredentialStore::open(&args.data_dir)
+                .with_context(|| format!("opening credentials in {}", args.data_dir.display()))?,
+        ),
+    };
     match args.action {
         Action::Add {
             name,
@@ -96,29 +126,34 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
             let changes = mechanisms(&mechanism)?
                 .into_iter()
                 .map(|m| {
-                    ScramCredential::new(m, password.as_bytes(), iterations)
-                        .map(|c| (name.clone(), m, c))
+                    let mut salt = vec![0u8; SALT_BYTES];
+                    rand::rng().fill_bytes(&mut salt);
+                    let salted = m.salted_password(password.as_bytes(), &salt, iterations);
+                    Upsert {
+                        name: name.clone(),
+                        mechanism: m,
+                        salt,
+                        salted,
+                        iterations,
+                    }
                 })
-                .collect::<Result<Vec<_>, _>>()?;
+                .collect();
             store.upsert(changes)?;
             println!("user {name} saved");
         }
         Action::Delete { name, mechanism } => {
-            let removals = if mechanism.is_empty() {
-                vec![(name.clone(), None)]
+            let mechanisms = if mechanism.is_empty() {
+                None
             } else {
-                mechanisms(&mechanism)?
-                    .into_iter()
-                    .map(|m| (name.clone(), Some(m)))
-                    .collect()
+                Some(mechanisms(&mechanism)?)
             };
-            if !store.delete(removals)?.into_iter().any(|found| found) {
+            if !store.delete(&name, mechanisms)? {
                 bail!("no such user or mechanism: {name}");
             }
             println!("user {name} deleted");
         }
         Action::List => {
-            for (user, creds) in store.list() {
+            for (user, creds) in store.list()? {
                 let creds: Vec<String> = creds
                     .iter()
                     .map(|(m, i)| format!("{}(iterations={i})", m.name()))
@@ -128,4 +163,170 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Salt length of a new credential, as the broker's own.
+const SALT_BYTES: usize = 32;
+
+/// A credential to store: the password already salted and hashed (SaltedPassword).
+struct Upsert {
+    name: String,
+    mechanism: ScramMechanism,
+    salt: Vec<u8>,
+    salted: Vec<u8>,
+    iterations: u32,
+}
+
+/// Users and the (mechanism, iterations) of each of their credentials.
+type UserList = Vec<(String, Vec<(ScramMechanism, u32)>)>;
+
+/// Where the credentials are: a data directory or a running broker.
+trait UserStore {
+    fn upsert(&self, changes: Vec<Upsert>) -> anyhow::Result<()>;
+    /// Delete the user's credentials of `mechanisms` (all when `None`); whether any existed.
+    fn delete(&self, name: &str, mechanisms: Option<Vec<ScramMechanism>>) -> anyhow::Result<bool>;
+    fn list(&self) -> anyhow::Result<UserList>;
+}
+
+impl UserStore for CredentialStore {
+    fn upsert(&self, changes: Vec<Upsert>) -> anyhow::Result<()> {
+        let changes = changes
+            .into_iter()
+            .map(|u| {
+                let credential = ScramCredential::from_salted_password(
+                    u.mechanism,
+                    &u.salted,
+                    u.salt,
+                    u.iterations,
+                );
+                (u.name, u.mechanism, credential)
+            })
+            .collect();
+        Ok(CredentialStore::upsert(self, changes)?)
+    }
+
+    fn delete(&self, name: &str, mechanisms: Option<Vec<ScramMechanism>>) -> anyhow::Result<bool> {
+        let removals = match mechanisms {
+            None => vec![(name.to_string(), None)],
+            Some(ms) => ms
+                .into_iter()
+                .map(|m| (name.to_string(), Some(m)))
+                .collect(),
+        };
+        Ok(CredentialStore::delete(self, removals)?
+            .into_iter()
+            .any(|found| found))
+    }
+
+    fn list(&self) -> anyhow::Result<UserList> {
+        Ok(CredentialStore::list(self))
+    }
+}
+
+/// Kafka's code for "no such credential".
+const RESOURCE_NOT_FOUND: i16 = 91;
+
+impl AdminConn {
+    /// AlterUserScramCredentials; the per-user errors that are not `tolerated`, as one error.
+    fn alter_users(
+        &self,
+        req: AlterUserScramCredentialsRequest,
+        tolerated: &[i16],
+    ) -> anyhow::Result<Vec<i16>> {
+        let resp: AlterUserScramCredentialsResponse =
+            self.call(ApiKey::AlterUserScramCredentials, 0..=0, &req)?;
+        let failed: Vec<String> = resp
+            .results
+            .iter()
+            .filter(|r| r.error_code != 0 && !tolerated.contains(&r.error_code))
+            .map(|r| {
+                format!(
+                    "{}: {}",
+                    r.user.as_str(),
+                    error_text(r.error_code, r.error_message.as_ref())
+                )
+            })
+            .collect();
+        if !failed.is_empty() {
+            bail!("changing users: {}", failed.join("; "));
+        }
+        Ok(resp.results.iter().map(|r| r.error_code).collect())
+    }
+}
+
+impl UserStore for AdminConn {
+    fn upsert(&self, changes: Vec<Upsert>) -> anyhow::Result<()> {
+        let req = AlterUserScramCredentialsRequest::default().with_upsertions(
+            changes
+                .into_iter()
+                .map(|u| {
+                    ScramCredentialUpsertion::default()
+                        .with_name(s(&u.name))
+                        .with_mechanism(u.mechanism.kafka_code())
+                        .with_iterations(i32::try_from(u.iterations).unwrap_or(i32::MAX))
+                        .with_salt(u.salt.into())
+                        .with_salted_password(u.salted.into())
+                })
+                .collect(),
+        );
+        self.alter_users(req, &[]).map(drop)
+    }
+
+    fn delete(&self, name: &str, mechanisms: Option<Vec<ScramMechanism>>) -> anyhow::Result<bool> {
+        // A deletion names one mechanism: all of them, where none was given.
+        let mechanisms = mechanisms.unwrap_or_else(|| ScramMechanism::ALL.to_vec());
+        let req = AlterUserScramCredentialsRequest::default().with_deletions(
+            mechanisms
+                .into_iter()
+                .map(|m| {
+                    ScramCredentialDeletion::default()
+                        .with_name(s(name))
+                        .with_mechanism(m.kafka_code())
+                })
+                .collect(),
+        );
+        let codes = self.alter_users(req, &[RESOURCE_NOT_FOUND])?;
+        Ok(codes.contains(&0))
+    }
+
+    fn list(&self) -> anyhow::Result<UserList> {
+        let resp: DescribeUserScramCredentialsResponse = self.call(
+            ApiKey::DescribeUserScramCredentials,
+            0..=0,
+            &DescribeUserScramCredentialsRequest::default().with_users(None),
+        )?;
+        if resp.error_code != 0 {
+            bail!(
+                "describing users: {}",
+                error_text(resp.error_code, resp.error_message.as_ref())
+            );
+        }
+        let mut users = Vec::new();
+        for r in resp.results {
+            if r.error_code != 0 {
+                bail!(
+                    "describing user {}: {}",
+                    r.user.as_str(),
+                    error_text(r.error_code, r.error_message.as_ref())
+                );
+            }
+            let creds = r
+                .credential_infos
+                .iter()
+                .map(|c| {
+                    let m = ScramMechanism::from_kafka_code(c.mechanism).with_context(|| {
+                        format!(
+                            "user {}: unknown mechanism {}",
+                            r.user.as_str(),
+                            c.mechanism
+                        )
+                    })?;
+                    Ok((m, u32::try_from(c.iterations).unwrap_or_default()))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            users.push((r.user.to_string(), creds));
+        }
+        users.sort();
+        Ok(users)
+    }
 }

@@ -1532,6 +1532,107 @@ security_protocol = "SASL_PLAINTEXT"
     );
 }
 
+/// `qanat users` and `qanat acls` with `--bootstrap` change a running broker through the
+/// Kafka admin APIs: a user added there logs in at once, ACLs round-trip, and deleting what
+/// is not there is an error.
+#[test]
+fn users_and_acls_commands_manage_a_running_broker() {
+    use acl_requests::login;
+    let broker = Broker::with_config(
+        r#"
+[[broker.listener]]
+name = "SASL"
+address = "127.0.0.1:0"
+security_protocol = "SASL_PLAINTEXT"
+"#,
+    );
+    let b = broker.bootstrap();
+    let sasl = broker.listener_addr("SASL");
+    let out = qanat_command()
+        .args(["users", "--bootstrap", &b, "add", "carol"])
+        .env("QANAT_USER_PASSWORD", "carol-password")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "users add: {}", describe(&out));
+    let listed = qanat_ok(&["users", "--bootstrap", &b, "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == "carol\tSCRAM-SHA-256(iterations=8192),SCRAM-SHA-512(iterations=8192)"),
+        "{listed}"
+    );
+    drop(login(&sasl, "carol", "carol-password"));
+    let stored = std::fs::read_to_string(broker.data_dir().join("scram-credentials.json")).unwrap();
+    assert!(stored.contains("carol") && !stored.contains("carol-password"));
+
+    qanat_ok(&[
+        "users",
+        "--bootstrap",
+        &b,
+        "delete",
+        "carol",
+        "--mechanism",
+        "SCRAM-SHA-256",
+    ]);
+    let listed = qanat_ok(&["users", "--bootstrap", &b, "list"]);
+    assert!(
+        listed
+            .lines()
+            .any(|l| l == "carol\tSCRAM-SHA-512(iterations=8192)"),
+        "{listed}"
+    );
+    qanat_ok(&["users", "--bootstrap", &b, "delete", "carol"]);
+    assert!(!qanat_ok(&["users", "--bootstrap", &b, "list"]).contains("carol"));
+    let out = qanat(&["users", "--bootstrap", &b, "delete", "carol"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no such user"),
+        "{}",
+        describe(&out)
+    );
+
+    let acls = |args: &[&str]| qanat_ok(&[&["acls", "--bootstrap", &b], args].concat());
+    acls(&[
+        "add",
+        "--topic",
+        "orders",
+        "--prefixed",
+        "--principal",
+        "User:carol",
+        "--operation",
+        "Read",
+    ]);
+    acls(&[
+        "add",
+        "--group",
+        "etl",
+        "--principal",
+        "User:carol",
+        "--operation",
+        "Read",
+        "--deny",
+    ]);
+    let listed = acls(&["list", "--principal", "User:carol"]);
+    assert_eq!(listed.lines().count(), 2, "{listed}");
+    assert!(
+        listed.contains("Topic:Prefixed:orders\tUser:carol\thost=*\tRead\tAllow")
+            && listed.contains("Group:Literal:etl\tUser:carol\thost=*\tRead\tDeny"),
+        "{listed}"
+    );
+    let deleted = acls(&["delete", "--group", "etl"]);
+    assert!(deleted.contains("deleted Group:Literal:etl"), "{deleted}");
+    let listed = acls(&["list"]);
+    assert!(
+        listed.contains("Topic:Prefixed:orders") && !listed.contains("etl"),
+        "{listed}"
+    );
+    let out = qanat(&["acls", "--bootstrap", &b, "delete", "--group", "etl"]);
+    assert!(
+        !out.status.success() && String::from_utf8_lossy(&out.stderr).contains("no ACL matched"),
+        "{}",
+        describe(&out)
+    );
+}
+
 /// `qanat agent` with `[output.security]` ships a file over SASL_SSL (SCRAM-SHA-512, the
 /// password from a file, the test CA), and names the key when the password is missing.
 #[test]
@@ -2034,9 +2135,44 @@ fn quotas_are_managed_on_a_running_and_a_stopped_broker() {
         "{described}"
     );
 
+    // While it runs, the broker's data directory is its own: offline edits and a second
+    // broker on it are refused, naming the lock.
+    let data = broker.data_dir();
+    let dir = data.to_str().unwrap();
+    for command in [
+        vec!["quotas", "--data-dir", dir, "list"],
+        vec!["users", "--data-dir", dir, "list"],
+        vec!["acls", "--data-dir", dir, "list"],
+    ] {
+        let out = qanat(&command);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && stderr.contains(".lock") && stderr.contains("--bootstrap"),
+            "{command:?}: {}",
+            describe(&out)
+        );
+    }
+    let mut second = qanat_command()
+        .args(["broker", "--data-dir", dir, "--listen", "127.0.0.1:0"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = wait_with_deadline(&mut second, std::time::Duration::from_secs(30));
+    if status.is_none() {
+        let _ = second.kill();
+    }
+    let out = second.wait_with_output().unwrap();
+    assert!(
+        status.is_some_and(|s| !s.success())
+            && String::from_utf8_lossy(&out.stderr).contains(".lock"),
+        "a second broker on {dir}: {}",
+        describe(&out)
+    );
+    assert!(broker.is_alive());
+
     // A stopped broker: the data directory, read back by the broker once it runs again.
     broker.stop();
-    let data = broker.data_dir();
     let offline = |args: &[&str]| {
         let mut all = vec!["quotas", "--data-dir", data.to_str().unwrap()];
         all.extend_from_slice(args);
