@@ -12,8 +12,11 @@
 #   5. broker C, periodic fsync: one 100-partition topic, 1 KiB records -> peak RSS;
 #   5b. broker D, periodic fsync, a PLAINTEXT and a SASL_SSL listener (SCRAM-SHA-512, TLS with
 #      a certificate made here by openssl): the same 1 KiB / 1 partition / acks=1 produce and
-#      consume through each, side by side in the same run (TLS cost), with the broker's and the
-#      client's CPU seconds per GB produced for each (the client reports its own CPU time);
+#      consume through each, side by side in the same run (TLS cost), each produced by librdkafka
+#      and by the agent's native producer (`kafka-produce --client`; it always asks acks=all,
+#      the same on one broker, and its records carry the agent's trajectory headers), with the
+#      broker's and the client's CPU seconds per GB produced for each (the client reports its
+#      own CPU time);
 #   6. NATS JetStream: the same produce/consume workloads (subjects = partitions, async acks,
 #      window 4096) and a latency run at half its own max rate.
 # Output: one markdown table on stdout plus summary lines; progress on stderr.
@@ -339,36 +342,40 @@ if [[ "${BENCH_SKIP_TLS:-0}" != 1 ]]; then
     --property "ssl.ca.location=$TLSD/ca.pem")
   TLS_CPU=()
   for proto in PLAINTEXT SASL_SSL; do
-    topic="bench-1024b-1p-${proto,,}"
-    addr=$BROKER_ADDR props=()
-    if [[ $proto == SASL_SSL ]]; then addr=$SECURE_ADDR props=("${SEC_PROPS[@]}"); fi
-    pj="" cj="" note=""
-    log "qanat D: $topic over $proto: produce 1 KiB for up to ${PRODUCE_SECS}s, acks=1"
-    bcpu0=$(cpu_secs "$BROKER_PID")
-    run_client "produce-$topic" kafka-produce --bootstrap "$addr" --topic "$topic" --partitions 1 \
-      --record-size 1024 --count "${MAX_COUNT[1024]}" --acks 1 --max-secs "$PRODUCE_SECS" \
-      "${props[@]}" || note="produce FAILED"
-    pj=$OUT
-    bcpu=$(awk -v a="$bcpu0" -v b="$(cpu_secs "$BROKER_PID")" 'BEGIN { printf "%.2f", b - a }')
-    log "  produce: $pj (broker CPU ${bcpu} s)"
-    PRODUCE_MBPS["$proto"]=$(j .mb_per_s "$pj")
-    pbytes=$(j .bytes "$pj") ccpu=$(j .cpu_secs "$pj")
-    if [[ -n "$pbytes" && "$pbytes" -gt 0 ]]; then
-      TLS_CPU+=("- $proto produce CPU per GB of record values: broker $(awk -v c="$bcpu" -v b="$pbytes" 'BEGIN { printf "%.2f", c / (b / 1e9) }') s, client (qanat-bench, librdkafka) $(awk -v c="$ccpu" -v b="$pbytes" 'BEGIN { if (c == "") print "-"; else printf "%.2f", c / (b / 1e9) }') s (broker ${bcpu} s, client ${ccpu:-?} s for $(awk -v b="$pbytes" 'BEGIN { printf "%.2f", b / 1e9 }') GB)")
-    fi
-    n=$(j .records "$pj")
-    if [[ -n "$n" && "$n" -gt 0 ]]; then
-      run_client "consume-$topic" kafka-consume --bootstrap "$addr" --topic "$topic" --partitions 1 \
-        --count "$n" "${props[@]}" || note="${note:+$note, }consume FAILED"
-      cj=$OUT
-      log "  consume: $cj"
-    fi
-    add_row "qanat $proto" 1024 1 "acks=1 / fsync every 1000 ms" "$pj" "$cj" "$note"
+    for client in librdkafka native; do
+      topic="bench-1024b-1p-${proto,,}-$client"
+      addr=$BROKER_ADDR props=()
+      if [[ $proto == SASL_SSL ]]; then addr=$SECURE_ADDR props=("${SEC_PROPS[@]}"); fi
+      pj="" cj="" note=""
+      log "qanat D: $topic over $proto ($client): produce 1 KiB for up to ${PRODUCE_SECS}s, acks=1"
+      bcpu0=$(cpu_secs "$BROKER_PID")
+      run_client "produce-$topic" kafka-produce --client "$client" --bootstrap "$addr" --topic "$topic" \
+        --partitions 1 --record-size 1024 --count "${MAX_COUNT[1024]}" --acks 1 --max-secs "$PRODUCE_SECS" \
+        "${props[@]}" || note="produce FAILED"
+      pj=$OUT
+      bcpu=$(awk -v a="$bcpu0" -v b="$(cpu_secs "$BROKER_PID")" 'BEGIN { printf "%.2f", b - a }')
+      log "  produce: $pj (broker CPU ${bcpu} s)"
+      PRODUCE_MBPS["$proto/$client"]=$(j .mb_per_s "$pj")
+      pbytes=$(j .bytes "$pj") ccpu=$(j .cpu_secs "$pj")
+      if [[ -n "$pbytes" && "$pbytes" -gt 0 ]]; then
+        TLS_CPU+=("- $proto produce ($client client) CPU per GB of record values: broker $(awk -v c="$bcpu" -v b="$pbytes" 'BEGIN { printf "%.2f", c / (b / 1e9) }') s, client (qanat-bench, $client) $(awk -v c="$ccpu" -v b="$pbytes" 'BEGIN { if (c == "") print "-"; else printf "%.2f", c / (b / 1e9) }') s (broker ${bcpu} s, client ${ccpu:-?} s for $(awk -v b="$pbytes" 'BEGIN { printf "%.2f", b / 1e9 }') GB)")
+      fi
+      n=$(j .records "$pj")
+      if [[ -n "$n" && "$n" -gt 0 ]]; then
+        run_client "consume-$topic" kafka-consume --bootstrap "$addr" --topic "$topic" --partitions 1 \
+          --count "$n" "${props[@]}" || note="${note:+$note, }consume FAILED"
+        cj=$OUT
+        log "  consume: $cj"
+      fi
+      add_row "qanat $proto ($client producer)" 1024 1 "acks=1 / fsync every 1000 ms" "$pj" "$cj" "$note"
+    done
   done
   SUMMARY+=("${TLS_CPU[@]}")
-  if [[ -n "${PRODUCE_MBPS[PLAINTEXT]:-}" && -n "${PRODUCE_MBPS[SASL_SSL]:-}" ]]; then
-    SUMMARY+=("- TLS cost (broker D, 1 KiB, 1 partition, acks=1): SASL_SSL produce is $(awk -v t="${PRODUCE_MBPS[SASL_SSL]}" -v p="${PRODUCE_MBPS[PLAINTEXT]}" 'BEGIN { printf "%.0f%%", 100 * (1 - t / p) }') below PLAINTEXT (target: at most 25%)")
-  fi
+  for client in librdkafka native; do
+    if [[ -n "${PRODUCE_MBPS[PLAINTEXT/$client]:-}" && -n "${PRODUCE_MBPS[SASL_SSL/$client]:-}" ]]; then
+      SUMMARY+=("- TLS cost (broker D, 1 KiB, 1 partition, acks=1, $client producer): SASL_SSL produce is $(awk -v t="${PRODUCE_MBPS[SASL_SSL/$client]}" -v p="${PRODUCE_MBPS[PLAINTEXT/$client]}" 'BEGIN { printf "%.0f%%", 100 * (1 - t / p) }') below PLAINTEXT (target: at most 25%)")
+    fi
+  done
   stop_broker "Qanat broker D (PLAINTEXT and SASL_SSL listeners)"
 fi
 

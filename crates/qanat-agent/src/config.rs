@@ -1,4 +1,4 @@
-//! `agent.toml`: sources, output (librdkafka), checkpoints, discovery. Every scalar key of
+//! `agent.toml`: sources, output (native producer or librdkafka), checkpoints, discovery. Every scalar key of
 //! the top level and of `[output]` can be overridden from the environment as
 //! `QANAT_AGENT_<KEY>` / `QANAT_AGENT_OUTPUT_<KEY>` (e.g. `QANAT_AGENT_INOTIFY=false`).
 //! Precedence: flag, environment, file, default.
@@ -88,13 +88,14 @@ impl Default for AgentConfig {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ProducerKind {
-    /// The native producer, unless the output needs librdkafka (TLS or SASL, snappy, or
+    /// The native producer, unless the output needs librdkafka (snappy or
     /// `[output.librdkafka]` properties).
     #[default]
     Auto,
-    /// Records encoded straight into Kafka record batches (plaintext connections only).
+    /// Records encoded straight into Kafka record batches, over PLAINTEXT, SSL, SASL_PLAINTEXT
+    /// or SASL_SSL (PLAIN, SCRAM-SHA-256/512).
     Native,
-    /// librdkafka: TLS, SASL and any `[output.librdkafka]` property.
+    /// librdkafka: snappy and any `[output.librdkafka]` property.
     Librdkafka,
 }
 
@@ -123,12 +124,9 @@ pub struct OutputConfig {
 }
 
 impl OutputConfig {
-    /// What in this output only librdkafka can do, if anything.
+    /// What in this output only librdkafka can do, if anything (security is not: the native
+    /// producer speaks TLS and SASL).
     pub fn needs_librdkafka(&self) -> Option<String> {
-        if !self.security.is_empty() && !self.security.protocol().eq_ignore_ascii_case("PLAINTEXT")
-        {
-            return Some("output.security (TLS, SASL)".to_string());
-        }
         if !self.librdkafka.is_empty() {
             return Some("[output.librdkafka] properties".to_string());
         }
@@ -353,6 +351,11 @@ mod tests {
         let snappy = format!("[output]\ncompression = \"snappy\"\n{MIN}");
         let c = AgentConfig::from_toml_with_env(&snappy, Vec::new()).unwrap();
         assert_eq!(c.output.effective_producer(), ProducerKind::Librdkafka);
+        let sasl_ssl = format!(
+            "[output.security]\nprotocol = \"SASL_SSL\"\nmechanism = \"SCRAM-SHA-512\"\nusername = \"a\"\n{MIN}"
+        );
+        let c = AgentConfig::from_toml_with_env(&sasl_ssl, Vec::new()).unwrap();
+        assert_eq!(c.output.effective_producer(), ProducerKind::Native);
         let native_snappy =
             format!("[output]\nproducer = \"native\"\ncompression = \"snappy\"\n{MIN}");
         let refused = AgentConfig::from_toml_with_env(&native_snappy, Vec::new()).unwrap_err();

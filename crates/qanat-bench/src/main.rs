@@ -71,10 +71,21 @@ enum Acks {
     All,
 }
 
+/// Which producer `kafka-produce` drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ProduceClient {
+    /// The agent's native producer (`qanat_agent::sink::native`).
+    Native,
+    Librdkafka,
+}
+
 #[derive(Debug, clap::Args)]
 struct KafkaProduceArgs {
     #[arg(long)]
     bootstrap: String,
+    /// The producer: librdkafka, or the agent's native one.
+    #[arg(long, value_enum, default_value = "librdkafka")]
+    client: ProduceClient,
     #[arg(long)]
     topic: String,
     /// Number of partitions of the topic; records go round-robin over 0..P.
@@ -448,6 +459,9 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
     if a.partitions == 0 {
         bail!("--partitions must be at least 1");
     }
+    if a.client == ProduceClient::Native {
+        return native_produce(a);
+    }
     let partitions = i32::try_from(a.partitions).context("--partitions too large")?;
     let acks = match a.acks {
         Acks::One => "1",
@@ -547,6 +561,251 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
     print_result(delivered, bytes, secs, Some(&hist), errors, first_error);
     if delivered < sent {
         bail!("only {delivered} of {sent} records were acknowledged ({errors} delivery errors)");
+    }
+    Ok(())
+}
+
+/// The variable the SASL password is handed over in to the native producer, which reads
+/// passwords from a file or the environment only.
+const NATIVE_PASSWORD_ENV: &str = "QANAT_BENCH_SASL_PASSWORD";
+
+/// The native producer's security settings from the librdkafka properties of the command line.
+fn native_security(properties: &[(String, String)]) -> Result<qanat_config::KafkaSecurity> {
+    let mut s = qanat_config::KafkaSecurity::default();
+    for (k, v) in properties {
+        match k.as_str() {
+            "security.protocol" => s.protocol = Some(v.clone()),
+            "sasl.mechanism" | "sasl.mechanisms" => s.mechanism = Some(v.clone()),
+            "sasl.username" => s.username = Some(v.clone()),
+            "sasl.password" => {
+                // Before any thread of this process starts.
+                std::env::set_var(NATIVE_PASSWORD_ENV, v);
+                s.password_env = Some(NATIVE_PASSWORD_ENV.to_string());
+            }
+            "ssl.ca.location" => s.ca_file = Some(v.into()),
+            "ssl.certificate.location" => s.cert_file = Some(v.into()),
+            "ssl.key.location" => s.key_file = Some(v.into()),
+            other => bail!("--property {other}: not taken by --client native"),
+        }
+    }
+    Ok(s)
+}
+
+/// A key that the native producer's partitioner (CRC-32 of the key modulo the partition
+/// count) sends to each partition, so records go round-robin as with librdkafka.
+fn native_partition_keys(partitions: u32) -> Vec<String> {
+    (0..partitions)
+        .map(|p| {
+            (0u64..)
+                .map(|n| format!("bench-{n}"))
+                .find(|k| crc32fast::hash(k.as_bytes()) % partitions == p)
+                .unwrap_or_default()
+        })
+        .collect()
+}
+
+/// Delivery reports of the native producer, counted.
+struct NativeTally {
+    start: Instant,
+    delivered: u64,
+    errors: u64,
+    last_delivery: Instant,
+}
+
+impl NativeTally {
+    /// Count `reports` (emptied); latency from each record's send time in `sent_at`
+    /// (microseconds since `start`, by sequence from 1).
+    fn settle(
+        &mut self,
+        reports: &mut Vec<qanat_agent::sink::Delivery>,
+        sent_at: &[u32],
+        hist: &mut Histogram<u64>,
+    ) {
+        if reports.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let now_us = now.duration_since(self.start).as_micros() as u64;
+        for r in reports.drain(..) {
+            if r.ok {
+                self.delivered += 1;
+                let at = (r.seq as usize)
+                    .checked_sub(1)
+                    .and_then(|i| sent_at.get(i))
+                    .copied()
+                    .unwrap_or(0);
+                hist.saturating_record(now_us.saturating_sub(u64::from(at)).max(1));
+            } else {
+                self.errors += 1;
+            }
+        }
+        self.last_delivery = now;
+    }
+}
+
+/// `kafka-produce --client native`: the agent's producer driven as the agent's loop drives
+/// it (send until full, then wait for reports).
+fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
+    use qanat_agent::config::{OutputConfig, ProducerKind};
+    use qanat_agent::sink::native::NativeSink;
+    use qanat_agent::sink::{Delivery, Record, SendError, Sink, Trajectory};
+    use std::sync::{Arc, Condvar};
+
+    let output = OutputConfig {
+        producer: ProducerKind::Native,
+        bootstrap: a.bootstrap.clone(),
+        batch_bytes: u64::from(a.batch_bytes),
+        batch_age_ms: u64::from(a.linger_ms),
+        compression: a.compression.clone(),
+        compression_level: -1,
+        delivery_timeout_ms: u64::from(a.message_timeout_ms),
+        librdkafka: Default::default(),
+        security: native_security(&a.properties)?,
+    };
+    if a.acks == Acks::One {
+        eprintln!("qanat-bench: the native producer always asks acks=all (the same on one broker)");
+    }
+    let reported = Arc::new((Mutex::new(false), Condvar::new()));
+    let waker = reported.clone();
+    let mut sink = NativeSink::new(
+        &output,
+        "qanat-bench",
+        u64::from(a.queue_kbytes) * 1024 / 2,
+        Arc::new(move || {
+            let (flag, cv) = &*waker;
+            if let Ok(mut f) = flag.lock() {
+                *f = true;
+            }
+            cv.notify_one();
+        }),
+    )
+    .context("creating the native producer")?;
+    let wait_for_reports = |sink: &NativeSink| {
+        if sink.park() {
+            sink.unpark();
+            return;
+        }
+        let (flag, cv) = &*reported;
+        if let Ok(mut f) = flag.lock() {
+            if !*f {
+                f = cv
+                    .wait_timeout(f, Duration::from_millis(10))
+                    .map(|(g, _)| g)
+                    .unwrap_or_else(|e| e.into_inner().0);
+            }
+            *f = false;
+        }
+        sink.unpark();
+    };
+    let keys = native_partition_keys(a.partitions);
+    let value = payload(a.record_size);
+    let record = |seq: u64| {
+        let key = &keys[(seq % u64::from(a.partitions)) as usize];
+        Record {
+            topic: &a.topic,
+            file_key: seq % u64::from(a.partitions),
+            seq,
+            payload: &value,
+            trajectory: Trajectory {
+                host: "qanat-bench",
+                file_id: key,
+                path: "",
+                offset: 0,
+                size: value.len() as u64,
+                lines: 1,
+                attributes: &[],
+            },
+        }
+    };
+
+    // Warm up (metadata, producer id, connections) with one record outside the window.
+    let warm_deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match sink.send(&record(0)) {
+            Ok(()) => break,
+            Err(SendError::Full) if Instant::now() < warm_deadline => wait_for_reports(&sink),
+            Err(e) => bail!("warm-up record: {e}"),
+        }
+    }
+    sink.flush(Duration::from_secs(30));
+    let mut reports: Vec<Delivery> = Vec::new();
+    sink.drain(&mut reports);
+    if !reports.iter().any(|r| r.ok) {
+        bail!("the warm-up record was not acknowledged within 30 s");
+    }
+    reports.clear();
+
+    let start = Instant::now();
+    let mut hist = new_histogram()?;
+    let mut sent_at: Vec<u32> = Vec::new();
+    let mut tally = NativeTally {
+        start,
+        delivered: 0,
+        errors: 0,
+        last_delivery: start,
+    };
+    let pacer = Pacer::new(start, a.rate)?;
+    let mut sent: u64 = 0;
+    let mut full_waits: u64 = 0;
+    while sent < a.count && !out_of_time(start, a.max_secs) {
+        if let Some(w) = pacer.wait_for(sent) {
+            std::thread::sleep(w);
+            continue;
+        }
+        // Sequences from 1: 0 was the warm-up record.
+        match sink.send(&record(sent + 1)) {
+            Ok(()) => {
+                sent_at.push(start.elapsed().as_micros() as u32);
+                sent += 1;
+                if sent.is_multiple_of(256) {
+                    sink.drain(&mut reports);
+                    tally.settle(&mut reports, &sent_at, &mut hist);
+                }
+            }
+            Err(SendError::Full) => {
+                full_waits += 1;
+                if sink.restart_if_broken() {
+                    bail!("the native producer broke after {sent} records");
+                }
+                wait_for_reports(&sink);
+                sink.drain(&mut reports);
+                tally.settle(&mut reports, &sent_at, &mut hist);
+            }
+            Err(e) => bail!("send failed after {sent} records: {e}"),
+        }
+    }
+    let send_secs = start.elapsed().as_secs_f64();
+    eprintln!(
+        "qanat-bench: native producer took {sent} records in {send_secs:.2}s ({full_waits} queue-full waits), flushing"
+    );
+    let flush_deadline =
+        Instant::now() + Duration::from_secs(u64::from(a.message_timeout_ms) / 1000 + 30);
+    while tally.delivered + tally.errors < sent && Instant::now() < flush_deadline {
+        sink.flush(Duration::from_millis(100));
+        sink.drain(&mut reports);
+        tally.settle(&mut reports, &sent_at, &mut hist);
+        if sink.restart_if_broken() {
+            bail!("the native producer broke while flushing");
+        }
+    }
+    let NativeTally {
+        delivered,
+        errors,
+        last_delivery,
+        ..
+    } = tally;
+    let secs = last_delivery.duration_since(start).as_secs_f64();
+    let first_error = (errors > 0).then(|| format!("{errors} records failed"));
+    print_result(
+        delivered,
+        delivered * a.record_size as u64,
+        secs,
+        Some(&hist),
+        errors,
+        first_error,
+    );
+    if delivered < sent {
+        bail!("only {delivered} of {sent} records were acknowledged");
     }
     Ok(())
 }

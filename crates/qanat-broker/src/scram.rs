@@ -1,9 +1,9 @@
 //! SCRAM-SHA-256 and SCRAM-SHA-512 (RFC 5802, RFC 7677), server side, and the derivation of
 //! stored credentials.
 //!
-//! Hand-written over the `hmac`, `sha2` and `pbkdf2` primitives: the SCRAM crates on crates.io
-//! are client-first or SHA-256 only, and Kafka needs both hashes plus Kafka's own handling of
-//! the `tokenauth` extension (refused here: there are no delegation tokens). The server never
+//! The hashes, HMAC and PBKDF2 of each mechanism are `qanat_scram`'s, shared with the native
+//! producer's client side; the server messages are here, with Kafka's own handling of the
+//! `tokenauth` extension (refused here: there are no delegation tokens). The server never
 //! holds a password: a credential is salt, iteration count, StoredKey and ServerKey.
 //!
 //! Messages are untrusted bytes; every parser returns an error rather than panicking
@@ -11,107 +11,12 @@
 
 use base64::engine::general_purpose::STANDARD as B64;
 use base64::Engine;
-use hmac::{Hmac, Mac};
 use rand::RngCore;
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256, Sha512};
 
-/// Fewest iterations accepted for a credential (Kafka's minimum).
-pub const MIN_ITERATIONS: u32 = 4096;
-/// Most iterations accepted (Kafka's maximum): bounds the work of one PLAIN login.
-pub const MAX_ITERATIONS: u32 = 16384;
-
-/// Errors of a SCRAM exchange or credential.
-#[derive(Debug, thiserror::Error, PartialEq, Eq)]
-pub enum ScramError {
-    #[error("malformed SCRAM message: {0}")]
-    Malformed(&'static str),
-    #[error("channel binding is not supported")]
-    ChannelBinding,
-    #[error("delegation tokens are not supported")]
-    TokenAuth,
-    #[error("unknown user")]
-    UnknownUser,
-    #[error("invalid proof")]
-    InvalidProof,
-    #[error("nonce does not continue the exchange")]
-    NonceMismatch,
-    #[error("iterations must be within {MIN_ITERATIONS}..={MAX_ITERATIONS}")]
-    Iterations,
-}
-
-/// The hash of a SCRAM mechanism.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
-pub enum ScramMechanism {
-    #[serde(rename = "SCRAM-SHA-256")]
-    Sha256,
-    #[serde(rename = "SCRAM-SHA-512")]
-    Sha512,
-}
-
-impl ScramMechanism {
-    pub const ALL: [ScramMechanism; 2] = [ScramMechanism::Sha256, ScramMechanism::Sha512];
-
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Sha256 => "SCRAM-SHA-256",
-            Self::Sha512 => "SCRAM-SHA-512",
-        }
-    }
-
-    pub fn from_name(name: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.name() == name)
-    }
-
-    /// Kafka's numeric code in the user SCRAM credential APIs.
-    pub fn kafka_code(self) -> i8 {
-        match self {
-            Self::Sha256 => 1,
-            Self::Sha512 => 2,
-        }
-    }
-
-    pub fn from_kafka_code(code: i8) -> Option<Self> {
-        Self::ALL.into_iter().find(|m| m.kafka_code() == code)
-    }
-
-    fn hmac(self, key: &[u8], data: &[u8]) -> Vec<u8> {
-        // new_from_slice accepts keys of any length for HMAC; the error case cannot happen.
-        match self {
-            Self::Sha256 => Hmac::<Sha256>::new_from_slice(key)
-                .map(|mut m| {
-                    m.update(data);
-                    m.finalize().into_bytes().to_vec()
-                })
-                .unwrap_or_default(),
-            Self::Sha512 => Hmac::<Sha512>::new_from_slice(key)
-                .map(|mut m| {
-                    m.update(data);
-                    m.finalize().into_bytes().to_vec()
-                })
-                .unwrap_or_default(),
-        }
-    }
-
-    fn hash(self, data: &[u8]) -> Vec<u8> {
-        match self {
-            Self::Sha256 => Sha256::digest(data).to_vec(),
-            Self::Sha512 => Sha512::digest(data).to_vec(),
-        }
-    }
-
-    /// PBKDF2 of the password (`SaltedPassword`), as AlterUserScramCredentials carries it.
-    pub fn salted_password(self, password: &[u8], salt: &[u8], iterations: u32) -> Vec<u8> {
-        match self {
-            Self::Sha256 => {
-                pbkdf2::pbkdf2_hmac_array::<Sha256, 32>(password, salt, iterations).to_vec()
-            }
-            Self::Sha512 => {
-                pbkdf2::pbkdf2_hmac_array::<Sha512, 64>(password, salt, iterations).to_vec()
-            }
-        }
-    }
-}
+pub use qanat_scram::{
+    constant_time_eq, ScramError, ScramMechanism, MAX_ITERATIONS, MIN_ITERATIONS,
+};
 
 /// What the server stores for one user and mechanism (never the password).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,10 +93,6 @@ impl ScramCredential {
         let client_key = mechanism.hmac(&salted, b"Client Key");
         constant_time_eq(&mechanism.hash(&client_key), &self.stored_key)
     }
-}
-
-pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// `saslname` decoding (RFC 5802 §5.1): `=2C` is `,` and `=3D` is `=`; any other `=` is an
@@ -303,9 +204,7 @@ impl ScramServer {
 
     /// A fresh server nonce.
     pub fn random_nonce() -> String {
-        let mut bytes = [0u8; 24];
-        rand::rng().fill_bytes(&mut bytes);
-        B64.encode(bytes)
+        qanat_scram::random_nonce()
     }
 
     pub fn mechanism(&self) -> ScramMechanism {
@@ -372,7 +271,7 @@ impl ScramServer {
     }
 }
 
-/// A minimal SCRAM client (for tests): the client-final message for `password`.
+/// The client-final message for `password` (for tests), from the shared SCRAM client.
 #[cfg(test)]
 pub(crate) fn client_final(
     mechanism: ScramMechanism,
@@ -380,29 +279,19 @@ pub(crate) fn client_final(
     client_first_bare: &str,
     server_first: &str,
 ) -> String {
-    let mut salt = Vec::new();
-    let mut iterations = 0;
+    let mut user = "";
     let mut nonce = "";
-    for attr in server_first.split(',') {
-        match attr.split_at(2) {
-            ("r=", v) => nonce = v,
-            ("s=", v) => salt = B64.decode(v).unwrap_or_default(),
-            ("i=", v) => iterations = v.parse().unwrap_or(0),
+    for attr in client_first_bare.split(',') {
+        match attr.split_at_checked(2) {
+            Some(("n=", v)) => user = v,
+            Some(("r=", v)) => nonce = v,
             _ => {}
         }
     }
-    let salted = mechanism.salted_password(password, &salt, iterations);
-    let client_key = mechanism.hmac(&salted, b"Client Key");
-    let stored_key = mechanism.hash(&client_key);
-    let without_proof = format!("c=biws,r={nonce}");
-    let auth = format!("{client_first_bare},{server_first},{without_proof}");
-    let signature = mechanism.hmac(&stored_key, auth.as_bytes());
-    let proof: Vec<u8> = client_key
-        .iter()
-        .zip(&signature)
-        .map(|(a, b)| a ^ b)
-        .collect();
-    format!("{without_proof},p={}", B64.encode(proof))
+    qanat_scram::ScramClient::with_nonce(mechanism, user, password, nonce)
+        .client_final(server_first.as_bytes())
+        .map(|(last, _)| last)
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

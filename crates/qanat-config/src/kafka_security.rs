@@ -11,6 +11,9 @@
 //! username = "agent"
 //! password_file = "/etc/qanat/agent.password"
 //! ca_file = "/etc/qanat/ca.pem"
+//! # cert_file = "/etc/qanat/agent.pem"   # a client certificate, when the broker asks for one
+//! # key_file = "/etc/qanat/agent.key"
+//! # server_name = "bus.example.com"      # the name the broker's certificate must carry
 //! ```
 
 use std::path::PathBuf;
@@ -49,6 +52,14 @@ pub struct KafkaSecurity {
     /// PEM file of the CA that signed the broker's certificate (`ssl.ca.location`); without
     /// it, the system's trust store.
     pub ca_file: Option<PathBuf>,
+    /// PEM file of the client certificate (then its chain) presented to a broker that asks
+    /// for one (`ssl.certificate.location`); with `key_file`.
+    pub cert_file: Option<PathBuf>,
+    /// PEM file of the client certificate's private key (`ssl.key.location`).
+    pub key_file: Option<PathBuf>,
+    /// The name the broker's certificate is checked against, instead of the host of the
+    /// address connected to. Only the native producer takes it: librdkafka checks the host.
+    pub server_name: Option<String>,
 }
 
 impl KafkaSecurity {
@@ -116,11 +127,23 @@ impl KafkaSecurity {
             };
             return Err(err(key, format!("needs a SASL protocol, not {protocol}")));
         }
-        if self.ca_file.is_some() && !tls {
-            return Err(err(
-                "ca_file",
-                format!("needs SSL or SASL_SSL, not {protocol}"),
-            ));
+        for (key, set) in [
+            ("ca_file", self.ca_file.is_some()),
+            ("cert_file", self.cert_file.is_some()),
+            ("key_file", self.key_file.is_some()),
+            ("server_name", self.server_name.is_some()),
+        ] {
+            if set && !tls {
+                return Err(err(key, format!("needs SSL or SASL_SSL, not {protocol}")));
+            }
+        }
+        match (&self.cert_file, &self.key_file) {
+            (Some(_), None) => return Err(err("key_file", "required with cert_file".into())),
+            (None, Some(_)) => return Err(err("cert_file", "required with key_file".into())),
+            _ => {}
+        }
+        if self.server_name.as_deref() == Some("") {
+            return Err(err("server_name", "empty".into()));
         }
         Ok(())
     }
@@ -137,37 +160,66 @@ impl KafkaSecurity {
             key: format!("{prefix}.{key}"),
             reason,
         };
+        if self.server_name.is_some() {
+            return Err(err(
+                "server_name",
+                "librdkafka checks the broker's host name; only the native producer takes a server name".into(),
+            ));
+        }
         let protocol = self.protocol();
         let mut out = vec![("security.protocol".to_string(), protocol.clone())];
-        if let (Some(m), Some(user)) = (&self.mechanism, &self.username) {
-            let password = match &self.password_file {
-                Some(path) => std::fs::read_to_string(path)
-                    .map_err(|e| err("password_file", format!("{}: {e}", path.display())))?
-                    .lines()
-                    .next()
-                    .unwrap_or_default()
-                    .to_string(),
-                None => {
-                    let var = self.password_env.as_deref().unwrap_or(DEFAULT_PASSWORD_ENV);
-                    env(var).ok_or_else(|| {
-                        err(
-                            "password_file",
-                            format!("not set, and the environment has no {var}"),
-                        )
-                    })?
-                }
-            };
-            out.push(("sasl.mechanism".into(), m.to_ascii_uppercase()));
-            out.push(("sasl.username".into(), user.clone()));
+        if let Some((m, user, password)) = self.sasl_login_with(prefix, &env)? {
+            out.push(("sasl.mechanism".into(), m));
+            out.push(("sasl.username".into(), user));
             out.push(("sasl.password".into(), password));
         }
-        if let Some(ca) = &self.ca_file {
-            if !ca.is_file() {
-                return Err(err("ca_file", format!("{}: no such file", ca.display())));
+        for (key, path, property) in [
+            ("ca_file", &self.ca_file, "ssl.ca.location"),
+            ("cert_file", &self.cert_file, "ssl.certificate.location"),
+            ("key_file", &self.key_file, "ssl.key.location"),
+        ] {
+            if let Some(path) = path {
+                if !path.is_file() {
+                    return Err(err(key, format!("{}: no such file", path.display())));
+                }
+                out.push((property.into(), path.display().to_string()));
             }
-            out.push(("ssl.ca.location".into(), ca.display().to_string()));
         }
         Ok(out)
+    }
+
+    /// With a SASL protocol: the mechanism (upper case), user and password, the password read
+    /// from its file or variable (`env` looks variables up).
+    pub fn sasl_login_with(
+        &self,
+        prefix: &str,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<(String, String, String)>, SecurityError> {
+        let err = |key: &str, reason: String| SecurityError {
+            key: format!("{prefix}.{key}"),
+            reason,
+        };
+        let (Some(m), Some(user)) = (&self.mechanism, &self.username) else {
+            return Ok(None);
+        };
+        let password = match &self.password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| err("password_file", format!("{}: {e}", path.display())))?
+                .lines()
+                .next()
+                .unwrap_or_default()
+                .to_string(),
+            None => {
+                let var = self.password_env.as_deref().unwrap_or(DEFAULT_PASSWORD_ENV);
+                env(var).ok_or_else(|| {
+                    err(
+                        "password_file",
+                        format!("not set, and the environment has no {var}"),
+                    )
+                })?
+            }
+        };
+        Ok(Some((m.to_ascii_uppercase(), user.clone(), password)))
     }
 
     /// [`Self::properties_with`] the process environment.
@@ -197,6 +249,9 @@ impl KafkaSecurity {
             password_file,
             password_env,
             ca_file,
+            cert_file,
+            key_file,
+            server_name,
         } = overrides.clone();
         self.protocol = protocol.or(self.protocol.take());
         self.mechanism = mechanism.or(self.mechanism.take());
@@ -204,6 +259,9 @@ impl KafkaSecurity {
         self.password_file = password_file.or(self.password_file.take());
         self.password_env = password_env.or(self.password_env.take());
         self.ca_file = ca_file.or(self.ca_file.take());
+        self.cert_file = cert_file.or(self.cert_file.take());
+        self.key_file = key_file.or(self.key_file.take());
+        self.server_name = server_name.or(self.server_name.take());
     }
 }
 
@@ -315,6 +373,41 @@ mod tests {
                 ..Default::default()
             }),
             "kafka.security.username"
+        );
+    }
+
+    #[test]
+    fn client_certificate_and_server_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
+        std::fs::write(&cert, "pem").unwrap();
+        std::fs::write(&key, "pem").unwrap();
+        let ssl = KafkaSecurity {
+            protocol: Some("SSL".into()),
+            cert_file: Some(cert.clone()),
+            key_file: Some(key.clone()),
+            ..Default::default()
+        };
+        let props = ssl.properties_with("s", |_| None).unwrap();
+        assert!(props.contains(&(
+            "ssl.certificate.location".into(),
+            cert.display().to_string()
+        )));
+        assert!(props.contains(&("ssl.key.location".into(), key.display().to_string())));
+        let err = |s: KafkaSecurity| s.validate("s").unwrap_err().key;
+        let mut half = ssl.clone();
+        half.key_file = None;
+        assert_eq!(err(half), "s.key_file");
+        let mut plain = ssl.clone();
+        plain.protocol = None;
+        assert_eq!(err(plain), "s.cert_file");
+        // The native producer takes a server name; librdkafka cannot.
+        let mut named = ssl;
+        named.server_name = Some("bus.example.com".into());
+        assert!(named.validate("s").is_ok());
+        assert_eq!(
+            named.properties_with("s", |_| None).unwrap_err().key,
+            "s.server_name"
         );
     }
 

@@ -60,11 +60,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         cfg.inotify = false;
     }
     cfg.output.security.overlay(&args.security.overrides());
-    // Check it all and read the password now, so a bad setting fails the start with its key.
-    cfg.output
-        .security
-        .properties("output.security")
-        .with_context(|| format!("in configuration {}", args.config.display()))?;
+    // Check it all and read the password now, so a bad setting fails the start with its key
+    // (the native producer reads its files when it is made, at the start too).
+    if cfg.output.effective_producer() == qanat_agent::config::ProducerKind::Librdkafka {
+        cfg.output
+            .security
+            .properties("output.security")
+            .with_context(|| format!("in configuration {}", args.config.display()))?;
+    } else {
+        cfg.output
+            .security
+            .validate("output.security")
+            .with_context(|| format!("in configuration {}", args.config.display()))?;
+    }
     if let Some(addr) = args.metrics_listen {
         let bound = crate::telemetry::serve_metrics(addr, None).await?;
         println!("qanat metrics listening on {bound}");

@@ -54,6 +54,7 @@ impl SecurityArgs {
             password_file: self.sasl_password_file.clone(),
             password_env: None,
             ca_file: self.ssl_ca_file.clone(),
+            ..KafkaSecurity::default()
         }
     }
 

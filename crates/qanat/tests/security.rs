@@ -1786,6 +1786,145 @@ topic = "secure-logs{suffix}"
     assert!(!s.partition_dir("secure-logs-refused", 0).exists());
 }
 
+/// `qanat agent` with the native producer (`producer = "auto"` keeps it with security) ships
+/// over SASL_SSL with SCRAM-SHA-512, SCRAM-SHA-256 and PLAIN, and over SSL, every line read
+/// back byte for byte; a wrong password is refused with the broker's message and nothing is
+/// written.
+#[test]
+fn native_agent_ships_over_sasl_ssl_and_ssl() {
+    let s = secure_broker(
+        r#"
+[[broker.listener]]
+name = "TLS"
+address = "127.0.0.1:0"
+security_protocol = "SSL"
+"#,
+    );
+    let secure = s.broker.listener_addr("SECURE");
+    let tls = s.broker.listener_addr("TLS");
+    let plain = s.broker.bootstrap();
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let password_file = Shared::password_file(d, "password", PASSWORD);
+    let wrong_file = Shared::password_file(d, "wrong", "wrong password");
+    let lines: String = (0..200)
+        .map(|i| format!("native secure line {i} {}\n", "x".repeat(i % 37)))
+        .collect();
+    let agent_toml = |name: &str, bootstrap: &str, security: &str| {
+        std::fs::create_dir_all(d.join(name).join("logs")).unwrap();
+        std::fs::write(d.join(name).join("logs/app.log"), &lines).unwrap();
+        let toml = d.join(format!("{name}.toml"));
+        std::fs::write(
+            &toml,
+            format!(
+                r#"
+host = "native-secure"
+checkpoint_dir = "{dir}/{name}/state"
+rescan_interval_ms = 200
+poll_interval_ms = 50
+checkpoint_interval_ms = 100
+manifest_topic = ""
+
+[output]
+bootstrap = "{bootstrap}"
+batch_age_ms = 20
+
+[output.security]
+{security}
+ca_file = "{ca}"
+
+[[source]]
+paths = ["{dir}/{name}/logs/*.log"]
+topic = "native-{name}"
+"#,
+                dir = d.display(),
+                ca = s.certs.ca.display(),
+            ),
+        )
+        .unwrap();
+        toml
+    };
+    let sasl = |mechanism: &str, file: &Path| {
+        format!(
+            "protocol = \"SASL_SSL\"\nmechanism = \"{mechanism}\"\nusername = \"alice\"\n\
+             password_file = \"{}\"",
+            file.display()
+        )
+    };
+    let cases = [
+        (
+            "scram512",
+            secure.as_str(),
+            sasl("SCRAM-SHA-512", &password_file),
+        ),
+        (
+            "scram256",
+            secure.as_str(),
+            sasl("SCRAM-SHA-256", &password_file),
+        ),
+        ("plain", secure.as_str(), sasl("PLAIN", &password_file)),
+        ("ssl", tls.as_str(), "protocol = \"SSL\"".to_string()),
+    ];
+    for (name, bootstrap, security) in &cases {
+        let toml = agent_toml(name, bootstrap, security);
+        let log = d.join(format!("{name}.stderr"));
+        let mut cmd = qanat_command();
+        cmd.args(["agent", "--config"])
+            .arg(&toml)
+            .env("RUST_LOG", "info")
+            .stderr(std::fs::File::create(&log).unwrap());
+        let mut agent = Proc::spawn(cmd, "qanat agent").unwrap();
+        let topic = format!("native-{name}");
+        poll_until(
+            &format!("200 lines over {name}"),
+            DEADLINE * 3,
+            || match consumer(&plain).fetch_watermarks(&topic, 0, std::time::Duration::from_secs(5))
+            {
+                Ok((_, high)) if high >= 200 => Ok(()),
+                other => Err(format!(
+                    "watermarks {other:?}; agent log:\n{}",
+                    tail(&std::fs::read_to_string(&log).unwrap_or_default(), 20)
+                )),
+            },
+        );
+        let got = consume(&plain, &topic, 0, rdkafka::Offset::Beginning, 200);
+        let mut shipped = Vec::new();
+        for m in &got {
+            shipped.extend_from_slice(m.value.as_deref().unwrap_or_default());
+            shipped.push(b'\n');
+        }
+        assert_eq!(
+            String::from_utf8_lossy(&shipped),
+            lines,
+            "{name}: the file, byte for byte"
+        );
+        assert!(agent.terminate(DEADLINE).is_some_and(|s| s.success()));
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        assert!(
+            !text.contains("shipping through librdkafka"),
+            "{name}: shipped by the native producer:\n{}",
+            tail(&text, 20)
+        );
+    }
+
+    // A wrong password: the login is refused with the broker's message, nothing is written.
+    let toml = agent_toml("refused", &secure, &sasl("SCRAM-SHA-512", &wrong_file));
+    let log = d.join("refused.stderr");
+    let mut cmd = qanat_command();
+    cmd.args(["agent", "--config"])
+        .arg(&toml)
+        .stderr(std::fs::File::create(&log).unwrap());
+    let _agent = Proc::spawn(cmd, "qanat agent").unwrap();
+    poll_until("the agent reports the refused login", DEADLINE, || {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        (text.contains("SASL authentication failed")
+            && text.contains("invalid credentials with SASL mechanism SCRAM-SHA-512"))
+        .then_some(())
+        .ok_or_else(|| tail(&text, 20))
+    });
+    assert!(!s.broker.data_dir().join("native-refused-0").exists());
+}
+
 /// `qanat cdc status` reads the offsets topic over SASL_SSL with the security flags: a client
 /// without them could not even read metadata from the TLS port.
 #[test]

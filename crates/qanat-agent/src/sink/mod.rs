@@ -5,8 +5,9 @@
 //! [`Sink::drain`]. A sink that cannot take a record now refuses it ([`SendError`]) and keeps
 //! nothing of it: the loop holds the bytes and offers them again. [`native::NativeSink`]
 //! encodes records straight into Kafka record batches (the default, `output.producer =
-//! "native"`); [`kafka::KafkaSink`] is the librdkafka producer (`"librdkafka"`, needed for
-//! TLS and SASL); [`memory::MemorySink`] keeps records in memory for tests.
+//! "native"`, plaintext or secured with TLS and SASL); [`kafka::KafkaSink`] is the librdkafka
+//! producer (`"librdkafka"`, needed for snappy and extra librdkafka properties);
+//! [`memory::MemorySink`] keeps records in memory for tests.
 //!
 //! Invariants a sink keeps:
 //! * Every record it took is reported exactly once, unless [`Sink::restart_if_broken`]

@@ -46,7 +46,7 @@ pub mod batch;
 pub mod conn;
 
 use batch::{Codec, OpenBatch, SealedBatch};
-use conn::{Conn, ConnError};
+use conn::{Conn, ConnError, Security};
 
 /// The manifest's key: never given to a file, never reported.
 const MANIFEST_KEY: u64 = FILE_KEY_MASK;
@@ -70,6 +70,8 @@ pub enum NativeError {
     Compression(String),
     #[error("output.bootstrap is empty")]
     NoBootstrap,
+    #[error(transparent)]
+    Security(#[from] conn::SecurityError),
     #[error("starting the sender thread: {0}")]
     Thread(#[from] std::io::Error),
 }
@@ -89,6 +91,7 @@ struct Settings {
     linger_ms: u64,
     delivery_timeout_ms: u64,
     max_queued_bytes: usize,
+    security: Security,
 }
 
 /// A batch waiting for its partition's turn: closed, then (once sent) compressed and stamped.
@@ -198,6 +201,7 @@ impl NativeSink {
             linger_ms: output.batch_age_ms,
             delivery_timeout_ms: output.delivery_timeout_ms,
             max_queued_bytes: (max_inflight.saturating_mul(2) as usize).max(2 * batch_bytes),
+            security: Security::from_settings(&output.security, "output.security")?,
         };
         let shared = Arc::new(Shared {
             state: Mutex::new(State::default()),
@@ -461,12 +465,20 @@ impl Sender {
         if self.any.is_none() {
             let mut last = None;
             for addr in &self.shared.settings.bootstrap {
-                match Conn::connect(addr, &self.shared.settings.client_id, IO_TIMEOUT) {
+                match Conn::connect(
+                    addr,
+                    &self.shared.settings.client_id,
+                    IO_TIMEOUT,
+                    &self.shared.settings.security,
+                ) {
                     Ok(c) => {
                         self.any = Some(c);
                         break;
                     }
-                    Err(e) => last = Some(e),
+                    Err(e) => {
+                        log_refusal(&e);
+                        last = Some(e);
+                    }
                 }
             }
             if let Some(e) = last.filter(|_| self.any.is_none()) {
@@ -666,11 +678,12 @@ impl Sender {
                     fail(&mut outcomes, format!("no address for broker {leader}"));
                     continue;
                 };
-                match Conn::connect(addr, &settings.client_id, IO_TIMEOUT) {
+                match Conn::connect(addr, &settings.client_id, IO_TIMEOUT, &settings.security) {
                     Ok(c) => {
                         slot.insert(c);
                     }
                     Err(e) => {
+                        log_refusal(&e);
                         fail(&mut outcomes, e.to_string());
                         continue;
                     }
@@ -884,6 +897,15 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
         st.metadata_at_ms = now;
     }
     (taken, next)
+}
+
+/// A refused login or certificate is logged as an error (the retries go on: the password file
+/// or the broker's users may be fixed meanwhile); other connection failures are retried as
+/// they come.
+fn log_refusal(e: &ConnError) {
+    if matches!(e, ConnError::Authentication { .. } | ConnError::Tls { .. }) {
+        tracing::error!(error = %e, "the broker refused the connection's credentials or certificate");
+    }
 }
 
 /// What a partition's error code in a Produce answer means for its batch.
