@@ -85,8 +85,9 @@ pub struct ConnectorConfig {
     /// MariaDB: resume by GTID state (`@slave_connect_state`) rather than file + position.
     #[serde(default)]
     pub gtid_resume: bool,
-    /// MariaDB/MySQL: `db.table` of the signal table through which `qanat cdc snapshot` asks
-    /// the running connector for an incremental snapshot (created if missing).
+    /// `db.table` (PostgreSQL: `schema.table`) of the signal table through which
+    /// `qanat cdc snapshot` asks the running connector for an incremental snapshot (created
+    /// if missing; on PostgreSQL also added to the publication).
     pub signal_table: Option<String>,
     /// PostgreSQL: replication slot and publication (default: derived from the name).
     pub slot: Option<String>,
@@ -308,12 +309,6 @@ impl CdcConfig {
                     return Err(invalid(
                         format!("{key}.signal_table"),
                         format!("{t:?} is not db.table"),
-                    ));
-                }
-                if scheme.starts_with("postgres") {
-                    return Err(invalid(
-                        format!("{key}.signal_table"),
-                        "incremental snapshots are built for MariaDB/MySQL sources only",
                     ));
                 }
             }

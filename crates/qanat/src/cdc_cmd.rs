@@ -32,9 +32,9 @@ pub struct CdcArgs {
 enum CdcAction {
     /// Per connector and table: stored position, lag, events/s, snapshot rows.
     Status(StatusArgs),
-    /// Snapshot tables of a MariaDB/MySQL connector. With `--config` and a connector that has
-    /// a `signal_table`: the running connector reads them while it streams (incremental
-    /// snapshot). Otherwise: a stopped connector reads them at its next start.
+    /// Snapshot tables of a connector. With `--config` and a connector that has a
+    /// `signal_table`: the running connector reads them while it streams (incremental
+    /// snapshot). Otherwise (MariaDB/MySQL): a stopped connector reads them at its next start.
     Snapshot(SnapshotArgs),
 }
 
@@ -50,7 +50,7 @@ struct SnapshotArgs {
     config: Option<PathBuf>,
     #[arg(long)]
     connector: String,
-    /// `db.table`; repeat for several.
+    /// `db.table` (PostgreSQL: `schema.table`); repeat for several.
     #[arg(long = "table", required = true)]
     tables: Vec<String>,
 }
@@ -355,6 +355,7 @@ async fn run_one(
             })?;
             cfg.heartbeat_interval = Duration::from_millis(connector.heartbeat_ms.max(100));
             cfg.snapshot_fetch_rows = connector.snapshot_chunk.max(1);
+            cfg.signal_table = connector.signal_table.clone();
             let source = PostgresSource::open(&cfg, state.position()).await?;
             let mut stdout = std::io::stdout();
             writeln!(stdout, "qanat cdc connector {} streaming", connector.name)?;
@@ -398,8 +399,12 @@ async fn snapshot(args: SnapshotArgs, security: &KafkaSecurity) -> anyhow::Resul
                 args.connector
             )
         })?;
-        let id = qanat_cdc::mysql::signal_snapshot(&connector.source, signal_table, &args.tables)
-            .await?;
+        let id = if connector.source.starts_with("postgres") {
+            qanat_cdc::postgres::signal_snapshot(&connector.source, signal_table, &args.tables)
+                .await?
+        } else {
+            qanat_cdc::mysql::signal_snapshot(&connector.source, signal_table, &args.tables).await?
+        };
         println!(
             "connector {}: incremental snapshot of {} signalled through {signal_table} (signal {id})",
             args.connector,
@@ -417,7 +422,8 @@ async fn snapshot(args: SnapshotArgs, security: &KafkaSecurity) -> anyhow::Resul
     };
     anyhow::ensure!(
         record.position.0.get("file").is_some(),
-        "connector {}: table snapshots are built for MariaDB/MySQL connectors only",
+        "connector {}: a stopped PostgreSQL connector cannot take a table snapshot; give it a \
+         signal_table and run this with --config while it runs",
         args.connector
     );
     record.position = qanat_cdc::mysql::request_table_snapshot(&record.position, &args.tables)?;

@@ -10,8 +10,8 @@
 //!   `tokio-postgres`.
 //!
 //! # Position
-//! `{"lsn": "0/16B3748"}`: the end LSN of the last commit (or the server's WAL end at a
-//! heartbeat). Streaming restarts there; transactions that committed before it are not
+//! `{"lsn": "0/16B3748"}`, plus `"incremental"` while an incremental snapshot runs: the end
+//! LSN of the last commit (or the server's WAL end at a heartbeat). Streaming restarts there; transactions that committed before it are not
 //! sent again. The slot's `confirmed_flush_lsn` only moves through
 //! [`Source::acknowledge`], so the server keeps everything after the stored position.
 //!
@@ -25,6 +25,21 @@
 //! the last of them, and it is the first resume point. A crash before it leaves no stored
 //! position, and the next start drops the slot and snapshots again (an exported snapshot
 //! does not outlive its session, so a PostgreSQL snapshot cannot resume mid-table).
+//!
+//! # Incremental snapshot
+//! With a signal table (`signal_table`), a row `('id', 'execute-snapshot',
+//! '{"data-collections": ["schema.t"]}')` inserted there reaches the source through the
+//! stream (the table is in the publication, never captured) and queues those tables. Between
+//! transactions the source reads the first table in primary-key chunks, DBLog style: it
+//! commits a low watermark row to the signal table, reads the chunk (`snapshot_fetch_rows`
+//! rows after the last key), commits a high watermark row. When the stream reaches the low
+//! watermark, every key the stream changes is dropped from the chunk; at the high watermark's
+//! commit the rest is emitted as `op = r` with `source.snapshot = "incremental"`, followed by
+//! a heartbeat whose position carries the progress past the chunk. The progress (tables
+//! left, last key) is part of every position, so a restart reads the chunk after the stored
+//! key again; the slot's confirmed LSN is untouched by all this. Tables without a primary
+//! key are skipped with a warning. A signalled table missing from a `FOR TABLE` publication
+//! is added to it first, so its changes stream from the low watermark on.
 //!
 //! # Retries
 //! Connecting retries with exponential backoff (logged) while the server is unreachable, up
@@ -80,6 +95,23 @@ pub struct PostgresConfig {
     pub snapshot_fetch_rows: usize,
     /// Connection attempts while the server is unreachable (at least 1).
     pub connect_attempts: u32,
+    /// `schema.table` of the signal table (Debezium's `signal.data.collection`): a row
+    /// inserted there asks the running connector for an incremental snapshot, and the
+    /// connector writes its chunk watermarks there. Created if missing (see
+    /// [`SIGNAL_TABLE_DDL`]) and added to the publication; never captured itself. Chunks
+    /// are `snapshot_fetch_rows` rows.
+    pub signal_table: Option<String>,
+}
+
+/// The signal table's definition (Debezium's): `id`, `type` and `data` (JSON text) columns.
+pub const SIGNAL_TABLE_DDL: &str =
+    "(id varchar(64) PRIMARY KEY, type varchar(32) NOT NULL, data varchar(2048))";
+
+/// `schema.table` split in two; `None` when it is not of that form.
+fn split_table_name(name: &str) -> Option<(String, String)> {
+    let (schema, table) = name.split_once('.')?;
+    (!schema.is_empty() && !table.is_empty() && !table.contains('.'))
+        .then(|| (schema.to_owned(), table.to_owned()))
 }
 
 impl PostgresConfig {
@@ -96,6 +128,7 @@ impl PostgresConfig {
             status_interval: Duration::from_secs(1),
             snapshot_fetch_rows: 2000,
             connect_attempts: 8,
+            signal_table: None,
         }
     }
 
@@ -255,6 +288,31 @@ pub fn position_lsn(position: &Position) -> Result<u64> {
         .ok_or_else(|| PostgresError::BadPosition(position.0.to_string()))
 }
 
+/// Asks the running connector reading `url` for an incremental snapshot of `tables`
+/// (`schema.table`): an `execute-snapshot` row in its signal table, which it sees in the
+/// replication stream (Debezium's signal). Returns the signal's id.
+pub async fn signal_snapshot(url: &str, signal_table: &str, tables: &[String]) -> Result<String> {
+    let (schema, table) = split_table_name(signal_table).ok_or_else(|| PostgresError::Config {
+        key: "signal_table",
+        reason: format!("{signal_table:?} is not schema.table"),
+    })?;
+    let endpoint = Endpoint::parse(url)?;
+    let sql = endpoint.connect_sql(1).await?;
+    let id = format!("snapshot-{}", now_ms());
+    let data = json!({ "data-collections": tables, "type": "incremental" }).to_string();
+    sql.execute(
+        &format!(
+            "INSERT INTO {}.{} (id, type, data) VALUES ($1, 'execute-snapshot', $2)",
+            quote_ident(&schema),
+            quote_ident(&table)
+        ),
+        &[&id, &data],
+    )
+    .await
+    .map_err(sql_err(format!("writing the signal to {signal_table}")))?;
+    Ok(id)
+}
+
 /// Where the connection goes, parsed once.
 struct Endpoint {
     pg: tokio_postgres::Config,
@@ -353,6 +411,8 @@ impl Endpoint {
 struct TableFilter {
     include: Option<Regex>,
     exclude: Option<Regex>,
+    /// The signal table, never captured.
+    signal: Option<(String, String)>,
 }
 
 impl TableFilter {
@@ -368,13 +428,33 @@ impl TableFilter {
                 })
                 .transpose()
         };
+        let signal = config
+            .signal_table
+            .as_deref()
+            .map(|name| {
+                split_table_name(name).ok_or_else(|| PostgresError::Config {
+                    key: "signal_table",
+                    reason: format!("{name:?} is not schema.table"),
+                })
+            })
+            .transpose()?;
         Ok(Self {
             include: compile("tables", &config.include)?,
             exclude: compile("exclude_tables", &config.exclude)?,
+            signal,
         })
     }
 
+    fn is_signal(&self, schema: &str, table: &str) -> bool {
+        self.signal
+            .as_ref()
+            .is_some_and(|(s, t)| s == schema && t == table)
+    }
+
     fn accepts(&self, schema: &str, table: &str) -> bool {
+        if self.is_signal(schema, table) {
+            return false;
+        }
         let full = format!("{schema}.{table}");
         self.include.as_ref().is_none_or(|r| r.is_match(&full))
             && !self.exclude.as_ref().is_some_and(|r| r.is_match(&full))
@@ -424,6 +504,54 @@ struct SnapshotReader {
     fetch_rows: usize,
 }
 
+/// What an incremental snapshot has left: the tables to read (`schema.table`), the first
+/// being read, and the primary key of its last row emitted (each column's text output). It
+/// rides in the stored position; a restart reads the chunk after `last_key` again.
+#[derive(Debug, Clone, PartialEq, Default, serde::Serialize, serde::Deserialize)]
+struct IncrementalProgress {
+    tables: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    last_key: Option<Vec<String>>,
+    #[serde(default)]
+    rows_done: u64,
+    #[serde(default)]
+    rows_estimated: u64,
+}
+
+/// One chunk of an incremental snapshot between its watermarks (DBLog): read after the low
+/// watermark row was committed and before the high one. While the stream is between the two,
+/// a key it changes is dropped from the chunk (the streamed change is as new or newer); what
+/// is left is emitted as reads right after the high watermark's commit.
+struct ChunkWindow {
+    oid: u32,
+    /// `schema.table`.
+    table: String,
+    low: String,
+    high: String,
+    /// The low watermark came through the stream.
+    open: bool,
+    /// The chunk's rows in key order; `None` once the stream changed that key.
+    rows: Vec<Option<ChangeEvent>>,
+    /// Index in `rows` by the key's JSON text.
+    by_key: HashMap<String, usize>,
+    /// The chunk's last key (kept when that row was dropped): the next chunk starts after it.
+    last_key: Option<Vec<String>>,
+    /// Fewer rows than a chunk: the table is read to its end.
+    last_chunk: bool,
+}
+
+impl ChunkWindow {
+    /// The stream changed (or deleted) the row with `key`.
+    fn drop_key(&mut self, key: &Row) {
+        if let Some(&i) = serde_json::to_string(key)
+            .ok()
+            .and_then(|text| self.by_key.get(&text))
+        {
+            self.rows[i] = None;
+        }
+    }
+}
+
 /// The PostgreSQL source. See the module doc.
 pub struct PostgresSource<S: ReplicationStream = PgwireStream> {
     name: Arc<str>,
@@ -440,6 +568,19 @@ pub struct PostgresSource<S: ReplicationStream = PgwireStream> {
     tx: Option<Tx>,
     /// The last resume point handed out.
     resume_lsn: u64,
+    publication: String,
+    /// Rows per incremental snapshot chunk.
+    chunk_rows: usize,
+    /// The incremental snapshot in progress (part of every resume position).
+    incremental: Option<IncrementalProgress>,
+    /// The chunk whose watermarks are on their way through the stream.
+    window: Option<ChunkWindow>,
+    /// A chunk whose high watermark arrived in the transaction being read: emitted right
+    /// after that transaction's commit.
+    closed: Option<ChunkWindow>,
+    watermarks: u64,
+    /// This connector's last watermark row still in the signal table.
+    last_watermark: Option<String>,
 }
 
 impl PostgresSource<PgwireStream> {
@@ -462,6 +603,13 @@ impl PostgresSource<PgwireStream> {
         let publication = config.publication_name();
         let filter = TableFilter::new(config)?;
         let stored_lsn = stored.map(position_lsn).transpose()?;
+        let stored_incremental: Option<IncrementalProgress> = stored
+            .and_then(|p| p.0.get("incremental"))
+            .map(|v| {
+                serde_json::from_value(v.clone())
+                    .map_err(|e| PostgresError::BadPosition(format!("{v}: {e}")))
+            })
+            .transpose()?;
 
         let sql = endpoint.connect_sql(config.connect_attempts).await?;
         let wal_level = simple_value(&sql, "SHOW wal_level").await?;
@@ -471,7 +619,21 @@ impl PostgresSource<PgwireStream> {
                 actual: wal_level,
             });
         }
+        if let Some((schema, table)) = &filter.signal {
+            sql.batch_execute(&format!(
+                "CREATE TABLE IF NOT EXISTS {}.{} {SIGNAL_TABLE_DDL}",
+                quote_ident(schema),
+                quote_ident(table)
+            ))
+            .await
+            .map_err(sql_err(format!(
+                "creating the signal table {schema}.{table}"
+            )))?;
+        }
         ensure_publication(&sql, &publication, config, &filter).await?;
+        if let Some((schema, table)) = &filter.signal {
+            ensure_in_publication(&sql, &publication, schema, table).await?;
+        }
 
         let existing = slot_state(&sql, &slot).await?;
         if let Some(state) = &existing {
@@ -589,10 +751,22 @@ impl PostgresSource<PgwireStream> {
             pending: VecDeque::new(),
             tx: None,
             resume_lsn: start_lsn,
+            publication: publication.clone(),
+            chunk_rows: config.snapshot_fetch_rows.max(1),
+            incremental: None,
+            window: None,
+            closed: None,
+            watermarks: 0,
+            last_watermark: None,
         };
         match plan {
             Plan::Stream { from } => {
                 tracing::info!("streaming slot {slot} from {}", format_lsn(from));
+                // A new slot (Plan::Create) snapshots every table anyway.
+                source.incremental = stored_incremental;
+                if let Some(progress) = &source.incremental {
+                    tracing::info!(tables = ?progress.tables, "incremental snapshot resumes");
+                }
                 source.stream.start_streaming().await?;
                 if stored_lsn.is_none() {
                     source.pending.push_back(Change::Heartbeat {
@@ -860,6 +1034,41 @@ async fn ensure_publication(
     Ok(())
 }
 
+/// Adds `schema.table` to the publication unless the publication already publishes it
+/// (FOR ALL TABLES, or listed).
+async fn ensure_in_publication(
+    sql: &tokio_postgres::Client,
+    publication: &str,
+    schema: &str,
+    table: &str,
+) -> Result<()> {
+    let published: bool = sql
+        .query_opt(
+            "SELECT p.puballtables OR EXISTS (SELECT 1 FROM pg_publication_tables t \
+             WHERE t.pubname = p.pubname AND t.schemaname = $2 AND t.tablename = $3) \
+             FROM pg_publication p WHERE p.pubname = $1",
+            &[&publication, &schema, &table],
+        )
+        .await
+        .map_err(sql_err(format!("looking up publication {publication}")))?
+        .ok_or(PostgresError::MissingRow("publication"))?
+        .get(0);
+    if !published {
+        sql.batch_execute(&format!(
+            "ALTER PUBLICATION {} ADD TABLE {}.{}",
+            quote_ident(publication),
+            quote_ident(schema),
+            quote_ident(table)
+        ))
+        .await
+        .map_err(sql_err(format!(
+            "adding {schema}.{table} to publication {publication}"
+        )))?;
+        tracing::info!("added {schema}.{table} to publication {publication}");
+    }
+    Ok(())
+}
+
 impl<S: ReplicationStream> PostgresSource<S> {
     /// The slot this source reads.
     pub fn slot(&self) -> &str {
@@ -934,8 +1143,39 @@ impl<S: ReplicationStream> PostgresSource<S> {
         columns: Vec<(String, u32, i32, bool)>,
         lsn: u64,
     ) -> Result<()> {
+        let mut state = self.relation_state(oid, schema, table, &columns).await?;
+        let changed = self.relations.get(&oid).is_none_or(|r| {
+            r.signature != state.signature || r.table != state.table || r.schema != state.schema
+        });
+        if changed && state.included {
+            let schema_change = self
+                .schema_change(
+                    oid,
+                    &state.schema,
+                    &state.table,
+                    &state.signature,
+                    &state.primary_key,
+                    &state.columns,
+                    lsn,
+                )
+                .await?;
+            self.pending.push_back(Change::Schema(schema_change));
+        }
+        state.toast_warned = self.relations.get(&oid).is_some_and(|r| r.toast_warned);
+        self.relations.insert(oid, state);
+        Ok(())
+    }
+
+    /// A relation's state from its columns `(name, type oid, type modifier, identity key)`.
+    async fn relation_state(
+        &mut self,
+        oid: u32,
+        schema: String,
+        table: String,
+        columns: &[(String, u32, i32, bool)],
+    ) -> Result<RelationState> {
         let mut types = Vec::with_capacity(columns.len());
-        for (_, type_oid, _, _) in &columns {
+        for (_, type_oid, _, _) in columns {
             types.push(self.resolve_type(*type_oid).await?);
         }
         let pk_names = self.primary_key(oid).await?;
@@ -952,32 +1192,29 @@ impl<S: ReplicationStream> PostgresSource<S> {
         let signature: Vec<(String, u32, i32)> =
             columns.iter().map(|c| (c.0.clone(), c.1, c.2)).collect();
         let included = self.filter.accepts(&schema, &table);
-        let changed = self
-            .relations
-            .get(&oid)
-            .is_none_or(|r| r.signature != signature || r.table != table || r.schema != schema);
-        if changed && included {
-            let schema_change = self
-                .schema_change(oid, &schema, &table, &signature, &primary_key, &names, lsn)
-                .await?;
-            self.pending.push_back(Change::Schema(schema_change));
+        Ok(RelationState {
+            schema,
+            table,
+            included,
+            columns: names,
+            types,
+            identity: columns.iter().map(|c| c.3).collect(),
+            primary_key,
+            signature,
+            toast_warned: false,
+        })
+    }
+
+    /// The resume position at `lsn`, with the incremental snapshot's progress.
+    fn position(&self, lsn: u64) -> Position {
+        let mut position = position_at(lsn);
+        if let (Some(progress), Some(map)) = (&self.incremental, position.0.as_object_mut()) {
+            map.insert(
+                "incremental".into(),
+                serde_json::to_value(progress).unwrap_or(serde_json::Value::Null),
+            );
         }
-        let toast_warned = self.relations.get(&oid).is_some_and(|r| r.toast_warned);
-        self.relations.insert(
-            oid,
-            RelationState {
-                schema,
-                table,
-                included,
-                columns: names,
-                types,
-                identity: columns.iter().map(|c| c.3).collect(),
-                primary_key,
-                signature,
-                toast_warned,
-            },
-        );
-        Ok(())
+        position
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -1147,7 +1384,21 @@ impl<S: ReplicationStream> PostgresSource<S> {
             .relations
             .remove(&relation)
             .ok_or(PostgresError::UnknownRelation(relation))?;
-        type Images = (Option<Row>, Option<Row>, Row);
+        if self.filter.is_signal(&rel.schema, &rel.table) {
+            let signal = match (op, new) {
+                (Op::Create, Some(tuple)) => Some(Self::decode_tuple(&mut rel, tuple, false, None)),
+                _ => None,
+            };
+            self.relations.insert(relation, rel);
+            match signal {
+                Some(Ok(row)) => self.on_signal(&row),
+                Some(Err(e)) => tracing::warn!("a signal row that does not decode: {e}; ignored"),
+                None => {}
+            }
+            return Ok(None);
+        }
+        // (before, after, key, the before image's key when it differs from `key`)
+        type Images = (Option<Row>, Option<Row>, Row, Option<Row>);
         let result: Result<Option<Images>> = (|| {
             if !rel.included {
                 return Ok(None);
@@ -1164,14 +1415,25 @@ impl<S: ReplicationStream> PostgresSource<S> {
                 (Some(row), _) | (None, Some(row)) => Self::key_of(&rel, row),
                 (None, None) => Row::default(),
             };
-            Ok(Some((before, after, key)))
+            let old_key = before
+                .as_ref()
+                .map(|row| Self::key_of(&rel, row))
+                .filter(|old| *old != key);
+            Ok(Some((before, after, key, old_key)))
         })();
         let info = self.source_info(&rel, lsn);
         let full_name = format!("{}.{}", rel.schema, rel.table);
         self.relations.insert(relation, rel);
-        let Some((before, after, key)) = result? else {
+        let Some((before, after, key, old_key)) = result? else {
             return Ok(None);
         };
+        // Inside an incremental snapshot's window the stream wins over the chunk.
+        if let Some(w) = self.window.as_mut().filter(|w| w.open && w.oid == relation) {
+            w.drop_key(&key);
+            if let Some(old) = &old_key {
+                w.drop_key(old);
+            }
+        }
         if let Some(tx) = &mut self.tx {
             *tx.counts.entry(full_name).or_default() += 1;
         }
@@ -1207,11 +1469,15 @@ impl<S: ReplicationStream> PostgresSource<S> {
             Message::Commit(c) => {
                 let tx = self.tx.take();
                 self.resume_lsn = self.resume_lsn.max(c.end_lsn);
-                Some(Change::Commit {
+                let commit = Change::Commit {
                     tx_id: tx.as_ref().map_or_else(String::new, |t| t.xid.clone()),
                     counts: tx.map(|t| t.counts).unwrap_or_default(),
-                    resume: Some(position_at(c.end_lsn)),
-                })
+                    resume: Some(self.position(c.end_lsn)),
+                };
+                if let Some(window) = self.closed.take() {
+                    self.emit_chunk(window, c.end_lsn);
+                }
+                Some(commit)
             }
             Message::Relation(r) => {
                 let lsn = self.tx.as_ref().map_or(self.resume_lsn, |t| t.final_lsn);
@@ -1258,6 +1524,9 @@ impl<S: ReplicationStream> PostgresSource<S> {
                     if !rel.included {
                         continue;
                     }
+                    if let Some(w) = self.window.as_mut().filter(|w| w.open && w.oid == *oid) {
+                        w.rows.iter_mut().for_each(|row| *row = None);
+                    }
                     let full_name = format!("{}.{}", rel.schema, rel.table);
                     events.push((full_name, self.source_info(rel, lsn)));
                 }
@@ -1278,6 +1547,325 @@ impl<S: ReplicationStream> PostgresSource<S> {
             }
             Message::Origin { .. } | Message::Message(_) => None,
         })
+    }
+
+    /// A row inserted into the signal table: a request (`execute-snapshot`) or one of this
+    /// connector's chunk watermarks coming back through the stream.
+    fn on_signal(&mut self, row: &Row) {
+        let text = |name: &str| match row.get(name) {
+            Some(Value::Text(t)) => Some(t.clone()),
+            _ => None,
+        };
+        let (Some(id), Some(kind)) = (text("id"), text("type")) else {
+            tracing::warn!("a signal row without id or type: ignored");
+            return;
+        };
+        match kind.as_str() {
+            "execute-snapshot" => {
+                let data: serde_json::Value = text("data")
+                    .and_then(|d| serde_json::from_str(&d).ok())
+                    .unwrap_or(serde_json::Value::Null);
+                let wanted: Vec<String> = data["data-collections"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|t| t.as_str().map(str::to_owned))
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if wanted.is_empty() {
+                    tracing::warn!(signal = %id, "execute-snapshot without data-collections: ignored");
+                    return;
+                }
+                let mut accepted = Vec::new();
+                for table in wanted {
+                    let captured =
+                        split_table_name(&table).is_some_and(|(s, t)| self.filter.accepts(&s, &t));
+                    if captured {
+                        accepted.push(table);
+                    } else {
+                        tracing::warn!(signal = %id, %table, "incremental snapshot of a table the connector does not capture: ignored");
+                    }
+                }
+                if accepted.is_empty() {
+                    return;
+                }
+                let progress = self
+                    .incremental
+                    .get_or_insert_with(IncrementalProgress::default);
+                for table in accepted {
+                    if !progress.tables.contains(&table) {
+                        tracing::info!(signal = %id, %table, "incremental snapshot requested");
+                        progress.tables.push(table);
+                    }
+                }
+            }
+            "snapshot-window-open" => {
+                if let Some(w) = self.window.as_mut().filter(|w| w.low == id) {
+                    w.open = true;
+                }
+            }
+            "snapshot-window-close" => {
+                if self.window.as_ref().is_some_and(|w| w.high == id && w.open) {
+                    self.closed = self.window.take();
+                }
+            }
+            other => tracing::warn!(signal = %id, kind = other, "unknown signal type: ignored"),
+        }
+    }
+
+    /// After the high watermark's commit (at `lsn`): what is left of the chunk goes out as
+    /// reads, then a heartbeat at the same LSN whose position has the progress past the chunk.
+    /// The commit's own position still has the progress before it, so a crash before the
+    /// reads are acknowledged reads the chunk again.
+    fn emit_chunk(&mut self, window: ChunkWindow, lsn: u64) {
+        let Some(progress) = self.incremental.as_mut() else {
+            return;
+        };
+        let mut emitted = 0u64;
+        for mut event in window.rows.into_iter().flatten() {
+            event.source.ts_ms = now_ms();
+            event.source.lsn = Some(lsn);
+            self.pending.push_back(Change::Row(Box::new(event)));
+            emitted += 1;
+        }
+        progress.rows_done += emitted;
+        progress.last_key = window.last_key;
+        crate::progress::report(
+            &self.name,
+            &window.table,
+            progress.rows_done,
+            progress.rows_estimated,
+            window.last_chunk,
+        );
+        if window.last_chunk {
+            tracing::info!(table = %window.table, rows = progress.rows_done, "incremental snapshot of the table done");
+            progress.tables.retain(|t| *t != window.table);
+            progress.last_key = None;
+            progress.rows_done = 0;
+            progress.rows_estimated = 0;
+            if progress.tables.is_empty() {
+                self.incremental = None;
+            }
+        }
+        self.pending.push_back(Change::Heartbeat {
+            resume: self.position(lsn),
+            ts_ms: now_ms(),
+        });
+    }
+
+    /// Drops the first table of the incremental snapshot, with a warning.
+    fn skip_incremental_table(&mut self, table: &str, reason: &str) {
+        tracing::warn!(%table, "incremental snapshot: {reason}; table skipped");
+        if let Some(progress) = self.incremental.as_mut() {
+            progress.tables.retain(|t| t != table);
+            progress.last_key = None;
+            progress.rows_done = 0;
+            progress.rows_estimated = 0;
+            if progress.tables.is_empty() {
+                self.incremental = None;
+            }
+        }
+    }
+
+    /// The next chunk of the incremental snapshot: the low watermark, the chunk's `SELECT`
+    /// (primary-key order, after the last key), the high watermark, each committed on its
+    /// own; the stream then opens and closes the window (see [`ChunkWindow`]).
+    async fn incremental_step(&mut self) -> Result<()> {
+        let Some(progress) = self.incremental.clone() else {
+            return Ok(());
+        };
+        let Some(coll) = progress.tables.first().cloned() else {
+            self.incremental = None;
+            return Ok(());
+        };
+        let Some((signal_schema, signal_table)) = self.filter.signal.clone() else {
+            return Err(PostgresError::Config {
+                key: "signal_table",
+                reason: format!(
+                    "the stored position has an incremental snapshot of {coll} in progress, \
+                     which needs the signal table it was started with"
+                ),
+            });
+        };
+        let Some((schema, table)) = split_table_name(&coll) else {
+            self.skip_incremental_table(&coll, "not schema.table");
+            return Ok(());
+        };
+        let found = self
+            .sql
+            .query_opt(
+                "SELECT c.oid, c.reltuples::float8 FROM pg_class c \
+                 JOIN pg_namespace n ON n.oid = c.relnamespace \
+                 WHERE n.nspname = $1 AND c.relname = $2 AND c.relkind IN ('r', 'p')",
+                &[&schema, &table],
+            )
+            .await
+            .map_err(sql_err(format!("looking up {coll}")))?;
+        let Some(found) = found else {
+            self.skip_incremental_table(&coll, "no such table");
+            return Ok(());
+        };
+        let (oid, estimate): (u32, f64) = (found.get(0), found.get(1));
+        let columns: Vec<(String, u32, i32, bool, String)> = self
+            .sql
+            .query(
+                "SELECT attname::text, atttypid, atttypmod, format_type(atttypid, atttypmod) \
+                 FROM pg_attribute WHERE attrelid = $1 AND attnum > 0 AND NOT attisdropped \
+                 ORDER BY attnum",
+                &[&oid],
+            )
+            .await
+            .map_err(sql_err(format!("reading the columns of {coll}")))?
+            .iter()
+            .map(|r| (r.get(0), r.get(1), r.get(2), false, r.get(3)))
+            .collect();
+        let shape: Vec<(String, u32, i32, bool)> = columns
+            .iter()
+            .map(|c| (c.0.clone(), c.1, c.2, c.3))
+            .collect();
+        // The chunk is decoded with the catalog's columns of now, apart from the stream's
+        // relation state, which follows the stream's own (possibly older) Relation messages.
+        let mut rel = self
+            .relation_state(oid, schema.clone(), table.clone(), &shape)
+            .await?;
+        if rel.primary_key.is_empty() {
+            self.skip_incremental_table(&coll, "it needs a primary key");
+            return Ok(());
+        }
+        ensure_in_publication(&self.sql, &self.publication, &schema, &table).await?;
+        if progress.last_key.is_none() {
+            let rows_estimated = estimate.max(0.0) as u64;
+            if let Some(p) = self.incremental.as_mut() {
+                p.rows_estimated = rows_estimated;
+            }
+            crate::progress::report(&self.name, &coll, 0, rows_estimated, false);
+        }
+
+        let key_columns: Vec<String> = rel
+            .primary_key
+            .iter()
+            .map(|&i| quote_ident(&columns[i].0))
+            .collect();
+        let after = match &progress.last_key {
+            Some(last) if last.len() == key_columns.len() => {
+                let values: Vec<String> = rel
+                    .primary_key
+                    .iter()
+                    .zip(last)
+                    .map(|(&i, text)| format!("{}::{}", quote_literal(text), columns[i].4))
+                    .collect();
+                format!(
+                    " WHERE ({}) > ({})",
+                    key_columns.join(", "),
+                    values.join(", ")
+                )
+            }
+            _ => String::new(),
+        };
+        let select = format!(
+            "SELECT {} FROM {}.{}{after} ORDER BY {} LIMIT {}",
+            columns
+                .iter()
+                .map(|c| quote_ident(&c.0))
+                .collect::<Vec<_>>()
+                .join(", "),
+            quote_ident(&schema),
+            quote_ident(&table),
+            key_columns.join(", "),
+            self.chunk_rows
+        );
+        // Each watermark statement also deletes this connector's previous watermark row, so
+        // the signal table does not grow with every chunk (the stream ignores deletes there).
+        let signal = format!(
+            "{}.{}",
+            quote_ident(&signal_schema),
+            quote_ident(&signal_table)
+        );
+        let insert = format!(
+            "WITH gone AS (DELETE FROM {signal} WHERE id = $4) \
+             INSERT INTO {signal} (id, type, data) VALUES ($1, $2, $3)"
+        );
+        let data = json!({ "table": coll }).to_string();
+        // Unique across restarts (the time) and connectors sharing the table (the name),
+        // within the id column's 64 characters.
+        self.watermarks += 1;
+        let stem: String = self.name.chars().take(32).collect();
+        let stem = format!("{stem}-{}-{}", now_ms(), self.watermarks);
+        let (low, high) = (format!("{stem}-low"), format!("{stem}-high"));
+        let previous = self.last_watermark.take().unwrap_or_default();
+        self.sql
+            .execute(&insert, &[&low, &"snapshot-window-open", &data, &previous])
+            .await
+            .map_err(sql_err(format!(
+                "writing the low watermark to {signal_schema}.{signal_table}"
+            )))?;
+        let messages = self
+            .sql
+            .simple_query(&select)
+            .await
+            .map_err(sql_err(format!("incremental snapshot of {coll}")))?;
+        self.sql
+            .execute(&insert, &[&high, &"snapshot-window-close", &data, &low])
+            .await
+            .map_err(sql_err(format!(
+                "writing the high watermark to {signal_schema}.{signal_table}"
+            )))?;
+        self.last_watermark = Some(high.clone());
+
+        let mut rows = Vec::new();
+        let mut by_key = HashMap::new();
+        let mut last_key = None;
+        for message in &messages {
+            let SimpleQueryMessage::Row(row) = message else {
+                continue;
+            };
+            let texts: Vec<Option<&str>> = (0..row.len()).map(|i| row.get(i)).collect();
+            last_key = Some(
+                rel.primary_key
+                    .iter()
+                    .map(|&i| texts.get(i).copied().flatten().unwrap_or("").to_owned())
+                    .collect::<Vec<_>>(),
+            );
+            let tuple = Tuple(
+                texts
+                    .iter()
+                    .map(|v| match v {
+                        Some(t) => Datum::Text(bytes::Bytes::copy_from_slice(t.as_bytes())),
+                        None => Datum::Null,
+                    })
+                    .collect(),
+            );
+            let after = Self::decode_tuple(&mut rel, &tuple, false, None)?;
+            let key = Self::key_of(&rel, &after);
+            if let Ok(text) = serde_json::to_string(&key) {
+                by_key.insert(text, rows.len());
+            }
+            let mut source = self.source_info(&rel, 0);
+            source.snapshot = SnapshotMark::Incremental;
+            source.tx_id = None;
+            rows.push(Some(ChangeEvent {
+                op: Op::Read,
+                before: None,
+                after: Some(after),
+                key,
+                source,
+                transaction: None,
+            }));
+        }
+        let last_chunk = rows.len() < self.chunk_rows;
+        self.window = Some(ChunkWindow {
+            oid,
+            table: coll,
+            low,
+            high,
+            open: false,
+            rows,
+            by_key,
+            last_key: last_key.or(progress.last_key),
+            last_chunk,
+        });
+        Ok(())
     }
 
     /// The next snapshot step; `None` once the snapshot is complete.
@@ -1462,13 +2050,24 @@ impl<S: ReplicationStream> Source for PostgresSource<S> {
                 }
                 continue;
             }
+            if self.incremental.is_some()
+                && self.window.is_none()
+                && self.closed.is_none()
+                && self.tx.is_none()
+            {
+                self.incremental_step().await?;
+                if self.window.is_none() {
+                    // A table was skipped or finished without a chunk: look again.
+                    continue;
+                }
+            }
             let message =
                 match tokio::time::timeout(self.heartbeat_interval, self.stream.recv()).await {
                     Ok(message) => message?,
                     Err(_idle) => {
                         if self.tx.is_none() {
                             return Ok(Change::Heartbeat {
-                                resume: position_at(self.resume_lsn),
+                                resume: self.position(self.resume_lsn),
                                 ts_ms: now_ms(),
                             });
                         }
@@ -1483,7 +2082,7 @@ impl<S: ReplicationStream> Source for PostgresSource<S> {
                     if self.tx.is_none() && wal_end > self.resume_lsn {
                         self.resume_lsn = wal_end;
                         return Ok(Change::Heartbeat {
-                            resume: position_at(wal_end),
+                            resume: self.position(wal_end),
                             ts_ms: now_ms(),
                         });
                     }
@@ -1501,5 +2100,98 @@ impl<S: ReplicationStream> Source for PostgresSource<S> {
         let lsn = position_lsn(position)?;
         self.stream.confirm_flushed(lsn);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn key(id: i64) -> Row {
+        Row {
+            columns: vec![(Arc::from("id"), Value::Int(id))],
+        }
+    }
+
+    fn read(id: i64) -> Option<ChangeEvent> {
+        Some(ChangeEvent {
+            op: Op::Read,
+            before: None,
+            after: Some(key(id)),
+            key: key(id),
+            source: SourceInfo::default(),
+            transaction: None,
+        })
+    }
+
+    #[test]
+    fn a_key_the_stream_changes_leaves_the_chunk_and_no_other() {
+        let mut window = ChunkWindow {
+            oid: 1,
+            table: "public.t".into(),
+            low: "l".into(),
+            high: "h".into(),
+            open: true,
+            rows: vec![read(1), read(2), read(3)],
+            by_key: (1..=3)
+                .map(|id| (serde_json::to_string(&key(id)).unwrap(), (id - 1) as usize))
+                .collect(),
+            last_key: Some(vec!["3".into()]),
+            last_chunk: false,
+        };
+        window.drop_key(&key(2));
+        window.drop_key(&key(9));
+        let left: Vec<i64> = window
+            .rows
+            .iter()
+            .flatten()
+            .map(|e| match e.key.columns[0].1 {
+                Value::Int(id) => id,
+                _ => -1,
+            })
+            .collect();
+        assert_eq!(left, [1, 3]);
+    }
+
+    #[test]
+    fn incremental_progress_round_trips_through_the_position() {
+        let progress = IncrementalProgress {
+            tables: vec!["public.a".into(), "public.b".into()],
+            last_key: Some(vec!["42".into(), "x'y".into()]),
+            rows_done: 80,
+            rows_estimated: 3000,
+        };
+        let mut position = position_at(0x16B3748);
+        position.0.as_object_mut().unwrap().insert(
+            "incremental".into(),
+            serde_json::to_value(&progress).unwrap(),
+        );
+        assert_eq!(position_lsn(&position).unwrap(), 0x16B3748);
+        let back: IncrementalProgress =
+            serde_json::from_value(position.0["incremental"].clone()).unwrap();
+        assert_eq!(back, progress);
+        let fresh: IncrementalProgress =
+            serde_json::from_value(json!({"tables": ["public.a"]})).unwrap();
+        assert_eq!(fresh.last_key, None);
+    }
+
+    #[test]
+    fn the_signal_table_is_never_captured() {
+        let mut config = PostgresConfig::new("postgres://u@h/db", "n");
+        config.signal_table = Some("public.qanat_signal".into());
+        let filter = TableFilter::new(&config).unwrap();
+        assert!(!filter.accepts("public", "qanat_signal"));
+        assert!(filter.accepts("public", "orders"));
+        config.signal_table = Some("no_schema".into());
+        assert!(matches!(
+            TableFilter::new(&config),
+            Err(PostgresError::Config {
+                key: "signal_table",
+                ..
+            })
+        ));
+        assert_eq!(split_table_name("a.b.c"), None);
+        assert_eq!(split_table_name("s.t"), Some(("s".into(), "t".into())));
     }
 }
