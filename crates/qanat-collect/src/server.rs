@@ -503,8 +503,14 @@ fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &U
     let (priority, shed) = st.throttle.snapshot().decide(app, ty, visitor_id);
     let mut resp = pixel_response(&q);
     if cookie_vid != Some(visitor_id) {
-        let value = format!("{}={visitor_id}{}", st.cfg.cookie_name, st.cookie_suffix);
-        // From the `String`'s own buffer: no second copy.
+        // Concatenated into one exact allocation (cheaper than `format!`), which the header
+        // value then takes over without a copy.
+        let (name, suffix) = (&st.cfg.cookie_name, &st.cookie_suffix);
+        let mut value = String::with_capacity(name.len() + 1 + visitor_id.len() + suffix.len());
+        value.push_str(name);
+        value.push('=');
+        value.push_str(visitor_id);
+        value.push_str(suffix);
         if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
