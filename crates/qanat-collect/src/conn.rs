@@ -16,27 +16,24 @@
 //!   its own permit) and must finish within `header_read_timeout`.
 //! * Connections are served by `workers` threads, each with a single-threaded runtime of its
 //!   own, handed out in turn by the accept loop; a connection stays on its thread for its
-//!   life. A request then never crosses threads (no work-stealing wakeups, one epoll set per
-//!   thread), as in nginx's worker processes.
+//!   life, registered with that thread's own reactor. A request then never crosses threads
+//!   (no work-stealing wakeups, one epoll set per thread), as in nginx's worker processes.
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use axum::extract::ConnectInfo;
-use axum::Router;
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
-use tower::ServiceExt;
 
 const FIRST_ACCEPT_PAUSE: Duration = Duration::from_millis(10);
 const MAX_ACCEPT_PAUSE: Duration = Duration::from_secs(1);
@@ -147,16 +144,22 @@ where
     watcher.watch(builder.serve_connection(io, service)).await
 }
 
-/// Serve `router` on `listener` until `shutdown` resolves, then finish what is in flight.
-/// Handlers see the peer address as `ConnectInfo<SocketAddr>`.
-pub async fn serve<F>(
+/// Serve on `listener` until `shutdown` resolves, then finish what is in flight. Each
+/// connection is served by the service `connection_service` makes for its peer's address.
+pub async fn serve<F, M, S>(
     listener: TcpListener,
-    router: Router,
+    connection_service: M,
     limits: Limits,
     tls: Option<TlsAcceptor>,
     shutdown: F,
 ) where
     F: Future<Output = ()> + Send + 'static,
+    M: Fn(SocketAddr) -> S,
+    S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
@@ -207,23 +210,33 @@ pub async fn serve<F>(
                 }
             }
         };
-        let service = router
-            .clone()
-            .map_request(move |mut req: axum::http::Request<Incoming>| {
-                req.extensions_mut().insert(ConnectInfo(peer));
-                req
-            });
-        let service = TowerToHyperService::new(service);
+        let service = connection_service(peer);
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let tls = tls.clone();
         let handshake_timeout = limits.header_read_timeout;
         let open = open.clone();
+        // Out of this runtime's reactor, into the serving worker's (below): readiness then
+        // reaches the connection's task on its own thread, instead of passing through this
+        // runtime's event loop and a cross-thread wakeup for every request.
+        let stream = match stream.into_std() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%peer, error = %e, "detaching an accepted connection failed");
+                continue;
+            }
+        };
         open.increment(1.0);
         let connection = Box::pin(async move {
-            let served = match tls {
-                None => serve_io(builder, TokioIo::new(stream), service, watcher).await,
-                Some(acceptor) => {
+            let served = match (tokio::net::TcpStream::from_std(stream), tls) {
+                (Err(e), _) => {
+                    tracing::debug!(%peer, error = %e, "registering a connection failed");
+                    Ok(())
+                }
+                (Ok(stream), None) => {
+                    serve_io(builder, TokioIo::new(stream), service, watcher).await
+                }
+                (Ok(stream), Some(acceptor)) => {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => serve_io(builder, TokioIo::new(tls), service, watcher).await,
                         Ok(Err(e)) => {

@@ -44,7 +44,14 @@ pub fn parse_spm(code: &str) -> Result<Spm<'_>, String> {
             crate::enrich::truncate(code, 80)
         )
     };
-    let parts: Vec<&str> = code.split('.').collect();
+    // At most 4 segments (a fifth makes it invalid): no vector per beacon.
+    let mut parts = [""; 5];
+    let mut count = 0;
+    for (slot, part) in parts.iter_mut().zip(code.split('.')) {
+        *slot = part;
+        count += 1;
+    }
+    let parts = parts.get(..count).unwrap_or_default();
     if !(2..=4).contains(&parts.len())
         || parts.iter().any(|p| {
             p.is_empty()

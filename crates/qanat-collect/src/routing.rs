@@ -2,13 +2,20 @@
 //! buffer, a pump task and its own librdkafka producer, so a route whose topic or broker is
 //! slow fills only its own buffer and librdkafka queue — requests for it get 503 while the
 //! other routes keep flowing.
+//!
+//! A route's buffer is one [`Chunk`] that requests append their records to, under a short
+//! lock, and that the pump swaps for its emptied one. The two buffers go back and forth and
+//! keep their capacity: handing a record over allocates nothing, wakes nobody while the pump
+//! is busy, and never frees on one thread memory allocated on another (which makes the
+//! allocator's per-thread arenas contend).
 
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use std::ffi::{c_void, CString};
 
+use parking_lot::{Condvar, Mutex};
 use rdkafka::bindings as rdsys;
 use rdkafka::bindings::rd_kafka_vtype_t::{
     RD_KAFKA_VTYPE_END, RD_KAFKA_VTYPE_KEY, RD_KAFKA_VTYPE_MSGFLAGS, RD_KAFKA_VTYPE_RKT,
@@ -20,7 +27,7 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{CollectConfig, Priority, RouteConfig};
@@ -44,10 +51,11 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    pub fn with_capacity(bytes: usize) -> Chunk {
+    /// Room for `records` records of `bytes` bytes in all.
+    pub fn with_capacity(bytes: usize, records: usize) -> Chunk {
         Chunk {
             buf: Vec::with_capacity(bytes),
-            entries: Vec::new(),
+            entries: Vec::with_capacity(records),
         }
     }
 
@@ -80,6 +88,24 @@ impl Chunk {
         self.entries.len()
     }
 
+    /// Empty, keeping the capacity.
+    pub fn clear(&mut self) {
+        self.buf.clear();
+        self.entries.clear();
+    }
+
+    /// Add copies of `other`'s records after these.
+    fn append(&mut self, other: &Chunk) {
+        let base = self.buf.len();
+        self.buf.extend_from_slice(&other.buf);
+        self.entries.extend(other.entries.iter().map(|e| Entry {
+            start: e.start + base,
+            key_start: e.key_start + base,
+            end: e.end + base,
+            timestamp_ms: e.timestamp_ms,
+        }));
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
@@ -110,8 +136,8 @@ pub struct Route {
     events: Vec<String>,
     priorities: Vec<Priority>,
     pub capacity: usize,
-    tx: mpsc::UnboundedSender<Msg>,
-    /// Events in `tx` or reserved for it; at most `capacity`.
+    buffer: Arc<Buffer>,
+    /// Events in `buffer` or reserved for it; at most `capacity`.
     queued: Arc<AtomicUsize>,
     pub accepted: metrics::Counter,
     pub full: metrics::Counter,
@@ -131,7 +157,7 @@ impl Route {
 
     /// Take room for `n` events in the buffer, all or nothing.
     pub fn try_reserve(&self, n: usize) -> Result<(), Refused> {
-        if self.tx.is_closed() {
+        if self.buffer.is_closed() {
             return Err(Refused::Closed);
         }
         self.queued
@@ -147,19 +173,89 @@ impl Route {
         self.queued.fetch_sub(n, Ordering::AcqRel);
     }
 
-    /// Hand over a chunk whose room was reserved with [`Route::try_reserve`].
-    pub fn send_reserved(&self, chunk: Chunk) -> Result<(), Refused> {
-        let n = chunk.len();
-        self.tx.send(Msg::Chunk(chunk)).map_err(|_| {
-            self.release(n);
-            Refused::Closed
-        })
+    /// Hand over (a copy of) a chunk whose room was reserved with [`Route::try_reserve`].
+    pub fn send_reserved(&self, chunk: &Chunk) -> Result<(), Refused> {
+        self.buffer
+            .append(chunk)
+            .inspect_err(|_| self.release(chunk.len()))
     }
 
-    /// Reserve room for the chunk and hand it over.
-    pub fn try_send(&self, chunk: Chunk) -> Result<(), Refused> {
+    /// Reserve room for the chunk and hand (a copy of) it over.
+    pub fn try_send(&self, chunk: &Chunk) -> Result<(), Refused> {
         self.try_reserve(chunk.len())?;
         self.send_reserved(chunk)
+    }
+}
+
+impl Drop for Route {
+    /// The pump drains what is buffered and stops, also when the collector is dropped
+    /// without a shutdown.
+    fn drop(&mut self) {
+        self.buffer.close();
+    }
+}
+
+/// A route's buffer: records handed over and not yet taken by the pump.
+#[derive(Default)]
+struct Buffer {
+    /// `pending.closed`, readable without the lock.
+    closed: AtomicBool,
+    pending: Mutex<Pending>,
+    /// Signalled when records arrive while the pump waits, and on close.
+    arrived: Condvar,
+}
+
+#[derive(Default)]
+struct Pending {
+    records: Chunk,
+    /// Shutdown: take nothing new; the pump drains what is here.
+    closed: bool,
+    /// The pump is waiting on `arrived` (else it looks again by itself).
+    pump_waiting: bool,
+}
+
+impl Buffer {
+    fn append(&self, chunk: &Chunk) -> Result<(), Refused> {
+        let mut p = self.pending.lock();
+        if p.closed {
+            return Err(Refused::Closed);
+        }
+        p.records.append(chunk);
+        if p.pump_waiting {
+            p.pump_waiting = false;
+            self.arrived.notify_one();
+        }
+        Ok(())
+    }
+
+    fn is_closed(&self) -> bool {
+        self.closed.load(Ordering::Acquire)
+    }
+
+    fn close(&self) {
+        let mut p = self.pending.lock();
+        p.closed = true;
+        self.closed.store(true, Ordering::Release);
+        self.arrived.notify_one();
+    }
+
+    /// Swap what is buffered with `into` (emptied), waiting while there is nothing; false
+    /// once closed and drained. `closed` tells whether the buffer is closed.
+    fn take(&self, into: &mut Chunk, closed: &mut bool) -> bool {
+        into.clear();
+        let mut p = self.pending.lock();
+        while p.records.is_empty() && !p.closed {
+            p.pump_waiting = true;
+            self.arrived.wait(&mut p);
+        }
+        p.pump_waiting = false;
+        *closed = p.closed;
+        std::mem::swap(&mut p.records, into);
+        !into.is_empty()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.pending.lock().records.is_empty()
     }
 }
 
@@ -189,7 +285,7 @@ impl Routes {
         let timeout = Duration::from_millis(cfg.server.shutdown_timeout_ms);
         for rc in &cfg.routes {
             let producer = producer_for(cfg, rc)?;
-            let (tx, rx) = mpsc::unbounded_channel();
+            let buffer = Arc::new(Buffer::default());
             let queued = Arc::new(AtomicUsize::new(0));
             let label = rc.name.clone();
             routes.push(Route {
@@ -199,7 +295,7 @@ impl Routes {
                 events: rc.events.clone(),
                 priorities: rc.priorities.clone(),
                 capacity: rc.buffer,
-                tx,
+                buffer: buffer.clone(),
                 queued: queued.clone(),
                 accepted: metrics::counter!("qanat_collect_route_events_total", "route" => label.clone(), "outcome" => "accepted"),
                 full: metrics::counter!("qanat_collect_route_events_total", "route" => label, "outcome" => "full"),
@@ -207,20 +303,17 @@ impl Routes {
             let pump = Pump {
                 route: rc.name.clone(),
                 topic: rc.topic.clone(),
-                rx,
+                buffer: buffer.clone(),
                 queued,
                 producer,
                 timeout,
                 buffered: metrics::gauge!("qanat_collect_route_buffered", "route" => rc.name.clone()),
             };
-            let close = routes.last().map(|r: &Route| r.tx.clone());
             let mut stop = shutdown.clone();
             tokio::spawn(async move {
                 // Also when the collector is dropped without a shutdown.
                 let _ = stop.wait_for(|s| *s).await;
-                if let Some(tx) = close {
-                    let _ = tx.send(Msg::Close);
-                }
+                buffer.close();
             });
             pumps.push(tokio::task::spawn_blocking(move || pump.run()));
         }
@@ -319,14 +412,6 @@ impl ProducerContext for Delivery {
     }
 }
 
-/// What a route's buffer carries to its pump.
-#[derive(Debug)]
-enum Msg {
-    Chunk(Chunk),
-    /// Shutdown: take nothing new, drain what is buffered.
-    Close,
-}
-
 /// A librdkafka topic handle, made once per pump: `BaseProducer::send` allocates the topic's
 /// name and looks the topic up for every record.
 struct TopicHandle<'p> {
@@ -397,7 +482,7 @@ const PUMP_COALESCE: Duration = Duration::from_micros(500);
 struct Pump {
     route: String,
     topic: String,
-    rx: mpsc::UnboundedReceiver<Msg>,
+    buffer: Arc<Buffer>,
     queued: Arc<AtomicUsize>,
     producer: ThreadedProducer<Delivery>,
     timeout: Duration,
@@ -405,44 +490,32 @@ struct Pump {
 }
 
 impl Pump {
-    fn run(mut self) -> DrainReport {
+    fn run(self) -> DrainReport {
         let handle = TopicHandle::new(&self.producer, &self.topic);
         let mut drain_deadline: Option<Instant> = None;
         let mut dropped = 0u64;
-        // Blocks only when the buffer is empty; `None` once closed and empty (or every sender
-        // is gone).
-        while let Some(first) = self.rx.blocking_recv() {
-            let mut next = Some(first);
-            while let Some(msg) = next {
-                match msg {
-                    Msg::Close => {
-                        if drain_deadline.is_none() {
-                            // No new events; what is buffered still goes out.
-                            self.rx.close();
-                            drain_deadline = Some(Instant::now() + self.timeout);
-                        }
-                    }
-                    Msg::Chunk(chunk) => {
-                        // Out of the buffer (as a record received from a channel would be).
-                        self.queued.fetch_sub(chunk.len(), Ordering::AcqRel);
-                        for (key, value, timestamp_ms) in chunk.records() {
-                            if !self.send(handle.as_ref(), key, value, timestamp_ms, drain_deadline)
-                            {
-                                dropped += 1;
-                            }
-                        }
-                    }
-                }
-                next = self.rx.try_recv().ok();
-                if next.is_none() && drain_deadline.is_none() {
-                    // Empty: let the next requests gather (no wakeups meanwhile), then take
-                    // them all; block only if none came.
-                    std::thread::sleep(PUMP_COALESCE);
-                    next = self.rx.try_recv().ok();
+        let mut batch = Chunk::default();
+        let mut closed = false;
+        // Blocks only when the buffer is empty; false once closed and drained.
+        while self.buffer.take(&mut batch, &mut closed) {
+            if closed && drain_deadline.is_none() {
+                // No new events; what is buffered still goes out.
+                drain_deadline = Some(Instant::now() + self.timeout);
+            }
+            // Out of the buffer (as a record received from a channel would be).
+            self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            for (key, value, timestamp_ms) in batch.records() {
+                if !self.send(handle.as_ref(), key, value, timestamp_ms, drain_deadline) {
+                    dropped += 1;
                 }
             }
             self.buffered
                 .set(self.queued.load(Ordering::Relaxed) as f64);
+            if drain_deadline.is_none() && self.buffer.is_empty() {
+                // Let the next requests gather (appending wakes nobody meanwhile), then take
+                // them all; wait only if none came.
+                std::thread::sleep(PUMP_COALESCE);
+            }
         }
         self.buffered.set(0.0);
         drop(handle);
@@ -501,5 +574,97 @@ impl Pump {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use super::*;
+
+    fn chunk(records: &[(&str, &str, i64)]) -> Chunk {
+        let mut c = Chunk::default();
+        for (key, value, ts) in records {
+            c.push(key, *ts, |out| {
+                out.extend_from_slice(value.as_bytes());
+                Ok::<(), ()>(())
+            })
+            .unwrap();
+        }
+        c
+    }
+
+    fn records(c: &Chunk) -> Vec<(String, String, i64)> {
+        c.records()
+            .map(|(k, v, ts)| {
+                (
+                    String::from_utf8(k.to_vec()).unwrap(),
+                    String::from_utf8(v.to_vec()).unwrap(),
+                    ts,
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_buffer_hands_over_records_in_order_and_drains_after_close() {
+        let buffer = Buffer::default();
+        buffer
+            .append(&chunk(&[("v1", "a", 1), ("v2", "bb", 2)]))
+            .unwrap();
+        buffer.append(&chunk(&[("v3", "ccc", 3)])).unwrap();
+        let mut taken = chunk(&[("stale", "x", 0)]);
+        let mut closed = true;
+        assert!(buffer.take(&mut taken, &mut closed));
+        assert!(!closed);
+        assert_eq!(
+            records(&taken),
+            [
+                ("v1".into(), "a".into(), 1),
+                ("v2".into(), "bb".into(), 2),
+                ("v3".into(), "ccc".into(), 3)
+            ]
+        );
+        assert!(buffer.is_empty());
+
+        // What was handed over before the close still goes out; nothing after it is taken.
+        buffer.append(&chunk(&[("v4", "d", 4)])).unwrap();
+        buffer.close();
+        assert!(buffer.is_closed());
+        assert_eq!(
+            buffer.append(&chunk(&[("v5", "e", 5)])),
+            Err(Refused::Closed)
+        );
+        assert!(buffer.take(&mut taken, &mut closed));
+        assert!(closed);
+        assert_eq!(records(&taken), [("v4".into(), "d".into(), 4)]);
+        assert!(!buffer.take(&mut taken, &mut closed));
+        assert!(taken.is_empty());
+    }
+
+    #[test]
+    fn a_waiting_pump_wakes_for_records_and_for_the_close() {
+        let buffer = Arc::new(Buffer::default());
+        let pump = {
+            let buffer = buffer.clone();
+            std::thread::spawn(move || {
+                let mut taken = Chunk::default();
+                let mut closed = false;
+                let mut got = Vec::new();
+                while buffer.take(&mut taken, &mut closed) {
+                    got.extend(records(&taken));
+                }
+                got
+            })
+        };
+        for i in 0..100 {
+            buffer.append(&chunk(&[("k", &i.to_string(), i)])).unwrap();
+        }
+        buffer.close();
+        let got = pump.join().unwrap();
+        let want: Vec<_> = (0..100)
+            .map(|i| ("k".to_string(), i.to_string(), i))
+            .collect();
+        assert_eq!(got, want);
     }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -64,9 +64,11 @@ impl Counters {
     }
 }
 
+const BEACON_PATH: &str = "/t.gif";
+
 /// The routes `track` keeps metric handles for; any other path registers per request.
 const TRACKED_PATHS: [&str; 7] = [
-    "/t.gif",
+    BEACON_PATH,
     "/v1/events",
     "/v1/config",
     "/admin/v1/config",
@@ -171,7 +173,7 @@ impl Collector {
     pub fn router(&self) -> Router {
         let st = self.state.clone();
         Router::new()
-            .route("/t.gif", get(beacon).post(beacon))
+            .route(BEACON_PATH, get(beacon).post(beacon))
             .route("/v1/events", axum::routing::post(events).options(preflight))
             .route("/v1/config", get(app_config))
             .route(
@@ -206,7 +208,14 @@ impl Collector {
                 n => n,
             },
         };
-        crate::conn::serve(listener, self.router(), limits, tls, shutdown).await;
+        let state = self.state.clone();
+        let router = self.router();
+        let connection_service = move |peer| Dispatch {
+            state: state.clone(),
+            router: router.clone(),
+            peer,
+        };
+        crate::conn::serve(listener, connection_service, limits, tls, shutdown).await;
         tracing::info!("HTTP stopped; draining routes");
         let _ = self.shutdown.send(true);
         let mut reports = Vec::with_capacity(self.pumps.len());
@@ -217,6 +226,64 @@ impl Collector {
             }
         }
         Ok(reports)
+    }
+}
+
+/// The service of one connection: beacons, the hot path, are answered here directly, with
+/// their metrics; every other request goes through the router (extractors, `track`). A
+/// beacon thus skips the routing table, the extensions map (`ConnectInfo`, `MatchedPath`)
+/// and the boxed middleware future, none of which it needs.
+#[derive(Clone)]
+struct Dispatch {
+    state: Arc<AppState>,
+    router: Router,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
+    type Response = Response;
+    type Error = std::convert::Infallible;
+    type Future = DispatchFuture;
+
+    fn call(&self, mut req: Request<hyper::body::Incoming>) -> DispatchFuture {
+        if req.uri().path() == BEACON_PATH && matches!(*req.method(), Method::GET | Method::POST) {
+            let start = Instant::now();
+            let resp = beacon_response(&self.state, self.peer, req.headers(), req.uri());
+            if let Some(m) = self
+                .state
+                .http_metrics
+                .iter()
+                .find(|m| m.path == BEACON_PATH)
+            {
+                m.record(start.elapsed().as_secs_f64(), resp.status());
+            }
+            return DispatchFuture::Answered(Some(resp));
+        }
+        req.extensions_mut().insert(ConnectInfo(self.peer));
+        let mut router = self.router.clone();
+        DispatchFuture::Routed(tower::Service::call(&mut router, req))
+    }
+}
+
+/// A response made at once (a beacon), or the router's.
+enum DispatchFuture {
+    Answered(Option<Response>),
+    Routed(axum::routing::future::RouteFuture<std::convert::Infallible>),
+}
+
+impl Future for DispatchFuture {
+    type Output = Result<Response, std::convert::Infallible>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        match self.get_mut() {
+            DispatchFuture::Answered(resp) => std::task::Poll::Ready(Ok(resp
+                .take()
+                .unwrap_or_else(|| StatusCode::INTERNAL_SERVER_ERROR.into_response()))),
+            DispatchFuture::Routed(f) => std::pin::Pin::new(f).poll(cx),
+        }
     }
 }
 
@@ -310,14 +377,12 @@ struct QueryPairs<'q> {
 
 impl<'q> QueryPairs<'q> {
     fn parse(query: &'q str) -> QueryPairs<'q> {
-        let pairs = query
-            .split('&')
-            .filter(|p| !p.is_empty())
-            .map(|p| {
-                let (k, v) = p.split_once('=').unwrap_or((p, ""));
-                (form_decode(k), form_decode(v))
-            })
-            .collect();
+        // Sized once: collecting from `split` would grow the vector a few times per beacon.
+        let mut pairs = Vec::with_capacity(query.bytes().filter(|&b| b == b'&').count() + 1);
+        pairs.extend(query.split('&').filter(|p| !p.is_empty()).map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (form_decode(k), form_decode(v))
+        }));
         QueryPairs { pairs }
     }
 
@@ -377,31 +442,36 @@ fn form_decode(s: &str) -> Cow<'_, str> {
 ///
 /// The request is read in place (the `HeaderMap` and `Uri` extractors would copy them).
 async fn beacon(State(st): State<Arc<AppState>>, req: Request) -> Response {
-    let received_ms = now_ms();
     let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    let headers = req.headers();
-    let q = QueryPairs::parse(req.uri().query().unwrap_or(""));
+    beacon_response(&st, peer, req.headers(), req.uri())
+}
+
+/// A beacon from `peer`, answered from its headers and URI alone (a beacon's body, if any,
+/// carries nothing).
+fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &Uri) -> Response {
+    let received_ms = now_ms();
+    let q = QueryPairs::parse(uri.query().unwrap_or(""));
     let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
     let ty = match get("t") {
         Some(t) if event::valid_id(t) => t,
         _ => {
             return reject(
-                &st,
+                st,
                 "t (event type) is missing or not [A-Za-z0-9_.:-]{1,128}",
             )
         }
     };
     let app = get("app").unwrap_or(&st.cfg.default_app);
     if !event::valid_id(app) {
-        return reject(&st, "app is not [A-Za-z0-9_.:-]{1,128}");
+        return reject(st, "app is not [A-Za-z0-9_.:-]{1,128}");
     }
     let cookie_vid = cookie(headers, &st.cfg.cookie_name).filter(|v| event::valid_id(v));
     let new_vid;
     let visitor_id = match get("vid") {
         Some(v) if event::valid_id(v) => v,
-        Some(_) => return reject(&st, "vid is not a valid id"),
+        Some(_) => return reject(st, "vid is not a valid id"),
         None => match cookie_vid {
             Some(v) => v,
             None => {
@@ -412,29 +482,36 @@ async fn beacon(State(st): State<Arc<AppState>>, req: Request) -> Response {
     };
     let user_id = match get("uid") {
         Some(u) if event::valid_id(u) => Some(u),
-        Some(_) => return reject(&st, "uid is not a valid id"),
+        Some(_) => return reject(st, "uid is not a valid id"),
         None => None,
     };
     let spm = match get("spm").map(event::parse_spm) {
         Some(Ok(s)) => Some(s),
-        Some(Err(e)) => return reject(&st, e),
+        Some(Err(e)) => return reject(st, e),
         None => None,
     };
     let client_ts = match get("ts").map(str::parse::<i64>) {
         Some(Ok(t)) => Some(t),
-        Some(Err(_)) => return reject(&st, "ts is not an integer (ms since the epoch)"),
+        Some(Err(_)) => return reject(st, "ts is not an integer (ms since the epoch)"),
         None => None,
     };
     let referer_header = header_str(headers, header::REFERER);
     let ua_raw = truncate(header_str(headers, header::USER_AGENT).unwrap_or(""), 512);
     let ua = st.enricher.user_agent(ua_raw);
-    let client = Client::new(client_ip(&st, peer, headers), ua_raw, &ua);
+    let client = Client::new(client_ip(st, peer, headers), ua_raw, &ua);
 
     let (priority, shed) = st.throttle.snapshot().decide(app, ty, visitor_id);
     let mut resp = pixel_response(&q);
     if cookie_vid != Some(visitor_id) {
-        let value = format!("{}={visitor_id}{}", st.cfg.cookie_name, st.cookie_suffix);
-        if let Ok(v) = HeaderValue::from_str(&value) {
+        // Concatenated into one exact allocation (cheaper than `format!`), which the header
+        // value then takes over without a copy.
+        let (name, suffix) = (&st.cfg.cookie_name, &st.cookie_suffix);
+        let mut value = String::with_capacity(name.len() + 1 + visitor_id.len() + suffix.len());
+        value.push_str(name);
+        value.push('=');
+        value.push_str(visitor_id);
+        value.push_str(suffix);
+        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
             resp.headers_mut().insert(header::SET_COOKIE, v);
         }
     }
@@ -469,25 +546,35 @@ async fn beacon(State(st): State<Arc<AppState>>, req: Request) -> Response {
         name: get("e").map(|s| truncate(s, 128)),
         params: beacon_params(&q),
     };
-    let mut chunk = Chunk::with_capacity(1024);
-    if let Err(e) = chunk.push(visitor_id, received_ms, |out| {
-        serde_json::to_writer(out, &record)
-    }) {
-        return bad_request(format!("encoding the event: {e}"));
-    }
     let Some(route) = st.routes.get(route_idx) else {
         return bad_request("route vanished");
     };
-    match route.try_send(chunk) {
-        Ok(()) => {
+    let sent = BEACON_CHUNK.with_borrow_mut(|chunk| {
+        chunk.clear();
+        chunk
+            .push(visitor_id, received_ms, |out| {
+                serde_json::to_writer(out, &record)
+            })
+            .map(|()| route.try_send(chunk))
+    });
+    match sent {
+        Err(e) => bad_request(format!("encoding the event: {e}")),
+        Ok(Ok(())) => {
             route.accepted.increment(1);
             resp
         }
-        Err(_) => {
+        Ok(Err(_)) => {
             route.full.increment(1);
-            route_full(&st, &route.name)
+            route_full(st, &route.name)
         }
     }
+}
+
+thread_local! {
+    /// A beacon's record on its way into its route's buffer (which copies it): one buffer
+    /// per thread, reused, instead of an allocation per beacon.
+    static BEACON_CHUNK: std::cell::RefCell<Chunk> =
+        std::cell::RefCell::new(Chunk::with_capacity(1024, 1));
 }
 
 /// `p_*` query parameters, prefix removed (at most 64).
@@ -511,16 +598,22 @@ fn reject(st: &AppState, reason: impl Into<String>) -> Response {
     bad_request(reason)
 }
 
+/// The pixel (or an empty 204), uncached. Its header map is sized once for these headers
+/// and a `Set-Cookie`, so adding them never grows it.
 fn pixel_response(q: &QueryPairs<'_>) -> Response {
+    let mut h = HeaderMap::with_capacity(5);
     let mut r = if q.get("resp") == Some("204") {
-        StatusCode::NO_CONTENT.into_response()
+        let mut r = Response::new(axum::body::Body::empty());
+        *r.status_mut() = StatusCode::NO_CONTENT;
+        r
     } else {
-        ([(header::CONTENT_TYPE, "image/gif")], PIXEL).into_response()
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/gif"));
+        Response::new(axum::body::Body::from(PIXEL))
     };
-    let h = r.headers_mut();
     h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
     h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
     h.insert(header::EXPIRES, HeaderValue::from_static("0"));
+    *r.headers_mut() = h;
     r
 }
 
@@ -720,7 +813,7 @@ async fn events(
         };
         if chunk.is_empty() {
             let left = env.events.len() - index;
-            *chunk = Chunk::with_capacity(decoded.len() + left * encoder.overhead());
+            *chunk = Chunk::with_capacity(decoded.len() + left * encoder.overhead(), left);
         }
         match chunk.push(checked.visitor_id, received_ms, |out| {
             encoder.encode(out, &checked, priority, raw)
@@ -754,7 +847,7 @@ async fn events(
         }
     }
     let mut accepted = 0;
-    for (idx, chunk) in chunks.into_iter().enumerate() {
+    for (idx, chunk) in chunks.iter().enumerate() {
         let Some(route) = st.routes.get(idx) else {
             break;
         };
@@ -1011,8 +1104,6 @@ async fn healthz(State(st): State<Arc<AppState>>) -> Response {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use std::io::Write;
-
-    use axum::http::Uri;
 
     use super::*;
 
