@@ -9,8 +9,9 @@
 # cost of only fetching the records.
 #
 # Prints: events, events/s, MB/s of record values, CPU seconds (and per million events),
-# peak RSS of the lander (both from /usr/bin/time, all threads), files and bytes landed; and
-# the consume-only rate.
+# peak RSS of the lander (both from /usr/bin/time, all threads), files and bytes landed, how
+# long the group join took; and the consume-only rate. The broker's groups start their first
+# rebalance at once (initial_rebalance_delay_ms = 0), as for a lone lander.
 #
 #   bench/lake_land.sh [N]     N events, e.g. 10M (the default), 500k or 2000000
 #
@@ -51,7 +52,11 @@ fi
 start_tmp qanat-lake-land-bench
 
 log "starting the broker"
-"$QANAT_BIN" broker --data-dir "$TMP/broker" --listen 127.0.0.1:0 >"$TMP/broker.out" 2>"$TMP/broker.err" &
+# One consumer joins the lander's group: Kafka's default 3 s wait of a new group's first
+# rebalance for more members would only add 3 s of idle to every `--once` run measured.
+printf '[groups]\ninitial_rebalance_delay_ms = 0\n' >"$TMP/broker.toml"
+"$QANAT_BIN" broker --config "$TMP/broker.toml" --data-dir "$TMP/broker" --listen 127.0.0.1:0 \
+  >"$TMP/broker.out" 2>"$TMP/broker.err" &
 PIDS+=($!)
 BOOT=$(wait_line "$TMP/broker.out" "qanat broker listening on " "$!") || die "broker did not start"
 TOPIC=cdc.bench.orders
@@ -96,6 +101,20 @@ t0=$(date +%s.%N)
   --root "$TMP/lake" --once >"$TMP/land.out" 2>"$TMP/land.err" ||
   die "lake land failed: $(tail -5 "$TMP/land.err")"
 LAND_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+# Start to the group's assignment (the lander's log line), within the time above.
+JOIN_S=$(python3 - "$t0" "$TMP/land.err" <<'PY'
+import datetime, sys
+t0 = float(sys.argv[1])
+for line in open(sys.argv[2], errors="replace"):
+    if "partition assigned" in line:
+        stamp = line.split()[0].rstrip("Z")[:26]
+        at = datetime.datetime.fromisoformat(stamp).replace(tzinfo=datetime.timezone.utc)
+        print(f"{at.timestamp() - t0:.2f}")
+        break
+else:
+    print("?")
+PY
+)
 read -r UT ST RSS_KB < <(tail -1 "$TMP/land.time")
 CPU_S=$(python3 -c "print($UT + $ST)")
 FILES=$(find "$TMP/lake" -name '*.parquet' | wc -l)
@@ -105,14 +124,15 @@ import pyarrow.dataset as ds
 print(ds.dataset('$TMP/lake/bench/orders_changes', format='parquet').count_rows())" 2>/dev/null || echo "?")
 LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
 
-python3 - "$EVENTS" "$LAND_S" "$CPU_S" "$RSS_KB" "$VALUE_BYTES" "$KCAT_S" "$FILES" "$LAKE_BYTES" "$ROWS" "$LOAD_BEFORE" "$LOAD" "$QANAT_BIN" <<'PY'
+python3 - "$EVENTS" "$LAND_S" "$CPU_S" "$RSS_KB" "$VALUE_BYTES" "$KCAT_S" "$FILES" "$LAKE_BYTES" "$ROWS" "$LOAD_BEFORE" "$LOAD" "$QANAT_BIN" "$JOIN_S" <<'PY'
 import sys
-ev, land_s, cpu_s, rss_kb, vbytes, kcat_s, files, lbytes, rows, load0, load, qbin = sys.argv[1:]
+ev, land_s, cpu_s, rss_kb, vbytes, kcat_s, files, lbytes, rows, load0, load, qbin, join_s = sys.argv[1:]
 ev, land_s, cpu_s, vbytes, kcat_s = int(ev), float(land_s), float(cpu_s), int(vbytes), float(kcat_s)
 print(f"binary {qbin}")
 print(f"{'run':<28} {'events':>10} {'events/s':>10} {'MB/s':>8} {'CPU s':>8} {'CPU s/M ev':>10} {'peak RSS':>10}")
 print(f"{'qanat lake land --once':<28} {ev:>10} {ev / land_s:>10.0f} {vbytes / land_s / 1e6:>8.1f} {cpu_s:>8.1f} {cpu_s / (ev / 1e6):>10.2f} {int(rss_kb) / 1024:>8.1f}Mi")
 print(f"{'kcat -C -e (consume only)':<28} {ev:>10} {ev / kcat_s:>10.0f} {vbytes / kcat_s / 1e6:>8.1f}")
+print(f"group joined {join_s} s after start (within the landing time)")
 print(f"landed rows {rows} in {files} files, {int(lbytes or 0) / 1e6:.1f} MB of Parquet ({vbytes / 1e6:.1f} MB of JSON values)")
 print(f"load average {load0} before landing, {load} after (shared machine: rates are lower bounds)")
 PY

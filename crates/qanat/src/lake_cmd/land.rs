@@ -617,8 +617,27 @@ fn consume(
     spare: Receiver<Batch>,
 ) -> anyhow::Result<()> {
     let ctx = consumer.context();
-    // Next offset per partition: topic index → partition → offset.
-    let mut consumed: Vec<HashMap<i32, i64>> = vec![HashMap::new(); args.topics.len()];
+    // Next offset per partition: topic index → partition number → offset. Indexed, not
+    // hashed: this and the end offsets below are touched for every record.
+    let mut consumed: Vec<Vec<Option<i64>>> = vec![Vec::new(); args.topics.len()];
+    // `--once`: the end offset per topic index and partition number.
+    let ends: Vec<Vec<Option<i64>>> = args
+        .topics
+        .iter()
+        .map(|t| {
+            let parts = args.targets.get(t);
+            let len = parts.map_or(0, |p| {
+                p.keys().filter_map(|&p| slot(p)).max().map_or(0, |m| m + 1)
+            });
+            (0..len)
+                .map(|i| {
+                    parts
+                        .and_then(|p| p.get(&i32::try_from(i).ok()?))
+                        .map(|&(_, high)| high)
+                })
+                .collect()
+        })
+        .collect();
     // `--once` checks whether it is done when a record reaches its partition's end, and
     // when a poll comes back empty.
     let mut check_done = true;
@@ -650,8 +669,10 @@ fn consume(
                 let mut lag = lock(args.lag_positions);
                 lag.clear();
                 for (t, parts) in consumed.iter().enumerate() {
-                    for (p, o) in parts {
-                        lag.insert((args.topics[t].clone(), *p), *o);
+                    for (p, o) in parts.iter().enumerate() {
+                        if let (Some(o), Ok(p)) = (o, i32::try_from(p)) {
+                            lag.insert((args.topics[t].clone(), p), *o);
+                        }
                     }
                 }
             }
@@ -684,13 +705,20 @@ fn consume(
         };
         batch.push(t, &msg, args.with_headers.get(t).copied().unwrap_or(false));
         let next = msg.offset() + 1;
-        consumed[t].insert(msg.partition(), next);
+        let Some(p) = slot(msg.partition()) else {
+            bail!("{}: a record of partition {}", msg.topic(), msg.partition());
+        };
+        if let Some(at) = consumed.get_mut(t) {
+            if at.len() <= p {
+                at.resize(p + 1, None);
+            }
+            at[p] = Some(next);
+        }
         if args.once {
-            check_done = args
-                .targets
-                .get(&args.topics[t])
-                .and_then(|p| p.get(&msg.partition()))
-                .is_some_and(|&(_, high)| next >= high);
+            check_done = ends
+                .get(t)
+                .and_then(|e| e.get(p).copied().flatten())
+                .is_some_and(|high| next >= high);
         }
         if (batch.full() || check_done) && !send(&mut batch) {
             return Ok(());
@@ -818,7 +846,7 @@ fn once_done(
     consumer: &BaseConsumer<LandContext>,
     topics: &[String],
     targets: &Positions<(i64, i64)>,
-    consumed: &[HashMap<i32, i64>],
+    consumed: &[Vec<Option<i64>>],
 ) -> bool {
     let state = lock(&consumer.context().state);
     targets.iter().all(|(topic, parts)| {
@@ -829,11 +857,16 @@ fn once_done(
         parts.iter().all(|(p, &(low, high))| {
             let tp = (topic.clone(), *p);
             let start = state.assigned.get(&tp).copied().flatten().unwrap_or(low);
-            let at = at_topic.and_then(|c| c.get(p)).copied();
+            let at = slot(*p).and_then(|p| at_topic.and_then(|c| c.get(p)).copied().flatten());
             let pos = at.unwrap_or(start).max(start);
             (state.assigned.contains_key(&tp) && pos >= high) || high <= low
         })
     })
+}
+
+/// A partition number as an index; None for a negative one (never a real partition).
+fn slot(partition: i32) -> Option<usize> {
+    usize::try_from(partition).ok()
 }
 
 /// Topic → partition → a position.
