@@ -32,6 +32,9 @@ pub struct AclsArgs {
     /// A running broker, HOST:PORT, instead of a data directory.
     #[arg(long, value_name = "HOST:PORT")]
     bootstrap: Option<String>,
+    /// How to reach a secured listener with --bootstrap.
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
     #[command(subcommand)]
     action: Action,
 }
@@ -166,7 +169,7 @@ pub async fn run(args: AclsArgs) -> anyhow::Result<()> {
         None => crate::admin::lock_data_dir(&args.data_dir)?,
     };
     let store: Box<dyn AclStore> = match &args.bootstrap {
-        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-acls")?),
+        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-acls", &args.security)?),
         None => Box::new(
             Authorizer::open(&args.data_dir, true, &[])
                 .with_context(|| format!("opening ACLs in {}", args.data_dir.display()))?,

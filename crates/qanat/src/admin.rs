@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use kafka_protocol::messages::ApiKey;
 use kafka_protocol::protocol::{Decodable, Encodable, HeaderVersion, StrBytes};
-use qanat_agent::sink::native::conn::Conn;
+use qanat_agent::sink::native::conn::{Conn, Security};
 use qanat_broker::data_dir_lock::DataDirLock;
 
 /// Take the data directory's lock for an offline edit (nothing when the directory does not
@@ -36,8 +36,16 @@ pub struct AdminConn {
 }
 
 impl AdminConn {
-    pub fn connect(addr: &str, client_id: &str) -> anyhow::Result<Self> {
-        let conn = Conn::connect(addr, client_id, TIMEOUT)
+    /// Connect to `addr` as the security flags say (TLS, SASL login), failing at once on a
+    /// refused certificate or login.
+    pub fn connect(
+        addr: &str,
+        client_id: &str,
+        security: &crate::kafka_security::SecurityArgs,
+    ) -> anyhow::Result<Self> {
+        let settings = security.resolve()?;
+        let security = Security::from_settings(&settings, "security")?;
+        let conn = Conn::connect(addr, client_id, TIMEOUT, &security)
             .with_context(|| format!("connecting to {addr}"))?;
         Ok(Self {
             conn: RefCell::new(conn),

@@ -2,9 +2,9 @@
 //! `request_percentage`) per user, client id, or both, with defaults — Kafka's
 //! `kafka-configs --entity-type users/clients`. Against a stopped broker's data directory
 //! (`client-quotas.json`, see `qanat_broker::quotas`), or, with `--bootstrap`, against a
-//! running broker through AlterClientQuotas/DescribeClientQuotas on a PLAINTEXT listener
-//! (such as one on 127.0.0.1 for local tools; altering needs AlterConfigs on the cluster when
-//! the authorizer is on, describing DescribeConfigs).
+//! running broker through AlterClientQuotas/DescribeClientQuotas, on any listener with the
+//! security flags (altering needs AlterConfigs on the cluster when the authorizer is on,
+//! describing DescribeConfigs).
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -31,9 +31,12 @@ pub struct QuotasArgs {
         conflicts_with = "bootstrap"
     )]
     data_dir: PathBuf,
-    /// A running broker's PLAINTEXT listener, HOST:PORT, instead of a data directory.
+    /// A running broker, HOST:PORT, instead of a data directory.
     #[arg(long, value_name = "HOST:PORT")]
     bootstrap: Option<String>,
+    /// How to reach a secured listener with --bootstrap.
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
     #[command(subcommand)]
     action: Action,
 }
@@ -159,7 +162,7 @@ pub async fn run(args: QuotasArgs) -> anyhow::Result<()> {
         None => crate::admin::lock_data_dir(&args.data_dir)?,
     };
     let store: Box<dyn QuotaStore> = match &args.bootstrap {
-        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-quotas")?),
+        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-quotas", &args.security)?),
         None => Box::new(
             Quotas::open(&args.data_dir)
                 .with_context(|| format!("opening quotas in {}", args.data_dir.display()))?,

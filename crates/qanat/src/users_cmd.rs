@@ -35,6 +35,9 @@ pub struct UsersArgs {
     /// A running broker, HOST:PORT, instead of a data directory.
     #[arg(long, value_name = "HOST:PORT")]
     bootstrap: Option<String>,
+    /// How to reach a secured listener with --bootstrap.
+    #[command(flatten)]
+    security: crate::kafka_security::SecurityArgs,
     #[command(subcommand)]
     action: Action,
 }
@@ -102,7 +105,7 @@ pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
         None => crate::admin::lock_data_dir(&args.data_dir)?,
     };
     let store: Box<dyn UserStore> = match &args.bootstrap {
-        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-users")?),
+        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-users", &args.security)?),
         None => Box::new(
             CredentialStore::open(&args.data_dir)
                 .with_context(|| format!("opening credentials in {}", args.data_dir.display()))?,

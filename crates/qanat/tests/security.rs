@@ -177,7 +177,9 @@ fn assert_login_refused(out: &Output) {
 
 /// Whether `text` (a client's log) reports the refused SASL login.
 fn reports_failed_login(text: &str) -> bool {
-    text.contains("SASL authentication error") || text.contains("Authentication failed")
+    text.contains("SASL authentication error")
+        || text.contains("Authentication failed")
+        || text.contains("SASL authentication failed")
 }
 
 fn kcat(args: &[&str], stdin: Option<&[u8]>) -> Output {
@@ -2058,6 +2060,57 @@ fn groups_talks_sasl_ssl_with_the_security_flags() {
     );
     let out = groups(&["list"], "wrong password");
     assert_login_refused(&out);
+}
+
+/// `qanat users`, `acls` and `quotas` with `--bootstrap` reach a SASL_SSL listener with the
+/// security flags, and a wrong password is refused at once.
+#[test]
+fn admin_commands_talk_sasl_ssl_with_the_security_flags() {
+    let s = shared_secure();
+    let admin = |args: &[&str], password: &str| {
+        qanat_command()
+            .args([args[0], "--bootstrap", &s.secure])
+            .args(s.flags())
+            .args(&args[1..])
+            .env("QANAT_KAFKA_SASL_PASSWORD", password)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = admin(&["users", "list"], PASSWORD);
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).contains("alice\t"),
+        "{}",
+        describe(&out)
+    );
+    let out = admin(
+        &[
+            "quotas",
+            "set",
+            "--client-id",
+            "admin-over-tls",
+            "--add-config",
+            "consumer_byte_rate=4096",
+        ],
+        PASSWORD,
+    );
+    assert!(out.status.success(), "{}", describe(&out));
+    let out = admin(
+        &["quotas", "list", "--client-id", "admin-over-tls"],
+        PASSWORD,
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "client-id=admin-over-tls\tconsumer_byte_rate=4096",
+        "{}",
+        describe(&out)
+    );
+    let out = admin(&["acls", "list"], PASSWORD);
+    assert!(out.status.success(), "{}", describe(&out));
+    for command in ["users", "acls", "quotas"] {
+        let out = admin(&[command, "list"], "wrong password");
+        assert_login_refused(&out);
+    }
 }
 
 /// `qanat sync` reads a topic range and writes a topic over SASL_SSL with `[sync.security]`
