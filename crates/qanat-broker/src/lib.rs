@@ -101,6 +101,8 @@ pub struct Broker {
     pub quotas: quotas::Quotas,
     /// Woken after every append, so long-polling fetches can answer early.
     data_arrived: Notify,
+    /// Request latency histograms, one per served API.
+    request_latency: api::RequestLatency,
     /// Woken once on shutdown, so long polls answer at once.
     shutdown: Arc<Notify>,
 }
@@ -162,6 +164,7 @@ impl Broker {
             acls,
             quotas,
             data_arrived: Notify::new(),
+            request_latency: api::RequestLatency::new(),
             shutdown: Arc::new(Notify::new()),
         })
     }

@@ -583,11 +583,12 @@ impl Partition {
     /// Reserve blocks up to `end` plus [`PREALLOCATE_AHEAD`] (within the segment size) when
     /// `end` passes what is reserved. Best effort: a failure only costs the optimisation.
     fn preallocate(&self, active: &Segment, end: u64) {
-        if end <= active.preallocated.load(Ordering::Relaxed) {
+        let reserved = active.preallocated.load(Ordering::Relaxed);
+        if end <= reserved {
             return;
         }
         let target = (end + PREALLOCATE_AHEAD).min(self.config.segment_bytes.max(end));
-        if let Err(e) = active.log.preallocate(target) {
+        if let Err(e) = active.log.preallocate(reserved, target) {
             tracing::debug!(file = %active.log_path.display(), error = %e, "cannot reserve blocks ahead");
         }
         // Not retried on every append after a failure: once per step.

@@ -33,9 +33,9 @@ pub trait LogFile: Send + Sync + 'static {
     /// Truncate or extend. On the real filesystem this also releases blocks reserved past the
     /// end by [`LogFile::preallocate`].
     fn set_len(&self, len: u64) -> io::Result<()>;
-    /// Reserve disk blocks up to `len` bytes without changing the file's length, so appends
+    /// Reserve disk blocks for bytes `from..to` without changing the file's length, so appends
     /// into them allocate nothing. A hint: where it is not supported it does nothing.
-    fn preallocate(&self, _len: u64) -> io::Result<()> {
+    fn preallocate(&self, _from: u64, _to: u64) -> io::Result<()> {
         Ok(())
     }
     /// The OS descriptor, for zero-copy `sendfile`; `None` for simulated files.
@@ -98,11 +98,19 @@ impl LogFile for OsFile {
     fn set_len(&self, len: u64) -> io::Result<()> {
         self.file.set_len(len)
     }
-    fn preallocate(&self, len: u64) -> io::Result<()> {
-        let len = libc::off_t::try_from(len).map_err(|_| io::Error::other("length too large"))?;
+    fn preallocate(&self, from: u64, to: u64) -> io::Result<()> {
+        let off =
+            |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::other("length too large"));
+        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
+        if len == 0 {
+            return Ok(());
+        }
+        // Only the new range: a range from 0 makes the kernel walk the whole file on every
+        // call (on tmpfs page by page, which cost more than the appends themselves).
         // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
-        let rc =
-            unsafe { libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, 0, len) };
+        let rc = unsafe {
+            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, start, len)
+        };
         if rc == 0 {
             return Ok(());
         }

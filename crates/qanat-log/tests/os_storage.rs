@@ -637,3 +637,21 @@ fn one_append_of_more_batches_than_a_writev_takes_is_stored_whole() {
         assert_eq!(stored, &(i as i64, i as i64, expected));
     }
 }
+
+#[test]
+fn preallocation_reserves_each_new_range_and_keeps_the_length() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("f.log");
+    let file = qanat_log::Storage::open(&OsStorage, &path).unwrap();
+    file.preallocate(0, 1 << 20).unwrap();
+    file.preallocate(1 << 20, 2 << 20).unwrap();
+    // An empty range is nothing to do, not an error.
+    file.preallocate(2 << 20, 2 << 20).unwrap();
+    let meta = std::fs::metadata(&path).unwrap();
+    assert_eq!(meta.len(), 0, "KEEP_SIZE: the length does not move");
+    // Filesystems without fallocate accept the hint and reserve nothing.
+    if meta.blocks() > 0 {
+        assert!(meta.blocks() * 512 >= 2 << 20, "both ranges reserved");
+    }
+}

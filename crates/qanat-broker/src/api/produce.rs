@@ -14,7 +14,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use kafka_protocol::messages::{
     produce_response::{PartitionProduceResponse, ProduceResponse, TopicProduceResponse},
-    ProduceRequest,
+    ProduceRequest, TopicName,
 };
 use kafka_protocol::ResponseError;
 use qanat_log::batch::Validated;
@@ -54,7 +54,7 @@ pub(crate) async fn append(
                 t.partition_data
                     .iter()
                     .map(|p| ProducePartitionResult {
-                        topic: t.name.0.to_string(),
+                        topic: name(t.name.as_str()),
                         index: p.index,
                         outcome: Err(super::authz::TOPIC_DENIED),
                     })
@@ -68,7 +68,7 @@ pub(crate) async fn append(
             .iter()
             .flat_map(|t| {
                 t.partition_data.iter().map(|p| ProducePartitionResult {
-                    topic: t.name.0.to_string(),
+                    topic: name(t.name.as_str()),
                     index: p.index,
                     outcome: Err(code(ResponseError::InvalidRequiredAcks)),
                 })
@@ -160,6 +160,9 @@ impl Broker {
             Vec::with_capacity(req.topic_data.iter().map(|t| t.partition_data.len()).sum());
         for topic_data in &req.topic_data {
             let topic_name = topic_data.name.0.as_str();
+            // One copy per topic, shared by its partitions' results. Not the request's own
+            // bytes: those would keep the whole request frame allocated until the answer.
+            let owned_name = name(topic_name);
             // Looked up once per topic, not per partition.
             let topic = self
                 .lookup_topic(topic_name, true)
@@ -182,7 +185,7 @@ impl Broker {
                                     tracing::warn!(topic = topic_name, partition = data.index, error = %e, suppressed, "produce refused");
                                 }
                                 results.push(ProducePartitionResult {
-                                    topic: topic_name.to_string(),
+                                    topic: owned_name.clone(),
                                     index: data.index,
                                     outcome: Err(log_error_code(&e)),
                                 });
@@ -203,7 +206,7 @@ impl Broker {
                                 );
                             }
                             results.push(ProducePartitionResult {
-                                topic: topic_name.to_string(),
+                                topic: owned_name.clone(),
                                 index: data.index,
                                 outcome: Err(records_error_code(&refused.source)),
                             });
@@ -228,7 +231,7 @@ impl Broker {
                     }
                 };
                 results.push(ProducePartitionResult {
-                    topic: topic_name.to_string(),
+                    topic: owned_name.clone(),
                     index: data.index,
                     outcome,
                 });
@@ -267,10 +270,10 @@ impl Broker {
                     .with_log_start_offset(-1),
             };
             match topics.last_mut() {
-                Some(t) if t.name.0.as_str() == r.topic => t.partition_responses.push(partition),
+                Some(t) if t.name == r.topic => t.partition_responses.push(partition),
                 _ => topics.push(
                     TopicProduceResponse::default()
-                        .with_name(name(&r.topic))
+                        .with_name(r.topic)
                         .with_partition_responses(vec![partition]),
                 ),
             }
@@ -281,7 +284,8 @@ impl Broker {
 
 /// Outcome of appending one partition's batches of a produce request.
 struct ProducePartitionResult {
-    pub topic: String,
+    /// Shared by the topic's partitions: one copy per topic, not per partition.
+    pub topic: TopicName,
     pub index: i32,
     pub outcome: Result<(Arc<Partition>, AppendOutcome), i16>,
 }

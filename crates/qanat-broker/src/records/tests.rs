@@ -460,6 +460,23 @@ fn arb_codec() -> impl Strategy<Value = u8> {
 proptest! {
     #![proptest_config(ProptestConfig { cases: 512, ..ProptestConfig::default() })]
 
+    /// The in-place check of uncompressed records accepts nothing the streaming check refuses.
+    #[test]
+    fn the_in_place_check_accepts_only_what_the_stream_accepts(
+        at in any::<prop::sample::Index>(), byte in any::<u8>(), count_delta in -1i32..=1,
+    ) {
+        let (b, _) = encoded(Compression::None, 4);
+        let h = BatchHeader::parse(&b).unwrap();
+        let mut payload = b[HEADER_LEN..].to_vec();
+        let i = at.index(payload.len());
+        payload[i] = byte;
+        let count = h.record_count + count_delta;
+        if super::uncompressed_records_ok(&payload, count) {
+            let h = BatchHeader { record_count: count, ..h };
+            prop_assert!(super::streamed_batch_records(&h, &payload, 1 << 20).is_ok());
+        }
+    }
+
     #[test]
     fn random_payloads_never_panic(codec in arb_codec(), count in -2i32..40,
                                     payload in proptest::collection::vec(any::<u8>(), 0..512)) {

@@ -170,9 +170,9 @@ impl<H: StorageHooks> LogFile for HookedFile<H> {
         self.hooks.before(StorageOp::SetLen(len))?;
         self.inner.set_len(len)
     }
-    fn preallocate(&self, len: u64) -> io::Result<()> {
-        self.hooks.before(StorageOp::Preallocate(len))?;
-        self.inner.preallocate(len)
+    fn preallocate(&self, from: u64, to: u64) -> io::Result<()> {
+        self.hooks.before(StorageOp::Preallocate(to))?;
+        self.inner.preallocate(from, to)
     }
     fn raw_fd(&self) -> Option<RawFd> {
         self.inner.raw_fd()
