@@ -11,14 +11,14 @@
 # Also in the same run: python-mysql-replication (PyPI `mysql-replication`) counting the row
 # events of the same binlog, and the end-to-end lag at a paced PACED_RATE row events/s (a
 # TIMESTAMP(6) column set to NOW(6) at insert, compared with the time a consumer reads the
-# record).
+# record; the run starts once the consumer has read a warm-up row, see bench/cdc_lag.py).
 #
 # Then a second connector reads the four sbtest tables in an initial snapshot (timed until
 # every row is read and a position past the snapshot is stored).
 #
 # Prints: row events captured, events/s, CPU seconds per million events and peak RSS of
 # `qanat cdc`; the same for the snapshot (rows/s); MB/s of the raw read; events/s of the decode and of python-mysql-replication;
-# lag p50/p99/max.
+# lag p50/p99/max, and how much of it is commit -> producer (the envelope's ts_ms).
 # BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). BENCH_QANAT_BIN=path skips the build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -186,20 +186,21 @@ LAG_PID=$!
 PIDS+=("$LAG_PID")
 wait_line "$TMP/lag.out" "qanat cdc connector " "$LAG_PID" >/dev/null ||
   die "the lag connector did not start: $(tail -5 "$TMP/lag.err")"
-LAG="0 0 nan nan nan"
+LAG="0 0 nan nan nan nan nan"
 LAG=$(python3 "$ROOT/bench/cdc_lag.py" "$BOOT" "$DB_PORT" "$PACED_RATE" "$PACED_SECONDS" \
   2>"$TMP/lag_py.err") || log "paced run failed: $(tail -3 "$TMP/lag_py.err" | tr '\n' ' ')"
-read -r LAG_N LAG_RATE LAG_P50 LAG_P99 LAG_MAX <<<"$LAG"
+read -r LAG_N LAG_RATE LAG_P50 LAG_P99 LAG_MAX PROD_P50 PROD_P99 <<<"$LAG"
 stop_pids "$LAG_PID"
 
 python3 - "$EVENTS" "$CDC_S" "$CPU_S" "$RSS_KB" "$BINLOG_BYTES" "$RAW_S" "$DECODED_ROWS" "$DEC_S" \
   "$PY_ROWS" "$PY_S" "$LAG_N" "$LAG_RATE" "$LAG_P50" "$LAG_P99" "$LAG_MAX" \
-  "$SNAP_DONE" "$SNAP_S" "$SNAP_CPU_S" "$SNAP_RSS_KB" <<'PY'
+  "$SNAP_DONE" "$SNAP_S" "$SNAP_CPU_S" "$SNAP_RSS_KB" "$PROD_P50" "$PROD_P99" <<'PY'
 import sys
 events, cdc_s, cpu_s, rss_kb, binlog, raw_s, dec_rows, dec_s = sys.argv[1:9]
 py_rows, py_s, lag_n, lag_rate, p50, p99, pmax = sys.argv[9:16]
 snap_rows, snap_s = int(sys.argv[16]), float(sys.argv[17])
 snap_cpu, snap_rss = float(sys.argv[18]), int(sys.argv[19])
+prod_p50, prod_p99 = float(sys.argv[20]), float(sys.argv[21])
 events, cdc_s, cpu_s, binlog = int(events), float(cdc_s), float(cpu_s), int(binlog)
 print(f"{'reader':<44} {'row events':>12} {'events/s':>12} {'MB/s':>9} {'CPU s/M ev':>11} {'peak RSS':>10}")
 print(f"{'qanat cdc (binlog -> bus, acked, stored)':<44} {events:>12} {events / cdc_s:>12.0f} "
@@ -215,5 +216,6 @@ else:
 print(f"{'qanat cdc initial snapshot (rows, acked)':<44} {snap_rows:>12} {snap_rows / snap_s:>12.0f} "
       f"{'':>9} {snap_cpu / max(snap_rows, 1) * 1e6:>11.2f} {snap_rss / 1024:>8.1f}Mi")
 print(f"paced lag (NOW(6) at insert -> record read): {lag_n} events at {float(lag_rate):.0f}/s: "
-      f"p50 {float(p50):.1f} ms, p99 {float(p99):.1f} ms, max {float(pmax):.1f} ms")
+      f"p50 {float(p50):.1f} ms, p99 {float(p99):.1f} ms, max {float(pmax):.1f} ms "
+      f"(of which commit -> producer: p50 {prod_p50:.1f} ms, p99 {prod_p99:.1f} ms)")
 PY
