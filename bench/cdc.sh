@@ -127,16 +127,19 @@ t0=$(date +%s.%N)
 CDC_PID=$!
 PIDS+=("$CDC_PID")
 METRICS=$(wait_line "$TMP/cdc.out" "qanat metrics listening on " "$CDC_PID") || die "cdc did not start: $(tail -5 "$TMP/cdc.err")"
+# The time taken is up to when the end position was stored (the record's stored_ms), not up to
+# when this loop sees it: each look starts kcat and python, which takes a second under load.
 pos=""
 for _ in $(seq 36000); do
   kill -0 "$CDC_PID" 2>/dev/null || die "qanat cdc exited: $(tail -5 "$TMP/cdc.err")"
-  pos=$(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q 2>/dev/null | tail -n1 |
-    python3 -c 'import json,sys; p=json.loads(sys.stdin.read() or "{}").get("position",{}); print(p.get("file",""), p.get("pos",""))')
+  read -r pos_file pos_at stored_ms < <(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q 2>/dev/null |
+    tail -n1 | python3 -c 'import json,sys; r=json.loads(sys.stdin.read() or "{}"); p=r.get("position",{}); print(p.get("file","-"), p.get("pos","-"), r.get("stored_ms",0))')
+  pos="$pos_file $pos_at"
   [ "$pos" = "$END_FILE $END_POS" ] && break
   sleep 0.1
 done
 [ "$pos" = "$END_FILE $END_POS" ] || die "qanat cdc did not reach $END_FILE:$END_POS (at $pos)"
-CDC_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+CDC_S=$(python3 -c "print(max(0.001, $stored_ms / 1000 - $t0))")
 EVENTS=$(curl -s "http://$METRICS/metrics" | awk '/^qanat_cdc_events_total/ {s += $2} END {printf "%d", s}')
 read -r UT ST < <(awk '{print $14, $15}' "/proc/$CDC_PID/stat")
 TICKS=$(getconf CLK_TCK)
@@ -169,7 +172,9 @@ for _ in $(seq 36000); do
   fi
   sleep 0.1
 done
-SNAP_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+# Up to when that position was stored, as for the stream above.
+SNAP_STORED_MS=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1].split("|", 1)[1])["stored_ms"])' "$last")
+SNAP_S=$(python3 -c "print(max(0.001, $SNAP_STORED_MS / 1000 - $t0))")
 read -r SUT SST < <(awk '{print $14, $15}' "/proc/$SNAP_PID/stat")
 SNAP_CPU_S=$(python3 -c "print(($SUT + $SST) / $TICKS)")
 SNAP_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SNAP_PID/status")
