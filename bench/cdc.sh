@@ -11,14 +11,14 @@
 # Also in the same run: python-mysql-replication (PyPI `mysql-replication`) counting the row
 # events of the same binlog, and the end-to-end lag at a paced PACED_RATE row events/s (a
 # TIMESTAMP(6) column set to NOW(6) at insert, compared with the time a consumer reads the
-# record).
+# record; the run starts once the consumer has read a warm-up row, see bench/cdc_lag.py).
 #
 # Then a second connector reads the four sbtest tables in an initial snapshot (timed until
 # every row is read and a position past the snapshot is stored).
 #
 # Prints: row events captured, events/s, CPU seconds per million events and peak RSS of
 # `qanat cdc`; the same for the snapshot (rows/s); MB/s of the raw read; events/s of the decode and of python-mysql-replication;
-# lag p50/p99/max.
+# lag p50/p99/max, and how much of it is commit -> producer (the envelope's ts_ms).
 # BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). BENCH_QANAT_BIN=path skips the build.
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -127,16 +127,19 @@ t0=$(date +%s.%N)
 CDC_PID=$!
 PIDS+=("$CDC_PID")
 METRICS=$(wait_line "$TMP/cdc.out" "qanat metrics listening on " "$CDC_PID") || die "cdc did not start: $(tail -5 "$TMP/cdc.err")"
+# The time taken is up to when the end position was stored (the record's stored_ms), not up to
+# when this loop sees it: each look starts kcat and python, which takes a second under load.
 pos=""
 for _ in $(seq 36000); do
   kill -0 "$CDC_PID" 2>/dev/null || die "qanat cdc exited: $(tail -5 "$TMP/cdc.err")"
-  pos=$(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q 2>/dev/null | tail -n1 |
-    python3 -c 'import json,sys; p=json.loads(sys.stdin.read() or "{}").get("position",{}); print(p.get("file",""), p.get("pos",""))')
+  read -r pos_file pos_at stored_ms < <(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q 2>/dev/null |
+    tail -n1 | python3 -c 'import json,sys; r=json.loads(sys.stdin.read() or "{}"); p=r.get("position",{}); print(p.get("file","-"), p.get("pos","-"), r.get("stored_ms",0))')
+  pos="$pos_file $pos_at"
   [ "$pos" = "$END_FILE $END_POS" ] && break
   sleep 0.1
 done
 [ "$pos" = "$END_FILE $END_POS" ] || die "qanat cdc did not reach $END_FILE:$END_POS (at $pos)"
-CDC_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+CDC_S=$(python3 -c "print(max(0.001, $stored_ms / 1000 - $t0))")
 EVENTS=$(curl -s "http://$METRICS/metrics" | awk '/^qanat_cdc_events_total/ {s += $2} END {printf "%d", s}')
 read -r UT ST < <(awk '{print $14, $15}' "/proc/$CDC_PID/stat")
 TICKS=$(getconf CLK_TCK)
@@ -169,7 +172,9 @@ for _ in $(seq 36000); do
   fi
   sleep 0.1
 done
-SNAP_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+# Up to when that position was stored, as for the stream above.
+SNAP_STORED_MS=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1].split("|", 1)[1])["stored_ms"])' "$last")
+SNAP_S=$(python3 -c "print(max(0.001, $SNAP_STORED_MS / 1000 - $t0))")
 read -r SUT SST < <(awk '{print $14, $15}' "/proc/$SNAP_PID/stat")
 SNAP_CPU_S=$(python3 -c "print(($SUT + $SST) / $TICKS)")
 SNAP_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SNAP_PID/status")
@@ -186,20 +191,21 @@ LAG_PID=$!
 PIDS+=("$LAG_PID")
 wait_line "$TMP/lag.out" "qanat cdc connector " "$LAG_PID" >/dev/null ||
   die "the lag connector did not start: $(tail -5 "$TMP/lag.err")"
-LAG="0 0 nan nan nan"
+LAG="0 0 nan nan nan nan nan"
 LAG=$(python3 "$ROOT/bench/cdc_lag.py" "$BOOT" "$DB_PORT" "$PACED_RATE" "$PACED_SECONDS" \
   2>"$TMP/lag_py.err") || log "paced run failed: $(tail -3 "$TMP/lag_py.err" | tr '\n' ' ')"
-read -r LAG_N LAG_RATE LAG_P50 LAG_P99 LAG_MAX <<<"$LAG"
+read -r LAG_N LAG_RATE LAG_P50 LAG_P99 LAG_MAX PROD_P50 PROD_P99 <<<"$LAG"
 stop_pids "$LAG_PID"
 
 python3 - "$EVENTS" "$CDC_S" "$CPU_S" "$RSS_KB" "$BINLOG_BYTES" "$RAW_S" "$DECODED_ROWS" "$DEC_S" \
   "$PY_ROWS" "$PY_S" "$LAG_N" "$LAG_RATE" "$LAG_P50" "$LAG_P99" "$LAG_MAX" \
-  "$SNAP_DONE" "$SNAP_S" "$SNAP_CPU_S" "$SNAP_RSS_KB" <<'PY'
+  "$SNAP_DONE" "$SNAP_S" "$SNAP_CPU_S" "$SNAP_RSS_KB" "$PROD_P50" "$PROD_P99" <<'PY'
 import sys
 events, cdc_s, cpu_s, rss_kb, binlog, raw_s, dec_rows, dec_s = sys.argv[1:9]
 py_rows, py_s, lag_n, lag_rate, p50, p99, pmax = sys.argv[9:16]
 snap_rows, snap_s = int(sys.argv[16]), float(sys.argv[17])
 snap_cpu, snap_rss = float(sys.argv[18]), int(sys.argv[19])
+prod_p50, prod_p99 = float(sys.argv[20]), float(sys.argv[21])
 events, cdc_s, cpu_s, binlog = int(events), float(cdc_s), float(cpu_s), int(binlog)
 print(f"{'reader':<44} {'row events':>12} {'events/s':>12} {'MB/s':>9} {'CPU s/M ev':>11} {'peak RSS':>10}")
 print(f"{'qanat cdc (binlog -> bus, acked, stored)':<44} {events:>12} {events / cdc_s:>12.0f} "
@@ -215,5 +221,6 @@ else:
 print(f"{'qanat cdc initial snapshot (rows, acked)':<44} {snap_rows:>12} {snap_rows / snap_s:>12.0f} "
       f"{'':>9} {snap_cpu / max(snap_rows, 1) * 1e6:>11.2f} {snap_rss / 1024:>8.1f}Mi")
 print(f"paced lag (NOW(6) at insert -> record read): {lag_n} events at {float(lag_rate):.0f}/s: "
-      f"p50 {float(p50):.1f} ms, p99 {float(p99):.1f} ms, max {float(pmax):.1f} ms")
+      f"p50 {float(p50):.1f} ms, p99 {float(p99):.1f} ms, max {float(pmax):.1f} ms "
+      f"(of which commit -> producer: p50 {prod_p50:.1f} ms, p99 {prod_p99:.1f} ms)")
 PY

@@ -65,7 +65,7 @@ pub fn text(
         .map(String::as_str)
         .unwrap_or("utf8mb4");
     match charset {
-        "latin1" => Ok(Value::Text(latin1(&bytes))),
+        "latin1" => Ok(Value::Text(latin1(bytes))),
         "binary" => Ok(Value::Bytes(bytes)),
         // ascii and the utf8 family are UTF-8; others are refused rather than guessed.
         "utf8mb4" | "utf8mb3" | "utf8" | "ascii" => String::from_utf8(bytes)
@@ -81,7 +81,7 @@ pub fn text(
 }
 
 /// MySQL's latin1 is cp1252; the bytes 0x80–0x9F map to the Windows-1252 characters.
-fn latin1(bytes: &[u8]) -> String {
+fn latin1(bytes: Vec<u8>) -> String {
     const CP1252: [char; 32] = [
         '\u{20AC}', '\u{81}', '\u{201A}', '\u{192}', '\u{201E}', '\u{2026}', '\u{2020}',
         '\u{2021}', '\u{2C6}', '\u{2030}', '\u{160}', '\u{2039}', '\u{152}', '\u{8D}', '\u{17D}',
@@ -89,6 +89,15 @@ fn latin1(bytes: &[u8]) -> String {
         '\u{2014}', '\u{2DC}', '\u{2122}', '\u{161}', '\u{203A}', '\u{153}', '\u{9D}', '\u{17E}',
         '\u{178}',
     ];
+    // ASCII is the same in latin1 and UTF-8: the buffer becomes the string as it is.
+    let bytes = if bytes.is_ascii() {
+        match String::from_utf8(bytes) {
+            Ok(text) => return text,
+            Err(e) => e.into_bytes(),
+        }
+    } else {
+        bytes
+    };
     bytes
         .iter()
         .map(|&b| match b {
@@ -308,6 +317,7 @@ mod tests {
 
     #[test]
     fn latin1_is_cp1252() {
-        assert_eq!(latin1(&[0x80, b'a', 0xE9]), "€aé");
+        assert_eq!(latin1(vec![0x80, b'a', 0xE9]), "€aé");
+        assert_eq!(latin1(b"plain ascii".to_vec()), "plain ascii");
     }
 }

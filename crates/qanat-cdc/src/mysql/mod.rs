@@ -723,9 +723,9 @@ impl MysqlSource {
         };
         // Between transactions only: inside one, `at` already carries its GTID.
         let between = self.in_tx.is_none() && !self.standalone;
+        use futures_util::FutureExt as _;
         let next = if self.unnamed_commit && between {
             // A pause of the stream (no event buffered) names the last commit's position.
-            use futures_util::FutureExt as _;
             match stream.next().now_or_never() {
                 Some(next) => next,
                 None => {
@@ -738,6 +738,9 @@ impl MysqlSource {
                     return Ok(());
                 }
             }
+        } else if let Some(next) = stream.next().now_or_never() {
+            // An event already buffered: no timer to arm (and disarm) for it.
+            next
         } else {
             match tokio::time::timeout(period * 3, stream.next()).await {
                 Err(_) => {
