@@ -7,6 +7,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod cdc_replay_support;
 mod postgres_support;
 mod support;
 
@@ -19,9 +20,9 @@ use rand::{Rng, SeedableRng};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
 use rdkafka::{Offset, TopicPartitionList};
-use serde_json::{Map, Value as Json};
+use serde_json::Value as Json;
 
-type Image = Map<String, Json>;
+use cdc_replay_support::{read_until_marker, replay, source_rows, Image};
 
 /// Runs one random transaction on t_a / t_b.
 async fn random_transaction(
@@ -62,77 +63,6 @@ async fn random_transaction(
     }
     sql.push_str("COMMIT;");
     db.batch_execute(&sql).await.expect("workload transaction");
-}
-
-/// Every record of `topic` (one partition) until one whose `after.<key>` is -1.
-fn read_until_marker(bootstrap: &str, topic: &str, key: &str) -> Vec<Json> {
-    let consumer: BaseConsumer = support::consumer_config(bootstrap)
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("assignment");
-    consumer.assign(&tpl).expect("assign");
-    let deadline = Instant::now() + support::DEADLINE * 2;
-    let mut out = Vec::new();
-    loop {
-        assert!(
-            Instant::now() < deadline,
-            "no end marker in {topic} after {} records",
-            out.len()
-        );
-        let Some(message) = consumer.poll(Duration::from_millis(200)) else {
-            continue;
-        };
-        let Ok(message) = message else { continue };
-        let Some(payload) = message.payload() else {
-            continue; // tombstone
-        };
-        let value: Json = serde_json::from_slice(payload).expect("event JSON");
-        let done = value["after"][key] == -1;
-        out.push(value);
-        if done {
-            return out;
-        }
-    }
-}
-
-/// Applies Debezium events in order: `after` replaces the row (removing the old key on a
-/// key change), a delete removes `before`'s key, a truncate (`op: "t"`) empties the table.
-fn replay(events: &[Json], key: &str) -> BTreeMap<i64, Image> {
-    let mut table = BTreeMap::new();
-    for event in events {
-        if event["op"] == "t" {
-            table.clear();
-            continue;
-        }
-        let key_of = |image: &Json| image[key].as_i64().expect("integer key");
-        if event["before"].is_object() {
-            let old = key_of(&event["before"]);
-            if event["op"] == "d" || !event["after"].is_object() || key_of(&event["after"]) != old {
-                table.remove(&old);
-            }
-        }
-        if let Some(after) = event["after"].as_object() {
-            table.insert(key_of(&event["after"]), after.clone());
-        }
-    }
-    table
-}
-
-async fn source_rows(db: &tokio_postgres::Client, table: &str, key: &str) -> BTreeMap<i64, Image> {
-    db.query(&format!("SELECT row_to_json(t)::text FROM {table} t"), &[])
-        .await
-        .expect("select")
-        .iter()
-        .map(|r| {
-            let text: String = r.get(0);
-            let Json::Object(row) = serde_json::from_str(&text).expect("row json") else {
-                panic!("row_to_json gave no object")
-            };
-            (row[key].as_i64().expect("key"), row)
-        })
-        .collect()
 }
 
 fn assert_same(
