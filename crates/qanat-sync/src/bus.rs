@@ -297,6 +297,9 @@ impl BusSource {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("allow.auto.create.topics", "false")
+            // A backlog fills the prefetch queue; librdkafka's default 1 s pause before the
+            // next fetch would then idle the reader.
+            .set("fetch.queue.backoff.ms", "10")
             .set("fetch.wait.max.ms", "100")
             .create()
             .map_err(|e| {
