@@ -287,8 +287,8 @@ impl BusSource {
         let nonce = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        self.spec
-            .client_config()
+        let mut config = self.spec.client_config();
+        qanat_config::backlog_reader(&mut config)
             .set(
                 "group.id",
                 format!("qanat-sync-{}-{nonce}", std::process::id()),
@@ -297,9 +297,6 @@ impl BusSource {
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
             .set("allow.auto.create.topics", "false")
-            // A backlog fills the prefetch queue; librdkafka's default 1 s pause before the
-            // next fetch would then idle the reader.
-            .set("fetch.queue.backoff.ms", "10")
             .set("fetch.wait.max.ms", "100")
             .create()
             .map_err(|e| {

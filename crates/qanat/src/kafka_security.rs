@@ -204,10 +204,8 @@ pub fn reading_consumer(
         .set("auto.offset.reset", "earliest")
         .set("allow.auto.create.topics", "false")
         .set("socket.timeout.ms", "30000")
-        // A backlog fills the prefetch queue; librdkafka's default 1 s pause before the next
-        // fetch would then idle the reader.
-        .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "100");
+    qanat_config::backlog_reader(&mut config);
     apply(&mut config).create().context("creating the consumer")
 }
 

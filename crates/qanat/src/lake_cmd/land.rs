@@ -380,11 +380,8 @@ fn consumer(settings: &Settings, state: State) -> anyhow::Result<BaseConsumer<La
         .set("fetch.max.bytes", "67108864")
         .set("max.partition.fetch.bytes", "16777216")
         .set("queued.max.messages.kbytes", "65536")
-        // Once the prefetch queue is full librdkafka waits this long before it fetches
-        // again (1 s by default): landing then idled half the time with the bus full of
-        // records. Check again soon instead.
-        .set("fetch.queue.backoff.ms", "10")
         .set("fetch.wait.max.ms", "100");
+    qanat_config::backlog_reader(&mut config);
     crate::kafka_security::apply(&mut config)
         .create_with_context(LandContext {
             state: Mutex::new(state),
