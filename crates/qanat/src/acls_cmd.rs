@@ -164,16 +164,18 @@ fn show(b: &AclBinding) -> String {
 }
 
 pub async fn run(args: AclsArgs) -> anyhow::Result<()> {
-    let _lock = match &args.bootstrap {
-        Some(_) => None,
-        None => crate::admin::lock_data_dir(&args.data_dir)?,
-    };
-    let store: Box<dyn AclStore> = match &args.bootstrap {
-        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-acls", &args.security)?),
-        None => Box::new(
-            Authorizer::open(&args.data_dir, true, &[])
-                .with_context(|| format!("opening ACLs in {}", args.data_dir.display()))?,
+    // Offline, the data directory's lock is held until the edit is done.
+    let (_lock, store): (_, Box<dyn AclStore>) = match &args.bootstrap {
+        Some(addr) => (
+            None,
+            Box::new(AdminConn::connect(addr, "qanat-acls", &args.security)?),
         ),
+        None => {
+            let lock = crate::admin::lock_data_dir(&args.data_dir)?;
+            let store = Authorizer::open(&args.data_dir, true, &[])
+                .with_context(|| format!("opening ACLs in {}", args.data_dir.display()))?;
+            (lock, Box::new(store))
+        }
     };
     match args.action {
         Action::Add {

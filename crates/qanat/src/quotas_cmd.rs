@@ -157,16 +157,18 @@ fn matches(want: &Entity, entity: &Entity) -> bool {
 }
 
 pub async fn run(args: QuotasArgs) -> anyhow::Result<()> {
-    let _lock = match &args.bootstrap {
-        Some(_) => None,
-        None => crate::admin::lock_data_dir(&args.data_dir)?,
-    };
-    let store: Box<dyn QuotaStore> = match &args.bootstrap {
-        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-quotas", &args.security)?),
-        None => Box::new(
-            Quotas::open(&args.data_dir)
-                .with_context(|| format!("opening quotas in {}", args.data_dir.display()))?,
+    // Offline, the data directory's lock is held until the edit is done.
+    let (_lock, store): (_, Box<dyn QuotaStore>) = match &args.bootstrap {
+        Some(addr) => (
+            None,
+            Box::new(AdminConn::connect(addr, "qanat-quotas", &args.security)?),
         ),
+        None => {
+            let lock = crate::admin::lock_data_dir(&args.data_dir)?;
+            let store = Quotas::open(&args.data_dir)
+                .with_context(|| format!("opening quotas in {}", args.data_dir.display()))?;
+            (lock, Box::new(store))
+        }
     };
     match args.action {
         Action::Set { entity, add_config } => {

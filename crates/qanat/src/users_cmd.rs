@@ -100,16 +100,18 @@ fn read_password(file: Option<&PathBuf>, env: &str) -> anyhow::Result<String> {
 }
 
 pub async fn run(args: UsersArgs) -> anyhow::Result<()> {
-    let _lock = match &args.bootstrap {
-        Some(_) => None,
-        None => crate::admin::lock_data_dir(&args.data_dir)?,
-    };
-    let store: Box<dyn UserStore> = match &args.bootstrap {
-        Some(addr) => Box::new(AdminConn::connect(addr, "qanat-users", &args.security)?),
-        None => Box::new(
-            CredentialStore::open(&args.data_dir)
-                .with_context(|| format!("opening credentials in {}", args.data_dir.display()))?,
+    // Offline, the data directory's lock is held until the edit is done.
+    let (_lock, store): (_, Box<dyn UserStore>) = match &args.bootstrap {
+        Some(addr) => (
+            None,
+            Box::new(AdminConn::connect(addr, "qanat-users", &args.security)?),
         ),
+        None => {
+            let lock = crate::admin::lock_data_dir(&args.data_dir)?;
+            let store = CredentialStore::open(&args.data_dir)
+                .with_context(|| format!("opening credentials in {}", args.data_dir.display()))?;
+            (lock, Box::new(store))
+        }
     };
     match args.action {
         Action::Add {

@@ -17,12 +17,11 @@ use std::time::{Duration, Instant};
 use qanat_cdc::pipeline::{self, PipelineConfig};
 use qanat_cdc::postgres::{PostgresConfig, PostgresSource};
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
-use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value as Json;
 
-use cdc_replay_support::{read_until_marker, replay, source_rows, Image};
+use cdc_replay_support::{read_until_marker, reader, replay, source_rows, Image};
 
 /// Runs one random transaction on t_a / t_b.
 async fn random_transaction(
@@ -321,13 +320,7 @@ async fn qanat_cdc_streams_postgres_and_resumes_after_kill_9() {
 }
 
 fn read_until_id(bootstrap: &str, topic: &str, id: i64) {
-    let consumer: BaseConsumer = support::consumer_config(bootstrap)
-        .create()
-        .expect("consumer");
-    let mut tpl = TopicPartitionList::new();
-    tpl.add_partition_offset(topic, 0, Offset::Beginning)
-        .expect("assignment");
-    consumer.assign(&tpl).expect("assign");
+    let consumer = reader(bootstrap, topic);
     let deadline = Instant::now() + support::DEADLINE;
     loop {
         assert!(Instant::now() < deadline, "id {id} never reached {topic}");

@@ -16,8 +16,8 @@ use crate::support;
 /// A row as JSON: column name → value.
 pub type Image = Map<String, Json>;
 
-/// Every record of `topic` (one partition) until one whose `after.<key>` is -1.
-pub fn read_until_marker(bootstrap: &str, topic: &str, key: &str) -> Vec<Json> {
+/// A consumer assigned to partition 0 of `topic` from its beginning.
+pub fn reader(bootstrap: &str, topic: &str) -> BaseConsumer {
     let consumer: BaseConsumer = support::consumer_config(bootstrap)
         .create()
         .expect("consumer");
@@ -25,6 +25,12 @@ pub fn read_until_marker(bootstrap: &str, topic: &str, key: &str) -> Vec<Json> {
     tpl.add_partition_offset(topic, 0, Offset::Beginning)
         .expect("assignment");
     consumer.assign(&tpl).expect("assign");
+    consumer
+}
+
+/// Every record of `topic` (one partition) until one whose `after.<key>` is -1.
+pub fn read_until_marker(bootstrap: &str, topic: &str, key: &str) -> Vec<Json> {
+    let consumer = reader(bootstrap, topic);
     let deadline = Instant::now() + support::DEADLINE * 2;
     let mut out = Vec::new();
     loop {
