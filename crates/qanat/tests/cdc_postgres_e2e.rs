@@ -17,7 +17,6 @@ use std::time::{Duration, Instant};
 use qanat_cdc::pipeline::{self, PipelineConfig};
 use qanat_cdc::postgres::{PostgresConfig, PostgresSource};
 use rand::{Rng, SeedableRng};
-use rdkafka::consumer::Consumer;
 use rdkafka::message::Message;
 use serde_json::Value as Json;
 
