@@ -18,7 +18,8 @@
 #      broker's and the client's CPU seconds per GB produced for each (the client reports its
 #      own CPU time);
 #   6. NATS JetStream: the same produce/consume workloads (subjects = partitions, async acks,
-#      window 4096) and a latency run at half its own max rate.
+#      window 4096) and a latency run at half its own max rate; then broker E (periodic fsync)
+#      runs the Qanat latency row again at JetStream's half-max rate, so both compare at one load.
 # Output: one markdown table on stdout plus summary lines; progress on stderr.
 #
 # Env:  BENCH_SCALE   (default 1) multiplies durations and record counts; 0.05 = smoke run.
@@ -250,6 +251,25 @@ kafka_row() {
   add_row qanat "$size" "$parts" "$flabel" "$pj" "$cj" "$note"
 }
 
+# qanat_latency_row <rate> <why this rate>: a paced 1 KiB / 1 partition / acks=1 produce with
+# linger.ms=1 at <rate> records/s on the running broker, for LAT_SECS; adds the latency row.
+qanat_latency_row() {
+  local rate=$1 why=$2 count topic lj
+  count=$(awk -v r="$rate" -v t="$LAT_SECS" 'BEGIN { printf "%d", r * t }')
+  topic="bench-latency-1024b-1p-$rate"
+  log "qanat: latency run: $count x 1 KiB at $rate rec/s ($why)"
+  if ! "$QANAT_BIN" topics create "$topic" --partitions 1 --bootstrap "$BROKER_ADDR" >"$TMP/logs/$topic.create" 2>&1; then
+    FAILURES+=("topics create $topic: $(tail -n 5 "$TMP/logs/$topic.create")")
+    return
+  fi
+  run_client "produce-$topic" kafka-produce --bootstrap "$BROKER_ADDR" --topic "$topic" \
+    --partitions 1 --record-size 1024 --count "$count" --acks 1 --rate "$rate" --linger-ms 1 \
+    --max-secs "$(awk -v t="$LAT_SECS" 'BEGIN { print t + 5 }')" || true
+  lj=$OUT
+  log "  latency: $lj"
+  add_row "qanat (latency @ $rate rec/s)" 1024 1 "$FS_PERIODIC" "$lj" "" "paced, $why"
+}
+
 mkdir -p "$TMP/logs"
 
 if [[ "${BENCH_SKIP_QANAT:-0}" != 1 ]]; then
@@ -267,20 +287,7 @@ done
 
 MAXRATE=$(j .records_per_s "$(tail -n1 "$TMP/logs/produce-bench-1024b-1p-acks1.out" 2>/dev/null || true)")
 if [[ -n "$MAXRATE" ]] && awk -v r="$MAXRATE" 'BEGIN { exit !(r >= 2) }'; then
-  RATE=$(awk -v r="$MAXRATE" 'BEGIN { printf "%d", r / 2 }')
-  LCOUNT=$(awk -v r="$RATE" -v t="$LAT_SECS" 'BEGIN { printf "%d", r * t }')
-  topic=bench-latency-1024b-1p
-  log "qanat: latency run: $LCOUNT x 1 KiB at $RATE rec/s (half of $MAXRATE)"
-  if "$QANAT_BIN" topics create "$topic" --partitions 1 --bootstrap "$BROKER_ADDR" >"$TMP/logs/$topic.create" 2>&1; then
-    run_client "produce-$topic" kafka-produce --bootstrap "$BROKER_ADDR" --topic "$topic" \
-      --partitions 1 --record-size 1024 --count "$LCOUNT" --acks 1 --rate "$RATE" --linger-ms 1 \
-      --max-secs "$(awk -v t="$LAT_SECS" 'BEGIN { print t + 5 }')" || true
-    lj=$OUT
-    log "  latency: $lj"
-    add_row "qanat (latency @ $RATE rec/s)" 1024 1 "$FS_PERIODIC" "$lj" "" "paced"
-  else
-    FAILURES+=("topics create $topic: $(tail -n 5 "$TMP/logs/$topic.create")")
-  fi
+  qanat_latency_row "$(awk -v r="$MAXRATE" 'BEGIN { printf "%d", r / 2 }')" "half of its own max $MAXRATE"
 else
   log "no max rate for 1 KiB/1p/acks=1; skipping the latency run"
   SUMMARY+=("- latency run skipped: the 1 KiB / 1 partition / acks=1 run produced no rate")
@@ -436,6 +443,12 @@ if [[ "${BENCH_SKIP_NATS:-0}" != 1 ]] && nats_up; then
     log "  latency: $lj"
     timeout 30 "$BENCH_BIN" nats-delete-stream --server "$NATS_SERVER" --stream "$st" >/dev/null 2>&1 || true
     add_row "NATS JetStream (latency @ $NRATE msg/s)" 1024 1 "$NFLABEL" "$lj" "" "paced"
+  fi
+  # Qanat at the peer's rate: the two latency rows compare at the same offered load.
+  if [[ -n "${NRATE:-}" && "${BENCH_SKIP_QANAT:-0}" != 1 ]]; then
+    start_broker E 1000
+    qanat_latency_row "$NRATE" "JetStream's half-max rate"
+    stop_broker "Qanat broker E (fsync every 1000 ms; latency at JetStream's half-max rate)"
   fi
   if [[ -n "$NATS_PID" ]] && kill -0 "$NATS_PID" 2>/dev/null; then
     ncpu=$(awk -v a="$NATS_CPU0" -v b="$(cpu_secs "$NATS_PID")" 'BEGIN { printf "%.2f", b - a }')
