@@ -17,6 +17,11 @@
 # Env:  BENCH_RUNS (default 3), BENCH_SECS (default 8), BENCH_COUNT (default 1500000 records,
 #       which bounds the data written per run to ~1.5 GB), BENCH_RSS_PER_PARTITION (default 20),
 #       BENCH_PARTITIONS (default "1 8 64"),
+#       BENCH_CLIENTS (default "librdkafka native"): the producers to run the matrix with —
+#       librdkafka (`kafka-produce`, acks=1) and the agent's native producer (`kafka-produce
+#       --client native`, which asks acks=all: the same on one broker). librdkafka's own CPU per
+#       GB grows with the partition count, and client and broker share the cores, so the native
+#       rows show the broker's scaling with a client that is not the limit.
 #       BENCH_TMPDIR (default /tmp) parent of the data dirs; /dev/shm keeps the disk out of it.
 #       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons).
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
@@ -29,6 +34,7 @@ SECS=${BENCH_SECS:-8}
 COUNT=${BENCH_COUNT:-1500000}
 RSS_PER_PARTITION=${BENCH_RSS_PER_PARTITION:-20}
 PARTITION_COUNTS=${BENCH_PARTITIONS:-"1 8 64"}
+CLIENTS=${BENCH_CLIENTS:-"librdkafka native"}
 RECORD_SIZE=1024
 CLIENT_TIMEOUT=300 # seconds, hard cap for any single client run
 
@@ -89,11 +95,15 @@ create_topic() {
 # user+sys seconds in $TMP/client.cpu when /usr/bin/time is there
 TIME_CMD=()
 [[ -x /usr/bin/time ]] && TIME_CMD=(/usr/bin/time -f '%U %S' -o "$TMP/client.time")
+# CLIENT (librdkafka or native) picks the producer.
+CLIENT=librdkafka
 produce() {
   rm -f "$TMP/client.time"
+  local client_args=()
+  [[ "$CLIENT" == native ]] && client_args=(--client native)
   timeout --kill-after=10 "$CLIENT_TIMEOUT" "${TIME_CMD[@]}" "$BENCH_BIN" kafka-produce --bootstrap "$BROKER_ADDR" \
     --topic "$1" --partitions "$2" --record-size "$RECORD_SIZE" --count "$3" --acks 1 \
-    --max-secs "$4" 2>"$TMP/produce.err" | tail -n1 || die "produce to $1 failed: $(tail -n 5 "$TMP/produce.err")"
+    "${client_args[@]}" --max-secs "$4" 2>"$TMP/produce.err" | tail -n1 || die "produce to $1 failed: $(tail -n 5 "$TMP/produce.err")"
 }
 # client_cpu_gb <bytes>: the last produce's client CPU-s/GB, or -
 client_cpu_gb() {
@@ -106,46 +116,49 @@ client_cpu_gb() {
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
-for parts in $PARTITION_COUNTS; do
-  mbps_all="" cpu_all="" client_all="" runs=""
-  for run in $(seq "$RUNS"); do
-    start_broker "p$parts-r$run"
-    topic=bench-$parts
-    create_topic "$topic" "$parts"
-    cpu0=$(cpu_secs "$BROKER_PID")
-    out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
-    cpu1=$(cpu_secs "$BROKER_PID")
-    kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
-    errors=$(jq -r '.errors' <<<"$out")
-    [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
-    mbps=$(jq -r '.mb_per_s' <<<"$out")
-    bytes=$(jq -r '.bytes' <<<"$out")
-    cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
-    client_gb=$(client_cpu_gb "$bytes")
-    log "$parts partitions, run $run: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
-    mbps_all+=" $mbps" cpu_all+=" $cpu_gb" runs+="${runs:+, }$mbps / $cpu_gb"
-    [[ "$client_gb" != - ]] && client_all+=" $client_gb"
-    stop_broker
+for CLIENT in $CLIENTS; do
+  for parts in $PARTITION_COUNTS; do
+    mbps_all="" cpu_all="" client_all="" runs=""
+    for run in $(seq "$RUNS"); do
+      start_broker "p$parts-r$run"
+      topic=bench-$parts
+      create_topic "$topic" "$parts"
+      cpu0=$(cpu_secs "$BROKER_PID")
+      out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
+      cpu1=$(cpu_secs "$BROKER_PID")
+      kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
+      errors=$(jq -r '.errors' <<<"$out")
+      [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
+      mbps=$(jq -r '.mb_per_s' <<<"$out")
+      bytes=$(jq -r '.bytes' <<<"$out")
+      cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
+      client_gb=$(client_cpu_gb "$bytes")
+      log "$CLIENT, $parts partitions, run $run: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
+      mbps_all+=" $mbps" cpu_all+=" $cpu_gb" runs+="${runs:+, }$mbps / $cpu_gb"
+      [[ "$client_gb" != - ]] && client_all+=" $client_gb"
+      stop_broker
+    done
+    ROWS+=("| $CLIENT | $parts | $(median <<<"$mbps_all") | $(median <<<"$cpu_all") | $(median <<<"$client_all") | $runs |")
   done
-  ROWS+=("| $parts | $(median <<<"$mbps_all") | $(median <<<"$cpu_all") | $(median <<<"$client_all") | $runs |")
 done
 
 start_broker rss
 create_topic bench-rss 1000
+CLIENT=librdkafka
 out=$(produce bench-rss 1000 $((1000 * RSS_PER_PARTITION)) 120)
 [[ "$(jq -r '.records' <<<"$out")" == $((1000 * RSS_PER_PARTITION)) ]] || die "1,000-partition produce incomplete: $out"
 hwm=$(vm_hwm_kb "$BROKER_PID")
 stop_broker
 
-echo "| partitions | produce MB/s (median) | broker CPU-s/GB (median) | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
-echo "|---|---|---|---|---|"
+echo "| client | partitions | produce MB/s (median) | broker CPU-s/GB (median) | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
+echo "|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
-echo "| 1,000 (RSS) | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | |"
+echo "| librdkafka | 1,000 (RSS) | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | |"
 echo
 echo "1 KiB records, acks=1, default config (fsync every 1000 ms), no compression; up to $COUNT records or ${SECS} s"
 echo "per run, fresh broker per run, data in $(df -P "$TMP" | awk 'NR == 2 { print $1 }') ($TMP). MB = 10^6 bytes of record values;"
 echo "CPU-s/GB = utime+stime during the produce / 10^9 bytes of record values (broker: from /proc/PID/stat;"
-echo "client: qanat-bench/librdkafka, from /usr/bin/time). Client and broker share the machine's cores,"
+echo "client: qanat-bench with librdkafka or the native producer, from /usr/bin/time). Client and broker share the machine's cores,"
 echo "so MB/s falls when the client needs more CPU per GB (it does with more partitions)."
 echo "Broker: $QANAT_BIN."
 echo "Machine: $(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
