@@ -76,6 +76,9 @@ const TYPES_DDL: &str = "CREATE DATABASE ty; CREATE TABLE ty.types (
     de DECIMAL(30,4), fl FLOAT, do DOUBLE,
     da DATE, tm TIME(6), dt DATETIME(6), ts TIMESTAMP(6) NULL DEFAULT NULL, dt0 DATETIME, yr YEAR,
     ch CHAR(5), vc VARCHAR(20), tx TEXT, l1 VARCHAR(10) CHARACTER SET latin1,
+    gk VARCHAR(10) CHARACTER SET gbk, sj VARCHAR(10) CHARACTER SET sjis,
+    kr VARCHAR(10) CHARACTER SET euckr, cy VARCHAR(10) CHARACTER SET cp1251,
+    u2 VARCHAR(10) CHARACTER SET ucs2, u16 VARCHAR(10) CHARACTER SET utf16,
     bn BINARY(3), vb VARBINARY(8), bl BLOB,
     en ENUM('small','medium','large'), st SET('a','b','c'),
     js JSON, b1 BIT(1), b12 BIT(12))";
@@ -86,7 +89,7 @@ const TYPES_ROWS: &str = "SET time_zone = '+02:00';
       '-12345678901234567890123456.0100', 1.1, 1234.5678,
       '2026-11-29', '123:45:56.123456', '2026-11-29 12:34:56.123456',
       '2026-11-29 14:00:00.500000', '1999-12-31 23:59:59', 2026,
-      'ab', 'héllo wörld', 'x', 'café€',
+      'ab', 'héllo wörld', 'x', 'café€', '中文', '日本', '한국', 'Привет', 'A中', 'x😀',
       X'000102', X'FF', X'DEADBEEF',
       'medium', 'a,c', '{\"k\": [1, 2]}', b'1', b'101010101010');
     INSERT INTO ty.types (id, vc, tx, vb, bl, st) VALUES (2, '', '', X'', X'', '');";
@@ -100,6 +103,7 @@ fn types_expected() -> (Json, Json) {
         // TIMESTAMP is an instant: written at +02:00, carried in UTC.
         "ts": "2026-11-29T12:00:00.500000Z", "dt0": "1999-12-31T23:59:59", "yr": 2026,
         "ch": "ab", "vc": "héllo wörld", "tx": "x", "l1": "café€",
+        "gk": "中文", "sj": "日本", "kr": "한국", "cy": "Привет", "u2": "A中", "u16": "x😀",
         "bn": "AAEC", "vb": "/w==", "bl": "3q2+7w==",
         "en": "medium", "st": "a,c", "js": "{\"k\": [1, 2]}", "b1": true, "b12": 2730
     });

@@ -64,47 +64,12 @@ pub fn text(
         .get(&collation)
         .map(String::as_str)
         .unwrap_or("utf8mb4");
-    match charset {
-        "latin1" => Ok(Value::Text(latin1(bytes))),
-        "binary" => Ok(Value::Bytes(bytes)),
-        // ascii and the utf8 family are UTF-8; others are refused rather than guessed.
-        "utf8mb4" | "utf8mb3" | "utf8" | "ascii" => String::from_utf8(bytes)
-            .map(Value::Text)
-            .map_err(|e| bad(column, format!("not valid {charset}: {e}"))),
-        other => String::from_utf8(bytes).map(Value::Text).map_err(|_| {
-            bad(
-                column,
-                format!("charset {other} is not supported (utf8mb4, utf8mb3, ascii, latin1, binary are)"),
-            )
-        }),
+    if charset == "binary" {
+        return Ok(Value::Bytes(bytes));
     }
-}
-
-/// MySQL's latin1 is cp1252; the bytes 0x80–0x9F map to the Windows-1252 characters.
-fn latin1(bytes: Vec<u8>) -> String {
-    const CP1252: [char; 32] = [
-        '\u{20AC}', '\u{81}', '\u{201A}', '\u{192}', '\u{201E}', '\u{2026}', '\u{2020}',
-        '\u{2021}', '\u{2C6}', '\u{2030}', '\u{160}', '\u{2039}', '\u{152}', '\u{8D}', '\u{17D}',
-        '\u{8F}', '\u{90}', '\u{2018}', '\u{2019}', '\u{201C}', '\u{201D}', '\u{2022}', '\u{2013}',
-        '\u{2014}', '\u{2DC}', '\u{2122}', '\u{161}', '\u{203A}', '\u{153}', '\u{9D}', '\u{17E}',
-        '\u{178}',
-    ];
-    // ASCII is the same in latin1 and UTF-8: the buffer becomes the string as it is.
-    let bytes = if bytes.is_ascii() {
-        match String::from_utf8(bytes) {
-            Ok(text) => return text,
-            Err(e) => e.into_bytes(),
-        }
-    } else {
-        bytes
-    };
-    bytes
-        .iter()
-        .map(|&b| match b {
-            0x80..=0x9F => CP1252[usize::from(b - 0x80)],
-            _ => char::from(b),
-        })
-        .collect()
+    super::charset::decode(charset, bytes)
+        .map(Value::Text)
+        .map_err(|e| bad(column, e.to_string()))
 }
 
 /// One binlog value of `column` as a canonical value; `collation` and `unsigned` as the row
@@ -313,11 +278,5 @@ mod tests {
         assert_eq!(fraction(120_000, 2), ".12");
         assert_eq!(fraction(5, 6), ".000005");
         assert_eq!(fraction(5, 0), "");
-    }
-
-    #[test]
-    fn latin1_is_cp1252() {
-        assert_eq!(latin1(vec![0x80, b'a', 0xE9]), "€aé");
-        assert_eq!(latin1(b"plain ascii".to_vec()), "plain ascii");
     }
 }

@@ -25,6 +25,7 @@
 //! names when the server logs only minimal metadata. `TRUNCATE [TABLE] t` (a QUERY event)
 //! becomes one `op: "t"` event for the table.
 
+pub mod charset;
 pub mod decode;
 pub mod mariadb;
 

@@ -138,6 +138,8 @@ impl MariaDb {
             .arg(format!("--socket={}", self.socket().display()))
             .args([
                 "-uroot",
+                // 4-byte characters (emoji) reach the server as they are.
+                "--default-character-set=utf8mb4",
                 "--batch",
                 "--skip-column-names",
                 "--raw",
