@@ -5,10 +5,12 @@
 //!
 //! Shape: the loop (`send`) appends to the open batch of the record's partition (CRC-32 of
 //! the key modulo the partition count, librdkafka's default partitioner, so a file keeps its
-//! partition whichever sink ships it). A batch closes at `batch_bytes` or after `batch_age_ms`
-//! and queues for its partition. The sender thread asks metadata (leaders, across brokers),
-//! an idempotent producer id (InitProducerId), compresses and stamps the head batch of each
-//! partition and sends one Produce request per leader (`acks=all`), then applies the answers.
+//! partition whichever sink ships it). A batch closes at `batch_bytes`, or after
+//! `batch_age_ms` once its partition has nothing in flight or queued (until then it keeps
+//! filling, so batches grow with the round trip), and queues for its partition. The sender
+//! thread asks metadata (leaders, across brokers), an idempotent producer id
+//! (InitProducerId), compresses and stamps the head batch of each partition and sends one
+//! Produce request per leader (`acks=all`), then applies the answers.
 //!
 //! Invariants:
 //! * At most one batch per partition is in flight; a batch that failed retriably goes back to
@@ -836,8 +838,9 @@ enum Turn {
     Produce(u64, Vec<Taken>, (i64, i16)),
 }
 
-/// Close batches older than `linger_ms`, then take the head batch of every partition that
-/// may send; returns them and when the next batch closes by age.
+/// Close batches older than `linger_ms` on partitions with nothing in flight or queued, then
+/// take the head batch of every partition that may send; returns them and when the next batch
+/// closes by age.
 fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
     let mut taken = Vec::new();
     let mut next = u64::MAX;
@@ -847,13 +850,17 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
         for (index, p) in topic.partitions.iter_mut().enumerate() {
             if let Some(open) = &p.open {
                 let due = open.opened_ms.saturating_add(linger_ms);
-                if due <= now {
+                if due > now {
+                    next = next.min(due);
+                } else if !p.in_flight && p.ready.is_empty() {
+                    // Closed by age only when it can go at once: while the partition waits
+                    // for an answer its open batch keeps filling (up to `batch_bytes`), so
+                    // the batches grow with the round trip instead of queueing up small
+                    // (one per linger) behind the one in flight, as librdkafka does.
                     if let Some(b) = p.open.take() {
                         p.ready.push_back(Queued::Closed(b));
                         closed += 1;
                     }
-                } else {
-                    next = next.min(due);
                 }
             }
             if p.in_flight || p.ready.is_empty() {
@@ -925,5 +932,77 @@ fn classify(code: i16, message: Option<&StrBytes>) -> Outcome {
         | ResponseError::InvalidProducerEpoch => Outcome::Fatal(why),
         e if e.is_retriable() => Outcome::Retry(why),
         _ => Outcome::Fatal(why),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one_partition(open_at_ms: u64) -> State {
+        let mut batch = OpenBatch::new(open_at_ms, 1024);
+        batch.push(open_at_ms, 1, 0, b"k", b"v", None);
+        let partition = Partition {
+            leader: 1,
+            open: Some(batch),
+            ..Partition::default()
+        };
+        let mut st = State::default();
+        st.topics.insert(
+            "t".into(),
+            Topic {
+                status: TopicStatus::Known,
+                partitions: vec![partition],
+            },
+        );
+        st
+    }
+
+    fn partition(st: &mut State) -> &mut Partition {
+        match st
+            .topics
+            .get_mut("t")
+            .and_then(|t| t.partitions.first_mut())
+        {
+            Some(p) => p,
+            None => unreachable!("one partition"),
+        }
+    }
+
+    #[test]
+    fn a_batch_is_not_closed_by_age_before_it_is_due() {
+        let mut st = one_partition(100);
+        let (taken, next) = take_work(&mut st, 104, 5);
+        assert!(taken.is_empty());
+        assert_eq!(next, 105);
+        assert!(partition(&mut st).open.is_some());
+    }
+
+    #[test]
+    fn a_due_batch_keeps_filling_while_its_partition_waits_for_an_answer() {
+        let mut st = one_partition(100);
+        partition(&mut st).in_flight = true;
+        let (taken, _) = take_work(&mut st, 200, 5);
+        assert!(
+            taken.is_empty(),
+            "nothing goes while one batch is in flight"
+        );
+        let p = partition(&mut st);
+        assert!(
+            p.ready.is_empty(),
+            "no small batch queued behind the one in flight"
+        );
+        assert!(
+            p.open.is_some(),
+            "the open batch stays open for more records"
+        );
+
+        // Answered: the grown batch closes and goes at the next turn.
+        p.in_flight = false;
+        let (taken, _) = take_work(&mut st, 201, 5);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].base_sequence, 0);
+        assert!(partition(&mut st).open.is_none());
+        assert!(partition(&mut st).in_flight);
     }
 }
