@@ -901,7 +901,12 @@ pub async fn run<S: Source>(
                     if !cfg.masks.is_empty() {
                         cfg.mask_row(coll, &mut event.key);
                     }
-                    if cfg.transaction_topic.is_some() {
+                    // Snapshot reads emitted inside a transaction (an incremental snapshot's
+                    // chunk, at its high watermark) are not the transaction's changes: counted
+                    // in its END marker they would make a consumer wait for events it never
+                    // gets from that transaction.
+                    let snapshot_read = event.source.snapshot != SnapshotMark::No;
+                    if cfg.transaction_topic.is_some() && !snapshot_read {
                         if let Some(open) = &mut tx_open {
                             open.total += 1;
                             let n = open.per_table.entry(coll.to_string()).or_default();
@@ -914,12 +919,11 @@ pub async fn run<S: Source>(
                         }
                     }
                     produce_event(&bus, &route.topic, &event, cfg.tombstones, &mut buffers).await?;
-                    let snapshot = event.source.snapshot != SnapshotMark::No;
                     route.stats.events += 1;
                     route.stats.last_ts_ms = event.source.ts_ms;
-                    route.stats.snapshot_rows += u64::from(snapshot);
+                    route.stats.snapshot_rows += u64::from(snapshot_read);
                     route.dirty = true;
-                    route.count(&name_metric, event.op, snapshot);
+                    route.count(&name_metric, event.op, snapshot_read);
                 }
                 Change::Schema(schema) => {
                     let coll = PipelineConfig::collection(

@@ -109,6 +109,14 @@ fn event(op: Op, db: &str, table: &str, id: i64, email: &str) -> Change {
     }))
 }
 
+fn snapshot_read(db: &str, table: &str, id: i64) -> Change {
+    let mut change = event(Op::Read, db, table, id, "c@x");
+    if let Change::Row(e) = &mut change {
+        e.source.snapshot = SnapshotMark::Incremental;
+    }
+    change
+}
+
 fn read_all(bootstrap: &str, topic: &str, want: usize) -> Vec<(Option<Json>, Option<Json>)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
@@ -193,6 +201,9 @@ async fn routes_shapes_orders_and_stores_positions() {
             ts_ms: 2000,
         },
         event(Op::Delete, "shop_0", "users", 4, "b@x"),
+        // An incremental snapshot's chunk row, emitted inside the transaction that carried
+        // its watermark: not one of tx2's changes.
+        snapshot_read("shop_1", "users", 9),
         Change::Commit {
             tx_id: "tx2".into(),
             counts: BTreeMap::new(),
@@ -277,6 +288,20 @@ async fn routes_shapes_orders_and_stores_positions() {
     assert_eq!(end["status"], "END");
     assert_eq!(end["event_count"], 3);
     assert_eq!(end["data_collections"].as_array().unwrap().len(), 3);
+    let end = markers[3].1.as_ref().unwrap();
+    assert_eq!(end["status"], "END");
+    assert_eq!(end["id"], "tx2");
+    assert_eq!(
+        end["event_count"], 1,
+        "the snapshot read is not tx2's: {end}"
+    );
+    let bs = bootstrap.clone();
+    let read = tokio::task::spawn_blocking(move || read_all(&bs, "cdc.shop_1.users", 1))
+        .await
+        .unwrap();
+    let read = read[0].1.as_ref().unwrap();
+    assert_eq!(read["op"], "r");
+    assert!(read["transaction"].is_null(), "{read}");
 
     // The excluded table got no topic at all.
     let bs = bootstrap.clone();
