@@ -18,6 +18,8 @@
 //! Invariants:
 //! * A 2xx means the event is in its route's buffer; the answer never waits for the broker.
 //!   A full buffer answers 503 + `Retry-After` and takes nothing of that request.
+//! * A record's JSON is byte for byte what `serde_json` makes of [`event::BeaconRecord`] /
+//!   [`event::BatchRecord`], though written by hand ([`json`]).
 //! * Routes share nothing on the way out (buffer, pump task, librdkafka producer), so one
 //!   slow or flooded route cannot stall another.
 //! * Shutdown stops accepting, finishes in-flight requests, then drains every buffer to the
@@ -35,6 +37,8 @@ pub mod conn;
 pub mod enrich;
 pub mod error;
 pub mod event;
+pub mod json;
+pub mod query;
 pub mod routing;
 pub mod server;
 pub mod throttle;
