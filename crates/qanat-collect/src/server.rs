@@ -26,7 +26,7 @@ use crate::enrich::{truncate, Agent, Enricher};
 use crate::error::CollectError;
 use crate::event::{self, BatchEncoder, BeaconRecord, Client, Envelope, EventFields, Page};
 use crate::query::{BeaconQuery, Field};
-use crate::routing::{Chunk, DrainReport, Routes};
+use crate::routing::{Chunk, DrainReport, Refused, Routes};
 use crate::throttle::{Shed, Snapshot, Throttle};
 use crate::tracker;
 
@@ -799,21 +799,24 @@ async fn events(
     st.counters.rejected.increment(rejected.len() as u64);
 
     // Reserve room on every route first, so a full route refuses the whole batch rather
-    // than keeping part of it (the client retries all of it, with no duplicates).
-    for (idx, chunk) in chunks.iter().enumerate() {
-        let Some(route) = st.routes.get(idx) else {
+    // than keeping part of it (the client retries all of it, with no duplicates). A full
+    // route is waited for, up to `full_wait_ms`, as its pump hands records on: the client is
+    // slowed down instead of sending the batch again.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(st.cfg.full_wait_ms);
+    loop {
+        // Registered before trying, so room freed meanwhile is not missed.
+        let room = st.routes.room_freed();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let Err((idx, why)) = st.routes.try_reserve_all(chunks.iter().map(Chunk::len)) else {
             break;
         };
-        if chunk.is_empty() {
-            continue;
-        }
-        if route.try_reserve(chunk.len()).is_err() {
-            route.full.increment(chunk.len() as u64);
-            for (prev, c) in chunks.iter().enumerate().take(idx) {
-                if let (Some(r), false) = (st.routes.get(prev), c.is_empty()) {
-                    r.release(c.len());
-                }
-            }
+        let Some(route) = st.routes.get(idx) else {
+            return route_full(&st, "(vanished)");
+        };
+        if why == Refused::Closed || tokio::time::timeout_at(deadline, room).await.is_err() {
+            let n = chunks.get(idx).map_or(0, Chunk::len);
+            route.full.increment(n as u64);
             return route_full(&st, &route.name);
         }
     }
