@@ -45,31 +45,38 @@ pub fn parse_spm(code: &str) -> Result<Spm<'_>, String> {
             crate::enrich::truncate(code, 80)
         )
     };
-    // At most 4 segments (a fifth makes it invalid): no vector per beacon.
-    let mut parts = [""; 5];
+    // One scan over the bytes, at most 4 segments: no vector, no splitter per beacon.
+    let mut parts = [""; 4];
     let mut count = 0;
-    for (slot, part) in parts.iter_mut().zip(code.split('.')) {
-        *slot = part;
-        count += 1;
+    let mut start = 0;
+    let bytes = code.as_bytes();
+    for i in 0..=bytes.len() {
+        match bytes.get(i) {
+            Some(b'.') | None => {
+                let part = code.get(start..i).unwrap_or("");
+                let Some(slot) = parts
+                    .get_mut(count)
+                    .filter(|_| !part.is_empty() && part.len() <= 64)
+                else {
+                    return Err(bad());
+                };
+                *slot = part;
+                count += 1;
+                start = i + 1;
+            }
+            Some(&b) if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {}
+            Some(_) => return Err(bad()),
+        }
     }
-    let parts = parts.get(..count).unwrap_or_default();
-    if !(2..=4).contains(&parts.len())
-        || parts.iter().any(|p| {
-            p.is_empty()
-                || p.len() > 64
-                || !p
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
-    {
+    if count < 2 {
         return Err(bad());
     }
     Ok(Spm {
         code,
         a: parts[0],
         b: parts[1],
-        c: parts.get(2).copied(),
-        d: parts.get(3).copied(),
+        c: (count > 2).then_some(parts[2]),
+        d: (count > 3).then_some(parts[3]),
     })
 }
 
@@ -739,6 +746,30 @@ impl BatchEncoder {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// The segment rule as first written: split, count, check each.
+    fn spm_by_split(code: &str) -> Option<Vec<&str>> {
+        let parts: Vec<&str> = code.split('.').collect();
+        let ok = (2..=4).contains(&parts.len())
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.len() <= 64
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        ok.then_some(parts)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn spm_parsing_agrees_with_splitting(code in "[a-c._\\-é ]{0,12}|[a-z]{60,70}\\.[a-z]{1,3}") {
+            let want = spm_by_split(&code);
+            let got = parse_spm(&code).ok().map(|s| {
+                [Some(s.a), Some(s.b), s.c, s.d].into_iter().flatten().collect::<Vec<_>>()
+            });
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn spm_codes() {

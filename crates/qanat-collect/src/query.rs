@@ -97,15 +97,50 @@ pub struct BeaconQuery<'q> {
 impl<'q> BeaconQuery<'q> {
     pub fn parse(query: &'q str) -> BeaconQuery<'q> {
         let mut q = BeaconQuery::default();
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            let name = form_decode(k);
+        let bytes = query.as_bytes();
+        // One scan: where each pair ends, where its name ends, and whether either has
+        // anything to decode. `&` and `=` are ASCII, so the cuts are on char boundaries.
+        let mut start = 0;
+        while start < bytes.len() {
+            let mut eq = None;
+            let mut end = start;
+            let mut encoded_name = false;
+            let mut encoded_value = false;
+            while let Some(&b) = bytes.get(end) {
+                match b {
+                    b'&' => break,
+                    b'=' if eq.is_none() => eq = Some(end),
+                    b'%' | b'+' if eq.is_none() => encoded_name = true,
+                    b'%' | b'+' => encoded_value = true,
+                    _ => {}
+                }
+                end += 1;
+            }
+            let (k, v) = match eq {
+                Some(eq) => (
+                    query.get(start..eq).unwrap_or(""),
+                    query.get(eq + 1..end).unwrap_or(""),
+                ),
+                None => (query.get(start..end).unwrap_or(""), ""),
+            };
+            start = end + 1;
+            if k.is_empty() && eq.is_none() {
+                continue;
+            }
+            let decode = |s: &'q str, encoded: bool| {
+                if encoded {
+                    form_decode(s)
+                } else {
+                    Cow::Borrowed(s)
+                }
+            };
+            let name = decode(k, encoded_name);
             if let Some(f) = Field::of(&name) {
                 if let Some(slot) = q.fields.get_mut(f as usize) {
-                    *slot = Some(form_decode(v));
+                    *slot = Some(decode(v, encoded_value));
                 }
             } else if name.starts_with("p_") {
-                q.params.push((name, form_decode(v)));
+                q.params.push((name, decode(v, encoded_value)));
             }
         }
         q

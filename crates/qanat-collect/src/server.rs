@@ -570,7 +570,8 @@ fn reject(st: &AppState, reason: impl Into<String>) -> Response {
 }
 
 /// The pixel (or an empty 204), uncached. Its header map is sized once for these headers
-/// and a `Set-Cookie`, so adding them never grows it.
+/// and a `Set-Cookie`, so adding them never grows it. (Cloning a prepared map would not keep
+/// that room.)
 fn pixel_response(q: &BeaconQuery<'_>) -> Response {
     let mut h = HeaderMap::with_capacity(5);
     let mut r = if q.get(Field::Resp) == Some("204") {
