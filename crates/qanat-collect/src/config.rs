@@ -47,6 +47,9 @@ pub struct ServerConfig {
     pub default_app: String,
     /// Seconds in `Retry-After` when a route's buffer is full.
     pub retry_after_secs: u32,
+    /// How long a batch waits for room in a full route's buffer before it is answered 503
+    /// (0: at once). Beacons never wait.
+    pub full_wait_ms: u64,
     /// Bearer token for `/admin/*`; empty: admin only for direct requests from loopback peers
     /// (never through a proxy: see `server::admin_access`).
     pub admin_token: String,
@@ -81,6 +84,7 @@ impl Default for ServerConfig {
             cookie_max_age_days: 730,
             default_app: "web".to_string(),
             retry_after_secs: 1,
+            full_wait_ms: 1000,
             admin_token: String::new(),
             shutdown_timeout_ms: 30_000,
             bot_patterns: Vec::new(),

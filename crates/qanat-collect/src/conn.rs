@@ -3,8 +3,10 @@
 //! Invariants:
 //! * A connection that has not sent a request's complete headers within
 //!   `header_read_timeout_ms` of starting to wait for them (a new connection, or an idle
-//!   keep-alive one) is closed, however slowly it trickles bytes: slowloris clients cannot hold
-//!   descriptors for long.
+//!   keep-alive one once its last response is made) is closed, however slowly it trickles
+//!   bytes: slowloris clients cannot hold descriptors for long. The deadline is kept per
+//!   connection by one timer that is only re-armed when it fires ([`HeaderClock`]): a request
+//!   costs two stores, not a timer registered and cancelled (hyper's own header timeout).
 //! * At most `max_connections` connections are open; further clients wait in the listen
 //!   backlog until one closes.
 //! * When accepting fails (descriptors exhausted: EMFILE/ENFILE, or memory), the loop pauses,
@@ -23,12 +25,14 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, Semaphore};
@@ -126,22 +130,131 @@ impl Workers {
     }
 }
 
-/// Serve one connection (plain or TLS) until it closes or shutdown closes it.
+/// Since when a connection has been waiting for a request's headers, or that it is busy with
+/// a request: written by its service around each request, read by its deadline timer.
+#[derive(Debug)]
+struct HeaderClock {
+    base: Instant,
+    /// Milliseconds after `base`, or [`HeaderClock::BUSY`].
+    waiting_since_ms: AtomicU64,
+}
+
+impl HeaderClock {
+    const BUSY: u64 = u64::MAX;
+
+    fn new() -> HeaderClock {
+        HeaderClock {
+            base: Instant::now(),
+            waiting_since_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn busy(&self) {
+        self.waiting_since_ms.store(Self::BUSY, Ordering::Relaxed);
+    }
+
+    fn waiting(&self) {
+        let ms = u64::try_from(self.base.elapsed().as_millis()).unwrap_or(Self::BUSY - 1);
+        self.waiting_since_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// When the connection is due to be closed, if it is waiting for headers.
+    fn deadline(&self, timeout: Duration) -> Option<Instant> {
+        match self.waiting_since_ms.load(Ordering::Relaxed) {
+            Self::BUSY => None,
+            ms => Some(self.base + Duration::from_millis(ms) + timeout),
+        }
+    }
+
+    /// Resolves once the connection has waited `timeout` for a request's headers. The one
+    /// timer sleeps to the earliest possible deadline and, when that has moved on (requests
+    /// came meanwhile), sleeps again to the new one.
+    async fn expired(&self, timeout: Duration) {
+        let sleep = tokio::time::sleep(timeout);
+        tokio::pin!(sleep);
+        loop {
+            sleep.as_mut().await;
+            let now = Instant::now();
+            match self.deadline(timeout) {
+                Some(d) if d <= now => return,
+                Some(d) => sleep.as_mut().reset(d.into()),
+                None => sleep.as_mut().reset((now + timeout).into()),
+            }
+        }
+    }
+}
+
+/// A connection's service, marking on its [`HeaderClock`] when each request is in hand and
+/// when its response is made.
+struct Clocked<S> {
+    inner: S,
+    clock: Arc<HeaderClock>,
+}
+
+impl<S, R> hyper::service::Service<R> for Clocked<S>
+where
+    S: hyper::service::Service<R>,
+    S::Future: Unpin,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = ClockedFuture<S::Future>;
+
+    fn call(&self, req: R) -> Self::Future {
+        self.clock.busy();
+        ClockedFuture {
+            inner: self.inner.call(req),
+            clock: self.clock.clone(),
+        }
+    }
+}
+
+struct ClockedFuture<F> {
+    inner: F,
+    clock: Arc<HeaderClock>,
+}
+
+impl<F: Future + Unpin> Future for ClockedFuture<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let out = Pin::new(&mut self.inner).poll(cx);
+        if out.is_ready() {
+            self.clock.waiting();
+        }
+        out
+    }
+}
+
+/// Serve one connection (plain or TLS) until it closes, shutdown closes it, or it has waited
+/// `header_read_timeout` for a request's headers.
 async fn serve_io<I, S>(
     builder: http1::Builder,
     io: I,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
+    header_read_timeout: Duration,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
     S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
         + Send
         + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    watcher.watch(builder.serve_connection(io, service)).await
+    let clock = Arc::new(HeaderClock::new());
+    let service = Clocked {
+        inner: service,
+        clock: clock.clone(),
+    };
+    tokio::select! {
+        served = watcher.watch(builder.serve_connection(io, service)) => served,
+        () = clock.expired(header_read_timeout) => {
+            tracing::debug!("request headers not received in time; connection closed");
+            Ok(())
+        }
+    }
 }
 
 /// Serve on `listener` until `shutdown` resolves, then finish what is in flight. Each
@@ -158,15 +271,14 @@ pub async fn serve<F, M, S>(
     S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
         + Send
         + 'static,
-    S::Future: Send + 'static,
+    S::Future: Send + Unpin + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut builder = http1::Builder::new();
-    builder
-        .timer(TokioTimer::new())
-        .header_read_timeout(limits.header_read_timeout);
+    // The header deadline is kept by `serve_io`, more cheaply than hyper's per-request timer.
+    builder.header_read_timeout(None);
     let open = metrics::gauge!("qanat_collect_connections");
     let accept_errors = metrics::counter!("qanat_collect_accept_errors_total");
     let mut backoff = AcceptBackoff::default();
@@ -214,7 +326,7 @@ pub async fn serve<F, M, S>(
         let watcher = graceful.watcher();
         let builder = builder.clone();
         let tls = tls.clone();
-        let handshake_timeout = limits.header_read_timeout;
+        let header_timeout = limits.header_read_timeout;
         let open = open.clone();
         // Out of this runtime's reactor, into the serving worker's (below): readiness then
         // reaches the connection's task on its own thread, instead of passing through this
@@ -234,11 +346,21 @@ pub async fn serve<F, M, S>(
                     Ok(())
                 }
                 (Ok(stream), None) => {
-                    serve_io(builder, TokioIo::new(stream), service, watcher).await
+                    serve_io(
+                        builder,
+                        TokioIo::new(stream),
+                        service,
+                        watcher,
+                        header_timeout,
+                    )
+                    .await
                 }
                 (Ok(stream), Some(acceptor)) => {
-                    match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => serve_io(builder, TokioIo::new(tls), service, watcher).await,
+                    match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            serve_io(builder, TokioIo::new(tls), service, watcher, header_timeout)
+                                .await
+                        }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
                             Ok(())

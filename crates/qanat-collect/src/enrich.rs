@@ -57,11 +57,63 @@ pub struct UaInfo {
     pub crawler: bool,
 }
 
+/// A user agent as records carry it: parsed, and the part of a record's `client` it
+/// determines already encoded (made once per distinct user agent, not per event).
+#[derive(Debug)]
+pub struct Agent {
+    /// The user agent string (cut to 512 bytes).
+    pub user_agent: String,
+    pub info: UaInfo,
+    /// `"user_agent":…,"browser":…,…,"crawler":…}`: a record's `client` object after its
+    /// `ip`, exactly as `serde_json` writes it.
+    client_tail: Box<[u8]>,
+}
+
+/// The fields of a record's `client` that depend on the user agent alone, in record order.
+#[derive(Serialize)]
+struct ClientTail<'a> {
+    user_agent: &'a str,
+    browser: &'a str,
+    browser_version: &'a str,
+    os: &'a str,
+    os_version: &'a str,
+    device: &'a str,
+    crawler: bool,
+}
+
+impl Agent {
+    pub fn new(user_agent: &str, info: UaInfo) -> Agent {
+        let tail = ClientTail {
+            user_agent,
+            browser: &info.browser,
+            browser_version: &info.browser_version,
+            os: &info.os,
+            os_version: &info.os_version,
+            device: &info.device,
+            crawler: info.crawler,
+        };
+        // `{"user_agent":…}` without its `{`: serialising plain strings and a bool cannot
+        // fail, and an empty tail would only make the encoder fall back to serde.
+        let json = serde_json::to_vec(&tail).unwrap_or_default();
+        let client_tail = json.get(1..).unwrap_or_default().into();
+        Agent {
+            user_agent: user_agent.to_string(),
+            info,
+            client_tail,
+        }
+    }
+
+    /// See [`Agent::client_tail`]; empty if encoding failed.
+    pub fn client_tail(&self) -> &[u8] {
+        &self.client_tail
+    }
+}
+
 pub struct Enricher {
     trusted: Vec<Cidr>,
     bots: Vec<String>,
     parser: woothee::parser::Parser,
-    cache: Mutex<HashMap<String, Arc<UaInfo>>>,
+    cache: Mutex<HashMap<String, Arc<Agent>>>,
 }
 
 impl Enricher {
@@ -112,12 +164,13 @@ impl Enricher {
         client
     }
 
-    pub fn user_agent(&self, ua: &str) -> Arc<UaInfo> {
+    /// The user agent `ua` (cut to 512 bytes), parsed once per distinct string.
+    pub fn user_agent(&self, ua: &str) -> Arc<Agent> {
         let ua = truncate(ua, UA_MAX_BYTES);
         if let Some(hit) = self.cache.lock().get(ua) {
             return hit.clone();
         }
-        let info = Arc::new(self.parse_ua(ua));
+        let info = Arc::new(Agent::new(ua, self.parse_ua(ua)));
         let mut cache = self.cache.lock();
         if cache.len() >= UA_CACHE_ENTRIES {
             cache.clear();
@@ -205,22 +258,22 @@ mod tests {
             "Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) \
              Chrome/120.0.0.0 Safari/537.36",
         );
-        assert_eq!(chrome.browser, "Chrome");
-        assert_eq!(chrome.os, "Windows 10");
-        assert_eq!(chrome.device, "pc");
-        assert!(!chrome.crawler);
+        assert_eq!(chrome.info.browser, "Chrome");
+        assert_eq!(chrome.info.os, "Windows 10");
+        assert_eq!(chrome.info.device, "pc");
+        assert!(!chrome.info.crawler);
         let iphone = e.user_agent(
             "Mozilla/5.0 (iPhone; CPU iPhone OS 17_0 like Mac OS X) AppleWebKit/605.1.15 \
              (KHTML, like Gecko) Version/17.0 Mobile/15E148 Safari/604.1",
         );
-        assert_eq!(iphone.os, "iPhone");
-        assert_eq!(iphone.device, "smartphone");
+        assert_eq!(iphone.info.os, "iPhone");
+        assert_eq!(iphone.info.device, "smartphone");
         let google = e
             .user_agent("Mozilla/5.0 (compatible; Googlebot/2.1; +http://www.google.com/bot.html)");
-        assert!(google.crawler);
-        assert!(e.user_agent("curl/8.0.1").crawler);
-        assert!(e.user_agent("").crawler);
+        assert!(google.info.crawler);
+        assert!(e.user_agent("curl/8.0.1").info.crawler);
+        assert!(e.user_agent("").info.crawler);
         let headless = e.user_agent("Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko) HeadlessChrome/120.0.0.0 Safari/537.36");
-        assert!(headless.crawler);
+        assert!(headless.info.crawler);
     }
 }

@@ -13,7 +13,8 @@ use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 
 use crate::config::Priority;
-use crate::enrich::UaInfo;
+use crate::enrich::{Agent, UaInfo};
+use crate::json;
 
 /// App names, event types, visitor and user ids: short, printable, no separators that could
 /// confuse topic routing or log processing.
@@ -44,31 +45,38 @@ pub fn parse_spm(code: &str) -> Result<Spm<'_>, String> {
             crate::enrich::truncate(code, 80)
         )
     };
-    // At most 4 segments (a fifth makes it invalid): no vector per beacon.
-    let mut parts = [""; 5];
+    // One scan over the bytes, at most 4 segments: no vector, no splitter per beacon.
+    let mut parts = [""; 4];
     let mut count = 0;
-    for (slot, part) in parts.iter_mut().zip(code.split('.')) {
-        *slot = part;
-        count += 1;
+    let mut start = 0;
+    let bytes = code.as_bytes();
+    for i in 0..=bytes.len() {
+        match bytes.get(i) {
+            Some(b'.') | None => {
+                let part = code.get(start..i).unwrap_or("");
+                let Some(slot) = parts
+                    .get_mut(count)
+                    .filter(|_| !part.is_empty() && part.len() <= 64)
+                else {
+                    return Err(bad());
+                };
+                *slot = part;
+                count += 1;
+                start = i + 1;
+            }
+            Some(&b) if b.is_ascii_alphanumeric() || b == b'_' || b == b'-' => {}
+            Some(_) => return Err(bad()),
+        }
     }
-    let parts = parts.get(..count).unwrap_or_default();
-    if !(2..=4).contains(&parts.len())
-        || parts.iter().any(|p| {
-            p.is_empty()
-                || p.len() > 64
-                || !p
-                    .bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
-        })
-    {
+    if count < 2 {
         return Err(bad());
     }
     Ok(Spm {
         code,
         a: parts[0],
         b: parts[1],
-        c: parts.get(2).copied(),
-        d: parts.get(3).copied(),
+        c: (count > 2).then_some(parts[2]),
+        d: (count > 3).then_some(parts[3]),
     })
 }
 
@@ -83,6 +91,9 @@ pub struct Client<'a> {
     pub os_version: &'a str,
     pub device: &'a str,
     pub crawler: bool,
+    /// These fields after `ip`, already encoded ([`Agent::client_tail`]), when known.
+    #[serde(skip)]
+    tail: &'a [u8],
 }
 
 impl<'a> Client<'a> {
@@ -96,7 +107,28 @@ impl<'a> Client<'a> {
             os_version: &ua.os_version,
             device: &ua.device,
             crawler: ua.crawler,
+            tail: &[],
         }
+    }
+
+    /// The client at `ip` with the user agent `agent`, whose encoded part records reuse.
+    pub fn of(ip: IpAddr, agent: &'a Agent) -> Client<'a> {
+        Client {
+            tail: agent.client_tail(),
+            ..Client::new(ip, &agent.user_agent, &agent.info)
+        }
+    }
+
+    /// Append this client as JSON, as `serde_json` writes it.
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        if self.tail.is_empty() {
+            return serde_json::to_writer(out, self);
+        }
+        out.extend_from_slice(b"{\"ip\":");
+        json::write_ip(out, self.ip);
+        out.push(b',');
+        out.extend_from_slice(self.tail);
+        Ok(())
     }
 }
 
@@ -132,6 +164,91 @@ pub struct BeaconRecord<'a> {
     /// `p_*` query parameters, prefix removed: business parameters of the page or click.
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub params: BTreeMap<&'a str, &'a str>,
+}
+
+impl BeaconRecord<'_> {
+    /// Append the record as JSON: byte for byte what `serde_json` writes, written directly
+    /// (field names as constants, strings through [`json::write_str`], the client's user
+    /// agent part made once per user agent).
+    pub fn encode(&self, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
+        out.reserve(512);
+        out.extend_from_slice(b"{\"app\":");
+        json::write_str(out, self.app);
+        out.extend_from_slice(b",\"type\":");
+        json::write_str(out, self.ty);
+        out.extend_from_slice(b",\"priority\":\"");
+        out.extend_from_slice(self.priority.as_str().as_bytes());
+        out.extend_from_slice(b"\",\"source\":");
+        json::write_str(out, self.source);
+        out.extend_from_slice(b",\"visitor_id\":");
+        json::write_str(out, self.visitor_id);
+        out.extend_from_slice(b",\"user_id\":");
+        json::write_opt_str(out, self.user_id);
+        out.extend_from_slice(b",\"received_ms\":");
+        json::write_i64(out, self.received_ms);
+        out.extend_from_slice(b",\"client_ts\":");
+        json::write_opt_i64(out, self.client_ts);
+        out.extend_from_slice(b",\"client\":");
+        self.client.encode(out)?;
+        out.extend_from_slice(b",\"page\":{\"url\":");
+        json::write_str(out, self.page.url);
+        if !self.page.referrer.is_empty() {
+            out.extend_from_slice(b",\"referrer\":");
+            json::write_str(out, self.page.referrer);
+        }
+        if !self.page.title.is_empty() {
+            out.extend_from_slice(b",\"title\":");
+            json::write_str(out, self.page.title);
+        }
+        out.extend_from_slice(b"},\"spm\":");
+        write_spm(out, self.spm.as_ref());
+        out.extend_from_slice(b",\"screen\":");
+        json::write_opt_str(out, self.screen);
+        out.extend_from_slice(b",\"language\":");
+        json::write_opt_str(out, self.language);
+        if let Some(name) = self.name {
+            out.extend_from_slice(b",\"name\":");
+            json::write_str(out, name);
+        }
+        if !self.params.is_empty() {
+            out.extend_from_slice(b",\"params\":");
+            let mut sep = b'{';
+            for (k, v) in &self.params {
+                out.push(sep);
+                sep = b',';
+                json::write_str(out, k);
+                out.push(b':');
+                json::write_str(out, v);
+            }
+            out.push(b'}');
+        }
+        out.push(b'}');
+        Ok(())
+    }
+}
+
+/// Append an SPM code as JSON, or `null`.
+fn write_spm(out: &mut Vec<u8>, spm: Option<&Spm<'_>>) {
+    match spm {
+        Some(spm) => {
+            out.extend_from_slice(b"{\"code\":");
+            json::write_str(out, spm.code);
+            out.extend_from_slice(b",\"a\":");
+            json::write_str(out, spm.a);
+            out.extend_from_slice(b",\"b\":");
+            json::write_str(out, spm.b);
+            if let Some(c) = spm.c {
+                out.extend_from_slice(b",\"c\":");
+                json::write_str(out, c);
+            }
+            if let Some(d) = spm.d {
+                out.extend_from_slice(b",\"d\":");
+                json::write_str(out, d);
+            }
+            out.push(b'}');
+        }
+        None => out.extend_from_slice(b"null"),
+    }
 }
 
 /// `POST /v1/events` body.
@@ -579,7 +696,7 @@ impl BatchEncoder {
         head.extend_from_slice(b",\"type\":");
         let received = format!(",\"received_ms\":{received_ms},\"client_ts\":").into_bytes();
         let mut cl = b",\"client\":".to_vec();
-        serde_json::to_writer(&mut cl, client)?;
+        client.encode(&mut cl)?;
         let mut dev = b",\"device\":".to_vec();
         serde_json::to_writer(&mut dev, &device)?;
         dev.extend_from_slice(b",\"event\":");
@@ -606,18 +723,18 @@ impl BatchEncoder {
     ) -> Result<(), serde_json::Error> {
         out.reserve(self.overhead() + event.get().len());
         out.extend_from_slice(&self.head);
-        serde_json::to_writer(&mut *out, c.ty)?;
+        json::write_str(out, c.ty);
         out.extend_from_slice(b",\"priority\":\"");
         out.extend_from_slice(priority.as_str().as_bytes());
         out.extend_from_slice(b"\",\"source\":\"batch\",\"visitor_id\":");
-        serde_json::to_writer(&mut *out, c.visitor_id)?;
+        json::write_str(out, c.visitor_id);
         out.extend_from_slice(b",\"user_id\":");
-        serde_json::to_writer(&mut *out, &c.user_id)?;
+        json::write_opt_str(out, c.user_id);
         out.extend_from_slice(&self.received);
-        serde_json::to_writer(&mut *out, &c.client_ts)?;
+        json::write_opt_i64(out, c.client_ts);
         out.extend_from_slice(&self.client);
         out.extend_from_slice(b",\"spm\":");
-        serde_json::to_writer(&mut *out, &c.spm)?;
+        write_spm(out, c.spm.as_ref());
         out.extend_from_slice(&self.device);
         out.extend_from_slice(event.get().as_bytes());
         out.push(b'}');
@@ -629,6 +746,30 @@ impl BatchEncoder {
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+
+    /// The segment rule as first written: split, count, check each.
+    fn spm_by_split(code: &str) -> Option<Vec<&str>> {
+        let parts: Vec<&str> = code.split('.').collect();
+        let ok = (2..=4).contains(&parts.len())
+            && parts.iter().all(|p| {
+                !p.is_empty()
+                    && p.len() <= 64
+                    && p.bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+            });
+        ok.then_some(parts)
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn spm_parsing_agrees_with_splitting(code in "[a-c._\\-é ]{0,12}|[a-z]{60,70}\\.[a-z]{1,3}") {
+            let want = spm_by_split(&code);
+            let got = parse_spm(&code).ok().map(|s| {
+                [Some(s.a), Some(s.b), s.c, s.d].into_iter().flatten().collect::<Vec<_>>()
+            });
+            proptest::prop_assert_eq!(got, want);
+        }
+    }
 
     #[test]
     fn spm_codes() {
@@ -769,6 +910,128 @@ mod tests {
                     String::from_utf8(want).unwrap()
                 );
             }
+        }
+    }
+
+    fn beacon_encodings(rec: &BeaconRecord<'_>) -> (String, String) {
+        let mut got = Vec::new();
+        rec.encode(&mut got).unwrap();
+        let want = serde_json::to_vec(rec).unwrap();
+        (
+            String::from_utf8(got).unwrap(),
+            String::from_utf8(want).unwrap(),
+        )
+    }
+
+    #[test]
+    fn beacon_encoder_writes_what_serde_writes() {
+        let ua = UaInfo {
+            browser: "Chrome".into(),
+            browser_version: "120.0".into(),
+            os: "Windows \"10\"".into(),
+            os_version: "NT\\x".into(),
+            device: "pc".into(),
+            crawler: true,
+        };
+        let agent = Agent::new("Mozilla/5.0 \u{1} é \u{7f}\n", ua.clone());
+        let spms = [
+            None,
+            Some(parse_spm("a.b").unwrap()),
+            Some(parse_spm("shop.item.list.7").unwrap()),
+            Some(parse_spm("a-1.b_2.c").unwrap()),
+        ];
+        let ips = ["127.0.0.1", "203.0.113.250", "2001:db8::1"];
+        let mut params = BTreeMap::new();
+        for (n, spm) in spms.into_iter().enumerate() {
+            for (m, ip) in ips.iter().enumerate() {
+                let ip: IpAddr = ip.parse().unwrap();
+                // The cached client part, and serde's own (an agent made elsewhere).
+                let cached = Client::of(ip, &agent);
+                let plain = Client::new(ip, "UA \"x\"", &ua);
+                for client in [&cached, &plain] {
+                    let odd = (n + m) % 2 == 1;
+                    let rec = BeaconRecord {
+                        app: "web",
+                        ty: "page_view",
+                        priority: [Priority::Low, Priority::Normal, Priority::High][m],
+                        source: "beacon",
+                        visitor_id: "v-1",
+                        user_id: odd.then_some("u\"1"),
+                        received_ms: 1_700_000_000_123,
+                        client_ts: odd.then_some(-5),
+                        client,
+                        page: Page {
+                            url: "https://shop.example/item?id=42&q=\"<x>\"\t",
+                            referrer: if odd { "" } else { "https://search.example/" },
+                            title: if odd { "T\u{2028}ü\\" } else { "" },
+                        },
+                        spm: spm.as_ref().map(|s| Spm { ..*s }),
+                        screen: odd.then_some("1920x1080"),
+                        language: (!odd).then_some("en-US"),
+                        name: odd.then_some("video\u{0}play"),
+                        params: params.clone(),
+                    };
+                    let (got, want) = beacon_encodings(&rec);
+                    assert_eq!(got, want);
+                }
+                params.insert(["x", "a\"b", "é"][m], ["1", "", "\u{1f}"][n % 3]);
+            }
+        }
+        // The cached part is what serde writes for the same client.
+        let mut cached = Vec::new();
+        Client::of("10.0.0.1".parse().unwrap(), &agent)
+            .encode(&mut cached)
+            .unwrap();
+        let plain = Client::new("10.0.0.1".parse().unwrap(), &agent.user_agent, &agent.info);
+        assert_eq!(cached, serde_json::to_vec(&plain).unwrap());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn beacon_encoder_writes_what_serde_writes_for_any_strings(
+            s in proptest::collection::vec(proptest::prelude::any::<String>(), 12),
+            n in proptest::prelude::any::<i64>(),
+            flags in proptest::prelude::any::<u8>(),
+        ) {
+            let ua = UaInfo {
+                browser: s[0].clone(),
+                browser_version: s[1].clone(),
+                os: s[2].clone(),
+                os_version: s[3].clone(),
+                device: s[4].clone(),
+                crawler: flags & 1 == 1,
+            };
+            let agent = Agent::new(&s[5], ua);
+            let client = Client::of("192.0.2.1".parse().unwrap(), &agent);
+            let on = |bit: u8| flags & (1 << bit) != 0;
+            let mut params = BTreeMap::new();
+            if on(1) {
+                params.insert(s[6].as_str(), s[7].as_str());
+                params.insert(s[8].as_str(), s[9].as_str());
+            }
+            let rec = BeaconRecord {
+                app: &s[6],
+                ty: &s[7],
+                priority: Priority::Normal,
+                source: "beacon",
+                visitor_id: &s[8],
+                user_id: on(2).then_some(s[9].as_str()),
+                received_ms: n,
+                client_ts: on(3).then_some(n.wrapping_neg()),
+                client: &client,
+                page: Page {
+                    url: &s[9],
+                    referrer: &s[10],
+                    title: &s[11],
+                },
+                spm: on(4).then(|| Spm { code: &s[0], a: &s[1], b: &s[2], c: on(5).then_some(s[3].as_str()), d: on(6).then_some(s[4].as_str()) }),
+                screen: on(5).then_some(s[10].as_str()),
+                language: on(6).then_some(s[11].as_str()),
+                name: on(7).then_some(s[5].as_str()),
+                params,
+            };
+            let (got, want) = beacon_encodings(&rec);
+            proptest::prop_assert_eq!(got, want);
         }
     }
 }

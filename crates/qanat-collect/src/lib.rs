@@ -17,7 +17,10 @@
 //!
 //! Invariants:
 //! * A 2xx means the event is in its route's buffer; the answer never waits for the broker.
-//!   A full buffer answers 503 + `Retry-After` and takes nothing of that request.
+//!   A full buffer answers 503 + `Retry-After` and takes nothing of that request; a batch
+//!   first waits up to `full_wait_ms` for the route's pump to make room.
+//! * A record's JSON is byte for byte what `serde_json` makes of [`event::BeaconRecord`] /
+//!   [`event::BatchRecord`], though written by hand ([`json`]).
 //! * Routes share nothing on the way out (buffer, pump task, librdkafka producer), so one
 //!   slow or flooded route cannot stall another.
 //! * Shutdown stops accepting, finishes in-flight requests, then drains every buffer to the
@@ -35,6 +38,8 @@ pub mod conn;
 pub mod enrich;
 pub mod error;
 pub mod event;
+pub mod json;
+pub mod query;
 pub mod routing;
 pub mod server;
 pub mod throttle;

@@ -27,7 +27,8 @@ use rdkafka::message::DeliveryResult;
 use rdkafka::producer::{BaseRecord, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::ClientContext;
-use tokio::sync::watch;
+use tokio::sync::futures::Notified;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::{CollectConfig, Priority, RouteConfig};
@@ -261,6 +262,8 @@ impl Buffer {
 
 pub struct Routes {
     routes: Vec<Route>,
+    /// Notified whenever a pump has taken records out of its buffer (and on close).
+    room: Arc<Notify>,
 }
 
 /// What one route's pump did after shutdown was requested.
@@ -282,6 +285,7 @@ impl Routes {
     ) -> Result<(Routes, Vec<JoinHandle<DrainReport>>), CollectError> {
         let mut routes = Vec::with_capacity(cfg.routes.len());
         let mut pumps = Vec::with_capacity(cfg.routes.len());
+        let room = Arc::new(Notify::new());
         let timeout = Duration::from_millis(cfg.server.shutdown_timeout_ms);
         for rc in &cfg.routes {
             let producer = producer_for(cfg, rc)?;
@@ -305,19 +309,54 @@ impl Routes {
                 topic: rc.topic.clone(),
                 buffer: buffer.clone(),
                 queued,
+                room: room.clone(),
                 producer,
                 timeout,
                 buffered: metrics::gauge!("qanat_collect_route_buffered", "route" => rc.name.clone()),
             };
             let mut stop = shutdown.clone();
+            let closed = room.clone();
             tokio::spawn(async move {
                 // Also when the collector is dropped without a shutdown.
                 let _ = stop.wait_for(|s| *s).await;
                 buffer.close();
+                // Requests waiting for room find the route closed.
+                closed.notify_waiters();
             });
             pumps.push(tokio::task::spawn_blocking(move || pump.run()));
         }
-        Ok((Routes { routes }, pumps))
+        Ok((Routes { routes, room }, pumps))
+    }
+
+    /// Resolves once some pump takes records out of its buffer (enable it before looking
+    /// for room, so room freed meanwhile is not missed).
+    pub fn room_freed(&self) -> Notified<'_> {
+        self.room.notified()
+    }
+
+    /// Reserve room for `counts[i]` events on route `i`, for every route or none: the first
+    /// route that refused, and why.
+    pub fn try_reserve_all(
+        &self,
+        counts: impl Iterator<Item = usize> + Clone,
+    ) -> Result<(), (usize, Refused)> {
+        for (idx, n) in counts.clone().enumerate() {
+            let Some(route) = self.routes.get(idx) else {
+                break;
+            };
+            if n == 0 {
+                continue;
+            }
+            if let Err(why) = route.try_reserve(n) {
+                for (prev, m) in counts.take(idx).enumerate() {
+                    if let (Some(r), true) = (self.routes.get(prev), m > 0) {
+                        r.release(m);
+                    }
+                }
+                return Err((idx, why));
+            }
+        }
+        Ok(())
     }
 
     /// The first route whose rule matches.
@@ -484,6 +523,7 @@ struct Pump {
     topic: String,
     buffer: Arc<Buffer>,
     queued: Arc<AtomicUsize>,
+    room: Arc<Notify>,
     producer: ThreadedProducer<Delivery>,
     timeout: Duration,
     buffered: metrics::Gauge,
@@ -504,6 +544,7 @@ impl Pump {
             }
             // Out of the buffer (as a record received from a channel would be).
             self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
+            self.room.notify_waiters();
             for (key, value, timestamp_ms) in batch.records() {
                 if !self.send(handle.as_ref(), key, value, timestamp_ms, drain_deadline) {
                     dropped += 1;
@@ -666,5 +707,40 @@ mod tests {
             .map(|i| ("k".to_string(), i.to_string(), i))
             .collect();
         assert_eq!(got, want);
+    }
+
+    #[tokio::test]
+    async fn a_pump_taking_records_wakes_requests_waiting_for_room() {
+        let cfg: CollectConfig = toml::from_str(
+            r#"
+            [server]
+            max_batch_events = 2
+            shutdown_timeout_ms = 100
+            [kafka]
+            bootstrap = "127.0.0.1:1"
+            [[routes]]
+            name = "r"
+            topic = "t"
+            buffer = 2
+            "#,
+        )
+        .unwrap();
+        let (_stop, stop_rx) = watch::channel(false);
+        let (routes, _pumps) = Routes::start(&cfg, &stop_rx).unwrap();
+        let two = chunk(&[("v1", "a", 1), ("v2", "b", 2)]);
+        // Full (unless the pump already took them, which frees the room and notifies too).
+        let room = routes.room_freed();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        routes.get(0).unwrap().try_send(&two).unwrap();
+        // A hang guard, not a timing assertion: without a notification this never resolves.
+        tokio::time::timeout(Duration::from_secs(120), room)
+            .await
+            .expect("no notification that room was freed");
+        assert_eq!(routes.try_reserve_all([2].into_iter()), Ok(()));
+        assert_eq!(
+            routes.try_reserve_all([1].into_iter()),
+            Err((0, Refused::Full))
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! The HTTP side: handlers, limits, the admin endpoint, metrics per route, graceful shutdown.
 
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::io::Read;
@@ -21,11 +22,12 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::{AppSettings, CollectConfig, ServerConfig};
-use crate::enrich::{truncate, Enricher};
+use crate::enrich::{truncate, Agent, Enricher};
 use crate::error::CollectError;
 use crate::event::{self, BatchEncoder, BeaconRecord, Client, Envelope, EventFields, Page};
-use crate::routing::{Chunk, DrainReport, Routes};
-use crate::throttle::{Shed, Throttle};
+use crate::query::{BeaconQuery, Field};
+use crate::routing::{Chunk, DrainReport, Refused, Routes};
+use crate::throttle::{Shed, Snapshot, Throttle};
 use crate::tracker;
 
 /// A transparent 1×1 GIF.
@@ -214,6 +216,7 @@ impl Collector {
             state: state.clone(),
             router: router.clone(),
             peer,
+            kept: RefCell::default(),
         };
         crate::conn::serve(listener, connection_service, limits, tls, shutdown).await;
         tracing::info!("HTTP stopped; draining routes");
@@ -233,11 +236,20 @@ impl Collector {
 /// their metrics; every other request goes through the router (extractors, `track`). A
 /// beacon thus skips the routing table, the extensions map (`ConnectInfo`, `MatchedPath`)
 /// and the boxed middleware future, none of which it needs.
-#[derive(Clone)]
 struct Dispatch {
     state: Arc<AppState>,
     router: Router,
     peer: SocketAddr,
+    kept: RefCell<Kept>,
+}
+
+/// What one connection's beacons reuse: a client sends the same user agent on every request
+/// of a connection, and the throttle table rarely changes. Beacons of the connection then
+/// touch neither the user agent cache's lock nor the table's.
+#[derive(Default)]
+struct Kept {
+    agent: Option<Arc<Agent>>,
+    throttle: Option<Snapshot>,
 }
 
 impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
@@ -248,7 +260,19 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> DispatchFuture {
         if req.uri().path() == BEACON_PATH && matches!(*req.method(), Method::GET | Method::POST) {
             let start = Instant::now();
-            let resp = beacon_response(&self.state, self.peer, req.headers(), req.uri());
+            let resp = match self.kept.try_borrow_mut() {
+                Ok(mut kept) => {
+                    beacon_response(&self.state, self.peer, req.headers(), req.uri(), &mut kept)
+                }
+                // Not reentrant; should it ever be, the request keeps nothing.
+                Err(_) => beacon_response(
+                    &self.state,
+                    self.peer,
+                    req.headers(),
+                    req.uri(),
+                    &mut Kept::default(),
+                ),
+            };
             if let Some(m) = self
                 .state
                 .http_metrics
@@ -368,70 +392,6 @@ fn client_ip(st: &AppState, peer: SocketAddr, h: &HeaderMap) -> IpAddr {
     st.enricher.client_ip(peer.ip(), xff)
 }
 
-/// A query string as `application/x-www-form-urlencoded` pairs, decoded exactly as
-/// `serde_urlencoded` (axum's `Query`) does, borrowing whatever needs no decoding. A name
-/// given twice keeps its last value, as in a map.
-struct QueryPairs<'q> {
-    pairs: Vec<(Cow<'q, str>, Cow<'q, str>)>,
-}
-
-impl<'q> QueryPairs<'q> {
-    fn parse(query: &'q str) -> QueryPairs<'q> {
-        // Sized once: collecting from `split` would grow the vector a few times per beacon.
-        let mut pairs = Vec::with_capacity(query.bytes().filter(|&b| b == b'&').count() + 1);
-        pairs.extend(query.split('&').filter(|p| !p.is_empty()).map(|p| {
-            let (k, v) = p.split_once('=').unwrap_or((p, ""));
-            (form_decode(k), form_decode(v))
-        }));
-        QueryPairs { pairs }
-    }
-
-    fn get(&self, name: &str) -> Option<&str> {
-        self.pairs
-            .iter()
-            .rev()
-            .find(|(k, _)| k == name)
-            .map(|(_, v)| v.as_ref())
-    }
-}
-
-/// `+` is a space, `%XX` a byte (a `%` not followed by two hex digits stays as it is), and
-/// bytes that are not UTF-8 become U+FFFD.
-fn form_decode(s: &str) -> Cow<'_, str> {
-    if !s.bytes().any(|b| b == b'+' || b == b'%') {
-        return Cow::Borrowed(s);
-    }
-    let hex = |b: u8| {
-        char::from(b)
-            .to_digit(16)
-            .and_then(|d| u8::try_from(d).ok())
-    };
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while let Some(&b) = bytes.get(i) {
-        i += 1;
-        match b {
-            b'+' => out.push(b' '),
-            b'%' => match (
-                bytes.get(i).copied().and_then(hex),
-                bytes.get(i + 1).copied().and_then(hex),
-            ) {
-                (Some(h), Some(l)) => {
-                    out.push(h << 4 | l);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            _ => out.push(b),
-        }
-    }
-    match String::from_utf8(out) {
-        Ok(s) => Cow::Owned(s),
-        Err(e) => Cow::Owned(String::from_utf8_lossy(e.as_bytes()).into_owned()),
-    }
-}
-
 // ------------------------------------------------------------------------------------------
 // GET/POST /t.gif
 
@@ -445,16 +405,22 @@ async fn beacon(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    beacon_response(&st, peer, req.headers(), req.uri())
+    beacon_response(&st, peer, req.headers(), req.uri(), &mut Kept::default())
 }
 
 /// A beacon from `peer`, answered from its headers and URI alone (a beacon's body, if any,
 /// carries nothing).
-fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &Uri) -> Response {
+fn beacon_response(
+    st: &AppState,
+    peer: SocketAddr,
+    headers: &HeaderMap,
+    uri: &Uri,
+    kept: &mut Kept,
+) -> Response {
     let received_ms = now_ms();
-    let q = QueryPairs::parse(uri.query().unwrap_or(""));
-    let get = |k: &str| q.get(k).filter(|v| !v.is_empty());
-    let ty = match get("t") {
+    let q = BeaconQuery::parse(uri.query().unwrap_or(""));
+    let get = |f: Field| q.get(f).filter(|v| !v.is_empty());
+    let ty = match get(Field::Type) {
         Some(t) if event::valid_id(t) => t,
         _ => {
             return reject(
@@ -463,13 +429,13 @@ fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &U
             )
         }
     };
-    let app = get("app").unwrap_or(&st.cfg.default_app);
+    let app = get(Field::App).unwrap_or(&st.cfg.default_app);
     if !event::valid_id(app) {
         return reject(st, "app is not [A-Za-z0-9_.:-]{1,128}");
     }
     let cookie_vid = cookie(headers, &st.cfg.cookie_name).filter(|v| event::valid_id(v));
     let new_vid;
-    let visitor_id = match get("vid") {
+    let visitor_id = match get(Field::Vid) {
         Some(v) if event::valid_id(v) => v,
         Some(_) => return reject(st, "vid is not a valid id"),
         None => match cookie_vid {
@@ -480,27 +446,34 @@ fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &U
             }
         },
     };
-    let user_id = match get("uid") {
+    let user_id = match get(Field::Uid) {
         Some(u) if event::valid_id(u) => Some(u),
         Some(_) => return reject(st, "uid is not a valid id"),
         None => None,
     };
-    let spm = match get("spm").map(event::parse_spm) {
+    let spm = match get(Field::Spm).map(event::parse_spm) {
         Some(Ok(s)) => Some(s),
         Some(Err(e)) => return reject(st, e),
         None => None,
     };
-    let client_ts = match get("ts").map(str::parse::<i64>) {
+    let client_ts = match get(Field::Ts).map(str::parse::<i64>) {
         Some(Ok(t)) => Some(t),
         Some(Err(_)) => return reject(st, "ts is not an integer (ms since the epoch)"),
         None => None,
     };
     let referer_header = header_str(headers, header::REFERER);
     let ua_raw = truncate(header_str(headers, header::USER_AGENT).unwrap_or(""), 512);
-    let ua = st.enricher.user_agent(ua_raw);
-    let client = Client::new(client_ip(st, peer, headers), ua_raw, &ua);
+    let agent = match kept.agent.take() {
+        Some(a) if a.user_agent == ua_raw => a,
+        _ => st.enricher.user_agent(ua_raw),
+    };
+    let agent = &*kept.agent.insert(agent);
+    let client = Client::of(client_ip(st, peer, headers), agent);
 
-    let (priority, shed) = st.throttle.snapshot().decide(app, ty, visitor_id);
+    let (priority, shed) = st
+        .throttle
+        .refresh(&mut kept.throttle)
+        .decide(app, ty, visitor_id);
     let mut resp = pixel_response(&q);
     if cookie_vid != Some(visitor_id) {
         // Concatenated into one exact allocation (cheaper than `format!`), which the header
@@ -536,14 +509,14 @@ fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &U
         client_ts,
         client: &client,
         page: Page {
-            url: truncate(get("url").or(referer_header).unwrap_or(""), TEXT_MAX),
-            referrer: truncate(get("ref").unwrap_or(""), TEXT_MAX),
-            title: truncate(get("title").unwrap_or(""), TEXT_MAX),
+            url: truncate(get(Field::Url).or(referer_header).unwrap_or(""), TEXT_MAX),
+            referrer: truncate(get(Field::Ref).unwrap_or(""), TEXT_MAX),
+            title: truncate(get(Field::Title).unwrap_or(""), TEXT_MAX),
         },
         spm,
-        screen: get("sr").map(|s| truncate(s, 32)),
-        language: get("lang").map(|s| truncate(s, 32)),
-        name: get("e").map(|s| truncate(s, 128)),
+        screen: get(Field::Screen).map(|s| truncate(s, 32)),
+        language: get(Field::Lang).map(|s| truncate(s, 32)),
+        name: get(Field::Event).map(|s| truncate(s, 128)),
         params: beacon_params(&q),
     };
     let Some(route) = st.routes.get(route_idx) else {
@@ -552,9 +525,7 @@ fn beacon_response(st: &AppState, peer: SocketAddr, headers: &HeaderMap, uri: &U
     let sent = BEACON_CHUNK.with_borrow_mut(|chunk| {
         chunk.clear();
         chunk
-            .push(visitor_id, received_ms, |out| {
-                serde_json::to_writer(out, &record)
-            })
+            .push(visitor_id, received_ms, |out| record.encode(out))
             .map(|()| route.try_send(chunk))
     });
     match sent {
@@ -578,9 +549,9 @@ thread_local! {
 }
 
 /// `p_*` query parameters, prefix removed (at most 64).
-fn beacon_params<'q>(q: &'q QueryPairs<'_>) -> BTreeMap<&'q str, &'q str> {
+fn beacon_params<'q>(q: &'q BeaconQuery<'_>) -> BTreeMap<&'q str, &'q str> {
     let mut out = BTreeMap::new();
-    for (k, v) in &q.pairs {
+    for (k, v) in q.params() {
         let Some(name) = k.strip_prefix("p_").filter(|n| !n.is_empty()) else {
             continue;
         };
@@ -599,10 +570,11 @@ fn reject(st: &AppState, reason: impl Into<String>) -> Response {
 }
 
 /// The pixel (or an empty 204), uncached. Its header map is sized once for these headers
-/// and a `Set-Cookie`, so adding them never grows it.
-fn pixel_response(q: &QueryPairs<'_>) -> Response {
+/// and a `Set-Cookie`, so adding them never grows it. (Cloning a prepared map would not keep
+/// that room.)
+fn pixel_response(q: &BeaconQuery<'_>) -> Response {
     let mut h = HeaderMap::with_capacity(5);
-    let mut r = if q.get("resp") == Some("204") {
+    let mut r = if q.get(Field::Resp) == Some("204") {
         let mut r = Response::new(axum::body::Body::empty());
         *r.status_mut() = StatusCode::NO_CONTENT;
         r
@@ -737,8 +709,8 @@ async fn events(
     }
     let (env_visitor, env_user) = (id_of(&env.device), id_of(&env.user));
     let ua_raw = truncate(header_str(&headers, header::USER_AGENT).unwrap_or(""), 512);
-    let ua = st.enricher.user_agent(ua_raw);
-    let client = Client::new(client_ip(&st, peer, &headers), ua_raw, &ua);
+    let agent = st.enricher.user_agent(ua_raw);
+    let client = Client::of(client_ip(&st, peer, &headers), &agent);
     let throttle = st.throttle.snapshot();
     let encoder = match BatchEncoder::new(&env.app, received_ms, &client, env.device.as_ref()) {
         Ok(e) => e,
@@ -828,21 +800,24 @@ async fn events(
     st.counters.rejected.increment(rejected.len() as u64);
 
     // Reserve room on every route first, so a full route refuses the whole batch rather
-    // than keeping part of it (the client retries all of it, with no duplicates).
-    for (idx, chunk) in chunks.iter().enumerate() {
-        let Some(route) = st.routes.get(idx) else {
+    // than keeping part of it (the client retries all of it, with no duplicates). A full
+    // route is waited for, up to `full_wait_ms`, as its pump hands records on: the client is
+    // slowed down instead of sending the batch again.
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(st.cfg.full_wait_ms);
+    loop {
+        // Registered before trying, so room freed meanwhile is not missed.
+        let room = st.routes.room_freed();
+        tokio::pin!(room);
+        room.as_mut().enable();
+        let Err((idx, why)) = st.routes.try_reserve_all(chunks.iter().map(Chunk::len)) else {
             break;
         };
-        if chunk.is_empty() {
-            continue;
-        }
-        if route.try_reserve(chunk.len()).is_err() {
-            route.full.increment(chunk.len() as u64);
-            for (prev, c) in chunks.iter().enumerate().take(idx) {
-                if let (Some(r), false) = (st.routes.get(prev), c.is_empty()) {
-                    r.release(c.len());
-                }
-            }
+        let Some(route) = st.routes.get(idx) else {
+            return route_full(&st, "(vanished)");
+        };
+        if why == Refused::Closed || tokio::time::timeout_at(deadline, room).await.is_err() {
+            let n = chunks.get(idx).map_or(0, Chunk::len);
+            route.full.increment(n as u64);
             return route_full(&st, &route.name);
         }
     }
@@ -1136,25 +1111,8 @@ mod tests {
     }
 
     #[test]
-    fn query_decoding_matches_axum_query() {
-        use std::collections::HashMap;
-        for query in [
-            "t=page_view&app=web&url=https%3A%2F%2Fshop.example%2Fitem%3Fid%3D42&resp=204",
-            "a=1&a=2&&b&=c&d=x+y%20z&e=%zz%4&f=%C3%A9%FF&g=%e2%82%ac&h==",
-            "p_x=1&p_=2&p_y=%41&p_x=3&q",
-            "",
-        ] {
-            let uri: Uri = format!("/t.gif?{query}").parse().unwrap();
-            let Query(want) = Query::<HashMap<String, String>>::try_from_uri(&uri).unwrap();
-            let got = QueryPairs::parse(uri.query().unwrap_or(""));
-            for (k, v) in &want {
-                assert_eq!(got.get(k), Some(v.as_str()), "{query}: {k}");
-            }
-            for (k, _) in &got.pairs {
-                assert!(want.contains_key(k.as_ref()), "{query}: {k}");
-            }
-        }
-        let q = QueryPairs::parse("p_x=1&p_=2&p_y=%41&p_x=3&p_z=");
+    fn beacon_params_keep_the_last_value_of_each_name() {
+        let q = BeaconQuery::parse("p_x=1&p_=2&p_y=%41&p_x=3&p_z=");
         let params = beacon_params(&q);
         assert_eq!(
             params.into_iter().collect::<Vec<_>>(),

@@ -3,6 +3,7 @@
 //! Operators replace it at run time (`PUT /admin/v1/config`, SIGHUP reload).
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use parking_lot::RwLock;
@@ -34,10 +35,14 @@ struct Table {
     apps: BTreeMap<String, AppSettings>,
 }
 
-/// Shared, swappable table. Readers take a short read lock and clone an `Arc`.
+/// Shared, swappable table. Readers take a short read lock and clone an `Arc`; a reader that
+/// keeps a [`Snapshot`] checks `version` (written only on change, so reading it contends
+/// with nothing) to know whether it is still current.
 #[derive(Debug, Default)]
 pub struct Throttle {
     table: RwLock<Arc<Table>>,
+    /// The current table's version, stored after the table is swapped in.
+    version: AtomicU64,
 }
 
 /// The settings one app's SDK polls.
@@ -62,6 +67,7 @@ impl Throttle {
     pub fn new(apps: BTreeMap<String, AppSettings>) -> Throttle {
         Throttle {
             table: RwLock::new(Arc::new(Table { version: 1, apps })),
+            version: AtomicU64::new(1),
         }
     }
 
@@ -74,6 +80,7 @@ impl Throttle {
         let mut t = self.table.write();
         let version = t.version + 1;
         *t = Arc::new(Table { version, apps });
+        self.version.store(version, Ordering::Release);
         version
     }
 
@@ -87,6 +94,7 @@ impl Throttle {
         };
         let version = t.version + 1;
         *t = Arc::new(Table { version, apps });
+        self.version.store(version, Ordering::Release);
         version
     }
 
@@ -116,12 +124,24 @@ impl Throttle {
     pub fn snapshot(&self) -> Snapshot {
         Snapshot(self.current())
     }
+
+    /// A kept snapshot, replaced when the table has changed since it was taken.
+    pub fn refresh<'s>(&self, kept: &'s mut Option<Snapshot>) -> &'s Snapshot {
+        let version = self.version.load(Ordering::Acquire);
+        if kept.as_ref().is_some_and(|s| s.0.version == version) {
+            if let Some(s) = kept {
+                return s;
+            }
+        }
+        kept.insert(self.snapshot())
+    }
 }
 
 fn settings_of<'t>(t: &'t Table, app: &str) -> Option<&'t AppSettings> {
     t.apps.get(app).or_else(|| t.apps.get("*"))
 }
 
+#[derive(Debug)]
 pub struct Snapshot(Arc<Table>);
 
 impl Snapshot {
@@ -224,5 +244,19 @@ mod tests {
         assert_eq!(view.version, 2);
         t.set_app("*", None);
         assert_eq!(t.snapshot().decide("any", "x", "v").1, None);
+    }
+
+    #[test]
+    fn a_kept_snapshot_follows_every_change() {
+        let t = Throttle::new(BTreeMap::new());
+        let mut kept = None;
+        assert_eq!(t.refresh(&mut kept).decide("a", "x", "v").1, None);
+        t.set_app("a", Some(app(Priority::High, &[])));
+        assert_eq!(
+            t.refresh(&mut kept).decide("a", "x", "v").1,
+            Some(Shed::Priority)
+        );
+        t.replace_all(BTreeMap::new());
+        assert_eq!(t.refresh(&mut kept).decide("a", "x", "v").1, None);
     }
 }
