@@ -20,6 +20,16 @@
 # `qanat cdc`; the same for the snapshot (rows/s); MB/s of the raw read; events/s of the decode and of python-mysql-replication;
 # lag p50/p99/max, and how much of it is commit -> producer (the envelope's ts_ms).
 # BENCH_SCALE=0.1 makes a quick run (1M inserts at scale 1). BENCH_QANAT_BIN=path skips the build.
+#
+# Snapshot mode: CDC_SNAPSHOT_ROWS=10000000 bench/cdc.sh runs only the initial snapshot, of ONE
+# table of that many rows (sysbench's schema from `sysbench oltp_insert prepare`, filled with
+# sysbench-like values by INSERT ... SELECT from MariaDB's sequence engine, outside the binlog)
+# and prints rows/s, CPU seconds per million rows and peak RSS of `qanat cdc`, the server's
+# (mariadbd) and the broker's CPU seconds per million rows during it, and beside it the same
+# table read by `mariadb --quick -e 'SELECT * FROM t' > /dev/null` (the server's read and the
+# wire: the physical limit of a query-based snapshot). CDC_SNAPSHOT_CHUNK sets the connector's
+# snapshot_chunk (default: the connector's default); CDC_BUFFER_POOL the server's InnoDB buffer
+# pool (default 512M, 3G in snapshot mode, so that the table is read from memory).
 set -euo pipefail
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 BENCH_TAG=cdc
@@ -34,6 +44,8 @@ for cmd in mariadbd mariadb-install-db mariadb mariadb-binlog sysbench kcat; do
   command -v "$cmd" >/dev/null || die "$cmd not found (Debian packages mariadb-server, sysbench, kcat)"
 done
 PACED_RATE=${PACED_RATE:-10000}
+SNAPSHOT_ROWS=${CDC_SNAPSHOT_ROWS:-}
+if [ -n "$SNAPSHOT_ROWS" ]; then BUFFER_POOL=${CDC_BUFFER_POOL:-3G}; else BUFFER_POOL=${CDC_BUFFER_POOL:-512M}; fi
 PACED_SECONDS=${PACED_SECONDS:-20}
 # BENCH_QANAT_BIN, as in the other benches; QANAT_BIN works too.
 QANAT_BIN=${BENCH_QANAT_BIN:-${QANAT_BIN:-}}
@@ -42,7 +54,7 @@ if [ -n "${QANAT_BIN:-}" ]; then
 else
   build_release qanat
 fi
-python3 -c "import pymysqlreplication, pymysql, confluent_kafka" 2>/dev/null ||
+[ -n "$SNAPSHOT_ROWS" ] || python3 -c "import pymysqlreplication, pymysql, confluent_kafka" 2>/dev/null ||
   python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     mysql-replication pymysql confluent-kafka >&2 || log "pip install mysql-replication failed"
 start_tmp qanat-cdc-bench
@@ -58,12 +70,116 @@ DB_PORT=$(port)
 mariadbd --no-defaults --datadir="$TMP/db" --socket="$TMP/db.sock" --port="$DB_PORT" \
   --bind-address=127.0.0.1 --log-bin="$TMP/db/binlog" --binlog-format=ROW \
   --binlog-row-metadata=FULL --server-id=1 --user=root --skip-name-resolve \
-  --innodb-buffer-pool-size=512M --innodb-flush-log-at-trx-commit=0 --sync-binlog=0 \
+  --innodb-buffer-pool-size="$BUFFER_POOL" --innodb-flush-log-at-trx-commit=0 --sync-binlog=0 \
   --max-binlog-size=1G --pid-file="$TMP/db.pid" 2>"$TMP/db.log" &
 DB_PID=$!
 sql() { mariadb --no-defaults --socket="$TMP/db.sock" -uroot --batch --skip-column-names -e "$1"; }
 for _ in $(seq 600); do sql "SELECT 1" >/dev/null 2>&1 && break; sleep 0.1; done
 sql "CREATE USER 'cdc'@'%' IDENTIFIED BY 'cdc'; GRANT ALL ON *.* TO 'cdc'@'%'; CREATE DATABASE sbtest;"
+
+TICKS=$(getconf CLK_TCK)
+# cpu_s PID: utime + stime of a process so far, in seconds.
+cpu_s() { awk -v t="$TICKS" '{printf "%.3f", ($14 + $15) / t}' "/proc/$1/stat"; }
+
+start_broker() {
+  log "starting the broker"
+  "$QANAT_BIN" broker --data-dir "$TMP/broker" --listen 127.0.0.1:0 >"$TMP/broker.out" 2>"$TMP/broker.err" &
+  BROKER_PID=$!
+  PIDS+=("$BROKER_PID")
+  BOOT=$(wait_line "$TMP/broker.out" "qanat broker listening on " "$BROKER_PID") || die "broker did not start"
+}
+
+# run_snapshot ROWS TABLES_REGEX: a connector named "snap" reads the matching tables in an
+# initial snapshot; timed until every row is read and a position past the snapshot is stored
+# (so every row read is acknowledged). Sets SNAP_DONE, SNAP_S, SNAP_CPU_S, SNAP_RSS_KB and the
+# server's and the broker's CPU seconds over the same time (SNAP_DB_CPU_S, SNAP_BROKER_CPU_S).
+run_snapshot() {
+  local rows=$1 tables=$2 last="" db0 br0
+  printf '%s\n' "bootstrap = \"$BOOT\"" '[[connector]]' 'name = "snap"' \
+    "source = \"mysql://cdc:cdc@127.0.0.1:$DB_PORT\"" 'snapshot = "initial"' 'topic_prefix = "snap"' \
+    "tables = ['$tables']" ${CDC_SNAPSHOT_CHUNK:+"snapshot_chunk = $CDC_SNAPSHOT_CHUNK"} \
+    '[connector.producer]' '"linger.ms" = "20"' '"batch.num.messages" = "10000"' >"$TMP/snap.toml"
+  db0=$(cpu_s "$DB_PID")
+  br0=$(cpu_s "$BROKER_PID")
+  t0=$(date +%s.%N)
+  "$QANAT_BIN" cdc --config "$TMP/snap.toml" --metrics-listen 127.0.0.1:0 >"$TMP/snap.out" 2>"$TMP/snap.err" &
+  SNAP_PID=$!
+  PIDS+=("$SNAP_PID")
+  SNAP_METRICS=$(wait_line "$TMP/snap.out" "qanat metrics listening on " "$SNAP_PID") ||
+    die "the snapshot connector did not start: $(tail -5 "$TMP/snap.err")"
+  SNAP_DONE=0
+  for _ in $(seq 72000); do
+    kill -0 "$SNAP_PID" 2>/dev/null || die "qanat cdc (snapshot) exited: $(tail -5 "$TMP/snap.err")"
+    SNAP_DONE=$(curl -s "http://$SNAP_METRICS/metrics" |
+      awk '/^qanat_cdc_snapshot_rows_total/ {s += $2} END {printf "%d", s}')
+    # The offsets topic is looked at only once every row is read: each look starts kcat,
+    # which costs CPU the connector would use on this small machine.
+    if [ "$SNAP_DONE" -ge "$rows" ]; then
+      last=$(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q -K '|' 2>/dev/null | tail -n1)
+      [[ $last == snap\|* ]] && [[ $last != *'"snapshot"'* ]] && break
+    fi
+    sleep 0.1
+  done
+  [[ $last == snap\|* ]] && [[ $last != *'"snapshot"'* ]] || die "the snapshot did not finish ($SNAP_DONE of $rows rows)"
+  # Up to when that position was stored, as for the stream.
+  SNAP_STORED_MS=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1].split("|", 1)[1])["stored_ms"])' "$last")
+  SNAP_S=$(python3 -c "print(max(0.001, $SNAP_STORED_MS / 1000 - $t0))")
+  SNAP_CPU_S=$(cpu_s "$SNAP_PID")
+  SNAP_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SNAP_PID/status")
+  SNAP_DB_CPU_S=$(python3 -c "print($(cpu_s "$DB_PID") - $db0)")
+  SNAP_BROKER_CPU_S=$(python3 -c "print($(cpu_s "$BROKER_PID") - $br0)")
+  SNAP_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+  stop_pids "$SNAP_PID"
+}
+
+if [ -n "$SNAPSHOT_ROWS" ]; then
+  log "snapshot mode: one sysbench table of $SNAPSHOT_ROWS rows"
+  sysbench oltp_insert --db-driver=mysql --mysql-socket="$TMP/db.sock" --mysql-user=root \
+    --mysql-db=sbtest --tables=1 --table-size=0 prepare >/dev/null
+  # Filled outside the binlog (the snapshot reads the table, not the log), 1M rows a
+  # statement; the secondary index is built afterwards, as sysbench's prepare does.
+  sql "ALTER TABLE sbtest.sbtest1 DROP INDEX k_1"
+  t0=$(date +%s.%N)
+  for ((first = 1; first <= SNAPSHOT_ROWS; first += 1000000)); do
+    last_id=$((first + 999999 > SNAPSHOT_ROWS ? SNAPSHOT_ROWS : first + 999999))
+    sql "SET SESSION sql_log_bin = 0; INSERT INTO sbtest.sbtest1 (id, k, c, pad)
+      SELECT seq, 1 + (seq * 7919) % $SNAPSHOT_ROWS,
+        SUBSTRING(REPEAT(CONCAT(LPAD((seq * 104729) % 100000000000, 11, '0'), '-'), 11), 1, 119),
+        SUBSTRING(REPEAT(CONCAT(LPAD((seq * 1299709) % 100000000000, 11, '0'), '-'), 5), 1, 59)
+      FROM sbtest.seq_${first}_to_${last_id}"
+  done
+  sql "SET SESSION sql_log_bin = 0; ALTER TABLE sbtest.sbtest1 ADD INDEX k_1 (k)"
+  log "filled in $(python3 -c "print(round($(date +%s.%N) - $t0, 1))") s"
+  start_broker
+  log "peer: mariadb --quick -e 'SELECT * FROM sbtest.sbtest1' > /dev/null"
+  db0=$(cpu_s "$DB_PID")
+  t0=$(date +%s.%N)
+  /usr/bin/time -f '%U %S' -o "$TMP/peer.time" mariadb --no-defaults --quick --batch \
+    --skip-column-names -h127.0.0.1 -P"$DB_PORT" -ucdc -pcdc -e 'SELECT * FROM sbtest.sbtest1' >/dev/null
+  PEER_S=$(python3 -c "print(max(0.001, $(date +%s.%N) - $t0))")
+  PEER_DB_CPU_S=$(python3 -c "print($(cpu_s "$DB_PID") - $db0)")
+  PEER_CPU_S=$(awk '{print $1 + $2}' "$TMP/peer.time")
+  PEER_LOAD=$(cut -d' ' -f1-3 /proc/loadavg)
+  log "qanat cdc: initial snapshot of sbtest.sbtest1 ($SNAPSHOT_ROWS rows)"
+  run_snapshot "$SNAPSHOT_ROWS" 'sbtest\.sbtest1'
+  python3 - "$SNAPSHOT_ROWS" "$SNAP_S" "$SNAP_CPU_S" "$SNAP_RSS_KB" "$SNAP_DB_CPU_S" \
+    "$SNAP_BROKER_CPU_S" "$SNAP_LOAD" "$PEER_S" "$PEER_CPU_S" "$PEER_DB_CPU_S" "$PEER_LOAD" <<'PY'
+import sys
+rows = int(sys.argv[1])
+s, cpu, rss, db, br = (float(x) for x in sys.argv[2:7])
+load = sys.argv[7]
+ps, pcpu, pdb = (float(x) for x in sys.argv[8:11])
+pload = sys.argv[11]
+m = rows / 1e6
+print(f"{'reader':<44} {'rows':>10} {'rows/s':>9} {'CPU s/M':>8} {'srv CPU s/M':>11} "
+      f"{'broker CPU s/M':>14} {'peak RSS':>9}  load")
+print(f"{'qanat cdc initial snapshot (rows, acked)':<44} {rows:>10} {rows / s:>9.0f} {cpu / m:>8.2f} "
+      f"{db / m:>11.2f} {br / m:>14.2f} {int(rss) / 1024:>7.1f}Mi  {load}")
+print(f"{'mariadb --quick SELECT * > /dev/null':<44} {rows:>10} {rows / ps:>9.0f} {pcpu / m:>8.2f} "
+      f"{pdb / m:>11.2f} {'':>14} {'':>9}  {pload}")
+PY
+  exit 0
+fi
 
 SB=(--db-driver=mysql --mysql-socket="$TMP/db.sock" --mysql-user=root --mysql-db=sbtest --tables=4)
 log "sysbench oltp_insert: $INSERTS inserts"
@@ -102,10 +218,7 @@ else
     "last error: $(grep -v '^[[:space:]]*$' "$TMP/pyrepl.err" | tail -1 | tr -s ' ')"
 fi
 
-log "starting the broker"
-"$QANAT_BIN" broker --data-dir "$TMP/broker" --listen 127.0.0.1:0 >"$TMP/broker.out" 2>"$TMP/broker.err" &
-PIDS+=($!)
-BOOT=$(wait_line "$TMP/broker.out" "qanat broker listening on " "$!") || die "broker did not start"
+start_broker
 
 # Start the connector at the binlog's first byte: its stored position is what it resumes from.
 echo "bench|{\"position\":{\"file\":\"$FIRST_FILE\",\"pos\":4},\"stored_ms\":0,\"commit_ts_ms\":0}" |
@@ -142,43 +255,13 @@ done
 CDC_S=$(python3 -c "print(max(0.001, $stored_ms / 1000 - $t0))")
 EVENTS=$(curl -s "http://$METRICS/metrics" | awk '/^qanat_cdc_events_total/ {s += $2} END {printf "%d", s}')
 read -r UT ST < <(awk '{print $14, $15}' "/proc/$CDC_PID/stat")
-TICKS=$(getconf CLK_TCK)
 CPU_S=$(python3 -c "print(($UT + $ST) / $TICKS)")
 RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$CDC_PID/status")
 stop_pids "$CDC_PID"
 
 SNAP_ROWS=$(for t in 1 2 3 4; do sql "SELECT COUNT(*) FROM sbtest.sbtest$t"; done | awk '{s += $1} END {print s}')
 log "qanat cdc: initial snapshot of the sbtest tables ($SNAP_ROWS rows)"
-printf '%s\n' "bootstrap = \"$BOOT\"" '[[connector]]' 'name = "snap"' \
-  "source = \"mysql://cdc:cdc@127.0.0.1:$DB_PORT\"" 'snapshot = "initial"' 'topic_prefix = "snap"' \
-  "tables = ['sbtest\\..*']" '[connector.producer]' '"linger.ms" = "20"' \
-  '"batch.num.messages" = "10000"' >"$TMP/snap.toml"
-t0=$(date +%s.%N)
-"$QANAT_BIN" cdc --config "$TMP/snap.toml" --metrics-listen 127.0.0.1:0 >"$TMP/snap.out" 2>"$TMP/snap.err" &
-SNAP_PID=$!
-PIDS+=("$SNAP_PID")
-SNAP_METRICS=$(wait_line "$TMP/snap.out" "qanat metrics listening on " "$SNAP_PID") ||
-  die "the snapshot connector did not start: $(tail -5 "$TMP/snap.err")"
-SNAP_DONE=0
-for _ in $(seq 36000); do
-  kill -0 "$SNAP_PID" 2>/dev/null || die "qanat cdc (snapshot) exited: $(tail -5 "$TMP/snap.err")"
-  SNAP_DONE=$(curl -s "http://$SNAP_METRICS/metrics" |
-    awk '/^qanat_cdc_snapshot_rows_total/ {s += $2} END {printf "%d", s}')
-  # Done when every row is read and the last stored position is the snapshot connector's,
-  # without snapshot progress in it (so every row read is acknowledged).
-  last=$(kcat -C -b "$BOOT" -t qanat-cdc-offsets -o -1 -e -q -K '|' 2>/dev/null | tail -n1)
-  if [ "$SNAP_DONE" -ge "$SNAP_ROWS" ] && [[ $last == snap\|* ]] && [[ $last != *'"snapshot"'* ]]; then
-    break
-  fi
-  sleep 0.1
-done
-# Up to when that position was stored, as for the stream above.
-SNAP_STORED_MS=$(python3 -c 'import json,sys; print(json.loads(sys.argv[1].split("|", 1)[1])["stored_ms"])' "$last")
-SNAP_S=$(python3 -c "print(max(0.001, $SNAP_STORED_MS / 1000 - $t0))")
-read -r SUT SST < <(awk '{print $14, $15}' "/proc/$SNAP_PID/stat")
-SNAP_CPU_S=$(python3 -c "print(($SUT + $SST) / $TICKS)")
-SNAP_RSS_KB=$(awk '/VmHWM/ {print $2}' "/proc/$SNAP_PID/status")
-stop_pids "$SNAP_PID"
+run_snapshot "$SNAP_ROWS" 'sbtest\..*'
 
 log "paced: $PACED_RATE row events/s for ${PACED_SECONDS}s, end-to-end lag"
 sql "CREATE DATABASE lag; CREATE TABLE lag.t (id BIGINT AUTO_INCREMENT PRIMARY KEY,
