@@ -15,7 +15,13 @@
 //! coordinates: rows read later are newer than the stream's start, and replaying the binlog
 //! from the older start in order converges every key to its final state (each row event
 //! carries the full image). A table without a primary key is read in one ordered-by-nothing
-//! pass, restarted from its beginning after a crash.
+//! pass (streamed in chunks of `snapshot_chunk` rows), restarted from its beginning after a
+//! crash.
+//!
+//! The chunks are read and decoded by a task of their own ([`SnapshotReader`]) while the
+//! delivery loop encodes and produces the previous one; it reads at most [`SNAPSHOT_AHEAD`]
+//! chunks ahead, which bounds the snapshot's memory. The stored progress (last key) is that of
+//! the chunks handed to the loop, never of the ones read ahead.
 //!
 //! # Schema
 //! Column names, signedness, ENUM/SET labels, charsets and the primary key come from the
@@ -229,13 +235,68 @@ struct TableShape {
     pk_flags: Vec<bool>,
 }
 
+/// Chunks the snapshot reader may have read ahead of the delivery (besides the one being
+/// read and the one being delivered): what bounds the snapshot's memory.
+const SNAPSHOT_AHEAD: usize = 1;
+
 struct SnapshotRun {
-    conn: Conn,
-    tables: VecDeque<TableDef>,
+    /// Chunks from the reader task ([`SnapshotReader`]), in table and key order.
+    chunks: tokio::sync::mpsc::Receiver<Result<SnapshotBatch, MysqlError>>,
+    /// Aborted when the run is dropped (shutdown): the reader stops at its next chunk anyway,
+    /// this also stops a query in flight.
+    _reader: AbortOnDrop,
     progress: SnapshotProgress,
     /// Rows read of the current table, and when progress was last logged.
     rows_done: u64,
     logged: Instant,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// What the snapshot reader hands to the source.
+enum SnapshotBatch {
+    /// The rows of one chunk (`op: "r"` events, ready to deliver), in key order.
+    Chunk {
+        /// `db.table`.
+        coll: String,
+        estimated_rows: u64,
+        rows: Vec<Change>,
+        /// The chunk's last key; `None` for a table without a primary key.
+        last_key: Option<Vec<Json>>,
+        /// The table is read to its end.
+        finished: bool,
+    },
+    /// Every table is read and the snapshot's transaction committed.
+    Done,
+}
+
+/// Reads the snapshot's chunks on its own task, so that the next chunk is read and decoded
+/// while the current one is encoded and produced (two cores instead of one), at most
+/// [`SNAPSHOT_AHEAD`] chunks ahead. Progress is the source's: what the reader read ahead is
+/// read again after a crash.
+struct SnapshotReader {
+    /// Inside the snapshot's transaction.
+    conn: Conn,
+    tables: VecDeque<TableDef>,
+    /// The table being read when the snapshot was resumed, and its last key read.
+    resume: Option<(String, Vec<Json>)>,
+    chunk: usize,
+    rows: SnapshotRows,
+}
+
+/// What turns a snapshot chunk's rows into events.
+struct SnapshotRows {
+    charsets: HashMap<u16, String>,
+    name: Arc<str>,
+    /// The snapshot's binlog coordinates, in every row's `source`.
+    file: Arc<str>,
+    pos: u64,
 }
 
 /// Redact the password of a URL for messages.
@@ -549,9 +610,22 @@ impl MysqlSource {
             });
         }
         tracing::info!(tables = tables.len(), position = %self.at.show(), "snapshot starting");
-        self.snapshot = Some(SnapshotRun {
+        let reader = SnapshotReader {
             conn,
             tables,
+            resume: progress.table.clone().zip(progress.last_key.clone()),
+            chunk: self.cfg.snapshot_chunk.max(1),
+            rows: SnapshotRows {
+                charsets: self.charsets.clone(),
+                name: self.name.clone(),
+                file: Arc::from(self.at.file.as_str()),
+                pos: self.at.pos,
+            },
+        };
+        let (tx, chunks) = tokio::sync::mpsc::channel(SNAPSHOT_AHEAD);
+        self.snapshot = Some(SnapshotRun {
+            chunks,
+            _reader: AbortOnDrop(tokio::spawn(reader.run(tx))),
             progress,
             rows_done: 0,
             logged: Instant::now(),
@@ -559,19 +633,25 @@ impl MysqlSource {
         Ok(())
     }
 
-    /// One chunk of the snapshot into `pending`, or its end.
+    /// The next chunk of the snapshot (from the reader) into `pending`, or its end.
     async fn snapshot_step(&mut self) -> Result<(), MysqlError> {
         let Some(run) = self.snapshot.as_mut() else {
             return Ok(());
         };
-        let Some(def) = run.tables.front().cloned() else {
-            let run = self.snapshot.take();
-            if let Some(mut run) = run {
-                run.conn
-                    .query_drop("COMMIT")
-                    .await
-                    .map_err(q("COMMIT snapshot"))?;
-            }
+        let batch = run.chunks.recv().await.unwrap_or_else(|| {
+            Err(MysqlError::Snapshot(
+                "the snapshot reader stopped without an error".into(),
+            ))
+        })?;
+        let SnapshotBatch::Chunk {
+            coll,
+            estimated_rows,
+            rows,
+            last_key,
+            finished,
+        } = batch
+        else {
+            self.snapshot = None;
             self.at.snapshot = None;
             tracing::info!(position = %self.at.show(), "snapshot done; streaming");
             self.pending.push_back(Change::Heartbeat {
@@ -580,76 +660,22 @@ impl MysqlSource {
             });
             return Ok(());
         };
-        let coll = format!("{}.{}", def.db, def.table);
         if run.progress.table.as_deref() != Some(coll.as_str()) {
             run.progress.table = Some(coll.clone());
             run.progress.last_key = None;
             run.rows_done = 0;
         }
-        let chunk = self.cfg.snapshot_chunk.max(1);
-        let (sql, params) = chunk_query(
-            &def.db,
-            &def.table,
-            &def.primary_key,
-            run.progress.last_key.as_deref(),
-            chunk,
-        );
-        let result: Vec<mysql_async::Row> = run
-            .conn
-            .exec(sql.as_str(), params)
-            .await
-            .map_err(q(format!("snapshot of {coll}")))?;
-        let n = result.len();
-        let finished = def.primary_key.is_empty() || n < chunk;
-        let last_table = finished && run.tables.len() == 1;
-        let ts = now_ms();
-        let rows = decode_chunk(result, &def.primary_key, &self.charsets, &coll)?;
-        let db: Arc<str> = Arc::from(def.db.as_str());
-        let table: Arc<str> = Arc::from(def.table.as_str());
-        let file: Arc<str> = Arc::from(self.at.file.as_str());
-        for (i, (image, key)) in rows.into_iter().enumerate() {
-            if i + 1 == n && !def.primary_key.is_empty() {
-                run.progress.last_key =
-                    Some(key.columns.iter().map(|(_, v)| v.to_json()).collect());
-            }
-            let mark = if last_table && i + 1 == n {
-                SnapshotMark::Last
-            } else {
-                SnapshotMark::Yes
-            };
-            self.pending.push_back(Change::Row(Box::new(ChangeEvent {
-                op: Op::Read,
-                before: None,
-                after: Some(image),
-                key,
-                source: SourceInfo {
-                    connector: "mysql",
-                    name: self.name.clone(),
-                    db: db.clone(),
-                    table: table.clone(),
-                    ts_ms: ts,
-                    snapshot: mark,
-                    file: Some(file.clone()),
-                    pos: Some(self.at.pos),
-                    ..SourceInfo::default()
-                },
-                transaction: None,
-            })));
+        if last_key.is_some() {
+            run.progress.last_key = last_key;
         }
-        run.rows_done += n as u64;
-        crate::progress::report(
-            &self.name,
-            &coll,
-            run.rows_done,
-            def.estimated_rows,
-            finished,
-        );
+        run.rows_done += rows.len() as u64;
+        self.pending.extend(rows);
+        crate::progress::report(&self.name, &coll, run.rows_done, estimated_rows, finished);
         if finished || run.logged.elapsed() >= Duration::from_secs(2) {
-            tracing::info!(table = %coll, rows_done = run.rows_done, rows_estimated = def.estimated_rows, finished, "snapshot progress");
+            tracing::info!(table = %coll, rows_done = run.rows_done, rows_estimated = estimated_rows, finished, "snapshot progress");
             run.logged = Instant::now();
         }
         if finished {
-            run.tables.pop_front();
             run.progress.done.push(coll);
             run.progress.table = None;
             run.progress.last_key = None;
@@ -658,7 +684,7 @@ impl MysqlSource {
         at.snapshot = Some(run.progress.clone());
         self.pending.push_back(Change::Heartbeat {
             resume: at.position(),
-            ts_ms: ts,
+            ts_ms: now_ms(),
         });
         Ok(())
     }
@@ -2176,6 +2202,164 @@ fn decode_chunk(
         out.push((image, key));
     }
     Ok(out)
+}
+
+impl SnapshotReader {
+    /// Read every table, chunk by chunk, into `tx`; then commit and send
+    /// [`SnapshotBatch::Done`]. An error is sent as the last item. Stops quietly when the
+    /// source is gone.
+    async fn run(mut self, tx: tokio::sync::mpsc::Sender<Result<SnapshotBatch, MysqlError>>) {
+        let last = match self.read(&tx).await {
+            Ok(true) => Ok(SnapshotBatch::Done),
+            Ok(false) => return,
+            Err(e) => Err(e),
+        };
+        let _ = tx.send(last).await;
+    }
+
+    /// False when the receiver is gone.
+    async fn read(
+        &mut self,
+        tx: &tokio::sync::mpsc::Sender<Result<SnapshotBatch, MysqlError>>,
+    ) -> Result<bool, MysqlError> {
+        let chunk = self.chunk;
+        while let Some(def) = self.tables.pop_front() {
+            let coll = format!("{}.{}", def.db, def.table);
+            let last_table = self.tables.is_empty();
+            let db: Arc<str> = Arc::from(def.db.as_str());
+            let table: Arc<str> = Arc::from(def.table.as_str());
+            let mut last_key = match self.resume.take() {
+                Some((t, key)) if t == coll => Some(key),
+                _ => None,
+            };
+            if def.primary_key.is_empty() {
+                // One pass, streamed in chunks of `chunk` rows: a crash restarts the table.
+                let (sql, params) = chunk_query(&def.db, &def.table, &[], None, chunk);
+                let mut result = self
+                    .conn
+                    .exec_iter(sql.as_str(), params)
+                    .await
+                    .map_err(q(format!("snapshot of {coll}")))?;
+                loop {
+                    let mut raw = Vec::with_capacity(chunk.min(65_536));
+                    while raw.len() < chunk {
+                        match result
+                            .next()
+                            .await
+                            .map_err(q(format!("snapshot of {coll}")))?
+                        {
+                            Some(row) => raw.push(row),
+                            None => break,
+                        }
+                    }
+                    let finished = raw.len() < chunk;
+                    let (rows, _) = self.rows.events(raw, &def, &coll, &db, &table, finished && last_table)?;
+                    let batch = SnapshotBatch::Chunk {
+                        coll: coll.clone(),
+                        estimated_rows: def.estimated_rows,
+                        rows,
+                        last_key: None,
+                        finished,
+                    };
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return Ok(false);
+                    }
+                    if finished {
+                        break;
+                    }
+                }
+                drop(result);
+                continue;
+            }
+            loop {
+                let (sql, params) = chunk_query(
+                    &def.db,
+                    &def.table,
+                    &def.primary_key,
+                    last_key.as_deref(),
+                    chunk,
+                );
+                let raw: Vec<mysql_async::Row> = self
+                    .conn
+                    .exec(sql.as_str(), params)
+                    .await
+                    .map_err(q(format!("snapshot of {coll}")))?;
+                let finished = raw.len() < chunk;
+                let (rows, key) =
+                    self.rows.events(raw, &def, &coll, &db, &table, finished && last_table)?;
+                if key.is_some() {
+                    last_key = key;
+                }
+                let batch = SnapshotBatch::Chunk {
+                    coll: coll.clone(),
+                    estimated_rows: def.estimated_rows,
+                    rows,
+                    last_key: last_key.clone(),
+                    finished,
+                };
+                if tx.send(Ok(batch)).await.is_err() {
+                    return Ok(false);
+                }
+                if finished {
+                    break;
+                }
+            }
+        }
+        self.conn
+            .query_drop("COMMIT")
+            .await
+            .map_err(q("COMMIT snapshot"))?;
+        Ok(true)
+    }
+}
+
+impl SnapshotRows {
+    /// A chunk's rows as `op: "r"` changes, and the last row's key. `last` marks the chunk's
+    /// last row as the snapshot's last.
+    fn events(
+        &self,
+        raw: Vec<mysql_async::Row>,
+        def: &TableDef,
+        coll: &str,
+        db: &Arc<str>,
+        table: &Arc<str>,
+        last: bool,
+    ) -> Result<(Vec<Change>, Option<Vec<Json>>), MysqlError> {
+        let n = raw.len();
+        let ts = now_ms();
+        let decoded = decode_chunk(raw, &def.primary_key, &self.charsets, coll)?;
+        let last_key = decoded
+            .last()
+            .filter(|_| !def.primary_key.is_empty())
+            .map(|(_, key)| key.columns.iter().map(|(_, v)| v.to_json()).collect());
+        let mut rows = Vec::with_capacity(n);
+        for (i, (image, key)) in decoded.into_iter().enumerate() {
+            let mark = if last && i + 1 == n {
+                SnapshotMark::Last
+            } else {
+                SnapshotMark::Yes
+            };
+            rows.push(Change::Row(Box::new(ChangeEvent {
+                op: Op::Read,
+                before: None,
+                after: Some(image),
+                key,
+                source: SourceInfo {
+                    connector: "mysql",
+                    name: self.name.clone(),
+                    db: db.clone(),
+                    table: table.clone(),
+                    ts_ms: ts,
+                    snapshot: mark,
+                    file: Some(self.file.clone()),
+                    pos: Some(self.pos),
+                    ..SourceInfo::default()
+                },
+                transaction: None,
+            })));
+        }
+        Ok((rows, last_key))
+    }
 }
 
 impl Source for MysqlSource {
