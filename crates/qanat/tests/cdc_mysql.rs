@@ -881,3 +881,60 @@ fn a_table_added_later_is_snapshotted_alone() {
         .collect();
     assert_eq!(ops, ["c", "c"], "{a:?}");
 }
+
+#[test]
+fn the_snapshot_reads_keyed_tables_in_chunks_and_keyless_ones_whole() {
+    let db = MariaDb::start();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    // 96 keyed rows: twelve full chunks of 8, then an empty one. 45 keyless rows: streamed
+    // in chunks of 8, the last one short; that table comes last, so its last row is "last".
+    db.sql(
+        "CREATE DATABASE nk; CREATE TABLE nk.keyed (id INT PRIMARY KEY, v VARCHAR(20));
+         CREATE TABLE nk.keyless (a INT, b VARCHAR(20));
+         INSERT INTO nk.keyed SELECT seq, CONCAT('v', seq) FROM nk.seq_1_to_96;
+         INSERT INTO nk.keyless SELECT seq % 7, CONCAT('b', seq) FROM nk.seq_1_to_45;",
+    );
+    let config = write_config(
+        &dir,
+        &broker,
+        &format!(
+            "[[connector]]\nname = \"nk\"\nsource = \"{}\"\nsnapshot = \"initial\"\nsnapshot_chunk = 8\ntables = ['nk\\..*']\n",
+            db.url()
+        ),
+    );
+    let _cdc = start_cdc(&config);
+    wait_caught_up(&broker, &db, "nk");
+
+    let keyed = records(&broker.bootstrap(), "cdc.nk.keyed");
+    let ids: Vec<i64> = keyed
+        .iter()
+        .map(|(_, v)| v.as_ref().expect("value")["after"]["id"].as_i64().expect("id"))
+        .collect();
+    assert_eq!(ids, (1..=96).collect::<Vec<_>>(), "every keyed row once, in key order");
+    assert!(keyed.iter().all(|(k, v)| {
+        let v = v.as_ref().expect("value");
+        v["op"] == "r" && v["source"]["snapshot"] == "true" && *k == Some(json!({"id": v["after"]["id"]}))
+    }));
+
+    let keyless = records(&broker.bootstrap(), "cdc.nk.keyless");
+    let mut got: Vec<String> = keyless
+        .iter()
+        .map(|(k, v)| {
+            assert_eq!(*k, None, "a keyless table's records have no key");
+            v.as_ref().expect("value")["after"].to_string()
+        })
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (1..=45)
+        .map(|i| json!({"a": i % 7, "b": format!("b{i}")}).to_string())
+        .collect();
+    want.sort();
+    assert_eq!(got, want, "every keyless row once");
+    let marks: Vec<&str> = keyless
+        .iter()
+        .filter_map(|(_, v)| v.as_ref()?["source"]["snapshot"].as_str())
+        .collect();
+    assert_eq!(marks.last(), Some(&"last"), "the snapshot's last row is marked");
+    assert!(marks[..marks.len() - 1].iter().all(|m| *m == "true"));
+}
