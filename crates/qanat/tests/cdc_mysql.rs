@@ -887,19 +887,20 @@ fn the_snapshot_reads_keyed_tables_in_chunks_and_keyless_ones_whole() {
     let db = MariaDb::start();
     let broker = Broker::start();
     let dir = tempfile::tempdir().expect("tempdir");
-    // 96 keyed rows: twelve full chunks of 8, then an empty one. 45 keyless rows: streamed
-    // in chunks of 8, the last one short; that table comes last, so its last row is "last".
+    // 4096 keyed rows: two full chunks of 2048 (each handed over in batches of 1024), then an
+    // empty one. 2500 keyless rows: one query handed over in batches, the last one short; that
+    // table comes last, so its last row is "last".
     db.sql(
         "CREATE DATABASE nk; CREATE TABLE nk.keyed (id INT PRIMARY KEY, v VARCHAR(20));
          CREATE TABLE nk.keyless (a INT, b VARCHAR(20));
-         INSERT INTO nk.keyed SELECT seq, CONCAT('v', seq) FROM nk.seq_1_to_96;
-         INSERT INTO nk.keyless SELECT seq % 7, CONCAT('b', seq) FROM nk.seq_1_to_45;",
+         INSERT INTO nk.keyed SELECT seq, CONCAT('v', seq) FROM nk.seq_1_to_4096;
+         INSERT INTO nk.keyless SELECT seq % 7, CONCAT('b', seq) FROM nk.seq_1_to_2500;",
     );
     let config = write_config(
         &dir,
         &broker,
         &format!(
-            "[[connector]]\nname = \"nk\"\nsource = \"{}\"\nsnapshot = \"initial\"\nsnapshot_chunk = 8\ntables = ['nk\\..*']\n",
+            "[[connector]]\nname = \"nk\"\nsource = \"{}\"\nsnapshot = \"initial\"\nsnapshot_chunk = 2048\ntables = ['nk\\..*']\n",
             db.url()
         ),
     );
@@ -909,12 +910,22 @@ fn the_snapshot_reads_keyed_tables_in_chunks_and_keyless_ones_whole() {
     let keyed = records(&broker.bootstrap(), "cdc.nk.keyed");
     let ids: Vec<i64> = keyed
         .iter()
-        .map(|(_, v)| v.as_ref().expect("value")["after"]["id"].as_i64().expect("id"))
+        .map(|(_, v)| {
+            v.as_ref().expect("value")["after"]["id"]
+                .as_i64()
+                .expect("id")
+        })
         .collect();
-    assert_eq!(ids, (1..=96).collect::<Vec<_>>(), "every keyed row once, in key order");
+    assert_eq!(
+        ids,
+        (1..=4096).collect::<Vec<_>>(),
+        "every keyed row once, in key order"
+    );
     assert!(keyed.iter().all(|(k, v)| {
         let v = v.as_ref().expect("value");
-        v["op"] == "r" && v["source"]["snapshot"] == "true" && *k == Some(json!({"id": v["after"]["id"]}))
+        v["op"] == "r"
+            && v["source"]["snapshot"] == "true"
+            && *k == Some(json!({"id": v["after"]["id"]}))
     }));
 
     let keyless = records(&broker.bootstrap(), "cdc.nk.keyless");
@@ -926,7 +937,7 @@ fn the_snapshot_reads_keyed_tables_in_chunks_and_keyless_ones_whole() {
         })
         .collect();
     got.sort();
-    let mut want: Vec<String> = (1..=45)
+    let mut want: Vec<String> = (1..=2500)
         .map(|i| json!({"a": i % 7, "b": format!("b{i}")}).to_string())
         .collect();
     want.sort();
@@ -935,6 +946,10 @@ fn the_snapshot_reads_keyed_tables_in_chunks_and_keyless_ones_whole() {
         .iter()
         .filter_map(|(_, v)| v.as_ref()?["source"]["snapshot"].as_str())
         .collect();
-    assert_eq!(marks.last(), Some(&"last"), "the snapshot's last row is marked");
+    assert_eq!(
+        marks.last(),
+        Some(&"last"),
+        "the snapshot's last row is marked"
+    );
     assert!(marks[..marks.len() - 1].iter().all(|m| *m == "true"));
 }

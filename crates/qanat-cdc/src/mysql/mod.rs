@@ -19,9 +19,10 @@
 //! crash.
 //!
 //! The chunks are read and decoded by a task of their own ([`SnapshotReader`]) while the
-//! delivery loop encodes and produces the previous one; it reads at most [`SNAPSHOT_AHEAD`]
-//! chunks ahead, which bounds the snapshot's memory. The stored progress (last key) is that of
-//! the chunks handed to the loop, never of the ones read ahead.
+//! delivery loop encodes and produces the rows before them; it hands rows over in batches of
+//! [`SNAPSHOT_BATCH`] and runs at most [`SNAPSHOT_AHEAD`] batches ahead, which bounds the
+//! snapshot's memory whatever the chunk size. The stored progress (last key) is that of the
+//! batches handed to the loop, never of the ones read ahead.
 //!
 //! # Schema
 //! Column names, signedness, ENUM/SET labels, charsets and the primary key come from the
@@ -235,9 +236,15 @@ struct TableShape {
     pk_flags: Vec<bool>,
 }
 
-/// Chunks the snapshot reader may have read ahead of the delivery (besides the one being
-/// read and the one being delivered): what bounds the snapshot's memory.
-const SNAPSHOT_AHEAD: usize = 1;
+/// Rows the snapshot reader hands over at a time: a chunk (`snapshot_chunk` rows, one query)
+/// is handed over in batches of this many rows as they are decoded, so that the delivery
+/// starts on a chunk while the rest of it is still read.
+const SNAPSHOT_BATCH: usize = 1024;
+
+/// Batches the snapshot reader may have read ahead of the delivery (besides the one being
+/// read and the one being delivered): with [`SNAPSHOT_BATCH`], what bounds the snapshot's
+/// memory, whatever the chunk size.
+const SNAPSHOT_AHEAD: usize = 4;
 
 struct SnapshotRun {
     /// Chunks from the reader task ([`SnapshotReader`]), in table and key order.
@@ -261,13 +268,13 @@ impl Drop for AbortOnDrop {
 
 /// What the snapshot reader hands to the source.
 enum SnapshotBatch {
-    /// The rows of one chunk (`op: "r"` events, ready to deliver), in key order.
+    /// Rows of one table (`op: "r"` events, ready to deliver), in key order.
     Chunk {
         /// `db.table`.
         coll: String,
         estimated_rows: u64,
         rows: Vec<Change>,
-        /// The chunk's last key; `None` for a table without a primary key.
+        /// The last key read; `None` for a table without a primary key.
         last_key: Option<Vec<Json>>,
         /// The table is read to its end.
         finished: bool,
@@ -278,7 +285,7 @@ enum SnapshotBatch {
 
 /// Reads the snapshot's chunks on its own task, so that the next chunk is read and decoded
 /// while the current one is encoded and produced (two cores instead of one), at most
-/// [`SNAPSHOT_AHEAD`] chunks ahead. Progress is the source's: what the reader read ahead is
+/// [`SNAPSHOT_AHEAD`] batches ahead. Progress is the source's: what the reader read ahead is
 /// read again after a crash.
 struct SnapshotReader {
     /// Inside the snapshot's transaction.
@@ -2149,59 +2156,80 @@ fn chunk_query(
     }
 }
 
-/// The rows of a chunk as (image, key). Column facts are worked out once per chunk: every row
+/// What decoding the rows of one result needs, worked out once from its columns: every row
 /// of a result has the same columns.
-fn decode_chunk(
-    result: Vec<mysql_async::Row>,
-    primary_key: &[String],
-    charsets: &HashMap<u16, String>,
-    coll: &str,
-) -> Result<Vec<(Row, Row)>, MysqlError> {
-    let (shapes, names, key_flags): (Vec<ColumnShape>, Vec<Arc<str>>, Vec<bool>) = result
-        .first()
-        .map(|row| {
-            let columns = row.columns_ref();
-            (
-                columns.iter().map(snapshot_shape).collect(),
-                columns
-                    .iter()
-                    .map(|c| Arc::from(c.name_str().as_ref()))
-                    .collect(),
-                columns
-                    .iter()
-                    .map(|c| primary_key.iter().any(|k| *k == c.name_str()))
-                    .collect(),
-            )
-        })
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(result.len());
-    for row in result {
+struct ChunkColumns {
+    shapes: Vec<ColumnShape>,
+    names: Vec<Arc<str>>,
+    key_flags: Vec<bool>,
+    key_len: usize,
+}
+
+impl ChunkColumns {
+    fn new(columns: &[mysql_async::Column], primary_key: &[String]) -> Self {
+        let key_flags: Vec<bool> = columns
+            .iter()
+            .map(|c| primary_key.iter().any(|k| *k == c.name_str()))
+            .collect();
+        ChunkColumns {
+            shapes: columns.iter().map(snapshot_shape).collect(),
+            names: columns
+                .iter()
+                .map(|c| Arc::from(c.name_str().as_ref()))
+                .collect(),
+            key_len: key_flags.iter().filter(|k| **k).count(),
+            key_flags,
+        }
+    }
+
+    /// One row as (image, key).
+    fn decode(
+        &self,
+        row: mysql_async::Row,
+        charsets: &HashMap<u16, String>,
+        coll: &str,
+    ) -> Result<(Row, Row), MysqlError> {
         let columns = row.columns();
         let values = row.unwrap();
-        let mut image = Row {
-            columns: Vec::with_capacity(values.len()),
-        };
-        for (((col, v), shape), name) in columns.iter().zip(values).zip(&shapes).zip(&names) {
+        let mut image = Vec::with_capacity(values.len());
+        let mut key = Vec::with_capacity(self.key_len);
+        for ((((col, v), shape), name), is_key) in columns
+            .iter()
+            .zip(values)
+            .zip(&self.shapes)
+            .zip(&self.names)
+            .zip(&self.key_flags)
+        {
             let value =
                 snapshot_value(shape, col, v, charsets).map_err(|error| MysqlError::Decode {
                     table: coll.to_string(),
                     position: "snapshot".into(),
                     error,
                 })?;
-            image.columns.push((name.clone(), value));
+            if *is_key {
+                key.push((name.clone(), value.clone()));
+            }
+            image.push((name.clone(), value));
         }
-        let key = Row {
-            columns: image
-                .columns
-                .iter()
-                .zip(&key_flags)
-                .filter(|(_, k)| **k)
-                .map(|(c, _)| c.clone())
-                .collect(),
-        };
-        out.push((image, key));
+        Ok((Row { columns: image }, Row { columns: key }))
     }
-    Ok(out)
+}
+
+/// The rows of a chunk as (image, key).
+fn decode_chunk(
+    result: Vec<mysql_async::Row>,
+    primary_key: &[String],
+    charsets: &HashMap<u16, String>,
+    coll: &str,
+) -> Result<Vec<(Row, Row)>, MysqlError> {
+    let Some(first) = result.first() else {
+        return Ok(Vec::new());
+    };
+    let columns = ChunkColumns::new(first.columns_ref(), primary_key);
+    result
+        .into_iter()
+        .map(|row| columns.decode(row, charsets, coll))
+        .collect()
 }
 
 impl SnapshotReader {
@@ -2217,7 +2245,8 @@ impl SnapshotReader {
         let _ = tx.send(last).await;
     }
 
-    /// False when the receiver is gone.
+    /// False when the receiver is gone. Rows are decoded as they arrive: a chunk is held as
+    /// events only, never also as protocol rows.
     async fn read(
         &mut self,
         tx: &tokio::sync::mpsc::Sender<Result<SnapshotBatch, MysqlError>>,
@@ -2226,52 +2255,20 @@ impl SnapshotReader {
         while let Some(def) = self.tables.pop_front() {
             let coll = format!("{}.{}", def.db, def.table);
             let last_table = self.tables.is_empty();
-            let db: Arc<str> = Arc::from(def.db.as_str());
-            let table: Arc<str> = Arc::from(def.table.as_str());
+            let keyed = !def.primary_key.is_empty();
+            let table = SnapshotTable {
+                db: Arc::from(def.db.as_str()),
+                table: Arc::from(def.table.as_str()),
+            };
             let mut last_key = match self.resume.take() {
-                Some((t, key)) if t == coll => Some(key),
+                Some((t, key)) if t == coll && keyed => Some(key),
                 _ => None,
             };
-            if def.primary_key.is_empty() {
-                // One pass, streamed in chunks of `chunk` rows: a crash restarts the table.
-                let (sql, params) = chunk_query(&def.db, &def.table, &[], None, chunk);
-                let mut result = self
-                    .conn
-                    .exec_iter(sql.as_str(), params)
-                    .await
-                    .map_err(q(format!("snapshot of {coll}")))?;
-                loop {
-                    let mut raw = Vec::with_capacity(chunk.min(65_536));
-                    while raw.len() < chunk {
-                        match result
-                            .next()
-                            .await
-                            .map_err(q(format!("snapshot of {coll}")))?
-                        {
-                            Some(row) => raw.push(row),
-                            None => break,
-                        }
-                    }
-                    let finished = raw.len() < chunk;
-                    let (rows, _) = self.rows.events(raw, &def, &coll, &db, &table, finished && last_table)?;
-                    let batch = SnapshotBatch::Chunk {
-                        coll: coll.clone(),
-                        estimated_rows: def.estimated_rows,
-                        rows,
-                        last_key: None,
-                        finished,
-                    };
-                    if tx.send(Ok(batch)).await.is_err() {
-                        return Ok(false);
-                    }
-                    if finished {
-                        break;
-                    }
-                }
-                drop(result);
-                continue;
-            }
-            loop {
+            // A keyed table is a query per chunk of `chunk` rows, after the last key; one
+            // without a key is one query (a crash restarts it). Either way the rows go to the
+            // source in batches of SNAPSHOT_BATCH as they are decoded.
+            let mut finished = false;
+            while !finished {
                 let (sql, params) = chunk_query(
                     &def.db,
                     &def.table,
@@ -2279,29 +2276,60 @@ impl SnapshotReader {
                     last_key.as_deref(),
                     chunk,
                 );
-                let raw: Vec<mysql_async::Row> = self
+                let mut result = self
                     .conn
-                    .exec(sql.as_str(), params)
+                    .exec_iter(sql.as_str(), params)
                     .await
                     .map_err(q(format!("snapshot of {coll}")))?;
-                let finished = raw.len() < chunk;
-                let (rows, key) =
-                    self.rows.events(raw, &def, &coll, &db, &table, finished && last_table)?;
-                if key.is_some() {
-                    last_key = key;
-                }
-                let batch = SnapshotBatch::Chunk {
-                    coll: coll.clone(),
-                    estimated_rows: def.estimated_rows,
-                    rows,
-                    last_key: last_key.clone(),
-                    finished,
-                };
-                if tx.send(Ok(batch)).await.is_err() {
-                    return Ok(false);
-                }
-                if finished {
-                    break;
+                let mut columns: Option<ChunkColumns> = None;
+                let mut read = 0usize;
+                let mut rows = Vec::with_capacity(SNAPSHOT_BATCH);
+                let mut ts = now_ms();
+                loop {
+                    let row = result
+                        .next()
+                        .await
+                        .map_err(q(format!("snapshot of {coll}")))?;
+                    let end = row.is_none();
+                    if let Some(row) = row {
+                        let cols = columns.get_or_insert_with(|| {
+                            ChunkColumns::new(row.columns_ref(), &def.primary_key)
+                        });
+                        let (image, key) = cols.decode(row, &self.rows.charsets, &coll)?;
+                        rows.push(self.rows.event(&table, image, key, ts));
+                        read += 1;
+                    }
+                    if end {
+                        finished = !keyed || read < chunk;
+                    }
+                    if rows.len() < SNAPSHOT_BATCH && !end {
+                        continue;
+                    }
+                    if rows.is_empty() && !finished {
+                        break;
+                    }
+                    if finished && last_table {
+                        if let Some(Change::Row(event)) = rows.last_mut() {
+                            event.source.snapshot = SnapshotMark::Last;
+                        }
+                    }
+                    if let (true, Some(Change::Row(event))) = (keyed, rows.last()) {
+                        last_key = Some(event.key.columns.iter().map(|(_, v)| v.to_json()).collect());
+                    }
+                    let batch = SnapshotBatch::Chunk {
+                        coll: coll.clone(),
+                        estimated_rows: def.estimated_rows,
+                        rows: std::mem::replace(&mut rows, Vec::with_capacity(SNAPSHOT_BATCH)),
+                        last_key: last_key.clone(),
+                        finished,
+                    };
+                    if tx.send(Ok(batch)).await.is_err() {
+                        return Ok(false);
+                    }
+                    if end {
+                        break;
+                    }
+                    ts = now_ms();
                 }
             }
         }
@@ -2313,52 +2341,33 @@ impl SnapshotReader {
     }
 }
 
+/// The table a snapshot chunk is read from.
+struct SnapshotTable {
+    db: Arc<str>,
+    table: Arc<str>,
+}
+
 impl SnapshotRows {
-    /// A chunk's rows as `op: "r"` changes, and the last row's key. `last` marks the chunk's
-    /// last row as the snapshot's last.
-    fn events(
-        &self,
-        raw: Vec<mysql_async::Row>,
-        def: &TableDef,
-        coll: &str,
-        db: &Arc<str>,
-        table: &Arc<str>,
-        last: bool,
-    ) -> Result<(Vec<Change>, Option<Vec<Json>>), MysqlError> {
-        let n = raw.len();
-        let ts = now_ms();
-        let decoded = decode_chunk(raw, &def.primary_key, &self.charsets, coll)?;
-        let last_key = decoded
-            .last()
-            .filter(|_| !def.primary_key.is_empty())
-            .map(|(_, key)| key.columns.iter().map(|(_, v)| v.to_json()).collect());
-        let mut rows = Vec::with_capacity(n);
-        for (i, (image, key)) in decoded.into_iter().enumerate() {
-            let mark = if last && i + 1 == n {
-                SnapshotMark::Last
-            } else {
-                SnapshotMark::Yes
-            };
-            rows.push(Change::Row(Box::new(ChangeEvent {
-                op: Op::Read,
-                before: None,
-                after: Some(image),
-                key,
-                source: SourceInfo {
-                    connector: "mysql",
-                    name: self.name.clone(),
-                    db: db.clone(),
-                    table: table.clone(),
-                    ts_ms: ts,
-                    snapshot: mark,
-                    file: Some(self.file.clone()),
-                    pos: Some(self.pos),
-                    ..SourceInfo::default()
-                },
-                transaction: None,
-            })));
-        }
-        Ok((rows, last_key))
+    /// A row read by the snapshot as its `op: "r"` change.
+    fn event(&self, table: &SnapshotTable, image: Row, key: Row, ts: i64) -> Change {
+        Change::Row(Box::new(ChangeEvent {
+            op: Op::Read,
+            before: None,
+            after: Some(image),
+            key,
+            source: SourceInfo {
+                connector: "mysql",
+                name: self.name.clone(),
+                db: table.db.clone(),
+                table: table.table.clone(),
+                ts_ms: ts,
+                snapshot: SnapshotMark::Yes,
+                file: Some(self.file.clone()),
+                pos: Some(self.pos),
+                ..SourceInfo::default()
+            },
+            transaction: None,
+        }))
     }
 }
 
