@@ -247,9 +247,9 @@ const SNAPSHOT_BATCH: usize = 1024;
 const SNAPSHOT_AHEAD: usize = 4;
 
 struct SnapshotRun {
-    /// Chunks from the reader task ([`SnapshotReader`]), in table and key order.
+    /// Batches of rows from the reader task ([`SnapshotReader`]), in table and key order.
     chunks: tokio::sync::mpsc::Receiver<Result<SnapshotBatch, MysqlError>>,
-    /// Aborted when the run is dropped (shutdown): the reader stops at its next chunk anyway,
+    /// Aborted when the run is dropped (shutdown): the reader stops at its next batch anyway,
     /// this also stops a query in flight.
     _reader: AbortOnDrop,
     progress: SnapshotProgress,
@@ -640,7 +640,7 @@ impl MysqlSource {
         Ok(())
     }
 
-    /// The next chunk of the snapshot (from the reader) into `pending`, or its end.
+    /// The next batch of the snapshot (from the reader) into `pending`, or its end.
     async fn snapshot_step(&mut self) -> Result<(), MysqlError> {
         let Some(run) = self.snapshot.as_mut() else {
             return Ok(());
@@ -2044,7 +2044,6 @@ fn snapshot_shape(col: &mysql_async::Column) -> ColumnShape {
 /// canonical value the binlog gives for it.
 fn snapshot_value(
     shape: &ColumnShape,
-    _col: &mysql_async::Column,
     v: My,
     charsets: &HashMap<u16, String>,
 ) -> Result<Value, DecodeError> {
@@ -2189,23 +2188,20 @@ impl ChunkColumns {
         charsets: &HashMap<u16, String>,
         coll: &str,
     ) -> Result<(Row, Row), MysqlError> {
-        let columns = row.columns();
         let values = row.unwrap();
         let mut image = Vec::with_capacity(values.len());
         let mut key = Vec::with_capacity(self.key_len);
-        for ((((col, v), shape), name), is_key) in columns
-            .iter()
-            .zip(values)
+        for (((v, shape), name), is_key) in values
+            .into_iter()
             .zip(&self.shapes)
             .zip(&self.names)
             .zip(&self.key_flags)
         {
-            let value =
-                snapshot_value(shape, col, v, charsets).map_err(|error| MysqlError::Decode {
-                    table: coll.to_string(),
-                    position: "snapshot".into(),
-                    error,
-                })?;
+            let value = snapshot_value(shape, v, charsets).map_err(|error| MysqlError::Decode {
+                table: coll.to_string(),
+                position: "snapshot".into(),
+                error,
+            })?;
             if *is_key {
                 key.push((name.clone(), value.clone()));
             }
@@ -2314,7 +2310,8 @@ impl SnapshotReader {
                         }
                     }
                     if let (true, Some(Change::Row(event))) = (keyed, rows.last()) {
-                        last_key = Some(event.key.columns.iter().map(|(_, v)| v.to_json()).collect());
+                        last_key =
+                            Some(event.key.columns.iter().map(|(_, v)| v.to_json()).collect());
                     }
                     let batch = SnapshotBatch::Chunk {
                         coll: coll.clone(),
