@@ -322,12 +322,15 @@ impl Serialize for SourceInfo {
     }
 }
 
-/// The envelope of one event as serde sees it (see [`ChangeEvent::write_envelope`]).
+/// The envelope of one event as serde sees it: the reference [`ChangeEvent::write_envelope`]
+/// is tested against.
+#[cfg(test)]
 struct Envelope<'a> {
     event: &'a ChangeEvent,
     now_ms: i64,
 }
 
+#[cfg(test)]
 impl Serialize for Envelope<'_> {
     fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         let e = self.event;
@@ -352,6 +355,7 @@ impl Serialize for Envelope<'_> {
     }
 }
 
+#[cfg(test)]
 #[derive(serde::Serialize)]
 struct TransactionBlock<'a> {
     id: &'a str,
@@ -359,16 +363,174 @@ struct TransactionBlock<'a> {
     data_collection_order: u64,
 }
 
+// The key and value are written by hand, byte for byte what serde_json writes for the
+// `Serialize` impls above: serde_json escapes a string byte by byte, which was the largest
+// single cost of producing a snapshot row; here a string that needs no escaping (nearly every
+// one) is checked a block at a time and copied whole.
+
+/// Append `s` as a JSON string.
+fn write_str(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
+    if !needs_escape(s.as_bytes()) {
+        out.reserve(s.len() + 2);
+        out.push(b'"');
+        out.extend_from_slice(s.as_bytes());
+        out.push(b'"');
+        return Ok(());
+    }
+    serde_json::to_writer(out, s)
+}
+
+/// Whether JSON needs any byte of `b` escaped (a control character, `"` or `\`).
+fn needs_escape(b: &[u8]) -> bool {
+    let special = |x: u8| x < 0x20 || x == b'"' || x == b'\\';
+    let mut blocks = b.chunks_exact(16);
+    // No early exit inside a block: the compiler checks the 16 bytes at once.
+    for block in &mut blocks {
+        if block.iter().fold(false, |acc, &x| acc | special(x)) {
+            return true;
+        }
+    }
+    blocks.remainder().iter().any(|&x| special(x))
+}
+
+fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), serde_json::Error> {
+    match value {
+        Value::Null => out.extend_from_slice(b"null"),
+        Value::Bool(true) => out.extend_from_slice(b"true"),
+        Value::Bool(false) => out.extend_from_slice(b"false"),
+        Value::Int(i) => serde_json::to_writer(&mut *out, i)?,
+        Value::UInt(u) => serde_json::to_writer(&mut *out, u)?,
+        Value::Bytes(b) => {
+            let engine = &base64::engine::general_purpose::STANDARD;
+            let start = out.len() + 1;
+            let len = base64::encoded_len(b.len(), true).unwrap_or(0);
+            out.push(b'"');
+            out.resize(start + len, 0);
+            let written = engine.encode_slice(b, &mut out[start..]).unwrap_or(0);
+            out.truncate(start + written);
+            out.push(b'"');
+        }
+        Value::Decimal(t)
+        | Value::Text(t)
+        | Value::Date(t)
+        | Value::Time(t)
+        | Value::DateTime(t)
+        | Value::Timestamp(t)
+        | Value::Json(t) => write_str(out, t)?,
+        // Rare: floats (their shortest form) and arrays take serde_json's path.
+        Value::Float(_) | Value::Array(_) => serde_json::to_writer(&mut *out, value)?,
+    }
+    Ok(())
+}
+
+fn write_row(out: &mut Vec<u8>, row: &Row) -> Result<(), serde_json::Error> {
+    out.push(b'{');
+    for (i, (name, value)) in row.columns.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, name)?;
+        out.push(b':');
+        write_value(out, value)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
+fn write_optional_row(out: &mut Vec<u8>, row: &Option<Row>) -> Result<(), serde_json::Error> {
+    match row {
+        Some(row) => write_row(out, row),
+        None => {
+            out.extend_from_slice(b"null");
+            Ok(())
+        }
+    }
+}
+
+fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Error> {
+    out.extend_from_slice(
+        concat!(
+            "{\"version\":\"",
+            env!("CARGO_PKG_VERSION"),
+            "\",\"connector\":"
+        )
+        .as_bytes(),
+    );
+    write_str(out, s.connector)?;
+    out.extend_from_slice(b",\"name\":");
+    write_str(out, &s.name)?;
+    out.extend_from_slice(b",\"ts_ms\":");
+    serde_json::to_writer(&mut *out, &s.ts_ms)?;
+    out.extend_from_slice(b",\"snapshot\":\"");
+    out.extend_from_slice(s.snapshot.as_str().as_bytes());
+    out.extend_from_slice(b"\",\"db\":");
+    write_str(out, &s.db)?;
+    if let Some(schema) = &s.schema {
+        out.extend_from_slice(b",\"schema\":");
+        write_str(out, schema)?;
+    }
+    out.extend_from_slice(b",\"table\":");
+    write_str(out, &s.table)?;
+    if let Some(v) = s.server_id {
+        out.extend_from_slice(b",\"server_id\":");
+        serde_json::to_writer(&mut *out, &v)?;
+    }
+    if let Some(v) = &s.file {
+        out.extend_from_slice(b",\"file\":");
+        write_str(out, v)?;
+    }
+    if let Some(v) = s.pos {
+        out.extend_from_slice(b",\"pos\":");
+        serde_json::to_writer(&mut *out, &v)?;
+    }
+    if let Some(v) = s.row {
+        out.extend_from_slice(b",\"row\":");
+        serde_json::to_writer(&mut *out, &v)?;
+    }
+    if let Some(v) = &s.gtid {
+        out.extend_from_slice(b",\"gtid\":");
+        write_str(out, v)?;
+    }
+    if let Some(v) = s.lsn {
+        out.extend_from_slice(b",\"lsn\":");
+        serde_json::to_writer(&mut *out, &v)?;
+    }
+    if let Some(v) = &s.tx_id {
+        out.extend_from_slice(b",\"txId\":");
+        write_str(out, v)?;
+    }
+    out.push(b'}');
+    Ok(())
+}
+
 impl ChangeEvent {
     /// Append the record value (the JSON text of [`ChangeEvent::envelope`]) to `out`.
     pub fn write_envelope(&self, now_ms: i64, out: &mut Vec<u8>) -> Result<(), serde_json::Error> {
-        serde_json::to_writer(
-            out,
-            &Envelope {
-                event: self,
-                now_ms,
-            },
-        )
+        out.extend_from_slice(b"{\"before\":");
+        write_optional_row(out, &self.before)?;
+        out.extend_from_slice(b",\"after\":");
+        write_optional_row(out, &self.after)?;
+        out.extend_from_slice(b",\"source\":");
+        write_source(out, &self.source)?;
+        out.extend_from_slice(b",\"op\":\"");
+        out.extend_from_slice(self.op.code().as_bytes());
+        out.extend_from_slice(b"\",\"ts_ms\":");
+        serde_json::to_writer(&mut *out, &now_ms)?;
+        out.extend_from_slice(b",\"transaction\":");
+        match &self.transaction {
+            None => out.extend_from_slice(b"null"),
+            Some(t) => {
+                out.extend_from_slice(b"{\"id\":");
+                write_str(out, &t.id)?;
+                out.extend_from_slice(b",\"total_order\":");
+                serde_json::to_writer(&mut *out, &t.total_order)?;
+                out.extend_from_slice(b",\"data_collection_order\":");
+                serde_json::to_writer(&mut *out, &t.data_collection_order)?;
+                out.push(b'}');
+            }
+        }
+        out.push(b'}');
+        Ok(())
     }
 
     /// Append the record key (the JSON text of [`ChangeEvent::key_json`]) to `out`; false,
@@ -377,7 +539,7 @@ impl ChangeEvent {
         if self.key.columns.is_empty() {
             return Ok(false);
         }
-        serde_json::to_writer(out, &self.key)?;
+        write_row(out, &self.key)?;
         Ok(true)
     }
 }
@@ -435,10 +597,21 @@ mod tests {
         assert_written_as_tree(&event);
     }
 
-    /// The bytes written directly parse to exactly the tree `envelope`/`key_json` build.
+    /// The bytes written directly parse to exactly the tree `envelope`/`key_json` build, and
+    /// are byte for byte what serde_json writes for the `Serialize` impls.
     fn assert_written_as_tree(event: &ChangeEvent) {
         let mut value = Vec::new();
         event.write_envelope(9, &mut value).expect("write envelope");
+        let reference = serde_json::to_vec(&Envelope { event, now_ms: 9 }).expect("serde");
+        assert_eq!(
+            String::from_utf8_lossy(&value),
+            String::from_utf8_lossy(&reference)
+        );
+        if !event.key.columns.is_empty() {
+            let mut key = Vec::new();
+            event.write_key(&mut key).expect("write key");
+            assert_eq!(key, serde_json::to_vec(&event.key).expect("serde key"));
+        }
         let parsed: Json = serde_json::from_slice(&value).expect("envelope is JSON");
         assert_eq!(parsed, event.envelope(9));
         let mut key = Vec::new();
@@ -514,5 +687,26 @@ mod tests {
         assert_eq!(event.key_json(), None);
         assert_eq!(event.envelope(0)["after"]["v"], "NaN");
         assert_written_as_tree(&event);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn any_text_is_written_as_serde_json_writes_it(
+            text in "\\PC{0,40}|[\\x00-\\x7f]{0,40}",
+            name in "[a-z\"\\\\]{1,20}",
+        ) {
+            let event = ChangeEvent {
+                op: Op::Create,
+                before: None,
+                after: Some(row(&[(name.as_str(), Value::Text(text.clone())), ("id", Value::Int(1))])),
+                key: row(&[("id", Value::Int(1))]),
+                source: SourceInfo { table: text.as_str().into(), ..SourceInfo::default() },
+                transaction: None,
+            };
+            let mut value = Vec::new();
+            event.write_envelope(9, &mut value).expect("write envelope");
+            let reference = serde_json::to_vec(&Envelope { event: &event, now_ms: 9 }).expect("serde");
+            proptest::prop_assert_eq!(value, reference);
+        }
     }
 }
