@@ -700,6 +700,62 @@ mod tests {
         assert_eq!(frame.len(), 500);
     }
 
+    // A large range, then a small one, between bytes in memory: what the client reads is the frames as encoded, byte for byte and in order.
+    #[tokio::test]
+    async fn file_ranges_reach_the_client_whole_and_in_order() {
+        use qanat_log::{OsStorage, Storage};
+        use tokio::io::AsyncReadExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = OsStorage.open(&dir.path().join("segment.log")).unwrap();
+        let content: Vec<u8> = (0..3u64 << 20).map(|i| (i % 251) as u8).collect();
+        file.append(&content).unwrap();
+        let big = FileSlice {
+            file: file.clone(),
+            position: 100,
+            len: (2 << 20) + 7,
+        };
+        let small = FileSlice {
+            file: file.clone(),
+            position: 3,
+            len: SENDFILE_MIN_BYTES + 1,
+        };
+        let (mut client, _rd, wr) = tcp_pair().await;
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let mut writer = ResponseWriter::new(WriteSide::Plain(wr));
+        let first = Response {
+            chunks: vec![
+                Chunk::Bytes(Bytes::from_static(b"head")),
+                Chunk::File(big.clone()),
+                Chunk::Bytes(Bytes::from_static(b"tail")),
+            ],
+        };
+        let second = Response {
+            chunks: vec![Chunk::File(small.clone()), Chunk::File(big.clone())],
+        };
+        writer.write(first).await.unwrap();
+        writer.write(second).await.unwrap();
+        writer.flush().await.unwrap();
+        drop(writer);
+        let received = reader.await.unwrap();
+
+        let range = |s: &FileSlice| &content[s.position as usize..(s.position + s.len) as usize];
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&((big.len + 8) as u32).to_be_bytes());
+        expected.extend_from_slice(b"head");
+        expected.extend_from_slice(range(&big));
+        expected.extend_from_slice(b"tail");
+        expected.extend_from_slice(&((small.len + big.len) as u32).to_be_bytes());
+        expected.extend_from_slice(range(&small));
+        expected.extend_from_slice(range(&big));
+        assert_eq!(received.len(), expected.len());
+        assert!(received == expected, "the bytes differ");
+    }
+
     #[tokio::test]
     async fn oversized_and_truncated_frames_are_errors() {
         let pool = RequestPool::new(1 << 20);
