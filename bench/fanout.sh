@@ -28,6 +28,9 @@
 # Broker CPU per GB served: the broker's utime+stime over each N run (readers started to last
 # reader done), less the solo run's CPU per GB produced times what was produced meanwhile,
 # over the bytes the readers received (record values).
+# Fetch responses per second and bytes per response, over the same window, come from the
+# broker's Prometheus counters (`qanat_request_seconds_count{api="Fetch"}`,
+# `qanat_fetch_response_bytes_total`): small responses mean many wake-ups and syscalls per GB.
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
 set -euo pipefail
 
@@ -43,6 +46,7 @@ BENCH_TAG=fanout
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+command -v curl >/dev/null || die "curl is required"
 sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m) v = m; printf "%.2f", v }'; }
 SECS=$(sf 8 2)
 MAX_COUNT=100000000
@@ -69,13 +73,22 @@ cpu_secs() {
 
 printf '[storage]\nfsync = 1000\n[groups]\ninitial_rebalance_delay_ms = 100\nmin_session_timeout_ms = 1000\n' \
   >"$TMP/qanat.toml"
-"$QANAT_BIN" broker --listen 127.0.0.1:0 --data-dir "$TMP/data" --config "$TMP/qanat.toml" \
-  >"$TMP/broker.stdout" 2>"$TMP/broker.stderr" &
+"$QANAT_BIN" broker --listen 127.0.0.1:0 --metrics-listen 127.0.0.1:0 --data-dir "$TMP/data" \
+  --config "$TMP/qanat.toml" >"$TMP/broker.stdout" 2>"$TMP/broker.stderr" &
 BROKER_PID=$!
 PIDS+=("$BROKER_PID")
 ADDR=$(wait_line "$TMP/broker.stdout" "qanat broker listening on " "$BROKER_PID") ||
   { cat "$TMP/broker.stderr" >&2; die "broker did not start"; }
 log "broker pid $BROKER_PID on $ADDR"
+METRICS_ADDR=$(wait_line "$TMP/broker.stdout" "qanat metrics listening on " "$BROKER_PID") ||
+  die "broker did not start its metrics endpoint"
+# fetch_counters: "<fetch responses> <fetch response bytes>" so far
+fetch_counters() {
+  curl -sf "http://$METRICS_ADDR/metrics" | awk '
+    /^qanat_request_seconds_count\{.*api="Fetch"/ { n += $NF }
+    /^qanat_fetch_response_bytes_total/ { b += $NF }
+    END { printf "%d %d\n", n, b }'
+}
 "$QANAT_BIN" topics create fan --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
 "$QANAT_BIN" topics create rb --partitions 6 --bootstrap "$ADDR" >/dev/null
 
@@ -123,6 +136,8 @@ for n in $GROUP_COUNTS; do
   CPIDS=()
   ERRS=()
   CPU0=$(cpu_secs "$BROKER_PID")
+  read -r FETCH0 FBYTES0 < <(fetch_counters)
+  T0_MS=$(date +%s%3N)
   for i in $(seq "$n"); do
     timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
       --topic fan --group "fan-$n-$i" --count "$MAX_COUNT" --max-secs "$SECS" \
@@ -136,6 +151,11 @@ for n in $GROUP_COUNTS; do
   WITH=$OUT
   for pid in "${CPIDS[@]}"; do wait "$pid" || die "a reader of N=$n failed: see $TMP/logs"; done
   CPU1=$(cpu_secs "$BROKER_PID")
+  read -r FETCH1 FBYTES1 < <(fetch_counters)
+  T1_MS=$(date +%s%3N)
+  FETCH_RATE=$(awk -v a="$FETCH0" -v b="$FETCH1" -v t="$((T1_MS - T0_MS))" 'BEGIN { printf "%.0f", (b - a) / (t / 1000) }')
+  FETCH_KB=$(awk -v a="$FETCH0" -v b="$FETCH1" -v x="$FBYTES0" -v y="$FBYTES1" \
+    'BEGIN { if (b > a) printf "%.0f", (y - x) / (b - a) / 1024; else print "-" }')
   READ_MB=0
   READ_RECS=0
   READ_BYTES=0
@@ -151,8 +171,8 @@ for n in $GROUP_COUNTS; do
   W_MB=$(j .mb_per_s "$WITH")
   KEEP=$(awk -v a="$W_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f", 100 * a / b }')
   RATIO=$(awk -v a="$READ_MB" -v b="$W_MB" 'BEGIN { printf "%.1f", a / b }')
-  ROWS+=("| $n | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | $READ_RECS | ${RATIO}x | $BROKER_RUN_CPU | $SERVE_GB |")
-  log "N=$n: producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x), broker ${BROKER_RUN_CPU} CPU-s, $SERVE_GB CPU-s/GB served"
+  ROWS+=("| $n | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | $READ_RECS | ${RATIO}x | $BROKER_RUN_CPU | $SERVE_GB | $FETCH_RATE | $FETCH_KB |")
+  log "N=$n: producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x), broker ${BROKER_RUN_CPU} CPU-s, $SERVE_GB CPU-s/GB served, $FETCH_RATE fetch responses/s of $FETCH_KB KiB"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +227,8 @@ BROKER_CPU=$(awk -v t="$(getconf CLK_TCK)" '{ s = $0; sub(/.*\) /, "", s); split
 BROKER_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$BROKER_PID/status")
 echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs"
 echo
-echo "| groups N | producer solo MB/s | producer with readers MB/s | kept | aggregate read MB/s | records read | read / write | broker CPU-s in the run | broker CPU-s/GB served |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| groups N | producer solo MB/s | producer with readers MB/s | kept | aggregate read MB/s | records read | read / write | broker CPU-s in the run | broker CPU-s/GB served | fetch responses/s | KiB per fetch response |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"

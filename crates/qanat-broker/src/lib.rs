@@ -2,7 +2,8 @@
 //! [`qanat_log`] partitions (spec A1–A5, A8).
 //!
 //! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
-//! ([`wire`], [`fetch_response`]), one module per Kafka API ([`api`]), the topic registry
+//! ([`wire`], [`fetch_response`]), one module per Kafka API ([`api`]), long polls waiting for
+//! appends on their partitions ([`purgatory`]), the topic registry
 //! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]), records read
 //! as bounded streams from batches ([`records`]), the data directory's lock
 //! ([`data_dir_lock`]) and the background maintenance (periodic fsync, segment rolling,
@@ -38,6 +39,7 @@ pub mod filter;
 pub mod groups;
 pub mod limits;
 pub mod listener;
+pub mod purgatory;
 pub mod push;
 pub mod quotas;
 pub mod ratelog;
@@ -99,8 +101,8 @@ pub struct Broker {
     pub acls: acl::Authorizer,
     /// Client quotas and their meters.
     pub quotas: quotas::Quotas,
-    /// Woken after every append, so long-polling fetches can answer early.
-    data_arrived: Notify,
+    /// Long polls waiting for appends, by partition: appends wake only their partitions'.
+    purgatory: purgatory::Purgatory,
     /// Request latency histograms, one per served API.
     request_latency: api::RequestLatency,
     /// Woken once on shutdown, so long polls answer at once.
@@ -163,7 +165,7 @@ impl Broker {
             auth_failures,
             acls,
             quotas,
-            data_arrived: Notify::new(),
+            purgatory: purgatory::Purgatory::default(),
             request_latency: api::RequestLatency::new(),
             shutdown: Arc::new(Notify::new()),
         })

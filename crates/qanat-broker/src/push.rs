@@ -319,10 +319,11 @@ async fn pump(
     tx: Sender,
 ) {
     let limit = broker.config.broker.max_uncompressed_batch_bytes;
+    // Registered before the first read, for the subscription's life: every append to its
+    // partitions after a mark is counted, and appends to other partitions never wake it.
+    let watch = broker.purgatory.watch(cursors.iter().map(|c| &c.partition));
     loop {
-        let notified = broker.data_arrived.notified();
-        tokio::pin!(notified);
-        notified.as_mut().enable();
+        let mark = watch.mark();
         let mut progressed = false;
         for cursor in cursors.iter_mut() {
             match step(cursor, filter.as_ref(), &tx, limit).await {
@@ -354,7 +355,7 @@ async fn pump(
         }
         let shutdown = broker.shutdown.clone();
         tokio::select! {
-            _ = &mut notified => {}
+            _ = watch.appended(mark, 1) => {}
             _ = tx.closed() => return,
             _ = shutdown.notified() => return,
         }

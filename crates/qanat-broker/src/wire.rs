@@ -6,8 +6,14 @@
 //!
 //! A response is a list of chunks. File chunks are segment ranges of whole record batches and
 //! go out with `sendfile(2)` straight from the page cache (A5); small ones are read into
-//! memory instead (by Fetch, on the blocking pool), where one syscall beats several. Over TLS
-//! file chunks are read on the blocking pool a buffer at a time: no async worker reads a file.
+//! memory instead (by Fetch, on the blocking pool), where one syscall beats several.
+//!
+//! No async worker reads a file or waits for the disk. `sendfile` reads the file inside the
+//! syscall and would wait for the disk on a cold page cache, so a range is sent with it only
+//! when the page cache holds it (asked with `cachestat(2)`, which never blocks; on kernels
+//! without it, the range's first and last bytes are read with `RWF_NOWAIT`). A range that is
+//! not resident (a consumer far behind, reading what was evicted), and every file range over
+//! TLS, is instead read on the blocking pool a buffer at a time and written from memory.
 
 use std::io;
 use std::os::fd::AsRawFd;
@@ -321,14 +327,18 @@ impl ResponseWriter {
 
     async fn write_file(&mut self, slice: FileSlice) -> Result<(), WireError> {
         if let Some(fd) = slice.file.raw_fd() {
-            if slice.len >= SENDFILE_MIN_BYTES && self.wr.raw_fd().is_some() {
+            if slice.len >= SENDFILE_MIN_BYTES
+                && self.wr.raw_fd().is_some()
+                && page_cache::resident(fd, slice.position, slice.len)
+            {
                 self.flush().await?;
                 return self.sendfile(fd, slice.position, slice.len).await;
             }
         }
-        // TLS (the bytes must pass through the record layer), or a range too small to be
-        // worth a sendfile: copied a buffer at a time, each read on the blocking pool so no
-        // async worker waits for the disk.
+        // TLS (the bytes must pass through the record layer), a range too small to be worth a
+        // sendfile, or one not (known to be) in the page cache, which sendfile would wait for
+        // on this async worker: copied a buffer at a time, each read on the blocking pool so
+        // no async worker waits for the disk.
         let mut position = slice.position;
         let end = slice.position + slice.len;
         while position < end {
@@ -388,6 +398,116 @@ impl ResponseWriter {
             }
         }
         Ok(())
+    }
+}
+
+/// Whether a file range is in the page cache, asked without blocking: `sendfile` reads the
+/// file inside the syscall, so on a cold page cache it would wait for the disk on the async
+/// worker that calls it.
+mod page_cache {
+    use std::os::fd::RawFd;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    /// cachestat(2), Linux 6.5+; the same number on x86-64 and aarch64 (not yet in `libc`).
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    const SYS_CACHESTAT: libc::c_long = 451;
+
+    #[repr(C)]
+    struct CachestatRange {
+        off: u64,
+        len: u64,
+    }
+
+    #[repr(C)]
+    #[derive(Default)]
+    struct Cachestat {
+        nr_cache: u64,
+        nr_dirty: u64,
+        nr_writeback: u64,
+        nr_evicted: u64,
+        nr_recently_evicted: u64,
+    }
+
+    /// Cleared when the kernel has no cachestat (older, or filtered by seccomp).
+    static CACHESTAT: AtomicBool = AtomicBool::new(true);
+
+    /// True when every page of `len` bytes at `position` of `fd` is cached. With cachestat
+    /// this is exact at the time of the call; without it, the first and last byte are read
+    /// with `RWF_NOWAIT`, which fails instead of waiting for the disk (the pages between are
+    /// assumed to share their fate, as the log is written and evicted front to back). Either
+    /// way a page may still be evicted before the `sendfile` that follows: a narrow window.
+    pub(super) fn resident(fd: RawFd, position: u64, len: u64) -> bool {
+        if len == 0 {
+            return true;
+        }
+        #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+        if CACHESTAT.load(Ordering::Relaxed) {
+            match cachestat(fd, position, len) {
+                Some(all) => return all,
+                None => CACHESTAT.store(false, Ordering::Relaxed),
+            }
+        }
+        probe(fd, position) && probe(fd, position + len - 1)
+    }
+
+    /// Whether all pages of the range are cached; None when cachestat is unavailable.
+    #[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+    fn cachestat(fd: RawFd, position: u64, len: u64) -> Option<bool> {
+        let page = 4096u64;
+        let pages = (position + len - 1) / page - position / page + 1;
+        let range = CachestatRange { off: position, len };
+        let mut stat = Cachestat::default();
+        // SAFETY: both pointers are to live locals of the layouts the syscall expects; an
+        // invalid fd only makes it fail.
+        let rc = unsafe {
+            libc::syscall(
+                SYS_CACHESTAT,
+                fd as libc::c_uint,
+                &range as *const CachestatRange,
+                &mut stat as *mut Cachestat,
+                0 as libc::c_uint,
+            )
+        };
+        if rc == 0 {
+            return Some(stat.nr_cache >= pages);
+        }
+        match std::io::Error::last_os_error().raw_os_error() {
+            Some(libc::ENOSYS) | Some(libc::EPERM) => None,
+            // Any other failure (a file cachestat does not cover): not known to be cached.
+            _ => Some(false),
+        }
+    }
+
+    /// Whether the byte at `position` can be read without waiting for the disk.
+    fn probe(fd: RawFd, position: u64) -> bool {
+        let mut byte = 0u8;
+        let iov = libc::iovec {
+            iov_base: (&mut byte as *mut u8).cast(),
+            iov_len: 1,
+        };
+        // SAFETY: one iovec describing a live local byte; an invalid fd only makes it fail.
+        let n = unsafe { libc::preadv2(fd, &iov, 1, position as libc::off_t, libc::RWF_NOWAIT) };
+        n == 1
+    }
+
+    #[cfg(test)]
+    mod tests {
+        #![allow(clippy::unwrap_used)]
+        use std::io::Write;
+        use std::os::fd::AsRawFd;
+
+        use super::*;
+
+        #[test]
+        fn a_file_just_written_is_resident() {
+            let mut file = tempfile::tempfile().unwrap();
+            file.write_all(&vec![7u8; 3 * 4096 + 100]).unwrap();
+            let fd = file.as_raw_fd();
+            assert!(resident(fd, 0, 3 * 4096 + 100));
+            assert!(resident(fd, 4000, 200));
+            // Past the end of the file there is nothing cached.
+            assert!(!resident(fd, 64 * 4096, 4096));
+        }
     }
 }
 
@@ -578,6 +698,62 @@ mod tests {
             }
         };
         assert_eq!(frame.len(), 500);
+    }
+
+    // A large range, then a small one, between bytes in memory: what the client reads is the frames as encoded, byte for byte and in order.
+    #[tokio::test]
+    async fn file_ranges_reach_the_client_whole_and_in_order() {
+        use qanat_log::{OsStorage, Storage};
+        use tokio::io::AsyncReadExt;
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = OsStorage.open(&dir.path().join("segment.log")).unwrap();
+        let content: Vec<u8> = (0..3u64 << 20).map(|i| (i % 251) as u8).collect();
+        file.append(&content).unwrap();
+        let big = FileSlice {
+            file: file.clone(),
+            position: 100,
+            len: (2 << 20) + 7,
+        };
+        let small = FileSlice {
+            file: file.clone(),
+            position: 3,
+            len: SENDFILE_MIN_BYTES + 1,
+        };
+        let (mut client, _rd, wr) = tcp_pair().await;
+        let reader = tokio::spawn(async move {
+            let mut all = Vec::new();
+            client.read_to_end(&mut all).await.unwrap();
+            all
+        });
+        let mut writer = ResponseWriter::new(WriteSide::Plain(wr));
+        let first = Response {
+            chunks: vec![
+                Chunk::Bytes(Bytes::from_static(b"head")),
+                Chunk::File(big.clone()),
+                Chunk::Bytes(Bytes::from_static(b"tail")),
+            ],
+        };
+        let second = Response {
+            chunks: vec![Chunk::File(small.clone()), Chunk::File(big.clone())],
+        };
+        writer.write(first).await.unwrap();
+        writer.write(second).await.unwrap();
+        writer.flush().await.unwrap();
+        drop(writer);
+        let received = reader.await.unwrap();
+
+        let range = |s: &FileSlice| &content[s.position as usize..(s.position + s.len) as usize];
+        let mut expected = Vec::new();
+        expected.extend_from_slice(&((big.len + 8) as u32).to_be_bytes());
+        expected.extend_from_slice(b"head");
+        expected.extend_from_slice(range(&big));
+        expected.extend_from_slice(b"tail");
+        expected.extend_from_slice(&((small.len + big.len) as u32).to_be_bytes());
+        expected.extend_from_slice(range(&small));
+        expected.extend_from_slice(range(&big));
+        assert_eq!(received.len(), expected.len());
+        assert!(received == expected, "the bytes differ");
     }
 
     #[tokio::test]

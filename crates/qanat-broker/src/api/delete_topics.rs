@@ -45,7 +45,8 @@ impl Broker {
                 }
             })
             .collect();
-        self.data_arrived.notify_waiters();
+        // Long polls on the deleted partitions answer with the error at once.
+        self.purgatory.wake_all();
         DeleteTopicsResponse::default().with_responses(responses)
     }
 }

@@ -6,8 +6,12 @@
 //! batch boundary the in-memory index knows with the rest of the log within its limits, is
 //! answered on the spot, with file ranges that go out by `sendfile`. Anything else (batch
 //! headers to walk, or ranges too small for `sendfile`, which are read into the response) is
-//! looked at again on the blocking pool. A long poll registers for the next append before it
-//! looks, so no append is missed, and it is woken once per produce request that appended.
+//! looked at again on the blocking pool.
+//!
+//! A fetch that cannot answer yet waits in the [`crate::purgatory`], on its own partitions
+//! only: an append elsewhere never wakes it, and it is woken once the bytes appended to its
+//! partitions could make up what its `min_bytes` still lacks, or at `max_wait_ms`. A fetch
+//! answered at its first look never registers.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -20,6 +24,7 @@ use qanat_log::{FileSlice, Partition};
 
 use super::{code, log_error_code, partition_of, topic_error_code};
 use crate::fetch_response::{self, PartitionOut, TopicOut};
+use crate::purgatory::Watch;
 use crate::topics::Topic;
 use crate::wire::{Chunk, Response, SENDFILE_MIN_BYTES};
 use crate::Broker;
@@ -42,6 +47,8 @@ struct Look {
     topics: Vec<TopicOut>,
     bytes: u64,
     served: Vec<(Arc<Topic>, u64, u64)>,
+    /// The partitions looked at and the high watermark seen in each: what a long poll waits on.
+    watched: Vec<(Arc<Partition>, i64)>,
 }
 
 impl Broker {
@@ -62,10 +69,11 @@ impl Broker {
         let deadline =
             Instant::now() + Duration::from_millis(req.max_wait_ms.clamp(0, 300_000) as u64);
         let min_bytes = req.min_bytes.max(0) as u64;
+        // Registered at the first wait only: a fetch answered at once never touches the
+        // purgatory, which the appenders lock.
+        let mut watch: Option<Watch<'_>> = None;
         loop {
-            let notified = self.data_arrived.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
+            let mark = watch.as_ref().map(Watch::mark);
             let started = Instant::now();
             let look = match self.look(&req, &denied, Source::Memory) {
                 Some(look) => {
@@ -111,9 +119,29 @@ impl Broker {
                 let response = fetch_response::encode(version, correlation_id, 0, look.topics);
                 return Some((response, handling + encoding.elapsed()));
             }
+            let (w, mark) = match (watch.as_ref(), mark) {
+                (Some(w), Some(mark)) => (w, mark),
+                _ => {
+                    let w =
+                        &*watch.insert(self.purgatory.watch(look.watched.iter().map(|(p, _)| p)));
+                    let mark = w.mark();
+                    // What was appended between the look and the registration was not
+                    // counted: look again if there was any.
+                    let grown = w.grown_since(|p| {
+                        look.watched
+                            .iter()
+                            .find(|(q, _)| Arc::ptr_eq(p, q))
+                            .map(|(_, seen)| *seen)
+                    });
+                    if grown {
+                        continue;
+                    }
+                    (w, mark)
+                }
+            };
             let shutting_down = self.shutdown.clone();
             tokio::select! {
-                _ = &mut notified => {}
+                _ = w.appended(mark, min_bytes - look.bytes) => {}
                 _ = tokio::time::sleep_until(deadline.into()) => {}
                 _ = shutting_down.notified() => {}
             }
@@ -136,6 +164,7 @@ impl Broker {
         let mut total = 0u64;
         let mut topics = Vec::with_capacity(req.topics.len());
         let mut served = Vec::new();
+        let mut watched = Vec::new();
         for t in &req.topics {
             let topic_name = t.topic.0.as_str();
             let topic = if denied.contains(topic_name) {
@@ -167,6 +196,7 @@ impl Broker {
                         // consumer can always make progress; later partitions respect them.
                         let limit = (p.partition_max_bytes.max(0) as u64).min(budget);
                         if total > 0 && limit == 0 {
+                            watched.push((partition, out.high_watermark));
                             partitions.push(out);
                             continue;
                         }
@@ -189,6 +219,7 @@ impl Broker {
                             }
                             Some(Err(c)) => out.error_code = c,
                         }
+                        watched.push((partition, out.high_watermark));
                     }
                 }
                 partitions.push(out);
@@ -207,6 +238,7 @@ impl Broker {
             topics,
             bytes: total,
             served,
+            watched,
         })
     }
 }
@@ -272,7 +304,11 @@ mod tests {
     use qanat_log::{HookedStorage, SimStorage, StorageHooks, StorageOp};
 
     use super::*;
-    use crate::api::testing::{batch, broker, broker_on, decode_fetch, fetch_request};
+    use bytes::Bytes;
+
+    use crate::api::testing::{
+        batch, broker, broker_on, decode_fetch, fetch_request, produce_request,
+    };
     use crate::Config;
 
     /// Bounds a fetch that should answer at once; a missed answer would wait out its long poll.
@@ -408,5 +444,111 @@ mod tests {
         assert_eq!(records.len(), batches[1].len() + batches[2].len());
         assert_eq!(&records[8..batches[1].len()], &batches[1][8..]);
         assert_eq!(&records[batches[1].len() + 8..], &batches[2][8..]);
+    }
+
+    /// A batch large enough to be answered from memory (file ranges, no read on the blocking
+    /// pool), so a woken fetch finishes as soon as the runtime polls it.
+    fn big_batch(fill: u8) -> Vec<u8> {
+        batch(&[&vec![fill; 3 * SENDFILE_MIN_BYTES as usize]])
+    }
+
+    /// Produce `records` to partition `partition` of "orders" through the Produce API.
+    async fn produce(broker: &Arc<Broker>, partition: i32, records: &[u8]) {
+        let ack = crate::api::produce::append(
+            broker,
+            produce_request("orders", partition, 1, records),
+            Default::default(),
+        )
+        .await
+        .expect("append")
+        .expect("acks=1 is answered");
+        let response = ack.wait().await;
+        assert_eq!(response.responses[0].partition_responses[0].error_code, 0);
+    }
+
+    /// Let every runnable task of the (current-thread) runtime run until it waits again.
+    async fn settle() {
+        for _ in 0..64 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// A long poll of partition 0 of "orders" from offset 0 with `min_bytes`, started and
+    /// waiting in the purgatory.
+    async fn long_poll(
+        broker: &Arc<Broker>,
+        min_bytes: i32,
+    ) -> tokio::task::JoinHandle<Option<(Response, Duration)>> {
+        let req = fetch_request("orders", 0, 0, 300_000).with_min_bytes(min_bytes);
+        let fetch = tokio::spawn({
+            let broker = broker.clone();
+            async move { broker.fetch(req, VERSION, 7, Default::default()).await }
+        });
+        while broker.purgatory.watched_partitions() == 0 {
+            tokio::task::yield_now().await;
+        }
+        fetch
+    }
+
+    async fn records_of(
+        fetch: tokio::task::JoinHandle<Option<(Response, Duration)>>,
+    ) -> (i64, Bytes) {
+        let response = tokio::time::timeout(Duration::from_secs(60), fetch)
+            .await
+            .expect("fetch answered")
+            .expect("fetch task")
+            .expect("fetch response")
+            .0;
+        let decoded = decode_fetch(response, VERSION);
+        let p = &decoded.responses[0].partitions[0];
+        (p.high_watermark, p.records.clone().unwrap_or_default())
+    }
+
+    // Current-thread runtime: a woken fetch runs (and, served from memory, answers) while the
+    // test yields, so "still waiting" is a fact about wake-ups, not about timing.
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_poll_is_woken_by_appends_to_its_own_partitions_only() {
+        let (broker, _) = broker(Config::default());
+        broker.topics.create("orders", 2, false).expect("create");
+        let watched = broker.topics.get("orders").expect("created").partitions[0].clone();
+        let fetch = long_poll(&broker, 1).await;
+        // Appended behind the purgatory's back: the fetch sees it only when something wakes it.
+        let silent = big_batch(1);
+        watched.append(&silent).expect("append");
+        produce(&broker, 1, &big_batch(2)).await;
+        settle().await;
+        assert!(
+            !fetch.is_finished(),
+            "a produce to partition 1 woke the long poll on partition 0"
+        );
+        let produced = big_batch(3);
+        produce(&broker, 0, &produced).await;
+        let (high_watermark, records) = records_of(fetch).await;
+        // Both batches of partition 0, the produced one with its offset assigned.
+        assert_eq!(high_watermark, 2);
+        assert_eq!(records.len(), silent.len() + produced.len());
+        assert_eq!(&records[..silent.len()], &silent[..]);
+        assert_eq!(&records[silent.len() + 8..], &produced[8..]);
+        assert_eq!(
+            broker.purgatory.watched_partitions(),
+            0,
+            "the answered fetch left its watch"
+        );
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn a_long_poll_sleeps_through_appends_smaller_than_its_min_bytes() {
+        let (broker, _) = broker(Config::default());
+        broker.topics.create("orders", 1, false).expect("create");
+        let (first, second) = (big_batch(1), big_batch(2));
+        let fetch = long_poll(&broker, first.len() as i32 + 1).await;
+        produce(&broker, 0, &first).await;
+        settle().await;
+        assert!(!fetch.is_finished(), "answered below min_bytes");
+        produce(&broker, 0, &second).await;
+        let (high_watermark, records) = records_of(fetch).await;
+        assert_eq!(high_watermark, 2);
+        assert_eq!(records.len(), first.len() + second.len());
+        assert_eq!(&records[..first.len()], &first[..]);
     }
 }

@@ -147,10 +147,19 @@ impl Acknowledgement {
                 }
             }
             // Readers see data only once it is durable in this mode: wake long polls.
-            broker.data_arrived.notify_waiters();
+            broker.purgatory.appended(appended_bytes(&results));
         }
         broker.produce_response(results)
     }
+}
+
+/// The partitions a produce appended to and the bytes each received (duplicates add none).
+fn appended_bytes(
+    results: &[ProducePartitionResult],
+) -> impl Iterator<Item = (&Arc<Partition>, u64)> {
+    results
+        .iter()
+        .filter_map(|r| r.outcome.as_ref().ok().map(|(p, o)| (p, o.bytes)))
 }
 
 impl Broker {
@@ -239,8 +248,8 @@ impl Broker {
         }
         // With fsync = "always" readers see nothing new until the fdatasync: the
         // acknowledgement wakes them then.
-        if !self.sync_on_ack() && results.iter().any(|r| r.outcome.is_ok()) {
-            self.data_arrived.notify_waiters();
+        if !self.sync_on_ack() {
+            self.purgatory.appended(appended_bytes(&results));
         }
         results
     }
