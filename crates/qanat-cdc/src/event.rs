@@ -365,47 +365,8 @@ struct TransactionBlock<'a> {
 
 // The key and value are written by hand, byte for byte what serde_json writes for the
 // `Serialize` impls above: serde_json escapes a string byte by byte, which was the largest
-// single cost of producing a snapshot row; here a string that needs no escaping (nearly every
-// one) is checked a word at a time and copied whole.
-
-/// Append `s` as a JSON string.
-fn write_str(out: &mut Vec<u8>, s: &str) -> Result<(), serde_json::Error> {
-    if !needs_escape(s.as_bytes()) {
-        out.reserve(s.len() + 2);
-        out.push(b'"');
-        out.extend_from_slice(s.as_bytes());
-        out.push(b'"');
-        return Ok(());
-    }
-    serde_json::to_writer(out, s)
-}
-
-/// Whether JSON needs any byte of `b` escaped (a control character, `"` or `\\`). Eight
-/// bytes at a time: a word has a byte below 0x20, or equal to one of the two, exactly when
-/// the bit tricks below set its high bit.
-fn needs_escape(b: &[u8]) -> bool {
-    const ONES: u64 = 0x0101_0101_0101_0101;
-    const HIGH: u64 = 0x8080_8080_8080_8080;
-    let zero_byte = |v: u64| v.wrapping_sub(ONES) & !v & HIGH;
-    let mut words = b.chunks_exact(8);
-    for word in &mut words {
-        let mut w = [0u8; 8];
-        w.copy_from_slice(word);
-        let v = u64::from_le_bytes(w);
-        let below_space = v.wrapping_sub(ONES * 0x20) & !v & HIGH;
-        if below_space
-            | zero_byte(v ^ (ONES * u64::from(b'"')))
-            | zero_byte(v ^ (ONES * u64::from(b'\\')))
-            != 0
-        {
-            return true;
-        }
-    }
-    words
-        .remainder()
-        .iter()
-        .any(|&x| x < 0x20 || x == b'"' || x == b'\\')
-}
+// single cost of producing a snapshot row; strings go through `qanat_json::write_str`, which
+// copies runs that need no escaping (nearly every string) whole.
 
 fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), serde_json::Error> {
     match value {
@@ -430,7 +391,7 @@ fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), serde_json::Error
         | Value::Time(t)
         | Value::DateTime(t)
         | Value::Timestamp(t)
-        | Value::Json(t) => write_str(out, t)?,
+        | Value::Json(t) => qanat_json::write_str(out, t),
         // Rare: floats (their shortest form) and arrays take serde_json's path.
         Value::Float(_) | Value::Array(_) => serde_json::to_writer(&mut *out, value)?,
     }
@@ -443,7 +404,7 @@ fn write_row(out: &mut Vec<u8>, row: &Row) -> Result<(), serde_json::Error> {
         if i > 0 {
             out.push(b',');
         }
-        write_str(out, name)?;
+        qanat_json::write_str(out, name);
         out.push(b':');
         write_value(out, value)?;
     }
@@ -470,28 +431,28 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
         )
         .as_bytes(),
     );
-    write_str(out, s.connector)?;
+    qanat_json::write_str(out, s.connector);
     out.extend_from_slice(b",\"name\":");
-    write_str(out, &s.name)?;
+    qanat_json::write_str(out, &s.name);
     out.extend_from_slice(b",\"ts_ms\":");
     serde_json::to_writer(&mut *out, &s.ts_ms)?;
     out.extend_from_slice(b",\"snapshot\":\"");
     out.extend_from_slice(s.snapshot.as_str().as_bytes());
     out.extend_from_slice(b"\",\"db\":");
-    write_str(out, &s.db)?;
+    qanat_json::write_str(out, &s.db);
     if let Some(schema) = &s.schema {
         out.extend_from_slice(b",\"schema\":");
-        write_str(out, schema)?;
+        qanat_json::write_str(out, schema);
     }
     out.extend_from_slice(b",\"table\":");
-    write_str(out, &s.table)?;
+    qanat_json::write_str(out, &s.table);
     if let Some(v) = s.server_id {
         out.extend_from_slice(b",\"server_id\":");
         serde_json::to_writer(&mut *out, &v)?;
     }
     if let Some(v) = &s.file {
         out.extend_from_slice(b",\"file\":");
-        write_str(out, v)?;
+        qanat_json::write_str(out, v);
     }
     if let Some(v) = s.pos {
         out.extend_from_slice(b",\"pos\":");
@@ -503,7 +464,7 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
     }
     if let Some(v) = &s.gtid {
         out.extend_from_slice(b",\"gtid\":");
-        write_str(out, v)?;
+        qanat_json::write_str(out, v);
     }
     if let Some(v) = s.lsn {
         out.extend_from_slice(b",\"lsn\":");
@@ -511,7 +472,7 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
     }
     if let Some(v) = &s.tx_id {
         out.extend_from_slice(b",\"txId\":");
-        write_str(out, v)?;
+        qanat_json::write_str(out, v);
     }
     out.push(b'}');
     Ok(())
@@ -535,7 +496,7 @@ impl ChangeEvent {
             None => out.extend_from_slice(b"null"),
             Some(t) => {
                 out.extend_from_slice(b"{\"id\":");
-                write_str(out, &t.id)?;
+                qanat_json::write_str(out, &t.id);
                 out.extend_from_slice(b",\"total_order\":");
                 serde_json::to_writer(&mut *out, &t.total_order)?;
                 out.extend_from_slice(b",\"data_collection_order\":");
@@ -704,12 +665,6 @@ mod tests {
     }
 
     proptest::proptest! {
-        #[test]
-        fn the_escape_check_is_exact(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..40)) {
-            let naive = bytes.iter().any(|&x| x < 0x20 || x == b'"' || x == b'\\');
-            proptest::prop_assert_eq!(needs_escape(&bytes), naive);
-        }
-
         #[test]
         fn any_text_is_written_as_serde_json_writes_it(
             text in "\\PC{0,40}|[\\x00-\\x7f]{0,40}",

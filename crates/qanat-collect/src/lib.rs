@@ -38,7 +38,7 @@ pub mod conn;
 pub mod enrich;
 pub mod error;
 pub mod event;
-pub mod json;
+pub use qanat_json as json;
 pub mod query;
 pub mod routing;
 pub mod server;

@@ -1,4 +1,6 @@
-//! JSON written by hand on the beacon path, byte for byte what `serde_json` writes.
+//! JSON written by hand on the hot paths — the collector's beacon records and the change
+//! events of `qanat cdc` — byte for byte what `serde_json` writes for the same values, without
+//! its per-byte escaping loop (the largest single cost of encoding either).
 //!
 //! Invariants:
 //! * [`write_str`] escapes exactly the bytes `serde_json` escapes (`"`, `\`, and the control
