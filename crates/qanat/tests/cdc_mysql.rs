@@ -648,7 +648,7 @@ fn truncate_is_one_truncate_event_and_replay_empties_the_table() {
         ),
     );
     let _cdc = start_cdc(&config);
-    // A TRUNCATE ends the snapshot's consistent read (error 1412): let it finish first.
+    // (A TRUNCATE during the snapshot is the next test's; here the snapshot finishes first.)
     wait_caught_up(&broker, &db, "tr");
     db.sql(
         "INSERT INTO tr.t VALUES (3, 3); TRUNCATE TABLE tr.t; TRUNCATE tr.skip;
@@ -685,6 +685,72 @@ fn truncate_is_one_truncate_event_and_replay_empties_the_table() {
         .collect();
     assert_eq!(state, want, "the replayed table equals the source");
     assert_eq!(db.sql("SELECT id, v FROM tr.t"), [["5", "50"]]);
+}
+
+#[test]
+fn a_truncate_during_the_snapshot_continues_it_in_a_new_read_view() {
+    let db = MariaDb::start();
+    let broker = Broker::start();
+    let dir = tempfile::tempdir().expect("tempdir");
+    let values: Vec<String> = (1..=3000).map(|id| format!("({id}, {id})")).collect();
+    let small: Vec<String> = (1..=50).map(|id| format!("({id}, {id})")).collect();
+    db.sql(&format!(
+        "CREATE DATABASE ts; CREATE TABLE ts.a (id INT PRIMARY KEY, v INT);
+         CREATE TABLE ts.z (id INT PRIMARY KEY, v INT);
+         INSERT INTO ts.a VALUES {}; INSERT INTO ts.z VALUES {};",
+        values.join(","),
+        small.join(",")
+    ));
+    // `ts.a` is locked, so the snapshot opens its read view and then waits to read `a`;
+    // meanwhile `z` (read after `a`) is truncated. MariaDB refuses that read view for `z`
+    // (error 1412), which used to stop the connector.
+    let lock = db.hold("LOCK TABLES ts.a WRITE");
+    let config = write_config(
+        &dir,
+        &broker,
+        &format!(
+            "[[connector]]\nname = \"ts\"\nsource = \"{}\"\nsnapshot = \"initial\"\nsnapshot_chunk = 100\ntables = ['ts\\..*']\n",
+            db.url()
+        ),
+    );
+    let mut cdc = start_cdc(&config);
+    support::poll_until("the snapshot waiting for ts.a", DEADLINE, || {
+        let waiting = db.sql(
+            "SELECT COUNT(*) FROM information_schema.PROCESSLIST \
+             WHERE STATE LIKE 'Waiting for table metadata lock%' AND INFO LIKE '%`a`%'",
+        );
+        match waiting.first().and_then(|r| r.first()).map(String::as_str) {
+            Some("0") | None => Err("not yet".to_string()),
+            Some(_) => Ok(()),
+        }
+    });
+    db.sql("TRUNCATE TABLE ts.z; INSERT INTO ts.z VALUES (7, 70), (60, 600);");
+    drop(lock);
+    db.sql("UPDATE ts.a SET v = 0 WHERE id = 2999;");
+    wait_caught_up(&broker, &db, "ts");
+    assert!(cdc.is_alive(), "the connector still runs");
+    for table in ["a", "z"] {
+        let recs = records(&broker.bootstrap(), &format!("cdc.ts.{table}"));
+        let mut replayed = BTreeMap::new();
+        apply(&mut replayed, &recs);
+        let replayed: BTreeMap<String, Json> = replayed
+            .into_iter()
+            .map(|(k, v)| (k, json!({"id": v["id"], "v": v["v"]})))
+            .collect();
+        let source: BTreeMap<String, Json> = db
+            .sql(&format!("SELECT id, v FROM ts.{table}"))
+            .into_iter()
+            .map(|r| {
+                let id: i64 = r[0].parse().expect("id");
+                let v: i64 = r[1].parse().expect("v");
+                (json!({"id": id}).to_string(), json!({"id": id, "v": v}))
+            })
+            .collect();
+        assert_eq!(
+            replayed, source,
+            "the replayed ts.{table} equals the source"
+        );
+    }
 }
 
 #[test]

@@ -16,7 +16,9 @@
 //! from the older start in order converges every key to its final state (each row event
 //! carries the full image). A table without a primary key is read in one ordered-by-nothing
 //! pass (streamed in chunks of `snapshot_chunk` rows), restarted from its beginning after a
-//! crash.
+//! crash. A table truncated or altered after the read view began (MariaDB's error 1412 when
+//! the snapshot reaches it) is continued the same way, in a new consistent snapshot after the
+//! last key handed over (at most [`SNAPSHOT_RENEWALS`] times per table).
 //!
 //! The chunks are read and decoded by a task of their own ([`SnapshotReader`]) while the
 //! delivery loop encodes and produces the rows before them; it hands rows over in batches of
@@ -2260,6 +2262,7 @@ impl SnapshotReader {
                 Some((t, key)) if t == coll && keyed => Some(key),
                 _ => None,
             };
+            let mut renewed = 0;
             // A keyed table is a query per chunk of `chunk` rows, after the last key; one
             // without a key is one query (a crash restarts it). Either way the rows go to the
             // source in batches of SNAPSHOT_BATCH as they are decoded.
@@ -2272,20 +2275,29 @@ impl SnapshotReader {
                     last_key.as_deref(),
                     chunk,
                 );
-                let mut result = self
-                    .conn
-                    .exec_iter(sql.as_str(), params)
-                    .await
-                    .map_err(q(format!("snapshot of {coll}")))?;
+                let mut result = match self.conn.exec_iter(sql.as_str(), params).await {
+                    Ok(result) => result,
+                    Err(e) if table_changed(&e) && renewed < SNAPSHOT_RENEWALS => {
+                        renewed += 1;
+                        self.renew(&coll).await?;
+                        continue;
+                    }
+                    Err(e) => return Err(q(format!("snapshot of {coll}"))(e)),
+                };
                 let mut columns: Option<ChunkColumns> = None;
                 let mut read = 0usize;
                 let mut rows = Vec::with_capacity(SNAPSHOT_BATCH);
                 let mut ts = now_ms();
+                let mut changed = false;
                 loop {
-                    let row = result
-                        .next()
-                        .await
-                        .map_err(q(format!("snapshot of {coll}")))?;
+                    let row = match result.next().await {
+                        Ok(row) => row,
+                        Err(e) if table_changed(&e) && renewed < SNAPSHOT_RENEWALS => {
+                            changed = true;
+                            break;
+                        }
+                        Err(e) => return Err(q(format!("snapshot of {coll}"))(e)),
+                    };
                     let end = row.is_none();
                     if let Some(row) = row {
                         let cols = columns.get_or_insert_with(|| {
@@ -2328,6 +2340,12 @@ impl SnapshotReader {
                     }
                     ts = now_ms();
                 }
+                if changed {
+                    // Rows not handed over are read again after `last_key`.
+                    drop(result);
+                    renewed += 1;
+                    self.renew(&coll).await?;
+                }
             }
         }
         self.conn
@@ -2336,6 +2354,35 @@ impl SnapshotReader {
             .map_err(q("COMMIT snapshot"))?;
         Ok(true)
     }
+
+    /// `coll` was truncated or altered after the snapshot's transaction began (MariaDB refuses
+    /// to read it in that read view: error 1412). A new consistent snapshot continues the
+    /// table after the last key handed over, as a resumed snapshot does after a crash: the
+    /// rows it reads are newer than the stream's start, and the stream replays the TRUNCATE or
+    /// ALTER and everything after it, so each key still converges to its final state.
+    async fn renew(&mut self, coll: &str) -> Result<(), MysqlError> {
+        tracing::warn!(table = %coll, "table changed during the snapshot (TRUNCATE or ALTER); continuing it in a new consistent snapshot");
+        self.conn
+            .query_drop("ROLLBACK")
+            .await
+            .map_err(q("ROLLBACK snapshot"))?;
+        self.conn
+            .query_drop("START TRANSACTION WITH CONSISTENT SNAPSHOT, READ ONLY")
+            .await
+            .map_err(q("START TRANSACTION WITH CONSISTENT SNAPSHOT"))?;
+        metrics::counter!("qanat_cdc_snapshot_renewals_total", "connector" => self.rows.name.to_string())
+            .increment(1);
+        Ok(())
+    }
+}
+
+/// How often one table's snapshot may start over in a new read view before the error stops
+/// the connector (a table altered again and again).
+const SNAPSHOT_RENEWALS: u32 = 3;
+
+/// MariaDB's ER_TABLE_DEF_CHANGED: "Table definition has changed, please retry transaction".
+fn table_changed(e: &mysql_async::Error) -> bool {
+    matches!(e, mysql_async::Error::Server(server) if server.code == 1412)
 }
 
 /// The table a snapshot chunk is read from.

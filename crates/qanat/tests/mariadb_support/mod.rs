@@ -7,6 +7,7 @@
 
 #![allow(dead_code)]
 
+use std::io::{BufRead, Write};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -162,12 +163,50 @@ impl MariaDb {
             .unwrap_or_else(|e| panic!("SQL failed: {e}\n{sql}"))
     }
 
+    /// A session that runs `lock` (e.g. `LOCK TABLES t WRITE`) and holds it until the
+    /// returned session is dropped.
+    pub fn hold(&self, lock: &str) -> HeldSession {
+        let mut child = Command::new("mariadb")
+            .arg("--no-defaults")
+            .arg(format!("--socket={}", self.socket().display()))
+            .args(["-uroot", "--batch", "--skip-column-names", "--unbuffered"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn mariadb");
+        let mut stdin = child.stdin.take().expect("stdin");
+        writeln!(stdin, "{lock}; SELECT 'held';").expect("write to mariadb");
+        let mut line = String::new();
+        let stdout = child.stdout.take().expect("stdout");
+        std::io::BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read from mariadb");
+        assert_eq!(line.trim(), "held", "{lock}");
+        HeldSession {
+            child,
+            stdin: Some(stdin),
+        }
+    }
+
     /// Stop the server (SIGKILL; the tests never need its data after a stop).
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+}
+
+/// A client session holding what [`MariaDb::hold`] took; ending it releases that.
+pub struct HeldSession {
+    child: Child,
+    stdin: Option<std::process::ChildStdin>,
+}
+
+impl Drop for HeldSession {
+    fn drop(&mut self) {
+        drop(self.stdin.take());
+        let _ = self.child.wait();
     }
 }
 
