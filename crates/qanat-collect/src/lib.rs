@@ -38,7 +38,7 @@ pub mod conn;
 pub mod enrich;
 pub mod error;
 pub mod event;
-pub use qanat_json as json;
+use qanat_json as json;
 pub mod query;
 pub mod routing;
 pub mod server;
