@@ -273,6 +273,8 @@ const MAX_RESPONSE_BYTES: usize = 64 << 20;
 pub struct Conn {
     stream: Stream,
     pub addr: String,
+    /// The read timeout of a whole answer, restored after [`Conn::answer_ready`] waits.
+    timeout: Duration,
     client_id: StrBytes,
     correlation: i32,
     /// Versions of the broker for the APIs used here: (key, min, max).
@@ -317,6 +319,7 @@ impl Conn {
         let mut conn = Conn {
             stream,
             addr: addr.to_string(),
+            timeout,
             client_id: StrBytes::from_string(client_id.to_string()),
             correlation: 0,
             versions: Vec::new(),
@@ -443,12 +446,20 @@ impl Conn {
         Req: Encodable + HeaderVersion,
         Resp: Decodable + HeaderVersion,
     {
-        let correlation = self.send(api, version, req)?;
+        let correlation = self.send(api, version, req, 256)?;
         self.receive(version, correlation)
     }
 
-    /// Write one request; returns its correlation id.
-    pub fn send<Req>(&mut self, api: ApiKey, version: i16, req: &Req) -> Result<i32, ConnError>
+    /// Write one request (`size_hint`: about its encoded size, so the buffer is allocated
+    /// once); returns its correlation id. Several may be sent before their answers are read:
+    /// the broker answers in request order.
+    pub fn send<Req>(
+        &mut self,
+        api: ApiKey,
+        version: i16,
+        req: &Req,
+        size_hint: usize,
+    ) -> Result<i32, ConnError>
     where
         Req: Encodable + HeaderVersion,
     {
@@ -458,7 +469,7 @@ impl Conn {
             .with_request_api_version(version)
             .with_correlation_id(self.correlation)
             .with_client_id(Some(self.client_id.clone()));
-        let mut buf = BytesMut::with_capacity(256);
+        let mut buf = BytesMut::with_capacity(size_hint.saturating_add(256));
         buf.extend_from_slice(&[0; 4]);
         header
             .encode(&mut buf, Req::header_version(version))
@@ -476,6 +487,57 @@ impl Conn {
                 source,
             })?;
         Ok(self.correlation)
+    }
+
+    /// Whether an answer has begun to arrive (or the connection ended: then `receive` says
+    /// why), waiting up to `wait` for it; a zero `wait` only looks.
+    pub fn answer_ready(&mut self, wait: Duration) -> Result<bool, ConnError> {
+        let io = |addr: &str, source| ConnError::Io {
+            addr: addr.to_string(),
+            source,
+        };
+        let tcp = match &mut self.stream {
+            Stream::Plain(s) => &*s,
+            Stream::Tls(s) => {
+                // Records already read may hold an answer that the socket no longer shows.
+                let state = s
+                    .conn
+                    .process_new_packets()
+                    .map_err(|e| io(&self.addr, std::io::Error::other(e)))?;
+                if state.plaintext_bytes_to_read() > 0 || state.peer_has_closed() {
+                    return Ok(true);
+                }
+                &s.sock
+            }
+        };
+        let mut byte = [0u8; 1];
+        let peeked = if wait.is_zero() {
+            tcp.set_nonblocking(true).map_err(|e| io(&self.addr, e))?;
+            let r = tcp.peek(&mut byte);
+            tcp.set_nonblocking(false).map_err(|e| io(&self.addr, e))?;
+            r
+        } else {
+            tcp.set_read_timeout(Some(wait))
+                .map_err(|e| io(&self.addr, e))?;
+            let r = tcp.peek(&mut byte);
+            tcp.set_read_timeout(Some(self.timeout))
+                .map_err(|e| io(&self.addr, e))?;
+            r
+        };
+        match peeked {
+            Ok(_) => Ok(true),
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock
+                        | std::io::ErrorKind::TimedOut
+                        | std::io::ErrorKind::Interrupted
+                ) =>
+            {
+                Ok(false)
+            }
+            Err(e) => Err(io(&self.addr, e)),
+        }
     }
 
     /// Read the answer to the request `correlation` (sent as v`version`).

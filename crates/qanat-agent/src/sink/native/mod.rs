@@ -7,23 +7,31 @@
 //! the key modulo the partition count, librdkafka's default partitioner, so a file keeps its
 //! partition whichever sink ships it). A batch closes at `batch_bytes`, or after
 //! `batch_age_ms` once its partition has nothing in flight or queued (until then it keeps
-//! filling, so batches grow with the round trip), and queues for its partition. The sender
-//! thread asks metadata (leaders, across brokers), an idempotent producer id
-//! (InitProducerId), compresses and stamps the head batch of each partition and sends one
-//! Produce request per leader (`acks=all`), then applies the answers.
+//! filling, so batches grow with the round trip), or when the open batches together hold a
+//! quarter of the queue's bound (with many partitions no batch reaches `batch_bytes` before
+//! the queue is full, and waiting for them would leave nothing in flight while the loop
+//! encodes), and queues for its partition. The sender thread asks metadata (leaders, across
+//! brokers), an idempotent producer id (InitProducerId), compresses and stamps the head batch
+//! of each partition and sends one Produce request per leader (`acks=all`); it sends again
+//! without waiting for the answers, up to [`MAX_IN_FLIGHT`] requests per connection, and
+//! reads each answer when it arrives (the broker answers a connection in request order).
 //!
 //! Invariants:
-//! * At most one batch per partition is in flight; a batch that failed retriably goes back to
-//!   the head of its queue and is re-sent with the same bytes, so the order of a partition is
-//!   the order of `send`, and the broker drops a repeat by its sequence (at-least-once without
-//!   duplicates from retries).
+//! * At most [`MAX_IN_FLIGHT`] batches of a partition are in flight, all to one leader, with
+//!   consecutive sequences. When one fails retriably, the partition stalls: nothing more is
+//!   sent until every batch in flight has come back; the failed ones (and those after them,
+//!   which the broker refuses as out of order) go back to the head of the queue in sequence
+//!   order and are re-sent with the same bytes. So the order of a partition is the order of
+//!   `send`, and the broker drops a repeat by its sequence (it remembers the last 5 batches
+//!   of a producer: at-least-once without duplicates from retries).
 //! * Sequences of a partition follow each other from 0 per producer id; a gap the broker
-//!   reports (out of order, unknown producer, fenced epoch), a refusal that is not retriable,
-//!   or a batch older than `delivery_timeout_ms` breaks the sink: `restart_if_broken` then
-//!   forgets everything not reported and starts over with a new producer id (the loop re-reads
-//!   from acknowledged positions), as with librdkafka's fatal errors.
+//!   reports (out of order with no earlier batch of the partition failed, unknown producer,
+//!   fenced epoch), a refusal that is not retriable, or a batch older than
+//!   `delivery_timeout_ms` breaks the sink: `restart_if_broken` then forgets everything not
+//!   reported and starts over with a new producer id (the loop re-reads from acknowledged
+//!   positions), as with librdkafka's fatal errors.
 //! * Every record taken is reported exactly once per generation; answers to requests of an
-//!   older generation are dropped.
+//!   older generation are read and dropped.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -31,6 +39,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+use bytes::Bytes;
 use kafka_protocol::error::ParseResponseErrorCode;
 use kafka_protocol::messages::metadata_request::MetadataRequestTopic;
 use kafka_protocol::messages::produce_request::{PartitionProduceData, TopicProduceData};
@@ -58,6 +67,12 @@ const RETRY_BACKOFF_MS: u64 = 100;
 const METADATA_MAX_AGE_MS: u64 = 300_000;
 /// Connect, read and write timeout of a broker connection.
 const IO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Produce requests awaiting their answers on one connection, and batches of one partition
+/// in flight: as Kafka's idempotent producer (`max.in.flight.requests.per.connection`), and
+/// no more than the broker remembers per producer to recognise a retry.
+pub const MAX_IN_FLIGHT: usize = 5;
+/// Longest the sender waits on an answer before looking for batches closed meanwhile.
+const ANSWER_POLL: Duration = Duration::from_millis(1);
 
 /// Versions used, within kafka-protocol's ranges: Produce by topic name (v13 names topics by
 /// id), Metadata up to v12, InitProducerId up to v4.
@@ -116,10 +131,39 @@ struct Partition {
     /// Node id of the leader; -1 while unknown.
     leader: i32,
     open: Option<OpenBatch>,
+    /// Oldest first: retried (sealed) batches, in sequence order, before the closed ones.
     ready: VecDeque<Queued>,
-    in_flight: bool,
+    /// Batches sent and not answered, all to `in_flight_leader`.
+    in_flight: usize,
+    in_flight_leader: i32,
+    /// A batch failed retriably: nothing is sent until every batch in flight is back.
+    stalled: bool,
     next_sequence: i32,
     retry_at_ms: u64,
+}
+
+impl Partition {
+    fn new(leader: i32) -> Partition {
+        Partition {
+            leader,
+            in_flight_leader: -1,
+            ..Partition::default()
+        }
+    }
+
+    /// A batch back from a failed request (`base`: its base sequence), in sequence order:
+    /// before the retried ones of later sequences still queued, and the never sent.
+    fn requeue(&mut self, batch: Queued, base: i32) {
+        let at = self
+            .ready
+            .iter()
+            .position(|q| match q {
+                Queued::Closed(_) => true,
+                Queued::Sealed(s) => s.base_sequence().is_none_or(|b| sequence_after(b, base)),
+            })
+            .unwrap_or(self.ready.len());
+        self.ready.insert(at, batch);
+    }
 }
 
 enum TopicStatus {
@@ -146,6 +190,8 @@ struct State {
     producer: Option<(i64, i16)>,
     /// Bytes of records in open, queued and in-flight batches (uncompressed).
     queued_bytes: usize,
+    /// Bytes of records in open batches (uncompressed).
+    open_bytes: usize,
     /// Batches queued or in flight, open ones not counted.
     batches: usize,
     reports: Vec<Delivery>,
@@ -268,13 +314,20 @@ impl NativeSink {
             payload,
             record.map(|r| &r.trajectory),
         );
-        st.queued_bytes += open.len() - before;
+        let added = open.len() - before;
+        st.queued_bytes += added;
+        st.open_bytes += added;
         if open.len() >= settings.batch_bytes {
             if let Some(b) = p.open.take() {
+                st.open_bytes = st.open_bytes.saturating_sub(b.len());
                 p.ready.push_back(Queued::Closed(b));
                 st.batches += 1;
                 self.shared.work.notify_one();
             }
+        }
+        if st.open_bytes >= settings.max_queued_bytes / 4 {
+            close_open_batches(st);
+            self.shared.work.notify_one();
         }
         Ok(())
     }
@@ -312,16 +365,7 @@ impl Sink for NativeSink {
     fn flush(&mut self, timeout: Duration) {
         let deadline = Instant::now() + timeout;
         let mut st = self.shared.lock();
-        let mut closed = 0;
-        for t in st.topics.values_mut() {
-            for p in &mut t.partitions {
-                if let Some(b) = p.open.take() {
-                    p.ready.push_back(Queued::Closed(b));
-                    closed += 1;
-                }
-            }
-        }
-        st.batches += closed;
+        close_open_batches(&mut st);
         self.shared.work.notify_one();
         // Broken, it waits out the timeout too: the caller's flush loop must not spin.
         while st.batches > 0 || st.broken.is_some() {
@@ -347,14 +391,12 @@ impl Sink for NativeSink {
         st.generation += 1;
         st.producer = None;
         st.queued_bytes = 0;
+        st.open_bytes = 0;
         st.batches = 0;
         st.reports.clear();
         for t in st.topics.values_mut() {
             for p in &mut t.partitions {
-                *p = Partition {
-                    leader: p.leader,
-                    ..Partition::default()
-                };
+                *p = Partition::new(p.leader);
             }
         }
         self.shared.work.notify_one();
@@ -385,15 +427,33 @@ struct Taken {
     record_bytes: usize,
 }
 
+#[derive(Debug, Clone, PartialEq, Eq)]
 enum Outcome {
     Delivered,
     Retry(String),
+    /// Not the sequence the broker expects: a gap if no earlier batch of the partition
+    /// failed, else the consequence of that failure.
+    OutOfOrder(String),
     Fatal(String),
+}
+
+/// A Produce request awaiting its answer.
+struct Pending {
+    generation: u64,
+    version: i16,
+    correlation: i32,
+    taken: Vec<Taken>,
+}
+
+/// A connection to a leader and its requests in flight, oldest first.
+struct Link {
+    conn: Conn,
+    pending: VecDeque<Pending>,
 }
 
 struct Sender {
     shared: Arc<Shared>,
-    conns: HashMap<i32, Conn>,
+    links: HashMap<i32, Link>,
     /// A connection made from the bootstrap list, for metadata and producer ids.
     any: Option<Conn>,
 }
@@ -402,7 +462,7 @@ impl Sender {
     fn new(shared: Arc<Shared>) -> Sender {
         Sender {
             shared,
-            conns: HashMap::new(),
+            links: HashMap::new(),
             any: None,
         }
     }
@@ -418,6 +478,7 @@ impl Sender {
                 Turn::Produce(generation, taken, producer) => {
                     self.produce(generation, taken, producer)
                 }
+                Turn::Answer(wait) => self.await_answer(wait),
             }
         }
     }
@@ -445,7 +506,13 @@ impl Sender {
                 if st.metadata_due {
                     wake_at = wake_at.min(st.metadata_at_ms);
                 }
-                let (taken, next) = take_work(&mut st, now, settings.linger_ms);
+                let full: Vec<i32> = self
+                    .links
+                    .iter()
+                    .filter(|(_, l)| l.pending.len() >= MAX_IN_FLIGHT)
+                    .map(|(&id, _)| id)
+                    .collect();
+                let (taken, next) = take_work(&mut st, now, settings.linger_ms, &full);
                 wake_at = wake_at.min(next);
                 if !taken.is_empty() {
                     let producer = st.producer.unwrap_or((-1, -1));
@@ -453,6 +520,11 @@ impl Sender {
                 }
             }
             let wait = Duration::from_millis(wake_at.saturating_sub(now).max(1));
+            if self.links.values().any(|l| !l.pending.is_empty()) {
+                // Answers are read even while broken: a restart drops them, but the
+                // connection must be read past them.
+                return Some(Turn::Answer(wait.min(ANSWER_POLL)));
+            }
             st = self
                 .shared
                 .work
@@ -568,12 +640,13 @@ impl Sender {
                 return;
             }
         };
-        let mut st = self.shared.lock();
-        let st = &mut *st;
+        let mut moved: Vec<Link> = Vec::new();
+        let mut guard = self.shared.lock();
+        let st = &mut *guard;
         for b in &resp.brokers {
             let addr = format!("{}:{}", b.host, b.port);
             if st.brokers.get(&b.node_id.0) != Some(&addr) {
-                self.conns.remove(&b.node_id.0);
+                moved.extend(self.links.remove(&b.node_id.0));
                 st.brokers.insert(b.node_id.0, addr);
             }
         }
@@ -596,10 +669,7 @@ impl Sender {
                         tracing::warn!(topic = %name.0, count, had = topic.partitions.len(), "metadata lists fewer partitions than before; keeping the known ones");
                     }
                     while topic.partitions.len() < count {
-                        topic.partitions.push(Partition {
-                            leader: -1,
-                            ..Partition::default()
-                        });
+                        topic.partitions.push(Partition::new(-1));
                     }
                     for p in &t.partitions {
                         if let Some(q) = usize::try_from(p.partition_index)
@@ -631,15 +701,22 @@ impl Sender {
             st.metadata_due = true;
             st.metadata_at_ms = now_ms() + RETRY_BACKOFF_MS;
         }
+        drop(guard);
+        for link in moved {
+            self.fail_pending(link, "the broker's address changed");
+        }
         self.shared.work.notify_one();
     }
 
+    /// Compress and stamp the taken batches, and send one Produce request per leader; the
+    /// answers are read by `await_answer`.
     fn produce(&mut self, generation: u64, mut taken: Vec<Taken>, producer: (i64, i16)) {
-        let settings = &self.shared.settings;
+        let shared = self.shared.clone();
+        let settings = &shared.settings;
         // Compress and stamp outside the lock: the loop keeps encoding meanwhile.
-        let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(taken.len());
-        let mut wire = Vec::with_capacity(taken.len());
-        for t in &mut taken {
+        let mut failed: Vec<(Taken, Outcome)> = Vec::new();
+        let mut wire: Vec<(Taken, Bytes)> = Vec::with_capacity(taken.len());
+        for mut t in taken.drain(..) {
             let sealed = match std::mem::replace(&mut t.batch, Queued::Closed(OpenBatch::new(0, 0)))
             {
                 Queued::Sealed(s) => Ok(s),
@@ -647,66 +724,68 @@ impl Sender {
             };
             match sealed {
                 Ok(mut s) => {
-                    wire.push(Some(s.stamp(producer.0, producer.1, t.base_sequence)));
+                    let bytes = s.stamp(producer.0, producer.1, t.base_sequence);
                     t.batch = Queued::Sealed(s);
-                    outcomes.push(None);
+                    wire.push((t, bytes));
                 }
-                Err(e) => {
-                    wire.push(None);
-                    outcomes.push(Some(Outcome::Fatal(format!("compressing a batch: {e}"))));
-                }
+                Err(e) => failed.push((t, Outcome::Fatal(format!("compressing a batch: {e}")))),
             }
         }
         let brokers = self.shared.lock().brokers.clone();
-        let mut leaders: Vec<i32> = taken.iter().map(|t| t.leader).collect();
+        let mut leaders: Vec<i32> = wire.iter().map(|(t, _)| t.leader).collect();
         leaders.sort_unstable();
         leaders.dedup();
-        // Send to every leader, then read every answer.
-        let mut sent: Vec<(i32, i16, i32)> = Vec::new();
-        for &leader in &leaders {
-            let mine: Vec<usize> = (0..taken.len())
-                .filter(|&i| taken[i].leader == leader && outcomes[i].is_none())
-                .collect();
-            if mine.is_empty() {
-                continue;
-            }
-            let fail = |outcomes: &mut Vec<Option<Outcome>>, why: String| {
-                for &i in &mine {
-                    outcomes[i] = Some(Outcome::Retry(why.clone()));
-                }
-            };
-            if let std::collections::hash_map::Entry::Vacant(slot) = self.conns.entry(leader) {
+        for leader in leaders {
+            let (mine, rest): (Vec<_>, Vec<_>) =
+                wire.into_iter().partition(|(t, _)| t.leader == leader);
+            wire = rest;
+            let fail =
+                |failed: &mut Vec<(Taken, Outcome)>, mine: Vec<(Taken, Bytes)>, why: &str| {
+                    failed.extend(
+                        mine.into_iter()
+                            .map(|(t, _)| (t, Outcome::Retry(why.to_string()))),
+                    );
+                };
+            if let std::collections::hash_map::Entry::Vacant(slot) = self.links.entry(leader) {
                 let Some(addr) = brokers.get(&leader) else {
-                    fail(&mut outcomes, format!("no address for broker {leader}"));
+                    fail(
+                        &mut failed,
+                        mine,
+                        &format!("no address for broker {leader}"),
+                    );
                     continue;
                 };
                 match Conn::connect(addr, &settings.client_id, IO_TIMEOUT, &settings.security) {
-                    Ok(c) => {
-                        slot.insert(c);
+                    Ok(conn) => {
+                        slot.insert(Link {
+                            conn,
+                            pending: VecDeque::new(),
+                        });
                     }
                     Err(e) => {
                         log_refusal(&e);
-                        fail(&mut outcomes, e.to_string());
+                        fail(&mut failed, mine, &e.to_string());
                         continue;
                     }
                 }
             }
-            let Some(conn) = self.conns.get_mut(&leader) else {
+            let Some(link) = self.links.get_mut(&leader) else {
                 continue;
             };
-            let version = match conn.version(ApiKey::Produce, PRODUCE_VERSIONS) {
+            let version = match link.conn.version(ApiKey::Produce, PRODUCE_VERSIONS) {
                 Ok(v) => v,
                 Err(e) => {
-                    fail(&mut outcomes, e.to_string());
+                    fail(&mut failed, mine, &e.to_string());
                     continue;
                 }
             };
             let mut topic_data: Vec<TopicProduceData> = Vec::new();
-            for &i in &mine {
-                let t = &taken[i];
+            let mut size = 0;
+            for (t, bytes) in &mine {
+                size += bytes.len() + 64;
                 let data = PartitionProduceData::default()
                     .with_index(t.partition)
-                    .with_records(wire[i].clone());
+                    .with_records(Some(bytes.clone()));
                 match topic_data.iter_mut().find(|d| d.name.0.as_str() == t.topic) {
                     Some(d) => d.partition_data.push(data),
                     None => topic_data.push(
@@ -721,106 +800,111 @@ impl Sender {
                 .with_acks(-1)
                 .with_timeout_ms(settings.delivery_timeout_ms.min(i32::MAX as u64) as i32)
                 .with_topic_data(topic_data);
-            match conn.send(ApiKey::Produce, version, &req) {
-                Ok(correlation) => sent.push((leader, version, correlation)),
+            match link.conn.send(ApiKey::Produce, version, &req, size) {
+                Ok(correlation) => link.pending.push_back(Pending {
+                    generation,
+                    version,
+                    correlation,
+                    taken: mine.into_iter().map(|(t, _)| t).collect(),
+                }),
                 Err(e) => {
-                    self.conns.remove(&leader);
-                    fail(&mut outcomes, e.to_string());
+                    let why = e.to_string();
+                    fail(&mut failed, mine, &why);
+                    self.drop_link(leader, &why);
                 }
             }
         }
-        for (leader, version, correlation) in sent {
-            let Some(conn) = self.conns.get_mut(&leader) else {
-                continue;
-            };
-            let answer: Result<ProduceResponse, ConnError> = conn.receive(version, correlation);
-            let answer = match answer {
-                Ok(a) => a,
-                Err(e) => {
-                    self.conns.remove(&leader);
-                    for (i, t) in taken.iter().enumerate() {
-                        if t.leader == leader && outcomes[i].is_none() {
-                            outcomes[i] = Some(Outcome::Retry(e.to_string()));
-                        }
-                    }
-                    continue;
-                }
-            };
-            for tr in &answer.responses {
-                for pr in &tr.partition_responses {
-                    let Some(i) = (0..taken.len()).find(|&i| {
-                        taken[i].leader == leader
-                            && taken[i].partition == pr.index
-                            && taken[i].topic == tr.name.0.as_str()
-                            && outcomes[i].is_none()
-                    }) else {
-                        continue;
-                    };
-                    outcomes[i] = Some(classify(pr.error_code, pr.error_message.as_ref()));
-                }
-            }
+        if !failed.is_empty() {
+            self.settle(generation, failed);
         }
-        self.apply(generation, taken, outcomes);
     }
 
-    /// Settle each taken batch under the lock.
-    fn apply(&mut self, generation: u64, taken: Vec<Taken>, outcomes: Vec<Option<Outcome>>) {
+    /// Read one answer if one arrives within `wait`, and settle its batches.
+    fn await_answer(&mut self, wait: Duration) {
+        // The link whose oldest request is the oldest is waited on; the others only looked at.
+        let mut order: Vec<(i32, i32)> = self
+            .links
+            .iter()
+            .filter_map(|(&id, l)| l.pending.front().map(|_| (id, l.pending.len() as i32)))
+            .collect();
+        order.sort_unstable_by_key(|&(_, n)| std::cmp::Reverse(n));
+        let mut ready = None;
+        for (i, &(id, _)) in order.iter().enumerate() {
+            let Some(link) = self.links.get_mut(&id) else {
+                continue;
+            };
+            let look = if i + 1 == order.len() {
+                wait
+            } else {
+                Duration::ZERO
+            };
+            match link.conn.answer_ready(look) {
+                Ok(false) => continue,
+                // An error shows in the read.
+                Ok(true) | Err(_) => {
+                    ready = Some(id);
+                    break;
+                }
+            }
+        }
+        let Some(leader) = ready else {
+            return;
+        };
+        let Some(link) = self.links.get_mut(&leader) else {
+            return;
+        };
+        let Some(pending) = link.pending.pop_front() else {
+            return;
+        };
+        let answer: Result<ProduceResponse, ConnError> =
+            link.conn.receive(pending.version, pending.correlation);
+        match answer {
+            Ok(answer) => {
+                let outcomes = match_answer(pending.taken, &answer);
+                self.settle(pending.generation, outcomes);
+            }
+            Err(e) => {
+                let why = e.to_string();
+                let outcomes = pending
+                    .taken
+                    .into_iter()
+                    .map(|t| (t, Outcome::Retry(why.clone())))
+                    .collect();
+                self.settle(pending.generation, outcomes);
+                self.drop_link(leader, &why);
+            }
+        }
+    }
+
+    /// Close the connection to `leader`: its requests in flight failed (their batches are
+    /// retried, in the order they were sent).
+    fn drop_link(&mut self, leader: i32, why: &str) {
+        if let Some(link) = self.links.remove(&leader) {
+            self.fail_pending(link, why);
+        }
+    }
+
+    fn fail_pending(&mut self, link: Link, why: &str) {
+        for p in link.pending {
+            let outcomes = p
+                .taken
+                .into_iter()
+                .map(|t| (t, Outcome::Retry(why.to_string())))
+                .collect();
+            self.settle(p.generation, outcomes);
+        }
+    }
+
+    /// Settle answered batches under the lock and wake whoever waits for it.
+    fn settle(&self, generation: u64, outcomes: Vec<(Taken, Outcome)>) {
         let settings = &self.shared.settings;
-        let now = now_ms();
         let mut guard = self.shared.lock();
         if guard.generation != generation {
             // Forgotten by a restart: whatever happened, it is re-read.
             return;
         }
-        let st = &mut *guard;
-        let mut reported = false;
-        for (t, outcome) in taken.into_iter().zip(outcomes) {
-            let outcome =
-                outcome.unwrap_or_else(|| Outcome::Retry("no answer for the partition".into()));
-            let Some(p) = st
-                .topics
-                .get_mut(&t.topic)
-                .and_then(|topic| topic.partitions.get_mut(t.partition as usize))
-            else {
-                continue;
-            };
-            p.in_flight = false;
-            match outcome {
-                Outcome::Delivered => {
-                    let runs = match &t.batch {
-                        Queued::Sealed(s) => &s.runs,
-                        Queued::Closed(b) => &b.runs,
-                    };
-                    for r in runs.iter().filter(|r| r.file_key != MANIFEST_KEY) {
-                        st.reports.extend((0..u64::from(r.count)).map(|k| Delivery {
-                            file_key: r.file_key,
-                            seq: r.first_seq + k,
-                            ok: true,
-                        }));
-                    }
-                    reported = true;
-                    st.queued_bytes = st.queued_bytes.saturating_sub(t.record_bytes);
-                    st.batches = st.batches.saturating_sub(1);
-                }
-                Outcome::Retry(why) => {
-                    if now.saturating_sub(t.batch.opened_ms()) > settings.delivery_timeout_ms {
-                        st.broken = Some(format!(
-                            "a batch of {} [{}] was not acknowledged within {} ms: {why}",
-                            t.topic, t.partition, settings.delivery_timeout_ms
-                        ));
-                    } else {
-                        tracing::debug!(topic = %t.topic, partition = t.partition, %why, "retrying a batch");
-                        p.retry_at_ms = now + RETRY_BACKOFF_MS;
-                        p.ready.push_front(t.batch);
-                        st.metadata_due = true;
-                    }
-                }
-                Outcome::Fatal(why) => {
-                    st.broken = Some(format!("{} [{}]: {why}", t.topic, t.partition));
-                }
-            }
-        }
-        let wake = reported || st.broken.is_some();
+        let reported = settle(&mut guard, outcomes, now_ms(), settings.delivery_timeout_ms);
+        let wake = reported || guard.broken.is_some();
         drop(guard);
         self.shared.answered.notify_all();
         if wake
@@ -832,19 +916,133 @@ impl Sender {
     }
 }
 
+/// Each taken batch with the outcome the answer gives its partition (a partition the answer
+/// does not name is retried).
+fn match_answer(taken: Vec<Taken>, answer: &ProduceResponse) -> Vec<(Taken, Outcome)> {
+    let mut outcomes: Vec<Option<Outcome>> = taken.iter().map(|_| None).collect();
+    for tr in &answer.responses {
+        for pr in &tr.partition_responses {
+            if let Some(i) = (0..taken.len()).find(|&i| {
+                outcomes[i].is_none()
+                    && taken[i].partition == pr.index
+                    && taken[i].topic == tr.name.0.as_str()
+            }) {
+                outcomes[i] = Some(classify(pr.error_code, pr.error_message.as_ref()));
+            }
+        }
+    }
+    taken
+        .into_iter()
+        .zip(outcomes)
+        .map(|(t, o)| {
+            let o = o.unwrap_or_else(|| Outcome::Retry("no answer for the partition".into()));
+            (t, o)
+        })
+        .collect()
+}
+
+/// Apply the outcomes of one request's batches, in the order they were taken; returns
+/// whether records were reported.
+fn settle(
+    st: &mut State,
+    outcomes: Vec<(Taken, Outcome)>,
+    now: u64,
+    delivery_timeout_ms: u64,
+) -> bool {
+    let mut reported = false;
+    for (t, outcome) in outcomes {
+        let Some(p) = st
+            .topics
+            .get_mut(&t.topic)
+            .and_then(|topic| topic.partitions.get_mut(t.partition as usize))
+        else {
+            continue;
+        };
+        p.in_flight = p.in_flight.saturating_sub(1);
+        let outcome = match outcome {
+            // An earlier batch of the partition failed, so the broker misses its records.
+            Outcome::OutOfOrder(why) if p.stalled => Outcome::Retry(why),
+            Outcome::OutOfOrder(why) => Outcome::Fatal(why),
+            o => o,
+        };
+        match outcome {
+            Outcome::Delivered => {
+                let runs = match &t.batch {
+                    Queued::Sealed(s) => &s.runs,
+                    Queued::Closed(b) => &b.runs,
+                };
+                for r in runs.iter().filter(|r| r.file_key != MANIFEST_KEY) {
+                    st.reports.extend((0..u64::from(r.count)).map(|k| Delivery {
+                        file_key: r.file_key,
+                        seq: r.first_seq + k,
+                        ok: true,
+                    }));
+                }
+                reported = true;
+                st.queued_bytes = st.queued_bytes.saturating_sub(t.record_bytes);
+                st.batches = st.batches.saturating_sub(1);
+            }
+            Outcome::Retry(why) => {
+                if now.saturating_sub(t.batch.opened_ms()) > delivery_timeout_ms {
+                    st.broken = Some(format!(
+                        "a batch of {} [{}] was not acknowledged within {} ms: {why}",
+                        t.topic, t.partition, delivery_timeout_ms
+                    ));
+                } else {
+                    tracing::debug!(topic = %t.topic, partition = t.partition, %why, "retrying a batch");
+                    p.stalled = true;
+                    p.retry_at_ms = now + RETRY_BACKOFF_MS;
+                    p.requeue(t.batch, t.base_sequence);
+                    st.metadata_due = true;
+                }
+            }
+            Outcome::OutOfOrder(why) | Outcome::Fatal(why) => {
+                st.broken = Some(format!("{} [{}]: {why}", t.topic, t.partition));
+            }
+        }
+    }
+    reported
+}
+
 enum Turn {
     ProducerId(u64),
     Metadata(Vec<String>),
     Produce(u64, Vec<Taken>, (i64, i16)),
+    /// Requests are in flight and nothing is to be sent: read an answer, waiting this long.
+    Answer(Duration),
+}
+
+/// Whether sequence `a` comes after `b`. Sequences wrap from `i32::MAX` to 0, and those of
+/// one partition in the queue lie far closer than half the range.
+fn sequence_after(a: i32, b: i32) -> bool {
+    let distance = (i64::from(a) - i64::from(b)).rem_euclid(i64::from(i32::MAX) + 1);
+    distance != 0 && distance < (1 << 30)
+}
+
+/// Queue every open batch (the queue's bound is near, or a flush).
+fn close_open_batches(st: &mut State) {
+    let mut closed = 0;
+    for t in st.topics.values_mut() {
+        for p in &mut t.partitions {
+            if let Some(b) = p.open.take() {
+                p.ready.push_back(Queued::Closed(b));
+                closed += 1;
+            }
+        }
+    }
+    st.batches += closed;
+    st.open_bytes = 0;
 }
 
 /// Close batches older than `linger_ms` on partitions with nothing in flight or queued, then
-/// take the head batch of every partition that may send; returns them and when the next batch
-/// closes by age.
-fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
+/// take the head batch of every partition that may send (fewer than [`MAX_IN_FLIGHT`] in
+/// flight, all to its leader, not stalled, its leader not in `full`); returns them and when
+/// the next batch closes by age.
+fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Taken>, u64) {
     let mut taken = Vec::new();
     let mut next = u64::MAX;
     let mut closed = 0;
+    let mut closed_bytes = 0;
     let mut metadata = false;
     for (name, topic) in &mut st.topics {
         for (index, p) in topic.partitions.iter_mut().enumerate() {
@@ -852,19 +1050,27 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
                 let due = open.opened_ms.saturating_add(linger_ms);
                 if due > now {
                     next = next.min(due);
-                } else if !p.in_flight && p.ready.is_empty() {
+                } else if p.in_flight == 0 && p.ready.is_empty() {
                     // Closed by age only when it can go at once: while the partition waits
                     // for an answer its open batch keeps filling (up to `batch_bytes`), so
                     // the batches grow with the round trip instead of queueing up small
                     // (one per linger) behind the one in flight, as librdkafka does.
                     if let Some(b) = p.open.take() {
+                        closed_bytes += b.len();
                         p.ready.push_back(Queued::Closed(b));
                         closed += 1;
                     }
                 }
             }
-            if p.in_flight || p.ready.is_empty() {
+            if p.ready.is_empty() || p.in_flight >= MAX_IN_FLIGHT {
                 continue;
+            }
+            if p.stalled {
+                // Resume once every batch in flight is back, from the failed one.
+                if p.in_flight > 0 {
+                    continue;
+                }
+                p.stalled = false;
             }
             if p.retry_at_ms > now {
                 next = next.min(p.retry_at_ms);
@@ -872,6 +1078,10 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
             }
             if p.leader < 0 {
                 metadata = true;
+                continue;
+            }
+            // A new leader gets the partition's batches once the old one has answered.
+            if (p.in_flight > 0 && p.in_flight_leader != p.leader) || full.contains(&p.leader) {
                 continue;
             }
             let Some(batch) = p.ready.pop_front() else {
@@ -887,7 +1097,8 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
                     (base, b.len())
                 }
             };
-            p.in_flight = true;
+            p.in_flight += 1;
+            p.in_flight_leader = p.leader;
             taken.push(Taken {
                 topic: name.clone(),
                 partition: index as i32,
@@ -899,6 +1110,7 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64) -> (Vec<Taken>, u64) {
         }
     }
     st.batches += closed;
+    st.open_bytes = st.open_bytes.saturating_sub(closed_bytes);
     if metadata && !st.metadata_due {
         st.metadata_due = true;
         st.metadata_at_ms = now;
@@ -927,9 +1139,10 @@ fn classify(code: i16, message: Option<&StrBytes>) -> Outcome {
     match e {
         // Already written by an earlier attempt of this very batch.
         ResponseError::DuplicateSequenceNumber => Outcome::Delivered,
-        ResponseError::OutOfOrderSequenceNumber
-        | ResponseError::UnknownProducerId
-        | ResponseError::InvalidProducerEpoch => Outcome::Fatal(why),
+        ResponseError::OutOfOrderSequenceNumber => Outcome::OutOfOrder(why),
+        ResponseError::UnknownProducerId | ResponseError::InvalidProducerEpoch => {
+            Outcome::Fatal(why)
+        }
         e if e.is_retriable() => Outcome::Retry(why),
         _ => Outcome::Fatal(why),
     }
@@ -938,56 +1151,95 @@ fn classify(code: i16, message: Option<&StrBytes>) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
-    fn one_partition(open_at_ms: u64) -> State {
-        let mut batch = OpenBatch::new(open_at_ms, 1024);
-        batch.push(open_at_ms, 1, 0, b"k", b"v", None);
-        let partition = Partition {
-            leader: 1,
-            open: Some(batch),
-            ..Partition::default()
-        };
+    const LEADER: i32 = 1;
+
+    fn with_partitions(count: usize) -> State {
         let mut st = State::default();
         st.topics.insert(
             "t".into(),
             Topic {
                 status: TopicStatus::Known,
-                partitions: vec![partition],
+                partitions: (0..count).map(|_| Partition::new(LEADER)).collect(),
             },
         );
         st
     }
 
-    fn partition(st: &mut State) -> &mut Partition {
+    fn one_partition(open_at_ms: u64) -> State {
+        let mut st = with_partitions(1);
+        let mut batch = OpenBatch::new(open_at_ms, 1024);
+        batch.push(open_at_ms, 1, 0, b"k", b"v", None);
+        st.open_bytes = batch.len();
+        st.queued_bytes = batch.len();
+        partition(&mut st, 0).open = Some(batch);
+        st
+    }
+
+    fn partition(st: &mut State, index: usize) -> &mut Partition {
         match st
             .topics
             .get_mut("t")
-            .and_then(|t| t.partitions.first_mut())
+            .and_then(|t| t.partitions.get_mut(index))
         {
             Some(p) => p,
-            None => unreachable!("one partition"),
+            None => unreachable!("no partition {index}"),
+        }
+    }
+
+    /// Queue a closed batch of `count` records of file `partition`, sequences from `first`.
+    fn queue_batch(st: &mut State, index: usize, first: u64, count: u64) {
+        let mut b = OpenBatch::new(0, 256);
+        for seq in first..first + count {
+            b.push(0, index as u64, seq, b"k", b"v", None);
+        }
+        st.queued_bytes += b.len();
+        st.batches += 1;
+        partition(st, index).ready.push_back(Queued::Closed(b));
+    }
+
+    /// What the sender does with taken batches before sending them: seal and stamp.
+    fn seal(taken: &mut [Taken]) {
+        for t in taken {
+            let sealed = match std::mem::replace(&mut t.batch, Queued::Closed(OpenBatch::new(0, 0)))
+            {
+                Queued::Sealed(s) => s,
+                Queued::Closed(b) => match b.seal(Codec::None, -1) {
+                    Ok(s) => s,
+                    Err(e) => unreachable!("sealing without compression: {e}"),
+                },
+            };
+            let mut sealed = sealed;
+            let _ = sealed.stamp(7, 0, t.base_sequence);
+            t.batch = Queued::Sealed(sealed);
+        }
+    }
+
+    fn count_of(t: &Taken) -> i32 {
+        match &t.batch {
+            Queued::Sealed(s) => s.count,
+            Queued::Closed(b) => b.count(),
         }
     }
 
     #[test]
     fn a_batch_is_not_closed_by_age_before_it_is_due() {
         let mut st = one_partition(100);
-        let (taken, next) = take_work(&mut st, 104, 5);
+        let (taken, next) = take_work(&mut st, 104, 5, &[]);
         assert!(taken.is_empty());
         assert_eq!(next, 105);
-        assert!(partition(&mut st).open.is_some());
+        assert!(partition(&mut st, 0).open.is_some());
     }
 
     #[test]
     fn a_due_batch_keeps_filling_while_its_partition_waits_for_an_answer() {
         let mut st = one_partition(100);
-        partition(&mut st).in_flight = true;
-        let (taken, _) = take_work(&mut st, 200, 5);
-        assert!(
-            taken.is_empty(),
-            "nothing goes while one batch is in flight"
-        );
-        let p = partition(&mut st);
+        partition(&mut st, 0).in_flight = 1;
+        partition(&mut st, 0).in_flight_leader = LEADER;
+        let (taken, _) = take_work(&mut st, 200, 5, &[]);
+        assert!(taken.is_empty(), "nothing queued to go");
+        let p = partition(&mut st, 0);
         assert!(
             p.ready.is_empty(),
             "no small batch queued behind the one in flight"
@@ -998,11 +1250,347 @@ mod tests {
         );
 
         // Answered: the grown batch closes and goes at the next turn.
-        p.in_flight = false;
-        let (taken, _) = take_work(&mut st, 201, 5);
+        p.in_flight = 0;
+        let (taken, _) = take_work(&mut st, 201, 5, &[]);
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].base_sequence, 0);
-        assert!(partition(&mut st).open.is_none());
-        assert!(partition(&mut st).in_flight);
+        assert!(partition(&mut st, 0).open.is_none());
+        assert_eq!(partition(&mut st, 0).in_flight, 1);
+        assert_eq!(st.open_bytes, 0);
+    }
+
+    #[test]
+    fn queued_batches_go_without_waiting_for_answers_up_to_the_limit() {
+        let mut st = with_partitions(1);
+        for k in 0..(MAX_IN_FLIGHT as u64 + 2) {
+            queue_batch(&mut st, 0, k * 3, 3);
+        }
+        let mut bases = Vec::new();
+        for _ in 0..MAX_IN_FLIGHT {
+            let (taken, _) = take_work(&mut st, 0, 5, &[]);
+            assert_eq!(taken.len(), 1, "one batch of the partition per request");
+            bases.push(taken[0].base_sequence);
+        }
+        assert_eq!(bases, vec![0, 3, 6, 9, 12]);
+        let (taken, _) = take_work(&mut st, 0, 5, &[]);
+        assert!(
+            taken.is_empty(),
+            "{MAX_IN_FLIGHT} batches in flight at most"
+        );
+        assert_eq!(partition(&mut st, 0).ready.len(), 2);
+    }
+
+    #[test]
+    fn a_connection_with_its_requests_in_flight_full_gets_nothing() {
+        let mut st = with_partitions(2);
+        queue_batch(&mut st, 0, 0, 1);
+        queue_batch(&mut st, 1, 0, 1);
+        let (taken, _) = take_work(&mut st, 0, 5, &[LEADER]);
+        assert!(taken.is_empty());
+        let (taken, _) = take_work(&mut st, 0, 5, &[]);
+        assert_eq!(taken.len(), 2);
+    }
+
+    #[test]
+    fn a_failed_batch_and_those_after_it_go_again_in_order_once_all_are_back() {
+        let mut st = with_partitions(1);
+        for k in 0..4 {
+            queue_batch(&mut st, 0, k * 2, 2);
+        }
+        let mut requests = Vec::new();
+        for _ in 0..3 {
+            let (mut taken, _) = take_work(&mut st, 0, 5, &[]);
+            seal(&mut taken);
+            requests.push(taken);
+        }
+        // The first fails retriably; the second is refused as out of order (the broker
+        // misses the first); nothing more goes while the third is out.
+        let mut requests = requests.into_iter();
+        let first = requests.next().into_iter().flatten();
+        settle(
+            &mut st,
+            first
+                .map(|t| (t, Outcome::Retry("NotLeaderOrFollower".into())))
+                .collect(),
+            0,
+            60_000,
+        );
+        let second = requests.next().into_iter().flatten();
+        settle(
+            &mut st,
+            second
+                .map(|t| (t, Outcome::OutOfOrder("gap".into())))
+                .collect(),
+            0,
+            60_000,
+        );
+        assert!(st.broken.is_none(), "{:?}", st.broken);
+        let (taken, _) = take_work(&mut st, 1_000, 5, &[]);
+        assert!(taken.is_empty(), "stalled while a batch is in flight");
+        let third = requests.next().into_iter().flatten();
+        settle(
+            &mut st,
+            third
+                .map(|t| (t, Outcome::OutOfOrder("gap".into())))
+                .collect(),
+            0,
+            60_000,
+        );
+        let mut bases = Vec::new();
+        for _ in 0..4 {
+            let (taken, _) = take_work(&mut st, 1_000, 5, &[]);
+            assert_eq!(taken.len(), 1);
+            bases.push(taken[0].base_sequence);
+        }
+        assert_eq!(
+            bases,
+            vec![0, 2, 4, 6],
+            "re-sent in sequence order, then the new one"
+        );
+        assert!(st.broken.is_none());
+        assert!(st.reports.is_empty());
+    }
+
+    #[test]
+    fn out_of_order_with_no_earlier_failure_breaks_the_sink() {
+        let mut st = with_partitions(1);
+        queue_batch(&mut st, 0, 0, 1);
+        let (taken, _) = take_work(&mut st, 0, 5, &[]);
+        settle(
+            &mut st,
+            taken
+                .into_iter()
+                .map(|t| (t, Outcome::OutOfOrder("gap".into())))
+                .collect(),
+            0,
+            60_000,
+        );
+        assert!(st.broken.is_some());
+    }
+
+    #[test]
+    fn a_new_leader_gets_batches_once_the_old_one_answered() {
+        let mut st = with_partitions(1);
+        queue_batch(&mut st, 0, 0, 1);
+        queue_batch(&mut st, 0, 1, 1);
+        let (first, _) = take_work(&mut st, 0, 5, &[]);
+        assert_eq!(first.len(), 1);
+        partition(&mut st, 0).leader = 2;
+        let (taken, _) = take_work(&mut st, 0, 5, &[]);
+        assert!(
+            taken.is_empty(),
+            "the old leader has a batch of the partition"
+        );
+        settle(
+            &mut st,
+            first.into_iter().map(|t| (t, Outcome::Delivered)).collect(),
+            0,
+            60_000,
+        );
+        let (taken, _) = take_work(&mut st, 0, 5, &[]);
+        assert_eq!(taken.len(), 1);
+        assert_eq!(taken[0].leader, 2);
+        assert_eq!(taken[0].base_sequence, 1);
+    }
+
+    #[test]
+    fn sequences_compare_across_the_wrap() {
+        assert!(sequence_after(5, 3));
+        assert!(!sequence_after(3, 5));
+        assert!(!sequence_after(3, 3));
+        assert!(sequence_after(2, i32::MAX - 1));
+        assert!(!sequence_after(i32::MAX - 1, 2));
+    }
+
+    #[test]
+    fn flushing_queues_every_open_batch() {
+        let mut st = one_partition(100);
+        close_open_batches(&mut st);
+        assert_eq!(st.open_bytes, 0);
+        assert_eq!(st.batches, 1);
+        assert!(partition(&mut st, 0).open.is_none());
+    }
+
+    /// A broker partition as Kafka's log keeps an idempotent producer's batches: the next
+    /// sequence is appended, a repeat of one of the last 5 batches is acknowledged without
+    /// writing, anything else is out of order.
+    #[derive(Default)]
+    struct ModelPartition {
+        next: i32,
+        recent: VecDeque<(i32, i32)>,
+        /// (file, seq) of every record written, in log order.
+        log: Vec<(u64, u64)>,
+    }
+
+    impl ModelPartition {
+        fn append(&mut self, t: &Taken) -> Outcome {
+            let last = t.base_sequence + count_of(t) - 1;
+            if self.recent.contains(&(t.base_sequence, last)) {
+                return Outcome::Delivered;
+            }
+            if t.base_sequence != self.next {
+                return Outcome::OutOfOrder(format!(
+                    "{} where {} was due",
+                    t.base_sequence, self.next
+                ));
+            }
+            let Queued::Sealed(s) = &t.batch else {
+                unreachable!("sent batches are sealed")
+            };
+            for r in &s.runs {
+                self.log
+                    .extend((0..u64::from(r.count)).map(|k| (r.file_key, r.first_seq + k)));
+            }
+            self.next = last + 1;
+            self.recent.push_back((t.base_sequence, last));
+            if self.recent.len() > 5 {
+                self.recent.pop_front();
+            }
+            Outcome::Delivered
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Step {
+        /// Queue a batch of this many records on this partition.
+        Queue(usize, u64),
+        /// Take what may go and send it as one request.
+        Send,
+        /// The oldest request's answer: written and answered; or the partition at this index
+        /// refused retriably (not written); or written but the answer lost with the
+        /// connection; or not even received (the connection dropped first). A lost
+        /// connection fails every request in flight after it too, of which the broker
+        /// received this many.
+        Answer(Fault),
+    }
+
+    #[derive(Debug, Clone)]
+    enum Fault {
+        None,
+        Refused(usize),
+        AnswerLost(usize),
+        NotReceived(usize),
+    }
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            3 => (0usize..3, 1u64..4).prop_map(|(p, n)| Step::Queue(p, n)),
+            3 => Just(Step::Send),
+            3 => Just(Step::Answer(Fault::None)),
+            1 => (0usize..3).prop_map(|i| Step::Answer(Fault::Refused(i))),
+            1 => (0usize..5).prop_map(|k| Step::Answer(Fault::AnswerLost(k))),
+            1 => (0usize..5).prop_map(|k| Step::Answer(Fault::NotReceived(k))),
+        ]
+    }
+
+    /// The broker's side of one request: each batch appended (or not) and its outcome.
+    fn answer(
+        broker: &mut [ModelPartition],
+        request: Vec<Taken>,
+        fault: &Fault,
+        received: bool,
+    ) -> Vec<(Taken, Outcome)> {
+        request
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let written = match fault {
+                    _ if !received => None,
+                    Fault::Refused(bad) if *bad == i => None,
+                    _ => Some(broker[t.partition as usize].append(&t)),
+                };
+                let outcome = match (fault, written) {
+                    (Fault::None | Fault::Refused(_), Some(o)) => o,
+                    (Fault::Refused(_), None) => Outcome::Retry("NotLeaderOrFollower".into()),
+                    _ => Outcome::Retry("connection reset".into()),
+                };
+                (t, outcome)
+            })
+            .collect()
+    }
+
+    proptest! {
+        /// Whatever requests fail, however, every record is written once, in the order it was
+        /// queued, and reported once, with no gap breaking the sink.
+        #[test]
+        fn pipelined_batches_are_written_once_in_order_through_failures(
+            steps in proptest::collection::vec(step(), 1..120)
+        ) {
+            const PARTITIONS: usize = 3;
+            let mut st = with_partitions(PARTITIONS);
+            let mut broker: Vec<ModelPartition> =
+                (0..PARTITIONS).map(|_| ModelPartition::default()).collect();
+            let mut in_flight: VecDeque<Vec<Taken>> = VecDeque::new();
+            let mut queued = [0u64; PARTITIONS];
+            let mut now = 0;
+            let mut run = |st: &mut State,
+                           broker: &mut Vec<ModelPartition>,
+                           in_flight: &mut VecDeque<Vec<Taken>>,
+                           step: &Step| {
+                now += RETRY_BACKOFF_MS / 2;
+                match step {
+                    Step::Queue(p, n) => {
+                        queue_batch(st, *p, queued[*p], *n);
+                        queued[*p] += n;
+                    }
+                    Step::Send => {
+                        let full = if in_flight.len() >= MAX_IN_FLIGHT { vec![LEADER] } else { vec![] };
+                        let (mut taken, _) = take_work(st, now, 5, &full);
+                        if !taken.is_empty() {
+                            seal(&mut taken);
+                            in_flight.push_back(taken);
+                        }
+                    }
+                    Step::Answer(fault) => {
+                        let Some(request) = in_flight.pop_front() else { return };
+                        let received = !matches!(fault, Fault::NotReceived(_));
+                        let outcomes = answer(broker, request, fault, received);
+                        settle(st, outcomes, now, u64::MAX);
+                        let lost = match fault {
+                            Fault::AnswerLost(k) | Fault::NotReceived(k) => Some(*k),
+                            _ => None,
+                        };
+                        // The connection is gone: every later request fails too, the first
+                        // `k` of them received and written by the broker.
+                        if let Some(k) = lost {
+                            for (j, request) in in_flight.drain(..).enumerate() {
+                                let outcomes = answer(broker, request, &Fault::AnswerLost(0), j < k)
+                                    .into_iter()
+                                    .map(|(t, _)| (t, Outcome::Retry("connection reset".into())))
+                                    .collect();
+                                settle(st, outcomes, now, u64::MAX);
+                            }
+                        }
+                    }
+                }
+            };
+            for s in &steps {
+                run(&mut st, &mut broker, &mut in_flight, s);
+                prop_assert!(st.broken.is_none(), "broken: {:?}", st.broken);
+            }
+            // Then no more failures until everything is answered.
+            for _ in 0..10_000 {
+                if st.batches == 0 && in_flight.is_empty() {
+                    break;
+                }
+                run(&mut st, &mut broker, &mut in_flight, &Step::Send);
+                run(&mut st, &mut broker, &mut in_flight, &Step::Answer(Fault::None));
+                prop_assert!(st.broken.is_none(), "broken: {:?}", st.broken);
+            }
+            prop_assert_eq!(st.batches, 0);
+            prop_assert_eq!(st.queued_bytes, 0);
+            for (p, model) in broker.iter().enumerate() {
+                let expected: Vec<(u64, u64)> = (0..queued[p]).map(|s| (p as u64, s)).collect();
+                prop_assert_eq!(&model.log, &expected, "partition {}", p);
+            }
+            let mut reported: Vec<(u64, u64)> =
+                st.reports.iter().map(|d| (d.file_key, d.seq)).collect();
+            reported.sort_unstable();
+            let mut expected: Vec<(u64, u64)> = (0..PARTITIONS)
+                .flat_map(|p| (0..queued[p]).map(move |s| (p as u64, s)))
+                .collect();
+            expected.sort_unstable();
+            prop_assert_eq!(reported, expected);
+        }
     }
 }
