@@ -680,7 +680,8 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
         }),
     )
     .context("creating the native producer")?;
-    let wait_for_reports = |sink: &NativeSink| {
+    // Wait up to `most` for delivery reports (woken as soon as one comes).
+    let wait_for_reports_at_most = |sink: &NativeSink, most: Duration| {
         if sink.park() {
             sink.unpark();
             return;
@@ -689,13 +690,16 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
         if let Ok(mut f) = flag.lock() {
             if !*f {
                 f = cv
-                    .wait_timeout(f, Duration::from_millis(10))
+                    .wait_timeout(f, most)
                     .map(|(g, _)| g)
                     .unwrap_or_else(|e| e.into_inner().0);
             }
             *f = false;
         }
         sink.unpark();
+    };
+    let wait_for_reports = |sink: &NativeSink| {
+        wait_for_reports_at_most(sink, Duration::from_millis(10));
     };
     let keys = native_partition_keys(a.partitions);
     let value = payload(a.record_size);
@@ -749,7 +753,11 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     let mut full_waits: u64 = 0;
     while sent < a.count && !out_of_time(start, a.max_secs) {
         if let Some(w) = pacer.wait_for(sent) {
-            std::thread::sleep(w);
+            // Ahead of the pace: take the reports as they come meanwhile, so their latency
+            // is not stretched by the pause.
+            wait_for_reports_at_most(&sink, w);
+            sink.drain(&mut reports);
+            tally.settle(&mut reports, &sent_at, &mut hist);
             continue;
         }
         // Sequences from 1: 0 was the warm-up record.
