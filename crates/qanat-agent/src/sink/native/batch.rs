@@ -65,6 +65,7 @@ pub struct Run {
 /// A batch still taking records: the uncompressed records section.
 #[derive(Debug)]
 pub struct OpenBatch {
+    /// Room for the header, then the records: uncompressed, the buffer is sent as it is.
     records: Vec<u8>,
     count: i32,
     base_timestamp: i64,
@@ -100,7 +101,11 @@ fn put_varint(buf: &mut Vec<u8>, v: i64) {
 impl OpenBatch {
     pub fn new(now_ms: u64, capacity: usize) -> OpenBatch {
         OpenBatch {
-            records: Vec::with_capacity(capacity),
+            records: {
+                let mut b = Vec::with_capacity(HEADER_BYTES + capacity);
+                b.resize(HEADER_BYTES, 0);
+                b
+            },
             count: 0,
             base_timestamp: now_ms as i64,
             max_timestamp: now_ms as i64,
@@ -111,7 +116,7 @@ impl OpenBatch {
 
     /// Bytes of records so far (uncompressed).
     pub fn len(&self) -> usize {
-        self.records.len()
+        self.records.len() - HEADER_BYTES
     }
 
     pub fn is_empty(&self) -> bool {
@@ -189,14 +194,22 @@ impl OpenBatch {
 
     /// Close the batch: compress its records behind room for the header.
     pub fn seal(self, codec: Codec, level: i32) -> std::io::Result<SealedBatch> {
-        let mut wire = Vec::with_capacity(HEADER_BYTES + self.records.len() / 2 + 64);
-        wire.resize(HEADER_BYTES, 0);
+        let record_bytes = self.len();
+        let records = &self.records[HEADER_BYTES..];
+        let mut wire = if codec == Codec::None {
+            Vec::new()
+        } else {
+            let mut w = Vec::with_capacity(HEADER_BYTES + records.len() / 2 + 64);
+            w.resize(HEADER_BYTES, 0);
+            w
+        };
         match codec {
-            Codec::None => wire.extend_from_slice(&self.records),
+            // Already behind room for the header: no copy.
+            Codec::None => {}
             Codec::Gzip => {
                 let level = if level < 0 { 6 } else { level.min(9) as u32 };
                 let mut e = flate2::write::GzEncoder::new(wire, flate2::Compression::new(level));
-                e.write_all(&self.records)?;
+                e.write_all(records)?;
                 wire = e.finish()?;
             }
             Codec::Lz4 => {
@@ -209,16 +222,19 @@ impl OpenBatch {
                     .checksum(lz4::ContentChecksum::NoChecksum)
                     .level(level.max(0) as u32)
                     .build(wire)?;
-                e.write_all(&self.records)?;
+                e.write_all(records)?;
                 let (w, r) = e.finish();
                 r?;
                 wire = w;
             }
             Codec::Zstd => {
                 let mut e = zstd::stream::write::Encoder::new(wire, level.max(0))?;
-                e.write_all(&self.records)?;
+                e.write_all(records)?;
                 wire = e.finish()?;
             }
+        }
+        if codec == Codec::None {
+            wire = self.records;
         }
         Ok(SealedBatch {
             wire,
@@ -226,7 +242,7 @@ impl OpenBatch {
             count: self.count,
             base_timestamp: self.base_timestamp,
             max_timestamp: self.max_timestamp,
-            record_bytes: self.records.len(),
+            record_bytes,
             runs: self.runs,
             opened_ms: self.opened_ms,
             stamped: None,
