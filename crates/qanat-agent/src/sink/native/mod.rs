@@ -71,6 +71,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// in flight: as Kafka's idempotent producer (`max.in.flight.requests.per.connection`), and
 /// no more than the broker remembers per producer to recognise a retry.
 pub const MAX_IN_FLIGHT: usize = 5;
+/// What an open batch allocates at first.
+const BATCH_START_CAPACITY: usize = 16 << 10;
 /// Longest the sender waits on an answer before looking for batches closed meanwhile.
 const ANSWER_POLL: Duration = Duration::from_millis(1);
 
@@ -302,9 +304,15 @@ impl NativeSink {
         }
         let index = crc32fast::hash(key) as usize % t.partitions.len();
         let p = &mut t.partitions[index];
-        let open = p
-            .open
-            .get_or_insert_with(|| OpenBatch::new(now, settings.batch_bytes + (64 << 10)));
+        if p.open.is_none() {
+            // The sender sleeps until the next batch is due by age: this one may be first.
+            self.shared.work.notify_one();
+        }
+        // Grown as it fills: a batch of a few records (a slow file, a short linger) does not
+        // map and unmap a whole `batch_bytes`.
+        let open = p.open.get_or_insert_with(|| {
+            OpenBatch::new(now, settings.batch_bytes.min(BATCH_START_CAPACITY))
+        });
         let before = open.len();
         open.push(
             now,
