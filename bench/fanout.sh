@@ -1,25 +1,40 @@
 #!/usr/bin/env bash
 # bench/fanout.sh — fan-out benchmark of the Qanat broker (A6): one producer and N consumer
-# groups (N = 1, 4, 16) reading the same topic at once, plus a rebalance after a member dies.
+# groups (N = 1, 4, 16) tailing the same topic, a catch-up run, and a rebalance after a member
+# dies.
 #
 # What it does:
 #   1. builds `qanat` and `qanat-bench` (release);
 #   2. starts a broker (`[storage] fsync = 1000`, `[groups]` initial rebalance delay 100 ms);
-#   3. solo: one producer (1 KiB records, acks=1, 4 partitions, open loop) for FANOUT_SECS —
-#      the producer's rate without readers; what it wrote is the readers' backlog;
-#   4. for each N: N consumers, each in its own group (`qanat-bench kafka-consume --group`,
-#      subscribe from earliest, auto-commit), read the topic while the same producer writes to
-#      it for FANOUT_SECS; each reader's rate is measured over its own FANOUT_SECS window from
-#      its first record; aggregate read = the sum. Readers that catch up with the backlog read
-#      at the write rate from then on (that is the fan-out case: every group tails the topic);
-#   5. rebalance: three members of one group (session.timeout.ms = RB_SESSION_MS) on a
+#   3. solo: one producer (1 KiB records, acks=1, open loop) writes a fresh topic of 4
+#      partitions for FANOUT_SECS, no reader: the producer's solo rate;
+#   4. tailing, for each N: a fresh topic of the same shape; N consumers, each in its own group
+#      (`qanat-bench kafka-consume --group`, subscribe from earliest, auto-commit), join and are
+#      assigned while the topic is still empty; only then does the same producer write it for
+#      FANOUT_SECS. So every group tails the topic: it reads what is written as it is written,
+#      never a backlog. Once the producer is done, each reader is told (`--stop-file`) how many
+#      records there are and stops when it has read them all, or DRAIN_SECS after the
+#      producer's end if it is that far behind; its rate is over its first to its last record;
+#      aggregate read = the sum of the N readers' rates;
+#   5. catch-up (FANOUT_CATCHUP_GROUPS, default the largest N; "" skips it): the same as 4 on
+#      the solo run's topic instead, so the readers start as far behind as the solo run wrote
+#      (its MB are in the row) and catch up while the producer writes;
+#   6. rebalance: three members of one group (session.timeout.ms = RB_SESSION_MS) on a
 #      six-partition topic; one is SIGKILLed; time from the kill to the moment both survivors
 #      report their new assignment (librdkafka's rebalance callback, epoch ms).
 # Output: one markdown table on stdout plus summary lines; progress on stderr.
 #
+# Per row: the producer's rate and its share of the solo rate; the aggregate read rate and
+# read / write; whether every reader read every record within DRAIN_SECS of the producer's
+# end (else the fewest read); readers' lag at the end, as the time from the producer's end
+# (its process exit, after its last delivery report) to the last reader's last record: a
+# reader that kept up gets its last record within a fetch wait of the end (negative = before
+# the producer exited), one that fell behind needs its lag's worth of reading after it.
+#
 # Env:  BENCH_SCALE   (default 1) multiplies durations; 0.25 = quick run.
 #       BENCH_TMPDIR  (default /tmp) parent of the temp dir (data dir lives there).
-#       FANOUT_GROUPS (default "1 4 16") the N values.
+#       FANOUT_GROUPS (default "1 4 16") the N values of the tailing runs.
+#       FANOUT_CATCHUP_GROUPS (default the largest of FANOUT_GROUPS) N of the catch-up run.
 #       FANOUT_READER_NICE (default 0) runs the reader processes under `nice -n` this value: on
 #                     a small machine the N client processes compete with the producer and the
 #                     broker for CPU; 19 approximates readers on other hosts.
@@ -31,12 +46,14 @@
 # Fetch responses per second and bytes per response, over the same window, come from the
 # broker's Prometheus counters (`qanat_request_seconds_count{api="Fetch"}`,
 # `qanat_fetch_response_bytes_total`): small responses mean many wake-ups and syscalls per GB.
+# The window includes the readers' drain after the producer's end.
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 SCALE=${BENCH_SCALE:-1}
 GROUP_COUNTS=${FANOUT_GROUPS:-"1 4 16"}
+CATCHUP_GROUPS=${FANOUT_CATCHUP_GROUPS-$(tr ' ' '\n' <<<"$GROUP_COUNTS" | sort -n | tail -n1)}
 READER_NICE=${FANOUT_READER_NICE:-0}
 CLIENT_TIMEOUT=300
 PARTS=4
@@ -49,6 +66,7 @@ command -v jq >/dev/null || die "jq is required (apt-get install jq)"
 command -v curl >/dev/null || die "curl is required"
 sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m) v = m; printf "%.2f", v }'; }
 SECS=$(sf 8 2)
+DRAIN_SECS=$(sf 10 5)
 MAX_COUNT=100000000
 
 start_tmp qanat-fanout
@@ -89,17 +107,17 @@ fetch_counters() {
     /^qanat_fetch_response_bytes_total/ { b += $NF }
     END { printf "%d %d\n", n, b }'
 }
-"$QANAT_BIN" topics create fan --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
 "$QANAT_BIN" topics create rb --partitions 6 --bootstrap "$ADDR" >/dev/null
 
 j() { jq -r "$1 // empty" <<<"$2" 2>/dev/null || true; }
 
-produce() { # produce <log name> -> JSON line in OUT
+produce() { # produce <topic> <log name> -> JSON line in OUT, epoch ms of its end in END_MS
   timeout --kill-after=10 "$CLIENT_TIMEOUT" "$BENCH_BIN" kafka-produce --bootstrap "$ADDR" \
-    --topic fan --partitions "$PARTS" --record-size 1024 --count "$MAX_COUNT" --acks 1 \
-    --max-secs "$SECS" >"$TMP/logs/$1.out" 2>"$TMP/logs/$1.err" ||
-    die "producer $1 failed: $(tail -n5 "$TMP/logs/$1.err")"
-  OUT=$(tail -n1 "$TMP/logs/$1.out")
+    --topic "$1" --partitions "$PARTS" --record-size 1024 --count "$MAX_COUNT" --acks 1 \
+    --max-secs "$SECS" >"$TMP/logs/$2.out" 2>"$TMP/logs/$2.err" ||
+    die "producer $2 failed: $(tail -n5 "$TMP/logs/$2.err")"
+  END_MS=$(date +%s%3N)
+  OUT=$(tail -n1 "$TMP/logs/$2.out")
 }
 
 # wait_assigned <timeout s> <files...>: until every file has an "assigned [..]" line
@@ -120,35 +138,43 @@ wait_assigned() {
 # runs
 
 log "solo producer, ${SECS}s"
+"$QANAT_BIN" topics create fan-solo --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
 CPU0=$(cpu_secs "$BROKER_PID")
-produce solo
+produce fan-solo solo
 CPU1=$(cpu_secs "$BROKER_PID")
 SOLO=$OUT
 SOLO_MB=$(j .mb_per_s "$SOLO")
+SOLO_BYTES=$(j .bytes "$SOLO")
 # broker CPU-s per byte produced, to take the produce share out of the N runs' CPU
-SOLO_CPU_PER_BYTE=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$(j .bytes "$SOLO")" 'BEGIN { printf "%.6e", (b - a) / n }')
+SOLO_CPU_PER_BYTE=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$SOLO_BYTES" 'BEGIN { printf "%.6e", (b - a) / n }')
 log "solo: broker $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB produced"
-log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records of backlog)"
+log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records)"
 
 ROWS=()
-for n in $GROUP_COUNTS; do
-  log "N=$n groups reading while the producer writes"
-  CPIDS=()
-  ERRS=()
+# fanout_run <N> <topic> <label>: N readers on <topic>, assigned before the producer writes it
+fanout_run() {
+  local n=$1 topic=$2 label=$3 i pid c
+  log "N=$n ($label) on $topic"
+  local CPIDS=() ERRS=()
   CPU0=$(cpu_secs "$BROKER_PID")
   read -r FETCH0 FBYTES0 < <(fetch_counters)
   T0_MS=$(date +%s%3N)
   for i in $(seq "$n"); do
     timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
-      --topic fan --group "fan-$n-$i" --count "$MAX_COUNT" --max-secs "$SECS" \
-      >"$TMP/logs/c-$n-$i.out" 2>"$TMP/logs/c-$n-$i.err" &
+      --topic "$topic" --group "$topic-$i" --count "$MAX_COUNT" --stop-file "$TMP/stop-$topic" \
+      >"$TMP/logs/c-$topic-$i.out" 2>"$TMP/logs/c-$topic-$i.err" &
     CPIDS+=("$!")
     PIDS+=("$!")
-    ERRS+=("$TMP/logs/c-$n-$i.err")
+    ERRS+=("$TMP/logs/c-$topic-$i.err")
   done
   wait_assigned 60 "${ERRS[@]}" || die "N=$n: not every reader got an assignment within 60 s"
-  produce "with-$n"
+  produce "$topic" "p-$topic"
   WITH=$OUT
+  PRODUCED=$(j .records "$WITH")
+  local EXPECTED=$PRODUCED
+  # the catch-up readers also read the backlog the solo run wrote
+  if [[ $topic == fan-solo ]]; then EXPECTED=$((PRODUCED + $(j .records "$SOLO"))); fi
+  echo "$EXPECTED $((END_MS + ${DRAIN_SECS%.*} * 1000))" >"$TMP/stop-$topic"
   for pid in "${CPIDS[@]}"; do wait "$pid" || die "a reader of N=$n failed: see $TMP/logs"; done
   CPU1=$(cpu_secs "$BROKER_PID")
   read -r FETCH1 FBYTES1 < <(fetch_counters)
@@ -156,23 +182,32 @@ for n in $GROUP_COUNTS; do
   FETCH_RATE=$(awk -v a="$FETCH0" -v b="$FETCH1" -v t="$((T1_MS - T0_MS))" 'BEGIN { printf "%.0f", (b - a) / (t / 1000) }')
   FETCH_KB=$(awk -v a="$FETCH0" -v b="$FETCH1" -v x="$FBYTES0" -v y="$FBYTES1" \
     'BEGIN { if (b > a) printf "%.0f", (y - x) / (b - a) / 1024; else print "-" }')
-  READ_MB=0
-  READ_RECS=0
-  READ_BYTES=0
+  local READ_MB=0 READ_BYTES=0 ALL_READ=yes LAST_MS=0 FEWEST=$EXPECTED
   for i in $(seq "$n"); do
-    c=$(tail -n1 "$TMP/logs/c-$n-$i.out")
+    c=$(tail -n1 "$TMP/logs/c-$topic-$i.out")
     READ_MB=$(awk -v a="$READ_MB" -v b="$(j .mb_per_s "$c")" 'BEGIN { printf "%.1f", a + b }')
-    READ_RECS=$((READ_RECS + $(j .records "$c")))
     READ_BYTES=$((READ_BYTES + $(j .bytes "$c")))
+    if (($(j .records "$c") < FEWEST)); then FEWEST=$(j .records "$c"); fi
+    if (($(j .last_record_ms "$c") > LAST_MS)); then LAST_MS=$(j .last_record_ms "$c"); fi
   done
+  ((FEWEST == EXPECTED)) || ALL_READ="no (fewest $FEWEST of $EXPECTED)"
+  local LAG_MS=$((LAST_MS - END_MS))
   SERVE_GB=$(awk -v a="$CPU0" -v b="$CPU1" -v p="$SOLO_CPU_PER_BYTE" -v w="$(j .bytes "$WITH")" -v r="$READ_BYTES" \
     'BEGIN { s = (b - a) - p * w; if (s < 0) s = 0; if (r > 0) printf "%.2f", s / (r / 1e9); else print "-" }')
   BROKER_RUN_CPU=$(awk -v a="$CPU0" -v b="$CPU1" 'BEGIN { printf "%.1f", b - a }')
   W_MB=$(j .mb_per_s "$WITH")
   KEEP=$(awk -v a="$W_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f", 100 * a / b }')
   RATIO=$(awk -v a="$READ_MB" -v b="$W_MB" 'BEGIN { printf "%.1f", a / b }')
-  ROWS+=("| $n | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | $READ_RECS | ${RATIO}x | $BROKER_RUN_CPU | $SERVE_GB | $FETCH_RATE | $FETCH_KB |")
-  log "N=$n: producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x), broker ${BROKER_RUN_CPU} CPU-s, $SERVE_GB CPU-s/GB served, $FETCH_RATE fetch responses/s of $FETCH_KB KiB"
+  ROWS+=("| $n | $label | $W_MB | $KEEP% | $READ_MB | ${RATIO}x | $ALL_READ | $LAG_MS | $BROKER_RUN_CPU | $SERVE_GB | $FETCH_RATE | $FETCH_KB | $(cut -d' ' -f1 /proc/loadavg) |")
+  log "N=$n ($label): producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x), all read: $ALL_READ, last record ${LAG_MS} ms after the producer's end, broker ${BROKER_RUN_CPU} CPU-s, $SERVE_GB CPU-s/GB served, $FETCH_RATE fetch responses/s of $FETCH_KB KiB"
+}
+
+for n in $GROUP_COUNTS; do
+  "$QANAT_BIN" topics create "fan-tail-$n" --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
+  fanout_run "$n" "fan-tail-$n" tailing
+done
+for n in $CATCHUP_GROUPS; do
+  fanout_run "$n" fan-solo "catch-up, $(awk -v b="$SOLO_BYTES" 'BEGIN { printf "%.0f", b / 1e6 }') MB behind"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -225,10 +260,10 @@ log "rebalance after SIGKILL: $REBALANCE_MS ms"
 
 BROKER_CPU=$(awk -v t="$(getconf CLK_TCK)" '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); printf "%.1f", (f[12] + f[13]) / t }' "/proc/$BROKER_PID/stat")
 BROKER_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$BROKER_PID/status")
-echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs"
+echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs; producer solo: **$SOLO_MB MB/s**"
 echo
-echo "| groups N | producer solo MB/s | producer with readers MB/s | kept | aggregate read MB/s | records read | read / write | broker CPU-s in the run | broker CPU-s/GB served | fetch responses/s | KiB per fetch response |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| groups N | readers | producer MB/s | kept (of solo) | aggregate read MB/s | read / write | every reader read all (within ${DRAIN_SECS} s) | last record after the producer's end, ms | broker CPU-s in the run | broker CPU-s/GB served | fetch responses/s | KiB per fetch response | load (1 min) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
 echo
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"

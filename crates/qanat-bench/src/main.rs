@@ -10,8 +10,9 @@
 //!   sustainable load.
 //! - `kafka-consume`: read throughput of a partition-assigned consumer (no consumer group)
 //!   from offset 0 until N records arrived (or `--max-secs` passed); with `--group G` a real
-//!   group member instead (subscribe, earliest, auto-commit), timed from its first record —
-//!   `bench/fanout.sh` runs many groups at once.
+//!   group member instead (subscribe, earliest, auto-commit), timed from its first record (to
+//!   its last with `--stop-file`, which ends a reader tailing a topic once it has read what
+//!   its writer wrote) — `bench/fanout.sh` runs many groups at once.
 //! - `nats-produce` / `nats-consume`: the same workloads against NATS JetStream with a
 //!   file-storage stream (partitions = subjects `S.0 … S.{P-1}`); latency is publish → ack,
 //!   with a bounded window of pending acks (async) or one at a time (sync).
@@ -153,6 +154,12 @@ struct KafkaConsumeArgs {
     /// is not reached; the result then covers that window.
     #[arg(long)]
     max_secs: Option<f64>,
+    /// Stop, successfully, once this file holds `RECORDS DEADLINE_EPOCH_MS` and RECORDS were
+    /// read or the deadline passed: a reader tailing a topic ends when it has read what its
+    /// writer wrote (checked every 100 ms). The window then ends at the last record, and the
+    /// result carries `first_record_ms` and `last_record_ms` (epoch).
+    #[arg(long)]
+    stop_file: Option<std::path::PathBuf>,
     /// session.timeout.ms with --group.
     #[arg(long, default_value_t = 6000)]
     session_timeout_ms: u32,
@@ -316,6 +323,20 @@ fn print_result(
     errors: u64,
     first_error: Option<String>,
 ) {
+    println!(
+        "{}",
+        result_json(records, bytes, secs, hist, errors, first_error)
+    );
+}
+
+fn result_json(
+    records: u64,
+    bytes: u64,
+    secs: f64,
+    hist: Option<&Histogram<u64>>,
+    errors: u64,
+    first_error: Option<String>,
+) -> serde_json::Value {
     let secs = secs.max(1e-9);
     let mut v = json!({
         "records": records,
@@ -337,7 +358,23 @@ fn print_result(
     if let Some(e) = first_error {
         v["first_error"] = json!(e);
     }
-    println!("{v}");
+    v
+}
+
+/// `RECORDS DEADLINE_EPOCH_MS` from a stop file; None while it is absent or incomplete.
+fn read_stop_file(path: &std::path::Path) -> Option<(u64, u128)> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let mut fields = text.split_whitespace();
+    let records = fields.next()?.parse().ok()?;
+    let deadline = fields.next()?.parse().ok()?;
+    Some((records, deadline))
+}
+
+/// Milliseconds since the Unix epoch (0 if the clock is before it).
+fn epoch_ms() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
 }
 
 // ------------------------------------------------------------------------------------------
@@ -412,9 +449,7 @@ impl ConsumerContext for BenchContext {
         _consumer: &BaseConsumer<Self>,
         rebalance: &rdkafka::consumer::Rebalance<'_>,
     ) {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis());
+        let now_ms = epoch_ms();
         match rebalance {
             rdkafka::consumer::Rebalance::Assign(tpl) => {
                 let parts: Vec<i32> = tpl.elements().iter().map(|e| e.partition()).collect();
@@ -876,21 +911,39 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let mut errors: u64 = 0;
     let mut first_error: Option<String> = None;
     let mut last_progress = Instant::now();
+    let (mut first_record_ms, mut last_record_ms) = (0u128, 0u128);
     let idle = Duration::from_secs(a.idle_timeout_secs);
+    let mut secs = None;
+    let mut stop_checked = Instant::now();
     while records < a.count {
         if !first_record && out_of_time(t0, a.max_secs) {
             break;
         }
+        if let Some(path) = &a.stop_file {
+            if stop_checked.elapsed() >= Duration::from_millis(100) {
+                stop_checked = Instant::now();
+                if let Some((target, deadline_ms)) = read_stop_file(path) {
+                    if records >= target || epoch_ms() >= deadline_ms {
+                        secs = Some(last_progress.duration_since(t0).as_secs_f64());
+                        break;
+                    }
+                }
+            }
+        }
         match consumer.poll(Duration::from_millis(200)) {
             Some(Ok(m)) => {
-                if first_record && a.group.is_some() {
-                    // With a group the window starts at the first record, after the join.
-                    t0 = Instant::now();
+                if first_record {
+                    first_record_ms = epoch_ms();
+                    if a.group.is_some() {
+                        // With a group the window starts at the first record, after the join.
+                        t0 = Instant::now();
+                    }
                 }
                 first_record = false;
                 records += 1;
                 bytes += m.payload_len() as u64;
                 last_progress = Instant::now();
+                last_record_ms = epoch_ms();
             }
             Some(Err(e)) => {
                 errors += 1;
@@ -912,8 +965,11 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
             }
         }
     }
-    let secs = t0.elapsed().as_secs_f64();
-    print_result(records, bytes, secs, None, errors, first_error);
+    let secs = secs.unwrap_or_else(|| t0.elapsed().as_secs_f64());
+    let mut v = result_json(records, bytes, secs, None, errors, first_error);
+    v["first_record_ms"] = json!(first_record_ms);
+    v["last_record_ms"] = json!(last_record_ms);
+    println!("{v}");
     Ok(())
 }
 
