@@ -6,11 +6,15 @@
 # `iggy-server` and `iggy-bench` from apache/iggy at tag `server-0.8.0` (`cargo build --release
 # -p server -p iggy-bench` in its tree; on Debian it needs libhwloc-dev and libudev-dev).
 #
-# For each of BENCH_RUNS rounds, alternating: a fresh Qanat broker (default config) and
-# `qanat-bench kafka-produce` (acks=1, librdkafka, 1 MiB batches); a fresh Iggy server
-# (its defaults) and `iggy-bench pinned-producer tcp` (batches of 1,000 messages). Each writes
-# BENCH_GB GB of message bodies; the server's CPU (utime+stime from /proc/PID/stat) is read
-# before and after.
+# For each of BENCH_RUNS rounds, alternating: a fresh Qanat broker (default config: periodic
+# fsync every 1 s) and `qanat-bench kafka-produce` (acks=1, librdkafka, 1 MiB batches); the same
+# with `[storage] fsync = 30000`, the interval of Iggy's default message saver (Iggy's partition
+# writes do not fsync, `[system.partition] enforce_fsync = false`; its saver runs every 30 s), so
+# that one Qanat row syncs as often as Iggy does; a fresh Iggy server (its defaults) and
+# `iggy-bench pinned-producer tcp` (batches of 1,000 messages). Each writes BENCH_GB GB of
+# message bodies; the server's CPU (utime+stime from /proc/PID/stat) is read before and after.
+# A broker's fdatasync writes back its dirty pages on its own CPU; pages left unsynced are
+# written back by the kernel's flusher threads, which no server's figure includes.
 # Output: a markdown table (per run and median: MB/s, server CPU-s/GB, p99 where the client
 # reports it, server peak RSS) on stdout; progress on stderr.
 #
@@ -47,11 +51,13 @@ cpu_secs() {
 vm_hwm_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo -; }
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
-# run_qanat N: one round; prints "MB/s CPU-s/GB p99 RSS".
+# run_qanat N FSYNC: one round with `[storage] fsync = FSYNC`; prints "MB/s CPU-s/GB p99 RSS".
 run_qanat() {
-  local dir="$TMP/qanat-$1" pid addr c0 c1 out
+  local dir="$TMP/qanat-$1-$2" pid addr c0 c1 out
   mkdir -p "$dir/data"
-  "$QANAT_BIN" broker --listen 127.0.0.1:0 --data-dir "$dir/data" >"$dir/stdout" 2>"$dir/stderr" &
+  printf '[storage]\nfsync = %s\n' "$2" >"$dir/qanat.toml"
+  "$QANAT_BIN" broker --listen 127.0.0.1:0 --data-dir "$dir/data" --config "$dir/qanat.toml" \
+    >"$dir/stdout" 2>"$dir/stderr" &
   pid=$!
   PIDS+=("$pid")
   addr=$(wait_line "$dir/stdout" "qanat broker listening on " "$pid") || die "the Qanat broker did not start: $(tail -n 5 "$dir/stderr")"
@@ -93,12 +99,16 @@ run_iggy() {
 }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-Q_MB="" Q_CPU="" I_MB="" I_CPU="" Q_RUNS="" I_RUNS=""
+Q_MB="" Q_CPU="" I_MB="" I_CPU="" Q_RUNS="" I_RUNS="" S_MB="" S_CPU="" S_RUNS=""
 for run in $(seq "$RUNS"); do
-  run_qanat "$run" >"$TMP/row"
+  run_qanat "$run" 1000 >"$TMP/row"
   read -r mb cpu _ rss <"$TMP/row"
   log "qanat, run $run: $mb MB/s, $cpu CPU-s/GB, peak RSS $rss MiB (load $(cut -d' ' -f1 /proc/loadavg))"
   Q_MB+=" $mb" Q_CPU+=" $cpu" Q_RUNS+="${Q_RUNS:+, }$mb / $cpu" Q_RSS=$rss
+  run_qanat "$run" 30000 >"$TMP/row"
+  read -r mb cpu _ rss <"$TMP/row"
+  log "qanat fsync 30 s, run $run: $mb MB/s, $cpu CPU-s/GB, peak RSS $rss MiB (load $(cut -d' ' -f1 /proc/loadavg))"
+  S_MB+=" $mb" S_CPU+=" $cpu" S_RUNS+="${S_RUNS:+, }$mb / $cpu" S_RSS=$rss
   run_iggy "$run" >"$TMP/row"
   read -r mb cpu p99 rss <"$TMP/row"
   log "iggy, run $run: $mb MB/s, $cpu CPU-s/GB, p99 $p99 ms, peak RSS $rss MiB (load $(cut -d' ' -f1 /proc/loadavg))"
@@ -107,9 +117,11 @@ done
 
 echo "| server | produce MB/s (median) | server CPU-s/GB (median) | server peak RSS | runs (MB/s / CPU-s/GB) |"
 echo "|---|---|---|---|---|"
-echo "| qanat broker (Kafka protocol, librdkafka producer, acks=1) | $(median <<<"$Q_MB") | $(median <<<"$Q_CPU") | $Q_RSS MiB | $Q_RUNS |"
+echo "| qanat broker (Kafka protocol, librdkafka producer, acks=1; default fsync every 1 s) | $(median <<<"$Q_MB") | $(median <<<"$Q_CPU") | $Q_RSS MiB | $Q_RUNS |"
+echo "| qanat broker, fsync = 30000 (Iggy's default saver interval) | $(median <<<"$S_MB") | $(median <<<"$S_CPU") | $S_RSS MiB | $S_RUNS |"
 echo "| iggy-server 0.8.0 (iggy-bench pinned producer, TCP) | $(median <<<"$I_MB") | $(median <<<"$I_CPU") | $I_RSS MiB | $I_RUNS |"
 echo
 echo "One producer, one partition, ${MESSAGE_BYTES}-byte messages, $GB GB per run, $RUNS alternating rounds; each"
-echo "server fresh per run with its default configuration. MB = 10^6 bytes of message bodies."
+echo "server fresh per run with its default configuration (but the fsync interval of the second Qanat row)."
+echo "MB = 10^6 bytes of message bodies."
 echo "Client and server share the machine's $(nproc) cores. Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
