@@ -873,12 +873,7 @@ impl Sender {
             }
             Err(e) => {
                 let why = e.to_string();
-                let outcomes = pending
-                    .taken
-                    .into_iter()
-                    .map(|t| (t, Outcome::Retry(why.clone())))
-                    .collect();
-                self.settle(pending.generation, outcomes);
+                self.retry_pending(pending, &why);
                 self.drop_link(leader, &why);
             }
         }
@@ -894,13 +889,18 @@ impl Sender {
 
     fn fail_pending(&mut self, link: Link, why: &str) {
         for p in link.pending {
-            let outcomes = p
-                .taken
-                .into_iter()
-                .map(|t| (t, Outcome::Retry(why.to_string())))
-                .collect();
-            self.settle(p.generation, outcomes);
+            self.retry_pending(p, why);
         }
+    }
+
+    /// A request whose answer will never come: every batch in it is retried.
+    fn retry_pending(&mut self, p: Pending, why: &str) {
+        let outcomes = p
+            .taken
+            .into_iter()
+            .map(|t| (t, Outcome::Retry(why.to_string())))
+            .collect();
+        self.settle(p.generation, outcomes);
     }
 
     /// Settle answered batches under the lock and wake whoever waits for it.
