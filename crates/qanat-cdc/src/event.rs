@@ -214,6 +214,19 @@ pub struct TransactionRef {
 }
 
 impl ChangeEvent {
+    /// A row read by a snapshot (initial or incremental): Debezium's `op: "r"`, the row as
+    /// `after`, no `before`, no transaction.
+    pub fn snapshot_read(after: Row, key: Row, source: SourceInfo) -> ChangeEvent {
+        ChangeEvent {
+            op: Op::Read,
+            before: None,
+            after: Some(after),
+            key,
+            source,
+            transaction: None,
+        }
+    }
+
     /// The record value: Debezium's envelope. `now_ms` is when the event was produced.
     pub fn envelope(&self, now_ms: i64) -> Json {
         let row = |r: &Option<Row>| r.as_ref().map_or(Json::Null, Row::to_json);

@@ -1590,12 +1590,10 @@ impl MysqlSource {
             if let Ok(text) = serde_json::to_string(&key) {
                 by_key.insert(text, rows.len());
             }
-            rows.push(Some(ChangeEvent {
-                op: Op::Read,
-                before: None,
-                after: Some(image),
+            rows.push(Some(ChangeEvent::snapshot_read(
+                image,
                 key,
-                source: SourceInfo {
+                SourceInfo {
                     connector: "mysql",
                     name: self.name.clone(),
                     db: db.clone(),
@@ -1603,8 +1601,7 @@ impl MysqlSource {
                     snapshot: SnapshotMark::Incremental,
                     ..SourceInfo::default()
                 },
-                transaction: None,
-            }));
+            )));
         }
         self.window = Some(ChunkWindow {
             table: coll,
@@ -2394,12 +2391,10 @@ struct SnapshotTable {
 impl SnapshotRows {
     /// A row read by the snapshot as its `op: "r"` change.
     fn event(&self, table: &SnapshotTable, image: Row, key: Row, ts: i64) -> Change {
-        Change::Row(Box::new(ChangeEvent {
-            op: Op::Read,
-            before: None,
-            after: Some(image),
+        Change::Row(Box::new(ChangeEvent::snapshot_read(
+            image,
             key,
-            source: SourceInfo {
+            SourceInfo {
                 connector: "mysql",
                 name: self.name.clone(),
                 db: table.db.clone(),
@@ -2410,8 +2405,7 @@ impl SnapshotRows {
                 pos: Some(self.pos),
                 ..SourceInfo::default()
             },
-            transaction: None,
-        }))
+        )))
     }
 }
 

@@ -1844,14 +1844,7 @@ impl<S: ReplicationStream> PostgresSource<S> {
             let mut source = self.source_info(&rel, 0);
             source.snapshot = SnapshotMark::Incremental;
             source.tx_id = None;
-            rows.push(Some(ChangeEvent {
-                op: Op::Read,
-                before: None,
-                after: Some(after),
-                key,
-                source,
-                transaction: None,
-            }));
+            rows.push(Some(ChangeEvent::snapshot_read(after, key, source)));
         }
         let last_chunk = rows.len() < self.chunk_rows;
         self.window = Some(ChunkWindow {
@@ -1923,14 +1916,7 @@ impl<S: ReplicationStream> PostgresSource<S> {
                         let mut source = self.source_info(&rel, lsn);
                         source.ts_ms = ts_ms;
                         source.snapshot = SnapshotMark::Yes;
-                        events.push(ChangeEvent {
-                            op: Op::Read,
-                            before: None,
-                            after: Some(after),
-                            key,
-                            source,
-                            transaction: None,
-                        });
+                        events.push(ChangeEvent::snapshot_read(after, key, source));
                     }
                     Ok(())
                 })();
@@ -2115,14 +2101,11 @@ mod tests {
     }
 
     fn read(id: i64) -> Option<ChangeEvent> {
-        Some(ChangeEvent {
-            op: Op::Read,
-            before: None,
-            after: Some(key(id)),
-            key: key(id),
-            source: SourceInfo::default(),
-            transaction: None,
-        })
+        Some(ChangeEvent::snapshot_read(
+            key(id),
+            key(id),
+            SourceInfo::default(),
+        ))
     }
 
     #[test]
