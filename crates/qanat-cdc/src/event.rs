@@ -386,8 +386,8 @@ fn write_value(out: &mut Vec<u8>, value: &Value) -> Result<(), serde_json::Error
         Value::Null => out.extend_from_slice(b"null"),
         Value::Bool(true) => out.extend_from_slice(b"true"),
         Value::Bool(false) => out.extend_from_slice(b"false"),
-        Value::Int(i) => serde_json::to_writer(&mut *out, i)?,
-        Value::UInt(u) => serde_json::to_writer(&mut *out, u)?,
+        Value::Int(i) => qanat_json::write_i64(out, *i),
+        Value::UInt(u) => qanat_json::write_u64(out, *u),
         Value::Bytes(b) => {
             let engine = &base64::engine::general_purpose::STANDARD;
             let start = out.len() + 1;
@@ -448,7 +448,7 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
     out.extend_from_slice(b",\"name\":");
     qanat_json::write_str(out, &s.name);
     out.extend_from_slice(b",\"ts_ms\":");
-    serde_json::to_writer(&mut *out, &s.ts_ms)?;
+    qanat_json::write_i64(out, s.ts_ms);
     out.extend_from_slice(b",\"snapshot\":\"");
     out.extend_from_slice(s.snapshot.as_str().as_bytes());
     out.extend_from_slice(b"\",\"db\":");
@@ -461,7 +461,7 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
     qanat_json::write_str(out, &s.table);
     if let Some(v) = s.server_id {
         out.extend_from_slice(b",\"server_id\":");
-        serde_json::to_writer(&mut *out, &v)?;
+        qanat_json::write_u64(out, u64::from(v));
     }
     if let Some(v) = &s.file {
         out.extend_from_slice(b",\"file\":");
@@ -469,11 +469,11 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
     }
     if let Some(v) = s.pos {
         out.extend_from_slice(b",\"pos\":");
-        serde_json::to_writer(&mut *out, &v)?;
+        qanat_json::write_u64(out, v);
     }
     if let Some(v) = s.row {
         out.extend_from_slice(b",\"row\":");
-        serde_json::to_writer(&mut *out, &v)?;
+        qanat_json::write_u64(out, u64::from(v));
     }
     if let Some(v) = &s.gtid {
         out.extend_from_slice(b",\"gtid\":");
@@ -481,7 +481,7 @@ fn write_source(out: &mut Vec<u8>, s: &SourceInfo) -> Result<(), serde_json::Err
     }
     if let Some(v) = s.lsn {
         out.extend_from_slice(b",\"lsn\":");
-        serde_json::to_writer(&mut *out, &v)?;
+        qanat_json::write_u64(out, v);
     }
     if let Some(v) = &s.tx_id {
         out.extend_from_slice(b",\"txId\":");
@@ -503,7 +503,7 @@ impl ChangeEvent {
         out.extend_from_slice(b",\"op\":\"");
         out.extend_from_slice(self.op.code().as_bytes());
         out.extend_from_slice(b"\",\"ts_ms\":");
-        serde_json::to_writer(&mut *out, &now_ms)?;
+        qanat_json::write_i64(out, now_ms);
         out.extend_from_slice(b",\"transaction\":");
         match &self.transaction {
             None => out.extend_from_slice(b"null"),
@@ -511,9 +511,9 @@ impl ChangeEvent {
                 out.extend_from_slice(b"{\"id\":");
                 qanat_json::write_str(out, &t.id);
                 out.extend_from_slice(b",\"total_order\":");
-                serde_json::to_writer(&mut *out, &t.total_order)?;
+                qanat_json::write_u64(out, t.total_order);
                 out.extend_from_slice(b",\"data_collection_order\":");
-                serde_json::to_writer(&mut *out, &t.data_collection_order)?;
+                qanat_json::write_u64(out, t.data_collection_order);
                 out.push(b'}');
             }
         }

@@ -92,6 +92,11 @@ pub fn write_i64(out: &mut Vec<u8>, n: i64) {
     out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
 }
 
+/// Append an unsigned integer (binlog positions and LSNs use the whole u64 range).
+pub fn write_u64(out: &mut Vec<u8>, n: u64) {
+    out.extend_from_slice(itoa::Buffer::new().format(n).as_bytes());
+}
+
 /// Append an integer, or `null`.
 pub fn write_opt_i64(out: &mut Vec<u8>, n: Option<i64>) {
     match n {
