@@ -829,7 +829,8 @@ impl Sender {
 
     /// Read one answer if one arrives within `wait`, and settle its batches.
     fn await_answer(&mut self, wait: Duration) {
-        // The link whose oldest request is the oldest is waited on; the others only looked at.
+        // Links with the most requests out are looked at first, without waiting; only the
+        // last one looked at is waited on, for at most `wait`.
         let mut order: Vec<(i32, i32)> = self
             .links
             .iter()
