@@ -1,4 +1,5 @@
-//! Broker configuration: the `[broker]` and `[storage]` tables of the TOML file.
+//! Broker configuration: the `[broker]`, `[storage]`, `[fetch]` and other tables of the TOML
+//! file; [`Config::from_toml_with_env`] checks every value and names the key of a bad one.
 
 use std::time::Duration;
 
@@ -11,11 +12,61 @@ use serde::{Deserialize, Deserializer};
 pub struct Config {
     pub broker: BrokerSettings,
     pub storage: StorageSettings,
+    pub fetch: FetchSettings,
     pub groups: GroupsSettings,
     pub tls: Option<crate::tls::TlsSettings>,
     pub sasl: SaslSettings,
     pub security: SecuritySettings,
     pub metrics: MetricsSettings,
+}
+
+/// `[fetch]`: how record data is sent to consumers.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct FetchSettings {
+    /// Threads that send fetched records to consumers (`sendfile`, and the bytes of small
+    /// ranges), at `serving_nice`, so that when the CPU is short readers fall behind rather
+    /// than producers slowing down. 0: the async workers send them, at the broker's priority.
+    pub serving_threads: u32,
+    /// Nice value of the serving threads, 0 (the broker's own priority) to 19 (the lowest).
+    pub serving_nice: i32,
+}
+
+/// Most serving threads: sending is kernel work a few threads keep up with.
+pub const MAX_SERVING_THREADS: u32 = 64;
+
+impl Default for FetchSettings {
+    fn default() -> Self {
+        Self {
+            serving_threads: 2,
+            serving_nice: 19,
+        }
+    }
+}
+
+impl FetchSettings {
+    fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |key: &'static str, reason: String| Err(ConfigError::Invalid { key, reason });
+        if self.serving_threads > MAX_SERVING_THREADS {
+            return invalid(
+                "fetch.serving_threads",
+                format!(
+                    "{} is above the maximum of {MAX_SERVING_THREADS} (0 turns them off)",
+                    self.serving_threads
+                ),
+            );
+        }
+        if !(0..=19).contains(&self.serving_nice) {
+            return invalid(
+                "fetch.serving_nice",
+                format!(
+                    "{} is outside 0..=19 (a thread may lower its priority, not raise it)",
+                    self.serving_nice
+                ),
+            );
+        }
+        Ok(())
+    }
 }
 
 /// `[metrics]`: the Prometheus endpoint (`--metrics-listen`).
@@ -421,7 +472,7 @@ impl Config {
             &mut doc,
             "QANAT_",
             &[
-                "broker", "storage", "groups", "tls", "sasl", "security", "metrics",
+                "broker", "storage", "fetch", "groups", "tls", "sasl", "security", "metrics",
             ],
             false,
             env,
@@ -429,6 +480,7 @@ impl Config {
         )?;
         let config: Config = toml::Value::Table(doc).try_into()?;
         config.broker.validate()?;
+        config.fetch.validate()?;
         config.validate_security()?;
         Ok(config)
     }
@@ -557,5 +609,32 @@ mod tests {
                 .unwrap_err()
                 .to_string();
         assert!(e.contains("broker.max_uncompressed_batch_bytes"), "{e}");
+    }
+
+    #[test]
+    fn serving_threads_default_override_and_bounds() {
+        let c = Config::from_toml_with_env("", Vec::new()).unwrap();
+        assert_eq!(c.fetch.serving_threads, 2);
+        assert_eq!(c.fetch.serving_nice, 19);
+        let c = Config::from_toml_with_env(
+            "[fetch]\nserving_threads = 0\n",
+            vec![("QANAT_FETCH_SERVING_NICE".into(), "5".into())],
+        )
+        .unwrap();
+        assert_eq!((c.fetch.serving_threads, c.fetch.serving_nice), (0, 5));
+        for (toml, key) in [
+            ("serving_threads = 65", "fetch.serving_threads"),
+            ("serving_nice = 20", "fetch.serving_nice"),
+            ("serving_nice = -1", "fetch.serving_nice"),
+        ] {
+            let e = Config::from_toml_with_env(&format!("[fetch]\n{toml}\n"), Vec::new())
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(key), "{toml}: {e}");
+        }
+        let e = Config::from_toml_with_env("[fetch]\nserving_threads = -1\n", Vec::new())
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("serving_threads"), "{e}");
     }
 }

@@ -36,6 +36,8 @@ struct Encoder {
     flexible: bool,
     cur: BytesMut,
     chunks: Vec<Chunk>,
+    /// Some partition has records.
+    records: bool,
 }
 
 impl Encoder {
@@ -66,6 +68,7 @@ impl Encoder {
         let total: u64 = records.iter().map(Chunk::len).sum();
         self.len(total as usize);
         if total > 0 {
+            self.records = true;
             let head = self.cur.split().freeze();
             self.chunks.push(Chunk::Bytes(head));
             self.chunks.extend(records);
@@ -78,6 +81,7 @@ impl Encoder {
         }
         Response {
             chunks: self.chunks,
+            records: self.records,
         }
     }
 }
@@ -102,6 +106,7 @@ pub fn encode(
         flexible,
         cur: BytesMut::with_capacity(256),
         chunks: Vec::new(),
+        records: false,
     };
     // Response header v0, or v1 (with tagged fields) for flexible versions.
     e.cur.put_i32(correlation_id);

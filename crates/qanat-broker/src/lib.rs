@@ -2,7 +2,8 @@
 //! [`qanat_log`] partitions (spec A1–A5, A8).
 //!
 //! Owns: the TCP listener and connections ([`server`]), request framing and zero-copy responses
-//! ([`wire`], [`fetch_response`]), one module per Kafka API ([`api`]), long polls waiting for
+//! ([`wire`], [`fetch_response`]), the low-priority threads that send fetched records
+//! ([`serving`]), one module per Kafka API ([`api`]), long polls waiting for
 //! appends on their partitions ([`purgatory`]), the topic registry
 //! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]), records read
 //! as bounded streams from batches ([`records`]), the data directory's lock
@@ -21,6 +22,8 @@
 //!   `fsync = "always"` only after an fdatasync covers it (group commit across producers).
 //! - Responses on one connection leave in request order; requests on one connection are
 //!   appended in the order they arrived.
+//! - Fetched records are sent by the serving threads at a lowered priority (when on), so
+//!   readers yield the CPU to the produce path rather than slow producers down.
 //! - A malformed frame closes its own connection and nothing else; sizes read from the wire
 //!   are capped before anything is allocated for them, and compressed records are never
 //!   inflated past `max_uncompressed_batch_bytes`.
@@ -47,6 +50,7 @@ pub mod records;
 pub mod sasl;
 pub mod scram;
 pub mod server;
+pub mod serving;
 pub mod tls;
 pub mod topics;
 pub mod wire;
@@ -82,6 +86,8 @@ pub enum BrokerError {
     Tls(#[from] tls::TlsError),
     #[error(transparent)]
     Store(#[from] credentials::StoreError),
+    #[error("cannot start the serving threads: {0}")]
+    ServingThreads(#[source] std::io::Error),
 }
 
 /// Shared state of a running broker.
@@ -103,6 +109,8 @@ pub struct Broker {
     pub quotas: quotas::Quotas,
     /// Long polls waiting for appends, by partition: appends wake only their partitions'.
     purgatory: purgatory::Purgatory,
+    /// Low-priority threads that send fetched records (`[fetch] serving_threads`; None: 0).
+    pub serving: Option<Arc<serving::ServingThreads>>,
     /// Request latency histograms, one per served API.
     request_latency: api::RequestLatency,
     /// Woken once on shutdown, so long polls answer at once.
@@ -127,6 +135,13 @@ impl Broker {
             &config.security.super_users,
         )?;
         let quotas = quotas::Quotas::open(data_dir)?;
+        let serving = match config.fetch.serving_threads {
+            0 => None,
+            n => Some(Arc::new(
+                serving::ServingThreads::start(n, config.fetch.serving_nice)
+                    .map_err(BrokerError::ServingThreads)?,
+            )),
+        };
         let auth_failures = sasl::FailureDelay::new(
             Duration::from_millis(config.sasl.failure_delay_ms),
             Duration::from_millis(config.sasl.failure_delay_max_ms),
@@ -166,6 +181,7 @@ impl Broker {
             acls,
             quotas,
             purgatory: purgatory::Purgatory::default(),
+            serving,
             request_latency: api::RequestLatency::new(),
             shutdown: Arc::new(Notify::new()),
         })

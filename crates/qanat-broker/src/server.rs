@@ -480,8 +480,9 @@ async fn connection(
     let (tx, mut rx) = mpsc::channel::<Queued>(MAX_IN_FLIGHT);
     let writer = tokio::spawn({
         let activity = activity.clone();
+        let out = ResponseWriter::new(wr).with_serving_threads(broker.serving.clone());
         async move {
-            match write_responses(ResponseWriter::new(wr), &mut rx, &activity, idle).await {
+            match write_responses(out, &mut rx, &activity, idle).await {
                 Ok(()) => {}
                 Err(WireError::Io(e)) => tracing::debug!(%peer, error = %e, "connection closed"),
                 Err(e) => tracing::warn!(%peer, error = %e, "closing connection"),

@@ -14,9 +14,14 @@
 //! without it, the range's first and last bytes are read with `RWF_NOWAIT`). A range that is
 //! not resident (a consumer far behind, reading what was evicted), and every file range over
 //! TLS, is instead read on the blocking pool a buffer at a time and written from memory.
+//!
+//! With serving threads ([`crate::serving`]), every socket write of a response that carries
+//! records is done by them, at low priority, one piece at a time in order; the rest (other
+//! responses, TLS) is written by the connection's task.
 
 use std::io;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::Arc;
 
 use bytes::{Bytes, BytesMut};
 use qanat_log::FileSlice;
@@ -25,6 +30,7 @@ use crate::limits::{PoolReservation, RequestPool};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt, Interest};
 
 use crate::listener::WriteSide;
+use crate::serving::{self, Outcome, ServingThreads, Work};
 
 /// File ranges below this size are copied into the response rather than sent with sendfile
 /// (Fetch reads them on the blocking pool).
@@ -68,12 +74,15 @@ impl Chunk {
 #[derive(Default)]
 pub struct Response {
     pub chunks: Vec<Chunk>,
+    /// Carries record data for a consumer: sent by the serving threads when they are on.
+    pub records: bool,
 }
 
 impl Response {
     pub fn from_bytes(bytes: Bytes) -> Self {
         Self {
             chunks: vec![Chunk::Bytes(bytes)],
+            records: false,
         }
     }
 
@@ -277,9 +286,24 @@ impl Drop for FrameReader {
 }
 
 /// Writes responses to one connection, batching small ones into few syscalls.
+///
+/// With serving threads (plain TCP only), every socket write of a response that carries
+/// records (bytes and `sendfile` alike, and earlier responses still in the buffer, so the
+/// order holds) is done by them at their lowered priority; the writer awaits each in turn.
 pub struct ResponseWriter {
     wr: WriteSide,
     buf: BytesMut,
+    serving: Option<Serving>,
+    /// The response being written goes out through the serving threads.
+    low_priority: bool,
+}
+
+/// The serving threads a connection uses, and its socket's descriptor as they hold it.
+struct Serving {
+    threads: Arc<ServingThreads>,
+    /// A duplicate of the socket's descriptor, made at the first use: a job keeps it open
+    /// even if the connection is dropped while the job runs.
+    sock: Option<Arc<OwnedFd>>,
 }
 
 impl ResponseWriter {
@@ -287,7 +311,21 @@ impl ResponseWriter {
         Self {
             wr,
             buf: BytesMut::with_capacity(WRITE_BUFFER_BYTES),
+            serving: None,
+            low_priority: false,
         }
+    }
+
+    /// Have `threads` (when given) send the responses that carry records. TLS connections
+    /// ignore them: their bytes pass through the record layer on the async worker.
+    pub fn with_serving_threads(mut self, threads: Option<Arc<ServingThreads>>) -> Self {
+        self.serving = threads
+            .filter(|_| self.wr.plain_socket().is_some())
+            .map(|threads| Serving {
+                threads,
+                sock: None,
+            });
+        self
     }
 
     /// Queue one response; it may stay buffered until [`flush`](Self::flush).
@@ -295,13 +333,14 @@ impl ResponseWriter {
         let total = response.len();
         let size = u32::try_from(total)
             .map_err(|_| WireError::Malformed(format!("response of {total} bytes")))?;
+        self.low_priority = response.records && self.serving.is_some();
         self.buf.extend_from_slice(&size.to_be_bytes());
         for chunk in response.chunks {
             match chunk {
                 Chunk::Bytes(b) => {
                     if b.len() >= WRITE_BUFFER_BYTES {
-                        self.flush().await?;
-                        self.wr.write_all(&b).await?;
+                        self.send_buffer().await?;
+                        self.send_bytes(b).await?;
                     } else {
                         self.buf.extend_from_slice(&b);
                     }
@@ -309,19 +348,53 @@ impl ResponseWriter {
                 Chunk::File(slice) => self.write_file(slice).await?,
             }
             if self.buf.len() >= WRITE_BUFFER_BYTES {
-                self.flush().await?;
+                self.send_buffer().await?;
             }
+        }
+        if self.low_priority {
+            // The rest of the records goes out at low priority too, not at the next flush.
+            self.send_buffer().await?;
+            self.low_priority = false;
         }
         Ok(total + 4)
     }
 
     pub async fn flush(&mut self) -> Result<(), WireError> {
-        if !self.buf.is_empty() {
-            self.wr.write_all(&self.buf).await?;
-            self.buf.clear();
-        }
+        self.send_buffer().await?;
         // TLS keeps records in its own buffer until flushed; plain TCP has nothing to flush.
         self.wr.flush().await?;
+        Ok(())
+    }
+
+    /// Write out (and empty) the buffer.
+    async fn send_buffer(&mut self) -> Result<(), WireError> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        if !self.low_priority {
+            self.wr.write_all(&self.buf).await?;
+            self.buf.clear();
+            return Ok(());
+        }
+        let bytes = self.buf.split().freeze();
+        let work = self.serve(Work::Bytes { bytes, at: 0 }).await?;
+        // Keep the buffer's allocation when the serving thread has let go of it.
+        if let Work::Bytes { bytes, .. } = work {
+            if let Ok(mut buf) = bytes.try_into_mut() {
+                buf.clear();
+                self.buf = buf;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write `bytes` straight out (the buffer is empty).
+    async fn send_bytes(&mut self, bytes: Bytes) -> Result<(), WireError> {
+        if self.low_priority {
+            self.serve(Work::Bytes { bytes, at: 0 }).await?;
+        } else {
+            self.wr.write_all(&bytes).await?;
+        }
         Ok(())
     }
 
@@ -331,7 +404,12 @@ impl ResponseWriter {
                 && self.wr.raw_fd().is_some()
                 && page_cache::resident(fd, slice.position, slice.len)
             {
-                self.flush().await?;
+                self.send_buffer().await?;
+                if self.low_priority {
+                    let (at, end) = (slice.position, slice.position + slice.len);
+                    self.serve(Work::File { slice, at, end }).await?;
+                    return Ok(());
+                }
                 return self.sendfile(fd, slice.position, slice.len).await;
             }
         }
@@ -357,11 +435,38 @@ impl ResponseWriter {
             read?;
             position += n as u64;
             if self.buf.len() >= WRITE_BUFFER_BYTES {
-                self.wr.write_all(&self.buf).await?;
-                self.buf.clear();
+                self.send_buffer().await?;
             }
         }
         Ok(())
+    }
+
+    /// Send `work` from the serving threads, waiting on the reactor whenever the socket is
+    /// full; the work back once all of it is sent.
+    async fn serve(&mut self, mut work: Work) -> Result<Work, WireError> {
+        let (Some(serving), Some(stream)) = (self.serving.as_mut(), self.wr.plain_socket()) else {
+            return Err(WireError::Malformed(
+                "serving threads on a TLS connection".into(),
+            ));
+        };
+        let sock = match &serving.sock {
+            Some(sock) => sock.clone(),
+            None => {
+                let sock = Arc::new(stream.as_fd().try_clone_to_owned()?);
+                serving.sock = Some(sock.clone());
+                sock
+            }
+        };
+        loop {
+            let (back, outcome) = serving.threads.run(sock.clone(), work).await?;
+            work = back;
+            match outcome {
+                Outcome::Done => return Ok(work),
+                Outcome::Blocked => until_writable(stream).await?,
+                Outcome::ShortFile { missing } => return Err(WireError::ShortFile { missing }),
+                Outcome::Failed(e) => return Err(e.into()),
+            }
+        }
     }
 
     async fn sendfile(&mut self, fd: i32, position: u64, len: u64) -> Result<(), WireError> {
@@ -398,6 +503,22 @@ impl ResponseWriter {
             }
         }
         Ok(())
+    }
+}
+
+/// Wait until `stream` can take bytes. A serving thread met EAGAIN outside the reactor, so
+/// the reactor may still think the socket writable: that is checked without waiting, and
+/// only a check that fails clears the readiness (and only if no event came meanwhile, which
+/// `try_io` ensures), so no wake-up is lost and no loop spins.
+async fn until_writable(stream: &tokio::net::TcpStream) -> io::Result<()> {
+    let sock = stream.as_raw_fd();
+    loop {
+        stream.writable().await?;
+        match stream.try_io(Interest::WRITABLE, || serving::writable_now(sock)) {
+            Ok(()) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
     }
 }
 
@@ -700,60 +821,219 @@ mod tests {
         assert_eq!(frame.len(), 500);
     }
 
-    // A large range, then a small one, between bytes in memory: what the client reads is the frames as encoded, byte for byte and in order.
-    #[tokio::test]
-    async fn file_ranges_reach_the_client_whole_and_in_order() {
+    /// A segment file of `len` bytes of a known pattern, and its content.
+    fn segment(dir: &std::path::Path, len: u64) -> (Arc<dyn qanat_log::LogFile>, Vec<u8>) {
         use qanat_log::{OsStorage, Storage};
-        use tokio::io::AsyncReadExt;
-
-        let dir = tempfile::tempdir().unwrap();
-        let file = OsStorage.open(&dir.path().join("segment.log")).unwrap();
-        let content: Vec<u8> = (0..3u64 << 20).map(|i| (i % 251) as u8).collect();
+        let file = OsStorage.open(&dir.join("segment.log")).unwrap();
+        let content: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
         file.append(&content).unwrap();
-        let big = FileSlice {
-            file: file.clone(),
-            position: 100,
-            len: (2 << 20) + 7,
-        };
-        let small = FileSlice {
-            file: file.clone(),
-            position: 3,
-            len: SENDFILE_MIN_BYTES + 1,
-        };
-        let (mut client, _rd, wr) = tcp_pair().await;
-        let reader = tokio::spawn(async move {
+        (file, content)
+    }
+
+    /// Everything the client reads until the writer's side closes.
+    fn read_all(mut client: tokio::net::TcpStream) -> tokio::task::JoinHandle<Vec<u8>> {
+        use tokio::io::AsyncReadExt;
+        tokio::spawn(async move {
             let mut all = Vec::new();
             client.read_to_end(&mut all).await.unwrap();
             all
-        });
-        let mut writer = ResponseWriter::new(WriteSide::Plain(wr));
-        let first = Response {
-            chunks: vec![
-                Chunk::Bytes(Bytes::from_static(b"head")),
-                Chunk::File(big.clone()),
-                Chunk::Bytes(Bytes::from_static(b"tail")),
-            ],
-        };
-        let second = Response {
-            chunks: vec![Chunk::File(small.clone()), Chunk::File(big.clone())],
-        };
-        writer.write(first).await.unwrap();
-        writer.write(second).await.unwrap();
-        writer.flush().await.unwrap();
-        drop(writer);
-        let received = reader.await.unwrap();
+        })
+    }
 
-        let range = |s: &FileSlice| &content[s.position as usize..(s.position + s.len) as usize];
-        let mut expected = Vec::new();
-        expected.extend_from_slice(&((big.len + 8) as u32).to_be_bytes());
-        expected.extend_from_slice(b"head");
-        expected.extend_from_slice(range(&big));
-        expected.extend_from_slice(b"tail");
-        expected.extend_from_slice(&((small.len + big.len) as u32).to_be_bytes());
-        expected.extend_from_slice(range(&small));
-        expected.extend_from_slice(range(&big));
-        assert_eq!(received.len(), expected.len());
-        assert!(received == expected, "the bytes differ");
+    // A large range, then a small one, between bytes in memory: what the client reads is the
+    // frames as encoded, byte for byte and in order; on the async worker and from serving
+    // threads alike.
+    #[tokio::test]
+    async fn file_ranges_reach_the_client_whole_and_in_order() {
+        for threads in [None, Some(Arc::new(ServingThreads::start(1, 19).unwrap()))] {
+            let dir = tempfile::tempdir().unwrap();
+            let (file, content) = segment(dir.path(), 3 << 20);
+            let big = FileSlice {
+                file: file.clone(),
+                position: 100,
+                len: (2 << 20) + 7,
+            };
+            let small = FileSlice {
+                file: file.clone(),
+                position: 3,
+                len: SENDFILE_MIN_BYTES + 1,
+            };
+            let (client, _rd, wr) = tcp_pair().await;
+            let reader = read_all(client);
+            let mut writer =
+                ResponseWriter::new(WriteSide::Plain(wr)).with_serving_threads(threads.clone());
+            let first = Response {
+                chunks: vec![
+                    Chunk::Bytes(Bytes::from_static(b"head")),
+                    Chunk::File(big.clone()),
+                    Chunk::Bytes(Bytes::from_static(b"tail")),
+                ],
+                records: true,
+            };
+            let second = Response {
+                chunks: vec![Chunk::File(small.clone()), Chunk::File(big.clone())],
+                records: true,
+            };
+            // Not records: stays on the async worker, between two that do not.
+            let third = Response::from_bytes(Bytes::from_static(b"plain"));
+            writer.write(first).await.unwrap();
+            writer.write(third).await.unwrap();
+            writer.write(second).await.unwrap();
+            writer.flush().await.unwrap();
+            drop(writer);
+            let received = reader.await.unwrap();
+
+            let range =
+                |s: &FileSlice| &content[s.position as usize..(s.position + s.len) as usize];
+            let mut expected = Vec::new();
+            expected.extend_from_slice(&((big.len + 8) as u32).to_be_bytes());
+            expected.extend_from_slice(b"head");
+            expected.extend_from_slice(range(&big));
+            expected.extend_from_slice(b"tail");
+            expected.extend_from_slice(&5u32.to_be_bytes());
+            expected.extend_from_slice(b"plain");
+            expected.extend_from_slice(&((small.len + big.len) as u32).to_be_bytes());
+            expected.extend_from_slice(range(&small));
+            expected.extend_from_slice(range(&big));
+            assert_eq!(received.len(), expected.len());
+            assert!(received == expected, "the bytes differ");
+            if let Some(threads) = threads {
+                // Both record responses whole, and the plain one before them on the buffer.
+                let records = (big.len + 12) + (4 + small.len + big.len);
+                assert_eq!(threads.bytes_sent(), records + 9);
+            }
+        }
+    }
+
+    // A FetchResponse with file ranges, sent by the serving threads, is what kafka-protocol's
+    // own encoder makes of the same records, byte for byte.
+    #[tokio::test]
+    async fn fetch_response_from_serving_threads_matches_the_reference_encoder() {
+        use crate::fetch_response::{encode, PartitionOut, TopicOut};
+        use kafka_protocol::messages::fetch_response::{
+            FetchResponse, FetchableTopicResponse, PartitionData,
+        };
+        use kafka_protocol::messages::{ResponseHeader, TopicName};
+        use kafka_protocol::protocol::{Encodable, StrBytes};
+
+        let dir = tempfile::tempdir().unwrap();
+        let (file, content) = segment(dir.path(), 1 << 20);
+        let threads = Arc::new(ServingThreads::start(2, 19).unwrap());
+        for version in crate::fetch_response::VERSIONS {
+            let ranges = [(10u64, 600_000u64), (700_000, 1000), (701_000, 40_000)];
+            let records = ranges
+                .iter()
+                .map(|&(position, len)| {
+                    Chunk::File(FileSlice {
+                        file: file.clone(),
+                        position,
+                        len,
+                    })
+                })
+                .collect();
+            let ours = encode(
+                version,
+                31,
+                0,
+                vec![TopicOut {
+                    name: "orders".into(),
+                    partitions: vec![PartitionOut {
+                        index: 2,
+                        error_code: 0,
+                        high_watermark: 99,
+                        log_start_offset: 0,
+                        records,
+                    }],
+                }],
+            );
+            assert!(ours.records);
+            let (client, _rd, wr) = tcp_pair().await;
+            let reader = read_all(client);
+            let before = threads.bytes_sent();
+            let mut writer = ResponseWriter::new(WriteSide::Plain(wr))
+                .with_serving_threads(Some(threads.clone()));
+            let written = writer.write(ours).await.unwrap();
+            writer.flush().await.unwrap();
+            drop(writer);
+            let received = reader.await.unwrap();
+            assert_eq!(threads.bytes_sent() - before, written, "version {version}");
+
+            let mut bytes = Vec::new();
+            for &(position, len) in &ranges {
+                bytes.extend_from_slice(&content[position as usize..(position + len) as usize]);
+            }
+            let partition = PartitionData::default()
+                .with_partition_index(2)
+                .with_high_watermark(99)
+                .with_last_stable_offset(99)
+                .with_log_start_offset(0)
+                .with_aborted_transactions(Some(vec![]))
+                .with_preferred_read_replica((-1).into())
+                .with_records(Some(Bytes::from(bytes)));
+            let theirs =
+                FetchResponse::default().with_responses(vec![FetchableTopicResponse::default()
+                    .with_topic(TopicName(StrBytes::from_static_str("orders")))
+                    .with_partitions(vec![partition])]);
+            let mut body = BytesMut::new();
+            ResponseHeader::default()
+                .with_correlation_id(31)
+                .encode(&mut body, if version >= 12 { 1 } else { 0 })
+                .unwrap();
+            theirs.encode(&mut body, version).unwrap();
+            let mut expected = (body.len() as u32).to_be_bytes().to_vec();
+            expected.extend_from_slice(&body);
+            assert!(received == expected, "version {version}: the bytes differ");
+        }
+    }
+
+    // One serving thread; a client that reads nothing has a response far larger than the
+    // socket buffers pending. Another connection's responses still go out whole, and the
+    // stalled one completes once its client reads.
+    #[tokio::test]
+    async fn a_reader_that_stops_reading_does_not_hold_up_other_connections() {
+        let dir = tempfile::tempdir().unwrap();
+        let (file, content) = segment(dir.path(), 48 << 20);
+        let threads = Arc::new(ServingThreads::start(1, 19).unwrap());
+        let whole = |len: u64| Response {
+            chunks: vec![Chunk::File(FileSlice {
+                file: file.clone(),
+                position: 0,
+                len,
+            })],
+            records: true,
+        };
+
+        let (slow_client, _slow_rd, slow_wr) = tcp_pair().await;
+        let mut slow = ResponseWriter::new(WriteSide::Plain(slow_wr))
+            .with_serving_threads(Some(threads.clone()));
+        let big = whole(48 << 20);
+        let stalled = tokio::spawn(async move {
+            slow.write(big).await.unwrap();
+            slow.flush().await.unwrap();
+        });
+        // Wait until the slow connection has blocked: its socket took what it could.
+        while threads.bytes_sent() == 0 {
+            tokio::task::yield_now().await;
+        }
+
+        for _ in 0..3 {
+            let (client, _rd, wr) = tcp_pair().await;
+            let reader = read_all(client);
+            let mut writer = ResponseWriter::new(WriteSide::Plain(wr))
+                .with_serving_threads(Some(threads.clone()));
+            writer.write(whole(1 << 20)).await.unwrap();
+            writer.flush().await.unwrap();
+            drop(writer);
+            let received = reader.await.unwrap();
+            assert_eq!(&received[4..], &content[..1 << 20]);
+        }
+        assert!(!stalled.is_finished(), "48 MiB fit in the socket buffers");
+
+        let slow_reader = read_all(slow_client);
+        stalled.await.unwrap();
+        let received = slow_reader.await.unwrap();
+        assert_eq!(received.len(), 4 + (48 << 20));
+        assert!(received[4..] == content[..], "the stalled response differs");
     }
 
     #[tokio::test]
