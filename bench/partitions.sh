@@ -3,9 +3,14 @@
 #
 # What it does:
 #   1. builds `qanat` and `qanat-bench` (release);
-#   2. for P in {1, 8, 64}, BENCH_RUNS times each: a fresh broker (default config, so periodic
-#      fsync every 1000 ms; Prometheus metrics on, as in production), one P-partition topic, `qanat-bench kafka-produce` of 1 KiB records,
-#      acks=1, round-robin over the partitions, until BENCH_COUNT records or BENCH_SECS seconds;
+#   2. for P in {1, 8, 64} and each partitioner, BENCH_RUNS times each: a fresh broker (default
+#      config, so periodic fsync every 1000 ms; Prometheus metrics on, as in production), one
+#      P-partition topic, `qanat-bench kafka-produce` of 1 KiB keyless records, acks=1, until
+#      BENCH_COUNT records or BENCH_SECS seconds. Partitioners: `sticky`, what Kafka's clients
+#      do with keyless records (a batch's worth to one partition, then another: batches stay
+#      full however many partitions there are), and `round-robin`, every record to the next
+#      partition (batches P times smaller: the worst case). One partition is run once, the two
+#      being the same there;
 #      the broker's CPU (utime+stime from /proc/PID/stat) is read just before and just after the
 #      produce, and its data dir is deleted after each run;
 #   3. a fresh broker, one 1,000-partition topic, BENCH_RSS_PER_PARTITION 1 KiB records produced
@@ -17,13 +22,16 @@
 # Env:  BENCH_RUNS (default 3), BENCH_SECS (default 8), BENCH_COUNT (default 1500000 records,
 #       which bounds the data written per run to ~1.5 GB), BENCH_RSS_PER_PARTITION (default 20),
 #       BENCH_PARTITIONS (default "1 8 64"),
+#       BENCH_PARTITIONERS (default "sticky round-robin"),
 #       BENCH_CLIENTS (default "librdkafka native"): the producers to run the matrix with —
 #       librdkafka (`kafka-produce`, acks=1) and the agent's native producer (`kafka-produce
 #       --client native`, which asks acks=all: the same on one broker). librdkafka's own CPU per
 #       GB grows with the partition count, and client and broker share the cores, so the native
 #       rows show the broker's scaling with a client that is not the limit.
 #       BENCH_TMPDIR (default /tmp) parent of the data dirs; /dev/shm keeps the disk out of it.
-#       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons).
+#       BENCH_QANAT_BIN: the broker binary to measure instead of this tree's; several, separated
+#       by spaces, for an A/B comparison: each run then goes through them in turn (interleaved,
+#       so the machine's load falls on all alike) and the table has a row per broker.
 # All traffic goes to 127.0.0.1. Every client run is under `timeout`.
 set -euo pipefail
 
@@ -35,6 +43,7 @@ COUNT=${BENCH_COUNT:-1500000}
 RSS_PER_PARTITION=${BENCH_RSS_PER_PARTITION:-20}
 PARTITION_COUNTS=${BENCH_PARTITIONS:-"1 8 64"}
 CLIENTS=${BENCH_CLIENTS:-"librdkafka native"}
+PARTITIONERS=${BENCH_PARTITIONERS:-"sticky round-robin"}
 RECORD_SIZE=1024
 CLIENT_TIMEOUT=300 # seconds, hard cap for any single client run
 
@@ -53,8 +62,10 @@ log "temp dir $TMP, $RUNS runs x {$PARTITION_COUNTS} partitions, up to $COUNT re
 
 build_release qanat qanat-bench
 # Another broker build to compare with (the client stays this tree's qanat-bench).
-QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
-[[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
+read -r -a BROKERS <<<"${BENCH_QANAT_BIN:-$QANAT_BIN}"
+for QANAT_BIN in "${BROKERS[@]}"; do
+  [[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
+done
 
 CLK_TCK=$(getconf CLK_TCK)
 # utime+stime in seconds (fields 14 and 15; comm may contain spaces, so cut after the last ')')
@@ -95,12 +106,13 @@ create_topic() {
 # user+sys seconds in $TMP/client.cpu when /usr/bin/time is there
 TIME_CMD=()
 [[ -x /usr/bin/time ]] && TIME_CMD=(/usr/bin/time -f '%U %S' -o "$TMP/client.time")
-# CLIENT (librdkafka or native) picks the producer.
+# CLIENT (librdkafka or native) picks the producer, PARTITIONER how it spreads the records.
 CLIENT=librdkafka
+PARTITIONER=round-robin
 produce() {
   rm -f "$TMP/client.time"
-  local client_args=()
-  [[ "$CLIENT" == native ]] && client_args=(--client native)
+  local client_args=(--partitioner "$PARTITIONER")
+  [[ "$CLIENT" == native ]] && client_args+=(--client native)
   timeout --kill-after=10 "$CLIENT_TIMEOUT" "${TIME_CMD[@]}" "$BENCH_BIN" kafka-produce --bootstrap "$BROKER_ADDR" \
     --topic "$1" --partitions "$2" --record-size "$RECORD_SIZE" --count "$3" --acks 1 \
     "${client_args[@]}" --max-secs "$4" 2>"$TMP/produce.err" | tail -n1 || die "produce to $1 failed: $(tail -n 5 "$TMP/produce.err")"
@@ -118,47 +130,66 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 ROWS=()
 for CLIENT in $CLIENTS; do
   for parts in $PARTITION_COUNTS; do
-    mbps_all="" cpu_all="" client_all="" runs=""
-    for run in $(seq "$RUNS"); do
-      start_broker "p$parts-r$run"
-      topic=bench-$parts
-      create_topic "$topic" "$parts"
-      cpu0=$(cpu_secs "$BROKER_PID")
-      out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
-      cpu1=$(cpu_secs "$BROKER_PID")
-      kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
-      errors=$(jq -r '.errors' <<<"$out")
-      [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
-      mbps=$(jq -r '.mb_per_s' <<<"$out")
-      bytes=$(jq -r '.bytes' <<<"$out")
-      cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
-      client_gb=$(client_cpu_gb "$bytes")
-      log "$CLIENT, $parts partitions, run $run: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
-      mbps_all+=" $mbps" cpu_all+=" $cpu_gb" runs+="${runs:+, }$mbps / $cpu_gb"
-      [[ "$client_gb" != - ]] && client_all+=" $client_gb"
-      stop_broker
+    partitioners=$PARTITIONERS label=""
+    # One partition: every partitioner sends the same records to it.
+    [[ "$parts" == 1 ]] && partitioners=${PARTITIONERS%% *} label="(one partition)"
+    for PARTITIONER in $partitioners; do
+      mbps_all=() cpu_all=() client_all=() runs=()
+      for run in $(seq "$RUNS"); do
+        for b in "${!BROKERS[@]}"; do
+          QANAT_BIN=${BROKERS[$b]}
+          start_broker "p$parts-r$run-b$b"
+          topic=bench-$parts
+          create_topic "$topic" "$parts"
+          cpu0=$(cpu_secs "$BROKER_PID")
+          out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
+          cpu1=$(cpu_secs "$BROKER_PID")
+          kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
+          errors=$(jq -r '.errors' <<<"$out")
+          [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
+          mbps=$(jq -r '.mb_per_s' <<<"$out")
+          bytes=$(jq -r '.bytes' <<<"$out")
+          cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
+          client_gb=$(client_cpu_gb "$bytes")
+          log "broker $((b + 1)), $CLIENT, $parts partitions, $PARTITIONER, run $run: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
+          mbps_all[b]+=" $mbps" cpu_all[b]+=" $cpu_gb" runs[b]+="${runs[b]:+, }$mbps / $cpu_gb"
+          [[ "$client_gb" != - ]] && client_all[b]+=" $client_gb"
+          stop_broker
+        done
+      done
+      for b in "${!BROKERS[@]}"; do
+        broker_col=""
+        [[ ${#BROKERS[@]} -gt 1 ]] && broker_col="$((b + 1)) | "
+        ROWS+=("| $broker_col$CLIENT | $parts | ${label:-$PARTITIONER} | $(median <<<"${mbps_all[b]}") | $(median <<<"${cpu_all[b]}") | $(median <<<"${client_all[b]:-}") | ${runs[b]} |")
+      done
     done
-    ROWS+=("| $CLIENT | $parts | $(median <<<"$mbps_all") | $(median <<<"$cpu_all") | $(median <<<"$client_all") | $runs |")
   done
 done
 
+QANAT_BIN=${BROKERS[0]}
 start_broker rss
 create_topic bench-rss 1000
-CLIENT=librdkafka
+CLIENT=librdkafka PARTITIONER=round-robin # so every partition gets its records
 out=$(produce bench-rss 1000 $((1000 * RSS_PER_PARTITION)) 120)
 [[ "$(jq -r '.records' <<<"$out")" == $((1000 * RSS_PER_PARTITION)) ]] || die "1,000-partition produce incomplete: $out"
 hwm=$(vm_hwm_kb "$BROKER_PID")
 stop_broker
 
-echo "| client | partitions | produce MB/s (median) | broker CPU-s/GB (median) | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
-echo "|---|---|---|---|---|---|"
+head_col="" rule_col="" rss_col=""
+[[ ${#BROKERS[@]} -gt 1 ]] && head_col="broker | " rule_col="---|" rss_col="1 | "
+echo "| ${head_col}client | partitions | partitioner | produce MB/s (median) | broker CPU-s/GB (median) | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
+echo "|${rule_col}---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
-echo "| librdkafka | 1,000 (RSS) | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | |"
+echo "| ${rss_col}librdkafka | 1,000 (RSS) | round-robin | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | |"
 echo
-echo "1 KiB records, acks=1, default config (fsync every 1000 ms), no compression; up to $COUNT records or ${SECS} s"
+echo "1 KiB keyless records, acks=1, default config (fsync every 1000 ms), no compression; up to $COUNT records or ${SECS} s"
 echo "per run, fresh broker per run, data in $(df -P "$TMP" | awk 'NR == 2 { print $1 }') ($TMP). MB = 10^6 bytes of record values;"
 echo "CPU-s/GB = utime+stime during the produce / 10^9 bytes of record values (broker: from /proc/PID/stat;"
 echo "client: qanat-bench with librdkafka or the native producer, from /usr/bin/time). Client and broker share the machine's cores,"
-echo "so MB/s falls when the client needs more CPU per GB (it does with more partitions)."
-echo "Broker: $QANAT_BIN."
+echo "so MB/s falls when the client needs more CPU per GB (it does with more partitions). sticky: the clients' default for"
+echo "keyless records (librdkafka chooses the partition itself; the native producer moves on after each --batch-bytes);"
+echo "round-robin: every record to the next partition, so batches are P times smaller."
+for b in "${!BROKERS[@]}"; do
+  echo "Broker${head_col:+ $((b + 1))}: ${BROKERS[$b]}."
+done
 echo "Machine: $(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."

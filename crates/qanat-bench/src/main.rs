@@ -7,7 +7,9 @@
 //!   from `send` to the delivery report (hdrhistogram, p50/p99/p99.9). Without `--rate` it
 //!   runs open-loop as fast as the client queue allows (max throughput, latency then includes
 //!   queueing); with `--rate` sends are paced by a token bucket so latency reflects a
-//!   sustainable load.
+//!   sustainable load. `--partitioner` spreads the keyless records round-robin, record by
+//!   record (the worst case: the smallest batches), or sticky (the clients' default for
+//!   keyless records: a batch's worth to one partition, then the next).
 //! - `kafka-consume`: read throughput of a partition-assigned consumer (no consumer group)
 //!   from offset 0 until N records arrived (or `--max-secs` passed); with `--group G` a real
 //!   group member instead (subscribe, earliest, auto-commit), timed from its first record (to
@@ -80,6 +82,18 @@ enum ProduceClient {
     Librdkafka,
 }
 
+/// How `kafka-produce` spreads its keyless records over the partitions.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Partitioner {
+    /// What the clients do with keyless records (Kafka's producer since KIP-480, librdkafka's
+    /// `sticky.partitioning.linger.ms`): fill one partition's batch, then move on. librdkafka
+    /// is given no partition and no key and chooses itself; the native producer moves to the
+    /// next partition after every `--batch-bytes` of records.
+    Sticky,
+    /// Every record to the next partition: the smallest batches, the worst case.
+    RoundRobin,
+}
+
 #[derive(Debug, clap::Args)]
 struct KafkaProduceArgs {
     #[arg(long)]
@@ -89,9 +103,12 @@ struct KafkaProduceArgs {
     client: ProduceClient,
     #[arg(long)]
     topic: String,
-    /// Number of partitions of the topic; records go round-robin over 0..P.
+    /// Number of partitions of the topic (0..P).
     #[arg(long, default_value_t = 1)]
     partitions: u32,
+    /// How records are spread over the partitions.
+    #[arg(long, value_enum, default_value = "round-robin")]
+    partitioner: Partitioner,
     /// Value size of each record in bytes (records have no key).
     #[arg(long)]
     record_size: usize,
@@ -545,11 +562,12 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
             std::thread::sleep(w);
             continue;
         }
-        let partition = (sent % u64::from(a.partitions)) as i32 % partitions;
         let sent_nanos = start.elapsed().as_nanos() as usize;
-        let mut record = BaseRecord::<(), [u8], usize>::with_opaque_to(&a.topic, sent_nanos)
-            .payload(&value[..])
-            .partition(partition);
+        let mut record =
+            BaseRecord::<(), [u8], usize>::with_opaque_to(&a.topic, sent_nanos).payload(&value[..]);
+        if a.partitioner == Partitioner::RoundRobin {
+            record = record.partition((sent % u64::from(a.partitions)) as i32 % partitions);
+        }
         loop {
             match producer.send(record) {
                 Ok(()) => break,
@@ -627,7 +645,7 @@ fn native_security(properties: &[(String, String)]) -> Result<qanat_config::Kafk
 }
 
 /// A key that the native producer's partitioner (CRC-32 of the key modulo the partition
-/// count) sends to each partition, so records go round-robin as with librdkafka.
+/// count) sends to each partition, so the bench chooses each record's partition.
 fn native_partition_keys(partitions: u32) -> Vec<String> {
     (0..partitions)
         .map(|p| {
@@ -738,11 +756,17 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     };
     let keys = native_partition_keys(a.partitions);
     let value = payload(a.record_size);
+    // Records in a row to one partition: one, or a batch's worth when sticky.
+    let run = match a.partitioner {
+        Partitioner::RoundRobin => 1,
+        Partitioner::Sticky => (u64::from(a.batch_bytes) / a.record_size.max(1) as u64).max(1),
+    };
     let record = |seq: u64| {
-        let key = &keys[(seq % u64::from(a.partitions)) as usize];
+        let index = seq / run % u64::from(a.partitions);
+        let key = &keys[index as usize];
         Record {
             topic: &a.topic,
-            file_key: seq % u64::from(a.partitions),
+            file_key: index,
             seq,
             payload: &value,
             trajectory: Trajectory {

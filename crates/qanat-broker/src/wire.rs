@@ -143,6 +143,10 @@ pub enum Step {
 /// while the pool is short), and the buffer grows as bytes actually arrive rather than to
 /// the declared size up front (bytes already waiting in the kernel count as arrived, so a frame
 /// received whole is read into one allocation instead of a chain of copying reallocations).
+/// Once the connection has sent a frame whole, its next ones start at up to that size: a
+/// producer's requests are alike, and a request of many partitions arrives over many reads,
+/// whose doublings would otherwise copy it about once more. So a frame that stops early
+/// never costs more than twice what arrived or the largest frame the connection completed.
 /// Every await inside [`step`](Self::step) is a single read or
 /// the pool wait, so a step may be cancelled (by a timer) without losing bytes.
 #[derive(Debug)]
@@ -154,6 +158,8 @@ pub struct FrameReader {
     header: [u8; 4],
     header_len: usize,
     body: Option<FrameBody>,
+    /// The largest frame this connection has sent whole.
+    largest_complete: usize,
     /// Counted in `qanat_request_pool_waiting_connections` right now.
     waiting: bool,
 }
@@ -173,6 +179,7 @@ impl FrameReader {
             header: [0; 4],
             header_len: 0,
             body: None,
+            largest_complete: 0,
             waiting: false,
         }
     }
@@ -242,7 +249,10 @@ impl FrameReader {
             // Doubling what arrived keeps copies amortized and the buffer within twice the
             // received bytes; a frame that stops early never costs its declared size. Bytes
             // already waiting are taken in one step, which spares the copies altogether.
-            let step = body.buf.len().max(FRAME_BUFFER_STEP);
+            let mut step = body.buf.len().max(FRAME_BUFFER_STEP);
+            if body.buf.is_empty() {
+                step = step.max(self.largest_complete);
+            }
             // Asked only when it can matter: most frames fit in the first step.
             let waiting = if remaining > step {
                 rd.arrived_bytes().unwrap_or(0)
@@ -273,6 +283,7 @@ impl FrameReader {
             ));
         };
         self.header_len = 0;
+        self.largest_complete = self.largest_complete.max(buf.len());
         Ok(Step::Frame(Bytes::from(buf), reservation))
     }
 }
@@ -707,6 +718,53 @@ mod tests {
             reader.step(&mut server, &pool).await.unwrap(),
             Step::Eof
         ));
+    }
+
+    #[tokio::test]
+    async fn after_a_whole_frame_the_next_start_at_its_size_and_no_larger() {
+        let pool = RequestPool::new(64 << 20);
+        let (mut client, mut server) = tokio::io::duplex(1 << 20);
+        let mut reader = FrameReader::new(32 << 20);
+        let first = 300_000usize;
+        client
+            .write_all(&(first as i32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&vec![1u8; first]).await.unwrap();
+        let frame = loop {
+            match reader.step(&mut server, &pool).await.unwrap() {
+                Step::Progress => {}
+                Step::Frame(frame, _reservation) => break frame,
+                Step::Eof => panic!("end of stream inside a frame"),
+            }
+        };
+        assert_eq!(frame.len(), first);
+        // A frame like it, arriving in parts: one buffer of its size from the first bytes.
+        client
+            .write_all(&(first as i32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&vec![2u8; 100_000]).await.unwrap();
+        step_until(&mut reader, &mut server, &pool, |r| received(r) == 100_000).await;
+        assert_eq!(reader.body.as_ref().unwrap().buf.capacity(), first);
+        client.write_all(&vec![2u8; first - 100_000]).await.unwrap();
+        let frame = loop {
+            match reader.step(&mut server, &pool).await.unwrap() {
+                Step::Progress => {}
+                Step::Frame(frame, _reservation) => break frame,
+                Step::Eof => panic!("end of stream inside a frame"),
+            }
+        };
+        assert!(frame.len() == first && frame.iter().all(|&b| b == 2));
+        // A larger declared frame that stalls costs no more than the largest whole one.
+        let declared = 32usize << 20;
+        client
+            .write_all(&(declared as i32).to_be_bytes())
+            .await
+            .unwrap();
+        client.write_all(&vec![3u8; 100_000]).await.unwrap();
+        step_until(&mut reader, &mut server, &pool, |r| received(r) == 100_000).await;
+        assert_eq!(reader.body.as_ref().unwrap().buf.capacity(), first);
     }
 
     /// A connected pair of real sockets: the client's stream and the server's read half.
