@@ -98,24 +98,14 @@ impl<'q> BeaconQuery<'q> {
     pub fn parse(query: &'q str) -> BeaconQuery<'q> {
         let mut q = BeaconQuery::default();
         let bytes = query.as_bytes();
-        // One scan: where each pair ends, where its name ends, and whether either has
-        // anything to decode. `&` and `=` are ASCII, so the cuts are on char boundaries.
+        // Pairs cut at `&`, names at the first `=`, found with `memchr` (vectorised) rather
+        // than a byte loop. `&` and `=` are ASCII, so the cuts are on char boundaries.
         let mut start = 0;
         while start < bytes.len() {
-            let mut eq = None;
-            let mut end = start;
-            let mut encoded_name = false;
-            let mut encoded_value = false;
-            while let Some(&b) = bytes.get(end) {
-                match b {
-                    b'&' => break,
-                    b'=' if eq.is_none() => eq = Some(end),
-                    b'%' | b'+' if eq.is_none() => encoded_name = true,
-                    b'%' | b'+' => encoded_value = true,
-                    _ => {}
-                }
-                end += 1;
-            }
+            let rest = bytes.get(start..).unwrap_or_default();
+            let end = memchr::memchr(b'&', rest).map_or(bytes.len(), |i| start + i);
+            let pair = bytes.get(start..end).unwrap_or_default();
+            let eq = memchr::memchr(b'=', pair).map(|i| start + i);
             let (k, v) = match eq {
                 Some(eq) => (
                     query.get(start..eq).unwrap_or(""),
@@ -127,20 +117,15 @@ impl<'q> BeaconQuery<'q> {
             if k.is_empty() && eq.is_none() {
                 continue;
             }
-            let decode = |s: &'q str, encoded: bool| {
-                if encoded {
-                    form_decode(s)
-                } else {
-                    Cow::Borrowed(s)
-                }
-            };
-            let name = decode(k, encoded_name);
+            // `form_decode` borrows what has nothing to decode; values of other names are
+            // not looked at.
+            let name = form_decode(k);
             if let Some(f) = Field::of(&name) {
                 if let Some(slot) = q.fields.get_mut(f as usize) {
-                    *slot = Some(decode(v, encoded_value));
+                    *slot = Some(form_decode(v));
                 }
             } else if name.starts_with("p_") {
-                q.params.push((name, decode(v, encoded_value)));
+                q.params.push((name, form_decode(v)));
             }
         }
         q
