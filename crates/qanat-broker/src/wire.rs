@@ -668,6 +668,21 @@ mod tests {
         }
     }
 
+    /// Step until a whole frame is in.
+    async fn next_frame<R: AsyncRead + ArrivedBytes + Unpin>(
+        reader: &mut FrameReader,
+        rd: &mut R,
+        pool: &RequestPool,
+    ) -> Bytes {
+        loop {
+            match reader.step(rd, pool).await.unwrap() {
+                Step::Progress => {}
+                Step::Frame(frame, _reservation) => return frame,
+                Step::Eof => panic!("end of stream inside a frame"),
+            }
+        }
+    }
+
     fn received(reader: &FrameReader) -> usize {
         reader.body.as_ref().map_or(0, |b| b.buf.len())
     }
@@ -731,13 +746,7 @@ mod tests {
             .await
             .unwrap();
         client.write_all(&vec![1u8; first]).await.unwrap();
-        let frame = loop {
-            match reader.step(&mut server, &pool).await.unwrap() {
-                Step::Progress => {}
-                Step::Frame(frame, _reservation) => break frame,
-                Step::Eof => panic!("end of stream inside a frame"),
-            }
-        };
+        let frame = next_frame(&mut reader, &mut server, &pool).await;
         assert_eq!(frame.len(), first);
         // A frame like it, arriving in parts: one buffer of its size from the first bytes.
         client
@@ -748,13 +757,7 @@ mod tests {
         step_until(&mut reader, &mut server, &pool, |r| received(r) == 100_000).await;
         assert_eq!(reader.body.as_ref().unwrap().buf.capacity(), first);
         client.write_all(&vec![2u8; first - 100_000]).await.unwrap();
-        let frame = loop {
-            match reader.step(&mut server, &pool).await.unwrap() {
-                Step::Progress => {}
-                Step::Frame(frame, _reservation) => break frame,
-                Step::Eof => panic!("end of stream inside a frame"),
-            }
-        };
+        let frame = next_frame(&mut reader, &mut server, &pool).await;
         assert!(frame.len() == first && frame.iter().all(|&b| b == 2));
         // A larger declared frame that stalls costs no more than the largest whole one.
         let declared = 32usize << 20;
