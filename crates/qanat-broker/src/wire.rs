@@ -416,12 +416,13 @@ impl ResponseWriter {
                 && page_cache::resident(fd, slice.position, slice.len)
             {
                 self.send_buffer().await?;
+                let (at, end) = (slice.position, slice.position + slice.len);
+                let work = Work::File { slice, at, end };
                 if self.low_priority {
-                    let (at, end) = (slice.position, slice.position + slice.len);
-                    self.serve(Work::File { slice, at, end }).await?;
+                    self.serve(work).await?;
                     return Ok(());
                 }
-                return self.sendfile(fd, slice.position, slice.len).await;
+                return self.sendfile(work).await;
             }
         }
         // TLS (the bytes must pass through the record layer), a range too small to be worth a
@@ -471,49 +472,50 @@ impl ResponseWriter {
         loop {
             let (back, outcome) = serving.threads.run(sock.clone(), work).await?;
             work = back;
-            match outcome {
-                Outcome::Done => return Ok(work),
-                Outcome::Blocked => until_writable(stream).await?,
-                Outcome::ShortFile { missing } => return Err(WireError::ShortFile { missing }),
-                Outcome::Failed(e) => return Err(e.into()),
+            if finished(outcome)? {
+                return Ok(work);
             }
+            until_writable(stream).await?;
         }
     }
 
-    async fn sendfile(&mut self, fd: i32, position: u64, len: u64) -> Result<(), WireError> {
+    /// Send a file range from this task, on the reactor's readiness: the same non-blocking
+    /// `sendfile` loop the serving threads run ([`serving::send`]).
+    async fn sendfile(&mut self, mut work: Work) -> Result<(), WireError> {
         let Some(stream) = self.wr.plain_socket() else {
             return Err(WireError::Malformed("sendfile on a TLS connection".into()));
         };
         let sock = stream.as_raw_fd();
-        let mut offset = position as libc::off_t;
-        let end = position + len;
-        while (offset as u64) < end {
-            let remaining = (end - offset as u64) as usize;
+        loop {
             stream.writable().await?;
+            // A full socket is WouldBlock to `try_io`, which then clears the readiness.
             let sent = stream.try_io(Interest::WRITABLE, || {
-                // SAFETY: both descriptors are open for the duration of the call (the socket
-                // is borrowed from `self.wr`, the file is kept alive by the slice's Arc), and
-                // `offset` is a valid pointer to a local.
-                let n = unsafe { libc::sendfile(sock, fd, &mut offset, remaining) };
-                if n < 0 {
-                    Err(io::Error::last_os_error())
-                } else {
-                    Ok(n as usize)
+                match serving::send(sock, &mut work) {
+                    Outcome::Blocked => Err(io::ErrorKind::WouldBlock.into()),
+                    outcome => Ok(outcome),
                 }
             });
             match sent {
-                Ok(0) => {
-                    return Err(WireError::ShortFile {
-                        missing: end - offset as u64,
-                    })
+                Ok(outcome) => {
+                    if finished(outcome)? {
+                        return Ok(());
+                    }
                 }
-                Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        Ok(())
+    }
+}
+
+/// Whether work that ended with `outcome` is all sent (`false`: the socket was full, go on
+/// once it is writable), or the error that ended it.
+fn finished(outcome: Outcome) -> Result<bool, WireError> {
+    match outcome {
+        Outcome::Done => Ok(true),
+        Outcome::Blocked => Ok(false),
+        Outcome::ShortFile { missing } => Err(WireError::ShortFile { missing }),
+        Outcome::Failed(e) => Err(e.into()),
     }
 }
 
