@@ -700,6 +700,7 @@ impl NativeTally {
 /// it (send until full, then wait for reports).
 fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     use qanat_agent::config::{OutputConfig, ProducerKind};
+    use qanat_agent::sink::native::batch::OpenBatch;
     use qanat_agent::sink::native::NativeSink;
     use qanat_agent::sink::{Delivery, Record, SendError, Sink, Trajectory};
     use std::sync::{Arc, Condvar};
@@ -756,30 +757,42 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     };
     let keys = native_partition_keys(a.partitions);
     let value = payload(a.record_size);
-    // Records in a row to one partition: one, or a batch's worth when sticky.
+    let record_to = |index: u64, seq: u64| Record {
+        topic: &a.topic,
+        file_key: index,
+        seq,
+        payload: &value,
+        trajectory: Trajectory {
+            host: "qanat-bench",
+            file_id: &keys[index as usize],
+            path: "",
+            offset: 0,
+            size: value.len() as u64,
+            lines: 1,
+            attributes: &[],
+        },
+    };
+    // Records in a row to one partition: one, or when sticky as many as fill a batch as the
+    // producer encodes them (trajectory headers included), so the last of a run closes it.
     let run = match a.partitioner {
         Partitioner::RoundRobin => 1,
-        Partitioner::Sticky => (u64::from(a.batch_bytes) / a.record_size.max(1) as u64).max(1),
-    };
-    let record = |seq: u64| {
-        let index = seq / run % u64::from(a.partitions);
-        let key = &keys[index as usize];
-        Record {
-            topic: &a.topic,
-            file_key: index,
-            seq,
-            payload: &value,
-            trajectory: Trajectory {
-                host: "qanat-bench",
-                file_id: key,
-                path: "",
-                offset: 0,
-                size: value.len() as u64,
-                lines: 1,
-                attributes: &[],
-            },
+        Partitioner::Sticky => {
+            let r = record_to(0, 1);
+            let mut probe = OpenBatch::new(0, 0);
+            probe.push(
+                0,
+                r.file_key,
+                r.seq,
+                r.trajectory.file_id.as_bytes(),
+                r.payload,
+                Some(&r.trajectory),
+            );
+            u64::from(a.batch_bytes)
+                .div_ceil(probe.len().max(1) as u64)
+                .max(1)
         }
     };
+    let record = |seq: u64| record_to(seq / run % u64::from(a.partitions), seq);
 
     // Warm up (metadata, producer id, connections) with one record outside the window.
     let warm_deadline = Instant::now() + Duration::from_secs(30);
