@@ -196,6 +196,11 @@ impl Broker {
     pub fn sync_all(&self) {
         self.groups.flush();
         for (topic, index, partition) in self.topics.partitions() {
+            // Block reservations wait for a journal commit under way, such as the one the
+            // fdatasync below starts: made here, before it, enough for the appends to go on
+            // meanwhile without reserving themselves.
+            partition.release_reserved();
+            partition.reserve_ahead();
             if let Err(e) = timed_sync(&partition, None) {
                 tracing::error!(topic, partition = index, error = %e, "fdatasync failed");
             }
@@ -205,6 +210,7 @@ impl Broker {
     /// One round of segment rolling by age and retention, plus size gauges.
     pub fn maintain(&self) {
         for (topic, index, partition) in self.topics.partitions() {
+            partition.release_reserved();
             if let Err(e) = partition.roll_if_due() {
                 tracing::error!(topic, partition = index, error = %e, "segment roll failed");
             }

@@ -30,6 +30,11 @@ const KEEP_BUF: usize = 16 << 20;
 /// no block allocation, which on ext4 (delayed allocation) otherwise waits for the inode's
 /// block-map lock while writeback — a periodic fdatasync — allocates the blocks before them:
 /// that wait was the produce-latency spike at every periodic fsync.
+///
+/// A `fallocate` on the append path still waits whenever a journal commit (a periodic
+/// fdatasync's) is under way, for tens of milliseconds at high append rates, so a busy
+/// partition is reserved ahead from the sync thread ([`Partition::reserve_ahead`]) just
+/// before its fdatasync; the append path reserves only when it runs past that.
 const PREALLOCATE_AHEAD: u64 = 16 << 20;
 
 /// Where a read may look for batch positions.
@@ -75,6 +80,13 @@ pub struct Partition {
     closed: AtomicBool,
     /// Grows each time a failed fdatasync cuts the log back to its durable end.
     generation: AtomicU64,
+    /// Closed segments whose blocks reserved past their end are not given back yet: an
+    /// ftruncate on the append path (at a roll) waits for a journal commit like a fallocate.
+    /// Each with the generation it was queued in: a cut rewrites segment files, and nothing
+    /// queued before it may be resized after it.
+    unreleased: Mutex<Vec<(u64, Arc<Segment>)>>,
+    /// Bytes appended since the last [`Partition::reserve_ahead`].
+    appended_since_reserve: AtomicU64,
 }
 
 impl std::fmt::Debug for Partition {
@@ -412,6 +424,8 @@ impl Partition {
             dir_dirty: AtomicBool::new(false),
             closed: AtomicBool::new(false),
             generation: AtomicU64::new(0),
+            unreleased: Mutex::new(Vec::new()),
+            appended_since_reserve: AtomicU64::new(0),
         };
         Ok((p, report))
     }
@@ -467,6 +481,8 @@ impl Partition {
         let active = w.active.clone();
         let (pos0, _) = active.published();
         self.preallocate(&active, pos0 + bytes);
+        self.appended_since_reserve
+            .fetch_add(bytes, Ordering::Relaxed);
 
         let mut off = base;
         let mut max_ts = i64::MIN;
@@ -592,7 +608,62 @@ impl Partition {
             tracing::debug!(file = %active.log_path.display(), error = %e, "cannot reserve blocks ahead");
         }
         // Not retried on every append after a failure: once per step.
-        active.preallocated.store(target, Ordering::Relaxed);
+        active.preallocated.fetch_max(target, Ordering::Relaxed);
+    }
+
+    /// Reserve the active segment's blocks for about two more sync periods of appends at the
+    /// rate seen since the last call (at least [`PREALLOCATE_AHEAD`], at most the segment), so
+    /// the append path need not. Meant for the periodic sync thread, just before its
+    /// fdatasync: the appends meanwhile then need no reservation, which would wait for the
+    /// journal commit that fdatasync starts. Best effort.
+    pub fn reserve_ahead(&self) {
+        let generation = self.generation.load(Ordering::Acquire);
+        let appended = self.appended_since_reserve.swap(0, Ordering::Relaxed);
+        let Some(active) = self.segments.read().last().cloned() else {
+            return;
+        };
+        let (end, _) = active.published();
+        let reserved = active.preallocated.load(Ordering::Relaxed);
+        let target = end
+            .saturating_add(appended.saturating_mul(2).max(PREALLOCATE_AHEAD))
+            .min(self.config.segment_bytes);
+        if target <= reserved {
+            return;
+        }
+        if let Err(e) = active.log.preallocate(reserved, target) {
+            tracing::debug!(file = %active.log_path.display(), error = %e, "cannot reserve blocks ahead");
+            return;
+        }
+        active.preallocated.fetch_max(target, Ordering::Relaxed);
+        // A roll meanwhile closed this segment before the reservation: give it back with the
+        // other closed segments'.
+        if self
+            .segments
+            .read()
+            .last()
+            .is_none_or(|s| !Arc::ptr_eq(s, &active))
+        {
+            self.unreleased.lock().push((generation, active));
+        }
+    }
+
+    /// Give back the blocks reserved past the end of segments closed since the last call.
+    /// Off the append path: the sync thread calls it, and maintenance.
+    pub fn release_reserved(&self) {
+        // Cuts run under the sync lock: none runs while a closed segment is set to its length,
+        // and one that ran since it was queued makes the entry stale (the generation moved).
+        let _no_cut = self.sync_lock.lock();
+        let generation = self.generation.load(Ordering::Acquire);
+        let closed = std::mem::take(&mut *self.unreleased.lock());
+        for (queued_in, seg) in closed {
+            if queued_in != generation {
+                continue;
+            }
+            let (size, _) = seg.published();
+            if let Err(e) = seg.log.set_len(size) {
+                tracing::warn!(file = %seg.log_path.display(), error = %e, "cannot release reserved blocks");
+            }
+        }
     }
 
     fn should_roll(&self, active: &Segment, bytes: u64, offsets: i64, now: i64) -> bool {
@@ -620,10 +691,10 @@ impl Partition {
         }
         old.index.write().finish();
         old.flush_indexes(&*self.storage)?;
-        // Give back the blocks reserved past the end of the closed segment.
-        if let Err(e) = old.log.set_len(size) {
-            tracing::warn!(file = %old.log_path.display(), error = %e, "cannot release reserved blocks");
-        }
+        // Its blocks reserved past the end are given back later, off the append path.
+        self.unreleased
+            .lock()
+            .push((self.generation.load(Ordering::Acquire), old.clone()));
         let seg = Arc::new(Segment::create(&*self.storage, &self.dir, next)?);
         // Producer state as of `next`, so open need not replay older segments. Derived data:
         // a failure only makes the next open replay more.
@@ -737,6 +808,8 @@ impl Partition {
     /// the durable prefix. Called with the sync lock held; takes the append lock.
     fn cut_to_durable(&self, checkpoint: &mut i64) -> Result<(), LogError> {
         let mut w = self.writer.lock();
+        // The segments below are rewritten: none may be set to a length it had before.
+        self.unreleased.lock().clear();
         // Retention may have deleted segments that were never synced: nothing below the log
         // start is left to cut.
         let durable = self
@@ -1085,6 +1158,7 @@ impl Partition {
             w.active.flush_indexes(&*self.storage)?;
             w.active.clone()
         };
+        self.release_reserved();
         self.sync_inner(None)?;
         self.sync_snapshots()?;
         if self.durable.load(Ordering::Acquire) < self.next_offset() {

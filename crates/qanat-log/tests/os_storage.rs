@@ -383,6 +383,37 @@ fn a_failed_fdatasync_across_rolled_segments_cuts_them_all() {
 }
 
 #[test]
+fn segments_rolled_before_a_cut_are_not_resized_after_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let (p, faults) = open_failing(dir.path(), config());
+    p.append(&make_batch(3, 500, 1_000, 1)).unwrap();
+    p.sync().unwrap();
+    // Rolls queue their closed segments for release; the failed sync cuts them away.
+    let segments = p.segment_count();
+    for i in 0..20 {
+        p.append(&make_batch(3, 500, 2_000 + i, i as u8)).unwrap();
+    }
+    assert!(p.segment_count() > segments + 1, "appends rolled segments");
+    faults.fail_next(1);
+    assert!(p.sync().is_err());
+    // The same files fill again, with batches of another size: they close at other lengths
+    // than the ones they had when queued.
+    for i in 0..30 {
+        p.append(&make_batch(2, 300, 3_000 + i, 100 + i as u8))
+            .unwrap();
+    }
+    p.sync().unwrap();
+    let before = all_batches(&p);
+    p.release_reserved();
+    assert_eq!(all_batches(&p), before, "release cut nothing");
+    p.close().unwrap();
+    drop(p);
+    let (p, r) = open(dir.path());
+    assert_eq!(r.truncated_bytes, 0, "release extended nothing: {r:?}");
+    assert_eq!(all_batches(&p), before);
+}
+
+#[test]
 fn a_disk_that_keeps_failing_closes_the_partition_and_nothing_is_called_durable() {
     let dir = tempfile::tempdir().unwrap();
     let (p, faults) = open_failing(dir.path(), config());
@@ -494,10 +525,18 @@ fn blocks_are_reserved_ahead_of_appends_and_released_when_the_segment_rolls() {
     while log_files(&dir, "log").len() < 2 {
         p.append(&make_batch(3, 500, 1_000, 2)).unwrap();
     }
+    // Not on the append path (a roll): the sync thread or maintenance gives them back.
+    let meta = std::fs::metadata(&first).unwrap();
+    assert!(
+        meta.blocks() * 512 >= config().segment_bytes,
+        "still reserved after the roll: {} bytes",
+        meta.blocks() * 512
+    );
+    p.release_reserved();
     let meta = std::fs::metadata(&first).unwrap();
     assert!(
         meta.blocks() * 512 < meta.len() + 4096 + 1,
-        "a closed segment keeps no reserved blocks past its end: {} blocks for {} bytes",
+        "a released segment keeps no reserved blocks past its end: {} blocks for {} bytes",
         meta.blocks(),
         meta.len()
     );
@@ -507,6 +546,59 @@ fn blocks_are_reserved_ahead_of_appends_and_released_when_the_segment_rolls() {
     let (p, r) = open(&dir);
     assert_eq!(r.truncated_bytes, 0, "{r:?}");
     assert_eq!(all_batches(&p), before);
+}
+
+#[test]
+fn reserve_ahead_covers_twice_the_appends_since_its_last_call_within_the_segment() {
+    use std::os::unix::fs::MetadataExt;
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t-0");
+    let config = LogConfig {
+        segment_bytes: 128 * MIB,
+        ..config()
+    };
+    let (p, _) = Partition::open(
+        Arc::new(OsStorage),
+        Arc::new(ManualClock::new(1_000)),
+        dir.clone(),
+        config,
+    )
+    .unwrap();
+    let batch = make_batch(1, MIB as usize, 1_000, 1);
+    let log = log_files(&dir, "log").remove(0);
+    let reserved = || std::fs::metadata(&log).unwrap().blocks() * 512;
+    let end = || std::fs::metadata(&log).unwrap().len();
+    for _ in 0..20 {
+        p.append(&batch).unwrap();
+    }
+    if reserved() == 0 {
+        return; // a filesystem without fallocate: nothing is reserved anywhere
+    }
+    assert!(
+        reserved() < end() + 2 * end(),
+        "the append path reserves only its fixed step"
+    );
+    p.reserve_ahead();
+    assert!(
+        reserved() >= 3 * end(),
+        "twice the 20 MiB appended since the open, past the end: {} for {}",
+        reserved(),
+        end()
+    );
+    let before = reserved();
+    p.reserve_ahead();
+    assert_eq!(reserved(), before, "nothing appended since: nothing more");
+    for _ in 0..40 {
+        p.append(&batch).unwrap();
+    }
+    p.reserve_ahead();
+    assert!(
+        (128 * MIB..128 * MIB + MIB).contains(&reserved()),
+        "80 MiB ahead of 60 MiB passes the segment: reserved up to it, {}",
+        reserved()
+    );
+    assert_eq!(log_files(&dir, "log").len(), 1, "no roll meanwhile");
 }
 
 /// Real files that remember where the bytes handed to them lived in memory.
