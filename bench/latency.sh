@@ -7,13 +7,18 @@
 #   `qanat-bench kafka-produce` (1 KiB records, acks=1, linger.ms=1, paced at the rate) for
 #   LAT_SECS seconds, and samples /proc/<broker>/task/*/stack every 10 ms for threads in D
 #   state (needs root to read kernel stacks; without it the column says so).
-# Output: one markdown table on stdout (p50/p99/p99.9/max; D-state samples of threads in a
-# sync call, of all other threads — appends among them — and the function those others were
-# most often blocked in); progress on stderr. All traffic goes to 127.0.0.1.
+# Output: one markdown table on stdout (p50/p99/p99.9/max; the broker's own count of Produce
+# requests that took over 5 ms to answer, from its `qanat_request_seconds` histogram, which
+# tells a stall in the broker from one in the client or the scheduler; D-state samples of
+# threads in a sync call, of all other threads — appends among them — and the function those
+# others were most often blocked in); progress on stderr. All traffic goes to 127.0.0.1.
 #
 # Env:  LAT_RATES  (default "65000 122000 244000") records/s
 #       LAT_FSYNC  (default "1000 3600000") fsync settings; 3600000 is periodic fsync pushed out
 #       LAT_SECS   (default 10) seconds per run
+#       LAT_CLIENT (default librdkafka) the producer: librdkafka or native
+#       LAT_TIMELINE_MS  when set, each run's latency per window of this many ms of send time
+#                  goes to stderr (`qanat-bench --latency-timeline-ms`)
 #       BENCH_QANAT_BIN, BENCH_BENCH_BIN  binaries to run instead of this tree's release build
 #       BENCH_TMPDIR (default /tmp) parent of the temp dir (data dirs live there: use the disk
 #                  under test, not a tmpfs)
@@ -27,24 +32,28 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 RATES=${LAT_RATES:-65000 122000 244000}
 FSYNCS=${LAT_FSYNC:-1000 3600000}
 SECS=${LAT_SECS:-10}
+CLIENT=${LAT_CLIENT:-librdkafka}
+TIMELINE=()
+[[ -n "${LAT_TIMELINE_MS:-}" ]] && TIMELINE=(--latency-timeline-ms "$LAT_TIMELINE_MS")
 
 start_tmp qanat-latency
 build_release qanat qanat-bench
 QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
 BENCH_BIN=${BENCH_BENCH_BIN:-$BENCH_BIN}
 
-echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | D-state samples in a sync | other D-state samples | others most often blocked in |"
-echo "|---|---|---|---|---|---|---|---|---|"
+echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in |"
+echo "|---|---|---|---|---|---|---|---|---|---|"
 for fsync in $FSYNCS; do
   for rate in $RATES; do
     run="$TMP/run-$fsync-$rate"
     mkdir -p "$run"
     printf '[storage]\nfsync = %s\n' "$fsync" >"$run/qanat.toml"
     "$QANAT_BIN" broker --data-dir "$run/data" --listen 127.0.0.1:0 --config "$run/qanat.toml" \
-      >"$run/out" 2>"$run/err" &
+      --metrics-listen 127.0.0.1:0 >"$run/out" 2>"$run/err" &
     broker=$!
     PIDS+=("$broker")
     addr=$(wait_line "$run/out" "qanat broker listening on " "$broker") || die "broker did not start"
+    metrics=$(wait_line "$run/out" "qanat metrics listening on " "$broker") || die "no metrics endpoint"
     # Bash builtins only (no process per look): a sampler that forks per thread every 2 ms
     # takes enough CPU on a small machine to show up in the latencies it is there to explain.
     (
@@ -62,10 +71,18 @@ for fsync in $FSYNCS; do
       done
     ) >"$run/dstacks" 2>/dev/null &
     sampler=$!
-    log "fsync=$fsync rate=$rate"
-    timeout $((SECS + 60)) "$BENCH_BIN" kafka-produce --bootstrap "$addr" --topic lat \
-      --record-size 1024 --count 1000000000 --acks 1 --linger-ms 1 --rate "$rate" \
-      --max-secs "$SECS" >"$run/bench.json" 2>"$run/bench.err" || log "client failed: $(tail -2 "$run/bench.err")"
+    log "fsync=$fsync rate=$rate client=$CLIENT"
+    timeout $((SECS + 60)) "$BENCH_BIN" kafka-produce --client "$CLIENT" --bootstrap "$addr" \
+      --topic lat --record-size 1024 --count 1000000000 --acks 1 --linger-ms 1 --rate "$rate" \
+      --max-secs "$SECS" "${TIMELINE[@]}" >"$run/bench.json" 2>"$run/bench.err" ||
+      log "client failed: $(tail -2 "$run/bench.err")"
+    if [[ ${#TIMELINE[@]} -gt 0 ]]; then
+      grep -A100000 "latency by send time" "$run/bench.err" >&2 || true
+    fi
+    slow=$(curl -fsS "http://$metrics/metrics" | awk '
+      /^qanat_request_seconds_bucket\{api="Produce",le="0.005"\}/ { fast = $2 }
+      /^qanat_request_seconds_count\{api="Produce"\}/ { all = $2 }
+      END { if (all == "") print "-"; else printf "%d / %d\n", all - fast, all }') || slow="-"
     stop_pids "$broker"
     kill "$sampler" 2>/dev/null || true
     wait "$sampler" 2>/dev/null || true
@@ -79,8 +96,9 @@ for fsync in $FSYNCS; do
       END { flush(); best = "-"; for (f in c) if (c[f] > c[best]) best = f
             printf "%d %d %s\n", s, o, best }' "$run/dstacks")
     jq -r --arg f "$fsync" --arg r "$rate" --arg s "$syncs" --arg o "$others" --arg t "$top" \
-      '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($s) | \($o) | \($t) |"' \
-      "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | |"
+      --arg b "$slow" \
+      '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($b) | \($s) | \($o) | \($t) |"' \
+      "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | | |"
     rm -rf "$run/data"
   done
 done

@@ -140,6 +140,9 @@ struct KafkaProduceArgs {
     /// Extra librdkafka property KEY=VALUE (repeatable), e.g. security settings.
     #[arg(long = "property", value_parser = parse_property)]
     properties: Vec<(String, String)>,
+    /// Also print latency per window of this many ms of send time on stderr.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    latency_timeline_ms: Option<u64>,
 }
 
 fn parse_property(text: &str) -> std::result::Result<(String, String), String> {
@@ -263,6 +266,62 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 /// Latency histogram in microseconds, 1 µs .. 10 min, 3 significant digits.
 fn new_histogram() -> Result<Histogram<u64>> {
     Histogram::new_with_bounds(1, 600_000_000, 3).context("creating histogram")
+}
+
+/// Per-record latencies: the run's histogram and, with `--latency-timeline-ms`, the same
+/// split by send time into windows, so a tail can be placed in time (a stall at the start,
+/// one per segment roll, a steady spread).
+struct Latencies {
+    hist: Histogram<u64>,
+    window_us: u64,
+    windows: Vec<Histogram<u64>>,
+}
+
+impl Latencies {
+    fn new(timeline_ms: Option<u64>) -> Result<Self> {
+        Ok(Self {
+            hist: new_histogram()?,
+            window_us: timeline_ms.unwrap_or(0).saturating_mul(1000),
+            windows: Vec::new(),
+        })
+    }
+
+    /// One record sent `sent_us` after the start that took `latency_us`.
+    fn record(&mut self, sent_us: u64, latency_us: u64) {
+        let latency_us = latency_us.max(1);
+        self.hist.saturating_record(latency_us);
+        if self.window_us == 0 {
+            return;
+        }
+        let w = usize::try_from(sent_us / self.window_us).unwrap_or(usize::MAX);
+        while self.windows.len() <= w && self.windows.len() < 1 << 20 {
+            let Ok(h) = new_histogram() else { return };
+            self.windows.push(h);
+        }
+        if let Some(h) = self.windows.get_mut(w) {
+            h.saturating_record(latency_us);
+        }
+    }
+
+    /// The timeline on stderr, one line per window: start, records, p50, p99, max (ms).
+    fn print_timeline(&self) {
+        if self.window_us == 0 {
+            return;
+        }
+        eprintln!(
+            "qanat-bench: latency by send time: window_start_ms records p50_ms p99_ms max_ms"
+        );
+        for (i, h) in self.windows.iter().enumerate() {
+            eprintln!(
+                "{} {} {} {} {}",
+                i as u64 * self.window_us / 1000,
+                h.len(),
+                quantile_ms(h, 0.5),
+                quantile_ms(h, 0.99),
+                h.max() as f64 / 1000.0
+            );
+        }
+    }
 }
 
 /// A record value of `size` bytes with a non-trivial pattern (compression is off by default).
@@ -401,7 +460,7 @@ fn epoch_ms() -> u128 {
 /// and collects delivery reports.
 struct BenchContext {
     start: Instant,
-    hist: Mutex<Histogram<u64>>,
+    latencies: Mutex<Latencies>,
     delivered: AtomicU64,
     delivered_bytes: AtomicU64,
     errors: AtomicU64,
@@ -415,10 +474,10 @@ struct BenchContext {
 const MAX_CLIENT_MESSAGES: u64 = 20;
 
 impl BenchContext {
-    fn new(start: Instant) -> Result<Self> {
+    fn new(start: Instant, timeline_ms: Option<u64>) -> Result<Self> {
         Ok(Self {
             start,
-            hist: Mutex::new(new_histogram()?),
+            latencies: Mutex::new(Latencies::new(timeline_ms)?),
             delivered: AtomicU64::new(0),
             delivered_bytes: AtomicU64::new(0),
             errors: AtomicU64::new(0),
@@ -491,8 +550,8 @@ impl ProducerContext for BenchContext {
         match result {
             Ok(m) => {
                 let lat_us = now.saturating_sub(sent_nanos as u64) / 1000;
-                if let Ok(mut h) = self.hist.lock() {
-                    h.saturating_record(lat_us.max(1));
+                if let Ok(mut l) = self.latencies.lock() {
+                    l.record(sent_nanos as u64 / 1000, lat_us);
                 }
                 self.delivered.fetch_add(1, Ordering::Relaxed);
                 self.delivered_bytes
@@ -521,7 +580,7 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
     };
     let batch_msgs = (a.batch_bytes as usize / a.record_size.max(1)).clamp(10_000, 1_000_000);
     let start = Instant::now();
-    let ctx = BenchContext::new(start)?;
+    let ctx = BenchContext::new(start, a.latency_timeline_ms)?;
     let mut config = ClientConfig::new();
     for (k, v) in &a.properties {
         config.set(k, v);
@@ -606,12 +665,19 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
         .saturating_sub(start_send.duration_since(start))
         .as_secs_f64();
     let first_error = ctx.first_error.lock().ok().and_then(|g| g.clone());
-    let hist = ctx
-        .hist
+    let latencies = ctx
+        .latencies
         .lock()
-        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?
-        .clone();
-    print_result(delivered, bytes, secs, Some(&hist), errors, first_error);
+        .map_err(|_| anyhow::anyhow!("histogram lock poisoned"))?;
+    latencies.print_timeline();
+    print_result(
+        delivered,
+        bytes,
+        secs,
+        Some(&latencies.hist),
+        errors,
+        first_error,
+    );
     if delivered < sent {
         bail!("only {delivered} of {sent} records were acknowledged ({errors} delivery errors)");
     }
@@ -672,7 +738,7 @@ impl NativeTally {
         &mut self,
         reports: &mut Vec<qanat_agent::sink::Delivery>,
         sent_at: &[u32],
-        hist: &mut Histogram<u64>,
+        latencies: &mut Latencies,
     ) {
         if reports.is_empty() {
             return;
@@ -687,7 +753,7 @@ impl NativeTally {
                     .and_then(|i| sent_at.get(i))
                     .copied()
                     .unwrap_or(0);
-                hist.saturating_record(now_us.saturating_sub(u64::from(at)).max(1));
+                latencies.record(u64::from(at), now_us.saturating_sub(u64::from(at)));
             } else {
                 self.errors += 1;
             }
@@ -812,7 +878,7 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     reports.clear();
 
     let start = Instant::now();
-    let mut hist = new_histogram()?;
+    let mut latencies = Latencies::new(a.latency_timeline_ms)?;
     let mut sent_at: Vec<u32> = Vec::new();
     let mut tally = NativeTally {
         start,
@@ -829,7 +895,7 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
             // is not stretched by the pause.
             wait_for_reports_at_most(&sink, w);
             sink.drain(&mut reports);
-            tally.settle(&mut reports, &sent_at, &mut hist);
+            tally.settle(&mut reports, &sent_at, &mut latencies);
             continue;
         }
         // Sequences from 1: 0 was the warm-up record.
@@ -839,7 +905,7 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
                 sent += 1;
                 if sent.is_multiple_of(256) {
                     sink.drain(&mut reports);
-                    tally.settle(&mut reports, &sent_at, &mut hist);
+                    tally.settle(&mut reports, &sent_at, &mut latencies);
                 }
             }
             Err(SendError::Full) => {
@@ -849,7 +915,7 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
                 }
                 wait_for_reports(&sink);
                 sink.drain(&mut reports);
-                tally.settle(&mut reports, &sent_at, &mut hist);
+                tally.settle(&mut reports, &sent_at, &mut latencies);
             }
             Err(e) => bail!("send failed after {sent} records: {e}"),
         }
@@ -863,7 +929,7 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     while tally.delivered + tally.errors < sent && Instant::now() < flush_deadline {
         sink.flush(Duration::from_millis(100));
         sink.drain(&mut reports);
-        tally.settle(&mut reports, &sent_at, &mut hist);
+        tally.settle(&mut reports, &sent_at, &mut latencies);
         if sink.restart_if_broken() {
             bail!("the native producer broke while flushing");
         }
@@ -876,11 +942,12 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     } = tally;
     let secs = last_delivery.duration_since(start).as_secs_f64();
     let first_error = (errors > 0).then(|| format!("{errors} records failed"));
+    latencies.print_timeline();
     print_result(
         delivered,
         delivered * a.record_size as u64,
         secs,
-        Some(&hist),
+        Some(&latencies.hist),
         errors,
         first_error,
     );
@@ -892,7 +959,7 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
 
 fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let start = Instant::now();
-    let ctx = BenchContext::new(start)?;
+    let ctx = BenchContext::new(start, None)?;
     let mut config = ClientConfig::new();
     for (k, v) in &a.properties {
         config.set(k, v);
