@@ -38,6 +38,9 @@
 #       FANOUT_READER_NICE (default 0) runs the reader processes under `nice -n` this value: on
 #                     a small machine the N client processes compete with the producer and the
 #                     broker for CPU; 19 approximates readers on other hosts.
+#       FANOUT_READER_IDLE (default 0) 1 runs the readers under SCHED_IDLE (`chrt --idle 0`):
+#                     they run only on CPU nothing else wants, a closer stand-in for readers
+#                     on other hosts than nice 19, which still takes a share of a busy CPU.
 #       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons;
 #                     the clients stay this tree's qanat-bench).
 # Broker CPU per GB served: the broker's utime+stime over each N run (readers started to last
@@ -55,6 +58,8 @@ SCALE=${BENCH_SCALE:-1}
 GROUP_COUNTS=${FANOUT_GROUPS:-"1 4 16"}
 CATCHUP_GROUPS=${FANOUT_CATCHUP_GROUPS-$(tr ' ' '\n' <<<"$GROUP_COUNTS" | sort -n | tail -n1)}
 READER_NICE=${FANOUT_READER_NICE:-0}
+READER_SCHED=()
+[[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && READER_SCHED=(chrt --idle 0)
 CLIENT_TIMEOUT=300
 PARTS=4
 RB_SESSION_MS=3000
@@ -160,7 +165,7 @@ fanout_run() {
   read -r FETCH0 FBYTES0 < <(fetch_counters)
   T0_MS=$(date +%s%3N)
   for i in $(seq "$n"); do
-    timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
+    timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "${READER_SCHED[@]}" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
       --topic "$topic" --group "$topic-$i" --count "$MAX_COUNT" --stop-file "$TMP/stop-$topic" \
       >"$TMP/logs/c-$topic-$i.out" 2>"$TMP/logs/c-$topic-$i.err" &
     CPIDS+=("$!")
