@@ -68,6 +68,11 @@ use groups::{GroupCoordinator, GroupSettings};
 const SESSION_CHECK_PERIOD: Duration = Duration::from_millis(250);
 /// How often consumer lag gauges are refreshed.
 const LAG_EXPORT_PERIOD: Duration = Duration::from_secs(5);
+/// How often disk blocks are reserved ahead of busy partitions (and closed segments' leftovers
+/// given back) when no periodic fsync does it at least this often: with `fsync = "always"` or
+/// a long period, appends would otherwise reserve in small steps themselves, each one a
+/// chance to wait for a journal commit.
+const RESERVE_PERIOD: Duration = Duration::from_secs(1);
 
 pub use config::{Config, ConfigError, FsyncPolicy};
 pub use server::serve;
@@ -207,6 +212,15 @@ impl Broker {
         }
     }
 
+    /// Reserve disk blocks ahead of every busy partition's appends and give back what closed
+    /// segments left (`Partition::reserve_ahead`, `Partition::release_reserved`).
+    pub fn reserve_all(&self) {
+        for (_, _, partition) in self.topics.partitions() {
+            partition.release_reserved();
+            partition.reserve_ahead();
+        }
+    }
+
     /// One round of segment rolling by age and retention, plus size gauges.
     pub fn maintain(&self) {
         for (topic, index, partition) in self.topics.partitions() {
@@ -260,6 +274,12 @@ impl Broker {
             let broker = self.clone();
             tasks.push(tokio::spawn(async move {
                 broker.every(period, |b| b.sync_all()).await;
+            }));
+        }
+        if !matches!(self.config.storage.fsync, FsyncPolicy::Every(p) if p <= RESERVE_PERIOD) {
+            let broker = self.clone();
+            tasks.push(tokio::spawn(async move {
+                broker.every(RESERVE_PERIOD, |b| b.reserve_all()).await;
             }));
         }
         let period = Duration::from_millis(self.config.storage.retention_check_interval_ms.max(10));
