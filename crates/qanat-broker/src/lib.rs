@@ -204,8 +204,7 @@ impl Broker {
             // Block reservations wait for a journal commit under way, such as the one the
             // fdatasync below starts: made here, before it, enough for the appends to go on
             // meanwhile without reserving themselves.
-            partition.release_reserved();
-            partition.reserve_ahead();
+            partition.renew_reservations();
             if let Err(e) = timed_sync(&partition, None) {
                 tracing::error!(topic, partition = index, error = %e, "fdatasync failed");
             }
@@ -213,18 +212,16 @@ impl Broker {
     }
 
     /// Reserve disk blocks ahead of every busy partition's appends and give back what closed
-    /// segments left (`Partition::reserve_ahead`, `Partition::release_reserved`).
+    /// segments left (`Partition::renew_reservations`).
     pub fn reserve_all(&self) {
         for (_, _, partition) in self.topics.partitions() {
-            partition.release_reserved();
-            partition.reserve_ahead();
+            partition.renew_reservations();
         }
     }
 
     /// One round of segment rolling by age and retention, plus size gauges.
     pub fn maintain(&self) {
         for (topic, index, partition) in self.topics.partitions() {
-            partition.release_reserved();
             if let Err(e) = partition.roll_if_due() {
                 tracing::error!(topic, partition = index, error = %e, "segment roll failed");
             }

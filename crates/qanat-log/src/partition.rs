@@ -37,6 +37,21 @@ const KEEP_BUF: usize = 16 << 20;
 /// before its fdatasync; the append path reserves only when it runs past that.
 const PREALLOCATE_AHEAD: u64 = 16 << 20;
 
+/// Reserve `active`'s blocks up to `target` when that passes what is reserved; whether it
+/// tried. Best effort: a failure only costs the optimisation, and is not retried before
+/// `target` (once per step, not on every append).
+fn reserve_to(active: &Segment, target: u64) -> bool {
+    let reserved = active.preallocated.load(Ordering::Relaxed);
+    if target <= reserved {
+        return false;
+    }
+    if let Err(e) = active.log.preallocate(reserved, target) {
+        tracing::debug!(file = %active.log_path.display(), error = %e, "cannot reserve blocks ahead");
+    }
+    active.preallocated.fetch_max(target, Ordering::Relaxed);
+    true
+}
+
 /// Where a read may look for batch positions.
 #[derive(Clone, Copy)]
 enum ReadSource {
@@ -599,16 +614,20 @@ impl Partition {
     /// Reserve blocks up to `end` plus [`PREALLOCATE_AHEAD`] (within the segment size) when
     /// `end` passes what is reserved. Best effort: a failure only costs the optimisation.
     fn preallocate(&self, active: &Segment, end: u64) {
-        let reserved = active.preallocated.load(Ordering::Relaxed);
-        if end <= reserved {
-            return;
+        if end > active.preallocated.load(Ordering::Relaxed) {
+            reserve_to(
+                active,
+                (end + PREALLOCATE_AHEAD).min(self.config.segment_bytes.max(end)),
+            );
         }
-        let target = (end + PREALLOCATE_AHEAD).min(self.config.segment_bytes.max(end));
-        if let Err(e) = active.log.preallocate(reserved, target) {
-            tracing::debug!(file = %active.log_path.display(), error = %e, "cannot reserve blocks ahead");
-        }
-        // Not retried on every append after a failure: once per step.
-        active.preallocated.fetch_max(target, Ordering::Relaxed);
+    }
+
+    /// Give back what closed segments left reserved, then reserve ahead of the active one's
+    /// appends ([`Partition::release_reserved`], [`Partition::reserve_ahead`]): what the
+    /// periodic sync, or a tick when there is none as often, does for every partition.
+    pub fn renew_reservations(&self) {
+        self.release_reserved();
+        self.reserve_ahead();
     }
 
     /// Reserve the active segment's blocks for about two more sync periods of appends at the
@@ -623,18 +642,12 @@ impl Partition {
             return;
         };
         let (end, _) = active.published();
-        let reserved = active.preallocated.load(Ordering::Relaxed);
         let target = end
             .saturating_add(appended.saturating_mul(2).max(PREALLOCATE_AHEAD))
             .min(self.config.segment_bytes);
-        if target <= reserved {
+        if !reserve_to(&active, target) {
             return;
         }
-        if let Err(e) = active.log.preallocate(reserved, target) {
-            tracing::debug!(file = %active.log_path.display(), error = %e, "cannot reserve blocks ahead");
-            return;
-        }
-        active.preallocated.fetch_max(target, Ordering::Relaxed);
         // A roll meanwhile closed this segment before the reservation: give it back with the
         // other closed segments'.
         if self
@@ -648,7 +661,7 @@ impl Partition {
     }
 
     /// Give back the blocks reserved past the end of segments closed since the last call.
-    /// Off the append path: the sync thread calls it, and maintenance.
+    /// Off the append path: the sync thread calls it (or the broker's tick), and `close`.
     pub fn release_reserved(&self) {
         // Cuts run under the sync lock: none runs while a closed segment is set to its length,
         // and one that ran since it was queued makes the entry stale (the generation moved).

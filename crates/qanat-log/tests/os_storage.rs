@@ -525,7 +525,7 @@ fn blocks_are_reserved_ahead_of_appends_and_released_when_the_segment_rolls() {
     while log_files(&dir, "log").len() < 2 {
         p.append(&make_batch(3, 500, 1_000, 2)).unwrap();
     }
-    // Not on the append path (a roll): the sync thread or maintenance gives them back.
+    // Not on the append path (a roll): the sync thread (or the broker's tick) gives them back.
     let meta = std::fs::metadata(&first).unwrap();
     assert!(
         meta.blocks() * 512 >= config().segment_bytes,
