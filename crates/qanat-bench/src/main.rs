@@ -274,6 +274,8 @@ fn new_histogram() -> Result<Histogram<u64>> {
 struct Latencies {
     hist: Histogram<u64>,
     window_us: u64,
+    /// Send times count from here (µs on the caller's clock): the first send, not set-up.
+    origin_us: u64,
     windows: Vec<Histogram<u64>>,
 }
 
@@ -282,6 +284,7 @@ impl Latencies {
         Ok(Self {
             hist: new_histogram()?,
             window_us: timeline_ms.unwrap_or(0).saturating_mul(1000),
+            origin_us: 0,
             windows: Vec::new(),
         })
     }
@@ -293,7 +296,8 @@ impl Latencies {
         if self.window_us == 0 {
             return;
         }
-        let w = usize::try_from(sent_us / self.window_us).unwrap_or(usize::MAX);
+        let since = sent_us.saturating_sub(self.origin_us);
+        let w = usize::try_from(since / self.window_us).unwrap_or(usize::MAX);
         while self.windows.len() <= w && self.windows.len() < 1 << 20 {
             let Ok(h) = new_histogram() else { return };
             self.windows.push(h);
@@ -610,6 +614,9 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
 
     let value = payload(a.record_size);
     let start_send = Instant::now();
+    if let Ok(mut l) = producer.context().latencies.lock() {
+        l.origin_us = start_send.duration_since(start).as_micros() as u64;
+    }
     let pacer = Pacer::new(start_send, a.rate)?;
     let mut sent: u64 = 0;
     let mut queue_full_waits: u64 = 0;
