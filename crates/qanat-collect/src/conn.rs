@@ -20,6 +20,13 @@
 //!   own, handed out in turn by the accept loop; a connection stays on its thread for its
 //!   life, registered with that thread's own reactor. A request then never crosses threads
 //!   (no work-stealing wakeups, one epoll set per thread), as in nginx's worker processes.
+//! * A plain connection starts on the fast path ([`FastPath`]): requests are parsed in place
+//!   (`httparse`, as hyper does) and answered straight into the connection's write buffer,
+//!   pipelined requests in one write. The first request the fast path does not take (another
+//!   path, a body, `Transfer-Encoding`, `Expect`, an upgrade, HTTP/1.0, a head that does not
+//!   parse or is larger than [`FAST_MAX_HEAD`]) hands the connection to hyper for the rest
+//!   of its life, with every byte not yet answered replayed first; so every request the fast
+//!   path leaves is answered, or refused, exactly as before. TLS connections are hyper's.
 
 use std::future::Future;
 use std::io;
@@ -30,12 +37,15 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
+use axum::http::StatusCode;
+use bytes::{Buf, Bytes, BytesMut};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
-use tokio::sync::{mpsc, Semaphore};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 
@@ -53,6 +63,322 @@ pub struct Limits {
 }
 
 type Connection = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// The largest request head the fast path waits for; a longer one is hyper's (which allows
+/// up to about 400 KiB and answers 431 beyond).
+pub const FAST_MAX_HEAD: usize = 64 * 1024;
+/// Headers the fast path parses; a request with more is hyper's.
+const FAST_MAX_HEADERS: usize = 32;
+
+/// Requests a connection's service answers itself, from the parsed head, without hyper.
+pub trait FastPath {
+    /// Write the response to `head` into `out` and return true, or return false (writing
+    /// nothing) to leave this request, and the connection, to hyper.
+    fn answer(&self, head: &Head<'_>, out: &mut Answers) -> bool;
+}
+
+/// A request head the fast path may answer: HTTP/1.1, GET or POST, no body, an origin-form
+/// target of visible ASCII.
+#[derive(Debug)]
+pub struct Head<'b> {
+    pub method: &'b str,
+    /// Path and query, as sent.
+    pub target: &'b str,
+    headers: &'b [httparse::Header<'b>],
+}
+
+impl<'b> Head<'b> {
+    /// The values of header `name` (lower case), in order, each as `HeaderValue::to_str`
+    /// reads it: values that are not visible ASCII are skipped (as `cookie` reads
+    /// `HeaderMap::get_all`).
+    pub fn values<'n>(&self, name: &'n str) -> impl Iterator<Item = &'b str> + 'n
+    where
+        'b: 'n,
+    {
+        self.headers
+            .iter()
+            .filter(move |h| h.name.eq_ignore_ascii_case(name))
+            .filter_map(|h| visible_ascii(h.value))
+    }
+
+    /// The first value of header `name` (lower case), as `HeaderMap::get` and
+    /// `HeaderValue::to_str` read it: `None` when absent or not visible ASCII.
+    pub fn first(&self, name: &str) -> Option<&'b str> {
+        self.headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case(name))
+            .and_then(|h| visible_ascii(h.value))
+    }
+
+    /// The target's path and query (empty without `?`) as `http::Uri` reads them: a
+    /// `#fragment` dropped; `None` where it refuses the target (`<`, `>` or `` ` `` in the
+    /// path; `"`, `<` or `>` in the query), which hyper answers with 400.
+    pub fn path_and_query(&self) -> Option<(&'b str, &'b str)> {
+        let target = self.target.split_once('#').map_or(self.target, |(t, _)| t);
+        let (path, query) = target.split_once('?').unwrap_or((target, ""));
+        let refused_in_path = |b: u8| matches!(b, b'<' | b'>' | b'`');
+        let refused_in_query = |b: u8| matches!(b, b'"' | b'<' | b'>');
+        if path.bytes().any(refused_in_path) || query.bytes().any(refused_in_query) {
+            return None;
+        }
+        Some((path, query))
+    }
+
+    /// Whether the fast path may take `req` at all, and if so whether the connection closes
+    /// after it (`Connection: close`).
+    fn of<'buf: 'b>(req: &'b httparse::Request<'_, 'buf>) -> Option<(Head<'b>, bool)> {
+        let (Some(method), Some(target), Some(1)) = (req.method, req.path, req.version) else {
+            return None;
+        };
+        if !matches!(method, "GET" | "POST")
+            || !target.starts_with('/')
+            || !target.bytes().all(|b| b.is_ascii_graphic())
+        {
+            return None;
+        }
+        let mut close = false;
+        for h in req.headers.iter() {
+            let name = h.name;
+            if name.eq_ignore_ascii_case("content-length") {
+                if h.value.trim_ascii() != b"0" {
+                    return None;
+                }
+            } else if name.eq_ignore_ascii_case("transfer-encoding")
+                || name.eq_ignore_ascii_case("expect")
+                || name.eq_ignore_ascii_case("upgrade")
+            {
+                return None;
+            } else if name.eq_ignore_ascii_case("connection") {
+                for token in h.value.split(|&b| b == b',') {
+                    match token.trim_ascii() {
+                        t if t.eq_ignore_ascii_case(b"close") => close = true,
+                        t if t.eq_ignore_ascii_case(b"keep-alive") => {}
+                        _ => return None,
+                    }
+                }
+            }
+        }
+        let head = Head {
+            method,
+            target,
+            headers: req.headers,
+        };
+        Some((head, close))
+    }
+}
+
+/// `v` as text, if it is what `HeaderValue::to_str` accepts (visible ASCII, space, tab).
+fn visible_ascii(v: &[u8]) -> Option<&str> {
+    if v.iter().all(|&b| b == b'\t' || (b' '..=b'~').contains(&b)) {
+        std::str::from_utf8(v).ok()
+    } else {
+        None
+    }
+}
+
+/// Responses of the fast path, in request order, sent together.
+#[derive(Debug, Default)]
+pub struct Answers {
+    buf: Vec<u8>,
+    /// The connection closes after the last response (written as `connection: close`).
+    close: bool,
+}
+
+impl Answers {
+    /// Append one HTTP/1.1 response: the status line, `headers`, `content-length` (none on a
+    /// 204), `date` and, when the connection is closing, `connection: close`.
+    pub fn respond(&mut self, status: StatusCode, headers: &[(&str, &str)], body: &[u8]) {
+        let b = &mut self.buf;
+        b.extend_from_slice(b"HTTP/1.1 ");
+        b.extend_from_slice(status.as_str().as_bytes());
+        b.push(b' ');
+        b.extend_from_slice(status.canonical_reason().unwrap_or("").as_bytes());
+        b.extend_from_slice(b"\r\n");
+        for (name, value) in headers {
+            b.extend_from_slice(name.as_bytes());
+            b.extend_from_slice(b": ");
+            b.extend_from_slice(value.as_bytes());
+            b.extend_from_slice(b"\r\n");
+        }
+        if status != StatusCode::NO_CONTENT {
+            b.extend_from_slice(b"content-length: ");
+            b.extend_from_slice(itoa::Buffer::new().format(body.len()).as_bytes());
+            b.extend_from_slice(b"\r\n");
+        }
+        if self.close {
+            b.extend_from_slice(b"connection: close\r\n");
+        }
+        b.extend_from_slice(b"date: ");
+        HTTP_DATE.with_borrow_mut(|d| b.extend_from_slice(d.now()));
+        b.extend_from_slice(b"\r\n\r\n");
+        b.extend_from_slice(body);
+    }
+}
+
+/// The `date` header's value, formatted once a second (as hyper keeps it).
+struct HttpDate {
+    second: u64,
+    text: String,
+}
+
+impl HttpDate {
+    fn now(&mut self) -> &[u8] {
+        let now = std::time::SystemTime::now();
+        let second = now
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        if second != self.second || self.text.is_empty() {
+            self.second = second;
+            self.text = httpdate::fmt_http_date(now);
+        }
+        self.text.as_bytes()
+    }
+}
+
+thread_local! {
+    static HTTP_DATE: std::cell::RefCell<HttpDate> = const {
+        std::cell::RefCell::new(HttpDate { second: 0, text: String::new() })
+    };
+}
+
+/// How the fast path left a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum FastEnd {
+    /// Closed: by the client, after `Connection: close`, or at shutdown while idle.
+    Closed,
+    /// To hyper, which reads these bytes (the first request the fast path did not take, and
+    /// whatever followed it) before the socket's.
+    Handoff(Bytes),
+}
+
+/// Answer requests on `stream` while the service takes them.
+async fn answer_fast<T, S>(
+    stream: &mut T,
+    service: &mut S,
+    clock: &HeaderClock,
+    stop: &mut watch::Receiver<bool>,
+) -> io::Result<FastEnd>
+where
+    T: AsyncRead + AsyncWrite + Unpin,
+    S: FastPath,
+{
+    let mut buf = BytesMut::with_capacity(8 * 1024);
+    let mut out = Answers::default();
+    loop {
+        let mut handoff = false;
+        let mut answered = false;
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; FAST_MAX_HEADERS];
+            let mut req = httparse::Request::new(&mut headers);
+            let len = match req.parse(&buf) {
+                Ok(httparse::Status::Complete(len)) if len <= FAST_MAX_HEAD => len,
+                Ok(httparse::Status::Partial) => break,
+                // Too large (hyper's 414/431), or not HTTP.
+                Ok(httparse::Status::Complete(_)) | Err(_) => {
+                    handoff = true;
+                    break;
+                }
+            };
+            clock.busy();
+            let Some((head, close)) = Head::of(&req) else {
+                handoff = true;
+                break;
+            };
+            // Shutting down: answer this one, then close.
+            out.close = close || *stop.borrow();
+            if !service.answer(&head, &mut out) {
+                handoff = true;
+                break;
+            }
+            answered = true;
+            buf.advance(len);
+            if out.close {
+                clock.waiting();
+                stream.write_all(&out.buf).await?;
+                return Ok(FastEnd::Closed);
+            }
+        }
+        // The header deadline restarts once answers are made (bounding their write to a client
+        // that does not read), never for bytes of a head still incomplete: a client sending
+        // one byte at a time keeps the deadline it had.
+        if answered || handoff {
+            clock.waiting();
+        }
+        if !out.buf.is_empty() {
+            stream.write_all(&out.buf).await?;
+            out.buf.clear();
+        }
+        if handoff || buf.len() >= FAST_MAX_HEAD {
+            return Ok(FastEnd::Handoff(buf.freeze()));
+        }
+        let read = if buf.is_empty() {
+            // A request already sent is read (and answered, with `connection: close`)
+            // before a shutdown closes the connection.
+            tokio::select! {
+                biased;
+                r = stream.read_buf(&mut buf) => r?,
+                _ = stop.wait_for(|stopping| *stopping) => return Ok(FastEnd::Closed),
+            }
+        } else {
+            stream.read_buf(&mut buf).await?
+        };
+        if read == 0 {
+            return Ok(FastEnd::Closed);
+        }
+    }
+}
+
+/// A stream whose first bytes are `prefix`: what the fast path read and hands on.
+struct Prefixed<T> {
+    prefix: Bytes,
+    inner: T,
+}
+
+impl<T: AsyncRead + Unpin> AsyncRead for Prefixed<T> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let this = self.get_mut();
+        if this.prefix.is_empty() {
+            return Pin::new(&mut this.inner).poll_read(cx, buf);
+        }
+        let n = this.prefix.len().min(buf.remaining());
+        buf.put_slice(&this.prefix.split_to(n));
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl<T: AsyncWrite + Unpin> AsyncWrite for Prefixed<T> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+}
 
 /// The threads that serve connections, each running the connections handed to it on a
 /// single-threaded runtime until they close.
@@ -226,14 +552,15 @@ impl<F: Future + Unpin> Future for ClockedFuture<F> {
     }
 }
 
-/// Serve one connection (plain or TLS) until it closes, shutdown closes it, or it has waited
-/// `header_read_timeout` for a request's headers.
+/// Serve one connection (plain or TLS) with hyper until it closes, shutdown closes it, or it
+/// has waited `header_read_timeout` for a request's headers (by `clock`).
 async fn serve_io<I, S>(
     builder: http1::Builder,
     io: I,
     service: S,
     watcher: hyper_util::server::graceful::Watcher,
     header_read_timeout: Duration,
+    clock: Arc<HeaderClock>,
 ) -> Result<(), hyper::Error>
 where
     I: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
@@ -243,7 +570,6 @@ where
     S::Future: Send + Unpin + 'static,
     S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
 {
-    let clock = Arc::new(HeaderClock::new());
     let service = Clocked {
         inner: service,
         clock: clock.clone(),
@@ -252,6 +578,48 @@ where
         served = watcher.watch(builder.serve_connection(io, service)) => served,
         () = clock.expired(header_read_timeout) => {
             tracing::debug!("request headers not received in time; connection closed");
+            Ok(())
+        }
+    }
+}
+
+/// Serve a plain connection: on the fast path while it takes the requests, then with hyper.
+/// `watcher` is held meanwhile, so a graceful shutdown waits for the connection.
+async fn serve_plain<S>(
+    builder: http1::Builder,
+    mut stream: TcpStream,
+    mut service: S,
+    watcher: hyper_util::server::graceful::Watcher,
+    mut stop: watch::Receiver<bool>,
+    header_read_timeout: Duration,
+) -> Result<(), hyper::Error>
+where
+    S: FastPath
+        + hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
+        + Send
+        + 'static,
+    S::Future: Send + Unpin + 'static,
+    S::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+{
+    let clock = Arc::new(HeaderClock::new());
+    let fast = tokio::select! {
+        end = answer_fast(&mut stream, &mut service, &clock, &mut stop) => end,
+        () = clock.expired(header_read_timeout) => {
+            tracing::debug!("request headers not received in time; connection closed");
+            return Ok(());
+        }
+    };
+    match fast {
+        Ok(FastEnd::Closed) => Ok(()),
+        Ok(FastEnd::Handoff(prefix)) => {
+            let io = TokioIo::new(Prefixed {
+                prefix,
+                inner: stream,
+            });
+            serve_io(builder, io, service, watcher, header_read_timeout, clock).await
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "connection failed");
             Ok(())
         }
     }
@@ -268,7 +636,8 @@ pub async fn serve<F, M, S>(
 ) where
     F: Future<Output = ()> + Send + 'static,
     M: Fn(SocketAddr) -> S,
-    S: hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
+    S: FastPath
+        + hyper::service::Service<axum::http::Request<Incoming>, Response = axum::response::Response>
         + Send
         + 'static,
     S::Future: Send + Unpin + 'static,
@@ -276,6 +645,8 @@ pub async fn serve<F, M, S>(
 {
     let permits = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
+    // Tells connections on the fast path, which hyper's graceful shutdown does not reach.
+    let (stopping, stop) = watch::channel(false);
     let mut builder = http1::Builder::new();
     // The header deadline is kept by `serve_io`, more cheaply than hyper's per-request timer.
     builder.header_read_timeout(None);
@@ -324,6 +695,7 @@ pub async fn serve<F, M, S>(
         };
         let service = connection_service(peer);
         let watcher = graceful.watcher();
+        let stop = stop.clone();
         let builder = builder.clone();
         let tls = tls.clone();
         let header_timeout = limits.header_read_timeout;
@@ -346,20 +718,14 @@ pub async fn serve<F, M, S>(
                     Ok(())
                 }
                 (Ok(stream), None) => {
-                    serve_io(
-                        builder,
-                        TokioIo::new(stream),
-                        service,
-                        watcher,
-                        header_timeout,
-                    )
-                    .await
+                    serve_plain(builder, stream, service, watcher, stop, header_timeout).await
                 }
                 (Ok(stream), Some(acceptor)) => {
                     match tokio::time::timeout(header_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            serve_io(builder, TokioIo::new(tls), service, watcher, header_timeout)
-                                .await
+                            let clock = Arc::new(HeaderClock::new());
+                            let io = TokioIo::new(tls);
+                            serve_io(builder, io, service, watcher, header_timeout, clock).await
                         }
                         Ok(Err(e)) => {
                             tracing::debug!(%peer, error = %e, "TLS handshake failed");
@@ -386,6 +752,7 @@ pub async fn serve<F, M, S>(
         }
     }
     drop(listener);
+    let _ = stopping.send(true);
     graceful.shutdown().await;
     if let Some(w) = workers {
         w.stop().await;
@@ -446,7 +813,321 @@ impl AcceptBackoff {
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+    use proptest::strategy::Strategy;
+    use tokio::io::AsyncReadExt;
+
     use super::*;
+
+    /// A client whose bytes arrive in the given pieces, one per read, then EOF (an empty
+    /// piece would read as EOF: they are left out); what the server writes is kept.
+    struct Script {
+        pieces: std::collections::VecDeque<Vec<u8>>,
+        written: Vec<u8>,
+    }
+
+    impl Script {
+        fn new<P: AsRef<[u8]>>(pieces: impl IntoIterator<Item = P>) -> Script {
+            Script {
+                pieces: pieces
+                    .into_iter()
+                    .map(|p| p.as_ref().to_vec())
+                    .filter(|p| !p.is_empty())
+                    .collect(),
+                written: Vec::new(),
+            }
+        }
+
+        /// The bytes not read yet.
+        fn unread(&self) -> Vec<u8> {
+            self.pieces.iter().flatten().copied().collect()
+        }
+
+        /// What was written, with each `date` value blanked.
+        fn answers(&self) -> String {
+            let text = String::from_utf8(self.written.clone()).unwrap();
+            text.split("\r\n")
+                .map(|l| {
+                    if l.starts_with("date: ") {
+                        "date: -"
+                    } else {
+                        l
+                    }
+                })
+                .collect::<Vec<_>>()
+                .join("\r\n")
+        }
+    }
+
+    impl AsyncRead for Script {
+        fn poll_read(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &mut ReadBuf<'_>,
+        ) -> Poll<io::Result<()>> {
+            let this = self.get_mut();
+            if let Some(mut p) = this.pieces.pop_front() {
+                let n = p.len().min(buf.remaining());
+                buf.put_slice(&p[..n]);
+                if n < p.len() {
+                    this.pieces.push_front(p.split_off(n));
+                }
+            }
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    impl AsyncWrite for Script {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            self.get_mut().written.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Answers `GET /fast?…` with its query as the body; leaves everything else.
+    struct Echo;
+
+    impl FastPath for Echo {
+        fn answer(&self, head: &Head<'_>, out: &mut Answers) -> bool {
+            let Some(("/fast", query)) = head.path_and_query() else {
+                return false;
+            };
+            let ua = head.first("user-agent").unwrap_or("-");
+            out.respond(StatusCode::OK, &[("x-ua", ua)], query.as_bytes());
+            true
+        }
+    }
+
+    fn run(script: &mut Script, stopping: bool) -> FastEnd {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let (_tx, mut stop) = watch::channel(stopping);
+        let clock = HeaderClock::new();
+        runtime
+            .block_on(answer_fast(script, &mut Echo, &clock, &mut stop))
+            .unwrap()
+    }
+
+    fn ok(query: &str, ua: &str, close: bool) -> String {
+        let close = if close { "connection: close\r\n" } else { "" };
+        format!(
+            "HTTP/1.1 200 OK\r\nx-ua: {ua}\r\ncontent-length: {}\r\n{close}date: -\r\n\r\n{query}",
+            query.len()
+        )
+    }
+
+    #[test]
+    fn a_request_split_anywhere_is_answered_once() {
+        let req = b"GET /fast?a=1 HTTP/1.1\r\nHost: x\r\nUser-Agent: t/1\r\n\r\n";
+        for cut in 1..req.len() {
+            let mut s = Script::new([&req[..cut], &req[cut..]]);
+            assert_eq!(run(&mut s, false), FastEnd::Closed, "cut at {cut}");
+            assert_eq!(s.answers(), ok("a=1", "t/1", false), "cut at {cut}");
+        }
+    }
+
+    #[test]
+    fn pipelined_requests_are_answered_in_order_in_one_write() {
+        let mut s = Script::new([
+            "GET /fast?a HTTP/1.1\r\n\r\nGET /fast?b HTTP/1.1\r\nConnection: keep-alive\r\n\r\nGET /fa",
+            "st?c HTTP/1.1\r\nConnection: close\r\n\r\nGET /fast?never HTTP/1.1\r\n\r\n",
+        ]);
+        assert_eq!(run(&mut s, false), FastEnd::Closed);
+        assert_eq!(
+            s.answers(),
+            ok("a", "-", false) + &ok("b", "-", false) + &ok("c", "-", true)
+        );
+    }
+
+    #[test]
+    fn the_first_request_not_taken_hands_over_everything_after_the_answered_ones() {
+        let left = [
+            "GET /other HTTP/1.1\r\n\r\n",
+            "GET /fast?x HTTP/1.0\r\n\r\n",
+            "POST /fast?x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc",
+            "POST /fast?x HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+            "GET /fast?x HTTP/1.1\r\nExpect: 100-continue\r\n\r\n",
+            "GET /fast?x HTTP/1.1\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n",
+            "GET /fast?x HTTP/1.1\r\nUpgrade: h2c\r\n\r\n",
+            "GET http://h/fast?x HTTP/1.1\r\n\r\n",
+            "DELETE /fast?x HTTP/1.1\r\n\r\n",
+            "GET /fast?\u{e9} HTTP/1.1\r\n\r\n",
+            "GET /fast?x HTTP/1.1\r\nBad Header\r\n\r\n",
+            "GET /fast?x=<b> HTTP/1.1\r\n\r\n",
+            "\x16\x03\x01\x02\x00\x01\x00\x01\x03\x03",
+        ];
+        for other in left {
+            let rest = format!("{other}GET /fast?after HTTP/1.1\r\n\r\n");
+            let mut s = Script::new([format!("GET /fast?first HTTP/1.1\r\n\r\n{rest}")]);
+            assert_eq!(
+                run(&mut s, false),
+                FastEnd::Handoff(Bytes::from(rest.clone())),
+                "{other:?}"
+            );
+            assert_eq!(s.answers(), ok("first", "-", false), "{other:?}");
+        }
+        // A body-less POST is taken.
+        let mut s = Script::new(["POST /fast?p HTTP/1.1\r\nContent-Length: 0\r\n\r\n"]);
+        assert_eq!(run(&mut s, false), FastEnd::Closed);
+        assert_eq!(s.answers(), ok("p", "-", false));
+    }
+
+    #[test]
+    fn a_head_too_large_or_with_too_many_headers_goes_to_hyper() {
+        let big = format!(
+            "GET /fast?x HTTP/1.1\r\nX-Big: {}",
+            "a".repeat(FAST_MAX_HEAD)
+        );
+        let mut s = Script::new([big.clone()]);
+        let FastEnd::Handoff(read) = run(&mut s, false) else {
+            panic!("not handed over");
+        };
+        assert!(read.len() >= FAST_MAX_HEAD);
+        // What was read is handed over, the rest is still the socket's.
+        assert_eq!([&read[..], &s.unread()].concat(), big.as_bytes());
+        assert!(s.written.is_empty());
+        let many = format!(
+            "GET /fast?x HTTP/1.1\r\n{}\r\n",
+            "X-H: 1\r\n".repeat(FAST_MAX_HEADERS + 1)
+        );
+        let mut s = Script::new([many.clone()]);
+        assert_eq!(run(&mut s, false), FastEnd::Handoff(Bytes::from(many)));
+    }
+
+    #[test]
+    fn header_values_read_as_hyper_reads_them() {
+        let mut s = Script::new([
+            &b"GET /fast?x HTTP/1.1\r\nuser-agent: \xff\r\nUSER-AGENT: b\r\n\r\n"[..],
+        ]);
+        run(&mut s, false);
+        // The first value counts, as `HeaderMap::get` reads it; it is not visible ASCII, so
+        // there is none (`to_str` fails).
+        assert_eq!(s.answers(), ok("x", "-", false));
+    }
+
+    #[test]
+    fn targets_read_as_http_uri_reads_them() {
+        let head = |target: &'static str| Head {
+            method: "GET",
+            target,
+            headers: &[],
+        };
+        assert_eq!(head("/t.gif").path_and_query(), Some(("/t.gif", "")));
+        assert_eq!(
+            head("/t.gif?a=1&b").path_and_query(),
+            Some(("/t.gif", "a=1&b"))
+        );
+        assert_eq!(
+            head("/t.gif?a=1#x?y").path_and_query(),
+            Some(("/t.gif", "a=1"))
+        );
+        assert_eq!(head("/t.gif#x?y").path_and_query(), Some(("/t.gif", "")));
+        assert_eq!(
+            head("/{\"a\"}?b='{}'").path_and_query(),
+            Some(("/{\"a\"}", "b='{}'"))
+        );
+        for refused in ["/t.gif?a=\"x\"", "/t.gif?a=<b>", "/t<.gif", "/t`.gif?a"] {
+            assert_eq!(head(refused).path_and_query(), None, "{refused}");
+            assert!(axum::http::Uri::try_from(refused).is_err(), "{refused}");
+        }
+        for taken in ["/t.gif?a=1#x", "/{\"a\"}?b='{}'", "/t.gif?x=`^|~"] {
+            let uri = axum::http::Uri::try_from(taken).unwrap();
+            let (path, query) = head(taken).path_and_query().unwrap();
+            assert_eq!(
+                (path, query),
+                (uri.path(), uri.query().unwrap_or("")),
+                "{taken}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_complete_head_over_the_limit_goes_to_hyper() {
+        let big = format!("GET /fast?{} HTTP/1.1\r\n\r\n", "a".repeat(FAST_MAX_HEAD));
+        let mut s = Script::new([big.clone()]);
+        let FastEnd::Handoff(read) = run(&mut s, false) else {
+            panic!("not handed over");
+        };
+        assert_eq!([&read[..], &s.unread()].concat(), big.as_bytes());
+        assert!(s.written.is_empty());
+    }
+
+    #[test]
+    fn shutdown_closes_idle_connections_and_answers_the_request_in_hand_with_close() {
+        let mut s = Script::new(["GET /fast?last HTTP/1.1\r\n\r\nGET /fast?no HTTP/1.1\r\n\r\n"]);
+        assert_eq!(run(&mut s, true), FastEnd::Closed);
+        assert_eq!(s.answers(), ok("last", "-", true));
+        let mut s = Script::new(Vec::<Vec<u8>>::new());
+        assert_eq!(run(&mut s, true), FastEnd::Closed);
+        assert!(s.written.is_empty());
+    }
+
+    #[test]
+    fn prefixed_streams_yield_the_prefix_then_the_socket() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let mut p = Prefixed {
+            prefix: Bytes::from_static(b"abc"),
+            inner: Script::new(["def"]),
+        };
+        let mut got = Vec::new();
+        runtime.block_on(p.read_to_end(&mut got)).unwrap();
+        assert_eq!(got, b"abcdef");
+        runtime.block_on(p.write_all(b"out")).unwrap();
+        assert_eq!(p.inner.written, b"out");
+    }
+
+    proptest::proptest! {
+        /// Whatever bytes arrive, in whatever pieces: no panic, and every byte is either in
+        /// an answered request or handed on.
+        #[test]
+        fn any_bytes_are_answered_or_handed_on(
+            pieces in proptest::collection::vec(
+                proptest::collection::vec(proptest::prop_oneof![
+                    proptest::strategy::Just(b"GET /fast?q HTTP/1.1\r\n\r\n".to_vec()),
+                    proptest::strategy::Just(b"\r\n".to_vec()),
+                    proptest::collection::vec(proptest::num::u8::ANY, 0..40),
+                ], 0..4).prop_map(|v| v.concat()),
+                0..6,
+            )
+        ) {
+            let all: Vec<u8> = pieces.concat();
+            let mut s = Script::new(pieces);
+            let end = run(&mut s, false);
+            let answered = s.written.windows(9).filter(|w| w == b"HTTP/1.1 ").count();
+            let read = &all[..all.len() - s.unread().len()];
+            match end {
+                FastEnd::Handoff(rest) => {
+                    proptest::prop_assert!(read.ends_with(&rest));
+                    let taken = read.len() - rest.len();
+                    let requests = read[..taken].windows(5).filter(|w| w == b"GET /").count();
+                    proptest::prop_assert_eq!(requests, answered);
+                }
+                FastEnd::Closed => {
+                    // Closed at EOF: what was read but not answered is an incomplete head.
+                    let mut headers = [httparse::EMPTY_HEADER; FAST_MAX_HEADERS];
+                    let complete = httparse::Request::new(&mut headers)
+                        .parse(&all)
+                        .map(|s| s.is_complete());
+                    proptest::prop_assert!(answered > 0 || complete != Ok(true));
+                }
+            }
+        }
+    }
 
     #[test]
     fn accept_failures_back_off_and_log_once_per_interval() {

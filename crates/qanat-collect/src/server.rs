@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, DefaultBodyLimit, MatchedPath, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode, Uri};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue, Method, StatusCode, Uri};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
@@ -259,33 +259,59 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for Dispatch {
 
     fn call(&self, mut req: Request<hyper::body::Incoming>) -> DispatchFuture {
         if req.uri().path() == BEACON_PATH && matches!(*req.method(), Method::GET | Method::POST) {
-            let start = Instant::now();
-            let resp = match self.kept.try_borrow_mut() {
-                Ok(mut kept) => {
-                    beacon_response(&self.state, self.peer, req.headers(), req.uri(), &mut kept)
-                }
-                // Not reentrant; should it ever be, the request keeps nothing.
-                Err(_) => beacon_response(
-                    &self.state,
-                    self.peer,
-                    req.headers(),
-                    req.uri(),
-                    &mut Kept::default(),
-                ),
-            };
-            if let Some(m) = self
-                .state
-                .http_metrics
-                .iter()
-                .find(|m| m.path == BEACON_PATH)
-            {
-                m.record(start.elapsed().as_secs_f64(), resp.status());
-            }
+            let beacon =
+                BeaconRequest::of_parts(req.uri(), req.headers(), &self.state.cfg.cookie_name);
+            let resp = self.answer_beacon(&beacon, |answer| answer.into_response());
             return DispatchFuture::Answered(Some(resp));
         }
         req.extensions_mut().insert(ConnectInfo(self.peer));
         let mut router = self.router.clone();
         DispatchFuture::Routed(tower::Service::call(&mut router, req))
+    }
+}
+
+impl Dispatch {
+    /// Answer a beacon with what the connection keeps, timed and counted under its path;
+    /// `respond` turns the answer into the response the caller sends.
+    fn answer_beacon<R>(
+        &self,
+        beacon: &BeaconRequest<'_>,
+        respond: impl FnOnce(BeaconAnswer) -> R,
+    ) -> R {
+        let start = Instant::now();
+        let answer = match self.kept.try_borrow_mut() {
+            Ok(mut kept) => beacon_answer(&self.state, self.peer, beacon, &mut kept),
+            // Not reentrant; should it ever be, the request keeps nothing.
+            Err(_) => beacon_answer(&self.state, self.peer, beacon, &mut Kept::default()),
+        };
+        let status = answer.status();
+        let resp = respond(answer);
+        if let Some(m) = self
+            .state
+            .http_metrics
+            .iter()
+            .find(|m| m.path == BEACON_PATH)
+        {
+            m.record(start.elapsed().as_secs_f64(), status);
+        }
+        resp
+    }
+}
+
+/// Beacons on plain connections, answered straight from the request head as `conn` parsed
+/// it: no `Request`, header map, URI or response object is built for them.
+impl crate::conn::FastPath for Dispatch {
+    fn answer(&self, head: &crate::conn::Head<'_>, out: &mut crate::conn::Answers) -> bool {
+        // A target hyper refuses is left to hyper, which answers 400 as before.
+        let Some((BEACON_PATH, query)) = head.path_and_query() else {
+            return false;
+        };
+        if !matches!(head.method, "GET" | "POST") {
+            return false;
+        }
+        let beacon = BeaconRequest::of_head(query, head, &self.state.cfg.cookie_name);
+        self.answer_beacon(&beacon, |answer| answer.write_to(out));
+        true
     }
 }
 
@@ -347,14 +373,20 @@ fn header_str(h: &HeaderMap, name: header::HeaderName) -> Option<&str> {
 }
 
 fn cookie<'h>(h: &'h HeaderMap, name: &str) -> Option<&'h str> {
-    h.get_all(header::COOKIE)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(';'))
-        .find_map(|kv| {
-            let (k, v) = kv.trim().split_once('=')?;
-            (k == name).then_some(v)
-        })
+    cookie_in(
+        h.get_all(header::COOKIE)
+            .iter()
+            .filter_map(|v| v.to_str().ok()),
+        name,
+    )
+}
+
+/// The value of cookie `name` in `Cookie` header values.
+fn cookie_in<'h>(values: impl Iterator<Item = &'h str>, name: &str) -> Option<&'h str> {
+    values.flat_map(|v| v.split(';')).find_map(|kv| {
+        let (k, v) = kv.trim().split_once('=')?;
+        (k == name).then_some(v)
+    })
 }
 
 fn bad_request(reason: impl Into<String>) -> Response {
@@ -367,23 +399,33 @@ fn bad_request(reason: impl Into<String>) -> Response {
         .into_response()
 }
 
+/// `{"error": reason}`, the body of every error answer.
+fn error_json(reason: String) -> Vec<u8> {
+    serde_json::to_vec(&ErrorBody { error: reason }).unwrap_or_default()
+}
+
 #[derive(Serialize)]
 struct ErrorBody {
     error: String,
 }
 
+fn full_reason(route: &str) -> String {
+    format!("route {route} is full; retry later")
+}
+
 fn route_full(st: &AppState, route: &str) -> Response {
+    unavailable(full_reason(route), st.cfg.retry_after_secs)
+}
+
+/// 503 with the reason and when to retry.
+fn unavailable(reason: String, retry_after_secs: u32) -> Response {
     let mut r = (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(ErrorBody {
-            error: format!("route {route} is full; retry later"),
-        }),
+        Json(ErrorBody { error: reason }),
     )
         .into_response();
-    r.headers_mut().insert(
-        header::RETRY_AFTER,
-        HeaderValue::from(st.cfg.retry_after_secs),
-    );
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
     r
 }
 
@@ -405,25 +447,174 @@ async fn beacon(State(st): State<Arc<AppState>>, req: Request) -> Response {
     let Some(&ConnectInfo(peer)) = req.extensions().get::<ConnectInfo<SocketAddr>>() else {
         return StatusCode::INTERNAL_SERVER_ERROR.into_response();
     };
-    beacon_response(&st, peer, req.headers(), req.uri(), &mut Kept::default())
+    let beacon = BeaconRequest::of_parts(req.uri(), req.headers(), &st.cfg.cookie_name);
+    beacon_answer(&st, peer, &beacon, &mut Kept::default()).into_response()
 }
 
-/// A beacon from `peer`, answered from its headers and URI alone (a beacon's body, if any,
+/// What a beacon is answered from: its query string and the few headers it reads (as
+/// `HeaderValue::to_str` reads them: visible ASCII, else absent).
+struct BeaconRequest<'r> {
+    query: &'r str,
+    /// The visitor cookie's value, when one was sent.
+    cookie: Option<&'r str>,
+    referer: Option<&'r str>,
+    user_agent: Option<&'r str>,
+    forwarded_for: Option<&'r str>,
+}
+
+impl<'r> BeaconRequest<'r> {
+    fn of_parts(uri: &'r Uri, h: &'r HeaderMap, cookie_name: &str) -> BeaconRequest<'r> {
+        BeaconRequest {
+            query: uri.query().unwrap_or(""),
+            cookie: cookie(h, cookie_name),
+            referer: header_str(h, header::REFERER),
+            user_agent: header_str(h, header::USER_AGENT),
+            forwarded_for: header_str(h, HeaderName::from_static("x-forwarded-for")),
+        }
+    }
+
+    fn of_head(
+        query: &'r str,
+        head: &crate::conn::Head<'r>,
+        cookie_name: &str,
+    ) -> BeaconRequest<'r> {
+        BeaconRequest {
+            query,
+            cookie: cookie_in(head.values("cookie"), cookie_name),
+            referer: head.first("referer"),
+            user_agent: head.first("user-agent"),
+            forwarded_for: head.first("x-forwarded-for"),
+        }
+    }
+}
+
+/// How a beacon is answered, before it is made into a response for hyper or written by the
+/// plain-connection fast path.
+enum BeaconAnswer {
+    /// The pixel (an empty 204 with `resp=204`), with the visitor cookie to set, and why the
+    /// event was shed, if it was.
+    Pixel {
+        empty: bool,
+        set_cookie: Option<String>,
+        shed: Option<Shed>,
+    },
+    /// 400 with the reason.
+    BadRequest(String),
+    /// 503: the route's buffer is full.
+    RouteFull {
+        reason: String,
+        retry_after_secs: u32,
+    },
+}
+
+impl BeaconAnswer {
+    fn status(&self) -> StatusCode {
+        match self {
+            BeaconAnswer::Pixel { empty: true, .. } => StatusCode::NO_CONTENT,
+            BeaconAnswer::Pixel { empty: false, .. } => StatusCode::OK,
+            BeaconAnswer::BadRequest(_) => StatusCode::BAD_REQUEST,
+            BeaconAnswer::RouteFull { .. } => StatusCode::SERVICE_UNAVAILABLE,
+        }
+    }
+
+    fn into_response(self) -> Response {
+        match self {
+            BeaconAnswer::Pixel {
+                empty,
+                set_cookie,
+                shed,
+            } => {
+                let mut resp = pixel_response(empty);
+                // The cookie string becomes the header value without a copy.
+                if let Some(v) =
+                    set_cookie.and_then(|c| HeaderValue::from_maybe_shared(Bytes::from(c)).ok())
+                {
+                    resp.headers_mut().insert(header::SET_COOKIE, v);
+                }
+                if let Some(why) = shed {
+                    resp.headers_mut()
+                        .insert("x-qanat-shed", HeaderValue::from_static(why.as_str()));
+                }
+                resp
+            }
+            BeaconAnswer::BadRequest(reason) => bad_request(reason),
+            BeaconAnswer::RouteFull {
+                reason,
+                retry_after_secs,
+            } => unavailable(reason, retry_after_secs),
+        }
+    }
+
+    /// The same response as [`BeaconAnswer::into_response`], written as HTTP/1.1.
+    fn write_to(self, out: &mut crate::conn::Answers) {
+        let status = self.status();
+        match self {
+            BeaconAnswer::Pixel {
+                empty,
+                set_cookie,
+                shed,
+            } => {
+                let mut headers: [(&str, &str); 6] = [("", ""); 6];
+                let mut n = 0;
+                let mut add = |name, value| {
+                    if let Some(slot) = headers.get_mut(n) {
+                        *slot = (name, value);
+                        n += 1;
+                    }
+                };
+                if !empty {
+                    add("content-type", "image/gif");
+                }
+                add("cache-control", NO_CACHE);
+                add("pragma", "no-cache");
+                add("expires", "0");
+                if let Some(c) = &set_cookie {
+                    add("set-cookie", c);
+                }
+                if let Some(why) = shed {
+                    add("x-qanat-shed", why.as_str());
+                }
+                let body = if empty { &[][..] } else { PIXEL };
+                out.respond(status, headers.get(..n).unwrap_or_default(), body);
+            }
+            BeaconAnswer::BadRequest(reason) => {
+                out.respond(status, &[("content-type", JSON)], &error_json(reason));
+            }
+            BeaconAnswer::RouteFull {
+                reason,
+                retry_after_secs,
+            } => {
+                let mut secs = itoa::Buffer::new();
+                out.respond(
+                    status,
+                    &[
+                        ("content-type", JSON),
+                        ("retry-after", secs.format(retry_after_secs)),
+                    ],
+                    &error_json(reason),
+                );
+            }
+        }
+    }
+}
+
+const JSON: &str = "application/json";
+
+/// A beacon from `peer`, answered from its query and headers alone (a beacon's body, if any,
 /// carries nothing).
-fn beacon_response(
+fn beacon_answer(
     st: &AppState,
     peer: SocketAddr,
-    headers: &HeaderMap,
-    uri: &Uri,
+    beacon: &BeaconRequest<'_>,
     kept: &mut Kept,
-) -> Response {
+) -> BeaconAnswer {
     let received_ms = now_ms();
-    let q = BeaconQuery::parse(uri.query().unwrap_or(""));
+    let q = BeaconQuery::parse(beacon.query);
     let get = |f: Field| q.get(f).filter(|v| !v.is_empty());
     let ty = match get(Field::Type) {
         Some(t) if event::valid_id(t) => t,
         _ => {
-            return reject(
+            return reject_beacon(
                 st,
                 "t (event type) is missing or not [A-Za-z0-9_.:-]{1,128}",
             )
@@ -431,13 +622,13 @@ fn beacon_response(
     };
     let app = get(Field::App).unwrap_or(&st.cfg.default_app);
     if !event::valid_id(app) {
-        return reject(st, "app is not [A-Za-z0-9_.:-]{1,128}");
+        return reject_beacon(st, "app is not [A-Za-z0-9_.:-]{1,128}");
     }
-    let cookie_vid = cookie(headers, &st.cfg.cookie_name).filter(|v| event::valid_id(v));
+    let cookie_vid = beacon.cookie.filter(|v| event::valid_id(v));
     let new_vid;
     let visitor_id = match get(Field::Vid) {
         Some(v) if event::valid_id(v) => v,
-        Some(_) => return reject(st, "vid is not a valid id"),
+        Some(_) => return reject_beacon(st, "vid is not a valid id"),
         None => match cookie_vid {
             Some(v) => v,
             None => {
@@ -448,55 +639,57 @@ fn beacon_response(
     };
     let user_id = match get(Field::Uid) {
         Some(u) if event::valid_id(u) => Some(u),
-        Some(_) => return reject(st, "uid is not a valid id"),
+        Some(_) => return reject_beacon(st, "uid is not a valid id"),
         None => None,
     };
     let spm = match get(Field::Spm).map(event::parse_spm) {
         Some(Ok(s)) => Some(s),
-        Some(Err(e)) => return reject(st, e),
+        Some(Err(e)) => return reject_beacon(st, e),
         None => None,
     };
     let client_ts = match get(Field::Ts).map(str::parse::<i64>) {
         Some(Ok(t)) => Some(t),
-        Some(Err(_)) => return reject(st, "ts is not an integer (ms since the epoch)"),
+        Some(Err(_)) => return reject_beacon(st, "ts is not an integer (ms since the epoch)"),
         None => None,
     };
-    let referer_header = header_str(headers, header::REFERER);
-    let ua_raw = truncate(header_str(headers, header::USER_AGENT).unwrap_or(""), 512);
+    let referer_header = beacon.referer;
+    let ua_raw = truncate(beacon.user_agent.unwrap_or(""), 512);
     let agent = match kept.agent.take() {
         Some(a) if a.user_agent == ua_raw => a,
         _ => st.enricher.user_agent(ua_raw),
     };
     let agent = &*kept.agent.insert(agent);
-    let client = Client::of(client_ip(st, peer, headers), agent);
+    let client = Client::of(
+        st.enricher.client_ip(peer.ip(), beacon.forwarded_for),
+        agent,
+    );
 
     let (priority, shed) = st
         .throttle
         .refresh(&mut kept.throttle)
         .decide(app, ty, visitor_id);
-    let mut resp = pixel_response(&q);
-    if cookie_vid != Some(visitor_id) {
-        // Concatenated into one exact allocation (cheaper than `format!`), which the header
-        // value then takes over without a copy.
+    let empty = q.get(Field::Resp) == Some("204");
+    let set_cookie = (cookie_vid != Some(visitor_id)).then(|| {
+        // One exact allocation, cheaper than `format!`.
         let (name, suffix) = (&st.cfg.cookie_name, &st.cookie_suffix);
         let mut value = String::with_capacity(name.len() + 1 + visitor_id.len() + suffix.len());
         value.push_str(name);
         value.push('=');
         value.push_str(visitor_id);
         value.push_str(suffix);
-        if let Ok(v) = HeaderValue::from_maybe_shared(Bytes::from(value)) {
-            resp.headers_mut().insert(header::SET_COOKIE, v);
-        }
-    }
+        value
+    });
     if let Some(why) = shed {
         st.counters.shed(why);
-        resp.headers_mut()
-            .insert("x-qanat-shed", HeaderValue::from_static(why.as_str()));
-        return resp;
+        return BeaconAnswer::Pixel {
+            empty,
+            set_cookie,
+            shed: Some(why),
+        };
     }
     let Some(route_idx) = st.routes.find(app, ty, priority) else {
         st.counters.unrouted.increment(1);
-        return bad_request(format!("no route for app {app} event type {ty}"));
+        return BeaconAnswer::BadRequest(format!("no route for app {app} event type {ty}"));
     };
     let record = BeaconRecord {
         app,
@@ -520,7 +713,7 @@ fn beacon_response(
         params: beacon_params(&q),
     };
     let Some(route) = st.routes.get(route_idx) else {
-        return bad_request("route vanished");
+        return BeaconAnswer::BadRequest("route vanished".into());
     };
     let sent = BEACON_CHUNK.with_borrow_mut(|chunk| {
         chunk.clear();
@@ -529,14 +722,21 @@ fn beacon_response(
             .map(|()| route.try_send(chunk))
     });
     match sent {
-        Err(e) => bad_request(format!("encoding the event: {e}")),
+        Err(e) => BeaconAnswer::BadRequest(format!("encoding the event: {e}")),
         Ok(Ok(())) => {
             route.accepted.increment(1);
-            resp
+            BeaconAnswer::Pixel {
+                empty,
+                set_cookie,
+                shed: None,
+            }
         }
         Ok(Err(_)) => {
             route.full.increment(1);
-            route_full(st, &route.name)
+            BeaconAnswer::RouteFull {
+                reason: full_reason(&route.name),
+                retry_after_secs: st.cfg.retry_after_secs,
+            }
         }
     }
 }
@@ -569,12 +769,17 @@ fn reject(st: &AppState, reason: impl Into<String>) -> Response {
     bad_request(reason)
 }
 
+fn reject_beacon(st: &AppState, reason: impl Into<String>) -> BeaconAnswer {
+    st.counters.rejected.increment(1);
+    BeaconAnswer::BadRequest(reason.into())
+}
+
 /// The pixel (or an empty 204), uncached. Its header map is sized once for these headers
 /// and a `Set-Cookie`, so adding them never grows it. (Cloning a prepared map would not keep
 /// that room.)
-fn pixel_response(q: &BeaconQuery<'_>) -> Response {
+fn pixel_response(empty: bool) -> Response {
     let mut h = HeaderMap::with_capacity(5);
-    let mut r = if q.get(Field::Resp) == Some("204") {
+    let mut r = if empty {
         let mut r = Response::new(axum::body::Body::empty());
         *r.status_mut() = StatusCode::NO_CONTENT;
         r

@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use collect_support::{chromium, Collector};
 use serde_json::{json, Value};
-use support::{consume_all, http, poll_until, try_http, watermarks, Broker, Msg, DEADLINE};
+use support::{
+    consume_all, http, poll_until, responses, try_http, watermarks, Broker, Msg, DEADLINE,
+};
 
 fn values(msgs: &[Msg]) -> Vec<Value> {
     msgs.iter()
@@ -625,6 +627,52 @@ fn closed_by_server(s: &mut TcpStream) -> Vec<u8> {
         Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => got,
         Err(e) => panic!("connection not closed by the server: {e}"),
     }
+}
+
+#[test]
+fn one_connection_mixes_pipelined_beacons_and_other_requests_in_order() {
+    let broker = Broker::start();
+    let c = Collector::start(
+        &broker.bootstrap(),
+        "[[routes]]\nname = \"all\"\ntopic = \"beacons\"\n",
+    );
+    let beacon = |t: &str, extra: &str| {
+        format!("GET /t.gif?t={t}&app=web&vid=v-{t} HTTP/1.1\r\nHost: x\r\n{extra}\r\n")
+    };
+    // Beacons answered on the fast path, a request it leaves (the router's health check),
+    // then beacons hyper answers for the rest of the connection, one of them HTTP/1.0: all
+    // in one write, pipelined.
+    let wire = [
+        beacon("a", ""),
+        beacon("b", "Cookie: qvid=v-b\r\n"),
+        "GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n".to_string(),
+        beacon("c", ""),
+        "GET /t.gif?t=d&app=web&vid=v-d HTTP/1.0\r\nConnection: keep-alive\r\n\r\n".to_string(),
+        beacon("e", "Connection: close\r\n"),
+    ]
+    .concat();
+    let mut s = TcpStream::connect(&c.addr).unwrap();
+    s.write_all(wire.as_bytes()).unwrap();
+    let got = responses(&closed_by_server(&mut s)).unwrap();
+    let statuses: Vec<u16> = got.iter().map(|r| r.status).collect();
+    assert_eq!(statuses, [200; 6], "{got:?}");
+    assert_eq!(got[2].json()["status"], "ok", "{got:?}");
+    // The fast path's pixel answers carry what hyper's do.
+    for r in [&got[0], &got[3]] {
+        assert_eq!(r.header("content-type"), Some("image/gif"));
+        assert_eq!(r.header("cache-control"), got[0].header("cache-control"));
+        assert_eq!(r.header("pragma"), Some("no-cache"));
+        assert_eq!(r.header("expires"), Some("0"));
+        assert!(r.header("date").is_some());
+        assert_eq!(r.body.len(), 43);
+        assert!(r.header("set-cookie").unwrap().starts_with("qvid=v-"));
+    }
+    assert_eq!(got[1].header("set-cookie"), None, "the cookie was sent");
+    let keys: Vec<Vec<u8>> = consume_all(&broker.bootstrap(), "beacons", 0, 5)
+        .into_iter()
+        .map(|m| m.key.unwrap())
+        .collect();
+    assert_eq!(keys, [&b"v-a"[..], b"v-b", b"v-c", b"v-d", b"v-e"]);
 }
 
 #[test]

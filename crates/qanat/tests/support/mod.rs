@@ -1232,6 +1232,24 @@ pub fn try_http(
     })
 }
 
+/// Every response in `raw` (what one connection received), in order.
+pub fn responses(raw: &[u8]) -> Result<Vec<Resp>, String> {
+    let mut reader = Cursor::new(raw);
+    let mut out = Vec::new();
+    while (reader.position() as usize) < raw.len() {
+        let (status, headers) = read_head(&mut reader)?;
+        let body = Body::new(&mut reader, &headers)
+            .read_all()
+            .map_err(|e| format!("body of response {}: {e}", out.len() + 1))?;
+        out.push(Resp {
+            status,
+            headers,
+            body,
+        });
+    }
+    Ok(out)
+}
+
 /// [`try_http`], panicking when nothing answers.
 pub fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Resp {
     try_http(addr, method, path, headers, body).unwrap_or_else(|e| panic!("{e}"))
