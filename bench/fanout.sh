@@ -41,6 +41,10 @@
 #       FANOUT_READER_IDLE (default 0) 1 runs the readers under SCHED_IDLE (`chrt --idle 0`):
 #                     they run only on CPU nothing else wants, a closer stand-in for readers
 #                     on other hosts than nice 19, which still takes a share of a busy CPU.
+#       FANOUT_CONTROL (default 1) also runs the solo producer beside one busy loop per core,
+#                     scheduled as the readers are (FANOUT_READER_NICE / _IDLE): what work at
+#                     that priority costs the producer on this machine when the broker does
+#                     nothing for it; 0 skips it.
 #       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons;
 #                     the clients stay this tree's qanat-bench).
 # Broker CPU per GB served: the broker's utime+stime over each N run (readers started to last
@@ -154,6 +158,23 @@ SOLO_BYTES=$(j .bytes "$SOLO")
 SOLO_CPU_PER_BYTE=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$SOLO_BYTES" 'BEGIN { printf "%.6e", (b - a) / n }')
 log "solo: broker $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB produced"
 log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records)"
+
+CONTROL_LINE=
+if [[ "${FANOUT_CONTROL:-1}" = 1 ]]; then
+  log "control: solo producer beside $(nproc) busy loops scheduled as the readers are, ${SECS}s"
+  "$QANAT_BIN" topics create fan-control --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
+  BURNERS=()
+  for _ in $(seq "$(nproc)"); do
+    nice -n "$READER_NICE" "${READER_SCHED[@]}" bash -c 'while :; do :; done' &
+    BURNERS+=($!)
+  done
+  PIDS+=("${BURNERS[@]}")
+  produce fan-control control
+  kill "${BURNERS[@]}" 2>/dev/null || true
+  CONTROL_MB=$(j .mb_per_s "$OUT")
+  CONTROL_LINE="- control: the solo producer beside $(nproc) busy loops (nice ${READER_NICE}$([[ ${#READER_SCHED[@]} -gt 0 ]] && echo ", SCHED_IDLE"), as the readers; no broker work for them): **$CONTROL_MB MB/s, $(awk -v a="$CONTROL_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f%%", 100 * a / b }') of solo**: what CPU work at that priority alone costs the producer on this machine"
+  log "$CONTROL_LINE"
+fi
 
 ROWS=()
 # fanout_run <N> <topic> <label>: N readers on <topic>, assigned before the producer writes it
@@ -271,6 +292,7 @@ echo "| groups N | readers | producer MB/s | kept (of solo) | aggregate read MB/
 echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
 echo
+[[ -n "$CONTROL_LINE" ]] && echo "$CONTROL_LINE"
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
 echo "- broker CPU-s/GB served: the run's broker CPU less $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB (solo) for what was produced meanwhile, over the record bytes the readers received"
 echo "- broker ($QANAT_BIN): CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(nproc) cores, load before ${LOAD_START}, after $(cut -d' ' -f1-3 /proc/loadavg)"
