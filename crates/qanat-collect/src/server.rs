@@ -36,7 +36,16 @@ const PIXEL: &[u8] = &[
     0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
-const NO_CACHE: &str = "no-cache, no-store, must-revalidate, max-age=0";
+const GIF_TYPE: (&str, &str) = ("content-type", "image/gif");
+/// The headers of every pixel answer (hyper's and the fast path's): never cached.
+const UNCACHED: [(&str, &str); 3] = [
+    (
+        "cache-control",
+        "no-cache, no-store, must-revalidate, max-age=0",
+    ),
+    ("pragma", "no-cache"),
+    ("expires", "0"),
+];
 /// Longest URL, referrer or title kept from a beacon.
 const TEXT_MAX: usize = 4096;
 
@@ -563,11 +572,11 @@ impl BeaconAnswer {
                     }
                 };
                 if !empty {
-                    add("content-type", "image/gif");
+                    add(GIF_TYPE.0, GIF_TYPE.1);
                 }
-                add("cache-control", NO_CACHE);
-                add("pragma", "no-cache");
-                add("expires", "0");
+                for (name, value) in UNCACHED {
+                    add(name, value);
+                }
                 if let Some(c) = &set_cookie {
                     add("set-cookie", c);
                 }
@@ -784,12 +793,18 @@ fn pixel_response(empty: bool) -> Response {
         *r.status_mut() = StatusCode::NO_CONTENT;
         r
     } else {
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("image/gif"));
+        h.insert(
+            HeaderName::from_static(GIF_TYPE.0),
+            HeaderValue::from_static(GIF_TYPE.1),
+        );
         Response::new(axum::body::Body::from(PIXEL))
     };
-    h.insert(header::CACHE_CONTROL, HeaderValue::from_static(NO_CACHE));
-    h.insert(header::PRAGMA, HeaderValue::from_static("no-cache"));
-    h.insert(header::EXPIRES, HeaderValue::from_static("0"));
+    for (name, value) in UNCACHED {
+        h.insert(
+            HeaderName::from_static(name),
+            HeaderValue::from_static(value),
+        );
+    }
     *r.headers_mut() = h;
     r
 }
