@@ -20,13 +20,15 @@
 #      own CPU time);
 #   6. NATS JetStream: the same produce/consume workloads (subjects = partitions, async acks,
 #      window 4096) and a latency run at half its own max rate; then broker E (periodic fsync)
-#      runs the Qanat latency row again at JetStream's half-max rate, so both compare at one load.
+#      runs the Qanat latency row again at JetStream's half-max rate, so both compare at one load
+#      (BENCH_LATENCY_ROUNDS times, alternating, each Qanat round on a fresh broker).
 # Output: one markdown table on stdout plus summary lines; progress on stderr.
 #
 # Env:  BENCH_SCALE   (default 1) multiplies durations and record counts; 0.05 = smoke run.
 #       BENCH_TMPDIR  (default /tmp) parent of the temp dir (data dirs and fio file live there).
 #       NATS_SERVER   (default 127.0.0.1:4222); BENCH_SKIP_NATS=1 skips the peer,
 #       BENCH_SKIP_QANAT=1 skips the Qanat broker runs A-C, BENCH_SKIP_TLS=1 the run D.
+#       BENCH_LATENCY_ROUNDS (default 1) pairs of latency runs at JetStream's half-max rate.
 # All traffic goes to 127.0.0.1. The script stops by itself: every client run is under `timeout`.
 set -euo pipefail
 
@@ -48,6 +50,7 @@ sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-0.5}" 'BEGIN { v = b * k; if (v < 
 
 PRODUCE_SECS=$(sf 8)    # each throughput produce stops after this long ...
 LAT_SECS=$(sf 10)       # ... latency runs last this long
+LAT_ROUNDS=${BENCH_LATENCY_ROUNDS:-1}
 declare -A MAX_COUNT=([100]=$(s 20000000 2000) [1024]=$(s 6000000 1000)) # ... or at this count
 
 # ---------------------------------------------------------------------------------------------
@@ -277,12 +280,12 @@ qanat_latency_row() {
 
 mkdir -p "$TMP/logs"
 
+FS_PERIODIC="acks=1 / fsync every 1000 ms"
+FS_ALWAYS="acks=all / fsync always"
 if [[ "${BENCH_SKIP_QANAT:-0}" != 1 ]]; then
 # ---------------------------------------------------------------------------------------------
 # Qanat, broker A: periodic fsync, acks=1
 
-FS_PERIODIC="acks=1 / fsync every 1000 ms"
-FS_ALWAYS="acks=all / fsync always"
 start_broker A 1000
 for size in 100 1024; do
   for parts in 1 8; do
@@ -441,22 +444,25 @@ if [[ "${BENCH_SKIP_NATS:-0}" != 1 ]] && nats_up; then
   NMAX=$(j .records_per_s "$(tail -n1 "$TMP/logs/nats-produce-qanat_bench_1024b_1s.out" 2>/dev/null || true)")
   if [[ -n "$NMAX" ]] && awk -v r="$NMAX" 'BEGIN { exit !(r >= 2) }'; then
     NRATE=$(awk -v r="$NMAX" 'BEGIN { printf "%d", r / 2 }')
-    st=qanat_bench_latency
-    NATS_STREAMS+=("$st")
-    log "nats: latency run at $NRATE msg/s (half of $NMAX)"
-    run_client "nats-produce-$st" nats-produce --server "$NATS_SERVER" --stream "$st" --subjects 1 \
-      --record-size 1024 --count "$(awk -v r="$NRATE" -v t="$LAT_SECS" 'BEGIN { printf "%d", r * t }')" \
-      --ack-mode async --rate "$NRATE" --max-secs "$(awk -v t="$LAT_SECS" 'BEGIN { print t + 5 }')" || true
-    lj=$OUT
-    log "  latency: $lj"
-    timeout 30 "$BENCH_BIN" nats-delete-stream --server "$NATS_SERVER" --stream "$st" >/dev/null 2>&1 || true
-    add_row "NATS JetStream (latency @ $NRATE msg/s)" 1024 1 "$NFLABEL" "$lj" "" "paced"
-  fi
-  # Qanat at the peer's rate: the two latency rows compare at the same offered load.
-  if [[ -n "${NRATE:-}" && "${BENCH_SKIP_QANAT:-0}" != 1 ]]; then
-    start_broker E 1000
-    qanat_latency_row "$NRATE" "JetStream's half-max rate"
-    stop_broker "Qanat broker E (fsync every 1000 ms; latency at JetStream's half-max rate)"
+    # JetStream, then Qanat at the peer's rate (a fresh broker E each round): the two latency
+    # rows compare at the same offered load, alternating so the machine's moods fall on both.
+    for round in $(seq "$LAT_ROUNDS"); do
+      tag=""
+      [[ "$LAT_ROUNDS" -gt 1 ]] && tag=", round $round"
+      st=qanat_bench_latency_$round
+      NATS_STREAMS+=("$st")
+      log "nats: latency run at $NRATE msg/s (half of $NMAX)$tag"
+      run_client "nats-produce-$st" nats-produce --server "$NATS_SERVER" --stream "$st" --subjects 1 \
+        --record-size 1024 --count "$(awk -v r="$NRATE" -v t="$LAT_SECS" 'BEGIN { printf "%d", r * t }')" \
+        --ack-mode async --rate "$NRATE" --max-secs "$(awk -v t="$LAT_SECS" 'BEGIN { print t + 5 }')" || true
+      lj=$OUT
+      log "  latency: $lj"
+      timeout 30 "$BENCH_BIN" nats-delete-stream --server "$NATS_SERVER" --stream "$st" >/dev/null 2>&1 || true
+      add_row "NATS JetStream (latency @ $NRATE msg/s$tag)" 1024 1 "$NFLABEL" "$lj" "" "paced"
+      start_broker "E$round" 1000
+      qanat_latency_row "$NRATE" "JetStream's half-max rate$tag"
+      stop_broker "Qanat broker E (fsync every 1000 ms; latency at JetStream's half-max rate$tag)"
+    done
   fi
   if [[ -n "$NATS_PID" ]] && kill -0 "$NATS_PID" 2>/dev/null; then
     ncpu=$(awk -v a="$NATS_CPU0" -v b="$(cpu_secs "$NATS_PID")" 'BEGIN { printf "%.2f", b - a }')
