@@ -12,7 +12,8 @@
 //! the queue is full, and waiting for them would leave nothing in flight while the loop
 //! encodes), and queues for its partition. The sender thread asks metadata (leaders, across
 //! brokers), an idempotent producer id (InitProducerId), compresses and stamps the head batch
-//! of each partition and sends one Produce request per leader (`acks=all`); it sends again
+//! of each partition and sends one Produce request per leader (`acks=all`, batches up to
+//! [`MAX_REQUEST_BYTES`], the rest at the next turn); it sends again
 //! without waiting for the answers, up to [`MAX_IN_FLIGHT`] requests per connection, and
 //! reads each answer when it arrives (the broker answers a connection in request order).
 //!
@@ -71,6 +72,12 @@ const IO_TIMEOUT: Duration = Duration::from_secs(30);
 /// in flight: as Kafka's idempotent producer (`max.in.flight.requests.per.connection`), and
 /// no more than the broker remembers per producer to recognise a retry.
 pub const MAX_IN_FLIGHT: usize = 5;
+/// A Produce request carries partitions' batches up to this many record bytes (at least one
+/// batch), as Kafka's producer caps a request at `max.request.size` (1 MiB) and librdkafka at
+/// `message.max.bytes`: the broker then reads, checks and appends each request while it is
+/// still in its CPU caches, where one batch for each of many partitions would make requests
+/// of tens of MB.
+pub const MAX_REQUEST_BYTES: usize = 1 << 20;
 /// What an open batch allocates at first.
 const BATCH_START_CAPACITY: usize = 16 << 10;
 /// Longest the sender waits on an answer before looking for batches closed meanwhile.
@@ -199,6 +206,9 @@ struct State {
     reports: Vec<Delivery>,
     broken: Option<String>,
     shutdown: bool,
+    /// Where `take_work` starts among a topic's partitions; moves on each time, so that
+    /// when requests fill up, every partition has its turn first.
+    take_from: usize,
 }
 
 struct Shared {
@@ -1045,16 +1055,27 @@ fn close_open_batches(st: &mut State) {
 
 /// Close batches older than `linger_ms` on partitions with nothing in flight or queued, then
 /// take the head batch of every partition that may send (fewer than [`MAX_IN_FLIGHT`] in
-/// flight, all to its leader, not stalled, its leader not in `full`); returns them and when
-/// the next batch closes by age.
+/// flight, all to its leader, not stalled, its leader not in `full`), as long as its leader's
+/// request stays within [`MAX_REQUEST_BYTES`]; returns them and when the next batch closes by
+/// age. Batches left out go at the next call, which starts one partition further on.
 fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Taken>, u64) {
     let mut taken = Vec::new();
     let mut next = u64::MAX;
     let mut closed = 0;
     let mut closed_bytes = 0;
     let mut metadata = false;
+    // Record bytes taken per leader so far.
+    let mut request_bytes: Vec<(i32, usize)> = Vec::new();
+    let start = st.take_from;
+    st.take_from = st.take_from.wrapping_add(1);
     for (name, topic) in &mut st.topics {
-        for (index, p) in topic.partitions.iter_mut().enumerate() {
+        let count = topic.partitions.len();
+        let offset = if count == 0 { 0 } else { start % count };
+        let order = (offset..count).chain(0..offset);
+        for index in order {
+            let Some(p) = topic.partitions.get_mut(index) else {
+                continue;
+            };
             if let Some(open) = &p.open {
                 let due = open.opened_ms.saturating_add(linger_ms);
                 if due > now {
@@ -1093,6 +1114,25 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Tak
             if (p.in_flight > 0 && p.in_flight_leader != p.leader) || full.contains(&p.leader) {
                 continue;
             }
+            let size = match p.ready.front() {
+                Some(Queued::Sealed(s)) => s.record_bytes,
+                Some(Queued::Closed(b)) => b.len(),
+                None => continue,
+            };
+            let so_far = match request_bytes.iter_mut().find(|(l, _)| *l == p.leader) {
+                Some((_, n)) => n,
+                None => {
+                    request_bytes.push((p.leader, 0));
+                    match request_bytes.last_mut() {
+                        Some((_, n)) => n,
+                        None => continue,
+                    }
+                }
+            };
+            if *so_far > 0 && *so_far + size > MAX_REQUEST_BYTES {
+                continue;
+            }
+            *so_far += size;
             let Some(batch) = p.ready.pop_front() else {
                 continue;
             };
@@ -1287,6 +1327,56 @@ mod tests {
             "{MAX_IN_FLIGHT} batches in flight at most"
         );
         assert_eq!(partition(&mut st, 0).ready.len(), 2);
+    }
+
+    #[test]
+    fn a_request_holds_batches_up_to_its_cap_and_every_partition_gets_its_turn() {
+        let partitions = 10;
+        let mut st = with_partitions(partitions);
+        for index in 0..partitions {
+            let mut b = OpenBatch::new(0, 1024);
+            while b.len() < MAX_REQUEST_BYTES * 3 / 10 {
+                b.push(0, index as u64, 0, b"k", &[b'v'; 1000], None);
+            }
+            partition(&mut st, index).ready.push_back(Queued::Closed(b));
+        }
+        let mut order = Vec::new();
+        let mut firsts = Vec::new();
+        loop {
+            let (taken, _) = take_work(&mut st, 0, 5, &[]);
+            if taken.is_empty() {
+                break;
+            }
+            let bytes: usize = taken.iter().map(|t| t.record_bytes).sum();
+            assert!(bytes <= MAX_REQUEST_BYTES, "{bytes} bytes in one request");
+            // Three batches of 30% fit in one request; the last takes what is left.
+            assert!(
+                taken.len() == 3 || order.len() + taken.len() == partitions,
+                "{} batches taken",
+                taken.len()
+            );
+            firsts.push(taken[0].partition);
+            order.extend(taken.iter().map(|t| t.partition));
+        }
+        order.sort_unstable();
+        assert_eq!(
+            order,
+            (0..partitions as i32).collect::<Vec<_>>(),
+            "each batch taken once"
+        );
+        firsts.dedup();
+        assert!(firsts.len() > 1, "the start moves on: {firsts:?}");
+        // One batch larger than the cap still goes, alone.
+        let mut st = with_partitions(2);
+        for index in 0..2 {
+            let mut b = OpenBatch::new(0, 1024);
+            while b.len() <= MAX_REQUEST_BYTES {
+                b.push(0, index as u64, 0, b"k", &[b'v'; 1000], None);
+            }
+            partition(&mut st, index).ready.push_back(Queued::Closed(b));
+        }
+        assert_eq!(take_work(&mut st, 0, 5, &[]).0.len(), 1);
+        assert_eq!(take_work(&mut st, 0, 5, &[]).0.len(), 1);
     }
 
     #[test]
