@@ -1065,7 +1065,7 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Tak
     let mut closed_bytes = 0;
     let mut metadata = false;
     // Record bytes taken per leader so far.
-    let mut request_bytes: Vec<(i32, usize)> = Vec::new();
+    let mut request_bytes: HashMap<i32, usize> = HashMap::new();
     let start = st.take_from;
     st.take_from = st.take_from.wrapping_add(1);
     for (name, topic) in &mut st.topics {
@@ -1119,16 +1119,7 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Tak
                 Some(Queued::Closed(b)) => b.len(),
                 None => continue,
             };
-            let so_far = match request_bytes.iter_mut().find(|(l, _)| *l == p.leader) {
-                Some((_, n)) => n,
-                None => {
-                    request_bytes.push((p.leader, 0));
-                    match request_bytes.last_mut() {
-                        Some((_, n)) => n,
-                        None => continue,
-                    }
-                }
-            };
+            let so_far = request_bytes.entry(p.leader).or_insert(0);
             if *so_far > 0 && *so_far + size > MAX_REQUEST_BYTES {
                 continue;
             }
