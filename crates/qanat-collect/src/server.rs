@@ -36,8 +36,7 @@ const PIXEL: &[u8] = &[
     0xff, 0xff, 0xff, 0x21, 0xf9, 0x04, 0x01, 0x00, 0x00, 0x00, 0x00, 0x2c, 0x00, 0x00, 0x00, 0x00,
     0x01, 0x00, 0x01, 0x00, 0x00, 0x02, 0x02, 0x44, 0x01, 0x00, 0x3b,
 ];
-const GIF_TYPE: (&str, &str) = ("content-type", "image/gif");
-/// The headers of every pixel answer (hyper's and the fast path's): never cached.
+/// The headers of every pixel answer: never cached.
 const UNCACHED: [(&str, &str); 3] = [
     (
         "cache-control",
@@ -422,19 +421,19 @@ fn full_reason(route: &str) -> String {
     format!("route {route} is full; retry later")
 }
 
-fn route_full(st: &AppState, route: &str) -> Response {
-    unavailable(full_reason(route), st.cfg.retry_after_secs)
-}
-
 /// 503 with the reason and when to retry.
-fn unavailable(reason: String, retry_after_secs: u32) -> Response {
+fn route_full(st: &AppState, route: &str) -> Response {
     let mut r = (
         StatusCode::SERVICE_UNAVAILABLE,
-        Json(ErrorBody { error: reason }),
+        Json(ErrorBody {
+            error: full_reason(route),
+        }),
     )
         .into_response();
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(retry_after_secs));
+    r.headers_mut().insert(
+        header::RETRY_AFTER,
+        HeaderValue::from(st.cfg.retry_after_secs),
+    );
     r
 }
 
@@ -526,36 +525,32 @@ impl BeaconAnswer {
         }
     }
 
+    /// As hyper's response: made of the same parts as [`BeaconAnswer::write_to`]'s.
     fn into_response(self) -> Response {
-        match self {
-            BeaconAnswer::Pixel {
-                empty,
-                set_cookie,
-                shed,
-            } => {
-                let mut resp = pixel_response(empty);
-                // The cookie string becomes the header value without a copy.
-                if let Some(v) =
-                    set_cookie.and_then(|c| HeaderValue::from_maybe_shared(Bytes::from(c)).ok())
-                {
-                    resp.headers_mut().insert(header::SET_COOKIE, v);
+        self.with_parts(|status, headers, body| {
+            let mut resp = Response::new(axum::body::Body::from(Bytes::copy_from_slice(body)));
+            *resp.status_mut() = status;
+            let h = resp.headers_mut();
+            for (name, value) in headers {
+                if let (Ok(name), Ok(value)) = (
+                    HeaderName::from_bytes(name.as_bytes()),
+                    HeaderValue::from_str(value),
+                ) {
+                    h.append(name, value);
                 }
-                if let Some(why) = shed {
-                    resp.headers_mut()
-                        .insert("x-qanat-shed", HeaderValue::from_static(why.as_str()));
-                }
-                resp
             }
-            BeaconAnswer::BadRequest(reason) => bad_request(reason),
-            BeaconAnswer::RouteFull {
-                reason,
-                retry_after_secs,
-            } => unavailable(reason, retry_after_secs),
-        }
+            resp
+        })
     }
 
-    /// The same response as [`BeaconAnswer::into_response`], written as HTTP/1.1.
+    /// Written as HTTP/1.1 by the fast path.
     fn write_to(self, out: &mut crate::conn::Answers) {
+        self.with_parts(|status, headers, body| out.respond(status, headers, body));
+    }
+
+    /// The answer's status, headers and body, handed to `emit`: the one description both
+    /// forms are made from.
+    fn with_parts<R>(self, emit: impl FnOnce(StatusCode, &[(&str, &str)], &[u8]) -> R) -> R {
         let status = self.status();
         match self {
             BeaconAnswer::Pixel {
@@ -572,7 +567,7 @@ impl BeaconAnswer {
                     }
                 };
                 if !empty {
-                    add(GIF_TYPE.0, GIF_TYPE.1);
+                    add("content-type", "image/gif");
                 }
                 for (name, value) in UNCACHED {
                     add(name, value);
@@ -584,24 +579,24 @@ impl BeaconAnswer {
                     add("x-qanat-shed", why.as_str());
                 }
                 let body = if empty { &[][..] } else { PIXEL };
-                out.respond(status, headers.get(..n).unwrap_or_default(), body);
+                emit(status, headers.get(..n).unwrap_or_default(), body)
             }
             BeaconAnswer::BadRequest(reason) => {
-                out.respond(status, &[("content-type", JSON)], &error_json(reason));
+                emit(status, &[("content-type", JSON)], &error_json(reason))
             }
             BeaconAnswer::RouteFull {
                 reason,
                 retry_after_secs,
             } => {
                 let mut secs = itoa::Buffer::new();
-                out.respond(
+                emit(
                     status,
                     &[
                         ("content-type", JSON),
                         ("retry-after", secs.format(retry_after_secs)),
                     ],
                     &error_json(reason),
-                );
+                )
             }
         }
     }
@@ -781,32 +776,6 @@ fn reject(st: &AppState, reason: impl Into<String>) -> Response {
 fn reject_beacon(st: &AppState, reason: impl Into<String>) -> BeaconAnswer {
     st.counters.rejected.increment(1);
     BeaconAnswer::BadRequest(reason.into())
-}
-
-/// The pixel (or an empty 204), uncached. Its header map is sized once for these headers
-/// and a `Set-Cookie`, so adding them never grows it. (Cloning a prepared map would not keep
-/// that room.)
-fn pixel_response(empty: bool) -> Response {
-    let mut h = HeaderMap::with_capacity(5);
-    let mut r = if empty {
-        let mut r = Response::new(axum::body::Body::empty());
-        *r.status_mut() = StatusCode::NO_CONTENT;
-        r
-    } else {
-        h.insert(
-            HeaderName::from_static(GIF_TYPE.0),
-            HeaderValue::from_static(GIF_TYPE.1),
-        );
-        Response::new(axum::body::Body::from(PIXEL))
-    };
-    for (name, value) in UNCACHED {
-        h.insert(
-            HeaderName::from_static(name),
-            HeaderValue::from_static(value),
-        );
-    }
-    *r.headers_mut() = h;
-    r
 }
 
 // ------------------------------------------------------------------------------------------
