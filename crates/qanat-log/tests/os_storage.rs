@@ -747,3 +747,69 @@ fn preallocation_reserves_each_new_range_and_keeps_the_length() {
         assert!(meta.blocks() * 512 >= 2 << 20, "both ranges reserved");
     }
 }
+
+/// Records the writeback ranges asked of the files.
+#[derive(Default)]
+struct Writebacks(std::sync::Mutex<Vec<(u64, u64)>>);
+
+impl qanat_log::StorageHooks for Writebacks {
+    fn before(&self, op: qanat_log::StorageOp<'_>) -> std::io::Result<()> {
+        if let qanat_log::StorageOp::StartWriteback(from, to) = op {
+            self.0.lock().unwrap().push((from, to));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn writeback_is_started_in_whole_pages_once_a_step_has_accumulated() {
+    const KIB: usize = 1 << 10;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t-0");
+    let hooks = Arc::new(Writebacks::default());
+    let storage = qanat_log::HookedStorage::with_hooks(Arc::new(OsStorage), hooks.clone());
+    let config = LogConfig {
+        segment_bytes: 64 << 20,
+        ..config()
+    };
+    let (p, _) = Partition::open(
+        Arc::new(storage),
+        Arc::new(ManualClock::new(1_000)),
+        dir.clone(),
+        config,
+    )
+    .unwrap();
+    let log = log_files(&dir, "log").remove(0);
+    let end = || std::fs::metadata(&log).unwrap().len();
+    let started = || hooks.0.lock().unwrap().clone();
+
+    p.append(&make_batch(1, 700 * KIB, 1_000, 1)).unwrap();
+    assert_eq!(p.start_writeback(), 0, "less than a step appended");
+    assert!(started().is_empty());
+
+    p.append(&make_batch(1, 700 * KIB + 123, 1_000, 2)).unwrap();
+    let first = p.start_writeback();
+    assert!(first >= qanat_log::WRITEBACK_STEP, "{first}");
+    assert_eq!(started(), vec![(0, first)]);
+    assert_eq!(first % 4096, 0, "whole pages only");
+    assert!(
+        end() - first < 4096,
+        "up to the last whole page of {}",
+        end()
+    );
+    assert_eq!(p.start_writeback(), 0, "nothing new since");
+
+    p.append(&make_batch(1, 1100 * KIB, 1_000, 3)).unwrap();
+    let second = p.start_writeback();
+    assert_eq!(started(), vec![(0, first), (first, first + second)]);
+    assert!(end() - (first + second) < 4096);
+
+    // A hint only: what was appended reads back, and after a reopen too.
+    let before = all_batches(&p);
+    assert_eq!(before.len(), 3);
+    p.sync().unwrap();
+    drop(p);
+    let (p, r) = open(&dir);
+    assert_eq!(r.truncated_bytes, 0, "{r:?}");
+    assert_eq!(all_batches(&p), before);
+}
