@@ -72,13 +72,6 @@ struct OsFile {
     file: File,
 }
 
-/// Bytes `from..to` as the (offset, length) a syscall takes; None when empty.
-fn os_range(from: u64, to: u64) -> io::Result<Option<(libc::off_t, libc::off_t)>> {
-    let off = |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::other("offset too large"));
-    let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
-    Ok((len > 0).then_some((start, len)))
-}
-
 impl LogFile for OsFile {
     fn read_exact_at(&self, buf: &mut [u8], pos: u64) -> io::Result<()> {
         self.file.read_exact_at(buf, pos)
@@ -111,9 +104,12 @@ impl LogFile for OsFile {
         self.file.set_len(len)
     }
     fn preallocate(&self, from: u64, to: u64) -> io::Result<()> {
-        let Some((start, len)) = os_range(from, to)? else {
+        let off =
+            |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::other("length too large"));
+        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
+        if len == 0 {
             return Ok(());
-        };
+        }
         // Only the new range: a range from 0 makes the kernel walk the whole file on every
         // call (on tmpfs page by page, which cost more than the appends themselves).
         // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
@@ -130,9 +126,12 @@ impl LogFile for OsFile {
         }
     }
     fn start_writeback(&self, from: u64, to: u64) -> io::Result<()> {
-        let Some((start, len)) = os_range(from, to)? else {
+        let off =
+            |v: u64| libc::off64_t::try_from(v).map_err(|_| io::Error::other("offset too large"));
+        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
+        if len == 0 {
             return Ok(());
-        };
+        }
         // SYNC_FILE_RANGE_WRITE alone: submit the dirty pages, wait for nothing.
         // SAFETY: sync_file_range on a descriptor this value owns; no memory is passed.
         let rc = unsafe {
