@@ -66,9 +66,6 @@ use groups::{GroupCoordinator, GroupSettings};
 
 /// How often member sessions are checked for expiry.
 const SESSION_CHECK_PERIOD: Duration = Duration::from_millis(250);
-/// How often, with periodic fsync, writeback of what was appended since is started
-/// ([`Broker::start_writeback_all`]): at hundreds of MB/s, a few MB per partition each time.
-const WRITEBACK_PERIOD: Duration = Duration::from_millis(20);
 /// How often consumer lag gauges are refreshed.
 const LAG_EXPORT_PERIOD: Duration = Duration::from_secs(5);
 /// How often disk blocks are reserved ahead of busy partitions (and closed segments' leftovers
@@ -214,20 +211,6 @@ impl Broker {
         }
     }
 
-    /// Start writeback of what every partition appended since the last call
-    /// ([`Partition::start_writeback`]), so the periodic fdatasync finds little left to write.
-    pub fn start_writeback_all(&self) {
-        let started: u64 = self
-            .topics
-            .partition_handles()
-            .iter()
-            .map(|p| p.start_writeback())
-            .sum();
-        if started > 0 {
-            metrics::counter!("qanat_writeback_started_bytes_total").increment(started);
-        }
-    }
-
     /// Reserve disk blocks ahead of every busy partition's appends and give back what closed
     /// segments left (`Partition::renew_reservations`).
     pub fn reserve_all(&self) {
@@ -289,14 +272,6 @@ impl Broker {
             tasks.push(tokio::spawn(async move {
                 broker.every(period, |b| b.sync_all()).await;
             }));
-            if period > WRITEBACK_PERIOD {
-                let broker = self.clone();
-                tasks.push(tokio::spawn(async move {
-                    broker
-                        .every(WRITEBACK_PERIOD, |b| b.start_writeback_all())
-                        .await;
-                }));
-            }
         }
         if !matches!(self.config.storage.fsync, FsyncPolicy::Every(p) if p <= RESERVE_PERIOD) {
             let broker = self.clone();

@@ -690,15 +690,6 @@ impl TopicRegistry {
         Ok(())
     }
 
-    /// Every partition, without names: for a pass that runs many times a second.
-    pub fn partition_handles(&self) -> Vec<Arc<Partition>> {
-        self.topics
-            .read()
-            .values()
-            .flat_map(|t| t.partitions.iter().cloned())
-            .collect()
-    }
-
     /// Every partition, with its topic name and index.
     pub fn partitions(&self) -> Vec<(String, i32, Arc<Partition>)> {
         self.topics
@@ -864,12 +855,8 @@ mod tests {
                     }
                     self.step()
                 }
-                // Reads do not count; block reservation and writeback are hints whose failure
-                // is ignored.
-                StorageOp::Read
-                | StorageOp::Len
-                | StorageOp::Preallocate(_)
-                | StorageOp::StartWriteback(..) => Ok(()),
+                // Reads do not count; block reservation is a hint whose failure is ignored.
+                StorageOp::Read | StorageOp::Len | StorageOp::Preallocate(_) => Ok(()),
                 _ => self.step(),
             }
         }

@@ -87,7 +87,7 @@ pub mod storage;
 
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use error::LogError;
-pub use partition::{Partition, WRITEBACK_STEP};
+pub use partition::Partition;
 pub use producer::{last_sequence, next_sequence, MAX_CACHED_BATCHES, PRODUCER_EXPIRATION_MS};
 pub use storage::{
     FaultyStorage, HookedStorage, LogFile, OsStorage, SimStorage, Storage, StorageHooks, StorageOp,

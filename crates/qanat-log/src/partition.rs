@@ -36,11 +36,6 @@ const KEEP_BUF: usize = 16 << 20;
 /// partition is reserved ahead from the sync thread ([`Partition::reserve_ahead`]) just
 /// before its fdatasync; the append path reserves only when it runs past that.
 const PREALLOCATE_AHEAD: u64 = 16 << 20;
-/// [`Partition::start_writeback`] waits for at least this much: smaller steps cost a
-/// syscall for little.
-pub const WRITEBACK_STEP: u64 = 1 << 20;
-/// Writeback is started in whole pages: the last partial one will still change.
-const PAGE: u64 = 4096;
 
 /// Reserve `active`'s blocks up to `target` when that passes what is reserved; whether it
 /// tried. Best effort: a failure only costs the optimisation, and is not retried before
@@ -663,34 +658,6 @@ impl Partition {
         {
             self.unreleased.lock().push((generation, active));
         }
-    }
-
-    /// Start writing the active segment's appended pages to disk without waiting for them,
-    /// once at least [`WRITEBACK_STEP`] of whole pages has accumulated since the last call;
-    /// returns the bytes it started. A hint, not durability: only an fdatasync makes data
-    /// durable. Called often between periodic fdatasyncs (from a background thread, never
-    /// the append path), it spreads the disk writes, and the kernel's work for them, over
-    /// the period instead of one burst per fdatasync, a burst that stalls whatever else runs
-    /// on the machine's CPUs, producers and the broker's own threads among them.
-    pub fn start_writeback(&self) -> u64 {
-        if self.closed.load(Ordering::Acquire) {
-            return 0;
-        }
-        let Some(active) = self.segments.read().last().cloned() else {
-            return 0;
-        };
-        let (end, _) = active.published();
-        let to = end - end % PAGE;
-        let from = active.written_back.load(Ordering::Relaxed);
-        if to < from.saturating_add(WRITEBACK_STEP) {
-            return 0;
-        }
-        if let Err(e) = active.log.start_writeback(from, to) {
-            tracing::debug!(file = %active.log_path.display(), error = %e, "cannot start writeback");
-        }
-        // Not retried on failure: the next fdatasync writes these pages anyway.
-        active.written_back.fetch_max(to, Ordering::Relaxed);
-        to - from
     }
 
     /// Give back the blocks reserved past the end of segments closed since the last call.

@@ -134,8 +134,6 @@ pub(crate) struct Segment {
     pub dirty: AtomicBool,
     /// Bytes of the file reserved on disk ahead of the appends (see `Partition::append`).
     pub preallocated: AtomicU64,
-    /// Bytes from the start whose writeback was started (`Partition::start_writeback`).
-    pub written_back: AtomicU64,
     pub index: RwLock<IndexState>,
     files: Mutex<IndexFiles>,
 }
@@ -154,7 +152,6 @@ impl Segment {
             roll_base_ms: AtomicI64::new(i64::MIN),
             dirty: AtomicBool::new(false),
             preallocated: AtomicU64::new(0),
-            written_back: AtomicU64::new(0),
             index: RwLock::new(index),
             files: Mutex::new(IndexFiles::default()),
         }

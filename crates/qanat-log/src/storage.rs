@@ -38,11 +38,6 @@ pub trait LogFile: Send + Sync + 'static {
     fn preallocate(&self, _from: u64, _to: u64) -> io::Result<()> {
         Ok(())
     }
-    /// Start writing bytes `from..to` to disk without waiting for them. A hint that makes
-    /// nothing durable (only [`LogFile::sync_data`] does); where unsupported it does nothing.
-    fn start_writeback(&self, _from: u64, _to: u64) -> io::Result<()> {
-        Ok(())
-    }
     /// The OS descriptor, for zero-copy `sendfile`; `None` for simulated files.
     fn raw_fd(&self) -> Option<RawFd>;
 }
@@ -123,29 +118,6 @@ impl LogFile for OsFile {
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) => Ok(()), // e.g. some network filesystems: appends still work
             _ => Err(e),
-        }
-    }
-    fn start_writeback(&self, from: u64, to: u64) -> io::Result<()> {
-        let off =
-            |v: u64| libc::off64_t::try_from(v).map_err(|_| io::Error::other("offset too large"));
-        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
-        if len == 0 {
-            return Ok(());
-        }
-        // SYNC_FILE_RANGE_WRITE alone: submit the dirty pages, wait for nothing.
-        // SAFETY: sync_file_range on a descriptor this value owns; no memory is passed.
-        let rc = unsafe {
-            libc::sync_file_range(
-                self.file.as_raw_fd(),
-                start,
-                len,
-                libc::SYNC_FILE_RANGE_WRITE,
-            )
-        };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
         }
     }
     fn raw_fd(&self) -> Option<RawFd> {
