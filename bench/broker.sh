@@ -29,6 +29,7 @@
 #       NATS_SERVER   (default 127.0.0.1:4222); BENCH_SKIP_NATS=1 skips the peer,
 #       BENCH_SKIP_QANAT=1 skips the Qanat broker runs A-C, BENCH_SKIP_TLS=1 the run D.
 #       BENCH_LATENCY_ROUNDS (default 1) pairs of latency runs at JetStream's half-max rate.
+#       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons).
 # All traffic goes to 127.0.0.1. The script stops by itself: every client run is under `timeout`.
 set -euo pipefail
 
@@ -80,6 +81,8 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # build
 
 build_release qanat qanat-bench
+QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN} # measure another broker build (A/B) with this tree's clients
+[[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
 
 # ---------------------------------------------------------------------------------------------
 # disk bandwidth
