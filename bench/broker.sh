@@ -81,8 +81,7 @@ LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 # build
 
 build_release qanat qanat-bench
-QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN} # measure another broker build (A/B) with this tree's clients
-[[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
+broker_under_test
 
 # ---------------------------------------------------------------------------------------------
 # disk bandwidth

@@ -84,8 +84,7 @@ log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
 
 build_release qanat qanat-bench
-QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
-[[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
+broker_under_test
 CLK_TCK=$(getconf CLK_TCK)
 # utime+stime of a process in seconds (comm may contain spaces: cut after the last ')')
 cpu_secs() {

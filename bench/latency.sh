@@ -38,7 +38,7 @@ TIMELINE=()
 
 start_tmp qanat-latency
 build_release qanat qanat-bench
-QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
+broker_under_test
 BENCH_BIN=${BENCH_BENCH_BIN:-$BENCH_BIN}
 
 echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in |"

@@ -33,6 +33,13 @@ build_release() {
   [[ -x "$QANAT_BIN" ]] || die "qanat not found in $TARGET_DIR/release"
 }
 
+# broker_under_test: after build_release, let BENCH_QANAT_BIN name another broker build to
+# measure (A/B comparisons) while the clients stay this tree's.
+broker_under_test() {
+  QANAT_BIN=${BENCH_QANAT_BIN:-$QANAT_BIN}
+  [[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
+}
+
 # wait_line FILE PREFIX [PID]: print what follows PREFIX on the first line of FILE that starts
 # with it, waiting up to 60 s (and giving up early if PID exits).
 wait_line() {
