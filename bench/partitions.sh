@@ -3,24 +3,29 @@
 #
 # What it does:
 #   1. builds `qanat` and `qanat-bench` (release);
-#   2. for P in {1, 8, 64} and each partitioner, BENCH_RUNS times each: a fresh broker (default
-#      config, so periodic fsync every 1000 ms; Prometheus metrics on, as in production), one
-#      P-partition topic, `qanat-bench kafka-produce` of 1 KiB keyless records, acks=1, until
-#      BENCH_COUNT records or BENCH_SECS seconds. Partitioners: `sticky`, what Kafka's clients
-#      do with keyless records (a batch's worth to one partition, then another: batches stay
-#      full however many partitions there are), and `round-robin`, every record to the next
-#      partition (batches P times smaller: the worst case). One partition is run once, the two
-#      being the same there;
-#      the broker's CPU (utime+stime from /proc/PID/stat) is read just before and just after the
-#      produce, and its data dir is deleted after each run;
+#   2. BENCH_RUNS rounds, each running every row of P in {1, 8, 64} × partitioner × client
+#      (× broker build) once, in turn, so that drift over the bench falls on all rows alike.
+#      A row's run: a fresh broker (default config, so periodic fsync every 1000 ms; Prometheus
+#      metrics on, as in production), one P-partition topic, `qanat-bench kafka-produce` of
+#      1 KiB keyless records, acks=1, until BENCH_COUNT records or BENCH_SECS seconds.
+#      Partitioners: `sticky`, what Kafka's clients do with keyless records (a batch's worth to
+#      one partition, then another: batches stay full however many partitions there are), and
+#      `round-robin`, every record to the next partition (batches P times smaller: the worst
+#      case). One partition is run once, the two being the same there. The broker's CPU
+#      (utime+stime from /proc/PID/stat) is read just before and just after the produce, and
+#      its data dir is deleted after each run;
 #   3. a fresh broker, one 1,000-partition topic, BENCH_RSS_PER_PARTITION 1 KiB records produced
 #      to every partition, then the broker's peak RSS (VmHWM).
-# Output: a markdown table (median of the runs, every run's figures beside it; the client's CPU
-# per GB too, since on a small machine it competes with the broker) on stdout;
+# Output: a markdown table (median of the runs, every run's figures beside it; each row's MB/s
+# and broker CPU per GB as a share of the same client's one-partition figure, the median of the
+# rounds' own ratios; the client's CPU per GB too, since on a small machine it competes with
+# the broker) on stdout;
 # progress on stderr.
 #
-# Env:  BENCH_RUNS (default 3), BENCH_SECS (default 8), BENCH_COUNT (default 1500000 records,
-#       which bounds the data written per run to ~1.5 GB), BENCH_RSS_PER_PARTITION (default 20),
+# Env:  BENCH_RUNS (default 3), BENCH_SECS (default 10), BENCH_COUNT (default 6000000 records,
+#       which bounds the data written per run to ~6 GB: runs of several seconds, so each spans
+#       several of the broker's periodic fsyncs and its CPU per GB is not a matter of whether one
+#       fell inside the run), BENCH_RSS_PER_PARTITION (default 20),
 #       BENCH_PARTITIONS (default "1 8 64"),
 #       BENCH_PARTITIONERS (default "sticky round-robin"),
 #       BENCH_CLIENTS (default "librdkafka native"): the producers to run the matrix with —
@@ -38,8 +43,8 @@ set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 BENCH_TAG=partitions
 RUNS=${BENCH_RUNS:-3}
-SECS=${BENCH_SECS:-8}
-COUNT=${BENCH_COUNT:-1500000}
+SECS=${BENCH_SECS:-10}
+COUNT=${BENCH_COUNT:-6000000}
 RSS_PER_PARTITION=${BENCH_RSS_PER_PARTITION:-20}
 PARTITION_COUNTS=${BENCH_PARTITIONS:-"1 8 64"}
 CLIENTS=${BENCH_CLIENTS:-"librdkafka native"}
@@ -127,42 +132,72 @@ client_cpu_gb() {
 }
 
 LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-ROWS=()
-for CLIENT in $CLIENTS; do
+# The matrix, one "client parts partitioner label" entry per row. One partition: every
+# partitioner sends the same records to it, so it is run once.
+CONFIGS=()
+for client in $CLIENTS; do
   for parts in $PARTITION_COUNTS; do
-    partitioners=$PARTITIONERS label=""
-    # One partition: every partitioner sends the same records to it.
-    [[ "$parts" == 1 ]] && partitioners=${PARTITIONERS%% *} label="(one partition)"
-    for PARTITIONER in $partitioners; do
-      mbps_all=() cpu_all=() client_all=() runs=()
-      for run in $(seq "$RUNS"); do
-        for b in "${!BROKERS[@]}"; do
-          QANAT_BIN=${BROKERS[$b]}
-          start_broker "p$parts-r$run-b$b"
-          topic=bench-$parts
-          create_topic "$topic" "$parts"
-          cpu0=$(cpu_secs "$BROKER_PID")
-          out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
-          cpu1=$(cpu_secs "$BROKER_PID")
-          kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
-          errors=$(jq -r '.errors' <<<"$out")
-          [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
-          mbps=$(jq -r '.mb_per_s' <<<"$out")
-          bytes=$(jq -r '.bytes' <<<"$out")
-          cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
-          client_gb=$(client_cpu_gb "$bytes")
-          log "broker $((b + 1)), $CLIENT, $parts partitions, $PARTITIONER, run $run: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
-          mbps_all[b]+=" $mbps" cpu_all[b]+=" $cpu_gb" runs[b]+="${runs[b]:+, }$mbps / $cpu_gb"
-          [[ "$client_gb" != - ]] && client_all[b]+=" $client_gb"
-          stop_broker
-        done
-      done
-      for b in "${!BROKERS[@]}"; do
-        broker_col=""
-        [[ ${#BROKERS[@]} -gt 1 ]] && broker_col="$((b + 1)) | "
-        ROWS+=("| $broker_col$CLIENT | $parts | ${label:-$PARTITIONER} | $(median <<<"${mbps_all[b]}") | $(median <<<"${cpu_all[b]}") | $(median <<<"${client_all[b]:-}") | ${runs[b]} |")
-      done
+    if [[ "$parts" == 1 ]]; then
+      CONFIGS+=("$client $parts ${PARTITIONERS%% *} one-partition")
+    else
+      for partitioner in $PARTITIONERS; do CONFIGS+=("$client $parts $partitioner -"); done
+    fi
+  done
+done
+# Each round runs every row (and every broker) once, in turn: the machine drifts over a
+# bench's minutes (page cache, disk, neighbours), and the scaling figures are ratios between
+# rows, so a drift must fall on all rows alike rather than on whichever ran last.
+declare -A MBPS_ALL CPU_ALL CLIENT_ALL RUNS_TEXT
+for run in $(seq "$RUNS"); do
+  for c in "${!CONFIGS[@]}"; do
+    read -r CLIENT parts PARTITIONER _ <<<"${CONFIGS[$c]}"
+    for b in "${!BROKERS[@]}"; do
+      QANAT_BIN=${BROKERS[$b]}
+      key=$c.$b
+      start_broker "p$parts-r$run-c$c-b$b"
+      topic=bench-$parts
+      create_topic "$topic" "$parts"
+      cpu0=$(cpu_secs "$BROKER_PID")
+      out=$(produce "$topic" "$parts" "$COUNT" "$SECS")
+      cpu1=$(cpu_secs "$BROKER_PID")
+      kill -0 "$BROKER_PID" 2>/dev/null || die "the broker died during the $parts-partition run"
+      errors=$(jq -r '.errors' <<<"$out")
+      [[ "$errors" == 0 ]] || die "$parts partitions: $errors produce errors: $(jq -r '.first_error' <<<"$out")"
+      mbps=$(jq -r '.mb_per_s' <<<"$out")
+      bytes=$(jq -r '.bytes' <<<"$out")
+      cpu_gb=$(awk -v a="$cpu0" -v b="$cpu1" -v n="$bytes" 'BEGIN { printf "%.2f", (b - a) / (n / 1e9) }')
+      client_gb=$(client_cpu_gb "$bytes")
+      log "round $run, broker $((b + 1)), $CLIENT, $parts partitions, $PARTITIONER: $mbps MB/s, broker $cpu_gb CPU-s/GB, client $client_gb CPU-s/GB ($(jq -r '.records' <<<"$out") records; load $(cut -d' ' -f1 /proc/loadavg))"
+      MBPS_ALL[$key]+=" $mbps" CPU_ALL[$key]+=" $cpu_gb"
+      RUNS_TEXT[$key]+="${RUNS_TEXT[$key]:+, }$mbps / $cpu_gb"
+      [[ "$client_gb" != - ]] && CLIENT_ALL[$key]+=" $client_gb"
+      stop_broker
     done
+  done
+done
+# paired_ratio <row's runs> <one-partition row's runs>: the median over rounds of the row's
+# figure over the one-partition figure of the same round, as a percentage. Paired by round,
+# the machine's drift between rounds (larger here than the partition count's effect) cancels.
+paired_ratio() {
+  [[ -n "$2" ]] || { echo -; return; }
+  paste <(tr ' ' '\n' <<<"$1" | grep -v '^$') <(tr ' ' '\n' <<<"$2" | grep -v '^$') |
+    awk '$2 > 0 { printf "%.4f ", $1 / $2 }' | median | awk '$1 != "-" { printf "%.0f%%", $1 * 100; next } { print }'
+}
+# The one-partition row of each client, which the others are compared with.
+declare -A ONE_PARTITION
+for c in "${!CONFIGS[@]}"; do
+  read -r client parts _ <<<"${CONFIGS[$c]}"
+  [[ "$parts" == 1 ]] && ONE_PARTITION[$client]=$c
+done
+ROWS=()
+for c in "${!CONFIGS[@]}"; do
+  read -r client parts partitioner label <<<"${CONFIGS[$c]}"
+  [[ "$label" == one-partition ]] && partitioner="(one partition)"
+  for b in "${!BROKERS[@]}"; do
+    key=$c.$b broker_col="" base=""
+    [[ ${#BROKERS[@]} -gt 1 ]] && broker_col="$((b + 1)) | "
+    [[ -n "${ONE_PARTITION[$client]:-}" && "$parts" != 1 ]] && base=${ONE_PARTITION[$client]}.$b
+    ROWS+=("| $broker_col$client | $parts | $partitioner | $(median <<<"${MBPS_ALL[$key]}") | $(paired_ratio "${MBPS_ALL[$key]}" "${base:+${MBPS_ALL[$base]}}") | $(median <<<"${CPU_ALL[$key]}") | $(paired_ratio "${CPU_ALL[$key]}" "${base:+${CPU_ALL[$base]}}") | $(median <<<"${CLIENT_ALL[$key]:-}") | ${RUNS_TEXT[$key]} |")
   done
 done
 
@@ -177,10 +212,10 @@ stop_broker
 
 head_col="" rule_col="" rss_col=""
 [[ ${#BROKERS[@]} -gt 1 ]] && head_col="broker | " rule_col="---|" rss_col="1 | "
-echo "| ${head_col}client | partitions | partitioner | produce MB/s (median) | broker CPU-s/GB (median) | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
-echo "|${rule_col}---|---|---|---|---|---|---|"
+echo "| ${head_col}client | partitions | partitioner | produce MB/s (median) | MB/s vs 1 partition | broker CPU-s/GB (median) | CPU-s/GB vs 1 partition | client CPU-s/GB (median) | runs (MB/s / broker CPU-s/GB) |"
+echo "|${rule_col}---|---|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
-echo "| ${rss_col}librdkafka | 1,000 (RSS) | round-robin | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | |"
+echo "| ${rss_col}librdkafka | 1,000 (RSS) | round-robin | peak broker RSS (VmHWM) after $RSS_PER_PARTITION records to each partition: $(awk -v k="$hwm" 'BEGIN { printf "%.1f MiB", k / 1024 }') | | | | | |"
 echo
 echo "1 KiB keyless records, acks=1, default config (fsync every 1000 ms), no compression; up to $COUNT records or ${SECS} s"
 echo "per run, fresh broker per run, data in $(df -P "$TMP" | awk 'NR == 2 { print $1 }') ($TMP). MB = 10^6 bytes of record values;"
@@ -188,7 +223,8 @@ echo "CPU-s/GB = utime+stime during the produce / 10^9 bytes of record values (b
 echo "client: qanat-bench with librdkafka or the native producer, from /usr/bin/time). Client and broker share the machine's cores,"
 echo "so MB/s falls when the client needs more CPU per GB (it does with more partitions). sticky: the clients' default for"
 echo "keyless records (librdkafka chooses the partition itself; the native producer moves on after each --batch-bytes);"
-echo "round-robin: every record to the next partition, so batches are P times smaller."
+echo "round-robin: every record to the next partition, so batches are P times smaller. \"vs 1 partition\": the median over"
+echo "rounds of the row's figure / the same client's one-partition figure in that round (rounds run every row in turn)."
 for b in "${!BROKERS[@]}"; do
   echo "Broker${head_col:+ $((b + 1))}: ${BROKERS[$b]}."
 done
