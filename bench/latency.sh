@@ -11,7 +11,8 @@
 # requests that took over 5 ms to answer, from its `qanat_request_seconds` histogram, which
 # tells a stall in the broker from one in the client or the scheduler; D-state samples of
 # threads in a sync call, of all other threads — appends among them — and the function those
-# others were most often blocked in); progress on stderr. All traffic goes to 127.0.0.1.
+# others were most often blocked in; the host's steal share of CPU time during the run, which
+# says whether the host, not the broker, slowed it); progress on stderr. All traffic goes to 127.0.0.1.
 #
 # Env:  LAT_RATES  (default "65000 122000 244000") records/s
 #       LAT_FSYNC  (default "1000 3600000") fsync settings; 3600000 is periodic fsync pushed out
@@ -41,8 +42,8 @@ build_release qanat qanat-bench
 broker_under_test
 BENCH_BIN=${BENCH_BENCH_BIN:-$BENCH_BIN}
 
-echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in |"
-echo "|---|---|---|---|---|---|---|---|---|---|"
+echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in | host steal |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
 for fsync in $FSYNCS; do
   for rate in $RATES; do
     run="$TMP/run-$fsync-$rate"
@@ -72,10 +73,12 @@ for fsync in $FSYNCS; do
     ) >"$run/dstacks" 2>/dev/null &
     sampler=$!
     log "fsync=$fsync rate=$rate client=$CLIENT"
+    read -r steal0 total0 < <(cpu_times)
     timeout $((SECS + 60)) "$BENCH_BIN" kafka-produce --client "$CLIENT" --bootstrap "$addr" \
       --topic lat --record-size 1024 --count 1000000000 --acks 1 --linger-ms 1 --rate "$rate" \
       --max-secs "$SECS" "${TIMELINE[@]}" >"$run/bench.json" 2>"$run/bench.err" ||
       log "client failed: $(tail -2 "$run/bench.err")"
+    steal=$(steal_since "$steal0" "$total0")
     if [[ ${#TIMELINE[@]} -gt 0 ]]; then
       grep -A100000 "latency by send time" "$run/bench.err" >&2 || true
     fi
@@ -96,9 +99,9 @@ for fsync in $FSYNCS; do
       END { flush(); best = "-"; for (f in c) if (c[f] > c[best]) best = f
             printf "%d %d %s\n", s, o, best }' "$run/dstacks")
     jq -r --arg f "$fsync" --arg r "$rate" --arg s "$syncs" --arg o "$others" --arg t "$top" \
-      --arg b "$slow" \
-      '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($b) | \($s) | \($o) | \($t) |"' \
-      "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | | |"
+      --arg b "$slow" --arg st "$steal" \
+      '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($b) | \($s) | \($o) | \($t) | \($st) |"' \
+      "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | | | |"
     rm -rf "$run/data"
   done
 done

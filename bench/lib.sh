@@ -74,6 +74,21 @@ warn_guest_memory() {
   fi
 }
 
+# cpu_times: this machine's steal time and all its CPU time so far, in ticks of /proc/stat.
+# steal_since STEAL TOTAL: the share of the CPU time since that `cpu_times` reading that the
+# host gave to others while this guest had work to run (top's %st). A run with a high share
+# was slowed by the host, not by the code under test: compare runs only at similar shares.
+cpu_times() {
+  local _cpu user nice sys idle iowait irq softirq steal _rest
+  read -r _cpu user nice sys idle iowait irq softirq steal _rest </proc/stat
+  echo "$steal $((user + nice + sys + idle + iowait + irq + softirq + steal))"
+}
+steal_since() {
+  local s1 t1
+  read -r s1 t1 < <(cpu_times)
+  awk -v s=$((s1 - $1)) -v t=$((t1 - $2)) 'BEGIN { if (t <= 0) print "-"; else printf "%.1f%%\n", 100 * s / t }'
+}
+
 # start_tmp NAME: a temp dir in $TMP (under BENCH_TMPDIR, default /tmp), an empty PIDS array,
 # and traps that stop every pid in PIDS, call cleanup_extra if the script defines it, and
 # remove the temp dir on exit. Warns about guest memory handed back to the host.
