@@ -506,7 +506,8 @@ printf '%s\n' "${SUMMARY[@]}"
 echo
 echo "Notes: MB = 10^6 bytes of record values (keys/headers/framing not counted). Throughput rows"
 echo "produce open-loop for up to ${PRODUCE_SECS} s (librdkafka linger.ms=5, batch.size=1 MiB, 32 MiB client buffer, no compression;"
-echo "JetStream: 4096 publishes awaiting acks), so their latency columns include client-side queueing"
+echo "keyless records spread over the partitions as Kafka's clients do by default: sticky, a batch's worth"
+echo "to one partition, then another; JetStream: 4096 publishes awaiting acks), so their latency columns include client-side queueing"
 echo "at saturation; the 'latency @' rows are paced at half the max rate of the 1 KiB / 1 partition run,
 with linger.ms=1 for Qanat (a latency-oriented producer setting). A latency row's rec/s column is the"
 echo "rate reached, its label the rate asked: a client that cannot keep pace measures its own queueing."

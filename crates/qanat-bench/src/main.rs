@@ -106,8 +106,8 @@ struct KafkaProduceArgs {
     /// Number of partitions of the topic (0..P).
     #[arg(long, default_value_t = 1)]
     partitions: u32,
-    /// How records are spread over the partitions.
-    #[arg(long, value_enum, default_value = "round-robin")]
+    /// How records are spread over the partitions; by default as the clients do.
+    #[arg(long, value_enum, default_value = "sticky")]
     partitioner: Partitioner,
     /// Value size of each record in bytes (records have no key).
     #[arg(long)]
