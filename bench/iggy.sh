@@ -4,7 +4,9 @@
 #
 # Iggy is not built by this script: IGGY_DIR names a directory holding a release build of
 # `iggy-server` and `iggy-bench` from apache/iggy at tag `server-0.8.0` (`cargo build --release
-# -p server -p iggy-bench` in its tree; on Debian it needs libhwloc-dev and libudev-dev).
+# -p server -p iggy-bench` in its tree; on Debian it needs libhwloc-dev and libudev-dev; its
+# rust-toolchain.toml pins rustc 1.94.0: where only a newer toolchain is installed, remove that
+# file or set RUSTUP_TOOLCHAIN=stable, and the tree builds with it).
 #
 # For each of BENCH_RUNS rounds, alternating: a fresh Qanat broker (default config: periodic
 # fsync every 1 s) and `qanat-bench kafka-produce` (acks=1, librdkafka, 1 MiB batches); the same
