@@ -20,6 +20,8 @@
 #       LAT_CLIENT (default librdkafka) the producer: librdkafka or native
 #       LAT_TIMELINE_MS  when set, each run's latency per window of this many ms of send time
 #                  goes to stderr (`qanat-bench --latency-timeline-ms`)
+#       LAT_STACKS_DIR  when set, each run's sampled D-state stacks are kept there, one file per
+#                  run (dstacks-<fsync>-<rate>-<n>), for the blocked call chains in full
 #       BENCH_QANAT_BIN, BENCH_BENCH_BIN  binaries to run instead of this tree's release build
 #       BENCH_TMPDIR (default /tmp) parent of the temp dir (data dirs live there: use the disk
 #                  under test, not a tmpfs)
@@ -59,13 +61,15 @@ for fsync in $FSYNCS; do
     # takes enough CPU on a small machine to show up in the latencies it is there to explain.
     (
       mkfifo "$run/never" && exec {never}<>"$run/never" # holds both ends: reads only time out
+      is_root=$((EUID == 0))
       while [ -d /proc/"$broker" ]; do
         for t in /proc/"$broker"/task/*; do
           read -r st <"$t/stat" 2>/dev/null || continue
           st=${st##*) }
           if [ "${st%% *}" = D ]; then
             echo "== sample"
-            cat "$t/stack" 2>/dev/null || echo "(no stack: not root)"
+            # Unreadable: not root, or (as root) the thread ended meanwhile.
+            cat "$t/stack" 2>/dev/null || ((is_root)) || echo "(no stack: not root)"
           fi
         done
         read -r -t 0.01 -u "$never" _ || true
@@ -102,6 +106,12 @@ for fsync in $FSYNCS; do
       --arg b "$slow" --arg st "$steal" \
       '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($b) | \($s) | \($o) | \($t) | \($st) |"' \
       "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | | | |"
+    if [[ -n "${LAT_STACKS_DIR:-}" ]]; then
+      mkdir -p "$LAT_STACKS_DIR"
+      n=1
+      while [[ -e "$LAT_STACKS_DIR/dstacks-$fsync-$rate-$n" ]]; do n=$((n + 1)); done
+      cp "$run/dstacks" "$LAT_STACKS_DIR/dstacks-$fsync-$rate-$n"
+    fi
     rm -rf "$run/data"
   done
 done
