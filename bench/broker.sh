@@ -75,8 +75,7 @@ cleanup() {
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 log "temp dir $TMP, BENCH_SCALE=$SCALE"
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-read -r STEAL_START TOTAL_START < <(cpu_times)
+machine_start
 
 # ---------------------------------------------------------------------------------------------
 # build
@@ -499,7 +498,7 @@ for key in 100/1/1 100/8/1 1024/1/1 1024/8/1 100/1/all 100/8/all 1024/1/all 1024
   fi
 done
 echo
-echo "Machine: $(nproc) cores; load average (1/5/15 min) at start ${LOAD_START}, at end $(cut -d' ' -f1-3 /proc/loadavg); host steal $(steal_since "$STEAL_START" "$TOTAL_START") of CPU time over the run"
+echo "Machine: $(machine_summary)"
 echo
 echo "Resources:"
 printf '%s\n' "${SUMMARY[@]}"

@@ -81,7 +81,7 @@ MAX_COUNT=100000000
 start_tmp qanat-fanout
 mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+machine_start
 
 build_release qanat qanat-bench
 broker_under_test
@@ -294,7 +294,7 @@ echo
 [[ -n "$CONTROL_LINE" ]] && echo "$CONTROL_LINE"
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
 echo "- broker CPU-s/GB served: the run's broker CPU less $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB (solo) for what was produced meanwhile, over the record bytes the readers received"
-echo "- broker ($QANAT_BIN): CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(nproc) cores, load before ${LOAD_START}, after $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "- broker ($QANAT_BIN): CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(machine_summary)"
 echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU"
 if grep -qiE 'error|panic' "$TMP/broker.stderr"; then
   echo "- broker stderr has errors:"

@@ -100,7 +100,7 @@ run_iggy() {
   rm -rf "$dir"
 }
 
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+machine_start
 Q_MB="" Q_CPU="" I_MB="" I_CPU="" Q_RUNS="" I_RUNS="" S_MB="" S_CPU="" S_RUNS=""
 for run in $(seq "$RUNS"); do
   run_qanat "$run" 1000 >"$TMP/row"
@@ -126,4 +126,4 @@ echo
 echo "One producer, one partition, ${MESSAGE_BYTES}-byte messages, $GB GB per run, $RUNS alternating rounds; each"
 echo "server fresh per run with its default configuration (but the fsync interval of the second Qanat row)."
 echo "MB = 10^6 bytes of message bodies."
-echo "Client and server share the machine's $(nproc) cores. Load average at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg)."
+echo "Client and server share the machine: $(machine_summary)."

@@ -89,6 +89,17 @@ steal_since() {
   awk -v s=$((s1 - $1)) -v t=$((t1 - $2)) 'BEGIN { if (t <= 0) print "-"; else printf "%.1f%%\n", 100 * s / t }'
 }
 
+# machine_start: note the load average and CPU times at the start of a run (LOAD_START,
+# STEAL_START, TOTAL_START). machine_summary: the machine's cores, load average at start and
+# now, and the host's steal share of CPU time since machine_start, in one line.
+machine_start() {
+  LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+  read -r STEAL_START TOTAL_START < <(cpu_times)
+}
+machine_summary() {
+  echo "$(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg); host steal $(steal_since "$STEAL_START" "$TOTAL_START") of CPU time over the run"
+}
+
 # start_tmp NAME: a temp dir in $TMP (under BENCH_TMPDIR, default /tmp), an empty PIDS array,
 # and traps that stop every pid in PIDS, call cleanup_extra if the script defines it, and
 # remove the temp dir on exit. Warns about guest memory handed back to the host.

@@ -131,8 +131,7 @@ client_cpu_gb() {
   fi
 }
 
-LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
-read -r STEAL_START TOTAL_START < <(cpu_times)
+machine_start
 # The matrix, one "client parts partitioner label" entry per row. One partition: every
 # partitioner sends the same records to it, so it is run once.
 CONFIGS=()
@@ -229,4 +228,4 @@ echo "rounds of the row's figure / the same client's one-partition figure in tha
 for b in "${!BROKERS[@]}"; do
   echo "Broker${head_col:+ $((b + 1))}: ${BROKERS[$b]}."
 done
-echo "Machine: $(nproc) cores; load average (1/5/15 min) at start $LOAD_START, at end $(cut -d' ' -f1-3 /proc/loadavg); host steal $(steal_since "$STEAL_START" "$TOTAL_START") of CPU time over the run."
+echo "Machine: $(machine_summary)."

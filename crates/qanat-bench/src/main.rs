@@ -7,9 +7,9 @@
 //!   from `send` to the delivery report (hdrhistogram, p50/p99/p99.9). Without `--rate` it
 //!   runs open-loop as fast as the client queue allows (max throughput, latency then includes
 //!   queueing); with `--rate` sends are paced by a token bucket so latency reflects a
-//!   sustainable load. `--partitioner` spreads the keyless records round-robin, record by
-//!   record (the worst case: the smallest batches), or sticky (the clients' default for
-//!   keyless records: a batch's worth to one partition, then the next).
+//!   sustainable load. `--partitioner` spreads the keyless records sticky, the default and
+//!   the clients' own for keyless records (a batch's worth to one partition, then the next),
+//!   or round-robin, record by record (the worst case: the smallest batches).
 //! - `kafka-consume`: read throughput of a partition-assigned consumer (no consumer group)
 //!   from offset 0 until N records arrived (or `--max-secs` passed); with `--group G` a real
 //!   group member instead (subscribe, earliest, auto-commit), timed from its first record (to
