@@ -31,6 +31,10 @@
 //!   instead of checking every CRC; after a crash there is no marker and every batch past
 //!   the recovery point is checked.
 //!
+//! - `next-segment.spare`: always empty; the next segment's file with disk blocks reserved
+//!   ahead, made off the append path near a segment's end and renamed to `<base>.log` at the
+//!   roll. Open removes a leftover one.
+//!
 //! Indexes are derived data: written lazily (on roll/close), checked on open, rebuilt from the
 //! log if missing or inconsistent.
 //!

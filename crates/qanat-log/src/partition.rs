@@ -14,12 +14,15 @@ use crate::producer::{
 };
 use crate::segment::{self, file_name, io_err, Segment};
 use crate::{
-    AppendOutcome, Clock, FileSlice, LogConfig, LogError, ReadOutcome, RecoveryReport,
+    AppendOutcome, Clock, FileSlice, LogConfig, LogError, LogFile, ReadOutcome, RecoveryReport,
     RetentionOutcome, Storage, TimestampType,
 };
 
 const CHECKPOINT: &str = "recovery-point";
 const CLEAN_SHUTDOWN: &str = "clean-shutdown";
+/// The next segment's file, made and reserved ahead off the append path and renamed in at
+/// the roll ([`Partition::reserve_ahead`]). Always empty; open removes a leftover one.
+const SPARE: &str = "next-segment.spare";
 /// Suffix of the temp file a checksummed file is written to before its rename.
 const TMP_SUFFIX: &str = ".tmp";
 /// Segment positions and relative offsets are u32 in the indexes.
@@ -35,7 +38,16 @@ const KEEP_BUF: usize = 16 << 20;
 /// fdatasync's) is under way, for tens of milliseconds at high append rates, so a busy
 /// partition is reserved ahead from the sync thread ([`Partition::reserve_ahead`]) just
 /// before its fdatasync; the append path reserves only when it runs past that.
+///
+/// That `fallocate` still holds the active file's inode lock, which appends need, for as
+/// long as the allocator takes: hundreds of milliseconds when it has to read cold block
+/// bitmaps. So near the end of a segment the sync thread also makes the *next* segment's
+/// file, reserved for a minute of appends at the rate seen (a whole segment for a partition
+/// that fills one within a minute), and the roll renames it in: a busy partition's active
+/// file is then never `fallocate`d at all.
 const PREALLOCATE_AHEAD: u64 = 16 << 20;
+/// How many milliseconds of appends, at the rate seen, a spare next segment is reserved for.
+const SPARE_RESERVE_MS: u64 = 60_000;
 
 /// Reserve `active`'s blocks up to `target` when that passes what is reserved; whether it
 /// tried. Best effort: a failure only costs the optimisation, and is not retried before
@@ -50,6 +62,12 @@ fn reserve_to(active: &Segment, target: u64) -> bool {
     }
     active.preallocated.fetch_max(target, Ordering::Relaxed);
     true
+}
+
+/// An empty file at [`SPARE`] with its first `reserved` bytes' blocks reserved.
+struct Spare {
+    log: Arc<dyn LogFile>,
+    reserved: u64,
 }
 
 /// Where a read may look for batch positions.
@@ -102,6 +120,11 @@ pub struct Partition {
     unreleased: Mutex<Vec<(u64, Arc<Segment>)>>,
     /// Bytes appended since the last [`Partition::reserve_ahead`].
     appended_since_reserve: AtomicU64,
+    /// Clock time of the last [`Partition::reserve_ahead`].
+    last_reserve_ms: AtomicI64,
+    /// The next segment's file, ready for the roll. Held while it is made and while a roll
+    /// renames it; the roll only tries the lock, so it never waits for a reservation.
+    spare: Mutex<Option<Spare>>,
 }
 
 impl std::fmt::Debug for Partition {
@@ -229,9 +252,10 @@ impl Partition {
                 indexes.push((b, name));
             } else if let Some(b) = parse_base(name, ".producers") {
                 snapshots.insert(b);
-            } else if name
-                .strip_suffix(TMP_SUFFIX)
-                .is_some_and(|n| n == CHECKPOINT || n == CLEAN_SHUTDOWN)
+            } else if name == SPARE
+                || name
+                    .strip_suffix(TMP_SUFFIX)
+                    .is_some_and(|n| n == CHECKPOINT || n == CLEAN_SHUTDOWN)
             {
                 let p = dir.join(name);
                 st.remove_file(&p).map_err(io_err(&p))?;
@@ -417,6 +441,7 @@ impl Partition {
         } else {
             tracing::debug!(dir = %dir.display(), segments = segs.len(), next, "partition opened");
         }
+        let now = clock.now_ms();
         let p = Partition {
             storage,
             clock,
@@ -441,6 +466,8 @@ impl Partition {
             generation: AtomicU64::new(0),
             unreleased: Mutex::new(Vec::new()),
             appended_since_reserve: AtomicU64::new(0),
+            last_reserve_ms: AtomicI64::new(now),
+            spare: Mutex::new(None),
         };
         Ok((p, report))
     }
@@ -634,10 +661,14 @@ impl Partition {
     /// rate seen since the last call (at least [`PREALLOCATE_AHEAD`], at most the segment), so
     /// the append path need not. Meant for the periodic sync thread, just before its
     /// fdatasync: the appends meanwhile then need no reservation, which would wait for the
-    /// journal commit that fdatasync starts. Best effort.
+    /// journal commit that fdatasync starts. When that reaches the segment's end, the roll is
+    /// near: the next segment's file is made and reserved too, for a minute of appends at
+    /// that rate (at least [`PREALLOCATE_AHEAD`], at most a segment). Best effort.
     pub fn reserve_ahead(&self) {
         let generation = self.generation.load(Ordering::Acquire);
         let appended = self.appended_since_reserve.swap(0, Ordering::Relaxed);
+        let now = self.clock.now_ms();
+        let elapsed = now.saturating_sub(self.last_reserve_ms.swap(now, Ordering::Relaxed));
         let Some(active) = self.segments.read().last().cloned() else {
             return;
         };
@@ -645,18 +676,63 @@ impl Partition {
         let target = end
             .saturating_add(appended.saturating_mul(2).max(PREALLOCATE_AHEAD))
             .min(self.config.segment_bytes);
-        if !reserve_to(&active, target) {
-            return;
-        }
         // A roll meanwhile closed this segment before the reservation: give it back with the
         // other closed segments'.
-        if self
-            .segments
-            .read()
-            .last()
-            .is_none_or(|s| !Arc::ptr_eq(s, &active))
+        if reserve_to(&active, target)
+            && self
+                .segments
+                .read()
+                .last()
+                .is_none_or(|s| !Arc::ptr_eq(s, &active))
         {
             self.unreleased.lock().push((generation, active));
+        }
+        if target >= self.config.segment_bytes {
+            let per_ms = appended / u64::try_from(elapsed).unwrap_or(0).max(1);
+            self.prepare_spare(
+                per_ms
+                    .saturating_mul(SPARE_RESERVE_MS)
+                    .max(PREALLOCATE_AHEAD)
+                    .min(self.config.segment_bytes),
+            );
+        }
+    }
+
+    /// Make the spare next-segment file with `reserve` bytes' blocks reserved, unless one is
+    /// ready or being made. Best effort: without it the roll creates the file itself.
+    fn prepare_spare(&self, reserve: u64) {
+        let Some(mut slot) = self.spare.try_lock() else {
+            return;
+        };
+        if slot.is_some() || self.closed.load(Ordering::Acquire) {
+            return;
+        }
+        let path = self.dir.join(SPARE);
+        let made = self
+            .storage
+            .open(&path)
+            .and_then(|log| log.set_len(0).map(|()| log))
+            .and_then(|log| log.preallocate(0, reserve).map(|()| log));
+        match made {
+            Ok(log) => {
+                *slot = Some(Spare {
+                    log,
+                    reserved: reserve,
+                })
+            }
+            Err(e) => {
+                tracing::debug!(file = %path.display(), error = %e, "cannot make a spare segment")
+            }
+        }
+    }
+
+    /// Drop the spare next-segment file, if any; its blocks go back to the filesystem.
+    fn drop_spare(&self, slot: &mut Option<Spare>) {
+        if slot.take().is_some() {
+            let path = self.dir.join(SPARE);
+            if let Err(e) = self.storage.remove_file(&path) {
+                tracing::warn!(file = %path.display(), error = %e, "cannot remove the spare segment");
+            }
         }
     }
 
@@ -708,7 +784,25 @@ impl Partition {
         self.unreleased
             .lock()
             .push((self.generation.load(Ordering::Acquire), old.clone()));
-        let seg = Arc::new(Segment::create(&*self.storage, &self.dir, next)?);
+        let seg = {
+            // Held through the rename, so no new spare is made at its path meanwhile.
+            let mut slot = self.spare.try_lock();
+            match slot.as_mut().and_then(|s| s.take()) {
+                Some(spare) => {
+                    let from = self.dir.join(SPARE);
+                    Segment::adopt(
+                        &*self.storage,
+                        &self.dir,
+                        next,
+                        &from,
+                        spare.log,
+                        spare.reserved,
+                    )?
+                }
+                None => Segment::create(&*self.storage, &self.dir, next)?,
+            }
+        };
+        let seg = Arc::new(seg);
         // Producer state as of `next`, so open need not replay older segments. Derived data:
         // a failure only makes the next open replay more.
         match producer::write_snapshot(&*self.storage, &seg.snapshot_path, &w.producers) {
@@ -823,6 +917,9 @@ impl Partition {
         let mut w = self.writer.lock();
         // The segments below are rewritten: none may be set to a length it had before.
         self.unreleased.lock().clear();
+        // The reopen below removes the spare file: none may be in use or made meanwhile.
+        let mut spare = self.spare.lock();
+        *spare = None;
         // Retention may have deleted segments that were never synced: nothing below the log
         // start is left to cut.
         let durable = self
@@ -1172,6 +1269,7 @@ impl Partition {
             w.active.clone()
         };
         self.release_reserved();
+        self.drop_spare(&mut self.spare.lock());
         self.sync_inner(None)?;
         self.sync_snapshots()?;
         if self.durable.load(Ordering::Acquire) < self.next_offset() {

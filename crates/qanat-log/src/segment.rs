@@ -163,13 +163,38 @@ impl Segment {
         let log = storage.open(&path).map_err(io_err(&path))?;
         let seg = Segment::new(dir, base, log, IndexState::new());
         seg.log.set_len(0).map_err(io_err(&path))?;
-        for p in [&seg.index_path, &seg.time_path, &seg.snapshot_path] {
+        seg.start_empty(storage)?;
+        Ok(seg)
+    }
+
+    /// A new empty segment in `spare`, an empty file at `spare_path` with its first `reserved`
+    /// bytes' blocks reserved, renamed into place: nothing is created or reserved here.
+    pub fn adopt(
+        storage: &dyn Storage,
+        dir: &Path,
+        base: i64,
+        spare_path: &Path,
+        spare: Arc<dyn LogFile>,
+        reserved: u64,
+    ) -> Result<Segment, LogError> {
+        let seg = Segment::new(dir, base, spare, IndexState::new());
+        storage
+            .rename(spare_path, &seg.log_path)
+            .map_err(io_err(&seg.log_path))?;
+        seg.preallocated.store(reserved, Ordering::Relaxed);
+        seg.start_empty(storage)?;
+        Ok(seg)
+    }
+
+    /// Remove leftovers of an earlier segment with this base and publish the empty log.
+    fn start_empty(&self, storage: &dyn Storage) -> Result<(), LogError> {
+        for p in [&self.index_path, &self.time_path, &self.snapshot_path] {
             if storage.exists(p) {
                 storage.remove_file(p).map_err(io_err(p))?;
             }
         }
-        seg.publish(0, base);
-        Ok(seg)
+        self.publish(0, self.base);
+        Ok(())
     }
 
     /// (published size, published next offset).

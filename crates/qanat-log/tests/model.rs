@@ -10,7 +10,7 @@ use std::sync::Arc;
 use common::{make_batch, read_bytes, split_batches};
 use proptest::prelude::*;
 use qanat_log::batch::{self, BatchIter};
-use qanat_log::{LogConfig, LogError, ManualClock, Partition, SimStorage, TimestampType};
+use qanat_log::{LogConfig, LogError, ManualClock, Partition, SimStorage, Storage, TimestampType};
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -31,6 +31,9 @@ enum Op {
     OffsetForTs(i16),
     Advance(u16),
     RollIfDue,
+    /// The sync thread's reservations: with segments this small, every call leaves a spare
+    /// next-segment file that the next roll renames in.
+    Renew,
     Retention,
     Crash(u64),
     Reopen,
@@ -49,6 +52,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => (-2000i16..2000).prop_map(Op::OffsetForTs),
         2 => (0u16..8000).prop_map(Op::Advance),
         1 => Just(Op::RollIfDue),
+        2 => Just(Op::Renew),
         2 => Just(Op::Retention),
         2 => any::<u64>().prop_map(Op::Crash),
         1 => Just(Op::Reopen),
@@ -132,8 +136,15 @@ impl Harness {
             self.config.clone(),
         )
         .unwrap();
+        assert!(
+            !self.storage.exists(&self.spare_path()),
+            "open must remove a leftover spare segment"
+        );
         self.p = Some(p);
         r
+    }
+    fn spare_path(&self) -> PathBuf {
+        self.dir.join("next-segment.spare")
     }
     fn p(&self) -> &Partition {
         self.p.as_ref().unwrap()
@@ -396,6 +407,10 @@ impl Harness {
             Op::Advance(ms) => self.clock.advance(*ms as i64),
             Op::RollIfDue => {
                 self.p().roll_if_due().unwrap();
+            }
+            Op::Renew => {
+                self.p().renew_reservations();
+                assert!(self.storage.exists(&self.spare_path()));
             }
             Op::Retention => {
                 let before = self.p().segment_count();

@@ -601,6 +601,117 @@ fn reserve_ahead_covers_twice_the_appends_since_its_last_call_within_the_segment
     assert_eq!(log_files(&dir, "log").len(), 1, "no roll meanwhile");
 }
 
+#[test]
+fn near_a_segment_end_the_next_one_is_reserved_ahead_and_renamed_in_at_the_roll() {
+    use std::os::unix::fs::MetadataExt;
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t-0");
+    let config = LogConfig {
+        segment_bytes: 64 * MIB,
+        ..config()
+    };
+    let clock = Arc::new(ManualClock::new(1_000));
+    let open = || {
+        Partition::open(
+            Arc::new(OsStorage),
+            clock.clone(),
+            dir.clone(),
+            config.clone(),
+        )
+        .unwrap()
+        .0
+    };
+    let p = open();
+    let spare = dir.join("next-segment.spare");
+    let reserved = |f: &Path| std::fs::metadata(f).unwrap().blocks() * 512;
+    let batch = make_batch(1, MIB as usize, 1_000, 1);
+    let append = |p: &Partition, n: usize| {
+        for _ in 0..n {
+            p.append(&batch).unwrap();
+        }
+    };
+    append(&p, 10);
+    clock.advance(1_000);
+    p.reserve_ahead();
+    assert!(
+        !spare.exists(),
+        "10 of 64 MiB, 20 more expected: no roll near"
+    );
+    append(&p, 30);
+    clock.advance(1_000);
+    p.reserve_ahead();
+    assert!(
+        spare.exists(),
+        "40 of 64 MiB, 60 more expected: the roll is near"
+    );
+    assert_eq!(std::fs::metadata(&spare).unwrap().len(), 0);
+    let fallocate = reserved(&spare) > 0;
+    if fallocate {
+        assert!(
+            reserved(&spare) >= 64 * MIB,
+            "a segment fills in a minute at 30 MiB/s: all of it, {}",
+            reserved(&spare)
+        );
+    }
+    append(&p, 30);
+    let logs = log_files(&dir, "log");
+    assert_eq!(logs.len(), 2, "rolled once");
+    assert!(!spare.exists(), "renamed in at the roll");
+    if fallocate {
+        assert!(
+            reserved(&logs[1]) >= 64 * MIB,
+            "the new segment keeps the reservation"
+        );
+    }
+
+    // A crash leaves the spare behind; open removes it and the log is whole.
+    append(&p, 20);
+    clock.advance(1_000);
+    p.reserve_ahead();
+    assert!(spare.exists());
+    let before = all_batches(&p);
+    drop(p);
+    assert!(spare.exists());
+    let p = open();
+    assert!(!spare.exists(), "open removes a leftover spare");
+    assert_eq!(all_batches(&p), before);
+    append(&p, 45);
+    clock.advance(1_000);
+    p.reserve_ahead();
+    assert!(spare.exists());
+    p.close().unwrap();
+    assert!(!spare.exists(), "close gives the spare back");
+}
+
+#[test]
+fn a_slow_partitions_spare_segment_is_reserved_for_a_minute_of_its_appends() {
+    use std::os::unix::fs::MetadataExt;
+    const MIB: u64 = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("t-0");
+    let clock = Arc::new(ManualClock::new(1_000));
+    let config = LogConfig {
+        segment_bytes: 64 * MIB,
+        ..config()
+    };
+    let (p, _) = Partition::open(Arc::new(OsStorage), clock.clone(), dir.clone(), config).unwrap();
+    let batch = make_batch(1, MIB as usize, 1_000, 1);
+    for _ in 0..50 {
+        p.append(&batch).unwrap();
+    }
+    clock.advance(600_000);
+    p.reserve_ahead();
+    let spare = dir.join("next-segment.spare");
+    let reserved = std::fs::metadata(&spare).unwrap().blocks() * 512;
+    if reserved > 0 {
+        assert!(
+            (16 * MIB..32 * MIB).contains(&reserved),
+            "5 MiB a minute: the fixed 16 MiB step, not the segment; {reserved}"
+        );
+    }
+}
+
 /// Real files that remember where the bytes handed to them lived in memory.
 struct AddressRecordingStorage {
     written_from: Arc<parking_lot::Mutex<Vec<std::ops::Range<usize>>>>,
