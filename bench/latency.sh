@@ -22,6 +22,11 @@
 #                  goes to stderr (`qanat-bench --latency-timeline-ms`)
 #       LAT_STACKS_DIR  when set, each run's sampled D-state stacks are kept there, one file per
 #                  run (dstacks-<fsync>-<rate>-<n>), for the blocked call chains in full
+#       LAT_RESERVE_TRACE  when set (needs root and perf), each run also records the broker's
+#                  block reservations and releases (fallocate, ftruncate) with their call
+#                  stacks and durations, and a second table says how many were made on the
+#                  append path (under a Produce: `Partition::append`, a roll) and elsewhere
+#                  (the sync thread, the tick), with the longest of each
 #       BENCH_QANAT_BIN, BENCH_BENCH_BIN  binaries to run instead of this tree's release build
 #       BENCH_TMPDIR (default /tmp) parent of the temp dir (data dirs live there: use the disk
 #                  under test, not a tmpfs)
@@ -43,6 +48,26 @@ start_tmp qanat-latency
 build_release qanat qanat-bench
 broker_under_test
 BENCH_BIN=${BENCH_BENCH_BIN:-$BENCH_BIN}
+
+RESERVE_ROWS=()
+# reserve_calls PERF_DATA PID: "calls on the append path | longest ms | calls elsewhere |
+# longest ms" for PID's fallocate/ftruncate calls recorded in PERF_DATA.
+reserve_calls() {
+  perf script -i "$1" -F pid,tid,time,event,ip,sym 2>/dev/null | awk -v pid="$2" '
+    function flush() {
+      if (ev ~ /sys_enter/ && p == pid) { start[t] = ts; path[t] = append }
+      else if (ev ~ /sys_exit/ && p == pid && (t in start)) {
+        ms = (ts - start[t]) * 1000
+        if (path[t]) { a++; if (ms > amax) amax = ms } else { o++; if (ms > omax) omax = ms }
+        delete start[t]
+      }
+      ev = ""
+    }
+    /^ *[0-9]+\/[0-9]+ / { flush(); split($1, pt, "/"); p = pt[1]; t = pt[2]
+      ts = $2 + 0; ev = $3; append = 0; next }
+    /Partition::append|roll_locked/ { append = 1 }
+    END { flush(); printf "%d | %.1f | %d | %.1f", a, amax, o, omax }'
+}
 
 echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in | host steal |"
 echo "|---|---|---|---|---|---|---|---|---|---|---|"
@@ -76,6 +101,12 @@ for fsync in $FSYNCS; do
       done
     ) >"$run/dstacks" 2>/dev/null &
     sampler=$!
+    if [[ -n "${LAT_RESERVE_TRACE:-}" ]]; then
+      perf record -a -q -o "$run/perf.data" --call-graph dwarf,16384 \
+        -e syscalls:sys_enter_fallocate -e syscalls:sys_exit_fallocate \
+        -e syscalls:sys_enter_ftruncate -e syscalls:sys_exit_ftruncate >/dev/null 2>&1 &
+      tracer=$!
+    fi
     log "fsync=$fsync rate=$rate client=$CLIENT"
     read -r steal0 total0 < <(cpu_times)
     timeout $((SECS + 60)) "$BENCH_BIN" kafka-produce --client "$CLIENT" --bootstrap "$addr" \
@@ -83,6 +114,11 @@ for fsync in $FSYNCS; do
       --max-secs "$SECS" "${TIMELINE[@]}" >"$run/bench.json" 2>"$run/bench.err" ||
       log "client failed: $(tail -2 "$run/bench.err")"
     steal=$(steal_since "$steal0" "$total0")
+    if [[ -n "${LAT_RESERVE_TRACE:-}" ]]; then
+      kill -INT "$tracer" 2>/dev/null || true
+      wait "$tracer" 2>/dev/null || true
+      RESERVE_ROWS+=("| $fsync | $rate | $(reserve_calls "$run/perf.data" "$broker") |")
+    fi
     if [[ ${#TIMELINE[@]} -gt 0 ]]; then
       grep -A100000 "latency by send time" "$run/bench.err" >&2 || true
     fi
@@ -115,5 +151,11 @@ for fsync in $FSYNCS; do
     rm -rf "$run/data"
   done
 done
+if [[ ${#RESERVE_ROWS[@]} -gt 0 ]]; then
+  echo
+  echo "| fsync | rate rec/s | fallocate/ftruncate on the append path | longest ms | elsewhere (sync thread, tick) | longest ms |"
+  echo "|---|---|---|---|---|---|"
+  printf '%s\n' "${RESERVE_ROWS[@]}"
+fi
 echo
 echo "Machine: $(nproc) cores; load average at end $(cut -d' ' -f1-3 /proc/loadavg)"

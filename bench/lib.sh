@@ -21,11 +21,16 @@ stop_pids() {
 
 # build_release PACKAGE...: cargo build --release in the repo at $ROOT; sets TARGET_DIR,
 # QANAT_BIN and BENCH_BIN (the latter two whether or not they were among the packages).
+# With BENCH_SKIP_BUILD set, the release binaries already built are used as they are.
 build_release() {
   local args=() p
   for p in "$@"; do args+=(-p "$p"); done
-  log "building (cargo build --release ${args[*]})"
-  (cd "$ROOT" && cargo build --release "${args[@]}" >&2)
+  if [[ -n "${BENCH_SKIP_BUILD:-}" ]]; then
+    log "not building (BENCH_SKIP_BUILD): using the release binaries as they are"
+  else
+    log "building (cargo build --release ${args[*]})"
+    (cd "$ROOT" && cargo build --release "${args[@]}" >&2)
+  fi
   TARGET_DIR=$(cd "$ROOT" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')
   QANAT_BIN="$TARGET_DIR/release/qanat"
