@@ -106,6 +106,7 @@ for fsync in $FSYNCS; do
         -e syscalls:sys_enter_fallocate -e syscalls:sys_exit_fallocate \
         -e syscalls:sys_enter_ftruncate -e syscalls:sys_exit_ftruncate >/dev/null 2>&1 &
       tracer=$!
+      PIDS+=("$tracer")
     fi
     log "fsync=$fsync rate=$rate client=$CLIENT"
     read -r steal0 total0 < <(cpu_times)

@@ -687,11 +687,11 @@ impl Partition {
         {
             self.unreleased.lock().push((generation, active));
         }
-        if target >= self.config.segment_bytes {
-            let per_ms = appended / u64::try_from(elapsed).unwrap_or(0).max(1);
+        // An idle partition is not about to roll, however close its segment is to full.
+        if appended > 0 && target >= self.config.segment_bytes {
+            let elapsed = u64::try_from(elapsed).unwrap_or(0).max(1);
             self.prepare_spare(
-                per_ms
-                    .saturating_mul(SPARE_RESERVE_MS)
+                (appended.saturating_mul(SPARE_RESERVE_MS) / elapsed)
                     .max(PREALLOCATE_AHEAD)
                     .min(self.config.segment_bytes),
             );
@@ -727,8 +727,8 @@ impl Partition {
     }
 
     /// Drop the spare next-segment file, if any; its blocks go back to the filesystem.
-    fn drop_spare(&self, slot: &mut Option<Spare>) {
-        if slot.take().is_some() {
+    fn drop_spare(&self) {
+        if self.spare.lock().take().is_some() {
             let path = self.dir.join(SPARE);
             if let Err(e) = self.storage.remove_file(&path) {
                 tracing::warn!(file = %path.display(), error = %e, "cannot remove the spare segment");
@@ -787,18 +787,24 @@ impl Partition {
         let seg = {
             // Held through the rename, so no new spare is made at its path meanwhile.
             let mut slot = self.spare.try_lock();
-            match slot.as_mut().and_then(|s| s.take()) {
-                Some(spare) => {
-                    let from = self.dir.join(SPARE);
-                    Segment::adopt(
-                        &*self.storage,
-                        &self.dir,
-                        next,
-                        &from,
-                        spare.log,
-                        spare.reserved,
-                    )?
-                }
+            let adopted = slot.as_mut().and_then(|s| s.take()).and_then(|spare| {
+                let from = self.dir.join(SPARE);
+                Segment::adopt(
+                    &*self.storage,
+                    &self.dir,
+                    next,
+                    &from,
+                    spare.log,
+                    spare.reserved,
+                )
+                .inspect_err(|e| {
+                    tracing::warn!(dir = %self.dir.display(), error = %e,
+                        "cannot use the spare segment; creating the next one")
+                })
+                .ok()
+            });
+            match adopted {
+                Some(seg) => seg,
                 None => Segment::create(&*self.storage, &self.dir, next)?,
             }
         };
@@ -1269,7 +1275,7 @@ impl Partition {
             w.active.clone()
         };
         self.release_reserved();
-        self.drop_spare(&mut self.spare.lock());
+        self.drop_spare();
         self.sync_inner(None)?;
         self.sync_snapshots()?;
         if self.durable.load(Ordering::Acquire) < self.next_offset() {

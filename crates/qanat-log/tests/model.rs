@@ -125,6 +125,8 @@ struct Harness {
     config: LogConfig,
     p: Option<Partition>,
     m: Model,
+    /// Something was appended since the partition's last `renew_reservations` (or its open).
+    appended_since_renew: bool,
 }
 
 impl Harness {
@@ -141,6 +143,7 @@ impl Harness {
             "open must remove a leftover spare segment"
         );
         self.p = Some(p);
+        self.appended_since_renew = false;
         r
     }
     fn spare_path(&self) -> PathBuf {
@@ -205,6 +208,7 @@ impl Harness {
             off = last + 1;
         }
         self.m.next = off;
+        self.appended_since_renew = true;
         off
     }
 
@@ -409,8 +413,18 @@ impl Harness {
                 self.p().roll_if_due().unwrap();
             }
             Op::Renew => {
+                let had_spare = self.storage.exists(&self.spare_path());
                 self.p().renew_reservations();
-                assert!(self.storage.exists(&self.spare_path()));
+                if self.appended_since_renew {
+                    assert!(self.storage.exists(&self.spare_path()));
+                } else {
+                    assert_eq!(
+                        self.storage.exists(&self.spare_path()),
+                        had_spare,
+                        "an idle partition gets no spare"
+                    );
+                }
+                self.appended_since_renew = false;
             }
             Op::Retention => {
                 let before = self.p().segment_count();
@@ -499,6 +513,7 @@ fn run(cfg: Cfg, ops: Vec<Op>) {
         config,
         p: None,
         m: Model::default(),
+        appended_since_renew: false,
     };
     h.open();
     for op in &ops {
@@ -604,4 +619,43 @@ fn reads_at_indexed_boundaries_need_no_file() {
         assert_eq!(read_bytes(&fast), read_bytes(&slow));
         assert_eq!(fast.next_offset, slow.next_offset);
     }
+}
+
+/// Fails every rename out of the spare segment's path.
+struct SpareRenameFails;
+
+impl qanat_log::StorageHooks for SpareRenameFails {
+    fn before(&self, op: qanat_log::StorageOp<'_>) -> std::io::Result<()> {
+        match op {
+            qanat_log::StorageOp::Rename(from, _) if from.ends_with("next-segment.spare") => {
+                Err(std::io::Error::other("rename refused"))
+            }
+            _ => Ok(()),
+        }
+    }
+}
+
+/// A spare that cannot be renamed in costs only the reservation: the roll creates the next
+/// segment itself, and the append that rolled is stored.
+#[test]
+fn a_roll_whose_spare_cannot_be_used_creates_the_next_segment() {
+    let storage = Arc::new(qanat_log::HookedStorage::with_hooks(
+        Arc::new(SimStorage::new()),
+        Arc::new(SpareRenameFails),
+    ));
+    let config = LogConfig {
+        segment_bytes: 4096,
+        ..LogConfig::default()
+    };
+    let clock = Arc::new(ManualClock::new(0));
+    let dir = PathBuf::from("/x");
+    let (p, _) = Partition::open(storage.clone(), clock, dir.clone(), config).unwrap();
+    p.append(&make_batch(1, 3000, 0, 1)).unwrap();
+    p.renew_reservations();
+    assert!(storage.exists(&dir.join("next-segment.spare")));
+    let rolled = p.append(&make_batch(1, 3000, 0, 2)).unwrap();
+    assert_eq!(p.segment_count(), 2);
+    assert_eq!(rolled.base_offset, 1);
+    let got = split_batches(&read_bytes(&p.read(0, 1 << 20).unwrap()));
+    assert_eq!(got.len(), 2, "both batches read back");
 }
