@@ -34,9 +34,10 @@ pub const VERSIONS: RangeInclusive<i16> = 0..=9;
 /// A producer retrying a refused batch would otherwise log the refusal on every retry.
 static REFUSED_LOG: LogLimiter = LogLimiter::new(LOG_INTERVAL);
 
-/// Append every partition of `req` (off the async workers: appends write files) and return
-/// what to answer, or None for acks=0. An acks value other than -1, 0 or 1 appends nothing
-/// and is answered with INVALID_REQUIRED_ACKS per partition.
+/// Append every partition of `req` (with no async worker waiting, since appends write files:
+/// see [`crate::off_worker`]) and return what to answer, or None for acks=0. An acks value
+/// other than -1, 0 or 1 appends nothing and is answered with INVALID_REQUIRED_ACKS per
+/// partition.
 pub(crate) async fn append(
     broker: &Arc<Broker>,
     mut req: ProduceRequest,
@@ -81,7 +82,7 @@ pub(crate) async fn append(
         }));
     }
     let appender = broker.clone();
-    let mut results = tokio::task::spawn_blocking(move || appender.produce_append(&req))
+    let mut results = crate::off_worker(move || appender.produce_append(&req))
         .await
         .map_err(|e| malformed(format!("produce task failed: {e}")))?;
     results.extend(refused.into_iter().flatten());
