@@ -52,6 +52,26 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
     Ok(config)
 }
 
+/// One glibc malloc arena per CPU for the broker, unless `MALLOC_ARENA_MAX` says otherwise.
+/// Its async worker cores move between OS threads (a Produce append hands its core on), and
+/// glibc gives each thread that allocates an arena of its own, up to 8 per CPU, which keeps
+/// what was freed in it: with 16 consumer groups the broker's peak RSS was 42–54 MiB with
+/// glibc's default and 30 MiB with this cap. Called before the runtime starts any thread.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+pub fn cap_malloc_arenas() {
+    if std::env::var_os("MALLOC_ARENA_MAX").is_some() {
+        return;
+    }
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    // SAFETY: mallopt sets one allocator parameter; no other thread exists yet.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, i32::try_from(cpus).unwrap_or(i32::MAX));
+    }
+}
+
+#[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+pub fn cap_malloc_arenas() {}
+
 pub async fn run(args: BrokerArgs) -> anyhow::Result<()> {
     let config = load_config(args.config.as_ref())?;
     // Held until the process exits: a second broker on this directory refuses to start.

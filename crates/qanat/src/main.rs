@@ -61,6 +61,9 @@ enum Command {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     telemetry::init_logging();
+    if matches!(cli.command, Command::Broker(_)) {
+        broker_cmd::cap_malloc_arenas();
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .thread_name("qanat")
