@@ -7,8 +7,8 @@
 //! appends on their partitions ([`purgatory`]), the topic registry
 //! ([`topics`]), the open-file limit ([`fdlimit`]), configuration ([`config`]), records read
 //! as bounded streams from batches ([`records`]), the data directory's lock
-//! ([`data_dir_lock`]) and the background maintenance (periodic fsync, segment rolling,
-//! retention).
+//! ([`data_dir_lock`]) and the background maintenance (periodic fsync and write-back between
+//! fsyncs, segment rolling, retention).
 //!
 //! Wire format: Kafka request/response frames (`int32` length prefix, request header v1/v2,
 //! response header v0/v1) decoded and encoded with `kafka-protocol`, except FetchResponse,
@@ -73,6 +73,8 @@ const LAG_EXPORT_PERIOD: Duration = Duration::from_secs(5);
 /// a long period, appends would otherwise reserve in small steps themselves, each one a
 /// chance to wait for a journal commit.
 const RESERVE_PERIOD: Duration = Duration::from_secs(1);
+/// How often busy partitions' appends are handed to the device between periodic fsyncs.
+const WRITEBACK_PERIOD: Duration = Duration::from_millis(50);
 
 pub use config::{Config, ConfigError, FsyncPolicy};
 pub use server::serve;
@@ -219,6 +221,14 @@ impl Broker {
         }
     }
 
+    /// Start the device write of what busy partitions appended lately
+    /// (`Partition::start_writeback`).
+    pub fn start_writeback_all(&self) {
+        for (_, _, partition) in self.topics.partitions() {
+            partition.start_writeback();
+        }
+    }
+
     /// One round of segment rolling by age and retention, plus size gauges.
     pub fn maintain(&self) {
         for (topic, index, partition) in self.topics.partitions() {
@@ -277,6 +287,14 @@ impl Broker {
             let broker = self.clone();
             tasks.push(tokio::spawn(async move {
                 broker.every(RESERVE_PERIOD, |b| b.reserve_all()).await;
+            }));
+        }
+        if matches!(self.config.storage.fsync, FsyncPolicy::Every(p) if p > WRITEBACK_PERIOD) {
+            let broker = self.clone();
+            tasks.push(tokio::spawn(async move {
+                broker
+                    .every(WRITEBACK_PERIOD, |b| b.start_writeback_all())
+                    .await;
             }));
         }
         let period = Duration::from_millis(self.config.storage.retention_check_interval_ms.max(10));

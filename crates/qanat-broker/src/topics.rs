@@ -855,8 +855,12 @@ mod tests {
                     }
                     self.step()
                 }
-                // Reads do not count; block reservation is a hint whose failure is ignored.
-                StorageOp::Read | StorageOp::Len | StorageOp::Preallocate(_) => Ok(()),
+                // Reads do not count; block reservation and write-back are hints whose failure
+                // is ignored.
+                StorageOp::Read
+                | StorageOp::Len
+                | StorageOp::Preallocate(_)
+                | StorageOp::StartWriteback(..) => Ok(()),
                 _ => self.step(),
             }
         }

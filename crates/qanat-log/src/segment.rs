@@ -134,6 +134,8 @@ pub(crate) struct Segment {
     pub dirty: AtomicBool,
     /// Bytes of the file reserved on disk ahead of the appends (see `Partition::append`).
     pub preallocated: AtomicU64,
+    /// Bytes from the start whose write-back has been started (see `Partition::start_writeback`).
+    pub written_back: AtomicU64,
     pub index: RwLock<IndexState>,
     files: Mutex<IndexFiles>,
 }
@@ -152,6 +154,7 @@ impl Segment {
             roll_base_ms: AtomicI64::new(i64::MIN),
             dirty: AtomicBool::new(false),
             preallocated: AtomicU64::new(0),
+            written_back: AtomicU64::new(0),
             index: RwLock::new(index),
             files: Mutex::new(IndexFiles::default()),
         }

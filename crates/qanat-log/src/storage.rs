@@ -38,6 +38,12 @@ pub trait LogFile: Send + Sync + 'static {
     fn preallocate(&self, _from: u64, _to: u64) -> io::Result<()> {
         Ok(())
     }
+    /// Start writing bytes `from..to` to the device without waiting for it and without making
+    /// them durable (no metadata, no cache flush): the next [`sync_data`](Self::sync_data)
+    /// then has less to write. A hint: where it is not supported it does nothing.
+    fn start_writeback(&self, _from: u64, _to: u64) -> io::Result<()> {
+        Ok(())
+    }
     /// The OS descriptor, for zero-copy `sendfile`; `None` for simulated files.
     fn raw_fd(&self) -> Option<RawFd>;
 }
@@ -117,6 +123,31 @@ impl LogFile for OsFile {
         let e = io::Error::last_os_error();
         match e.raw_os_error() {
             Some(libc::EOPNOTSUPP) => Ok(()), // e.g. some network filesystems: appends still work
+            _ => Err(e),
+        }
+    }
+    fn start_writeback(&self, from: u64, to: u64) -> io::Result<()> {
+        let off =
+            |v: u64| libc::off64_t::try_from(v).map_err(|_| io::Error::other("length too large"));
+        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
+        if len == 0 {
+            return Ok(());
+        }
+        // SAFETY: sync_file_range on a descriptor this value owns; no memory is passed.
+        let rc = unsafe {
+            libc::sync_file_range(
+                self.file.as_raw_fd(),
+                start,
+                len,
+                libc::SYNC_FILE_RANGE_WRITE,
+            )
+        };
+        if rc == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(()),
             _ => Err(e),
         }
     }

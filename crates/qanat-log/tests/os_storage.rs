@@ -858,3 +858,59 @@ fn preallocation_reserves_each_new_range_and_keeps_the_length() {
         assert!(meta.blocks() * 512 >= 2 << 20, "both ranges reserved");
     }
 }
+
+/// Records the ranges whose write-back was started.
+#[derive(Default)]
+struct WritebackCalls(parking_lot::Mutex<Vec<(u64, u64)>>);
+
+impl qanat_log::StorageHooks for WritebackCalls {
+    fn before(&self, op: qanat_log::StorageOp<'_>) -> std::io::Result<()> {
+        if let qanat_log::StorageOp::StartWriteback(from, to) = op {
+            self.0.lock().push((from, to));
+        }
+        Ok(())
+    }
+}
+
+#[test]
+fn write_back_is_started_once_per_megabyte_appended_and_never_twice_for_the_same_bytes() {
+    const MIB: usize = 1 << 20;
+    let tmp = tempfile::tempdir().unwrap();
+    let calls = Arc::new(WritebackCalls::default());
+    let storage = qanat_log::HookedStorage::with_hooks(Arc::new(OsStorage), calls.clone());
+    let config = LogConfig {
+        segment_bytes: 64 * MIB as u64,
+        ..config()
+    };
+    let dir = tmp.path().join("t-0");
+    let (p, _) = Partition::open(
+        Arc::new(storage),
+        Arc::new(ManualClock::new(1_000)),
+        dir.clone(),
+        config,
+    )
+    .unwrap();
+    let end = || std::fs::metadata(&log_files(&dir, "log")[0]).unwrap().len();
+    let taken = || std::mem::take(&mut *calls.0.lock());
+    p.start_writeback();
+    assert_eq!(taken(), [], "nothing appended");
+    for i in 0..3 {
+        p.append(&make_batch(1, MIB, 1_000, i)).unwrap();
+    }
+    p.start_writeback();
+    let first = end();
+    assert_eq!(taken(), [(0, first)], "all appended so far, in one call");
+    p.start_writeback();
+    assert_eq!(taken(), [], "nothing appended since");
+    p.append(&make_batch(1, 1000, 1_000, 7)).unwrap();
+    p.start_writeback();
+    assert_eq!(taken(), [], "less than a megabyte appended since");
+    p.append(&make_batch(1, MIB, 1_000, 8)).unwrap();
+    p.start_writeback();
+    assert_eq!(taken(), [(first, end())], "from where the last call ended");
+    // The real call, on the real file: the data stays as it was.
+    let before = all_batches(&p);
+    let file = qanat_log::Storage::open(&OsStorage, &log_files(&dir, "log")[0]).unwrap();
+    file.start_writeback(0, end()).unwrap();
+    assert_eq!(all_batches(&p), before);
+}

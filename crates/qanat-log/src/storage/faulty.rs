@@ -27,6 +27,8 @@ pub enum StorageOp<'a> {
     Len,
     SetLen(u64),
     Preallocate(u64),
+    /// Write-back started of bytes `from..to` (`LogFile::start_writeback`).
+    StartWriteback(u64, u64),
 }
 
 impl StorageOp<'_> {
@@ -34,7 +36,10 @@ impl StorageOp<'_> {
     pub fn mutates(&self) -> bool {
         !matches!(
             self,
-            StorageOp::ListDir(_) | StorageOp::Read | StorageOp::Len
+            StorageOp::ListDir(_)
+                | StorageOp::Read
+                | StorageOp::Len
+                | StorageOp::StartWriteback(..)
         )
     }
 }
@@ -173,6 +178,10 @@ impl<H: StorageHooks> LogFile for HookedFile<H> {
     fn preallocate(&self, from: u64, to: u64) -> io::Result<()> {
         self.hooks.before(StorageOp::Preallocate(to))?;
         self.inner.preallocate(from, to)
+    }
+    fn start_writeback(&self, from: u64, to: u64) -> io::Result<()> {
+        self.hooks.before(StorageOp::StartWriteback(from, to))?;
+        self.inner.start_writeback(from, to)
     }
     fn raw_fd(&self) -> Option<RawFd> {
         self.inner.raw_fd()
