@@ -105,34 +105,22 @@ impl LogFile for OsFile {
         self.file.set_len(len)
     }
     fn preallocate(&self, from: u64, to: u64) -> io::Result<()> {
-        let off =
-            |v: u64| libc::off_t::try_from(v).map_err(|_| io::Error::other("length too large"));
-        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
-        if len == 0 {
+        let Some((start, len)) = file_range(from, to)? else {
             return Ok(());
-        }
+        };
         // Only the new range: a range from 0 makes the kernel walk the whole file on every
         // call (on tmpfs page by page, which cost more than the appends themselves).
-        // SAFETY: fallocate on a descriptor this value owns; no memory is passed.
+        // SAFETY: fallocate64 on a descriptor this value owns; no memory is passed.
         let rc = unsafe {
-            libc::fallocate(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, start, len)
+            libc::fallocate64(self.file.as_raw_fd(), libc::FALLOC_FL_KEEP_SIZE, start, len)
         };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::EOPNOTSUPP) => Ok(()), // e.g. some network filesystems: appends still work
-            _ => Err(e),
-        }
+        // Unsupported on e.g. some network filesystems: appends still work.
+        hint_result(rc, &[libc::EOPNOTSUPP])
     }
     fn start_writeback(&self, from: u64, to: u64) -> io::Result<()> {
-        let off =
-            |v: u64| libc::off64_t::try_from(v).map_err(|_| io::Error::other("length too large"));
-        let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
-        if len == 0 {
+        let Some((start, len)) = file_range(from, to)? else {
             return Ok(());
-        }
+        };
         // SAFETY: sync_file_range on a descriptor this value owns; no memory is passed.
         let rc = unsafe {
             libc::sync_file_range(
@@ -142,17 +130,30 @@ impl LogFile for OsFile {
                 libc::SYNC_FILE_RANGE_WRITE,
             )
         };
-        if rc == 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        match e.raw_os_error() {
-            Some(libc::ENOSYS | libc::EOPNOTSUPP | libc::ESPIPE) => Ok(()),
-            _ => Err(e),
-        }
+        hint_result(rc, &[libc::ENOSYS, libc::EOPNOTSUPP, libc::ESPIPE])
     }
     fn raw_fd(&self) -> Option<RawFd> {
         Some(self.file.as_raw_fd())
+    }
+}
+
+/// `from..to` as the (offset, length) the file syscalls take; `None` when it is empty.
+fn file_range(from: u64, to: u64) -> io::Result<Option<(libc::off64_t, libc::off64_t)>> {
+    let off = |v: u64| libc::off64_t::try_from(v).map_err(|_| io::Error::other("length too large"));
+    let (start, len) = (off(from)?, off(to.saturating_sub(from))?);
+    Ok((len > 0).then_some((start, len)))
+}
+
+/// The outcome of a hint's syscall returning `rc`: an error, unless it is one of `unsupported`
+/// (the hint then does nothing).
+fn hint_result(rc: libc::c_int, unsupported: &[libc::c_int]) -> io::Result<()> {
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = io::Error::last_os_error();
+    match e.raw_os_error() {
+        Some(code) if unsupported.contains(&code) => Ok(()),
+        _ => Err(e),
     }
 }
 
