@@ -59,8 +59,6 @@ fi
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-# cpu seconds (utime+stime) of a pid
-cpu_of() { awk -v hz="$(getconf CLK_TCK)" '{ printf "%.2f", ($14 + $15) / hz }' "/proc/$1/stat"; }
 # VmHWM / VmRSS in MiB
 hwm_of() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 rss_of() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
@@ -145,7 +143,7 @@ TOML
     sleep 0.05
   done
   A_SECS=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
-  A_CPU=$(cpu_of "$A_PID")
+  A_CPU=$(cpu_secs "$A_PID")
   A_HWM=$(hwm_of "$A_PID")
 }
 
@@ -197,7 +195,7 @@ CONF
     sleep 0.2
   done
   RS_SECS=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
-  RS_CPU=$(cpu_of "$RS_PID")
+  RS_CPU=$(cpu_secs "$RS_PID")
   RS_HWM=$(hwm_of "$RS_PID")
   RS_LINES=$(latest rsyslog)
   kill -TERM "$RS_PID"; wait "$RS_PID" || true

@@ -109,16 +109,7 @@ echo
 # ---------------------------------------------------------------------------------------------
 # process accounting from /proc
 
-CLK_TCK=$(getconf CLK_TCK)
-vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 vm_rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-# utime+stime in seconds (fields 14 and 15; comm may contain spaces, so cut after the last ')')
-cpu_secs() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-  stat=${stat##*) }
-  awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
-}
 mib() { awk -v k="$1" 'BEGIN { printf "%.1f MiB", k / 1024 }'; }
 
 # ---------------------------------------------------------------------------------------------

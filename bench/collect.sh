@@ -107,7 +107,6 @@ peak_rss() {
   for pid in "$@"; do cat "/proc/$pid/status"; done |
     awk '/VmHWM/ { k += $2 } END { printf "%.0f MiB", k / 1024 }'
 }
-CLK_TCK=$(getconf CLK_TCK)
 
 UA="Mozilla/5.0 (Windows NT 10.0; Win64; x64) AppleWebKit/537.36 (KHTML, like Gecko) Chrome/120.0.0.0 Safari/537.36"
 

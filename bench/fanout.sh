@@ -85,14 +85,6 @@ machine_start
 
 build_release qanat qanat-bench
 broker_under_test
-CLK_TCK=$(getconf CLK_TCK)
-# utime+stime of a process in seconds (comm may contain spaces: cut after the last ')')
-cpu_secs() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-  stat=${stat##*) }
-  awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
-}
 
 # ---------------------------------------------------------------------------------------------
 # broker
@@ -283,7 +275,7 @@ log "rebalance after SIGKILL: $REBALANCE_MS ms"
 # ---------------------------------------------------------------------------------------------
 # report
 
-BROKER_CPU=$(awk -v t="$(getconf CLK_TCK)" '{ s = $0; sub(/.*\) /, "", s); split(s, f, " "); printf "%.1f", (f[12] + f[13]) / t }' "/proc/$BROKER_PID/stat")
+BROKER_CPU=$(cpu_secs "$BROKER_PID")
 BROKER_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$BROKER_PID/status")
 echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs; producer solo: **$SOLO_MB MB/s**"
 echo

@@ -94,6 +94,22 @@ steal_since() {
   awk -v s=$((s1 - $1)) -v t=$((t1 - $2)) 'BEGIN { if (t <= 0) print "-"; else printf "%.1f%%\n", 100 * s / t }'
 }
 
+# cpu_secs PID: the process's CPU time so far (utime + stime, every thread) in seconds; 0 once
+# it is gone. Fields 14 and 15 of /proc/PID/stat, counted after the last ')' (comm may hold
+# spaces).
+CLK_TCK=$(getconf CLK_TCK)
+cpu_secs() {
+  local stat
+  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
+  stat=${stat##*) }
+  awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
+}
+
+# vm_hwm_kb PID: the process's peak RSS (VmHWM) in KiB; 0 once it is gone.
+vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+# median: the median of the numbers on stdin (space- or line-separated); - when there are none.
+median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+
 # machine_start: note the load average and CPU times at the start of a run (LOAD_START,
 # STEAL_START, TOTAL_START). machine_summary: the machine's cores, load average at start and
 # now, and the host's steal share of CPU time since machine_start, in one line.

@@ -72,16 +72,6 @@ for QANAT_BIN in "${BROKERS[@]}"; do
   [[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
 done
 
-CLK_TCK=$(getconf CLK_TCK)
-# utime+stime in seconds (fields 14 and 15; comm may contain spaces, so cut after the last ')')
-cpu_secs() {
-  local stat
-  stat=$(cat "/proc/$1/stat" 2>/dev/null) || { echo 0; return; }
-  stat=${stat##*) }
-  awk -v t="$CLK_TCK" '{ printf "%.2f", ($12 + $13) / t }' <<<"$stat"
-}
-vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
-median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 
 BROKER_PID=""
 BROKER_ADDR=""
