@@ -11,8 +11,10 @@
 # requests that took over 5 ms to answer, from its `qanat_request_seconds` histogram, which
 # tells a stall in the broker from one in the client or the scheduler; D-state samples of
 # threads in a sync call, of all other threads — appends among them — and the function those
-# others were most often blocked in; the host's steal share of CPU time during the run, which
-# says whether the host, not the broker, slowed it); progress on stderr. All traffic goes to 127.0.0.1.
+# others were most often blocked in; the CPU the broker and the client each took per second of
+# the run, which says how much of the machine's cores the pair left free for scheduling; the
+# host's steal share of CPU time during the run, which says whether the host, not the broker,
+# slowed it); progress on stderr. All traffic goes to 127.0.0.1.
 #
 # Env:  LAT_RATES  (default "65000 122000 244000") records/s
 #       LAT_FSYNC  (default "1000 3600000") fsync settings; 3600000 is periodic fsync pushed out
@@ -69,8 +71,8 @@ reserve_calls() {
     END { flush(); printf "%d | %.1f | %d | %.1f", a, amax, o, omax }'
 }
 
-echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in | host steal |"
-echo "|---|---|---|---|---|---|---|---|---|---|---|"
+echo "| fsync | rate rec/s | p50 ms | p99 ms | p99.9 ms | max ms | broker Produce > 5 ms / all | D-state samples in a sync | other D-state samples | others most often blocked in | broker CPU-s/s | client CPU-s/s | host steal |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|---|---|"
 for fsync in $FSYNCS; do
   for rate in $RATES; do
     run="$TMP/run-$fsync-$rate"
@@ -110,11 +112,14 @@ for fsync in $FSYNCS; do
     fi
     log "fsync=$fsync rate=$rate client=$CLIENT"
     read -r steal0 total0 < <(cpu_times)
+    broker_cpu0=$(cpu_secs "$broker") t0=$EPOCHREALTIME
     timeout $((SECS + 60)) "$BENCH_BIN" kafka-produce --client "$CLIENT" --bootstrap "$addr" \
       --topic lat --record-size 1024 --count 1000000000 --acks 1 --linger-ms 1 --rate "$rate" \
       --max-secs "$SECS" "${TIMELINE[@]}" >"$run/bench.json" 2>"$run/bench.err" ||
       log "client failed: $(tail -2 "$run/bench.err")"
     steal=$(steal_since "$steal0" "$total0")
+    broker_cpu=$(awk -v c0="$broker_cpu0" -v c1="$(cpu_secs "$broker")" -v t0="$t0" -v t1="$EPOCHREALTIME" \
+      'BEGIN { printf "%.2f", (c1 - c0) / (t1 - t0) }')
     if [[ -n "${LAT_RESERVE_TRACE:-}" ]]; then
       kill -INT "$tracer" 2>/dev/null || true
       wait "$tracer" 2>/dev/null || true
@@ -140,9 +145,9 @@ for fsync in $FSYNCS; do
       END { flush(); best = "-"; for (f in c) if (c[f] > c[best]) best = f
             printf "%d %d %s\n", s, o, best }' "$run/dstacks")
     jq -r --arg f "$fsync" --arg r "$rate" --arg s "$syncs" --arg o "$others" --arg t "$top" \
-      --arg b "$slow" --arg st "$steal" \
-      '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($b) | \($s) | \($o) | \($t) | \($st) |"' \
-      "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | | | |"
+      --arg b "$slow" --arg st "$steal" --arg bc "$broker_cpu" \
+      '"| \($f) | \($r) | \(.lat_p50_ms) | \(.lat_p99_ms) | \(.lat_p999_ms) | \(.lat_max_ms) | \($b) | \($s) | \($o) | \($t) | \($bc) | \(if .cpu_secs then (.cpu_secs / .secs * 100 | round / 100) else "-" end) | \($st) |"' \
+      "$run/bench.json" || echo "| $fsync | $rate | failed | | | | | | | | | | |"
     if [[ -n "${LAT_STACKS_DIR:-}" ]]; then
       mkdir -p "$LAT_STACKS_DIR"
       n=1
