@@ -59,8 +59,7 @@ fi
 # ---------------------------------------------------------------------------------------------
 # helpers
 
-# VmHWM / VmRSS in MiB
-hwm_of() { awk '/^VmHWM/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
+# VmRSS in MiB
 rss_of() { awk '/^VmRSS/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status"; }
 now() { date +%s.%N; }
 # latest offset of partition 0 of a topic (0 if it does not exist)
@@ -144,7 +143,7 @@ TOML
   done
   A_SECS=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
   A_CPU=$(cpu_secs "$A_PID")
-  A_HWM=$(hwm_of "$A_PID")
+  A_HWM=$(vm_hwm_mib "$A_PID")
 }
 
 declare -A AG_SECS AG_CPU AG_HWM
@@ -196,7 +195,7 @@ CONF
   done
   RS_SECS=$(awk -v a="$t0" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }')
   RS_CPU=$(cpu_secs "$RS_PID")
-  RS_HWM=$(hwm_of "$RS_PID")
+  RS_HWM=$(vm_hwm_mib "$RS_PID")
   RS_LINES=$(latest rsyslog)
   kill -TERM "$RS_PID"; wait "$RS_PID" || true
   log "rsyslog: ${RS_SECS}s, cpu ${RS_CPU}s, peak RSS ${RS_HWM} MiB, $RS_LINES lines"
@@ -227,7 +226,7 @@ PY
   while [ "$(metric "$A_METRICS" qanat_agent_lines_acked_total)" -lt "$want" ]; do sleep 0.1; done
 done
 MANY_RSS=$(rss_of "$A_PID")
-MANY_HWM=$(hwm_of "$A_PID")
+MANY_HWM=$(vm_hwm_mib "$A_PID")
 MANY_FILES=$(metric "$A_METRICS" qanat_agent_files_tracked)
 kill -TERM "$A_PID"; wait "$A_PID" || true
 

@@ -276,7 +276,7 @@ log "rebalance after SIGKILL: $REBALANCE_MS ms"
 # report
 
 BROKER_CPU=$(cpu_secs "$BROKER_PID")
-BROKER_HWM=$(awk '/^VmHWM:/ { printf "%.1f MiB", $2 / 1024 }' "/proc/$BROKER_PID/status")
+BROKER_HWM="$(vm_hwm_mib "$BROKER_PID") MiB"
 echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs; producer solo: **$SOLO_MB MB/s**"
 echo
 echo "| groups N | readers | producer MB/s | kept (of solo) | aggregate read MB/s | read / write | every reader read all (within ${DRAIN_SECS} s) | last record after the producer's end, ms | broker CPU-s in the run | broker CPU-s/GB served | fetch responses/s | KiB per fetch response | load (1 min) |"

@@ -44,8 +44,6 @@ else
 fi
 start_tmp qanat-iggy
 
-vm_hwm_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo -; }
-
 # run_qanat N FSYNC: one round with `[storage] fsync = FSYNC`; prints "MB/s CPU-s/GB p99 RSS".
 run_qanat() {
   local dir="$TMP/qanat-$1-$2" pid addr c0 c1 out

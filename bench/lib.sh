@@ -107,6 +107,8 @@ cpu_secs() {
 
 # vm_hwm_kb PID: the process's peak RSS (VmHWM) in KiB; 0 once it is gone.
 vm_hwm_kb() { awk '/^VmHWM:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+# vm_hwm_mib PID: the same in MiB, one decimal; - once it is gone.
+vm_hwm_mib() { awk '/^VmHWM:/ { printf "%.1f", $2 / 1024 }' "/proc/$1/status" 2>/dev/null || echo -; }
 # median: the median of the numbers on stdin (space- or line-separated); - when there are none.
 median() { tr ' ' '\n' | grep -v '^$' | sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "-"; else if (NR % 2) print v[(NR + 1) / 2]; else printf "%.2f\n", (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
 

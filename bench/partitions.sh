@@ -72,7 +72,6 @@ for QANAT_BIN in "${BROKERS[@]}"; do
   [[ -x "$QANAT_BIN" ]] || die "BENCH_QANAT_BIN $QANAT_BIN is not executable"
 done
 
-
 BROKER_PID=""
 BROKER_ADDR=""
 BROKER_DIR=""
