@@ -41,6 +41,11 @@
 #       FANOUT_READER_IDLE (default 0) 1 runs the readers under SCHED_IDLE (`chrt --idle 0`):
 #                     they run only on CPU nothing else wants, a closer stand-in for readers
 #                     on other hosts than nice 19, which still takes a share of a busy CPU.
+#       FANOUT_READER_CGROUP (default 0) 1 puts the readers (and the control's busy loops) in
+#                     one CPU cgroup at the lowest weight: N readers then weigh together what
+#                     one task of that weight does, as readers on other hosts would, where
+#                     under `nice` alone each is weighed on its own and 16 readers take 16
+#                     times the share of one (needs root and a cgroup cpu controller).
 #       FANOUT_CONTROL (default 1) also runs the solo producer beside one busy loop per core,
 #                     scheduled as the readers are (FANOUT_READER_NICE / _IDLE): what work at
 #                     that priority costs the producer on this machine when the broker does
@@ -64,6 +69,7 @@ CATCHUP_GROUPS=${FANOUT_CATCHUP_GROUPS-$(tr ' ' '\n' <<<"$GROUP_COUNTS" | sort -
 READER_NICE=${FANOUT_READER_NICE:-0}
 READER_SCHED=()
 [[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && READER_SCHED=(chrt --idle 0)
+READER_CG=
 CLIENT_TIMEOUT=300
 PARTS=4
 RB_SESSION_MS=3000
@@ -79,6 +85,28 @@ DRAIN_SECS=$(sf 10 5)
 MAX_COUNT=100000000
 
 start_tmp qanat-fanout
+# lowest_cpu_cgroup NAME: make a CPU cgroup NAME at the lowest weight (cgroup v2 `cpu.weight`
+# 1, or v1 `cpu.shares` 2) and print its directory.
+lowest_cpu_cgroup() {
+  local v2=/sys/fs/cgroup dir
+  if grep -qw cpu "$v2/cgroup.controllers" 2>/dev/null; then
+    grep -qw cpu "$v2/cgroup.subtree_control" || echo +cpu >"$v2/cgroup.subtree_control" || return 1
+    dir=$v2/$1
+    mkdir "$dir" && echo 1 >"$dir/cpu.weight" || return 1
+  elif [[ -f /sys/fs/cgroup/cpu/cpu.shares ]]; then
+    dir=/sys/fs/cgroup/cpu/$1
+    mkdir "$dir" && echo 2 >"$dir/cpu.shares" || return 1
+  else
+    return 1
+  fi
+  echo "$dir"
+}
+cleanup_extra() { [[ -z "$READER_CG" ]] || rmdir "$READER_CG" 2>/dev/null || true; }
+if [[ "${FANOUT_READER_CGROUP:-0}" = 1 ]]; then
+  READER_CG=$(lowest_cpu_cgroup "qanat-fanout-readers.$$") ||
+    die "FANOUT_READER_CGROUP=1 needs root and a cgroup cpu controller (v1 or v2)"
+  READER_SCHED+=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$READER_CG")
+fi
 mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 machine_start
@@ -163,7 +191,7 @@ if [[ "${FANOUT_CONTROL:-1}" = 1 ]]; then
   produce fan-control control
   kill "${BURNERS[@]}" 2>/dev/null || true
   CONTROL_MB=$(j .mb_per_s "$OUT")
-  CONTROL_LINE="- control: the solo producer beside $(nproc) busy loops (nice ${READER_NICE}$([[ ${#READER_SCHED[@]} -gt 0 ]] && echo ", SCHED_IDLE"), as the readers; no broker work for them): **$CONTROL_MB MB/s, $(awk -v a="$CONTROL_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f%%", 100 * a / b }') of solo**: what CPU work at that priority alone costs the producer on this machine"
+  CONTROL_LINE="- control: the solo producer beside $(nproc) busy loops (nice ${READER_NICE}$([[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && echo ", SCHED_IDLE")$([[ -n "$READER_CG" ]] && echo ", one lowest-weight cgroup"), as the readers; no broker work for them): **$CONTROL_MB MB/s, $(awk -v a="$CONTROL_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f%%", 100 * a / b }') of solo**: what CPU work at that priority alone costs the producer on this machine"
   log "$CONTROL_LINE"
 fi
 
