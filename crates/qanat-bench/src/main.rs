@@ -353,11 +353,13 @@ impl Pacer {
         Ok(Self { start, rate })
     }
 
-    /// How long to wait before record `i` may be sent (None: send now).
-    fn wait_for(&self, i: u64) -> Option<Duration> {
+    /// How long, from `now`, to wait before record `i` may be sent (None: send now). The
+    /// caller reads the clock once per record and passes it here, to `out_of_time` and to
+    /// its send stamp: at a few hundred thousand records a second each read is CPU the
+    /// measuring client takes from the broker it measures.
+    fn wait_for(&self, i: u64, now: Instant) -> Option<Duration> {
         let rate = self.rate?;
         let due = self.start + Duration::from_secs_f64(i as f64 / rate);
-        let now = Instant::now();
         if due > now + Duration::from_millis(1) {
             Some(due - now)
         } else {
@@ -366,8 +368,8 @@ impl Pacer {
     }
 }
 
-fn out_of_time(start: Instant, max_secs: Option<f64>) -> bool {
-    max_secs.is_some_and(|m| start.elapsed().as_secs_f64() >= m)
+fn out_of_time(start: Instant, max_secs: Option<f64>, now: Instant) -> bool {
+    max_secs.is_some_and(|m| now.duration_since(start).as_secs_f64() >= m)
 }
 
 fn quantile_ms(h: &Histogram<u64>, q: f64) -> f64 {
@@ -621,14 +623,15 @@ fn kafka_produce(a: &KafkaProduceArgs) -> Result<()> {
     let mut sent: u64 = 0;
     let mut queue_full_waits: u64 = 0;
     while sent < a.count {
-        if out_of_time(start_send, a.max_secs) {
+        let now = Instant::now();
+        if out_of_time(start_send, a.max_secs, now) {
             break;
         }
-        if let Some(w) = pacer.wait_for(sent) {
+        if let Some(w) = pacer.wait_for(sent, now) {
             std::thread::sleep(w);
             continue;
         }
-        let sent_nanos = start.elapsed().as_nanos() as usize;
+        let sent_nanos = now.duration_since(start).as_nanos() as usize;
         let mut record =
             BaseRecord::<(), [u8], usize>::with_opaque_to(&a.topic, sent_nanos).payload(&value[..]);
         if a.partitioner == Partitioner::RoundRobin {
@@ -896,8 +899,12 @@ fn native_produce(a: &KafkaProduceArgs) -> Result<()> {
     let pacer = Pacer::new(start, a.rate)?;
     let mut sent: u64 = 0;
     let mut full_waits: u64 = 0;
-    while sent < a.count && !out_of_time(start, a.max_secs) {
-        if let Some(w) = pacer.wait_for(sent) {
+    while sent < a.count {
+        let now = Instant::now();
+        if out_of_time(start, a.max_secs, now) {
+            break;
+        }
+        if let Some(w) = pacer.wait_for(sent, now) {
             // Ahead of the pace: take the reports as they come meanwhile, so their latency
             // is not stretched by the pause.
             wait_for_reports_at_most(&sink, w);
@@ -1027,7 +1034,7 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let mut secs = None;
     let mut stop_checked = Instant::now();
     while records < a.count {
-        if !first_record && out_of_time(t0, a.max_secs) {
+        if !first_record && out_of_time(t0, a.max_secs, Instant::now()) {
             break;
         }
         if let Some(path) = &a.stop_file {
@@ -1168,10 +1175,11 @@ async fn nats_produce(a: &NatsProduceArgs) -> Result<()> {
     let pacer = Pacer::new(start, a.rate)?;
     let mut sent: u64 = 0;
     while sent < a.count {
-        if out_of_time(start, a.max_secs) {
+        let now = Instant::now();
+        if out_of_time(start, a.max_secs, now) {
             break;
         }
-        if let Some(w) = pacer.wait_for(sent) {
+        if let Some(w) = pacer.wait_for(sent, now) {
             // Collect acks while waiting so their latency is not inflated by the sleep.
             let sleep = tokio::time::sleep(w);
             tokio::pin!(sleep);
@@ -1272,4 +1280,52 @@ async fn nats_consume(a: &NatsConsumeArgs) -> Result<()> {
         bail!("stalled after {records} of {} messages", a.count);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::time::{Duration, Instant};
+
+    use super::{out_of_time, Pacer};
+
+    #[test]
+    fn the_pacer_holds_a_record_until_its_slot_and_lets_it_go_within_a_millisecond() {
+        let start = Instant::now();
+        let pacer = Pacer::new(start, Some(1000.0)).unwrap();
+        // Record 100 is due 100 ms after the start.
+        assert_eq!(pacer.wait_for(100, start), Some(Duration::from_millis(100)));
+        assert_eq!(
+            pacer.wait_for(100, start + Duration::from_millis(40)),
+            Some(Duration::from_millis(60))
+        );
+        assert_eq!(
+            pacer.wait_for(100, start + Duration::from_micros(99_500)),
+            None
+        );
+        assert_eq!(
+            pacer.wait_for(100, start + Duration::from_millis(150)),
+            None
+        );
+        let unpaced = Pacer::new(start, None).unwrap();
+        assert_eq!(unpaced.wait_for(1_000_000, start), None);
+        assert!(Pacer::new(start, Some(0.0)).is_err());
+        assert!(Pacer::new(start, Some(f64::NAN)).is_err());
+    }
+
+    #[test]
+    fn a_run_is_out_of_time_from_its_limit_on() {
+        let start = Instant::now();
+        assert!(!out_of_time(
+            start,
+            Some(2.0),
+            start + Duration::from_millis(1999)
+        ));
+        assert!(out_of_time(
+            start,
+            Some(2.0),
+            start + Duration::from_secs(2)
+        ));
+        assert!(!out_of_time(start, None, start + Duration::from_secs(3600)));
+    }
 }
