@@ -47,7 +47,7 @@
 #                     under `nice` alone each is weighed on its own and 16 readers take 16
 #                     times the share of one (needs root and a cgroup cpu controller).
 #       FANOUT_CONTROL (default 1) also runs the solo producer beside one busy loop per core,
-#                     scheduled as the readers are (FANOUT_READER_NICE / _IDLE): what work at
+#                     scheduled as the readers are (FANOUT_READER_NICE / _IDLE / _CGROUP): what work at
 #                     that priority costs the producer on this machine when the broker does
 #                     nothing for it; 0 skips it.
 #       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons;
@@ -107,6 +107,9 @@ if [[ "${FANOUT_READER_CGROUP:-0}" = 1 ]]; then
     die "FANOUT_READER_CGROUP=1 needs root and a cgroup cpu controller (v1 or v2)"
   READER_SCHED+=(bash -c 'echo $$ >"$0/cgroup.procs" && exec "$@"' "$READER_CG")
 fi
+READERS_AS="nice $READER_NICE"
+[[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && READERS_AS+=", SCHED_IDLE"
+[[ -n "$READER_CG" ]] && READERS_AS+=", one lowest-weight cgroup"
 mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 machine_start
@@ -191,7 +194,7 @@ if [[ "${FANOUT_CONTROL:-1}" = 1 ]]; then
   produce fan-control control
   kill "${BURNERS[@]}" 2>/dev/null || true
   CONTROL_MB=$(j .mb_per_s "$OUT")
-  CONTROL_LINE="- control: the solo producer beside $(nproc) busy loops (nice ${READER_NICE}$([[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && echo ", SCHED_IDLE")$([[ -n "$READER_CG" ]] && echo ", one lowest-weight cgroup"), as the readers; no broker work for them): **$CONTROL_MB MB/s, $(awk -v a="$CONTROL_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f%%", 100 * a / b }') of solo**: what CPU work at that priority alone costs the producer on this machine"
+  CONTROL_LINE="- control: the solo producer beside $(nproc) busy loops ($READERS_AS, as the readers; no broker work for them): **$CONTROL_MB MB/s, $(awk -v a="$CONTROL_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f%%", 100 * a / b }') of solo**: what CPU work at that priority alone costs the producer on this machine"
   log "$CONTROL_LINE"
 fi
 
@@ -315,7 +318,7 @@ echo
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
 echo "- broker CPU-s/GB served: the run's broker CPU less $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB (solo) for what was produced meanwhile, over the record bytes the readers received"
 echo "- broker ($QANAT_BIN): CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(machine_summary)"
-echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU"
+echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU; the readers ran at $READERS_AS"
 if grep -qiE 'error|panic' "$TMP/broker.stderr"; then
   echo "- broker stderr has errors:"
   grep -iE 'error|panic' "$TMP/broker.stderr" | head -n 10 | sed 's/^/    /'
