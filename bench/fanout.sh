@@ -50,6 +50,11 @@
 #                     scheduled as the readers are (FANOUT_READER_NICE / _IDLE / _CGROUP): what work at
 #                     that priority costs the producer on this machine when the broker does
 #                     nothing for it; 0 skips it.
+#       FANOUT_ROUNDS (default 1) rounds of the solo run and the tailing runs in turn, each on
+#                     fresh topics (the previous round's are deleted, so the disk holds one
+#                     round's data); each row is one round's, against that round's solo rate,
+#                     and a line per N gives the median over rounds of that share, in which
+#                     the solo rate's drift from run to run cancels.
 #       BENCH_QANAT_BIN: a broker binary to measure instead of this tree's (A/B comparisons;
 #                     the clients stay this tree's qanat-bench).
 # Broker CPU per GB served: the broker's utime+stime over each N run (readers started to last
@@ -70,6 +75,7 @@ READER_NICE=${FANOUT_READER_NICE:-0}
 READER_SCHED=()
 [[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && READER_SCHED=(chrt --idle 0)
 READER_CG=
+ROUNDS=${FANOUT_ROUNDS:-1}
 CLIENT_TIMEOUT=300
 PARTS=4
 RB_SESSION_MS=3000
@@ -168,18 +174,26 @@ wait_assigned() {
 # ---------------------------------------------------------------------------------------------
 # runs
 
-log "solo producer, ${SECS}s"
-"$QANAT_BIN" topics create fan-solo --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
-CPU0=$(cpu_secs "$BROKER_PID")
-produce fan-solo solo
-CPU1=$(cpu_secs "$BROKER_PID")
-SOLO=$OUT
-SOLO_MB=$(j .mb_per_s "$SOLO")
-SOLO_BYTES=$(j .bytes "$SOLO")
-# broker CPU-s per byte produced, to take the produce share out of the N runs' CPU
-SOLO_CPU_PER_BYTE=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$SOLO_BYTES" 'BEGIN { printf "%.6e", (b - a) / n }')
-log "solo: broker $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB produced"
-log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records)"
+# solo_run <round>: the producer alone on a fresh topic; sets SOLO_TOPIC, SOLO, SOLO_MB,
+# SOLO_BYTES and SOLO_CPU_PER_BYTE, and adds the rate to SOLO_RATES
+SOLO_RATES=()
+solo_run() {
+  SOLO_TOPIC=fan-solo-$1
+  log "round $1: solo producer, ${SECS}s"
+  "$QANAT_BIN" topics create "$SOLO_TOPIC" --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
+  CPU0=$(cpu_secs "$BROKER_PID")
+  produce "$SOLO_TOPIC" "solo-$1"
+  CPU1=$(cpu_secs "$BROKER_PID")
+  SOLO=$OUT
+  SOLO_MB=$(j .mb_per_s "$SOLO")
+  SOLO_BYTES=$(j .bytes "$SOLO")
+  SOLO_RATES+=("$SOLO_MB")
+  # broker CPU-s per byte produced, to take the produce share out of the N runs' CPU
+  SOLO_CPU_PER_BYTE=$(awk -v a="$CPU0" -v b="$CPU1" -v n="$SOLO_BYTES" 'BEGIN { printf "%.6e", (b - a) / n }')
+  log "solo: broker $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB produced"
+  log "solo: $SOLO_MB MB/s ($(j .records "$SOLO") records)"
+}
+solo_run 1
 
 CONTROL_LINE=
 if [[ "${FANOUT_CONTROL:-1}" = 1 ]]; then
@@ -199,6 +213,8 @@ if [[ "${FANOUT_CONTROL:-1}" = 1 ]]; then
 fi
 
 ROWS=()
+declare -A KEEPS=() # N -> each round's share of solo kept while N groups tailed
+ROUND=1
 # fanout_run <N> <topic> <label>: N readers on <topic>, assigned before the producer writes it
 fanout_run() {
   local n=$1 topic=$2 label=$3 i pid c
@@ -221,7 +237,7 @@ fanout_run() {
   PRODUCED=$(j .records "$WITH")
   local EXPECTED=$PRODUCED
   # the catch-up readers also read the backlog the solo run wrote
-  if [[ $topic == fan-solo ]]; then EXPECTED=$((PRODUCED + $(j .records "$SOLO"))); fi
+  if [[ $topic == "$SOLO_TOPIC" ]]; then EXPECTED=$((PRODUCED + $(j .records "$SOLO"))); fi
   echo "$EXPECTED $((END_MS + ${DRAIN_SECS%.*} * 1000))" >"$TMP/stop-$topic"
   for pid in "${CPIDS[@]}"; do wait "$pid" || die "a reader of N=$n failed: see $TMP/logs"; done
   CPU1=$(cpu_secs "$BROKER_PID")
@@ -246,16 +262,25 @@ fanout_run() {
   W_MB=$(j .mb_per_s "$WITH")
   KEEP=$(awk -v a="$W_MB" -v b="$SOLO_MB" 'BEGIN { printf "%.0f", 100 * a / b }')
   RATIO=$(awk -v a="$READ_MB" -v b="$W_MB" 'BEGIN { printf "%.1f", a / b }')
-  ROWS+=("| $n | $label | $W_MB | $KEEP% | $READ_MB | ${RATIO}x | $ALL_READ | $LAG_MS | $BROKER_RUN_CPU | $SERVE_GB | $FETCH_RATE | $FETCH_KB | $(cut -d' ' -f1 /proc/loadavg) |")
+  [[ $label != tailing ]] || KEEPS[$n]+=" $KEEP"
+  ROWS+=("| $n | $label | $ROUND | $SOLO_MB | $W_MB | $KEEP% | $READ_MB | ${RATIO}x | $ALL_READ | $LAG_MS | $BROKER_RUN_CPU | $SERVE_GB | $FETCH_RATE | $FETCH_KB | $(cut -d' ' -f1 /proc/loadavg) |")
   log "N=$n ($label): producer $W_MB MB/s ($KEEP% of solo), aggregate read $READ_MB MB/s (${RATIO}x), all read: $ALL_READ, last record ${LAG_MS} ms after the producer's end, broker ${BROKER_RUN_CPU} CPU-s, $SERVE_GB CPU-s/GB served, $FETCH_RATE fetch responses/s of $FETCH_KB KiB"
 }
 
-for n in $GROUP_COUNTS; do
-  "$QANAT_BIN" topics create "fan-tail-$n" --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
-  fanout_run "$n" "fan-tail-$n" tailing
+for ROUND in $(seq "$ROUNDS"); do
+  if ((ROUND > 1)); then
+    for t in "$SOLO_TOPIC" $(printf "fan-tail-%s-$((ROUND - 1)) " $GROUP_COUNTS); do
+      "$QANAT_BIN" topics delete "$t" --bootstrap "$ADDR" >/dev/null
+    done
+    solo_run "$ROUND"
+  fi
+  for n in $GROUP_COUNTS; do
+    "$QANAT_BIN" topics create "fan-tail-$n-$ROUND" --partitions "$PARTS" --bootstrap "$ADDR" >/dev/null
+    fanout_run "$n" "fan-tail-$n-$ROUND" tailing
+  done
 done
 for n in $CATCHUP_GROUPS; do
-  fanout_run "$n" fan-solo "catch-up, $(awk -v b="$SOLO_BYTES" 'BEGIN { printf "%.0f", b / 1e6 }') MB behind"
+  fanout_run "$n" "$SOLO_TOPIC" "catch-up, $(awk -v b="$SOLO_BYTES" 'BEGIN { printf "%.0f", b / 1e6 }') MB behind"
 done
 
 # ---------------------------------------------------------------------------------------------
@@ -308,12 +333,18 @@ log "rebalance after SIGKILL: $REBALANCE_MS ms"
 
 BROKER_CPU=$(cpu_secs "$BROKER_PID")
 BROKER_HWM="$(vm_hwm_mib "$BROKER_PID") MiB"
-echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs; producer solo: **$SOLO_MB MB/s**"
+echo "Fan-out: 1 producer (1 KiB records, acks=1, $PARTS partitions, open loop), N consumer groups of one member each, ${SECS}s runs, $ROUNDS round(s); producer solo: **${SOLO_RATES[*]} MB/s**"
 echo
-echo "| groups N | readers | producer MB/s | kept (of solo) | aggregate read MB/s | read / write | every reader read all (within ${DRAIN_SECS} s) | last record after the producer's end, ms | broker CPU-s in the run | broker CPU-s/GB served | fetch responses/s | KiB per fetch response | load (1 min) |"
-echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
+echo "| groups N | readers | round | solo MB/s | producer MB/s | kept (of solo) | aggregate read MB/s | read / write | every reader read all (within ${DRAIN_SECS} s) | last record after the producer's end, ms | broker CPU-s in the run | broker CPU-s/GB served | fetch responses/s | KiB per fetch response | load (1 min) |"
+echo "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"
 printf '%s\n' "${ROWS[@]}"
 echo
+if ((ROUNDS > 1)); then
+  for n in $GROUP_COUNTS; do
+    keeps=$(tr ' ' '\n' <<<"${KEEPS[$n]}" | grep -v '^$' | sort -g | tr '\n' ' ')
+    echo "- N=$n tailing: the producer kept a median of **$(median <<<"$keeps")%** of its own round's solo rate over $ROUNDS rounds (each: $(sed 's/ $//; s/ /%, /g' <<<"$keeps")%)"
+  done
+fi
 [[ -n "$CONTROL_LINE" ]] && echo "$CONTROL_LINE"
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
 echo "- broker CPU-s/GB served: the run's broker CPU less $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB (solo) for what was produced meanwhile, over the record bytes the readers received"
