@@ -84,6 +84,7 @@ BENCH_TAG=fanout
 # shellcheck source=bench/lib.sh
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v jq >/dev/null || die "jq is required (apt-get install jq)"
+[[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "FANOUT_ROUNDS must be a whole number of rounds, 1 or more (got '$ROUNDS')"
 command -v curl >/dev/null || die "curl is required"
 sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m) v = m; printf "%.2f", v }'; }
 SECS=$(sf 8 2)
