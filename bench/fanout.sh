@@ -99,10 +99,12 @@ lowest_cpu_cgroup() {
   if grep -qw cpu "$v2/cgroup.controllers" 2>/dev/null; then
     grep -qw cpu "$v2/cgroup.subtree_control" || echo +cpu >"$v2/cgroup.subtree_control" || return 1
     dir=$v2/$1
-    mkdir "$dir" && echo 1 >"$dir/cpu.weight" || return 1
+    mkdir "$dir" || return 1
+    echo 1 >"$dir/cpu.weight" || { rmdir "$dir"; return 1; }
   elif [[ -f /sys/fs/cgroup/cpu/cpu.shares ]]; then
     dir=/sys/fs/cgroup/cpu/$1
-    mkdir "$dir" && echo 2 >"$dir/cpu.shares" || return 1
+    mkdir "$dir" || return 1
+    echo 2 >"$dir/cpu.shares" || { rmdir "$dir"; return 1; }
   else
     return 1
   fi
