@@ -354,9 +354,10 @@ impl Pacer {
     }
 
     /// How long, from `now`, to wait before record `i` may be sent (None: send now). The
-    /// caller reads the clock once per record and passes it here, to `out_of_time` and to
-    /// its send stamp: at a few hundred thousand records a second each read is CPU the
-    /// measuring client takes from the broker it measures.
+    /// caller reads the clock once per record and passes it here and to `out_of_time` (and
+    /// uses it as the send stamp where that is taken before the send): at a few hundred
+    /// thousand records a second each read is CPU the measuring client takes from the broker
+    /// it measures.
     fn wait_for(&self, i: u64, now: Instant) -> Option<Duration> {
         let rate = self.rate?;
         let due = self.start + Duration::from_secs_f64(i as f64 / rate);
