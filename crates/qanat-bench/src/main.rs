@@ -183,7 +183,9 @@ struct KafkaConsumeArgs {
     /// session.timeout.ms with --group.
     #[arg(long, default_value_t = 6000)]
     session_timeout_ms: u32,
-    /// Extra librdkafka property KEY=VALUE (repeatable), e.g. security settings.
+    /// Extra librdkafka property KEY=VALUE (repeatable), e.g. security settings or fetch
+    /// sizes; it overrides the reader's own throughput settings (10 MiB per partition per
+    /// fetch, 256 MiB queued).
     #[arg(long = "property", value_parser = parse_property)]
     properties: Vec<(String, String)>,
 }
@@ -976,9 +978,6 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
     let start = Instant::now();
     let ctx = BenchContext::new(start, None)?;
     let mut config = ClientConfig::new();
-    for (k, v) in &a.properties {
-        config.set(k, v);
-    }
     config
         .set("bootstrap.servers", &a.bootstrap)
         .set("client.id", "qanat-bench")
@@ -999,7 +998,7 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false"),
     };
-    let consumer: BaseConsumer<BenchContext> = config
+    config
         .set("fetch.max.bytes", (50u32 << 20).to_string())
         .set("max.partition.fetch.bytes", (10u32 << 20).to_string())
         .set("receive.message.max.bytes", (51u32 << 20).to_string())
@@ -1007,7 +1006,12 @@ fn kafka_consume(a: &KafkaConsumeArgs) -> Result<()> {
         .set("queued.min.messages", "1000000")
         // Default is 1000 ms: a full local queue would otherwise idle the fetcher for a second.
         .set("fetch.queue.backoff.ms", "1")
-        .set("fetch.wait.max.ms", "100")
+        .set("fetch.wait.max.ms", "100");
+    // Last, so that the command line overrides the settings above.
+    for (k, v) in &a.properties {
+        config.set(k, v);
+    }
+    let consumer: BaseConsumer<BenchContext> = config
         .create_with_context(ctx)
         .context("creating Kafka consumer")?;
     let mut t0 = Instant::now();
