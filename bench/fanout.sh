@@ -46,6 +46,12 @@
 #                     one task of that weight does, as readers on other hosts would, where
 #                     under `nice` alone each is weighed on its own and 16 readers take 16
 #                     times the share of one (needs root and a cgroup cpu controller).
+#       FANOUT_READER_PROPERTIES (default none) librdkafka properties KEY=VALUE, separated by
+#                     spaces, for every tailing and catch-up reader (`--property`); they
+#                     override the readers' throughput settings (10 MiB per partition per
+#                     fetch, so ~40 MiB responses, and 256 MiB queued), e.g.
+#                     "max.partition.fetch.bytes=1048576 queued.max.messages.kbytes=65536"
+#                     for librdkafka's own defaults.
 #       FANOUT_CONTROL (default 1) also runs the solo producer beside one busy loop per core,
 #                     scheduled as the readers are (FANOUT_READER_NICE / _IDLE / _CGROUP): what work at
 #                     that priority costs the producer on this machine when the broker does
@@ -86,6 +92,11 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 command -v jq >/dev/null || die "jq is required (apt-get install jq)"
 [[ $ROUNDS =~ ^[1-9][0-9]*$ ]] || die "FANOUT_ROUNDS must be a whole number of rounds, 1 or more (got '$ROUNDS')"
 command -v curl >/dev/null || die "curl is required"
+READER_PROPS=()
+for kv in ${FANOUT_READER_PROPERTIES:-}; do
+  [[ $kv == ?*=* ]] || die "FANOUT_READER_PROPERTIES takes KEY=VALUE words (got '$kv')"
+  READER_PROPS+=(--property "$kv")
+done
 sf() { awk -v b="$1" -v k="$SCALE" -v m="${2:-1}" 'BEGIN { v = b * k; if (v < m) v = m; printf "%.2f", v }'; }
 SECS=$(sf 8 2)
 DRAIN_SECS=$(sf 10 5)
@@ -119,6 +130,7 @@ fi
 READERS_AS="nice $READER_NICE"
 [[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && READERS_AS+=", SCHED_IDLE"
 [[ -n "$READER_CG" ]] && READERS_AS+=", one lowest-weight cgroup"
+[[ -n "${FANOUT_READER_PROPERTIES:-}" ]] && READERS_AS+=", with ${FANOUT_READER_PROPERTIES}"
 mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 machine_start
@@ -228,7 +240,7 @@ fanout_run() {
   T0_MS=$(date +%s%3N)
   for i in $(seq "$n"); do
     timeout --kill-after=10 "$CLIENT_TIMEOUT" nice -n "$READER_NICE" "${READER_SCHED[@]}" "$BENCH_BIN" kafka-consume --bootstrap "$ADDR" \
-      --topic "$topic" --group "$topic-$i" --count "$MAX_COUNT" --stop-file "$TMP/stop-$topic" \
+      --topic "$topic" --group "$topic-$i" --count "$MAX_COUNT" --stop-file "$TMP/stop-$topic" "${READER_PROPS[@]}" \
       >"$TMP/logs/c-$topic-$i.out" 2>"$TMP/logs/c-$topic-$i.err" &
     CPIDS+=("$!")
     PIDS+=("$!")
