@@ -40,7 +40,9 @@
 #                     broker for CPU; 19 approximates readers on other hosts.
 #       FANOUT_READER_IDLE (default 0) 1 runs the readers under SCHED_IDLE (`chrt --idle 0`):
 #                     they run only on CPU nothing else wants, a closer stand-in for readers
-#                     on other hosts than nice 19, which still takes a share of a busy CPU.
+#                     on other hosts than nice 19, which still takes a share of a busy CPU;
+#                     with FANOUT_READER_CGROUP=1 and FANOUT_READER_NICE=19 as well, the
+#                     nearest this script has.
 #       FANOUT_READER_CGROUP (default 0) 1 puts the readers (and the control's busy loops) in
 #                     one CPU cgroup at the lowest weight: N readers then weigh together what
 #                     one task of that weight does, as readers on other hosts would, where
