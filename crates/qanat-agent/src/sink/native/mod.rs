@@ -25,6 +25,10 @@
 //!   order and are re-sent with the same bytes. So the order of a partition is the order of
 //!   `send`, and the broker drops a repeat by its sequence (it remembers the last 5 batches
 //!   of a producer: at-least-once without duplicates from retries).
+//! * A later batch can be acknowledged while an earlier one waits for its retry (its first
+//!   try was written, but the answer lost). So a new batch goes only while fewer than
+//!   [`MAX_IN_FLIGHT`] were sent since the oldest not acknowledged: every batch the broker
+//!   may have written after a retried one is among its last 5, and the retry is recognised.
 //! * Sequences of a partition follow each other from 0 per producer id; a gap the broker
 //!   reports (out of order with no earlier batch of the partition failed, unknown producer,
 //!   fenced epoch), a refusal that is not retriable, or a batch older than
@@ -144,6 +148,12 @@ struct Partition {
     ready: VecDeque<Queued>,
     /// Batches sent and not answered, all to `in_flight_leader`.
     in_flight: usize,
+    /// Base sequences of the batches sent since the oldest one not acknowledged, in sequence
+    /// order, each with whether it was acknowledged (a later batch can be, while an earlier
+    /// one waits for its retry). The broker recognises a retry as a duplicate only among its
+    /// last [`MAX_IN_FLIGHT`] batches of the partition, so a new batch goes only while this
+    /// holds fewer: every batch written after one that is retried is then in this window.
+    window: VecDeque<(i32, bool)>,
     in_flight_leader: i32,
     /// A batch failed retriably: nothing is sent until every batch in flight is back.
     stalled: bool,
@@ -157,6 +167,17 @@ impl Partition {
             leader,
             in_flight_leader: -1,
             ..Partition::default()
+        }
+    }
+
+    /// The batch of base sequence `base` was acknowledged: the window starts at the oldest
+    /// batch still not.
+    fn acknowledge(&mut self, base: i32) {
+        if let Some(sent) = self.window.iter_mut().find(|(b, _)| *b == base) {
+            sent.1 = true;
+        }
+        while self.window.front().is_some_and(|&(_, acked)| acked) {
+            self.window.pop_front();
         }
     }
 
@@ -986,6 +1007,7 @@ fn settle(
         };
         match outcome {
             Outcome::Delivered => {
+                p.acknowledge(t.base_sequence);
                 let runs = match &t.batch {
                     Queued::Sealed(s) => &s.runs,
                     Queued::Closed(b) => &b.runs,
@@ -1055,9 +1077,10 @@ fn close_open_batches(st: &mut State) {
 
 /// Close batches older than `linger_ms` on partitions with nothing in flight or queued, then
 /// take the head batch of every partition that may send (fewer than [`MAX_IN_FLIGHT`] in
-/// flight, all to its leader, not stalled, its leader not in `full`), as long as its leader's
-/// request stays within [`MAX_REQUEST_BYTES`]; returns them and when the next batch closes by
-/// age. Batches left out go at the next call, which starts one partition further on.
+/// flight, all to its leader, not stalled, its leader not in `full`; a new batch only while
+/// fewer than [`MAX_IN_FLIGHT`] were sent since the oldest not acknowledged), as long as its
+/// leader's request stays within [`MAX_REQUEST_BYTES`]; returns them and when the next batch
+/// closes by age. Batches left out go at the next call, which starts one partition further on.
 fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Taken>, u64) {
     let mut taken = Vec::new();
     let mut next = u64::MAX;
@@ -1116,8 +1139,8 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Tak
             }
             let size = match p.ready.front() {
                 Some(Queued::Sealed(s)) => s.record_bytes,
-                Some(Queued::Closed(b)) => b.len(),
-                None => continue,
+                Some(Queued::Closed(b)) if p.window.len() < MAX_IN_FLIGHT => b.len(),
+                _ => continue,
             };
             let so_far = request_bytes.entry(p.leader).or_insert(0);
             if *so_far > 0 && *so_far + size > MAX_REQUEST_BYTES {
@@ -1134,6 +1157,7 @@ fn take_work(st: &mut State, now: u64, linger_ms: u64, full: &[i32]) -> (Vec<Tak
                     // Sequences wrap from i32::MAX to 0, as Kafka's do.
                     p.next_sequence = ((i64::from(base) + i64::from(b.count()))
                         % (i64::from(i32::MAX) + 1)) as i32;
+                    p.window.push_back((base, false));
                     (base, b.len())
                 }
             };
@@ -1481,6 +1505,40 @@ mod tests {
         assert_eq!(taken.len(), 1);
         assert_eq!(taken[0].leader, 2);
         assert_eq!(taken[0].base_sequence, 1);
+    }
+
+    #[test]
+    fn new_batches_wait_while_five_were_sent_since_the_oldest_unacknowledged() {
+        let mut st = with_partitions(1);
+        for seq in 0..7 {
+            queue_batch(&mut st, 0, seq, 1);
+        }
+        let (mut first, _) = take_work(&mut st, 0, 5, &[]);
+        let (mut second, _) = take_work(&mut st, 0, 5, &[]);
+        seal(&mut first);
+        seal(&mut second);
+        // Sequence 0 is refused (its first try may be written, the answer lost); 1 is
+        // acknowledged while 0 waits for its retry.
+        let retry = |t| (t, Outcome::Retry("NotLeaderOrFollower".into()));
+        settle(&mut st, first.into_iter().map(retry).collect(), 0, 60_000);
+        let delivered = |t| (t, Outcome::Delivered);
+        settle(
+            &mut st,
+            second.into_iter().map(delivered).collect(),
+            0,
+            60_000,
+        );
+        let mut sent = Vec::new();
+        loop {
+            let (taken, _) = take_work(&mut st, RETRY_BACKOFF_MS, 5, &[]);
+            if taken.is_empty() {
+                break;
+            }
+            sent.extend(taken.iter().map(|t| t.base_sequence));
+        }
+        // The retry and three new batches: a broker that wrote 0 and 1 then still remembers
+        // 0 among its last five when the retry of 0 arrives after 2, 3 and 4.
+        assert_eq!(sent, [0, 2, 3, 4]);
     }
 
     #[test]
