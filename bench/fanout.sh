@@ -132,7 +132,6 @@ fi
 READERS_AS="nice $READER_NICE"
 [[ "${FANOUT_READER_IDLE:-0}" = 1 ]] && READERS_AS+=", SCHED_IDLE"
 [[ -n "$READER_CG" ]] && READERS_AS+=", one lowest-weight cgroup"
-[[ -n "${FANOUT_READER_PROPERTIES:-}" ]] && READERS_AS+=", with ${FANOUT_READER_PROPERTIES}"
 mkdir -p "$TMP/logs" "$TMP/data"
 log "temp dir $TMP, BENCH_SCALE=$SCALE, ${SECS}s per run"
 machine_start
@@ -366,7 +365,7 @@ fi
 echo "- rebalance after SIGKILL of 1 of 3 members (session.timeout.ms=$RB_SESSION_MS): **${REBALANCE_MS} ms** from the kill to both survivors' new assignment (target: session timeout + 1 s = $((RB_SESSION_MS + 1000)) ms)"
 echo "- broker CPU-s/GB served: the run's broker CPU less $(awk -v c="$SOLO_CPU_PER_BYTE" 'BEGIN { printf "%.2f", c * 1e9 }') CPU-s/GB (solo) for what was produced meanwhile, over the record bytes the readers received"
 echo "- broker ($QANAT_BIN): CPU ${BROKER_CPU} s user+sys, peak RSS $BROKER_HWM; machine: $(machine_summary)"
-echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU; the readers ran at $READERS_AS"
+echo "- every process (broker, producer, readers) shares the same $(nproc) cores: with many readers the producer competes with them for CPU; the readers ran at $READERS_AS${FANOUT_READER_PROPERTIES:+, with $FANOUT_READER_PROPERTIES}"
 if grep -qiE 'error|panic' "$TMP/broker.stderr"; then
   echo "- broker stderr has errors:"
   grep -iE 'error|panic' "$TMP/broker.stderr" | head -n 10 | sed 's/^/    /'
